@@ -1,0 +1,203 @@
+//! Storage traits and their OS implementations.
+//!
+//! - [`BlockVolume`]: one volume's bytes: read, write, trim, zero, extents, sync. Front ends
+//!   (NBD today) speak only this trait.
+//! - [`Store`]: the set of volumes one node holds: create, open, remove, enumerate by id.
+//! - [`FileStore`] / [`FileVolume`]: one sparse file per volume (pread/pwrite, fdatasync,
+//!   fallocate, SEEK_DATA/SEEK_HOLE). The log-structured store replaces it behind the same
+//!   traits (issue #3).
+//! - [`GroupSync`]: group commit: concurrent FLUSH/FUA requests of a volume share one sync.
+//!
+//! This crate must not depend on any front end (NBD, HTTP) or on the metadata service.
+//! Design: `docs/design/nbd.md` (durability section).
+
+mod file;
+mod group_sync;
+
+pub use file::{FileStore, FileVolume};
+pub use group_sync::{GroupSync, SyncError};
+
+use std::sync::Arc;
+
+/// A volume's id inside one store. Names live in the catalog; the store never sees them,
+/// so a name can never become a path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct VolumeId(pub u64);
+
+impl std::fmt::Display for VolumeId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
+}
+
+/// What can go wrong in a store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The range lies (partly) past the end of the volume.
+    #[error("range {offset}+{length} is past the end of the volume ({size} bytes)")]
+    OutOfRange {
+        /// Start of the range.
+        offset: u64,
+        /// Length of the range.
+        length: u64,
+        /// The volume's size.
+        size: u64,
+    },
+    /// No space left on the device.
+    #[error("no space left on the device")]
+    NoSpace,
+    /// The backend cannot do this operation quickly or at all.
+    #[error("operation not supported by the backend: {what}")]
+    Unsupported {
+        /// What was asked.
+        what: &'static str,
+    },
+    /// No volume with this id.
+    #[error("volume {id} not found in the store")]
+    NotFound {
+        /// The id asked for.
+        id: VolumeId,
+    },
+    /// An earlier sync failed: the volume refuses writes and syncs until it is reopened,
+    /// because the kernel may already have dropped the unsynced data (fsyncgate).
+    #[error("volume is failed after an earlier sync error; restart the node to recover")]
+    Failed,
+    /// An operating-system I/O error.
+    #[error("{op}: {source}")]
+    Io {
+        /// The operation that failed.
+        op: &'static str,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+impl StoreError {
+    pub(crate) fn io(op: &'static str) -> impl FnOnce(std::io::Error) -> StoreError {
+        move |source| {
+            if source.raw_os_error() == Some(rustix::io::Errno::NOSPC.raw_os_error())
+                || source.raw_os_error() == Some(rustix::io::Errno::DQUOT.raw_os_error())
+                || source.raw_os_error() == Some(rustix::io::Errno::FBIG.raw_os_error())
+            {
+                StoreError::NoSpace
+            } else {
+                StoreError::Io { op, source }
+            }
+        }
+    }
+
+    pub(crate) fn errno(op: &'static str) -> impl FnOnce(rustix::io::Errno) -> StoreError {
+        move |e| StoreError::io(op)(std::io::Error::from(e))
+    }
+}
+
+/// A run of a volume with one allocation state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Extent {
+    /// Length in bytes; never zero.
+    pub length: u64,
+    /// True if the run is not allocated (a hole); it reads as zeroes.
+    pub hole: bool,
+    /// True if the run is known to read as zeroes.
+    pub zero: bool,
+}
+
+/// How WRITE_ZEROES may achieve its zeroes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ZeroMode {
+    /// The range may become a hole (thin).
+    MayTrim,
+    /// The range must stay allocated (NBD `NO_HOLE`).
+    Allocate,
+}
+
+/// One volume's bytes.
+///
+/// # Correctness
+/// - `write_at`, `trim` and `write_zeroes` return only once their effect is visible to every
+///   later `read_at` (from any thread) and survives a crash of this process (it is at least
+///   in the kernel's page cache). They do not promise survival of a power loss.
+/// - `sync` returns only once every write that returned before `sync` was called survives a
+///   power loss. After a failed `sync` the volume refuses further writes and syncs
+///   ([`StoreError::Failed`]) until it is reopened.
+/// - Ranges are checked against the size: nothing past the end is read or written.
+/// - Every method may block on the device; callers on an async runtime use
+///   `spawn_blocking`, or first try the `try_*_nowait` variants.
+pub trait BlockVolume: Send + Sync + 'static {
+    /// The volume's current size in bytes.
+    fn size_bytes(&self) -> u64;
+
+    /// Bytes of the store this volume occupies.
+    fn allocated_bytes(&self) -> Result<u64, StoreError>;
+
+    /// Fills `buf` from `offset`.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), StoreError>;
+
+    /// Like `read_at`, but returns `Ok(false)` instead of blocking on the device (the data
+    /// is not cached). The default never tries.
+    fn try_read_at_nowait(&self, _buf: &mut [u8], _offset: u64) -> Result<bool, StoreError> {
+        Ok(false)
+    }
+
+    /// Writes `data` at `offset`.
+    fn write_at(&self, data: &[u8], offset: u64) -> Result<(), StoreError>;
+
+    /// Like `write_at`, but returns `Ok(false)` instead of blocking on the device.
+    fn try_write_at_nowait(&self, _data: &[u8], _offset: u64) -> Result<bool, StoreError> {
+        Ok(false)
+    }
+
+    /// Discards a range: it reads as zeroes afterwards and costs no space.
+    fn trim(&self, offset: u64, length: u64) -> Result<(), StoreError>;
+
+    /// Makes a range read as zeroes.
+    fn write_zeroes(&self, offset: u64, length: u64, mode: ZeroMode) -> Result<(), StoreError>;
+
+    /// Describes the allocation of `offset..offset+length` as consecutive extents, at most
+    /// `extents_max` of them (at least one); the last may end before the range does.
+    fn extents(&self, offset: u64, length: u64, extents_max: usize)
+        -> Result<Vec<Extent>, StoreError>;
+
+    /// Hints that a range will be read soon.
+    fn prefetch(&self, _offset: u64, _length: u64) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    /// Makes every completed write durable (see the trait's correctness notes).
+    fn sync(&self) -> Result<(), StoreError>;
+
+    /// Changes the size. Shrinking discards the data past the new end.
+    fn resize(&self, size_bytes: u64) -> Result<(), StoreError>;
+}
+
+/// The set of volumes one node stores, by id.
+///
+/// # Correctness
+/// - `create_volume` returns a durable, empty volume: after a crash it exists with its size.
+/// - `remove_volume` is durable when it returns; a crash in the middle leaves either the
+///   whole volume or nothing.
+pub trait Store: Send + Sync + 'static {
+    /// Creates an empty volume of `size_bytes`.
+    fn create_volume(&self, id: VolumeId, size_bytes: u64)
+        -> Result<Arc<dyn BlockVolume>, StoreError>;
+
+    /// Opens an existing volume.
+    fn open_volume(&self, id: VolumeId) -> Result<Arc<dyn BlockVolume>, StoreError>;
+
+    /// Removes a volume and frees its space.
+    fn remove_volume(&self, id: VolumeId) -> Result<(), StoreError>;
+
+    /// Every volume id present in the store.
+    fn volume_ids(&self) -> Result<Vec<VolumeId>, StoreError>;
+
+    /// Free bytes left for data.
+    fn free_bytes(&self) -> Result<u64, StoreError>;
+}
+
+/// Checks `offset..offset+length` against `size`.
+pub fn check_range(offset: u64, length: u64, size: u64) -> Result<(), StoreError> {
+    match offset.checked_add(length) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(StoreError::OutOfRange { offset, length, size }),
+    }
+}

@@ -1,0 +1,58 @@
+//! Strata's shared vocabulary: volume names, byte sizes, limits and stable error codes.
+//!
+//! Every other crate depends on this one; it depends on no other Strata crate and does no I/O.
+//! Limits live here as constants with compile-time checks so that every queue, buffer and
+//! payload in the system has a bound that can be read in one place.
+
+pub mod limits;
+mod name;
+mod size;
+
+pub use name::{NameError, VolumeName};
+pub use size::{check_size, format_size, parse_size, SizeError};
+
+/// A stable, machine-readable error code, mapped once to an HTTP status, an NBD errno
+/// and an exit code. The string form is part of the API contract.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ErrorCode {
+    /// The request was malformed or a value is out of range.
+    InvalidArgument,
+    /// The named object does not exist.
+    NotFound,
+    /// An object with that name already exists.
+    AlreadyExists,
+    /// The object is in use (e.g. a volume with NBD clients attached).
+    Busy,
+    /// The store has no space left.
+    NoSpace,
+    /// An I/O error or a detected corruption.
+    Io,
+    /// A bug or an unexpected state.
+    Internal,
+}
+
+impl ErrorCode {
+    /// The stable string used in API error bodies.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::InvalidArgument => "invalid_argument",
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::AlreadyExists => "already_exists",
+            ErrorCode::Busy => "busy",
+            ErrorCode::NoSpace => "no_space",
+            ErrorCode::Io => "io_error",
+            ErrorCode::Internal => "internal",
+        }
+    }
+
+    /// The HTTP status for this code.
+    pub fn http_status(self) -> u16 {
+        match self {
+            ErrorCode::InvalidArgument => 400,
+            ErrorCode::NotFound => 404,
+            ErrorCode::AlreadyExists | ErrorCode::Busy => 409,
+            ErrorCode::NoSpace => 507,
+            ErrorCode::Io | ErrorCode::Internal => 500,
+        }
+    }
+}

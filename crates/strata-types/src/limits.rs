@@ -1,0 +1,42 @@
+//! Every bound in Strata, in one place.
+
+/// The block size of a volume: sizes are multiples of it, and it is the preferred I/O size.
+pub const BLOCK_SIZE_BYTES: u64 = 4096;
+
+/// The largest volume: 64 TiB. Keeps byte offsets far from u64 overflow and bounds metadata.
+pub const VOLUME_SIZE_BYTES_MAX: u64 = 64 << 40;
+
+/// Volume names: 1..=64 characters.
+pub const VOLUME_NAME_LENGTH_MAX: usize = 64;
+
+/// The most volumes one node holds in this version.
+pub const VOLUMES_MAX: usize = 4096;
+
+/// The largest NBD READ or WRITE payload we accept; advertised as the maximum payload.
+/// 32 MiB is the spec's interoperability figure (every client keeps under it).
+pub const NBD_PAYLOAD_BYTES_MAX: u32 = 32 << 20;
+
+/// A WRITE payload above the maximum but at most this is read and discarded (EINVAL);
+/// anything larger is treated as an attack and the connection is closed.
+pub const NBD_PAYLOAD_DISCARD_BYTES_MAX: u32 = 128 << 20;
+
+/// The largest option (handshake) payload we read. Names are at most 4096 bytes by spec;
+/// meta-context queries add a little.
+pub const NBD_OPTION_BYTES_MAX: u32 = 64 << 10;
+
+/// The most option requests one handshake may send before we give up on the client.
+pub const NBD_OPTIONS_PER_HANDSHAKE_MAX: u32 = 1024;
+
+/// Requests in flight per NBD connection; the reader stops reading when this many wait.
+pub const NBD_REQUESTS_IN_FLIGHT_MAX: usize = 256;
+
+/// Extents returned in one BLOCK_STATUS reply (the spec suggests at most 2^20).
+pub const NBD_BLOCK_STATUS_EXTENTS_MAX: usize = 4096;
+
+/// Concurrent NBD connections per node.
+pub const NBD_CONNECTIONS_MAX: usize = 1024;
+
+const _: () = assert!(VOLUME_SIZE_BYTES_MAX % BLOCK_SIZE_BYTES == 0);
+const _: () = assert!(NBD_PAYLOAD_BYTES_MAX as u64 >= BLOCK_SIZE_BYTES);
+const _: () = assert!(NBD_PAYLOAD_DISCARD_BYTES_MAX >= NBD_PAYLOAD_BYTES_MAX);
+const _: () = assert!(NBD_BLOCK_STATUS_EXTENTS_MAX <= 1 << 20);
