@@ -1,1 +1,61 @@
-fn main() {}
+//! `strata`: the one binary. `strata up` runs a node; the other subcommands are the
+//! operator's CLI, which talks to a node's HTTP API.
+//!
+//! This crate wires the cores to the OS (sockets, signals, files); it holds no storage or
+//! protocol logic of its own beyond the catalog. See ARCHITECTURE.md.
+
+mod api;
+mod cli;
+mod error;
+mod node;
+mod up;
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+const AFTER_HELP: &str = "\
+Examples:
+  strata up                                   # one-node Strata in ./strata-data
+  strata volume create vm1 --size 10G
+  qemu-img info nbd://127.0.0.1:10809/vm1
+  nbdinfo --map nbd://127.0.0.1:10809/vm1
+  strata volume list --json";
+
+/// Strata: replicated, thin, snapshottable virtual disks served over NBD.
+#[derive(Parser, Debug)]
+#[command(name = "strata", version, about, after_help = AFTER_HELP)]
+struct Cli {
+    /// The node's HTTP API (for volume commands).
+    #[arg(long, global = true, env = "STRATA_API", default_value = "http://127.0.0.1:8080")]
+    api: String,
+    /// Print JSON instead of tables (for scripts).
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run a one-node Strata in the foreground (the embedded default).
+    #[command(after_help = "Example:\n  strata up --data-dir /var/lib/strata --nbd 0.0.0.0:10809")]
+    Up(up::UpArgs),
+    /// Create, list, inspect, resize and delete volumes.
+    #[command(subcommand)]
+    Volume(cli::VolumeCommand),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Up(args) => up::run(args),
+        Command::Volume(cmd) => cli::volume(&cli.api, cli.json, cmd),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("strata: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

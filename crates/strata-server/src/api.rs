@@ -1,0 +1,188 @@
+//! The HTTP API (axum): JSON under `/v1`, described by `/v1/openapi.json`.
+//!
+//! Every error is `{"code": "...", "message": "..."}` with a 4xx/5xx status, including
+//! malformed JSON, unknown routes and wrong methods. Operations that sync the disk run on
+//! the blocking pool.
+
+use crate::error::{ApiError, ApiResult};
+use crate::node::{Node, VolumeInfo};
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+use std::time::Instant;
+use strata_types::{check_size, parse_size, ErrorCode, VolumeName};
+
+/// The OpenAPI document, kept beside the code it describes.
+pub const OPENAPI: &str = include_str!("openapi.json");
+
+/// Shared state of the handlers.
+#[derive(Clone)]
+pub struct Api {
+    /// The node.
+    pub node: Arc<Node>,
+    /// Where NBD listens.
+    pub nbd_addr: String,
+    /// Where HTTP listens.
+    pub http_addr: String,
+    /// When the node started.
+    pub started: Instant,
+    /// The data directory.
+    pub data_dir: String,
+}
+
+/// Builds the router.
+pub fn router(api: Api) -> Router {
+    Router::new()
+        .route("/", get(index))
+        .route("/v1/openapi.json", get(openapi))
+        .route("/v1/node", get(node_status))
+        .route("/v1/volumes", get(list_volumes).post(create_volume))
+        .route("/v1/volumes/{name}", get(get_volume).delete(delete_volume))
+        .route("/v1/volumes/{name}/resize", post(resize_volume))
+        .fallback(|| async { ApiError::new(ErrorCode::NotFound, "no such endpoint; see /v1/openapi.json") })
+        .method_not_allowed_fallback(|| async {
+            let e = ApiError::invalid("method not allowed on this endpoint; see /v1/openapi.json");
+            (StatusCode::METHOD_NOT_ALLOWED, Json(serde_json::json!({"code": "method_not_allowed", "message": e.message})))
+        })
+        .with_state(api)
+}
+
+async fn index() -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        "Strata node. API under /v1 (see /v1/openapi.json).\n",
+    )
+}
+
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
+}
+
+/// What `GET /v1/node` returns.
+#[derive(Serialize, Deserialize, Debug)]
+pub struct NodeStatus {
+    /// Strata version.
+    pub version: String,
+    /// Data directory.
+    pub data_dir: String,
+    /// NBD address.
+    pub nbd: String,
+    /// HTTP address.
+    pub http: String,
+    /// Number of volumes.
+    pub volumes: usize,
+    /// Free bytes in the store.
+    pub free_bytes: u64,
+    /// Seconds since start.
+    pub uptime_seconds: u64,
+}
+
+async fn node_status(State(api): State<Api>) -> Json<NodeStatus> {
+    Json(NodeStatus {
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        data_dir: api.data_dir.clone(),
+        nbd: api.nbd_addr.clone(),
+        http: api.http_addr.clone(),
+        volumes: api.node.list().len(),
+        free_bytes: api.node.free_bytes(),
+        uptime_seconds: api.started.elapsed().as_secs(),
+    })
+}
+
+async fn list_volumes(State(api): State<Api>) -> Json<Vec<VolumeInfo>> {
+    Json(api.node.list())
+}
+
+async fn get_volume(State(api): State<Api>, Path(name): Path<String>) -> ApiResult<Json<VolumeInfo>> {
+    api.node.get(&name).map(Json)
+}
+
+/// A size given as bytes (a number) or as text with a suffix (`"10G"`).
+#[derive(Deserialize, Debug)]
+#[serde(untagged)]
+pub enum SizeArg {
+    /// Bytes.
+    Bytes(u64),
+    /// Text like `10G`.
+    Text(String),
+}
+
+impl SizeArg {
+    fn bytes(&self) -> ApiResult<u64> {
+        match self {
+            SizeArg::Bytes(b) => check_size(*b),
+            SizeArg::Text(t) => parse_size(t),
+        }
+        .map_err(|e| ApiError::invalid(e.to_string()))
+    }
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+struct CreateVolume {
+    name: String,
+    size: SizeArg,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+struct ResizeVolume {
+    size: SizeArg,
+    #[serde(default)]
+    allow_shrink: bool,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+struct DeleteQuery {
+    #[serde(default)]
+    force: bool,
+}
+
+fn parse_json<T: serde::de::DeserializeOwned>(body: &Bytes) -> ApiResult<T> {
+    serde_json::from_slice(body).map_err(|e| ApiError::invalid(format!("bad request body: {e}")))
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> ApiResult<T> + Send + 'static,
+) -> ApiResult<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .unwrap_or_else(|e| Err(ApiError::new(ErrorCode::Internal, format!("task failed: {e}"))))
+}
+
+async fn create_volume(State(api): State<Api>, body: Bytes) -> ApiResult<(StatusCode, Json<VolumeInfo>)> {
+    let req: CreateVolume = parse_json(&body)?;
+    let name = VolumeName::new(&req.name).map_err(|e| ApiError::invalid(e.to_string()))?;
+    let size = req.size.bytes()?;
+    let node = api.node.clone();
+    let info = blocking(move || node.create(name, size)).await?;
+    Ok((StatusCode::CREATED, Json(info)))
+}
+
+async fn resize_volume(
+    State(api): State<Api>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> ApiResult<Json<VolumeInfo>> {
+    let req: ResizeVolume = parse_json(&body)?;
+    let size = req.size.bytes()?;
+    let node = api.node.clone();
+    blocking(move || node.resize(&name, size, req.allow_shrink)).await.map(Json)
+}
+
+async fn delete_volume(
+    State(api): State<Api>,
+    Path(name): Path<String>,
+    query: Result<Query<DeleteQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<StatusCode> {
+    let Query(q) = query.map_err(|e| ApiError::invalid(format!("bad query: {e}")))?;
+    let node = api.node.clone();
+    blocking(move || node.delete(&name, q.force)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
