@@ -1,0 +1,182 @@
+//! The CLI and the HTTP API: bad names, sizes and duplicates are refused with a clear
+//! error and change nothing; resize and delete behave as documented.
+
+use crate::harness::{qemu_io, Node};
+use crate::raw::Raw;
+use std::io::{Read, Write};
+
+fn listing(node: &Node) -> String {
+    let out = node.cli(&["volume", "list", "--json"]);
+    assert!(out.status.success());
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn fails_with(node: &Node, args: &[&str], needle: &str) {
+    let before = listing(node);
+    let out = node.cli(args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{args:?} should fail");
+    assert!(stderr.contains(needle), "{args:?}: expected {needle:?} in {stderr:?}");
+    assert_eq!(stderr.trim().lines().count(), 1, "one-line reason: {stderr}");
+    assert_eq!(listing(node), before, "{args:?} changed something");
+}
+
+#[test]
+fn bad_names_sizes_and_duplicates_are_refused() {
+    let node = Node::start();
+    node.create("good", "1G");
+    fails_with(&node, &["volume", "create", "good", "--size", "1G"], "already exists");
+    fails_with(&node, &["volume", "create", "a@b", "--size", "1G"], "'@'");
+    fails_with(&node, &["volume", "create", ".x", "--size", "1G"], "may not start");
+    fails_with(&node, &["volume", "create", "../etc", "--size", "1G"], "has '/'");
+    fails_with(&node, &["volume", "create", &"n".repeat(65), "--size", "1G"], "65 characters");
+    fails_with(&node, &["volume", "create", "x", "--size", "1000"], "multiple of 4096");
+    fails_with(&node, &["volume", "create", "x", "--size", "0"], "greater than zero");
+    fails_with(&node, &["volume", "create", "x", "--size", "ten"], "cannot parse size");
+    fails_with(&node, &["volume", "create", "x", "--size", "100T"], "maximum volume size");
+    fails_with(&node, &["volume", "info", "nope"], "no volume named");
+    fails_with(&node, &["volume", "delete", "nope"], "no volume named");
+    fails_with(&node, &["volume", "resize", "nope", "--size", "2G"], "no volume named");
+    let out = node.cli(&["volume", "info", "good", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["size_bytes"], 1u64 << 30);
+    assert_eq!(v["allocated_bytes"], 0, "thin");
+    let out = node.cli(&["volume", "list"]);
+    let table = String::from_utf8(out.stdout).unwrap();
+    assert!(table.starts_with("NAME"), "{table}");
+    assert!(table.contains("good") && table.contains("1G"), "{table}");
+}
+
+#[test]
+fn resize_grows_refuses_shrink_unless_allowed_and_clients_see_it_on_reconnect() {
+    let node = Node::start();
+    node.create("r", "8M");
+    qemu_io(&node.uri("r"), &["write -P 0x61 0 8M"]);
+    let out = node.cli(&["volume", "resize", "r", "--size", "16M"]);
+    assert!(out.status.success());
+    qemu_io(&node.uri("r"), &["read -P 0x61 0 8M", "read -P 0 8M 8M", "write -P 1 15M 1M"]);
+    fails_with(&node, &["volume", "resize", "r", "--size", "4M"], "--allow-shrink");
+    let out = node.cli(&["volume", "resize", "r", "--size", "4M", "--allow-shrink", "--json"]);
+    assert!(out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["size_bytes"], 4u64 << 20);
+    let mut raw = Raw::connect(&node.nbd);
+    assert_eq!(raw.go("r").0, 4 << 20);
+    qemu_io(&node.uri("r"), &["read -P 0x61 0 4M"]);
+}
+
+#[test]
+fn delete_refuses_while_attached_and_force_disconnects() {
+    let node = Node::start();
+    node.create("busy", "4M");
+    let mut raw = Raw::connect(&node.nbd);
+    raw.go("busy");
+    let info = node.cli(&["volume", "info", "busy", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    assert_eq!(v["connections"], 1);
+    fails_with(&node, &["volume", "delete", "busy"], "--force");
+    assert_eq!(raw.read_ok(1, 0, 512), vec![0u8; 512], "still served");
+    let out = node.cli(&["volume", "delete", "busy", "--force"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(raw.is_closed(), "forced delete closes the connection");
+    assert!(!listing(&node).contains("busy"));
+    // The name is free again, and the new volume is empty.
+    node.create("busy", "4M");
+    qemu_io(&node.uri("busy"), &["read -P 0 0 4M"]);
+}
+
+fn http(node: &Node, request: &str) -> (u16, String) {
+    let mut s = std::net::TcpStream::connect(&node.http).unwrap();
+    s.write_all(request.as_bytes()).unwrap();
+    let mut response = String::new();
+    s.read_to_string(&mut response).unwrap();
+    let status = response[9..12].parse().unwrap();
+    let body = response.split("\r\n\r\n").nth(1).unwrap_or("").to_owned();
+    (status, body)
+}
+
+fn post(node: &Node, path: &str, body: &str) -> (u16, String) {
+    http(
+        node,
+        &format!(
+            "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        ),
+    )
+}
+
+fn get(node: &Node, path: &str) -> (u16, String) {
+    http(node, &format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"))
+}
+
+fn error_code(body: &str) -> String {
+    let v: serde_json::Value = serde_json::from_str(body).unwrap_or_else(|_| panic!("not JSON: {body}"));
+    assert!(v["message"].as_str().is_some_and(|m| !m.is_empty()), "{body}");
+    v["code"].as_str().unwrap().to_owned()
+}
+
+#[test]
+fn api_errors_are_json_with_proper_statuses() {
+    let node = Node::start();
+    let (s, b) = post(&node, "/v1/volumes", r#"{"name":"a","size":4096}"#);
+    assert_eq!(s, 201, "{b}");
+    let (s, b) = post(&node, "/v1/volumes", r#"{"name":"a","size":"1G"}"#);
+    assert_eq!((s, error_code(&b).as_str()), (409, "already_exists"));
+    let (s, b) = post(&node, "/v1/volumes", r#"{"name":"b","size":"#);
+    assert_eq!((s, error_code(&b).as_str()), (400, "invalid_argument"));
+    let (s, b) = post(&node, "/v1/volumes", r#"{"name":"b","size":"1G","color":"red"}"#);
+    assert_eq!((s, error_code(&b).as_str()), (400, "invalid_argument"));
+    let (s, b) = post(&node, "/v1/volumes", r#"{"name":"b","size":-5}"#);
+    assert_eq!((s, error_code(&b).as_str()), (400, "invalid_argument"));
+    let (s, b) = get(&node, "/v1/volumes/zzz");
+    assert_eq!((s, error_code(&b).as_str()), (404, "not_found"));
+    let (s, b) = get(&node, "/v1/nothing");
+    assert_eq!((s, error_code(&b).as_str()), (404, "not_found"));
+    let (s, b) = http(&node, "PUT /v1/volumes HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+    assert_eq!((s, error_code(&b).as_str()), (405, "method_not_allowed"));
+    let (s, b) = http(&node, "DELETE /v1/volumes/a?force=maybe HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    assert_eq!((s, error_code(&b).as_str()), (400, "invalid_argument"));
+    let (s, b) = get(&node, "/v1/volumes");
+    assert_eq!(s, 200);
+    let v: serde_json::Value = serde_json::from_str(&b).unwrap();
+    assert_eq!(v.as_array().unwrap().len(), 1, "only the one good create happened");
+    let (s, b) = get(&node, "/v1/node");
+    assert_eq!(s, 200);
+    let v: serde_json::Value = serde_json::from_str(&b).unwrap();
+    assert_eq!(v["volumes"], 1);
+    assert_eq!(v["nbd"], node.nbd.as_str());
+}
+
+#[test]
+fn openapi_document_describes_every_route() {
+    let node = Node::start();
+    let (s, b) = get(&node, "/v1/openapi.json");
+    assert_eq!(s, 200);
+    let doc: serde_json::Value = serde_json::from_str(&b).unwrap();
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
+    let paths = doc["paths"].as_object().unwrap();
+    for (path, method) in [
+        ("/v1/node", "get"),
+        ("/v1/volumes", "get"),
+        ("/v1/volumes", "post"),
+        ("/v1/volumes/{name}", "get"),
+        ("/v1/volumes/{name}", "delete"),
+        ("/v1/volumes/{name}/resize", "post"),
+        ("/v1/openapi.json", "get"),
+    ] {
+        assert!(paths[path][method].is_object(), "{method} {path} missing from the document");
+    }
+}
+
+#[test]
+fn cli_reports_an_unreachable_api_in_one_line() {
+    let out = std::process::Command::new(crate::harness::STRATA)
+        .args(["--api", "http://127.0.0.1:9", "volume", "list"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("cannot reach the Strata API"), "{stderr}");
+    let version = std::process::Command::new(crate::harness::STRATA).arg("--version").output().unwrap();
+    assert!(String::from_utf8_lossy(&version.stdout).starts_with("strata "));
+}

@@ -1,0 +1,180 @@
+//! Starting and stopping real `strata up` processes, and running external tools.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+pub const STRATA: &str = env!("CARGO_BIN_EXE_strata");
+
+/// A running node.
+pub struct Node {
+    child: Option<Child>,
+    pub dir: PathBuf,
+    pub nbd: String,
+    pub http: String,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+impl Node {
+    /// Starts a node in a fresh temporary data directory.
+    pub fn start() -> Node {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let mut node = Node::start_in(tmp.path());
+        node._tmp = Some(tmp);
+        node
+    }
+
+    /// Starts a node on `dir`, panicking if it does not come up.
+    pub fn start_in(dir: &Path) -> Node {
+        Node::try_start_in(dir).unwrap_or_else(|e| panic!("strata up failed: {e}"))
+    }
+
+    /// Starts a node on `dir`; on failure returns what it printed.
+    pub fn try_start_in(dir: &Path) -> Result<Node, String> {
+        let mut child = Command::new(STRATA)
+            .args(["up", "--nbd", "127.0.0.1:0", "--http", "127.0.0.1:0", "--data-dir"])
+            .arg(dir)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn strata");
+        let stdout = child.stdout.take().expect("piped");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let (mut nbd, mut http) = (None, None);
+        while nbd.is_none() || http.is_none() {
+            match rx.recv_timeout(Duration::from_secs(20)) {
+                Ok(line) => {
+                    if let Some(rest) = line.trim().strip_prefix("NBD listening on ") {
+                        nbd = rest.split_whitespace().next().map(str::to_owned);
+                    }
+                    if let Some(rest) = line.trim().strip_prefix("HTTP listening on ") {
+                        http = rest.split_whitespace().next().map(str::to_owned);
+                    }
+                }
+                Err(_) => {
+                    let _ = child.kill();
+                    let out = child.wait_with_output().expect("wait");
+                    return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+                }
+            }
+        }
+        Ok(Node {
+            child: Some(child),
+            dir: dir.to_owned(),
+            nbd: nbd.expect("set"),
+            http: http.expect("set"),
+            _tmp: None,
+        })
+    }
+
+    pub fn uri(&self, volume: &str) -> String {
+        format!("nbd://{}/{volume}", self.nbd)
+    }
+
+    pub fn api(&self) -> String {
+        format!("http://{}", self.http)
+    }
+
+    /// Runs `strata --api … ARGS`.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(STRATA).arg("--api").arg(self.api()).args(args).output().expect("run strata")
+    }
+
+    /// Creates a volume through the CLI.
+    pub fn create(&self, name: &str, size: &str) {
+        let out = self.cli(&["volume", "create", name, "--size", size]);
+        assert!(out.status.success(), "create {name}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().expect("running").id() as i32
+    }
+
+    /// kill -9, and wait for the process to be gone.
+    pub fn kill9(mut self) -> PathBuf {
+        let mut child = self.child.take().expect("running");
+        child.kill().expect("kill -9");
+        child.wait().expect("wait");
+        self.dir.clone()
+    }
+
+    /// SIGTERM and wait; returns the exit status and stderr.
+    pub fn stop(mut self) -> (std::process::ExitStatus, String) {
+        let mut child = self.child.take().expect("running");
+        let status = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+        assert!(status.expect("kill").success());
+        let mut stderr = String::new();
+        if let Some(mut e) = child.stderr.take() {
+            use std::io::Read;
+            let _ = e.read_to_string(&mut stderr);
+        }
+        (child.wait().expect("wait"), stderr)
+    }
+
+    /// Keeps the data directory after the node is gone (for restarts).
+    pub fn keep_dir(&mut self) -> Option<tempfile::TempDir> {
+        self._tmp.take()
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Runs a tool, panicking with its output if it is missing or fails.
+pub fn run(program: &str, args: &[&str]) -> String {
+    let out = Command::new(program).args(args).output().unwrap_or_else(|e| {
+        panic!("{program} is required by this test (install it; .ci/run does): {e}")
+    });
+    assert!(
+        out.status.success(),
+        "{program} {args:?} failed ({}):\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// qemu-io on a raw NBD export with a list of commands; returns stdout, asserting no
+/// command reported a failure or a pattern mismatch.
+pub fn qemu_io(uri: &str, commands: &[&str]) -> String {
+    let mut args = vec!["-f", "raw"];
+    for c in commands {
+        args.push("-c");
+        args.push(c);
+    }
+    args.push(uri);
+    let out = run("qemu-io", &args);
+    assert!(
+        !out.contains("Pattern verification failed") && !out.contains("failed:"),
+        "qemu-io reported an error:\n{out}"
+    );
+    out
+}
+
+/// Deterministic pseudo-random bytes.
+pub fn pseudo_random(seed: u64, length: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..length)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}

@@ -1,0 +1,11 @@
+//! Integration tests: the real `strata up` binary on free loopback ports, driven by real
+//! NBD clients (qemu-io, qemu-img, nbdinfo, nbdcopy, fio) and by a raw-socket client for
+//! the malformed input real clients refuse to send. Missing client tools fail the tests:
+//! `.ci/run` installs them.
+
+mod api_cli;
+mod bad_input;
+mod clients;
+mod durability;
+mod harness;
+mod raw;
