@@ -112,7 +112,10 @@ fn nbdcopy_with_four_connections_round_trips() {
 fn fio_nbd_engine_verifies_crc32c() {
     let node = Node::start();
     node.create("fio", "64M");
-    let out = run(
+    // fio writes a verify-state file into its working directory: keep it out of the tree.
+    let scratch = tempfile::tempdir().unwrap();
+    let out = crate::harness::run_in(
+        scratch.path(),
         "fio",
         &[
             "--name=verify",

@@ -136,7 +136,12 @@ impl Drop for Node {
 
 /// Runs a tool, panicking with its output if it is missing or fails.
 pub fn run(program: &str, args: &[&str]) -> String {
-    let out = Command::new(program).args(args).output().unwrap_or_else(|e| {
+    run_in(Path::new("."), program, args)
+}
+
+/// Like [`run`], in the working directory `cwd`.
+pub fn run_in(cwd: &Path, program: &str, args: &[&str]) -> String {
+    let out = Command::new(program).args(args).current_dir(cwd).output().unwrap_or_else(|e| {
         panic!("{program} is required by this test (install it; .ci/run does): {e}")
     });
     assert!(
