@@ -238,8 +238,12 @@ impl BlockVolume for FileVolume {
         self.check_writable()?;
         let size = self.size_guard();
         check_range(offset, data.len() as u64, *size)?;
-        match rustix::io::pwritev2(&self.file, &[IoSlice::new(data)], offset, ReadWriteFlags::NOWAIT)
-        {
+        match rustix::io::pwritev2(
+            &self.file,
+            &[IoSlice::new(data)],
+            offset,
+            ReadWriteFlags::NOWAIT,
+        ) {
             // A short write leaves a prefix written; the caller rewrites the whole range.
             Ok(n) => Ok(n == data.len()),
             Err(Errno::AGAIN) => Ok(false),

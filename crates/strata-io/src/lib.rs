@@ -155,8 +155,12 @@ pub trait BlockVolume: Send + Sync + 'static {
 
     /// Describes the allocation of `offset..offset+length` as consecutive extents, at most
     /// `extents_max` of them (at least one); the last may end before the range does.
-    fn extents(&self, offset: u64, length: u64, extents_max: usize)
-        -> Result<Vec<Extent>, StoreError>;
+    fn extents(
+        &self,
+        offset: u64,
+        length: u64,
+        extents_max: usize,
+    ) -> Result<Vec<Extent>, StoreError>;
 
     /// Hints that a range will be read soon.
     fn prefetch(&self, _offset: u64, _length: u64) -> Result<(), StoreError> {
@@ -178,8 +182,11 @@ pub trait BlockVolume: Send + Sync + 'static {
 ///   whole volume or nothing.
 pub trait Store: Send + Sync + 'static {
     /// Creates an empty volume of `size_bytes`.
-    fn create_volume(&self, id: VolumeId, size_bytes: u64)
-        -> Result<Arc<dyn BlockVolume>, StoreError>;
+    fn create_volume(
+        &self,
+        id: VolumeId,
+        size_bytes: u64,
+    ) -> Result<Arc<dyn BlockVolume>, StoreError>;
 
     /// Opens an existing volume.
     fn open_volume(&self, id: VolumeId) -> Result<Arc<dyn BlockVolume>, StoreError>;

@@ -520,7 +520,10 @@ mod tests {
         }
 
         #[test]
-        fn meta_request_round_trips(export in "[a-z]{0,20}", queries in proptest::collection::vec("[a-z:]{0,30}", 0..5)) {
+        fn meta_request_round_trips(
+            export in "[a-z]{0,20}",
+            queries in proptest::collection::vec("[a-z:]{0,30}", 0..5),
+        ) {
             let mut d = Vec::new();
             d.extend_from_slice(&(export.len() as u32).to_be_bytes());
             d.extend_from_slice(export.as_bytes());

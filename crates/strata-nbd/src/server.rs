@@ -15,9 +15,9 @@ use std::sync::Arc;
 use std::time::Duration;
 use strata_io::{BlockVolume, GroupSync, StoreError, ZeroMode};
 use strata_types::limits::{
-    BLOCK_SIZE_BYTES, NBD_BLOCK_STATUS_EXTENTS_MAX, NBD_CONNECTIONS_MAX, NBD_OPTIONS_PER_HANDSHAKE_MAX,
-    NBD_OPTION_BYTES_MAX, NBD_PAYLOAD_BYTES_MAX, NBD_PAYLOAD_DISCARD_BYTES_MAX,
-    NBD_REQUESTS_IN_FLIGHT_MAX,
+    BLOCK_SIZE_BYTES, NBD_BLOCK_STATUS_EXTENTS_MAX, NBD_CONNECTIONS_MAX,
+    NBD_OPTIONS_PER_HANDSHAKE_MAX, NBD_OPTION_BYTES_MAX, NBD_PAYLOAD_BYTES_MAX,
+    NBD_PAYLOAD_DISCARD_BYTES_MAX, NBD_REQUESTS_IN_FLIGHT_MAX,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -84,7 +84,8 @@ pub async fn serve(
                         continue;
                     }
                     let _ = stream.set_nodelay(true);
-                    connections.spawn(connection(stream, peer, provider.clone(), for_connections.clone()));
+                    let stop = for_connections.clone();
+                    connections.spawn(connection(stream, peer, provider.clone(), stop));
                 }
                 Err(e) => {
                     tracing::warn!("accept failed: {e}");
@@ -273,8 +274,7 @@ async fn handshake(
                 let export = match provider.open(&request.name) {
                     Ok(export) => export,
                     Err(message) => {
-                        send_option_reply(wr, option, rep::ERR_UNKNOWN, message.as_bytes())
-                            .await?;
+                        send_option_reply(wr, option, rep::ERR_UNKNOWN, message.as_bytes()).await?;
                         continue;
                     }
                 };
@@ -347,7 +347,8 @@ async fn meta_context(
         return send_option_reply(wr, option, rep::ERR_UNKNOWN, message.as_bytes()).await;
     }
     let selected = if option == opt::LIST_META_CONTEXT {
-        request.queries.is_empty() || request.queries.iter().any(|q| codec::lists_base_allocation(q))
+        request.queries.is_empty()
+            || request.queries.iter().any(|q| codec::lists_base_allocation(q))
     } else {
         request.queries.iter().any(|q| q == codec::BASE_ALLOCATION)
     };
@@ -707,7 +708,8 @@ impl Ctx {
             let code = if trim { errno::EINVAL } else { errno::ENOSPC };
             return sh.error(req.cookie, code, "range past the end of the export").await;
         }
-        let mode = if req.flags & cflags::NO_HOLE != 0 { ZeroMode::Allocate } else { ZeroMode::MayTrim };
+        let mode =
+            if req.flags & cflags::NO_HOLE != 0 { ZeroMode::Allocate } else { ZeroMode::MayTrim };
         let sh = sh.clone();
         tokio::spawn(async move {
             let volume = sh.volume.clone();
@@ -733,7 +735,9 @@ impl Ctx {
             return sh.error(req.cookie, errno::EINVAL, msg).await;
         }
         if req.length == 0 || !self.in_range(&req) {
-            return sh.error(req.cookie, errno::EINVAL, "BLOCK_STATUS range is empty or past the end").await;
+            return sh
+                .error(req.cookie, errno::EINVAL, "BLOCK_STATUS range is empty or past the end")
+                .await;
         }
         let extents_max =
             if req.flags & cflags::REQ_ONE != 0 { 1 } else { NBD_BLOCK_STATUS_EXTENTS_MAX };

@@ -44,10 +44,15 @@ pub fn router(api: Api) -> Router {
         .route("/v1/volumes", get(list_volumes).post(create_volume))
         .route("/v1/volumes/{name}", get(get_volume).delete(delete_volume))
         .route("/v1/volumes/{name}/resize", post(resize_volume))
-        .fallback(|| async { ApiError::new(ErrorCode::NotFound, "no such endpoint; see /v1/openapi.json") })
+        .fallback(|| async {
+            ApiError::new(ErrorCode::NotFound, "no such endpoint; see /v1/openapi.json")
+        })
         .method_not_allowed_fallback(|| async {
             let e = ApiError::invalid("method not allowed on this endpoint; see /v1/openapi.json");
-            (StatusCode::METHOD_NOT_ALLOWED, Json(serde_json::json!({"code": "method_not_allowed", "message": e.message})))
+            (
+                StatusCode::METHOD_NOT_ALLOWED,
+                Json(serde_json::json!({"code": "method_not_allowed", "message": e.message})),
+            )
         })
         .with_state(api)
 }
@@ -98,7 +103,10 @@ async fn list_volumes(State(api): State<Api>) -> Json<Vec<VolumeInfo>> {
     Json(api.node.list())
 }
 
-async fn get_volume(State(api): State<Api>, Path(name): Path<String>) -> ApiResult<Json<VolumeInfo>> {
+async fn get_volume(
+    State(api): State<Api>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<VolumeInfo>> {
     api.node.get(&name).map(Json)
 }
 
@@ -156,7 +164,10 @@ async fn blocking<T: Send + 'static>(
         .unwrap_or_else(|e| Err(ApiError::new(ErrorCode::Internal, format!("task failed: {e}"))))
 }
 
-async fn create_volume(State(api): State<Api>, body: Bytes) -> ApiResult<(StatusCode, Json<VolumeInfo>)> {
+async fn create_volume(
+    State(api): State<Api>,
+    body: Bytes,
+) -> ApiResult<(StatusCode, Json<VolumeInfo>)> {
     let req: CreateVolume = parse_json(&body)?;
     let name = VolumeName::new(&req.name).map_err(|e| ApiError::invalid(e.to_string()))?;
     let size = req.size.bytes()?;

@@ -70,8 +70,11 @@ impl Client {
             response.with_context(|| format!("cannot reach the Strata API at {}", self.base))?;
         let status = response.status();
         let text = response.body_mut().read_to_string().context("read the API response")?;
-        let value: Value = if text.is_empty() { Value::Null } else {
-            serde_json::from_str(&text).with_context(|| format!("the API answered {status} with non-JSON"))?
+        let value: Value = if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text)
+                .with_context(|| format!("the API answered {status} with non-JSON"))?
         };
         if !status.is_success() {
             let message = value["message"].as_str().unwrap_or("no message");
@@ -89,7 +92,8 @@ pub fn volume(api: &str, json_out: bool, cmd: VolumeCommand) -> anyhow::Result<(
         VolumeCommand::Create { name, size } => {
             // Parse locally too, so a typo fails before any request.
             parse_size(&size)?;
-            let v = client.call("POST", "/v1/volumes", Some(json!({"name": name, "size": size})))?;
+            let v =
+                client.call("POST", "/v1/volumes", Some(json!({"name": name, "size": size})))?;
             print_volume(json_out, &v, "created")
         }
         VolumeCommand::List => {
@@ -109,7 +113,11 @@ pub fn volume(api: &str, json_out: bool, cmd: VolumeCommand) -> anyhow::Result<(
         VolumeCommand::Resize { name, size, allow_shrink } => {
             parse_size(&size)?;
             let body = json!({"size": size, "allow_shrink": allow_shrink});
-            let v = client.call("POST", &format!("/v1/volumes/{}/resize", encode(&name)), Some(body))?;
+            let v = client.call(
+                "POST",
+                &format!("/v1/volumes/{}/resize", encode(&name)),
+                Some(body),
+            )?;
             print_volume(json_out, &v, "resized")
         }
         VolumeCommand::Delete { name, force } => {

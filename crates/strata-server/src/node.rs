@@ -86,7 +86,9 @@ struct State {
 
 fn internal(context: &str) -> impl FnOnce(strata_io::StoreError) -> ApiError + '_ {
     move |e| match e {
-        strata_io::StoreError::NoSpace => ApiError::new(ErrorCode::NoSpace, format!("{context}: {e}")),
+        strata_io::StoreError::NoSpace => {
+            ApiError::new(ErrorCode::NoSpace, format!("{context}: {e}"))
+        }
         e => ApiError::new(ErrorCode::Io, format!("{context}: {e}")),
     }
 }
@@ -216,8 +218,10 @@ impl Node {
         }
         let free = self.store.free_bytes().unwrap_or(u64::MAX);
         let id = state.next_id;
-        let volume =
-            self.store.create_volume(VolumeId(id), size_bytes).map_err(internal("create the volume"))?;
+        let volume = self
+            .store
+            .create_volume(VolumeId(id), size_bytes)
+            .map_err(internal("create the volume"))?;
         let created_unix = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
@@ -247,7 +251,8 @@ impl Node {
             return Err(ApiError::new(
                 ErrorCode::InvalidArgument,
                 format!(
-                    "shrinking {name} from {} to {} discards data; pass --allow-shrink (API: allow_shrink) to do it",
+                    "shrinking {name} from {} to {} discards data; \
+                     pass --allow-shrink (API: allow_shrink) to do it",
                     format_size(current),
                     format_size(size_bytes)
                 ),

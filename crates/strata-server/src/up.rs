@@ -108,8 +108,14 @@ async fn serve(args: UpArgs) -> anyhow::Result<()> {
             .await
     });
 
-    println!("Strata {} is up. Data directory: {}", env!("CARGO_PKG_VERSION"), args.data_dir.display());
-    println!("  NBD listening on {nbd_addr}   (export name = volume name: nbd://{nbd_addr}/VOLUME)");
+    println!(
+        "Strata {} is up. Data directory: {}",
+        env!("CARGO_PKG_VERSION"),
+        args.data_dir.display()
+    );
+    println!(
+        "  NBD listening on {nbd_addr}   (export name = volume name: nbd://{nbd_addr}/VOLUME)"
+    );
     println!("  HTTP listening on {http_addr}  (API under /v1, OpenAPI at /v1/openapi.json)");
     println!("Try:  strata volume create vm1 --size 10G && qemu-img info nbd://{nbd_addr}/vm1");
     println!("Ctrl-C or SIGTERM stops it cleanly.");

@@ -36,7 +36,7 @@ pub const NBD_BLOCK_STATUS_EXTENTS_MAX: usize = 4096;
 /// Concurrent NBD connections per node.
 pub const NBD_CONNECTIONS_MAX: usize = 1024;
 
-const _: () = assert!(VOLUME_SIZE_BYTES_MAX % BLOCK_SIZE_BYTES == 0);
+const _: () = assert!(VOLUME_SIZE_BYTES_MAX.is_multiple_of(BLOCK_SIZE_BYTES));
 const _: () = assert!(NBD_PAYLOAD_BYTES_MAX as u64 >= BLOCK_SIZE_BYTES);
 const _: () = assert!(NBD_PAYLOAD_DISCARD_BYTES_MAX >= NBD_PAYLOAD_BYTES_MAX);
 const _: () = assert!(NBD_BLOCK_STATUS_EXTENTS_MAX <= 1 << 20);

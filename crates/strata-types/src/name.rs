@@ -47,9 +47,8 @@ impl VolumeName {
         if length > VOLUME_NAME_LENGTH_MAX {
             return Err(NameError::TooLong { length });
         }
-        if let Some(found) = name
-            .chars()
-            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+        if let Some(found) =
+            name.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
         {
             return Err(NameError::BadCharacter { found });
         }

@@ -6,7 +6,10 @@ use crate::limits::{BLOCK_SIZE_BYTES, VOLUME_SIZE_BYTES_MAX};
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SizeError {
     /// Not a number with an optional suffix.
-    #[error("cannot parse size {input:?}: expected a number with an optional K, M, G, T or P suffix (binary: 1G = 1073741824)")]
+    #[error(
+        "cannot parse size {input:?}: expected a number with an optional \
+         K, M, G, T or P suffix (binary: 1G = 1073741824)"
+    )]
     Syntax {
         /// What was given.
         input: String,
@@ -65,7 +68,7 @@ pub fn check_size(bytes: u64) -> Result<u64, SizeError> {
     if bytes > VOLUME_SIZE_BYTES_MAX {
         return Err(SizeError::TooLarge { input: bytes.to_string() });
     }
-    if bytes % BLOCK_SIZE_BYTES != 0 {
+    if !bytes.is_multiple_of(BLOCK_SIZE_BYTES) {
         return Err(SizeError::Unaligned { bytes });
     }
     Ok(bytes)
@@ -78,7 +81,7 @@ pub fn format_size(bytes: u64) -> String {
     for (shift, unit) in UNITS {
         let scale = 1u64 << shift;
         if bytes >= scale {
-            if bytes % scale == 0 {
+            if bytes.is_multiple_of(scale) {
                 return format!("{}{unit}", bytes / scale);
             }
             return format!("{:.1}{unit}", bytes as f64 / scale as f64);

@@ -99,7 +99,8 @@ fn post(node: &Node, path: &str, body: &str) -> (u16, String) {
     http(
         node,
         &format!(
-            "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
             body.len()
         ),
     )
@@ -110,7 +111,8 @@ fn get(node: &Node, path: &str) -> (u16, String) {
 }
 
 fn error_code(body: &str) -> String {
-    let v: serde_json::Value = serde_json::from_str(body).unwrap_or_else(|_| panic!("not JSON: {body}"));
+    let v: serde_json::Value =
+        serde_json::from_str(body).unwrap_or_else(|_| panic!("not JSON: {body}"));
     assert!(v["message"].as_str().is_some_and(|m| !m.is_empty()), "{body}");
     v["code"].as_str().unwrap().to_owned()
 }
@@ -132,9 +134,15 @@ fn api_errors_are_json_with_proper_statuses() {
     assert_eq!((s, error_code(&b).as_str()), (404, "not_found"));
     let (s, b) = get(&node, "/v1/nothing");
     assert_eq!((s, error_code(&b).as_str()), (404, "not_found"));
-    let (s, b) = http(&node, "PUT /v1/volumes HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+    let (s, b) = http(
+        &node,
+        "PUT /v1/volumes HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+    );
     assert_eq!((s, error_code(&b).as_str()), (405, "method_not_allowed"));
-    let (s, b) = http(&node, "DELETE /v1/volumes/a?force=maybe HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    let (s, b) = http(
+        &node,
+        "DELETE /v1/volumes/a?force=maybe HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
     assert_eq!((s, error_code(&b).as_str()), (400, "invalid_argument"));
     let (s, b) = get(&node, "/v1/volumes");
     assert_eq!(s, 200);
@@ -177,6 +185,7 @@ fn cli_reports_an_unreachable_api_in_one_line() {
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("cannot reach the Strata API"), "{stderr}");
-    let version = std::process::Command::new(crate::harness::STRATA).arg("--version").output().unwrap();
+    let version =
+        std::process::Command::new(crate::harness::STRATA).arg("--version").output().unwrap();
     assert!(String::from_utf8_lossy(&version.stdout).starts_with("strata "));
 }

@@ -158,7 +158,7 @@ fn simple_and_structured_replies_and_unaligned_io() {
     let length = u32::from_be_bytes(r.payload[4..8].try_into().unwrap());
     let flags = u32::from_be_bytes(r.payload[8..12].try_into().unwrap());
     assert_eq!(flags, 0, "the first block holds data");
-    assert!(length >= 4096 && length <= 1 << 20);
+    assert!((4096..=1 << 20).contains(&length));
 }
 
 #[test]

@@ -74,7 +74,13 @@ fn nbdinfo_map_shows_holes_after_trim_and_write_zeroes() {
         .as_array()
         .unwrap()
         .iter()
-        .map(|e| (e["offset"].as_u64().unwrap(), e["length"].as_u64().unwrap(), e["type"].as_u64().unwrap()))
+        .map(|e| {
+            (
+                e["offset"].as_u64().unwrap(),
+                e["length"].as_u64().unwrap(),
+                e["type"].as_u64().unwrap(),
+            )
+        })
         .collect();
     let mib = 1 << 20;
     assert_eq!(

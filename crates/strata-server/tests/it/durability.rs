@@ -82,7 +82,8 @@ fn sigterm_finishes_and_restart_keeps_data() {
     qemu_io(&node.uri("keep"), &["read -P 0x5e 0 8M", "read -P 0 8M 8M"]);
     let out = node.cli(&["volume", "list", "--json"]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let names: Vec<&str> = v.as_array().unwrap().iter().map(|x| x["name"].as_str().unwrap()).collect();
+    let names: Vec<&str> =
+        v.as_array().unwrap().iter().map(|x| x["name"].as_str().unwrap()).collect();
     assert_eq!(names, ["keep", "other"]);
     drop(keep);
 }

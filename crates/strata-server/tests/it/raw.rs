@@ -84,8 +84,10 @@ impl Raw {
             // Distinguish a timeout (still open) from a close.
             match self.s.read(&mut b) {
                 Ok(0) => true,
-                Err(e) => e.kind() != std::io::ErrorKind::WouldBlock
-                    && e.kind() != std::io::ErrorKind::TimedOut,
+                Err(e) => {
+                    e.kind() != std::io::ErrorKind::WouldBlock
+                        && e.kind() != std::io::ErrorKind::TimedOut
+                }
                 Ok(_) => false,
             }
         }
