@@ -1,18 +1,22 @@
 //! Group commit: every FLUSH and FUA of a volume, from any connection, goes through one
-//! [`GroupSync`]. While one device sync runs, new requests gather; the next sync serves
-//! them all at once.
+//! [`GroupSync`]. A dedicated thread per volume runs the device syncs; while one runs, new
+//! requests gather, and the next sync serves them all at once.
 //!
-//! Invariant: a request is answered only by a sync that *started after* the request
-//! arrived, so every write completed before the request is covered. A failed sync fails
-//! every waiter of that round and the volume refuses further syncs (sticky failure).
+//! Invariant: a request is answered only by a sync that *started after* the request was
+//! queued, so every write completed before the request is covered. A failed sync fails
+//! every waiter of that round, and the volume itself refuses further syncs (sticky
+//! failure, see [`crate::StoreError::Failed`]).
+//!
+//! Why a thread and callbacks rather than async tasks: a flush at queue depth 1 is
+//! latency-bound, and each hop between tasks and the blocking pool costs a wake-up. Here
+//! the requester queues a callback, the sync thread wakes once, syncs, and calls every
+//! callback, which hands the reply straight to the connection.
+//! The queue is bounded by its callers: each connection has a bounded number of requests
+//! in flight, and a node a bounded number of connections.
 
-use crate::{BlockVolume, StoreError};
+use crate::BlockVolume;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
-use tokio::sync::{mpsc, oneshot};
-
-/// Waiters queued for the next sync; the bound keeps memory finite under a flood.
-const SYNC_WAITERS_MAX: usize = 16 * 1024;
+use std::sync::{Arc, Condvar, Mutex};
 
 /// Why a group sync failed.
 #[derive(Clone, Debug, thiserror::Error)]
@@ -22,67 +26,107 @@ pub struct SyncError {
     pub message: String,
 }
 
-type Waiter = oneshot::Sender<Result<(), SyncError>>;
+/// What runs once the sync covering a request has finished.
+pub type SyncCallback = Box<dyn FnOnce(Result<(), SyncError>) + Send>;
 
-/// The handle through which flushes reach a volume's sync task. Cloning shares the task.
+/// The handle through which flushes reach a volume's sync thread. Cloning shares the
+/// thread; it exits when the last handle is dropped.
 #[derive(Clone)]
 pub struct GroupSync {
-    tx: mpsc::Sender<Waiter>,
-    stats: Arc<SyncStats>,
+    inner: Arc<Handle>,
 }
 
-/// Counters for tests and metrics.
-#[derive(Default, Debug)]
-pub struct SyncStats {
-    /// Device syncs performed.
-    pub syncs: AtomicU64,
-    /// Requests served.
-    pub requests: AtomicU64,
+/// Dropping the last `Handle` stops the thread.
+struct Handle {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    queue: Mutex<Queue>,
+    wake: Condvar,
+    syncs: AtomicU64,
+    requests: AtomicU64,
+}
+
+#[derive(Default)]
+struct Queue {
+    waiting: Vec<SyncCallback>,
+    closed: bool,
 }
 
 impl GroupSync {
-    /// Starts the sync task for `volume` on the current tokio runtime. The task ends when
-    /// every handle is dropped.
+    /// Starts the sync thread for `volume`.
     pub fn spawn(volume: Arc<dyn BlockVolume>) -> GroupSync {
-        let (tx, rx) = mpsc::channel(SYNC_WAITERS_MAX);
-        let stats = Arc::new(SyncStats::default());
-        tokio::spawn(run(volume, rx, stats.clone()));
-        GroupSync { tx, stats }
+        let shared = Arc::new(Shared {
+            queue: Mutex::new(Queue::default()),
+            wake: Condvar::new(),
+            syncs: AtomicU64::new(0),
+            requests: AtomicU64::new(0),
+        });
+        let for_thread = shared.clone();
+        std::thread::Builder::new()
+            .name("strata-sync".into())
+            .spawn(move || run(volume, for_thread))
+            .expect("spawn the volume sync thread");
+        GroupSync { inner: Arc::new(Handle { shared }) }
+    }
+
+    /// Queues `done`, called (on the sync thread) once every write completed before this
+    /// call is durable, or the sync failed.
+    pub fn request(&self, done: SyncCallback) {
+        let shared = &self.inner.shared;
+        let mut queue = shared.queue.lock().unwrap_or_else(|p| p.into_inner());
+        queue.waiting.push(done);
+        drop(queue);
+        shared.wake.notify_one();
     }
 
     /// Returns once every write completed before this call is durable.
     pub async fn sync(&self) -> Result<(), SyncError> {
-        let (tx, rx) = oneshot::channel();
-        let gone = || SyncError { message: "volume is closed".to_owned() };
-        self.tx.send(tx).await.map_err(|_| gone())?;
-        rx.await.map_err(|_| gone())?
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.request(Box::new(move |result| {
+            let _ = tx.send(result);
+        }));
+        rx.await.map_err(|_| SyncError { message: "volume is closed".to_owned() })?
     }
 
     /// (device syncs, requests served) so far.
     pub fn counts(&self) -> (u64, u64) {
-        (self.stats.syncs.load(Ordering::Relaxed), self.stats.requests.load(Ordering::Relaxed))
+        let shared = &self.inner.shared;
+        (shared.syncs.load(Ordering::Relaxed), shared.requests.load(Ordering::Relaxed))
     }
 }
 
-async fn run(volume: Arc<dyn BlockVolume>, mut rx: mpsc::Receiver<Waiter>, stats: Arc<SyncStats>) {
-    let mut waiters = Vec::new();
-    while rx.recv_many(&mut waiters, SYNC_WAITERS_MAX).await > 0 {
-        let v = volume.clone();
-        let result = match tokio::task::spawn_blocking(move || v.sync()).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(SyncError { message: render(&e) }),
-            Err(e) => Err(SyncError { message: format!("sync task failed: {e}") }),
-        };
-        stats.syncs.fetch_add(1, Ordering::Relaxed);
-        stats.requests.fetch_add(waiters.len() as u64, Ordering::Relaxed);
-        for waiter in waiters.drain(..) {
-            let _ = waiter.send(result.clone());
+impl Drop for Handle {
+    fn drop(&mut self) {
+        let mut queue = self.shared.queue.lock().unwrap_or_else(|p| p.into_inner());
+        queue.closed = true;
+        drop(queue);
+        self.shared.wake.notify_one();
+    }
+}
+
+fn run(volume: Arc<dyn BlockVolume>, shared: Arc<Shared>) {
+    let mut round = Vec::new();
+    loop {
+        {
+            let mut queue = shared.queue.lock().unwrap_or_else(|p| p.into_inner());
+            while queue.waiting.is_empty() && !queue.closed {
+                queue = shared.wake.wait(queue).unwrap_or_else(|p| p.into_inner());
+            }
+            if queue.waiting.is_empty() {
+                return; // closed and drained
+            }
+            std::mem::swap(&mut round, &mut queue.waiting);
+        }
+        // Every callback in `round` was queued before this sync starts.
+        let result = volume.sync().map_err(|e| SyncError { message: e.to_string() });
+        shared.syncs.fetch_add(1, Ordering::Relaxed);
+        shared.requests.fetch_add(round.len() as u64, Ordering::Relaxed);
+        for done in round.drain(..) {
+            done(result.clone());
         }
     }
-}
-
-fn render(e: &StoreError) -> String {
-    e.to_string()
 }
 
 #[cfg(test)]
@@ -110,7 +154,81 @@ mod tests {
         }
         let (syncs, requests) = gs.counts();
         assert_eq!(requests, 64);
-        assert!(syncs <= requests);
         assert!(syncs >= 1);
+        assert!(syncs <= requests);
+    }
+
+    #[test]
+    fn a_request_queued_during_a_sync_waits_for_the_next_one() {
+        // A volume whose sync blocks until released lets us queue a request mid-sync.
+        struct Gate {
+            inner: Arc<dyn BlockVolume>,
+            entered: std::sync::mpsc::Sender<()>,
+            release: Mutex<std::sync::mpsc::Receiver<()>>,
+        }
+        impl BlockVolume for Gate {
+            fn size_bytes(&self) -> u64 {
+                self.inner.size_bytes()
+            }
+            fn allocated_bytes(&self) -> Result<u64, crate::StoreError> {
+                self.inner.allocated_bytes()
+            }
+            fn read_at(&self, b: &mut [u8], o: u64) -> Result<(), crate::StoreError> {
+                self.inner.read_at(b, o)
+            }
+            fn write_at(&self, d: &[u8], o: u64) -> Result<(), crate::StoreError> {
+                self.inner.write_at(d, o)
+            }
+            fn trim(&self, o: u64, l: u64) -> Result<(), crate::StoreError> {
+                self.inner.trim(o, l)
+            }
+            fn write_zeroes(
+                &self,
+                o: u64,
+                l: u64,
+                m: crate::ZeroMode,
+            ) -> Result<(), crate::StoreError> {
+                self.inner.write_zeroes(o, l, m)
+            }
+            fn extents(
+                &self,
+                o: u64,
+                l: u64,
+                n: usize,
+            ) -> Result<Vec<crate::Extent>, crate::StoreError> {
+                self.inner.extents(o, l, n)
+            }
+            fn sync(&self) -> Result<(), crate::StoreError> {
+                self.entered.send(()).unwrap();
+                self.release.lock().unwrap().recv().unwrap();
+                self.inner.sync()
+            }
+            fn resize(&self, s: u64) -> Result<(), crate::StoreError> {
+                self.inner.resize(s)
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::open(dir.path()).unwrap();
+        let (entered_tx, entered) = std::sync::mpsc::channel();
+        let (release, release_rx) = std::sync::mpsc::channel();
+        let gate = Arc::new(Gate {
+            inner: store.create_volume(VolumeId(1), 4096).unwrap(),
+            entered: entered_tx,
+            release: Mutex::new(release_rx),
+        });
+        let gs = GroupSync::spawn(gate);
+        let (done_tx, done) = std::sync::mpsc::channel();
+        let d1 = done_tx.clone();
+        gs.request(Box::new(move |r| d1.send((1, r.is_ok())).unwrap()));
+        entered.recv().unwrap(); // sync 1 is running
+        gs.request(Box::new(move |r| done_tx.send((2, r.is_ok())).unwrap()));
+        release.send(()).unwrap();
+        assert_eq!(done.recv().unwrap(), (1, true));
+        // Request 2 arrived during sync 1, so it needs a sync of its own.
+        entered.recv().unwrap();
+        assert!(done.try_recv().is_err(), "request 2 must not ride on sync 1");
+        release.send(()).unwrap();
+        assert_eq!(done.recv().unwrap(), (2, true));
+        assert_eq!(gs.counts(), (2, 2));
     }
 }

@@ -15,7 +15,7 @@ mod file;
 mod group_sync;
 
 pub use file::{FileStore, FileVolume};
-pub use group_sync::{GroupSync, SyncError};
+pub use group_sync::{GroupSync, SyncCallback, SyncError};
 
 use std::sync::Arc;
 
@@ -142,7 +142,9 @@ pub trait BlockVolume: Send + Sync + 'static {
     /// Writes `data` at `offset`.
     fn write_at(&self, data: &[u8], offset: u64) -> Result<(), StoreError>;
 
-    /// Like `write_at`, but returns `Ok(false)` instead of blocking on the device.
+    /// Like `write_at`, but returns `Ok(false)` instead of waiting on the device (a read,
+    /// or a long wait). A buffered backend may still be throttled briefly by the kernel's
+    /// dirty-page limits. The default never tries.
     fn try_write_at_nowait(&self, _data: &[u8], _offset: u64) -> Result<bool, StoreError> {
         Ok(false)
     }

@@ -8,7 +8,7 @@
 //! reading when that many wait, which bounds memory per connection.
 
 use crate::codec::{self, cflags, cmd, errno, opt, rep, reply, tflags, DecodeError, Request};
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use std::any::Any;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -22,7 +22,7 @@ use strata_types::limits::{
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
 /// A client that has not finished the handshake by then is dropped.
@@ -130,7 +130,16 @@ async fn connection(
         }
     };
     tracing::debug!(%peer, export = %session.export.name, "NBD client attached");
-    if let Err(e) = transmission(rd, wr, session, shutdown).await {
+    // Requests the client sent right behind its GO stay in the handshake's buffer.
+    let leftover = BytesMut::from(rd.buffer());
+    let stream = match rd.into_inner().reunite(wr.into_inner()) {
+        Ok(stream) => stream,
+        Err(e) => {
+            tracing::warn!(%peer, "cannot reunite the socket: {e}");
+            return;
+        }
+    };
+    if let Err(e) = transmission(stream, leftover, session, shutdown).await {
         tracing::debug!(%peer, "NBD connection ended: {e}");
     }
 }
@@ -375,159 +384,184 @@ async fn discard(rd: &mut Reader, mut length: u64) -> Result<(), ConnError> {
     Ok(())
 }
 
-/// A reply on its way to the writer task: header and payload in one buffer (a read's
-/// data is read straight into the buffer behind its header, so nothing is copied).
+/// What a connection answers: header and payload in one buffer.
 type Outgoing = Bytes;
 
-/// What a request handler needs, shared with spawned tasks.
+/// The connection's view of its export, shared with the tasks and threads that finish
+/// requests off the connection task.
 struct Shared {
     volume: Arc<dyn BlockVolume>,
     group_sync: GroupSync,
     name: String,
     structured: bool,
+    /// Replies of requests finished elsewhere. Its capacity equals the in-flight limit
+    /// and each such request sends exactly one reply, so `try_send` never finds it full.
     tx: mpsc::Sender<Outgoing>,
 }
 
-impl Shared {
-    async fn send(&self, out: Outgoing) {
-        // The writer is gone only when the client is; the reader notices that too.
-        let _ = self.tx.send(out).await;
-    }
+fn put_ok(out: &mut BytesMut, cookie: u64) {
+    codec::put_simple_reply(out, 0, cookie);
+}
 
-    async fn ok(&self, cookie: u64) {
-        let mut head = BytesMut::with_capacity(16);
-        codec::put_simple_reply(&mut head, 0, cookie);
-        self.send(head.freeze()).await;
+fn put_error(out: &mut BytesMut, structured: bool, cookie: u64, error: u32, message: &str) {
+    if structured {
+        codec::put_error_chunk(out, cookie, error, message);
+    } else {
+        codec::put_simple_reply(out, error, cookie);
     }
+}
 
-    async fn error(&self, cookie: u64, error: u32, message: &str) {
-        let mut head = BytesMut::with_capacity(32 + message.len());
-        if self.structured {
-            codec::put_error_chunk(&mut head, cookie, error, message);
-        } else {
-            codec::put_simple_reply(&mut head, error, cookie);
+fn store_errno(e: &StoreError) -> (u32, bool) {
+    match e {
+        StoreError::OutOfRange { .. } => (errno::EINVAL, false),
+        StoreError::NoSpace => (errno::ENOSPC, true),
+        StoreError::Unsupported { .. } => (errno::ENOTSUP, false),
+        StoreError::Failed | StoreError::Io { .. } | StoreError::NotFound { .. } => {
+            (errno::EIO, true)
         }
-        self.send(head.freeze()).await;
     }
+}
 
-    async fn store_error(&self, req: &Request, e: &StoreError) {
-        let (code, log) = match e {
-            StoreError::OutOfRange { .. } => (errno::EINVAL, false),
-            StoreError::NoSpace => (errno::ENOSPC, true),
-            StoreError::Unsupported { .. } => (errno::ENOTSUP, false),
-            StoreError::Failed | StoreError::Io { .. } | StoreError::NotFound { .. } => {
-                (errno::EIO, true)
-            }
-        };
+impl Shared {
+    /// Renders a store error as a reply, logging it once if it is the server's fault.
+    fn put_store_error(&self, out: &mut BytesMut, req: &Request, e: &StoreError) {
+        let (code, log) = store_errno(e);
         if log {
             tracing::error!(volume = %self.name, offset = req.offset, length = req.length,
                 command = req.kind, "I/O failed: {e}");
         }
-        self.error(req.cookie, code, &e.to_string()).await;
+        put_error(out, self.structured, req.cookie, code, &e.to_string());
     }
 
-    /// Replies to a write-type command, syncing first when FUA asks for it.
-    async fn write_done(&self, req: &Request, result: Result<(), StoreError>) {
+    /// Sends the reply of a request finished off the connection task.
+    fn finish(&self, reply: BytesMut) {
+        if self.tx.try_send(reply.freeze()).is_err() {
+            // Only when the connection is gone (or the capacity invariant broke).
+            tracing::debug!(volume = %self.name, "reply dropped: connection closed");
+        }
+    }
+
+    /// Finishes a write-type request: replies, or for FUA first queues a sync.
+    fn write_done(self: &Arc<Self>, req: Request, result: Result<(), StoreError>) {
         match result {
-            Ok(()) if req.flags & cflags::FUA != 0 => self.flush(req).await,
-            Ok(()) => self.ok(req.cookie).await,
-            Err(e) => self.store_error(req, &e).await,
-        }
-    }
-
-    async fn flush(&self, req: &Request) {
-        match self.group_sync.sync().await {
-            Ok(()) => self.ok(req.cookie).await,
+            Ok(()) if req.flags & cflags::FUA != 0 => self.sync_then_reply(req),
+            Ok(()) => {
+                let mut out = BytesMut::with_capacity(16);
+                put_ok(&mut out, req.cookie);
+                self.finish(out);
+            }
             Err(e) => {
-                tracing::error!(volume = %self.name, "flush failed: {e}");
-                self.error(req.cookie, errno::EIO, &format!("flush failed: {e}")).await;
+                let mut out = BytesMut::new();
+                self.put_store_error(&mut out, &req, &e);
+                self.finish(out);
             }
         }
     }
-}
 
-async fn writer_task(mut wr: Writer, mut rx: mpsc::Receiver<Outgoing>) {
-    while let Some(out) = rx.recv().await {
-        if write_one(&mut wr, &out).await.is_err() {
-            return;
-        }
-        // Gather whatever else is ready into the same syscall.
-        while let Ok(out) = rx.try_recv() {
-            if write_one(&mut wr, &out).await.is_err() {
-                return;
+    /// Replies to `req` once every write completed before now is durable.
+    fn sync_then_reply(self: &Arc<Self>, req: Request) {
+        let me = self.clone();
+        self.group_sync.request(Box::new(move |result| {
+            let mut out = BytesMut::with_capacity(64);
+            match result {
+                Ok(()) => put_ok(&mut out, req.cookie),
+                Err(e) => {
+                    tracing::error!(volume = %me.name, "flush failed: {e}");
+                    let msg = format!("flush failed: {e}");
+                    put_error(&mut out, me.structured, req.cookie, errno::EIO, &msg);
+                }
             }
-        }
-        if wr.flush().await.is_err() {
-            return;
-        }
+            me.finish(out);
+        }));
     }
-    let _ = wr.flush().await;
-    let _ = wr.shutdown().await;
 }
 
-async fn write_one(wr: &mut Writer, out: &Outgoing) -> std::io::Result<()> {
-    wr.write_all(out).await
+/// How a connection's transmission phase ended.
+enum Ended {
+    Graceful,
+    Forced,
 }
 
+/// Where the next bytes of input go.
+enum Input {
+    /// Request headers.
+    Requests,
+    /// Discarding an oversized WRITE payload; then EINVAL to `cookie`.
+    Discard { left: u64, cookie: u64, length: u32 },
+}
+
+/// Free room kept in the input buffer before each socket read.
+const INPUT_ROOM_BYTES: usize = 256 << 10;
+/// An output buffer grown past this by a large read is released after use.
+const OUTPUT_KEEP_BYTES: usize = 4 << 20;
+
+/// The transmission phase of one connection.
+///
+/// One task owns the socket. Each turn it parses every complete request in its input
+/// buffer, answers the quick ones by appending to its output buffer (a cached read's data
+/// is read straight into that buffer), hands the slow ones to the blocking pool or the
+/// volume's sync thread, writes the output in one call, and then waits for more input or
+/// for a reply from elsewhere. Requests handed off are bounded by
+/// `NBD_REQUESTS_IN_FLIGHT_MAX`; at the bound it stops parsing until one finishes.
 async fn transmission(
-    mut rd: Reader,
-    wr: Writer,
+    mut stream: TcpStream,
+    mut input: BytesMut,
     session: Session,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), ConnError> {
     let Session { export, structured, block_status, size } = session;
     let Export { name, volume, group_sync, read_only, mut closed, attachment, .. } = export;
-    let (tx, rx) = mpsc::channel(NBD_REQUESTS_IN_FLIGHT_MAX);
-    let writer = tokio::spawn(writer_task(wr, rx));
+    let (tx, mut rx) = mpsc::channel(NBD_REQUESTS_IN_FLIGHT_MAX);
     let shared = Arc::new(Shared { volume, group_sync, name, structured, tx });
-    let in_flight = Arc::new(Semaphore::new(NBD_REQUESTS_IN_FLIGHT_MAX));
-    let ctx = Ctx { shared: shared.clone(), read_only, block_status, size };
+    let ctx = Ctx { shared, read_only, block_status, size };
+    let mut output = BytesMut::with_capacity(INPUT_ROOM_BYTES);
+    let mut state = Input::Requests;
+    let mut in_flight = 0usize;
+    let mut stopping = false;
 
-    let result = loop {
-        let permit = in_flight.clone().acquire_owned().await.expect("never closed");
-        let mut header = [0u8; Request::SIZE];
+    let ended = loop {
+        while let Ok(reply) = rx.try_recv() {
+            output.extend_from_slice(&reply);
+            in_flight -= 1;
+        }
+        if !stopping {
+            stopping = ctx.parse(&mut input, &mut output, &mut state, &mut in_flight)?;
+        }
+        if !output.is_empty() {
+            stream.write_all(&output).await?;
+            output.clear();
+            if output.capacity() > OUTPUT_KEEP_BYTES {
+                output = BytesMut::with_capacity(INPUT_ROOM_BYTES);
+            }
+        }
+        if stopping && in_flight == 0 {
+            break Ended::Graceful;
+        }
+        if input.capacity() - input.len() < INPUT_ROOM_BYTES / 4 {
+            input.reserve(INPUT_ROOM_BYTES);
+        }
+        let can_read = !stopping && in_flight < NBD_REQUESTS_IN_FLIGHT_MAX;
         tokio::select! {
             biased;
-            _ = signalled(&mut closed) => break Ok(Ended::Forced),
-            _ = signalled(&mut shutdown) => break Ok(Ended::Graceful),
-            read = rd.read_exact(&mut header) => {
-                if let Err(e) = read {
-                    // EOF between requests is a client's hard disconnect: not an error.
-                    break if e.kind() == std::io::ErrorKind::UnexpectedEof {
-                        Ok(Ended::Graceful)
-                    } else {
-                        Err(e.into())
-                    };
+            _ = signalled(&mut closed) => break Ended::Forced,
+            _ = signalled(&mut shutdown), if !stopping => stopping = true,
+            Some(reply) = rx.recv() => {
+                output.extend_from_slice(&reply);
+                in_flight -= 1;
+            }
+            read = stream.read_buf(&mut input), if can_read => {
+                // EOF: the client hung up; let what it started finish, then close.
+                if read? == 0 {
+                    stopping = true;
                 }
             }
         }
-        let req = match Request::decode(&header) {
-            Ok(req) => req,
-            Err(e) => break Err(e.into()),
-        };
-        if req.kind == cmd::DISC {
-            break Ok(Ended::Graceful);
-        }
-        if let Err(e) = ctx.dispatch(&mut rd, req, permit).await {
-            break Err(e);
-        }
     };
-    if matches!(result, Ok(Ended::Graceful)) {
-        // Every request already read gets its reply before we close.
-        let _all = in_flight.acquire_many(NBD_REQUESTS_IN_FLIGHT_MAX as u32).await;
-    } else {
-        writer.abort();
-    }
-    drop(ctx);
-    drop(shared);
-    let _ = writer.await;
     drop(attachment);
-    result.map(|_| ())
-}
-
-enum Ended {
-    Graceful,
-    Forced,
+    if matches!(ended, Ended::Graceful) {
+        let _ = stream.shutdown().await;
+    }
+    Ok(())
 }
 
 struct Ctx {
@@ -548,216 +582,235 @@ impl Ctx {
         req.offset.checked_add(u64::from(req.length)).is_some_and(|end| end <= self.size())
     }
 
-    async fn dispatch(
-        &self,
-        rd: &mut Reader,
-        req: Request,
-        permit: OwnedSemaphorePermit,
-    ) -> Result<(), ConnError> {
-        let sh = &self.shared;
-        let bad_flags = req.flags & !Request::allowed_flags(req.kind) != 0;
-        match req.kind {
-            cmd::WRITE => return self.write(rd, req, bad_flags, permit).await,
-            _ if bad_flags => {
-                let msg = format!("flags {:#x} are not valid for command {}", req.flags, req.kind);
-                sh.error(req.cookie, errno::EINVAL, &msg).await;
-            }
-            cmd::READ => self.read(req, permit).await,
-            cmd::FLUSH => {
-                let sh = sh.clone();
-                tokio::spawn(async move {
-                    sh.flush(&req).await;
-                    drop(permit);
-                });
-            }
-            cmd::TRIM | cmd::WRITE_ZEROES => self.zero(req, permit).await,
-            cmd::BLOCK_STATUS => self.block_status(req).await,
-            cmd::CACHE => {
-                if !self.in_range(&req) {
-                    sh.error(req.cookie, errno::EINVAL, "CACHE past the end of the export").await;
-                } else {
-                    match sh.volume.prefetch(req.offset, u64::from(req.length)) {
-                        Ok(()) => sh.ok(req.cookie).await,
-                        Err(e) => sh.store_error(&req, &e).await,
-                    }
-                }
-            }
-            other => {
-                let msg = format!("unknown command {other}");
-                sh.error(req.cookie, errno::EINVAL, &msg).await;
-            }
-        }
-        Ok(())
+    fn error(&self, out: &mut BytesMut, req: &Request, error: u32, message: &str) {
+        put_error(out, self.shared.structured, req.cookie, error, message);
     }
 
-    async fn read(&self, req: Request, permit: OwnedSemaphorePermit) {
+    /// Handles every complete request in `input`. Returns true once the client asked to
+    /// disconnect.
+    fn parse(
+        &self,
+        input: &mut BytesMut,
+        out: &mut BytesMut,
+        state: &mut Input,
+        in_flight: &mut usize,
+    ) -> Result<bool, ConnError> {
+        loop {
+            if let Input::Discard { left, cookie, length } = state {
+                let n = (*left).min(input.len() as u64);
+                input.advance(n as usize);
+                *left -= n;
+                if *left > 0 {
+                    return Ok(false);
+                }
+                let msg = format!("write of {length} bytes exceeds the maximum payload");
+                put_error(out, self.shared.structured, *cookie, errno::EINVAL, &msg);
+                *state = Input::Requests;
+            }
+            if *in_flight >= NBD_REQUESTS_IN_FLIGHT_MAX || input.len() < Request::SIZE {
+                return Ok(false);
+            }
+            let header: &[u8; Request::SIZE] =
+                input[..Request::SIZE].try_into().expect("length checked");
+            let req = Request::decode(header)?;
+            let mut payload = Bytes::new();
+            if req.kind == cmd::WRITE {
+                if req.length > NBD_PAYLOAD_DISCARD_BYTES_MAX {
+                    let msg = format!("write payload of {} bytes", req.length);
+                    return Err(ConnError::Protocol(msg));
+                }
+                if req.length > NBD_PAYLOAD_BYTES_MAX {
+                    input.advance(Request::SIZE);
+                    let (left, cookie, length) = (u64::from(req.length), req.cookie, req.length);
+                    *state = Input::Discard { left, cookie, length };
+                    continue;
+                }
+                let needed = Request::SIZE + req.length as usize;
+                if input.len() < needed {
+                    input.reserve(needed - input.len());
+                    return Ok(false);
+                }
+                input.advance(Request::SIZE);
+                payload = input.split_to(req.length as usize).freeze();
+            } else {
+                input.advance(Request::SIZE);
+            }
+            if req.kind == cmd::DISC {
+                return Ok(true);
+            }
+            if self.dispatch(req, payload, out) {
+                *in_flight += 1;
+            }
+        }
+    }
+
+    /// Handles one request. Returns true if it was handed off (its reply comes later).
+    fn dispatch(&self, req: Request, payload: Bytes, out: &mut BytesMut) -> bool {
+        if req.flags & !Request::allowed_flags(req.kind) != 0 {
+            let msg = format!("flags {:#x} are not valid for command {}", req.flags, req.kind);
+            self.error(out, &req, errno::EINVAL, &msg);
+            return false;
+        }
+        match req.kind {
+            cmd::READ => self.read(req, out),
+            cmd::WRITE => self.write(req, payload, out),
+            cmd::FLUSH => {
+                self.shared.sync_then_reply(req);
+                true
+            }
+            cmd::TRIM | cmd::WRITE_ZEROES => self.zero(req, out),
+            cmd::BLOCK_STATUS => {
+                self.block_status(req, out);
+                false
+            }
+            cmd::CACHE => {
+                if !self.in_range(&req) {
+                    self.error(out, &req, errno::EINVAL, "CACHE past the end of the export");
+                } else {
+                    match self.shared.volume.prefetch(req.offset, u64::from(req.length)) {
+                        Ok(()) => put_ok(out, req.cookie),
+                        Err(e) => self.shared.put_store_error(out, &req, &e),
+                    }
+                }
+                false
+            }
+            other => {
+                self.error(out, &req, errno::EINVAL, &format!("unknown command {other}"));
+                false
+            }
+        }
+    }
+
+    fn read(&self, req: Request, out: &mut BytesMut) -> bool {
         let sh = &self.shared;
         if req.length > NBD_PAYLOAD_BYTES_MAX {
             let msg = format!("read of {} bytes exceeds the maximum payload", req.length);
-            return sh.error(req.cookie, errno::EINVAL, &msg).await;
+            self.error(out, &req, errno::EINVAL, &msg);
+            return false;
         }
         if !self.in_range(&req) {
-            return sh.error(req.cookie, errno::EINVAL, "read past the end of the export").await;
+            self.error(out, &req, errno::EINVAL, "read past the end of the export");
+            return false;
         }
-        let length = req.length as usize;
-        let head_length = if sh.structured { 28 } else { 16 };
-        let mut buf = BytesMut::with_capacity(head_length + length);
-        if sh.structured {
-            if length == 0 {
-                codec::put_chunk_header(&mut buf, reply::FLAG_DONE, reply::NONE, req.cookie, 0);
-                return sh.send(buf.freeze()).await;
+        if sh.structured && req.length == 0 {
+            codec::put_chunk_header(out, reply::FLAG_DONE, reply::NONE, req.cookie, 0);
+            return false;
+        }
+        // Try the cache first, reading straight into the output buffer.
+        let start = out.len();
+        let data_start = put_read_header(out, sh.structured, &req);
+        out.resize(data_start + req.length as usize, 0);
+        match sh.volume.try_read_at_nowait(&mut out[data_start..], req.offset) {
+            Ok(true) => return false,
+            Ok(false) => out.truncate(start),
+            Err(e) => {
+                out.truncate(start);
+                sh.put_store_error(out, &req, &e);
+                return false;
             }
-            let chunk_length = 8 + req.length;
-            codec::put_chunk_header(
-                &mut buf,
-                reply::FLAG_DONE,
-                reply::OFFSET_DATA,
-                req.cookie,
-                chunk_length,
-            );
-            buf.put_u64(req.offset);
-        } else {
-            codec::put_simple_reply(&mut buf, 0, req.cookie);
         }
-        buf.resize(head_length + length, 0);
-        match sh.volume.try_read_at_nowait(&mut buf[head_length..], req.offset) {
-            Ok(true) => sh.send(buf.freeze()).await,
+        let sh = sh.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut buf = BytesMut::with_capacity(28 + req.length as usize);
+            let data_start = put_read_header(&mut buf, sh.structured, &req);
+            buf.resize(data_start + req.length as usize, 0);
+            if let Err(e) = sh.volume.read_at(&mut buf[data_start..], req.offset) {
+                buf.clear();
+                sh.put_store_error(&mut buf, &req, &e);
+            }
+            sh.finish(buf);
+        });
+        true
+    }
+
+    fn write(&self, req: Request, data: Bytes, out: &mut BytesMut) -> bool {
+        let sh = &self.shared;
+        if self.read_only {
+            self.error(out, &req, errno::EPERM, "the export is read-only");
+            return false;
+        }
+        if !self.in_range(&req) {
+            self.error(out, &req, errno::ENOSPC, "write past the end of the export");
+            return false;
+        }
+        match sh.volume.try_write_at_nowait(&data, req.offset) {
+            Ok(true) if req.flags & cflags::FUA == 0 => {
+                put_ok(out, req.cookie);
+                false
+            }
+            Ok(true) => {
+                sh.sync_then_reply(req);
+                true
+            }
             Ok(false) => {
                 let sh = sh.clone();
-                tokio::spawn(async move {
-                    let volume = sh.volume.clone();
-                    let read = tokio::task::spawn_blocking(move || {
-                        let r = volume.read_at(&mut buf[head_length..], req.offset);
-                        r.map(|()| buf)
-                    })
-                    .await;
-                    match read {
-                        Ok(Ok(buf)) => sh.send(buf.freeze()).await,
-                        Ok(Err(e)) => sh.store_error(&req, &e).await,
-                        Err(e) => sh.error(req.cookie, errno::EIO, &e.to_string()).await,
-                    }
-                    drop(permit);
+                tokio::task::spawn_blocking(move || {
+                    let written = sh.volume.write_at(&data, req.offset);
+                    sh.write_done(req, written);
                 });
+                true
             }
-            Err(e) => sh.store_error(&req, &e).await,
+            Err(e) => {
+                sh.put_store_error(out, &req, &e);
+                false
+            }
         }
     }
 
-    async fn write(
-        &self,
-        rd: &mut Reader,
-        req: Request,
-        bad_flags: bool,
-        permit: OwnedSemaphorePermit,
-    ) -> Result<(), ConnError> {
-        let sh = &self.shared;
-        if req.length > NBD_PAYLOAD_DISCARD_BYTES_MAX {
-            return Err(ConnError::Protocol(format!("write payload of {} bytes", req.length)));
-        }
-        if req.length > NBD_PAYLOAD_BYTES_MAX {
-            discard(rd, u64::from(req.length)).await?;
-            let msg = format!("write of {} bytes exceeds the maximum payload", req.length);
-            sh.error(req.cookie, errno::EINVAL, &msg).await;
-            return Ok(());
-        }
-        let mut data = BytesMut::zeroed(req.length as usize);
-        rd.read_exact(&mut data).await?;
-        if bad_flags {
-            let msg = format!("flags {:#x} are not valid for WRITE", req.flags);
-            sh.error(req.cookie, errno::EINVAL, &msg).await;
-        } else if self.read_only {
-            sh.error(req.cookie, errno::EPERM, "the export is read-only").await;
-        } else if !self.in_range(&req) {
-            sh.error(req.cookie, errno::ENOSPC, "write past the end of the export").await;
-        } else {
-            let data = data.freeze();
-            match sh.volume.try_write_at_nowait(&data, req.offset) {
-                Ok(true) if req.flags & cflags::FUA == 0 => sh.ok(req.cookie).await,
-                Ok(true) => {
-                    let sh = sh.clone();
-                    tokio::spawn(async move {
-                        sh.write_done(&req, Ok(())).await;
-                        drop(permit);
-                    });
-                }
-                Ok(false) => {
-                    let sh = sh.clone();
-                    tokio::spawn(async move {
-                        let volume = sh.volume.clone();
-                        let written =
-                            tokio::task::spawn_blocking(move || volume.write_at(&data, req.offset))
-                                .await
-                                .unwrap_or_else(|e| Err(join_failed(e)));
-                        sh.write_done(&req, written).await;
-                        drop(permit);
-                    });
-                }
-                Err(e) => sh.store_error(&req, &e).await,
-            }
-        }
-        Ok(())
-    }
-
-    async fn zero(&self, req: Request, permit: OwnedSemaphorePermit) {
-        let sh = &self.shared;
+    fn zero(&self, req: Request, out: &mut BytesMut) -> bool {
         let trim = req.kind == cmd::TRIM;
         if self.read_only {
-            return sh.error(req.cookie, errno::EPERM, "the export is read-only").await;
+            self.error(out, &req, errno::EPERM, "the export is read-only");
+            return false;
         }
         if !self.in_range(&req) {
             let code = if trim { errno::EINVAL } else { errno::ENOSPC };
-            return sh.error(req.cookie, code, "range past the end of the export").await;
+            self.error(out, &req, code, "range past the end of the export");
+            return false;
         }
         let mode =
             if req.flags & cflags::NO_HOLE != 0 { ZeroMode::Allocate } else { ZeroMode::MayTrim };
-        let sh = sh.clone();
-        tokio::spawn(async move {
-            let volume = sh.volume.clone();
+        let sh = self.shared.clone();
+        tokio::task::spawn_blocking(move || {
             let (offset, length) = (req.offset, u64::from(req.length));
-            let done = tokio::task::spawn_blocking(move || {
-                if trim {
-                    volume.trim(offset, length)
-                } else {
-                    volume.write_zeroes(offset, length, mode)
-                }
-            })
-            .await
-            .unwrap_or_else(|e| Err(join_failed(e)));
-            sh.write_done(&req, done).await;
-            drop(permit);
+            let done = if trim {
+                sh.volume.trim(offset, length)
+            } else {
+                sh.volume.write_zeroes(offset, length, mode)
+            };
+            sh.write_done(req, done);
         });
+        true
     }
 
-    async fn block_status(&self, req: Request) {
-        let sh = &self.shared;
-        if !sh.structured || !self.block_status {
+    fn block_status(&self, req: Request, out: &mut BytesMut) {
+        if !self.shared.structured || !self.block_status {
             let msg = "BLOCK_STATUS needs base:allocation selected with SET_META_CONTEXT";
-            return sh.error(req.cookie, errno::EINVAL, msg).await;
+            return self.error(out, &req, errno::EINVAL, msg);
         }
         if req.length == 0 || !self.in_range(&req) {
-            return sh
-                .error(req.cookie, errno::EINVAL, "BLOCK_STATUS range is empty or past the end")
-                .await;
+            let msg = "BLOCK_STATUS range is empty or past the end";
+            return self.error(out, &req, errno::EINVAL, msg);
         }
         let extents_max =
             if req.flags & cflags::REQ_ONE != 0 { 1 } else { NBD_BLOCK_STATUS_EXTENTS_MAX };
-        let extents = match sh.volume.extents(req.offset, u64::from(req.length), extents_max) {
+        let volume = &self.shared.volume;
+        let extents = match volume.extents(req.offset, u64::from(req.length), extents_max) {
             Ok(extents) => extents,
-            Err(e) => return sh.store_error(&req, &e).await,
+            Err(e) => return self.shared.put_store_error(out, &req, &e),
         };
         let payload_length = 4 + 8 * extents.len() as u32;
-        let mut head = BytesMut::with_capacity(20 + payload_length as usize);
         codec::put_chunk_header(
-            &mut head,
+            out,
             reply::FLAG_DONE,
             reply::BLOCK_STATUS,
             req.cookie,
             payload_length,
         );
-        head.put_u32(codec::BASE_ALLOCATION_ID);
+        out.put_u32(codec::BASE_ALLOCATION_ID);
         for extent in &extents {
             // Extents lie inside the request, whose length is a u32.
-            head.put_u32(u32::try_from(extent.length).expect("extent within a u32 request"));
+            out.put_u32(u32::try_from(extent.length).expect("extent within a u32 request"));
             let mut flags = 0;
             if extent.hole {
                 flags |= codec::STATE_HOLE;
@@ -765,12 +818,25 @@ impl Ctx {
             if extent.zero {
                 flags |= codec::STATE_ZERO;
             }
-            head.put_u32(flags);
+            out.put_u32(flags);
         }
-        sh.send(head.freeze()).await;
     }
 }
 
-fn join_failed(e: tokio::task::JoinError) -> StoreError {
-    StoreError::Io { op: "I/O task", source: std::io::Error::other(e.to_string()) }
+/// Appends the header of a successful READ reply; returns where the data starts.
+fn put_read_header(out: &mut BytesMut, structured: bool, req: &Request) -> usize {
+    if structured {
+        let chunk_length = 8 + req.length;
+        codec::put_chunk_header(
+            out,
+            reply::FLAG_DONE,
+            reply::OFFSET_DATA,
+            req.cookie,
+            chunk_length,
+        );
+        out.put_u64(req.offset);
+    } else {
+        codec::put_simple_reply(out, 0, req.cookie);
+    }
+    out.len()
 }
