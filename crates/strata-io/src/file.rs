@@ -257,7 +257,8 @@ impl BlockVolume for FileVolume {
         // Kernels without buffered RWF_NOWAIT (ext4 here): a whole-page write into the page
         // cache never reads the device, so small aligned writes are still quick enough to do
         // inline. Anything else goes to the blocking pool.
-        let aligned = offset % PAGE_BYTES == 0 && data.len() as u64 % PAGE_BYTES == 0;
+        let aligned =
+            offset.is_multiple_of(PAGE_BYTES) && (data.len() as u64).is_multiple_of(PAGE_BYTES);
         if !aligned || data.len() > INLINE_WRITE_BYTES_MAX {
             return Ok(false);
         }
