@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use strata_io::{BlockVolume, GroupSync, StoreError, ZeroMode};
 use strata_types::limits::{
-    BLOCK_SIZE_BYTES, NBD_BLOCK_STATUS_EXTENTS_MAX, NBD_CONNECTIONS_MAX,
+    BLOCK_SIZE_BYTES, NBD_BLOCK_STATUS_EXTENTS_MAX, NBD_CONNECTIONS_MAX, NBD_IN_FLIGHT_BYTES_MAX,
     NBD_OPTIONS_PER_HANDSHAKE_MAX, NBD_OPTION_BYTES_MAX, NBD_PAYLOAD_BYTES_MAX,
     NBD_PAYLOAD_DISCARD_BYTES_MAX, NBD_REQUESTS_IN_FLIGHT_MAX,
 };
@@ -384,8 +384,40 @@ async fn discard(rd: &mut Reader, mut length: u64) -> Result<(), ConnError> {
     Ok(())
 }
 
-/// What a connection answers: header and payload in one buffer.
-type Outgoing = Bytes;
+/// A reply finished off the connection task: header and payload in one buffer, and the
+/// payload bytes its request held in flight.
+type Outgoing = (Bytes, u64);
+
+/// The payload bytes a request holds while in flight (its data buffer).
+fn cost(req: &Request) -> u64 {
+    match req.kind {
+        cmd::READ | cmd::WRITE => u64::from(req.length),
+        _ => 0,
+    }
+}
+
+/// Requests handed off by a connection and not yet answered: bounded in number and in
+/// payload bytes, so one connection's memory stays bounded.
+#[derive(Default)]
+struct InFlight {
+    count: usize,
+    bytes: u64,
+}
+
+impl InFlight {
+    fn full(&self) -> bool {
+        self.count >= NBD_REQUESTS_IN_FLIGHT_MAX || self.bytes >= NBD_IN_FLIGHT_BYTES_MAX
+    }
+    fn start(&mut self, req: &Request) {
+        self.count += 1;
+        self.bytes += cost(req);
+    }
+    fn finish(&mut self, bytes: u64) {
+        debug_assert!(self.count > 0);
+        self.count -= 1;
+        self.bytes -= bytes;
+    }
+}
 
 /// The connection's view of its export, shared with the tasks and threads that finish
 /// requests off the connection task.
@@ -434,8 +466,8 @@ impl Shared {
     }
 
     /// Sends the reply of a request finished off the connection task.
-    fn finish(&self, reply: BytesMut) {
-        if self.tx.try_send(reply.freeze()).is_err() {
+    fn finish(&self, req: &Request, reply: BytesMut) {
+        if self.tx.try_send((reply.freeze(), cost(req))).is_err() {
             // Only when the connection is gone (or the capacity invariant broke).
             tracing::debug!(volume = %self.name, "reply dropped: connection closed");
         }
@@ -448,12 +480,12 @@ impl Shared {
             Ok(()) => {
                 let mut out = BytesMut::with_capacity(16);
                 put_ok(&mut out, req.cookie);
-                self.finish(out);
+                self.finish(&req, out);
             }
             Err(e) => {
                 let mut out = BytesMut::new();
                 self.put_store_error(&mut out, &req, &e);
-                self.finish(out);
+                self.finish(&req, out);
             }
         }
     }
@@ -471,7 +503,7 @@ impl Shared {
                     put_error(&mut out, me.structured, req.cookie, errno::EIO, &msg);
                 }
             }
-            me.finish(out);
+            me.finish(&req, out);
         }));
     }
 }
@@ -516,13 +548,13 @@ async fn transmission(
     let ctx = Ctx { shared, read_only, block_status, size };
     let mut output = BytesMut::with_capacity(INPUT_ROOM_BYTES);
     let mut state = Input::Requests;
-    let mut in_flight = 0usize;
+    let mut in_flight = InFlight::default();
     let mut stopping = false;
 
     let ended = loop {
-        while let Ok(reply) = rx.try_recv() {
+        while let Ok((reply, bytes)) = rx.try_recv() {
             output.extend_from_slice(&reply);
-            in_flight -= 1;
+            in_flight.finish(bytes);
         }
         if !stopping {
             stopping = ctx.parse(&mut input, &mut output, &mut state, &mut in_flight)?;
@@ -534,20 +566,20 @@ async fn transmission(
                 output = BytesMut::with_capacity(INPUT_ROOM_BYTES);
             }
         }
-        if stopping && in_flight == 0 {
+        if stopping && in_flight.count == 0 {
             break Ended::Graceful;
         }
         if input.capacity() - input.len() < INPUT_ROOM_BYTES / 4 {
             input.reserve(INPUT_ROOM_BYTES);
         }
-        let can_read = !stopping && in_flight < NBD_REQUESTS_IN_FLIGHT_MAX;
+        let can_read = !stopping && !in_flight.full();
         tokio::select! {
             biased;
             _ = signalled(&mut closed) => break Ended::Forced,
             _ = signalled(&mut shutdown), if !stopping => stopping = true,
-            Some(reply) = rx.recv() => {
+            Some((reply, bytes)) = rx.recv() => {
                 output.extend_from_slice(&reply);
-                in_flight -= 1;
+                in_flight.finish(bytes);
             }
             read = stream.read_buf(&mut input), if can_read => {
                 // EOF: the client hung up; let what it started finish, then close.
@@ -593,7 +625,7 @@ impl Ctx {
         input: &mut BytesMut,
         out: &mut BytesMut,
         state: &mut Input,
-        in_flight: &mut usize,
+        in_flight: &mut InFlight,
     ) -> Result<bool, ConnError> {
         loop {
             if let Input::Discard { left, cookie, length } = state {
@@ -607,7 +639,7 @@ impl Ctx {
                 put_error(out, self.shared.structured, *cookie, errno::EINVAL, &msg);
                 *state = Input::Requests;
             }
-            if *in_flight >= NBD_REQUESTS_IN_FLIGHT_MAX || input.len() < Request::SIZE {
+            if in_flight.full() || input.len() < Request::SIZE {
                 return Ok(false);
             }
             let header: &[u8; Request::SIZE] =
@@ -639,7 +671,7 @@ impl Ctx {
                 return Ok(true);
             }
             if self.dispatch(req, payload, out) {
-                *in_flight += 1;
+                in_flight.start(&req);
             }
         }
     }
@@ -718,7 +750,7 @@ impl Ctx {
                 buf.clear();
                 sh.put_store_error(&mut buf, &req, &e);
             }
-            sh.finish(buf);
+            sh.finish(&req, buf);
         });
         true
     }

@@ -30,6 +30,10 @@ pub const NBD_OPTIONS_PER_HANDSHAKE_MAX: u32 = 1024;
 /// Requests in flight per NBD connection; the reader stops reading when this many wait.
 pub const NBD_REQUESTS_IN_FLIGHT_MAX: usize = 256;
 
+/// Payload bytes of the requests one NBD connection has in flight; the reader stops
+/// parsing at this many. With the request limit it bounds a connection's buffers.
+pub const NBD_IN_FLIGHT_BYTES_MAX: u64 = 128 << 20;
+
 /// Extents returned in one BLOCK_STATUS reply (the spec suggests at most 2^20).
 pub const NBD_BLOCK_STATUS_EXTENTS_MAX: usize = 4096;
 
@@ -40,3 +44,4 @@ const _: () = assert!(VOLUME_SIZE_BYTES_MAX.is_multiple_of(BLOCK_SIZE_BYTES));
 const _: () = assert!(NBD_PAYLOAD_BYTES_MAX as u64 >= BLOCK_SIZE_BYTES);
 const _: () = assert!(NBD_PAYLOAD_DISCARD_BYTES_MAX >= NBD_PAYLOAD_BYTES_MAX);
 const _: () = assert!(NBD_BLOCK_STATUS_EXTENTS_MAX <= 1 << 20);
+const _: () = assert!(NBD_IN_FLIGHT_BYTES_MAX >= NBD_PAYLOAD_BYTES_MAX as u64);

@@ -171,3 +171,30 @@ fn read_only_flag_is_not_set_and_writes_need_no_permission() {
     assert_ne!(flags & (1 << 2), 0, "SEND_FLUSH");
     let _ = EPERM;
 }
+
+#[test]
+fn random_garbage_never_takes_the_server_down() {
+    use std::io::Write;
+    let node = node_with("v", "1M");
+    for seed in 0..64u64 {
+        let garbage = pseudo_random(seed, 64 + (seed as usize * 37) % 4000);
+        let mut raw = Raw::connect(&node.nbd);
+        if seed % 2 == 0 {
+            // Garbage in the transmission phase too.
+            raw.go("v");
+        } else {
+            // A valid option header announcing garbage data.
+            let mut b = IHAVEOPT.to_be_bytes().to_vec();
+            b.extend_from_slice(&((seed % 12) as u32).to_be_bytes());
+            b.extend_from_slice(&(garbage.len() as u32).to_be_bytes());
+            raw.s.write_all(&b).unwrap();
+        }
+        let _ = raw.s.write_all(&garbage);
+    }
+    // The server still serves, and the volume is untouched by the garbage handshakes.
+    let mut raw = Raw::connect(&node.nbd);
+    raw.go("v");
+    raw.write(1, 0, b"alive");
+    assert_eq!(raw.reply(0).error, 0);
+    assert_eq!(raw.read_ok(2, 0, 5), b"alive");
+}
