@@ -508,6 +508,16 @@ impl Shared {
     }
 }
 
+/// Why parsing stopped.
+enum Parsed {
+    /// Input is exhausted (or the in-flight bound is reached): wait for more.
+    NeedInput,
+    /// A large read is staged in the scratch buffer: send it, then parse again.
+    Paused,
+    /// The client sent DISC.
+    Disconnect,
+}
+
 /// How a connection's transmission phase ended.
 enum Ended {
     Graceful,
@@ -526,6 +536,40 @@ enum Input {
 const INPUT_ROOM_BYTES: usize = 256 << 10;
 /// An output buffer grown past this by a large read is released after use.
 const OUTPUT_KEEP_BYTES: usize = 4 << 20;
+/// Cached reads this large go through the connection's scratch buffer and are written
+/// from there, so their data is neither zero-filled nor copied again.
+const BIG_READ_BYTES: u32 = 128 << 10;
+
+/// What one turn of the connection loop sends.
+struct Output {
+    /// Complete replies.
+    replies: BytesMut,
+    /// When non-zero, the last reply in `replies` is a READ header whose data is the first
+    /// `big_read` bytes of `scratch`.
+    big_read: usize,
+    /// Reused across turns; initialized once when it grows.
+    scratch: Vec<u8>,
+}
+
+impl Output {
+    async fn send(&mut self, stream: &mut TcpStream) -> std::io::Result<()> {
+        if !self.replies.is_empty() {
+            stream.write_all(&self.replies).await?;
+            self.replies.clear();
+            if self.replies.capacity() > OUTPUT_KEEP_BYTES {
+                self.replies = BytesMut::with_capacity(INPUT_ROOM_BYTES);
+            }
+        }
+        if self.big_read > 0 {
+            stream.write_all(&self.scratch[..self.big_read]).await?;
+            self.big_read = 0;
+            if self.scratch.len() > OUTPUT_KEEP_BYTES {
+                self.scratch = Vec::new();
+            }
+        }
+        Ok(())
+    }
+}
 
 /// The transmission phase of one connection.
 ///
@@ -546,28 +590,34 @@ async fn transmission(
     let (tx, mut rx) = mpsc::channel(NBD_REQUESTS_IN_FLIGHT_MAX);
     let shared = Arc::new(Shared { volume, group_sync, name, structured, tx });
     let ctx = Ctx { shared, read_only, block_status, size };
-    let mut output = BytesMut::with_capacity(INPUT_ROOM_BYTES);
+    let mut output = Output {
+        replies: BytesMut::with_capacity(INPUT_ROOM_BYTES),
+        big_read: 0,
+        scratch: Vec::new(),
+    };
     let mut state = Input::Requests;
     let mut in_flight = InFlight::default();
     let mut stopping = false;
 
     let ended = loop {
         while let Ok((reply, bytes)) = rx.try_recv() {
-            output.extend_from_slice(&reply);
+            output.replies.extend_from_slice(&reply);
             in_flight.finish(bytes);
         }
+        let mut paused = false;
         if !stopping {
-            stopping = ctx.parse(&mut input, &mut output, &mut state, &mut in_flight)?;
-        }
-        if !output.is_empty() {
-            stream.write_all(&output).await?;
-            output.clear();
-            if output.capacity() > OUTPUT_KEEP_BYTES {
-                output = BytesMut::with_capacity(INPUT_ROOM_BYTES);
+            match ctx.parse(&mut input, &mut output, &mut state, &mut in_flight)? {
+                Parsed::NeedInput => {}
+                Parsed::Paused => paused = true,
+                Parsed::Disconnect => stopping = true,
             }
         }
+        output.send(&mut stream).await?;
         if stopping && in_flight.count == 0 {
             break Ended::Graceful;
+        }
+        if paused && !in_flight.full() {
+            continue; // complete requests may still wait in the input buffer
         }
         if input.capacity() - input.len() < INPUT_ROOM_BYTES / 4 {
             input.reserve(INPUT_ROOM_BYTES);
@@ -578,7 +628,7 @@ async fn transmission(
             _ = signalled(&mut closed) => break Ended::Forced,
             _ = signalled(&mut shutdown), if !stopping => stopping = true,
             Some((reply, bytes)) = rx.recv() => {
-                output.extend_from_slice(&reply);
+                output.replies.extend_from_slice(&reply);
                 in_flight.finish(bytes);
             }
             read = stream.read_buf(&mut input), if can_read => {
@@ -618,29 +668,32 @@ impl Ctx {
         put_error(out, self.shared.structured, req.cookie, error, message);
     }
 
-    /// Handles every complete request in `input`. Returns true once the client asked to
-    /// disconnect.
+    /// Handles the complete requests in `input`, until it needs more input, must pause to
+    /// send a large read, or the client asked to disconnect.
     fn parse(
         &self,
         input: &mut BytesMut,
-        out: &mut BytesMut,
+        out: &mut Output,
         state: &mut Input,
         in_flight: &mut InFlight,
-    ) -> Result<bool, ConnError> {
+    ) -> Result<Parsed, ConnError> {
         loop {
             if let Input::Discard { left, cookie, length } = state {
                 let n = (*left).min(input.len() as u64);
                 input.advance(n as usize);
                 *left -= n;
                 if *left > 0 {
-                    return Ok(false);
+                    return Ok(Parsed::NeedInput);
                 }
                 let msg = format!("write of {length} bytes exceeds the maximum payload");
-                put_error(out, self.shared.structured, *cookie, errno::EINVAL, &msg);
+                put_error(&mut out.replies, self.shared.structured, *cookie, errno::EINVAL, &msg);
                 *state = Input::Requests;
             }
+            if out.big_read > 0 {
+                return Ok(Parsed::Paused);
+            }
             if in_flight.full() || input.len() < Request::SIZE {
-                return Ok(false);
+                return Ok(Parsed::NeedInput);
             }
             let header: &[u8; Request::SIZE] =
                 input[..Request::SIZE].try_into().expect("length checked");
@@ -660,7 +713,7 @@ impl Ctx {
                 let needed = Request::SIZE + req.length as usize;
                 if input.len() < needed {
                     input.reserve(needed - input.len());
-                    return Ok(false);
+                    return Ok(Parsed::NeedInput);
                 }
                 input.advance(Request::SIZE);
                 payload = input.split_to(req.length as usize).freeze();
@@ -668,7 +721,7 @@ impl Ctx {
                 input.advance(Request::SIZE);
             }
             if req.kind == cmd::DISC {
-                return Ok(true);
+                return Ok(Parsed::Disconnect);
             }
             if self.dispatch(req, payload, out) {
                 in_flight.start(&req);
@@ -677,14 +730,17 @@ impl Ctx {
     }
 
     /// Handles one request. Returns true if it was handed off (its reply comes later).
-    fn dispatch(&self, req: Request, payload: Bytes, out: &mut BytesMut) -> bool {
+    fn dispatch(&self, req: Request, payload: Bytes, output: &mut Output) -> bool {
+        if req.kind == cmd::READ {
+            return self.read(req, output);
+        }
+        let out = &mut output.replies;
         if req.flags & !Request::allowed_flags(req.kind) != 0 {
             let msg = format!("flags {:#x} are not valid for command {}", req.flags, req.kind);
             self.error(out, &req, errno::EINVAL, &msg);
             return false;
         }
         match req.kind {
-            cmd::READ => self.read(req, out),
             cmd::WRITE => self.write(req, payload, out),
             cmd::FLUSH => {
                 self.shared.sync_then_reply(req);
@@ -713,8 +769,14 @@ impl Ctx {
         }
     }
 
-    fn read(&self, req: Request, out: &mut BytesMut) -> bool {
+    fn read(&self, req: Request, output: &mut Output) -> bool {
         let sh = &self.shared;
+        let out = &mut output.replies;
+        if req.flags & !Request::allowed_flags(req.kind) != 0 {
+            let msg = format!("flags {:#x} are not valid for READ", req.flags);
+            self.error(out, &req, errno::EINVAL, &msg);
+            return false;
+        }
         if req.length > NBD_PAYLOAD_BYTES_MAX {
             let msg = format!("read of {} bytes exceeds the maximum payload", req.length);
             self.error(out, &req, errno::EINVAL, &msg);
@@ -727,6 +789,24 @@ impl Ctx {
         if sh.structured && req.length == 0 {
             codec::put_chunk_header(out, reply::FLAG_DONE, reply::NONE, req.cookie, 0);
             return false;
+        }
+        if req.length >= BIG_READ_BYTES {
+            let length = req.length as usize;
+            if output.scratch.len() < length {
+                output.scratch.resize(length, 0);
+            }
+            match sh.volume.try_read_at_nowait(&mut output.scratch[..length], req.offset) {
+                Ok(true) => {
+                    put_read_header(out, sh.structured, &req);
+                    output.big_read = length;
+                    return false;
+                }
+                Ok(false) => return self.read_blocking(req),
+                Err(e) => {
+                    sh.put_store_error(out, &req, &e);
+                    return false;
+                }
+            }
         }
         // Try the cache first, reading straight into the output buffer.
         let start = out.len();
@@ -741,7 +821,12 @@ impl Ctx {
                 return false;
             }
         }
-        let sh = sh.clone();
+        self.read_blocking(req)
+    }
+
+    /// Reads on the blocking pool (the data is not cached); the reply comes later.
+    fn read_blocking(&self, req: Request) -> bool {
+        let sh = self.shared.clone();
         tokio::task::spawn_blocking(move || {
             let mut buf = BytesMut::with_capacity(28 + req.length as usize);
             let data_start = put_read_header(&mut buf, sh.structured, &req);

@@ -117,6 +117,7 @@ fn oversized_payloads_are_discarded_or_close_the_connection() {
 
 #[test]
 fn simple_and_structured_replies_and_unaligned_io() {
+    use std::io::Write;
     let node = node_with("v", "1M");
     // Simple replies (no structured negotiation), unaligned offsets and lengths.
     let mut raw = Raw::connect(&node.nbd);
@@ -125,6 +126,18 @@ fn simple_and_structured_replies_and_unaligned_io() {
     raw.write(1, 1001, &data);
     assert_eq!(raw.reply(0).error, 0);
     assert_eq!(raw.read_ok(2, 1001, 3333), data);
+    // A large read takes the scratch-buffer path; pipelined behind a small one.
+    let big = pseudo_random(8, 300_000);
+    raw.write(20, 65536, &big);
+    assert_eq!(raw.reply(0).error, 0);
+    // Both in one segment: the server must answer the second without more input.
+    let mut both = Raw::request_bytes(0, CMD_READ, 21, 65536, big.len() as u32);
+    both.extend(Raw::request_bytes(0, CMD_READ, 22, 1001, 3333));
+    raw.s.write_all(&both).unwrap();
+    let mut replies = [raw.reply(big.len()), raw.reply(3333)];
+    replies.sort_by_key(|r| r.cookie);
+    assert!(replies[0].payload == big, "large read");
+    assert_eq!(replies[1].payload, data);
     raw.request(0, CMD_DISC, 3, 0, 0);
     assert!(raw.is_closed());
 

@@ -152,6 +152,12 @@ impl Raw {
     }
 
     pub fn request(&mut self, flags: u16, kind: u16, cookie: u64, offset: u64, length: u32) {
+        let b = Raw::request_bytes(flags, kind, cookie, offset, length);
+        self.s.write_all(&b).unwrap();
+    }
+
+    /// The 28 bytes of a request header (to pipeline several in one write).
+    pub fn request_bytes(flags: u16, kind: u16, cookie: u64, offset: u64, length: u32) -> Vec<u8> {
         let mut b = Vec::with_capacity(28);
         b.extend_from_slice(&0x2560_9513u32.to_be_bytes());
         b.extend_from_slice(&flags.to_be_bytes());
@@ -159,7 +165,7 @@ impl Raw {
         b.extend_from_slice(&cookie.to_be_bytes());
         b.extend_from_slice(&offset.to_be_bytes());
         b.extend_from_slice(&length.to_be_bytes());
-        self.s.write_all(&b).unwrap();
+        b
     }
 
     pub fn write(&mut self, cookie: u64, offset: u64, data: &[u8]) {
