@@ -217,6 +217,9 @@ for ((rep = 1; rep <= REPS; rep++)); do
       i=$(( (rep - 1 + k) % 3 )); n=$((n + 1))
       # the server must still be alive, or its numbers would be fio errors
       kill -0 "${SPIDS[$i]}" 2>/dev/null || { log "${NAMES[$i]} (pid ${SPIDS[$i]}) died; log:"; tail -20 "$SCRATCH/${NAMES[$i]}.log" >&2; exit 4; }
+      # Start every run with no dirty pages: otherwise the previous run's writeback (of
+      # whichever server wrote last) lands on this run's measurement.
+      sync
       line=$(bash "$NBDBENCH" -P -t "$RUNTIME" -r "$RAMP" -w "$w" -l "${NAMES[$i]}" -S "${SPIDS[$i]}" -f kv "${URIS[$i]}" \
                2>>"$SCRATCH/nbdbench.err" | grep '^nbdbench=1' || true)
       [ -n "$line" ] || line="nbdbench=1 label=${NAMES[$i]} workload=$w engine=NA iops=0 err=99"

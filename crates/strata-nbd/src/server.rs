@@ -1,11 +1,12 @@
 //! The NBD server: handshake (fixed newstyle) and transmission, one task per connection.
 //!
-//! Transmission shape: the connection task reads requests in order and either answers them
-//! at once (cached reads and writes, BLOCK_STATUS, errors) or hands them to a spawned task
-//! (device I/O, FLUSH, FUA), so replies leave out of order, matched by cookie. A single
-//! writer task owns the socket's write half and batches replies into few syscalls. At most
-//! `NBD_REQUESTS_IN_FLIGHT_MAX` requests are in flight per connection; the reader stops
-//! reading when that many wait, which bounds memory per connection.
+//! Transmission shape: the connection task owns the socket. It parses requests in order
+//! and either answers them at once into its output buffer (cached reads, whole-page
+//! writes, BLOCK_STATUS, errors) or hands them off (device I/O to the blocking pool, FLUSH
+//! and FUA to the volume's sync thread), which send the reply back through a channel; so
+//! replies leave out of order, matched by cookie, one write call per turn. Handed-off
+//! requests are bounded in number and bytes per connection; at the bound the task stops
+//! parsing. See `docs/design/nbd.md`.
 
 use crate::codec::{self, cflags, cmd, errno, opt, rep, reply, tflags, DecodeError, Request};
 use bytes::{Buf, BufMut, Bytes, BytesMut};

@@ -21,9 +21,14 @@ Examples:
   nbdinfo --map nbd://127.0.0.1:10809/vm1
   strata volume list --json";
 
-/// Strata: replicated, thin, snapshottable virtual disks served over NBD.
+/// The command line.
 #[derive(Parser, Debug)]
-#[command(name = "strata", version, about, after_help = AFTER_HELP)]
+#[command(
+    name = "strata",
+    version,
+    about = "Strata: a virtual-disk store serving thin volumes to VMs over NBD.",
+    after_help = AFTER_HELP
+)]
 struct Cli {
     /// The node's HTTP API (for volume commands).
     #[arg(long, global = true, env = "STRATA_API", default_value = "http://127.0.0.1:8080")]
