@@ -5,6 +5,7 @@
 //! it; it must not depend on the HTTP API, the CLI or the metadata service.
 //! Design: `docs/design/nbd.md`.
 
+mod buffers;
 pub mod codec;
 mod server;
 

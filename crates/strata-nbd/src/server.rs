@@ -8,6 +8,7 @@
 //! requests are bounded in number and bytes per connection; at the bound the task stops
 //! parsing. See `docs/design/nbd.md`.
 
+use crate::buffers::{BufferPool, PooledBuffer};
 use crate::codec::{self, cflags, cmd, errno, opt, rep, reply, tflags, DecodeError, Request};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use std::any::Any;
@@ -76,6 +77,7 @@ pub async fn serve(
 ) {
     let mut connections = JoinSet::new();
     let for_connections = shutdown.clone();
+    let buffers = BufferPool::default();
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -86,7 +88,8 @@ pub async fn serve(
                     }
                     let _ = stream.set_nodelay(true);
                     let stop = for_connections.clone();
-                    connections.spawn(connection(stream, peer, provider.clone(), stop));
+                    let buffers = buffers.clone();
+                    connections.spawn(connection(stream, peer, provider.clone(), stop, buffers));
                 }
                 Err(e) => {
                     tracing::warn!("accept failed: {e}");
@@ -111,6 +114,7 @@ async fn connection(
     peer: SocketAddr,
     provider: Arc<dyn ExportProvider>,
     shutdown: watch::Receiver<bool>,
+    buffers: BufferPool,
 ) {
     let (rd, wr) = stream.into_split();
     let mut rd = BufReader::with_capacity(256 << 10, rd);
@@ -140,7 +144,7 @@ async fn connection(
             return;
         }
     };
-    if let Err(e) = transmission(stream, leftover, session, shutdown).await {
+    if let Err(e) = transmission(stream, leftover, session, shutdown, buffers).await {
         tracing::debug!(%peer, "NBD connection ended: {e}");
     }
 }
@@ -430,6 +434,8 @@ struct Shared {
     /// Replies of requests finished elsewhere. Its capacity equals the in-flight limit
     /// and each such request sends exactly one reply, so `try_send` never finds it full.
     tx: mpsc::Sender<Outgoing>,
+    /// Buffers for large reads, shared by every connection of the server.
+    buffers: BufferPool,
 }
 
 fn put_ok(out: &mut BytesMut, cookie: u64) {
@@ -468,7 +474,11 @@ impl Shared {
 
     /// Sends the reply of a request finished off the connection task.
     fn finish(&self, req: &Request, reply: BytesMut) {
-        if self.tx.try_send((reply.freeze(), cost(req))).is_err() {
+        self.finish_bytes(req, reply.freeze());
+    }
+
+    fn finish_bytes(&self, req: &Request, reply: Bytes) {
+        if self.tx.try_send((reply, cost(req))).is_err() {
             // Only when the connection is gone (or the capacity invariant broke).
             tracing::debug!(volume = %self.name, "reply dropped: connection closed");
         }
@@ -509,16 +519,6 @@ impl Shared {
     }
 }
 
-/// Why parsing stopped.
-enum Parsed {
-    /// Input is exhausted (or the in-flight bound is reached): wait for more.
-    NeedInput,
-    /// A large read is staged in the scratch buffer: send it, then parse again.
-    Paused,
-    /// The client sent DISC.
-    Disconnect,
-}
-
 /// How a connection's transmission phase ended.
 enum Ended {
     Graceful,
@@ -527,6 +527,8 @@ enum Ended {
 
 /// Where the next bytes of input go.
 enum Input {
+    /// Receiving a large WRITE payload straight into a pooled buffer.
+    Payload { req: Request, buffer: PooledBuffer, filled: usize },
     /// Request headers.
     Requests,
     /// Discarding an oversized WRITE payload; then EINVAL to `cookie`.
@@ -537,22 +539,33 @@ enum Input {
 const INPUT_ROOM_BYTES: usize = 256 << 10;
 /// An output buffer grown past this by a large read is released after use.
 const OUTPUT_KEEP_BYTES: usize = 4 << 20;
-/// Cached reads this large go through the connection's scratch buffer and are written
-/// from there, so their data is neither zero-filled nor copied again.
+/// Reads this large are always done on the blocking pool, several at once, and their
+/// replies are sent from the buffer they were read into: at queue depth 8 of 1 MiB reads,
+/// one task reading and sending each in turn would leave the second core idle.
 const BIG_READ_BYTES: u32 = 128 << 10;
+/// A WRITE payload this large that has not fully arrived is received into a pooled
+/// buffer (see `buffers`).
+const BIG_WRITE_BYTES: u32 = 128 << 10;
+/// A handed-back reply this large is sent as is rather than copied into the batch.
+const BIG_REPLY_BYTES: usize = 64 << 10;
 
 /// What one turn of the connection loop sends.
 struct Output {
-    /// Complete replies.
+    /// Small complete replies, batched.
     replies: BytesMut,
-    /// When non-zero, the last reply in `replies` is a READ header whose data is the first
-    /// `big_read` bytes of `scratch`.
-    big_read: usize,
-    /// Reused across turns; initialized once when it grows.
-    scratch: Vec<u8>,
+    /// Large complete replies, sent without copying.
+    chunks: Vec<Bytes>,
 }
 
 impl Output {
+    fn push(&mut self, reply: Bytes) {
+        if reply.len() >= BIG_REPLY_BYTES {
+            self.chunks.push(reply);
+        } else {
+            self.replies.extend_from_slice(&reply);
+        }
+    }
+
     async fn send(&mut self, stream: &mut TcpStream) -> std::io::Result<()> {
         if !self.replies.is_empty() {
             stream.write_all(&self.replies).await?;
@@ -561,12 +574,8 @@ impl Output {
                 self.replies = BytesMut::with_capacity(INPUT_ROOM_BYTES);
             }
         }
-        if self.big_read > 0 {
-            stream.write_all(&self.scratch[..self.big_read]).await?;
-            self.big_read = 0;
-            if self.scratch.len() > OUTPUT_KEEP_BYTES {
-                self.scratch = Vec::new();
-            }
+        for chunk in self.chunks.drain(..) {
+            stream.write_all(&chunk).await?;
         }
         Ok(())
     }
@@ -585,40 +594,30 @@ async fn transmission(
     mut input: BytesMut,
     session: Session,
     mut shutdown: watch::Receiver<bool>,
+    buffers: BufferPool,
 ) -> Result<(), ConnError> {
     let Session { export, structured, block_status, size } = session;
     let Export { name, volume, group_sync, read_only, mut closed, attachment, .. } = export;
     let (tx, mut rx) = mpsc::channel(NBD_REQUESTS_IN_FLIGHT_MAX);
-    let shared = Arc::new(Shared { volume, group_sync, name, structured, tx });
+    let shared = Arc::new(Shared { volume, group_sync, name, structured, tx, buffers });
     let ctx = Ctx { shared, read_only, block_status, size };
-    let mut output = Output {
-        replies: BytesMut::with_capacity(INPUT_ROOM_BYTES),
-        big_read: 0,
-        scratch: Vec::new(),
-    };
+    let mut output =
+        Output { replies: BytesMut::with_capacity(INPUT_ROOM_BYTES), chunks: Vec::new() };
     let mut state = Input::Requests;
     let mut in_flight = InFlight::default();
     let mut stopping = false;
 
     let ended = loop {
         while let Ok((reply, bytes)) = rx.try_recv() {
-            output.replies.extend_from_slice(&reply);
+            output.push(reply);
             in_flight.finish(bytes);
         }
-        let mut paused = false;
         if !stopping {
-            match ctx.parse(&mut input, &mut output, &mut state, &mut in_flight)? {
-                Parsed::NeedInput => {}
-                Parsed::Paused => paused = true,
-                Parsed::Disconnect => stopping = true,
-            }
+            stopping = ctx.parse(&mut input, &mut output.replies, &mut state, &mut in_flight)?;
         }
         output.send(&mut stream).await?;
         if stopping && in_flight.count == 0 {
             break Ended::Graceful;
-        }
-        if paused && !in_flight.full() {
-            continue; // complete requests may still wait in the input buffer
         }
         if input.capacity() - input.len() < INPUT_ROOM_BYTES / 4 {
             input.reserve(INPUT_ROOM_BYTES);
@@ -629,10 +628,10 @@ async fn transmission(
             _ = signalled(&mut closed) => break Ended::Forced,
             _ = signalled(&mut shutdown), if !stopping => stopping = true,
             Some((reply, bytes)) = rx.recv() => {
-                output.replies.extend_from_slice(&reply);
+                output.push(reply);
                 in_flight.finish(bytes);
             }
-            read = stream.read_buf(&mut input), if can_read => {
+            read = receive(&mut stream, &mut input, &mut state), if can_read => {
                 // EOF: the client hung up; let what it started finish, then close.
                 if read? == 0 {
                     stopping = true;
@@ -645,6 +644,24 @@ async fn transmission(
         let _ = stream.shutdown().await;
     }
     Ok(())
+}
+
+/// Reads from the socket into the pending payload buffer or else the input buffer.
+/// Cancel-safe: it awaits a single read.
+async fn receive(
+    stream: &mut TcpStream,
+    input: &mut BytesMut,
+    state: &mut Input,
+) -> std::io::Result<usize> {
+    match state {
+        Input::Payload { req, buffer, filled } => {
+            let end = req.length as usize;
+            let n = stream.read(&mut buffer.as_mut()[*filled..end]).await?;
+            *filled += n;
+            Ok(n)
+        }
+        _ => stream.read_buf(input).await,
+    }
 }
 
 struct Ctx {
@@ -669,32 +686,41 @@ impl Ctx {
         put_error(out, self.shared.structured, req.cookie, error, message);
     }
 
-    /// Handles the complete requests in `input`, until it needs more input, must pause to
-    /// send a large read, or the client asked to disconnect.
+    /// Handles the complete requests in `input` until it needs more input or reaches the
+    /// in-flight bound. Returns true once the client asked to disconnect.
     fn parse(
         &self,
         input: &mut BytesMut,
-        out: &mut Output,
+        out: &mut BytesMut,
         state: &mut Input,
         in_flight: &mut InFlight,
-    ) -> Result<Parsed, ConnError> {
+    ) -> Result<bool, ConnError> {
         loop {
+            if let Input::Payload { req, filled, .. } = state {
+                if *filled < req.length as usize {
+                    return Ok(false);
+                }
+                let Input::Payload { req, buffer, .. } = std::mem::replace(state, Input::Requests)
+                else {
+                    unreachable!("matched above")
+                };
+                if self.dispatch(req, buffer.freeze(), out) {
+                    in_flight.start(&req);
+                }
+            }
             if let Input::Discard { left, cookie, length } = state {
                 let n = (*left).min(input.len() as u64);
                 input.advance(n as usize);
                 *left -= n;
                 if *left > 0 {
-                    return Ok(Parsed::NeedInput);
+                    return Ok(false);
                 }
                 let msg = format!("write of {length} bytes exceeds the maximum payload");
-                put_error(&mut out.replies, self.shared.structured, *cookie, errno::EINVAL, &msg);
+                put_error(out, self.shared.structured, *cookie, errno::EINVAL, &msg);
                 *state = Input::Requests;
             }
-            if out.big_read > 0 {
-                return Ok(Parsed::Paused);
-            }
             if in_flight.full() || input.len() < Request::SIZE {
-                return Ok(Parsed::NeedInput);
+                return Ok(false);
             }
             let header: &[u8; Request::SIZE] =
                 input[..Request::SIZE].try_into().expect("length checked");
@@ -712,9 +738,20 @@ impl Ctx {
                     continue;
                 }
                 let needed = Request::SIZE + req.length as usize;
+                if input.len() < needed && req.length >= BIG_WRITE_BYTES {
+                    // Receive the rest straight into a reusable buffer, not into a fresh
+                    // allocation behind the input buffer.
+                    input.advance(Request::SIZE);
+                    let mut buffer = self.shared.buffers.take(req.length as usize);
+                    let filled = input.len();
+                    buffer.as_mut()[..filled].copy_from_slice(input);
+                    input.clear();
+                    *state = Input::Payload { req, buffer, filled };
+                    return Ok(false);
+                }
                 if input.len() < needed {
                     input.reserve(needed - input.len());
-                    return Ok(Parsed::NeedInput);
+                    return Ok(false);
                 }
                 input.advance(Request::SIZE);
                 payload = input.split_to(req.length as usize).freeze();
@@ -722,7 +759,7 @@ impl Ctx {
                 input.advance(Request::SIZE);
             }
             if req.kind == cmd::DISC {
-                return Ok(Parsed::Disconnect);
+                return Ok(true);
             }
             if self.dispatch(req, payload, out) {
                 in_flight.start(&req);
@@ -731,17 +768,14 @@ impl Ctx {
     }
 
     /// Handles one request. Returns true if it was handed off (its reply comes later).
-    fn dispatch(&self, req: Request, payload: Bytes, output: &mut Output) -> bool {
-        if req.kind == cmd::READ {
-            return self.read(req, output);
-        }
-        let out = &mut output.replies;
+    fn dispatch(&self, req: Request, payload: Bytes, out: &mut BytesMut) -> bool {
         if req.flags & !Request::allowed_flags(req.kind) != 0 {
             let msg = format!("flags {:#x} are not valid for command {}", req.flags, req.kind);
             self.error(out, &req, errno::EINVAL, &msg);
             return false;
         }
         match req.kind {
+            cmd::READ => self.read(req, out),
             cmd::WRITE => self.write(req, payload, out),
             cmd::FLUSH => {
                 self.shared.sync_then_reply(req);
@@ -770,14 +804,8 @@ impl Ctx {
         }
     }
 
-    fn read(&self, req: Request, output: &mut Output) -> bool {
+    fn read(&self, req: Request, out: &mut BytesMut) -> bool {
         let sh = &self.shared;
-        let out = &mut output.replies;
-        if req.flags & !Request::allowed_flags(req.kind) != 0 {
-            let msg = format!("flags {:#x} are not valid for READ", req.flags);
-            self.error(out, &req, errno::EINVAL, &msg);
-            return false;
-        }
         if req.length > NBD_PAYLOAD_BYTES_MAX {
             let msg = format!("read of {} bytes exceeds the maximum payload", req.length);
             self.error(out, &req, errno::EINVAL, &msg);
@@ -792,22 +820,7 @@ impl Ctx {
             return false;
         }
         if req.length >= BIG_READ_BYTES {
-            let length = req.length as usize;
-            if output.scratch.len() < length {
-                output.scratch.resize(length, 0);
-            }
-            match sh.volume.try_read_at_nowait(&mut output.scratch[..length], req.offset) {
-                Ok(true) => {
-                    put_read_header(out, sh.structured, &req);
-                    output.big_read = length;
-                    return false;
-                }
-                Ok(false) => return self.read_blocking(req),
-                Err(e) => {
-                    sh.put_store_error(out, &req, &e);
-                    return false;
-                }
-            }
+            return self.read_blocking(req);
         }
         // Try the cache first, reading straight into the output buffer.
         let start = out.len();
@@ -825,18 +838,23 @@ impl Ctx {
         self.read_blocking(req)
     }
 
-    /// Reads on the blocking pool (the data is not cached); the reply comes later.
+    /// Reads on the blocking pool (the data is not cached, or the read is large); the
+    /// reply comes later.
     fn read_blocking(&self, req: Request) -> bool {
         let sh = self.shared.clone();
         tokio::task::spawn_blocking(move || {
-            let mut buf = BytesMut::with_capacity(28 + req.length as usize);
-            let data_start = put_read_header(&mut buf, sh.structured, &req);
-            buf.resize(data_start + req.length as usize, 0);
-            if let Err(e) = sh.volume.read_at(&mut buf[data_start..], req.offset) {
-                buf.clear();
-                sh.put_store_error(&mut buf, &req, &e);
+            let mut head = BytesMut::with_capacity(28);
+            let data_start = put_read_header(&mut head, sh.structured, &req);
+            let mut buf = sh.buffers.take(data_start + req.length as usize);
+            buf.as_mut()[..data_start].copy_from_slice(&head);
+            match sh.volume.read_at(&mut buf.as_mut()[data_start..], req.offset) {
+                Ok(()) => sh.finish_bytes(&req, buf.freeze()),
+                Err(e) => {
+                    head.clear();
+                    sh.put_store_error(&mut head, &req, &e);
+                    sh.finish(&req, head);
+                }
             }
-            sh.finish(&req, buf);
         });
         true
     }

@@ -134,7 +134,8 @@ fn simple_and_structured_replies_and_unaligned_io() {
     let mut both = Raw::request_bytes(0, CMD_READ, 21, 65536, big.len() as u32);
     both.extend(Raw::request_bytes(0, CMD_READ, 22, 1001, 3333));
     raw.s.write_all(&both).unwrap();
-    let mut replies = [raw.reply(big.len()), raw.reply(3333)];
+    let length = |cookie| if cookie == 21 { big.len() } else { 3333 };
+    let mut replies = [raw.reply_with(length), raw.reply_with(length)];
     replies.sort_by_key(|r| r.cookie);
     assert!(replies[0].payload == big, "large read");
     assert_eq!(replies[1].payload, data);

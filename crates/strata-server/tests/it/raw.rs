@@ -175,12 +175,18 @@ impl Raw {
 
     /// Reads one reply; `read_length` is the data length of a simple READ reply.
     pub fn reply(&mut self, read_length: usize) -> Reply {
+        self.reply_with(|_| read_length)
+    }
+
+    /// Reads one reply; `read_length(cookie)` gives the data length of a simple READ reply
+    /// (replies may come in any order).
+    pub fn reply_with(&mut self, read_length: impl Fn(u64) -> usize) -> Reply {
         let magic = u32::from_be_bytes(self.read_n(4).try_into().unwrap());
         if magic == 0x6744_6698 {
             let h = self.read_n(12);
             let error = u32::from_be_bytes(h[0..4].try_into().unwrap());
             let cookie = u64::from_be_bytes(h[4..12].try_into().unwrap());
-            let payload = if error == 0 { self.read_n(read_length) } else { Vec::new() };
+            let payload = if error == 0 { self.read_n(read_length(cookie)) } else { Vec::new() };
             return Reply { structured: false, flags: 0, kind: 0, error, cookie, payload };
         }
         assert_eq!(magic, 0x668e_33ef, "reply magic");
