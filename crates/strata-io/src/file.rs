@@ -17,9 +17,10 @@ use std::sync::{Arc, RwLock};
 const SUFFIX: &str = ".vol";
 /// The page size writes must align to, to be done inline without NOWAIT support.
 const PAGE_BYTES: u64 = 4096;
-/// The largest write done inline without NOWAIT support: copying it into the page cache
-/// takes tens of microseconds at most.
-const INLINE_WRITE_BYTES_MAX: usize = 256 << 10;
+/// The largest write done inline without NOWAIT support: copying 1 MiB into the page
+/// cache takes about 100 µs, less than handing it to another thread and back costs in
+/// wake-ups (measured: 1 MiB writes at QD8 went from 0.7x to 1.1x of nbdkit).
+const INLINE_WRITE_BYTES_MAX: usize = 1 << 20;
 const TMP_SUFFIX: &str = ".vol.tmp";
 
 /// A directory of volume files.
