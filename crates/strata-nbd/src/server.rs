@@ -539,9 +539,9 @@ enum Input {
 const INPUT_ROOM_BYTES: usize = 256 << 10;
 /// An output buffer grown past this by a large read is released after use.
 const OUTPUT_KEEP_BYTES: usize = 4 << 20;
-/// Reads this large are always done on the blocking pool, several at once, and their
-/// replies are sent from the buffer they were read into: at queue depth 8 of 1 MiB reads,
-/// one task reading and sending each in turn would leave the second core idle.
+/// Reads this large go into a pooled buffer (no zero-fill, no page faults) and their reply
+/// is sent from it without a copy: read inline when the page cache has the data, else
+/// on the blocking pool. The reply travels through the hand-back channel like any other.
 const BIG_READ_BYTES: u32 = 128 << 10;
 /// A WRITE payload this large that has not fully arrived is received into a pooled
 /// buffer (see `buffers`).
@@ -820,7 +820,21 @@ impl Ctx {
             return false;
         }
         if req.length >= BIG_READ_BYTES {
-            return self.read_blocking(req);
+            let mut head = BytesMut::with_capacity(28);
+            let data_start = put_read_header(&mut head, sh.structured, &req);
+            let mut buf = sh.buffers.take(data_start + req.length as usize);
+            buf.as_mut()[..data_start].copy_from_slice(&head);
+            return match sh.volume.try_read_at_nowait(&mut buf.as_mut()[data_start..], req.offset) {
+                Ok(true) => {
+                    sh.finish_bytes(&req, buf.freeze());
+                    true
+                }
+                Ok(false) => self.read_blocking(req),
+                Err(e) => {
+                    sh.put_store_error(out, &req, &e);
+                    false
+                }
+            };
         }
         // Try the cache first, reading straight into the output buffer.
         let start = out.len();
@@ -838,8 +852,7 @@ impl Ctx {
         self.read_blocking(req)
     }
 
-    /// Reads on the blocking pool (the data is not cached, or the read is large); the
-    /// reply comes later.
+    /// Reads on the blocking pool (the data is not cached); the reply comes later.
     fn read_blocking(&self, req: Request) -> bool {
         let sh = self.shared.clone();
         tokio::task::spawn_blocking(move || {
