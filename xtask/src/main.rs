@@ -62,6 +62,7 @@ fn ci() -> Result<(), String> {
     } else {
         step("tests", "cargo", &["test", "--workspace", "--no-fail-fast"], &[])?;
     }
+    readme_start_command()?;
     step(
         "docs",
         "cargo",
@@ -70,6 +71,28 @@ fn ci() -> Result<(), String> {
     )?;
     eprintln!("== ci passed");
     Ok(())
+}
+
+/// The README starts Strata with `cargo run --release -- up`: `cargo run` must resolve to
+/// the `strata` binary (a second binary in the default members once broke it). Checked
+/// with a debug build, which the tests have just made.
+fn readme_start_command() -> Result<(), String> {
+    eprintln!("== readme: cargo run -- --version");
+    let out = Command::new("cargo")
+        .args(["run", "--quiet", "--", "--version"])
+        .current_dir(root())
+        .output()
+        .map_err(|e| format!("cannot run cargo: {e}"))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if out.status.success() && stdout.starts_with("strata ") {
+        Ok(())
+    } else {
+        Err(format!(
+            "`cargo run -- --version` did not run strata: {}{}",
+            stdout,
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
 }
 
 /// Source hygiene the compiler does not check: every crate root opens with `//!`, no
