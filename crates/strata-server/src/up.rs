@@ -10,6 +10,9 @@ use std::sync::Arc;
 use std::time::Instant;
 use tokio::sync::watch;
 
+/// How long a stop waits for NBD clients to finish their in-flight requests.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Arguments of `strata up`.
 #[derive(clap::Args, Debug)]
 pub struct UpArgs {
@@ -124,11 +127,17 @@ async fn serve(args: UpArgs) -> anyhow::Result<()> {
     wait_for_signal().await?;
     tracing::info!("stopping: finishing in-flight I/O");
     stop_tx.send_replace(true);
-    let _ = nbd_task.await;
-    match http_task.await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => tracing::warn!("HTTP server ended with an error: {e}"),
-        Err(e) => tracing::warn!("HTTP task failed: {e}"),
+    // A client that stops reading its replies must not hold the shutdown forever: after the
+    // grace period its connection is abandoned (what it was sent is already written) and the
+    // volumes are synced all the same.
+    if tokio::time::timeout(SHUTDOWN_GRACE, nbd_task).await.is_err() {
+        tracing::warn!("NBD clients did not finish within {SHUTDOWN_GRACE:?}; closing them");
+    }
+    match tokio::time::timeout(SHUTDOWN_GRACE, http_task).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) => tracing::warn!("HTTP server ended with an error: {e}"),
+        Ok(Err(e)) => tracing::warn!("HTTP task failed: {e}"),
+        Err(_) => tracing::warn!("HTTP clients did not finish within {SHUTDOWN_GRACE:?}"),
     }
     let synced = tokio::task::spawn_blocking(move || node.sync_all()).await?;
     synced.context("sync volumes at shutdown")?;
