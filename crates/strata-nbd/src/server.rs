@@ -615,7 +615,12 @@ async fn transmission(
         if !stopping {
             stopping = ctx.parse(&mut input, &mut output.replies, &mut state, &mut in_flight)?;
         }
-        output.send(&mut stream).await?;
+        // A forced close must not wait for a client that stopped reading.
+        tokio::select! {
+            biased;
+            _ = signalled(&mut closed) => break Ended::Forced,
+            sent = output.send(&mut stream) => sent?,
+        }
         if stopping && in_flight.count == 0 {
             break Ended::Graceful;
         }

@@ -189,3 +189,29 @@ fn cli_reports_an_unreachable_api_in_one_line() {
         std::process::Command::new(crate::harness::STRATA).arg("--version").output().unwrap();
     assert!(String::from_utf8_lossy(&version.stdout).starts_with("strata "));
 }
+
+#[test]
+fn forced_delete_closes_a_client_that_stopped_reading() {
+    let node = Node::start();
+    node.create("stuck", "64M");
+    let mut raw = Raw::connect(&node.nbd);
+    raw.go("stuck");
+    let mut requests = Vec::new();
+    for i in 0..64u64 {
+        requests.extend(Raw::request_bytes(0, crate::raw::CMD_READ, i, i << 20, 1 << 20));
+    }
+    raw.s.write_all(&requests).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let out = node.cli(&["volume", "delete", "stuck", "--force"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // Draining what was already sent must end in EOF or a reset, not a read timeout.
+    let mut sink = Vec::new();
+    match raw.s.read_to_end(&mut sink) {
+        Ok(_) => {}
+        Err(e) => assert!(
+            !matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut),
+            "connection still open after a forced delete: {e}"
+        ),
+    }
+    assert!(sink.len() < 64 << 20, "not every reply was sent");
+}
