@@ -109,3 +109,21 @@ fn a_client_that_stops_reading_cannot_hold_the_shutdown_forever() {
     assert!(started.elapsed() < std::time::Duration::from_secs(45), "{:?}", started.elapsed());
     assert!(stderr.contains("did not finish"), "{stderr}");
 }
+
+#[test]
+fn a_corrupt_catalog_is_a_clear_error_and_is_left_as_it_was() {
+    let mut node = Node::start();
+    let keep = node.keep_dir();
+    node.create("v", "4M");
+    let dir = node.kill9();
+    let catalog = dir.join("catalog.json");
+    std::fs::write(&catalog, b"{\"format\": 1, \"volu").unwrap();
+    let err = Node::try_start_in(&dir).err().expect("a corrupt catalog must stop the node");
+    assert!(err.contains("is corrupt or not a Strata catalog"), "{err}");
+    assert_eq!(std::fs::read(&catalog).unwrap(), b"{\"format\": 1, \"volu", "nothing rewritten");
+    assert!(dir.join("volumes").read_dir().unwrap().count() == 1, "the volume is kept");
+    std::fs::write(&catalog, b"{\"format\": 9, \"next_id\": 1, \"volumes\": []}").unwrap();
+    let err = Node::try_start_in(&dir).err().expect("an unknown format must stop the node");
+    assert!(err.contains("format 9"), "{err}");
+    drop(keep);
+}
