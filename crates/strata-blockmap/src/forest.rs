@@ -1,0 +1,599 @@
+//! The forest: every tree of a node's volumes, sharing pages copy-on-write.
+
+use crate::pages::{MemPages, Node, PageId, PageStore};
+use crate::{INTERIOR_CHILDREN_MAX, LEAF_ENTRIES_MAX};
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+/// What a run of LBAs maps to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Target {
+    /// Block `lba + i` lives at VBA `vba + i`.
+    Data {
+        /// The VBA of the extent's first block.
+        vba: u64,
+    },
+    /// The run reads as zeroes and holds no data.
+    Zero,
+}
+
+/// A run of LBAs and what it maps to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Extent {
+    /// First LBA.
+    pub lba: u64,
+    /// Blocks; never zero.
+    pub length: u64,
+    /// Where the blocks are.
+    pub target: Target,
+}
+
+impl Extent {
+    /// One past the last LBA.
+    pub fn end(&self) -> u64 {
+        self.lba + self.length
+    }
+
+    /// The part of this extent within `from..to` (which must overlap it).
+    pub fn slice(&self, from: u64, to: u64) -> Extent {
+        let start = from.max(self.lba);
+        let end = to.min(self.end());
+        debug_assert!(start < end);
+        let target = match self.target {
+            Target::Data { vba } => Target::Data { vba: vba + (start - self.lba) },
+            Target::Zero => Target::Zero,
+        };
+        Extent { lba: start, length: end - start, target }
+    }
+}
+
+/// A tree: a volume head, a snapshot or a clone.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct TreeId(pub u64);
+
+/// What the forest refuses.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum Error {
+    /// No tree with this id.
+    #[error("tree {0:?} does not exist")]
+    NoSuchTree(TreeId),
+    /// Snapshots are read-only.
+    #[error("tree {0:?} is a snapshot and cannot change")]
+    Frozen(TreeId),
+    /// A zero-length or overflowing range.
+    #[error("bad range {lba}+{length}")]
+    BadRange {
+        /// First LBA.
+        lba: u64,
+        /// Blocks.
+        length: u64,
+    },
+}
+
+#[derive(Clone, Debug)]
+struct Tree {
+    root: PageId,
+    /// Snapshots never change.
+    frozen: bool,
+    /// Pages with a seq at or below this may be shared (invariant 2).
+    shared_seq: u64,
+}
+
+/// Every tree of a node, sharing pages.
+pub struct Forest<P: PageStore = MemPages> {
+    pages: P,
+    refs: HashMap<PageId, u32>,
+    seq: u64,
+    trees: BTreeMap<TreeId, Tree>,
+    next_tree: u64,
+    leaf_max: usize,
+    interior_max: usize,
+}
+
+impl Default for Forest<MemPages> {
+    fn default() -> Self {
+        Forest::new(MemPages::default())
+    }
+}
+
+impl<P: PageStore> Forest<P> {
+    /// An empty forest over `pages` (which must be empty).
+    pub fn new(pages: P) -> Forest<P> {
+        Forest::with_fanout(pages, LEAF_ENTRIES_MAX, INTERIOR_CHILDREN_MAX)
+    }
+
+    /// Like [`Forest::new`] with other page capacities: tests use tiny ones to get deep
+    /// trees from few extents.
+    pub fn with_fanout(pages: P, leaf_max: usize, interior_max: usize) -> Forest<P> {
+        assert!(pages.is_empty(), "a new forest starts with no pages");
+        assert!(leaf_max >= 2 && interior_max >= 3, "pages must split into non-empty halves");
+        Forest {
+            pages,
+            refs: HashMap::new(),
+            seq: 0,
+            trees: BTreeMap::new(),
+            next_tree: 0,
+            leaf_max,
+            interior_max,
+        }
+    }
+
+    /// The current operation sequence number.
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
+
+    /// Pages stored.
+    pub fn page_count(&self) -> usize {
+        self.pages.len()
+    }
+
+    fn tree(&self, id: TreeId) -> Result<&Tree, Error> {
+        self.trees.get(&id).ok_or(Error::NoSuchTree(id))
+    }
+
+    fn add_tree(&mut self, tree: Tree) -> TreeId {
+        self.next_tree += 1;
+        let id = TreeId(self.next_tree);
+        self.trees.insert(id, tree);
+        id
+    }
+
+    /// Creates an empty writable tree.
+    pub fn create(&mut self) -> TreeId {
+        self.seq += 1;
+        let root = self.pages.insert(Node::Leaf { seq: self.seq, entries: Vec::new() });
+        self.refs.insert(root, 1);
+        self.add_tree(Tree { root, frozen: false, shared_seq: self.seq - 1 })
+    }
+
+    /// Takes a read-only snapshot of `tree` in O(1): it shares the tree's root, and every
+    /// page of the tree becomes shared, so the next change of each copies it first.
+    pub fn snapshot(&mut self, tree: TreeId) -> Result<TreeId, Error> {
+        let root = self.tree(tree)?.root;
+        self.seq += 1;
+        let seq = self.seq;
+        let t = self.trees.get_mut(&tree).expect("looked up above");
+        t.shared_seq = seq;
+        *self.refs.get_mut(&root).expect("roots are referenced") += 1;
+        Ok(self.add_tree(Tree { root, frozen: true, shared_seq: seq }))
+    }
+
+    /// Creates a writable tree that starts as a copy of `source` (a clone), sharing pages.
+    pub fn clone_tree(&mut self, source: TreeId) -> Result<TreeId, Error> {
+        let root = self.tree(source)?.root;
+        self.seq += 1;
+        let seq = self.seq;
+        let s = self.trees.get_mut(&source).expect("looked up above");
+        if !s.frozen {
+            s.shared_seq = seq; // the source's pages are now shared with the clone
+        }
+        *self.refs.get_mut(&root).expect("roots are referenced") += 1;
+        Ok(self.add_tree(Tree { root, frozen: false, shared_seq: seq }))
+    }
+
+    /// Removes a tree, freeing the pages no other tree uses.
+    pub fn drop_tree(&mut self, tree: TreeId) -> Result<(), Error> {
+        let t = self.trees.remove(&tree).ok_or(Error::NoSuchTree(tree))?;
+        self.release(t.root);
+        Ok(())
+    }
+
+    /// Drops one reference to `id`, freeing it (and, recursively, its children) at zero.
+    fn release(&mut self, id: PageId) {
+        let mut pending = vec![id];
+        while let Some(id) = pending.pop() {
+            let count = self.refs.get_mut(&id).expect("released pages are referenced");
+            assert!(*count > 0, "reference count underflow on {id:?}");
+            *count -= 1;
+            if *count == 0 {
+                self.refs.remove(&id);
+                if let Node::Interior { children, .. } = self.pages.remove(id) {
+                    pending.extend(children);
+                }
+            }
+        }
+    }
+
+    /// The extents of `tree` overlapping `lba..lba+length`, clipped to it, in order.
+    /// Unmapped runs are absent.
+    pub fn lookup(&self, tree: TreeId, lba: u64, length: u64) -> Result<Vec<Extent>, Error> {
+        let end = check_range(lba, length)?;
+        let mut out = Vec::new();
+        self.collect(self.tree(tree)?.root, lba, end, &mut out);
+        Ok(out.into_iter().map(|e| e.slice(lba, end)).collect())
+    }
+
+    fn collect(&self, id: PageId, lba: u64, end: u64, out: &mut Vec<Extent>) {
+        match self.pages.get(id) {
+            Node::Leaf { entries, .. } => {
+                out.extend(entries.iter().filter(|e| e.lba < end && e.end() > lba).copied());
+            }
+            Node::Interior { keys, children, .. } => {
+                // Child `first` holds the keys around `lba`; an extent starting in the child
+                // before it may still reach into the range (only its last extent can, since
+                // extents do not overlap and no page but a root is empty).
+                let first = keys.partition_point(|k| *k <= lba).saturating_sub(1);
+                if first > 0 {
+                    self.collect_tail(children[first - 1], lba, end, out);
+                }
+                for i in first..children.len() {
+                    if i > first && keys[i] >= end {
+                        break;
+                    }
+                    self.collect(children[i], lba, end, out);
+                }
+            }
+        }
+    }
+
+    /// Adds the extent with the greatest LBA under `id` if it overlaps `lba..end`.
+    fn collect_tail(&self, id: PageId, lba: u64, end: u64, out: &mut Vec<Extent>) {
+        match self.pages.get(id) {
+            Node::Leaf { entries, .. } => {
+                if let Some(e) = entries.last() {
+                    if e.lba < end && e.end() > lba {
+                        out.push(*e);
+                    }
+                }
+            }
+            Node::Interior { children, .. } => {
+                if let Some(last) = children.last() {
+                    self.collect_tail(*last, lba, end, out);
+                }
+            }
+        }
+    }
+
+    /// Maps `lba..lba+length` to `target`, replacing what was there.
+    pub fn map(
+        &mut self,
+        tree: TreeId,
+        lba: u64,
+        length: u64,
+        target: Target,
+    ) -> Result<(), Error> {
+        self.change(tree, lba, length, Some(target))
+    }
+
+    /// Unmaps `lba..lba+length` (a trim): the run becomes a hole.
+    pub fn unmap(&mut self, tree: TreeId, lba: u64, length: u64) -> Result<(), Error> {
+        self.change(tree, lba, length, None)
+    }
+
+    fn change(
+        &mut self,
+        tree: TreeId,
+        lba: u64,
+        length: u64,
+        target: Option<Target>,
+    ) -> Result<(), Error> {
+        let end = check_range(lba, length)?;
+        if self.tree(tree)?.frozen {
+            return Err(Error::Frozen(tree));
+        }
+        self.seq += 1;
+        let mut overlapping = Vec::new();
+        self.collect(self.trees[&tree].root, lba, end, &mut overlapping);
+        overlapping.dedup();
+        for old in overlapping {
+            self.remove_key(tree, old.lba);
+            if old.lba < lba {
+                self.insert(tree, old.slice(old.lba, lba));
+            }
+            if old.end() > end {
+                self.insert(tree, old.slice(end, old.end()));
+            }
+        }
+        if let Some(target) = target {
+            self.insert(tree, Extent { lba, length, target });
+        }
+        Ok(())
+    }
+
+    /// Makes the page at `id` private to `tree` (copying it if it may be shared) and
+    /// returns the private page's id; the caller points the parent slot at it.
+    fn make_private(&mut self, tree: TreeId, id: PageId) -> PageId {
+        let shared_seq = self.trees[&tree].shared_seq;
+        let node = self.pages.get(id);
+        if node.seq() > shared_seq {
+            debug_assert_eq!(self.refs[&id], 1, "a private page has one reference");
+            return id;
+        }
+        let mut copy = node.clone();
+        copy.set_seq(self.seq);
+        if let Node::Interior { children, .. } = &copy {
+            for child in children {
+                *self.refs.get_mut(child).expect("children are referenced") += 1;
+            }
+        }
+        let new = self.pages.insert(copy);
+        self.refs.insert(new, 1);
+        self.release(id);
+        new
+    }
+
+    /// The private path from the root of `tree` to the leaf that holds `key`: each element
+    /// is a page id and, for interior pages, the index of the child taken.
+    fn private_path(&mut self, tree: TreeId, key: u64) -> Vec<(PageId, usize)> {
+        let root = self.trees[&tree].root;
+        let root = self.make_private(tree, root);
+        self.trees.get_mut(&tree).expect("exists").root = root;
+        let mut path = Vec::new();
+        let mut id = root;
+        loop {
+            let (index, child) = match self.pages.get(id) {
+                Node::Leaf { .. } => {
+                    path.push((id, 0));
+                    return path;
+                }
+                Node::Interior { keys, children, .. } => {
+                    let index = keys.partition_point(|k| *k <= key).saturating_sub(1);
+                    (index, children[index])
+                }
+            };
+            let private = self.make_private(tree, child);
+            if let Node::Interior { children, seq, .. } = self.pages.get_mut(id) {
+                children[index] = private;
+                *seq = self.seq;
+            }
+            path.push((id, index));
+            id = private;
+        }
+    }
+
+    fn insert(&mut self, tree: TreeId, extent: Extent) {
+        let path = self.private_path(tree, extent.lba);
+        let (leaf, _) = *path.last().expect("a path ends in a leaf");
+        let overflow = match self.pages.get_mut(leaf) {
+            Node::Leaf { entries, seq } => {
+                let at = entries.partition_point(|e| e.lba < extent.lba);
+                entries.insert(at, extent);
+                *seq = self.seq;
+                entries.len() > self.leaf_max
+            }
+            Node::Interior { .. } => unreachable!("paths end in leaves"),
+        };
+        if overflow {
+            self.split(tree, &path);
+        }
+    }
+
+    /// Splits the last page of `path`, and its ancestors as far as they overflow.
+    fn split(&mut self, tree: TreeId, path: &[(PageId, usize)]) {
+        let mut level = path.len() - 1;
+        loop {
+            let (id, _) = path[level];
+            let (separator, right) = match self.pages.get_mut(id) {
+                Node::Leaf { entries, seq } => {
+                    let tail = entries.split_off(entries.len() / 2);
+                    let separator = tail[0].lba;
+                    (separator, Node::Leaf { seq: *seq, entries: tail })
+                }
+                Node::Interior { keys, children, seq } => {
+                    let half = children.len() / 2;
+                    let right_keys = keys.split_off(half);
+                    let right_children = children.split_off(half);
+                    let separator = right_keys[0];
+                    (
+                        separator,
+                        Node::Interior { seq: *seq, keys: right_keys, children: right_children },
+                    )
+                }
+            };
+            let right = self.pages.insert(right);
+            self.refs.insert(right, 1);
+            if level == 0 {
+                let root = self.pages.insert(Node::Interior {
+                    seq: self.seq,
+                    keys: vec![0, separator],
+                    children: vec![id, right],
+                });
+                self.refs.insert(root, 1);
+                self.trees.get_mut(&tree).expect("exists").root = root;
+                return;
+            }
+            let (parent, index) = path[level - 1];
+            let overflow = match self.pages.get_mut(parent) {
+                Node::Interior { keys, children, .. } => {
+                    keys.insert(index + 1, separator);
+                    children.insert(index + 1, right);
+                    children.len() > self.interior_max
+                }
+                Node::Leaf { .. } => unreachable!("parents are interior pages"),
+            };
+            if !overflow {
+                return;
+            }
+            level -= 1;
+        }
+    }
+
+    /// Removes the extent starting at `key` (it must exist), pruning emptied pages.
+    fn remove_key(&mut self, tree: TreeId, key: u64) {
+        let path = self.private_path(tree, key);
+        let (leaf, _) = *path.last().expect("a path ends in a leaf");
+        let empty = match self.pages.get_mut(leaf) {
+            Node::Leaf { entries, .. } => {
+                let at = entries.partition_point(|e| e.lba < key);
+                assert!(entries.get(at).is_some_and(|e| e.lba == key), "removing a missing key");
+                entries.remove(at);
+                entries.is_empty()
+            }
+            Node::Interior { .. } => unreachable!("paths end in leaves"),
+        };
+        if empty {
+            self.prune(tree, &path);
+        }
+    }
+
+    /// Removes the empty last page of `path` from its parent, upwards while pages empty,
+    /// and collapses a root with a single child.
+    fn prune(&mut self, tree: TreeId, path: &[(PageId, usize)]) {
+        let mut level = path.len() - 1;
+        while level > 0 {
+            let (id, _) = path[level];
+            let (parent, index) = path[level - 1];
+            let parent_empty = match self.pages.get_mut(parent) {
+                Node::Interior { keys, children, .. } => {
+                    keys.remove(index);
+                    children.remove(index);
+                    if let Some(first) = keys.first_mut() {
+                        *first = 0; // the first child covers everything below the next key
+                    }
+                    children.is_empty()
+                }
+                Node::Leaf { .. } => unreachable!("parents are interior pages"),
+            };
+            self.release(id);
+            if !parent_empty {
+                break;
+            }
+            level -= 1;
+        }
+        if level == 0 {
+            // Everything emptied: the root becomes an empty leaf.
+            let (root, _) = path[0];
+            if let Node::Interior { children, .. } = self.pages.get(root) {
+                if children.is_empty() {
+                    *self.pages.get_mut(root) = Node::Leaf { seq: self.seq, entries: Vec::new() };
+                }
+            }
+        }
+        self.collapse_root(tree);
+    }
+
+    fn collapse_root(&mut self, tree: TreeId) {
+        loop {
+            let root = self.trees[&tree].root;
+            let only = match self.pages.get(root) {
+                Node::Interior { children, .. } if children.len() == 1 => children[0],
+                _ => return,
+            };
+            // The child inherits the root's place: one reference moves from root to tree.
+            *self.refs.get_mut(&only).expect("children are referenced") += 1;
+            self.trees.get_mut(&tree).expect("exists").root = only;
+            self.release(root);
+        }
+    }
+
+    /// Checks every invariant of the module doc; O(pages). Returns the first violation.
+    pub fn validate(&self) -> Result<(), String> {
+        let mut reachable: HashSet<PageId> = HashSet::new();
+        let mut pointers: HashMap<PageId, u32> = HashMap::new();
+        for (tree_id, tree) in &self.trees {
+            *pointers.entry(tree.root).or_default() += 1;
+            self.validate_page(
+                *tree_id,
+                tree,
+                tree.root,
+                0,
+                u64::MAX,
+                &mut reachable,
+                &mut pointers,
+            )?;
+        }
+        for (tree_id, tree) in &self.trees {
+            let mut extents = Vec::new();
+            self.in_order(tree.root, &mut extents);
+            if let Some(w) = extents.windows(2).find(|w| w[0].end() > w[1].lba) {
+                return Err(format!("{tree_id:?}: extents overlap or are out of order: {w:?}"));
+            }
+        }
+        if pointers != self.refs {
+            return Err(format!(
+                "reference counts differ: counted {pointers:?}, kept {:?}",
+                self.refs
+            ));
+        }
+        if reachable.len() != self.pages.len() {
+            return Err(format!(
+                "{} pages stored, {} reachable",
+                self.pages.len(),
+                reachable.len()
+            ));
+        }
+        Ok(())
+    }
+
+    fn in_order(&self, id: PageId, out: &mut Vec<Extent>) {
+        match self.pages.get(id) {
+            Node::Leaf { entries, .. } => out.extend_from_slice(entries),
+            Node::Interior { children, .. } => {
+                for child in children {
+                    self.in_order(*child, out);
+                }
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn validate_page(
+        &self,
+        tree_id: TreeId,
+        tree: &Tree,
+        id: PageId,
+        low: u64,
+        high: u64,
+        reachable: &mut HashSet<PageId>,
+        pointers: &mut HashMap<PageId, u32>,
+    ) -> Result<(), String> {
+        let node = self.pages.get(id);
+        if node.seq() > self.seq {
+            return Err(format!("{id:?} has seq {} above the forest's {}", node.seq(), self.seq));
+        }
+        if !tree.frozen && node.seq() > tree.shared_seq && self.refs.get(&id) != Some(&1) {
+            return Err(format!("{id:?} is private to {tree_id:?} by seq but shared"));
+        }
+        let first_visit = reachable.insert(id);
+        match node {
+            Node::Leaf { entries, .. } => {
+                let mut previous_end = low;
+                for e in entries {
+                    if e.length == 0 || e.lba < previous_end || e.lba >= high {
+                        return Err(format!("{id:?}: extent {e:?} out of order or range"));
+                    }
+                    previous_end = e.end();
+                }
+            }
+            Node::Interior { keys, children, .. } => {
+                if keys.len() != children.len() || children.is_empty() {
+                    return Err(format!(
+                        "{id:?}: {} keys, {} children",
+                        keys.len(),
+                        children.len()
+                    ));
+                }
+                for i in 0..children.len() {
+                    let child_low = if i == 0 { low } else { keys[i] };
+                    let child_high = keys.get(i + 1).copied().unwrap_or(high);
+                    if child_low >= child_high || child_low < low || child_high > high {
+                        return Err(format!("{id:?}: separators out of order"));
+                    }
+                    if first_visit {
+                        *pointers.entry(children[i]).or_default() += 1;
+                    }
+                    self.validate_page(
+                        tree_id,
+                        tree,
+                        children[i],
+                        child_low,
+                        child_high,
+                        reachable,
+                        pointers,
+                    )?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn check_range(lba: u64, length: u64) -> Result<u64, Error> {
+    match lba.checked_add(length) {
+        Some(end) if length > 0 => Ok(end),
+        _ => Err(Error::BadRange { lba, length }),
+    }
+}
+
+#[cfg(test)]
+mod tests;
