@@ -178,6 +178,93 @@ impl<P: PageStore> Forest<P> {
         Ok(())
     }
 
+    /// Collects the VBAs that only `snapshot` holds, the first step of deleting it (the
+    /// seed's method): walk the snapshot's tree, skipping every subtree whose page another
+    /// tree also references (all of it survives); for each extent of a page only this tree
+    /// holds, keep the blocks that `newer` (the next newer snapshot of the same volume, or
+    /// its head) does not map to the same VBA, and that `older` (the next older snapshot
+    /// and the VBA watermark when it was taken) does not hold either: a VBA above the
+    /// watermark was allocated after `older` was taken, so it cannot be there.
+    ///
+    /// VBAs are gathered into a buffer of at most `buffer_max` entries; each time it fills,
+    /// and at the end, it is sorted and handed to `sink`, so memory stays bounded and the
+    /// caller removes the VBAs from its VBA map in order. The caller must not have clones
+    /// of `snapshot` (their blocks would be counted as exclusive). The forest is not
+    /// changed; drop the tree afterwards.
+    pub fn exclusive_vbas(
+        &self,
+        snapshot: TreeId,
+        older: Option<(TreeId, u64)>,
+        newer: TreeId,
+        buffer_max: usize,
+        mut sink: impl FnMut(&[u64]),
+    ) -> Result<(), Error> {
+        assert!(buffer_max > 0, "the buffer holds at least one VBA");
+        let root = self.tree(snapshot)?.root;
+        self.tree(newer)?;
+        if let Some((older, _)) = older {
+            self.tree(older)?;
+        }
+        let mut buffer = Vec::with_capacity(buffer_max.min(1 << 20));
+        let mut pending = vec![root];
+        while let Some(id) = pending.pop() {
+            // A page with another reference is reachable from another tree: everything
+            // below it stays.
+            if self.refs[&id] > 1 {
+                continue;
+            }
+            match self.pages.get(id) {
+                Node::Interior { children, .. } => pending.extend(children.iter().rev()),
+                Node::Leaf { entries, .. } => {
+                    for e in entries {
+                        let Target::Data { vba } = e.target else { continue };
+                        let mut kept = self.same_mapping(newer, e);
+                        if let Some((older, watermark)) = older {
+                            if vba < watermark {
+                                kept.extend(self.same_mapping(older, e));
+                            }
+                        }
+                        kept.sort_unstable();
+                        let mut lba = e.lba;
+                        for (start, end) in kept.into_iter().chain([(e.end(), e.end())]) {
+                            while lba < start {
+                                buffer.push(vba + (lba - e.lba));
+                                if buffer.len() == buffer_max {
+                                    buffer.sort_unstable();
+                                    sink(&buffer);
+                                    buffer.clear();
+                                }
+                                lba += 1;
+                            }
+                            lba = lba.max(end);
+                        }
+                    }
+                }
+            }
+        }
+        if !buffer.is_empty() {
+            buffer.sort_unstable();
+            sink(&buffer);
+        }
+        Ok(())
+    }
+
+    /// The LBA ranges (start, end) of data extent `e` that `tree` maps to the same VBAs.
+    fn same_mapping(&self, tree: TreeId, e: &Extent) -> Vec<(u64, u64)> {
+        let Target::Data { vba } = e.target else { return Vec::new() };
+        let mut found = Vec::new();
+        self.collect(self.trees[&tree].root, e.lba, e.end(), &mut found);
+        found
+            .iter()
+            .filter(|f| match f.target {
+                // Same offset between LBA and VBA: the same blocks.
+                Target::Data { vba: other } => other.wrapping_sub(f.lba) == vba.wrapping_sub(e.lba),
+                Target::Zero => false,
+            })
+            .map(|f| (f.lba.max(e.lba), f.end().min(e.end())))
+            .collect()
+    }
+
     /// Drops one reference to `id`, freeing it (and, recursively, its children) at zero.
     fn release(&mut self, id: PageId) {
         let mut pending = vec![id];

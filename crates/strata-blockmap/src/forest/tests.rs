@@ -207,3 +207,86 @@ fn tiny_pages_build_deep_trees_and_prune_them_away() {
     forest.validate().unwrap();
     assert_eq!(forest.page_count(), 1);
 }
+
+/// Every (lba, vba) a tree maps, per block.
+fn data_blocks(forest: &Forest, tree: TreeId) -> BTreeMap<u64, u64> {
+    read(forest, tree, 0, 1000)
+        .into_iter()
+        .filter_map(|(lba, t)| match t {
+            Target::Data { vba } => Some((lba, vba)),
+            Target::Zero => None,
+        })
+        .collect()
+}
+
+fn chain_delete(writes: Vec<Vec<(u64, u64)>>, victim: usize, buffer_max: usize, tiny: bool) {
+    let mut forest =
+        if tiny { Forest::with_fanout(MemPages::default(), 3, 3) } else { Forest::default() };
+    let head = forest.create();
+    // Snapshots in order, each with the VBA watermark when it was taken.
+    let mut chain: Vec<(TreeId, u64)> = Vec::new();
+    let mut next_vba = 1;
+    for batch in writes {
+        for (lba, length) in batch {
+            forest.map(head, lba, length, Target::Data { vba: next_vba }).unwrap();
+            next_vba += length;
+        }
+        chain.push((forest.snapshot(head).unwrap(), next_vba));
+    }
+    let victim = victim % chain.len();
+    let (snapshot, _) = chain[victim];
+    let older = victim.checked_sub(1).map(|i| chain[i]);
+    let newer = chain.get(victim + 1).map(|(t, _)| *t).unwrap_or(head);
+    // Expected: the VBAs of the snapshot that no other tree maps.
+    let others: std::collections::HashSet<u64> = chain
+        .iter()
+        .map(|(t, _)| *t)
+        .chain([head])
+        .filter(|t| *t != snapshot)
+        .flat_map(|t| data_blocks(&forest, t).into_values())
+        .collect();
+    let expected: Vec<u64> = {
+        let mut v: Vec<u64> = data_blocks(&forest, snapshot)
+            .into_values()
+            .filter(|vba| !others.contains(vba))
+            .collect();
+        v.sort_unstable();
+        v
+    };
+    let mut got = Vec::new();
+    forest
+        .exclusive_vbas(snapshot, older, newer, buffer_max, |batch| {
+            assert!(batch.len() <= buffer_max);
+            assert!(batch.windows(2).all(|w| w[0] < w[1]), "each batch is sorted");
+            got.extend_from_slice(batch);
+        })
+        .unwrap();
+    got.sort_unstable();
+    assert_eq!(got, expected);
+    let before: BTreeMap<TreeId, BTreeMap<u64, u64>> = chain
+        .iter()
+        .map(|(t, _)| *t)
+        .chain([head])
+        .filter(|t| *t != snapshot)
+        .map(|t| (t, data_blocks(&forest, t)))
+        .collect();
+    forest.drop_tree(snapshot).unwrap();
+    forest.validate().unwrap();
+    for (t, blocks) in before {
+        assert_eq!(data_blocks(&forest, t), blocks, "deleting a snapshot changed {t:?}");
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+    #[test]
+    fn snapshot_delete_collects_exactly_the_exclusive_vbas(
+        writes in proptest::collection::vec(
+            proptest::collection::vec((0u64..500, 1u64..30), 0..25), 1..8),
+        victim in any::<usize>(),
+        buffer_max in 1usize..64,
+        tiny in any::<bool>(),
+    ) {
+        chain_delete(writes, victim, buffer_max, tiny);
+    }
+}
