@@ -1,7 +1,7 @@
 //! The forest: every tree of a node's volumes, sharing pages copy-on-write.
 
 use crate::pages::{MemPages, Node, PageId, PageStore};
-use crate::{INTERIOR_CHILDREN_MAX, LEAF_ENTRIES_MAX};
+use crate::{EXTENT_BLOCKS_MAX, INTERIOR_CHILDREN_MAX, LEAF_ENTRIES_MAX};
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 /// What a run of LBAs maps to.
@@ -372,7 +372,13 @@ impl<P: PageStore> Forest<P> {
             }
         }
         if let Some(target) = target {
-            self.insert(tree, Extent { lba, length, target });
+            let whole = Extent { lba, length, target };
+            let mut start = lba;
+            while start < end {
+                let piece_end = end.min(start + EXTENT_BLOCKS_MAX);
+                self.insert(tree, whole.slice(start, piece_end));
+                start = piece_end;
+            }
         }
         Ok(())
     }

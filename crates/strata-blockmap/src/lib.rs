@@ -19,10 +19,14 @@
 //! 4. Snapshots are immutable: no operation changes a page reachable from a snapshot.
 
 mod forest;
+pub mod page;
 mod pages;
 
 pub use forest::{Error, Extent, Forest, Target, TreeId};
 pub use pages::{MemPages, Node, PageId, PageStore};
+
+/// The longest extent: its length is a `u32` on disk; longer runs are stored as several.
+pub const EXTENT_BLOCKS_MAX: u64 = u32::MAX as u64;
 
 /// Entries per leaf before it splits (24-byte entries in a 4 KiB page, see the design).
 pub const LEAF_ENTRIES_MAX: usize = 169;

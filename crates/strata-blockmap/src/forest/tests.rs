@@ -3,7 +3,7 @@
 //! `validate()` after every step.
 
 use super::*;
-use crate::{MemPages, INTERIOR_CHILDREN_MAX, LEAF_ENTRIES_MAX};
+use crate::{MemPages, EXTENT_BLOCKS_MAX, INTERIOR_CHILDREN_MAX, LEAF_ENTRIES_MAX};
 use proptest::prelude::*;
 use std::collections::BTreeMap;
 
@@ -289,4 +289,18 @@ proptest! {
     ) {
         chain_delete(writes, victim, buffer_max, tiny);
     }
+}
+
+#[test]
+fn a_run_longer_than_a_u32_is_stored_as_several_extents() {
+    let mut forest = Forest::default();
+    let head = forest.create();
+    let length = 3 * EXTENT_BLOCKS_MAX + 5;
+    forest.map(head, 7, length, Target::Zero).unwrap();
+    forest.validate().unwrap();
+    let extents = forest.lookup(head, 0, u64::MAX / 2).unwrap();
+    assert_eq!(extents.len(), 4);
+    assert!(extents.iter().all(|e| e.length <= EXTENT_BLOCKS_MAX));
+    assert_eq!(extents.iter().map(|e| e.length).sum::<u64>(), length);
+    assert_eq!(extents[0].lba, 7);
 }
