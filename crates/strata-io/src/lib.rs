@@ -7,12 +7,15 @@
 //!   fallocate, SEEK_DATA/SEEK_HOLE). The log-structured store replaces it behind the same
 //!   traits (issue #3).
 //! - [`GroupSync`]: group commit: concurrent FLUSH/FUA requests of a volume share one sync.
+//! - [`sim`]: the `RawFile` trait the log-structured store will write through, and
+//!   `SimFile`, which crashes at any moment (durable vs volatile images, torn writes).
 //!
 //! This crate must not depend on any front end (NBD, HTTP) or on the metadata service.
 //! Design: `docs/design/nbd.md` (durability section).
 
 mod file;
 mod group_sync;
+pub mod sim;
 
 pub use file::{FileStore, FileVolume};
 pub use group_sync::{GroupSync, SyncCallback, SyncError};
