@@ -26,7 +26,7 @@ pub trait RawFile: Send + Sync {
     /// Makes every completed write durable.
     fn sync(&self) -> io::Result<()>;
     /// The file's length.
-    fn len(&self) -> io::Result<u64>;
+    fn length_bytes(&self) -> io::Result<u64>;
 }
 
 impl RawFile for std::fs::File {
@@ -39,7 +39,7 @@ impl RawFile for std::fs::File {
     fn sync(&self) -> io::Result<()> {
         self.sync_data()
     }
-    fn len(&self) -> io::Result<u64> {
+    fn length_bytes(&self) -> io::Result<u64> {
         Ok(self.metadata()?.len())
     }
 }
@@ -211,7 +211,7 @@ impl RawFile for SimFile {
         Ok(())
     }
 
-    fn len(&self) -> io::Result<u64> {
+    fn length_bytes(&self) -> io::Result<u64> {
         Ok(self.lock().volatile.len() as u64)
     }
 }
@@ -249,7 +249,7 @@ mod tests {
                 f.write_at(&[i as u8 + 1; 1024], i * 1024).unwrap();
             }
             f.crash(&mut SimRng::new(seed));
-            let mut all = vec![0u8; f.len().unwrap() as usize];
+            let mut all = vec![0u8; f.length_bytes().unwrap() as usize];
             f.read_at(&mut all, 0).unwrap();
             all
         };
