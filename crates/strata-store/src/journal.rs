@@ -1,0 +1,250 @@
+//! Journal slots: the 4 KiB log slots that describe what the data slots around them hold.
+//!
+//! ```text
+//! 0   8  magic "STRATAJ1"
+//! 8   4  crc32c of bytes 12..24+used
+//! 12  4  used: bytes of records
+//! 16  8  slot sequence (increases by one per journal slot in the log)
+//! 24  …  records, then zeroes to 4096
+//! record: kind u8, length u16, payload (little-endian)
+//!   1 Write  volume u64, lba u64, vba u64, pba u32, crc32c u32 per block (1..=1000 blocks)
+//!   2 Trim   volume u64, lba u64, blocks u64
+//!   3 Zero   volume u64, lba u64, blocks u64
+//! ```
+//!
+//! A slot may be rewritten in place with more records only until it has been synced (the
+//! store's rule, invariant 3 of the design): the checksum covers the whole used part, so a
+//! torn rewrite fails to decode and costs only the records that were never synced.
+//! Decoding untrusted bytes returns [`SlotError`], never panics.
+
+/// Bytes in a slot.
+pub const SLOT_BYTES: usize = 4096;
+const MAGIC: &[u8; 8] = b"STRATAJ1";
+const HEADER_BYTES: usize = 24;
+/// Bytes available for records in one slot.
+pub const RECORDS_BYTES_MAX: usize = SLOT_BYTES - HEADER_BYTES;
+const RECORD_HEADER_BYTES: usize = 3;
+const WRITE_FIXED_BYTES: usize = 8 + 8 + 8 + 4;
+/// Blocks one Write record describes at most (a larger write takes several records).
+pub const WRITE_BLOCKS_MAX: usize = 1000;
+
+const _: () =
+    assert!(RECORD_HEADER_BYTES + WRITE_FIXED_BYTES + 4 * WRITE_BLOCKS_MAX <= RECORDS_BYTES_MAX);
+
+const KIND_WRITE: u8 = 1;
+const KIND_TRIM: u8 = 2;
+const KIND_ZERO: u8 = 3;
+
+/// One change the journal records.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Record {
+    /// Blocks `lba..lba+crcs.len()` of `volume` now live at VBAs `vba..` and PBAs `pba..`,
+    /// with these checksums.
+    Write {
+        /// Volume id.
+        volume: u64,
+        /// First LBA.
+        lba: u64,
+        /// First VBA.
+        vba: u64,
+        /// First PBA (slots are consecutive).
+        pba: u32,
+        /// crc32c of each block.
+        crcs: Vec<u32>,
+    },
+    /// `blocks` blocks from `lba` became a hole.
+    Trim {
+        /// Volume id.
+        volume: u64,
+        /// First LBA.
+        lba: u64,
+        /// Blocks.
+        blocks: u64,
+    },
+    /// `blocks` blocks from `lba` read as zeroes.
+    Zero {
+        /// Volume id.
+        volume: u64,
+        /// First LBA.
+        lba: u64,
+        /// Blocks.
+        blocks: u64,
+    },
+}
+
+impl Record {
+    fn payload_bytes(&self) -> usize {
+        match self {
+            Record::Write { crcs, .. } => WRITE_FIXED_BYTES + 4 * crcs.len(),
+            Record::Trim { .. } | Record::Zero { .. } => 24,
+        }
+    }
+
+    fn encode(&self, out: &mut Vec<u8>) {
+        let (kind, fields): (u8, [u64; 3]) = match self {
+            Record::Write { volume, lba, vba, .. } => (KIND_WRITE, [*volume, *lba, *vba]),
+            Record::Trim { volume, lba, blocks } => (KIND_TRIM, [*volume, *lba, *blocks]),
+            Record::Zero { volume, lba, blocks } => (KIND_ZERO, [*volume, *lba, *blocks]),
+        };
+        out.push(kind);
+        let length = u16::try_from(self.payload_bytes()).expect("records fit a slot");
+        out.extend_from_slice(&length.to_le_bytes());
+        for field in fields {
+            out.extend_from_slice(&field.to_le_bytes());
+        }
+        if let Record::Write { pba, crcs, .. } = self {
+            out.extend_from_slice(&pba.to_le_bytes());
+            for crc in crcs {
+                out.extend_from_slice(&crc.to_le_bytes());
+            }
+        }
+    }
+}
+
+/// Why a slot does not decode.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SlotError {
+    /// Not 4096 bytes.
+    #[error("slot is {0} bytes, not {SLOT_BYTES}")]
+    Length(usize),
+    /// Not a journal slot (a data slot, or never written).
+    #[error("not a journal slot")]
+    NotJournal,
+    /// The checksum does not match: a torn or corrupt slot.
+    #[error("journal slot checksum mismatch")]
+    Checksum,
+    /// The checksum matches but the records are impossible.
+    #[error("journal slot is malformed: {0}")]
+    Malformed(&'static str),
+}
+
+/// Builds one journal slot.
+#[derive(Debug)]
+pub struct SlotWriter {
+    sequence: u64,
+    records: Vec<u8>,
+}
+
+impl SlotWriter {
+    /// An empty slot with this sequence number.
+    pub fn new(sequence: u64) -> SlotWriter {
+        SlotWriter { sequence, records: Vec::with_capacity(RECORDS_BYTES_MAX) }
+    }
+
+    /// Appends `record` if it fits; returns false (and changes nothing) if it does not.
+    ///
+    /// Panics on a Write record of no block or of more than `WRITE_BLOCKS_MAX` blocks (the
+    /// store splits writes first).
+    pub fn push(&mut self, record: &Record) -> bool {
+        if let Record::Write { crcs, .. } = record {
+            assert!((1..=WRITE_BLOCKS_MAX).contains(&crcs.len()), "write record size");
+        }
+        let needed = RECORD_HEADER_BYTES + record.payload_bytes();
+        if self.records.len() + needed > RECORDS_BYTES_MAX {
+            return false;
+        }
+        record.encode(&mut self.records);
+        true
+    }
+
+    /// Whether no record was pushed.
+    pub fn is_empty(&self) -> bool {
+        self.records.is_empty()
+    }
+
+    /// The slot's bytes as they are now (the slot can be written again after more pushes,
+    /// until it is synced).
+    pub fn encode(&self) -> Box<[u8; SLOT_BYTES]> {
+        let mut slot = Box::new([0u8; SLOT_BYTES]);
+        slot[0..8].copy_from_slice(MAGIC);
+        let used = u32::try_from(self.records.len()).expect("records fit a slot");
+        slot[12..16].copy_from_slice(&used.to_le_bytes());
+        slot[16..24].copy_from_slice(&self.sequence.to_le_bytes());
+        slot[HEADER_BYTES..HEADER_BYTES + self.records.len()].copy_from_slice(&self.records);
+        let crc = crc32c::crc32c(&slot[12..HEADER_BYTES + self.records.len()]);
+        slot[8..12].copy_from_slice(&crc.to_le_bytes());
+        slot
+    }
+}
+
+fn u16_at(b: &[u8], at: usize) -> u16 {
+    u16::from_le_bytes(b[at..at + 2].try_into().expect("2 bytes"))
+}
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
+}
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
+}
+
+/// Decodes a journal slot: its sequence number and records.
+pub fn decode(slot: &[u8]) -> Result<(u64, Vec<Record>), SlotError> {
+    if slot.len() != SLOT_BYTES {
+        return Err(SlotError::Length(slot.len()));
+    }
+    if &slot[0..8] != MAGIC {
+        return Err(SlotError::NotJournal);
+    }
+    let used = u32_at(slot, 12) as usize;
+    if used > RECORDS_BYTES_MAX {
+        return Err(SlotError::Checksum); // the length field itself is damaged
+    }
+    if u32_at(slot, 8) != crc32c::crc32c(&slot[12..HEADER_BYTES + used]) {
+        return Err(SlotError::Checksum);
+    }
+    let sequence = u64_at(slot, 16);
+    let body = &slot[HEADER_BYTES..HEADER_BYTES + used];
+    let mut records = Vec::new();
+    let mut at = 0;
+    while at < body.len() {
+        if body.len() - at < RECORD_HEADER_BYTES {
+            return Err(SlotError::Malformed("truncated record header"));
+        }
+        let kind = body[at];
+        let length = usize::from(u16_at(body, at + 1));
+        at += RECORD_HEADER_BYTES;
+        if body.len() - at < length {
+            return Err(SlotError::Malformed("record runs past the used bytes"));
+        }
+        records.push(decode_record(kind, &body[at..at + length])?);
+        at += length;
+    }
+    Ok((sequence, records))
+}
+
+fn decode_record(kind: u8, p: &[u8]) -> Result<Record, SlotError> {
+    match kind {
+        KIND_WRITE => {
+            let blocks = p.len().checked_sub(WRITE_FIXED_BYTES).map(|n| (n / 4, n % 4));
+            let Some((blocks, 0)) = blocks else {
+                return Err(SlotError::Malformed("write record length"));
+            };
+            if !(1..=WRITE_BLOCKS_MAX).contains(&blocks) {
+                return Err(SlotError::Malformed("write record block count"));
+            }
+            let crcs = (0..blocks).map(|i| u32_at(p, WRITE_FIXED_BYTES + 4 * i)).collect();
+            Ok(Record::Write {
+                volume: u64_at(p, 0),
+                lba: u64_at(p, 8),
+                vba: u64_at(p, 16),
+                pba: u32_at(p, 24),
+                crcs,
+            })
+        }
+        KIND_TRIM | KIND_ZERO => {
+            if p.len() != 24 {
+                return Err(SlotError::Malformed("trim/zero record length"));
+            }
+            let (volume, lba, blocks) = (u64_at(p, 0), u64_at(p, 8), u64_at(p, 16));
+            Ok(if kind == KIND_TRIM {
+                Record::Trim { volume, lba, blocks }
+            } else {
+                Record::Zero { volume, lba, blocks }
+            })
+        }
+        _ => Err(SlotError::Malformed("unknown record kind")),
+    }
+}
+
+#[cfg(test)]
+mod tests;
