@@ -2,15 +2,20 @@
 //!
 //! ```text
 //! 0   8  magic "STRATAJ1"
-//! 8   4  crc32c of bytes 12..24+used
+//! 8   4  crc32c of bytes 12..32+used
 //! 12  4  used: bytes of records
 //! 16  8  slot sequence (increases by one per journal slot in the log)
-//! 24  …  records, then zeroes to 4096
+//! 24  8  PBA of the next journal slot (reserved when this one is started)
+//! 32  …  records, then zeroes to 4096
 //! record: kind u8, length u16, payload (little-endian)
 //!   1 Write  volume u64, lba u64, vba u64, pba u32, crc32c u32 per block (1..=1000 blocks)
 //!   2 Trim   volume u64, lba u64, blocks u64
 //!   3 Zero   volume u64, lba u64, blocks u64
 //! ```
+//!
+//! Journal slots are found by following `next` from the superblock, never by scanning the
+//! log: a guest can write a data block that looks exactly like a journal slot, checksum
+//! and all, and replay must never read it as metadata.
 //!
 //! A slot may be rewritten in place with more records only until it has been synced (the
 //! store's rule, invariant 3 of the design): the checksum covers the whole used part, so a
@@ -20,7 +25,7 @@
 /// Bytes in a slot.
 pub const SLOT_BYTES: usize = 4096;
 const MAGIC: &[u8; 8] = b"STRATAJ1";
-const HEADER_BYTES: usize = 24;
+const HEADER_BYTES: usize = 32;
 /// Bytes available for records in one slot.
 pub const RECORDS_BYTES_MAX: usize = SLOT_BYTES - HEADER_BYTES;
 const RECORD_HEADER_BYTES: usize = 3;
@@ -118,17 +123,29 @@ pub enum SlotError {
     Malformed(&'static str),
 }
 
+/// A decoded journal slot.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Slot {
+    /// Its place in the chain of journal slots.
+    pub sequence: u64,
+    /// Where the next journal slot of the chain is.
+    pub next: u64,
+    /// What it records, in order.
+    pub records: Vec<Record>,
+}
+
 /// Builds one journal slot.
 #[derive(Debug)]
 pub struct SlotWriter {
     sequence: u64,
+    next: u64,
     records: Vec<u8>,
 }
 
 impl SlotWriter {
-    /// An empty slot with this sequence number.
-    pub fn new(sequence: u64) -> SlotWriter {
-        SlotWriter { sequence, records: Vec::with_capacity(RECORDS_BYTES_MAX) }
+    /// An empty slot with this sequence number, chaining to the journal slot at PBA `next`.
+    pub fn new(sequence: u64, next: u64) -> SlotWriter {
+        SlotWriter { sequence, next, records: Vec::with_capacity(RECORDS_BYTES_MAX) }
     }
 
     /// Appends `record` if it fits; returns false (and changes nothing) if it does not.
@@ -160,6 +177,7 @@ impl SlotWriter {
         let used = u32::try_from(self.records.len()).expect("records fit a slot");
         slot[12..16].copy_from_slice(&used.to_le_bytes());
         slot[16..24].copy_from_slice(&self.sequence.to_le_bytes());
+        slot[24..32].copy_from_slice(&self.next.to_le_bytes());
         slot[HEADER_BYTES..HEADER_BYTES + self.records.len()].copy_from_slice(&self.records);
         let crc = crc32c::crc32c(&slot[12..HEADER_BYTES + self.records.len()]);
         slot[8..12].copy_from_slice(&crc.to_le_bytes());
@@ -177,8 +195,8 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
 }
 
-/// Decodes a journal slot: its sequence number and records.
-pub fn decode(slot: &[u8]) -> Result<(u64, Vec<Record>), SlotError> {
+/// Decodes a journal slot.
+pub fn decode(slot: &[u8]) -> Result<Slot, SlotError> {
     if slot.len() != SLOT_BYTES {
         return Err(SlotError::Length(slot.len()));
     }
@@ -193,6 +211,7 @@ pub fn decode(slot: &[u8]) -> Result<(u64, Vec<Record>), SlotError> {
         return Err(SlotError::Checksum);
     }
     let sequence = u64_at(slot, 16);
+    let next = u64_at(slot, 24);
     let body = &slot[HEADER_BYTES..HEADER_BYTES + used];
     let mut records = Vec::new();
     let mut at = 0;
@@ -209,7 +228,7 @@ pub fn decode(slot: &[u8]) -> Result<(u64, Vec<Record>), SlotError> {
         records.push(decode_record(kind, &body[at..at + length])?);
         at += length;
     }
-    Ok((sequence, records))
+    Ok(Slot { sequence, next, records })
 }
 
 fn decode_record(kind: u8, p: &[u8]) -> Result<Record, SlotError> {

@@ -53,9 +53,10 @@ proptest! {
         sequence in any::<u64>(),
         records in proptest::collection::vec(record(), 0..40),
     ) {
-        let mut writer = SlotWriter::new(sequence);
+        let mut writer = SlotWriter::new(sequence, sequence ^ 0xffff);
         let pushed = fill(&mut writer, &records);
-        prop_assert_eq!(decode(&writer.encode()[..]), Ok((sequence, pushed)));
+        let slot = Slot { sequence, next: sequence ^ 0xffff, records: pushed };
+        prop_assert_eq!(decode(&writer.encode()[..]), Ok(slot));
     }
 
     #[test]
@@ -63,7 +64,7 @@ proptest! {
         records in proptest::collection::vec(record(), 1..10),
         bit in any::<usize>(),
     ) {
-        let mut writer = SlotWriter::new(1);
+        let mut writer = SlotWriter::new(1, 2);
         let pushed = fill(&mut writer, &records);
         prop_assume!(!pushed.is_empty());
         let mut slot = writer.encode();
@@ -89,24 +90,24 @@ proptest! {
 
 #[test]
 fn a_full_slot_refuses_a_record_and_stays_unchanged() {
-    let mut writer = SlotWriter::new(9);
+    let mut writer = SlotWriter::new(9, 10);
     let big = Record::Write { volume: 1, lba: 0, vba: 0, pba: 0, crcs: vec![7; WRITE_BLOCKS_MAX] };
     assert!(writer.push(&big));
     let before = writer.encode();
     assert!(!writer.push(&big));
     assert_eq!(writer.encode(), before);
-    assert_eq!(decode(&before[..]).unwrap().1, vec![big]);
+    assert_eq!(decode(&before[..]).unwrap().records, vec![big]);
 }
 
 #[test]
 fn a_torn_rewrite_decodes_as_old_new_or_nothing() {
     let old_records = vec![Record::Trim { volume: 1, lba: 5, blocks: 3 }];
-    let mut writer = SlotWriter::new(4);
+    let mut writer = SlotWriter::new(4, 5);
     assert!(writer.push(&old_records[0]));
     let mut outcomes = [0usize; 3];
     for seed in 0..300 {
         let file = SimFile::new();
-        let mut w = SlotWriter::new(4);
+        let mut w = SlotWriter::new(4, 5);
         w.push(&old_records[0]);
         file.write_at(&w.encode()[..], 0).unwrap();
         file.sync().unwrap();
@@ -114,14 +115,14 @@ fn a_torn_rewrite_decodes_as_old_new_or_nothing() {
         for i in 0..40 {
             w.push(&Record::Zero { volume: 2, lba: i, blocks: 1 });
         }
-        let new_records = decode(&w.encode()[..]).unwrap().1;
+        let new_records = decode(&w.encode()[..]).unwrap().records;
         file.write_at(&w.encode()[..], 0).unwrap();
         file.crash(&mut SimRng::new(seed));
         let mut slot = vec![0u8; SLOT_BYTES];
         file.read_at(&mut slot, 0).unwrap();
         match decode(&slot) {
-            Ok((4, r)) if r == old_records => outcomes[0] += 1,
-            Ok((4, r)) if r == new_records => outcomes[1] += 1,
+            Ok(s) if s.records == old_records => outcomes[0] += 1,
+            Ok(s) if s.records == new_records => outcomes[1] += 1,
             Err(SlotError::Checksum) => outcomes[2] += 1,
             other => panic!("seed {seed}: a torn slot decoded as {other:?}"),
         }
