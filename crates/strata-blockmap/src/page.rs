@@ -15,6 +15,7 @@
 
 use crate::forest::{Extent, Target};
 use crate::pages::{Node, PageId};
+use strata_types::le::{u16_at, u32_at, u64_at};
 
 /// Bytes in a page.
 pub const PAGE_BYTES: usize = 4096;
@@ -95,16 +96,6 @@ pub fn encode(node: &Node, owner: u64) -> Box<[u8; PAGE_BYTES]> {
     let crc = crc32c::crc32c(&page[4..]);
     page[0..4].copy_from_slice(&crc.to_le_bytes());
     page
-}
-
-fn u16_at(b: &[u8], at: usize) -> u16 {
-    u16::from_le_bytes(b[at..at + 2].try_into().expect("2 bytes"))
-}
-fn u32_at(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
-}
-fn u64_at(b: &[u8], at: usize) -> u64 {
-    u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
 }
 
 /// Decodes a page: the node and its owner tree id.

@@ -22,6 +22,8 @@
 //! torn rewrite fails to decode and costs only the records that were never synced.
 //! Decoding untrusted bytes returns [`SlotError`], never panics.
 
+use strata_types::le::{u16_at, u32_at, u64_at};
+
 /// Bytes in a slot.
 pub const SLOT_BYTES: usize = 4096;
 const MAGIC: &[u8; 8] = b"STRATAJ1";
@@ -183,16 +185,6 @@ impl SlotWriter {
         slot[8..12].copy_from_slice(&crc.to_le_bytes());
         slot
     }
-}
-
-fn u16_at(b: &[u8], at: usize) -> u16 {
-    u16::from_le_bytes(b[at..at + 2].try_into().expect("2 bytes"))
-}
-fn u32_at(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
-}
-fn u64_at(b: &[u8], at: usize) -> u64 {
-    u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
 }
 
 /// Decodes a journal slot.

@@ -4,6 +4,7 @@
 //! Limits live here as constants with compile-time checks so that every queue, buffer and
 //! payload in the system has a bound that can be read in one place.
 
+pub mod le;
 pub mod limits;
 mod name;
 mod size;

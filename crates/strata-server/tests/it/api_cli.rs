@@ -196,12 +196,7 @@ fn forced_delete_closes_a_client_that_stopped_reading() {
     node.create("stuck", "64M");
     let mut raw = Raw::connect(&node.nbd);
     raw.go("stuck");
-    let mut requests = Vec::new();
-    for i in 0..64u64 {
-        requests.extend(Raw::request_bytes(0, crate::raw::CMD_READ, i, i << 20, 1 << 20));
-    }
-    raw.s.write_all(&requests).unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(500));
+    raw.flood_unread_reads(64);
     let out = node.cli(&["volume", "delete", "stuck", "--force"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     // Draining what was already sent must end in EOF or a reset, not a read timeout.

@@ -90,19 +90,12 @@ fn sigterm_finishes_and_restart_keeps_data() {
 
 #[test]
 fn a_client_that_stops_reading_cannot_hold_the_shutdown_forever() {
-    use crate::raw::CMD_READ;
-    use std::io::Write;
     let node = Node::start();
     node.create("stuck", "64M");
     let mut raw = Raw::connect(&node.nbd);
     raw.go("stuck");
     // 64 MiB of read replies that the client never reads: the server's writes block.
-    let mut requests = Vec::new();
-    for i in 0..64u64 {
-        requests.extend(Raw::request_bytes(0, CMD_READ, i, i << 20, 1 << 20));
-    }
-    raw.s.write_all(&requests).unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(500));
+    raw.flood_unread_reads(64);
     let started = std::time::Instant::now();
     let (status, stderr) = node.stop();
     assert!(status.success(), "{status}: {stderr}");

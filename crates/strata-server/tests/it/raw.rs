@@ -204,6 +204,17 @@ impl Raw {
         Reply { structured: true, flags, kind, error, cookie, payload }
     }
 
+    /// Sends `count` 1 MiB READs from offset 0 and never reads the replies, so the
+    /// server's writes to this socket block once the socket buffers are full.
+    pub fn flood_unread_reads(&mut self, count: u64) {
+        let mut requests = Vec::new();
+        for i in 0..count {
+            requests.extend(Raw::request_bytes(0, CMD_READ, i, i << 20, 1 << 20));
+        }
+        self.s.write_all(&requests).unwrap();
+        std::thread::sleep(Duration::from_millis(500));
+    }
+
     /// A simple-reply READ that must succeed.
     pub fn read_ok(&mut self, cookie: u64, offset: u64, length: u32) -> Vec<u8> {
         self.request(0, CMD_READ, cookie, offset, length);
