@@ -114,9 +114,10 @@ impl<F: RawFile> Log<F> {
     }
 
     /// Appends blocks (a multiple of 4096 bytes, at least one block) of `volume` at `lba`
-    /// with VBAs from `vba`, and returns their first slot. Survives a process crash when
-    /// it returns; a power loss only after the next `flush`.
-    pub fn write(&mut self, volume: u64, lba: u64, vba: u64, data: &[u8]) -> io::Result<u64> {
+    /// with VBAs from `vba`, and returns the record it logged (which says where the blocks
+    /// went and their checksums). Survives a process crash when it returns; a power loss
+    /// only after the next `flush`.
+    pub fn write(&mut self, volume: u64, lba: u64, vba: u64, data: &[u8]) -> io::Result<Record> {
         assert!(!data.is_empty() && data.len().is_multiple_of(SLOT_BYTES), "whole blocks");
         let blocks = data.len() / SLOT_BYTES;
         assert!(blocks <= journal::WRITE_BLOCKS_MAX, "the store splits larger writes");
@@ -125,8 +126,9 @@ impl<F: RawFile> Log<F> {
         self.tail += blocks as u64;
         let crcs = data.chunks(SLOT_BYTES).map(crc32c::crc32c).collect();
         let pba32 = u32::try_from(pba).map_err(|_| io::Error::from_raw_os_error(28))?;
-        self.append(Record::Write { volume, lba, vba, pba: pba32, crcs })?;
-        Ok(pba)
+        let record = Record::Write { volume, lba, vba, pba: pba32, crcs };
+        self.append(record.clone())?;
+        Ok(record)
     }
 
     /// Appends a record that carries no data (trim, zero).
@@ -169,6 +171,11 @@ impl<F: RawFile> Log<F> {
     /// The underlying file (tests crash it).
     pub fn file(&self) -> &F {
         &self.file
+    }
+
+    /// Gives the file back (to reopen it after a simulated crash).
+    pub fn into_file(self) -> F {
+        self.file
     }
 }
 
