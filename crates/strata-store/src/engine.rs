@@ -2,8 +2,14 @@
 //! volume (`strata-blockmap`) for LBA → VBA, and the VBA map for VBA → (slot, crc32c).
 //!
 //! So far: write, read (every block checked against its crc), trim, write zeroes, flush,
-//! and reopen by replaying the whole log into the trees and the map. Not yet: checkpoints
-//! (replay is from the start), snapshots through the API, the cleaner, fsck.
+//! snapshots (O(1), read-only), clones of snapshots (writable), snapshot delete (the
+//! seed's method: the VBAs only that snapshot holds leave the VBA map in sorted, bounded
+//! batches), and reopen by replaying the whole log. Not yet: checkpoints (replay is from
+//! the start), the cleaner, fsck.
+//!
+//! Volumes and snapshots share one id space ("views"). Every operation is validated
+//! before its record is logged, so a refused request changes nothing, and applying a
+//! logged record cannot fail — which is what makes replay deterministic.
 //!
 //! Invariants:
 //! 1. Every VBA a tree maps is in the VBA map.
@@ -41,7 +47,53 @@ pub enum EngineError {
     /// The request is not whole blocks.
     #[error("I/O must be whole 4096-byte blocks")]
     Unaligned,
+    /// No volume or snapshot with this id.
+    #[error("no volume or snapshot {0}")]
+    NotFound(u64),
+    /// The id is taken.
+    #[error("id {0} is already a volume or snapshot")]
+    Exists(u64),
+    /// Snapshots cannot be written.
+    #[error("{0} is a snapshot and read-only")]
+    ReadOnly(u64),
+    /// The operation needs a snapshot.
+    #[error("{0} is not a snapshot")]
+    NotSnapshot(u64),
+    /// Clones still depend on the snapshot.
+    #[error("snapshot {id} has {clones} clone(s) that depend on it")]
+    HasClones {
+        /// The snapshot.
+        id: u64,
+        /// Its clones.
+        clones: u32,
+    },
 }
+
+/// A volume or a snapshot.
+#[derive(Clone, Debug)]
+struct View {
+    tree: TreeId,
+    kind: ViewKind,
+}
+
+#[derive(Clone, Debug)]
+enum ViewKind {
+    Volume {
+        /// Its snapshots, oldest first.
+        snapshots: Vec<u64>,
+        /// The snapshot it was cloned from, if any.
+        origin: Option<u64>,
+    },
+    Snapshot {
+        volume: u64,
+        /// The next VBA when it was taken: every VBA it holds is below.
+        watermark: u64,
+        clones: u32,
+    },
+}
+
+/// VBAs gathered per batch when a snapshot is deleted (8 MiB of memory).
+const DELETE_BUFFER_VBAS: usize = 1 << 20;
 
 impl From<LogError> for EngineError {
     fn from(e: LogError) -> Self {
@@ -62,7 +114,7 @@ struct Place {
 pub struct Engine<F: RawFile> {
     log: Log<F>,
     forest: Forest,
-    trees: HashMap<u64, TreeId>,
+    views: HashMap<u64, View>,
     vba_map: HashMap<u64, Place>,
     next_vba: u64,
 }
@@ -73,7 +125,7 @@ impl<F: RawFile> Engine<F> {
         Engine {
             log: Log::create(file),
             forest: Forest::default(),
-            trees: HashMap::new(),
+            views: HashMap::new(),
             vba_map: HashMap::new(),
             next_vba: 1,
         }
@@ -85,7 +137,7 @@ impl<F: RawFile> Engine<F> {
         let mut engine = Engine {
             log,
             forest: Forest::default(),
-            trees: HashMap::new(),
+            views: HashMap::new(),
             vba_map: HashMap::new(),
             next_vba: 1,
         };
@@ -95,9 +147,130 @@ impl<F: RawFile> Engine<F> {
         Ok(engine)
     }
 
+    /// The tree of writable volume `volume`, created on first use.
     fn tree(&mut self, volume: u64) -> TreeId {
         let forest = &mut self.forest;
-        *self.trees.entry(volume).or_insert_with(|| forest.create())
+        self.views
+            .entry(volume)
+            .or_insert_with(|| View {
+                tree: forest.create(),
+                kind: ViewKind::Volume { snapshots: Vec::new(), origin: None },
+            })
+            .tree
+    }
+
+    fn writable(&self, id: u64) -> Result<(), EngineError> {
+        match self.views.get(&id) {
+            Some(View { kind: ViewKind::Snapshot { .. }, .. }) => Err(EngineError::ReadOnly(id)),
+            _ => Ok(()),
+        }
+    }
+
+    /// Takes a snapshot of `volume` named `snapshot`: O(1), and it never changes.
+    pub fn snapshot(&mut self, volume: u64, snapshot: u64) -> Result<(), EngineError> {
+        match self.views.get(&volume) {
+            None => return Err(EngineError::NotFound(volume)),
+            Some(View { kind: ViewKind::Snapshot { .. }, .. }) => {
+                return Err(EngineError::ReadOnly(volume))
+            }
+            Some(_) => {}
+        }
+        if self.views.contains_key(&snapshot) {
+            return Err(EngineError::Exists(snapshot));
+        }
+        self.log_and_apply(Record::Snapshot { volume, snapshot })
+    }
+
+    /// Makes writable volume `clone` from snapshot `source`, sharing its blocks.
+    pub fn clone_snapshot(&mut self, source: u64, clone: u64) -> Result<(), EngineError> {
+        match self.views.get(&source) {
+            None => return Err(EngineError::NotFound(source)),
+            Some(View { kind: ViewKind::Volume { .. }, .. }) => {
+                return Err(EngineError::NotSnapshot(source))
+            }
+            Some(_) => {}
+        }
+        if self.views.contains_key(&clone) {
+            return Err(EngineError::Exists(clone));
+        }
+        self.log_and_apply(Record::Clone { source, clone })
+    }
+
+    /// Deletes snapshot `snapshot`, removing the VBAs only it held from the VBA map.
+    pub fn delete_snapshot(&mut self, snapshot: u64) -> Result<(), EngineError> {
+        match self.views.get(&snapshot) {
+            None => return Err(EngineError::NotFound(snapshot)),
+            Some(View { kind: ViewKind::Volume { .. }, .. }) => {
+                return Err(EngineError::NotSnapshot(snapshot))
+            }
+            Some(View { kind: ViewKind::Snapshot { clones, .. }, .. }) if *clones > 0 => {
+                return Err(EngineError::HasClones { id: snapshot, clones: *clones })
+            }
+            Some(_) => {}
+        }
+        self.log_and_apply(Record::Delete { snapshot })
+    }
+
+    fn log_and_apply(&mut self, record: Record) -> Result<(), EngineError> {
+        self.log.append(record.clone())?;
+        self.apply(&record);
+        Ok(())
+    }
+
+    fn apply_snapshot(&mut self, volume: u64, snapshot: u64) {
+        let tree = self.views[&volume].tree;
+        let snap_tree = self.forest.snapshot(tree).expect("validated before logging");
+        if let ViewKind::Volume { snapshots, .. } =
+            &mut self.views.get_mut(&volume).expect("validated").kind
+        {
+            snapshots.push(snapshot);
+        }
+        let kind = ViewKind::Snapshot { volume, watermark: self.next_vba, clones: 0 };
+        self.views.insert(snapshot, View { tree: snap_tree, kind });
+    }
+
+    fn apply_clone(&mut self, source: u64, clone: u64) {
+        let tree = self.forest.clone_tree(self.views[&source].tree).expect("validated");
+        if let ViewKind::Snapshot { clones, .. } =
+            &mut self.views.get_mut(&source).expect("validated").kind
+        {
+            *clones += 1;
+        }
+        let kind = ViewKind::Volume { snapshots: Vec::new(), origin: Some(source) };
+        self.views.insert(clone, View { tree, kind });
+    }
+
+    fn apply_delete(&mut self, snapshot: u64) {
+        let View { tree, kind } = self.views.remove(&snapshot).expect("validated");
+        let ViewKind::Snapshot { volume, .. } = kind else { unreachable!("validated") };
+        let (snapshots, origin) = match &self.views[&volume].kind {
+            ViewKind::Volume { snapshots, origin } => (snapshots.clone(), *origin),
+            ViewKind::Snapshot { .. } => unreachable!("a snapshot's volume is a volume"),
+        };
+        let at = snapshots.iter().position(|s| *s == snapshot).expect("listed");
+        // The next older tree sharing blocks with this one: the volume's previous
+        // snapshot, or for a clone's first snapshot the snapshot it was cloned from.
+        let older_id = if at > 0 { Some(snapshots[at - 1]) } else { origin };
+        let older = older_id.map(|id| match self.views[&id].kind {
+            ViewKind::Snapshot { watermark, .. } => (self.views[&id].tree, watermark),
+            ViewKind::Volume { .. } => unreachable!("older trees are snapshots"),
+        });
+        let newer =
+            snapshots.get(at + 1).map_or(self.views[&volume].tree, |id| self.views[id].tree);
+        let vba_map = &mut self.vba_map;
+        self.forest
+            .exclusive_vbas(tree, older, newer, DELETE_BUFFER_VBAS, |batch| {
+                for vba in batch {
+                    vba_map.remove(vba);
+                }
+            })
+            .expect("trees exist");
+        self.forest.drop_tree(tree).expect("exists");
+        if let ViewKind::Volume { snapshots, .. } =
+            &mut self.views.get_mut(&volume).expect("exists").kind
+        {
+            snapshots.remove(at);
+        }
     }
 
     /// Applies a record to the trees and the VBA map (at write time and at replay).
@@ -123,6 +296,9 @@ impl<F: RawFile> Engine<F> {
                 let tree = self.tree(*volume);
                 self.forest.map(tree, *lba, *blocks, Target::Zero).expect("non-empty");
             }
+            Record::Snapshot { volume, snapshot } => self.apply_snapshot(*volume, *snapshot),
+            Record::Clone { source, clone } => self.apply_clone(*source, *clone),
+            Record::Delete { snapshot } => self.apply_delete(*snapshot),
         }
     }
 
@@ -131,6 +307,7 @@ impl<F: RawFile> Engine<F> {
         if data.is_empty() || !data.len().is_multiple_of(BLOCK_BYTES) {
             return Err(EngineError::Unaligned);
         }
+        self.writable(volume)?;
         for (i, chunk) in data.chunks(WRITE_BLOCKS_MAX * BLOCK_BYTES).enumerate() {
             let lba = lba + (i * WRITE_BLOCKS_MAX) as u64;
             let record = self.log.write(volume, lba, self.next_vba, chunk)?;
@@ -141,18 +318,14 @@ impl<F: RawFile> Engine<F> {
 
     /// Makes `blocks` blocks from `lba` a hole.
     pub fn trim(&mut self, volume: u64, lba: u64, blocks: u64) -> Result<(), EngineError> {
-        let record = Record::Trim { volume, lba, blocks };
-        self.log.append(record.clone())?;
-        self.apply(&record);
-        Ok(())
+        self.writable(volume)?;
+        self.log_and_apply(Record::Trim { volume, lba, blocks })
     }
 
     /// Makes `blocks` blocks from `lba` read as zeroes.
     pub fn write_zeroes(&mut self, volume: u64, lba: u64, blocks: u64) -> Result<(), EngineError> {
-        let record = Record::Zero { volume, lba, blocks };
-        self.log.append(record.clone())?;
-        self.apply(&record);
-        Ok(())
+        self.writable(volume)?;
+        self.log_and_apply(Record::Zero { volume, lba, blocks })
     }
 
     /// Makes everything written so far durable.
@@ -166,9 +339,9 @@ impl<F: RawFile> Engine<F> {
             return Err(EngineError::Unaligned);
         }
         buf.fill(0);
-        let Some(tree) = self.trees.get(&volume) else { return Ok(()) };
+        let Some(view) = self.views.get(&volume) else { return Ok(()) };
         let blocks = (buf.len() / BLOCK_BYTES) as u64;
-        let extents = self.forest.lookup(*tree, lba, blocks).expect("non-empty range");
+        let extents = self.forest.lookup(view.tree, lba, blocks).expect("non-empty range");
         for extent in extents {
             let Target::Data { vba } = extent.target else { continue };
             for i in 0..extent.length {
@@ -190,8 +363,8 @@ impl<F: RawFile> Engine<F> {
     /// Checks invariant 1 and the forest's own invariants.
     pub fn validate(&self) -> Result<(), String> {
         self.forest.validate()?;
-        for (volume, tree) in &self.trees {
-            for extent in self.forest.lookup(*tree, 0, u64::MAX / 2).expect("valid range") {
+        for (volume, view) in &self.views {
+            for extent in self.forest.lookup(view.tree, 0, u64::MAX / 2).expect("valid range") {
                 if let Target::Data { vba } = extent.target {
                     if let Some(missing) =
                         (vba..vba + extent.length).find(|v| !self.vba_map.contains_key(v))
@@ -212,3 +385,27 @@ impl<F: RawFile> Engine<F> {
 
 #[cfg(test)]
 mod tests;
+
+impl<F: RawFile> Engine<F> {
+    /// Every VBA the view `id` maps (tests and accounting).
+    pub fn vbas_of(&self, id: u64) -> Vec<u64> {
+        let Some(view) = self.views.get(&id) else { return Vec::new() };
+        let mut vbas = Vec::new();
+        for extent in self.forest.lookup(view.tree, 0, u64::MAX / 2).expect("valid range") {
+            if let Target::Data { vba } = extent.target {
+                vbas.extend(vba..vba + extent.length);
+            }
+        }
+        vbas
+    }
+
+    /// Entries in the VBA map.
+    pub fn vba_map_len(&self) -> usize {
+        self.vba_map.len()
+    }
+
+    /// Whether the VBA map holds `vba`.
+    pub fn has_vba(&self, vba: u64) -> bool {
+        self.vba_map.contains_key(&vba)
+    }
+}

@@ -11,6 +11,9 @@
 //!   1 Write  volume u64, lba u64, vba u64, pba u32, crc32c u32 per block (1..=1000 blocks)
 //!   2 Trim   volume u64, lba u64, blocks u64
 //!   3 Zero   volume u64, lba u64, blocks u64
+//!   4 Snapshot  volume u64, snapshot u64, 0 u64
+//!   5 Clone     source u64, clone u64, 0 u64
+//!   6 Delete    snapshot u64, 0 u64, 0 u64
 //! ```
 //!
 //! Journal slots are found by following `next` from the superblock, never by scanning the
@@ -41,6 +44,9 @@ const _: () =
 const KIND_WRITE: u8 = 1;
 const KIND_TRIM: u8 = 2;
 const KIND_ZERO: u8 = 3;
+const KIND_SNAPSHOT: u8 = 4;
+const KIND_CLONE: u8 = 5;
+const KIND_DELETE: u8 = 6;
 
 /// One change the journal records.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -77,13 +83,32 @@ pub enum Record {
         /// Blocks.
         blocks: u64,
     },
+    /// A snapshot of `volume` was taken, named by id `snapshot`.
+    Snapshot {
+        /// Volume id.
+        volume: u64,
+        /// The snapshot's id (same id space as volumes).
+        snapshot: u64,
+    },
+    /// A writable volume `clone` was made from snapshot `source`.
+    Clone {
+        /// The snapshot cloned.
+        source: u64,
+        /// The new volume's id.
+        clone: u64,
+    },
+    /// Snapshot `snapshot` was deleted.
+    Delete {
+        /// The snapshot's id.
+        snapshot: u64,
+    },
 }
 
 impl Record {
     fn payload_bytes(&self) -> usize {
         match self {
             Record::Write { crcs, .. } => WRITE_FIXED_BYTES + 4 * crcs.len(),
-            Record::Trim { .. } | Record::Zero { .. } => 24,
+            _ => 24,
         }
     }
 
@@ -92,6 +117,9 @@ impl Record {
             Record::Write { volume, lba, vba, .. } => (KIND_WRITE, [*volume, *lba, *vba]),
             Record::Trim { volume, lba, blocks } => (KIND_TRIM, [*volume, *lba, *blocks]),
             Record::Zero { volume, lba, blocks } => (KIND_ZERO, [*volume, *lba, *blocks]),
+            Record::Snapshot { volume, snapshot } => (KIND_SNAPSHOT, [*volume, *snapshot, 0]),
+            Record::Clone { source, clone } => (KIND_CLONE, [*source, *clone, 0]),
+            Record::Delete { snapshot } => (KIND_DELETE, [*snapshot, 0, 0]),
         };
         out.push(kind);
         let length = u16::try_from(self.payload_bytes()).expect("records fit a slot");
@@ -242,15 +270,17 @@ fn decode_record(kind: u8, p: &[u8]) -> Result<Record, SlotError> {
                 crcs,
             })
         }
-        KIND_TRIM | KIND_ZERO => {
+        KIND_TRIM..=KIND_DELETE => {
             if p.len() != 24 {
-                return Err(SlotError::Malformed("trim/zero record length"));
+                return Err(SlotError::Malformed("record length"));
             }
-            let (volume, lba, blocks) = (u64_at(p, 0), u64_at(p, 8), u64_at(p, 16));
-            Ok(if kind == KIND_TRIM {
-                Record::Trim { volume, lba, blocks }
-            } else {
-                Record::Zero { volume, lba, blocks }
+            let (a, b, c) = (u64_at(p, 0), u64_at(p, 8), u64_at(p, 16));
+            Ok(match kind {
+                KIND_TRIM => Record::Trim { volume: a, lba: b, blocks: c },
+                KIND_ZERO => Record::Zero { volume: a, lba: b, blocks: c },
+                KIND_SNAPSHOT => Record::Snapshot { volume: a, snapshot: b },
+                KIND_CLONE => Record::Clone { source: a, clone: b },
+                _ => Record::Delete { snapshot: a },
             })
         }
         _ => Err(SlotError::Malformed("unknown record kind")),

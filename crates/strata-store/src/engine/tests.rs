@@ -4,6 +4,7 @@
 
 use super::*;
 use proptest::prelude::*;
+use std::collections::BTreeMap;
 use strata_io::sim::{SimFile, SimRng};
 
 /// A block's content names its write: (write id, block index); `None` reads as zeroes.
@@ -170,4 +171,137 @@ fn unaligned_io_is_refused() {
     assert!(matches!(engine.write(1, 0, &[0u8; 100]), Err(EngineError::Unaligned)));
     assert!(matches!(engine.read(1, 0, &mut [0u8; 4097]), Err(EngineError::Unaligned)));
     engine.validate().unwrap();
+}
+
+#[derive(Clone, Debug)]
+enum SnapOp {
+    Write { view: usize, lba: u64, blocks: u64 },
+    Trim { view: usize, lba: u64, blocks: u64 },
+    Snapshot { view: usize },
+    Clone { view: usize },
+    Delete { view: usize },
+    FlushCrash { seed: u64 },
+}
+
+fn snap_op() -> impl Strategy<Value = SnapOp> {
+    prop_oneof![
+        8 => (any::<usize>(), 0u64..30, 1u64..4)
+            .prop_map(|(view, lba, blocks)| SnapOp::Write { view, lba, blocks }),
+        1 => (any::<usize>(), 0u64..30, 1u64..4)
+            .prop_map(|(view, lba, blocks)| SnapOp::Trim { view, lba, blocks }),
+        2 => any::<usize>().prop_map(|view| SnapOp::Snapshot { view }),
+        1 => any::<usize>().prop_map(|view| SnapOp::Clone { view }),
+        2 => any::<usize>().prop_map(|view| SnapOp::Delete { view }),
+        1 => any::<u64>().prop_map(|seed| SnapOp::FlushCrash { seed }),
+    ]
+}
+
+/// Volumes and snapshots against a model: reads of every view match, snapshots never
+/// change, deleting one removes exactly the VBAs no other view holds, refusals change
+/// nothing, and all of it replays identically after a crash.
+fn run_snapshots(ops: Vec<SnapOp>) {
+    let mut engine = Engine::create(SimFile::new());
+    engine.write(0, 0, &block(Some((1, 0)))).unwrap();
+    let mut model: BTreeMap<u64, (bool, HashMap<u64, Value>)> = BTreeMap::new();
+    model.insert(0, (true, HashMap::from([(0, Some((1, 0)))])));
+    let mut clones: HashMap<u64, u32> = HashMap::new();
+    let mut next_id = 2;
+    let mut next_view = 1;
+    for op in ops {
+        let ids: Vec<u64> = model.keys().copied().collect();
+        let kinds: HashMap<u64, bool> = model.iter().map(|(id, (w, _))| (*id, *w)).collect();
+        let pick = |i: usize, writable: bool| {
+            let matching: Vec<u64> =
+                ids.iter().copied().filter(|id| kinds[id] == writable).collect();
+            (!matching.is_empty()).then(|| matching[i % matching.len()])
+        };
+        match op {
+            SnapOp::Write { view, lba, blocks } => {
+                let Some(id) = pick(view, true) else { continue };
+                let w = next_id;
+                next_id += 1;
+                let data: Vec<u8> = (0..blocks).flat_map(|i| block(Some((w, i)))).collect();
+                engine.write(id, lba, &data).unwrap();
+                let m = &mut model.get_mut(&id).unwrap().1;
+                for i in 0..blocks {
+                    m.insert(lba + i, Some((w, i)));
+                }
+                if let Some(snap) = pick(view, false) {
+                    let err = engine.write(snap, lba, &data).unwrap_err();
+                    assert!(matches!(err, EngineError::ReadOnly(s) if s == snap));
+                }
+            }
+            SnapOp::Trim { view, lba, blocks } => {
+                let Some(id) = pick(view, true) else { continue };
+                engine.trim(id, lba, blocks).unwrap();
+                let m = &mut model.get_mut(&id).unwrap().1;
+                for i in 0..blocks {
+                    m.insert(lba + i, None);
+                }
+            }
+            SnapOp::Snapshot { view } => {
+                let Some(id) = pick(view, true) else { continue };
+                let s = 1000 + next_view;
+                next_view += 1;
+                engine.snapshot(id, s).unwrap();
+                let contents = model[&id].1.clone();
+                model.insert(s, (false, contents));
+                assert!(matches!(engine.snapshot(id, s), Err(EngineError::Exists(_))));
+            }
+            SnapOp::Clone { view } => {
+                let Some(s) = pick(view, false) else { continue };
+                let c = next_view;
+                next_view += 1;
+                engine.clone_snapshot(s, c).unwrap();
+                let contents = model[&s].1.clone();
+                model.insert(c, (true, contents));
+                *clones.entry(s).or_default() += 1;
+            }
+            SnapOp::Delete { view } => {
+                let Some(s) = pick(view, false) else { continue };
+                if clones.get(&s).copied().unwrap_or(0) > 0 {
+                    let before = engine.vba_map_len();
+                    let err = engine.delete_snapshot(s).unwrap_err();
+                    assert!(matches!(err, EngineError::HasClones { .. }), "{err}");
+                    assert_eq!(engine.vba_map_len(), before, "a refused delete changes nothing");
+                    continue;
+                }
+                let others: std::collections::HashSet<u64> =
+                    ids.iter().filter(|id| **id != s).flat_map(|id| engine.vbas_of(*id)).collect();
+                let exclusive: Vec<u64> =
+                    engine.vbas_of(s).into_iter().filter(|v| !others.contains(v)).collect();
+                engine.delete_snapshot(s).unwrap();
+                assert!(exclusive.iter().all(|v| !engine.has_vba(*v)), "exclusive VBAs remain");
+                model.remove(&s);
+                assert!(matches!(engine.read(s, 0, &mut [0u8; BLOCK_BYTES]), Ok(())));
+            }
+            SnapOp::FlushCrash { seed } => {
+                engine.flush().unwrap();
+                let file = engine.into_file();
+                file.crash(&mut SimRng::new(seed));
+                engine = Engine::open(file).unwrap();
+            }
+        }
+        engine.validate().unwrap();
+        for (id, (_, blocks)) in &model {
+            let data = read_all(&engine, *id);
+            for lba in 0..BLOCKS {
+                let want = block(blocks.get(&lba).copied().unwrap_or(None));
+                assert!(
+                    data[lba as usize * BLOCK_BYTES..][..BLOCK_BYTES] == want[..],
+                    "view {id} block {lba} differs from the model"
+                );
+            }
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
+    #[test]
+    fn snapshots_clones_and_deletes_match_the_model(
+        ops in proptest::collection::vec(snap_op(), 1..120),
+    ) {
+        run_snapshots(ops);
+    }
 }

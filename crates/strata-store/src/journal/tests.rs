@@ -32,6 +32,10 @@ fn record() -> impl Strategy<Value = Record> {
             lba,
             blocks
         }),
+        (any::<u64>(), any::<u64>())
+            .prop_map(|(volume, snapshot)| Record::Snapshot { volume, snapshot }),
+        (any::<u64>(), any::<u64>()).prop_map(|(source, clone)| Record::Clone { source, clone }),
+        any::<u64>().prop_map(|snapshot| Record::Delete { snapshot }),
     ]
 }
 
