@@ -389,7 +389,8 @@ impl<P: PageStore> Forest<P> {
         let shared_seq = self.trees[&tree].shared_seq;
         let node = self.pages.get(id);
         if node.seq() > shared_seq {
-            debug_assert_eq!(self.refs[&id], 1, "a private page has one reference");
+            // Changing a shared page in place would change a snapshot: crash instead.
+            assert_eq!(self.refs[&id], 1, "a private page has one reference");
             return id;
         }
         let mut copy = node.clone();

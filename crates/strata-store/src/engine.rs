@@ -218,7 +218,9 @@ impl<F: RawFile> Engine<F> {
     }
 
     fn apply_snapshot(&mut self, volume: u64, snapshot: u64) {
-        let tree = self.views[&volume].tree;
+        // At replay the volume may not exist: the write that created it may be one whose
+        // data did not survive (it was never flushed). It is then empty, as that write is.
+        let tree = self.tree(volume);
         let snap_tree = self.forest.snapshot(tree).expect("validated before logging");
         if let ViewKind::Volume { snapshots, .. } =
             &mut self.views.get_mut(&volume).expect("validated").kind

@@ -122,10 +122,15 @@ impl<F: RawFile> Log<F> {
         let blocks = data.len() / SLOT_BYTES;
         assert!(blocks <= journal::WRITE_BLOCKS_MAX, "the store splits larger writes");
         let pba = self.tail;
+        // Slots are u32 on disk (16 TiB of log): refuse before writing anything.
+        let last = pba + blocks as u64 + 1;
+        let pba32 = u32::try_from(pba)
+            .ok()
+            .filter(|_| u32::try_from(last).is_ok())
+            .ok_or_else(|| io::Error::from_raw_os_error(28))?;
         self.file.write_at(data, offset(pba))?;
         self.tail += blocks as u64;
         let crcs = data.chunks(SLOT_BYTES).map(crc32c::crc32c).collect();
-        let pba32 = u32::try_from(pba).map_err(|_| io::Error::from_raw_os_error(28))?;
         let record = Record::Write { volume, lba, vba, pba: pba32, crcs };
         self.append(record.clone())?;
         Ok(record)
