@@ -166,49 +166,48 @@ impl<F: RawFile> Engine<F> {
         }
     }
 
+    /// Checks that `id` is an existing volume (not a snapshot).
+    fn existing_volume(&self, id: u64) -> Result<(), EngineError> {
+        self.views.get(&id).ok_or(EngineError::NotFound(id))?;
+        self.writable(id)
+    }
+
+    /// Checks that `id` is an existing snapshot; returns how many clones depend on it.
+    fn existing_snapshot(&self, id: u64) -> Result<u32, EngineError> {
+        match self.views.get(&id).ok_or(EngineError::NotFound(id))?.kind {
+            ViewKind::Snapshot { clones, .. } => Ok(clones),
+            ViewKind::Volume { .. } => Err(EngineError::NotSnapshot(id)),
+        }
+    }
+
+    /// Checks that no volume or snapshot is named `id`.
+    fn free_id(&self, id: u64) -> Result<(), EngineError> {
+        if self.views.contains_key(&id) {
+            return Err(EngineError::Exists(id));
+        }
+        Ok(())
+    }
+
     /// Takes a snapshot of `volume` named `snapshot`: O(1), and it never changes.
     pub fn snapshot(&mut self, volume: u64, snapshot: u64) -> Result<(), EngineError> {
-        match self.views.get(&volume) {
-            None => return Err(EngineError::NotFound(volume)),
-            Some(View { kind: ViewKind::Snapshot { .. }, .. }) => {
-                return Err(EngineError::ReadOnly(volume))
-            }
-            Some(_) => {}
-        }
-        if self.views.contains_key(&snapshot) {
-            return Err(EngineError::Exists(snapshot));
-        }
+        self.existing_volume(volume)?;
+        self.free_id(snapshot)?;
         self.log_and_apply(Record::Snapshot { volume, snapshot })
     }
 
     /// Makes writable volume `clone` from snapshot `source`, sharing its blocks.
     pub fn clone_snapshot(&mut self, source: u64, clone: u64) -> Result<(), EngineError> {
-        match self.views.get(&source) {
-            None => return Err(EngineError::NotFound(source)),
-            Some(View { kind: ViewKind::Volume { .. }, .. }) => {
-                return Err(EngineError::NotSnapshot(source))
-            }
-            Some(_) => {}
-        }
-        if self.views.contains_key(&clone) {
-            return Err(EngineError::Exists(clone));
-        }
+        self.existing_snapshot(source)?;
+        self.free_id(clone)?;
         self.log_and_apply(Record::Clone { source, clone })
     }
 
     /// Deletes snapshot `snapshot`, removing the VBAs only it held from the VBA map.
     pub fn delete_snapshot(&mut self, snapshot: u64) -> Result<(), EngineError> {
-        match self.views.get(&snapshot) {
-            None => return Err(EngineError::NotFound(snapshot)),
-            Some(View { kind: ViewKind::Volume { .. }, .. }) => {
-                return Err(EngineError::NotSnapshot(snapshot))
-            }
-            Some(View { kind: ViewKind::Snapshot { clones, .. }, .. }) if *clones > 0 => {
-                return Err(EngineError::HasClones { id: snapshot, clones: *clones })
-            }
-            Some(_) => {}
+        match self.existing_snapshot(snapshot)? {
+            0 => self.log_and_apply(Record::Delete { snapshot }),
+            clones => Err(EngineError::HasClones { id: snapshot, clones }),
         }
-        self.log_and_apply(Record::Delete { snapshot })
     }
 
     fn log_and_apply(&mut self, record: Record) -> Result<(), EngineError> {

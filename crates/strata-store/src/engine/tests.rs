@@ -49,6 +49,18 @@ fn read_all(engine: &Engine<SimFile>, volume: u64) -> Vec<u8> {
     buf
 }
 
+/// Asserts that every block of `view` reads as `expected(lba)` says.
+fn assert_reads(engine: &Engine<SimFile>, view: u64, expected: impl Fn(u64) -> Value) {
+    let data = read_all(engine, view);
+    for lba in 0..BLOCKS {
+        let want = block(expected(lba));
+        assert!(
+            data[lba as usize * BLOCK_BYTES..][..BLOCK_BYTES] == want[..],
+            "view {view} block {lba} differs from the model"
+        );
+    }
+}
+
 fn run(ops: Vec<Op>) {
     let mut engine = Engine::create(SimFile::new());
     // Per (volume, block): the value now, the durable one, and the ones since the flush.
@@ -108,14 +120,7 @@ fn run(ops: Vec<Op>) {
         }
         engine.validate().unwrap();
         for volume in 0..2 {
-            let data = read_all(&engine, volume);
-            for lba in 0..BLOCKS {
-                let want = block(now.get(&(volume, lba)).copied().unwrap_or(None));
-                assert!(
-                    data[lba as usize * BLOCK_BYTES..][..BLOCK_BYTES] == want[..],
-                    "volume {volume} block {lba} differs from the model"
-                );
-            }
+            assert_reads(&engine, volume, |lba| now.get(&(volume, lba)).copied().unwrap_or(None));
         }
     }
 }
@@ -284,14 +289,7 @@ fn run_snapshots(ops: Vec<SnapOp>) {
         }
         engine.validate().unwrap();
         for (id, (_, blocks)) in &model {
-            let data = read_all(&engine, *id);
-            for lba in 0..BLOCKS {
-                let want = block(blocks.get(&lba).copied().unwrap_or(None));
-                assert!(
-                    data[lba as usize * BLOCK_BYTES..][..BLOCK_BYTES] == want[..],
-                    "view {id} block {lba} differs from the model"
-                );
-            }
+            assert_reads(&engine, *id, |lba| blocks.get(&lba).copied().unwrap_or(None));
         }
     }
 }
