@@ -702,7 +702,9 @@ impl Ctx {
     ) -> Result<bool, ConnError> {
         loop {
             if let Input::Payload { req, filled, .. } = state {
-                if *filled < req.length as usize {
+                // At the in-flight bound the write waits, whole, for a reply to come back:
+                // the reply channel only has room for that many.
+                if *filled < req.length as usize || in_flight.full() {
                     return Ok(false);
                 }
                 let Input::Payload { req, buffer, .. } = std::mem::replace(state, Input::Requests)
