@@ -181,8 +181,9 @@ impl<P: PageStore> Forest<P> {
     /// Collects the VBAs that only `snapshot` holds, the first step of deleting it (the
     /// seed's method): walk the snapshot's tree, skipping every subtree whose page another
     /// tree also references (all of it survives); for each extent of a page only this tree
-    /// holds, keep the blocks that `newer` (the next newer snapshot of the same volume, or
-    /// its head) does not map to the same VBA, and that `older` (the next older snapshot
+    /// holds, keep the blocks that `newer` (the one tree made from this snapshot since: the
+    /// next newer snapshot of the same volume, or its head; `None` if there is none) does
+    /// not map to the same VBA, and that `older` (the next older snapshot
     /// and the VBA watermark when it was taken) does not hold either: a VBA above the
     /// watermark was allocated after `older` was taken, so it cannot be there.
     ///
@@ -195,13 +196,15 @@ impl<P: PageStore> Forest<P> {
         &self,
         snapshot: TreeId,
         older: Option<(TreeId, u64)>,
-        newer: TreeId,
+        newer: Option<TreeId>,
         buffer_max: usize,
         mut sink: impl FnMut(&[u64]),
     ) -> Result<(), Error> {
         assert!(buffer_max > 0, "the buffer holds at least one VBA");
         let root = self.tree(snapshot)?.root;
-        self.tree(newer)?;
+        if let Some(newer) = newer {
+            self.tree(newer)?;
+        }
         if let Some((older, _)) = older {
             self.tree(older)?;
         }
@@ -218,7 +221,7 @@ impl<P: PageStore> Forest<P> {
                 Node::Leaf { entries, .. } => {
                     for e in entries {
                         let Target::Data { vba } = e.target else { continue };
-                        let mut kept = self.same_mapping(newer, e);
+                        let mut kept = newer.map(|n| self.same_mapping(n, e)).unwrap_or_default();
                         if let Some((older, watermark)) = older {
                             if vba < watermark {
                                 kept.extend(self.same_mapping(older, e));
@@ -607,6 +610,35 @@ impl<P: PageStore> Forest<P> {
             ));
         }
         Ok(())
+    }
+
+    /// Calls `f` with every extent of every tree, visiting each page once however many
+    /// trees share it (the seed's node map): O(distinct pages), not O(trees × pages).
+    pub fn for_each_distinct_extent(&self, mut f: impl FnMut(&Extent)) {
+        let mut seen: HashSet<PageId> = HashSet::new();
+        let mut pending: Vec<PageId> = self.trees.values().map(|t| t.root).collect();
+        while let Some(id) = pending.pop() {
+            if !seen.insert(id) {
+                continue;
+            }
+            match self.pages.get(id) {
+                Node::Leaf { entries, .. } => entries.iter().for_each(&mut f),
+                Node::Interior { children, .. } => pending.extend(children),
+            }
+        }
+    }
+
+    /// One past the last LBA `tree` maps (0 when empty).
+    pub fn end_lba(&self, tree: TreeId) -> Result<u64, Error> {
+        let mut id = self.tree(tree)?.root;
+        loop {
+            match self.pages.get(id) {
+                Node::Leaf { entries, .. } => return Ok(entries.last().map_or(0, |e| e.end())),
+                Node::Interior { children, .. } => {
+                    id = *children.last().expect("interior pages have children")
+                }
+            }
+        }
     }
 
     fn in_order(&self, id: PageId, out: &mut Vec<Extent>) {

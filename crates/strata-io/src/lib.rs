@@ -65,6 +65,15 @@ pub enum StoreError {
     /// because the kernel may already have dropped the unsynced data (fsyncgate).
     #[error("volume is failed after an earlier sync error; restart the node to recover")]
     Failed,
+    /// The volume is a read-only snapshot.
+    #[error("the volume is a read-only snapshot")]
+    ReadOnly,
+    /// Stored data or metadata failed its checksum: the block is not returned.
+    #[error("{message}")]
+    Corrupt {
+        /// What failed, where.
+        message: String,
+    },
     /// An operating-system I/O error.
     #[error("{op}: {source}")]
     Io {
@@ -76,7 +85,8 @@ pub enum StoreError {
 }
 
 impl StoreError {
-    pub(crate) fn io(op: &'static str) -> impl FnOnce(std::io::Error) -> StoreError {
+    /// Wraps an OS error of operation `op`; ENOSPC, EDQUOT and EFBIG become `NoSpace`.
+    pub fn io(op: &'static str) -> impl FnOnce(std::io::Error) -> StoreError {
         move |source| {
             if source.raw_os_error() == Some(rustix::io::Errno::NOSPC.raw_os_error())
                 || source.raw_os_error() == Some(rustix::io::Errno::DQUOT.raw_os_error())
@@ -89,7 +99,8 @@ impl StoreError {
         }
     }
 
-    pub(crate) fn errno(op: &'static str) -> impl FnOnce(rustix::io::Errno) -> StoreError {
+    /// Like [`StoreError::io`] for a rustix error.
+    pub fn errno(op: &'static str) -> impl FnOnce(rustix::io::Errno) -> StoreError {
         move |e| StoreError::io(op)(std::io::Error::from(e))
     }
 }

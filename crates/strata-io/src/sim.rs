@@ -44,6 +44,21 @@ impl RawFile for std::fs::File {
     }
 }
 
+impl<T: RawFile + ?Sized> RawFile for std::sync::Arc<T> {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        (**self).read_at(buf, offset)
+    }
+    fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()> {
+        (**self).write_at(data, offset)
+    }
+    fn sync(&self) -> io::Result<()> {
+        (**self).sync()
+    }
+    fn length_bytes(&self) -> io::Result<u64> {
+        (**self).length_bytes()
+    }
+}
+
 /// Sector size for torn writes.
 pub const SECTOR_BYTES: usize = 512;
 

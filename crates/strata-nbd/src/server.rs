@@ -455,9 +455,11 @@ fn store_errno(e: &StoreError) -> (u32, bool) {
         StoreError::OutOfRange { .. } => (errno::EINVAL, false),
         StoreError::NoSpace => (errno::ENOSPC, true),
         StoreError::Unsupported { .. } => (errno::ENOTSUP, false),
-        StoreError::Failed | StoreError::Io { .. } | StoreError::NotFound { .. } => {
-            (errno::EIO, true)
-        }
+        StoreError::ReadOnly => (errno::EPERM, false),
+        StoreError::Failed
+        | StoreError::Io { .. }
+        | StoreError::Corrupt { .. }
+        | StoreError::NotFound { .. } => (errno::EIO, true),
     }
 }
 

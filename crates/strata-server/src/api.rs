@@ -5,7 +5,7 @@
 //! the blocking pool.
 
 use crate::error::{ApiError, ApiResult};
-use crate::node::{Node, VolumeInfo};
+use crate::node::{Node, SnapshotInfo, VolumeInfo};
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::{header, StatusCode};
@@ -44,6 +44,10 @@ pub fn router(api: Api) -> Router {
         .route("/v1/volumes", get(list_volumes).post(create_volume))
         .route("/v1/volumes/{name}", get(get_volume).delete(delete_volume))
         .route("/v1/volumes/{name}/resize", post(resize_volume))
+        .route("/v1/volumes/{name}/rollback", post(rollback_volume))
+        .route("/v1/volumes/{name}/snapshots", get(list_snapshots).post(create_snapshot))
+        .route("/v1/volumes/{name}/snapshots/{snapshot}", get(get_snapshot).delete(delete_snapshot))
+        .route("/v1/volumes/{name}/snapshots/{snapshot}/clone", post(clone_snapshot))
         .fallback(|| async {
             ApiError::new(ErrorCode::NotFound, "no such endpoint; see /v1/openapi.json")
         })
@@ -81,8 +85,10 @@ pub struct NodeStatus {
     pub http: String,
     /// Number of volumes.
     pub volumes: usize,
-    /// Free bytes in the store.
+    /// Free bytes in the file system holding the store.
     pub free_bytes: u64,
+    /// Bytes the store's log occupies.
+    pub log_bytes: u64,
     /// Seconds since start.
     pub uptime_seconds: u64,
 }
@@ -95,6 +101,7 @@ async fn node_status(State(api): State<Api>) -> Json<NodeStatus> {
         http: api.http_addr.clone(),
         volumes: api.node.list().len(),
         free_bytes: api.node.free_bytes(),
+        log_bytes: api.node.log_bytes(),
         uptime_seconds: api.started.elapsed().as_secs(),
     })
 }
@@ -196,4 +203,85 @@ async fn delete_volume(
     let node = api.node.clone();
     blocking(move || node.delete(&name, q.force)).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+struct NameBody {
+    name: String,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+struct RollbackBody {
+    snapshot: String,
+    #[serde(default)]
+    force: bool,
+}
+
+fn valid_name(name: &str, what: &str) -> ApiResult<VolumeName> {
+    VolumeName::new(name).map_err(|e| ApiError::invalid(format!("{what}: {e}")))
+}
+
+async fn list_snapshots(
+    State(api): State<Api>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<Vec<SnapshotInfo>>> {
+    let node = api.node.clone();
+    blocking(move || node.snapshot_list(&name)).await.map(Json)
+}
+
+async fn get_snapshot(
+    State(api): State<Api>,
+    Path((name, snapshot)): Path<(String, String)>,
+) -> ApiResult<Json<SnapshotInfo>> {
+    let node = api.node.clone();
+    blocking(move || node.snapshot_get(&name, &snapshot)).await.map(Json)
+}
+
+async fn create_snapshot(
+    State(api): State<Api>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> ApiResult<(StatusCode, Json<SnapshotInfo>)> {
+    let req: NameBody = parse_json(&body)?;
+    let snapshot = valid_name(&req.name, "snapshot name")?;
+    let node = api.node.clone();
+    let info = blocking(move || node.snapshot_create(&name, snapshot)).await?;
+    Ok((StatusCode::CREATED, Json(info)))
+}
+
+async fn delete_snapshot(
+    State(api): State<Api>,
+    Path((name, snapshot)): Path<(String, String)>,
+    query: Result<Query<DeleteQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<StatusCode> {
+    let Query(q) = query.map_err(|e| ApiError::invalid(format!("bad query: {e}")))?;
+    let node = api.node.clone();
+    blocking(move || node.snapshot_delete(&name, &snapshot, q.force)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn clone_snapshot(
+    State(api): State<Api>,
+    Path((name, snapshot)): Path<(String, String)>,
+    body: Bytes,
+) -> ApiResult<(StatusCode, Json<VolumeInfo>)> {
+    let req: NameBody = parse_json(&body)?;
+    let clone = valid_name(&req.name, "clone name")?;
+    let node = api.node.clone();
+    let source = format!("{name}@{snapshot}");
+    let info = blocking(move || node.clone_volume(&source, clone)).await?;
+    Ok((StatusCode::CREATED, Json(info)))
+}
+
+async fn rollback_volume(
+    State(api): State<Api>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> ApiResult<Json<VolumeInfo>> {
+    let req: RollbackBody = parse_json(&body)?;
+    let node = api.node.clone();
+    let source = format!("{name}@{}", req.snapshot);
+    blocking(move || node.rollback(&source, req.force)).await.map(Json)
 }

@@ -1,6 +1,6 @@
-//! The operator's volume commands, over the HTTP API.
+//! The operator's volume and snapshot commands, over the HTTP API.
 
-use crate::node::VolumeInfo;
+use crate::node::{SnapshotInfo, VolumeInfo};
 use anyhow::{bail, Context};
 use serde_json::{json, Value};
 use strata_types::{format_size, parse_size};
@@ -36,7 +36,7 @@ pub enum VolumeCommand {
         #[arg(long)]
         allow_shrink: bool,
     },
-    /// Delete a volume and its data.
+    /// Delete a volume, its snapshots and their data (refused while clones depend on them).
     Delete {
         /// Volume name.
         name: String,
@@ -44,6 +44,60 @@ pub enum VolumeCommand {
         #[arg(long)]
         force: bool,
     },
+    /// Make a writable volume from a snapshot; it shares the snapshot's blocks.
+    #[command(after_help = "Example:\n  strata volume clone vm1@golden vm2")]
+    Clone {
+        /// The snapshot, as VOL@SNAP.
+        source: String,
+        /// The new volume's name.
+        name: String,
+    },
+    /// Return a volume to one of its snapshots (its writes since are discarded; every
+    /// snapshot stays).
+    #[command(after_help = "Example:\n  strata volume rollback vm1@before-upgrade")]
+    Rollback {
+        /// The snapshot, as VOL@SNAP.
+        snapshot: String,
+        /// Roll back even while NBD clients are attached (disconnects them first).
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+/// `strata snapshot …`
+#[derive(clap::Subcommand, Debug)]
+pub enum SnapshotCommand {
+    /// Take a snapshot: instant, whatever the volume's size. It is exported read-only over
+    /// NBD as VOL@SNAP.
+    #[command(after_help = "Example:\n  strata snapshot create vm1@before-upgrade\n  \
+        qemu-img info nbd://127.0.0.1:10809/vm1@before-upgrade")]
+    Create {
+        /// VOL@SNAP (the snapshot name follows the volume name rules).
+        snapshot: String,
+    },
+    /// List a volume's snapshots, oldest first, with the space each holds alone.
+    List {
+        /// Volume name.
+        volume: String,
+    },
+    /// Delete a snapshot, freeing the blocks only it holds (refused while clones depend
+    /// on it).
+    #[command(after_help = "Example:\n  strata snapshot delete vm1@before-upgrade")]
+    Delete {
+        /// VOL@SNAP.
+        snapshot: String,
+        /// Delete even while NBD clients read it (disconnects them).
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+/// Splits `VOL@SNAP` for the URL, or explains the expected shape.
+fn split(full: &str) -> anyhow::Result<(String, String)> {
+    match full.split_once('@') {
+        Some((v, s)) if !v.is_empty() && !s.is_empty() => Ok((encode(v), encode(s))),
+        _ => bail!("{full:?} is not VOL@SNAP (e.g. vm1@before-upgrade) (invalid_argument)"),
+    }
 }
 
 struct Client {
@@ -123,11 +177,82 @@ pub fn volume(api: &str, json_out: bool, cmd: VolumeCommand) -> anyhow::Result<(
         VolumeCommand::Delete { name, force } => {
             let path = format!("/v1/volumes/{}?force={force}", encode(&name));
             client.call("DELETE", &path, None)?;
+            print_deleted(json_out, &name);
+            Ok(())
+        }
+        VolumeCommand::Clone { source, name } => {
+            let (v, s) = split(&source)?;
+            let path = format!("/v1/volumes/{v}/snapshots/{s}/clone");
+            let v = client.call("POST", &path, Some(json!({"name": name})))?;
+            print_volume(json_out, &v, "cloned")
+        }
+        VolumeCommand::Rollback { snapshot, force } => {
+            let (v, s) = split(&snapshot)?;
+            let path = format!("/v1/volumes/{v}/rollback");
+            let snap = snapshot.split_once('@').map(|(_, s)| s).unwrap_or(&s);
+            let v = client.call("POST", &path, Some(json!({"snapshot": snap, "force": force})))?;
+            print_volume(json_out, &v, "rolled back")
+        }
+    }
+}
+
+fn print_deleted(json_out: bool, name: &str) {
+    if json_out {
+        println!("{}", json!({"deleted": name}));
+    } else {
+        println!("deleted {name}");
+    }
+}
+
+/// Runs a snapshot command.
+pub fn snapshot(api: &str, json_out: bool, cmd: SnapshotCommand) -> anyhow::Result<()> {
+    let client = Client::new(api);
+    match cmd {
+        SnapshotCommand::Create { snapshot } => {
+            let (v, _) = split(&snapshot)?;
+            let name = snapshot.split_once('@').map(|(_, s)| s).unwrap_or_default();
+            let path = format!("/v1/volumes/{v}/snapshots");
+            let s = client.call("POST", &path, Some(json!({"name": name})))?;
             if json_out {
-                println!("{}", json!({"deleted": name}));
+                println!("{}", serde_json::to_string_pretty(&s)?);
             } else {
-                println!("deleted {name}");
+                let info: SnapshotInfo = serde_json::from_value(s)?;
+                println!("created {} (read-only export {})", info.name, info.export_uri);
             }
+            Ok(())
+        }
+        SnapshotCommand::List { volume } => {
+            let path = format!("/v1/volumes/{}/snapshots", encode(&volume));
+            let s = client.call("GET", &path, None)?;
+            if json_out {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+                return Ok(());
+            }
+            let snapshots: Vec<SnapshotInfo> = serde_json::from_value(s)?;
+            let rows: Vec<Vec<String>> = snapshots
+                .iter()
+                .map(|s| {
+                    vec![
+                        s.name.clone(),
+                        format_size(s.size_bytes),
+                        format_size(s.allocated_bytes),
+                        format_size(s.exclusive_bytes),
+                        s.clones.join(","),
+                        s.export_uri.clone(),
+                    ]
+                })
+                .collect();
+            table(&["SNAPSHOT", "SIZE", "REFERENCED", "EXCLUSIVE", "CLONES", "EXPORT"], &rows);
+            if rows.is_empty() {
+                println!("(no snapshots; take one with `strata snapshot create {volume}@NAME`)");
+            }
+            Ok(())
+        }
+        SnapshotCommand::Delete { snapshot, force } => {
+            let (v, s) = split(&snapshot)?;
+            let path = format!("/v1/volumes/{v}/snapshots/{s}?force={force}");
+            client.call("DELETE", &path, None)?;
+            print_deleted(json_out, &snapshot);
             Ok(())
         }
     }
@@ -157,41 +282,63 @@ fn print_volume(json_out: bool, v: &Value, verb: &str) -> anyhow::Result<()> {
     println!("id:           {}", info.id);
     println!("size:         {} ({} bytes)", info.size, info.size_bytes);
     println!("allocated:    {}", format_size(info.allocated_bytes));
+    println!("  exclusive:  {}", format_size(info.exclusive_bytes));
+    println!("  shared:     {}", format_size(info.shared_bytes));
+    println!(
+        "snapshots:    {} holding {} alone",
+        info.snapshots.len(),
+        format_size(info.snapshot_exclusive_bytes)
+    );
+    for s in &info.snapshots {
+        println!(
+            "  {:<24} exclusive {:>8}  shared {:>8}",
+            s.name,
+            format_size(s.exclusive_bytes),
+            format_size(s.shared_bytes)
+        );
+    }
+    if let Some(origin) = &info.origin {
+        println!("cloned from:  {origin}");
+    }
     println!("connections:  {}", info.connections);
     println!("export:       {}", info.export_uri);
     Ok(())
 }
 
 fn print_table(volumes: &[VolumeInfo]) {
-    let header = ["NAME", "SIZE", "ALLOCATED", "CONNS", "EXPORT"];
-    let rows: Vec<[String; 5]> = volumes
+    let rows: Vec<Vec<String>> = volumes
         .iter()
         .map(|v| {
-            [
+            vec![
                 v.name.clone(),
                 v.size.clone(),
                 format_size(v.allocated_bytes),
+                v.snapshots.len().to_string(),
                 v.connections.to_string(),
                 v.export_uri.clone(),
             ]
         })
         .collect();
-    let mut widths = header.map(str::len);
-    for row in &rows {
+    table(&["NAME", "SIZE", "ALLOCATED", "SNAPS", "CONNS", "EXPORT"], &rows);
+    if rows.is_empty() {
+        println!("(no volumes; create one with `strata volume create NAME --size 10G`)");
+    }
+}
+
+fn table(header: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
         for (w, cell) in widths.iter_mut().zip(row) {
             *w = (*w).max(cell.len());
         }
     }
     let line = |cells: &[&str]| {
         let parts: Vec<String> =
-            cells.iter().zip(widths).map(|(c, w)| format!("{c:<w$}")).collect();
+            cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
         println!("{}", parts.join("  ").trim_end());
     };
-    line(&header);
-    for row in &rows {
-        line(&row.each_ref().map(String::as_str));
-    }
-    if rows.is_empty() {
-        println!("(no volumes; create one with `strata volume create NAME --size 10G`)");
+    line(header);
+    for row in rows {
+        line(&row.iter().map(String::as_str).collect::<Vec<_>>());
     }
 }

@@ -1,18 +1,24 @@
-//! One node's volumes: the catalog (names → ids), the open volumes, attachment counts.
+//! One node's volumes and snapshots: the catalog (names → ids), the open volumes,
+//! attachment counts, and the NBD exports (`VOL` read-write, `VOL@SNAP` read-only).
 //!
-//! Data directory layout (format 1):
+//! Data directory layout (format 2):
 //! ```text
 //! DIR/lock           flock'ed by the running process; holds its pid (informational)
-//! DIR/catalog.json   {"format":1,"next_id":N,"volumes":[{"id":..,"name":..,"created_unix":..}]}
-//! DIR/volumes/       the store (strata_io::FileStore), volumes keyed by id
+//! DIR/catalog.json   {"format":2,"next_id":N,"volumes":[{"id","name","created_unix",
+//!                      "origin","snapshots":[{"id","name","created_unix"}]}]}
+//! DIR/store/log      the log-structured store (strata_store::LogStore), keyed by id
 //! ```
 //! Invariants:
 //! - The catalog is replaced atomically (write, fsync, rename, fsync dir): a crash leaves
 //!   the old or the new catalog, never a mix.
-//! - A volume exists iff the catalog names it. Create writes the store first and the
-//!   catalog last; delete removes from the catalog first and the store last. A store
-//!   volume the catalog does not name is the leftover of a crash and is removed at open.
+//! - The store decides what exists, the catalog what it is called. Creating (a volume,
+//!   snapshot or clone) changes the store durably first and the catalog last; deleting
+//!   does the same. At open, a store view the catalog does not name is the leftover of an
+//!   interrupted create and is removed; a catalog entry the store lacks is the leftover of
+//!   an interrupted delete and is dropped. Either way the operation is all or nothing.
 //! - Names are never paths: the store only sees ids.
+//! - A data directory of format 1 (one file per volume, `DIR/volumes/`) is refused with
+//!   a message; it is never modified.
 
 use crate::error::{ApiError, ApiResult};
 use serde::{Deserialize, Serialize};
@@ -20,15 +26,21 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use strata_io::{BlockVolume, FileStore, GroupSync, Store, VolumeId};
+use strata_io::{BlockVolume, GroupSync, Store, VolumeId};
 use strata_nbd::{Export, ExportProvider, ExportSummary};
+use strata_store::engine::{EngineError, ViewInfo};
+use strata_store::LogStore;
 use strata_types::limits::VOLUMES_MAX;
 use strata_types::{format_size, ErrorCode, VolumeName};
 use tokio::sync::watch;
 
-const CATALOG_FORMAT: u32 = 1;
+const CATALOG_FORMAT: u32 = 2;
+const BLOCK: u64 = 4096;
+/// How long a forced rollback waits for the volume's clients to go.
+const ROLLBACK_DISCONNECT_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 #[derive(Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
 struct Catalog {
     format: u32,
     next_id: u64,
@@ -36,18 +48,58 @@ struct Catalog {
 }
 
 #[derive(Serialize, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
 struct CatalogEntry {
+    id: u64,
+    name: VolumeName,
+    created_unix: u64,
+    /// `VOL@SNAP` this volume was cloned from, when it is a clone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    origin: Option<String>,
+    #[serde(default)]
+    snapshots: Vec<SnapshotEntry>,
+}
+
+#[derive(Serialize, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+struct SnapshotEntry {
     id: u64,
     name: VolumeName,
     created_unix: u64,
 }
 
+/// Attachment bookkeeping of one export.
+struct Attach {
+    count: Arc<AtomicUsize>,
+    close: watch::Sender<bool>,
+}
+
+impl Attach {
+    fn new() -> Attach {
+        Attach { count: Arc::new(AtomicUsize::new(0)), close: watch::channel(false).0 }
+    }
+
+    fn connections(&self) -> usize {
+        self.count.load(Ordering::Relaxed)
+    }
+}
+
 struct OpenVolume {
-    entry: CatalogEntry,
+    id: u64,
+    name: VolumeName,
+    created_unix: u64,
+    origin: Option<String>,
     volume: Arc<dyn BlockVolume>,
     group_sync: GroupSync,
-    attached: Arc<AtomicUsize>,
-    close: watch::Sender<bool>,
+    attach: Attach,
+    /// By name.
+    snapshots: BTreeMap<String, OpenSnapshot>,
+}
+
+struct OpenSnapshot {
+    entry: SnapshotEntry,
+    volume: Arc<dyn BlockVolume>,
+    attach: Attach,
 }
 
 /// What the API shows of a volume.
@@ -61,8 +113,18 @@ pub struct VolumeInfo {
     pub size_bytes: u64,
     /// Size for humans.
     pub size: String,
-    /// Bytes the volume occupies on disk.
+    /// Bytes of data the volume maps (its used space; zero and trimmed ranges cost none).
     pub allocated_bytes: u64,
+    /// Of those, bytes only the volume holds (written since its newest snapshot).
+    pub exclusive_bytes: u64,
+    /// Of those, bytes it shares with its snapshots or the snapshot it was cloned from.
+    pub shared_bytes: u64,
+    /// Bytes its snapshots alone hold: what deleting all of them would free.
+    pub snapshot_exclusive_bytes: u64,
+    /// `VOL@SNAP` it was cloned from, if it is a clone.
+    pub origin: Option<String>,
+    /// Its snapshots, oldest first.
+    pub snapshots: Vec<SnapshotInfo>,
     /// NBD connections attached now.
     pub connections: usize,
     /// Creation time, seconds since the epoch.
@@ -71,10 +133,39 @@ pub struct VolumeInfo {
     pub export_uri: String,
 }
 
+/// What the API shows of a snapshot.
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub struct SnapshotInfo {
+    /// `VOL@SNAP`.
+    pub name: String,
+    /// The snapshot's own name.
+    pub snapshot: String,
+    /// The volume's name.
+    pub volume: String,
+    /// The store id (hex).
+    pub id: String,
+    /// Size in bytes (the volume's when it was taken).
+    pub size_bytes: u64,
+    /// Bytes of data it maps.
+    pub allocated_bytes: u64,
+    /// Bytes only it holds: what deleting it frees.
+    pub exclusive_bytes: u64,
+    /// Bytes it shares with the volume, other snapshots or clones.
+    pub shared_bytes: u64,
+    /// Volumes cloned from it.
+    pub clones: Vec<String>,
+    /// NBD connections attached now.
+    pub connections: usize,
+    /// Creation time, seconds since the epoch.
+    pub created_unix: u64,
+    /// The read-only NBD URI.
+    pub export_uri: String,
+}
+
 /// A node's volumes.
 pub struct Node {
     dir: PathBuf,
-    store: FileStore,
+    store: LogStore,
     nbd_addr: Mutex<String>,
     state: Mutex<State>,
 }
@@ -84,7 +175,22 @@ struct State {
     volumes: BTreeMap<String, OpenVolume>,
 }
 
-fn internal(context: &str) -> impl FnOnce(strata_io::StoreError) -> ApiError + '_ {
+impl State {
+    /// The names of the views made from snapshot `id`, except `volume`'s own.
+    fn name_of(&self, id: u64) -> Option<String> {
+        self.volumes.values().find_map(|v| {
+            if v.id == id {
+                return Some(v.name.to_string());
+            }
+            v.snapshots
+                .values()
+                .find(|s| s.entry.id == id)
+                .map(|s| format!("{}@{}", v.name, s.entry.name))
+        })
+    }
+}
+
+fn store_error(context: &str) -> impl FnOnce(strata_io::StoreError) -> ApiError + '_ {
     move |e| match e {
         strata_io::StoreError::NoSpace => {
             ApiError::new(ErrorCode::NoSpace, format!("{context}: {e}"))
@@ -93,42 +199,144 @@ fn internal(context: &str) -> impl FnOnce(strata_io::StoreError) -> ApiError + '
     }
 }
 
+fn engine_error(context: &str) -> impl FnOnce(EngineError) -> ApiError + '_ {
+    move |e| match e {
+        EngineError::Io(ref io) if io.raw_os_error() == Some(28) => {
+            ApiError::new(ErrorCode::NoSpace, format!("{context}: {e}"))
+        }
+        e => ApiError::new(ErrorCode::Io, format!("{context}: {e}")),
+    }
+}
+
+fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Splits `VOL@SNAP`.
+pub fn split_snapshot(full: &str) -> ApiResult<(VolumeName, VolumeName)> {
+    let Some((volume, snapshot)) = full.split_once('@') else {
+        return Err(ApiError::invalid(format!("{full:?} is not VOL@SNAPSHOT")));
+    };
+    let volume = VolumeName::new(volume).map_err(|e| ApiError::invalid(e.to_string()))?;
+    let snapshot =
+        VolumeName::new(snapshot).map_err(|e| ApiError::invalid(format!("snapshot name: {e}")))?;
+    Ok((volume, snapshot))
+}
+
 impl Node {
     /// Opens the node's data in `dir` (which the caller has locked): reads the catalog,
-    /// opens every volume and removes what a crash left half-made.
+    /// opens the store and reconciles what a crash left half-made.
     pub fn open(dir: &Path) -> anyhow::Result<Arc<Node>> {
         use anyhow::Context;
-        let store = FileStore::open(&dir.join("volumes")).context("open the volume store")?;
         let catalog_path = dir.join("catalog.json");
         let catalog: Catalog = match std::fs::read(&catalog_path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).with_context(|| {
-                format!("{} is corrupt or not a Strata catalog", catalog_path.display())
-            })?,
+            Ok(bytes) => {
+                let value: serde_json::Value =
+                    serde_json::from_slice(&bytes).with_context(|| {
+                        format!("{} is corrupt or not a Strata catalog", catalog_path.display())
+                    })?;
+                let format = value.get("format").and_then(|f| f.as_u64());
+                if format == Some(1) {
+                    anyhow::bail!(
+                        "{} holds volumes in the format of strata 0.1 (one file per volume \
+                         under {}); this strata stores them in a log and does not read that \
+                         format. Copy each volume out with a 0.1 node (qemu-img convert \
+                         nbd://...) into a new data directory; this one was not changed",
+                        dir.display(),
+                        dir.join("volumes").display()
+                    );
+                }
+                if format != Some(u64::from(CATALOG_FORMAT)) {
+                    anyhow::bail!(
+                        "{} has format {}, this strata reads format {CATALOG_FORMAT}",
+                        catalog_path.display(),
+                        format.map_or("(none)".to_owned(), |f| f.to_string())
+                    );
+                }
+                serde_json::from_value(value).with_context(|| {
+                    format!("{} is corrupt or not a Strata catalog", catalog_path.display())
+                })?
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                if dir.join("volumes").exists() {
+                    anyhow::bail!(
+                        "{} has a volumes/ directory but no catalog: not a data directory \
+                         this strata can open",
+                        dir.display()
+                    );
+                }
                 Catalog { format: CATALOG_FORMAT, next_id: 1, volumes: Vec::new() }
             }
             Err(e) => return Err(e).context("read the catalog"),
         };
-        if catalog.format != CATALOG_FORMAT {
-            anyhow::bail!(
-                "{} has format {}, this strata reads format {CATALOG_FORMAT}",
-                catalog_path.display(),
-                catalog.format
-            );
-        }
+        let store = LogStore::open(&dir.join("store")).context("open the store")?;
+        let in_store: std::collections::HashSet<u64> = store.view_ids().into_iter().collect();
         let mut volumes = BTreeMap::new();
         let mut next_id = catalog.next_id;
+        let mut named = std::collections::HashSet::new();
+        let mut dropped = false;
         for entry in catalog.volumes {
+            next_id = next_id.max(entry.id + 1);
+            if !in_store.contains(&entry.id) {
+                tracing::warn!(volume = %entry.name, "dropping a volume a crash left half-deleted");
+                dropped = true;
+                continue;
+            }
+            named.insert(entry.id);
             let volume = store
                 .open_volume(VolumeId(entry.id))
                 .with_context(|| format!("open volume {}", entry.name))?;
-            next_id = next_id.max(entry.id + 1);
-            volumes.insert(entry.name.to_string(), Self::opened(entry, volume));
+            let mut snapshots = BTreeMap::new();
+            for snap in entry.snapshots {
+                next_id = next_id.max(snap.id + 1);
+                if !in_store.contains(&snap.id) {
+                    tracing::warn!(volume = %entry.name, snapshot = %snap.name,
+                        "dropping a snapshot a crash left half-deleted");
+                    dropped = true;
+                    continue;
+                }
+                named.insert(snap.id);
+                let view = store
+                    .view(snap.id)
+                    .with_context(|| format!("open snapshot {}@{}", entry.name, snap.name))?;
+                snapshots.insert(
+                    snap.name.to_string(),
+                    OpenSnapshot { entry: snap, volume: view, attach: Attach::new() },
+                );
+            }
+            volumes.insert(
+                entry.name.to_string(),
+                OpenVolume {
+                    id: entry.id,
+                    name: entry.name,
+                    created_unix: entry.created_unix,
+                    origin: entry.origin,
+                    group_sync: GroupSync::spawn(volume.clone()),
+                    volume,
+                    attach: Attach::new(),
+                    snapshots,
+                },
+            );
         }
-        for id in store.volume_ids().context("list the store")? {
-            if !volumes.values().any(|v: &OpenVolume| v.entry.id == id.0) {
-                tracing::warn!(%id, "removing a volume a crash left without a catalog entry");
-                store.remove_volume(id).context("remove an orphan volume")?;
+        // Leftovers of interrupted creates: volumes (clones first, they depend on
+        // snapshots) and then snapshots.
+        let orphans: Vec<u64> =
+            store.view_ids().into_iter().filter(|id| !named.contains(id)).collect();
+        for id in &orphans {
+            if let Ok(ViewInfo::Volume { .. }) = store.info(*id) {
+                tracing::warn!(id, "removing a volume a crash left without a catalog entry");
+                store.remove(*id).context("remove an orphan volume")?;
+            }
+        }
+        for id in &orphans {
+            if let Ok(ViewInfo::Snapshot { .. }) = store.info(*id) {
+                tracing::warn!(id, "removing a snapshot a crash left without a catalog entry");
+                if let Err(e) = store.delete_snapshot(*id) {
+                    tracing::warn!(id, "keeping an orphan snapshot: {e}");
+                }
             }
         }
         let node = Node {
@@ -137,17 +345,10 @@ impl Node {
             nbd_addr: Mutex::new(String::from("127.0.0.1:10809")),
             state: Mutex::new(State { next_id, volumes }),
         };
-        Ok(Arc::new(node))
-    }
-
-    fn opened(entry: CatalogEntry, volume: Arc<dyn BlockVolume>) -> OpenVolume {
-        OpenVolume {
-            entry,
-            group_sync: GroupSync::spawn(volume.clone()),
-            volume,
-            attached: Arc::new(AtomicUsize::new(0)),
-            close: watch::channel(false).0,
+        if dropped || !catalog_path.exists() {
+            node.persist(&node.lock()).map_err(|e| anyhow::anyhow!("{}", e.message))?;
         }
+        Ok(Arc::new(node))
     }
 
     /// Records the NBD address, for export URIs.
@@ -163,47 +364,96 @@ impl Node {
         let catalog = Catalog {
             format: CATALOG_FORMAT,
             next_id: state.next_id,
-            volumes: state.volumes.values().map(|v| v.entry.clone()).collect(),
+            volumes: state
+                .volumes
+                .values()
+                .map(|v| CatalogEntry {
+                    id: v.id,
+                    name: v.name.clone(),
+                    created_unix: v.created_unix,
+                    origin: v.origin.clone(),
+                    snapshots: v.snapshots.values().map(|s| s.entry.clone()).collect(),
+                })
+                .collect(),
         };
         let bytes = serde_json::to_vec_pretty(&catalog).expect("catalog serializes");
         write_atomically(&self.dir, "catalog.json", &bytes)
             .map_err(|e| ApiError::new(ErrorCode::Io, format!("write the catalog: {e}")))
     }
 
-    fn info(&self, v: &OpenVolume) -> VolumeInfo {
+    fn uri(&self, export: &str) -> String {
+        format!("nbd://{}/{export}", self.nbd_addr.lock().expect("not poisoned"))
+    }
+
+    fn snapshot_info(&self, state: &State, v: &OpenVolume, s: &OpenSnapshot) -> SnapshotInfo {
+        let usage = self.store.usage(s.entry.id).unwrap_or_default();
+        let name = format!("{}@{}", v.name, s.entry.name);
+        let clones = self
+            .store
+            .dependents(s.entry.id)
+            .into_iter()
+            .filter(|id| state.volumes.values().any(|o| o.id == *id && o.id != v.id))
+            .filter_map(|id| state.name_of(id))
+            .collect();
+        SnapshotInfo {
+            snapshot: s.entry.name.to_string(),
+            volume: v.name.to_string(),
+            id: VolumeId(s.entry.id).to_string(),
+            size_bytes: s.volume.size_bytes(),
+            allocated_bytes: usage.mapped_blocks * BLOCK,
+            exclusive_bytes: usage.exclusive_blocks * BLOCK,
+            shared_bytes: (usage.mapped_blocks - usage.exclusive_blocks) * BLOCK,
+            clones,
+            connections: s.attach.connections(),
+            created_unix: s.entry.created_unix,
+            export_uri: self.uri(&name),
+            name,
+        }
+    }
+
+    fn info(&self, state: &State, v: &OpenVolume) -> VolumeInfo {
         let size_bytes = v.volume.size_bytes();
+        let usage = self.store.usage(v.id).unwrap_or_default();
+        let snapshots: Vec<SnapshotInfo> =
+            self.ordered_snapshots(v).map(|s| self.snapshot_info(state, v, s)).collect();
         VolumeInfo {
-            name: v.entry.name.to_string(),
-            id: VolumeId(v.entry.id).to_string(),
+            name: v.name.to_string(),
+            id: VolumeId(v.id).to_string(),
             size_bytes,
             size: format_size(size_bytes),
-            allocated_bytes: v.volume.allocated_bytes().unwrap_or(0),
-            connections: v.attached.load(Ordering::Relaxed),
-            created_unix: v.entry.created_unix,
-            export_uri: format!(
-                "nbd://{}/{}",
-                self.nbd_addr.lock().expect("not poisoned"),
-                v.entry.name
-            ),
+            allocated_bytes: usage.mapped_blocks * BLOCK,
+            exclusive_bytes: usage.exclusive_blocks * BLOCK,
+            shared_bytes: (usage.mapped_blocks - usage.exclusive_blocks) * BLOCK,
+            snapshot_exclusive_bytes: snapshots.iter().map(|s| s.exclusive_bytes).sum(),
+            origin: v.origin.clone(),
+            snapshots,
+            connections: v.attach.connections(),
+            created_unix: v.created_unix,
+            export_uri: self.uri(v.name.as_str()),
         }
+    }
+
+    /// A volume's snapshots, oldest first.
+    fn ordered_snapshots<'a>(&self, v: &'a OpenVolume) -> impl Iterator<Item = &'a OpenSnapshot> {
+        let mut all: Vec<&OpenSnapshot> = v.snapshots.values().collect();
+        all.sort_by_key(|s| s.entry.id);
+        all.into_iter()
     }
 
     /// Every volume.
     pub fn list(&self) -> Vec<VolumeInfo> {
         let state = self.lock();
-        state.volumes.values().map(|v| self.info(v)).collect()
+        state.volumes.values().map(|v| self.info(&state, v)).collect()
     }
 
     /// One volume.
     pub fn get(&self, name: &str) -> ApiResult<VolumeInfo> {
         let state = self.lock();
         let v = state.volumes.get(name).ok_or_else(|| not_found(name))?;
-        Ok(self.info(v))
+        Ok(self.info(&state, v))
     }
 
-    /// Creates a volume. Blocks on disk syncs: call from a blocking context.
-    pub fn create(&self, name: VolumeName, size_bytes: u64) -> ApiResult<VolumeInfo> {
-        let mut state = self.lock();
+    fn check_new_volume(state: &State, name: &VolumeName) -> ApiResult<()> {
         if state.volumes.contains_key(name.as_str()) {
             return Err(ApiError::new(
                 ErrorCode::AlreadyExists,
@@ -216,30 +466,56 @@ impl Node {
                 format!("this node holds the maximum of {VOLUMES_MAX} volumes"),
             ));
         }
-        let free = self.store.free_bytes().unwrap_or(u64::MAX);
-        let id = state.next_id;
-        let volume = self
-            .store
-            .create_volume(VolumeId(id), size_bytes)
-            .map_err(internal("create the volume"))?;
-        let created_unix = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
-        let entry = CatalogEntry { id, name: name.clone(), created_unix };
+        Ok(())
+    }
+
+    /// Adds a volume the store already holds to the catalog; undoes the store's change if
+    /// the catalog cannot be written.
+    fn add_volume(
+        &self,
+        state: &mut State,
+        id: u64,
+        name: VolumeName,
+        origin: Option<String>,
+    ) -> ApiResult<VolumeInfo> {
+        let volume =
+            self.store.open_volume(VolumeId(id)).map_err(store_error("open the volume"))?;
         state.next_id = id + 1;
-        state.volumes.insert(name.to_string(), Self::opened(entry, volume));
-        if let Err(e) = self.persist(&state) {
+        let open = OpenVolume {
+            id,
+            name: name.clone(),
+            created_unix: now_unix(),
+            origin,
+            group_sync: GroupSync::spawn(volume.clone()),
+            volume,
+            attach: Attach::new(),
+            snapshots: BTreeMap::new(),
+        };
+        state.volumes.insert(name.to_string(), open);
+        if let Err(e) = self.persist(state) {
             // Undo: the volume must not exist unless the catalog names it.
             state.volumes.remove(name.as_str());
-            let _ = self.store.remove_volume(VolumeId(id));
+            let _ = self.store.remove(id);
             return Err(e);
         }
+        Ok(self.info(state, &state.volumes[name.as_str()]))
+    }
+
+    /// Creates a volume. Blocks on disk syncs: call from a blocking context.
+    pub fn create(&self, name: VolumeName, size_bytes: u64) -> ApiResult<VolumeInfo> {
+        let mut state = self.lock();
+        Self::check_new_volume(&state, &name)?;
+        let free = self.store.free_bytes().unwrap_or(u64::MAX);
+        let id = state.next_id;
+        self.store
+            .create_volume(VolumeId(id), size_bytes)
+            .map_err(store_error("create the volume"))?;
+        let info = self.add_volume(&mut state, id, name.clone(), None)?;
         if size_bytes > free {
             tracing::info!(volume = %name, "volume is larger than the free space (thin)");
         }
         tracing::info!(volume = %name, size = size_bytes, "volume created");
-        Ok(self.info(&state.volumes[name.as_str()]))
+        Ok(info)
     }
 
     /// Resizes a volume. Shrinking needs `allow_shrink`.
@@ -259,46 +535,224 @@ impl Node {
             ));
         }
         if size_bytes != current {
-            v.volume.resize(size_bytes).map_err(internal("resize the volume"))?;
+            v.volume.resize(size_bytes).map_err(store_error("resize the volume"))?;
+            v.volume.sync().map_err(store_error("sync the resize"))?;
             tracing::info!(volume = %name, from = current, to = size_bytes, "volume resized");
         }
-        Ok(self.info(v))
+        Ok(self.info(&state, v))
     }
 
-    /// Deletes a volume; refused while attached unless `force`, which drops the clients.
+    /// The names of views outside `volume` made from its snapshots (clones).
+    fn clones_of(&self, state: &State, v: &OpenVolume) -> Vec<String> {
+        let own: Vec<u64> = v.snapshots.values().map(|s| s.entry.id).chain([v.id]).collect();
+        v.snapshots
+            .values()
+            .flat_map(|s| self.store.dependents(s.entry.id))
+            .filter(|id| !own.contains(id))
+            .filter_map(|id| state.name_of(id))
+            .collect()
+    }
+
+    fn busy(name: &str, connections: usize) -> ApiError {
+        ApiError::new(
+            ErrorCode::Busy,
+            format!("{name} has {connections} NBD connection(s); disconnect them or pass --force"),
+        )
+    }
+
+    /// Deletes a volume and its snapshots; refused while attached unless `force`, which
+    /// drops the clients, and while clones depend on its snapshots.
     pub fn delete(&self, name: &str, force: bool) -> ApiResult<()> {
         let mut state = self.lock();
         let v = state.volumes.get(name).ok_or_else(|| not_found(name))?;
-        let attached = v.attached.load(Ordering::Relaxed);
+        let attached = v.attach.connections()
+            + v.snapshots.values().map(|s| s.attach.connections()).sum::<usize>();
         if attached > 0 && !force {
+            return Err(Self::busy(name, attached));
+        }
+        let clones = self.clones_of(&state, v);
+        if !clones.is_empty() {
             return Err(ApiError::new(
                 ErrorCode::Busy,
-                format!("{name} has {attached} NBD connection(s); disconnect them or pass --force"),
+                format!(
+                    "{name} has snapshots that clones depend on ({}); delete the clones first",
+                    clones.join(", ")
+                ),
             ));
         }
+        self.store.remove(v.id).map_err(engine_error("remove the volume"))?;
         let v = state.volumes.remove(name).expect("checked above");
-        if let Err(e) = self.persist(&state) {
-            state.volumes.insert(name.to_owned(), v);
-            return Err(e);
+        v.attach.close.send_replace(true);
+        for s in v.snapshots.values() {
+            s.attach.close.send_replace(true);
         }
-        v.close.send_replace(true);
-        self.store.remove_volume(VolumeId(v.entry.id)).map_err(internal("remove the volume"))?;
+        // The store no longer has it; a failed catalog write is repaired at the next open.
+        self.persist(&state)?;
         tracing::info!(volume = %name, forced = force && attached > 0, "volume deleted");
         Ok(())
     }
 
-    /// Syncs every volume (at shutdown).
-    pub fn sync_all(&self) -> anyhow::Result<()> {
-        let state = self.lock();
-        for v in state.volumes.values() {
-            v.volume.sync().map_err(|e| anyhow::anyhow!("sync volume {}: {e}", v.entry.name))?;
+    /// Takes snapshot `VOL@SNAP`. O(1) in the volume's size.
+    pub fn snapshot_create(&self, volume: &str, snapshot: VolumeName) -> ApiResult<SnapshotInfo> {
+        let mut state = self.lock();
+        let id = state.next_id;
+        let v = state.volumes.get(volume).ok_or_else(|| not_found(volume))?;
+        if v.snapshots.contains_key(snapshot.as_str()) {
+            return Err(ApiError::new(
+                ErrorCode::AlreadyExists,
+                format!("{volume} already has a snapshot named {snapshot}"),
+            ));
         }
+        let vid = v.id;
+        self.store.snapshot(vid, id).map_err(engine_error("take the snapshot"))?;
+        let view = self.store.view(id).map_err(engine_error("open the snapshot"))?;
+        let entry = SnapshotEntry { id, name: snapshot.clone(), created_unix: now_unix() };
+        state.next_id = id + 1;
+        let v = state.volumes.get_mut(volume).expect("checked above");
+        v.snapshots.insert(
+            snapshot.to_string(),
+            OpenSnapshot { entry, volume: view, attach: Attach::new() },
+        );
+        if let Err(e) = self.persist(&state) {
+            let v = state.volumes.get_mut(volume).expect("checked above");
+            v.snapshots.remove(snapshot.as_str());
+            let _ = self.store.delete_snapshot(id);
+            return Err(e);
+        }
+        tracing::info!(%volume, %snapshot, "snapshot taken");
+        let v = &state.volumes[volume];
+        Ok(self.snapshot_info(&state, v, &v.snapshots[snapshot.as_str()]))
+    }
+
+    fn find_snapshot<'a>(
+        state: &'a State,
+        volume: &str,
+        snapshot: &str,
+    ) -> ApiResult<(&'a OpenVolume, &'a OpenSnapshot)> {
+        let v = state.volumes.get(volume).ok_or_else(|| not_found(volume))?;
+        let s = v.snapshots.get(snapshot).ok_or_else(|| {
+            ApiError::new(
+                ErrorCode::NotFound,
+                format!("{volume} has no snapshot named {snapshot:?}"),
+            )
+        })?;
+        Ok((v, s))
+    }
+
+    /// A volume's snapshots, oldest first.
+    pub fn snapshot_list(&self, volume: &str) -> ApiResult<Vec<SnapshotInfo>> {
+        let state = self.lock();
+        let v = state.volumes.get(volume).ok_or_else(|| not_found(volume))?;
+        Ok(self.ordered_snapshots(v).map(|s| self.snapshot_info(&state, v, s)).collect())
+    }
+
+    /// One snapshot.
+    pub fn snapshot_get(&self, volume: &str, snapshot: &str) -> ApiResult<SnapshotInfo> {
+        let state = self.lock();
+        let (v, s) = Self::find_snapshot(&state, volume, snapshot)?;
+        Ok(self.snapshot_info(&state, v, s))
+    }
+
+    /// Deletes `VOL@SNAP`: its exclusive blocks are freed. Refused while clones (or a
+    /// rollback branch besides the next snapshot) depend on it, and while attached unless
+    /// `force`.
+    pub fn snapshot_delete(&self, volume: &str, snapshot: &str, force: bool) -> ApiResult<()> {
+        let mut state = self.lock();
+        let (v, s) = Self::find_snapshot(&state, volume, snapshot)?;
+        let full = format!("{volume}@{snapshot}");
+        let attached = s.attach.connections();
+        if attached > 0 && !force {
+            return Err(Self::busy(&full, attached));
+        }
+        let id = s.entry.id;
+        let dependents = self.store.dependents(id);
+        if dependents.len() > 1 {
+            let names: Vec<String> = dependents
+                .iter()
+                .map(|d| match state.name_of(*d) {
+                    Some(n) if n == v.name.as_str() => format!("{n} (rolled back to it)"),
+                    Some(n) => n,
+                    None => format!("id {d}"),
+                })
+                .collect();
+            return Err(ApiError::new(
+                ErrorCode::Busy,
+                format!(
+                    "{full} cannot be deleted: {} depend on its blocks ({}); delete the \
+                     clones (or the other branch) first",
+                    names.len(),
+                    names.join(", ")
+                ),
+            ));
+        }
+        self.store.delete_snapshot(id).map_err(engine_error("delete the snapshot"))?;
+        let v = state.volumes.get_mut(volume).expect("found above");
+        let s = v.snapshots.remove(snapshot).expect("found above");
+        s.attach.close.send_replace(true);
+        self.persist(&state)?;
+        tracing::info!(snapshot = %full, "snapshot deleted");
         Ok(())
     }
 
-    /// Free bytes in the store.
+    /// Makes volume `name` from snapshot `VOL@SNAP`, sharing its blocks.
+    pub fn clone_volume(&self, source: &str, name: VolumeName) -> ApiResult<VolumeInfo> {
+        let (volume, snapshot) = split_snapshot(source)?;
+        let mut state = self.lock();
+        let (_, s) = Self::find_snapshot(&state, volume.as_str(), snapshot.as_str())?;
+        let snap_id = s.entry.id;
+        Self::check_new_volume(&state, &name)?;
+        let id = state.next_id;
+        self.store.clone_snapshot(snap_id, id).map_err(engine_error("clone the snapshot"))?;
+        let info = self.add_volume(&mut state, id, name.clone(), Some(source.to_owned()))?;
+        tracing::info!(clone = %name, %source, "volume cloned");
+        Ok(info)
+    }
+
+    /// Returns a volume to one of its snapshots. Refused while the volume has clients
+    /// unless `force`, which disconnects them first (their disk changes under them) and
+    /// waits until their connections are gone, so no write of theirs lands afterwards.
+    pub fn rollback(&self, source: &str, force: bool) -> ApiResult<VolumeInfo> {
+        let (volume, snapshot) = split_snapshot(source)?;
+        let mut state = self.lock();
+        let (v, s) = Self::find_snapshot(&state, volume.as_str(), snapshot.as_str())?;
+        let (vid, sid) = (v.id, s.entry.id);
+        let attached = v.attach.connections();
+        if attached > 0 && !force {
+            return Err(Self::busy(volume.as_str(), attached));
+        }
+        if attached > 0 {
+            let v = state.volumes.get_mut(volume.as_str()).expect("found above");
+            let old = std::mem::replace(&mut v.attach, Attach::new());
+            old.close.send_replace(true);
+            let deadline = std::time::Instant::now() + ROLLBACK_DISCONNECT_WAIT;
+            while old.connections() > 0 {
+                if std::time::Instant::now() > deadline {
+                    return Err(ApiError::new(
+                        ErrorCode::Busy,
+                        format!("{volume}'s clients did not disconnect; nothing was changed"),
+                    ));
+                }
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+        }
+        self.store.rollback(vid, sid).map_err(engine_error("roll back"))?;
+        tracing::info!(volume = %volume, %snapshot, "volume rolled back");
+        Ok(self.info(&state, &state.volumes[volume.as_str()]))
+    }
+
+    /// Syncs the store (at shutdown).
+    pub fn sync_all(&self) -> anyhow::Result<()> {
+        self.store.sync().map_err(|e| anyhow::anyhow!("sync the store: {e}"))
+    }
+
+    /// Free bytes in the file system holding the store.
     pub fn free_bytes(&self) -> u64 {
         self.store.free_bytes().unwrap_or(0)
+    }
+
+    /// Bytes the store's log occupies.
+    pub fn log_bytes(&self) -> u64 {
+        self.store.log_bytes()
     }
 }
 
@@ -326,40 +780,78 @@ impl Drop for Attachment {
     }
 }
 
-/// Serves the node's volumes as NBD exports.
+/// Serves the node's volumes as NBD exports: `VOL` read-write, `VOL@SNAP` read-only.
 pub struct Exports(pub Arc<Node>);
 
 impl ExportProvider for Exports {
     fn list(&self) -> Vec<ExportSummary> {
         let state = self.0.lock();
-        state
-            .volumes
-            .values()
-            .map(|v| ExportSummary {
-                name: v.entry.name.to_string(),
+        let mut out = Vec::new();
+        for v in state.volumes.values() {
+            out.push(ExportSummary {
+                name: v.name.to_string(),
                 description: format!("Strata volume, {}", format_size(v.volume.size_bytes())),
-            })
-            .collect()
+            });
+            for s in v.snapshots.values() {
+                out.push(ExportSummary {
+                    name: format!("{}@{}", v.name, s.entry.name),
+                    description: format!(
+                        "Strata snapshot (read-only), {}",
+                        format_size(s.volume.size_bytes())
+                    ),
+                });
+            }
+        }
+        out
     }
 
     fn open(&self, name: &str) -> Result<Export, String> {
         let state = self.0.lock();
-        let Some(v) = state.volumes.get(name) else {
+        let (volume, snapshot) = match name.split_once('@') {
+            Some((v, s)) => (v, Some(s)),
+            None => (name, None),
+        };
+        let Some(v) = state.volumes.get(volume) else {
             return Err(if name.is_empty() {
                 "there is no default export: name a volume (see `strata volume list`)".to_owned()
             } else {
-                format!("no volume named {name:?} (see `strata volume list`)")
+                format!("no volume named {volume:?} (see `strata volume list`)")
             });
         };
-        v.attached.fetch_add(1, Ordering::Relaxed);
+        let (view, attach, read_only, description) = match snapshot {
+            None => (
+                v.volume.clone(),
+                &v.attach,
+                false,
+                format!("Strata volume, {}", format_size(v.volume.size_bytes())),
+            ),
+            Some(s) => {
+                let Some(snap) = v.snapshots.get(s) else {
+                    return Err(format!(
+                        "{volume} has no snapshot named {s:?} (see `strata snapshot list {volume}`)"
+                    ));
+                };
+                (
+                    snap.volume.clone(),
+                    &snap.attach,
+                    true,
+                    format!(
+                        "Strata snapshot (read-only), {}",
+                        format_size(snap.volume.size_bytes())
+                    ),
+                )
+            }
+        };
+        attach.count.fetch_add(1, Ordering::Relaxed);
         Ok(Export {
-            name: v.entry.name.to_string(),
-            description: format!("Strata volume, {}", format_size(v.volume.size_bytes())),
-            volume: v.volume.clone(),
+            name: name.to_owned(),
+            description,
+            volume: view,
+            // Snapshots share their volume's sync thread: the store syncs as a whole.
             group_sync: v.group_sync.clone(),
-            read_only: false,
-            closed: v.close.subscribe(),
-            attachment: Box::new(Attachment(v.attached.clone())),
+            read_only,
+            closed: attach.close.subscribe(),
+            attachment: Box::new(Attachment(attach.count.clone())),
         })
     }
 }

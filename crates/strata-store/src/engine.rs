@@ -1,28 +1,40 @@
 //! The store engine: the log ([`crate::log`]) for durability, a copy-on-write tree per
 //! volume (`strata-blockmap`) for LBA → VBA, and the VBA map for VBA → (slot, crc32c).
 //!
-//! So far: write, read (every block checked against its crc), trim, write zeroes, flush,
-//! snapshots (O(1), read-only), clones of snapshots (writable), snapshot delete (the
-//! seed's method: the VBAs only that snapshot holds leave the VBA map in sorted, bounded
-//! batches), and reopen by replaying the whole log. Not yet: checkpoints (replay is from
-//! the start), the cleaner, fsck.
+//! Volumes are created with a size, written, trimmed, zeroed, resized, rolled back to a
+//! snapshot and removed; snapshots are O(1) and read-only; clones of snapshots are
+//! writable volumes sharing their blocks; snapshot delete is the seed's method: the VBAs
+//! only that snapshot holds leave the VBA map in sorted, bounded batches. Reopen replays
+//! the log (checkpoints, which bound replay, are the next step).
 //!
 //! Volumes and snapshots share one id space ("views"). Every operation is validated
 //! before its record is logged, so a refused request changes nothing, and applying a
 //! logged record cannot fail — which is what makes replay deterministic.
 //!
+//! **Lineage.** Every view may have an *older* snapshot: the one it was last made from
+//! (a volume's newest snapshot, the snapshot a clone or a rollback copied, or for a
+//! snapshot the older of its volume when it was taken). A snapshot's *watermark* is the
+//! next VBA when it was taken.
+//!
 //! Invariants:
-//! 1. Every VBA a tree maps is in the VBA map.
+//! 1. Every VBA a tree maps is in the VBA map, and every VBA map entry is mapped by some
+//!    tree (no leak: overwrites, trims, shrinks, deletes and rollbacks remove what died).
 //! 2. A read returns the bytes last written (or zeroes), or an error if the block fails its
 //!    checksum — never other bytes.
 //! 3. After reopen, every write flushed before a crash reads back (the log's guarantee,
 //!    applied to the trees in record order).
+//! 4. (Lineage) A VBA ≥ the watermark of view X's older snapshot that X maps is mapped only
+//!    by X and the views made from X since. Hence a volume's overwritten block whose VBA is
+//!    ≥ that watermark is dead at once, and a snapshot's exclusive blocks are those its
+//!    older does not hold (below the watermark, same place) and its one younger view does
+//!    not map. A snapshot two views were made from (a clone, or a rollback branch besides
+//!    the next snapshot) cannot be deleted: its blocks would be shared across branches.
 
 use crate::journal::{Record, WRITE_BLOCKS_MAX};
 use crate::log::{Log, LogError};
 use std::collections::HashMap;
 use std::io;
-use strata_blockmap::{Forest, Target, TreeId};
+use strata_blockmap::{Extent, Forest, Target, TreeId};
 use strata_io::sim::RawFile;
 
 /// Bytes per block.
@@ -47,6 +59,16 @@ pub enum EngineError {
     /// The request is not whole blocks.
     #[error("I/O must be whole 4096-byte blocks")]
     Unaligned,
+    /// The request reaches past the end of the volume.
+    #[error("blocks {lba}+{blocks} are past the end of the volume ({size} bytes)")]
+    OutOfRange {
+        /// First block.
+        lba: u64,
+        /// Blocks.
+        blocks: u64,
+        /// The volume's size in bytes.
+        size: u64,
+    },
     /// No volume or snapshot with this id.
     #[error("no volume or snapshot {0}")]
     NotFound(u64),
@@ -59,20 +81,35 @@ pub enum EngineError {
     /// The operation needs a snapshot.
     #[error("{0} is not a snapshot")]
     NotSnapshot(u64),
-    /// Clones still depend on the snapshot.
-    #[error("snapshot {id} has {clones} clone(s) that depend on it")]
-    HasClones {
+    /// The snapshot belongs to another volume.
+    #[error("snapshot {snapshot} is not a snapshot of volume {volume}")]
+    NotOfVolume {
+        /// The volume.
+        volume: u64,
         /// The snapshot.
-        id: u64,
-        /// Its clones.
-        clones: u32,
+        snapshot: u64,
     },
+    /// Other views depend on the snapshot's (or the volume's snapshots') blocks.
+    #[error("{id} has views that depend on it: {dependents:?}")]
+    HasDependents {
+        /// The snapshot or volume.
+        id: u64,
+        /// The views (clones, or a rollback branch) made from it.
+        dependents: Vec<u64>,
+    },
+    /// A size that is zero or not whole blocks.
+    #[error("size {0} is not a positive multiple of 4096 bytes")]
+    BadSize(u64),
 }
 
 /// A volume or a snapshot.
 #[derive(Clone, Debug)]
 struct View {
     tree: TreeId,
+    /// Size in bytes.
+    size: u64,
+    /// The snapshot this view was last made from (see the module doc).
+    older: Option<u64>,
     kind: ViewKind,
 }
 
@@ -81,15 +118,36 @@ enum ViewKind {
     Volume {
         /// Its snapshots, oldest first.
         snapshots: Vec<u64>,
-        /// The snapshot it was cloned from, if any.
-        origin: Option<u64>,
     },
     Snapshot {
         volume: u64,
         /// The next VBA when it was taken: every VBA it holds is below.
         watermark: u64,
-        clones: u32,
     },
+}
+
+/// What a view is, for callers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ViewInfo {
+    /// A writable volume and its snapshots, oldest first.
+    Volume {
+        /// Snapshot ids.
+        snapshots: Vec<u64>,
+    },
+    /// A read-only snapshot of `volume`.
+    Snapshot {
+        /// The volume it was taken of.
+        volume: u64,
+    },
+}
+
+/// Blocks a view maps, and how many of them only it holds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// Data blocks the view maps.
+    pub mapped_blocks: u64,
+    /// Of those, the blocks no other view holds: what deleting it would free.
+    pub exclusive_blocks: u64,
 }
 
 /// VBAs gathered per batch when a snapshot is deleted (8 MiB of memory).
@@ -117,6 +175,10 @@ pub struct Engine<F: RawFile> {
     views: HashMap<u64, View>,
     vba_map: HashMap<u64, Place>,
     next_vba: u64,
+}
+
+fn blocks_of(size: u64) -> u64 {
+    size / BLOCK_BYTES as u64
 }
 
 impl<F: RawFile> Engine<F> {
@@ -147,35 +209,24 @@ impl<F: RawFile> Engine<F> {
         Ok(engine)
     }
 
-    /// The tree of writable volume `volume`, created on first use.
-    fn tree(&mut self, volume: u64) -> TreeId {
-        let forest = &mut self.forest;
-        self.views
-            .entry(volume)
-            .or_insert_with(|| View {
-                tree: forest.create(),
-                kind: ViewKind::Volume { snapshots: Vec::new(), origin: None },
-            })
-            .tree
-    }
-
-    fn writable(&self, id: u64) -> Result<(), EngineError> {
-        match self.views.get(&id) {
-            Some(View { kind: ViewKind::Snapshot { .. }, .. }) => Err(EngineError::ReadOnly(id)),
-            _ => Ok(()),
-        }
+    fn view(&self, id: u64) -> Result<&View, EngineError> {
+        self.views.get(&id).ok_or(EngineError::NotFound(id))
     }
 
     /// Checks that `id` is an existing volume (not a snapshot).
-    fn existing_volume(&self, id: u64) -> Result<(), EngineError> {
-        self.views.get(&id).ok_or(EngineError::NotFound(id))?;
-        self.writable(id)
+    fn existing_volume(&self, id: u64) -> Result<&View, EngineError> {
+        let view = self.view(id)?;
+        match view.kind {
+            ViewKind::Snapshot { .. } => Err(EngineError::ReadOnly(id)),
+            ViewKind::Volume { .. } => Ok(view),
+        }
     }
 
-    /// Checks that `id` is an existing snapshot; returns how many clones depend on it.
-    fn existing_snapshot(&self, id: u64) -> Result<u32, EngineError> {
-        match self.views.get(&id).ok_or(EngineError::NotFound(id))?.kind {
-            ViewKind::Snapshot { clones, .. } => Ok(clones),
+    /// Checks that `id` is an existing snapshot.
+    fn existing_snapshot(&self, id: u64) -> Result<&View, EngineError> {
+        let view = self.view(id)?;
+        match view.kind {
+            ViewKind::Snapshot { .. } => Ok(view),
             ViewKind::Volume { .. } => Err(EngineError::NotSnapshot(id)),
         }
     }
@@ -186,6 +237,85 @@ impl<F: RawFile> Engine<F> {
             return Err(EngineError::Exists(id));
         }
         Ok(())
+    }
+
+    fn check_size(size: u64) -> Result<(), EngineError> {
+        if size == 0 || !size.is_multiple_of(BLOCK_BYTES as u64) {
+            return Err(EngineError::BadSize(size));
+        }
+        Ok(())
+    }
+
+    /// Checks a block range of writable volume `volume`.
+    fn writable_range(&self, volume: u64, lba: u64, blocks: u64) -> Result<(), EngineError> {
+        let size = self.existing_volume(volume)?.size;
+        Self::in_range(size, lba, blocks)
+    }
+
+    fn in_range(size: u64, lba: u64, blocks: u64) -> Result<(), EngineError> {
+        match lba.checked_add(blocks) {
+            Some(end) if blocks > 0 && end <= blocks_of(size) => Ok(()),
+            _ => Err(EngineError::OutOfRange { lba, blocks, size }),
+        }
+    }
+
+    /// The views made from snapshot `id` (see the module doc), in id order.
+    fn younger(&self, id: u64) -> Vec<u64> {
+        let mut ids: Vec<u64> =
+            self.views.iter().filter(|(_, v)| v.older == Some(id)).map(|(k, _)| *k).collect();
+        ids.sort_unstable();
+        ids
+    }
+
+    fn watermark(&self, snapshot: u64) -> u64 {
+        match self.views[&snapshot].kind {
+            ViewKind::Snapshot { watermark, .. } => watermark,
+            ViewKind::Volume { .. } => unreachable!("an older view is a snapshot"),
+        }
+    }
+
+    /// The lowest VBA that only view `id` (and views made from it since) can hold.
+    fn floor(&self, id: u64) -> u64 {
+        self.views[&id].older.map_or(0, |older| self.watermark(older))
+    }
+
+    /// Creates an empty volume of `size` bytes.
+    pub fn create_volume(&mut self, volume: u64, size: u64) -> Result<(), EngineError> {
+        self.free_id(volume)?;
+        Self::check_size(size)?;
+        self.log_and_apply(Record::Create { volume, size })
+    }
+
+    /// Changes a volume's size; a shrink drops the blocks past the new end.
+    pub fn resize(&mut self, volume: u64, size: u64) -> Result<(), EngineError> {
+        self.existing_volume(volume)?;
+        Self::check_size(size)?;
+        self.log_and_apply(Record::Resize { volume, size })
+    }
+
+    /// Removes a volume and its snapshots. Refused while clones depend on its snapshots.
+    pub fn remove_volume(&mut self, volume: u64) -> Result<(), EngineError> {
+        self.existing_volume(volume)?;
+        let family = self.family(volume);
+        let outside: Vec<u64> = family
+            .iter()
+            .flat_map(|id| self.younger(*id))
+            .filter(|id| !family.contains(id))
+            .collect();
+        if !outside.is_empty() {
+            return Err(EngineError::HasDependents { id: volume, dependents: outside });
+        }
+        self.log_and_apply(Record::Remove { volume })
+    }
+
+    /// A volume and its snapshots.
+    fn family(&self, volume: u64) -> Vec<u64> {
+        let ViewKind::Volume { snapshots } = &self.views[&volume].kind else {
+            unreachable!("a volume")
+        };
+        let mut ids = snapshots.clone();
+        ids.push(volume);
+        ids
     }
 
     /// Takes a snapshot of `volume` named `snapshot`: O(1), and it never changes.
@@ -202,12 +332,26 @@ impl<F: RawFile> Engine<F> {
         self.log_and_apply(Record::Clone { source, clone })
     }
 
-    /// Deletes snapshot `snapshot`, removing the VBAs only it held from the VBA map.
-    pub fn delete_snapshot(&mut self, snapshot: u64) -> Result<(), EngineError> {
-        match self.existing_snapshot(snapshot)? {
-            0 => self.log_and_apply(Record::Delete { snapshot }),
-            clones => Err(EngineError::HasClones { id: snapshot, clones }),
+    /// Returns `volume` to snapshot `snapshot` (one of its own): its contents and size
+    /// become the snapshot's; what it wrote since is freed. Its snapshots all stay.
+    pub fn rollback(&mut self, volume: u64, snapshot: u64) -> Result<(), EngineError> {
+        self.existing_volume(volume)?;
+        match self.existing_snapshot(snapshot)?.kind {
+            ViewKind::Snapshot { volume: of, .. } if of == volume => {}
+            _ => return Err(EngineError::NotOfVolume { volume, snapshot }),
         }
+        self.log_and_apply(Record::Rollback { volume, snapshot })
+    }
+
+    /// Deletes snapshot `snapshot`, removing the VBAs only it held from the VBA map.
+    /// Refused while two or more views were made from it (clones, rollback branches).
+    pub fn delete_snapshot(&mut self, snapshot: u64) -> Result<(), EngineError> {
+        self.existing_snapshot(snapshot)?;
+        let younger = self.younger(snapshot);
+        if younger.len() > 1 {
+            return Err(EngineError::HasDependents { id: snapshot, dependents: younger });
+        }
+        self.log_and_apply(Record::Delete { snapshot })
     }
 
     fn log_and_apply(&mut self, record: Record) -> Result<(), EngineError> {
@@ -216,61 +360,101 @@ impl<F: RawFile> Engine<F> {
         Ok(())
     }
 
+    /// Removes from the VBA map the blocks of `lba..lba+blocks` in volume `volume` that
+    /// only it holds (they are about to be replaced or dropped: invariant 4).
+    fn drop_dead(&mut self, volume: u64, lba: u64, blocks: u64) {
+        let floor = self.floor(volume);
+        let tree = self.views[&volume].tree;
+        for extent in self.forest.lookup(tree, lba, blocks).expect("validated range") {
+            if let Target::Data { vba } = extent.target {
+                for v in vba.max(floor)..vba + extent.length {
+                    self.vba_map.remove(&v);
+                }
+            }
+        }
+    }
+
     fn apply_snapshot(&mut self, volume: u64, snapshot: u64) {
-        // At replay the volume may not exist: the write that created it may be one whose
-        // data did not survive (it was never flushed). It is then empty, as that write is.
-        let tree = self.tree(volume);
-        let snap_tree = self.forest.snapshot(tree).expect("validated before logging");
-        if let ViewKind::Volume { snapshots, .. } =
-            &mut self.views.get_mut(&volume).expect("validated").kind
-        {
+        let head = &self.views[&volume];
+        let tree = self.forest.snapshot(head.tree).expect("validated before logging");
+        let view = View {
+            tree,
+            size: head.size,
+            older: head.older,
+            kind: ViewKind::Snapshot { volume, watermark: self.next_vba },
+        };
+        self.views.insert(snapshot, view);
+        let head = self.views.get_mut(&volume).expect("validated");
+        head.older = Some(snapshot);
+        if let ViewKind::Volume { snapshots } = &mut head.kind {
             snapshots.push(snapshot);
         }
-        let kind = ViewKind::Snapshot { volume, watermark: self.next_vba, clones: 0 };
-        self.views.insert(snapshot, View { tree: snap_tree, kind });
     }
 
     fn apply_clone(&mut self, source: u64, clone: u64) {
-        let tree = self.forest.clone_tree(self.views[&source].tree).expect("validated");
-        if let ViewKind::Snapshot { clones, .. } =
-            &mut self.views.get_mut(&source).expect("validated").kind
-        {
-            *clones += 1;
-        }
-        let kind = ViewKind::Volume { snapshots: Vec::new(), origin: Some(source) };
-        self.views.insert(clone, View { tree, kind });
+        let snap = &self.views[&source];
+        let tree = self.forest.clone_tree(snap.tree).expect("validated");
+        let kind = ViewKind::Volume { snapshots: Vec::new() };
+        self.views.insert(clone, View { tree, size: snap.size, older: Some(source), kind });
     }
 
     fn apply_delete(&mut self, snapshot: u64) {
-        let View { tree, kind } = self.views.remove(&snapshot).expect("validated");
+        let younger = self.younger(snapshot);
+        debug_assert!(younger.len() <= 1, "validated");
+        let View { tree, older, kind, .. } = self.views.remove(&snapshot).expect("validated");
         let ViewKind::Snapshot { volume, .. } = kind else { unreachable!("validated") };
-        let (snapshots, origin) = match &self.views[&volume].kind {
-            ViewKind::Volume { snapshots, origin } => (snapshots.clone(), *origin),
-            ViewKind::Snapshot { .. } => unreachable!("a snapshot's volume is a volume"),
-        };
-        let at = snapshots.iter().position(|s| *s == snapshot).expect("listed");
-        // The next older tree sharing blocks with this one: the volume's previous
-        // snapshot, or for a clone's first snapshot the snapshot it was cloned from.
-        let older_id = if at > 0 { Some(snapshots[at - 1]) } else { origin };
-        let older = older_id.map(|id| match self.views[&id].kind {
-            ViewKind::Snapshot { watermark, .. } => (self.views[&id].tree, watermark),
-            ViewKind::Volume { .. } => unreachable!("older trees are snapshots"),
-        });
-        let newer =
-            snapshots.get(at + 1).map_or(self.views[&volume].tree, |id| self.views[id].tree);
+        let older_tree = older.map(|id| (self.views[&id].tree, self.watermark(id)));
+        let newer = younger.first().map(|id| self.views[id].tree);
         let vba_map = &mut self.vba_map;
         self.forest
-            .exclusive_vbas(tree, older, newer, DELETE_BUFFER_VBAS, |batch| {
+            .exclusive_vbas(tree, older_tree, newer, DELETE_BUFFER_VBAS, |batch| {
                 for vba in batch {
                     vba_map.remove(vba);
                 }
             })
             .expect("trees exist");
         self.forest.drop_tree(tree).expect("exists");
-        if let ViewKind::Volume { snapshots, .. } =
-            &mut self.views.get_mut(&volume).expect("exists").kind
+        if let Some(young) = younger.first() {
+            self.views.get_mut(young).expect("exists").older = older;
+        }
+        if let Some(View { kind: ViewKind::Volume { snapshots }, .. }) = self.views.get_mut(&volume)
         {
-            snapshots.remove(at);
+            snapshots.retain(|s| *s != snapshot);
+        }
+    }
+
+    fn apply_rollback(&mut self, volume: u64, snapshot: u64) {
+        let size = self.views[&volume].size;
+        self.drop_dead(volume, 0, blocks_of(size));
+        let snap = &self.views[&snapshot];
+        let (snap_tree, snap_size) = (snap.tree, snap.size);
+        let tree = self.forest.clone_tree(snap_tree).expect("validated");
+        let head = self.views.get_mut(&volume).expect("validated");
+        let old_tree = std::mem::replace(&mut head.tree, tree);
+        head.size = snap_size;
+        head.older = Some(snapshot);
+        self.forest.drop_tree(old_tree).expect("exists");
+    }
+
+    fn apply_remove(&mut self, volume: u64) {
+        let family = self.family(volume);
+        // The family's oldest outside ancestor (a clone's source) keeps what is below its
+        // watermark; everything at or above it is the family's alone (invariant 4).
+        let floor = family
+            .iter()
+            .filter_map(|id| self.views[id].older)
+            .find(|older| !family.contains(older))
+            .map_or(0, |older| self.watermark(older));
+        for id in &family {
+            let view = self.views.remove(id).expect("family members exist");
+            for extent in self.forest.lookup(view.tree, 0, u64::MAX / 2).expect("valid range") {
+                if let Target::Data { vba } = extent.target {
+                    for v in vba.max(floor)..vba + extent.length {
+                        self.vba_map.remove(&v);
+                    }
+                }
+            }
+            self.forest.drop_tree(view.tree).expect("exists");
         }
     }
 
@@ -278,8 +462,9 @@ impl<F: RawFile> Engine<F> {
     fn apply(&mut self, record: &Record) {
         match record {
             Record::Write { volume, lba, vba, pba, crcs } => {
-                let tree = self.tree(*volume);
                 let blocks = crcs.len() as u64;
+                self.drop_dead(*volume, *lba, blocks);
+                let tree = self.views[volume].tree;
                 self.forest
                     .map(tree, *lba, blocks, Target::Data { vba: *vba })
                     .expect("a write record has at least one block");
@@ -290,16 +475,34 @@ impl<F: RawFile> Engine<F> {
                 self.next_vba = self.next_vba.max(vba + blocks);
             }
             Record::Trim { volume, lba, blocks } => {
-                let tree = self.tree(*volume);
+                self.drop_dead(*volume, *lba, *blocks);
+                let tree = self.views[volume].tree;
                 self.forest.unmap(tree, *lba, *blocks).expect("trim records are non-empty");
             }
             Record::Zero { volume, lba, blocks } => {
-                let tree = self.tree(*volume);
+                self.drop_dead(*volume, *lba, *blocks);
+                let tree = self.views[volume].tree;
                 self.forest.map(tree, *lba, *blocks, Target::Zero).expect("non-empty");
             }
             Record::Snapshot { volume, snapshot } => self.apply_snapshot(*volume, *snapshot),
             Record::Clone { source, clone } => self.apply_clone(*source, *clone),
             Record::Delete { snapshot } => self.apply_delete(*snapshot),
+            Record::Create { volume, size } => {
+                let tree = self.forest.create();
+                let kind = ViewKind::Volume { snapshots: Vec::new() };
+                self.views.insert(*volume, View { tree, size: *size, older: None, kind });
+            }
+            Record::Resize { volume, size } => {
+                let (old, new) = (blocks_of(self.views[volume].size), blocks_of(*size));
+                if new < old {
+                    self.drop_dead(*volume, new, old - new);
+                    let tree = self.views[volume].tree;
+                    self.forest.unmap(tree, new, old - new).expect("non-empty");
+                }
+                self.views.get_mut(volume).expect("validated").size = *size;
+            }
+            Record::Remove { volume } => self.apply_remove(*volume),
+            Record::Rollback { volume, snapshot } => self.apply_rollback(*volume, *snapshot),
         }
     }
 
@@ -308,7 +511,7 @@ impl<F: RawFile> Engine<F> {
         if data.is_empty() || !data.len().is_multiple_of(BLOCK_BYTES) {
             return Err(EngineError::Unaligned);
         }
-        self.writable(volume)?;
+        self.writable_range(volume, lba, (data.len() / BLOCK_BYTES) as u64)?;
         for (i, chunk) in data.chunks(WRITE_BLOCKS_MAX * BLOCK_BYTES).enumerate() {
             let lba = lba + (i * WRITE_BLOCKS_MAX) as u64;
             let record = self.log.write(volume, lba, self.next_vba, chunk)?;
@@ -319,13 +522,13 @@ impl<F: RawFile> Engine<F> {
 
     /// Makes `blocks` blocks from `lba` a hole.
     pub fn trim(&mut self, volume: u64, lba: u64, blocks: u64) -> Result<(), EngineError> {
-        self.writable(volume)?;
+        self.writable_range(volume, lba, blocks)?;
         self.log_and_apply(Record::Trim { volume, lba, blocks })
     }
 
     /// Makes `blocks` blocks from `lba` read as zeroes.
     pub fn write_zeroes(&mut self, volume: u64, lba: u64, blocks: u64) -> Result<(), EngineError> {
-        self.writable(volume)?;
+        self.writable_range(volume, lba, blocks)?;
         self.log_and_apply(Record::Zero { volume, lba, blocks })
     }
 
@@ -334,60 +537,220 @@ impl<F: RawFile> Engine<F> {
         Ok(self.log.flush()?)
     }
 
-    /// Reads whole blocks from `lba` into `buf`.
-    pub fn read(&self, volume: u64, lba: u64, buf: &mut [u8]) -> Result<(), EngineError> {
+    /// The first half of a flush that runs its sync without `&mut self`: seals the open
+    /// journal slot; afterwards a sync of [`Engine::file`] makes everything written
+    /// before the seal durable.
+    pub fn seal(&mut self) {
+        self.log.seal()
+    }
+
+    /// Reads whole blocks from `lba` of a volume or snapshot into `buf`.
+    pub fn read(&self, view: u64, lba: u64, buf: &mut [u8]) -> Result<(), EngineError> {
         if buf.is_empty() || !buf.len().is_multiple_of(BLOCK_BYTES) {
             return Err(EngineError::Unaligned);
         }
-        buf.fill(0);
-        let Some(view) = self.views.get(&volume) else { return Ok(()) };
+        let v = self.view(view)?;
         let blocks = (buf.len() / BLOCK_BYTES) as u64;
-        let extents = self.forest.lookup(view.tree, lba, blocks).expect("non-empty range");
+        Self::in_range(v.size, lba, blocks)?;
+        buf.fill(0);
+        let extents = self.forest.lookup(v.tree, lba, blocks).expect("non-empty range");
+        let mut crcs = Vec::new();
         for extent in extents {
             let Target::Data { vba } = extent.target else { continue };
-            for i in 0..extent.length {
+            // Read runs of blocks that lie in consecutive slots with one call each.
+            let mut i = 0;
+            while i < extent.length {
+                let corrupt = |at: u64, reason: String| EngineError::Corrupt {
+                    volume: view,
+                    lba: extent.lba + at,
+                    reason,
+                };
+                let place = |at: u64| {
+                    self.vba_map.get(&(vba + at)).ok_or_else(|| {
+                        corrupt(at, format!("VBA {} is missing from the VBA map", vba + at))
+                    })
+                };
+                let first = place(i)?;
+                crcs.clear();
+                crcs.push(first.crc);
+                let mut run = 1;
+                while i + run < extent.length {
+                    let next = place(i + run)?;
+                    if next.slot != first.slot + run {
+                        break;
+                    }
+                    crcs.push(next.crc);
+                    run += 1;
+                }
                 let at = ((extent.lba + i - lba) as usize) * BLOCK_BYTES;
-                let out = &mut buf[at..at + BLOCK_BYTES];
-                let corrupt =
-                    |reason: String| EngineError::Corrupt { volume, lba: extent.lba + i, reason };
-                let place = self.vba_map.get(&(vba + i)).ok_or_else(|| {
-                    corrupt(format!("VBA {} is missing from the VBA map", vba + i))
-                })?;
-                self.log
-                    .read_block(place.slot, place.crc, out)
-                    .map_err(|e| corrupt(e.to_string()))?;
+                let out = &mut buf[at..at + run as usize * BLOCK_BYTES];
+                match self.log.read_run(first.slot, &crcs, out) {
+                    Ok(None) => {}
+                    Ok(Some(bad)) => {
+                        out.fill(0);
+                        let slot = first.slot + bad as u64;
+                        return Err(corrupt(
+                            i + bad as u64,
+                            format!("block in slot {slot} fails its checksum"),
+                        ));
+                    }
+                    Err(e) => return Err(corrupt(i, e.to_string())),
+                }
+                i += run;
             }
         }
         Ok(())
     }
 
-    /// Checks invariant 1 and the forest's own invariants.
-    pub fn validate(&self) -> Result<(), String> {
-        self.forest.validate()?;
-        for (volume, view) in &self.views {
-            for extent in self.forest.lookup(view.tree, 0, u64::MAX / 2).expect("valid range") {
-                if let Target::Data { vba } = extent.target {
-                    if let Some(missing) =
-                        (vba..vba + extent.length).find(|v| !self.vba_map.contains_key(v))
-                    {
-                        return Err(format!("volume {volume}: VBA {missing} not in the VBA map"));
-                    }
+    /// The extents of a volume or snapshot in `lba..lba+blocks` (unmapped runs absent).
+    pub fn extents(&self, view: u64, lba: u64, blocks: u64) -> Result<Vec<Extent>, EngineError> {
+        let v = self.view(view)?;
+        Self::in_range(v.size, lba, blocks)?;
+        Ok(self.forest.lookup(v.tree, lba, blocks).expect("non-empty range"))
+    }
+
+    /// A view's size in bytes.
+    pub fn size(&self, view: u64) -> Result<u64, EngineError> {
+        Ok(self.view(view)?.size)
+    }
+
+    /// What view `id` is.
+    pub fn info(&self, id: u64) -> Result<ViewInfo, EngineError> {
+        Ok(match &self.view(id)?.kind {
+            ViewKind::Volume { snapshots } => ViewInfo::Volume { snapshots: snapshots.clone() },
+            ViewKind::Snapshot { volume, .. } => ViewInfo::Snapshot { volume: *volume },
+        })
+    }
+
+    /// Every view id, volumes and snapshots, in order.
+    pub fn view_ids(&self) -> Vec<u64> {
+        let mut ids: Vec<u64> = self.views.keys().copied().collect();
+        ids.sort_unstable();
+        ids
+    }
+
+    /// The views made from snapshot `id`: clones, a rollback branch, its next snapshot or
+    /// its volume. More than one blocks its deletion.
+    pub fn dependents(&self, id: u64) -> Vec<u64> {
+        self.younger(id)
+    }
+
+    /// How many blocks view `id` maps and how many only it holds. O(its extents) for a
+    /// volume; a snapshot's exclusive count walks it as its deletion would.
+    pub fn usage(&self, id: u64) -> Result<Usage, EngineError> {
+        let view = self.view(id)?;
+        let floor = self.floor(id);
+        let mut usage = Usage::default();
+        for extent in self.forest.lookup(view.tree, 0, u64::MAX / 2).expect("valid range") {
+            if let Target::Data { vba } = extent.target {
+                usage.mapped_blocks += extent.length;
+                if matches!(view.kind, ViewKind::Volume { .. }) {
+                    let end = vba + extent.length;
+                    usage.exclusive_blocks += end - vba.max(floor).min(end);
                 }
             }
         }
+        if matches!(view.kind, ViewKind::Snapshot { .. }) {
+            let older = view.older.map(|o| (self.views[&o].tree, self.watermark(o)));
+            // A block is exclusive when no view made from the snapshot maps it either.
+            let mut exclusive: Option<Vec<u64>> = None;
+            let younger = self.younger(id);
+            for newer in younger.iter().map(|y| Some(self.views[y].tree)).chain(
+                // With none made from it, compare against nothing.
+                younger.is_empty().then_some(None),
+            ) {
+                let mut vbas = Vec::new();
+                self.forest
+                    .exclusive_vbas(view.tree, older, newer, DELETE_BUFFER_VBAS, |batch| {
+                        vbas.extend_from_slice(batch)
+                    })
+                    .expect("trees exist");
+                vbas.sort_unstable();
+                exclusive = Some(match exclusive {
+                    None => vbas,
+                    Some(prev) => {
+                        prev.into_iter().filter(|v| vbas.binary_search(v).is_ok()).collect()
+                    }
+                });
+            }
+            usage.exclusive_blocks = exclusive.map_or(0, |v| v.len() as u64);
+        }
+        Ok(usage)
+    }
+
+    /// Checks invariant 1 (both directions), that no view maps past its size, and the
+    /// forest's own invariants. Pages shared by several trees are checked once (the
+    /// seed's node maps), so a chain of snapshots costs what its distinct pages cost.
+    pub fn validate(&self) -> Result<(), String> {
+        self.forest.validate()?;
+        for (id, view) in &self.views {
+            let end = self.forest.end_lba(view.tree).map_err(|e| e.to_string())?;
+            if end > blocks_of(view.size) {
+                return Err(format!("view {id} maps block {} past its size", end - 1));
+            }
+        }
+        let mut reached = std::collections::HashSet::new();
+        let tail = self.log.tail();
+        let mut problem = None;
+        self.forest.for_each_distinct_extent(|extent| {
+            let Target::Data { vba } = extent.target else { return };
+            for v in vba..vba + extent.length {
+                if problem.is_some() {
+                    return;
+                }
+                match self.vba_map.get(&v) {
+                    None => problem = Some(format!("VBA {v} is mapped but not in the VBA map")),
+                    Some(place) if place.slot >= tail => {
+                        problem = Some(format!("VBA {v} points past the log's tail"))
+                    }
+                    Some(_) if v >= self.next_vba => {
+                        problem = Some(format!("VBA {v} is not below the next VBA"))
+                    }
+                    Some(_) => {
+                        reached.insert(v);
+                    }
+                }
+            }
+        });
+        if let Some(problem) = problem {
+            return Err(problem);
+        }
+        if let Some(leaked) = self.vba_map.keys().find(|v| !reached.contains(v)) {
+            return Err(format!("VBA {leaked} is in the VBA map but no view maps it"));
+        }
         Ok(())
     }
 
-    /// The log's file (tests crash it).
+    /// Reads every live block and checks its crc; returns the VBAs that fail.
+    pub fn verify_data(&self) -> Result<Vec<u64>, EngineError> {
+        let mut bad = Vec::new();
+        let mut buf = vec![0u8; BLOCK_BYTES];
+        let mut vbas: Vec<(&u64, &Place)> = self.vba_map.iter().collect();
+        vbas.sort_unstable_by_key(|(_, p)| p.slot);
+        for (vba, place) in vbas {
+            if self.log.read_block(place.slot, place.crc, &mut buf).is_err() {
+                bad.push(*vba);
+            }
+        }
+        bad.sort_unstable();
+        Ok(bad)
+    }
+
+    /// The log's file (the store syncs it after [`Engine::seal`]; tests crash it).
+    pub fn file(&self) -> &F {
+        self.log.file()
+    }
+
+    /// Gives the log's file back.
     pub fn into_file(self) -> F {
         self.log.into_file()
     }
-}
 
-#[cfg(test)]
-mod tests;
+    /// Bytes the log occupies.
+    pub fn log_bytes(&self) -> u64 {
+        self.log.tail() * BLOCK_BYTES as u64
+    }
 
-impl<F: RawFile> Engine<F> {
     /// Every VBA the view `id` maps (tests and accounting).
     pub fn vbas_of(&self, id: u64) -> Vec<u64> {
         let Some(view) = self.views.get(&id) else { return Vec::new() };
@@ -400,7 +763,7 @@ impl<F: RawFile> Engine<F> {
         vbas
     }
 
-    /// Entries in the VBA map.
+    /// Entries in the VBA map (live blocks).
     pub fn vba_map_len(&self) -> usize {
         self.vba_map.len()
     }
@@ -410,3 +773,6 @@ impl<F: RawFile> Engine<F> {
         self.vba_map.contains_key(&vba)
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -14,6 +14,10 @@
 //!   4 Snapshot  volume u64, snapshot u64, 0 u64
 //!   5 Clone     source u64, clone u64, 0 u64
 //!   6 Delete    snapshot u64, 0 u64, 0 u64
+//!   7 Create    volume u64, size bytes u64, 0 u64
+//!   8 Resize    volume u64, size bytes u64, 0 u64
+//!   9 Remove    volume u64, 0 u64, 0 u64
+//!  10 Rollback  volume u64, snapshot u64, 0 u64
 //! ```
 //!
 //! Journal slots are found by following `next` from the superblock, never by scanning the
@@ -47,6 +51,10 @@ const KIND_ZERO: u8 = 3;
 const KIND_SNAPSHOT: u8 = 4;
 const KIND_CLONE: u8 = 5;
 const KIND_DELETE: u8 = 6;
+const KIND_CREATE: u8 = 7;
+const KIND_RESIZE: u8 = 8;
+const KIND_REMOVE: u8 = 9;
+const KIND_ROLLBACK: u8 = 10;
 
 /// One change the journal records.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -102,6 +110,32 @@ pub enum Record {
         /// The snapshot's id.
         snapshot: u64,
     },
+    /// An empty volume was created.
+    Create {
+        /// Volume id.
+        volume: u64,
+        /// Its size in bytes.
+        size: u64,
+    },
+    /// A volume's size changed (a shrink drops the blocks past the new end).
+    Resize {
+        /// Volume id.
+        volume: u64,
+        /// The new size in bytes.
+        size: u64,
+    },
+    /// A volume and all its snapshots were removed.
+    Remove {
+        /// Volume id.
+        volume: u64,
+    },
+    /// A volume's head became a copy of one of its snapshots.
+    Rollback {
+        /// Volume id.
+        volume: u64,
+        /// The snapshot.
+        snapshot: u64,
+    },
 }
 
 impl Record {
@@ -120,6 +154,10 @@ impl Record {
             Record::Snapshot { volume, snapshot } => (KIND_SNAPSHOT, [*volume, *snapshot, 0]),
             Record::Clone { source, clone } => (KIND_CLONE, [*source, *clone, 0]),
             Record::Delete { snapshot } => (KIND_DELETE, [*snapshot, 0, 0]),
+            Record::Create { volume, size } => (KIND_CREATE, [*volume, *size, 0]),
+            Record::Resize { volume, size } => (KIND_RESIZE, [*volume, *size, 0]),
+            Record::Remove { volume } => (KIND_REMOVE, [*volume, 0, 0]),
+            Record::Rollback { volume, snapshot } => (KIND_ROLLBACK, [*volume, *snapshot, 0]),
         };
         out.push(kind);
         let length = u16::try_from(self.payload_bytes()).expect("records fit a slot");
@@ -270,7 +308,7 @@ fn decode_record(kind: u8, p: &[u8]) -> Result<Record, SlotError> {
                 crcs,
             })
         }
-        KIND_TRIM..=KIND_DELETE => {
+        KIND_TRIM..=KIND_ROLLBACK => {
             if p.len() != 24 {
                 return Err(SlotError::Malformed("record length"));
             }
@@ -280,7 +318,11 @@ fn decode_record(kind: u8, p: &[u8]) -> Result<Record, SlotError> {
                 KIND_ZERO => Record::Zero { volume: a, lba: b, blocks: c },
                 KIND_SNAPSHOT => Record::Snapshot { volume: a, snapshot: b },
                 KIND_CLONE => Record::Clone { source: a, clone: b },
-                _ => Record::Delete { snapshot: a },
+                KIND_DELETE => Record::Delete { snapshot: a },
+                KIND_CREATE => Record::Create { volume: a, size: b },
+                KIND_RESIZE => Record::Resize { volume: a, size: b },
+                KIND_REMOVE => Record::Remove { volume: a },
+                _ => Record::Rollback { volume: a, snapshot: b },
             })
         }
         _ => Err(SlotError::Malformed("unknown record kind")),

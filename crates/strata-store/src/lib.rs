@@ -10,3 +10,6 @@
 pub mod engine;
 pub mod journal;
 pub mod log;
+pub mod store;
+
+pub use store::{LogStore, LogVolume};

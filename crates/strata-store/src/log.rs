@@ -164,6 +164,29 @@ impl<F: RawFile> Log<F> {
         Ok(())
     }
 
+    /// Seals the open journal slot (if it holds records) so that a sync started now covers
+    /// a slot that is never rewritten: records appended from now on go to the next slot.
+    /// `seal` then a sync of [`Log::file`] is `flush` split in two, so that the sync can
+    /// run without the caller's lock while writes continue.
+    pub fn seal(&mut self) {
+        if !self.open.is_empty() {
+            self.advance();
+        }
+    }
+
+    /// Slots the log occupies (data, journal, and the reserved next journal slot).
+    pub fn tail(&self) -> u64 {
+        self.tail
+    }
+
+    /// Reads `buf.len() / 4096` consecutive slots from `slot` and checks each against its
+    /// crc in `crcs`; returns the index of the first block that fails, if any.
+    pub fn read_run(&self, slot: u64, crcs: &[u32], buf: &mut [u8]) -> io::Result<Option<usize>> {
+        debug_assert_eq!(buf.len(), crcs.len() * SLOT_BYTES);
+        self.file.read_at(buf, offset(slot))?;
+        Ok(buf.chunks(SLOT_BYTES).zip(crcs).position(|(b, crc)| crc32c::crc32c(b) != *crc))
+    }
+
     /// Reads the block in `slot`, checking it against `crc`.
     pub fn read_block(&self, slot: u64, crc: u32, buf: &mut [u8]) -> io::Result<()> {
         self.file.read_at(buf, offset(slot))?;

@@ -236,7 +236,7 @@ fn chain_delete(writes: Vec<Vec<(u64, u64)>>, victim: usize, buffer_max: usize, 
     let victim = victim % chain.len();
     let (snapshot, _) = chain[victim];
     let older = victim.checked_sub(1).map(|i| chain[i]);
-    let newer = chain.get(victim + 1).map(|(t, _)| *t).unwrap_or(head);
+    let newer = Some(chain.get(victim + 1).map(|(t, _)| *t).unwrap_or(head));
     // Expected: the VBAs of the snapshot that no other tree maps.
     let others: std::collections::HashSet<u64> = chain
         .iter()

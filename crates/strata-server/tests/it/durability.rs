@@ -110,13 +110,31 @@ fn a_corrupt_catalog_is_a_clear_error_and_is_left_as_it_was() {
     node.create("v", "4M");
     let dir = node.kill9();
     let catalog = dir.join("catalog.json");
-    std::fs::write(&catalog, b"{\"format\": 1, \"volu").unwrap();
+    let log = std::fs::read(dir.join("store/log")).unwrap();
+    std::fs::write(&catalog, b"{\"format\": 2, \"volu").unwrap();
     let err = Node::try_start_in(&dir).err().expect("a corrupt catalog must stop the node");
     assert!(err.contains("is corrupt or not a Strata catalog"), "{err}");
-    assert_eq!(std::fs::read(&catalog).unwrap(), b"{\"format\": 1, \"volu", "nothing rewritten");
-    assert!(dir.join("volumes").read_dir().unwrap().count() == 1, "the volume is kept");
+    assert_eq!(std::fs::read(&catalog).unwrap(), b"{\"format\": 2, \"volu", "nothing rewritten");
+    assert!(std::fs::read(dir.join("store/log")).unwrap() == log, "the store is untouched");
     std::fs::write(&catalog, b"{\"format\": 9, \"next_id\": 1, \"volumes\": []}").unwrap();
     let err = Node::try_start_in(&dir).err().expect("an unknown format must stop the node");
     assert!(err.contains("format 9"), "{err}");
     drop(keep);
+}
+
+#[test]
+fn a_data_dir_of_the_file_per_volume_format_is_refused_and_left_as_it_was() {
+    let dir = tempfile::tempdir().unwrap();
+    let catalog = br#"{"format":1,"next_id":2,"volumes":[{"id":1,"name":"old","created_unix":0}]}"#;
+    std::fs::write(dir.path().join("catalog.json"), catalog).unwrap();
+    std::fs::create_dir(dir.path().join("volumes")).unwrap();
+    std::fs::write(dir.path().join("volumes/0000000000000001.vol"), b"old data").unwrap();
+    let err = Node::try_start_in(dir.path()).err().expect("format 1 must be refused");
+    assert!(err.contains("format of strata 0.1") && err.contains("not changed"), "{err}");
+    assert_eq!(std::fs::read(dir.path().join("catalog.json")).unwrap(), catalog);
+    assert_eq!(
+        std::fs::read(dir.path().join("volumes/0000000000000001.vol")).unwrap(),
+        b"old data"
+    );
+    assert!(!dir.path().join("store").exists(), "no store was created");
 }

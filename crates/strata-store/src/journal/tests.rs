@@ -36,6 +36,11 @@ fn record() -> impl Strategy<Value = Record> {
             .prop_map(|(volume, snapshot)| Record::Snapshot { volume, snapshot }),
         (any::<u64>(), any::<u64>()).prop_map(|(source, clone)| Record::Clone { source, clone }),
         any::<u64>().prop_map(|snapshot| Record::Delete { snapshot }),
+        (any::<u64>(), any::<u64>()).prop_map(|(volume, size)| Record::Create { volume, size }),
+        (any::<u64>(), any::<u64>()).prop_map(|(volume, size)| Record::Resize { volume, size }),
+        any::<u64>().prop_map(|volume| Record::Remove { volume }),
+        (any::<u64>(), any::<u64>())
+            .prop_map(|(volume, snapshot)| Record::Rollback { volume, snapshot }),
     ]
 }
 

@@ -1,0 +1,448 @@
+//! The store a node serves from: the [`Engine`] over `DIR/log`, behind the
+//! `strata_io::Store` and `BlockVolume` traits the NBD front end speaks, plus snapshots,
+//! clones, rollback and accounting for the node's API.
+//!
+//! Concurrency: one `RwLock` around the engine. Reads (and extents) share it; writes,
+//! trims, zeroes and metadata changes hold it exclusively while they append to the log
+//! (a `pwrite` into the page cache). A sync holds it only to seal the open journal slot;
+//! the `fdatasync` runs without it, so writes continue while a flush waits on the device,
+//! and every write completed before the seal is covered by the sync.
+//!
+//! Byte ranges that do not fall on 4 KiB blocks are read-modify-written under the
+//! exclusive lock, so two unaligned writers of one block never lose each other's bytes.
+//!
+//! Invariants:
+//! 1. A failed `fdatasync`, or a failed write of the log after the engine may have taken a
+//!    record in, makes the store refuse every later write and sync until it is reopened
+//!    ([`StoreError::Failed`]): its memory may no longer match what replay would rebuild,
+//!    and the kernel may have dropped unsynced pages (fsyncgate).
+//! 2. `create_volume`, `remove_volume` and every snapshot operation are durable when they
+//!    return (they sync).
+
+use crate::engine::{Engine, EngineError, Usage, ViewInfo, BLOCK_BYTES};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use strata_io::{check_range, BlockVolume, Extent, Store, StoreError, VolumeId, ZeroMode};
+
+const BLOCK: u64 = BLOCK_BYTES as u64;
+
+/// The file the log lives in, under the store's directory.
+pub const LOG_FILE: &str = "log";
+
+/// A node's log-structured store.
+#[derive(Clone)]
+pub struct LogStore {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    dir: PathBuf,
+    engine: RwLock<Engine<Arc<File>>>,
+    file: Arc<File>,
+    failed: AtomicBool,
+}
+
+/// A volume or snapshot of a [`LogStore`].
+pub struct LogVolume {
+    shared: Arc<Shared>,
+    id: u64,
+}
+
+impl Shared {
+    fn read(&self) -> RwLockReadGuard<'_, Engine<Arc<File>>> {
+        self.engine.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> Result<RwLockWriteGuard<'_, Engine<Arc<File>>>, StoreError> {
+        if self.failed.load(Ordering::Acquire) {
+            return Err(StoreError::Failed);
+        }
+        Ok(self.engine.write().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Maps an engine error; an I/O error of a change fails the store (invariant 1).
+    fn fail(&self, e: EngineError) -> StoreError {
+        if let EngineError::Io(_) = e {
+            tracing::error!(dir = %self.dir.display(), "the store's log failed: {e}; \
+                refusing writes until restart");
+            self.failed.store(true, Ordering::Release);
+        }
+        store_error(e)
+    }
+
+    fn sync(&self) -> Result<(), StoreError> {
+        self.write()?.seal();
+        if let Err(e) = self.file.sync_data() {
+            self.failed.store(true, Ordering::Release);
+            tracing::error!(dir = %self.dir.display(), "fdatasync of the log failed: {e}");
+            return Err(StoreError::io("fdatasync the log")(e));
+        }
+        Ok(())
+    }
+
+    /// Runs a metadata change, then syncs it.
+    fn change(
+        &self,
+        f: impl FnOnce(&mut Engine<Arc<File>>) -> Result<(), EngineError>,
+    ) -> Result<(), EngineError> {
+        let mut engine = self.write().map_err(|e| EngineError::Io(std::io::Error::other(e)))?;
+        f(&mut engine).inspect_err(|e| {
+            if let EngineError::Io(_) = e {
+                self.failed.store(true, Ordering::Release);
+            }
+        })?;
+        drop(engine);
+        self.sync().map_err(|e| EngineError::Io(std::io::Error::other(e)))
+    }
+}
+
+fn store_error(e: EngineError) -> StoreError {
+    match e {
+        EngineError::Io(e) => StoreError::io("write the log")(e),
+        EngineError::Corrupt { .. } => StoreError::Corrupt { message: e.to_string() },
+        EngineError::OutOfRange { lba, blocks, size } => {
+            StoreError::OutOfRange { offset: lba * BLOCK, length: blocks * BLOCK, size }
+        }
+        EngineError::ReadOnly(_) => StoreError::ReadOnly,
+        EngineError::NotFound(id) => StoreError::NotFound { id: VolumeId(id) },
+        e => StoreError::Io { op: "store", source: std::io::Error::other(e.to_string()) },
+    }
+}
+
+impl LogStore {
+    /// Opens the store in `dir` (creating it if empty), replaying its log.
+    pub fn open(dir: &Path) -> Result<LogStore, EngineError> {
+        std::fs::create_dir_all(dir)?;
+        let path = dir.join(LOG_FILE);
+        let exists = path.exists();
+        let file = Arc::new(
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&path)?,
+        );
+        let engine = if exists && file.metadata()?.len() > 0 {
+            Engine::open(file.clone())?
+        } else {
+            File::open(dir)?.sync_all()?;
+            Engine::create(file.clone())
+        };
+        let shared = Shared {
+            dir: dir.to_owned(),
+            engine: RwLock::new(engine),
+            file,
+            failed: AtomicBool::new(false),
+        };
+        Ok(LogStore { shared: Arc::new(shared) })
+    }
+
+    /// Opens the store in `dir` for checking only: the log is replayed from a read-only
+    /// file, so nothing on disk changes (every write would fail).
+    pub fn open_read_only(dir: &Path) -> Result<LogStore, EngineError> {
+        let file = Arc::new(File::open(dir.join(LOG_FILE))?);
+        let engine = Engine::open(file.clone())?;
+        let shared = Shared {
+            dir: dir.to_owned(),
+            engine: RwLock::new(engine),
+            file,
+            failed: AtomicBool::new(true),
+        };
+        Ok(LogStore { shared: Arc::new(shared) })
+    }
+
+    /// A volume or snapshot by id.
+    pub fn view(&self, id: u64) -> Result<Arc<LogVolume>, EngineError> {
+        self.shared.read().size(id)?;
+        Ok(Arc::new(LogVolume { shared: self.shared.clone(), id }))
+    }
+
+    /// Takes snapshot `snapshot` of `volume` (durable on return).
+    pub fn snapshot(&self, volume: u64, snapshot: u64) -> Result<(), EngineError> {
+        self.shared.change(|e| e.snapshot(volume, snapshot))
+    }
+
+    /// Makes volume `clone` from snapshot `source` (durable on return).
+    pub fn clone_snapshot(&self, source: u64, clone: u64) -> Result<(), EngineError> {
+        self.shared.change(|e| e.clone_snapshot(source, clone))
+    }
+
+    /// Returns `volume` to its snapshot `snapshot` (durable on return).
+    pub fn rollback(&self, volume: u64, snapshot: u64) -> Result<(), EngineError> {
+        self.shared.change(|e| e.rollback(volume, snapshot))
+    }
+
+    /// Deletes snapshot `snapshot` (durable on return).
+    pub fn delete_snapshot(&self, snapshot: u64) -> Result<(), EngineError> {
+        self.shared.change(|e| e.delete_snapshot(snapshot))
+    }
+
+    /// Removes a volume and its snapshots (durable on return).
+    pub fn remove(&self, volume: u64) -> Result<(), EngineError> {
+        self.shared.change(|e| e.remove_volume(volume))
+    }
+
+    /// What view `id` is.
+    pub fn info(&self, id: u64) -> Result<ViewInfo, EngineError> {
+        self.shared.read().info(id)
+    }
+
+    /// Blocks view `id` maps and holds alone.
+    pub fn usage(&self, id: u64) -> Result<Usage, EngineError> {
+        self.shared.read().usage(id)
+    }
+
+    /// The views made from snapshot `id`.
+    pub fn dependents(&self, id: u64) -> Vec<u64> {
+        self.shared.read().dependents(id)
+    }
+
+    /// Every volume and snapshot id.
+    pub fn view_ids(&self) -> Vec<u64> {
+        self.shared.read().view_ids()
+    }
+
+    /// Bytes the log occupies.
+    pub fn log_bytes(&self) -> u64 {
+        self.shared.read().log_bytes()
+    }
+
+    /// Checks the store's structures (and with `data`, every live block's crc); returns
+    /// a list of problems, empty when the store is consistent.
+    pub fn check(&self, data: bool) -> Vec<String> {
+        let engine = self.shared.read();
+        let mut problems = Vec::new();
+        if let Err(e) = engine.validate() {
+            problems.push(e);
+        }
+        if data {
+            match engine.verify_data() {
+                Ok(bad) => {
+                    for vba in bad {
+                        problems.push(format!("VBA {vba}: the block fails its checksum"));
+                    }
+                }
+                Err(e) => problems.push(format!("reading the log: {e}")),
+            }
+        }
+        problems
+    }
+
+    /// Makes everything written so far durable.
+    pub fn sync(&self) -> Result<(), StoreError> {
+        self.shared.sync()
+    }
+}
+
+impl Store for LogStore {
+    fn create_volume(
+        &self,
+        id: VolumeId,
+        size_bytes: u64,
+    ) -> Result<Arc<dyn BlockVolume>, StoreError> {
+        self.shared.change(|e| e.create_volume(id.0, size_bytes)).map_err(store_error)?;
+        Ok(Arc::new(LogVolume { shared: self.shared.clone(), id: id.0 }))
+    }
+
+    fn open_volume(&self, id: VolumeId) -> Result<Arc<dyn BlockVolume>, StoreError> {
+        Ok(self.view(id.0).map_err(store_error)?)
+    }
+
+    fn remove_volume(&self, id: VolumeId) -> Result<(), StoreError> {
+        self.remove(id.0).map_err(store_error)
+    }
+
+    fn volume_ids(&self) -> Result<Vec<VolumeId>, StoreError> {
+        let engine = self.shared.read();
+        Ok(engine
+            .view_ids()
+            .into_iter()
+            .filter(|id| matches!(engine.info(*id), Ok(ViewInfo::Volume { .. })))
+            .map(VolumeId)
+            .collect())
+    }
+
+    fn free_bytes(&self) -> Result<u64, StoreError> {
+        let st = rustix::fs::statvfs(&self.shared.dir).map_err(StoreError::errno("statvfs"))?;
+        Ok(st.f_bavail.saturating_mul(st.f_frsize))
+    }
+}
+
+/// The blocks covering bytes `offset..offset+length` (length > 0): first block, count.
+fn covering(offset: u64, length: u64) -> (u64, u64) {
+    let first = offset / BLOCK;
+    (first, (offset + length).div_ceil(BLOCK) - first)
+}
+
+impl LogVolume {
+    fn size(&self) -> u64 {
+        self.shared.read().size(self.id).unwrap_or(0)
+    }
+
+    /// Writes `data` at byte `offset` with the engine locked: whole blocks directly, a
+    /// partial first or last block by reading it first.
+    fn write_locked(
+        &self,
+        engine: &mut Engine<Arc<File>>,
+        data: &[u8],
+        offset: u64,
+    ) -> Result<(), StoreError> {
+        let size = engine.size(self.id).map_err(store_error)?;
+        check_range(offset, data.len() as u64, size)?;
+        if data.is_empty() {
+            return Ok(());
+        }
+        let (first, blocks) = covering(offset, data.len() as u64);
+        if offset.is_multiple_of(BLOCK) && data.len().is_multiple_of(BLOCK_BYTES) {
+            return engine.write(self.id, first, data).map_err(|e| self.shared.fail(e));
+        }
+        let mut buf = vec![0u8; (blocks * BLOCK) as usize];
+        let head = (offset - first * BLOCK) as usize;
+        let end = head + data.len();
+        if head != 0 {
+            engine.read(self.id, first, &mut buf[..BLOCK_BYTES]).map_err(store_error)?;
+        }
+        if !end.is_multiple_of(BLOCK_BYTES) && (blocks > 1 || head == 0) {
+            let last = buf.len() - BLOCK_BYTES;
+            engine.read(self.id, first + blocks - 1, &mut buf[last..]).map_err(store_error)?;
+        }
+        buf[head..end].copy_from_slice(data);
+        engine.write(self.id, first, &buf).map_err(|e| self.shared.fail(e))
+    }
+
+    /// Zeroes `offset..offset+length`: whole blocks with `whole(lba, blocks)`, the partial
+    /// edges by writing zero bytes.
+    fn zero_range(
+        &self,
+        offset: u64,
+        length: u64,
+        whole: impl FnOnce(&mut Engine<Arc<File>>, u64, u64) -> Result<(), EngineError>,
+    ) -> Result<(), StoreError> {
+        let mut engine = self.shared.write()?;
+        let size = engine.size(self.id).map_err(store_error)?;
+        check_range(offset, length, size)?;
+        if length == 0 {
+            return Ok(());
+        }
+        let end = offset + length;
+        let first_whole = offset.div_ceil(BLOCK);
+        let end_whole = end / BLOCK;
+        if first_whole >= end_whole {
+            // Inside one block, or across one boundary with no whole block.
+            let zeroes = vec![0u8; length as usize];
+            return self.write_locked(&mut engine, &zeroes, offset);
+        }
+        if offset < first_whole * BLOCK {
+            let zeroes = vec![0u8; (first_whole * BLOCK - offset) as usize];
+            self.write_locked(&mut engine, &zeroes, offset)?;
+        }
+        if end > end_whole * BLOCK {
+            let zeroes = vec![0u8; (end - end_whole * BLOCK) as usize];
+            self.write_locked(&mut engine, &zeroes, end_whole * BLOCK)?;
+        }
+        whole(&mut engine, first_whole, end_whole - first_whole).map_err(|e| self.shared.fail(e))
+    }
+}
+
+impl BlockVolume for LogVolume {
+    fn size_bytes(&self) -> u64 {
+        self.size()
+    }
+
+    fn allocated_bytes(&self) -> Result<u64, StoreError> {
+        let usage = self.shared.read().usage(self.id).map_err(store_error)?;
+        Ok(usage.mapped_blocks * BLOCK)
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), StoreError> {
+        let engine = self.shared.read();
+        let size = engine.size(self.id).map_err(store_error)?;
+        check_range(offset, buf.len() as u64, size)?;
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let (first, blocks) = covering(offset, buf.len() as u64);
+        if offset.is_multiple_of(BLOCK) && buf.len().is_multiple_of(BLOCK_BYTES) {
+            return engine.read(self.id, first, buf).map_err(store_error);
+        }
+        let mut whole = vec![0u8; (blocks * BLOCK) as usize];
+        engine.read(self.id, first, &mut whole).map_err(store_error)?;
+        let head = (offset - first * BLOCK) as usize;
+        buf.copy_from_slice(&whole[head..head + buf.len()]);
+        Ok(())
+    }
+
+    fn write_at(&self, data: &[u8], offset: u64) -> Result<(), StoreError> {
+        let mut engine = self.shared.write()?;
+        self.write_locked(&mut engine, data, offset)
+    }
+
+    fn trim(&self, offset: u64, length: u64) -> Result<(), StoreError> {
+        let id = self.id;
+        self.zero_range(offset, length, |e, lba, blocks| e.trim(id, lba, blocks))
+    }
+
+    fn write_zeroes(&self, offset: u64, length: u64, mode: ZeroMode) -> Result<(), StoreError> {
+        let id = self.id;
+        match mode {
+            ZeroMode::MayTrim => {
+                self.zero_range(offset, length, |e, lba, blocks| e.trim(id, lba, blocks))
+            }
+            ZeroMode::Allocate => {
+                self.zero_range(offset, length, |e, lba, blocks| e.write_zeroes(id, lba, blocks))
+            }
+        }
+    }
+
+    fn extents(
+        &self,
+        offset: u64,
+        length: u64,
+        extents_max: usize,
+    ) -> Result<Vec<Extent>, StoreError> {
+        let engine = self.shared.read();
+        let size = engine.size(self.id).map_err(store_error)?;
+        check_range(offset, length, size)?;
+        let mut out: Vec<Extent> = Vec::new();
+        if length == 0 {
+            return Ok(out);
+        }
+        let (first, blocks) = covering(offset, length);
+        let end = offset + length;
+        let mut push = |from: u64, to: u64, hole: bool, zero: bool| {
+            let (from, to) = (from.max(offset), to.min(end));
+            if from >= to {
+                return;
+            }
+            match out.last_mut() {
+                Some(last) if last.hole == hole && last.zero == zero => last.length += to - from,
+                _ => out.push(Extent { length: to - from, hole, zero }),
+            }
+        };
+        let mut at = first * BLOCK;
+        for e in engine.extents(self.id, first, blocks).map_err(store_error)? {
+            push(at, e.lba * BLOCK, true, true);
+            let zero = matches!(e.target, strata_blockmap::Target::Zero);
+            push(e.lba * BLOCK, e.end() * BLOCK, false, zero);
+            at = e.end() * BLOCK;
+        }
+        push(at, (first + blocks) * BLOCK, true, true);
+        out.truncate(extents_max.max(1));
+        Ok(out)
+    }
+
+    fn sync(&self) -> Result<(), StoreError> {
+        self.shared.sync()
+    }
+
+    fn resize(&self, size_bytes: u64) -> Result<(), StoreError> {
+        let mut engine = self.shared.write()?;
+        engine.resize(self.id, size_bytes).map_err(|e| self.shared.fail(e))
+    }
+}
+
+#[cfg(test)]
+mod tests;
