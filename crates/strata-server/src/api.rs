@@ -89,6 +89,8 @@ pub struct NodeStatus {
     pub free_bytes: u64,
     /// Bytes the store's log occupies.
     pub log_bytes: u64,
+    /// Bytes of live data in the store (shared blocks counted once).
+    pub live_bytes: u64,
     /// Seconds since start.
     pub uptime_seconds: u64,
 }
@@ -102,6 +104,7 @@ async fn node_status(State(api): State<Api>) -> Json<NodeStatus> {
         volumes: api.node.list().len(),
         free_bytes: api.node.free_bytes(),
         log_bytes: api.node.log_bytes(),
+        live_bytes: api.node.live_bytes(),
         uptime_seconds: api.started.elapsed().as_secs(),
     })
 }

@@ -750,6 +750,11 @@ impl Node {
         self.store.free_bytes().unwrap_or(0)
     }
 
+    /// Bytes of live data in the store (every volume and snapshot, shared blocks once).
+    pub fn live_bytes(&self) -> u64 {
+        self.store.live_bytes()
+    }
+
     /// Bytes the store's log occupies.
     pub fn log_bytes(&self) -> u64 {
         self.store.log_bytes()

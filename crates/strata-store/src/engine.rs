@@ -502,6 +502,7 @@ impl<F: RawFile> Engine<F> {
                 self.views.get_mut(volume).expect("validated").size = *size;
             }
             Record::Remove { volume } => self.apply_remove(*volume),
+            Record::Durable { .. } => {} // the log's own bookkeeping
             Record::Rollback { volume, snapshot } => self.apply_rollback(*volume, *snapshot),
         }
     }
@@ -537,11 +538,16 @@ impl<F: RawFile> Engine<F> {
         Ok(self.log.flush()?)
     }
 
-    /// The first half of a flush that runs its sync without `&mut self`: seals the open
+    /// The first part of a flush that runs its sync without `&mut self`: seals the open
     /// journal slot; afterwards a sync of [`Engine::file`] makes everything written
-    /// before the seal durable.
-    pub fn seal(&mut self) {
+    /// before the seal durable. Returns what to pass to [`Engine::synced`] after it.
+    pub fn seal(&mut self) -> u64 {
         self.log.seal()
+    }
+
+    /// The last part of a split flush: records that the sync after `seal` completed.
+    pub fn synced(&mut self, through: u64) -> Result<(), EngineError> {
+        Ok(self.log.synced(through)?)
     }
 
     /// Reads whole blocks from `lba` of a volume or snapshot into `buf`.

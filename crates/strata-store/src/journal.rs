@@ -18,6 +18,7 @@
 //!   8 Resize    volume u64, size bytes u64, 0 u64
 //!   9 Remove    volume u64, 0 u64, 0 u64
 //!  10 Rollback  volume u64, snapshot u64, 0 u64
+//!  11 Durable   from u64, through u64, 0 u64  (a sync covered journal slots from..=through)
 //! ```
 //!
 //! Journal slots are found by following `next` from the superblock, never by scanning the
@@ -55,6 +56,7 @@ const KIND_CREATE: u8 = 7;
 const KIND_RESIZE: u8 = 8;
 const KIND_REMOVE: u8 = 9;
 const KIND_ROLLBACK: u8 = 10;
+const KIND_DURABLE: u8 = 11;
 
 /// One change the journal records.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -136,6 +138,14 @@ pub enum Record {
         /// The snapshot.
         snapshot: u64,
     },
+    /// A completed sync covered journal slots `from..=through` (`from` is where the log
+    /// was last opened: slots before it were judged by an earlier replay).
+    Durable {
+        /// The first journal slot sequence of this run of the log.
+        from: u64,
+        /// The last journal slot sequence the sync covered.
+        through: u64,
+    },
 }
 
 impl Record {
@@ -158,6 +168,7 @@ impl Record {
             Record::Resize { volume, size } => (KIND_RESIZE, [*volume, *size, 0]),
             Record::Remove { volume } => (KIND_REMOVE, [*volume, 0, 0]),
             Record::Rollback { volume, snapshot } => (KIND_ROLLBACK, [*volume, *snapshot, 0]),
+            Record::Durable { from, through } => (KIND_DURABLE, [*from, *through, 0]),
         };
         out.push(kind);
         let length = u16::try_from(self.payload_bytes()).expect("records fit a slot");
@@ -308,7 +319,7 @@ fn decode_record(kind: u8, p: &[u8]) -> Result<Record, SlotError> {
                 crcs,
             })
         }
-        KIND_TRIM..=KIND_ROLLBACK => {
+        KIND_TRIM..=KIND_DURABLE => {
             if p.len() != 24 {
                 return Err(SlotError::Malformed("record length"));
             }
@@ -322,7 +333,8 @@ fn decode_record(kind: u8, p: &[u8]) -> Result<Record, SlotError> {
                 KIND_CREATE => Record::Create { volume: a, size: b },
                 KIND_RESIZE => Record::Resize { volume: a, size: b },
                 KIND_REMOVE => Record::Remove { volume: a },
-                _ => Record::Rollback { volume: a, snapshot: b },
+                KIND_ROLLBACK => Record::Rollback { volume: a, snapshot: b },
+                _ => Record::Durable { from: a, through: b },
             })
         }
         _ => Err(SlotError::Malformed("unknown record kind")),

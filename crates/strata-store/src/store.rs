@@ -73,13 +73,13 @@ impl Shared {
     }
 
     fn sync(&self) -> Result<(), StoreError> {
-        self.write()?.seal();
+        let through = self.write()?.seal();
         if let Err(e) = self.file.sync_data() {
             self.failed.store(true, Ordering::Release);
             tracing::error!(dir = %self.dir.display(), "fdatasync of the log failed: {e}");
             return Err(StoreError::io("fdatasync the log")(e));
         }
-        Ok(())
+        self.write()?.synced(through).map_err(|e| self.fail(e))
     }
 
     /// Runs a metadata change, then syncs it.
@@ -203,6 +203,11 @@ impl LogStore {
     /// Every volume and snapshot id.
     pub fn view_ids(&self) -> Vec<u64> {
         self.shared.read().view_ids()
+    }
+
+    /// Bytes of live data: blocks some volume or snapshot maps.
+    pub fn live_bytes(&self) -> u64 {
+        self.shared.read().vba_map_len() as u64 * BLOCK
     }
 
     /// Bytes the log occupies.

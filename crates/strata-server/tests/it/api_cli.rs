@@ -170,6 +170,12 @@ fn openapi_document_describes_every_route() {
         ("/v1/volumes/{name}", "get"),
         ("/v1/volumes/{name}", "delete"),
         ("/v1/volumes/{name}/resize", "post"),
+        ("/v1/volumes/{name}/rollback", "post"),
+        ("/v1/volumes/{name}/snapshots", "get"),
+        ("/v1/volumes/{name}/snapshots", "post"),
+        ("/v1/volumes/{name}/snapshots/{snapshot}", "get"),
+        ("/v1/volumes/{name}/snapshots/{snapshot}", "delete"),
+        ("/v1/volumes/{name}/snapshots/{snapshot}/clone", "post"),
         ("/v1/openapi.json", "get"),
     ] {
         assert!(paths[path][method].is_object(), "{method} {path} missing from the document");

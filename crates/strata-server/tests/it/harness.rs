@@ -158,6 +158,9 @@ pub fn run_in(cwd: &Path, program: &str, args: &[&str]) -> String {
 /// command reported a failure or a pattern mismatch.
 pub fn qemu_io(uri: &str, commands: &[&str]) -> String {
     let mut args = vec!["-f", "raw"];
+    if uri.contains('@') {
+        args.push("-r"); // a snapshot export is read-only; qemu opens it only so
+    }
     for c in commands {
         args.push("-c");
         args.push(c);

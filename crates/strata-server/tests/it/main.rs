@@ -9,3 +9,4 @@ mod clients;
 mod durability;
 mod harness;
 mod raw;
+mod snapshots;

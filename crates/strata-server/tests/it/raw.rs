@@ -57,6 +57,9 @@ impl Raw {
     pub fn connect_with_flags(addr: &str, client_flags: u32) -> Raw {
         let s = TcpStream::connect(addr).expect("connect");
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        // A write's header and payload go out as two sends: without NODELAY, Nagle holds
+        // the second until the server's delayed ACK (40 ms per request).
+        s.set_nodelay(true).unwrap();
         let mut raw = Raw { s };
         let hello = raw.read_n(18);
         assert_eq!(&hello[0..8], b"NBDMAGIC");

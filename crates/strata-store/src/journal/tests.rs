@@ -41,6 +41,7 @@ fn record() -> impl Strategy<Value = Record> {
         any::<u64>().prop_map(|volume| Record::Remove { volume }),
         (any::<u64>(), any::<u64>())
             .prop_map(|(volume, snapshot)| Record::Rollback { volume, snapshot }),
+        (any::<u64>(), any::<u64>()).prop_map(|(from, through)| Record::Durable { from, through }),
     ]
 }
 

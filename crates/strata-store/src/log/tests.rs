@@ -153,3 +153,36 @@ fn a_forged_journal_slot_in_the_data_is_never_replayed() {
     assert_eq!(records.len(), 1, "only the guest's write itself: {records:?}");
     assert!(matches!(records[0], Record::Write { .. }));
 }
+
+#[test]
+fn a_damaged_flushed_block_is_kept_as_damage_but_a_torn_unflushed_one_is_dropped() {
+    let mut log = Log::create(SimFile::new());
+    let Record::Write { pba, .. } = log.write(1, 0, 1, &block(1, 0)).unwrap() else {
+        unreachable!()
+    };
+    log.flush().unwrap();
+    let Record::Write { pba: unflushed, .. } = log.write(1, 1, 2, &block(2, 0)).unwrap() else {
+        unreachable!()
+    };
+    // Rot in the flushed block; the unflushed one reads as if torn.
+    let file = log.file;
+    for (slot, byte) in [(pba, 7u8), (unflushed, 9u8)] {
+        file.write_at(&[byte], offset(u64::from(slot)) + 100).unwrap();
+    }
+    file.sync().unwrap();
+    let (log, records) = Log::open(file).unwrap();
+    let writes: Vec<&Record> =
+        records.iter().filter(|r| matches!(r, Record::Write { .. })).collect();
+    assert_eq!(writes.len(), 1, "the torn unflushed write is dropped: {records:?}");
+    let Record::Write { pba: kept, crcs, .. } = writes[0] else { unreachable!() };
+    assert_eq!(*kept, pba, "the flushed write stays, so its damage is seen");
+    let mut buf = vec![0u8; SLOT_BYTES];
+    assert!(log.read_block(u64::from(pba), crcs[0], &mut buf).is_err());
+    // After a reopen and a new sync, the dropped write does not come back as damage.
+    let mut log = log;
+    log.write(1, 5, 3, &block(3, 0)).unwrap();
+    log.flush().unwrap();
+    let (_, records) = Log::open(log.file).unwrap();
+    let writes = records.iter().filter(|r| matches!(r, Record::Write { .. })).count();
+    assert_eq!(writes, 2, "{records:?}");
+}
