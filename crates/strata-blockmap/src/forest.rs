@@ -723,3 +723,134 @@ fn check_range(lba: u64, length: u64) -> Result<u64, Error> {
 
 #[cfg(test)]
 mod tests;
+
+/// Saving and loading a forest (the store's checkpoints).
+///
+/// ```text
+/// seq u64, next_tree u64, leaf_max u32, interior_max u32, last page id u64,
+/// trees u64, then per tree: id u64, root page u64, frozen u8, shared_seq u64
+/// pages u64, then per page: id u64, length u16, the page's first `length` bytes
+///   (its 4 KiB form, checksummed, with the zero tail left out)
+/// ```
+/// Reference counts are not saved: loading recounts them from the structure and then
+/// validates the whole forest, so a damaged save is refused, never half-loaded.
+impl Forest<MemPages> {
+    /// Appends the forest's saved form to `out`.
+    pub fn save(&self, out: &mut Vec<u8>) {
+        let put = |out: &mut Vec<u8>, v: u64| out.extend_from_slice(&v.to_le_bytes());
+        put(out, self.seq);
+        put(out, self.next_tree);
+        out.extend_from_slice(&(self.leaf_max as u32).to_le_bytes());
+        out.extend_from_slice(&(self.interior_max as u32).to_le_bytes());
+        put(out, self.pages.last_id());
+        put(out, self.trees.len() as u64);
+        for (id, tree) in &self.trees {
+            put(out, id.0);
+            put(out, tree.root.0);
+            out.push(u8::from(tree.frozen));
+            put(out, tree.shared_seq);
+        }
+        put(out, self.pages.len() as u64);
+        for (id, node) in self.pages.iter() {
+            let page = crate::page::encode(node, 0);
+            let used = page.iter().rposition(|b| *b != 0).map_or(0, |i| i + 1);
+            put(out, id.0);
+            out.extend_from_slice(&(used as u16).to_le_bytes());
+            out.extend_from_slice(&page[..used]);
+        }
+    }
+
+    /// Loads a forest saved by [`Forest::save`] from the front of `bytes`; returns it and
+    /// the bytes it used. Refuses anything malformed or inconsistent.
+    pub fn load(bytes: &[u8]) -> Result<(Forest<MemPages>, usize), String> {
+        let mut r = Reader { bytes, at: 0 };
+        let seq = r.u64()?;
+        let next_tree = r.u64()?;
+        let leaf_max = r.u32()? as usize;
+        let interior_max = r.u32()? as usize;
+        if !(2..=LEAF_ENTRIES_MAX).contains(&leaf_max)
+            || !(3..=INTERIOR_CHILDREN_MAX).contains(&interior_max)
+        {
+            return Err("page capacities out of range".into());
+        }
+        let last_id = r.u64()?;
+        let tree_count = r.u64()?;
+        let mut trees = BTreeMap::new();
+        for _ in 0..tree_count {
+            let id = TreeId(r.u64()?);
+            let root = PageId(r.u64()?);
+            let frozen = r.u8()? != 0;
+            let shared_seq = r.u64()?;
+            trees.insert(id, Tree { root, frozen, shared_seq });
+        }
+        let page_count = r.u64()?;
+        let mut pages = HashMap::new();
+        let mut page = vec![0u8; crate::page::PAGE_BYTES];
+        for _ in 0..page_count {
+            let id = PageId(r.u64()?);
+            let used = usize::from(r.u16()?);
+            if used > page.len() || id.0 > last_id || id.0 == 0 {
+                return Err(format!("page {id:?} is malformed"));
+            }
+            page.fill(0);
+            page[..used].copy_from_slice(r.take(used)?);
+            let (node, _) = crate::page::decode(&page).map_err(|e| format!("page {id:?}: {e}"))?;
+            if pages.insert(id, node).is_some() {
+                return Err(format!("page {id:?} saved twice"));
+            }
+        }
+        let mut refs: HashMap<PageId, u32> = HashMap::new();
+        for tree in trees.values() {
+            *refs.entry(tree.root).or_default() += 1;
+        }
+        for node in pages.values() {
+            if let Node::Interior { children, .. } = node {
+                for child in children {
+                    *refs.entry(*child).or_default() += 1;
+                }
+            }
+        }
+        if let Some(missing) = refs.keys().find(|id| !pages.contains_key(id)) {
+            return Err(format!("page {missing:?} is referenced but not saved"));
+        }
+        let forest = Forest {
+            pages: MemPages::from_saved(pages, last_id),
+            refs,
+            seq,
+            trees,
+            next_tree,
+            leaf_max,
+            interior_max,
+        };
+        forest.validate()?;
+        Ok((forest, r.at))
+    }
+}
+
+/// Reads little-endian fields, refusing to run past the end.
+struct Reader<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
+        let end = self.at.checked_add(n).filter(|e| *e <= self.bytes.len());
+        let end = end.ok_or_else(|| "the saved forest is truncated".to_owned())?;
+        let out = &self.bytes[self.at..end];
+        self.at = end;
+        Ok(out)
+    }
+    fn u8(&mut self) -> Result<u8, String> {
+        Ok(self.take(1)?[0])
+    }
+    fn u16(&mut self) -> Result<u16, String> {
+        Ok(u16::from_le_bytes(self.take(2)?.try_into().expect("2 bytes")))
+    }
+    fn u32(&mut self) -> Result<u32, String> {
+        Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4 bytes")))
+    }
+    fn u64(&mut self) -> Result<u64, String> {
+        Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8 bytes")))
+    }
+}

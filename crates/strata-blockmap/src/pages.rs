@@ -74,6 +74,23 @@ pub struct MemPages {
     next: u64,
 }
 
+impl MemPages {
+    /// Every page, by id (to save them).
+    pub fn iter(&self) -> impl Iterator<Item = (PageId, &Node)> {
+        self.pages.iter().map(|(id, node)| (*id, node))
+    }
+
+    /// Pages loaded from a save: `next` is the last id handed out.
+    pub fn from_saved(pages: HashMap<PageId, Node>, next: u64) -> MemPages {
+        MemPages { pages, next }
+    }
+
+    /// The last id handed out.
+    pub fn last_id(&self) -> u64 {
+        self.next
+    }
+}
+
 impl PageStore for MemPages {
     fn get(&self, id: PageId) -> &Node {
         self.pages.get(&id).expect("page ids come from insert")

@@ -27,6 +27,9 @@ pub trait RawFile: Send + Sync {
     fn sync(&self) -> io::Result<()>;
     /// The file's length.
     fn length_bytes(&self) -> io::Result<u64>;
+    /// Frees `length` bytes from `offset` (a hole, within the file's length): they read as
+    /// zeroes afterwards and cost no space. Like a write, durable after the next `sync`.
+    fn punch(&self, offset: u64, length: u64) -> io::Result<()>;
 }
 
 impl RawFile for std::fs::File {
@@ -42,6 +45,11 @@ impl RawFile for std::fs::File {
     fn length_bytes(&self) -> io::Result<u64> {
         Ok(self.metadata()?.len())
     }
+    fn punch(&self, offset: u64, length: u64) -> io::Result<()> {
+        use rustix::fs::{fallocate, FallocateFlags};
+        fallocate(self, FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE, offset, length)
+            .map_err(io::Error::from)
+    }
 }
 
 impl<T: RawFile + ?Sized> RawFile for std::sync::Arc<T> {
@@ -56,6 +64,9 @@ impl<T: RawFile + ?Sized> RawFile for std::sync::Arc<T> {
     }
     fn length_bytes(&self) -> io::Result<u64> {
         (**self).length_bytes()
+    }
+    fn punch(&self, offset: u64, length: u64) -> io::Result<()> {
+        (**self).punch(offset, length)
     }
 }
 
@@ -228,6 +239,17 @@ impl RawFile for SimFile {
 
     fn length_bytes(&self) -> io::Result<u64> {
         Ok(self.lock().volatile.len() as u64)
+    }
+
+    /// A punch is modelled as a write of zeroes (a crash may keep, drop or tear it).
+    fn punch(&self, offset: u64, length: u64) -> io::Result<()> {
+        let len = self.length_bytes()?;
+        let end = offset.saturating_add(length).min(len);
+        if end > offset {
+            let zeroes = vec![0u8; usize::try_from(end - offset).expect("fits in memory")];
+            self.write_at(&zeroes, offset)?;
+        }
+        Ok(())
     }
 }
 

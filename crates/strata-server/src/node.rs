@@ -740,9 +740,11 @@ impl Node {
         Ok(self.info(&state, &state.volumes[volume.as_str()]))
     }
 
-    /// Syncs the store (at shutdown).
+    /// Syncs the store and writes a checkpoint (at shutdown), so a restart replays
+    /// nothing.
     pub fn sync_all(&self) -> anyhow::Result<()> {
-        self.store.sync().map_err(|e| anyhow::anyhow!("sync the store: {e}"))
+        self.store.sync().map_err(|e| anyhow::anyhow!("sync the store: {e}"))?;
+        self.store.checkpoint().map_err(|e| anyhow::anyhow!("checkpoint the store: {e}"))
     }
 
     /// Free bytes in the file system holding the store.

@@ -30,8 +30,14 @@
 //!    not map. A snapshot two views were made from (a clone, or a rollback branch besides
 //!    the next snapshot) cannot be deleted: its blocks would be shared across branches.
 
-use crate::journal::{Record, WRITE_BLOCKS_MAX};
-use crate::log::{Log, LogError};
+use crate::journal::Record;
+#[cfg(test)]
+use crate::journal::WRITE_BLOCKS_MAX;
+use crate::log::{segment_of, Log, LogError, RUN_BLOCKS_MAX, SEGMENT_SLOTS};
+
+mod checkpoint;
+mod cleaner;
+pub use checkpoint::Checkpoint;
 use std::collections::HashMap;
 use std::io;
 use strata_blockmap::{Extent, Forest, Target, TreeId};
@@ -100,6 +106,9 @@ pub enum EngineError {
     /// A size that is zero or not whole blocks.
     #[error("size {0} is not a positive multiple of 4096 bytes")]
     BadSize(u64),
+    /// The checkpoint file is damaged or of another format.
+    #[error("the store's checkpoint is unusable: {0}")]
+    BadCheckpoint(String),
 }
 
 /// A volume or a snapshot.
@@ -168,12 +177,64 @@ struct Place {
     crc: u32,
 }
 
+/// The VBA map, with the number of live blocks in each segment beside it (the cleaner's
+/// and the allocator's view of which segments hold data).
+#[derive(Default)]
+struct VbaMap {
+    map: HashMap<u64, Place>,
+    live: HashMap<u64, u32>,
+}
+
+impl VbaMap {
+    fn insert(&mut self, vba: u64, place: Place) {
+        *self.live.entry(segment_of(place.slot)).or_default() += 1;
+        if let Some(old) = self.map.insert(vba, place) {
+            self.dec(old.slot);
+        }
+    }
+
+    fn remove(&mut self, vba: &u64) -> Option<Place> {
+        let old = self.map.remove(vba)?;
+        self.dec(old.slot);
+        Some(old)
+    }
+
+    fn dec(&mut self, slot: u64) {
+        let segment = segment_of(slot);
+        let count = self.live.get_mut(&segment).expect("counted when inserted");
+        *count -= 1;
+        if *count == 0 {
+            self.live.remove(&segment);
+        }
+    }
+
+    fn get(&self, vba: &u64) -> Option<&Place> {
+        self.map.get(vba)
+    }
+
+    fn contains_key(&self, vba: &u64) -> bool {
+        self.map.contains_key(vba)
+    }
+
+    fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    fn keys(&self) -> impl Iterator<Item = &u64> {
+        self.map.keys()
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (&u64, &Place)> {
+        self.map.iter()
+    }
+}
+
 /// The engine over one log file.
 pub struct Engine<F: RawFile> {
     log: Log<F>,
     forest: Forest,
     views: HashMap<u64, View>,
-    vba_map: HashMap<u64, Place>,
+    vba_map: VbaMap,
     next_vba: u64,
 }
 
@@ -188,23 +249,51 @@ impl<F: RawFile> Engine<F> {
             log: Log::create(file),
             forest: Forest::default(),
             views: HashMap::new(),
-            vba_map: HashMap::new(),
+            vba_map: VbaMap::default(),
             next_vba: 1,
         }
     }
 
-    /// Opens an engine, replaying its log.
+    /// Opens an engine, replaying its whole log (no checkpoint).
     pub fn open(file: F) -> Result<Engine<F>, EngineError> {
-        let (log, records) = Log::open(file)?;
-        let mut engine = Engine {
-            log,
-            forest: Forest::default(),
-            views: HashMap::new(),
-            vba_map: HashMap::new(),
-            next_vba: 1,
+        Engine::open_with(file, None, true)
+    }
+
+    /// Opens an engine from a checkpoint's bytes and the log written since.
+    pub fn open_checkpoint(file: F, checkpoint: &[u8]) -> Result<Engine<F>, EngineError> {
+        Engine::open_with(file, Some(checkpoint), true)
+    }
+
+    /// Opens an engine to inspect it (fsck): nothing is written, and it must not be
+    /// changed afterwards.
+    pub fn inspect(file: F, checkpoint: Option<&[u8]>) -> Result<Engine<F>, EngineError> {
+        Engine::open_with(file, checkpoint, false)
+    }
+
+    fn open_with(
+        file: F,
+        checkpoint: Option<&[u8]>,
+        writable: bool,
+    ) -> Result<Engine<F>, EngineError> {
+        let mut engine = match checkpoint {
+            Some(bytes) => Engine::from_checkpoint(file, bytes)?,
+            None => {
+                let (log, records) = Log::open(file)?;
+                let mut engine = Engine {
+                    log,
+                    forest: Forest::default(),
+                    views: HashMap::new(),
+                    vba_map: VbaMap::default(),
+                    next_vba: 1,
+                };
+                for record in records {
+                    engine.apply(&record);
+                }
+                engine
+            }
         };
-        for record in records {
-            engine.apply(&record);
+        if writable {
+            engine.log.start_run()?;
         }
         Ok(engine)
     }
@@ -502,7 +591,17 @@ impl<F: RawFile> Engine<F> {
                 self.views.get_mut(volume).expect("validated").size = *size;
             }
             Record::Remove { volume } => self.apply_remove(*volume),
-            Record::Durable { .. } => {} // the log's own bookkeeping
+            Record::Durable { .. } | Record::Truncate { .. } => {} // the log's own
+            Record::Move { vba, pba, crcs } => {
+                for (i, crc) in crcs.iter().enumerate() {
+                    let v = vba + i as u64;
+                    // A block deleted since the move was planned stays deleted.
+                    if self.vba_map.get(&v).is_some_and(|p| p.crc == *crc) {
+                        let place = Place { slot: u64::from(*pba) + i as u64, crc: *crc };
+                        self.vba_map.insert(v, place);
+                    }
+                }
+            }
             Record::Rollback { volume, snapshot } => self.apply_rollback(*volume, *snapshot),
         }
     }
@@ -513,8 +612,8 @@ impl<F: RawFile> Engine<F> {
             return Err(EngineError::Unaligned);
         }
         self.writable_range(volume, lba, (data.len() / BLOCK_BYTES) as u64)?;
-        for (i, chunk) in data.chunks(WRITE_BLOCKS_MAX * BLOCK_BYTES).enumerate() {
-            let lba = lba + (i * WRITE_BLOCKS_MAX) as u64;
+        for (i, chunk) in data.chunks(RUN_BLOCKS_MAX * BLOCK_BYTES).enumerate() {
+            let lba = lba + (i * RUN_BLOCKS_MAX) as u64;
             let record = self.log.write(volume, lba, self.next_vba, chunk)?;
             self.apply(&record);
         }
@@ -696,7 +795,7 @@ impl<F: RawFile> Engine<F> {
             }
         }
         let mut reached = std::collections::HashSet::new();
-        let tail = self.log.tail();
+        let tail = self.log.slots_end();
         let mut problem = None;
         self.forest.for_each_distinct_extent(|extent| {
             let Target::Data { vba } = extent.target else { return };
@@ -752,9 +851,9 @@ impl<F: RawFile> Engine<F> {
         self.log.into_file()
     }
 
-    /// Bytes the log occupies.
+    /// Bytes of the log's segments in use (handed out and not freed).
     pub fn log_bytes(&self) -> u64 {
-        self.log.tail() * BLOCK_BYTES as u64
+        self.log.segments_in_use() * SEGMENT_SLOTS * BLOCK_BYTES as u64
     }
 
     /// Every VBA the view `id` maps (tests and accounting).
@@ -769,6 +868,11 @@ impl<F: RawFile> Engine<F> {
         vbas
     }
 
+    /// Log slots handed out since the engine was opened (data and journal).
+    pub fn log_allocated(&self) -> u64 {
+        self.log.allocated()
+    }
+
     /// Entries in the VBA map (live blocks).
     pub fn vba_map_len(&self) -> usize {
         self.vba_map.len()
@@ -780,5 +884,7 @@ impl<F: RawFile> Engine<F> {
     }
 }
 
+#[cfg(test)]
+mod checkpoint_tests;
 #[cfg(test)]
 mod tests;

@@ -2,11 +2,14 @@
 //!
 //! ```text
 //! 0   8  magic "STRATAJ1"
-//! 8   4  crc32c of bytes 12..32+used
+//! 8   4  crc32c of bytes 12..48+used
 //! 12  4  used: bytes of records
 //! 16  8  slot sequence (increases by one per journal slot in the log)
 //! 24  8  PBA of the next journal slot (reserved when this one is started)
-//! 32  …  records, then zeroes to 4096
+//! 32  8  run: the sequence of the first slot written since the log was last opened
+//! 40  4  crc32c (bytes 8..12) of the previous journal slot as it was when this one began
+//! 44  4  zero
+//! 48  …  records, then zeroes to 4096
 //! record: kind u8, length u16, payload (little-endian)
 //!   1 Write  volume u64, lba u64, vba u64, pba u32, crc32c u32 per block (1..=1000 blocks)
 //!   2 Trim   volume u64, lba u64, blocks u64
@@ -19,6 +22,10 @@
 //!   9 Remove    volume u64, 0 u64, 0 u64
 //!  10 Rollback  volume u64, snapshot u64, 0 u64
 //!  11 Durable   from u64, through u64, 0 u64  (a sync covered journal slots from..=through)
+//!  12 Move      vba u64, 0 u64, 0 u64, pba u32, crc32c u32 per block (the cleaner moved
+//!               blocks vba.. to slots pba..; 1..=1000 blocks)
+//!  13 Truncate  sequence u64, index u64, 0 u64  (replay at the start of this run dropped
+//!               the record `index` of slot `sequence` and everything after it)
 //! ```
 //!
 //! Journal slots are found by following `next` from the superblock, never by scanning the
@@ -35,7 +42,7 @@ use strata_types::le::{u16_at, u32_at, u64_at};
 /// Bytes in a slot.
 pub const SLOT_BYTES: usize = 4096;
 const MAGIC: &[u8; 8] = b"STRATAJ1";
-const HEADER_BYTES: usize = 32;
+const HEADER_BYTES: usize = 48;
 /// Bytes available for records in one slot.
 pub const RECORDS_BYTES_MAX: usize = SLOT_BYTES - HEADER_BYTES;
 const RECORD_HEADER_BYTES: usize = 3;
@@ -57,6 +64,8 @@ const KIND_RESIZE: u8 = 8;
 const KIND_REMOVE: u8 = 9;
 const KIND_ROLLBACK: u8 = 10;
 const KIND_DURABLE: u8 = 11;
+const KIND_MOVE: u8 = 12;
+const KIND_TRUNCATE: u8 = 13;
 
 /// One change the journal records.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -138,6 +147,23 @@ pub enum Record {
         /// The snapshot.
         snapshot: u64,
     },
+    /// The cleaner copied blocks `vba..vba+crcs.len()` to slots `pba..` (same bytes).
+    Move {
+        /// First VBA.
+        vba: u64,
+        /// First new PBA.
+        pba: u32,
+        /// crc32c of each block (unchanged by the move).
+        crcs: Vec<u32>,
+    },
+    /// Replay dropped the `index`th record of slot `sequence` (its data was lost) and,
+    /// with it, every record after it in slots before the one holding this record.
+    Truncate {
+        /// The slot's sequence.
+        sequence: u64,
+        /// The record's index in the slot.
+        index: u64,
+    },
     /// A completed sync covered journal slots `from..=through` (`from` is where the log
     /// was last opened: slots before it were judged by an earlier replay).
     Durable {
@@ -151,7 +177,9 @@ pub enum Record {
 impl Record {
     fn payload_bytes(&self) -> usize {
         match self {
-            Record::Write { crcs, .. } => WRITE_FIXED_BYTES + 4 * crcs.len(),
+            Record::Write { crcs, .. } | Record::Move { crcs, .. } => {
+                WRITE_FIXED_BYTES + 4 * crcs.len()
+            }
             _ => 24,
         }
     }
@@ -169,6 +197,8 @@ impl Record {
             Record::Remove { volume } => (KIND_REMOVE, [*volume, 0, 0]),
             Record::Rollback { volume, snapshot } => (KIND_ROLLBACK, [*volume, *snapshot, 0]),
             Record::Durable { from, through } => (KIND_DURABLE, [*from, *through, 0]),
+            Record::Move { vba, .. } => (KIND_MOVE, [*vba, 0, 0]),
+            Record::Truncate { sequence, index } => (KIND_TRUNCATE, [*sequence, *index, 0]),
         };
         out.push(kind);
         let length = u16::try_from(self.payload_bytes()).expect("records fit a slot");
@@ -176,7 +206,7 @@ impl Record {
         for field in fields {
             out.extend_from_slice(&field.to_le_bytes());
         }
-        if let Record::Write { pba, crcs, .. } = self {
+        if let Record::Write { pba, crcs, .. } | Record::Move { pba, crcs, .. } = self {
             out.extend_from_slice(&pba.to_le_bytes());
             for crc in crcs {
                 out.extend_from_slice(&crc.to_le_bytes());
@@ -209,6 +239,13 @@ pub struct Slot {
     pub sequence: u64,
     /// Where the next journal slot of the chain is.
     pub next: u64,
+    /// The sequence of the first slot of its run (written since the log was last opened).
+    pub run: u64,
+    /// The checksum of the previous slot in its final form: a slot follows only the
+    /// version of its predecessor it was started after.
+    pub prev: u32,
+    /// This slot's own checksum (what its successor's `prev` names).
+    pub crc: u32,
     /// What it records, in order.
     pub records: Vec<Record>,
 }
@@ -218,13 +255,33 @@ pub struct Slot {
 pub struct SlotWriter {
     sequence: u64,
     next: u64,
+    run: u64,
+    prev: u32,
     records: Vec<u8>,
 }
 
 impl SlotWriter {
     /// An empty slot with this sequence number, chaining to the journal slot at PBA `next`.
     pub fn new(sequence: u64, next: u64) -> SlotWriter {
-        SlotWriter { sequence, next, records: Vec::with_capacity(RECORDS_BYTES_MAX) }
+        SlotWriter {
+            sequence,
+            next,
+            run: 1,
+            prev: 0,
+            records: Vec::with_capacity(RECORDS_BYTES_MAX),
+        }
+    }
+
+    /// The same, in the run that started at sequence `run`.
+    pub fn in_run(mut self, run: u64) -> SlotWriter {
+        self.run = run;
+        self
+    }
+
+    /// The same, following a slot whose final checksum is `prev`.
+    pub fn after(mut self, prev: u32) -> SlotWriter {
+        self.prev = prev;
+        self
     }
 
     /// Appends `record` if it fits; returns false (and changes nothing) if it does not.
@@ -232,7 +289,7 @@ impl SlotWriter {
     /// Panics on a Write record of no block or of more than `WRITE_BLOCKS_MAX` blocks (the
     /// store splits writes first).
     pub fn push(&mut self, record: &Record) -> bool {
-        if let Record::Write { crcs, .. } = record {
+        if let Record::Write { crcs, .. } | Record::Move { crcs, .. } = record {
             assert!((1..=WRITE_BLOCKS_MAX).contains(&crcs.len()), "write record size");
         }
         let needed = RECORD_HEADER_BYTES + record.payload_bytes();
@@ -257,6 +314,8 @@ impl SlotWriter {
         slot[12..16].copy_from_slice(&used.to_le_bytes());
         slot[16..24].copy_from_slice(&self.sequence.to_le_bytes());
         slot[24..32].copy_from_slice(&self.next.to_le_bytes());
+        slot[32..40].copy_from_slice(&self.run.to_le_bytes());
+        slot[40..44].copy_from_slice(&self.prev.to_le_bytes());
         slot[HEADER_BYTES..HEADER_BYTES + self.records.len()].copy_from_slice(&self.records);
         let crc = crc32c::crc32c(&slot[12..HEADER_BYTES + self.records.len()]);
         slot[8..12].copy_from_slice(&crc.to_le_bytes());
@@ -281,6 +340,9 @@ pub fn decode(slot: &[u8]) -> Result<Slot, SlotError> {
     }
     let sequence = u64_at(slot, 16);
     let next = u64_at(slot, 24);
+    let run = u64_at(slot, 32);
+    let prev = u32_at(slot, 40);
+    let crc = u32_at(slot, 8);
     let body = &slot[HEADER_BYTES..HEADER_BYTES + used];
     let mut records = Vec::new();
     let mut at = 0;
@@ -297,12 +359,12 @@ pub fn decode(slot: &[u8]) -> Result<Slot, SlotError> {
         records.push(decode_record(kind, &body[at..at + length])?);
         at += length;
     }
-    Ok(Slot { sequence, next, records })
+    Ok(Slot { sequence, next, run, prev, crc, records })
 }
 
 fn decode_record(kind: u8, p: &[u8]) -> Result<Record, SlotError> {
     match kind {
-        KIND_WRITE => {
+        KIND_WRITE | KIND_MOVE => {
             let blocks = p.len().checked_sub(WRITE_FIXED_BYTES).map(|n| (n / 4, n % 4));
             let Some((blocks, 0)) = blocks else {
                 return Err(SlotError::Malformed("write record length"));
@@ -311,6 +373,9 @@ fn decode_record(kind: u8, p: &[u8]) -> Result<Record, SlotError> {
                 return Err(SlotError::Malformed("write record block count"));
             }
             let crcs = (0..blocks).map(|i| u32_at(p, WRITE_FIXED_BYTES + 4 * i)).collect();
+            if kind == KIND_MOVE {
+                return Ok(Record::Move { vba: u64_at(p, 0), pba: u32_at(p, 24), crcs });
+            }
             Ok(Record::Write {
                 volume: u64_at(p, 0),
                 lba: u64_at(p, 8),
@@ -319,7 +384,7 @@ fn decode_record(kind: u8, p: &[u8]) -> Result<Record, SlotError> {
                 crcs,
             })
         }
-        KIND_TRIM..=KIND_DURABLE => {
+        KIND_TRIM..=KIND_DURABLE | KIND_TRUNCATE => {
             if p.len() != 24 {
                 return Err(SlotError::Malformed("record length"));
             }
@@ -334,6 +399,7 @@ fn decode_record(kind: u8, p: &[u8]) -> Result<Record, SlotError> {
                 KIND_RESIZE => Record::Resize { volume: a, size: b },
                 KIND_REMOVE => Record::Remove { volume: a },
                 KIND_ROLLBACK => Record::Rollback { volume: a, snapshot: b },
+                KIND_TRUNCATE => Record::Truncate { sequence: a, index: b },
                 _ => Record::Durable { from: a, through: b },
             })
         }

@@ -25,6 +25,7 @@
 //! 4. A slot at or past the tail is never referenced by a valid record.
 
 use crate::journal::{self, Record, SlotWriter, SLOT_BYTES};
+use std::collections::BTreeSet;
 use std::io;
 use strata_io::sim::RawFile;
 
@@ -36,11 +37,57 @@ pub enum LogError {
     Io(#[from] io::Error),
 }
 
+/// Slots per segment (32 MiB): the unit the cleaner frees and the allocator reuses. The
+/// crate's own unit tests use 16-slot segments so that small simulated logs span many.
+pub const SEGMENT_SLOTS: u64 = if cfg!(test) { 16 } else { 8192 };
+/// Blocks one Write or Move record may carry: one record's worth, within one segment.
+pub const RUN_BLOCKS_MAX: usize = if (SEGMENT_SLOTS as usize) < journal::WRITE_BLOCKS_MAX {
+    SEGMENT_SLOTS as usize
+} else {
+    journal::WRITE_BLOCKS_MAX
+};
+
+/// Where replay starts and how slots were being handed out at that point: saved by a
+/// checkpoint, so that replay can follow the allocation that came after it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Start {
+    /// The slot of the first journal slot to replay.
+    pub at: u64,
+    /// Its sequence.
+    pub sequence: u64,
+    /// The next free slot in the head segment.
+    pub head: u64,
+    /// The end of the head segment.
+    pub head_end: u64,
+    /// Segments free for reuse (punched), handed out lowest first.
+    pub free: BTreeSet<u64>,
+    /// The first segment never used.
+    pub fresh: u64,
+}
+
+impl Start {
+    /// The start of a new, empty log.
+    pub fn empty() -> Start {
+        Start {
+            at: 0,
+            sequence: 1,
+            head: 0,
+            head_end: SEGMENT_SLOTS,
+            free: BTreeSet::new(),
+            fresh: 1,
+        }
+    }
+}
+
 /// The log over a file.
 pub struct Log<F: RawFile> {
     file: F,
-    /// The next free slot.
-    tail: u64,
+    /// The next free slot of the head segment, and that segment's end.
+    head: u64,
+    head_end: u64,
+    /// Segments free for reuse, lowest first, and the first never-used segment.
+    free: BTreeSet<u64>,
+    fresh: u64,
     /// Where the open journal slot lives, and its contents.
     open_at: u64,
     open: SlotWriter,
@@ -53,10 +100,23 @@ pub struct Log<F: RawFile> {
     run_from: u64,
     /// Whether the open slot holds a record other than `Durable`.
     open_changes: bool,
+    /// The checksum of the open slot as last written (its successor names it).
+    open_crc: u32,
+    /// Slots handed out since the log was opened (a checkpoint policy's measure).
+    allocated: u64,
+    /// What the replay that opened the log decided, for `start_run` to record: the
+    /// slots it judged, and where it truncated.
+    judged: Option<(u64, u64)>,
+    truncate_at: Option<(u64, u64)>,
 }
 
 fn offset(slot: u64) -> u64 {
     slot * SLOT_BYTES as u64
+}
+
+/// The segment holding `slot`.
+pub fn segment_of(slot: u64) -> u64 {
+    slot / SEGMENT_SLOTS
 }
 
 impl<F: RawFile> Log<F> {
@@ -65,7 +125,10 @@ impl<F: RawFile> Log<F> {
     pub fn create(file: F) -> Log<F> {
         Log {
             file,
-            tail: 2,
+            head: 2,
+            head_end: SEGMENT_SLOTS,
+            free: BTreeSet::new(),
+            fresh: 1,
             open_at: 0,
             open: SlotWriter::new(1, 1),
             open_sequence: 1,
@@ -73,80 +136,242 @@ impl<F: RawFile> Log<F> {
             durable_through: 0,
             run_from: 1,
             open_changes: false,
+            open_crc: 0,
+            allocated: 2,
+            judged: None,
+            truncate_at: None,
         }
     }
 
-    /// Opens the log whose first journal slot is slot 0, replaying it: returns the log,
-    /// ready to append after what survived, and the surviving records in order.
+    /// Opens a log written from its first slot (no checkpoint), replaying all of it.
     pub fn open(file: F) -> Result<(Log<F>, Vec<Record>), LogError> {
-        let mut at = 0;
-        let mut sequence = 1;
-        let mut tail = 0;
+        Log::open_from(file, Start::empty())
+    }
+
+    /// Opens the log, replaying the chain of journal slots from `start`: returns the log,
+    /// ready to append after what survived, and the surviving records in order.
+    pub fn open_from(file: F, start: Start) -> Result<(Log<F>, Vec<Record>), LogError> {
+        let mut at = start.at;
+        let mut sequence = start.sequence;
+        let mut run = 0;
+        let mut prev_crc: Option<u32> = None;
         let mut slot = vec![0u8; SLOT_BYTES];
         let file_slots = file.length_bytes()? / SLOT_BYTES as u64;
+        // Every slot the chain shows was handed out since `start`.
+        let mut used: Vec<(u64, u64)> = Vec::new();
         // First the chain, and how far a completed sync is known to have reached.
         let mut slots = Vec::new();
         let mut durable: Vec<(u64, u64)> = Vec::new();
+        // ((sequence, index) dropped from, sequence of the slot that says so)
+        let mut truncations: Vec<((u64, u64), u64)> = Vec::new();
         loop {
             if at >= file_slots {
                 break;
             }
             file.read_at(&mut slot, offset(at))?;
             let Ok(decoded) = journal::decode(&slot) else { break };
-            if decoded.sequence != sequence {
+            // Runs only move forward, and a new run starts at its own first slot: a stale
+            // slot left by an earlier run past a torn tail (where this run reserved its
+            // next slot again) has an older run and ends the chain.
+            // (The first slot replayed may be in a run that began before the checkpoint.)
+            let run_ok = if run == 0 {
+                decoded.run <= sequence
+            } else {
+                decoded.run == run || (decoded.run > run && decoded.run == sequence)
+            };
+            // A slot started after its predecessor's final version only: if a crash lost
+            // that version (the predecessor filled and the chain moved on unsynced), the
+            // records after it would follow a gap, so the chain ends here.
+            let prev_ok = prev_crc.is_none_or(|c| c == decoded.prev);
+            if decoded.sequence != sequence || !run_ok || !prev_ok {
                 break;
             }
-            tail = tail.max(at + 1);
+            run = decoded.run;
+            prev_crc = Some(decoded.crc);
+            used.push((at, 1));
             for record in &decoded.records {
-                if let Record::Durable { from, through } = record {
-                    durable.push((*from, *through));
+                match record {
+                    Record::Durable { from, through } => durable.push((*from, *through)),
+                    Record::Truncate { sequence: s, index } => {
+                        truncations.push(((*s, *index), decoded.sequence));
+                    }
+                    Record::Write { pba, crcs, .. } | Record::Move { pba, crcs, .. } => {
+                        used.push((u64::from(*pba), crcs.len() as u64));
+                    }
+                    _ => {}
                 }
             }
             slots.push((decoded.sequence, decoded.records));
             at = decoded.next;
             sequence += 1;
         }
+        // `at` is the first slot of the chain that did not decode: it was reserved for the
+        // next journal slot, which goes there now.
+        used.push((at, 1));
         // A Write whose data fails its crc was torn by a crash if no noted sync covered its
-        // slot: it was never flushed, and is dropped. In a slot a sync covered, the data
-        // was durable and has rotted since: the record stays, so reads of the block fail
-        // their checksum (an I/O error, never older bytes) and fsck reports it. A sync
-        // noted after a reopen covers only slots from the reopen on, so a record an
-        // earlier replay dropped as torn never comes back as "damaged".
+        // slot: it was never flushed. Replay then stops there: it and everything after it
+        // were unflushed, and the state stays a prefix of the history. The decision is
+        // written at the start of the next run (`start_run`: a `Truncate` record, and a
+        // `Durable` one for what was kept), so no later replay judges these records again
+        // (their slots may by then read differently). In a slot a sync covered, a bad
+        // crc is damage to durable data: the record stays, so reads of the block fail
+        // their checksum (an I/O error, never older bytes) and fsck reports it.
         let covered =
             |s: u64| durable.iter().any(|(from, through)| (*from..=*through).contains(&s));
+        let voided =
+            |s: u64, i: u64| truncations.iter().any(|(at, marker)| s < *marker && (s, i) >= *at);
         let mut records = Vec::new();
-        for (slot_sequence, slot_records) in slots {
-            for record in slot_records {
-                match record {
-                    Record::Durable { .. } => continue,
-                    Record::Write { pba, ref crcs, .. } => {
-                        if !covered(slot_sequence)
-                            && !Self::data_intact(&file, u64::from(pba), crcs, file_slots)?
-                        {
-                            continue;
-                        }
-                        tail = tail.max(u64::from(pba) + crcs.len() as u64);
+        let mut truncate_at = None;
+        'replay: for (slot_sequence, slot_records) in slots {
+            for (index, record) in slot_records.into_iter().enumerate() {
+                if voided(slot_sequence, index as u64) {
+                    continue;
+                }
+                let lost = match &record {
+                    Record::Durable { .. } | Record::Truncate { .. } => continue,
+                    Record::Write { pba, crcs, .. } | Record::Move { pba, crcs, .. } => {
+                        !covered(slot_sequence)
+                            && !Self::data_intact(&file, u64::from(*pba), crcs, file_slots)?
                     }
-                    _ => {}
+                    _ => false,
+                };
+                if lost {
+                    truncate_at = Some((slot_sequence, index as u64));
+                    break 'replay;
                 }
                 records.push(record);
             }
         }
-        // `at` is the first slot of the chain that did not decode: the next journal slot
-        // goes there. Everything after the surviving data is free.
-        let next_at = tail.max(at + 1);
-        let log = Log {
+        let mut log = Log {
             file,
-            tail: next_at + 1,
+            head: start.head,
+            head_end: start.head_end,
+            free: start.free,
+            fresh: start.fresh,
             open_at: at,
-            open: SlotWriter::new(sequence, next_at),
+            open: SlotWriter::new(sequence, 0).in_run(sequence),
             open_sequence: sequence,
-            next_at,
+            next_at: 0,
             durable_through: sequence - 1,
             run_from: sequence,
             open_changes: false,
+            open_crc: 0,
+            allocated: 0,
+            judged: None,
+            truncate_at: None,
         };
+        log.skip_used(&used);
+        log.next_at = log.alloc(1);
+        log.open =
+            SlotWriter::new(sequence, log.next_at).in_run(sequence).after(prev_crc.unwrap_or(0));
+        log.judged = (start.sequence < sequence).then_some((start.sequence, sequence - 1));
+        log.truncate_at = truncate_at;
         Ok((log, records))
+    }
+
+    /// Moves the allocator past every slot in `used` (handed out after the start): the
+    /// segments were taken in the allocator's order (the head, then free ones lowest
+    /// first, then fresh ones), so the last one touched in that order is the head now,
+    /// and every one before it is taken.
+    fn skip_used(&mut self, used: &[(u64, u64)]) {
+        let head_segment = segment_of(self.head_end - 1);
+        let free: Vec<u64> = self.free.iter().copied().collect();
+        let fresh = self.fresh;
+        let rank = |segment: u64| -> Option<u64> {
+            if segment == head_segment {
+                Some(0)
+            } else if let Ok(i) = free.binary_search(&segment) {
+                Some(1 + i as u64)
+            } else if segment >= fresh {
+                Some(1 + free.len() as u64 + (segment - fresh))
+            } else {
+                None // allocated before the start
+            }
+        };
+        let mut last: Option<(u64, u64)> = None; // (rank, segment)
+        let mut end_in: std::collections::HashMap<u64, u64> = std::collections::HashMap::new();
+        for (slot, count) in used {
+            let segment = segment_of(*slot);
+            let Some(r) = rank(segment) else { continue };
+            let end = end_in.entry(segment).or_insert(0);
+            *end = (*end).max(slot + count);
+            if last.is_none_or(|(lr, _)| r > lr) {
+                last = Some((r, segment));
+            }
+        }
+        let Some((last_rank, segment)) = last else { return };
+        if segment == head_segment {
+            self.head = self.head.max(end_in[&segment]);
+            return;
+        }
+        self.free.retain(|s| rank(*s).is_some_and(|r| r > last_rank));
+        if segment >= fresh {
+            self.fresh = segment + 1;
+        }
+        self.head = end_in[&segment];
+        self.head_end = (segment + 1) * SEGMENT_SLOTS;
+    }
+
+    /// Hands out `n` (≤ one segment) consecutive slots within one segment.
+    fn alloc(&mut self, n: u64) -> u64 {
+        assert!(n <= SEGMENT_SLOTS, "runs are split to fit a segment");
+        if self.head + n > self.head_end {
+            let segment = self.free.pop_first().unwrap_or_else(|| {
+                self.fresh += 1;
+                self.fresh - 1
+            });
+            self.head = segment * SEGMENT_SLOTS;
+            self.head_end = self.head + SEGMENT_SLOTS;
+        }
+        self.head += n;
+        self.allocated += n;
+        self.head - n
+    }
+
+    /// Slots handed out since the log was created or opened.
+    pub fn allocated(&self) -> u64 {
+        self.allocated
+    }
+
+    /// Where replay would start if the log were reopened now from a checkpoint of the
+    /// state so far: call right after [`Log::seal`], with the caller's state captured under
+    /// the same lock. Segments the caller finds empty are not in it: they are punched and
+    /// handed out again only after [`Log::release`], once the checkpoint is durable.
+    pub fn start(&self) -> Start {
+        Start {
+            at: self.open_at,
+            sequence: self.open_sequence,
+            head: self.head,
+            head_end: self.head_end,
+            free: self.free.clone(),
+            fresh: self.fresh,
+        }
+    }
+
+    /// Segments the log is writing into now (the head, the open journal slot's and the
+    /// reserved one's): never free, whatever their live count.
+    pub fn busy_segments(&self) -> [u64; 3] {
+        [segment_of(self.head_end - 1), segment_of(self.open_at), segment_of(self.next_at)]
+    }
+
+    /// Whether `segment` is free for reuse.
+    pub fn is_free(&self, segment: u64) -> bool {
+        self.free.contains(&segment)
+    }
+
+    /// Makes punched `segments` available for reuse.
+    pub fn release(&mut self, segments: &[u64]) {
+        self.free.extend(segments.iter().copied());
+    }
+
+    /// Frees a segment's space in the file (it reads as zeroes).
+    pub fn punch(&self, segment: u64) -> io::Result<()> {
+        let len = self.file.length_bytes()?;
+        let from = offset(segment * SEGMENT_SLOTS);
+        if from < len {
+            self.file.punch(from, offset(SEGMENT_SLOTS).min(len - from))?;
+        }
+        Ok(())
     }
 
     fn data_intact(file: &F, pba: u64, crcs: &[u32], file_slots: u64) -> io::Result<bool> {
@@ -170,8 +395,8 @@ impl<F: RawFile> Log<F> {
     pub fn write(&mut self, volume: u64, lba: u64, vba: u64, data: &[u8]) -> io::Result<Record> {
         assert!(!data.is_empty() && data.len().is_multiple_of(SLOT_BYTES), "whole blocks");
         let blocks = data.len() / SLOT_BYTES;
-        assert!(blocks <= journal::WRITE_BLOCKS_MAX, "the store splits larger writes");
-        let pba = self.tail;
+        assert!(blocks <= RUN_BLOCKS_MAX, "the store splits larger writes");
+        let pba = self.alloc(blocks as u64);
         // Slots are u32 on disk (16 TiB of log): refuse before writing anything.
         let last = pba + blocks as u64 + 1;
         let pba32 = u32::try_from(pba)
@@ -179,9 +404,24 @@ impl<F: RawFile> Log<F> {
             .filter(|_| u32::try_from(last).is_ok())
             .ok_or_else(|| io::Error::from_raw_os_error(28))?;
         self.file.write_at(data, offset(pba))?;
-        self.tail += blocks as u64;
         let crcs = data.chunks(SLOT_BYTES).map(crc32c::crc32c).collect();
         let record = Record::Write { volume, lba, vba, pba: pba32, crcs };
+        self.append(record.clone())?;
+        Ok(record)
+    }
+
+    /// Copies blocks (the cleaner): `data` is the blocks of VBAs `vba..`, whose crcs are
+    /// `crcs` (kept as they are, even for a block that fails its crc: a move never
+    /// repairs or hides damage). Returns the `Move` record it logged.
+    pub fn move_blocks(&mut self, vba: u64, data: &[u8], crcs: Vec<u32>) -> io::Result<Record> {
+        let blocks = crcs.len();
+        assert!((1..=RUN_BLOCKS_MAX).contains(&blocks) && data.len() == blocks * SLOT_BYTES);
+        let pba = self.alloc(blocks as u64);
+        let pba32 = u32::try_from(pba + blocks as u64 + 1)
+            .map(|_| pba as u32)
+            .map_err(|_| io::Error::from_raw_os_error(28))?;
+        self.file.write_at(data, offset(pba))?;
+        let record = Record::Move { vba, pba: pba32, crcs };
         self.append(record.clone())?;
         Ok(record)
     }
@@ -194,16 +434,41 @@ impl<F: RawFile> Log<F> {
             assert!(self.open.push(&record), "a record fits an empty slot");
         }
         self.open_changes |= !matches!(record, Record::Durable { .. });
-        self.file.write_at(&self.open.encode()[..], offset(self.open_at))
+        self.write_open()
+    }
+
+    /// Starts this run on disk: its first slot is written, empty, and synced, so whatever
+    /// a crash left at its place (a torn or stale slot of the dead tail) can never be read
+    /// as part of the chain again, even if this run's first rewrite of it is lost. Call
+    /// once after opening, before appending (not for a read-only inspection).
+    pub fn start_run(&mut self) -> io::Result<()> {
+        // What replay decided, so that no later replay decides otherwise.
+        if let Some((from, through)) = self.judged.take() {
+            self.open.push(&Record::Durable { from, through });
+        }
+        if let Some((sequence, index)) = self.truncate_at.take() {
+            self.open.push(&Record::Truncate { sequence, index });
+        }
+        // Sealed at once: a torn rewrite must never cost these decisions.
+        self.write_open()?;
+        self.advance();
+        self.file.sync()
+    }
+
+    fn write_open(&mut self) -> io::Result<()> {
+        let bytes = self.open.encode();
+        self.open_crc = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"));
+        self.file.write_at(&bytes[..], offset(self.open_at))
     }
 
     /// Moves on to the reserved journal slot and reserves the one after it.
     fn advance(&mut self) {
         self.open_sequence += 1;
         self.open_at = self.next_at;
-        self.next_at = self.tail;
-        self.tail += 1;
-        self.open = SlotWriter::new(self.open_sequence, self.next_at);
+        self.next_at = self.alloc(1);
+        self.open = SlotWriter::new(self.open_sequence, self.next_at)
+            .in_run(self.run_from)
+            .after(self.open_crc);
         self.open_changes = false;
     }
 
@@ -238,9 +503,14 @@ impl<F: RawFile> Log<F> {
         Ok(())
     }
 
-    /// Slots the log occupies (data, journal, and the reserved next journal slot).
-    pub fn tail(&self) -> u64 {
-        self.tail
+    /// One past the last slot ever handed out: the file's extent in slots.
+    pub fn slots_end(&self) -> u64 {
+        self.fresh * SEGMENT_SLOTS
+    }
+
+    /// Segments in use (handed out and not free).
+    pub fn segments_in_use(&self) -> u64 {
+        self.fresh - self.free.len() as u64
     }
 
     /// Reads `buf.len() / 4096` consecutive slots from `slot` and checks each against its

@@ -11,6 +11,13 @@
 //! Byte ranges that do not fall on 4 KiB blocks are read-modify-written under the
 //! exclusive lock, so two unaligned writers of one block never lose each other's bytes.
 //!
+//! Maintenance: a background thread cleans segments that are mostly dead (a few hundred
+//! blocks per lock hold, so I/O goes on between steps) and writes a checkpoint
+//! (`DIR/checkpoint`, replaced atomically) when the log has grown by
+//! [`CHECKPOINT_BYTES`] or the cleaner emptied segments; then it punches the emptied
+//! segments and hands them back to the allocator. A clean shutdown checkpoints too, so a
+//! restart replays almost nothing.
+//!
 //! Invariants:
 //! 1. A failed `fdatasync`, or a failed write of the log after the engine may have taken a
 //!    record in, makes the store refuse every later write and sync until it is reopened
@@ -30,6 +37,14 @@ const BLOCK: u64 = BLOCK_BYTES as u64;
 
 /// The file the log lives in, under the store's directory.
 pub const LOG_FILE: &str = "log";
+/// The checkpoint file, under the store's directory.
+pub const CHECKPOINT_FILE: &str = "checkpoint";
+/// Log growth after which the maintenance thread writes a checkpoint.
+pub const CHECKPOINT_BYTES: u64 = 256 << 20;
+/// Segments with at most this many live blocks (of 8192) are cleaned.
+pub const CLEAN_LIVE_MAX: u32 = 2048;
+/// Blocks the cleaner moves per hold of the lock.
+const CLEAN_STEP_BLOCKS: usize = 512;
 
 /// A node's log-structured store.
 #[derive(Clone)]
@@ -42,6 +57,8 @@ struct Shared {
     engine: RwLock<Engine<Arc<File>>>,
     file: Arc<File>,
     failed: AtomicBool,
+    /// One checkpoint at a time; holds the log allocation count at the last one.
+    checkpointing: std::sync::Mutex<u64>,
 }
 
 /// A volume or snapshot of a [`LogStore`].
@@ -98,6 +115,32 @@ impl Shared {
     }
 }
 
+/// The maintenance thread: runs until the store is dropped.
+fn maintenance(store: std::sync::Weak<Shared>) {
+    loop {
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        let Some(shared) = store.upgrade() else { return };
+        if shared.failed.load(Ordering::Acquire) {
+            continue;
+        }
+        let store = LogStore { shared };
+        if let Err(e) = store.maintain(4, false) {
+            tracing::warn!("store maintenance failed: {e}");
+        }
+    }
+}
+
+/// Replaces `dir/name` with `bytes` so that a crash leaves the old or the new file.
+fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = dir.join(format!("{name}.tmp"));
+    let mut f = File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, dir.join(name))?;
+    File::open(dir)?.sync_all()
+}
+
 fn store_error(e: EngineError) -> StoreError {
     match e {
         EngineError::Io(e) => StoreError::io("write the log")(e),
@@ -125,31 +168,111 @@ impl LogStore {
                 .truncate(false)
                 .open(&path)?,
         );
-        let engine = if exists && file.metadata()?.len() > 0 {
-            Engine::open(file.clone())?
-        } else {
+        let engine = Self::open_engine(dir, file.clone(), exists, true)?;
+        if !exists {
             File::open(dir)?.sync_all()?;
-            Engine::create(file.clone())
-        };
-        let shared = Shared {
+        }
+        let shared = Arc::new(Shared {
             dir: dir.to_owned(),
             engine: RwLock::new(engine),
             file,
             failed: AtomicBool::new(false),
+            checkpointing: std::sync::Mutex::new(0),
+        });
+        let weak = Arc::downgrade(&shared);
+        std::thread::Builder::new().name("strata-maint".into()).spawn(move || maintenance(weak))?;
+        Ok(LogStore { shared })
+    }
+
+    fn open_engine(
+        dir: &Path,
+        file: Arc<File>,
+        exists: bool,
+        writable: bool,
+    ) -> Result<Engine<Arc<File>>, EngineError> {
+        let checkpoint = match std::fs::read(dir.join(CHECKPOINT_FILE)) {
+            Ok(bytes) => Some(bytes),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(e.into()),
         };
-        Ok(LogStore { shared: Arc::new(shared) })
+        if !writable {
+            return Engine::inspect(file, checkpoint.as_deref());
+        }
+        match checkpoint {
+            Some(bytes) => Engine::open_checkpoint(file, &bytes),
+            None if exists && file.metadata()?.len() > 0 => Engine::open(file),
+            None => Ok(Engine::create(file)),
+        }
+    }
+
+    /// Cleans up to `segments` mostly-dead segments, then writes a checkpoint if the log
+    /// grew by [`CHECKPOINT_BYTES`], the cleaner moved blocks, or `force`. Returns the
+    /// blocks moved. The maintenance thread calls it; so do shutdown and tests.
+    pub fn maintain(&self, segments: usize, force: bool) -> Result<usize, StoreError> {
+        let candidates = self.shared.read().clean_candidates(CLEAN_LIVE_MAX);
+        let mut moved = 0;
+        for segment in candidates.into_iter().take(segments) {
+            loop {
+                let mut engine = self.shared.write()?;
+                let n = engine
+                    .clean_step(segment, CLEAN_STEP_BLOCKS)
+                    .map_err(|e| self.shared.fail(e))?;
+                drop(engine);
+                moved += n;
+                if n == 0 {
+                    break;
+                }
+            }
+        }
+        let grown = {
+            let last = *self.shared.checkpointing.lock().unwrap_or_else(|e| e.into_inner());
+            let now = self.shared.read().log_allocated();
+            now.saturating_sub(last) * BLOCK >= CHECKPOINT_BYTES
+        };
+        if force || moved > 0 || grown {
+            self.checkpoint()?;
+        }
+        Ok(moved)
+    }
+
+    /// Writes a checkpoint: the log is synced through the captured state first, the
+    /// checkpoint file replaced atomically, then the segments it found empty are punched
+    /// and reused.
+    pub fn checkpoint(&self) -> Result<(), StoreError> {
+        let mut last = self.shared.checkpointing.lock().unwrap_or_else(|e| e.into_inner());
+        let (checkpoint, allocated) = {
+            let mut engine = self.shared.write()?;
+            (engine.checkpoint(), engine.log_allocated())
+        };
+        self.shared.file.sync_data().map_err(|e| {
+            self.shared.failed.store(true, Ordering::Release);
+            StoreError::io("fdatasync the log")(e)
+        })?;
+        write_atomically(&self.shared.dir, CHECKPOINT_FILE, &checkpoint.bytes)
+            .map_err(StoreError::io("write the checkpoint"))?;
+        Engine::punch_segments(&*self.shared.file, &checkpoint.empty_segments)
+            .map_err(StoreError::io("free emptied segments"))?;
+        self.shared.write()?.release_segments(&checkpoint.empty_segments);
+        *last = allocated;
+        tracing::debug!(
+            bytes = checkpoint.bytes.len(),
+            freed = checkpoint.empty_segments.len(),
+            "checkpoint written"
+        );
+        Ok(())
     }
 
     /// Opens the store in `dir` for checking only: the log is replayed from a read-only
     /// file, so nothing on disk changes (every write would fail).
     pub fn open_read_only(dir: &Path) -> Result<LogStore, EngineError> {
         let file = Arc::new(File::open(dir.join(LOG_FILE))?);
-        let engine = Engine::open(file.clone())?;
+        let engine = Self::open_engine(dir, file.clone(), true, false)?;
         let shared = Shared {
             dir: dir.to_owned(),
             engine: RwLock::new(engine),
             file,
             failed: AtomicBool::new(true),
+            checkpointing: std::sync::Mutex::new(0),
         };
         Ok(LogStore { shared: Arc::new(shared) })
     }

@@ -42,6 +42,10 @@ fn record() -> impl Strategy<Value = Record> {
         (any::<u64>(), any::<u64>())
             .prop_map(|(volume, snapshot)| Record::Rollback { volume, snapshot }),
         (any::<u64>(), any::<u64>()).prop_map(|(from, through)| Record::Durable { from, through }),
+        (any::<u64>(), any::<u64>())
+            .prop_map(|(sequence, index)| Record::Truncate { sequence, index }),
+        (any::<u64>(), any::<u32>(), proptest::collection::vec(any::<u32>(), 1..50))
+            .prop_map(|(vba, pba, crcs)| Record::Move { vba, pba, crcs }),
     ]
 }
 
@@ -65,8 +69,11 @@ proptest! {
     ) {
         let mut writer = SlotWriter::new(sequence, sequence ^ 0xffff);
         let pushed = fill(&mut writer, &records);
-        let slot = Slot { sequence, next: sequence ^ 0xffff, records: pushed };
-        prop_assert_eq!(decode(&writer.encode()[..]), Ok(slot));
+        let encoded = writer.encode();
+        let crc = u32::from_le_bytes(encoded[8..12].try_into().unwrap());
+        let next = sequence ^ 0xffff;
+        let slot = Slot { sequence, next, run: 1, prev: 0, crc, records: pushed };
+        prop_assert_eq!(decode(&encoded[..]), Ok(slot));
     }
 
     #[test]

@@ -96,7 +96,8 @@ fn run(ops: Vec<Op>) {
             Op::Crash { seed } => {
                 let file = std::mem::replace(&mut log, Log::create(SimFile::new())).file;
                 file.crash(&mut SimRng::new(seed));
-                let (reopened, records) = Log::open(file).unwrap();
+                let (mut reopened, records) = Log::open(file).unwrap();
+                reopened.start_run().unwrap();
                 let state = state_of(&reopened, &records);
                 for lba in 0..45 {
                     let got = state.get(&lba).copied().unwrap_or(None);
@@ -170,7 +171,8 @@ fn a_damaged_flushed_block_is_kept_as_damage_but_a_torn_unflushed_one_is_dropped
         file.write_at(&[byte], offset(u64::from(slot)) + 100).unwrap();
     }
     file.sync().unwrap();
-    let (log, records) = Log::open(file).unwrap();
+    let (mut log, records) = Log::open(file).unwrap();
+    log.start_run().unwrap();
     let writes: Vec<&Record> =
         records.iter().filter(|r| matches!(r, Record::Write { .. })).collect();
     assert_eq!(writes.len(), 1, "the torn unflushed write is dropped: {records:?}");
@@ -179,7 +181,6 @@ fn a_damaged_flushed_block_is_kept_as_damage_but_a_torn_unflushed_one_is_dropped
     let mut buf = vec![0u8; SLOT_BYTES];
     assert!(log.read_block(u64::from(pba), crcs[0], &mut buf).is_err());
     // After a reopen and a new sync, the dropped write does not come back as damage.
-    let mut log = log;
     log.write(1, 5, 3, &block(3, 0)).unwrap();
     log.flush().unwrap();
     let (_, records) = Log::open(log.file).unwrap();

@@ -107,3 +107,57 @@ fn reopen_keeps_volumes_sizes_snapshots_and_data() {
     assert!(back == pattern(12345, 1));
     assert!(store.check(true).is_empty());
 }
+
+#[test]
+fn maintenance_reclaims_overwritten_space_and_reopens_from_its_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store");
+    let segment_bytes = crate::log::SEGMENT_SLOTS * BLOCK;
+    {
+        let store = LogStore::open(&path).unwrap();
+        let v = store.create_volume(VolumeId(1), 32 * BLOCK).unwrap();
+        store.snapshot(1, 2).unwrap();
+        for round in 0..40u8 {
+            v.write_at(&pattern(32 * BLOCK_BYTES, round), 0).unwrap();
+            store.maintain(usize::MAX, false).unwrap();
+        }
+        store.maintain(usize::MAX, true).unwrap();
+        store.maintain(usize::MAX, true).unwrap();
+        // 40 rounds wrote 1280 blocks; 64 are live (the volume and its snapshot).
+        let in_use = store.log_bytes() / segment_bytes;
+        assert!(in_use <= 12, "{in_use} segments in use");
+        assert!(store.check(true).is_empty(), "{:?}", store.check(true));
+        v.write_at(&pattern(100, 77), 5).unwrap();
+        v.sync().unwrap();
+    }
+    let store = LogStore::open(&path).unwrap();
+    assert!(path.join(CHECKPOINT_FILE).exists());
+    let v = store.open_volume(VolumeId(1)).unwrap();
+    let mut back = vec![0u8; 32 * BLOCK_BYTES];
+    v.read_at(&mut back, 0).unwrap();
+    let mut model = pattern(32 * BLOCK_BYTES, 39);
+    model[5..105].copy_from_slice(&pattern(100, 77));
+    assert!(back == model);
+    store.view(2).unwrap().read_at(&mut back, 0).unwrap();
+    assert!(back.iter().all(|b| *b == 0), "the snapshot was taken of an empty volume");
+    assert!(store.check(true).is_empty());
+}
+
+#[test]
+fn a_damaged_checkpoint_file_stops_the_open_with_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store");
+    {
+        let store = LogStore::open(&path).unwrap();
+        store.create_volume(VolumeId(1), 8192).unwrap();
+        store.checkpoint().unwrap();
+    }
+    let cp = path.join(CHECKPOINT_FILE);
+    let mut bytes = std::fs::read(&cp).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x40;
+    std::fs::write(&cp, &bytes).unwrap();
+    let err = LogStore::open(&path).err().expect("refused");
+    assert!(err.to_string().contains("checkpoint is unusable"), "{err}");
+    assert_eq!(std::fs::read(&cp).unwrap(), bytes, "left as it was");
+}
