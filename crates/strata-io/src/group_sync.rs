@@ -132,13 +132,64 @@ fn run(volume: Arc<dyn BlockVolume>, shared: Arc<Shared>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{FileStore, Store, VolumeId};
+
+    /// A volume in memory: the group-commit tests need a volume, not a disk.
+    struct Mem(Mutex<Vec<u8>>);
+
+    impl BlockVolume for Mem {
+        fn size_bytes(&self) -> u64 {
+            self.0.lock().unwrap().len() as u64
+        }
+        fn allocated_bytes(&self) -> Result<u64, crate::StoreError> {
+            Ok(self.size_bytes())
+        }
+        fn read_at(&self, b: &mut [u8], o: u64) -> Result<(), crate::StoreError> {
+            let data = self.0.lock().unwrap();
+            crate::check_range(o, b.len() as u64, data.len() as u64)?;
+            b.copy_from_slice(&data[o as usize..o as usize + b.len()]);
+            Ok(())
+        }
+        fn write_at(&self, d: &[u8], o: u64) -> Result<(), crate::StoreError> {
+            let mut data = self.0.lock().unwrap();
+            crate::check_range(o, d.len() as u64, data.len() as u64)?;
+            data[o as usize..o as usize + d.len()].copy_from_slice(d);
+            Ok(())
+        }
+        fn trim(&self, o: u64, l: u64) -> Result<(), crate::StoreError> {
+            self.write_at(&vec![0; l as usize], o)
+        }
+        fn write_zeroes(
+            &self,
+            o: u64,
+            l: u64,
+            _: crate::ZeroMode,
+        ) -> Result<(), crate::StoreError> {
+            self.trim(o, l)
+        }
+        fn extents(
+            &self,
+            _: u64,
+            l: u64,
+            _: usize,
+        ) -> Result<Vec<crate::Extent>, crate::StoreError> {
+            Ok(vec![crate::Extent { length: l, hole: false, zero: false }])
+        }
+        fn sync(&self) -> Result<(), crate::StoreError> {
+            Ok(())
+        }
+        fn resize(&self, s: u64) -> Result<(), crate::StoreError> {
+            self.0.lock().unwrap().resize(s as usize, 0);
+            Ok(())
+        }
+    }
+
+    fn volume(size: usize) -> Arc<dyn BlockVolume> {
+        Arc::new(Mem(Mutex::new(vec![0; size])))
+    }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_flushes_share_syncs() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = FileStore::open(dir.path()).unwrap();
-        let vol = store.create_volume(VolumeId(1), 1 << 20).unwrap();
+        let vol = volume(1 << 20);
         let gs = GroupSync::spawn(vol.clone());
         let mut tasks = Vec::new();
         for i in 0..64u64 {
@@ -207,12 +258,10 @@ mod tests {
                 self.inner.resize(s)
             }
         }
-        let dir = tempfile::tempdir().unwrap();
-        let store = FileStore::open(dir.path()).unwrap();
         let (entered_tx, entered) = std::sync::mpsc::channel();
         let (release, release_rx) = std::sync::mpsc::channel();
         let gate = Arc::new(Gate {
-            inner: store.create_volume(VolumeId(1), 4096).unwrap(),
+            inner: volume(4096),
             entered: entered_tx,
             release: Mutex::new(release_rx),
         });

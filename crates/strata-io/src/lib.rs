@@ -1,23 +1,19 @@
-//! Storage traits and their OS implementations.
+//! Storage traits, group commit, and the file abstraction the store writes through.
 //!
 //! - [`BlockVolume`]: one volume's bytes: read, write, trim, zero, extents, sync. Front ends
 //!   (NBD today) speak only this trait.
 //! - [`Store`]: the set of volumes one node holds: create, open, remove, enumerate by id.
-//! - [`FileStore`] / [`FileVolume`]: one sparse file per volume (pread/pwrite, fdatasync,
-//!   fallocate, SEEK_DATA/SEEK_HOLE). The log-structured store replaces it behind the same
-//!   traits (issue #3).
 //! - [`GroupSync`]: group commit: concurrent FLUSH/FUA requests of a volume share one sync.
-//! - [`sim`]: the `RawFile` trait the log-structured store will write through, and
-//!   `SimFile`, which crashes at any moment (durable vs volatile images, torn writes).
+//! - [`sim`]: the `RawFile` trait the log-structured store (`strata-store`) writes through,
+//!   implemented by `std::fs::File` and by `SimFile`, which crashes at any moment (durable
+//!   vs volatile images, torn writes).
 //!
 //! This crate must not depend on any front end (NBD, HTTP) or on the metadata service.
 //! Design: `docs/design/nbd.md` (durability section).
 
-mod file;
 mod group_sync;
 pub mod sim;
 
-pub use file::{FileStore, FileVolume};
 pub use group_sync::{GroupSync, SyncCallback, SyncError};
 
 use std::sync::Arc;

@@ -30,6 +30,11 @@ pub trait RawFile: Send + Sync {
     /// Frees `length` bytes from `offset` (a hole, within the file's length): they read as
     /// zeroes afterwards and cost no space. Like a write, durable after the next `sync`.
     fn punch(&self, offset: u64, length: u64) -> io::Result<()>;
+    /// Like `read_at`, but returns `Ok(false)` instead of waiting for the device (the data
+    /// is not all cached). The default never tries.
+    fn read_at_nowait(&self, _buf: &mut [u8], _offset: u64) -> io::Result<bool> {
+        Ok(false)
+    }
 }
 
 impl RawFile for std::fs::File {
@@ -44,6 +49,15 @@ impl RawFile for std::fs::File {
     }
     fn length_bytes(&self) -> io::Result<u64> {
         Ok(self.metadata()?.len())
+    }
+    fn read_at_nowait(&self, buf: &mut [u8], offset: u64) -> io::Result<bool> {
+        use rustix::io::{preadv2, Errno, ReadWriteFlags};
+        let length = buf.len();
+        match preadv2(self, &mut [io::IoSliceMut::new(buf)], offset, ReadWriteFlags::NOWAIT) {
+            Ok(n) => Ok(n == length),
+            Err(Errno::AGAIN | Errno::OPNOTSUPP | Errno::INVAL) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
     }
     fn punch(&self, offset: u64, length: u64) -> io::Result<()> {
         use rustix::fs::{fallocate, FallocateFlags};
@@ -67,6 +81,9 @@ impl<T: RawFile + ?Sized> RawFile for std::sync::Arc<T> {
     }
     fn punch(&self, offset: u64, length: u64) -> io::Result<()> {
         (**self).punch(offset, length)
+    }
+    fn read_at_nowait(&self, buf: &mut [u8], offset: u64) -> io::Result<bool> {
+        (**self).read_at_nowait(buf, offset)
     }
 }
 

@@ -178,16 +178,25 @@ struct Place {
 }
 
 /// The VBA map, with the number of live blocks in each segment beside it (the cleaner's
-/// and the allocator's view of which segments hold data).
+/// and the allocator's view of which segments hold data), and each segment's summary:
+/// the VBA last placed in each of its slots (live if the map still points there), so the
+/// cleaner finds a segment's live blocks in O(segment), not O(map).
 #[derive(Default)]
 struct VbaMap {
     map: HashMap<u64, Place>,
     live: HashMap<u64, u32>,
+    summary: HashMap<u64, Box<[u64]>>,
 }
 
 impl VbaMap {
     fn insert(&mut self, vba: u64, place: Place) {
-        *self.live.entry(segment_of(place.slot)).or_default() += 1;
+        let segment = segment_of(place.slot);
+        *self.live.entry(segment).or_default() += 1;
+        let summary = self
+            .summary
+            .entry(segment)
+            .or_insert_with(|| vec![0; SEGMENT_SLOTS as usize].into_boxed_slice());
+        summary[(place.slot % SEGMENT_SLOTS) as usize] = vba;
         if let Some(old) = self.map.insert(vba, place) {
             self.dec(old.slot);
         }
@@ -226,6 +235,24 @@ impl VbaMap {
 
     fn iter(&self) -> impl Iterator<Item = (&u64, &Place)> {
         self.map.iter()
+    }
+
+    /// The live VBAs in `segment`, in slot order.
+    fn live_in(&self, segment: u64) -> Vec<u64> {
+        let Some(summary) = self.summary.get(&segment) else { return Vec::new() };
+        let first = segment * SEGMENT_SLOTS;
+        summary
+            .iter()
+            .enumerate()
+            .filter(|(i, vba)| self.map.get(vba).is_some_and(|p| p.slot == first + *i as u64))
+            .map(|(_, vba)| *vba)
+            .collect()
+    }
+
+    /// Forgets the summary of a segment that holds no live block any more.
+    fn forget(&mut self, segment: u64) {
+        debug_assert!(!self.live.contains_key(&segment));
+        self.summary.remove(&segment);
     }
 }
 
@@ -640,8 +667,8 @@ impl<F: RawFile> Engine<F> {
     /// The first part of a flush that runs its sync without `&mut self`: seals the open
     /// journal slot; afterwards a sync of [`Engine::file`] makes everything written
     /// before the seal durable. Returns what to pass to [`Engine::synced`] after it.
-    pub fn seal(&mut self) -> u64 {
-        self.log.seal()
+    pub fn seal(&mut self) -> Result<u64, EngineError> {
+        Ok(self.log.seal()?)
     }
 
     /// The last part of a split flush: records that the sync after `seal` completed.
@@ -651,6 +678,22 @@ impl<F: RawFile> Engine<F> {
 
     /// Reads whole blocks from `lba` of a volume or snapshot into `buf`.
     pub fn read(&self, view: u64, lba: u64, buf: &mut [u8]) -> Result<(), EngineError> {
+        self.read_with(view, lba, buf, false).map(|_| ())
+    }
+
+    /// Like [`Engine::read`], but returns `Ok(false)` (with `buf` partly filled) instead of
+    /// waiting for the device when a block is not cached.
+    pub fn read_nowait(&self, view: u64, lba: u64, buf: &mut [u8]) -> Result<bool, EngineError> {
+        self.read_with(view, lba, buf, true)
+    }
+
+    fn read_with(
+        &self,
+        view: u64,
+        lba: u64,
+        buf: &mut [u8],
+        nowait: bool,
+    ) -> Result<bool, EngineError> {
         if buf.is_empty() || !buf.len().is_multiple_of(BLOCK_BYTES) {
             return Err(EngineError::Unaligned);
         }
@@ -689,7 +732,16 @@ impl<F: RawFile> Engine<F> {
                 }
                 let at = ((extent.lba + i - lba) as usize) * BLOCK_BYTES;
                 let out = &mut buf[at..at + run as usize * BLOCK_BYTES];
-                match self.log.read_run(first.slot, &crcs, out) {
+                let result = if nowait {
+                    match self.log.read_run_nowait(first.slot, &crcs, out) {
+                        Ok(None) => return Ok(false),
+                        Ok(Some(r)) => Ok(r),
+                        Err(e) => Err(e),
+                    }
+                } else {
+                    self.log.read_run(first.slot, &crcs, out)
+                };
+                match result {
                     Ok(None) => {}
                     Ok(Some(bad)) => {
                         out.fill(0);
@@ -704,7 +756,7 @@ impl<F: RawFile> Engine<F> {
                 i += run;
             }
         }
-        Ok(())
+        Ok(true)
     }
 
     /// The extents of a volume or snapshot in `lba..lba+blocks` (unmapped runs absent).
@@ -866,6 +918,11 @@ impl<F: RawFile> Engine<F> {
             }
         }
         vbas
+    }
+
+    /// Blocks of the log's segments in use that hold no live data.
+    pub fn dead_blocks(&self) -> u64 {
+        (self.log.segments_in_use() * SEGMENT_SLOTS).saturating_sub(self.vba_map.len() as u64)
     }
 
     /// Log slots handed out since the engine was opened (data and journal).

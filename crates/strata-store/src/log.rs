@@ -59,7 +59,7 @@ pub struct Start {
     pub head: u64,
     /// The end of the head segment.
     pub head_end: u64,
-    /// Segments free for reuse (punched), handed out lowest first.
+    /// Segments free for reuse, handed out lowest first.
     pub free: BTreeSet<u64>,
     /// The first segment never used.
     pub fresh: u64,
@@ -261,7 +261,7 @@ impl<F: RawFile> Log<F> {
             truncate_at: None,
         };
         log.skip_used(&used);
-        log.next_at = log.alloc(1);
+        log.next_at = log.reserve()?;
         log.open =
             SlotWriter::new(sequence, log.next_at).in_run(sequence).after(prev_crc.unwrap_or(0));
         log.judged = (start.sequence < sequence).then_some((start.sequence, sequence - 1));
@@ -312,6 +312,16 @@ impl<F: RawFile> Log<F> {
         self.head_end = (segment + 1) * SEGMENT_SLOTS;
     }
 
+    /// Reserves the slot of the next journal slot and writes zeroes into it: whatever a
+    /// segment held before it was reused (guest data shaped like a journal slot, or an
+    /// old slot), the chain can only ever find there zeroes or the slot written later.
+    /// The zeroes reach the disk with the sync that first covers the slot naming this one.
+    fn reserve(&mut self) -> io::Result<u64> {
+        let slot = self.alloc(1);
+        self.file.write_at(&[0u8; SLOT_BYTES], offset(slot))?;
+        Ok(slot)
+    }
+
     /// Hands out `n` (≤ one segment) consecutive slots within one segment.
     fn alloc(&mut self, n: u64) -> u64 {
         assert!(n <= SEGMENT_SLOTS, "runs are split to fit a segment");
@@ -335,8 +345,8 @@ impl<F: RawFile> Log<F> {
 
     /// Where replay would start if the log were reopened now from a checkpoint of the
     /// state so far: call right after [`Log::seal`], with the caller's state captured under
-    /// the same lock. Segments the caller finds empty are not in it: they are punched and
-    /// handed out again only after [`Log::release`], once the checkpoint is durable.
+    /// the same lock. Segments the caller finds empty are not in it: they are handed out
+    /// again only after [`Log::release`], once the checkpoint is durable.
     pub fn start(&self) -> Start {
         Start {
             at: self.open_at,
@@ -359,19 +369,19 @@ impl<F: RawFile> Log<F> {
         self.free.contains(&segment)
     }
 
-    /// Makes punched `segments` available for reuse.
+    /// Makes `segments` (empty, and known so by a durable checkpoint) available again.
     pub fn release(&mut self, segments: &[u64]) {
         self.free.extend(segments.iter().copied());
     }
 
-    /// Frees a segment's space in the file (it reads as zeroes).
-    pub fn punch(&self, segment: u64) -> io::Result<()> {
-        let len = self.file.length_bytes()?;
-        let from = offset(segment * SEGMENT_SLOTS);
-        if from < len {
-            self.file.punch(from, offset(SEGMENT_SLOTS).min(len - from))?;
+    /// Takes the free segments beyond the `keep` lowest out of the free list (to punch
+    /// them: give their space back to the file system); [`Log::release`] returns them.
+    pub fn take_surplus(&mut self, keep: usize) -> Vec<u64> {
+        let surplus: Vec<u64> = self.free.iter().copied().skip(keep).collect();
+        for s in &surplus {
+            self.free.remove(s);
         }
-        Ok(())
+        surplus
     }
 
     fn data_intact(file: &F, pba: u64, crcs: &[u32], file_slots: u64) -> io::Result<bool> {
@@ -430,7 +440,7 @@ impl<F: RawFile> Log<F> {
     pub fn append(&mut self, record: Record) -> io::Result<()> {
         if !self.open.push(&record) {
             // The open slot is full: it is complete as written; continue in the next.
-            self.advance();
+            self.advance()?;
             assert!(self.open.push(&record), "a record fits an empty slot");
         }
         self.open_changes |= !matches!(record, Record::Durable { .. });
@@ -451,7 +461,7 @@ impl<F: RawFile> Log<F> {
         }
         // Sealed at once: a torn rewrite must never cost these decisions.
         self.write_open()?;
-        self.advance();
+        self.advance()?;
         self.file.sync()
     }
 
@@ -462,20 +472,22 @@ impl<F: RawFile> Log<F> {
     }
 
     /// Moves on to the reserved journal slot and reserves the one after it.
-    fn advance(&mut self) {
+    fn advance(&mut self) -> io::Result<()> {
+        let reserved = self.reserve()?;
         self.open_sequence += 1;
         self.open_at = self.next_at;
-        self.next_at = self.alloc(1);
+        self.next_at = reserved;
         self.open = SlotWriter::new(self.open_sequence, self.next_at)
             .in_run(self.run_from)
             .after(self.open_crc);
         self.open_changes = false;
+        Ok(())
     }
 
     /// Makes everything appended so far durable: seals the open journal slot, syncs, and
     /// notes the sync in the journal.
     pub fn flush(&mut self) -> io::Result<()> {
-        let through = self.seal();
+        let through = self.seal()?;
         self.file.sync()?;
         self.synced(through)
     }
@@ -485,12 +497,12 @@ impl<F: RawFile> Log<F> {
     /// Returns the sequence of the last sealed slot, for [`Log::synced`] once the sync is
     /// done. `seal`, a sync of [`Log::file`], then `synced` is `flush` split in three, so
     /// that the sync can run without the caller's lock while writes continue.
-    pub fn seal(&mut self) -> u64 {
+    pub fn seal(&mut self) -> io::Result<u64> {
         // A slot holding only `Durable` notes needs no seal: nothing in it was promised.
         if self.open_changes {
-            self.advance();
+            self.advance()?;
         }
-        self.open_sequence - 1
+        Ok(self.open_sequence - 1)
     }
 
     /// Records that a sync covered every journal slot up to `through`: replay then knows
@@ -519,6 +531,19 @@ impl<F: RawFile> Log<F> {
         debug_assert_eq!(buf.len(), crcs.len() * SLOT_BYTES);
         self.file.read_at(buf, offset(slot))?;
         Ok(buf.chunks(SLOT_BYTES).zip(crcs).position(|(b, crc)| crc32c::crc32c(b) != *crc))
+    }
+
+    /// Like [`Log::read_run`], but returns `None` instead of waiting for the device.
+    pub fn read_run_nowait(
+        &self,
+        slot: u64,
+        crcs: &[u32],
+        buf: &mut [u8],
+    ) -> io::Result<Option<Option<usize>>> {
+        if !self.file.read_at_nowait(buf, offset(slot))? {
+            return Ok(None);
+        }
+        Ok(Some(buf.chunks(SLOT_BYTES).zip(crcs).position(|(b, crc)| crc32c::crc32c(b) != *crc)))
     }
 
     /// Reads the block in `slot`, checking it against `crc`.

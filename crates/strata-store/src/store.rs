@@ -14,8 +14,9 @@
 //! Maintenance: a background thread cleans segments that are mostly dead (a few hundred
 //! blocks per lock hold, so I/O goes on between steps) and writes a checkpoint
 //! (`DIR/checkpoint`, replaced atomically) when the log has grown by
-//! [`CHECKPOINT_BYTES`] or the cleaner emptied segments; then it punches the emptied
-//! segments and hands them back to the allocator. A clean shutdown checkpoints too, so a
+//! [`CHECKPOINT_BYTES`] or the cleaner emptied segments; then it hands the emptied
+//! segments back to the allocator, and punches free segments beyond a small reserve so
+//! their space returns to the file system. A clean shutdown checkpoints too, so a
 //! restart replays almost nothing.
 //!
 //! Invariants:
@@ -39,10 +40,20 @@ const BLOCK: u64 = BLOCK_BYTES as u64;
 pub const LOG_FILE: &str = "log";
 /// The checkpoint file, under the store's directory.
 pub const CHECKPOINT_FILE: &str = "checkpoint";
-/// Log growth after which the maintenance thread writes a checkpoint.
-pub const CHECKPOINT_BYTES: u64 = 256 << 20;
+/// Log growth after which the maintenance thread writes a checkpoint (and so the most
+/// log a restart replays).
+pub const CHECKPOINT_BYTES: u64 = 1 << 30;
+/// The cleaner runs while more than this share of the log's segments in use is dead
+/// (and at least [`CLEAN_DEAD_MIN_BYTES`]).
+pub const CLEAN_DEAD_SHARE: f64 = 0.25;
+/// Dead space below which the cleaner does not run.
+pub const CLEAN_DEAD_MIN_BYTES: u64 = 256 << 20;
 /// Segments with at most this many live blocks (of 8192) are cleaned.
 pub const CLEAN_LIVE_MAX: u32 = 2048;
+/// Free segments kept allocated in the file for reuse; more are punched.
+pub const FREE_SEGMENTS_KEPT: usize = 8;
+/// Writes up to this size are done inline by the caller when the lock is free.
+const INLINE_WRITE_BYTES_MAX: usize = 1 << 20;
 /// Blocks the cleaner moves per hold of the lock.
 const CLEAN_STEP_BLOCKS: usize = 512;
 
@@ -90,7 +101,7 @@ impl Shared {
     }
 
     fn sync(&self) -> Result<(), StoreError> {
-        let through = self.write()?.seal();
+        let through = self.write()?.seal().map_err(|e| self.fail(e))?;
         if let Err(e) = self.file.sync_data() {
             self.failed.store(true, Ordering::Release);
             tracing::error!(dir = %self.dir.display(), "fdatasync of the log failed: {e}");
@@ -209,7 +220,18 @@ impl LogStore {
     /// grew by [`CHECKPOINT_BYTES`], the cleaner moved blocks, or `force`. Returns the
     /// blocks moved. The maintenance thread calls it; so do shutdown and tests.
     pub fn maintain(&self, segments: usize, force: bool) -> Result<usize, StoreError> {
-        let candidates = self.shared.read().clean_candidates(CLEAN_LIVE_MAX);
+        let candidates = {
+            let engine = self.shared.read();
+            let dead = engine.dead_blocks() * BLOCK;
+            let in_use = engine.log_bytes();
+            if force
+                || (dead >= CLEAN_DEAD_MIN_BYTES && dead as f64 > in_use as f64 * CLEAN_DEAD_SHARE)
+            {
+                engine.clean_candidates(CLEAN_LIVE_MAX)
+            } else {
+                Vec::new()
+            }
+        };
         let mut moved = 0;
         for segment in candidates.into_iter().take(segments) {
             loop {
@@ -236,13 +258,14 @@ impl LogStore {
     }
 
     /// Writes a checkpoint: the log is synced through the captured state first, the
-    /// checkpoint file replaced atomically, then the segments it found empty are punched
-    /// and reused.
+    /// checkpoint file replaced atomically, then the segments it found empty are reused;
+    /// free segments beyond [`FREE_SEGMENTS_KEPT`] are punched (their space returns to
+    /// the file system).
     pub fn checkpoint(&self) -> Result<(), StoreError> {
         let mut last = self.shared.checkpointing.lock().unwrap_or_else(|e| e.into_inner());
         let (checkpoint, allocated) = {
             let mut engine = self.shared.write()?;
-            (engine.checkpoint(), engine.log_allocated())
+            (engine.checkpoint().map_err(|e| self.shared.fail(e))?, engine.log_allocated())
         };
         self.shared.file.sync_data().map_err(|e| {
             self.shared.failed.store(true, Ordering::Release);
@@ -250,9 +273,14 @@ impl LogStore {
         })?;
         write_atomically(&self.shared.dir, CHECKPOINT_FILE, &checkpoint.bytes)
             .map_err(StoreError::io("write the checkpoint"))?;
-        Engine::punch_segments(&*self.shared.file, &checkpoint.empty_segments)
-            .map_err(StoreError::io("free emptied segments"))?;
         self.shared.write()?.release_segments(&checkpoint.empty_segments);
+        // Beyond a reserve of free segments, give the space back to the file system.
+        let surplus = self.shared.write()?.take_surplus_free(FREE_SEGMENTS_KEPT);
+        if !surplus.is_empty() {
+            let punched = Engine::punch(&*self.shared.file, &surplus);
+            self.shared.write()?.return_free(&surplus);
+            punched.map_err(StoreError::io("free unused segments"))?;
+        }
         *last = allocated;
         tracing::debug!(
             bytes = checkpoint.bytes.len(),
@@ -503,9 +531,54 @@ impl BlockVolume for LogVolume {
         Ok(())
     }
 
+    fn try_read_at_nowait(&self, buf: &mut [u8], offset: u64) -> Result<bool, StoreError> {
+        // Neither the lock nor the device may make the caller (an async task) wait.
+        let engine = match self.shared.engine.try_read() {
+            Ok(engine) => engine,
+            Err(std::sync::TryLockError::WouldBlock) => return Ok(false),
+            Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
+        };
+        let size = engine.size(self.id).map_err(store_error)?;
+        check_range(offset, buf.len() as u64, size)?;
+        if buf.is_empty() {
+            return Ok(true);
+        }
+        let (first, blocks) = covering(offset, buf.len() as u64);
+        if offset.is_multiple_of(BLOCK) && buf.len().is_multiple_of(BLOCK_BYTES) {
+            return engine.read_nowait(self.id, first, buf).map_err(store_error);
+        }
+        let mut whole = vec![0u8; (blocks * BLOCK) as usize];
+        if !engine.read_nowait(self.id, first, &mut whole).map_err(store_error)? {
+            return Ok(false);
+        }
+        let head = (offset - first * BLOCK) as usize;
+        buf.copy_from_slice(&whole[head..head + buf.len()]);
+        Ok(true)
+    }
+
     fn write_at(&self, data: &[u8], offset: u64) -> Result<(), StoreError> {
         let mut engine = self.shared.write()?;
         self.write_locked(&mut engine, data, offset)
+    }
+
+    fn try_write_at_nowait(&self, data: &[u8], offset: u64) -> Result<bool, StoreError> {
+        // Whole blocks up to 1 MiB go into the page cache without reading the device, so
+        // they are done inline when the lock is free; anything else (a read-modify-write,
+        // a large write, a busy lock) goes to the blocking pool.
+        let aligned = offset.is_multiple_of(BLOCK) && data.len().is_multiple_of(BLOCK_BYTES);
+        if !aligned || data.is_empty() || data.len() > INLINE_WRITE_BYTES_MAX {
+            return Ok(false);
+        }
+        if self.shared.failed.load(Ordering::Acquire) {
+            return Err(StoreError::Failed);
+        }
+        let mut engine = match self.shared.engine.try_write() {
+            Ok(engine) => engine,
+            Err(std::sync::TryLockError::WouldBlock) => return Ok(false),
+            Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
+        };
+        self.write_locked(&mut engine, data, offset)?;
+        Ok(true)
     }
 
     fn trim(&self, offset: u64, length: u64) -> Result<(), StoreError> {

@@ -237,6 +237,8 @@ fn kill9_under_fio_with_flushes_and_snapshots_keeps_every_flushed_write() {
     let mut fio = Command::new("fio")
         .args([
             "--name=load",
+            // Threads, not forked jobs: killing fio then kills its workers too.
+            "--thread",
             "--ioengine=nbd",
             &format!("--uri={}", node.uri("load")),
             "--rw=randwrite",

@@ -24,8 +24,9 @@
 //! 2. Replay starts at the journal slot opened by the seal that preceded the capture, so
 //!    no record is applied twice or missed.
 //! 3. Segments found empty at the capture are not free in the checkpoint: they become
-//!    free (punched, then reusable) only once the checkpoint is durable, and are listed
-//!    free from the next checkpoint on.
+//!    free (reusable) only once the checkpoint is durable, and are listed free from the
+//!    next checkpoint on. (A reused segment may hold anything: the log zeroes each slot it
+//!    reserves for a journal slot, so stale bytes are never read as the chain.)
 //! 4. Loading refuses anything malformed (checksum, lengths, a forest that fails
 //!    validation) with an error; it never panics on the bytes.
 
@@ -43,7 +44,7 @@ const HEADER_BYTES: usize = 24;
 pub struct Checkpoint {
     /// The file's bytes.
     pub bytes: Vec<u8>,
-    /// Segments to punch and release once the checkpoint is durable.
+    /// Segments to release once the checkpoint is durable.
     pub empty_segments: Vec<u64>,
 }
 
@@ -88,10 +89,10 @@ impl Reader<'_> {
 
 impl<F: RawFile> Engine<F> {
     /// Captures a checkpoint: seals the open journal slot, then saves the state. The
-    /// caller must sync the log, then write the bytes durably, then punch and release
+    /// caller must sync the log, then write the bytes durably, then release
     /// `empty_segments` ([`Engine::release_segments`]).
-    pub fn checkpoint(&mut self) -> Checkpoint {
-        self.log.seal();
+    pub fn checkpoint(&mut self) -> Result<Checkpoint, EngineError> {
+        self.log.seal()?;
         let start = self.log.start();
         let busy = self.log.busy_segments();
         let empty_segments: Vec<u64> = (0..start.fresh)
@@ -143,12 +144,27 @@ impl<F: RawFile> Engine<F> {
         bytes.extend_from_slice(&crc32c::crc32c(&body).to_le_bytes());
         put(&mut bytes, body.len() as u64);
         bytes.extend_from_slice(&body);
-        Checkpoint { bytes, empty_segments }
+        Ok(Checkpoint { bytes, empty_segments })
     }
 
-    /// Frees segments a durable checkpoint found empty: punches them out of the log's file
-    /// (they read as zeroes) and syncs. Call [`Engine::release_segments`] afterwards.
-    pub fn punch_segments(file: &F, segments: &[u64]) -> std::io::Result<()> {
+    /// Makes segments a durable checkpoint found empty available to the allocator.
+    pub fn release_segments(&mut self, segments: &[u64]) {
+        // A segment that got data since the capture cannot be one: the allocator hands
+        // out only free and fresh segments, and these were neither.
+        for s in segments {
+            self.vba_map.forget(*s);
+        }
+        self.log.release(segments);
+    }
+
+    /// Takes free segments beyond the `keep` lowest out of the allocator, to give their
+    /// space back to the file system ([`Engine::punch`]), then [`Engine::return_free`].
+    pub fn take_surplus_free(&mut self, keep: usize) -> Vec<u64> {
+        self.log.take_surplus(keep)
+    }
+
+    /// Punches segments out of the log's file (they read as zeroes and cost no space).
+    pub fn punch(file: &F, segments: &[u64]) -> std::io::Result<()> {
         let length = file.length_bytes()?;
         for s in segments {
             let from = s * SEGMENT_SLOTS * super::BLOCK_BYTES as u64;
@@ -157,14 +173,11 @@ impl<F: RawFile> Engine<F> {
                 file.punch(from, bytes)?;
             }
         }
-        file.sync()
+        Ok(())
     }
 
-    /// Makes punched segments available to the allocator.
-    pub fn release_segments(&mut self, segments: &[u64]) {
-        // A segment that got data since the capture cannot be one: the allocator hands
-        // out only free and fresh segments, and these were neither.
-        debug_assert!(segments.iter().all(|s| !self.vba_map.live.contains_key(s)));
+    /// Returns segments taken by [`Engine::take_surplus_free`].
+    pub fn return_free(&mut self, segments: &[u64]) {
         self.log.release(segments);
     }
 

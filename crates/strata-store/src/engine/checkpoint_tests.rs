@@ -30,11 +30,12 @@ enum Op {
     /// Captures a checkpoint; other operations (and crashes) may run before it is written,
     /// as in the store, where writes go on while the checkpoint is being made durable.
     CheckpointBegin,
-    /// Syncs the log, writes the captured checkpoint, punches and releases its segments.
+    /// Syncs the log, writes the captured checkpoint, releases its segments and punches
+    /// free ones beyond a reserve of one.
     CheckpointEnd,
     /// Like `CheckpointEnd`, cut by a crash: 0 before the log sync, 1 after the sync,
-    /// 2 with the checkpoint durable but its segments not yet punched, 3 punched but not
-    /// released.
+    /// 2 with the checkpoint durable but its segments not yet released, 3 released and
+    /// surplus free segments punched (but not yet returned).
     CheckpointCrash {
         stage: u8,
         seed: u64,
@@ -105,7 +106,7 @@ impl Sim {
 
     fn begin(&mut self) {
         if self.pending.is_none() {
-            self.pending = Some(self.engine().checkpoint());
+            self.pending = Some(self.engine().checkpoint().unwrap());
         }
     }
 
@@ -126,12 +127,14 @@ impl Sim {
             self.crash(seed);
             return true;
         }
-        Engine::punch_segments(self.engine().file(), &cp.empty_segments).unwrap();
+        self.engine().release_segments(&cp.empty_segments);
+        let surplus = self.engine().take_surplus_free(1);
+        Engine::punch(self.engine().file(), &surplus).unwrap();
         if let Some((_, seed)) = crash {
             self.crash(seed);
             return true;
         }
-        self.engine().release_segments(&cp.empty_segments);
+        self.engine().return_free(&surplus);
         true
     }
 }
@@ -314,7 +317,7 @@ fn a_damaged_checkpoint_is_refused_never_half_loaded() {
     engine.create_volume(VOLUME, BLOCKS * BLOCK_BYTES as u64).unwrap();
     engine.write(VOLUME, 3, &block(1, 0)).unwrap();
     engine.snapshot(VOLUME, 9).unwrap();
-    let cp = engine.checkpoint();
+    let cp = engine.checkpoint().unwrap();
     engine.file().sync().unwrap();
     let file = engine.into_file();
     let bytes = cp.bytes;

@@ -11,7 +11,7 @@
 //! 3. Segments the log is writing into are never cleaned.
 
 use super::{Engine, EngineError, BLOCK_BYTES};
-use crate::log::{segment_of, RUN_BLOCKS_MAX, SEGMENT_SLOTS};
+use crate::log::{RUN_BLOCKS_MAX, SEGMENT_SLOTS};
 use strata_io::sim::RawFile;
 
 impl<F: RawFile> Engine<F> {
@@ -41,12 +41,7 @@ impl<F: RawFile> Engine<F> {
         if self.log.busy_segments().contains(&segment) {
             return Ok(0);
         }
-        let mut vbas: Vec<u64> = self
-            .vba_map
-            .iter()
-            .filter(|(_, p)| segment_of(p.slot) == segment)
-            .map(|(v, _)| *v)
-            .collect();
+        let mut vbas = self.vba_map.live_in(segment);
         vbas.sort_unstable();
         vbas.truncate(budget);
         let mut moved = 0;
