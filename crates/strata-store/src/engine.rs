@@ -4,8 +4,9 @@
 //! Volumes are created with a size, written, trimmed, zeroed, resized, rolled back to a
 //! snapshot and removed; snapshots are O(1) and read-only; clones of snapshots are
 //! writable volumes sharing their blocks; snapshot delete is the seed's method: the VBAs
-//! only that snapshot holds leave the VBA map in sorted, bounded batches. Reopen replays
-//! the log (checkpoints, which bound replay, are the next step).
+//! only that snapshot holds leave the VBA map in sorted, bounded batches. Reopen loads
+//! the last checkpoint (`checkpoint.rs`) and replays the log written since; the cleaner
+//! (`cleaner.rs`) empties mostly-dead segments so the log reuses them.
 //!
 //! Volumes and snapshots share one id space ("views"). Every operation is validated
 //! before its record is logged, so a refused request changes nothing, and applying a
