@@ -2,7 +2,8 @@
 # nbd-compare.sh - Strata vs qemu-nbd vs nbdkit, same fio workloads, same machine.
 #
 # Serves a 1 GiB volume from each of three NBD servers on loopback and runs the
-# same fio workloads against each through /work/shared/tools/nbdbench.sh:
+# same fio workloads against each through /work/shared/tools/nbdbench.sh (and
+# bench/fio-kv.sh for the workloads nbdbench does not have, with the same output):
 #   strata    strata up ... ; volume "bench" (1G)      nbd://127.0.0.1:P1/bench
 #   qemu-nbd  raw 1G file, -t -e 4 --cache=none --aio=native  nbd://127.0.0.1:P3/
 #   nbdkit    raw 1G file, file plugin (defaults)      nbd://127.0.0.1:P4/
@@ -20,9 +21,15 @@
 #   REPS       repetitions of the whole matrix                 (default 3)
 #   RUNTIME    measured seconds per fio run                    (default 10)
 #   RAMP       warm-up seconds per fio run, not measured       (default 2)
-#   WORKLOADS  comma list of nbdbench workloads (default: randread_4k_qd1,
+#   WORKLOADS  comma list of workloads (default: randread_4k_qd1,
 #              randread_4k_qd32,randwrite_4k_qd1,randwrite_4k_qd32,
-#              seqread_1m_qd8,seqwrite_1m_qd8,randwrite_4k_qd1_fsync)
+#              seqread_1m_qd8,seqwrite_1m_qd8,randwrite_4k_qd1_fsync,
+#              randwrite_4k_4conn_fsync); the nbdbench ones plus
+#              randwrite_4k_4conn_fsync: 4 NBD connections, each QD1 random 4k
+#              writes with a FLUSH after every write (fio numjobs=4 iodepth=1
+#              fsync=1 group_reporting), run by bench/fio-kv.sh unless nbdbench
+#              knows it.  Its iops counts writes (the flushes are extra
+#              requests); its kv line also has sync_p50_us/sync_p99_us.
 #   STRATA_BIN path to a strata binary; skips `cargo build --release -p
 #              strata-server` (which otherwise runs in the repo root and uses
 #              $CARGO_TARGET_DIR, default <repo>/target)
@@ -31,6 +38,8 @@
 #   OUT        results file: every nbdbench kv line (+ rep=N), then the table
 #              as '#' lines       (default $BENCH_DIR/results-YYYYmmdd-HHMMSS.txt)
 #   NBDBENCH   path to nbdbench.sh         (default /work/shared/tools/nbdbench.sh)
+#   FIOKV      path to fio-kv.sh, the runner for workloads nbdbench lacks
+#              (default: fio-kv.sh beside this script)
 #   KEEP_SCRATCH=1  keep the scratch dir (logs, images) after the run; it is
 #              always kept, minus the images, when the script fails
 #
@@ -52,8 +61,9 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 REPS=${REPS:-3}
 RUNTIME=${RUNTIME:-10}
 RAMP=${RAMP:-2}
-WORKLOADS=${WORKLOADS:-randread_4k_qd1,randread_4k_qd32,randwrite_4k_qd1,randwrite_4k_qd32,seqread_1m_qd8,seqwrite_1m_qd8,randwrite_4k_qd1_fsync}
+WORKLOADS=${WORKLOADS:-randread_4k_qd1,randread_4k_qd32,randwrite_4k_qd1,randwrite_4k_qd32,seqread_1m_qd8,seqwrite_1m_qd8,randwrite_4k_qd1_fsync,randwrite_4k_4conn_fsync}
 NBDBENCH=${NBDBENCH:-/work/shared/tools/nbdbench.sh}
+FIOKV=${FIOKV:-$ROOT/bench/fio-kv.sh}
 BENCH_DIR=${BENCH_DIR:-$ROOT/target/bench}
 SIZE=1G
 
@@ -72,6 +82,7 @@ fi
 fio --enghelp 2>/dev/null | grep -qw nbd || die "this fio has no nbd ioengine (need fio >= 3.26 built with libnbd)"
 nbdkit file --dump-plugin >/dev/null 2>&1 || die "nbdkit has no file plugin (apt-get install nbdkit)"
 [ -x "$NBDBENCH" ] || [ -r "$NBDBENCH" ] || die "nbdbench.sh not found at $NBDBENCH (set NBDBENCH=)"
+[ -r "$FIOKV" ] || die "fio-kv.sh not found at $FIOKV (set FIOKV=)"
 for v in REPS RUNTIME RAMP; do
   [[ ${!v} =~ ^[0-9]+$ ]] && [ "${!v}" -ge 0 ] || die "$v must be a whole number, got '${!v}'"
 done
@@ -81,10 +92,15 @@ IFS=, read -r -a WL <<<"$WORKLOADS"
 for w in "${WL[@]}"; do
   case $w in
     randwrite_4k_qd1|randwrite_4k_qd32|randread_4k_qd1|randread_4k_qd32|seqwrite_1m_qd8|seqread_1m_qd8|\
-    randwrite_4k_qd1_fsync|randread_4k_4x8|randwrite_4k_4x8) ;;
-    *) die "unknown workload '$w' (see the header of $NBDBENCH)" ;;
+    randwrite_4k_qd1_fsync|randread_4k_4x8|randwrite_4k_4x8|randwrite_4k_4conn_fsync) ;;
+    *) die "unknown workload '$w' (see the header of $NBDBENCH and of this script)" ;;
   esac
 done
+# runner_for WORKLOAD: nbdbench.sh when it knows the workload, else bench/fio-kv.sh
+# (same options, same kv line).
+runner_for() {
+  if grep -qE "^[[:space:]]*$1\)" "$NBDBENCH"; then echo "$NBDBENCH"; else echo "$FIOKV"; fi
+}
 
 # --- strata binary -------------------------------------------------------------
 if [ -n "${STRATA_BIN:-}" ]; then
@@ -220,7 +236,7 @@ for ((rep = 1; rep <= REPS; rep++)); do
       # Start every run with no dirty pages: otherwise the previous run's writeback (of
       # whichever server wrote last) lands on this run's measurement.
       sync
-      line=$(bash "$NBDBENCH" -P -t "$RUNTIME" -r "$RAMP" -w "$w" -l "${NAMES[$i]}" -S "${SPIDS[$i]}" -f kv "${URIS[$i]}" \
+      line=$(bash "$(runner_for "$w")" -P -t "$RUNTIME" -r "$RAMP" -w "$w" -l "${NAMES[$i]}" -S "${SPIDS[$i]}" -f kv "${URIS[$i]}" \
                2>>"$SCRATCH/nbdbench.err" | grep '^nbdbench=1' || true)
       [ -n "$line" ] || line="nbdbench=1 label=${NAMES[$i]} workload=$w engine=NA iops=0 err=99"
       line="$line rep=$rep"

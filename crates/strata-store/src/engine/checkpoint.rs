@@ -176,7 +176,28 @@ impl<F: RawFile> Engine<F> {
         Ok(())
     }
 
-    /// Returns segments taken by [`Engine::take_surplus_free`].
+    /// Takes a never-used segment to prepare when fewer than `want` are free (see
+    /// [`Engine::prepare`]); return it with [`Engine::return_free`].
+    pub fn take_fresh(&mut self, want: usize) -> Option<u64> {
+        self.log.take_fresh(want)
+    }
+
+    /// Writes zeroes over a segment taken by [`Engine::take_fresh`] and syncs, so that the
+    /// file system allocates its blocks now and not on the next flush's critical path.
+    pub fn prepare(file: &F, segment: u64) -> std::io::Result<()> {
+        let zeroes = vec![0u8; 1 << 20];
+        let from = segment * SEGMENT_SLOTS * super::BLOCK_BYTES as u64;
+        let bytes = SEGMENT_SLOTS * super::BLOCK_BYTES as u64;
+        let mut at = 0;
+        while at < bytes {
+            let n = (bytes - at).min(zeroes.len() as u64);
+            file.write_at(&zeroes[..n as usize], from + at)?;
+            at += n;
+        }
+        file.sync()
+    }
+
+    /// Returns segments taken by [`Engine::take_surplus_free`] or [`Engine::take_fresh`].
     pub fn return_free(&mut self, segments: &[u64]) {
         self.log.release(segments);
     }
