@@ -109,6 +109,9 @@ pub struct Log<F: RawFile> {
     file_end: u64,
     /// A segment being prepared (see `take_fresh`), outside the lock.
     preparing: Option<u64>,
+    /// Free segments zeroed in this run and not used since, and whether the head is one.
+    zeroed: BTreeSet<u64>,
+    head_zeroed: bool,
     /// What the replay that opened the log decided, for `start_run` to record: the
     /// slots it judged, and where it truncated.
     judged: Option<(u64, u64)>,
@@ -145,6 +148,8 @@ impl<F: RawFile> Log<F> {
             allocated: 2,
             file_end: 0,
             preparing: None,
+            zeroed: BTreeSet::new(),
+            head_zeroed: false,
             judged: None,
             truncate_at: None,
         }
@@ -266,6 +271,8 @@ impl<F: RawFile> Log<F> {
             allocated: 0,
             file_end: file_slots,
             preparing: None,
+            zeroed: BTreeSet::new(),
+            head_zeroed: false,
             judged: None,
             truncate_at: None,
         };
@@ -329,7 +336,10 @@ impl<F: RawFile> Log<F> {
     /// The zeroes reach the disk with the sync that first covers the slot naming this one.
     fn reserve(&mut self) -> io::Result<u64> {
         let slot = self.alloc(1);
-        self.zero(slot)?;
+        // The head of a segment zeroed in this run was never written since.
+        if !self.head_zeroed {
+            self.zero(slot)?;
+        }
         Ok(slot)
     }
 
@@ -350,6 +360,7 @@ impl<F: RawFile> Log<F> {
                 self.fresh += 1;
                 self.fresh - 1
             });
+            self.head_zeroed = self.zeroed.remove(&segment);
             self.head = segment * SEGMENT_SLOTS;
             self.head_end = self.head + SEGMENT_SLOTS;
         }
@@ -392,10 +403,19 @@ impl<F: RawFile> Log<F> {
 
     /// Makes `segments` (empty, and known so by a durable checkpoint) available again.
     pub fn release(&mut self, segments: &[u64]) {
-        if self.preparing.is_some_and(|p| segments.contains(&p)) {
+        self.free.extend(segments.iter().copied());
+    }
+
+    /// Makes a segment taken by [`Log::take_fresh`] free, now known to read as zeroes
+    /// (`zeroed`) or not (the preparation failed).
+    pub fn prepared(&mut self, segment: u64, zeroed: bool) {
+        if self.preparing == Some(segment) {
             self.preparing = None;
         }
-        self.free.extend(segments.iter().copied());
+        if zeroed {
+            self.zeroed.insert(segment);
+        }
+        self.free.insert(segment);
     }
 
     /// Takes a never-used segment for preparing (writing zeroes into it ahead of need, so
@@ -551,6 +571,9 @@ impl<F: RawFile> Log<F> {
 
     /// Records that a sync covered every journal slot up to `through`: replay then knows
     /// that a record there whose data fails its crc is damage, not a torn tail.
+    ///
+    /// The note is written at once (into the page cache): it does not wait for a later
+    /// record, so that damage found after a crash is reported, not taken for a torn tail.
     pub fn synced(&mut self, through: u64) -> io::Result<()> {
         if through > self.durable_through {
             self.durable_through = through;

@@ -268,7 +268,7 @@ impl LogStore {
             return Ok(());
         };
         let prepared = Engine::prepare(&*self.shared.file, segment);
-        self.shared.write()?.return_free(&[segment]);
+        self.shared.write()?.prepared(segment, prepared.is_ok());
         prepared.map_err(StoreError::io("prepare a segment"))
     }
 

@@ -177,7 +177,7 @@ impl<F: RawFile> Engine<F> {
     }
 
     /// Takes a never-used segment to prepare when fewer than `want` are free (see
-    /// [`Engine::prepare`]); return it with [`Engine::return_free`].
+    /// [`Engine::prepare`]); return it with [`Engine::prepared`].
     pub fn take_fresh(&mut self, want: usize) -> Option<u64> {
         self.log.take_fresh(want)
     }
@@ -197,7 +197,12 @@ impl<F: RawFile> Engine<F> {
         file.sync()
     }
 
-    /// Returns segments taken by [`Engine::take_surplus_free`] or [`Engine::take_fresh`].
+    /// Returns a segment taken by [`Engine::take_fresh`], zeroed or not.
+    pub fn prepared(&mut self, segment: u64, zeroed: bool) {
+        self.log.prepared(segment, zeroed);
+    }
+
+    /// Returns segments taken by [`Engine::take_surplus_free`].
     pub fn return_free(&mut self, segments: &[u64]) {
         self.log.release(segments);
     }

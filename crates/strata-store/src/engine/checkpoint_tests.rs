@@ -27,6 +27,8 @@ enum Op {
     DeleteOldest,
     Flush,
     Clean,
+    /// Prepares a fresh segment (zeroes it ahead of need), as the maintenance thread does.
+    Prepare,
     /// Captures a checkpoint; other operations (and crashes) may run before it is written,
     /// as in the store, where writes go on while the checkpoint is being made durable.
     CheckpointBegin,
@@ -53,6 +55,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => Just(Op::DeleteOldest),
         2 => Just(Op::Flush),
         2 => Just(Op::Clean),
+        1 => Just(Op::Prepare),
         2 => Just(Op::CheckpointBegin),
         2 => Just(Op::CheckpointEnd),
         1 => (0u8..4, any::<u64>()).prop_map(|(stage, seed)| Op::CheckpointCrash { stage, seed }),
@@ -199,6 +202,12 @@ fn run(ops: Vec<Op>) {
                 let candidates = sim.engine().clean_candidates(SEGMENT_SLOTS as u32);
                 for segment in candidates.into_iter().take(3) {
                     while sim.engine().clean_step(segment, 5).unwrap() > 0 {}
+                }
+            }
+            Op::Prepare => {
+                if let Some(segment) = sim.engine().take_fresh(2) {
+                    Engine::prepare(sim.engine().file(), segment).unwrap();
+                    sim.engine().prepared(segment, true);
                 }
             }
             Op::CheckpointBegin => {
