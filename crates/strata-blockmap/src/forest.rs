@@ -46,6 +46,14 @@ impl Extent {
     }
 }
 
+/// The keys a page covers, remembered by `validate` for pages reached again.
+#[derive(Clone, Copy, Debug)]
+struct Span {
+    first: u64,
+    last_lba: u64,
+    end: u64,
+}
+
 /// A tree: a volume head, a snapshot or a clone.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct TreeId(pub u64);
@@ -575,7 +583,11 @@ impl<P: PageStore> Forest<P> {
 
     /// Checks every invariant of the module doc; O(pages). Returns the first violation.
     pub fn validate(&self) -> Result<(), String> {
-        let mut reachable: HashSet<PageId> = HashSet::new();
+        // The seed's node maps: a page reached again (shared by snapshots and clones) is
+        // not checked again; its span, remembered from the first visit, is checked
+        // against the new parent's bounds. The cost is O(distinct pages), not O(trees ×
+        // pages).
+        let mut spans: HashMap<PageId, Option<Span>> = HashMap::new();
         let mut pointers: HashMap<PageId, u32> = HashMap::new();
         for (tree_id, tree) in &self.trees {
             *pointers.entry(tree.root).or_default() += 1;
@@ -583,33 +595,103 @@ impl<P: PageStore> Forest<P> {
                 *tree_id,
                 tree,
                 tree.root,
-                0,
-                u64::MAX,
-                &mut reachable,
+                (0, u64::MAX),
+                &mut spans,
                 &mut pointers,
             )?;
         }
-        for (tree_id, tree) in &self.trees {
-            let mut extents = Vec::new();
-            self.in_order(tree.root, &mut extents);
-            if let Some(w) = extents.windows(2).find(|w| w[0].end() > w[1].lba) {
-                return Err(format!("{tree_id:?}: extents overlap or are out of order: {w:?}"));
-            }
-        }
         if pointers != self.refs {
-            return Err(format!(
-                "reference counts differ: counted {pointers:?}, kept {:?}",
-                self.refs
-            ));
+            let differ = pointers.iter().find(|(id, n)| self.refs.get(id) != Some(n));
+            return Err(format!("reference counts differ, e.g. {differ:?} (counted)"));
         }
-        if reachable.len() != self.pages.len() {
-            return Err(format!(
-                "{} pages stored, {} reachable",
-                self.pages.len(),
-                reachable.len()
-            ));
+        if spans.len() != self.pages.len() {
+            return Err(format!("{} pages stored, {} reachable", self.pages.len(), spans.len()));
         }
         Ok(())
+    }
+
+    /// Checks page `id` within key bounds `[low, high)` (its first LBA, and every entry's,
+    /// at or above `low` and below `high`; an extent may run past `high`, and the parent
+    /// checks it ends before the next child's first), returning its span.
+    fn validate_page(
+        &self,
+        tree_id: TreeId,
+        tree: &Tree,
+        id: PageId,
+        (low, high): (u64, u64),
+        spans: &mut HashMap<PageId, Option<Span>>,
+        pointers: &mut HashMap<PageId, u32>,
+    ) -> Result<Option<Span>, String> {
+        let node = self.pages.get(id);
+        if node.seq() > self.seq {
+            return Err(format!("{id:?} has seq {} above the forest's {}", node.seq(), self.seq));
+        }
+        if !tree.frozen && node.seq() > tree.shared_seq && self.refs.get(&id) != Some(&1) {
+            return Err(format!("{id:?} is private to {tree_id:?} by seq but shared"));
+        }
+        let within = |span: &Option<Span>| span.is_none_or(|s| s.first >= low && s.last_lba < high);
+        if let Some(span) = spans.get(&id) {
+            if !within(span) {
+                return Err(format!(
+                    "{id:?} (shared) lies outside its parent's range in {tree_id:?}"
+                ));
+            }
+            return Ok(*span);
+        }
+        let span = match node {
+            Node::Leaf { entries, .. } => {
+                let mut previous_end = low;
+                for e in entries {
+                    if e.length == 0 || e.lba < previous_end || e.lba >= high {
+                        return Err(format!("{id:?}: extent {e:?} out of order or range"));
+                    }
+                    previous_end = e.end();
+                }
+                match (entries.first(), entries.last()) {
+                    (Some(f), Some(l)) => {
+                        Some(Span { first: f.lba, last_lba: l.lba, end: l.end() })
+                    }
+                    _ => None,
+                }
+            }
+            Node::Interior { keys, children, .. } => {
+                if keys.len() != children.len() || children.is_empty() {
+                    return Err(format!(
+                        "{id:?}: {} keys, {} children",
+                        keys.len(),
+                        children.len()
+                    ));
+                }
+                let mut span: Option<Span> = None;
+                for i in 0..children.len() {
+                    let child_low = if i == 0 { low } else { keys[i] };
+                    let child_high = keys.get(i + 1).copied().unwrap_or(high);
+                    if child_low >= child_high || child_low < low || child_high > high {
+                        return Err(format!("{id:?}: separators out of order"));
+                    }
+                    *pointers.entry(children[i]).or_default() += 1;
+                    let bounds = (child_low, child_high);
+                    let child =
+                        self.validate_page(tree_id, tree, children[i], bounds, spans, pointers)?;
+                    let Some(child) = child else {
+                        return Err(format!("{id:?}: child {:?} is empty", children[i]));
+                    };
+                    if let Some(so_far) = span {
+                        if so_far.end > child.first {
+                            return Err(format!("{id:?}: extents overlap across children"));
+                        }
+                    }
+                    span = Some(Span {
+                        first: span.map_or(child.first, |s| s.first),
+                        last_lba: child.last_lba,
+                        end: child.end,
+                    });
+                }
+                span
+            }
+        };
+        spans.insert(id, span);
+        Ok(span)
     }
 
     /// Calls `f` with every extent of every tree, visiting each page once however many
@@ -639,78 +721,6 @@ impl<P: PageStore> Forest<P> {
                 }
             }
         }
-    }
-
-    fn in_order(&self, id: PageId, out: &mut Vec<Extent>) {
-        match self.pages.get(id) {
-            Node::Leaf { entries, .. } => out.extend_from_slice(entries),
-            Node::Interior { children, .. } => {
-                for child in children {
-                    self.in_order(*child, out);
-                }
-            }
-        }
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn validate_page(
-        &self,
-        tree_id: TreeId,
-        tree: &Tree,
-        id: PageId,
-        low: u64,
-        high: u64,
-        reachable: &mut HashSet<PageId>,
-        pointers: &mut HashMap<PageId, u32>,
-    ) -> Result<(), String> {
-        let node = self.pages.get(id);
-        if node.seq() > self.seq {
-            return Err(format!("{id:?} has seq {} above the forest's {}", node.seq(), self.seq));
-        }
-        if !tree.frozen && node.seq() > tree.shared_seq && self.refs.get(&id) != Some(&1) {
-            return Err(format!("{id:?} is private to {tree_id:?} by seq but shared"));
-        }
-        let first_visit = reachable.insert(id);
-        match node {
-            Node::Leaf { entries, .. } => {
-                let mut previous_end = low;
-                for e in entries {
-                    if e.length == 0 || e.lba < previous_end || e.lba >= high {
-                        return Err(format!("{id:?}: extent {e:?} out of order or range"));
-                    }
-                    previous_end = e.end();
-                }
-            }
-            Node::Interior { keys, children, .. } => {
-                if keys.len() != children.len() || children.is_empty() {
-                    return Err(format!(
-                        "{id:?}: {} keys, {} children",
-                        keys.len(),
-                        children.len()
-                    ));
-                }
-                for i in 0..children.len() {
-                    let child_low = if i == 0 { low } else { keys[i] };
-                    let child_high = keys.get(i + 1).copied().unwrap_or(high);
-                    if child_low >= child_high || child_low < low || child_high > high {
-                        return Err(format!("{id:?}: separators out of order"));
-                    }
-                    if first_visit {
-                        *pointers.entry(children[i]).or_default() += 1;
-                    }
-                    self.validate_page(
-                        tree_id,
-                        tree,
-                        children[i],
-                        child_low,
-                        child_high,
-                        reachable,
-                        pointers,
-                    )?;
-                }
-            }
-        }
-        Ok(())
     }
 }
 

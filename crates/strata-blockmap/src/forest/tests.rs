@@ -304,3 +304,44 @@ fn a_run_longer_than_a_u32_is_stored_as_several_extents() {
     assert_eq!(extents.iter().map(|e| e.length).sum::<u64>(), length);
     assert_eq!(extents[0].lba, 7);
 }
+
+/// A forest of a volume with many extents, two snapshots and a clone (deep trees, shared
+/// pages), for the validation tests.
+fn shared_forest() -> (Forest, TreeId) {
+    let mut forest = Forest::with_fanout(MemPages::default(), 3, 3);
+    let head = forest.create();
+    for i in 0..60u64 {
+        forest.map(head, i * 10, 5, Target::Data { vba: 1000 + i }).unwrap();
+    }
+    let snap = forest.snapshot(head).unwrap();
+    forest.map(head, 3, 1, Target::Zero).unwrap();
+    forest.snapshot(head).unwrap();
+    forest.clone_tree(snap).unwrap();
+    forest.validate().unwrap();
+    (forest, snap)
+}
+
+#[test]
+fn validation_finds_an_overlap_across_pages_even_in_a_shared_subtree() {
+    let (mut forest, snap) = shared_forest();
+    // Stretch the last extent of the snapshot's first leaf over its right neighbour.
+    let mut id = forest.trees[&snap].root;
+    while let Node::Interior { children, .. } = forest.pages.get(id) {
+        id = children[0];
+    }
+    assert!(forest.refs[&id] > 1 || forest.trees.len() > 1);
+    if let Node::Leaf { entries, .. } = forest.pages.get_mut(id) {
+        entries.last_mut().unwrap().length = 1000;
+    }
+    let err = forest.validate().unwrap_err();
+    assert!(err.contains("overlap") || err.contains("out of order"), "{err}");
+}
+
+#[test]
+fn validation_finds_a_wrong_reference_count() {
+    let (mut forest, snap) = shared_forest();
+    let root = forest.trees[&snap].root;
+    *forest.refs.get_mut(&root).unwrap() += 1;
+    let err = forest.validate().unwrap_err();
+    assert!(err.contains("reference counts differ"), "{err}");
+}
