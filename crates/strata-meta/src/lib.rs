@@ -1,10 +1,13 @@
 //! Strata's metadata service (`docs/design/meta.md`). Built so far: [`state`], the
 //! deterministic state machine every member applies committed commands to: versioned
 //! keys with compare-and-swap and transactions, node sessions with incarnations that
-//! fence a downed node's late requests, leases, and a bounded history for watches.
-//! The Raft wiring (openraft, redb storage), RPC and cluster commands come next.
+//! fence a downed node's late requests, leases, and a bounded history for watches; and
+//! [`linearizability`], the checker the simulation and the multi-process tests will run
+//! over clients' CAS histories. The Raft wiring (openraft, redb storage), RPC and cluster
+//! commands come next.
 //!
 //! Must not depend on the store, NBD or HTTP. Pure: no I/O, no clock (time arrives in
 //! commands, from the leader), no threads.
 
+pub mod linearizability;
 pub mod state;
