@@ -3,11 +3,13 @@
 //! keys with compare-and-swap and transactions, node sessions with incarnations that
 //! fence a downed node's late requests, leases, and a bounded history for watches; and
 //! [`linearizability`], the checker the simulation and the multi-process tests will run
-//! over clients' CAS histories. The Raft wiring (openraft, redb storage), RPC and cluster
+//! over clients' CAS histories; and [`raft`], the openraft 0.9 storage (log, vote and
+//! snapshots in redb). The network, the running Raft, `strata serve` and the cluster
 //! commands come next.
 //!
-//! Must not depend on the store, NBD or HTTP. Pure: no I/O, no clock (time arrives in
-//! commands, from the leader), no threads.
+//! Must not depend on the store, NBD or HTTP. The state machine is pure: no I/O, no clock
+//! (time arrives in commands, from the leader), no threads.
 
 pub mod linearizability;
+pub mod raft;
 pub mod state;
