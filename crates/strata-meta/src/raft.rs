@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 use std::fmt::Debug;
 use std::io::Cursor;
 use std::ops::RangeBounds;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 openraft::declare_raft_types!(
     /// Strata's Raft types: commands and responses of the metadata state machine.
@@ -202,27 +202,32 @@ struct Applied {
     membership: StoredMembership<NodeId, BasicNode>,
 }
 
-/// The state machine and its snapshots.
+/// The state machine and its snapshots. Clones share the state (readers keep a clone
+/// while Raft owns the original).
 #[derive(Clone)]
 pub struct StateMachineStore {
     db: Arc<Database>,
-    applied: Applied,
+    applied: Arc<RwLock<Applied>>,
     snapshots_built: u64,
 }
 
 impl StateMachineStore {
     /// Opens the state machine in `db`, starting from the last snapshot stored there.
     pub fn new(db: Arc<Database>) -> Result<StateMachineStore> {
-        let mut store = StateMachineStore { db, applied: Applied::default(), snapshots_built: 0 };
+        let store = StateMachineStore { db, applied: Arc::default(), snapshots_built: 0 };
         if let Some(snapshot) = store.stored_snapshot()? {
-            store.applied = serde_json::from_slice(&snapshot.data).map_err(read_err)?;
+            *store.lock() = serde_json::from_slice(&snapshot.data).map_err(read_err)?;
         }
         Ok(store)
     }
 
-    /// The state as applied so far (reads serve from it after read-index).
-    pub fn state(&self) -> &State {
-        &self.applied.state
+    fn lock(&self) -> std::sync::RwLockWriteGuard<'_, Applied> {
+        self.applied.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Reads the state as applied so far (after read-index, a linearizable read).
+    pub fn read<T>(&self, f: impl FnOnce(&State) -> T) -> T {
+        f(&self.applied.read().unwrap_or_else(|e| e.into_inner()).state)
     }
 
     fn stored_snapshot(&self) -> Result<Option<StoredSnapshot>> {
@@ -245,17 +250,18 @@ impl StateMachineStore {
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>> {
-        let data = serde_json::to_vec(&self.applied).map_err(write_err)?;
+        let (data, last_applied, membership) = {
+            let applied = self.lock();
+            let data = serde_json::to_vec(&*applied).map_err(write_err)?;
+            (data, applied.last_applied, applied.membership.clone())
+        };
         self.snapshots_built += 1;
-        let snapshot_id = match self.applied.last_applied {
+        let snapshot_id = match last_applied {
             Some(id) => format!("{}-{}-{}", id.leader_id, id.index, self.snapshots_built),
             None => format!("none-{}", self.snapshots_built),
         };
-        let meta = SnapshotMeta {
-            last_log_id: self.applied.last_applied,
-            last_membership: self.applied.membership.clone(),
-            snapshot_id,
-        };
+        let meta =
+            SnapshotMeta { last_log_id: last_applied, last_membership: membership, snapshot_id };
         self.store_snapshot(&StoredSnapshot { meta: meta.clone(), data: data.clone() })?;
         Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
     }
@@ -267,7 +273,8 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     async fn applied_state(
         &mut self,
     ) -> Result<(Option<LogId<NodeId>>, StoredMembership<NodeId, BasicNode>)> {
-        Ok((self.applied.last_applied, self.applied.membership.clone()))
+        let applied = self.lock();
+        Ok((applied.last_applied, applied.membership.clone()))
     }
 
     async fn apply<I>(&mut self, entries: I) -> Result<Vec<Response>>
@@ -276,13 +283,14 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         I::IntoIter: Send,
     {
         let mut responses = Vec::new();
+        let mut applied = self.lock();
         for entry in entries {
-            self.applied.last_applied = Some(entry.log_id);
+            applied.last_applied = Some(entry.log_id);
             responses.push(match entry.payload {
                 EntryPayload::Blank => Response::Ok,
-                EntryPayload::Normal(command) => self.applied.state.apply(&command),
+                EntryPayload::Normal(command) => applied.state.apply(&command),
                 EntryPayload::Membership(membership) => {
-                    self.applied.membership = StoredMembership::new(Some(entry.log_id), membership);
+                    applied.membership = StoredMembership::new(Some(entry.log_id), membership);
                     Response::Ok
                 }
             });
@@ -307,9 +315,10 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let applied: Applied = serde_json::from_slice(&data)
             .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
         self.store_snapshot(&StoredSnapshot { meta: meta.clone(), data })?;
-        self.applied = applied;
-        self.applied.last_applied = meta.last_log_id;
-        self.applied.membership = meta.last_membership.clone();
+        let mut current = self.lock();
+        *current = applied;
+        current.last_applied = meta.last_log_id;
+        current.membership = meta.last_membership.clone();
         Ok(())
     }
 
@@ -325,6 +334,8 @@ pub fn open(path: &std::path::Path) -> Result<(LogStore, StateMachineStore)> {
     let db = Arc::new(Database::create(path).map_err(write_err)?);
     Ok((LogStore::new(db.clone())?, StateMachineStore::new(db)?))
 }
+
+pub mod router;
 
 #[cfg(test)]
 mod tests;
