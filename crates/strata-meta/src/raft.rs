@@ -338,4 +338,6 @@ pub fn open(path: &std::path::Path) -> Result<(LogStore, StateMachineStore)> {
 pub mod router;
 
 #[cfg(test)]
+mod sim_tests;
+#[cfg(test)]
 mod tests;

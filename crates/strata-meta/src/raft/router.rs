@@ -25,6 +25,9 @@ struct Inner {
     members: BTreeMap<NodeId, Raft<TypeConfig>>,
     /// Cut links, both directions: (lower id, higher id).
     cut: BTreeSet<(NodeId, NodeId)>,
+    /// Message faults: a seeded generator, the chance in 1000 of dropping a message and
+    /// the longest delay in ms (delays also reorder messages).
+    faults: Option<(u64, u64, u64)>,
 }
 
 fn link(a: NodeId, b: NodeId) -> (NodeId, NodeId) {
@@ -58,16 +61,38 @@ impl Router {
         self.inner.lock().expect("not poisoned").cut.clear();
     }
 
-    fn target(&self, from: NodeId, to: NodeId) -> Result<Raft<TypeConfig>, Unreachable> {
-        let inner = self.inner.lock().expect("not poisoned");
+    /// Drops each message with probability `drop_per_mille`/1000 and delays each by up to
+    /// `delay_ms_max` (so messages also overtake each other), from seed `seed`.
+    pub fn set_faults(&self, seed: u64, drop_per_mille: u64, delay_ms_max: u64) {
+        self.inner.lock().expect("not poisoned").faults =
+            Some((seed | 1, drop_per_mille, delay_ms_max));
+    }
+
+    /// The target member, or why it cannot be reached; and a delay to apply first.
+    fn target(&self, from: NodeId, to: NodeId) -> Result<(Raft<TypeConfig>, u64), Unreachable> {
+        let mut inner = self.inner.lock().expect("not poisoned");
         if inner.cut.contains(&link(from, to)) {
             return Err(Unreachable::new(&std::io::Error::other("link cut")));
         }
-        inner
+        let mut delay = 0;
+        if let Some((state, drop, delay_max)) = &mut inner.faults {
+            let mut next = || {
+                *state ^= *state << 13;
+                *state ^= *state >> 7;
+                *state ^= *state << 17;
+                *state
+            };
+            if next() % 1000 < *drop {
+                return Err(Unreachable::new(&std::io::Error::other("message lost")));
+            }
+            delay = next() % (*delay_max + 1);
+        }
+        let raft = inner
             .members
             .get(&to)
             .cloned()
-            .ok_or_else(|| Unreachable::new(&std::io::Error::other("member down")))
+            .ok_or_else(|| Unreachable::new(&std::io::Error::other("member down")))?;
+        Ok((raft, delay))
     }
 
     /// A network factory for member `from`.
@@ -102,8 +127,12 @@ type RpcResult<T, E = openraft::error::Infallible> =
     Result<T, RPCError<NodeId, BasicNode, RaftError<NodeId, E>>>;
 
 impl Connection {
-    fn target(&self) -> Result<Raft<TypeConfig>, Unreachable> {
-        self.router.target(self.from, self.to)
+    async fn target(&self) -> Result<Raft<TypeConfig>, Unreachable> {
+        let (raft, delay) = self.router.target(self.from, self.to)?;
+        if delay > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(delay)).await;
+        }
+        Ok(raft)
     }
 }
 
@@ -113,7 +142,7 @@ impl RaftNetwork<TypeConfig> for Connection {
         rpc: AppendEntriesRequest<TypeConfig>,
         _option: RPCOption,
     ) -> RpcResult<AppendEntriesResponse<NodeId>> {
-        let raft = self.target()?;
+        let raft = self.target().await?;
         raft.append_entries(rpc)
             .await
             .map_err(|e| RPCError::RemoteError(RemoteError::new(self.to, e)))
@@ -124,7 +153,7 @@ impl RaftNetwork<TypeConfig> for Connection {
         rpc: InstallSnapshotRequest<TypeConfig>,
         _option: RPCOption,
     ) -> RpcResult<InstallSnapshotResponse<NodeId>, InstallSnapshotError> {
-        let raft = self.target()?;
+        let raft = self.target().await?;
         raft.install_snapshot(rpc)
             .await
             .map_err(|e| RPCError::RemoteError(RemoteError::new(self.to, e)))
@@ -135,7 +164,7 @@ impl RaftNetwork<TypeConfig> for Connection {
         rpc: VoteRequest<NodeId>,
         _option: RPCOption,
     ) -> RpcResult<VoteResponse<NodeId>> {
-        let raft = self.target()?;
+        let raft = self.target().await?;
         raft.vote(rpc).await.map_err(|e| RPCError::RemoteError(RemoteError::new(self.to, e)))
     }
 }
