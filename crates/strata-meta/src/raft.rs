@@ -337,6 +337,36 @@ pub fn open(path: &std::path::Path) -> Result<(LogStore, StateMachineStore)> {
 
 pub mod router;
 
+/// The leader's reaper: every `every`, if this member leads, proposes `Expire` with the
+/// time `clock` gives (ms), which declares silent nodes down and ends expired leases.
+/// Runs until the member shuts down. Only a leader proposes; a deposed one's proposal
+/// fails and changes nothing.
+pub async fn run_reaper(
+    raft: openraft::Raft<TypeConfig>,
+    me: NodeId,
+    every: std::time::Duration,
+    clock: impl Fn() -> u64,
+) {
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tick.tick().await;
+        let metrics = raft.metrics().borrow().clone();
+        if metrics.state == openraft::ServerState::Shutdown {
+            return;
+        }
+        if metrics.current_leader == Some(me) {
+            let expired = raft.client_write(Command::Expire { now_ms: clock() }).await;
+            if let Ok(r) = expired {
+                if let Response::Expired { nodes, leases } = r.data {
+                    if !nodes.is_empty() || !leases.is_empty() {
+                        tracing::info!(?nodes, ?leases, "declared down / expired");
+                    }
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod sim_tests;
 #[cfg(test)]

@@ -203,3 +203,78 @@ fn cas_histories_stay_linearizable_under_faults() {
         }
     }
 }
+
+/// A node registers through Raft, heartbeats, then pauses past the session timeout (as a
+/// SIGSTOPped process would): the leader's reaper declares it down, and the write it
+/// prepared before is refused for its stale incarnation; re-registered, it writes again.
+#[test]
+fn a_paused_node_cannot_apply_its_late_writes() {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        use crate::state::{Command, Refusal, Response, SESSION_TIMEOUT_MS};
+        let dir = tempfile::tempdir().unwrap();
+        let router = Router::default();
+        let mut members = BTreeMap::new();
+        for id in 1..=3 {
+            members.insert(id, start(&router, dir.path(), id).await);
+        }
+        let nodes: BTreeMap<NodeId, BasicNode> =
+            (1..=3).map(|id| (id, BasicNode::new(format!("n{id}")))).collect();
+        members[&1].raft.initialize(nodes).await.unwrap();
+        let origin = tokio::time::Instant::now();
+        let clock = move || now(origin);
+        for (id, m) in &members {
+            tokio::spawn(run_reaper(m.raft.clone(), *id, Duration::from_millis(500), clock));
+        }
+        let leader = loop {
+            if let Some(id) = leader_of(&members) {
+                break id;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let raft = &members[&leader].raft;
+        let write = |command| async move { raft.client_write(command).await.unwrap().data };
+        let Response::Registered { incarnation } =
+            write(Command::Register { node: 7, now_ms: clock() }).await
+        else {
+            panic!("register")
+        };
+        let me = Origin::Node { node: 7, incarnation };
+        for _ in 0..3 {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            assert_eq!(
+                write(Command::Heartbeat { origin: me, now_ms: clock() }).await,
+                Response::Ok
+            );
+        }
+        // The node prepares a write, then stalls past the session timeout.
+        let late = cas_as(me, "/owner/vol1", 0, b"node7");
+        tokio::time::sleep(Duration::from_millis(SESSION_TIMEOUT_MS + 2_000)).await;
+        assert_eq!(
+            write(late).await,
+            Response::Refused(Refusal::StaleIncarnation { node: 7, sent: 1, current: 2 })
+        );
+        let read = members[&leader].state.read(|s| s.get("/owner/vol1").cloned());
+        assert!(read.is_none(), "the stale write changed nothing");
+        let Response::Registered { incarnation } =
+            write(Command::Register { node: 7, now_ms: clock() }).await
+        else {
+            panic!("register")
+        };
+        assert_eq!(incarnation, 3);
+        let me = Origin::Node { node: 7, incarnation };
+        let again = write(cas_as(me, "/owner/vol1", 0, b"node7")).await;
+        assert!(matches!(again, Response::Txn { succeeded: true, .. }), "{again:?}");
+        for m in members.values() {
+            m.raft.shutdown().await.unwrap();
+        }
+    });
+}
+
+fn cas_as(origin: Origin, key: &str, version: u64, value: &[u8]) -> crate::state::Command {
+    crate::state::cas(origin, key, version, value.to_vec())
+}
