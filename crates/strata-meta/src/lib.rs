@@ -3,8 +3,9 @@
 //! keys with compare-and-swap and transactions, node sessions with incarnations that
 //! fence a downed node's late requests, leases, and a bounded history for watches; and
 //! [`linearizability`], the checker the simulation and the multi-process tests will run
-//! over clients' CAS histories; and [`raft`], the openraft 0.9 storage (log, vote and
-//! snapshots in redb). The network, the running Raft, `strata serve` and the cluster
+//! over clients' CAS histories; [`raft`], the openraft 0.9 storage (log, vote and
+//! snapshots in redb), an in-process network for tests and the leader's reaper; and
+//! [`rpc`], the authenticated inter-node RPC over TCP. `strata serve` and the cluster
 //! commands come next.
 //!
 //! Must not depend on the store, NBD or HTTP. The state machine is pure: no I/O, no clock
@@ -12,4 +13,5 @@
 
 pub mod linearizability;
 pub mod raft;
+pub mod rpc;
 pub mod state;
