@@ -370,4 +370,6 @@ pub async fn run_reaper(
 #[cfg(test)]
 mod sim_tests;
 #[cfg(test)]
+mod testkit;
+#[cfg(test)]
 mod tests;

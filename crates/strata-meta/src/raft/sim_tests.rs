@@ -8,6 +8,7 @@
 //! seed did. Reading from any member without read-index makes it fail at once (checked).
 
 use super::router::Router;
+use super::testkit::{cluster, leader_of, paused_runtime, start, wait_leader};
 use super::*;
 use crate::linearizability::{self, Call, Operation, Outcome};
 use crate::state::{Compare, Op, Origin};
@@ -25,25 +26,6 @@ impl Rng {
         self.0 ^= self.0 << 17;
         self.0 % n
     }
-}
-
-struct Member {
-    raft: openraft::Raft<TypeConfig>,
-    state: StateMachineStore,
-}
-
-async fn start(router: &Router, dir: &std::path::Path, id: NodeId) -> Member {
-    let (log, sm) = open(&dir.join(format!("meta{id}.redb"))).unwrap();
-    let config = openraft::Config {
-        heartbeat_interval: 50,
-        election_timeout_min: 300,
-        election_timeout_max: 600,
-        ..Default::default()
-    };
-    let config = Arc::new(config.validate().unwrap());
-    let raft = openraft::Raft::new(id, config, router.network(id), log, sm.clone()).await.unwrap();
-    router.add(id, raft.clone());
-    Member { raft, state: sm }
 }
 
 fn now(origin: tokio::time::Instant) -> u64 {
@@ -69,23 +51,11 @@ fn cas(key: &str, from: u64, to: u64) -> crate::state::Command {
     }
 }
 
-fn leader_of(members: &BTreeMap<NodeId, Member>) -> Option<NodeId> {
-    members
-        .iter()
-        .find_map(|(id, m)| (m.raft.metrics().borrow().current_leader == Some(*id)).then_some(*id))
-}
-
 async fn run(seed: u64) -> std::result::Result<(), String> {
     let dir = tempfile::tempdir().unwrap();
     let router = Router::default();
     let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
-    let mut members = BTreeMap::new();
-    for id in 1..=3 {
-        members.insert(id, start(&router, dir.path(), id).await);
-    }
-    let nodes: BTreeMap<NodeId, BasicNode> =
-        (1..=3).map(|id| (id, BasicNode::new(format!("n{id}")))).collect();
-    members[&1].raft.initialize(nodes).await.unwrap();
+    let mut members = cluster(&router, dir.path()).await;
     router.set_faults(seed, 20, 30);
     let origin = tokio::time::Instant::now();
     let mut histories: BTreeMap<&str, Vec<Operation>> = BTreeMap::new();
@@ -183,12 +153,7 @@ async fn run(seed: u64) -> std::result::Result<(), String> {
 }
 
 fn simulate(seed: u64) -> std::result::Result<(), String> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .start_paused(true)
-        .build()
-        .unwrap();
-    runtime.block_on(run(seed))
+    paused_runtime().block_on(run(seed))
 }
 
 #[test]
@@ -209,33 +174,17 @@ fn cas_histories_stay_linearizable_under_faults() {
 /// prepared before is refused for its stale incarnation; re-registered, it writes again.
 #[test]
 fn a_paused_node_cannot_apply_its_late_writes() {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .start_paused(true)
-        .build()
-        .unwrap();
-    runtime.block_on(async {
+    paused_runtime().block_on(async {
         use crate::state::{Command, Refusal, Response, SESSION_TIMEOUT_MS};
         let dir = tempfile::tempdir().unwrap();
         let router = Router::default();
-        let mut members = BTreeMap::new();
-        for id in 1..=3 {
-            members.insert(id, start(&router, dir.path(), id).await);
-        }
-        let nodes: BTreeMap<NodeId, BasicNode> =
-            (1..=3).map(|id| (id, BasicNode::new(format!("n{id}")))).collect();
-        members[&1].raft.initialize(nodes).await.unwrap();
+        let members = cluster(&router, dir.path()).await;
         let origin = tokio::time::Instant::now();
         let clock = move || now(origin);
         for (id, m) in &members {
             tokio::spawn(run_reaper(m.raft.clone(), *id, Duration::from_millis(500), clock));
         }
-        let leader = loop {
-            if let Some(id) = leader_of(&members) {
-                break id;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        };
+        let leader = wait_leader(&members).await;
         let raft = &members[&leader].raft;
         let write = |command| async move { raft.client_write(command).await.unwrap().data };
         let Response::Registered { incarnation } =

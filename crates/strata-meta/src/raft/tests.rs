@@ -49,60 +49,14 @@ async fn a_restart_keeps_the_vote_and_the_last_snapshot() {
     assert_eq!(sm.read(|s| s.get("k").unwrap().value.clone()), b"v");
 }
 
-/// A member of an in-process cluster: its Raft and a handle on its state machine.
-struct Member {
-    raft: openraft::Raft<TypeConfig>,
-    state: StateMachineStore,
-    _dir: tempfile::TempDir,
-}
-
-async fn start(router: &router::Router, id: NodeId) -> Member {
-    let dir = tempfile::tempdir().unwrap();
-    let (log, sm) = open(&dir.path().join("meta.redb")).unwrap();
-    let config = openraft::Config {
-        heartbeat_interval: 50,
-        election_timeout_min: 200,
-        election_timeout_max: 400,
-        ..Default::default()
-    };
-    let raft = openraft::Raft::new(
-        id,
-        Arc::new(config.validate().unwrap()),
-        router.network(id),
-        log,
-        sm.clone(),
-    )
-    .await
-    .unwrap();
-    router.add(id, raft.clone());
-    Member { raft, state: sm, _dir: dir }
-}
-
-async fn leader(members: &BTreeMap<NodeId, Member>) -> NodeId {
-    for _ in 0..200 {
-        for (id, m) in members {
-            if m.raft.metrics().borrow().current_leader == Some(*id) {
-                return *id;
-            }
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
-    }
-    panic!("no leader elected");
-}
-
-use std::collections::BTreeMap;
+use super::testkit::{cluster, wait_leader};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_members_agree_and_survive_the_loss_of_the_leader() {
+    let dir = tempfile::tempdir().unwrap();
     let router = router::Router::default();
-    let mut members = BTreeMap::new();
-    for id in 1..=3 {
-        members.insert(id, start(&router, id).await);
-    }
-    let nodes: BTreeMap<NodeId, BasicNode> =
-        (1..=3).map(|id| (id, BasicNode::new(format!("node{id}")))).collect();
-    members[&1].raft.initialize(nodes).await.unwrap();
-    let first = leader(&members).await;
+    let mut members = cluster(&router, dir.path()).await;
+    let first = wait_leader(&members).await;
 
     // CAS through the leader: exactly one of two racing creates wins.
     let op = crate::state::Origin::Operator;
@@ -118,7 +72,7 @@ async fn three_members_agree_and_survive_the_loss_of_the_leader() {
     // The leader dies; the others elect one and go on; a linearizable read sees the value.
     router.remove(first);
     members.remove(&first).unwrap().raft.shutdown().await.unwrap();
-    let second = leader(&members).await;
+    let second = wait_leader(&members).await;
     assert_ne!(second, first);
     let owner = members[&second].state.read(|s| s.get("/owner").cloned()).unwrap();
     let r = members[&second]
