@@ -29,6 +29,7 @@ use std::sync::{Arc, Mutex};
 use strata_io::{BlockVolume, GroupSync, Store, VolumeId};
 use strata_nbd::{Export, ExportProvider, ExportSummary};
 use strata_store::engine::{EngineError, ViewInfo};
+use strata_store::store::write_atomically;
 use strata_store::LogStore;
 use strata_types::limits::VOLUMES_MAX;
 use strata_types::{format_size, ErrorCode, VolumeName};
@@ -765,17 +766,6 @@ impl Node {
 
 fn not_found(name: &str) -> ApiError {
     ApiError::new(ErrorCode::NotFound, format!("no volume named {name:?}"))
-}
-
-/// Replaces `dir/name` with `bytes` so that a crash leaves the old or the new file.
-pub fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    let tmp = dir.join(format!("{name}.tmp"));
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, dir.join(name))?;
-    std::fs::File::open(dir)?.sync_all()
 }
 
 /// Decrements the attachment count when a connection ends.

@@ -481,7 +481,12 @@ impl<F: RawFile> Engine<F> {
     /// only it holds (they are about to be replaced or dropped: invariant 4).
     fn drop_dead(&mut self, volume: u64, lba: u64, blocks: u64) {
         let floor = self.floor(volume);
-        let tree = self.views[&volume].tree;
+        self.forget_vbas(self.views[&volume].tree, lba, blocks, floor);
+    }
+
+    /// Removes from the VBA map the VBAs at or above `floor` that `tree` maps in
+    /// `lba..lba+blocks`.
+    fn forget_vbas(&mut self, tree: TreeId, lba: u64, blocks: u64, floor: u64) {
         for extent in self.forest.lookup(tree, lba, blocks).expect("validated range") {
             if let Target::Data { vba } = extent.target {
                 for v in vba.max(floor)..vba + extent.length {
@@ -564,13 +569,7 @@ impl<F: RawFile> Engine<F> {
             .map_or(0, |older| self.watermark(older));
         for id in &family {
             let view = self.views.remove(id).expect("family members exist");
-            for extent in self.forest.lookup(view.tree, 0, u64::MAX / 2).expect("valid range") {
-                if let Target::Data { vba } = extent.target {
-                    for v in vba.max(floor)..vba + extent.length {
-                        self.vba_map.remove(&v);
-                    }
-                }
-            }
+            self.forget_vbas(view.tree, 0, u64::MAX / 2, floor);
             self.forest.drop_tree(view.tree).expect("exists");
         }
     }
@@ -688,7 +687,8 @@ impl<F: RawFile> Engine<F> {
         self.read_with(view, lba, buf, true)
     }
 
-    fn read_with(
+    /// [`Engine::read`] (`nowait` false, always `Ok(true)`) or [`Engine::read_nowait`].
+    pub(crate) fn read_with(
         &self,
         view: u64,
         lba: u64,

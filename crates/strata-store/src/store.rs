@@ -143,8 +143,9 @@ fn maintenance(store: std::sync::Weak<Shared>) {
     }
 }
 
-/// Replaces `dir/name` with `bytes` so that a crash leaves the old or the new file.
-fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<()> {
+/// Replaces `dir/name` with `bytes` so that a crash leaves the old or the new file
+/// (write a temporary file, fsync, rename, fsync the directory).
+pub fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     let tmp = dir.join(format!("{name}.tmp"));
     let mut f = File::create(&tmp)?;
@@ -484,6 +485,33 @@ impl LogVolume {
         engine.write(self.id, first, &buf).map_err(|e| self.shared.fail(e))
     }
 
+    /// Reads bytes at `offset` with the engine locked: whole blocks directly, otherwise the
+    /// covering blocks and a copy. With `nowait`, `Ok(false)` when the device would wait.
+    fn read_locked(
+        &self,
+        engine: &Engine<Arc<File>>,
+        buf: &mut [u8],
+        offset: u64,
+        nowait: bool,
+    ) -> Result<bool, StoreError> {
+        let size = engine.size(self.id).map_err(store_error)?;
+        check_range(offset, buf.len() as u64, size)?;
+        if buf.is_empty() {
+            return Ok(true);
+        }
+        let (first, blocks) = covering(offset, buf.len() as u64);
+        if offset.is_multiple_of(BLOCK) && buf.len().is_multiple_of(BLOCK_BYTES) {
+            return engine.read_with(self.id, first, buf, nowait).map_err(store_error);
+        }
+        let mut whole = vec![0u8; (blocks * BLOCK) as usize];
+        if !engine.read_with(self.id, first, &mut whole, nowait).map_err(store_error)? {
+            return Ok(false);
+        }
+        let head = (offset - first * BLOCK) as usize;
+        buf.copy_from_slice(&whole[head..head + buf.len()]);
+        Ok(true)
+    }
+
     /// Zeroes `offset..offset+length`: whole blocks with `whole(lba, blocks)`, the partial
     /// edges by writing zero bytes.
     fn zero_range(
@@ -529,21 +557,7 @@ impl BlockVolume for LogVolume {
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), StoreError> {
-        let engine = self.shared.read();
-        let size = engine.size(self.id).map_err(store_error)?;
-        check_range(offset, buf.len() as u64, size)?;
-        if buf.is_empty() {
-            return Ok(());
-        }
-        let (first, blocks) = covering(offset, buf.len() as u64);
-        if offset.is_multiple_of(BLOCK) && buf.len().is_multiple_of(BLOCK_BYTES) {
-            return engine.read(self.id, first, buf).map_err(store_error);
-        }
-        let mut whole = vec![0u8; (blocks * BLOCK) as usize];
-        engine.read(self.id, first, &mut whole).map_err(store_error)?;
-        let head = (offset - first * BLOCK) as usize;
-        buf.copy_from_slice(&whole[head..head + buf.len()]);
-        Ok(())
+        self.read_locked(&self.shared.read(), buf, offset, false).map(|_| ())
     }
 
     fn try_read_at_nowait(&self, buf: &mut [u8], offset: u64) -> Result<bool, StoreError> {
@@ -553,22 +567,7 @@ impl BlockVolume for LogVolume {
             Err(std::sync::TryLockError::WouldBlock) => return Ok(false),
             Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
         };
-        let size = engine.size(self.id).map_err(store_error)?;
-        check_range(offset, buf.len() as u64, size)?;
-        if buf.is_empty() {
-            return Ok(true);
-        }
-        let (first, blocks) = covering(offset, buf.len() as u64);
-        if offset.is_multiple_of(BLOCK) && buf.len().is_multiple_of(BLOCK_BYTES) {
-            return engine.read_nowait(self.id, first, buf).map_err(store_error);
-        }
-        let mut whole = vec![0u8; (blocks * BLOCK) as usize];
-        if !engine.read_nowait(self.id, first, &mut whole).map_err(store_error)? {
-            return Ok(false);
-        }
-        let head = (offset - first * BLOCK) as usize;
-        buf.copy_from_slice(&whole[head..head + buf.len()]);
-        Ok(true)
+        self.read_locked(&engine, buf, offset, true)
     }
 
     fn write_at(&self, data: &[u8], offset: u64) -> Result<(), StoreError> {
