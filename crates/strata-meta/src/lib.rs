@@ -14,4 +14,5 @@
 pub mod linearizability;
 pub mod raft;
 pub mod rpc;
+pub mod service;
 pub mod state;

@@ -6,27 +6,41 @@
 //!         8 32  BLAKE3 keyed hash of the body, keyed by a key derived from the secret
 //!        40  …  body: JSON of `Envelope`
 //! ```
-//! A frame whose MAC does not verify is refused and the connection closed: a node without
-//! the secret can neither join nor talk. Decoding untrusted bytes never panics.
-//! (Replay of captured frames is not prevented yet; the RPC is meant for a private
-//! network or loopback until it runs over TLS.)
+//! A frame whose MAC does not verify is answered with one unauthenticated refusal frame
+//! (magic "SRP!", length, a UTF-8 reason: so a node with the wrong secret gets a clear
+//! error) and the connection is closed: a node without the secret can neither join nor
+//! talk. Decoding untrusted bytes never panics. (Replay of captured frames is not
+//! prevented yet; the RPC is meant for a private network or loopback until it runs over
+//! TLS.)
 //!
-//! The server answers each request on the connection it came on, in order; the client
-//! opens a connection per peer and reuses it.
+//! Every frame's body is an [`Envelope`]: a request id and the message. Raft's own
+//! requests are answered in order; client requests (a member forwarding to the leader,
+//! the CLI's node, a benchmark) run concurrently and are answered by id, so one
+//! connection carries many at once. A [`Peer`] writes whole frames from one writer task,
+//! so a caller that gives up (a timeout) never leaves half a frame on the stream.
 
 use crate::raft::{NodeId, TypeConfig};
+use crate::service::{ClientReply, ClientRequest, Member, ServiceError};
 use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     VoteRequest, VoteResponse,
 };
-use openraft::{BasicNode, Raft};
+use openraft::BasicNode;
 use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot};
 
 const MAGIC: &[u8; 4] = b"SRP1";
+const REFUSAL: &[u8; 4] = b"SRP!";
+/// How long connecting to a peer may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const HEADER_BYTES: usize = 40;
 /// The largest frame body accepted (a snapshot chunk or a batch of entries fits).
 pub const FRAME_BYTES_MAX: usize = 64 << 20;
@@ -64,6 +78,9 @@ pub enum FrameError {
     /// The body is not a valid message.
     #[error("malformed message: {0}")]
     Malformed(String),
+    /// The peer refused our frames (we do not have its cluster's secret).
+    #[error("refused by the peer: {0}")]
+    Refused(String),
 }
 
 /// Encodes `message` as one authenticated frame.
@@ -83,10 +100,17 @@ pub async fn read_frame<T: for<'de> Deserialize<'de>>(
     key: &Key,
 ) -> Result<T, FrameError> {
     let mut header = [0u8; HEADER_BYTES];
-    stream.read_exact(&mut header).await?;
+    stream.read_exact(&mut header[..8]).await?;
+    if &header[..4] == REFUSAL {
+        let length = u32::from_le_bytes(header[4..8].try_into().expect("4 bytes")) as usize;
+        let mut reason = vec![0u8; length.min(1024)];
+        stream.read_exact(&mut reason).await?;
+        return Err(FrameError::Refused(String::from_utf8_lossy(&reason).into_owned()));
+    }
     if &header[..4] != MAGIC {
         return Err(FrameError::Magic);
     }
+    stream.read_exact(&mut header[8..]).await?;
     let length = u32::from_le_bytes(header[4..8].try_into().expect("4 bytes")) as usize;
     if length > FRAME_BYTES_MAX {
         return Err(FrameError::TooLong(length));
@@ -101,7 +125,16 @@ pub async fn read_frame<T: for<'de> Deserialize<'de>>(
     serde_json::from_slice(&body).map_err(|e| FrameError::Malformed(e.to_string()))
 }
 
-/// A request between members.
+/// A frame's body: a request id (replies carry their request's) and the message.
+#[derive(Serialize, Deserialize)]
+pub struct Envelope<T> {
+    /// Chosen by the requester, unique on its connection.
+    pub id: u64,
+    /// The message.
+    pub body: T,
+}
+
+/// A request to a member.
 #[derive(Serialize, Deserialize)]
 pub enum Request {
     /// Raft's append-entries (and heartbeats).
@@ -110,6 +143,14 @@ pub enum Request {
     Vote(VoteRequest<NodeId>),
     /// A snapshot chunk.
     Snapshot(InstallSnapshotRequest<TypeConfig>),
+    /// A client's request; `forwarded` when a member passes it on to the leader (the
+    /// leader does not pass it on again).
+    Client {
+        /// The request.
+        request: ClientRequest,
+        /// Already forwarded once.
+        forwarded: bool,
+    },
 }
 
 /// The answer to a [`Request`].
@@ -121,36 +162,233 @@ pub enum Reply {
     Vote(Result<VoteResponse<NodeId>, RaftError<NodeId>>),
     /// To `Snapshot`.
     Snapshot(Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>),
+    /// To `Client`.
+    Client(Result<ClientReply, ServiceError>),
 }
 
-/// Serves member RPCs on `listener` for `raft` until the listener fails. Connections with
-/// a bad frame are closed.
-pub async fn serve(listener: TcpListener, raft: Raft<TypeConfig>, key: Key) {
+fn refusal_frame(reason: &str) -> Vec<u8> {
+    let mut frame = Vec::with_capacity(8 + reason.len());
+    frame.extend_from_slice(REFUSAL);
+    frame.extend_from_slice(&(reason.len() as u32).to_le_bytes());
+    frame.extend_from_slice(reason.as_bytes());
+    frame
+}
+
+/// Serves RPCs to `member` on `listener` until the listener fails.
+pub async fn serve(listener: TcpListener, member: Arc<Member>) {
     loop {
-        let Ok((mut stream, peer)) = listener.accept().await else { return };
+        let Ok((stream, peer)) = listener.accept().await else { return };
         let _ = stream.set_nodelay(true);
-        let raft = raft.clone();
-        let key = key.clone();
+        tokio::spawn(serve_connection(stream, peer, member.clone()));
+    }
+}
+
+async fn serve_connection(stream: TcpStream, peer: std::net::SocketAddr, member: Arc<Member>) {
+    let key = member.key().clone();
+    let (mut reader, mut writer) = stream.into_split();
+    let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
+    tokio::spawn(async move {
+        while let Some(frame) = rx.recv().await {
+            if writer.write_all(&frame).await.is_err() {
+                return;
+            }
+        }
+    });
+    loop {
+        let Envelope { id, body } = match read_frame::<Envelope<Request>>(&mut reader, &key).await {
+            Ok(r) => r,
+            Err(FrameError::Io(_)) => return,
+            Err(e) => {
+                tracing::warn!(%peer, "refusing an RPC connection: {e}");
+                let _ = tx.send(refusal_frame(&e.to_string()));
+                return;
+            }
+        };
+        let raft = member.raft();
+        let reply = match body {
+            Request::Append(r) => Reply::Append(raft.append_entries(r).await),
+            Request::Vote(r) => Reply::Vote(raft.vote(r).await),
+            Request::Snapshot(r) => Reply::Snapshot(raft.install_snapshot(r).await),
+            Request::Client { request, forwarded } => {
+                let member = member.clone();
+                let tx = tx.clone();
+                let key = key.clone();
+                tokio::spawn(async move {
+                    let body = Reply::Client(member.handle(request, forwarded).await);
+                    let _ = tx.send(encode(&key, &Envelope { id, body }));
+                });
+                continue;
+            }
+        };
+        if tx.send(encode(&key, &Envelope { id, body: reply })).is_err() {
+            return;
+        }
+    }
+}
+
+/// Why a call to a peer failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CallError {
+    /// The request never left: the peer could not be reached.
+    #[error("cannot reach {0}")]
+    NotSent(String),
+    /// The connection broke or the caller gave up after the request may have left: it
+    /// may or may not have been applied.
+    #[error("no answer from {0}")]
+    Lost(String),
+    /// The peer refused our frames: we do not have its cluster's secret.
+    #[error("{addr} refused us: {reason} (is this node's secret the cluster's?)")]
+    Refused {
+        /// The peer.
+        addr: String,
+        /// What it said.
+        reason: String,
+    },
+}
+
+/// A connection to one member carrying many requests at once, opened on first use and
+/// reopened after a failure.
+pub struct Peer {
+    key: Key,
+    addr: String,
+    conn: tokio::sync::Mutex<Option<Arc<Conn>>>,
+}
+
+type Pending = Mutex<Option<HashMap<u64, oneshot::Sender<Reply>>>>;
+
+struct Conn {
+    frames: mpsc::UnboundedSender<Vec<u8>>,
+    /// `None` once the connection is dead.
+    pending: Pending,
+    next: AtomicU64,
+    refused: Mutex<Option<String>>,
+}
+
+impl Conn {
+    fn kill(&self, refused: Option<String>) {
+        if refused.is_some() {
+            *self.refused.lock().unwrap_or_else(|e| e.into_inner()) = refused;
+        }
+        // Dropping the senders wakes every waiting caller.
+        self.pending.lock().unwrap_or_else(|e| e.into_inner()).take();
+    }
+
+    fn alive(&self) -> bool {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner()).is_some()
+    }
+}
+
+/// Removes a call's pending slot when the caller stops waiting (answered or not).
+struct Waiting<'a> {
+    conn: &'a Conn,
+    id: u64,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        if let Some(map) = self.conn.pending.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+            map.remove(&self.id);
+        }
+    }
+}
+
+impl Peer {
+    /// A peer at `addr` (host:port), authenticated with `key`.
+    pub fn new(key: Key, addr: impl Into<String>) -> Peer {
+        Peer { key, addr: addr.into(), conn: tokio::sync::Mutex::new(None) }
+    }
+
+    /// The peer's address.
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    async fn connection(&self) -> Result<Arc<Conn>, CallError> {
+        let mut slot = self.conn.lock().await;
+        if let Some(conn) = slot.as_ref() {
+            if conn.alive() {
+                return Ok(conn.clone());
+            }
+            let refused = conn.refused.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            if let Some(reason) = refused {
+                *slot = None;
+                return Err(CallError::Refused { addr: self.addr.clone(), reason });
+            }
+        }
+        let connect = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&self.addr));
+        let stream = match connect.await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return Err(CallError::NotSent(format!("{}: {e}", self.addr))),
+            Err(_) => return Err(CallError::NotSent(format!("{}: connect timed out", self.addr))),
+        };
+        let _ = stream.set_nodelay(true);
+        let (mut reader, mut writer) = stream.into_split();
+        let (frames, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
+        let conn = Arc::new(Conn {
+            frames,
+            pending: Mutex::new(Some(HashMap::new())),
+            next: AtomicU64::new(1),
+            refused: Mutex::new(None),
+        });
+        let w = conn.clone();
         tokio::spawn(async move {
-            loop {
-                let request = match read_frame::<Request>(&mut stream, &key).await {
-                    Ok(r) => r,
-                    Err(FrameError::Io(_)) => return,
-                    Err(e) => {
-                        tracing::warn!(%peer, "refusing an RPC connection: {e}");
-                        return;
-                    }
-                };
-                let reply = match request {
-                    Request::Append(r) => Reply::Append(raft.append_entries(r).await),
-                    Request::Vote(r) => Reply::Vote(raft.vote(r).await),
-                    Request::Snapshot(r) => Reply::Snapshot(raft.install_snapshot(r).await),
-                };
-                if stream.write_all(&encode(&key, &reply)).await.is_err() {
+            while let Some(frame) = rx.recv().await {
+                if writer.write_all(&frame).await.is_err() {
+                    w.kill(None);
                     return;
                 }
             }
         });
+        let r = conn.clone();
+        let key = self.key.clone();
+        tokio::spawn(async move {
+            loop {
+                match read_frame::<Envelope<Reply>>(&mut reader, &key).await {
+                    Ok(Envelope { id, body }) => {
+                        let mut pending = r.pending.lock().unwrap_or_else(|e| e.into_inner());
+                        let Some(map) = pending.as_mut() else { return };
+                        if let Some(waiter) = map.remove(&id) {
+                            let _ = waiter.send(body);
+                        }
+                    }
+                    Err(FrameError::Refused(reason)) => return r.kill(Some(reason)),
+                    Err(_) => return r.kill(None),
+                }
+            }
+        });
+        *slot = Some(conn.clone());
+        Ok(conn)
+    }
+
+    /// Sends `request` and waits for its reply.
+    pub async fn call(&self, request: &Request) -> Result<Reply, CallError> {
+        let conn = self.connection().await?;
+        let id = conn.next.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        match conn.pending.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+            Some(map) => map.insert(id, tx),
+            None => return Err(CallError::NotSent(self.addr.clone())),
+        };
+        let _waiting = Waiting { conn: &conn, id };
+        if conn.frames.send(encode(&self.key, &Envelope { id, body: request })).is_err() {
+            return Err(CallError::NotSent(self.addr.clone()));
+        }
+        rx.await.map_err(|_| match conn.refused.lock().unwrap_or_else(|e| e.into_inner()).clone() {
+            Some(reason) => CallError::Refused { addr: self.addr.clone(), reason },
+            None => CallError::Lost(self.addr.clone()),
+        })
+    }
+
+    /// Sends a client request to this member (which routes it to the leader).
+    pub async fn request(&self, request: ClientRequest) -> Result<ClientReply, ServiceError> {
+        let request = Request::Client { request, forwarded: false };
+        match self.call(&request).await {
+            Ok(Reply::Client(r)) => r,
+            Ok(_) => Err(ServiceError::Unknown("reply of the wrong kind".into())),
+            Err(e @ CallError::NotSent(_)) => Err(ServiceError::Unreachable(e.to_string())),
+            Err(e @ CallError::Refused { .. }) => Err(ServiceError::Refused(e.to_string())),
+            Err(e @ CallError::Lost(_)) => Err(ServiceError::Unknown(e.to_string())),
+        }
     }
 }
 
@@ -167,19 +405,17 @@ impl TcpNetwork {
     }
 }
 
-/// A connection to one peer, opened on first use and reopened after a failure.
+/// Raft's connection to one peer.
 pub struct TcpConnection {
-    key: Key,
     target: NodeId,
-    addr: String,
-    stream: Option<TcpStream>,
+    peer: Peer,
 }
 
 impl RaftNetworkFactory<TypeConfig> for TcpNetwork {
     type Network = TcpConnection;
 
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> TcpConnection {
-        TcpConnection { key: self.key.clone(), target, addr: node.addr.clone(), stream: None }
+        TcpConnection { target, peer: Peer::new(self.key.clone(), node.addr.clone()) }
     }
 }
 
@@ -187,24 +423,11 @@ type RpcResult<T, E = openraft::error::Infallible> =
     Result<T, RPCError<NodeId, BasicNode, RaftError<NodeId, E>>>;
 
 impl TcpConnection {
-    async fn call(&mut self, request: &Request) -> Result<Reply, NetworkError> {
-        let stream = match &mut self.stream {
-            Some(s) => s,
-            None => {
-                let s = TcpStream::connect(&self.addr).await.map_err(|e| NetworkError::new(&e))?;
-                let _ = s.set_nodelay(true);
-                self.stream.insert(s)
-            }
-        };
-        let result = async {
-            stream.write_all(&encode(&self.key, request)).await?;
-            read_frame::<Reply>(stream, &self.key).await
+    async fn call(&mut self, request: Request, option: &RPCOption) -> Result<Reply, NetworkError> {
+        match tokio::time::timeout(option.hard_ttl(), self.peer.call(&request)).await {
+            Ok(r) => r.map_err(|e| NetworkError::new(&e)),
+            Err(_) => Err(NetworkError::new(&CallError::Lost(self.peer.addr.clone()))),
         }
-        .await;
-        result.map_err(|e| {
-            self.stream = None;
-            NetworkError::new(&e)
-        })
     }
 
     fn remote<E: std::error::Error>(
@@ -223,9 +446,9 @@ impl RaftNetwork<TypeConfig> for TcpConnection {
     async fn append_entries(
         &mut self,
         rpc: AppendEntriesRequest<TypeConfig>,
-        _option: RPCOption,
+        option: RPCOption,
     ) -> RpcResult<AppendEntriesResponse<NodeId>> {
-        match self.call(&Request::Append(rpc)).await? {
+        match self.call(Request::Append(rpc), &option).await? {
             Reply::Append(r) => r.map_err(|e| self.remote(e)),
             _ => Err(unexpected().into()),
         }
@@ -234,9 +457,9 @@ impl RaftNetwork<TypeConfig> for TcpConnection {
     async fn install_snapshot(
         &mut self,
         rpc: InstallSnapshotRequest<TypeConfig>,
-        _option: RPCOption,
+        option: RPCOption,
     ) -> RpcResult<InstallSnapshotResponse<NodeId>, InstallSnapshotError> {
-        match self.call(&Request::Snapshot(rpc)).await? {
+        match self.call(Request::Snapshot(rpc), &option).await? {
             Reply::Snapshot(r) => r.map_err(|e| self.remote(e)),
             _ => Err(unexpected().into()),
         }
@@ -245,9 +468,9 @@ impl RaftNetwork<TypeConfig> for TcpConnection {
     async fn vote(
         &mut self,
         rpc: VoteRequest<NodeId>,
-        _option: RPCOption,
+        option: RPCOption,
     ) -> RpcResult<VoteResponse<NodeId>> {
-        match self.call(&Request::Vote(rpc)).await? {
+        match self.call(Request::Vote(rpc), &option).await? {
             Reply::Vote(r) => r.map_err(|e| self.remote(e)),
             _ => Err(unexpected().into()),
         }

@@ -168,6 +168,9 @@ pub enum Response {
     Registered {
         /// Its new incarnation.
         incarnation: u64,
+        /// The session's lease: keys put with it (a node's volume ownerships) are deleted
+        /// when the node is declared down or registers again.
+        lease: u64,
     },
     /// A lease was created.
     Lease {
@@ -223,6 +226,8 @@ pub struct Session {
     pub up: bool,
     /// The leader's clock at its last heartbeat (or registration).
     pub last_seen_ms: u64,
+    /// The session's lease (no deadline of its own: it ends with the session).
+    pub lease: u64,
 }
 
 /// A lease.
@@ -257,7 +262,7 @@ pub struct State {
 }
 
 /// What a watcher reading the history gets.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Watch {
     /// The changes from the requested revision on, in order.
     Changes(Vec<Change>),
@@ -421,15 +426,26 @@ impl State {
                 Ok(Response::Txn { succeeded, revision: self.revision })
             }
             Command::Register { node, now_ms } => {
+                // The previous session's keys die with it.
+                if let Some(old) = self.sessions.get(node).map(|s| s.lease) {
+                    if self.leases.contains_key(&old) {
+                        self.end_leases(&[old]);
+                    }
+                }
+                self.next_lease += 1;
+                let lease = self.next_lease;
+                self.leases.insert(lease, Lease { ttl_ms: 0, deadline_ms: u64::MAX });
                 let session = self.sessions.entry(*node).or_insert(Session {
                     incarnation: 0,
                     up: false,
                     last_seen_ms: *now_ms,
+                    lease,
                 });
                 session.incarnation += 1;
                 session.up = true;
                 session.last_seen_ms = *now_ms;
-                Ok(Response::Registered { incarnation: session.incarnation })
+                session.lease = lease;
+                Ok(Response::Registered { incarnation: session.incarnation, lease })
             }
             Command::Heartbeat { origin, now_ms } => {
                 self.fence(*origin)?;
@@ -465,6 +481,12 @@ impl State {
             }
             Command::Expire { now_ms } => {
                 let mut nodes = Vec::new();
+                let mut leases: Vec<u64> = self
+                    .leases
+                    .iter()
+                    .filter(|(_, l)| l.deadline_ms <= *now_ms)
+                    .map(|(id, _)| *id)
+                    .collect();
                 for (node, session) in &mut self.sessions {
                     if session.up
                         && now_ms.saturating_sub(session.last_seen_ms) >= SESSION_TIMEOUT_MS
@@ -472,14 +494,11 @@ impl State {
                         session.up = false;
                         session.incarnation += 1;
                         nodes.push(*node);
+                        if self.leases.contains_key(&session.lease) {
+                            leases.push(session.lease);
+                        }
                     }
                 }
-                let leases: Vec<u64> = self
-                    .leases
-                    .iter()
-                    .filter(|(_, l)| l.deadline_ms <= *now_ms)
-                    .map(|(id, _)| *id)
-                    .collect();
                 self.end_leases(&leases);
                 Ok(Response::Expired { nodes, leases })
             }
@@ -506,6 +525,21 @@ fn check_key(key: &str) -> Result<(), Refusal> {
         return Err(Refusal::Invalid(format!("a key has 1 to {KEY_BYTES_MAX} bytes")));
     }
     Ok(())
+}
+
+impl Command {
+    /// Sets the command's clock to the proposing leader's (`now_ms`), so every member
+    /// applies the same time.
+    pub fn stamp(&mut self, now: u64) {
+        match self {
+            Command::Register { now_ms, .. }
+            | Command::Heartbeat { now_ms, .. }
+            | Command::LeaseGrant { now_ms, .. }
+            | Command::LeaseKeepAlive { now_ms, .. }
+            | Command::Expire { now_ms } => *now_ms = now,
+            Command::Txn { .. } | Command::LeaseRevoke { .. } => {}
+        }
+    }
 }
 
 /// Compare-and-swap as a transaction: put `value` if the key's version is `version`

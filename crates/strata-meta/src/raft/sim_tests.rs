@@ -187,7 +187,7 @@ fn a_paused_node_cannot_apply_its_late_writes() {
         let leader = wait_leader(&members).await;
         let raft = &members[&leader].raft;
         let write = |command| async move { raft.client_write(command).await.unwrap().data };
-        let Response::Registered { incarnation } =
+        let Response::Registered { incarnation, .. } =
             write(Command::Register { node: 7, now_ms: clock() }).await
         else {
             panic!("register")
@@ -209,7 +209,7 @@ fn a_paused_node_cannot_apply_its_late_writes() {
         );
         let read = members[&leader].state.read(|s| s.get("/owner/vol1").cloned());
         assert!(read.is_none(), "the stale write changed nothing");
-        let Response::Registered { incarnation } =
+        let Response::Registered { incarnation, .. } =
             write(Command::Register { node: 7, now_ms: clock() }).await
         else {
             panic!("register")

@@ -100,11 +100,16 @@ fn bad_input_is_refused_and_changes_nothing() {
 #[test]
 fn a_node_declared_down_cannot_apply_what_it_prepared_before() {
     let mut s = State::default();
-    let Response::Registered { incarnation } = s.apply(&Command::Register { node: 1, now_ms: 0 })
+    let Response::Registered { incarnation, lease } =
+        s.apply(&Command::Register { node: 1, now_ms: 0 })
     else {
         panic!()
     };
     let me = Origin::Node { node: 1, incarnation };
+    // An ownership tied to the session.
+    let own = Op::Put { key: "/volumes/v/owner".into(), value: b"1".to_vec(), lease: Some(lease) };
+    let put = Command::Txn { origin: me, compares: vec![], success: vec![own], failure: vec![] };
+    assert!(matches!(s.apply(&put), Response::Txn { succeeded: true, .. }));
     assert_eq!(s.apply(&Command::Heartbeat { origin: me, now_ms: 5_000 }), Response::Ok);
     // Not yet past the timeout after the last heartbeat: still up.
     assert_eq!(
@@ -114,14 +119,15 @@ fn a_node_declared_down_cannot_apply_what_it_prepared_before() {
     // Silent past the timeout: down, incarnation bumped.
     assert_eq!(
         s.apply(&Command::Expire { now_ms: 15_000 }),
-        Response::Expired { nodes: vec![1], leases: vec![] }
+        Response::Expired { nodes: vec![1], leases: vec![lease] }
     );
+    assert_eq!(s.get("/volumes/v/owner"), None, "its ownership was released");
     let before = s.clone();
     let late = s.apply(&cas(me, "owner", 0, b"node1".to_vec()));
     assert_eq!(late, Response::Refused(Refusal::StaleIncarnation { node: 1, sent: 1, current: 2 }));
     assert_eq!(s, before);
     // Re-registering gives a newer incarnation, which works.
-    let Response::Registered { incarnation } =
+    let Response::Registered { incarnation, .. } =
         s.apply(&Command::Register { node: 1, now_ms: 16_000 })
     else {
         panic!()
