@@ -89,7 +89,8 @@ async fn a_cluster_grows_by_joins_and_serves_requests_at_any_member() {
 
     // A member with the wrong secret is refused with a clear error and joins nothing.
     let outsider = member(dir.path(), 4, b"not the secret").await;
-    let err = outsider.join(std::slice::from_ref(&m1.addr), Duration::from_secs(5)).await.unwrap_err();
+    let join = outsider.join(std::slice::from_ref(&m1.addr), Duration::from_secs(5));
+    let err = join.await.unwrap_err();
     assert!(matches!(err, ServiceError::Refused(_)), "{err:?}");
     assert!(err.to_string().contains("secret"), "{err}");
     assert_eq!(status(&m1).await.members.len(), 3);
