@@ -236,6 +236,8 @@ pub struct Options {
 
 /// How long a request may look for a leader.
 const REQUEST_DEADLINE: Duration = Duration::from_secs(10);
+/// How long a status request may look for a leader.
+const STATUS_DEADLINE: Duration = Duration::from_secs(3);
 /// How long a forwarded request may wait for its answer.
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(8);
 /// How often a node heartbeats its session.
@@ -309,6 +311,11 @@ impl Member {
         self.id
     }
 
+    /// The RPC address other members reach it at.
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
     /// The RPC key.
     pub fn key(&self) -> &Key {
         &self.key
@@ -334,11 +341,10 @@ impl Member {
         let _ = self.raft.shutdown().await;
     }
 
-    /// Whether this member belongs to a cluster (has a membership).
-    pub fn initialized(&self) -> bool {
-        let metrics = self.raft.metrics().borrow().clone();
-        let initialized = metrics.membership_config.membership().nodes().next().is_some();
-        initialized
+    /// Whether this member belongs to a cluster (has a membership), asking Raft itself
+    /// (the metrics are published a moment after start).
+    pub async fn initialized(&self) -> bool {
+        self.raft.is_initialized().await.unwrap_or(false)
     }
 
     /// What this member knows without asking anyone.
@@ -367,7 +373,7 @@ impl Member {
     /// Makes this member a one-member cluster (the first node). Refused if it already
     /// belongs to one.
     pub async fn initialize(&self) -> Result<(), ServiceError> {
-        if self.initialized() {
+        if self.initialized().await {
             return Err(ServiceError::Membership("this node already belongs to a cluster".into()));
         }
         let nodes = BTreeMap::from([(self.id, BasicNode::new(self.addr.clone()))]);
@@ -388,7 +394,7 @@ impl Member {
         let deadline = Instant::now() + patience;
         let mut last = ServiceError::NoLeader;
         loop {
-            if self.initialized() {
+            if self.initialized().await {
                 return Ok(());
             }
             for addr in addrs {
@@ -422,13 +428,18 @@ impl Member {
         if !request.needs_leader() {
             return self.watch(request).await;
         }
-        let deadline = Instant::now() + REQUEST_DEADLINE;
+        // A status is for a human or a script waiting for one: answer quickly either way.
+        let patience = match request {
+            ClientRequest::Status => STATUS_DEADLINE,
+            _ => REQUEST_DEADLINE,
+        };
+        let deadline = Instant::now() + patience;
         loop {
             let leader = self.raft.metrics().borrow().current_leader;
             let attempt = match leader {
                 Some(l) if l == self.id => self.lead(&request).await,
                 Some(l) if !forwarded => self.forward(l, &request).await,
-                _ if !self.initialized() => Err(Attempt::Fail(ServiceError::NotInitialized)),
+                _ if !self.initialized().await => Err(Attempt::Fail(ServiceError::NotInitialized)),
                 _ => Err(Attempt::Retry),
             };
             match attempt {

@@ -7,14 +7,17 @@
 use crate::error::{ApiError, ApiResult};
 use crate::node::{Node, SnapshotInfo, VolumeInfo};
 use axum::body::Bytes;
+use axum::extract::Request;
 use axum::extract::{Path, Query, State};
 use axum::http::{header, StatusCode};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 use std::time::Instant;
+use strata_meta::service::{ClientReply, ClientRequest, Member, ServiceError};
 use strata_types::{check_size, parse_size, ErrorCode, VolumeName};
 
 /// The OpenAPI document, kept beside the code it describes.
@@ -33,6 +36,61 @@ pub struct Api {
     pub started: Instant,
     /// The data directory.
     pub data_dir: String,
+    /// The node's metadata member.
+    pub meta: Arc<Member>,
+    /// The bearer token every request must carry (when HTTP listens beyond loopback).
+    pub token: Option<String>,
+}
+
+/// The file (in the data directory) holding the HTTP API's bearer token.
+pub const TOKEN_FILE: &str = "api-token";
+
+/// The bearer token the API requires when it listens on `http`: none on loopback; else
+/// the one in `DIR/api-token`, created (random, mode 0600) on first use.
+pub fn token_for(
+    dir: &std::path::Path,
+    http: std::net::SocketAddr,
+) -> anyhow::Result<Option<String>> {
+    if http.ip().is_loopback() {
+        return Ok(None);
+    }
+    let path = dir.join(TOKEN_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(t) if !t.trim().is_empty() => Ok(Some(t.trim().to_owned())),
+        Ok(_) => anyhow::bail!("the API token file {} is empty", path.display()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let bytes = crate::config::random_bytes(24)?;
+            let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+            crate::config::write_private(&path, format!("{token}\n").as_bytes())
+                .map_err(|e| anyhow::anyhow!("create {}: {e}", path.display()))?;
+            Ok(Some(token))
+        }
+        Err(e) => anyhow::bail!("read {}: {e}", path.display()),
+    }
+}
+
+fn same(a: &[u8], b: &[u8]) -> bool {
+    // Constant time for equal lengths (the length of the token is no secret).
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn authenticate(State(api): State<Api>, request: Request, next: Next) -> Response {
+    if let Some(token) = &api.token {
+        let given = request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        if !given.is_some_and(|g| same(g.trim().as_bytes(), token.as_bytes())) {
+            return ApiError::new(
+                ErrorCode::Unauthorized,
+                "this API needs `Authorization: Bearer TOKEN` (the token is in the node's \
+                 data directory, file api-token; the CLI reads STRATA_TOKEN)",
+            )
+            .into_response();
+        }
+    }
+    next.run(request).await
 }
 
 /// Builds the router.
@@ -48,6 +106,10 @@ pub fn router(api: Api) -> Router {
         .route("/v1/volumes/{name}/snapshots", get(list_snapshots).post(create_snapshot))
         .route("/v1/volumes/{name}/snapshots/{snapshot}", get(get_snapshot).delete(delete_snapshot))
         .route("/v1/volumes/{name}/snapshots/{snapshot}/clone", post(clone_snapshot))
+        .route("/v1/cluster", get(cluster_status))
+        .route("/v1/cluster/init", post(cluster_init))
+        .route("/v1/cluster/nodes", get(list_nodes).post(add_node))
+        .route("/v1/cluster/nodes/{id}", axum::routing::delete(remove_node))
         .fallback(|| async {
             ApiError::new(ErrorCode::NotFound, "no such endpoint; see /v1/openapi.json")
         })
@@ -58,6 +120,7 @@ pub fn router(api: Api) -> Router {
                 Json(serde_json::json!({"code": "method_not_allowed", "message": e.message})),
             )
         })
+        .layer(axum::middleware::from_fn_with_state(api.clone(), authenticate))
         .with_state(api)
 }
 
@@ -93,6 +156,8 @@ pub struct NodeStatus {
     pub live_bytes: u64,
     /// Seconds since start.
     pub uptime_seconds: u64,
+    /// This node's metadata member as it sees itself.
+    pub meta: strata_meta::service::LocalStatus,
 }
 
 async fn node_status(State(api): State<Api>) -> Json<NodeStatus> {
@@ -106,6 +171,7 @@ async fn node_status(State(api): State<Api>) -> Json<NodeStatus> {
         log_bytes: api.node.log_bytes(),
         live_bytes: api.node.live_bytes(),
         uptime_seconds: api.started.elapsed().as_secs(),
+        meta: api.meta.local_status(),
     })
 }
 
@@ -287,4 +353,73 @@ async fn rollback_volume(
     let node = api.node.clone();
     let source = format!("{name}@{}", req.snapshot);
     blocking(move || node.rollback(&source, req.force)).await.map(Json)
+}
+
+fn service_error(e: ServiceError) -> ApiError {
+    let code = match e {
+        ServiceError::Membership(_) => ErrorCode::InvalidArgument,
+        _ => ErrorCode::Unavailable,
+    };
+    ApiError::new(code, e.to_string())
+}
+
+async fn meta_request(api: &Api, request: ClientRequest) -> ApiResult<ClientReply> {
+    api.meta.request(request).await.map_err(service_error)
+}
+
+/// What `GET /v1/cluster` returns.
+#[derive(Serialize, Deserialize, Debug)]
+pub struct ClusterView {
+    /// This node's view of itself.
+    pub local: strata_meta::service::LocalStatus,
+    /// The cluster as its leader sees it.
+    pub cluster: strata_meta::service::ClusterStatus,
+}
+
+async fn cluster_status(State(api): State<Api>) -> ApiResult<Json<ClusterView>> {
+    match meta_request(&api, ClientRequest::Status).await? {
+        ClientReply::Status(cluster) => {
+            Ok(Json(ClusterView { local: api.meta.local_status(), cluster }))
+        }
+        other => Err(ApiError::new(ErrorCode::Internal, format!("unexpected reply {other:?}"))),
+    }
+}
+
+async fn cluster_init(State(api): State<Api>) -> ApiResult<Json<ClusterView>> {
+    api.meta.initialize().await.map_err(|e| match e {
+        ServiceError::Membership(m) => ApiError::new(ErrorCode::AlreadyExists, m),
+        e => service_error(e),
+    })?;
+    cluster_status(State(api)).await
+}
+
+async fn list_nodes(
+    State(api): State<Api>,
+) -> ApiResult<Json<Vec<strata_meta::service::MemberStatus>>> {
+    Ok(Json(cluster_status(State(api)).await?.0.cluster.members))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AddNode {
+    id: u64,
+    rpc: String,
+}
+
+async fn add_node(State(api): State<Api>, body: Bytes) -> ApiResult<Json<ClusterView>> {
+    let add: AddNode = parse_json(&body)?;
+    if add.rpc.parse::<std::net::SocketAddr>().is_err() {
+        return Err(ApiError::invalid(format!("rpc {:?} is not IP:PORT", add.rpc)));
+    }
+    meta_request(&api, ClientRequest::Join { id: add.id, addr: add.rpc }).await?;
+    cluster_status(State(api)).await
+}
+
+async fn remove_node(
+    State(api): State<Api>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<ClusterView>> {
+    let id: u64 = id.parse().map_err(|_| ApiError::invalid(format!("{id:?} is not a node id")))?;
+    meta_request(&api, ClientRequest::Remove { id }).await?;
+    cluster_status(State(api)).await
 }

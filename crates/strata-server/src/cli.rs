@@ -92,6 +92,130 @@ pub enum SnapshotCommand {
     },
 }
 
+/// `strata cluster …`
+#[derive(clap::Subcommand, Debug)]
+pub enum ClusterCommand {
+    /// Found a cluster with the node the API belongs to as its one member (a node started
+    /// with `strata serve` and no `join`). `strata up` does this by itself.
+    #[command(after_help = "Example:\n  strata serve --config n1.toml &\n  strata cluster init")]
+    Init,
+    /// Show the leader, the term, and every member: role, RPC address, site/rack, session
+    /// state and incarnation.
+    Status,
+}
+
+/// `strata node …`
+#[derive(clap::Subcommand, Debug)]
+pub enum NodeCommand {
+    /// List the cluster's nodes.
+    List,
+    /// Add a running node (started with `strata serve`, the cluster's secret, no `join`)
+    /// as a learner; it becomes a voter when the count of voters can grow to 3 or 5.
+    #[command(after_help = "Example:\n  strata node add 4 10.0.0.4:10810")]
+    Add {
+        /// Its node_id.
+        id: u64,
+        /// Its rpc address.
+        rpc: String,
+    },
+    /// Remove a node from the cluster (a voter is replaced by a learner when one exists).
+    #[command(after_help = "Example:\n  strata node remove 4")]
+    Remove {
+        /// Its node_id.
+        id: u64,
+    },
+}
+
+/// Runs a cluster command.
+pub fn cluster(client: &Client, json_out: bool, cmd: ClusterCommand) -> anyhow::Result<()> {
+    let v = match cmd {
+        ClusterCommand::Init => client.call("POST", "/v1/cluster/init", None)?,
+        ClusterCommand::Status => match client.call("GET", "/v1/cluster", None) {
+            Ok(v) => v,
+            Err(e) => {
+                // Without a leader, say what this node knows of itself.
+                if let Ok(node) = client.call("GET", "/v1/node", None) {
+                    let m = &node["meta"];
+                    eprintln!(
+                        "this node: id {} {} term {} leader {} incarnation {}",
+                        m["id"],
+                        m["state"].as_str().unwrap_or("?"),
+                        m["term"],
+                        m["leader"],
+                        m["incarnation"]
+                    );
+                }
+                return Err(e);
+            }
+        },
+    };
+    if json_out {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    let c = &v["cluster"];
+    println!("leader: node {}   term: {}   revision: {}", c["leader"], c["term"], c["revision"]);
+    print_members(&c["members"]);
+    Ok(())
+}
+
+fn print_members(members: &Value) {
+    let rows: Vec<Vec<String>> = members
+        .as_array()
+        .map(|a| a.as_slice())
+        .unwrap_or_default()
+        .iter()
+        .map(|m| {
+            let record = &m["record"];
+            let text = |v: &Value| v.as_str().unwrap_or("-").to_owned();
+            let session = &m["session"];
+            let state = match session["up"].as_bool() {
+                Some(true) => "up",
+                Some(false) => "down",
+                None => "unregistered",
+            };
+            vec![
+                m["id"].to_string(),
+                text(&m["role"]),
+                state.to_owned(),
+                session["incarnation"].as_u64().map_or("-".into(), |i| i.to_string()),
+                text(&m["rpc"]),
+                text(&record["http"]),
+                text(&record["nbd"]),
+                format!("{}/{}", text(&record["site"]), text(&record["rack"])),
+            ]
+        })
+        .collect();
+    table(&["NODE", "ROLE", "STATE", "INCARNATION", "RPC", "HTTP", "NBD", "SITE/RACK"], &rows);
+}
+
+/// Runs a node command.
+pub fn node(client: &Client, json_out: bool, cmd: NodeCommand) -> anyhow::Result<()> {
+    let v = match cmd {
+        NodeCommand::List => {
+            let members = client.call("GET", "/v1/cluster/nodes", None)?;
+            if json_out {
+                println!("{}", serde_json::to_string_pretty(&members)?);
+            } else {
+                print_members(&members);
+            }
+            return Ok(());
+        }
+        NodeCommand::Add { id, rpc } => {
+            client.call("POST", "/v1/cluster/nodes", Some(json!({"id": id, "rpc": rpc})))?
+        }
+        NodeCommand::Remove { id } => {
+            client.call("DELETE", &format!("/v1/cluster/nodes/{id}"), None)?
+        }
+    };
+    if json_out {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        print_members(&v["cluster"]["members"]);
+    }
+    Ok(())
+}
+
 /// Splits `VOL@SNAP` for the URL, or explains the expected shape.
 fn split(full: &str) -> anyhow::Result<(String, String)> {
     match full.split_once('@') {
@@ -100,25 +224,36 @@ fn split(full: &str) -> anyhow::Result<(String, String)> {
     }
 }
 
-struct Client {
+/// The CLI's connection to a node's HTTP API.
+pub struct Client {
     base: String,
     agent: ureq::Agent,
+    token: Option<String>,
 }
 
 impl Client {
-    fn new(api: &str) -> Client {
+    /// A client of the API at `api`, sending `token` as its bearer token if given.
+    pub fn new(api: &str, token: Option<&str>) -> Client {
         let agent: ureq::Agent =
             ureq::Agent::config_builder().http_status_as_error(false).build().into();
-        Client { base: api.trim_end_matches('/').to_owned(), agent }
+        let token = token.map(|t| format!("Bearer {}", t.trim()));
+        Client { base: api.trim_end_matches('/').to_owned(), agent, token }
+    }
+
+    fn auth<B>(&self, request: ureq::RequestBuilder<B>) -> ureq::RequestBuilder<B> {
+        match &self.token {
+            Some(t) => request.header("authorization", t),
+            None => request,
+        }
     }
 
     fn call(&self, method: &str, path: &str, body: Option<Value>) -> anyhow::Result<Value> {
         let url = format!("{}{path}", self.base);
         let response = match (method, body) {
-            ("GET", _) => self.agent.get(&url).call(),
-            ("DELETE", _) => self.agent.delete(&url).call(),
-            (_, Some(body)) => self.agent.post(&url).send_json(body),
-            (_, None) => self.agent.post(&url).send_empty(),
+            ("GET", _) => self.auth(self.agent.get(&url)).call(),
+            ("DELETE", _) => self.auth(self.agent.delete(&url)).call(),
+            (_, Some(body)) => self.auth(self.agent.post(&url)).send_json(body),
+            (_, None) => self.auth(self.agent.post(&url)).send_empty(),
         };
         let mut response =
             response.with_context(|| format!("cannot reach the Strata API at {}", self.base))?;
@@ -140,8 +275,7 @@ impl Client {
 }
 
 /// Runs a volume command.
-pub fn volume(api: &str, json_out: bool, cmd: VolumeCommand) -> anyhow::Result<()> {
-    let client = Client::new(api);
+pub fn volume(client: &Client, json_out: bool, cmd: VolumeCommand) -> anyhow::Result<()> {
     match cmd {
         VolumeCommand::Create { name, size } => {
             // Parse locally too, so a typo fails before any request.
@@ -205,8 +339,7 @@ fn print_deleted(json_out: bool, name: &str) {
 }
 
 /// Runs a snapshot command.
-pub fn snapshot(api: &str, json_out: bool, cmd: SnapshotCommand) -> anyhow::Result<()> {
-    let client = Client::new(api);
+pub fn snapshot(client: &Client, json_out: bool, cmd: SnapshotCommand) -> anyhow::Result<()> {
     match cmd {
         SnapshotCommand::Create { snapshot } => {
             let (v, _) = split(&snapshot)?;

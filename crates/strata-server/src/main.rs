@@ -6,6 +6,7 @@
 
 mod api;
 mod cli;
+mod config;
 mod error;
 mod fsck;
 mod node;
@@ -26,6 +27,21 @@ Examples:
   strata volume rollback vm1@before-upgrade
   strata fsck --data-dir ./strata-data        # offline check (stop the node first)";
 
+const SERVE_HELP: &str = "\
+The config file (TOML):
+  node_id = 2                     # unique, 1 or more, never reused
+  data_dir = \"/var/lib/strata\"
+  rpc = \"10.0.0.2:10810\"          # inter-node; other nodes reach this node here
+  nbd = \"0.0.0.0:10809\"
+  http = \"10.0.0.2:8080\"          # beyond loopback, the API needs its bearer token
+  join = [\"10.0.0.1:10810\"]       # any existing member; empty on the first node
+  site = \"a\"
+  rack = \"r1\"
+  secret_file = \"secret\"          # relative to data_dir; copy it from the first node
+
+First node:   strata serve --config n1.toml   then   strata cluster init
+Other nodes:  copy n1's data_dir/secret, set join, strata serve --config n2.toml";
+
 /// The command line.
 #[derive(Parser, Debug)]
 #[command(
@@ -38,6 +54,10 @@ struct Cli {
     /// The node's HTTP API (for volume commands).
     #[arg(long, global = true, env = "STRATA_API", default_value = "http://127.0.0.1:8080")]
     api: String,
+    /// The API's bearer token (needed when the node's HTTP listens beyond loopback; it
+    /// is in the node's data directory, file api-token).
+    #[arg(long, global = true, env = "STRATA_TOKEN", hide_env_values = true)]
+    token: Option<String>,
     /// Print JSON instead of tables (for scripts).
     #[arg(long, global = true)]
     json: bool,
@@ -47,9 +67,18 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Run a one-node Strata in the foreground (the embedded default).
+    /// Run a one-node Strata in the foreground (the embedded default: a cluster of one).
     #[command(after_help = "Example:\n  strata up --data-dir /var/lib/strata --nbd 0.0.0.0:10809")]
     Up(up::UpArgs),
+    /// Run a cluster member in the foreground, configured by a TOML file.
+    #[command(after_help = SERVE_HELP)]
+    Serve(up::ServeArgs),
+    /// Found a cluster, or show its leader, term, members and their sessions.
+    #[command(subcommand)]
+    Cluster(cli::ClusterCommand),
+    /// Add, remove and list the cluster's nodes (1, 3 or 5 vote; the rest follow).
+    #[command(subcommand)]
+    Node(cli::NodeCommand),
     /// Create, list, inspect, resize, clone, roll back and delete volumes.
     #[command(subcommand)]
     Volume(cli::VolumeCommand),
@@ -64,10 +93,14 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let client = cli::Client::new(&cli.api, cli.token.as_deref());
     let result = match cli.command {
-        Command::Up(args) => up::run(args),
-        Command::Volume(cmd) => cli::volume(&cli.api, cli.json, cmd),
-        Command::Snapshot(cmd) => cli::snapshot(&cli.api, cli.json, cmd),
+        Command::Up(args) => up::up(args),
+        Command::Serve(args) => up::serve_config(args),
+        Command::Cluster(cmd) => cli::cluster(&client, cli.json, cmd),
+        Command::Node(cmd) => cli::node(&client, cli.json, cmd),
+        Command::Volume(cmd) => cli::volume(&client, cli.json, cmd),
+        Command::Snapshot(cmd) => cli::snapshot(&client, cli.json, cmd),
         Command::Fsck(args) => match fsck::run(args, cli.json) {
             Ok(true) => Ok(()),
             Ok(false) => return ExitCode::FAILURE,

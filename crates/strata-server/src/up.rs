@@ -1,13 +1,17 @@
-//! `strata up`: one node in the foreground.
+//! Running a node in the foreground: `strata up` (a one-node cluster on the embedded
+//! defaults) and `strata serve --config FILE` (a member of a cluster). Both take the same
+//! path: the volumes, the metadata member (Raft, RPC, the node's session), NBD and HTTP.
 
 use crate::api::{self, Api};
+use crate::config::{Config, UP_RPC};
 use crate::node::{Exports, Node};
 use anyhow::Context;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
+use strata_meta::service::{Member, Options, ServiceError, Timing};
 use tokio::sync::watch;
 
 /// How long a stop waits for NBD clients to finish their in-flight requests.
@@ -25,6 +29,18 @@ pub struct UpArgs {
     /// HTTP API listen address.
     #[arg(long, default_value = "127.0.0.1:8080")]
     http: SocketAddr,
+    /// Inter-node RPC listen address (of this one-node cluster's metadata member).
+    #[arg(long, default_value = UP_RPC)]
+    rpc: SocketAddr,
+}
+
+/// Arguments of `strata serve`.
+#[derive(clap::Args, Debug)]
+pub struct ServeArgs {
+    /// The node's TOML configuration (node_id, data_dir, rpc, nbd, http, join, site,
+    /// rack, secret_file).
+    #[arg(long)]
+    config: PathBuf,
 }
 
 /// Holds the data directory's lock for the process's life. The lock is an flock, which
@@ -58,39 +74,115 @@ pub fn lock_data_dir(dir: &Path) -> anyhow::Result<DirLock> {
     Ok(DirLock { _file: file })
 }
 
-/// Runs the node until Ctrl-C or SIGTERM.
-pub fn run(args: UpArgs) -> anyhow::Result<()> {
+/// `strata up`: a one-node cluster until Ctrl-C or SIGTERM.
+pub fn up(args: UpArgs) -> anyhow::Result<()> {
+    let config = Config {
+        node_id: 1,
+        data_dir: args.data_dir,
+        rpc: args.rpc,
+        nbd: args.nbd,
+        http: args.http,
+        join: Vec::new(),
+        site: String::new(),
+        rack: String::new(),
+        secret_file: PathBuf::from("secret"),
+    };
+    run(config, true)
+}
+
+/// `strata serve --config FILE`: a cluster member until Ctrl-C or SIGTERM.
+pub fn serve_config(args: ServeArgs) -> anyhow::Result<()> {
+    run(Config::load(&args.config)?, false)
+}
+
+/// Runs the node until Ctrl-C or SIGTERM. `one_node`: found a cluster of this node alone
+/// if it belongs to none (`strata up`).
+fn run(config: Config, one_node: bool) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=error")),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    std::fs::create_dir_all(&args.data_dir)
-        .with_context(|| format!("create data directory {}", args.data_dir.display()))?;
-    let _lock = lock_data_dir(&args.data_dir)?;
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("create data directory {}", config.data_dir.display()))?;
+    let _lock = lock_data_dir(&config.data_dir)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("strata")
         .build()
         .context("start the async runtime")?;
-    runtime.block_on(serve(args))
+    runtime.block_on(serve(config, one_node))
 }
 
-async fn serve(args: UpArgs) -> anyhow::Result<()> {
-    let node = Node::open(&args.data_dir)
-        .with_context(|| format!("open data directory {}", args.data_dir.display()))?;
-    let nbd = tokio::net::TcpListener::bind(args.nbd)
+/// Starts the metadata member; founds or joins a cluster when it belongs to none.
+async fn start_member(config: &Config, one_node: bool) -> anyhow::Result<Arc<Member>> {
+    let secret = config.secret()?;
+    let listener = tokio::net::TcpListener::bind(config.rpc)
         .await
-        .with_context(|| format!("listen for NBD on {}", args.nbd))?;
-    let http = tokio::net::TcpListener::bind(args.http)
+        .with_context(|| format!("listen for inter-node RPC on {}", config.rpc))?;
+    // The bound address (a port 0 in the config becomes the one the kernel chose).
+    let advertise = listener.local_addr().context("the RPC listener's address")?.to_string();
+    let options = Options {
+        id: config.node_id,
+        dir: config.data_dir.join("meta"),
+        listener,
+        advertise,
+        secret,
+        timing: Timing::default(),
+    };
+    let member = Member::start(options).await.context("start the metadata service")?;
+    if !member.initialized().await {
+        if one_node {
+            member.initialize().await.context("found the one-node cluster")?;
+        } else if !config.join.is_empty() {
+            println!("Joining the cluster through {} ...", config.join.join(", "));
+            let _ = std::io::stdout().flush();
+            loop {
+                match member.join(&config.join, Duration::from_secs(30)).await {
+                    Ok(()) => break,
+                    Err(e @ (ServiceError::Refused(_) | ServiceError::Membership(_))) => {
+                        anyhow::bail!("cannot join the cluster: {e}")
+                    }
+                    Err(e) => tracing::warn!("still trying to join: {e}"),
+                }
+            }
+        } else {
+            println!(
+                "Not part of a cluster yet: run `strata cluster init` to found one with this \
+                 node, or set `join` in the config."
+            );
+        }
+    }
+    Ok(member)
+}
+
+async fn serve(config: Config, one_node: bool) -> anyhow::Result<()> {
+    let node = Node::open(&config.data_dir)
+        .with_context(|| format!("open data directory {}", config.data_dir.display()))?;
+    let member = start_member(&config, one_node).await?;
+    let nbd = tokio::net::TcpListener::bind(config.nbd)
         .await
-        .with_context(|| format!("listen for HTTP on {}", args.http))?;
+        .with_context(|| format!("listen for NBD on {}", config.nbd))?;
+    let http = tokio::net::TcpListener::bind(config.http)
+        .await
+        .with_context(|| format!("listen for HTTP on {}", config.http))?;
     let nbd_addr = nbd.local_addr()?.to_string();
     let http_addr = http.local_addr()?.to_string();
     node.set_nbd_addr(nbd_addr.clone());
+    let record = serde_json::json!({
+        "id": config.node_id,
+        "rpc": config.rpc.to_string(),
+        "nbd": nbd_addr,
+        "http": http_addr,
+        "site": config.site,
+        "rack": config.rack,
+        "version": env!("CARGO_PKG_VERSION"),
+    });
+    tokio::spawn(member.clone().run_session(record));
+    let token = api::token_for(&config.data_dir, config.http)?;
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let exports = Arc::new(Exports(node.clone()));
@@ -100,7 +192,9 @@ async fn serve(args: UpArgs) -> anyhow::Result<()> {
         nbd_addr: nbd_addr.clone(),
         http_addr: http_addr.clone(),
         started: Instant::now(),
-        data_dir: args.data_dir.display().to_string(),
+        data_dir: config.data_dir.display().to_string(),
+        meta: member.clone(),
+        token: token.clone(),
     });
     let mut http_stop = stop_rx.clone();
     let http_task = tokio::spawn(async move {
@@ -114,12 +208,19 @@ async fn serve(args: UpArgs) -> anyhow::Result<()> {
     println!(
         "Strata {} is up. Data directory: {}",
         env!("CARGO_PKG_VERSION"),
-        args.data_dir.display()
+        config.data_dir.display()
     );
     println!(
         "  NBD listening on {nbd_addr}   (export name = volume name: nbd://{nbd_addr}/VOLUME)"
     );
     println!("  HTTP listening on {http_addr}  (API under /v1, OpenAPI at /v1/openapi.json)");
+    if token.is_some() {
+        println!(
+            "  The HTTP API requires the bearer token in {} (STRATA_TOKEN for the CLI)",
+            config.data_dir.join(api::TOKEN_FILE).display()
+        );
+    }
+    println!("  RPC listening on {}  (node {}, cluster members)", member.addr(), config.node_id);
     println!("Try:  strata volume create vm1 --size 10G && qemu-img info nbd://{nbd_addr}/vm1");
     println!("Ctrl-C or SIGTERM stops it cleanly.");
     let _ = std::io::stdout().flush();
@@ -139,6 +240,7 @@ async fn serve(args: UpArgs) -> anyhow::Result<()> {
         Ok(Err(e)) => tracing::warn!("HTTP task failed: {e}"),
         Err(_) => tracing::warn!("HTTP clients did not finish within {SHUTDOWN_GRACE:?}"),
     }
+    member.shutdown().await;
     let synced = tokio::task::spawn_blocking(move || node.sync_all()).await?;
     synced.context("sync volumes at shutdown")?;
     tracing::info!("stopped cleanly; all data synced");

@@ -30,6 +30,11 @@ pub enum ErrorCode {
     Io,
     /// A bug or an unexpected state.
     Internal,
+    /// The cluster cannot serve it now (no metadata quorum, a peer unreachable); or the
+    /// outcome of a request is unknown. Retry later.
+    Unavailable,
+    /// The request lacks the API's bearer token.
+    Unauthorized,
 }
 
 impl ErrorCode {
@@ -43,6 +48,8 @@ impl ErrorCode {
             ErrorCode::NoSpace => "no_space",
             ErrorCode::Io => "io_error",
             ErrorCode::Internal => "internal",
+            ErrorCode::Unavailable => "unavailable",
+            ErrorCode::Unauthorized => "unauthorized",
         }
     }
 
@@ -54,6 +61,8 @@ impl ErrorCode {
             ErrorCode::AlreadyExists | ErrorCode::Busy => 409,
             ErrorCode::NoSpace => 507,
             ErrorCode::Io | ErrorCode::Internal => 500,
+            ErrorCode::Unavailable => 503,
+            ErrorCode::Unauthorized => 401,
         }
     }
 }

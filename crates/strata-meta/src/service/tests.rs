@@ -94,7 +94,7 @@ async fn a_cluster_grows_by_joins_and_serves_requests_at_any_member() {
     assert!(matches!(err, ServiceError::Refused(_)), "{err:?}");
     assert!(err.to_string().contains("secret"), "{err}");
     assert_eq!(status(&m1).await.members.len(), 3);
-    assert!(!outsider.initialized());
+    assert!(!outsider.initialized().await);
 
     // A malformed request (an empty key) is refused by the state machine, nothing changes.
     let before = status(&m1).await.revision;

@@ -14,6 +14,10 @@ pub struct Node {
     pub dir: PathBuf,
     pub nbd: String,
     pub http: String,
+    /// Everything the node printed on stderr so far (drained by a thread, so a chatty
+    /// node never blocks on a full pipe).
+    stderr: std::sync::Arc<std::sync::Mutex<String>>,
+    stderr_thread: Option<std::thread::JoinHandle<()>>,
     _tmp: Option<tempfile::TempDir>,
 }
 
@@ -33,15 +37,43 @@ impl Node {
 
     /// Starts a node on `dir`; on failure returns what it printed.
     pub fn try_start_in(dir: &Path) -> Result<Node, String> {
-        let mut child = Command::new(STRATA)
-            .args(["up", "--nbd", "127.0.0.1:0", "--http", "127.0.0.1:0", "--data-dir"])
-            .arg(dir)
-            .env("RUST_LOG", "warn")
+        let mut command = Command::new(STRATA);
+        command
+            .args(["up", "--nbd", "127.0.0.1:0", "--http", "127.0.0.1:0", "--rpc", "127.0.0.1:0"])
+            .arg("--data-dir")
+            .arg(dir);
+        Node::launch(command, dir)
+    }
+
+    /// Starts `strata serve --config CONFIG` (its data directory `dir`).
+    pub fn serve(config: &Path, dir: &Path) -> Node {
+        let mut command = Command::new(STRATA);
+        command.arg("serve").arg("--config").arg(config);
+        Node::launch(command, dir).unwrap_or_else(|e| panic!("strata serve failed: {e}"))
+    }
+
+    /// Runs a node command until it prints its NBD and HTTP addresses.
+    fn launch(mut command: Command, dir: &Path) -> Result<Node, String> {
+        let mut child = command
+            .env("RUST_LOG", "warn,openraft=error")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn strata");
         let stdout = child.stdout.take().expect("piped");
+        let stderr = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let mut pipe = child.stderr.take().expect("piped");
+        let sink = stderr.clone();
+        let stderr_thread = std::thread::spawn(move || {
+            use std::io::Read;
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = pipe.read(&mut buf) {
+                if n == 0 {
+                    return;
+                }
+                sink.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
@@ -61,8 +93,9 @@ impl Node {
                 }
                 Err(_) => {
                     let _ = child.kill();
-                    let out = child.wait_with_output().expect("wait");
-                    return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+                    let _ = child.wait();
+                    let _ = stderr_thread.join();
+                    return Err(stderr.lock().unwrap().clone());
                 }
             }
         }
@@ -71,6 +104,8 @@ impl Node {
             dir: dir.to_owned(),
             nbd: nbd.expect("set"),
             http: http.expect("set"),
+            stderr,
+            stderr_thread: Some(stderr_thread),
             _tmp: None,
         })
     }
@@ -111,12 +146,12 @@ impl Node {
         let mut child = self.child.take().expect("running");
         let status = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
         assert!(status.expect("kill").success());
-        let mut stderr = String::new();
-        if let Some(mut e) = child.stderr.take() {
-            use std::io::Read;
-            let _ = e.read_to_string(&mut stderr);
+        let status = child.wait().expect("wait");
+        if let Some(t) = self.stderr_thread.take() {
+            let _ = t.join();
         }
-        (child.wait().expect("wait"), stderr)
+        let stderr = self.stderr.lock().unwrap().clone();
+        (status, stderr)
     }
 
     /// Keeps the data directory after the node is gone (for restarts).

@@ -6,6 +6,7 @@
 mod api_cli;
 mod bad_input;
 mod clients;
+mod cluster;
 mod durability;
 mod harness;
 mod raw;

@@ -1,0 +1,222 @@
+//! A node's configuration: `strata serve --config FILE` reads it from TOML; `strata up`
+//! builds the one-node default. Unknown keys are errors (a misspelt key must not be
+//! silently ignored).
+//!
+//! ```toml
+//! node_id = 2
+//! data_dir = "/var/lib/strata"
+//! rpc = "127.0.0.1:10820"       # inter-node; `strata up` uses 127.0.0.1:10810
+//! nbd = "127.0.0.1:10829"
+//! http = "127.0.0.1:8082"
+//! join = ["127.0.0.1:10810"]    # any existing member; empty on the first node
+//! site = "a"
+//! rack = "r1"
+//! secret_file = "secret"        # the cluster secret, relative to data_dir if relative
+//! ```
+
+use anyhow::{bail, Context};
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+/// The cluster secret's length in bytes.
+pub const SECRET_BYTES: usize = 32;
+
+/// A node's configuration.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The node's id: unique in the cluster, 1 or more, never reused.
+    pub node_id: u64,
+    /// Where the node keeps its data (created if missing).
+    pub data_dir: PathBuf,
+    /// Inter-node RPC address (listened on, and given to other members).
+    pub rpc: SocketAddr,
+    /// NBD listen address.
+    #[serde(default = "default_nbd")]
+    pub nbd: SocketAddr,
+    /// HTTP API listen address.
+    #[serde(default = "default_http")]
+    pub http: SocketAddr,
+    /// Members to join through (any one suffices); empty on the first node.
+    #[serde(default)]
+    pub join: Vec<String>,
+    /// Site (failure domain above racks).
+    #[serde(default)]
+    pub site: String,
+    /// Rack.
+    #[serde(default)]
+    pub rack: String,
+    /// The cluster secret's file, relative to `data_dir` if relative.
+    #[serde(default = "default_secret")]
+    pub secret_file: PathBuf,
+}
+
+fn default_nbd() -> SocketAddr {
+    "127.0.0.1:10809".parse().expect("valid")
+}
+
+fn default_http() -> SocketAddr {
+    "127.0.0.1:8080".parse().expect("valid")
+}
+
+fn default_secret() -> PathBuf {
+    PathBuf::from("secret")
+}
+
+/// `strata up`'s inter-node address.
+pub const UP_RPC: &str = "127.0.0.1:10810";
+
+impl Config {
+    /// Reads and checks a TOML file.
+    pub fn load(path: &Path) -> anyhow::Result<Config> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("read the config file {}", path.display()))?;
+        Config::parse(&text).with_context(|| format!("config file {}", path.display()))
+    }
+
+    /// Parses and checks TOML text.
+    pub fn parse(text: &str) -> anyhow::Result<Config> {
+        let config: Config = toml::from_str(text).map_err(|e| anyhow::anyhow!("{e}"))?;
+        config.check()?;
+        Ok(config)
+    }
+
+    fn check(&self) -> anyhow::Result<()> {
+        if self.node_id == 0 {
+            bail!("node_id must be 1 or more");
+        }
+        if self.data_dir.as_os_str().is_empty() {
+            bail!("data_dir must not be empty");
+        }
+        for addr in &self.join {
+            if addr.parse::<SocketAddr>().is_err() && !addr.contains(':') {
+                bail!("join address {addr:?} is not HOST:PORT");
+            }
+        }
+        if self.rpc.ip().is_unspecified() {
+            bail!("rpc must be the address other nodes reach this node at, not {}", self.rpc.ip());
+        }
+        let ports = [self.rpc, self.nbd, self.http];
+        for (i, a) in ports.iter().enumerate() {
+            if a.port() != 0 && ports[..i].contains(a) {
+                bail!("rpc, nbd and http must listen on different addresses ({a} twice)");
+            }
+        }
+        Ok(())
+    }
+
+    /// The secret file's path.
+    pub fn secret_path(&self) -> PathBuf {
+        if self.secret_file.is_absolute() {
+            self.secret_file.clone()
+        } else {
+            self.data_dir.join(&self.secret_file)
+        }
+    }
+
+    /// Reads the cluster secret. A node that founds a cluster (no `join`) creates it when
+    /// missing (32 random bytes, mode 0600); a joining node must be given the cluster's.
+    pub fn secret(&self) -> anyhow::Result<Vec<u8>> {
+        let path = self.secret_path();
+        match std::fs::read(&path) {
+            Ok(bytes) if bytes.len() >= 16 => Ok(bytes),
+            Ok(_) => bail!("the secret file {} is shorter than 16 bytes", path.display()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && self.join.is_empty() => {
+                let secret = random_bytes(SECRET_BYTES)?;
+                write_private(&path, &secret)
+                    .with_context(|| format!("create the cluster secret {}", path.display()))?;
+                tracing::info!("created the cluster secret {}", path.display());
+                Ok(secret)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!(
+                "the cluster secret {} is missing: copy the file `secret` from an existing \
+                 member's data directory (a node cannot join without it)",
+                path.display()
+            ),
+            Err(e) => Err(e).with_context(|| format!("read the secret {}", path.display())),
+        }
+    }
+}
+
+/// Creates `path` (which must not exist) readable by its owner only, with `bytes`,
+/// synced with its directory.
+pub fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+/// `n` bytes from the kernel's random source.
+pub fn random_bytes(n: usize) -> anyhow::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut bytes = vec![0u8; n];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .context("read /dev/urandom")?;
+    Ok(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_issue_example_parses_and_bad_files_are_clear_errors() {
+        let c = Config::parse(
+            r#"
+            node_id = 2
+            data_dir = "/var/lib/strata"
+            rpc = "127.0.0.1:10820"
+            nbd = "127.0.0.1:10829"
+            http = "127.0.0.1:8082"
+            join = ["127.0.0.1:10810"]
+            site = "a"
+            rack = "r1"
+            secret_file = "secret"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.node_id, 2);
+        assert_eq!(c.secret_path(), PathBuf::from("/var/lib/strata/secret"));
+        assert_eq!(c.join, vec!["127.0.0.1:10810".to_owned()]);
+        let bad = [
+            ("node_id = 0\ndata_dir = \"d\"\nrpc = \"127.0.0.1:1\"", "node_id"),
+            ("node_id = 1\ndata_dir = \"d\"\nrpc = \"nowhere\"", "rpc"),
+            ("node_id = 1\ndata_dir = \"d\"\nrpc = \"127.0.0.1:1\"\nrack_id = 3", "rack_id"),
+            ("node_id = 1\nrpc = \"127.0.0.1:1\"", "data_dir"),
+            ("node_id = 1\ndata_dir = \"d\"\nrpc = \"127.0.0.1:1\"\njoin = [\"x\"]", "join"),
+            ("node_id = 1\ndata_dir = \"d\"\nrpc = \"127.0.0.1:8080\"", "different"),
+            ("node_id = \"one\"", "node_id"),
+            ("node_id = 1\ndata_dir = \"d\"\nrpc = \"0.0.0.0:10810\"", "not 0.0.0.0"),
+        ];
+        for (text, needle) in bad {
+            let e = format!("{:#}", Config::parse(text).unwrap_err());
+            assert!(e.contains(needle), "{text:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_joining_node_without_the_secret_is_told_where_to_get_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = Config::parse(&format!(
+            "node_id = 1\ndata_dir = {:?}\nrpc = \"127.0.0.1:1\"",
+            dir.path()
+        ))
+        .unwrap();
+        let s = c.secret().unwrap();
+        assert_eq!(s.len(), SECRET_BYTES);
+        assert_eq!(c.secret().unwrap(), s, "read back, not made again");
+        c.secret_file = PathBuf::from("other");
+        c.join = vec!["127.0.0.1:2".into()];
+        let e = c.secret().unwrap_err().to_string();
+        assert!(e.contains("copy the file"), "{e}");
+        assert!(!dir.path().join("other").exists());
+    }
+}

@@ -1,0 +1,318 @@
+//! Three real `strata serve` processes on loopback form a cluster through `strata cluster
+//! init` and `join`; clients hammer compare-and-swap at every member while the leader is
+//! killed (-9) and restarted and a follower is SIGSTOPped beyond the session timeout and
+//! resumed. The clients' histories must be linearizable, the resumed node's requests at
+//! its old incarnation refused, and the cluster must serve again after each fault.
+
+use crate::harness::{Node, STRATA};
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use strata_meta::linearizability::{check, Call, Operation, Outcome};
+use strata_meta::rpc::{Key, Peer};
+use strata_meta::service::{ClientReply, ClientRequest};
+use strata_meta::state::{cas, Origin, Refusal, Response};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+struct Member {
+    id: u64,
+    config: PathBuf,
+    dir: PathBuf,
+    rpc: String,
+    node: Option<Node>,
+}
+
+impl Member {
+    fn new(root: &Path, id: u64, join: Option<&str>) -> Member {
+        let dir = root.join(format!("n{id}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let rpc = format!("127.0.0.1:{}", free_port());
+        let join = join.map_or(String::new(), |j| format!("{j:?}"));
+        let config = root.join(format!("n{id}.toml"));
+        let text = format!(
+            "node_id = {id}\ndata_dir = {dir:?}\nrpc = {rpc:?}\nnbd = \"127.0.0.1:0\"\n\
+             http = \"127.0.0.1:0\"\njoin = [{join}]\nsite = \"a\"\nrack = \"r{id}\"\n"
+        );
+        std::fs::write(&config, text).unwrap();
+        Member { id, config, dir, rpc, node: None }
+    }
+
+    fn start(&mut self) {
+        self.node = Some(Node::serve(&self.config, &self.dir));
+    }
+
+    fn node(&self) -> &Node {
+        self.node.as_ref().expect("running")
+    }
+
+    fn get(&self, path: &str) -> Option<Value> {
+        let out = Command::new("curl")
+            .args(["-sf", "--max-time", "5", &format!("{}{path}", self.node().api())])
+            .output()
+            .ok()?;
+        serde_json::from_slice(&out.stdout).ok()
+    }
+
+    fn signal(&self, sig: &str) {
+        let pid = self.node().pid().to_string();
+        assert!(Command::new("kill").args([sig, &pid]).status().unwrap().success());
+    }
+}
+
+fn cli(member: &Member, args: &[&str]) -> (bool, String) {
+    let out = Command::new(STRATA).arg("--api").arg(member.node().api()).args(args).output();
+    let out = out.unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text)
+}
+
+/// Polls `f` every 100 ms for up to `secs`.
+fn wait_until(secs: u64, what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while Instant::now() < deadline {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("timed out waiting for {what}");
+}
+
+fn cluster_view(m: &Member) -> Option<Value> {
+    m.get("/v1/cluster")
+}
+
+fn leader(members: &[Member]) -> Option<u64> {
+    members.iter().filter(|m| m.node.is_some()).find_map(|m| {
+        let v = m.get("/v1/node")?;
+        (v["meta"]["state"] == "leader").then_some(m.id)
+    })
+}
+
+/// What the clients recorded, per key.
+type Histories = Arc<Mutex<BTreeMap<usize, Vec<Operation>>>>;
+
+const KEYS: usize = 3;
+
+/// One client: read a key, CAS it to a fresh value, forever, against one member.
+async fn client(
+    peer: Arc<Peer>,
+    me: u64,
+    epoch: Instant,
+    stop: Arc<AtomicBool>,
+    histories: Histories,
+    last_ok: Arc<Mutex<Instant>>,
+) {
+    let mut n = 0u64;
+    let us = |t: Instant| t.duration_since(epoch).as_micros() as u64;
+    while !stop.load(Ordering::Relaxed) {
+        n += 1;
+        let k = (n as usize + me as usize) % KEYS;
+        let key = format!("/test/k{k}");
+        let start = Instant::now();
+        let read = tokio::time::timeout(
+            Duration::from_secs(5),
+            peer.request(ClientRequest::Get { key: key.clone() }),
+        )
+        .await;
+        let (value, version) = match read {
+            Ok(Ok(ClientReply::Value { entry, .. })) => match entry {
+                Some(e) => (u64::from_le_bytes(e.value[..8].try_into().unwrap()), e.version),
+                None => (0, 0),
+            },
+            _ => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue; // A failed read constrains nothing.
+            }
+        };
+        let end = Instant::now();
+        let op = Operation {
+            call: Call::Read,
+            outcome: Outcome::Read(value),
+            start: us(start),
+            end: us(end),
+        };
+        histories.lock().unwrap().entry(k).or_default().push(op);
+        let to = me << 32 | n;
+        let start = Instant::now();
+        let command = cas(Origin::Operator, &key, version, to.to_le_bytes().to_vec());
+        let write = tokio::time::timeout(
+            Duration::from_secs(5),
+            peer.request(ClientRequest::Write(command)),
+        )
+        .await;
+        let outcome = match write {
+            Ok(Ok(ClientReply::Written(Response::Txn { succeeded: true, .. }))) => Outcome::Done,
+            Ok(Ok(ClientReply::Written(Response::Txn { succeeded: false, .. }))) => Outcome::Failed,
+            Ok(Ok(other)) => panic!("unexpected reply {other:?}"),
+            // No leader reachable: the request was never proposed... unless the error says
+            // the outcome is unknown; treat every error as unknown (the safe side).
+            Ok(Err(_)) | Err(_) => Outcome::Unknown,
+        };
+        let end = Instant::now();
+        if outcome != Outcome::Unknown {
+            *last_ok.lock().unwrap() = end;
+        } else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let op = Operation {
+            call: Call::Cas { from: value, to },
+            outcome,
+            start: us(start),
+            end: us(end),
+        };
+        histories.lock().unwrap().entry(k).or_default().push(op);
+    }
+}
+
+#[test]
+fn three_processes_stay_linearizable_through_kill9_and_sigstop() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut members = vec![Member::new(tmp.path(), 1, None)];
+    let first = members[0].rpc.clone();
+    members.push(Member::new(tmp.path(), 2, Some(&first)));
+    members.push(Member::new(tmp.path(), 3, Some(&first)));
+
+    // The first node founds the cluster; the others join with a copy of its secret.
+    members[0].start();
+    let (ok, text) = cli(&members[0], &["cluster", "init"]);
+    assert!(ok, "{text}");
+    let (ok, text) = cli(&members[0], &["cluster", "init"]);
+    assert!(!ok && text.contains("already"), "a second init is refused: {text}");
+    let secret = std::fs::read(members[0].dir.join("secret")).unwrap();
+    for m in &mut members[1..] {
+        std::fs::write(m.dir.join("secret"), &secret).unwrap();
+        m.start();
+    }
+    wait_until(30, "three voters, all up", || {
+        cluster_view(&members[0]).is_some_and(|v| {
+            let ms = v["cluster"]["members"].as_array().cloned().unwrap_or_default();
+            ms.len() == 3 && ms.iter().all(|m| m["role"] == "voter" && m["session"]["up"] == true)
+        })
+    });
+    let (ok, text) = cli(&members[2], &["node", "list"]);
+    assert!(ok && text.contains("voter") && text.contains("a/r3"), "{text}");
+
+    // A node with the wrong secret cannot join: it exits with a clear error and the
+    // membership is unchanged.
+    let mut outsider = Member::new(tmp.path(), 4, Some(&first));
+    std::fs::write(outsider.dir.join("secret"), b"not the cluster's secret at all").unwrap();
+    let out = Command::new(STRATA).arg("serve").arg("--config").arg(&outsider.config).output();
+    let out = out.unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("secret"), "{err}");
+    outsider.node = None;
+    let v = cluster_view(&members[0]).unwrap();
+    assert_eq!(v["cluster"]["members"].as_array().unwrap().len(), 3);
+
+    // Clients at every member.
+    let runtime =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let key = Key::from_secret(&secret);
+    let epoch = Instant::now();
+    let stop = Arc::new(AtomicBool::new(false));
+    let histories: Histories = Arc::default();
+    let last_ok = Arc::new(Mutex::new(Instant::now()));
+    let peers: Vec<Arc<Peer>> =
+        members.iter().map(|m| Arc::new(Peer::new(key.clone(), m.rpc.clone()))).collect();
+    let mut tasks = Vec::new();
+    for c in 0..6u64 {
+        let peer = peers[c as usize % 3].clone();
+        let task = client(peer, c + 1, epoch, stop.clone(), histories.clone(), last_ok.clone());
+        tasks.push(runtime.spawn(task));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+
+    // Kill the leader; the others elect a new one and serve again.
+    let old = leader(&members).expect("a leader");
+    let killed = Instant::now();
+    let i = members.iter().position(|m| m.id == old).unwrap();
+    members[i].node.take().unwrap().kill9();
+    wait_until(30, "service after the leader's kill -9", || *last_ok.lock().unwrap() > killed);
+    eprintln!(
+        "served again {:?} after kill -9 of the leader",
+        last_ok.lock().unwrap().duration_since(killed)
+    );
+    members[i].start();
+    std::thread::sleep(Duration::from_secs(2));
+
+    // Stop a follower beyond the session timeout (10 s), then resume it.
+    let now_leader = leader(&members).expect("a leader");
+    let paused = members.iter().position(|m| m.id != now_leader).unwrap();
+    let before = members[paused].get("/v1/node").unwrap()["meta"]["incarnation"].as_u64().unwrap();
+    let paused_id = members[paused].id;
+    members[paused].signal("-STOP");
+    let stopped = Instant::now();
+    wait_until(30, "the paused node declared down", || {
+        members.iter().filter(|m| m.id != paused_id).any(|m| {
+            cluster_view(m).is_some_and(|v| {
+                v["cluster"]["members"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|n| n["id"] == paused_id && n["session"]["up"] == false)
+            })
+        })
+    });
+    // The timeout runs from its last heartbeat, at most a heartbeat period (1 s) before
+    // the SIGSTOP.
+    assert!(
+        stopped.elapsed() >= Duration::from_secs(8),
+        "declared down before the session timeout: {:?} after the SIGSTOP",
+        stopped.elapsed()
+    );
+    // A write it prepared before, at its old incarnation, is refused.
+    let stale = Origin::Node { node: paused_id, incarnation: before };
+    let late = runtime.block_on(peers[(paused + 1) % 3].request(ClientRequest::Write(cas(
+        stale,
+        "/test/late",
+        0,
+        b"late".to_vec(),
+    ))));
+    assert!(
+        matches!(
+            late,
+            Ok(ClientReply::Written(Response::Refused(Refusal::StaleIncarnation { .. })))
+        ),
+        "{late:?}"
+    );
+    let resumed = Instant::now();
+    members[paused].signal("-CONT");
+    // The node finds its own heartbeat refused and registers again.
+    wait_until(30, "the resumed node re-registered", || {
+        members[paused].get("/v1/node").is_some_and(|v| {
+            v["meta"]["stale_refusals"].as_u64() >= Some(1)
+                && v["meta"]["incarnation"].as_u64() > Some(before + 1)
+        })
+    });
+    wait_until(30, "service after the resume", || *last_ok.lock().unwrap() > resumed);
+    std::thread::sleep(Duration::from_secs(2));
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        runtime.block_on(t).unwrap();
+    }
+
+    let histories = histories.lock().unwrap();
+    let mut done = 0;
+    for (k, history) in histories.iter() {
+        done += history.iter().filter(|o| o.outcome == Outcome::Done).count();
+        if let Err(e) = check(history) {
+            panic!("key {k}: not linearizable: {e}");
+        }
+    }
+    assert!(done > 50, "too few successful CAS ({done}) to mean anything");
+    // The late write left nothing behind; the restarted node has caught up.
+    let v = cluster_view(&members[i]).unwrap();
+    let ms = v["cluster"]["members"].as_array().unwrap();
+    assert!(ms.iter().all(|m| m["session"]["up"] == true), "{v}");
+    let r = runtime.block_on(peers[i].request(ClientRequest::Get { key: "/test/late".into() }));
+    assert!(matches!(r, Ok(ClientReply::Value { entry: None, .. })), "{r:?}");
+}
