@@ -121,9 +121,10 @@ wait_nbd() {
 
 start_strata() { # DATA_DIR LOG
   local ports i
-  mapfile -t ports < <(free_ports 2)
+  mapfile -t ports < <(free_ports 3)
   STRATA_LOG=$2
-  "$STRATA" up --data-dir "$1" --nbd "127.0.0.1:${ports[0]}" --http "127.0.0.1:${ports[1]}" >>"$STRATA_LOG" 2>&1 &
+  "$STRATA" up --data-dir "$1" --nbd "127.0.0.1:${ports[0]}" --http "127.0.0.1:${ports[1]}" \
+    --rpc "127.0.0.1:${ports[2]}" >>"$STRATA_LOG" 2>&1 &
   PID_STRATA=$!; PIDS+=("$PID_STRATA")
   API=http://127.0.0.1:${ports[1]}
   NBD_URI_BASE=nbd://127.0.0.1:${ports[0]}

@@ -173,7 +173,7 @@ wait_nbd() { # uri pid name logfile
 # --- start the servers ---------------------------------------------------------
 log "strata: $STRATA ($("$STRATA" --version 2>/dev/null || echo '?'))"
 "$STRATA" up --data-dir "$SCRATCH/strata-data" --nbd "127.0.0.1:$P_NBD" --http "127.0.0.1:$P_HTTP" \
-  >"$SCRATCH/strata.log" 2>&1 &
+  --rpc "127.0.0.1:0" >"$SCRATCH/strata.log" 2>&1 &
 PID_STRATA=$!; PIDS+=("$PID_STRATA")
 for i in $(seq 150); do
   wait_alive "$PID_STRATA" strata "$SCRATCH/strata.log"

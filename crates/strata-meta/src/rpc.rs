@@ -13,11 +13,11 @@
 //! prevented yet; the RPC is meant for a private network or loopback until it runs over
 //! TLS.)
 //!
-//! Every frame's body is an [`Envelope`]: a request id and the message. Raft's own
-//! requests are answered in order; client requests (a member forwarding to the leader,
-//! the CLI's node, a benchmark) run concurrently and are answered by id, so one
-//! connection carries many at once. A [`Peer`] writes whole frames from one writer task,
-//! so a caller that gives up (a timeout) never leaves half a frame on the stream.
+//! Every frame's body is an [`Envelope`]: a request id and the message. Requests run
+//! concurrently and are answered by id, so one connection carries many at once (Raft's
+//! appends and heartbeats, client requests forwarded to the leader, a benchmark's). A
+//! [`Peer`] writes whole frames from one writer task, so a caller that gives up (a
+//! timeout) never leaves half a frame on the stream.
 
 use crate::raft::{NodeId, TypeConfig};
 use crate::service::{ClientReply, ClientRequest, Member, ServiceError};
@@ -204,25 +204,24 @@ async fn serve_connection(stream: TcpStream, peer: std::net::SocketAddr, member:
                 return;
             }
         };
-        let raft = member.raft();
-        let reply = match body {
-            Request::Append(r) => Reply::Append(raft.append_entries(r).await),
-            Request::Vote(r) => Reply::Vote(raft.vote(r).await),
-            Request::Snapshot(r) => Reply::Snapshot(raft.install_snapshot(r).await),
-            Request::Client { request, forwarded } => {
-                let member = member.clone();
-                let tx = tx.clone();
-                let key = key.clone();
-                tokio::spawn(async move {
-                    let body = Reply::Client(member.handle(request, forwarded).await);
-                    let _ = tx.send(encode(&key, &Envelope { id, body }));
-                });
-                continue;
-            }
-        };
-        if tx.send(encode(&key, &Envelope { id, body: reply })).is_err() {
-            return;
-        }
+        // Each request runs on its own: a heartbeat (or a read-index round) must not wait
+        // behind an append that waits for this member's fsync. Raft tolerates reordering
+        // (a stale or out-of-order append is refused and retried by the leader).
+        let member = member.clone();
+        let tx = tx.clone();
+        let key = key.clone();
+        tokio::spawn(async move {
+            let raft = member.raft();
+            let body = match body {
+                Request::Append(r) => Reply::Append(raft.append_entries(r).await),
+                Request::Vote(r) => Reply::Vote(raft.vote(r).await),
+                Request::Snapshot(r) => Reply::Snapshot(raft.install_snapshot(r).await),
+                Request::Client { request, forwarded } => {
+                    Reply::Client(member.handle(request, forwarded).await)
+                }
+            };
+            let _ = tx.send(encode(&key, &Envelope { id, body }));
+        });
     }
 }
 
@@ -262,6 +261,7 @@ struct Conn {
     pending: Pending,
     next: AtomicU64,
     refused: Mutex<Option<String>>,
+    reader: Mutex<Option<tokio::task::AbortHandle>>,
 }
 
 impl Conn {
@@ -329,6 +329,7 @@ impl Peer {
             pending: Mutex::new(Some(HashMap::new())),
             next: AtomicU64::new(1),
             refused: Mutex::new(None),
+            reader: Mutex::new(None),
         });
         let w = conn.clone();
         tokio::spawn(async move {
@@ -341,7 +342,7 @@ impl Peer {
         });
         let r = conn.clone();
         let key = self.key.clone();
-        tokio::spawn(async move {
+        let reader_task = tokio::spawn(async move {
             loop {
                 match read_frame::<Envelope<Reply>>(&mut reader, &key).await {
                     Ok(Envelope { id, body }) => {
@@ -356,6 +357,7 @@ impl Peer {
                 }
             }
         });
+        *conn.reader.lock().unwrap_or_else(|e| e.into_inner()) = Some(reader_task.abort_handle());
         *slot = Some(conn.clone());
         Ok(conn)
     }
@@ -392,30 +394,51 @@ impl Peer {
     }
 }
 
-/// The TCP network of one member: peers are found by the address in their `BasicNode`.
+impl Drop for Peer {
+    fn drop(&mut self) {
+        // The reader task holds the connection (and so the writer's queue): stop it, which
+        // closes the socket and ends the writer.
+        if let Some(conn) = self.conn.get_mut().take() {
+            conn.kill(None);
+            if let Some(reader) = conn.reader.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                reader.abort();
+            }
+        }
+    }
+}
+
+/// The TCP network of one member: peers are found by the address in their `BasicNode`;
+/// one shared connection per peer address (openraft asks for a new client per
+/// read-index round, which must not mean a new connection).
 #[derive(Clone)]
 pub struct TcpNetwork {
     key: Key,
+    peers: Arc<Mutex<HashMap<String, Arc<Peer>>>>,
 }
 
 impl TcpNetwork {
     /// A network authenticating with `key`.
     pub fn new(key: Key) -> TcpNetwork {
-        TcpNetwork { key }
+        TcpNetwork { key, peers: Arc::default() }
     }
 }
 
 /// Raft's connection to one peer.
 pub struct TcpConnection {
     target: NodeId,
-    peer: Peer,
+    peer: Arc<Peer>,
 }
 
 impl RaftNetworkFactory<TypeConfig> for TcpNetwork {
     type Network = TcpConnection;
 
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> TcpConnection {
-        TcpConnection { target, peer: Peer::new(self.key.clone(), node.addr.clone()) }
+        let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+        let peer = peers
+            .entry(node.addr.clone())
+            .or_insert_with(|| Arc::new(Peer::new(self.key.clone(), node.addr.clone())))
+            .clone();
+        TcpConnection { target, peer }
     }
 }
 

@@ -12,7 +12,8 @@
 //!    the leader lost its leadership while the entry was in flight) is answered
 //!    `Unknown`, never retried: a retried compare-and-swap could apply twice.
 //! 3. Reads go through read-index (`ensure_linearizable`): a deposed or paused leader
-//!    cannot answer them, as it cannot confirm its leadership with a quorum.
+//!    cannot answer them, as it cannot confirm its leadership with a quorum. Concurrent
+//!    reads share a round, but only one that starts after they arrived.
 //! 4. The leader stamps each command with its own clock before proposing it; members
 //!    apply the stamped time (`state.rs` invariant 4).
 //! 5. Voters are the first 1, 3 or 5 members (the largest of those not above the number
@@ -22,7 +23,7 @@
 use crate::raft::{self, NodeId, StateMachineStore, TypeConfig};
 use crate::rpc::{self, Key, Peer};
 use crate::state::{Command, Entry, Origin, Refusal, Response, Session, Watch};
-use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
+use openraft::error::{ClientWriteError, RaftError};
 use openraft::{BasicNode, ChangeMembers, Raft, ServerState};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -253,6 +254,23 @@ pub struct Member {
     peers: Mutex<HashMap<String, Arc<Peer>>>,
     incarnation: AtomicU64,
     stale_refusals: AtomicU64,
+    reads: Mutex<ReadRounds>,
+}
+
+/// Read-index rounds: concurrent reads share one round of leadership confirmation. A
+/// read joins the next round to *start* (one already running may have begun before the
+/// read arrived, and a confirmation older than the read would not make it linearizable).
+#[derive(Default)]
+struct ReadRounds {
+    running: bool,
+    next: Vec<tokio::sync::oneshot::Sender<Result<(), ReadFailure>>>,
+}
+
+/// Why a read-index round failed.
+#[derive(Clone, Debug)]
+enum ReadFailure {
+    NotLeader,
+    Fatal(String),
 }
 
 /// One attempt's failure: try again, or give up with this error.
@@ -300,6 +318,7 @@ impl Member {
             peers: Mutex::new(HashMap::new()),
             incarnation: AtomicU64::new(0),
             stale_refusals: AtomicU64::new(0),
+            reads: Mutex::new(ReadRounds::default()),
         });
         tokio::spawn(rpc::serve(options.listener, member.clone()));
         tokio::spawn(raft::run_reaper(raft, options.id, Duration::from_millis(500), now_ms));
@@ -543,12 +562,39 @@ impl Member {
     }
 
     async fn read_index(&self) -> Result<(), Attempt> {
-        match self.raft.ensure_linearizable().await {
-            Ok(_) => Ok(()),
-            Err(RaftError::APIError(
-                CheckIsLeaderError::ForwardToLeader(_) | CheckIsLeaderError::QuorumNotEnough(_),
-            )) => Err(Attempt::Retry),
-            Err(RaftError::Fatal(e)) => Err(Attempt::Fail(fatal(e))),
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let start = {
+            let mut rounds = self.reads.lock().unwrap_or_else(|e| e.into_inner());
+            rounds.next.push(tx);
+            !std::mem::replace(&mut rounds.running, true)
+        };
+        if start {
+            // This read runs the rounds until no read is waiting; others only wait.
+            let raft = self.raft.clone();
+            loop {
+                let waiters = {
+                    let mut rounds = self.reads.lock().unwrap_or_else(|e| e.into_inner());
+                    if rounds.next.is_empty() {
+                        rounds.running = false;
+                        break;
+                    }
+                    std::mem::take(&mut rounds.next)
+                };
+                let result = match raft.ensure_linearizable().await {
+                    Ok(_) => Ok(()),
+                    Err(RaftError::APIError(_)) => Err(ReadFailure::NotLeader),
+                    Err(RaftError::Fatal(e)) => Err(ReadFailure::Fatal(e.to_string())),
+                };
+                for w in waiters {
+                    let _ = w.send(result.clone());
+                }
+            }
+        }
+        match rx.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(ReadFailure::NotLeader)) => Err(Attempt::Retry),
+            Ok(Err(ReadFailure::Fatal(e))) => Err(Attempt::Fail(ServiceError::Fatal(e))),
+            Err(_) => Err(Attempt::Retry),
         }
     }
 

@@ -15,7 +15,7 @@ pub struct Member {
 /// Starts member `id` on `router`, its database in `dir` (reopened if it exists: a
 /// restart after a crash).
 pub async fn start(router: &Router, dir: &std::path::Path, id: NodeId) -> Member {
-    let (log, sm) = open(&dir.join(format!("meta{id}.redb"))).unwrap();
+    let (log, sm) = open_inline(&dir.join(format!("meta{id}.redb"))).unwrap();
     let config = openraft::Config {
         heartbeat_interval: 50,
         election_timeout_min: 300,
