@@ -75,13 +75,23 @@ pub fn check(history: &[Operation]) -> Result<(), String> {
             return Err(format!("{op:?} ends before it starts"));
         }
     }
-    let mut search = Search { ops: &ops, seen: HashSet::new(), steps: 0, best: 0 };
-    let mut done = vec![false; ops.len()];
-    match search.explore(&mut done, 0, 0) {
+    // The search recurses once per placed operation: give it a stack to match (a thread
+    // of its own; the pages are only touched as deep as it goes).
+    let stack = (8 << 20) + ops.len() * 4096;
+    let (explored, best) = std::thread::scope(|scope| {
+        let search = std::thread::Builder::new().stack_size(stack).spawn_scoped(scope, || {
+            let mut search = Search { ops: &ops, seen: HashSet::new(), steps: 0, best: 0 };
+            let mut done = vec![false; ops.len()];
+            let explored = search.explore(&mut done, 0, 0);
+            (explored, search.best)
+        });
+        search.expect("spawn the checker's thread").join().expect("the checker panicked")
+    });
+    match explored {
         Some(true) => Ok(()),
         Some(false) => Err(format!(
             "not linearizable: at most {} of the {} completed operations can be placed",
-            search.best,
+            best,
             ops.iter().filter(|o| o.outcome != Outcome::Unknown).count()
         )),
         None => Err(format!("gave up after {STEPS_MAX} steps (history too concurrent)")),

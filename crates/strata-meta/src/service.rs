@@ -74,17 +74,22 @@ pub enum ClientRequest {
     },
     /// The cluster as the leader sees it.
     Status,
+    /// Which node answers (asked of a node before it is added).
+    Identify,
 }
 
 impl ClientRequest {
     fn needs_leader(&self) -> bool {
-        !matches!(self, ClientRequest::Watch { .. })
+        !matches!(self, ClientRequest::Watch { .. } | ClientRequest::Identify)
     }
 
     fn is_read(&self) -> bool {
         matches!(
             self,
-            ClientRequest::Get { .. } | ClientRequest::Range { .. } | ClientRequest::Status
+            ClientRequest::Get { .. }
+                | ClientRequest::Range { .. }
+                | ClientRequest::Status
+                | ClientRequest::Identify
         )
     }
 }
@@ -114,6 +119,11 @@ pub enum ClientReply {
     Done,
     /// The cluster.
     Status(ClusterStatus),
+    /// The node that answered.
+    Identity {
+        /// Its node id.
+        id: NodeId,
+    },
 }
 
 /// Why a request failed.
@@ -241,6 +251,8 @@ const REQUEST_DEADLINE: Duration = Duration::from_secs(10);
 const STATUS_DEADLINE: Duration = Duration::from_secs(3);
 /// How long a forwarded request may wait for its answer.
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(8);
+/// How long a new learner may take to catch up before its addition is reported failed.
+const LEARNER_CATCH_UP: Duration = Duration::from_secs(30);
 /// How often a node heartbeats its session.
 const SESSION_HEARTBEAT: Duration = Duration::from_secs(1);
 
@@ -444,6 +456,9 @@ impl Member {
         request: ClientRequest,
         forwarded: bool,
     ) -> Result<ClientReply, ServiceError> {
+        if let ClientRequest::Identify = request {
+            return Ok(ClientReply::Identity { id: self.id });
+        }
         if !request.needs_leader() {
             return self.watch(request).await;
         }
@@ -557,7 +572,9 @@ impl Member {
             }
             ClientRequest::Join { id, addr } => self.add_member(*id, addr).await,
             ClientRequest::Remove { id } => self.remove_member(*id).await,
-            ClientRequest::Watch { .. } => unreachable!("watches are answered locally"),
+            ClientRequest::Watch { .. } | ClientRequest::Identify => {
+                unreachable!("answered locally")
+            }
         }
     }
 
@@ -673,11 +690,33 @@ impl Member {
                 ))))
             }
             None => {
+                // The node must be there and be who it says: a typo must not leave a
+                // learner that points nowhere.
+                let fail = |m: String| Err(Attempt::Fail(ServiceError::Membership(m)));
+                let peer = self.peer(addr);
+                let probe = peer.request(ClientRequest::Identify);
+                match tokio::time::timeout(Duration::from_secs(5), probe).await {
+                    Ok(Ok(ClientReply::Identity { id: found })) if found == id => {}
+                    Ok(Ok(ClientReply::Identity { id: found })) => {
+                        return fail(format!("the node at {addr} is node {found}, not node {id}"))
+                    }
+                    Ok(Ok(other)) => return fail(format!("{addr} answered {other:?}")),
+                    Ok(Err(e)) => return fail(format!("cannot add node {id} at {addr}: {e}")),
+                    Err(_) => return fail(format!("no answer from node {id} at {addr}")),
+                }
                 tracing::info!(id, addr, "adding a member as a learner");
-                self.raft
-                    .add_learner(id, BasicNode::new(addr), true)
-                    .await
-                    .map_err(Member::membership_error)?;
+                let add = self.raft.add_learner(id, BasicNode::new(addr), true);
+                match tokio::time::timeout(LEARNER_CATCH_UP, add).await {
+                    Ok(r) => {
+                        r.map_err(Member::membership_error)?;
+                    }
+                    Err(_) => {
+                        return fail(format!(
+                            "node {id} was added as a learner but did not catch up within \
+                             {LEARNER_CATCH_UP:?}; it stays a learner"
+                        ))
+                    }
+                }
             }
         }
         self.rebalance().await?;

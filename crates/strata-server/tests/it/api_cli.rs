@@ -176,6 +176,11 @@ fn openapi_document_describes_every_route() {
         ("/v1/volumes/{name}/snapshots/{snapshot}", "get"),
         ("/v1/volumes/{name}/snapshots/{snapshot}", "delete"),
         ("/v1/volumes/{name}/snapshots/{snapshot}/clone", "post"),
+        ("/v1/cluster", "get"),
+        ("/v1/cluster/init", "post"),
+        ("/v1/cluster/nodes", "get"),
+        ("/v1/cluster/nodes", "post"),
+        ("/v1/cluster/nodes/{id}", "delete"),
         ("/v1/openapi.json", "get"),
     ] {
         assert!(paths[path][method].is_object(), "{method} {path} missing from the document");
@@ -215,4 +220,67 @@ fn forced_delete_closes_a_client_that_stopped_reading() {
         ),
     }
     assert!(sink.len() < 64 << 20, "not every reply was sent");
+}
+
+#[test]
+fn a_one_node_cluster_answers_and_bad_membership_requests_change_nothing() {
+    let node = Node::start();
+    let (s, b) = get(&node, "/v1/cluster");
+    assert_eq!(s, 200, "{b}");
+    let v: serde_json::Value = serde_json::from_str(&b).unwrap();
+    assert_eq!(v["cluster"]["leader"], 1);
+    assert_eq!(v["cluster"]["members"][0]["role"], "voter");
+    let (s, b) = post(&node, "/v1/cluster/init", "");
+    assert_eq!((s, error_code(&b)), (409, "already_exists".into()), "{b}");
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    for (body, status) in [
+        (r#"{"id": 2, "rpc": "nowhere"}"#.to_owned(), 400),
+        (r#"{"id": 2}"#.to_owned(), 400),
+        (r#"{"id": 2, "rpc": "127.0.0.1:1", "x": 1}"#.to_owned(), 400),
+        (format!(r#"{{"id": 0, "rpc": "{free}"}}"#), 400),
+        // Nothing listens there: refused, no ghost learner.
+        (format!(r#"{{"id": 2, "rpc": "{free}"}}"#), 400),
+    ] {
+        let (s, b) = post(&node, "/v1/cluster/nodes", &body);
+        assert_eq!(s, status, "{body}: {b}");
+        error_code(&b);
+    }
+    for path in ["/v1/cluster/nodes/7", "/v1/cluster/nodes/1", "/v1/cluster/nodes/x"] {
+        let (s, b) =
+            http(&node, &format!("DELETE {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"));
+        assert_eq!(s, 400, "{path}: {b}");
+    }
+    let out = node.cli(&["node", "list", "--json"]);
+    let members: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(members.as_array().unwrap().len(), 1, "{members}");
+    let out = node.cli(&["cluster", "status"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains("leader: node 1"), "{text}");
+}
+
+#[test]
+fn an_api_beyond_loopback_needs_the_bearer_token() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Listens on every address; the test talks to it over loopback only.
+    let node = Node::try_start_with(tmp.path(), "0.0.0.0:0").unwrap();
+    let token = std::fs::read_to_string(tmp.path().join("api-token")).unwrap();
+    let (s, b) = get(&node, "/v1/volumes");
+    assert_eq!((s, error_code(&b)), (401, "unauthorized".into()), "{b}");
+    let wrong = "GET /v1/volumes HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer nope\r\n\
+                 Connection: close\r\n\r\n";
+    assert_eq!(http(&node, wrong).0, 401);
+    let out = node.cli(&["volume", "create", "v", "--size", "1M"]);
+    assert!(!out.status.success(), "no token, no volume");
+    let right = format!(
+        "GET /v1/volumes HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\
+         Connection: close\r\n\r\n",
+        token.trim()
+    );
+    assert_eq!(http(&node, &right), (200, "[]".into()));
+    let out = std::process::Command::new(crate::harness::STRATA)
+        .args(["--api", &node.api(), "volume", "create", "v", "--size", "1M"])
+        .env("STRATA_TOKEN", token.trim())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }

@@ -37,9 +37,14 @@ impl Node {
 
     /// Starts a node on `dir`; on failure returns what it printed.
     pub fn try_start_in(dir: &Path) -> Result<Node, String> {
+        Node::try_start_with(dir, "127.0.0.1:0")
+    }
+
+    /// Starts a node on `dir` with its HTTP API on `http`.
+    pub fn try_start_with(dir: &Path, http: &str) -> Result<Node, String> {
         let mut command = Command::new(STRATA);
         command
-            .args(["up", "--nbd", "127.0.0.1:0", "--http", "127.0.0.1:0", "--rpc", "127.0.0.1:0"])
+            .args(["up", "--nbd", "127.0.0.1:0", "--http", http, "--rpc", "127.0.0.1:0"])
             .arg("--data-dir")
             .arg(dir);
         Node::launch(command, dir)
@@ -88,7 +93,9 @@ impl Node {
                         nbd = rest.split_whitespace().next().map(str::to_owned);
                     }
                     if let Some(rest) = line.trim().strip_prefix("HTTP listening on ") {
-                        http = rest.split_whitespace().next().map(str::to_owned);
+                        // A wildcard listener is reached over loopback.
+                        let addr = rest.split_whitespace().next().unwrap_or_default();
+                        http = Some(addr.replace("0.0.0.0:", "127.0.0.1:"));
                     }
                 }
                 Err(_) => {
