@@ -367,6 +367,23 @@ impl Member {
         Origin::Node { node: self.id, incarnation: self.incarnation.load(Ordering::Acquire) }
     }
 
+    /// Whether the node's session is registered (its requests carry a live incarnation).
+    pub fn registered(&self) -> bool {
+        self.incarnation.load(Ordering::Acquire) != 0
+    }
+
+    /// Waits up to `patience` for the node's session to be registered.
+    pub async fn wait_registered(&self, patience: Duration) -> bool {
+        let deadline = Instant::now() + patience;
+        while !self.registered() {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        true
+    }
+
     /// Stops Raft.
     pub async fn shutdown(&self) {
         let _ = self.raft.shutdown().await;

@@ -40,6 +40,42 @@ pub struct Api {
     pub meta: Arc<Member>,
     /// The bearer token every request must carry (when HTTP listens beyond loopback).
     pub token: Option<String>,
+    /// The cluster's volume registry.
+    pub registry: Arc<crate::registry::Registry>,
+}
+
+impl Api {
+    /// A local operation's result on volume `name`: on success the registry is told; a
+    /// volume this node does not hold but another does gets an error saying where.
+    fn local<T>(&self, name: &str, result: ApiResult<T>) -> ApiResult<T> {
+        match result {
+            Ok(v) => {
+                self.registry.kick();
+                Ok(v)
+            }
+            Err(e) if e.code == ErrorCode::NotFound => {
+                Err(self.registry.elsewhere(name).unwrap_or(e))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Makes a volume named `name` here: the name is taken in the registry first, and
+    /// given back if making it fails.
+    async fn make<T: Send + 'static>(
+        &self,
+        name: &str,
+        size_bytes: u64,
+        f: impl FnOnce() -> ApiResult<T> + Send + 'static,
+    ) -> ApiResult<T> {
+        self.registry.reserve(name, size_bytes).await?;
+        let made = blocking(f).await;
+        if made.is_err() {
+            self.registry.release(name).await;
+        }
+        self.registry.kick();
+        made
+    }
 }
 
 /// The file (in the data directory) holding the HTTP API's bearer token.
@@ -176,14 +212,22 @@ async fn node_status(State(api): State<Api>) -> Json<NodeStatus> {
 }
 
 async fn list_volumes(State(api): State<Api>) -> Json<Vec<VolumeInfo>> {
-    Json(api.node.list())
+    let mut volumes = api.node.list();
+    let local: std::collections::HashSet<String> = volumes.iter().map(|v| v.name.clone()).collect();
+    let remote = api.registry.remote().into_iter().filter(|r| !local.contains(&r.name));
+    volumes.extend(remote);
+    volumes.sort_by(|a, b| a.name.cmp(&b.name));
+    Json(volumes)
 }
 
 async fn get_volume(
     State(api): State<Api>,
     Path(name): Path<String>,
 ) -> ApiResult<Json<VolumeInfo>> {
-    api.node.get(&name).map(Json)
+    match api.node.get(&name) {
+        Ok(v) => Ok(Json(v)),
+        Err(e) => api.registry.remote().into_iter().find(|v| v.name == name).map(Json).ok_or(e),
+    }
 }
 
 /// A size given as bytes (a number) or as text with a suffix (`"10G"`).
@@ -248,7 +292,8 @@ async fn create_volume(
     let name = VolumeName::new(&req.name).map_err(|e| ApiError::invalid(e.to_string()))?;
     let size = req.size.bytes()?;
     let node = api.node.clone();
-    let info = blocking(move || node.create(name, size)).await?;
+    let key = name.to_string();
+    let info = api.make(&key, size, move || node.create(name, size)).await?;
     Ok((StatusCode::CREATED, Json(info)))
 }
 
@@ -260,7 +305,8 @@ async fn resize_volume(
     let req: ResizeVolume = parse_json(&body)?;
     let size = req.size.bytes()?;
     let node = api.node.clone();
-    blocking(move || node.resize(&name, size, req.allow_shrink)).await.map(Json)
+    let n = name.clone();
+    api.local(&name, blocking(move || node.resize(&n, size, req.allow_shrink)).await).map(Json)
 }
 
 async fn delete_volume(
@@ -270,7 +316,8 @@ async fn delete_volume(
 ) -> ApiResult<StatusCode> {
     let Query(q) = query.map_err(|e| ApiError::invalid(format!("bad query: {e}")))?;
     let node = api.node.clone();
-    blocking(move || node.delete(&name, q.force)).await?;
+    let n = name.clone();
+    api.local(&name, blocking(move || node.delete(&n, q.force)).await)?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -297,7 +344,8 @@ async fn list_snapshots(
     Path(name): Path<String>,
 ) -> ApiResult<Json<Vec<SnapshotInfo>>> {
     let node = api.node.clone();
-    blocking(move || node.snapshot_list(&name)).await.map(Json)
+    let n = name.clone();
+    api.local(&name, blocking(move || node.snapshot_list(&n)).await).map(Json)
 }
 
 async fn get_snapshot(
@@ -305,7 +353,8 @@ async fn get_snapshot(
     Path((name, snapshot)): Path<(String, String)>,
 ) -> ApiResult<Json<SnapshotInfo>> {
     let node = api.node.clone();
-    blocking(move || node.snapshot_get(&name, &snapshot)).await.map(Json)
+    let n = name.clone();
+    api.local(&name, blocking(move || node.snapshot_get(&n, &snapshot)).await).map(Json)
 }
 
 async fn create_snapshot(
@@ -316,7 +365,8 @@ async fn create_snapshot(
     let req: NameBody = parse_json(&body)?;
     let snapshot = valid_name(&req.name, "snapshot name")?;
     let node = api.node.clone();
-    let info = blocking(move || node.snapshot_create(&name, snapshot)).await?;
+    let n = name.clone();
+    let info = api.local(&name, blocking(move || node.snapshot_create(&n, snapshot)).await)?;
     Ok((StatusCode::CREATED, Json(info)))
 }
 
@@ -327,7 +377,8 @@ async fn delete_snapshot(
 ) -> ApiResult<StatusCode> {
     let Query(q) = query.map_err(|e| ApiError::invalid(format!("bad query: {e}")))?;
     let node = api.node.clone();
-    blocking(move || node.snapshot_delete(&name, &snapshot, q.force)).await?;
+    let n = name.clone();
+    api.local(&name, blocking(move || node.snapshot_delete(&n, &snapshot, q.force)).await)?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -340,7 +391,10 @@ async fn clone_snapshot(
     let clone = valid_name(&req.name, "clone name")?;
     let node = api.node.clone();
     let source = format!("{name}@{snapshot}");
-    let info = blocking(move || node.clone_volume(&source, clone)).await?;
+    // The source must be here (a clone shares its blocks), before its name is taken.
+    let size = api.local(&name, api.node.snapshot_get(&name, &snapshot))?.size_bytes;
+    let key = clone.to_string();
+    let info = api.make(&key, size, move || node.clone_volume(&source, clone)).await?;
     Ok((StatusCode::CREATED, Json(info)))
 }
 
@@ -352,7 +406,7 @@ async fn rollback_volume(
     let req: RollbackBody = parse_json(&body)?;
     let node = api.node.clone();
     let source = format!("{name}@{}", req.snapshot);
-    blocking(move || node.rollback(&source, req.force)).await.map(Json)
+    api.local(&name, blocking(move || node.rollback(&source, req.force)).await).map(Json)
 }
 
 fn service_error(e: ServiceError) -> ApiError {

@@ -444,6 +444,7 @@ fn print_table(volumes: &[VolumeInfo]) {
         .map(|v| {
             vec![
                 v.name.clone(),
+                v.node.to_string(),
                 v.size.clone(),
                 format_size(v.allocated_bytes),
                 v.snapshots.len().to_string(),
@@ -452,7 +453,7 @@ fn print_table(volumes: &[VolumeInfo]) {
             ]
         })
         .collect();
-    table(&["NAME", "SIZE", "ALLOCATED", "SNAPS", "CONNS", "EXPORT"], &rows);
+    table(&["NAME", "NODE", "SIZE", "ALLOCATED", "SNAPS", "CONNS", "EXPORT"], &rows);
     if rows.is_empty() {
         println!("(no volumes; create one with `strata volume create NAME --size 10G`)");
     }

@@ -10,6 +10,7 @@ mod config;
 mod error;
 mod fsck;
 mod node;
+mod registry;
 mod up;
 
 use clap::{Parser, Subcommand};

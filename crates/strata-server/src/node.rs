@@ -132,6 +132,8 @@ pub struct VolumeInfo {
     pub created_unix: u64,
     /// The NBD URI to connect to.
     pub export_uri: String,
+    /// The node holding its data.
+    pub node: u64,
 }
 
 /// What the API shows of a snapshot.
@@ -168,6 +170,7 @@ pub struct Node {
     dir: PathBuf,
     store: LogStore,
     nbd_addr: Mutex<String>,
+    node_id: std::sync::atomic::AtomicU64,
     state: Mutex<State>,
 }
 
@@ -344,12 +347,18 @@ impl Node {
             dir: dir.to_owned(),
             store,
             nbd_addr: Mutex::new(String::from("127.0.0.1:10809")),
+            node_id: std::sync::atomic::AtomicU64::new(0),
             state: Mutex::new(State { next_id, volumes }),
         };
         if dropped || !catalog_path.exists() {
             node.persist(&node.lock()).map_err(|e| anyhow::anyhow!("{}", e.message))?;
         }
         Ok(Arc::new(node))
+    }
+
+    /// Records the cluster's id for this node (shown with its volumes).
+    pub fn set_node_id(&self, id: u64) {
+        self.node_id.store(id, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Records the NBD address, for export URIs.
@@ -431,6 +440,7 @@ impl Node {
             connections: v.attach.connections(),
             created_unix: v.created_unix,
             export_uri: self.uri(v.name.as_str()),
+            node: self.node_id.load(std::sync::atomic::Ordering::Relaxed),
         }
     }
 

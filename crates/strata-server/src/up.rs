@@ -182,6 +182,9 @@ async fn serve(config: Config, one_node: bool) -> anyhow::Result<()> {
         "version": env!("CARGO_PKG_VERSION"),
     });
     tokio::spawn(member.clone().run_session(record));
+    node.set_node_id(config.node_id);
+    let registry = crate::registry::Registry::new(node.clone(), member.clone());
+    tokio::spawn(registry.clone().run());
     let token = api::token_for(&config.data_dir, config.http)?;
 
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -195,6 +198,7 @@ async fn serve(config: Config, one_node: bool) -> anyhow::Result<()> {
         data_dir: config.data_dir.display().to_string(),
         meta: member.clone(),
         token: token.clone(),
+        registry,
     });
     let mut http_stop = stop_rx.clone();
     let http_task = tokio::spawn(async move {

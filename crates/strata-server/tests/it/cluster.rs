@@ -201,6 +201,35 @@ fn three_processes_stay_linearizable_through_kill9_and_sigstop() {
     let (ok, text) = cli(&members[2], &["node", "list"]);
     assert!(ok && text.contains("voter") && text.contains("a/r3"), "{text}");
 
+    // Volume names are the cluster's: a name taken on one node is refused on another,
+    // every node lists every volume with its node, and a volume is managed where it is.
+    let (ok, text) = cli(&members[0], &["volume", "create", "vm1", "--size", "8M"]);
+    assert!(ok, "{text}");
+    let (ok, text) = cli(&members[1], &["volume", "create", "vm1", "--size", "8M"]);
+    assert!(!ok && text.contains("already exists in the cluster (on node 1)"), "{text}");
+    let (ok, text) = cli(&members[0], &["snapshot", "create", "vm1@s1"]);
+    assert!(ok, "{text}");
+    wait_until(10, "node 3 to list vm1 with its snapshot", || {
+        members[2].get("/v1/volumes").is_some_and(|v| {
+            v.as_array().unwrap().iter().any(|v| {
+                v["name"] == "vm1" && v["node"] == 1 && v["snapshots"][0]["snapshot"] == "s1"
+            })
+        })
+    });
+    let (ok, text) = cli(&members[1], &["volume", "delete", "vm1"]);
+    assert!(!ok && text.contains("lives on node 1"), "{text}");
+    let (ok, text) = cli(&members[1], &["volume", "create", "vm2", "--size", "8M"]);
+    assert!(ok, "{text}");
+    let (ok, text) = cli(&members[0], &["volume", "delete", "vm1"]);
+    assert!(ok, "{text}");
+    wait_until(10, "vm1 gone from node 2's list", || {
+        members[1].get("/v1/volumes").is_some_and(|v| {
+            let names: Vec<&str> =
+                v.as_array().unwrap().iter().filter_map(|v| v["name"].as_str()).collect();
+            names == ["vm2"]
+        })
+    });
+
     // A node with the wrong secret cannot join: it exits with a clear error and the
     // membership is unchanged.
     let mut outsider = Member::new(tmp.path(), 4, Some(&first));
