@@ -26,7 +26,9 @@ Examples:
   strata snapshot create vm1@before-upgrade   # instant; read-only export vm1@before-upgrade
   strata volume clone vm1@before-upgrade vm2
   strata volume rollback vm1@before-upgrade
-  strata fsck --data-dir ./strata-data        # offline check (stop the node first)";
+  strata fsck --data-dir ./strata-data        # offline check (stop the node first)
+  strata serve --config n1.toml               # a cluster member (see strata serve --help)
+  strata cluster status                       # leader, term, nodes, incarnations";
 
 const SERVE_HELP: &str = "\
 The config file (TOML):
