@@ -1,0 +1,251 @@
+//! The data plane's frames: one header, an optional payload, a checksum and a MAC.
+//!
+//! ```text
+//! off len field
+//!   0   4 magic "SDP1"
+//!   4   1 kind       (a request kind; a reply sets the high bit: 0x80 | kind)
+//!   5   1 status     (replies: 0 ok, else a Status; requests: 0)
+//!   6   2 flags      (0; FUA = 1 on writes)
+//!   8   8 request id (chosen by the requester; a reply carries its request's)
+//!  16   8 component  (the component's store id on the receiving node)
+//!  24   8 epoch      (the owner's; a StaleEpoch reply carries the component's newest)
+//!  32   8 lsn
+//!  40   8 offset     (bytes into the component)
+//!  48   4 count      (bytes a Read asks for / a Trim covers)
+//!  52   4 payload length
+//!  56   4 crc32c of bytes 0..56 and the payload
+//!  60  32 BLAKE3 keyed hash of bytes 0..60 and the payload (key from the cluster secret)
+//!  92     payload
+//! ```
+//! All integers little-endian. A frame is accepted only if its magic, kind, lengths, crc
+//! and MAC all check; the crc catches damage, the MAC a sender without the secret (a
+//! different key derivation from the metadata plane's, so a captured frame of one plane
+//! is no frame of the other). Decoding never panics on any input.
+
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+/// The magic that starts every data-plane connection's frames.
+pub const MAGIC: &[u8; 4] = b"SDP1";
+/// Header bytes (with the crc and the MAC).
+pub const HEADER_BYTES: usize = 92;
+/// The largest payload accepted.
+pub const PAYLOAD_BYTES_MAX: usize = 8 << 20;
+
+/// The key data frames are authenticated with.
+#[derive(Clone)]
+pub struct DataKey([u8; 32]);
+
+impl DataKey {
+    /// Derives the data-plane key from the cluster secret's bytes.
+    pub fn from_secret(secret: &[u8]) -> DataKey {
+        DataKey(blake3::derive_key("strata cluster data v1", secret))
+    }
+
+    fn mac(&self, head: &[u8], payload: &[u8]) -> [u8; 32] {
+        let mut hasher = blake3::Hasher::new_keyed(&self.0);
+        hasher.update(head);
+        hasher.update(payload);
+        *hasher.finalize().as_bytes()
+    }
+}
+
+/// What a request asks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// The component's newest epoch and highest LSN.
+    Probe = 1,
+    /// Write the payload at `offset`.
+    Write = 2,
+    /// Read `count` bytes at `offset`.
+    Read = 3,
+    /// Make every write so far durable.
+    Flush = 4,
+    /// Discard `count` bytes at `offset` (they read as zeroes).
+    Trim = 5,
+}
+
+impl Kind {
+    fn from_u8(b: u8) -> Option<Kind> {
+        Some(match b {
+            1 => Kind::Probe,
+            2 => Kind::Write,
+            3 => Kind::Read,
+            4 => Kind::Flush,
+            5 => Kind::Trim,
+            _ => return None,
+        })
+    }
+}
+
+/// A reply's status.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Status {
+    /// Done.
+    Ok = 0,
+    /// Refused: the request's epoch is older than one the component has seen (the reply's
+    /// epoch field is that newer one).
+    StaleEpoch = 1,
+    /// No such component here.
+    NotFound = 2,
+    /// Beyond the component's end.
+    OutOfRange = 3,
+    /// The store failed (or a block failed its checksum).
+    Io = 4,
+    /// A malformed request.
+    Invalid = 5,
+}
+
+impl Status {
+    fn from_u8(b: u8) -> Option<Status> {
+        Some(match b {
+            0 => Status::Ok,
+            1 => Status::StaleEpoch,
+            2 => Status::NotFound,
+            3 => Status::OutOfRange,
+            4 => Status::Io,
+            5 => Status::Invalid,
+            _ => return None,
+        })
+    }
+}
+
+/// Set on a write that must be durable before its reply.
+pub const FLAG_FUA: u16 = 1;
+
+/// A frame's header fields.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Header {
+    /// What is asked (or answered).
+    pub kind: Kind,
+    /// Whether this is a reply.
+    pub reply: bool,
+    /// A reply's status (`Ok` on requests).
+    pub status: Status,
+    /// Flags (`FLAG_FUA`).
+    pub flags: u16,
+    /// Request id.
+    pub id: u64,
+    /// The component.
+    pub component: u64,
+    /// The epoch.
+    pub epoch: u64,
+    /// The LSN.
+    pub lsn: u64,
+    /// Byte offset.
+    pub offset: u64,
+    /// Byte count (reads, trims).
+    pub count: u32,
+}
+
+/// Why a frame was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    /// The connection failed or closed.
+    #[error("connection: {0}")]
+    Io(#[from] std::io::Error),
+    /// Not a data-plane frame.
+    #[error("not a Strata data frame")]
+    Magic,
+    /// An unknown kind or status, or flags set that mean nothing.
+    #[error("malformed data frame: {0}")]
+    Malformed(&'static str),
+    /// A payload longer than allowed.
+    #[error("data frame payload of {0} bytes is longer than allowed")]
+    TooLong(usize),
+    /// The crc does not match: damaged in flight.
+    #[error("data frame checksum mismatch")]
+    Checksum,
+    /// The MAC does not verify: the sender lacks the cluster secret.
+    #[error("data frame not authenticated with this cluster's secret")]
+    Unauthenticated,
+}
+
+/// Encodes a frame.
+pub fn encode(key: &DataKey, h: &Header, payload: &[u8]) -> Vec<u8> {
+    assert!(payload.len() <= PAYLOAD_BYTES_MAX, "payload over the limit");
+    let mut f = Vec::with_capacity(HEADER_BYTES + payload.len());
+    f.extend_from_slice(MAGIC);
+    f.push(h.kind as u8 | if h.reply { 0x80 } else { 0 });
+    f.push(h.status as u8);
+    f.extend_from_slice(&h.flags.to_le_bytes());
+    for v in [h.id, h.component, h.epoch, h.lsn, h.offset] {
+        f.extend_from_slice(&v.to_le_bytes());
+    }
+    f.extend_from_slice(&h.count.to_le_bytes());
+    f.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&f), payload);
+    f.extend_from_slice(&crc.to_le_bytes());
+    let mac = key.mac(&f, payload);
+    f.extend_from_slice(&mac);
+    f.extend_from_slice(payload);
+    f
+}
+
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
+}
+
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
+}
+
+/// Checks a header's fixed fields; returns it and the payload length to read.
+pub fn parse_header(b: &[u8; HEADER_BYTES]) -> Result<(Header, usize), FrameError> {
+    if &b[..4] != MAGIC {
+        return Err(FrameError::Magic);
+    }
+    let kind = Kind::from_u8(b[4] & 0x7f).ok_or(FrameError::Malformed("unknown kind"))?;
+    let status = Status::from_u8(b[5]).ok_or(FrameError::Malformed("unknown status"))?;
+    let flags = u16::from_le_bytes([b[6], b[7]]);
+    if flags & !FLAG_FUA != 0 {
+        return Err(FrameError::Malformed("unknown flags"));
+    }
+    let length = u32_at(b, 52) as usize;
+    if length > PAYLOAD_BYTES_MAX {
+        return Err(FrameError::TooLong(length));
+    }
+    let header = Header {
+        kind,
+        reply: b[4] & 0x80 != 0,
+        status,
+        flags,
+        id: u64_at(b, 8),
+        component: u64_at(b, 16),
+        epoch: u64_at(b, 24),
+        lsn: u64_at(b, 32),
+        offset: u64_at(b, 40),
+        count: u32_at(b, 48),
+    };
+    Ok((header, length))
+}
+
+/// Checks a frame's crc and MAC over its header and payload.
+pub fn verify(key: &DataKey, b: &[u8; HEADER_BYTES], payload: &[u8]) -> Result<(), FrameError> {
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&b[..56]), payload);
+    if crc != u32_at(b, 56) {
+        return Err(FrameError::Checksum);
+    }
+    let sent: [u8; 32] = b[60..92].try_into().expect("32 bytes");
+    // Constant-time comparison (blake3's Hash equality is).
+    if blake3::Hash::from(key.mac(&b[..60], payload)) != blake3::Hash::from(sent) {
+        return Err(FrameError::Unauthenticated);
+    }
+    Ok(())
+}
+
+/// Reads and checks one frame.
+pub async fn read_frame(
+    stream: &mut (impl AsyncRead + Unpin),
+    key: &DataKey,
+) -> Result<(Header, Vec<u8>), FrameError> {
+    let mut b = [0u8; HEADER_BYTES];
+    stream.read_exact(&mut b).await?;
+    let (header, length) = parse_header(&b)?;
+    let mut payload = vec![0u8; length];
+    stream.read_exact(&mut payload).await?;
+    verify(key, &b, &payload)?;
+    Ok((header, payload))
+}
+
+#[cfg(test)]
+mod tests;
