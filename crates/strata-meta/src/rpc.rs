@@ -38,6 +38,15 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 
 const MAGIC: &[u8; 4] = b"SRP1";
+/// The first bytes of a data-plane connection (`strata-replica`'s frames), handed to the
+/// member's [`DataPlane`].
+pub const DATA_MAGIC: &[u8; 4] = b"SDP1";
+
+/// Serves data-plane connections arriving on the RPC port.
+pub trait DataPlane: Send + Sync + 'static {
+    /// Takes over a connection whose first bytes are [`DATA_MAGIC`] (spawns its own task).
+    fn handle(&self, stream: TcpStream, peer: std::net::SocketAddr);
+}
 const REFUSAL: &[u8; 4] = b"SRP!";
 /// How long connecting to a peer may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -179,7 +188,27 @@ pub async fn serve(listener: TcpListener, member: Arc<Member>) {
     loop {
         let Ok((stream, peer)) = listener.accept().await else { return };
         let _ = stream.set_nodelay(true);
-        tokio::spawn(serve_connection(stream, peer, member.clone()));
+        let member = member.clone();
+        tokio::spawn(async move {
+            // The port carries both planes; a connection's first bytes say which.
+            let mut magic = [0u8; 4];
+            let peek = async {
+                loop {
+                    match stream.peek(&mut magic).await {
+                        Ok(4) => return true,
+                        Ok(0) | Err(_) => return false,
+                        Ok(_) => tokio::time::sleep(Duration::from_millis(1)).await,
+                    }
+                }
+            };
+            if !matches!(tokio::time::timeout(Duration::from_secs(10), peek).await, Ok(true)) {
+                return;
+            }
+            match member.data_plane() {
+                Some(data) if &magic == DATA_MAGIC => data.handle(stream, peer),
+                _ => serve_connection(stream, peer, member).await,
+            }
+        });
     }
 }
 

@@ -267,6 +267,7 @@ pub struct Member {
     incarnation: AtomicU64,
     stale_refusals: AtomicU64,
     reads: Mutex<ReadRounds>,
+    data: std::sync::OnceLock<Arc<dyn rpc::DataPlane>>,
 }
 
 /// Read-index rounds: concurrent reads share one round of leadership confirmation. A
@@ -331,6 +332,7 @@ impl Member {
             incarnation: AtomicU64::new(0),
             stale_refusals: AtomicU64::new(0),
             reads: Mutex::new(ReadRounds::default()),
+            data: std::sync::OnceLock::new(),
         });
         tokio::spawn(rpc::serve(options.listener, member.clone()));
         tokio::spawn(raft::run_reaper(raft, options.id, Duration::from_millis(500), now_ms));
@@ -345,6 +347,16 @@ impl Member {
     /// The RPC address other members reach it at.
     pub fn addr(&self) -> &str {
         &self.addr
+    }
+
+    /// Serves data-plane connections of the RPC port with `data` (once).
+    pub fn set_data_plane(&self, data: Arc<dyn rpc::DataPlane>) {
+        let _ = self.data.set(data);
+    }
+
+    /// The data plane, once set.
+    pub fn data_plane(&self) -> Option<&Arc<dyn rpc::DataPlane>> {
+        self.data.get()
     }
 
     /// The RPC key.

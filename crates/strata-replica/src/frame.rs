@@ -3,7 +3,7 @@
 //! ```text
 //! off len field
 //!   0   4 magic "SDP1"
-//!   4   1 kind       (a request kind; a reply sets the high bit: 0x80 | kind)
+//!   4   1 kind       (a request kind 1-7; a reply sets the high bit: 0x80 | kind)
 //!   5   1 status     (replies: 0 ok, else a Status; requests: 0)
 //!   6   2 flags      (0; FUA = 1 on writes)
 //!   8   8 request id (chosen by the requester; a reply carries its request's)
@@ -62,6 +62,11 @@ pub enum Kind {
     Flush = 4,
     /// Discard `count` bytes at `offset` (they read as zeroes).
     Trim = 5,
+    /// Create a component of `offset` bytes for the volume named in the payload; the
+    /// reply's `component` is its id.
+    Create = 6,
+    /// Remove the component.
+    Remove = 7,
 }
 
 impl Kind {
@@ -72,6 +77,8 @@ impl Kind {
             3 => Kind::Read,
             4 => Kind::Flush,
             5 => Kind::Trim,
+            6 => Kind::Create,
+            7 => Kind::Remove,
             _ => return None,
         })
     }

@@ -1,10 +1,12 @@
 //! Strata's replication data plane (`docs/design/replication.md`). Built so far: [`frame`],
 //! the binary frames nodes exchange for component I/O (checksummed, authenticated with the
 //! cluster secret), and [`fence`], the epoch fence by which a component refuses anything
-//! stamped with an epoch older than the newest it has seen. The owner, the write fan-out,
+//! stamped with an epoch older than the newest it has seen; and [`client`], a connection
+//! to one node carrying many requests at once. The owner, the write fan-out,
 //! STALE marking, bitmaps and resync come next.
 //!
-//! Pure: no store, no metadata service, no NBD; decoding untrusted bytes never panics.
+//! No store, no metadata service, no NBD; decoding untrusted bytes never panics.
 
+pub mod client;
 pub mod fence;
 pub mod frame;

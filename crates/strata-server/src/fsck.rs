@@ -112,6 +112,18 @@ fn check(args: &FsckArgs) -> anyhow::Result<Report> {
                     }
                 }
             }
+            for c in catalog["components"].as_array().into_iter().flatten() {
+                match c["id"].as_u64() {
+                    Some(id) if ids.contains(&id) => {
+                        named.insert(id);
+                    }
+                    Some(id) => report.notes.push(format!(
+                        "component {id} is in the catalog but not in the store (an \
+                         interrupted removal; the node drops it at start)"
+                    )),
+                    None => report.findings.push("a component entry has no id".into()),
+                }
+            }
             for id in ids.iter().filter(|id| !named.contains(id)) {
                 report.notes.push(format!(
                     "store view {id} has no catalog entry (an interrupted create; the node \

@@ -7,6 +7,7 @@
 mod api;
 mod cli;
 mod config;
+mod dataplane;
 mod error;
 mod fsck;
 mod node;

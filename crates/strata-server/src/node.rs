@@ -46,6 +46,28 @@ struct Catalog {
     format: u32,
     next_id: u64,
     volumes: Vec<CatalogEntry>,
+    /// Components this node holds of replicated volumes (owned by the data plane).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    components: Vec<ComponentEntry>,
+}
+
+#[derive(Serialize, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+struct ComponentEntry {
+    id: u64,
+    /// The volume it is a component of.
+    volume: String,
+    created_unix: u64,
+}
+
+/// A component of a replicated volume held here.
+#[derive(Clone)]
+pub struct Component {
+    /// Its store view.
+    pub volume: Arc<dyn BlockVolume>,
+    /// Its flushes.
+    pub group_sync: GroupSync,
+    entry: ComponentEntry,
 }
 
 #[derive(Serialize, Deserialize, Clone)]
@@ -177,6 +199,7 @@ pub struct Node {
 struct State {
     next_id: u64,
     volumes: BTreeMap<String, OpenVolume>,
+    components: BTreeMap<u64, Component>,
 }
 
 impl State {
@@ -272,7 +295,12 @@ impl Node {
                         dir.display()
                     );
                 }
-                Catalog { format: CATALOG_FORMAT, next_id: 1, volumes: Vec::new() }
+                Catalog {
+                    format: CATALOG_FORMAT,
+                    next_id: 1,
+                    volumes: Vec::new(),
+                    components: Vec::new(),
+                }
             }
             Err(e) => return Err(e).context("read the catalog"),
         };
@@ -325,6 +353,21 @@ impl Node {
                 },
             );
         }
+        let mut components = BTreeMap::new();
+        for entry in catalog.components {
+            next_id = next_id.max(entry.id + 1);
+            if !in_store.contains(&entry.id) {
+                tracing::warn!(id = entry.id, "dropping a component a crash left half-removed");
+                dropped = true;
+                continue;
+            }
+            named.insert(entry.id);
+            let volume = store
+                .open_volume(VolumeId(entry.id))
+                .with_context(|| format!("open component {}", entry.id))?;
+            let group_sync = GroupSync::spawn(volume.clone());
+            components.insert(entry.id, Component { volume, group_sync, entry });
+        }
         // Leftovers of interrupted creates: volumes (clones first, they depend on
         // snapshots) and then snapshots.
         let orphans: Vec<u64> =
@@ -348,12 +391,60 @@ impl Node {
             store,
             nbd_addr: Mutex::new(String::from("127.0.0.1:10809")),
             node_id: std::sync::atomic::AtomicU64::new(0),
-            state: Mutex::new(State { next_id, volumes }),
+            state: Mutex::new(State { next_id, volumes, components }),
         };
         if dropped || !catalog_path.exists() {
             node.persist(&node.lock()).map_err(|e| anyhow::anyhow!("{}", e.message))?;
         }
         Ok(Arc::new(node))
+    }
+
+    /// Creates a component of volume `of` (a replicated volume's replica held here);
+    /// returns its id. All or nothing: a crash before the catalog names it removes it at
+    /// the next open.
+    pub fn component_create(&self, of: &str, size_bytes: u64) -> ApiResult<u64> {
+        strata_types::check_size(size_bytes).map_err(|e| ApiError::invalid(e.to_string()))?;
+        VolumeName::new(of).map_err(|e| ApiError::invalid(e.to_string()))?;
+        let mut state = self.lock();
+        let id = state.next_id;
+        self.store
+            .create_volume(VolumeId(id), size_bytes)
+            .map_err(store_error("create the component"))?;
+        let volume = match self.store.open_volume(VolumeId(id)) {
+            Ok(v) => v,
+            Err(e) => {
+                let _ = self.store.remove(id);
+                return Err(store_error("open the component")(e));
+            }
+        };
+        state.next_id = id + 1;
+        let entry = ComponentEntry { id, volume: of.to_owned(), created_unix: now_unix() };
+        let group_sync = GroupSync::spawn(volume.clone());
+        state.components.insert(id, Component { volume, group_sync, entry });
+        if let Err(e) = self.persist(&state) {
+            state.components.remove(&id);
+            let _ = self.store.remove(id);
+            return Err(e);
+        }
+        tracing::info!(component = id, volume = of, size = size_bytes, "component created");
+        Ok(id)
+    }
+
+    /// A component held here.
+    pub fn component(&self, id: u64) -> Option<Component> {
+        self.lock().components.get(&id).cloned()
+    }
+
+    /// Removes a component and its data.
+    pub fn component_remove(&self, id: u64) -> ApiResult<()> {
+        let mut state = self.lock();
+        if !state.components.contains_key(&id) {
+            return Err(ApiError::new(ErrorCode::NotFound, format!("no component {id} here")));
+        }
+        self.store.remove(id).map_err(engine_error("remove the component"))?;
+        state.components.remove(&id);
+        // The store no longer has it; a failed catalog write is repaired at the next open.
+        self.persist(&state)
     }
 
     /// Records the cluster's id for this node (shown with its volumes).
@@ -385,6 +476,7 @@ impl Node {
                     snapshots: v.snapshots.values().map(|s| s.entry.clone()).collect(),
                 })
                 .collect(),
+            components: state.components.values().map(|c| c.entry.clone()).collect(),
         };
         let bytes = serde_json::to_vec_pretty(&catalog).expect("catalog serializes");
         write_atomically(&self.dir, "catalog.json", &bytes)

@@ -118,8 +118,11 @@ fn run(config: Config, one_node: bool) -> anyhow::Result<()> {
 }
 
 /// Starts the metadata member; founds or joins a cluster when it belongs to none.
-async fn start_member(config: &Config, one_node: bool) -> anyhow::Result<Arc<Member>> {
-    let secret = config.secret()?;
+async fn start_member(
+    config: &Config,
+    secret: Vec<u8>,
+    one_node: bool,
+) -> anyhow::Result<Arc<Member>> {
     let listener = tokio::net::TcpListener::bind(config.rpc)
         .await
         .with_context(|| format!("listen for inter-node RPC on {}", config.rpc))?;
@@ -162,7 +165,10 @@ async fn start_member(config: &Config, one_node: bool) -> anyhow::Result<Arc<Mem
 async fn serve(config: Config, one_node: bool) -> anyhow::Result<()> {
     let node = Node::open(&config.data_dir)
         .with_context(|| format!("open data directory {}", config.data_dir.display()))?;
-    let member = start_member(&config, one_node).await?;
+    let secret = config.secret()?;
+    let data = crate::dataplane::DataService::open(node.clone(), &config.data_dir, &secret)?;
+    let member = start_member(&config, secret, one_node).await?;
+    member.set_data_plane(Arc::new(crate::dataplane::Plane(Arc::new(data))));
     let nbd = tokio::net::TcpListener::bind(config.nbd)
         .await
         .with_context(|| format!("listen for NBD on {}", config.nbd))?;
@@ -174,7 +180,7 @@ async fn serve(config: Config, one_node: bool) -> anyhow::Result<()> {
     node.set_nbd_addr(nbd_addr.clone());
     let record = serde_json::json!({
         "id": config.node_id,
-        "rpc": config.rpc.to_string(),
+        "rpc": member.addr(),
         "nbd": nbd_addr,
         "http": http_addr,
         "site": config.site,

@@ -63,7 +63,7 @@ proptest! {
 
     #[test]
     fn any_header_round_trips(
-        kind in 1u8..=5, reply: bool, status in 0u8..=5, fua: bool, id: u64, component: u64,
+        kind in 1u8..=7, reply: bool, status in 0u8..=5, fua: bool, id: u64, component: u64,
         epoch: u64, lsn: u64, offset: u64, count: u32,
         payload in proptest::collection::vec(any::<u8>(), 0..64),
     ) {

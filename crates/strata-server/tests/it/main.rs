@@ -7,6 +7,7 @@ mod api_cli;
 mod bad_input;
 mod clients;
 mod cluster;
+mod dataplane;
 mod durability;
 mod harness;
 mod raw;
