@@ -268,6 +268,7 @@ pub struct Member {
     stale_refusals: AtomicU64,
     reads: Mutex<ReadRounds>,
     data: std::sync::OnceLock<Arc<dyn rpc::DataPlane>>,
+    secret: Vec<u8>,
 }
 
 /// Read-index rounds: concurrent reads share one round of leadership confirmation. A
@@ -333,6 +334,7 @@ impl Member {
             stale_refusals: AtomicU64::new(0),
             reads: Mutex::new(ReadRounds::default()),
             data: std::sync::OnceLock::new(),
+            secret: options.secret.clone(),
         });
         tokio::spawn(rpc::serve(options.listener, member.clone()));
         tokio::spawn(raft::run_reaper(raft, options.id, Duration::from_millis(500), now_ms));
@@ -357,6 +359,11 @@ impl Member {
     /// The data plane, once set.
     pub fn data_plane(&self) -> Option<&Arc<dyn rpc::DataPlane>> {
         self.data.get()
+    }
+
+    /// The cluster secret (for the data plane's own key).
+    pub fn secret(&self) -> &[u8] {
+        &self.secret
     }
 
     /// The RPC key.

@@ -255,6 +255,9 @@ impl SizeArg {
 struct CreateVolume {
     name: String,
     size: SizeArg,
+    /// Copies on distinct nodes (1-3).
+    #[serde(default)]
+    replicas: Option<u32>,
 }
 
 #[derive(Deserialize, Debug)]
@@ -291,6 +294,28 @@ async fn create_volume(
     let req: CreateVolume = parse_json(&body)?;
     let name = VolumeName::new(&req.name).map_err(|e| ApiError::invalid(e.to_string()))?;
     let size = req.size.bytes()?;
+    let replicas = req.replicas.unwrap_or(1);
+    if !(1..=3).contains(&replicas) {
+        return Err(ApiError::invalid(format!("replicas must be 1, 2 or 3, not {replicas}")));
+    }
+    if replicas > 1 {
+        if api.node.get(name.as_str()).is_ok() {
+            return Err(ApiError::new(
+                ErrorCode::AlreadyExists,
+                format!("a volume named {:?} already exists", name.as_str()),
+            ));
+        }
+        let info = crate::replicated::create(
+            &api.node,
+            &api.meta,
+            &api.registry,
+            name.as_str(),
+            size,
+            replicas,
+        )
+        .await?;
+        return Ok((StatusCode::CREATED, Json(info)));
+    }
     let node = api.node.clone();
     let key = name.to_string();
     let info = api.make(&key, size, move || node.create(name, size)).await?;

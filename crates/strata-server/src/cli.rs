@@ -9,13 +9,17 @@ use strata_types::{format_size, parse_size};
 #[derive(clap::Subcommand, Debug)]
 pub enum VolumeCommand {
     /// Create a thin volume.
-    #[command(after_help = "Example:\n  strata volume create vm1 --size 10G")]
+    #[command(after_help = "Examples:\n  strata volume create vm1 --size 10G\n  \
+        strata volume create db1 --size 100G --replicas 3   # copies on 3 nodes")]
     Create {
         /// Name: 1-64 of A-Z a-z 0-9 . _ - (not starting with . or -).
         name: String,
         /// Size in bytes or with a binary suffix: 512M, 10G, 1T (multiple of 4096).
         #[arg(long)]
         size: String,
+        /// Copies on distinct nodes (1-3); every write goes to each.
+        #[arg(long, default_value_t = 1)]
+        replicas: u32,
     },
     /// List volumes.
     List,
@@ -277,11 +281,11 @@ impl Client {
 /// Runs a volume command.
 pub fn volume(client: &Client, json_out: bool, cmd: VolumeCommand) -> anyhow::Result<()> {
     match cmd {
-        VolumeCommand::Create { name, size } => {
+        VolumeCommand::Create { name, size, replicas } => {
             // Parse locally too, so a typo fails before any request.
             parse_size(&size)?;
-            let v =
-                client.call("POST", "/v1/volumes", Some(json!({"name": name, "size": size})))?;
+            let body = json!({"name": name, "size": size, "replicas": replicas});
+            let v = client.call("POST", "/v1/volumes", Some(body))?;
             print_volume(json_out, &v, "created")
         }
         VolumeCommand::List => {

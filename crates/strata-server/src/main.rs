@@ -12,6 +12,7 @@ mod error;
 mod fsck;
 mod node;
 mod registry;
+mod replicated;
 mod up;
 
 use clap::{Parser, Subcommand};

@@ -154,8 +154,12 @@ pub struct VolumeInfo {
     pub created_unix: u64,
     /// The NBD URI to connect to.
     pub export_uri: String,
-    /// The node holding its data.
+    /// The node holding its data (for a replicated volume: its owner).
     pub node: u64,
+    /// Copies of its data (1: on `node` alone).
+    pub replicas: u32,
+    /// A replicated volume's components (empty for a volume of one node).
+    pub components: Vec<crate::replicated::ComponentRecord>,
 }
 
 /// What the API shows of a snapshot.
@@ -200,6 +204,8 @@ struct State {
     next_id: u64,
     volumes: BTreeMap<String, OpenVolume>,
     components: BTreeMap<u64, Component>,
+    /// Replicated volumes this node owns, exported over NBD by name.
+    replicated: BTreeMap<String, (Arc<dyn BlockVolume>, GroupSync, Attach)>,
 }
 
 impl State {
@@ -391,7 +397,7 @@ impl Node {
             store,
             nbd_addr: Mutex::new(String::from("127.0.0.1:10809")),
             node_id: std::sync::atomic::AtomicU64::new(0),
-            state: Mutex::new(State { next_id, volumes, components }),
+            state: Mutex::new(State { next_id, volumes, components, replicated: BTreeMap::new() }),
         };
         if dropped || !catalog_path.exists() {
             node.persist(&node.lock()).map_err(|e| anyhow::anyhow!("{}", e.message))?;
@@ -430,6 +436,12 @@ impl Node {
         Ok(id)
     }
 
+    /// Exports a replicated volume this node owns.
+    pub fn add_replicated(&self, name: &str, volume: Arc<dyn BlockVolume>) {
+        let group_sync = GroupSync::spawn(volume.clone());
+        self.lock().replicated.insert(name.to_owned(), (volume, group_sync, Attach::new()));
+    }
+
     /// A component held here.
     pub fn component(&self, id: u64) -> Option<Component> {
         self.lock().components.get(&id).cloned()
@@ -450,6 +462,11 @@ impl Node {
     /// Records the cluster's id for this node (shown with its volumes).
     pub fn set_node_id(&self, id: u64) {
         self.node_id.store(id, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The NBD address.
+    pub fn nbd_addr(&self) -> String {
+        self.nbd_addr.lock().expect("not poisoned").clone()
     }
 
     /// Records the NBD address, for export URIs.
@@ -533,6 +550,8 @@ impl Node {
             created_unix: v.created_unix,
             export_uri: self.uri(v.name.as_str()),
             node: self.node_id.load(std::sync::atomic::Ordering::Relaxed),
+            replicas: 1,
+            components: Vec::new(),
         }
     }
 
@@ -901,6 +920,15 @@ impl ExportProvider for Exports {
                 });
             }
         }
+        for (name, (view, _, _)) in &state.replicated {
+            out.push(ExportSummary {
+                name: name.clone(),
+                description: format!(
+                    "Strata replicated volume, {}",
+                    format_size(view.size_bytes())
+                ),
+            });
+        }
         out
     }
 
@@ -910,6 +938,21 @@ impl ExportProvider for Exports {
             Some((v, s)) => (v, Some(s)),
             None => (name, None),
         };
+        if let (Some((view, group_sync, attach)), None) = (state.replicated.get(name), snapshot) {
+            attach.count.fetch_add(1, Ordering::Relaxed);
+            return Ok(Export {
+                name: name.to_owned(),
+                description: format!(
+                    "Strata replicated volume, {}",
+                    format_size(view.size_bytes())
+                ),
+                volume: view.clone(),
+                group_sync: group_sync.clone(),
+                read_only: false,
+                closed: attach.close.subscribe(),
+                attachment: Box::new(Attachment(attach.count.clone())),
+            });
+        }
         let Some(v) = state.volumes.get(volume) else {
             return Err(if name.is_empty() {
                 "there is no default export: name a volume (see `strata volume list`)".to_owned()

@@ -53,6 +53,16 @@ pub struct VolumeRecord {
     pub origin: Option<String>,
     /// Its snapshots, oldest first.
     pub snapshots: Vec<SnapshotRecord>,
+    /// Copies of its data (1: the volume lives on `node` alone).
+    #[serde(default = "one")]
+    pub replicas: u32,
+    /// A replicated volume's components (`node` is then its owner when created).
+    #[serde(default)]
+    pub components: Vec<crate::replicated::ComponentRecord>,
+}
+
+fn one() -> u32 {
+    1
 }
 
 /// A snapshot in a volume's record.
@@ -85,7 +95,14 @@ impl VolumeRecord {
                     created_unix: s.created_unix,
                 })
                 .collect(),
+            replicas: 1,
+            components: Vec::new(),
         }
+    }
+
+    /// Whether it is a replicated volume (managed by `replicated.rs`, not the catalog).
+    pub fn replicated(&self) -> bool {
+        !self.components.is_empty()
     }
 
     /// What the API shows of a volume held by another node (its usage is known there).
@@ -126,6 +143,8 @@ impl VolumeRecord {
             connections: 0,
             created_unix: self.created_unix,
             export_uri: export(&self.name),
+            replicas: self.replicas,
+            components: self.components.clone(),
         }
     }
 }
@@ -189,6 +208,8 @@ impl Registry {
             created_unix: now_unix(),
             origin: None,
             snapshots: Vec::new(),
+            replicas: 1,
+            components: Vec::new(),
         };
         let value = serde_json::to_vec(&record).expect("records serialize");
         let put = Op::Put { key: key.clone(), value, lease: None };
@@ -208,6 +229,41 @@ impl Registry {
         ))
     }
 
+    /// Publishes a replicated volume's record over the `creating` one this node holds.
+    pub async fn publish(&self, record: &VolumeRecord) -> ApiResult<()> {
+        let key = format!("{PREFIX}{}", record.name);
+        let version = match self.get(&record.name).await? {
+            Some((r, v)) if r.node == self.me() => v,
+            _ => return Err(unavailable("the volume's record changed under us")),
+        };
+        let value = serde_json::to_vec(record).expect("records serialize");
+        let put = Op::Put { key: key.clone(), value, lease: None };
+        if self.write(vec![Compare::Version(key, version)], vec![put]).await? {
+            Ok(())
+        } else {
+            Err(unavailable("the volume's record changed under us"))
+        }
+    }
+
+    /// The records of replicated volumes whose owner key names this node.
+    pub fn owned_replicated(&self) -> Vec<VolumeRecord> {
+        let me = self.me();
+        self.meta.read_local(|s| {
+            s.range(PREFIX, usize::MAX)
+                .into_iter()
+                .filter_map(|(_, e)| decode(e))
+                .filter(|r| r.replicated() && r.state == "ready")
+                .filter(|r| {
+                    s.get(&format!("{PREFIX}{}/owner", r.name))
+                        .and_then(|e| {
+                            serde_json::from_slice::<crate::replicated::Owner>(&e.value).ok()
+                        })
+                        .is_some_and(|o| o.node == me)
+                })
+                .collect()
+        })
+    }
+
     /// Gives back a name taken by [`Registry::reserve`] when making the volume failed.
     pub async fn release(&self, name: &str) {
         if let Ok(Some((record, version))) = self.get(name).await {
@@ -224,14 +280,15 @@ impl Registry {
         self.kick.notify_one();
     }
 
-    /// The records of volumes held by other nodes, from this member's applied state.
+    /// The records of volumes not in this node's catalog (held by other nodes, or
+    /// replicated), from this member's applied state.
     pub fn remote(&self) -> Vec<VolumeInfo> {
         let me = self.me();
         self.meta.read_local(|s| {
             s.range(PREFIX, usize::MAX)
                 .into_iter()
                 .filter_map(|(_, e)| decode(e))
-                .filter(|r| r.node != me && r.state == "ready")
+                .filter(|r| (r.node != me || r.replicated()) && r.state == "ready")
                 .map(|r| {
                     let nbd = s
                         .get(&format!("/nodes/{}", r.node))
@@ -249,6 +306,13 @@ impl Registry {
         let me = self.me();
         let record =
             self.meta.read_local(|s| s.get(&format!("{PREFIX}{name}")).and_then(decode))?;
+        if record.replicated() {
+            return Some(ApiError::invalid(format!(
+                "volume {name:?} is replicated ({} copies): this operation is not supported \
+                 on replicated volumes yet",
+                record.replicas
+            )));
+        }
         (record.node != me).then(|| {
             ApiError::invalid(format!(
                 "volume {name:?} lives on node {}: run the command against that node's API \
@@ -299,7 +363,7 @@ impl Registry {
             .await?;
         }
         for (name, (record, version)) in &stored {
-            if record.node != me || local.contains_key(name) {
+            if record.node != me || record.replicated() || local.contains_key(name) {
                 continue;
             }
             let fresh = record.state == "creating"

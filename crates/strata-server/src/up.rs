@@ -191,6 +191,7 @@ async fn serve(config: Config, one_node: bool) -> anyhow::Result<()> {
     node.set_node_id(config.node_id);
     let registry = crate::registry::Registry::new(node.clone(), member.clone());
     tokio::spawn(registry.clone().run());
+    tokio::spawn(crate::replicated::reopen(node.clone(), member.clone(), registry.clone()));
     let token = api::token_for(&config.data_dir, config.http)?;
 
     let (stop_tx, stop_rx) = watch::channel(false);

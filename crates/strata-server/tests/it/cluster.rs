@@ -16,6 +16,8 @@ use strata_meta::linearizability::{check, Call, Operation, Outcome};
 use strata_meta::rpc::{Key, Peer};
 use strata_meta::service::{ClientReply, ClientRequest};
 use strata_meta::state::{cas, Origin, Refusal, Response};
+use strata_replica::client::{request, CallError, DataPeer};
+use strata_replica::frame::{DataKey, Kind, Status};
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
@@ -344,4 +346,109 @@ fn three_processes_stay_linearizable_through_kill9_and_sigstop() {
     assert!(ms.iter().all(|m| m["session"]["up"] == true), "{v}");
     let r = runtime.block_on(peers[i].request(ClientRequest::Get { key: "/test/late".into() }));
     assert!(matches!(r, Ok(ClientReply::Value { entry: None, .. })), "{r:?}");
+}
+
+/// Three members formed into a cluster (node 1 founds it, 2 and 3 join), all voters up.
+fn three_members(root: &Path) -> Vec<Member> {
+    let mut members = vec![Member::new(root, 1, None)];
+    let first = members[0].rpc.clone();
+    members.push(Member::new(root, 2, Some(&first)));
+    members.push(Member::new(root, 3, Some(&first)));
+    members[0].start();
+    let (ok, text) = cli(&members[0], &["cluster", "init"]);
+    assert!(ok, "{text}");
+    let secret = std::fs::read(members[0].dir.join("secret")).unwrap();
+    for m in &mut members[1..] {
+        std::fs::write(m.dir.join("secret"), &secret).unwrap();
+        m.start();
+    }
+    wait_until(30, "three voters, all up", || {
+        cluster_view(&members[0]).is_some_and(|v| {
+            let ms = v["cluster"]["members"].as_array().cloned().unwrap_or_default();
+            ms.len() == 3 && ms.iter().all(|m| m["role"] == "voter" && m["session"]["up"] == true)
+        })
+    });
+    members
+}
+
+/// Reads `len` bytes at `offset` of component `id` on member `m` through its data plane.
+fn read_component(m: &Member, key: &DataKey, id: u64, epoch: u64, offset: u64) -> Vec<u8> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let peer = DataPeer::new(key.clone(), m.rpc.clone());
+        let mut h = request(Kind::Read, id, epoch, 0, offset);
+        h.count = 65536;
+        peer.call(h, &[]).await.unwrap().1
+    })
+}
+
+#[test]
+fn a_replicated_volume_writes_every_copy_and_fails_rather_than_degrade() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut members = three_members(tmp.path());
+    let (ok, text) =
+        cli(&members[0], &["volume", "create", "r1", "--size", "16M", "--replicas", "4"]);
+    assert!(!ok && text.contains("replicas must be 1, 2 or 3"), "{text}");
+    let (ok, text) =
+        cli(&members[0], &["volume", "create", "r1", "--size", "16M", "--replicas", "3", "--json"]);
+    assert!(ok, "{text}");
+    let v: Value = serde_json::from_str(&text).unwrap();
+    let components = v["components"].as_array().unwrap().clone();
+    let nodes: Vec<u64> = components.iter().map(|c| c["node"].as_u64().unwrap()).collect();
+    assert_eq!(nodes, vec![1, 2, 3], "one copy per node, the creating node's first");
+    // The name is the cluster's; every node lists it with its copies.
+    let (ok, text) = cli(&members[1], &["volume", "create", "r1", "--size", "16M"]);
+    assert!(!ok && text.contains("already exists"), "{text}");
+    wait_until(10, "node 3 to list r1", || {
+        members[2].get("/v1/volumes").is_some_and(|v| {
+            v.as_array().unwrap().iter().any(|v| v["name"] == "r1" && v["replicas"] == 3)
+        })
+    });
+
+    // A write through the owner's NBD export lands on every copy.
+    let uri = members[0].node().uri("r1");
+    crate::harness::qemu_io(&uri, &["write -P 0x6b 1M 64k", "flush"]);
+    let secret = std::fs::read(members[0].dir.join("secret")).unwrap();
+    let key = DataKey::from_secret(&secret);
+    for (m, c) in members.iter().zip(&components) {
+        let data = read_component(m, &key, c["id"].as_u64().unwrap(), 1, 1 << 20);
+        assert!(data.iter().all(|b| *b == 0x6b), "node {}'s copy lacks the write", m.id);
+    }
+
+    // With a copy unreachable, a write fails (EIO) instead of silently losing a copy.
+    members[2].node.take().unwrap().kill9();
+    let out = Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write -P 0x11 0 4k", &uri])
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(text.contains("error") || !out.status.success(), "the write must fail: {text}");
+
+    // The owner restarts: it takes a new epoch, and the old epoch is refused by the copies.
+    members[2].start();
+    members[0].node.take().unwrap().kill9();
+    members[0].start();
+    let uri = members[0].node().uri("r1");
+    wait_until(30, "the owner to export r1 again", || {
+        Command::new("qemu-io")
+            .args(["-f", "raw", "-c", "read -P 0x6b 1M 64k", &uri])
+            .output()
+            .is_ok_and(|o| {
+                o.status.success() && !String::from_utf8_lossy(&o.stdout).contains("fail")
+            })
+    });
+    crate::harness::qemu_io(&uri, &["write -P 0x22 2M 4k", "flush"]);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let c2 = components[1]["id"].as_u64().unwrap();
+    let late = rt.block_on(async {
+        let peer = DataPeer::new(key.clone(), members[1].rpc.clone());
+        peer.call(request(Kind::Write, c2, 1, 99, 2 << 20), &[0u8; 4096]).await
+    });
+    assert!(
+        matches!(late, Err(CallError::Status { status: Status::StaleEpoch, epoch: 2, .. })),
+        "{late:?}"
+    );
+    let data = read_component(&members[1], &key, c2, 2, 2 << 20);
+    assert!(data[..4096].iter().all(|b| *b == 0x22), "the new owner's write is there");
 }
