@@ -258,6 +258,9 @@ struct CreateVolume {
     /// Copies on distinct nodes (1-3).
     #[serde(default)]
     replicas: Option<u32>,
+    /// Copies that must be active for a write to succeed (default 1, 2 for 3 copies).
+    #[serde(default)]
+    min_replicas: Option<u32>,
 }
 
 #[derive(Deserialize, Debug)]
@@ -298,6 +301,12 @@ async fn create_volume(
     if !(1..=3).contains(&replicas) {
         return Err(ApiError::invalid(format!("replicas must be 1, 2 or 3, not {replicas}")));
     }
+    let min_replicas = req.min_replicas.unwrap_or(if replicas == 3 { 2 } else { 1 });
+    if !(1..=replicas).contains(&min_replicas) {
+        return Err(ApiError::invalid(format!(
+            "min_replicas must be between 1 and replicas ({replicas}), not {min_replicas}"
+        )));
+    }
     if replicas > 1 {
         if api.node.get(name.as_str()).is_ok() {
             return Err(ApiError::new(
@@ -312,6 +321,7 @@ async fn create_volume(
             name.as_str(),
             size,
             replicas,
+            min_replicas,
         )
         .await?;
         return Ok((StatusCode::CREATED, Json(info)));

@@ -20,6 +20,10 @@ pub enum VolumeCommand {
         /// Copies on distinct nodes (1-3); every write goes to each.
         #[arg(long, default_value_t = 1)]
         replicas: u32,
+        /// Copies that must be active for a write to succeed (default: 1, or 2 of 3);
+        /// below it writes fail rather than silently lose redundancy.
+        #[arg(long)]
+        min_replicas: Option<u32>,
     },
     /// List volumes.
     List,
@@ -281,10 +285,13 @@ impl Client {
 /// Runs a volume command.
 pub fn volume(client: &Client, json_out: bool, cmd: VolumeCommand) -> anyhow::Result<()> {
     match cmd {
-        VolumeCommand::Create { name, size, replicas } => {
+        VolumeCommand::Create { name, size, replicas, min_replicas } => {
             // Parse locally too, so a typo fails before any request.
             parse_size(&size)?;
-            let body = json!({"name": name, "size": size, "replicas": replicas});
+            let mut body = json!({"name": name, "size": size, "replicas": replicas});
+            if let Some(m) = min_replicas {
+                body["min_replicas"] = json!(m);
+            }
             let v = client.call("POST", "/v1/volumes", Some(body))?;
             print_volume(json_out, &v, "created")
         }

@@ -464,6 +464,11 @@ impl Node {
         self.node_id.store(id, std::sync::atomic::Ordering::Relaxed);
     }
 
+    /// The data directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     /// The NBD address.
     pub fn nbd_addr(&self) -> String {
         self.nbd_addr.lock().expect("not poisoned").clone()

@@ -56,6 +56,9 @@ pub struct VolumeRecord {
     /// Copies of its data (1: the volume lives on `node` alone).
     #[serde(default = "one")]
     pub replicas: u32,
+    /// Copies that must be ACTIVE for a write to be acknowledged.
+    #[serde(default = "one")]
+    pub min_replicas: u32,
     /// A replicated volume's components (`node` is then its owner when created).
     #[serde(default)]
     pub components: Vec<crate::replicated::ComponentRecord>,
@@ -96,6 +99,7 @@ impl VolumeRecord {
                 })
                 .collect(),
             replicas: 1,
+            min_replicas: 1,
             components: Vec::new(),
         }
     }
@@ -209,6 +213,7 @@ impl Registry {
             origin: None,
             snapshots: Vec::new(),
             replicas: 1,
+            min_replicas: 1,
             components: Vec::new(),
         };
         let value = serde_json::to_vec(&record).expect("records serialize");

@@ -14,8 +14,10 @@
 use crate::error::{ApiError, ApiResult};
 use crate::node::{Component, Node};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeSet;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 use strata_io::{BlockVolume, Extent, StoreError, ZeroMode};
 use strata_meta::service::{ClientReply, ClientRequest, Member};
@@ -78,24 +80,70 @@ pub fn place(me: u64, candidates: &[Candidate], n: usize) -> Option<Vec<Candidat
     Some(chosen)
 }
 
-enum Target {
-    /// The owner's own component (`ReplicatedVolume::local`).
-    Local,
-    Remote {
-        peer: Arc<DataPeer>,
-        id: u64,
-    },
+/// Bytes per bit of a synchronization bitmap.
+pub const REGION: u64 = 64 << 10;
+/// How often the owner looks for a stale copy that came back.
+const RESYNC_EVERY: Duration = Duration::from_secs(2);
+
+/// One copy as the owner sees it.
+struct Copy {
+    node: u64,
+    id: u64,
+    /// `None`: the owner's own copy (`ReplicatedVolume::local`).
+    peer: Option<Arc<DataPeer>>,
+}
+
+/// A copy's state (the volume record holds the same, changed by the owner by CAS).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum CopyState {
+    Active,
+    Stale,
+    Resyncing,
+}
+
+impl CopyState {
+    fn name(self) -> &'static str {
+        match self {
+            CopyState::Active => "active",
+            CopyState::Stale => "stale",
+            CopyState::Resyncing => "resyncing",
+        }
+    }
+
+    fn parse(s: &str) -> CopyState {
+        match s {
+            "active" => CopyState::Active,
+            "resyncing" => CopyState::Resyncing,
+            _ => CopyState::Stale,
+        }
+    }
+}
+
+struct Copies {
+    states: Vec<CopyState>,
+    /// Per copy: the regions it lacks (its synchronization bitmap).
+    dirty: Vec<BTreeSet<u64>>,
 }
 
 /// The owner's view of a replicated volume: a `BlockVolume` whose writes go to every
-/// component.
+/// ACTIVE (and RESYNCING) copy.
 pub struct ReplicatedVolume {
+    name: String,
     size_bytes: u64,
     epoch: u64,
     lsn: AtomicU64,
+    min_replicas: usize,
     local: Component,
-    targets: Vec<Target>,
+    copies: Vec<Copy>,
+    state: Mutex<Copies>,
+    /// Client writes hold it shared; a resync copies a region holding it exclusively.
+    resync_lock: RwLock<()>,
+    meta: Arc<Member>,
+    owner: Owner,
+    bitmaps: PathBuf,
     runtime: tokio::runtime::Handle,
+    /// Bytes copied by resyncs since start.
+    pub resynced_bytes: AtomicU64,
 }
 
 fn io_error(what: &'static str, e: impl std::fmt::Display) -> StoreError {
@@ -103,51 +151,237 @@ fn io_error(what: &'static str, e: impl std::fmt::Display) -> StoreError {
 }
 
 impl ReplicatedVolume {
-    /// Runs `call` on every remote component (on the runtime) while `local` runs here,
-    /// and fails if any fails (invariant 3).
+    fn bitmap_file(&self, i: usize) -> String {
+        format!("{}.{}.{}", self.name, self.copies[i].node, self.copies[i].id)
+    }
+
+    /// Makes copy `i`'s bitmap durable (before a write that set bits in it is replied).
+    fn save_bitmap(&self, i: usize, dirty: &BTreeSet<u64>) -> Result<(), StoreError> {
+        let text: String = dirty.iter().map(|r| format!("{r}\n")).collect();
+        std::fs::create_dir_all(&self.bitmaps).map_err(|e| io_error("bitmap", e))?;
+        strata_store::store::write_atomically(&self.bitmaps, &self.bitmap_file(i), text.as_bytes())
+            .map_err(|e| io_error("bitmap", e))
+    }
+
+    /// Records copy `i`'s state in the volume's record, by CAS, only while this node is
+    /// still the owner at its epoch.
+    fn set_state(&self, i: usize, to: CopyState) -> Result<(), String> {
+        let (meta, name, owner) = (self.meta.clone(), self.name.clone(), self.owner);
+        let (node, id) = (self.copies[i].node, self.copies[i].id);
+        let result = self.runtime.block_on(async move {
+            let key = format!("/volumes/{name}");
+            for _ in 0..5 {
+                let got = meta.request(ClientRequest::Get { key: key.clone() }).await;
+                let Ok(ClientReply::Value { entry: Some(e), .. }) = got else {
+                    return Err(format!("cannot read the record of {name}"));
+                };
+                let mut record: crate::registry::VolumeRecord =
+                    serde_json::from_slice(&e.value).map_err(|e| e.to_string())?;
+                for c in &mut record.components {
+                    if c.node == node && c.id == id {
+                        c.state = to.name().into();
+                    }
+                }
+                let value = serde_json::to_vec(&record).expect("serializes");
+                let owner_key = format!("/volumes/{name}/owner");
+                let owner_value = serde_json::to_vec(&owner).expect("serializes");
+                let compares = vec![
+                    Compare::Value(owner_key, owner_value),
+                    Compare::Version(key.clone(), e.version),
+                ];
+                let put = Op::Put { key: key.clone(), value, lease: None };
+                match write(&meta, compares, vec![put]).await {
+                    Ok(true) => return Ok(()),
+                    Ok(false) => {
+                        // Either the record changed (retry) or we are no longer the owner.
+                        let k = format!("/volumes/{name}/owner");
+                        let now = meta.request(ClientRequest::Get { key: k }).await;
+                        let still = matches!(&now, Ok(ClientReply::Value { entry: Some(o), .. })
+                            if serde_json::from_slice::<Owner>(&o.value).ok() == Some(owner));
+                        if !still {
+                            return Err(format!("no longer the owner of {name}"));
+                        }
+                    }
+                    Err(e) => return Err(e.message),
+                }
+            }
+            Err("the record keeps changing".into())
+        });
+        if result.is_ok() {
+            let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            st.states[i] = to;
+            tracing::info!(volume = %self.name, node, component = id, state = to.name(), "copy");
+        }
+        result
+    }
+
+    /// Runs the request on every ACTIVE or RESYNCING remote copy (on the runtime) while
+    /// `local` runs here. A copy that fails is marked STALE before the reply, the
+    /// regions `offset..offset+length` go to every STALE copy's bitmap (durable before
+    /// the reply), and the request fails if fewer than `min_replicas` copies are ACTIVE.
+    #[allow(clippy::too_many_arguments)]
     fn fan_out(
         &self,
         kind: Kind,
         offset: u64,
+        length: u64,
         count: u32,
         payload: &[u8],
         fua: bool,
         local: impl FnOnce(&Component) -> Result<(), StoreError>,
     ) -> Result<(), StoreError> {
+        let _shared = self.resync_lock.read().unwrap_or_else(|e| e.into_inner());
         let lsn = self.lsn.fetch_add(1, Ordering::Relaxed) + 1;
+        let states = self.state.lock().unwrap_or_else(|e| e.into_inner()).states.clone();
         let mut remote = Vec::new();
-        for t in &self.targets {
-            if let Target::Remote { peer, id } = t {
-                let mut h = request(kind, *id, self.epoch, lsn, offset);
-                h.count = count;
-                if fua {
-                    h.flags = FLAG_FUA;
-                }
-                let (peer, payload) = (peer.clone(), payload.to_vec());
-                remote.push(self.runtime.spawn(async move {
+        for (i, c) in self.copies.iter().enumerate() {
+            let Some(peer) = &c.peer else { continue };
+            if states[i] == CopyState::Stale {
+                continue;
+            }
+            let mut h = request(kind, c.id, self.epoch, lsn, offset);
+            h.count = count;
+            if fua {
+                h.flags = FLAG_FUA;
+            }
+            let (peer, payload) = (peer.clone(), payload.to_vec());
+            remote.push((
+                i,
+                self.runtime.spawn(async move {
                     match tokio::time::timeout(IO_TIMEOUT, peer.call(h, &payload)).await {
                         Ok(Ok(_)) => Ok(()),
                         Ok(Err(e)) => Err(e.to_string()),
                         Err(_) => Err("timed out".to_owned()),
                     }
-                }));
-            }
+                }),
+            ));
         }
         let here = local(&self.local);
-        let mut failed = None;
-        for r in remote {
+        let mut failed = Vec::new();
+        for (i, r) in remote {
             match self.runtime.block_on(r) {
                 Ok(Ok(())) => {}
-                Ok(Err(e)) => failed = Some(e),
-                Err(e) => failed = Some(e.to_string()),
+                Ok(Err(e)) => failed.push((i, e)),
+                Err(e) => failed.push((i, e.to_string())),
             }
         }
         here?;
-        match failed {
-            None => Ok(()),
-            Some(e) => {
-                tracing::error!(offset, "a component did not take the request: {e}");
-                Err(io_error("replicate", format!("a component did not take it: {e}")))
+        // A failed copy is stale from now on in memory, and the regions go to its bitmap
+        // (durable) before anything else: even if the mark cannot be recorded, the copy
+        // is brought up to date later, never left silently different.
+        {
+            let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            for (i, e) in &failed {
+                let node = self.copies[*i].node;
+                tracing::warn!(volume = %self.name, node, "a copy failed: {e}");
+                st.states[*i] = CopyState::Stale;
+            }
+            if length > 0 {
+                let regions = offset / REGION..=(offset + length - 1) / REGION;
+                for i in 0..self.copies.len() {
+                    if st.states[i] != CopyState::Stale {
+                        continue;
+                    }
+                    let before = st.dirty[i].len();
+                    st.dirty[i].extend(regions.clone());
+                    if st.dirty[i].len() != before {
+                        let dirty = st.dirty[i].clone();
+                        self.save_bitmap(i, &dirty)?;
+                    }
+                }
+            }
+        }
+        for (i, _) in &failed {
+            self.set_state(*i, CopyState::Stale).map_err(|e| {
+                io_error("replicate", format!("a copy failed and cannot be marked stale: {e}"))
+            })?;
+        }
+        let active = {
+            let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            st.states.iter().filter(|s| **s == CopyState::Active).count()
+        };
+        if active < self.min_replicas {
+            return Err(io_error(
+                "replicate",
+                format!("only {active} copies are active, {} needed", self.min_replicas),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Brings a STALE copy that answers again up to date: RESYNCING (new writes reach
+    /// it), every region of its bitmap copied from this owner's copy (each under the
+    /// exclusive lock, so no client write interleaves), then ACTIVE.
+    fn resync(&self, i: usize) -> Result<(), String> {
+        let peer = self.copies[i].peer.clone().expect("only remote copies go stale");
+        let id = self.copies[i].id;
+        let (epoch, runtime) = (self.epoch, self.runtime.clone());
+        let probe = runtime.block_on(async {
+            let h = request(Kind::Probe, id, epoch, 0, 0);
+            tokio::time::timeout(Duration::from_secs(2), peer.call(h, &[])).await
+        });
+        if !matches!(probe, Ok(Ok(_))) {
+            return Ok(()); // Still away.
+        }
+        self.set_state(i, CopyState::Resyncing)?;
+        loop {
+            let next = {
+                let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+                st.dirty[i].iter().next().copied()
+            };
+            let Some(region) = next else { break };
+            let _exclusive = self.resync_lock.write().unwrap_or_else(|e| e.into_inner());
+            let offset = region * REGION;
+            let len = REGION.min(self.size_bytes.saturating_sub(offset)) as usize;
+            let mut buf = vec![0u8; len];
+            self.local.volume.read_at(&mut buf, offset).map_err(|e| e.to_string())?;
+            let lsn = self.lsn.fetch_add(1, Ordering::Relaxed) + 1;
+            let h = request(Kind::Write, id, epoch, lsn, offset);
+            let wrote = runtime
+                .block_on(async { tokio::time::timeout(IO_TIMEOUT, peer.call(h, &buf)).await });
+            if !matches!(wrote, Ok(Ok(_))) {
+                drop(_exclusive);
+                self.set_state(i, CopyState::Stale)?;
+                return Err(format!("copy {id} failed during its resync"));
+            }
+            self.resynced_bytes.fetch_add(len as u64, Ordering::Relaxed);
+            let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            st.dirty[i].remove(&region);
+            let dirty = st.dirty[i].clone();
+            drop(st);
+            self.save_bitmap(i, &dirty).map_err(|e| e.to_string())?;
+        }
+        // Everything it lacked is copied and new writes reach it: make it durable there,
+        // then ACTIVE.
+        let flushed = runtime.block_on(async {
+            let h = request(Kind::Flush, id, epoch, 0, 0);
+            tokio::time::timeout(IO_TIMEOUT, peer.call(h, &[])).await
+        });
+        if !matches!(flushed, Ok(Ok(_))) {
+            self.set_state(i, CopyState::Stale)?;
+            return Err(format!("copy {id} failed to flush after its resync"));
+        }
+        self.set_state(i, CopyState::Active)?;
+        let _ = std::fs::remove_file(self.bitmaps.join(self.bitmap_file(i)));
+        Ok(())
+    }
+
+    /// The copies to resync now.
+    fn stale(&self) -> Vec<usize> {
+        let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        (0..self.copies.len()).filter(|i| st.states[*i] != CopyState::Active).collect()
+    }
+}
+
+/// Resyncs the volume's stale copies when they answer again, until the process ends.
+pub async fn run_resync(volume: Arc<ReplicatedVolume>) {
+    loop {
+        tokio::time::sleep(RESYNC_EVERY).await;
+        for i in volume.stale() {
+            let v = volume.clone();
+            let done = tokio::task::spawn_blocking(move || v.resync(i)).await;
+            if let Ok(Err(e)) = done {
+                tracing::warn!(volume = %volume.name, "resync: {e}");
             }
         }
     }
@@ -169,7 +403,8 @@ impl BlockVolume for ReplicatedVolume {
     fn write_at(&self, data: &[u8], offset: u64) -> Result<(), StoreError> {
         for (i, chunk) in data.chunks(PAYLOAD_BYTES_MAX).enumerate() {
             let at = offset + (i * PAYLOAD_BYTES_MAX) as u64;
-            self.fan_out(Kind::Write, at, 0, chunk, false, |c| c.volume.write_at(chunk, at))?;
+            let n = chunk.len() as u64;
+            self.fan_out(Kind::Write, at, n, 0, chunk, false, |c| c.volume.write_at(chunk, at))?;
         }
         Ok(())
     }
@@ -177,16 +412,16 @@ impl BlockVolume for ReplicatedVolume {
     fn trim(&self, offset: u64, length: u64) -> Result<(), StoreError> {
         for at in (offset..offset + length).step_by(1 << 30) {
             let n = (offset + length - at).min(1 << 30);
-            self.fan_out(Kind::Trim, at, n as u32, &[], false, |c| c.volume.trim(at, n))?;
+            self.fan_out(Kind::Trim, at, n, n as u32, &[], false, |c| c.volume.trim(at, n))?;
         }
         Ok(())
     }
 
     fn write_zeroes(&self, offset: u64, length: u64, mode: ZeroMode) -> Result<(), StoreError> {
-        // A trimmed range reads as zeroes on every component.
+        // A trimmed range reads as zeroes on every copy.
         for at in (offset..offset + length).step_by(1 << 30) {
             let n = (offset + length - at).min(1 << 30);
-            self.fan_out(Kind::Trim, at, n as u32, &[], false, |c| {
+            self.fan_out(Kind::Trim, at, n, n as u32, &[], false, |c| {
                 c.volume.write_zeroes(at, n, mode)
             })?;
         }
@@ -198,7 +433,7 @@ impl BlockVolume for ReplicatedVolume {
     }
 
     fn sync(&self) -> Result<(), StoreError> {
-        self.fan_out(Kind::Flush, 0, 0, &[], false, |c| c.volume.sync())
+        self.fan_out(Kind::Flush, 0, 0, 0, &[], false, |c| c.volume.sync())
     }
 
     fn resize(&self, _size_bytes: u64) -> Result<(), StoreError> {
@@ -242,41 +477,64 @@ pub async fn take_ownership(meta: &Member, name: &str) -> ApiResult<Owner> {
     Err(unavailable(format!("could not take ownership of {name}: it keeps changing")))
 }
 
-/// Opens the owner's view of a replicated volume.
+/// Opens the owner's view of a replicated volume; a STALE copy's bitmap is read back
+/// (a copy whose bitmap is missing needs every region).
 pub fn open(
     node: &Node,
-    meta: &Member,
-    size_bytes: u64,
+    meta: &Arc<Member>,
+    record: &crate::registry::VolumeRecord,
     owner: Owner,
-    components: &[ComponentRecord],
     rpc_of: impl Fn(u64) -> Option<String>,
 ) -> ApiResult<ReplicatedVolume> {
     let key = DataKey::from_secret(meta.secret());
+    let bitmaps = node.dir().join("bitmaps");
     let mut local = None;
-    let mut targets = Vec::new();
-    for c in components {
+    let mut copies = Vec::new();
+    let mut states = Vec::new();
+    let mut dirty = Vec::new();
+    let regions = record.size_bytes.div_ceil(REGION);
+    for c in &record.components {
+        let state = CopyState::parse(&c.state);
+        let mut lacks = BTreeSet::new();
+        if state != CopyState::Active {
+            let file = bitmaps.join(format!("{}.{}.{}", record.name, c.node, c.id));
+            match std::fs::read_to_string(&file) {
+                Ok(text) => lacks.extend(text.lines().filter_map(|l| l.parse::<u64>().ok())),
+                Err(_) => lacks.extend(0..regions),
+            }
+        }
         if c.node == meta.id() {
             let here = node.component(c.id).ok_or_else(|| {
                 ApiError::new(ErrorCode::Io, format!("component {} is missing here", c.id))
             })?;
             local = Some(here);
-            targets.push(Target::Local);
+            copies.push(Copy { node: c.node, id: c.id, peer: None });
         } else {
             let rpc = rpc_of(c.node).ok_or_else(|| {
                 unavailable(format!("node {} (holding a component) has no address", c.node))
             })?;
-            targets
-                .push(Target::Remote { peer: Arc::new(DataPeer::new(key.clone(), rpc)), id: c.id });
+            let peer = Arc::new(DataPeer::new(key.clone(), rpc));
+            copies.push(Copy { node: c.node, id: c.id, peer: Some(peer) });
         }
+        states.push(state);
+        dirty.push(lacks);
     }
     let local = local.ok_or_else(|| ApiError::invalid("the owner holds no component"))?;
     Ok(ReplicatedVolume {
-        size_bytes,
+        name: record.name.clone(),
+        size_bytes: record.size_bytes,
         epoch: owner.epoch,
         lsn: AtomicU64::new(0),
+        min_replicas: record.min_replicas as usize,
         local,
-        targets,
+        copies,
+        state: Mutex::new(Copies { states, dirty }),
+        resync_lock: RwLock::new(()),
+        meta: meta.clone(),
+        owner,
+        bitmaps,
         runtime: tokio::runtime::Handle::current(),
+        resynced_bytes: AtomicU64::new(0),
     })
 }
 
@@ -313,11 +571,12 @@ async fn candidates(meta: &Member) -> ApiResult<Vec<Candidate>> {
 /// and the volume exported here. On a failure, what was made is removed again.
 pub async fn create(
     node: &Arc<Node>,
-    meta: &Member,
+    meta: &Arc<Member>,
     registry: &crate::registry::Registry,
     name: &str,
     size_bytes: u64,
     replicas: u32,
+    min_replicas: u32,
 ) -> ApiResult<crate::node::VolumeInfo> {
     let up = candidates(meta).await?;
     let chosen = place(meta.id(), &up, replicas as usize).ok_or_else(|| {
@@ -376,18 +635,21 @@ pub async fn create(
         origin: None,
         snapshots: Vec::new(),
         replicas,
+        min_replicas,
         components: components.clone(),
     };
     let done = match owner {
         Ok(owner) => match registry.publish(&record).await {
-            Ok(()) => open(node, meta, size_bytes, owner, &components, |n| rpc_of(meta, n)),
+            Ok(()) => open(node, meta, &record, owner, |n| rpc_of(meta, n)),
             Err(e) => Err(e),
         },
         Err(e) => Err(e),
     };
     match done {
         Ok(volume) => {
-            node.add_replicated(name, Arc::new(volume));
+            let volume = Arc::new(volume);
+            tokio::spawn(run_resync(volume.clone()));
+            node.add_replicated(name, volume);
             tracing::info!(volume = name, replicas, ?components, "replicated volume created");
             let nbd = node.nbd_addr();
             Ok(record.info(&nbd))
@@ -419,11 +681,13 @@ pub async fn reopen(node: Arc<Node>, meta: Arc<Member>, registry: Arc<crate::reg
     for record in registry.owned_replicated() {
         let opened = async {
             let owner = take_ownership(&meta, &record.name).await?;
-            open(&node, &meta, record.size_bytes, owner, &record.components, |n| rpc_of(&meta, n))
+            open(&node, &meta, &record, owner, |n| rpc_of(&meta, n))
         };
         match opened.await {
             Ok(v) => {
-                node.add_replicated(&record.name, Arc::new(v));
+                let v = Arc::new(v);
+                tokio::spawn(run_resync(v.clone()));
+                node.add_replicated(&record.name, v);
                 tracing::info!(volume = %record.name, "replicated volume reopened");
             }
             Err(e) => tracing::error!(volume = %record.name, "cannot reopen: {}", e.message),

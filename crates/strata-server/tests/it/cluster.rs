@@ -383,7 +383,7 @@ fn read_component(m: &Member, key: &DataKey, id: u64, epoch: u64, offset: u64) -
 }
 
 #[test]
-fn a_replicated_volume_writes_every_copy_and_fails_rather_than_degrade() {
+fn a_replicated_volume_survives_a_copy_away_and_resyncs_it() {
     let tmp = tempfile::tempdir().unwrap();
     let mut members = three_members(tmp.path());
     let (ok, text) =
@@ -415,18 +415,54 @@ fn a_replicated_volume_writes_every_copy_and_fails_rather_than_degrade() {
         assert!(data.iter().all(|b| *b == 0x6b), "node {}'s copy lacks the write", m.id);
     }
 
-    // With a copy unreachable, a write fails (EIO) instead of silently losing a copy.
+    // With a copy away, writes go on (2 of 3 active, the minimum); the copy is marked
+    // stale and, back, gets exactly the regions it missed.
+    members[2].node.take().unwrap().kill9();
+    crate::harness::qemu_io(&uri, &["write -P 0x11 0 4k", "write -P 0x12 3M 8k", "flush"]);
+    let states = |m: &Member| -> Vec<String> {
+        m.get("/v1/volumes/r1").map_or(Vec::new(), |v| {
+            v["components"].as_array().unwrap().iter().map(|c| c["state"].to_string()).collect()
+        })
+    };
+    wait_until(10, "copy 3 marked stale", || states(&members[1])[2] == "\"stale\"");
+    members[2].start();
+    wait_until(30, "copy 3 resynced and active", || {
+        states(&members[1]).iter().all(|s| s == "\"active\"")
+    });
+    let c3 = components[2]["id"].as_u64().unwrap();
+    let has = |offset: u64, len: usize, byte: u8| {
+        read_component(&members[2], &key, c3, 1, offset)[..len].iter().all(|b| *b == byte)
+    };
+    assert!(has(0, 4096, 0x11) && has(3 << 20, 8192, 0x12) && has(1 << 20, 65536, 0x6b));
+
+    // Below the minimum, a write fails (EIO) rather than silently lose redundancy.
+    members[1].node.take().unwrap().kill9();
     members[2].node.take().unwrap().kill9();
     let out = Command::new("qemu-io")
-        .args(["-f", "raw", "-c", "write -P 0x11 0 4k", &uri])
+        .args(["-f", "raw", "-c", "write -P 0x13 0 4k", &uri])
         .output()
         .unwrap();
     let text =
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     assert!(text.contains("error") || !out.status.success(), "the write must fail: {text}");
+    members[1].start();
+    members[2].start();
+    wait_until(60, "both copies back and active", || {
+        states(&members[1]).iter().all(|s| s == "\"active\"")
+    });
+    // The failed write reached the owner's copy; the others get it by resync (the owner
+    // knew them stale even though it could not record it then), so the copies agree.
+    let owner_has = read_component(&members[0], &key, components[0]["id"].as_u64().unwrap(), 1, 0);
+    assert!(owner_has[..4096].iter().all(|b| *b == 0x13));
+    wait_until(30, "every copy equal to the owner's", || {
+        members
+            .iter()
+            .zip(&components)
+            .skip(1)
+            .all(|(m, c)| read_component(m, &key, c["id"].as_u64().unwrap(), 1, 0) == owner_has)
+    });
 
     // The owner restarts: it takes a new epoch, and the old epoch is refused by the copies.
-    members[2].start();
     members[0].node.take().unwrap().kill9();
     members[0].start();
     let uri = members[0].node().uri("r1");
