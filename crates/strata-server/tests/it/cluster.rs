@@ -92,7 +92,18 @@ fn cluster_view(m: &Member) -> Option<Value> {
     m.get("/v1/cluster")
 }
 
+/// The member that leads, waiting (10 s) through an election in progress.
 fn leader(members: &[Member]) -> Option<u64> {
+    for _ in 0..100 {
+        if let Some(id) = leader_now(members) {
+            return Some(id);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    None
+}
+
+fn leader_now(members: &[Member]) -> Option<u64> {
     members.iter().filter(|m| m.node.is_some()).find_map(|m| {
         let v = m.get("/v1/node")?;
         (v["meta"]["state"] == "leader").then_some(m.id)
