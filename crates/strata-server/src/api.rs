@@ -45,6 +45,14 @@ pub struct Api {
 }
 
 impl Api {
+    /// A replicated volume this node owns, with its copies as the owner sees them now.
+    fn live(&self, mut v: VolumeInfo) -> VolumeInfo {
+        if let Some(copies) = self.node.replicated_copies(&v.name) {
+            v.components = copies;
+        }
+        v
+    }
+
     /// A local operation's result on volume `name`: on success the registry is told; a
     /// volume this node does not hold but another does gets an error saying where.
     fn local<T>(&self, name: &str, result: ApiResult<T>) -> ApiResult<T> {
@@ -215,7 +223,7 @@ async fn list_volumes(State(api): State<Api>) -> Json<Vec<VolumeInfo>> {
     let mut volumes = api.node.list();
     let local: std::collections::HashSet<String> = volumes.iter().map(|v| v.name.clone()).collect();
     let remote = api.registry.remote().into_iter().filter(|r| !local.contains(&r.name));
-    volumes.extend(remote);
+    volumes.extend(remote.map(|v| api.live(v)));
     volumes.sort_by(|a, b| a.name.cmp(&b.name));
     Json(volumes)
 }
@@ -226,7 +234,10 @@ async fn get_volume(
 ) -> ApiResult<Json<VolumeInfo>> {
     match api.node.get(&name) {
         Ok(v) => Ok(Json(v)),
-        Err(e) => api.registry.remote().into_iter().find(|v| v.name == name).map(Json).ok_or(e),
+        Err(e) => {
+            let found = api.registry.remote().into_iter().find(|v| v.name == name);
+            found.map(|v| Json(api.live(v))).ok_or(e)
+        }
     }
 }
 

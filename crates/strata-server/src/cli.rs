@@ -446,6 +446,19 @@ fn print_volume(json_out: bool, v: &Value, verb: &str) -> anyhow::Result<()> {
     }
     println!("connections:  {}", info.connections);
     println!("export:       {}", info.export_uri);
+    if !info.components.is_empty() {
+        println!("replicas:     {} (owner: node {})", info.replicas, info.node);
+        for c in &info.components {
+            let missed = c.dirty_bytes.map_or(String::new(), |d| {
+                if d == 0 {
+                    String::new()
+                } else {
+                    format!("  missed {}", format_size(d))
+                }
+            });
+            println!("  node {:<4} component {:<6} {}{missed}", c.node, c.id, c.state);
+        }
+    }
     Ok(())
 }
 

@@ -205,7 +205,7 @@ struct State {
     volumes: BTreeMap<String, OpenVolume>,
     components: BTreeMap<u64, Component>,
     /// Replicated volumes this node owns, exported over NBD by name.
-    replicated: BTreeMap<String, (Arc<dyn BlockVolume>, GroupSync, Attach)>,
+    replicated: BTreeMap<String, (Arc<crate::replicated::ReplicatedVolume>, GroupSync, Attach)>,
 }
 
 impl State {
@@ -437,9 +437,14 @@ impl Node {
     }
 
     /// Exports a replicated volume this node owns.
-    pub fn add_replicated(&self, name: &str, volume: Arc<dyn BlockVolume>) {
+    pub fn add_replicated(&self, name: &str, volume: Arc<crate::replicated::ReplicatedVolume>) {
         let group_sync = GroupSync::spawn(volume.clone());
         self.lock().replicated.insert(name.to_owned(), (volume, group_sync, Attach::new()));
+    }
+
+    /// The owner's live view of a replicated volume's copies, if this node owns it.
+    pub fn replicated_copies(&self, name: &str) -> Option<Vec<crate::replicated::ComponentRecord>> {
+        self.lock().replicated.get(name).map(|(v, _, _)| v.live())
     }
 
     /// A component held here.
@@ -951,7 +956,7 @@ impl ExportProvider for Exports {
                     "Strata replicated volume, {}",
                     format_size(view.size_bytes())
                 ),
-                volume: view.clone(),
+                volume: view.clone() as Arc<dyn BlockVolume>,
                 group_sync: group_sync.clone(),
                 read_only: false,
                 closed: attach.close.subscribe(),

@@ -36,8 +36,12 @@ pub struct ComponentRecord {
     pub node: u64,
     /// Its id on that node.
     pub id: u64,
-    /// `active` (only state so far).
+    /// `active`, `stale` or `resyncing`.
     pub state: String,
+    /// Bytes its synchronization bitmap marks as missed (the owner's live view; not
+    /// stored in the record).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dirty_bytes: Option<u64>,
 }
 
 /// `/volumes/<name>/owner`.
@@ -366,6 +370,21 @@ impl ReplicatedVolume {
         Ok(())
     }
 
+    /// Each copy as the owner sees it now: state and bytes its bitmap marks.
+    pub fn live(&self) -> Vec<ComponentRecord> {
+        let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        self.copies
+            .iter()
+            .enumerate()
+            .map(|(i, c)| ComponentRecord {
+                node: c.node,
+                id: c.id,
+                state: st.states[i].name().into(),
+                dirty_bytes: Some(st.dirty[i].len() as u64 * REGION),
+            })
+            .collect()
+    }
+
     /// The copies to resync now.
     fn stale(&self) -> Vec<usize> {
         let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
@@ -621,7 +640,12 @@ pub async fn create(
     };
     let components: Vec<ComponentRecord> = made
         .iter()
-        .map(|(c, id)| ComponentRecord { node: c.id, id: *id, state: "active".into() })
+        .map(|(c, id)| ComponentRecord {
+            node: c.id,
+            id: *id,
+            state: "active".into(),
+            dirty_bytes: None,
+        })
         .collect();
     let record = crate::registry::VolumeRecord {
         name: name.to_owned(),

@@ -436,6 +436,12 @@ fn a_replicated_volume_survives_a_copy_away_and_resyncs_it() {
         })
     };
     wait_until(10, "copy 3 marked stale", || states(&members[1])[2] == "\"stale\"");
+    // The owner shows what the copy missed: the two regions written (64 KiB each).
+    let (ok, text) = cli(&members[0], &["volume", "info", "r1", "--json"]);
+    let v: Value = serde_json::from_str(&text).unwrap_or_default();
+    assert!(ok && v["components"][2]["dirty_bytes"] == 2 * 65536, "{text}");
+    let (ok, text) = cli(&members[0], &["volume", "info", "r1"]);
+    assert!(ok && text.contains("stale  missed 128K"), "{text}");
     members[2].start();
     wait_until(30, "copy 3 resynced and active", || {
         states(&members[1]).iter().all(|s| s == "\"active\"")
