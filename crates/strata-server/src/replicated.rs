@@ -513,14 +513,18 @@ pub fn open(
     let mut dirty = Vec::new();
     let regions = record.size_bytes.div_ceil(REGION);
     for c in &record.components {
-        let state = CopyState::parse(&c.state);
+        let mut state = CopyState::parse(&c.state);
         let mut lacks = BTreeSet::new();
-        if state != CopyState::Active {
-            let file = bitmaps.join(format!("{}.{}.{}", record.name, c.node, c.id));
-            match std::fs::read_to_string(&file) {
-                Ok(text) => lacks.extend(text.lines().filter_map(|l| l.parse::<u64>().ok())),
-                Err(_) => lacks.extend(0..regions),
-            }
+        // A bitmap on disk wins over an "active" record: the owner may have known a copy
+        // stale without being able to record it (no quorum) before it restarted.
+        let file = bitmaps.join(format!("{}.{}.{}", record.name, c.node, c.id));
+        match std::fs::read_to_string(&file) {
+            Ok(text) => lacks.extend(text.lines().filter_map(|l| l.parse::<u64>().ok())),
+            Err(_) if state != CopyState::Active => lacks.extend(0..regions),
+            Err(_) => {}
+        }
+        if state == CopyState::Active && !lacks.is_empty() {
+            state = CopyState::Stale;
         }
         if c.node == meta.id() {
             let here = node.component(c.id).ok_or_else(|| {
