@@ -127,6 +127,11 @@ struct Copies {
     states: Vec<CopyState>,
     /// Per copy: the regions it lacks (its synchronization bitmap).
     dirty: Vec<BTreeSet<u64>>,
+    /// Per copy: regions written since its last successful flush (a copy that fails may
+    /// have lost them with its page cache, so they join its bitmap).
+    unflushed: Vec<BTreeSet<u64>>,
+    /// Copies STALE here whose mark the record does not hold yet.
+    unrecorded: BTreeSet<usize>,
 }
 
 /// The owner's view of a replicated volume: a `BlockVolume` whose writes go to every
@@ -262,43 +267,62 @@ impl ReplicatedVolume {
         }
         let here = local(&self.local);
         let mut failed = Vec::new();
+        let mut took = Vec::new();
         for (i, r) in remote {
             match self.runtime.block_on(r) {
-                Ok(Ok(())) => {}
+                Ok(Ok(())) => took.push(i),
                 Ok(Err(e)) => failed.push((i, e)),
                 Err(e) => failed.push((i, e.to_string())),
             }
         }
-        here?;
-        // A failed copy is stale from now on in memory, and the regions go to its bitmap
-        // (durable) before anything else: even if the mark cannot be recorded, the copy
-        // is brought up to date later, never left silently different.
+        let regions = (length > 0).then(|| offset / REGION..=(offset + length - 1) / REGION);
+        // A failed copy is STALE from now on in memory, and what it may lack goes to its
+        // bitmap (durable) before anything else: the write's regions and every region
+        // written since its last flush. Even if the mark cannot be recorded, the copy is
+        // brought level later, never left silently different.
         {
             let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            for i in &took {
+                match (&regions, kind) {
+                    (_, Kind::Flush) => st.unflushed[*i].clear(),
+                    (Some(r), _) => st.unflushed[*i].extend(r.clone()),
+                    (None, _) => {}
+                }
+            }
             for (i, e) in &failed {
                 let node = self.copies[*i].node;
                 tracing::warn!(volume = %self.name, node, "a copy failed: {e}");
                 st.states[*i] = CopyState::Stale;
+                st.unrecorded.insert(*i);
+                let lost = std::mem::take(&mut st.unflushed[*i]);
+                st.dirty[*i].extend(lost);
             }
-            if length > 0 {
-                let regions = offset / REGION..=(offset + length - 1) / REGION;
-                for i in 0..self.copies.len() {
-                    if st.states[i] != CopyState::Stale {
-                        continue;
-                    }
-                    let before = st.dirty[i].len();
-                    st.dirty[i].extend(regions.clone());
-                    if st.dirty[i].len() != before {
-                        let dirty = st.dirty[i].clone();
-                        self.save_bitmap(i, &dirty)?;
-                    }
+            for i in 0..self.copies.len() {
+                if st.states[i] != CopyState::Stale {
+                    continue;
+                }
+                let before = st.dirty[i].len();
+                if let Some(r) = &regions {
+                    st.dirty[i].extend(r.clone());
+                }
+                if st.dirty[i].len() != before || failed.iter().any(|(f, _)| *f == i) {
+                    let dirty = st.dirty[i].clone();
+                    self.save_bitmap(i, &dirty)?;
                 }
             }
         }
-        for (i, _) in &failed {
-            self.set_state(*i, CopyState::Stale).map_err(|e| {
+        here?;
+        // Every STALE mark is recorded before the reply (and recording fails once this
+        // node is no longer the owner at its epoch: then nothing more is acknowledged).
+        let unrecorded: Vec<usize> = {
+            let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            st.unrecorded.iter().copied().collect()
+        };
+        for i in unrecorded {
+            self.set_state(i, CopyState::Stale).map_err(|e| {
                 io_error("replicate", format!("a copy failed and cannot be marked stale: {e}"))
             })?;
+            self.state.lock().unwrap_or_else(|e| e.into_inner()).unrecorded.remove(&i);
         }
         let active = {
             let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
@@ -317,7 +341,9 @@ impl ReplicatedVolume {
     /// it), every region of its bitmap copied from this owner's copy (each under the
     /// exclusive lock, so no client write interleaves), then ACTIVE.
     fn resync(&self, i: usize) -> Result<(), String> {
-        let peer = self.copies[i].peer.clone().expect("only remote copies go stale");
+        let Some(peer) = self.copies[i].peer.clone() else {
+            return Err("the owner's own copy is recorded as not active".into());
+        };
         let id = self.copies[i].id;
         let (epoch, runtime) = (self.epoch, self.runtime.clone());
         let probe = runtime.block_on(async {
@@ -327,7 +353,19 @@ impl ReplicatedVolume {
         if !matches!(probe, Ok(Ok(_))) {
             return Ok(()); // Still away.
         }
-        self.set_state(i, CopyState::Resyncing)?;
+        {
+            // Under the exclusive lock: no write is between reading the states and adding
+            // its bits, so none can miss both this copy and its bitmap.
+            let _exclusive = self.resync_lock.write().unwrap_or_else(|e| e.into_inner());
+            let unrecorded =
+                self.state.lock().unwrap_or_else(|e| e.into_inner()).unrecorded.contains(&i);
+            if unrecorded {
+                // Its STALE mark first (it could not be recorded when the copy failed).
+                self.set_state(i, CopyState::Stale)?;
+                self.state.lock().unwrap_or_else(|e| e.into_inner()).unrecorded.remove(&i);
+            }
+            self.set_state(i, CopyState::Resyncing)?;
+        }
         loop {
             let next = {
                 let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
@@ -344,27 +382,49 @@ impl ReplicatedVolume {
             let wrote = runtime
                 .block_on(async { tokio::time::timeout(IO_TIMEOUT, peer.call(h, &buf)).await });
             if !matches!(wrote, Ok(Ok(_))) {
+                let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+                let lost = std::mem::take(&mut st.unflushed[i]);
+                st.dirty[i].extend(lost);
+                let dirty = st.dirty[i].clone();
+                drop(st);
+                self.save_bitmap(i, &dirty).map_err(|e| e.to_string())?;
                 drop(_exclusive);
                 self.set_state(i, CopyState::Stale)?;
                 return Err(format!("copy {id} failed during its resync"));
             }
             self.resynced_bytes.fetch_add(len as u64, Ordering::Relaxed);
             let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            st.unflushed[i].insert(region);
             st.dirty[i].remove(&region);
             let dirty = st.dirty[i].clone();
             drop(st);
             self.save_bitmap(i, &dirty).map_err(|e| e.to_string())?;
         }
         // Everything it lacked is copied and new writes reach it: make it durable there,
-        // then ACTIVE.
+        // then ACTIVE — all under the exclusive lock, so no write fails on it meanwhile
+        // (a write that failed before left bits, and the loop goes round again).
+        let _exclusive = self.resync_lock.write().unwrap_or_else(|e| e.into_inner());
+        {
+            let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            if !st.dirty[i].is_empty() || st.states[i] != CopyState::Resyncing {
+                return Ok(()); // Marked again meanwhile: the next round resyncs it.
+            }
+        }
         let flushed = runtime.block_on(async {
             let h = request(Kind::Flush, id, epoch, 0, 0);
             tokio::time::timeout(IO_TIMEOUT, peer.call(h, &[])).await
         });
         if !matches!(flushed, Ok(Ok(_))) {
+            let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            let lost = std::mem::take(&mut st.unflushed[i]);
+            st.dirty[i].extend(lost);
+            let dirty = st.dirty[i].clone();
+            drop(st);
+            self.save_bitmap(i, &dirty).map_err(|e| e.to_string())?;
             self.set_state(i, CopyState::Stale)?;
             return Err(format!("copy {id} failed to flush after its resync"));
         }
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).unflushed[i].clear();
         self.set_state(i, CopyState::Active)?;
         let _ = std::fs::remove_file(self.bitmaps.join(self.bitmap_file(i)));
         Ok(())
@@ -543,6 +603,7 @@ pub fn open(
         dirty.push(lacks);
     }
     let local = local.ok_or_else(|| ApiError::invalid("the owner holds no component"))?;
+    let n = copies.len();
     Ok(ReplicatedVolume {
         name: record.name.clone(),
         size_bytes: record.size_bytes,
@@ -551,7 +612,12 @@ pub fn open(
         min_replicas: record.min_replicas as usize,
         local,
         copies,
-        state: Mutex::new(Copies { states, dirty }),
+        state: Mutex::new(Copies {
+            states,
+            dirty,
+            unflushed: vec![BTreeSet::new(); n],
+            unrecorded: BTreeSet::new(),
+        }),
         resync_lock: RwLock::new(()),
         meta: meta.clone(),
         owner,
