@@ -347,7 +347,11 @@ fn three_processes_stay_linearizable_through_kill9_and_sigstop() {
     for (k, history) in histories.iter() {
         done += history.iter().filter(|o| o.outcome == Outcome::Done).count();
         if let Err(e) = check(history) {
-            panic!("key {k}: not linearizable: {e}");
+            // Keep the history for diagnosis.
+            let path = std::env::temp_dir().join(format!("strata-lin-key{k}.txt"));
+            let text: String = history.iter().map(|o| format!("{o:?}\n")).collect();
+            let _ = std::fs::write(&path, text);
+            panic!("key {k}: not linearizable: {e} (history in {})", path.display());
         }
     }
     assert!(done > 50, "too few successful CAS ({done}) to mean anything");
