@@ -158,7 +158,16 @@ impl DataService {
                 let node = self.node.clone();
                 let id = h.component;
                 match tokio::task::spawn_blocking(move || node.component_remove(id)).await {
-                    Ok(Ok(())) => Ok(Vec::new()),
+                    Ok(Ok(())) => {
+                        // Its fence goes with it (ids are never reused).
+                        let mut fences = self.fences.lock().unwrap_or_else(|e| e.into_inner());
+                        fences.remove(id);
+                        let dir = self.fences_path.parent().expect("in the data directory");
+                        let text = fences.encode();
+                        let _ =
+                            strata_store::store::write_atomically(dir, "fences", text.as_bytes());
+                        Ok(Vec::new())
+                    }
                     _ => return (Status::Io, reply, Vec::new()),
                 }
             }
