@@ -172,6 +172,17 @@ impl ReplicatedVolume {
             .map_err(|e| io_error("bitmap", e))
     }
 
+    /// Copy `i` failed during its resync: the regions it took since its last flush may
+    /// be lost with its page cache, so they go back into its bitmap (durable).
+    fn lose_unflushed(&self, i: usize) -> Result<(), StoreError> {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let lost = std::mem::take(&mut st.unflushed[i]);
+        st.dirty[i].extend(lost);
+        let dirty = st.dirty[i].clone();
+        drop(st);
+        self.save_bitmap(i, &dirty)
+    }
+
     /// Records copy `i`'s state in the volume's record, by CAS, only while this node is
     /// still the owner at its epoch.
     fn set_state(&self, i: usize, to: CopyState) -> Result<(), String> {
@@ -382,12 +393,7 @@ impl ReplicatedVolume {
             let wrote = runtime
                 .block_on(async { tokio::time::timeout(IO_TIMEOUT, peer.call(h, &buf)).await });
             if !matches!(wrote, Ok(Ok(_))) {
-                let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-                let lost = std::mem::take(&mut st.unflushed[i]);
-                st.dirty[i].extend(lost);
-                let dirty = st.dirty[i].clone();
-                drop(st);
-                self.save_bitmap(i, &dirty).map_err(|e| e.to_string())?;
+                self.lose_unflushed(i).map_err(|e| e.to_string())?;
                 drop(_exclusive);
                 self.set_state(i, CopyState::Stale)?;
                 return Err(format!("copy {id} failed during its resync"));
@@ -415,12 +421,7 @@ impl ReplicatedVolume {
             tokio::time::timeout(IO_TIMEOUT, peer.call(h, &[])).await
         });
         if !matches!(flushed, Ok(Ok(_))) {
-            let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-            let lost = std::mem::take(&mut st.unflushed[i]);
-            st.dirty[i].extend(lost);
-            let dirty = st.dirty[i].clone();
-            drop(st);
-            self.save_bitmap(i, &dirty).map_err(|e| e.to_string())?;
+            self.lose_unflushed(i).map_err(|e| e.to_string())?;
             self.set_state(i, CopyState::Stale)?;
             return Err(format!("copy {id} failed to flush after its resync"));
         }

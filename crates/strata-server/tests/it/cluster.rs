@@ -189,28 +189,9 @@ async fn client(
 #[test]
 fn three_processes_stay_linearizable_through_kill9_and_sigstop() {
     let tmp = tempfile::tempdir().unwrap();
-    let mut members = vec![Member::new(tmp.path(), 1, None)];
+    let mut members = three_members(tmp.path());
     let first = members[0].rpc.clone();
-    members.push(Member::new(tmp.path(), 2, Some(&first)));
-    members.push(Member::new(tmp.path(), 3, Some(&first)));
-
-    // The first node founds the cluster; the others join with a copy of its secret.
-    members[0].start();
-    let (ok, text) = cli(&members[0], &["cluster", "init"]);
-    assert!(ok, "{text}");
-    let (ok, text) = cli(&members[0], &["cluster", "init"]);
-    assert!(!ok && text.contains("already"), "a second init is refused: {text}");
     let secret = std::fs::read(members[0].dir.join("secret")).unwrap();
-    for m in &mut members[1..] {
-        std::fs::write(m.dir.join("secret"), &secret).unwrap();
-        m.start();
-    }
-    wait_until(30, "three voters, all up", || {
-        cluster_view(&members[0]).is_some_and(|v| {
-            let ms = v["cluster"]["members"].as_array().cloned().unwrap_or_default();
-            ms.len() == 3 && ms.iter().all(|m| m["role"] == "voter" && m["session"]["up"] == true)
-        })
-    });
     let (ok, text) = cli(&members[2], &["node", "list"]);
     assert!(ok && text.contains("voter") && text.contains("a/r3"), "{text}");
 
@@ -369,9 +350,12 @@ fn three_members(root: &Path) -> Vec<Member> {
     let first = members[0].rpc.clone();
     members.push(Member::new(root, 2, Some(&first)));
     members.push(Member::new(root, 3, Some(&first)));
+    // The first node founds the cluster; the others join with a copy of its secret.
     members[0].start();
     let (ok, text) = cli(&members[0], &["cluster", "init"]);
     assert!(ok, "{text}");
+    let (ok, text) = cli(&members[0], &["cluster", "init"]);
+    assert!(!ok && text.contains("already"), "a second init is refused: {text}");
     let secret = std::fs::read(members[0].dir.join("secret")).unwrap();
     for m in &mut members[1..] {
         std::fs::write(m.dir.join("secret"), &secret).unwrap();
