@@ -266,6 +266,8 @@ pub struct Member {
     peers: Mutex<HashMap<String, Arc<Peer>>>,
     incarnation: AtomicU64,
     stale_refusals: AtomicU64,
+    /// When the last heartbeat (or registration) the leader accepted was sent.
+    confirmed: Mutex<Option<Instant>>,
     reads: Mutex<ReadRounds>,
     data: std::sync::OnceLock<Arc<dyn rpc::DataPlane>>,
     secret: Vec<u8>,
@@ -332,6 +334,7 @@ impl Member {
             peers: Mutex::new(HashMap::new()),
             incarnation: AtomicU64::new(0),
             stale_refusals: AtomicU64::new(0),
+            confirmed: Mutex::new(None),
             reads: Mutex::new(ReadRounds::default()),
             data: std::sync::OnceLock::new(),
             secret: options.secret.clone(),
@@ -389,6 +392,24 @@ impl Member {
     /// Whether the node's session is registered (its requests carry a live incarnation).
     pub fn registered(&self) -> bool {
         self.incarnation.load(Ordering::Acquire) != 0
+    }
+
+    /// Whether the leader accepted a heartbeat of this node's session sent less than
+    /// `within` ago. The leader then counts the session alive until at least that send
+    /// time plus the session timeout: with `within` well below the timeout, a node for
+    /// which this holds cannot have been declared down (a paused or cut-off node finds
+    /// it false before anyone may take over what its session holds).
+    pub fn session_fresh(&self, within: Duration) -> bool {
+        let confirmed = *self.confirmed.lock().unwrap_or_else(|e| e.into_inner());
+        self.registered() && confirmed.is_some_and(|t| t.elapsed() < within)
+    }
+
+    /// The lease of this node's session (keys put with it die with the session).
+    pub fn session_lease(&self) -> Option<u64> {
+        let incarnation = self.incarnation.load(Ordering::Acquire);
+        self.state.read(|s| {
+            s.session(self.id).filter(|x| x.up && x.incarnation == incarnation).map(|x| x.lease)
+        })
     }
 
     /// Waits up to `patience` for the node's session to be registered.
@@ -851,12 +872,17 @@ impl Member {
                 return;
             }
             let incarnation = self.incarnation.load(Ordering::Acquire);
+            let sent = Instant::now();
             let result = if incarnation == 0 {
                 self.register(&record).await
             } else {
                 let heartbeat = Command::Heartbeat { origin: self.origin(), now_ms: 0 };
                 match self.request(ClientRequest::Write(heartbeat)).await {
                     Ok(ClientReply::Written(Response::Refused(refusal))) => Err(refusal),
+                    Ok(ClientReply::Written(_)) => {
+                        *self.confirmed.lock().unwrap_or_else(|e| e.into_inner()) = Some(sent);
+                        Ok(())
+                    }
                     _ => Ok(()),
                 }
             };
@@ -874,12 +900,14 @@ impl Member {
 
     async fn register(&self, record: &[u8]) -> Result<(), Refusal> {
         let register = Command::Register { node: self.id, now_ms: 0 };
+        let sent = Instant::now();
         let Ok(ClientReply::Written(Response::Registered { incarnation, .. })) =
             self.request(ClientRequest::Write(register)).await
         else {
             return Ok(()); // No leader yet, or unknown: the next round tries again.
         };
         self.incarnation.store(incarnation, Ordering::Release);
+        *self.confirmed.lock().unwrap_or_else(|e| e.into_inner()) = Some(sent);
         tracing::info!(incarnation, "session registered");
         let put = crate::state::Op::Put {
             key: format!("/nodes/{}", self.id),

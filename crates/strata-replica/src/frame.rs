@@ -3,9 +3,9 @@
 //! ```text
 //! off len field
 //!   0   4 magic "SDP1"
-//!   4   1 kind       (a request kind 1-7; a reply sets the high bit: 0x80 | kind)
+//!   4   1 kind       (a request kind 1-8; a reply sets the high bit: 0x80 | kind)
 //!   5   1 status     (replies: 0 ok, else a Status; requests: 0)
-//!   6   2 flags      (0; FUA = 1 on writes)
+//!   6   2 flags      (FUA = 1 on writes; VOLUME = 2: for the volume's owner, below)
 //!   8   8 request id (chosen by the requester; a reply carries its request's)
 //!  16   8 component  (the component's store id on the receiving node)
 //!  24   8 epoch      (the owner's; a StaleEpoch reply carries the component's newest)
@@ -17,6 +17,11 @@
 //!  60  32 BLAKE3 keyed hash of bytes 0..60 and the payload (key from the cluster secret)
 //!  92     payload
 //! ```
+//! A request with the VOLUME flag (Write, Read, Flush, Trim) is for a replicated volume as
+//! a whole, sent by a node serving it to the node it believes owns it; `component` is the
+//! owner's component of the volume, and the owner orders the request like one of its own
+//! clients' (or answers `NotOwner`).
+//!
 //! All integers little-endian. A frame is accepted only if its magic, kind, lengths, crc
 //! and MAC all check; the crc catches damage, the MAC a sender without the secret (a
 //! different key derivation from the metadata plane's, so a captured frame of one plane
@@ -67,7 +72,14 @@ pub enum Kind {
     Create = 6,
     /// Remove the component.
     Remove = 7,
+    /// BLAKE3 of each `DIGEST_UNIT` piece of the `count` bytes at `offset` (the reply's
+    /// payload: 32 bytes per piece), to find where two components differ without
+    /// sending their data.
+    Digest = 8,
 }
+
+/// The piece of a component each digest of a `Digest` reply covers.
+pub const DIGEST_UNIT: u64 = 64 << 10;
 
 impl Kind {
     fn from_u8(b: u8) -> Option<Kind> {
@@ -79,6 +91,7 @@ impl Kind {
             5 => Kind::Trim,
             6 => Kind::Create,
             7 => Kind::Remove,
+            8 => Kind::Digest,
             _ => return None,
         })
     }
@@ -100,6 +113,8 @@ pub enum Status {
     Io = 4,
     /// A malformed request.
     Invalid = 5,
+    /// A VOLUME request reached a node that does not own the volume (now).
+    NotOwner = 6,
 }
 
 impl Status {
@@ -111,6 +126,7 @@ impl Status {
             3 => Status::OutOfRange,
             4 => Status::Io,
             5 => Status::Invalid,
+            6 => Status::NotOwner,
             _ => return None,
         })
     }
@@ -118,6 +134,8 @@ impl Status {
 
 /// Set on a write that must be durable before its reply.
 pub const FLAG_FUA: u16 = 1;
+/// Set on a request for a replicated volume's owner (see the module doc).
+pub const FLAG_VOLUME: u16 = 2;
 
 /// A frame's header fields.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -204,7 +222,7 @@ pub fn parse_header(b: &[u8; HEADER_BYTES]) -> Result<(Header, usize), FrameErro
     let kind = Kind::from_u8(b[4] & 0x7f).ok_or(FrameError::Malformed("unknown kind"))?;
     let status = Status::from_u8(b[5]).ok_or(FrameError::Malformed("unknown status"))?;
     let flags = u16::from_le_bytes([b[6], b[7]]);
-    if flags & !FLAG_FUA != 0 {
+    if flags & !(FLAG_FUA | FLAG_VOLUME) != 0 {
         return Err(FrameError::Malformed("unknown flags"));
     }
     let length = u32_at(b, 52) as usize;

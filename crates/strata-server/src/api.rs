@@ -147,6 +147,7 @@ pub fn router(api: Api) -> Router {
         .route("/v1/volumes/{name}", get(get_volume).delete(delete_volume))
         .route("/v1/volumes/{name}/resize", post(resize_volume))
         .route("/v1/volumes/{name}/rollback", post(rollback_volume))
+        .route("/v1/volumes/{name}/attach", post(attach_volume))
         .route("/v1/volumes/{name}/snapshots", get(list_snapshots).post(create_snapshot))
         .route("/v1/volumes/{name}/snapshots/{snapshot}", get(get_snapshot).delete(delete_snapshot))
         .route("/v1/volumes/{name}/snapshots/{snapshot}/clone", post(clone_snapshot))
@@ -453,6 +454,22 @@ async fn rollback_volume(
     let node = api.node.clone();
     let source = format!("{name}@{}", req.snapshot);
     api.local(&name, blocking(move || node.rollback(&source, req.force)).await).map(Json)
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+struct AttachBody {
+    node: u64,
+}
+
+async fn attach_volume(
+    State(api): State<Api>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> ApiResult<Json<VolumeInfo>> {
+    let req: AttachBody = parse_json(&body)?;
+    let record = crate::replicated::attach(&api.meta, &name, req.node).await?;
+    Ok(Json(api.live(record.info(&api.nbd_addr))))
 }
 
 fn service_error(e: ServiceError) -> ApiError {

@@ -60,6 +60,17 @@ pub enum VolumeCommand {
         /// The new volume's name.
         name: String,
     },
+    /// Move a replicated volume's ownership to a node holding an active copy: that node
+    /// then orders its I/O (clients of every node keep their connections; their requests
+    /// are forwarded to the owner).
+    #[command(after_help = "Example:\n  strata volume attach vm1 --node 2")]
+    Attach {
+        /// Volume name.
+        name: String,
+        /// The node to own it.
+        #[arg(long)]
+        node: u64,
+    },
     /// Return a volume to one of its snapshots (its writes since are discarded; every
     /// snapshot stays).
     #[command(after_help = "Example:\n  strata volume rollback vm1@before-upgrade")]
@@ -331,6 +342,11 @@ pub fn volume(client: &Client, json_out: bool, cmd: VolumeCommand) -> anyhow::Re
             let v = client.call("POST", &path, Some(json!({"name": name})))?;
             print_volume(json_out, &v, "cloned")
         }
+        VolumeCommand::Attach { name, node } => {
+            let path = format!("/v1/volumes/{}/attach", encode(&name));
+            let v = client.call("POST", &path, Some(json!({"node": node})))?;
+            print_volume(json_out, &v, "moved")
+        }
         VolumeCommand::Rollback { snapshot, force } => {
             let (v, s) = split(&snapshot)?;
             let path = format!("/v1/volumes/{v}/rollback");
@@ -447,7 +463,10 @@ fn print_volume(json_out: bool, v: &Value, verb: &str) -> anyhow::Result<()> {
     println!("connections:  {}", info.connections);
     println!("export:       {}", info.export_uri);
     if !info.components.is_empty() {
-        println!("replicas:     {} (owner: node {})", info.replicas, info.node);
+        println!(
+            "replicas:     {} (owner: node {}, epoch {})",
+            info.replicas, info.node, info.epoch
+        );
         for c in &info.components {
             let missed = c.dirty_bytes.map_or(String::new(), |d| {
                 if d == 0 {

@@ -2,22 +2,25 @@
 //! (connections that start with `SDP1`), in `strata-replica`'s frames.
 //!
 //! Invariants:
-//! 1. Every request on a component passes its epoch fence first (`strata_replica::fence`);
-//!    a request that raises the fence applies only after the raised fences are durable
-//!    (file `DIR/fences`, replaced atomically), so a crash never lowers a fence below an
-//!    epoch whose write was applied.
+//! 1. Every request on a component passes its epoch fence first and holds its pass while
+//!    it applies (`fencing.rs`: durable raises, and no older request applies after a
+//!    raise).
 //! 2. A write's reply means the data is in the store (survives kill -9 of this process);
 //!    with FUA, or a Flush's reply, it is on stable storage.
 //! 3. Requests run concurrently and replies go back by id; a frame that fails its checks
 //!    closes the connection.
+//! 4. A request with the VOLUME flag is served by this node's owner view of the volume
+//!    (ordered like a local client's request), or answered `NotOwner` when this node does
+//!    not own it (any more): the sender finds the owner again and retries.
 
+use crate::fencing::Refused;
 use crate::node::Node;
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use strata_io::StoreError;
-use strata_replica::fence::{Admit, Fences};
-use strata_replica::frame::{encode, read_frame, DataKey, Header, Kind, Status, FLAG_FUA};
+use strata_io::{BlockVolume, StoreError};
+use strata_replica::frame::{
+    encode, read_frame, DataKey, Header, Kind, Status, DIGEST_UNIT, FLAG_FUA, FLAG_VOLUME,
+};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
@@ -29,51 +32,50 @@ const READ_BYTES_MAX: u32 = 8 << 20;
 pub struct DataService {
     node: Arc<Node>,
     key: DataKey,
-    fences: Mutex<Fences>,
-    fences_path: PathBuf,
     /// The highest LSN applied per component since start (for probes).
     lsns: Mutex<HashMap<u64, u64>>,
 }
 
 impl DataService {
-    /// The data plane of `node` (data directory `dir`), authenticated with `secret`.
-    pub fn open(node: Arc<Node>, dir: &std::path::Path, secret: &[u8]) -> anyhow::Result<Self> {
-        let fences_path = dir.join("fences");
-        let fences = match std::fs::read_to_string(&fences_path) {
-            Ok(text) => Fences::decode(&text).map_err(|e| {
-                anyhow::anyhow!(
-                    "{} is damaged ({e}); it must not be guessed",
-                    fences_path.display()
-                )
-            })?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Fences::default(),
-            Err(e) => anyhow::bail!("read {}: {e}", fences_path.display()),
-        };
-        Ok(DataService {
-            node,
-            key: DataKey::from_secret(secret),
-            fences: Mutex::new(fences),
-            fences_path,
-            lsns: Mutex::default(),
-        })
+    /// The data plane of `node`, authenticated with `secret`.
+    pub fn new(node: Arc<Node>, secret: &[u8]) -> Self {
+        DataService { node, key: DataKey::from_secret(secret), lsns: Mutex::default() }
     }
 
-    /// Admits a request at `epoch` on `component` (invariant 1); `Err` is the reply.
-    fn admit(&self, component: u64, epoch: u64) -> Result<(), (Status, u64)> {
-        let mut fences = self.fences.lock().unwrap_or_else(|e| e.into_inner());
-        let before = fences.clone();
-        match fences.admit(component, epoch) {
-            Ok(Admit::Current) => Ok(()),
-            Ok(Admit::Raised) => {
-                let dir = self.fences_path.parent().expect("in the data directory");
-                let text = fences.encode();
-                if strata_store::store::write_atomically(dir, "fences", text.as_bytes()).is_err() {
-                    *fences = before;
-                    return Err((Status::Io, 0));
+    /// A VOLUME request (invariant 4).
+    async fn for_volume(&self, h: &Header, payload: Vec<u8>) -> (Status, Header, Vec<u8>) {
+        let reply = *h;
+        let Some(view) = self.node.owned_by_component(h.component).filter(|v| v.serving()) else {
+            return (Status::NotOwner, reply, Vec::new());
+        };
+        let (kind, offset, count, fua) = (h.kind, h.offset, h.count, h.flags & FLAG_FUA != 0);
+        let v = view.clone();
+        let done = tokio::task::spawn_blocking(move || match kind {
+            Kind::Write => {
+                v.write_at(&payload, offset)?;
+                if fua {
+                    v.sync()?;
                 }
-                Ok(())
+                Ok(Vec::new())
             }
-            Err(stale) => Err((Status::StaleEpoch, stale.newest)),
+            Kind::Read => {
+                let mut buf = vec![0u8; count as usize];
+                v.read_at(&mut buf, offset).map(|()| buf)
+            }
+            Kind::Trim => v.trim(offset, u64::from(count)).map(|()| Vec::new()),
+            _ => v.sync().map(|()| Vec::new()),
+        })
+        .await
+        .unwrap_or_else(|e| Err(StoreError::io("forwarded")(std::io::Error::other(e))));
+        match done {
+            Ok(data) => (Status::Ok, reply, data),
+            // Deposed meanwhile: the sender retries at the new owner.
+            Err(_) if view.deposed() => (Status::NotOwner, reply, Vec::new()),
+            Err(StoreError::OutOfRange { .. }) => (Status::OutOfRange, reply, Vec::new()),
+            Err(e) => {
+                tracing::warn!(offset = h.offset, "forwarded request failed: {e}");
+                (Status::Io, reply, Vec::new())
+            }
         }
     }
 
@@ -98,13 +100,25 @@ impl DataService {
                 _ => (Status::Io, reply, Vec::new()),
             };
         }
+        if h.flags & FLAG_VOLUME != 0 {
+            if !matches!(h.kind, Kind::Write | Kind::Read | Kind::Flush | Kind::Trim)
+                || h.count > READ_BYTES_MAX
+            {
+                return (Status::Invalid, reply, Vec::new());
+            }
+            return self.for_volume(h, payload).await;
+        }
         let Some(component) = self.node.component(h.component) else {
             return (Status::NotFound, reply, Vec::new());
         };
-        if let Err((status, newest)) = self.admit(h.component, h.epoch) {
-            reply.epoch = newest;
-            return (status, reply, Vec::new());
-        }
+        let _pass = match self.node.fencing().enter(h.component, h.epoch).await {
+            Ok(pass) => pass,
+            Err(Refused::Stale(newest)) => {
+                reply.epoch = newest;
+                return (Status::StaleEpoch, reply, Vec::new());
+            }
+            Err(Refused::Io) => return (Status::Io, reply, Vec::new()),
+        };
         let volume = component.volume.clone();
         let offset = h.offset;
         let result: Result<Vec<u8>, StoreError> = match h.kind {
@@ -130,7 +144,15 @@ impl DataService {
                     other => other,
                 }
             }
-            Kind::Read if h.count > READ_BYTES_MAX => return (Status::Invalid, reply, Vec::new()),
+            Kind::Read | Kind::Digest if h.count > READ_BYTES_MAX => {
+                return (Status::Invalid, reply, Vec::new())
+            }
+            Kind::Digest => {
+                let count = h.count as usize;
+                tokio::task::spawn_blocking(move || digests(&*volume, offset, count))
+                    .await
+                    .unwrap_or_else(|e| Err(StoreError::io("digest")(std::io::Error::other(e))))
+            }
             Kind::Read => {
                 let count = h.count as usize;
                 tokio::task::spawn_blocking(move || {
@@ -155,17 +177,13 @@ impl DataService {
             Kind::Remove => {
                 drop(volume);
                 drop(component);
+                drop(_pass);
                 let node = self.node.clone();
                 let id = h.component;
                 match tokio::task::spawn_blocking(move || node.component_remove(id)).await {
                     Ok(Ok(())) => {
                         // Its fence goes with it (ids are never reused).
-                        let mut fences = self.fences.lock().unwrap_or_else(|e| e.into_inner());
-                        fences.remove(id);
-                        let dir = self.fences_path.parent().expect("in the data directory");
-                        let text = fences.encode();
-                        let _ =
-                            strata_store::store::write_atomically(dir, "fences", text.as_bytes());
+                        self.node.fencing().forget(id);
                         Ok(Vec::new())
                     }
                     _ => return (Status::Io, reply, Vec::new()),
@@ -223,6 +241,13 @@ impl DataService {
             });
         }
     }
+}
+
+/// BLAKE3 of each `DIGEST_UNIT` piece of `count` bytes of `volume` at `offset`.
+pub fn digests(volume: &dyn BlockVolume, offset: u64, count: usize) -> Result<Vec<u8>, StoreError> {
+    let mut buf = vec![0u8; count];
+    volume.read_at(&mut buf, offset)?;
+    Ok(buf.chunks(DIGEST_UNIT as usize).flat_map(|piece| *blake3::hash(piece).as_bytes()).collect())
 }
 
 /// Hands data-plane connections of the RPC port to the service.

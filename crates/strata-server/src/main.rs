@@ -9,6 +9,7 @@ mod cli;
 mod config;
 mod dataplane;
 mod error;
+mod fencing;
 mod fsck;
 mod node;
 mod registry;

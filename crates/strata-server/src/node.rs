@@ -70,6 +70,13 @@ pub struct Component {
     entry: ComponentEntry,
 }
 
+impl Component {
+    /// Its id on this node.
+    pub fn id(&self) -> u64 {
+        self.entry.id
+    }
+}
+
 #[derive(Serialize, Deserialize, Clone)]
 #[serde(deny_unknown_fields)]
 struct CatalogEntry {
@@ -160,6 +167,9 @@ pub struct VolumeInfo {
     pub replicas: u32,
     /// A replicated volume's components (empty for a volume of one node).
     pub components: Vec<crate::replicated::ComponentRecord>,
+    /// A replicated volume's owner epoch (0 for a volume of one node).
+    #[serde(default)]
+    pub epoch: u64,
 }
 
 /// What the API shows of a snapshot.
@@ -197,6 +207,7 @@ pub struct Node {
     store: LogStore,
     nbd_addr: Mutex<String>,
     node_id: std::sync::atomic::AtomicU64,
+    fencing: Arc<crate::fencing::Fencing>,
     state: Mutex<State>,
 }
 
@@ -204,8 +215,9 @@ struct State {
     next_id: u64,
     volumes: BTreeMap<String, OpenVolume>,
     components: BTreeMap<u64, Component>,
-    /// Replicated volumes this node owns, exported over NBD by name.
-    replicated: BTreeMap<String, (Arc<crate::replicated::ReplicatedVolume>, GroupSync, Attach)>,
+    /// Replicated volumes (every node serves each: as its owner or forwarding to it),
+    /// exported over NBD by name.
+    replicated: BTreeMap<String, (Arc<crate::replicated::Router>, GroupSync, Attach)>,
 }
 
 impl State {
@@ -392,11 +404,13 @@ impl Node {
                 }
             }
         }
+        let fencing = Arc::new(crate::fencing::Fencing::load(dir)?);
         let node = Node {
             dir: dir.to_owned(),
             store,
             nbd_addr: Mutex::new(String::from("127.0.0.1:10809")),
             node_id: std::sync::atomic::AtomicU64::new(0),
+            fencing,
             state: Mutex::new(State { next_id, volumes, components, replicated: BTreeMap::new() }),
         };
         if dropped || !catalog_path.exists() {
@@ -436,15 +450,39 @@ impl Node {
         Ok(id)
     }
 
-    /// Exports a replicated volume this node owns.
-    pub fn add_replicated(&self, name: &str, volume: Arc<crate::replicated::ReplicatedVolume>) {
-        let group_sync = GroupSync::spawn(volume.clone());
-        self.lock().replicated.insert(name.to_owned(), (volume, group_sync, Attach::new()));
+    /// The router of replicated volume `name`, made by `make` (and exported) if this node
+    /// has none yet.
+    pub fn router(
+        &self,
+        name: &str,
+        make: impl FnOnce() -> Arc<crate::replicated::Router>,
+    ) -> Arc<crate::replicated::Router> {
+        let mut state = self.lock();
+        if let Some((router, _, _)) = state.replicated.get(name) {
+            return router.clone();
+        }
+        let router = make();
+        let group_sync = GroupSync::spawn(router.clone());
+        state.replicated.insert(name.to_owned(), (router.clone(), group_sync, Attach::new()));
+        router
     }
 
     /// The owner's live view of a replicated volume's copies, if this node owns it.
     pub fn replicated_copies(&self, name: &str) -> Option<Vec<crate::replicated::ComponentRecord>> {
-        self.lock().replicated.get(name).map(|(v, _, _)| v.live())
+        let router = self.lock().replicated.get(name).map(|(r, _, _)| r.clone())?;
+        router.view().map(|v| v.live())
+    }
+
+    /// The owner view of the replicated volume whose component here is `id`, if this node
+    /// owns that volume.
+    pub fn owned_by_component(&self, id: u64) -> Option<Arc<crate::replicated::ReplicatedVolume>> {
+        let routers: Vec<_> = self.lock().replicated.values().map(|(r, _, _)| r.clone()).collect();
+        routers.into_iter().filter_map(|r| r.view()).find(|v| v.local_id() == id)
+    }
+
+    /// The epoch fences of this node's components.
+    pub fn fencing(&self) -> &Arc<crate::fencing::Fencing> {
+        &self.fencing
     }
 
     /// A component held here.
@@ -562,6 +600,7 @@ impl Node {
             node: self.node_id.load(std::sync::atomic::Ordering::Relaxed),
             replicas: 1,
             components: Vec::new(),
+            epoch: 0,
         }
     }
 

@@ -59,9 +59,12 @@ pub struct VolumeRecord {
     /// Copies that must be ACTIVE for a write to be acknowledged.
     #[serde(default = "one")]
     pub min_replicas: u32,
-    /// A replicated volume's components (`node` is then its owner when created).
+    /// A replicated volume's components (`node` is then its last owner).
     #[serde(default)]
     pub components: Vec<crate::replicated::ComponentRecord>,
+    /// A replicated volume's highest owner epoch so far.
+    #[serde(default)]
+    pub epoch: u64,
 }
 
 fn one() -> u32 {
@@ -101,6 +104,7 @@ impl VolumeRecord {
             replicas: 1,
             min_replicas: 1,
             components: Vec::new(),
+            epoch: 0,
         }
     }
 
@@ -149,6 +153,7 @@ impl VolumeRecord {
             export_uri: export(&self.name),
             replicas: self.replicas,
             components: self.components.clone(),
+            epoch: self.epoch,
         }
     }
 }
@@ -215,6 +220,7 @@ impl Registry {
             replicas: 1,
             min_replicas: 1,
             components: Vec::new(),
+            epoch: 0,
         };
         let value = serde_json::to_vec(&record).expect("records serialize");
         let put = Op::Put { key: key.clone(), value, lease: None };
@@ -248,25 +254,6 @@ impl Registry {
         } else {
             Err(unavailable("the volume's record changed under us"))
         }
-    }
-
-    /// The records of replicated volumes whose owner key names this node.
-    pub fn owned_replicated(&self) -> Vec<VolumeRecord> {
-        let me = self.me();
-        self.meta.read_local(|s| {
-            s.range(PREFIX, usize::MAX)
-                .into_iter()
-                .filter_map(|(_, e)| decode(e))
-                .filter(|r| r.replicated() && r.state == "ready")
-                .filter(|r| {
-                    s.get(&format!("{PREFIX}{}/owner", r.name))
-                        .and_then(|e| {
-                            serde_json::from_slice::<crate::replicated::Owner>(&e.value).ok()
-                        })
-                        .is_some_and(|o| o.node == me)
-                })
-                .collect()
-        })
     }
 
     /// Gives back a name taken by [`Registry::reserve`] when making the volume failed.

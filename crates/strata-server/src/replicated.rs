@@ -1,33 +1,66 @@
-//! Replicated volumes, first step (`docs/design/replication.md`): placement of
-//! components on distinct nodes, ownership by CAS, and the owner's write fan-out.
+//! Replicated volumes (`docs/design/replication.md`): placement of components on distinct
+//! nodes, ownership by CAS, the owner's write fan-out, STALE marking with synchronization
+//! bitmaps, resync, forwarding from every node, and ownership moves.
 //!
 //! Invariants:
-//! 1. A volume's components are on distinct nodes, spread over racks then sites first.
+//! 1. A volume's components are on distinct nodes, spread over sites then racks first.
 //! 2. The owner holds `/volumes/<name>/owner = {node, epoch}`, taken by CAS with a higher
-//!    epoch than any before; every request it sends carries that epoch, so components
-//!    refuse a deposed owner (`dataplane.rs`).
-//! 3. A write's reply means every component holds it (in its store); a FLUSH/FUA reply,
-//!    that every component synced it. Until STALE marking and resync are built, a write
-//!    that one component cannot take fails (EIO) — never a silent degrade.
-//! 4. Reads come from the owner's local component.
+//!    epoch than any before and tied to its session's lease (it dies when the node is
+//!    declared down or registers again). Every request it sends, and its own copy's
+//!    writes, pass the components' fences at that epoch (`fencing.rs`), so once a new
+//!    owner has touched a component nothing of an older owner applies there.
+//! 3. An owner serves I/O only while its session is confirmed fresh (`OWNER_LEASE`, well
+//!    under the session timeout): a paused or cut-off owner stops before anyone may take
+//!    its place. A new owner fences every component (a probe at its epoch) before it
+//!    serves anything.
+//! 4. A write's reply means every ACTIVE copy holds it; a FLUSH/FUA reply, that every
+//!    ACTIVE copy synced it. A copy that fails is STALE (recorded by CAS before the
+//!    reply); a STALE copy's bitmap holds a write's regions (durable) *before* the write
+//!    is sent anywhere. Below `min_replicas` ACTIVE copies a write fails.
+//! 5. A new owner's copy is the truth: every other ACTIVE copy is compared with it by
+//!    digest, region by region, and differing regions copied (in the background, while
+//!    I/O goes on: reads come from the owner's copy only). So copies converge whatever
+//!    was in flight when the old owner died.
+//! 6. Every node serves every replicated volume over NBD: the owner through its view,
+//!    any other node by forwarding each request to the owner (retrying, while a new owner
+//!    is chosen, for up to `FORWARD_PATIENCE`: block writes are idempotent).
 
 use crate::error::{ApiError, ApiResult};
+use crate::fencing::{Fencing, Refused};
 use crate::node::{Component, Node};
+use crate::registry::VolumeRecord;
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use strata_io::{BlockVolume, Extent, StoreError, ZeroMode};
 use strata_meta::service::{ClientReply, ClientRequest, Member};
 use strata_meta::state::{Command, Compare, Op, Response};
-use strata_replica::client::{request, DataPeer};
-use strata_replica::frame::{DataKey, Kind, FLAG_FUA, PAYLOAD_BYTES_MAX};
+use strata_replica::client::{request, CallError, DataPeer};
+use strata_replica::frame::{
+    DataKey, Header, Kind, Status, DIGEST_UNIT, FLAG_FUA, FLAG_VOLUME, PAYLOAD_BYTES_MAX,
+};
 use strata_types::ErrorCode;
 
 /// How long a component may take to answer one request.
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long an owner may take to answer a forwarded request (its fan-out's timeouts and
+/// a CAS fit well inside).
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a forwarded request keeps looking for an owner (a failover takes the
+/// session timeout and a few seconds).
+const FORWARD_PATIENCE: Duration = Duration::from_secs(60);
+/// An owner serves I/O only while its last confirmed heartbeat is younger than this
+/// (the session timeout is 10 s; invariant 3).
+const OWNER_LEASE: Duration = Duration::from_secs(6);
+/// How often each node looks after the replicated volumes (ownerless ones, moves).
+const STEWARD_EVERY: Duration = Duration::from_secs(1);
+/// A node that is n-th in line to take an ownerless volume waits n times this.
+const TAKEOVER_STEP: Duration = Duration::from_secs(3);
+/// Regions compared per step of a digest scan.
+const SCAN_BATCH: u64 = 16;
 
 /// One component in a volume's record.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
@@ -84,8 +117,8 @@ pub fn place(me: u64, candidates: &[Candidate], n: usize) -> Option<Vec<Candidat
     Some(chosen)
 }
 
-/// Bytes per bit of a synchronization bitmap.
-pub const REGION: u64 = 64 << 10;
+/// Bytes per bit of a synchronization bitmap (and per digest).
+pub const REGION: u64 = DIGEST_UNIT;
 /// How often the owner looks for a stale copy that came back.
 const RESYNC_EVERY: Duration = Duration::from_secs(2);
 
@@ -132,6 +165,8 @@ struct Copies {
     unflushed: Vec<BTreeSet<u64>>,
     /// Copies STALE here whose mark the record does not hold yet.
     unrecorded: BTreeSet<usize>,
+    /// Per copy: the next region of a digest scan (invariant 5), if one is due.
+    scan: Vec<Option<u64>>,
 }
 
 /// The owner's view of a replicated volume: a `BlockVolume` whose writes go to every
@@ -149,6 +184,9 @@ pub struct ReplicatedVolume {
     resync_lock: RwLock<()>,
     meta: Arc<Member>,
     owner: Owner,
+    fencing: Arc<Fencing>,
+    /// Set when this node finds it is no longer the owner; then it serves nothing.
+    deposed: AtomicBool,
     bitmaps: PathBuf,
     runtime: tokio::runtime::Handle,
     /// Bytes copied by resyncs since start.
@@ -160,13 +198,37 @@ fn io_error(what: &'static str, e: impl std::fmt::Display) -> StoreError {
 }
 
 impl ReplicatedVolume {
+    /// The id of the owner's own copy.
+    pub fn local_id(&self) -> u64 {
+        self.local.id()
+    }
+
+    /// Whether this view may serve I/O now (invariant 3).
+    pub fn serving(&self) -> bool {
+        !self.deposed() && self.meta.session_fresh(OWNER_LEASE)
+    }
+
+    /// Whether this node found it is no longer the owner.
+    pub fn deposed(&self) -> bool {
+        self.deposed.load(Ordering::Acquire)
+    }
+
+    /// Stops serving: another node owns the volume now (or may).
+    pub fn depose(&self, why: &str) {
+        if !self.deposed.swap(true, Ordering::AcqRel) {
+            tracing::warn!(volume = %self.name, epoch = self.epoch, "no longer the owner: {why}");
+        }
+    }
+
     fn bitmap_file(&self, i: usize) -> String {
         format!("{}.{}.{}", self.name, self.copies[i].node, self.copies[i].id)
     }
 
-    /// Makes copy `i`'s bitmap durable (before a write that set bits in it is replied).
+    /// Makes copy `i`'s bitmap durable, with the epoch it was kept at (a later owner
+    /// trusts it only if it follows that epoch directly).
     fn save_bitmap(&self, i: usize, dirty: &BTreeSet<u64>) -> Result<(), StoreError> {
-        let text: String = dirty.iter().map(|r| format!("{r}\n")).collect();
+        let mut text = format!("epoch {}\n", self.epoch);
+        text.extend(dirty.iter().map(|r| format!("{r}\n")));
         std::fs::create_dir_all(&self.bitmaps).map_err(|e| io_error("bitmap", e))?;
         strata_store::store::write_atomically(&self.bitmaps, &self.bitmap_file(i), text.as_bytes())
             .map_err(|e| io_error("bitmap", e))
@@ -193,10 +255,10 @@ impl ReplicatedVolume {
             for _ in 0..5 {
                 let got = meta.request(ClientRequest::Get { key: key.clone() }).await;
                 let Ok(ClientReply::Value { entry: Some(e), .. }) = got else {
-                    return Err(format!("cannot read the record of {name}"));
+                    return Err((false, format!("cannot read the record of {name}")));
                 };
-                let mut record: crate::registry::VolumeRecord =
-                    serde_json::from_slice(&e.value).map_err(|e| e.to_string())?;
+                let mut record: VolumeRecord =
+                    serde_json::from_slice(&e.value).map_err(|e| (false, e.to_string()))?;
                 for c in &mut record.components {
                     if c.node == node && c.id == id {
                         c.state = to.name().into();
@@ -219,13 +281,19 @@ impl ReplicatedVolume {
                         let still = matches!(&now, Ok(ClientReply::Value { entry: Some(o), .. })
                             if serde_json::from_slice::<Owner>(&o.value).ok() == Some(owner));
                         if !still {
-                            return Err(format!("no longer the owner of {name}"));
+                            return Err((true, format!("no longer the owner of {name}")));
                         }
                     }
-                    Err(e) => return Err(e.message),
+                    Err(e) => return Err((false, e.message)),
                 }
             }
-            Err("the record keeps changing".into())
+            Err((false, "the record keeps changing".into()))
+        });
+        let result = result.map_err(|(deposed, e)| {
+            if deposed {
+                self.depose(&e);
+            }
+            e
         });
         if result.is_ok() {
             let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
@@ -236,9 +304,10 @@ impl ReplicatedVolume {
     }
 
     /// Runs the request on every ACTIVE or RESYNCING remote copy (on the runtime) while
-    /// `local` runs here. A copy that fails is marked STALE before the reply, the
-    /// regions `offset..offset+length` go to every STALE copy's bitmap (durable before
-    /// the reply), and the request fails if fewer than `min_replicas` copies are ACTIVE.
+    /// `local` runs here under its fence. The regions `offset..offset+length` go to every
+    /// STALE copy's bitmap (durable) before anything is sent; a copy that fails is marked
+    /// STALE before the reply; the request fails if fewer than `min_replicas` copies are
+    /// ACTIVE, or if a component has seen a newer owner (then this view is deposed).
     #[allow(clippy::too_many_arguments)]
     fn fan_out(
         &self,
@@ -251,8 +320,28 @@ impl ReplicatedVolume {
         local: impl FnOnce(&Component) -> Result<(), StoreError>,
     ) -> Result<(), StoreError> {
         let _shared = self.resync_lock.read().unwrap_or_else(|e| e.into_inner());
+        if self.deposed() {
+            return Err(io_error("replicate", "this node no longer owns the volume"));
+        }
         let lsn = self.lsn.fetch_add(1, Ordering::Relaxed) + 1;
-        let states = self.state.lock().unwrap_or_else(|e| e.into_inner()).states.clone();
+        let regions = (length > 0).then(|| offset / REGION..=(offset + length - 1) / REGION);
+        let states = {
+            // Write intent first: a copy that does not get the write has it in its bitmap
+            // before any copy has it (invariant 4), whatever happens next.
+            let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            for i in 0..self.copies.len() {
+                let Some(r) = &regions else { break };
+                if st.states[i] == CopyState::Stale {
+                    let before = st.dirty[i].len();
+                    st.dirty[i].extend(r.clone());
+                    if st.dirty[i].len() != before {
+                        let dirty = st.dirty[i].clone();
+                        self.save_bitmap(i, &dirty)?;
+                    }
+                }
+            }
+            st.states.clone()
+        };
         let mut remote = Vec::new();
         for (i, c) in self.copies.iter().enumerate() {
             let Some(peer) = &c.peer else { continue };
@@ -270,23 +359,36 @@ impl ReplicatedVolume {
                 self.runtime.spawn(async move {
                     match tokio::time::timeout(IO_TIMEOUT, peer.call(h, &payload)).await {
                         Ok(Ok(_)) => Ok(()),
-                        Ok(Err(e)) => Err(e.to_string()),
-                        Err(_) => Err("timed out".to_owned()),
+                        Ok(Err(e @ CallError::Status { status: Status::StaleEpoch, .. })) => {
+                            Err((true, e.to_string()))
+                        }
+                        Ok(Err(e)) => Err((false, e.to_string())),
+                        Err(_) => Err((false, "timed out".to_owned())),
                     }
                 }),
             ));
         }
-        let here = local(&self.local);
+        let here = match self.runtime.block_on(self.fencing.enter(self.local.id(), self.epoch)) {
+            Ok(_pass) => local(&self.local),
+            Err(Refused::Stale(newest)) => {
+                self.depose(&format!("this node's copy has seen epoch {newest}"));
+                Err(io_error("replicate", "this node no longer owns the volume"))
+            }
+            Err(Refused::Io) => Err(io_error("replicate", "cannot persist the epoch fence")),
+        };
         let mut failed = Vec::new();
         let mut took = Vec::new();
         for (i, r) in remote {
             match self.runtime.block_on(r) {
                 Ok(Ok(())) => took.push(i),
-                Ok(Err(e)) => failed.push((i, e)),
+                Ok(Err((true, e))) => self.depose(&e),
+                Ok(Err((false, e))) => failed.push((i, e)),
                 Err(e) => failed.push((i, e.to_string())),
             }
         }
-        let regions = (length > 0).then(|| offset / REGION..=(offset + length - 1) / REGION);
+        if self.deposed() {
+            return Err(io_error("replicate", "this node no longer owns the volume"));
+        }
         // A failed copy is STALE from now on in memory, and what it may lack goes to its
         // bitmap (durable) before anything else: the write's regions and every region
         // written since its last flush. Even if the mark cannot be recorded, the copy is
@@ -307,19 +409,11 @@ impl ReplicatedVolume {
                 st.unrecorded.insert(*i);
                 let lost = std::mem::take(&mut st.unflushed[*i]);
                 st.dirty[*i].extend(lost);
-            }
-            for i in 0..self.copies.len() {
-                if st.states[i] != CopyState::Stale {
-                    continue;
-                }
-                let before = st.dirty[i].len();
                 if let Some(r) = &regions {
-                    st.dirty[i].extend(r.clone());
+                    st.dirty[*i].extend(r.clone());
                 }
-                if st.dirty[i].len() != before || failed.iter().any(|(f, _)| *f == i) {
-                    let dirty = st.dirty[i].clone();
-                    self.save_bitmap(i, &dirty)?;
-                }
+                let dirty = st.dirty[*i].clone();
+                self.save_bitmap(*i, &dirty)?;
             }
         }
         here?;
@@ -348,23 +442,83 @@ impl ReplicatedVolume {
         Ok(())
     }
 
-    /// Brings a STALE copy that answers again up to date: RESYNCING (new writes reach
-    /// it), every region of its bitmap copied from this owner's copy (each under the
-    /// exclusive lock, so no client write interleaves), then ACTIVE.
+    /// Makes regions `regions` of copy `i` equal to the owner's copy: their digests are
+    /// compared and the regions that differ copied. The caller holds the exclusive lock.
+    fn level(&self, i: usize, regions: std::ops::Range<u64>) -> Result<(), String> {
+        let peer = self.copies[i].peer.clone().ok_or("the owner's own copy")?;
+        let id = self.copies[i].id;
+        let offset = regions.start * REGION;
+        let end = (regions.end * REGION).min(self.size_bytes);
+        let mut ours = vec![0u8; (end - offset) as usize];
+        self.local.volume.read_at(&mut ours, offset).map_err(|e| e.to_string())?;
+        let mut h = request(Kind::Digest, id, self.epoch, 0, offset);
+        h.count = ours.len() as u32;
+        let theirs = self
+            .runtime
+            .block_on(async { tokio::time::timeout(IO_TIMEOUT, peer.call(h, &[])).await });
+        let theirs = match theirs {
+            Ok(Ok((_, digests))) => digests,
+            Ok(Err(e)) => return Err(format!("copy {id}: {e}")),
+            Err(_) => return Err(format!("copy {id} did not answer")),
+        };
+        for (k, piece) in ours.chunks(REGION as usize).enumerate() {
+            let region = regions.start + k as u64;
+            if theirs.get(k * 32..k * 32 + 32) == Some(blake3::hash(piece).as_bytes()) {
+                continue;
+            }
+            let lsn = self.lsn.fetch_add(1, Ordering::Relaxed) + 1;
+            let h = request(Kind::Write, id, self.epoch, lsn, region * REGION);
+            let wrote = self
+                .runtime
+                .block_on(async { tokio::time::timeout(IO_TIMEOUT, peer.call(h, piece)).await });
+            if !matches!(wrote, Ok(Ok(_))) {
+                return Err(format!("copy {id} failed during its resync"));
+            }
+            self.resynced_bytes.fetch_add(piece.len() as u64, Ordering::Relaxed);
+            self.state.lock().unwrap_or_else(|e| e.into_inner()).unflushed[i].insert(region);
+        }
+        Ok(())
+    }
+
+    /// Copy `i` failed while being levelled: STALE (recorded later if not now), and what
+    /// it took since its last flush back in its bitmap.
+    fn fail_copy(&self, i: usize, why: String) -> String {
+        {
+            let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            st.states[i] = CopyState::Stale;
+            st.unrecorded.insert(i);
+        }
+        if let Err(e) = self.lose_unflushed(i) {
+            return format!("{why}; its bitmap cannot be saved: {e}");
+        }
+        if self.set_state(i, CopyState::Stale).is_ok() {
+            self.state.lock().unwrap_or_else(|e| e.into_inner()).unrecorded.remove(&i);
+        }
+        why
+    }
+
+    /// Brings copy `i` level with the owner's: a STALE copy that answers again becomes
+    /// RESYNCING (new writes reach it); a digest scan, if one is due, compares every
+    /// region; the regions of its bitmap are copied (each compared first); then, flushed,
+    /// it is ACTIVE. Each step holds the exclusive lock, so no client write interleaves.
     fn resync(&self, i: usize) -> Result<(), String> {
         let Some(peer) = self.copies[i].peer.clone() else {
             return Err("the owner's own copy is recorded as not active".into());
         };
+        if self.deposed() {
+            return Ok(());
+        }
         let id = self.copies[i].id;
         let (epoch, runtime) = (self.epoch, self.runtime.clone());
-        let probe = runtime.block_on(async {
-            let h = request(Kind::Probe, id, epoch, 0, 0);
-            tokio::time::timeout(Duration::from_secs(2), peer.call(h, &[])).await
-        });
-        if !matches!(probe, Ok(Ok(_))) {
-            return Ok(()); // Still away.
-        }
-        {
+        let was = self.state.lock().unwrap_or_else(|e| e.into_inner()).states[i];
+        if was != CopyState::Active {
+            let probe = runtime.block_on(async {
+                let h = request(Kind::Probe, id, epoch, 0, 0);
+                tokio::time::timeout(Duration::from_secs(2), peer.call(h, &[])).await
+            });
+            if !matches!(probe, Ok(Ok(_))) {
+                return Ok(()); // Still away.
+            }
             // Under the exclusive lock: no write is between reading the states and adding
             // its bits, so none can miss both this copy and its bitmap.
             let _exclusive = self.resync_lock.write().unwrap_or_else(|e| e.into_inner());
@@ -377,6 +531,20 @@ impl ReplicatedVolume {
             }
             self.set_state(i, CopyState::Resyncing)?;
         }
+        let regions = self.size_bytes.div_ceil(REGION);
+        loop {
+            let Some(from) = self.state.lock().unwrap_or_else(|e| e.into_inner()).scan[i] else {
+                break;
+            };
+            let _exclusive = self.resync_lock.write().unwrap_or_else(|e| e.into_inner());
+            let to = (from + SCAN_BATCH).min(regions);
+            if let Err(e) = self.level(i, from..to) {
+                drop(_exclusive);
+                return Err(self.fail_copy(i, e));
+            }
+            self.state.lock().unwrap_or_else(|e| e.into_inner()).scan[i] =
+                (to < regions).then_some(to);
+        }
         loop {
             let next = {
                 let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
@@ -384,27 +552,18 @@ impl ReplicatedVolume {
             };
             let Some(region) = next else { break };
             let _exclusive = self.resync_lock.write().unwrap_or_else(|e| e.into_inner());
-            let offset = region * REGION;
-            let len = REGION.min(self.size_bytes.saturating_sub(offset)) as usize;
-            let mut buf = vec![0u8; len];
-            self.local.volume.read_at(&mut buf, offset).map_err(|e| e.to_string())?;
-            let lsn = self.lsn.fetch_add(1, Ordering::Relaxed) + 1;
-            let h = request(Kind::Write, id, epoch, lsn, offset);
-            let wrote = runtime
-                .block_on(async { tokio::time::timeout(IO_TIMEOUT, peer.call(h, &buf)).await });
-            if !matches!(wrote, Ok(Ok(_))) {
-                self.lose_unflushed(i).map_err(|e| e.to_string())?;
+            if let Err(e) = self.level(i, region..region + 1) {
                 drop(_exclusive);
-                self.set_state(i, CopyState::Stale)?;
-                return Err(format!("copy {id} failed during its resync"));
+                return Err(self.fail_copy(i, e));
             }
-            self.resynced_bytes.fetch_add(len as u64, Ordering::Relaxed);
             let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-            st.unflushed[i].insert(region);
             st.dirty[i].remove(&region);
             let dirty = st.dirty[i].clone();
             drop(st);
             self.save_bitmap(i, &dirty).map_err(|e| e.to_string())?;
+        }
+        if was == CopyState::Active {
+            return Ok(()); // A scan of an active copy: nothing else changes.
         }
         // Everything it lacked is copied and new writes reach it: make it durable there,
         // then ACTIVE — all under the exclusive lock, so no write fails on it meanwhile
@@ -412,7 +571,8 @@ impl ReplicatedVolume {
         let _exclusive = self.resync_lock.write().unwrap_or_else(|e| e.into_inner());
         {
             let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-            if !st.dirty[i].is_empty() || st.states[i] != CopyState::Resyncing {
+            let level = st.dirty[i].is_empty() && st.scan[i].is_none();
+            if !level || st.states[i] != CopyState::Resyncing {
                 return Ok(()); // Marked again meanwhile: the next round resyncs it.
             }
         }
@@ -421,13 +581,46 @@ impl ReplicatedVolume {
             tokio::time::timeout(IO_TIMEOUT, peer.call(h, &[])).await
         });
         if !matches!(flushed, Ok(Ok(_))) {
-            self.lose_unflushed(i).map_err(|e| e.to_string())?;
-            self.set_state(i, CopyState::Stale)?;
-            return Err(format!("copy {id} failed to flush after its resync"));
+            drop(_exclusive);
+            return Err(self.fail_copy(i, format!("copy {id} failed to flush after its resync")));
         }
         self.state.lock().unwrap_or_else(|e| e.into_inner()).unflushed[i].clear();
         self.set_state(i, CopyState::Active)?;
         let _ = std::fs::remove_file(self.bitmaps.join(self.bitmap_file(i)));
+        Ok(())
+    }
+
+    /// Fences every other copy at this owner's epoch (a probe): from then on no older
+    /// owner's request applies there. A copy that does not answer is marked STALE.
+    async fn fence_copies(&self) -> Result<(), String> {
+        let mut probes = Vec::new();
+        for (i, c) in self.copies.iter().enumerate() {
+            let Some(peer) = c.peer.clone() else { continue };
+            let h = request(Kind::Probe, c.id, self.epoch, 0, 0);
+            probes.push((
+                i,
+                tokio::spawn(async move {
+                    tokio::time::timeout(Duration::from_secs(2), peer.call(h, &[])).await
+                }),
+            ));
+        }
+        for (i, probe) in probes {
+            match probe.await {
+                Ok(Ok(Ok(_))) => {}
+                Ok(Ok(Err(CallError::Status { status: Status::StaleEpoch, epoch, .. }))) => {
+                    return Err(format!("a copy has seen a newer owner (epoch {epoch})"));
+                }
+                _ => {
+                    let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+                    if st.states[i] != CopyState::Stale {
+                        tracing::warn!(volume = %self.name, node = self.copies[i].node,
+                            "a copy does not answer the new owner: stale");
+                        st.states[i] = CopyState::Stale;
+                        st.unrecorded.insert(i);
+                    }
+                }
+            }
+        }
         Ok(())
     }
 
@@ -446,17 +639,24 @@ impl ReplicatedVolume {
             .collect()
     }
 
-    /// The copies to resync now.
+    /// The copies to resync (or scan) now.
     fn stale(&self) -> Vec<usize> {
         let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        (0..self.copies.len()).filter(|i| st.states[*i] != CopyState::Active).collect()
+        (0..self.copies.len())
+            .filter(|i| self.copies[*i].peer.is_some())
+            .filter(|i| st.states[*i] != CopyState::Active || st.scan[*i].is_some())
+            .collect()
     }
 }
 
-/// Resyncs the volume's stale copies when they answer again, until the process ends.
+/// Resyncs the volume's stale copies when they answer again, and scans its copies after
+/// a change of owner, until the volume is deposed.
 pub async fn run_resync(volume: Arc<ReplicatedVolume>) {
     loop {
         tokio::time::sleep(RESYNC_EVERY).await;
+        if volume.deposed() {
+            return;
+        }
         for i in volume.stale() {
             let v = volume.clone();
             let done = tokio::task::spawn_blocking(move || v.resync(i)).await;
@@ -533,36 +733,84 @@ async fn write(meta: &Member, compares: Vec<Compare>, success: Vec<Op>) -> ApiRe
     }
 }
 
-/// Takes ownership of `name`: epoch one above the last (invariant 2).
-pub async fn take_ownership(meta: &Member, name: &str) -> ApiResult<Owner> {
-    let key = format!("/volumes/{name}/owner");
+/// Reads `key` linearizably: its value and version (0: absent).
+async fn get(meta: &Member, key: &str) -> ApiResult<Option<(Vec<u8>, u64)>> {
+    match meta.request(ClientRequest::Get { key: key.to_owned() }).await.map_err(unavailable)? {
+        ClientReply::Value { entry: Some(e), .. } => Ok(Some((e.value, e.version))),
+        ClientReply::Value { entry: None, .. } => Ok(None),
+        other => Err(unavailable(format!("the metadata service answered {other:?}"))),
+    }
+}
+
+/// `/volumes/<name>/attach`: a move of the volume's ownership asked by an operator.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Move {
+    /// The node to own it.
+    pub node: u64,
+}
+
+/// Takes ownership of `name` (invariant 2): the owner key goes from what it is to this
+/// node at one epoch above any before (the record keeps the highest epoch, as the key
+/// dies with its owner's session), tied to this node's session lease; the record names
+/// this node; a move asked to this node is done. Returns the owner and the record.
+pub async fn take_ownership(meta: &Member, name: &str) -> ApiResult<(Owner, VolumeRecord)> {
+    let lease = meta
+        .session_lease()
+        .ok_or_else(|| unavailable("this node's session is not registered yet; retry"))?;
+    let (owner_key, record_key, move_key) = (
+        format!("/volumes/{name}/owner"),
+        format!("/volumes/{name}"),
+        format!("/volumes/{name}/attach"),
+    );
     for _ in 0..10 {
-        let (current, version) = match meta
-            .request(ClientRequest::Get { key: key.clone() })
-            .await
-            .map_err(unavailable)?
-        {
-            ClientReply::Value { entry: Some(e), .. } => {
-                (serde_json::from_slice::<Owner>(&e.value).ok(), e.version)
-            }
-            _ => (None, 0),
+        let owner = get(meta, &owner_key).await?;
+        let Some((bytes, record_version)) = get(meta, &record_key).await? else {
+            return Err(ApiError::new(ErrorCode::NotFound, format!("no volume named {name:?}")));
         };
-        let owner = Owner { node: meta.id(), epoch: current.map_or(1, |o| o.epoch + 1) };
-        let value = serde_json::to_vec(&owner).expect("serializes");
-        let put = Op::Put { key: key.clone(), value, lease: None };
-        if write(meta, vec![Compare::Version(key.clone(), version)], vec![put]).await? {
-            return Ok(owner);
+        let mut record: VolumeRecord = serde_json::from_slice(&bytes)
+            .map_err(|e| unavailable(format!("the record of {name} is unreadable: {e}")))?;
+        let moving = get(meta, &move_key).await?;
+        let last = owner.as_ref().and_then(|(b, _)| serde_json::from_slice::<Owner>(b).ok());
+        let epoch = record.epoch.max(last.map_or(0, |o| o.epoch)) + 1;
+        let me = Owner { node: meta.id(), epoch };
+        record.node = me.node;
+        record.epoch = epoch;
+        let mut compares = vec![
+            Compare::Version(owner_key.clone(), owner.as_ref().map_or(0, |(_, v)| *v)),
+            Compare::Version(record_key.clone(), record_version),
+        ];
+        let mut ops = vec![
+            Op::Put {
+                key: owner_key.clone(),
+                value: serde_json::to_vec(&me).expect("serializes"),
+                lease: Some(lease),
+            },
+            Op::Put {
+                key: record_key.clone(),
+                value: serde_json::to_vec(&record).expect("serializes"),
+                lease: None,
+            },
+        ];
+        if let Some((bytes, version)) = moving {
+            if serde_json::from_slice::<Move>(&bytes).is_ok_and(|m| m.node == me.node) {
+                compares.push(Compare::Version(move_key.clone(), version));
+                ops.push(Op::Delete { key: move_key.clone() });
+            }
+        }
+        if write(meta, compares, ops).await? {
+            return Ok((me, record));
         }
     }
     Err(unavailable(format!("could not take ownership of {name}: it keeps changing")))
 }
 
-/// Opens the owner's view of a replicated volume; a STALE copy's bitmap is read back
-/// (a copy whose bitmap is missing needs every region).
+/// Opens a new owner's view of a replicated volume (this node must hold an ACTIVE copy).
+/// Every other copy gets a digest scan (invariant 5), except a STALE copy whose bitmap
+/// this node kept at the epoch just before: that bitmap says all it lacks.
 pub fn open(
     node: &Node,
     meta: &Arc<Member>,
-    record: &crate::registry::VolumeRecord,
+    record: &VolumeRecord,
     owner: Owner,
     rpc_of: impl Fn(u64) -> Option<String>,
 ) -> ApiResult<ReplicatedVolume> {
@@ -572,40 +820,57 @@ pub fn open(
     let mut copies = Vec::new();
     let mut states = Vec::new();
     let mut dirty = Vec::new();
-    let regions = record.size_bytes.div_ceil(REGION);
+    let mut scan = Vec::new();
     for c in &record.components {
-        let mut state = CopyState::parse(&c.state);
-        let mut lacks = BTreeSet::new();
-        // A bitmap on disk wins over an "active" record: the owner may have known a copy
-        // stale without being able to record it (no quorum) before it restarted.
+        let state = CopyState::parse(&c.state);
         let file = bitmaps.join(format!("{}.{}.{}", record.name, c.node, c.id));
-        match std::fs::read_to_string(&file) {
-            Ok(text) => lacks.extend(text.lines().filter_map(|l| l.parse::<u64>().ok())),
-            Err(_) if state != CopyState::Active => lacks.extend(0..regions),
-            Err(_) => {}
-        }
-        if state == CopyState::Active && !lacks.is_empty() {
-            state = CopyState::Stale;
-        }
+        let kept = std::fs::read_to_string(&file).ok().and_then(|text| {
+            let mut lines = text.lines();
+            let epoch = lines.next()?.strip_prefix("epoch ")?.parse::<u64>().ok()?;
+            let regions = lines.map(|l| l.parse::<u64>().ok()).collect::<Option<BTreeSet<_>>>()?;
+            (epoch + 1 == owner.epoch).then_some(regions)
+        });
+        let _ = std::fs::remove_file(&file);
         if c.node == meta.id() {
+            if state != CopyState::Active {
+                return Err(ApiError::invalid("this node's copy is not active"));
+            }
             let here = node.component(c.id).ok_or_else(|| {
                 ApiError::new(ErrorCode::Io, format!("component {} is missing here", c.id))
             })?;
             local = Some(here);
             copies.push(Copy { node: c.node, id: c.id, peer: None });
-        } else {
-            let rpc = rpc_of(c.node).ok_or_else(|| {
-                unavailable(format!("node {} (holding a component) has no address", c.node))
-            })?;
-            let peer = Arc::new(DataPeer::new(key.clone(), rpc));
-            copies.push(Copy { node: c.node, id: c.id, peer: Some(peer) });
+            states.push(CopyState::Active);
+            dirty.push(BTreeSet::new());
+            scan.push(None);
+            continue;
         }
-        states.push(state);
-        dirty.push(lacks);
+        let rpc = rpc_of(c.node).ok_or_else(|| {
+            unavailable(format!("node {} (holding a component) has no address", c.node))
+        })?;
+        let peer = Arc::new(DataPeer::new(key.clone(), rpc));
+        copies.push(Copy { node: c.node, id: c.id, peer: Some(peer) });
+        match (state, kept) {
+            (CopyState::Stale, Some(regions)) => {
+                states.push(CopyState::Stale);
+                dirty.push(regions);
+                scan.push(None);
+            }
+            (CopyState::Active, _) => {
+                states.push(CopyState::Active);
+                dirty.push(BTreeSet::new());
+                scan.push(Some(0));
+            }
+            _ => {
+                states.push(CopyState::Stale);
+                dirty.push(BTreeSet::new());
+                scan.push(Some(0));
+            }
+        }
     }
     let local = local.ok_or_else(|| ApiError::invalid("the owner holds no component"))?;
     let n = copies.len();
-    Ok(ReplicatedVolume {
+    let volume = ReplicatedVolume {
         name: record.name.clone(),
         size_bytes: record.size_bytes,
         epoch: owner.epoch,
@@ -618,14 +883,460 @@ pub fn open(
             dirty,
             unflushed: vec![BTreeSet::new(); n],
             unrecorded: BTreeSet::new(),
+            scan,
         }),
         resync_lock: RwLock::new(()),
         meta: meta.clone(),
         owner,
+        fencing: node.fencing().clone(),
+        deposed: AtomicBool::new(false),
         bitmaps,
         runtime: tokio::runtime::Handle::current(),
         resynced_bytes: AtomicU64::new(0),
+    };
+    // A STALE copy's bitmap is durable again under this epoch.
+    for i in 0..n {
+        let st = volume.state.lock().unwrap_or_else(|e| e.into_inner());
+        if st.states[i] == CopyState::Stale && !st.dirty[i].is_empty() {
+            let regions = st.dirty[i].clone();
+            drop(st);
+            volume
+                .save_bitmap(i, &regions)
+                .map_err(|e| ApiError::new(ErrorCode::Io, e.to_string()))?;
+        }
+    }
+    Ok(volume)
+}
+
+/// How long `attach` waits for the named node to take the volume.
+const MOVE_PATIENCE: Duration = Duration::from_secs(30);
+
+/// An operator's move of `name` to node `to` (`strata volume attach`): checked (the node
+/// holds an ACTIVE copy and is up), asked in `/volumes/<name>/attach`, and waited for
+/// until `to` owns the volume. A move that does not happen in time is withdrawn.
+pub async fn attach(meta: &Member, name: &str, to: u64) -> ApiResult<VolumeRecord> {
+    let record_key = format!("/volumes/{name}");
+    let Some((bytes, _)) = get(meta, &record_key).await? else {
+        return Err(ApiError::new(ErrorCode::NotFound, format!("no volume named {name:?}")));
+    };
+    let record: VolumeRecord = serde_json::from_slice(&bytes)
+        .map_err(|e| unavailable(format!("the record of {name} is unreadable: {e}")))?;
+    if !record.replicated() {
+        return Err(ApiError::invalid(format!(
+            "{name} has one copy, on node {}: only a replicated volume changes owner",
+            record.node
+        )));
+    }
+    let holders: Vec<String> = record.components.iter().map(|c| c.node.to_string()).collect();
+    let Some(copy) = record.components.iter().find(|c| c.node == to) else {
+        return Err(ApiError::invalid(format!(
+            "node {to} holds no copy of {name} (its copies are on nodes {})",
+            holders.join(", ")
+        )));
+    };
+    if copy.state != "active" {
+        return Err(ApiError::invalid(format!(
+            "node {to}'s copy of {name} is {}: only a node with an active copy can own it",
+            copy.state
+        )));
+    }
+    if !meta.read_local(|s| s.session(to).is_some_and(|x| x.up)) {
+        return Err(unavailable(format!("node {to} is down")));
+    }
+    let owner_key = format!("/volumes/{name}/owner");
+    let owns = |meta: &Member| {
+        meta.read_local(|s| {
+            s.get(&owner_key)
+                .and_then(|e| serde_json::from_slice::<Owner>(&e.value).ok())
+                .is_some_and(|o| o.node == to)
+        })
+    };
+    if !owns(meta) {
+        let move_key = format!("/volumes/{name}/attach");
+        let value = serde_json::to_vec(&Move { node: to }).expect("serializes");
+        write(meta, vec![], vec![Op::Put { key: move_key.clone(), value, lease: None }]).await?;
+        let deadline = Instant::now() + MOVE_PATIENCE;
+        while !owns(meta) {
+            if Instant::now() >= deadline {
+                if let Some((bytes, version)) = get(meta, &move_key).await? {
+                    if serde_json::from_slice::<Move>(&bytes).is_ok_and(|m| m.node == to) {
+                        let withdraw = Op::Delete { key: move_key.clone() };
+                        let _ =
+                            write(meta, vec![Compare::Version(move_key, version)], vec![withdraw])
+                                .await;
+                    }
+                }
+                return Err(unavailable(format!(
+                    "node {to} did not take {name} within {MOVE_PATIENCE:?}; the move is withdrawn"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    let Some((bytes, _)) = get(meta, &record_key).await? else {
+        return Err(ApiError::new(ErrorCode::NotFound, format!("no volume named {name:?}")));
+    };
+    serde_json::from_slice(&bytes).map_err(|e| unavailable(format!("the record of {name}: {e}")))
+}
+
+/// Takes ownership of `name` here: the owner key, the view, every copy fenced at the new
+/// epoch (invariant 3), then the view serves and its copies are scanned in the background.
+async fn take_over(node: &Arc<Node>, meta: &Arc<Member>, router: &Router) -> ApiResult<u64> {
+    // One at a time per volume (the steward and a create must not both take it).
+    let _taking = router.taking.try_lock().map_err(|_| unavailable("already taking it"))?;
+    if router.view().is_some_and(|v| !v.deposed()) {
+        return Err(unavailable("this node owns it already"));
+    }
+    let (owner, record) = take_ownership(meta, &router.name).await?;
+    let view = Arc::new(open(node, meta, &record, owner, |n| rpc_of(meta, n))?);
+    if let Err(e) = view.fence_copies().await {
+        view.depose(&e);
+        return Err(unavailable(e));
+    }
+    router.install(view.clone());
+    tokio::spawn(run_resync(view));
+    Ok(owner.epoch)
+}
+
+/// What a node knows of one replicated volume, from its applied state.
+struct Seen {
+    record: VolumeRecord,
+    owner: Option<Owner>,
+    moving: Option<Move>,
+    /// Nodes whose sessions are up.
+    up: BTreeSet<u64>,
+}
+
+fn seen(meta: &Member) -> Vec<Seen> {
+    meta.read_local(|s| {
+        fn decode<T: for<'de> Deserialize<'de>>(
+            s: &strata_meta::state::State,
+            key: String,
+        ) -> Option<T> {
+            s.get(&key).and_then(|e| serde_json::from_slice(&e.value).ok())
+        }
+        s.range("/volumes/", usize::MAX)
+            .into_iter()
+            .filter_map(|(_, e)| serde_json::from_slice::<VolumeRecord>(&e.value).ok())
+            .filter(|r| r.replicated() && r.state == "ready")
+            .map(|record| Seen {
+                owner: decode(s, format!("/volumes/{}/owner", record.name)),
+                moving: decode(s, format!("/volumes/{}/attach", record.name)),
+                up: record
+                    .components
+                    .iter()
+                    .map(|c| c.node)
+                    .filter(|n| s.session(*n).is_some_and(|x| x.up))
+                    .collect(),
+                record,
+            })
+            .collect()
     })
+}
+
+/// Each node's steward of the replicated volumes, until the process ends: it exports
+/// every one (a router), notices when this node's view is no longer the owner's, and
+/// takes ownership of a volume that has no owner (the last owner first, then the other
+/// nodes with an ACTIVE copy, each a `TAKEOVER_STEP` later in id order) or that an
+/// operator moves to this node.
+pub async fn steward(node: Arc<Node>, meta: Arc<Member>) {
+    let mut ownerless: HashMap<String, Instant> = HashMap::new();
+    loop {
+        tokio::time::sleep(STEWARD_EVERY).await;
+        if !meta.registered() {
+            continue;
+        }
+        let me = meta.id();
+        for v in seen(&meta) {
+            let name = v.record.name.clone();
+            let router = node.router(&name, || Arc::new(Router::new(meta.clone(), &v.record)));
+            if v.owner.is_some() {
+                ownerless.remove(&name);
+            }
+            if let Some(view) = router.view() {
+                if v.owner != Some(view.owner) {
+                    view.depose("the owner key names another owner, or none");
+                }
+                if !view.deposed() {
+                    continue;
+                }
+                router.clear();
+            }
+            let active_here =
+                v.record.components.iter().any(|c| c.node == me && c.state == "active");
+            if !active_here {
+                continue;
+            }
+            let go = match v.owner {
+                Some(o) if o.node == me => true,
+                Some(_) => v.moving.is_some_and(|m| m.node == me),
+                None => {
+                    let since = *ownerless.entry(name.clone()).or_insert_with(Instant::now);
+                    let mut line = vec![v.record.node];
+                    line.extend(
+                        v.record
+                            .components
+                            .iter()
+                            .filter(|c| c.state == "active" && c.node != v.record.node)
+                            .map(|c| c.node),
+                    );
+                    line.retain(|n| v.up.contains(n));
+                    let rank = line.iter().position(|n| *n == me).unwrap_or(line.len());
+                    since.elapsed() >= TAKEOVER_STEP * rank as u32
+                }
+            };
+            if go && router.taking.try_lock().is_ok() {
+                match take_over(&node, &meta, &router).await {
+                    Ok(epoch) => tracing::info!(volume = %name, epoch, "took ownership"),
+                    Err(e) => {
+                        tracing::warn!(volume = %name, "cannot take ownership: {}", e.message)
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// How one node serves one replicated volume (invariant 6): through its owner view
+/// while it owns the volume, else by forwarding each request to the owner.
+pub struct Router {
+    name: String,
+    size_bytes: u64,
+    meta: Arc<Member>,
+    key: DataKey,
+    view: RwLock<Option<Arc<ReplicatedVolume>>>,
+    peers: Mutex<HashMap<String, Arc<DataPeer>>>,
+    runtime: tokio::runtime::Handle,
+    /// Held while this node takes ownership.
+    taking: tokio::sync::Mutex<()>,
+}
+
+/// Where forwarded requests go.
+struct Target {
+    peer: Arc<DataPeer>,
+    component: u64,
+    epoch: u64,
+}
+
+/// Why a forwarded request did not succeed.
+enum Forwarded {
+    /// The owner answered with a failure: the client gets it.
+    Failed(StoreError),
+    /// No owner answered: try again (the same or a new owner).
+    Retry(String),
+}
+
+impl Router {
+    /// A router of the volume `record` describes.
+    pub fn new(meta: Arc<Member>, record: &VolumeRecord) -> Router {
+        Router {
+            name: record.name.clone(),
+            size_bytes: record.size_bytes,
+            key: DataKey::from_secret(meta.secret()),
+            meta,
+            view: RwLock::new(None),
+            peers: Mutex::default(),
+            runtime: tokio::runtime::Handle::current(),
+            taking: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// This node's owner view, if it owns the volume.
+    pub fn view(&self) -> Option<Arc<ReplicatedVolume>> {
+        self.view.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn install(&self, view: Arc<ReplicatedVolume>) {
+        *self.view.write().unwrap_or_else(|e| e.into_inner()) = Some(view);
+    }
+
+    fn clear(&self) {
+        *self.view.write().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    /// The owner to forward to, from this member's applied state.
+    fn target(&self) -> Result<Target, String> {
+        let (owner, record) = self.meta.read_local(|s| {
+            let owner = s
+                .get(&format!("/volumes/{}/owner", self.name))
+                .and_then(|e| serde_json::from_slice::<Owner>(&e.value).ok());
+            let record = s
+                .get(&format!("/volumes/{}", self.name))
+                .and_then(|e| serde_json::from_slice::<VolumeRecord>(&e.value).ok());
+            (owner, record)
+        });
+        let owner = owner.ok_or("the volume has no owner now (a new one is being chosen)")?;
+        if owner.node == self.meta.id() {
+            return Err("this node is taking ownership".into());
+        }
+        let component = record
+            .and_then(|r| r.components.iter().find(|c| c.node == owner.node).map(|c| c.id))
+            .ok_or("the owner holds no copy")?;
+        let rpc = rpc_of(&self.meta, owner.node).ok_or("the owner has no address")?;
+        let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+        let peer = peers
+            .entry(rpc.clone())
+            .or_insert_with(|| Arc::new(DataPeer::new(self.key.clone(), rpc)))
+            .clone();
+        Ok(Target { peer, component, epoch: owner.epoch })
+    }
+
+    /// Sends one VOLUME request to the owner; a read's data is the reply's payload.
+    fn forward(&self, t: &Target, h: Header, payload: &[u8]) -> Result<Vec<u8>, Forwarded> {
+        let mut h = h;
+        h.component = t.component;
+        h.epoch = t.epoch;
+        h.flags |= FLAG_VOLUME;
+        let peer = t.peer.clone();
+        let reply = self
+            .runtime
+            .block_on(async { tokio::time::timeout(FORWARD_TIMEOUT, peer.call(h, payload)).await });
+        match reply {
+            Ok(Ok((_, data))) => Ok(data),
+            Ok(Err(CallError::Status { status: Status::Io, addr, .. })) => Err(Forwarded::Failed(
+                io_error("forwarded", format!("the owner at {addr} failed it")),
+            )),
+            Ok(Err(CallError::Status { status: Status::OutOfRange, .. })) => {
+                Err(Forwarded::Failed(StoreError::OutOfRange {
+                    offset: h.offset,
+                    length: u64::from(h.count),
+                    size: self.size_bytes,
+                }))
+            }
+            Ok(Err(CallError::Status { status: Status::Invalid, .. })) => {
+                Err(Forwarded::Failed(io_error("forwarded", "the owner refused it as malformed")))
+            }
+            Ok(Err(e)) => Err(Forwarded::Retry(e.to_string())),
+            Err(_) => Err(Forwarded::Retry("the owner did not answer in time".into())),
+        }
+    }
+
+    /// Runs a request: `owned` through this node's view while it owns the volume and
+    /// serves, else `request` forwarded to the owner; retried while no owner can take it
+    /// (for up to `FORWARD_PATIENCE`).
+    fn route(
+        &self,
+        mut owned: impl FnMut(&ReplicatedVolume) -> Result<(), StoreError>,
+        mut forwarded: impl FnMut(&Router, &Target) -> Result<(), Forwarded>,
+    ) -> Result<(), StoreError> {
+        let deadline = Instant::now() + FORWARD_PATIENCE;
+        loop {
+            let why = match self.view() {
+                Some(v) if v.serving() => match owned(&v) {
+                    Ok(()) => return Ok(()),
+                    Err(e) if !v.deposed() => return Err(e),
+                    Err(e) => format!("this node was deposed: {e}"),
+                },
+                _ => match self.target() {
+                    Err(why) => why,
+                    Ok(t) => match forwarded(self, &t) {
+                        Ok(()) => return Ok(()),
+                        Err(Forwarded::Failed(e)) => return Err(e),
+                        Err(Forwarded::Retry(why)) => why,
+                    },
+                },
+            };
+            if Instant::now() >= deadline {
+                return Err(io_error(
+                    "replicated volume",
+                    format!("no owner of {} served the request in time: {why}", self.name),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+impl BlockVolume for Router {
+    fn size_bytes(&self) -> u64 {
+        self.size_bytes
+    }
+
+    fn allocated_bytes(&self) -> Result<u64, StoreError> {
+        self.view().map_or(Ok(0), |v| v.allocated_bytes())
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), StoreError> {
+        for (i, chunk) in buf.chunks_mut(PAYLOAD_BYTES_MAX).enumerate() {
+            let at = offset + (i * PAYLOAD_BYTES_MAX) as u64;
+            let len = chunk.len();
+            let cell = std::cell::RefCell::new(chunk);
+            self.route(
+                |v| v.read_at(&mut cell.borrow_mut(), at),
+                |r, t| {
+                    let mut h = request(Kind::Read, 0, 0, 0, at);
+                    h.count = len as u32;
+                    let data = r.forward(t, h, &[])?;
+                    if data.len() != len {
+                        return Err(Forwarded::Retry("a short read from the owner".into()));
+                    }
+                    cell.borrow_mut().copy_from_slice(&data);
+                    Ok(())
+                },
+            )?;
+        }
+        Ok(())
+    }
+
+    fn write_at(&self, data: &[u8], offset: u64) -> Result<(), StoreError> {
+        for (i, chunk) in data.chunks(PAYLOAD_BYTES_MAX).enumerate() {
+            let at = offset + (i * PAYLOAD_BYTES_MAX) as u64;
+            self.route(
+                |v| v.write_at(chunk, at),
+                |r, t| r.forward(t, request(Kind::Write, 0, 0, 0, at), chunk).map(drop),
+            )?;
+        }
+        Ok(())
+    }
+
+    fn trim(&self, offset: u64, length: u64) -> Result<(), StoreError> {
+        for at in (offset..offset + length).step_by(1 << 30) {
+            let n = (offset + length - at).min(1 << 30);
+            self.route(
+                |v| v.trim(at, n),
+                |r, t| {
+                    let mut h = request(Kind::Trim, 0, 0, 0, at);
+                    h.count = n as u32;
+                    r.forward(t, h, &[]).map(drop)
+                },
+            )?;
+        }
+        Ok(())
+    }
+
+    fn write_zeroes(&self, offset: u64, length: u64, mode: ZeroMode) -> Result<(), StoreError> {
+        for at in (offset..offset + length).step_by(1 << 30) {
+            let n = (offset + length - at).min(1 << 30);
+            self.route(
+                |v| v.write_zeroes(at, n, mode),
+                |r, t| {
+                    let mut h = request(Kind::Trim, 0, 0, 0, at);
+                    h.count = n as u32;
+                    r.forward(t, h, &[]).map(drop)
+                },
+            )?;
+        }
+        Ok(())
+    }
+
+    fn extents(&self, offset: u64, length: u64, max: usize) -> Result<Vec<Extent>, StoreError> {
+        match self.view() {
+            Some(v) if v.serving() => v.extents(offset, length, max),
+            // Not known here: all of it is data.
+            _ => Ok(vec![Extent { length, hole: false, zero: false }]),
+        }
+    }
+
+    fn sync(&self) -> Result<(), StoreError> {
+        self.route(
+            |v| v.sync(),
+            |r, t| r.forward(t, request(Kind::Flush, 0, 0, 0, 0), &[]).map(drop),
+        )
+    }
+
+    fn resize(&self, _size_bytes: u64) -> Result<(), StoreError> {
+        Err(io_error("resize", "resizing a replicated volume is not supported yet"))
+    }
 }
 
 /// The RPC address of `node` from its record (this member's applied state).
@@ -705,10 +1416,6 @@ pub async fn create(
             }
         }
     }
-    let owner = match failure {
-        None => take_ownership(meta, name).await,
-        Some(e) => Err(e),
-    };
     let components: Vec<ComponentRecord> = made
         .iter()
         .map(|(c, id)| ComponentRecord {
@@ -718,7 +1425,7 @@ pub async fn create(
             dirty_bytes: None,
         })
         .collect();
-    let record = crate::registry::VolumeRecord {
+    let mut record = VolumeRecord {
         name: name.to_owned(),
         node: meta.id(),
         state: "ready".into(),
@@ -732,19 +1439,22 @@ pub async fn create(
         replicas,
         min_replicas,
         components: components.clone(),
+        epoch: 0,
     };
-    let done = match owner {
-        Ok(owner) => match registry.publish(&record).await {
-            Ok(()) => open(node, meta, &record, owner, |n| rpc_of(meta, n)),
+    // The record replaces this node's `creating` one, then ownership is taken as any
+    // later owner takes it (epoch 1, every copy fenced).
+    let done = match failure {
+        None => match registry.publish(&record).await {
+            Ok(()) => {
+                let router = node.router(name, || Arc::new(Router::new(meta.clone(), &record)));
+                take_over(node, meta, &router).await.map(|epoch| record.epoch = epoch)
+            }
             Err(e) => Err(e),
         },
-        Err(e) => Err(e),
+        Some(e) => Err(e),
     };
     match done {
-        Ok(volume) => {
-            let volume = Arc::new(volume);
-            tokio::spawn(run_resync(volume.clone()));
-            node.add_replicated(name, volume);
+        Ok(()) => {
             tracing::info!(volume = name, replicas, ?components, "replicated volume created");
             let nbd = node.nbd_addr();
             Ok(record.info(&nbd))
@@ -765,27 +1475,6 @@ pub async fn create(
             }
             registry.release(name).await;
             Err(e)
-        }
-    }
-}
-
-/// After a restart: takes ownership again (a new epoch) of the replicated volumes this
-/// node owned and exports them. Waits for the node's session first.
-pub async fn reopen(node: Arc<Node>, meta: Arc<Member>, registry: Arc<crate::registry::Registry>) {
-    while !meta.wait_registered(Duration::from_secs(60)).await {}
-    for record in registry.owned_replicated() {
-        let opened = async {
-            let owner = take_ownership(&meta, &record.name).await?;
-            open(&node, &meta, &record, owner, |n| rpc_of(&meta, n))
-        };
-        match opened.await {
-            Ok(v) => {
-                let v = Arc::new(v);
-                tokio::spawn(run_resync(v.clone()));
-                node.add_replicated(&record.name, v);
-                tracing::info!(volume = %record.name, "replicated volume reopened");
-            }
-            Err(e) => tracing::error!(volume = %record.name, "cannot reopen: {}", e.message),
         }
     }
 }

@@ -166,7 +166,7 @@ async fn serve(config: Config, one_node: bool) -> anyhow::Result<()> {
     let node = Node::open(&config.data_dir)
         .with_context(|| format!("open data directory {}", config.data_dir.display()))?;
     let secret = config.secret()?;
-    let data = crate::dataplane::DataService::open(node.clone(), &config.data_dir, &secret)?;
+    let data = crate::dataplane::DataService::new(node.clone(), &secret);
     let member = start_member(&config, secret, one_node).await?;
     member.set_data_plane(Arc::new(crate::dataplane::Plane(Arc::new(data))));
     let nbd = tokio::net::TcpListener::bind(config.nbd)
@@ -191,7 +191,7 @@ async fn serve(config: Config, one_node: bool) -> anyhow::Result<()> {
     node.set_node_id(config.node_id);
     let registry = crate::registry::Registry::new(node.clone(), member.clone());
     tokio::spawn(registry.clone().run());
-    tokio::spawn(crate::replicated::reopen(node.clone(), member.clone(), registry.clone()));
+    tokio::spawn(crate::replicated::steward(node.clone(), member.clone()));
     let token = api::token_for(&config.data_dir, config.http)?;
 
     let (stop_tx, stop_rx) = watch::channel(false);

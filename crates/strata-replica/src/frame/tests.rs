@@ -63,7 +63,7 @@ proptest! {
 
     #[test]
     fn any_header_round_trips(
-        kind in 1u8..=7, reply: bool, status in 0u8..=5, fua: bool, id: u64, component: u64,
+        kind in 1u8..=8, reply: bool, status in 0u8..=6, flags in 0u16..4, id: u64, component: u64,
         epoch: u64, lsn: u64, offset: u64, count: u32,
         payload in proptest::collection::vec(any::<u8>(), 0..64),
     ) {
@@ -71,7 +71,7 @@ proptest! {
             kind: Kind::from_u8(kind).unwrap(),
             reply,
             status: Status::from_u8(status).unwrap(),
-            flags: if fua { FLAG_FUA } else { 0 },
+            flags,
             id, component, epoch, lsn, offset, count,
         };
         let key = DataKey::from_secret(b"k");

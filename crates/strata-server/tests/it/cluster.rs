@@ -88,6 +88,18 @@ fn wait_until(secs: u64, what: &str, mut f: impl FnMut() -> bool) {
     panic!("timed out waiting for {what}");
 }
 
+/// As [`wait_until`], printing the members' recent logs if it times out.
+fn wait_logged(members: &[Member], secs: u64, what: &str, f: impl FnMut() -> bool) {
+    let waited =
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| wait_until(secs, what, f)));
+    if let Err(e) = waited {
+        for m in members.iter().filter(|m| m.node.is_some()) {
+            eprintln!("---- node {} ----\n{}", m.id, m.node().log_tail(40));
+        }
+        std::panic::resume_unwind(e);
+    }
+}
+
 fn cluster_view(m: &Member) -> Option<Value> {
     m.get("/v1/cluster")
 }
@@ -372,12 +384,22 @@ fn three_members(root: &Path) -> Vec<Member> {
 
 /// Reads `len` bytes at `offset` of component `id` on member `m` through its data plane.
 fn read_component(m: &Member, key: &DataKey, id: u64, epoch: u64, offset: u64) -> Vec<u8> {
+    try_read_component(m, key, id, epoch, offset).unwrap()
+}
+
+fn try_read_component(
+    m: &Member,
+    key: &DataKey,
+    id: u64,
+    epoch: u64,
+    offset: u64,
+) -> Result<Vec<u8>, CallError> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     rt.block_on(async {
         let peer = DataPeer::new(key.clone(), m.rpc.clone());
         let mut h = request(Kind::Read, id, epoch, 0, offset);
         h.count = 65536;
-        peer.call(h, &[]).await.unwrap().1
+        peer.call(h, &[]).await.map(|r| r.1)
     })
 }
 
@@ -440,56 +462,132 @@ fn a_replicated_volume_survives_a_copy_away_and_resyncs_it() {
     };
     assert!(has(0, 4096, 0x11) && has(3 << 20, 8192, 0x12) && has(1 << 20, 65536, 0x6b));
 
-    // Below the minimum, a write fails (EIO) rather than silently lose redundancy.
+    // Below the minimum, a write fails (EIO) rather than silently lose redundancy. The
+    // copies come back while the client still waits on its flush.
     members[1].node.take().unwrap().kill9();
     members[2].node.take().unwrap().kill9();
-    let out = Command::new("qemu-io")
+    let io = Command::new("qemu-io")
         .args(["-f", "raw", "-c", "write -P 0x13 0 4k", &uri])
-        .output()
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .unwrap();
+    wait_logged(&members, 30, "the write refused", || {
+        members[0].node().log_tail(20).contains("cannot be marked stale")
+    });
+    members[1].start();
+    members[2].start();
+    let out = io.wait_with_output().unwrap();
     let text =
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     assert!(text.contains("error") || !out.status.success(), "the write must fail: {text}");
-    members[1].start();
-    members[2].start();
-    wait_until(60, "both copies back and active", || {
-        states(&members[1]).iter().all(|s| s == "\"active\"")
-    });
-    // The failed write reached the owner's copy; the others get it by resync (the owner
-    // knew them stale even though it could not record it then), so the copies agree.
-    let owner_has = read_component(&members[0], &key, components[0]["id"].as_u64().unwrap(), 1, 0);
-    assert!(owner_has[..4096].iter().all(|b| *b == 0x13));
-    wait_until(30, "every copy equal to the owner's", || {
-        members
-            .iter()
-            .zip(&components)
-            .skip(1)
-            .all(|(m, c)| read_component(m, &key, c["id"].as_u64().unwrap(), 1, 0) == owner_has)
-    });
+    // The failed write may be on some copies and not others; whoever owns the volume now
+    // brings every copy level with its own.
+    wait_level(&members, &key, &components);
 
-    // The owner restarts: it takes a new epoch, and the old epoch is refused by the copies.
-    members[0].node.take().unwrap().kill9();
-    members[0].start();
-    let uri = members[0].node().uri("r1");
-    wait_until(30, "the owner to export r1 again", || {
-        Command::new("qemu-io")
-            .args(["-f", "raw", "-c", "read -P 0x6b 1M 64k", &uri])
-            .output()
-            .is_ok_and(|o| {
-                o.status.success() && !String::from_utf8_lossy(&o.stdout).contains("fail")
-            })
-    });
-    crate::harness::qemu_io(&uri, &["write -P 0x22 2M 4k", "flush"]);
+    // The owner restarts: it takes a new epoch (the record keeps the highest), the old
+    // epoch is refused by every copy, and every node serves the volume (forwarding).
+    let (o, epoch) = owner(&members);
+    members[o].node.take().unwrap().kill9();
+    members[o].start();
+    let other = (o + 1) % 3;
+    for m in [o, other] {
+        let uri = members[m].node().uri("r1");
+        wait_logged(&members, 40, "r1 served again", || {
+            Command::new("qemu-io")
+                .args(["-f", "raw", "-c", "read -P 0x6b 1M 64k", &uri])
+                .output()
+                .is_ok_and(|o| {
+                    o.status.success() && !String::from_utf8_lossy(&o.stdout).contains("fail")
+                })
+        });
+    }
+    crate::harness::qemu_io(&members[other].node().uri("r1"), &["write -P 0x22 2M 4k", "flush"]);
+    let (now, later) = owner(&members);
+    assert!(later > epoch, "a new epoch: {later} after {epoch} (owner {})", now + 1);
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    let c2 = components[1]["id"].as_u64().unwrap();
-    let late = rt.block_on(async {
-        let peer = DataPeer::new(key.clone(), members[1].rpc.clone());
-        peer.call(request(Kind::Write, c2, 1, 99, 2 << 20), &[0u8; 4096]).await
-    });
-    assert!(
-        matches!(late, Err(CallError::Status { status: Status::StaleEpoch, epoch: 2, .. })),
-        "{late:?}"
+    let id = |m: usize| components[m]["id"].as_u64().unwrap();
+    for (m, member) in members.iter().enumerate() {
+        let late = rt.block_on(async {
+            let peer = DataPeer::new(key.clone(), member.rpc.clone());
+            peer.call(request(Kind::Write, id(m), epoch, 99, 2 << 20), &[0u8; 4096]).await
+        });
+        assert!(
+            matches!(late, Err(CallError::Status { status: Status::StaleEpoch, epoch: e, .. })
+                if e == later),
+            "node {}: {late:?}",
+            m + 1
+        );
+    }
+    wait_level(&members, &key, &components);
+    let data = read_component(&members[2], &key, id(2), later, 2 << 20);
+    assert!(data[..4096].iter().all(|b| *b == 0x22), "the write through a non-owner is there");
+
+    // The owner dies and stays down: a client of another node waits through the failover
+    // (session timeout, then the next node in line) and sees no error.
+    let (o, epoch) = owner(&members);
+    members[o].node.take().unwrap().kill9();
+    let killed = Instant::now();
+    let survivor = (o + 1) % 3;
+    crate::harness::qemu_io(
+        &members[survivor].node().uri("r1"),
+        &["write -P 0x33 5M 64k", "flush", "read -P 0x33 5M 64k", "read -P 0x6b 1M 64k"],
     );
-    let data = read_component(&members[1], &key, c2, 2, 2 << 20);
-    assert!(data[..4096].iter().all(|b| *b == 0x22), "the new owner's write is there");
+    eprintln!("a write waited {:?} through the owner's failover", killed.elapsed());
+    let (now, later) = owner(&members);
+    assert!(now != o && later > epoch, "node {} owns it at epoch {later}", now + 1);
+    members[o].start();
+    wait_level(&members, &key, &components);
+
+    // An operator moves it: the named node takes it at a higher epoch; clients of the
+    // old owner go on (forwarded).
+    let (from, epoch) = owner(&members);
+    let to = (from + 1) % 3;
+    let target = (to + 1).to_string();
+    let (ok, text) = cli(&members[from], &["volume", "attach", "r1", "--node", &target]);
+    assert!(ok, "{text}");
+    let (now, later) = owner(&members);
+    assert!(now == to && later > epoch, "node {} owns it at epoch {later}", now + 1);
+    crate::harness::qemu_io(
+        &members[from].node().uri("r1"),
+        &["write -P 0x44 6M 4k", "flush", "read -P 0x44 6M 4k"],
+    );
+    let (ok, text) = cli(&members[from], &["volume", "attach", "r1", "--node", "9"]);
+    assert!(!ok && text.contains("holds no copy"), "{text}");
+    assert_eq!(owner(&members), (to, later), "a refused move changes nothing");
+    wait_level(&members, &key, &components);
+}
+
+/// The volume r1's owner (an index into `members`) and epoch, as the first running
+/// member's API shows them.
+fn owner(members: &[Member]) -> (usize, u64) {
+    let m = members.iter().find(|m| m.node.is_some()).unwrap();
+    let v = m.get("/v1/volumes/r1").unwrap();
+    (v["node"].as_u64().unwrap() as usize - 1, v["epoch"].as_u64().unwrap())
+}
+
+/// Waits until every copy of r1 is active and the copies hold the same bytes where the
+/// test writes.
+fn wait_level(members: &[Member], key: &DataKey, components: &[Value]) {
+    wait_logged(members, 60, "every copy active and level", || {
+        let (o, _) = owner(members);
+        let Some(v) = members[o].get("/v1/volumes/r1") else { return false };
+        let active = v["components"].as_array().unwrap().iter().all(|c| c["state"] == "active");
+        let epoch = v["epoch"].as_u64().unwrap();
+        let copy = |m: &Member, c: &Value| -> Option<Vec<u8>> {
+            let id = c["id"].as_u64().unwrap();
+            let mut all = Vec::new();
+            for mib in 0..7u64 {
+                all.extend(try_read_component(m, key, id, epoch, mib << 20).ok()?);
+            }
+            Some(all)
+        };
+        let Some(first) = copy(&members[0], &components[0]) else { return false };
+        active
+            && members
+                .iter()
+                .zip(components)
+                .skip(1)
+                .all(|(m, c)| copy(m, c) == Some(first.clone()))
+    });
 }

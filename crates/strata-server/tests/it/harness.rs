@@ -136,6 +136,13 @@ impl Node {
         assert!(out.status.success(), "create {name}: {}", String::from_utf8_lossy(&out.stderr));
     }
 
+    /// The last `lines` lines the node printed on stderr.
+    pub fn log_tail(&self, lines: usize) -> String {
+        let text = self.stderr.lock().unwrap().clone();
+        let all: Vec<&str> = text.lines().filter(|l| !l.contains(" openraft::")).collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
     pub fn pid(&self) -> i32 {
         self.child.as_ref().expect("running").id() as i32
     }
