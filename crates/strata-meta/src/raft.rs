@@ -611,14 +611,44 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
 pub fn open(path: &std::path::Path) -> Result<(LogStore, StateMachineStore)> {
     let db = Arc::new(Database::create(path).map_err(write_err)?);
     let snapshot = path.with_extension("snapshot");
-    Ok((LogStore::new(db)?, StateMachineStore::new(snapshot)?))
+    let log = LogStore::new(db)?;
+    log.forget_committed_vote()?;
+    Ok((log, StateMachineStore::new(snapshot)?))
 }
 
 /// As [`open`], with the log written inline (see [`LogStore::new_inline`]).
 pub fn open_inline(path: &std::path::Path) -> Result<(LogStore, StateMachineStore)> {
     let db = Arc::new(Database::create(path).map_err(write_err)?);
     let snapshot = path.with_extension("snapshot");
-    Ok((LogStore::new_inline(db)?, StateMachineStore::new(snapshot)?))
+    let log = LogStore::new_inline(db)?;
+    log.forget_committed_vote()?;
+    Ok((log, StateMachineStore::new(snapshot)?))
+}
+
+impl LogStore {
+    /// At startup, stores the saved vote as not committed (same term, same candidate), so
+    /// a member that led before it stopped does not resume leading without an election.
+    /// openraft 0.9 restarts a member whose saved vote is committed and its own as leader
+    /// at once (`Engine::startup`), in the old term: its read index is then
+    /// max(its first entry of that term, the committed index it saved), and the committed
+    /// index is saved lazily (`save_committed`, not synced), so a read served right after
+    /// the restart can miss writes the cluster committed and acknowledged before the
+    /// crash. An election makes it (or another member) propose a blank entry of a new term
+    /// first, which every read then waits for. Granting no new vote, this is safe.
+    fn forget_committed_vote(&self) -> Result<()> {
+        let Some(mut vote) = self.get_meta::<Vote<NodeId>>(VOTE)? else { return Ok(()) };
+        if !vote.is_committed() {
+            return Ok(());
+        }
+        vote.committed = false;
+        let bytes = serde_json::to_vec(&vote).map_err(write_err)?;
+        let tx = self.db.begin_write().map_err(write_err)?;
+        {
+            let mut meta = tx.open_table(META).map_err(write_err)?;
+            meta.insert(VOTE, bytes.as_slice()).map_err(write_err)?;
+        }
+        tx.commit().map_err(write_err)
+    }
 }
 
 pub mod router;

@@ -282,6 +282,23 @@ struct ReadRounds {
     next: Vec<tokio::sync::oneshot::Sender<Result<(), ReadFailure>>>,
 }
 
+/// Held by the read running the read-index rounds. Dropped with a round unfinished (the
+/// read's future was dropped), it stops the rounds and tells every waiting read to try
+/// again, so one of them runs the rounds anew — else every later read would wait forever.
+struct RoundRunner<'a>(&'a Mutex<ReadRounds>);
+
+impl Drop for RoundRunner<'_> {
+    fn drop(&mut self) {
+        let mut rounds = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if rounds.running {
+            rounds.running = false;
+            for w in rounds.next.drain(..) {
+                let _ = w.send(Err(ReadFailure::NotLeader));
+            }
+        }
+    }
+}
+
 /// Why a read-index round failed.
 #[derive(Clone, Debug)]
 enum ReadFailure {
@@ -643,7 +660,9 @@ impl Member {
             !std::mem::replace(&mut rounds.running, true)
         };
         if start {
-            // This read runs the rounds until no read is waiting; others only wait.
+            // This read runs the rounds until no read is waiting; others only wait. If it
+            // is dropped meanwhile (its caller gave up), the guard hands the job back.
+            let _runner = RoundRunner(&self.reads);
             let raft = self.raft.clone();
             loop {
                 let waiters = {

@@ -51,6 +51,21 @@ async fn a_restart_keeps_the_vote_and_the_last_snapshot() {
 
 use super::testkit::{cluster, wait_leader};
 
+#[tokio::test]
+async fn a_restarted_leader_does_not_resume_leading_without_an_election() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("meta.redb");
+    {
+        let (mut log, _sm) = open(&path).unwrap();
+        log.save_vote(&Vote::new_committed(3, 1)).await.unwrap();
+        assert_eq!(log.read_vote().await.unwrap(), Some(Vote::new_committed(3, 1)));
+    }
+    // Same term, same candidate (no new vote is granted), but not committed: openraft
+    // starts it as a follower, and it leads again only through an election.
+    let (mut log, _sm) = open(&path).unwrap();
+    assert_eq!(log.read_vote().await.unwrap(), Some(Vote::new(3, 1)));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_members_agree_and_survive_the_loss_of_the_leader() {
     let dir = tempfile::tempdir().unwrap();
