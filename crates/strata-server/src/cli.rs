@@ -475,6 +475,10 @@ fn print_volume(json_out: bool, v: &Value, verb: &str) -> anyhow::Result<()> {
                     format!("  missed {}", format_size(d))
                 }
             });
+            let missed = match c.resynced_bytes {
+                Some(r) if r > 0 => format!("{missed}  resynced {}", format_size(r)),
+                _ => missed,
+            };
             println!("  node {:<4} component {:<6} {}{missed}", c.node, c.id, c.state);
         }
     }

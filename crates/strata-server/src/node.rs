@@ -313,9 +313,12 @@ impl Node {
                         dir.display()
                     );
                 }
+                // Ids start from the clock: a data directory made again after a disk was
+                // emptied never reuses an id the cluster may still know (a component id
+                // must name the same data for as long as anyone remembers it).
                 Catalog {
                     format: CATALOG_FORMAT,
-                    next_id: 1,
+                    next_id: (now_unix() << 20) | 1,
                     volumes: Vec::new(),
                     components: Vec::new(),
                 }

@@ -75,6 +75,10 @@ pub struct ComponentRecord {
     /// stored in the record).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dirty_bytes: Option<u64>,
+    /// Bytes copied to it by resyncs and scans since this owner took the volume (the
+    /// owner's live view).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resynced_bytes: Option<u64>,
 }
 
 /// `/volumes/<name>/owner`.
@@ -125,9 +129,16 @@ const RESYNC_EVERY: Duration = Duration::from_secs(2);
 /// One copy as the owner sees it.
 struct Copy {
     node: u64,
-    id: u64,
+    /// Its component id on `node` (changes when it is rebuilt on an emptied node).
+    id: AtomicU64,
     /// `None`: the owner's own copy (`ReplicatedVolume::local`).
     peer: Option<Arc<DataPeer>>,
+}
+
+impl Copy {
+    fn id(&self) -> u64 {
+        self.id.load(Ordering::Acquire)
+    }
 }
 
 /// A copy's state (the volume record holds the same, changed by the owner by CAS).
@@ -167,6 +178,8 @@ struct Copies {
     unrecorded: BTreeSet<usize>,
     /// Per copy: the next region of a digest scan (invariant 5), if one is due.
     scan: Vec<Option<u64>>,
+    /// Per copy: bytes copied to it by resyncs and scans.
+    resynced: Vec<u64>,
 }
 
 /// The owner's view of a replicated volume: a `BlockVolume` whose writes go to every
@@ -189,8 +202,6 @@ pub struct ReplicatedVolume {
     deposed: AtomicBool,
     bitmaps: PathBuf,
     runtime: tokio::runtime::Handle,
-    /// Bytes copied by resyncs since start.
-    pub resynced_bytes: AtomicU64,
 }
 
 fn io_error(what: &'static str, e: impl std::fmt::Display) -> StoreError {
@@ -221,7 +232,7 @@ impl ReplicatedVolume {
     }
 
     fn bitmap_file(&self, i: usize) -> String {
-        format!("{}.{}.{}", self.name, self.copies[i].node, self.copies[i].id)
+        format!("{}.{}.{}", self.name, self.copies[i].node, self.copies[i].id())
     }
 
     /// Makes copy `i`'s bitmap durable, with the epoch it was kept at (a later owner
@@ -248,8 +259,13 @@ impl ReplicatedVolume {
     /// Records copy `i`'s state in the volume's record, by CAS, only while this node is
     /// still the owner at its epoch.
     fn set_state(&self, i: usize, to: CopyState) -> Result<(), String> {
+        self.record_copy(i, to, None)
+    }
+
+    /// As [`ReplicatedVolume::set_state`], also giving the copy a new component id.
+    fn record_copy(&self, i: usize, to: CopyState, new_id: Option<u64>) -> Result<(), String> {
         let (meta, name, owner) = (self.meta.clone(), self.name.clone(), self.owner);
-        let (node, id) = (self.copies[i].node, self.copies[i].id);
+        let (node, id) = (self.copies[i].node, self.copies[i].id());
         let result = self.runtime.block_on(async move {
             let key = format!("/volumes/{name}");
             for _ in 0..5 {
@@ -262,6 +278,7 @@ impl ReplicatedVolume {
                 for c in &mut record.components {
                     if c.node == node && c.id == id {
                         c.state = to.name().into();
+                        c.id = new_id.unwrap_or(id);
                     }
                 }
                 let value = serde_json::to_vec(&record).expect("serializes");
@@ -296,6 +313,9 @@ impl ReplicatedVolume {
             e
         });
         if result.is_ok() {
+            if let Some(new_id) = new_id {
+                self.copies[i].id.store(new_id, Ordering::Release);
+            }
             let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
             st.states[i] = to;
             tracing::info!(volume = %self.name, node, component = id, state = to.name(), "copy");
@@ -348,7 +368,7 @@ impl ReplicatedVolume {
             if states[i] == CopyState::Stale {
                 continue;
             }
-            let mut h = request(kind, c.id, self.epoch, lsn, offset);
+            let mut h = request(kind, c.id(), self.epoch, lsn, offset);
             h.count = count;
             if fua {
                 h.flags = FLAG_FUA;
@@ -446,11 +466,11 @@ impl ReplicatedVolume {
     /// compared and the regions that differ copied. The caller holds the exclusive lock.
     fn level(&self, i: usize, regions: std::ops::Range<u64>) -> Result<(), String> {
         let peer = self.copies[i].peer.clone().ok_or("the owner's own copy")?;
-        let id = self.copies[i].id;
+        let id = self.copies[i].id();
         let offset = regions.start * REGION;
         let end = (regions.end * REGION).min(self.size_bytes);
         let mut ours = vec![0u8; (end - offset) as usize];
-        self.local.volume.read_at(&mut ours, offset).map_err(|e| e.to_string())?;
+        self.read_local(&mut ours, offset, true).map_err(|e| e.to_string())?;
         let mut h = request(Kind::Digest, id, self.epoch, 0, offset);
         h.count = ours.len() as u32;
         let theirs = self
@@ -474,8 +494,9 @@ impl ReplicatedVolume {
             if !matches!(wrote, Ok(Ok(_))) {
                 return Err(format!("copy {id} failed during its resync"));
             }
-            self.resynced_bytes.fetch_add(piece.len() as u64, Ordering::Relaxed);
-            self.state.lock().unwrap_or_else(|e| e.into_inner()).unflushed[i].insert(region);
+            let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            st.unflushed[i].insert(region);
+            st.resynced[i] += piece.len() as u64;
         }
         Ok(())
     }
@@ -508,7 +529,7 @@ impl ReplicatedVolume {
         if self.deposed() {
             return Ok(());
         }
-        let id = self.copies[i].id;
+        let id = self.copies[i].id();
         let (epoch, runtime) = (self.epoch, self.runtime.clone());
         let was = self.state.lock().unwrap_or_else(|e| e.into_inner()).states[i];
         if was != CopyState::Active {
@@ -516,8 +537,12 @@ impl ReplicatedVolume {
                 let h = request(Kind::Probe, id, epoch, 0, 0);
                 tokio::time::timeout(Duration::from_secs(2), peer.call(h, &[])).await
             });
-            if !matches!(probe, Ok(Ok(_))) {
-                return Ok(()); // Still away.
+            match probe {
+                Ok(Ok(_)) => {}
+                Ok(Err(CallError::Status { status: Status::NotFound, .. })) => {
+                    return self.rebuild(i);
+                }
+                _ => return Ok(()), // Still away.
             }
             // Under the exclusive lock: no write is between reading the states and adding
             // its bits, so none can miss both this copy and its bitmap.
@@ -590,13 +615,103 @@ impl ReplicatedVolume {
         Ok(())
     }
 
+    /// Copy `i`'s node answers but no longer has the component (it came back with an
+    /// empty disk): a new component is made there, recorded in its place (RESYNCING),
+    /// and filled by a full digest scan.
+    fn rebuild(&self, i: usize) -> Result<(), String> {
+        let peer = self.copies[i].peer.clone().ok_or("the owner's own copy")?;
+        let node = self.copies[i].node;
+        let h = request(Kind::Create, 0, 0, 0, self.size_bytes);
+        let name = self.name.clone();
+        let made = self.runtime.block_on(async {
+            tokio::time::timeout(IO_TIMEOUT, peer.call(h, name.as_bytes())).await
+        });
+        let id = match made {
+            Ok(Ok((reply, _))) => reply.component,
+            Ok(Err(e)) => return Err(format!("node {node}: cannot make a new copy: {e}")),
+            Err(_) => return Err(format!("node {node} did not answer")),
+        };
+        tracing::warn!(volume = %self.name, node, component = id,
+            "a copy's node lost it (an emptied disk?): rebuilding it in full");
+        {
+            let _exclusive = self.resync_lock.write().unwrap_or_else(|e| e.into_inner());
+            let _ = std::fs::remove_file(self.bitmaps.join(self.bitmap_file(i)));
+            self.record_copy(i, CopyState::Resyncing, Some(id))?;
+            let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            st.dirty[i].clear();
+            st.unflushed[i].clear();
+            st.unrecorded.remove(&i);
+            st.scan[i] = Some(0);
+        }
+        self.resync(i)
+    }
+
+    /// Reads the owner's copy; a block that fails its checksum is read from another
+    /// ACTIVE copy instead and rewritten here (read repair). `locked`: the caller holds
+    /// the exclusive lock (else the repair takes it, so no write interleaves).
+    fn read_local(&self, buf: &mut [u8], offset: u64, locked: bool) -> Result<(), StoreError> {
+        let damage = match self.local.volume.read_at(buf, offset) {
+            Err(StoreError::Corrupt { message }) => message,
+            other => return other,
+        };
+        let _exclusive =
+            (!locked).then(|| self.resync_lock.write().unwrap_or_else(|e| e.into_inner()));
+        let states = self.state.lock().unwrap_or_else(|e| e.into_inner()).states.clone();
+        for (i, c) in self.copies.iter().enumerate() {
+            let Some(peer) = c.peer.clone() else { continue };
+            if states[i] != CopyState::Active {
+                continue;
+            }
+            let mut h = request(Kind::Read, c.id(), self.epoch, 0, offset);
+            h.count = buf.len() as u32;
+            let read = self
+                .runtime
+                .block_on(async { tokio::time::timeout(IO_TIMEOUT, peer.call(h, &[])).await });
+            let Ok(Ok((_, data))) = read else { continue };
+            if data.len() != buf.len() {
+                continue;
+            }
+            buf.copy_from_slice(&data);
+            let pass = self.runtime.block_on(self.fencing.enter(self.local.id(), self.epoch));
+            if pass.is_ok() && self.local.volume.write_at(&data, offset).is_ok() {
+                tracing::warn!(volume = %self.name, offset, len = buf.len(), from = c.node,
+                    "repaired a damaged read from another copy ({damage})");
+            }
+            return Ok(());
+        }
+        Err(StoreError::Corrupt { message: format!("{damage}; no other copy could be read") })
+    }
+
+    /// Probes every ACTIVE copy: one whose node answers but no longer has it (an emptied
+    /// disk) is STALE at once (its rebuild follows), even if no write has failed on it.
+    fn check_copies(&self) {
+        let states = self.state.lock().unwrap_or_else(|e| e.into_inner()).states.clone();
+        for (i, c) in self.copies.iter().enumerate() {
+            let Some(peer) = c.peer.clone() else { continue };
+            if states[i] != CopyState::Active {
+                continue;
+            }
+            let h = request(Kind::Probe, c.id(), self.epoch, 0, 0);
+            let probe = self.runtime.block_on(async {
+                tokio::time::timeout(Duration::from_secs(2), peer.call(h, &[])).await
+            });
+            if let Ok(Err(CallError::Status { status: Status::NotFound, .. })) = probe {
+                let _exclusive = self.resync_lock.write().unwrap_or_else(|e| e.into_inner());
+                let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+                st.states[i] = CopyState::Stale;
+                st.unrecorded.insert(i);
+                tracing::warn!(volume = %self.name, node = c.node, "a copy is gone from its node");
+            }
+        }
+    }
+
     /// Fences every other copy at this owner's epoch (a probe): from then on no older
     /// owner's request applies there. A copy that does not answer is marked STALE.
     async fn fence_copies(&self) -> Result<(), String> {
         let mut probes = Vec::new();
         for (i, c) in self.copies.iter().enumerate() {
             let Some(peer) = c.peer.clone() else { continue };
-            let h = request(Kind::Probe, c.id, self.epoch, 0, 0);
+            let h = request(Kind::Probe, c.id(), self.epoch, 0, 0);
             probes.push((
                 i,
                 tokio::spawn(async move {
@@ -632,9 +747,10 @@ impl ReplicatedVolume {
             .enumerate()
             .map(|(i, c)| ComponentRecord {
                 node: c.node,
-                id: c.id,
+                id: c.id(),
                 state: st.states[i].name().into(),
                 dirty_bytes: Some(st.dirty[i].len() as u64 * REGION),
+                resynced_bytes: Some(st.resynced[i]),
             })
             .collect()
     }
@@ -657,6 +773,8 @@ pub async fn run_resync(volume: Arc<ReplicatedVolume>) {
         if volume.deposed() {
             return;
         }
+        let v = volume.clone();
+        let _ = tokio::task::spawn_blocking(move || v.check_copies()).await;
         for i in volume.stale() {
             let v = volume.clone();
             let done = tokio::task::spawn_blocking(move || v.resync(i)).await;
@@ -677,7 +795,7 @@ impl BlockVolume for ReplicatedVolume {
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), StoreError> {
-        self.local.volume.read_at(buf, offset)
+        self.read_local(buf, offset, false)
     }
 
     fn write_at(&self, data: &[u8], offset: u64) -> Result<(), StoreError> {
@@ -839,7 +957,7 @@ pub fn open(
                 ApiError::new(ErrorCode::Io, format!("component {} is missing here", c.id))
             })?;
             local = Some(here);
-            copies.push(Copy { node: c.node, id: c.id, peer: None });
+            copies.push(Copy { node: c.node, id: AtomicU64::new(c.id), peer: None });
             states.push(CopyState::Active);
             dirty.push(BTreeSet::new());
             scan.push(None);
@@ -849,7 +967,7 @@ pub fn open(
             unavailable(format!("node {} (holding a component) has no address", c.node))
         })?;
         let peer = Arc::new(DataPeer::new(key.clone(), rpc));
-        copies.push(Copy { node: c.node, id: c.id, peer: Some(peer) });
+        copies.push(Copy { node: c.node, id: AtomicU64::new(c.id), peer: Some(peer) });
         match (state, kept) {
             (CopyState::Stale, Some(regions)) => {
                 states.push(CopyState::Stale);
@@ -884,6 +1002,7 @@ pub fn open(
             unflushed: vec![BTreeSet::new(); n],
             unrecorded: BTreeSet::new(),
             scan,
+            resynced: vec![0; n],
         }),
         resync_lock: RwLock::new(()),
         meta: meta.clone(),
@@ -892,7 +1011,6 @@ pub fn open(
         deposed: AtomicBool::new(false),
         bitmaps,
         runtime: tokio::runtime::Handle::current(),
-        resynced_bytes: AtomicU64::new(0),
     };
     // A STALE copy's bitmap is durable again under this epoch.
     for i in 0..n {
@@ -1423,6 +1541,7 @@ pub async fn create(
             id: *id,
             state: "active".into(),
             dirty_bytes: None,
+            resynced_bytes: None,
         })
         .collect();
     let mut record = VolumeRecord {

@@ -60,7 +60,7 @@ impl Node {
     /// Runs a node command until it prints its NBD and HTTP addresses.
     fn launch(mut command: Command, dir: &Path) -> Result<Node, String> {
         let mut child = command
-            .env("RUST_LOG", "warn,openraft=error")
+            .env("RUST_LOG", "warn,strata::replicated=info,openraft=error")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()

@@ -180,7 +180,7 @@ fn bad_snapshot_requests_are_refused_and_change_nothing() {
 }
 
 /// Finds `needle` in the store's log file; returns its offset.
-fn find_in_log(dir: &Path, needle: &[u8]) -> u64 {
+pub(crate) fn find_in_log(dir: &Path, needle: &[u8]) -> u64 {
     let log = std::fs::read(dir.join("store/log")).unwrap();
     log.windows(needle.len()).position(|w| w == needle).expect("the block is in the log") as u64
 }
