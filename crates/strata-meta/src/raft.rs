@@ -442,6 +442,9 @@ pub struct StateMachineStore {
     path: Arc<std::path::PathBuf>,
     applied: Arc<RwLock<Applied>>,
     snapshots_built: u64,
+    /// Serializes replacing the snapshot file: a snapshot being built and one being
+    /// installed may be written at once (openraft builds on a task of its own).
+    replacing: Arc<Mutex<u64>>,
 }
 
 const SNAPSHOT_MAGIC: &[u8; 4] = b"SMS1";
@@ -450,8 +453,12 @@ impl StateMachineStore {
     /// Opens the state machine whose snapshot file is `path`, starting from that snapshot
     /// if it exists.
     pub fn new(path: std::path::PathBuf) -> Result<StateMachineStore> {
-        let store =
-            StateMachineStore { path: Arc::new(path), applied: Arc::default(), snapshots_built: 0 };
+        let store = StateMachineStore {
+            path: Arc::new(path),
+            applied: Arc::default(),
+            snapshots_built: 0,
+            replacing: Arc::default(),
+        };
         if let Some(snapshot) = store.stored_snapshot()? {
             *store.lock() = serde_json::from_slice(&snapshot.data).map_err(read_err)?;
         }
@@ -502,7 +509,15 @@ impl StateMachineStore {
         bytes.extend_from_slice(&snapshot.data);
         let sum = *blake3::hash(&bytes).as_bytes();
         bytes.extend_from_slice(&sum);
-        let tmp = self.path.with_extension("snapshot.tmp");
+        // Each writer its own temporary file; the rename only if no newer snapshot (by
+        // last log index) replaced the file meanwhile.
+        let mut replacing = self.replacing.lock().unwrap_or_else(|e| e.into_inner());
+        *replacing += 1;
+        let tmp = self.path.with_extension(format!("snapshot.tmp{}", *replacing));
+        let newest = self.stored_snapshot().ok().flatten().and_then(|s| s.meta.last_log_id);
+        if newest.is_some() && newest > snapshot.meta.last_log_id {
+            return Ok(()); // An older snapshot than the one stored: nothing to do.
+        }
         let write = || -> std::io::Result<()> {
             let mut f = std::fs::File::create(&tmp)?;
             f.write_all(&bytes)?;
