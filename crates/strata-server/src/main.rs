@@ -14,6 +14,7 @@ mod fsck;
 mod node;
 mod registry;
 mod replicated;
+mod resync;
 mod up;
 
 use clap::{Parser, Subcommand};

@@ -208,6 +208,7 @@ pub struct Node {
     nbd_addr: Mutex<String>,
     node_id: std::sync::atomic::AtomicU64,
     fencing: Arc<crate::fencing::Fencing>,
+    resync: Arc<crate::resync::Scheduler>,
     state: Mutex<State>,
 }
 
@@ -414,6 +415,7 @@ impl Node {
             nbd_addr: Mutex::new(String::from("127.0.0.1:10809")),
             node_id: std::sync::atomic::AtomicU64::new(0),
             fencing,
+            resync: Arc::new(crate::resync::Scheduler::new(crate::resync::JOBS_AT_ONCE)),
             state: Mutex::new(State { next_id, volumes, components, replicated: BTreeMap::new() }),
         };
         if dropped || !catalog_path.exists() {
@@ -481,6 +483,11 @@ impl Node {
     pub fn owned_by_component(&self, id: u64) -> Option<Arc<crate::replicated::ReplicatedVolume>> {
         let routers: Vec<_> = self.lock().replicated.values().map(|(r, _, _)| r.clone()).collect();
         routers.into_iter().filter_map(|r| r.view()).find(|v| v.local_id() == id)
+    }
+
+    /// The node's resync scheduler.
+    pub fn resync_scheduler(&self) -> &Arc<crate::resync::Scheduler> {
+        &self.resync
     }
 
     /// The epoch fences of this node's components.

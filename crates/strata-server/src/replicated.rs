@@ -198,6 +198,9 @@ pub struct ReplicatedVolume {
     meta: Arc<Member>,
     owner: Owner,
     fencing: Arc<Fencing>,
+    scheduler: Arc<crate::resync::Scheduler>,
+    /// Client requests served (resync paces itself against them).
+    client_ops: AtomicU64,
     /// Set when this node finds it is no longer the owner; then it serves nothing.
     deposed: AtomicBool,
     bitmaps: PathBuf,
@@ -343,6 +346,7 @@ impl ReplicatedVolume {
         if self.deposed() {
             return Err(io_error("replicate", "this node no longer owns the volume"));
         }
+        self.client_ops.fetch_add(1, Ordering::Relaxed);
         let lsn = self.lsn.fetch_add(1, Ordering::Relaxed) + 1;
         let regions = (length > 0).then(|| offset / REGION..=(offset + length - 1) / REGION);
         let states = {
@@ -557,6 +561,12 @@ impl ReplicatedVolume {
             self.set_state(i, CopyState::Resyncing)?;
         }
         let regions = self.size_bytes.div_ceil(REGION);
+        // The copying waits its turn among the node's resync jobs, and paces itself.
+        let _permit = self.scheduler.acquire(self.priority(i));
+        let mut pacer = crate::resync::Pacer::new(self.client_ops.load(Ordering::Relaxed));
+        let pace = |pacer: &mut crate::resync::Pacer| {
+            std::thread::sleep(pacer.after_step(self.client_ops.load(Ordering::Relaxed)));
+        };
         loop {
             let Some(from) = self.state.lock().unwrap_or_else(|e| e.into_inner()).scan[i] else {
                 break;
@@ -569,6 +579,8 @@ impl ReplicatedVolume {
             }
             self.state.lock().unwrap_or_else(|e| e.into_inner()).scan[i] =
                 (to < regions).then_some(to);
+            drop(_exclusive);
+            pace(&mut pacer);
         }
         loop {
             let next = {
@@ -586,6 +598,8 @@ impl ReplicatedVolume {
             let dirty = st.dirty[i].clone();
             drop(st);
             self.save_bitmap(i, &dirty).map_err(|e| e.to_string())?;
+            drop(_exclusive);
+            pace(&mut pacer);
         }
         if was == CopyState::Active {
             return Ok(()); // A scan of an active copy: nothing else changes.
@@ -755,6 +769,15 @@ impl ReplicatedVolume {
             .collect()
     }
 
+    /// Copy `i`'s resync priority: the volume's ACTIVE copies, then the regions left.
+    fn priority(&self, i: usize) -> crate::resync::Priority {
+        let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let active = st.states.iter().filter(|s| **s == CopyState::Active).count();
+        let scan_left =
+            st.scan[i].map_or(0, |from| self.size_bytes.div_ceil(REGION).saturating_sub(from));
+        (active, st.dirty[i].len() as u64 + scan_left)
+    }
+
     /// The copies to resync (or scan) now.
     fn stale(&self) -> Vec<usize> {
         let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
@@ -795,6 +818,7 @@ impl BlockVolume for ReplicatedVolume {
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), StoreError> {
+        self.client_ops.fetch_add(1, Ordering::Relaxed);
         self.read_local(buf, offset, false)
     }
 
@@ -1008,6 +1032,8 @@ pub fn open(
         meta: meta.clone(),
         owner,
         fencing: node.fencing().clone(),
+        scheduler: node.resync_scheduler().clone(),
+        client_ops: AtomicU64::new(0),
         deposed: AtomicBool::new(false),
         bitmaps,
         runtime: tokio::runtime::Handle::current(),
