@@ -182,6 +182,41 @@ struct Copies {
     resynced: Vec<u64>,
 }
 
+/// The regions of a volume with a request in flight.
+#[derive(Default)]
+struct InFlight {
+    regions: Mutex<BTreeSet<u64>>,
+    freed: std::sync::Condvar,
+}
+
+/// A request's hold on its regions; dropping it lets overlapping requests go.
+struct Turn<'a> {
+    of: &'a InFlight,
+    regions: std::ops::RangeInclusive<u64>,
+}
+
+impl InFlight {
+    /// Waits until no request in flight overlaps `regions`, then holds them.
+    fn enter(&self, regions: std::ops::RangeInclusive<u64>) -> Turn<'_> {
+        let mut held = self.regions.lock().unwrap_or_else(|e| e.into_inner());
+        while held.range(regions.clone()).next().is_some() {
+            held = self.freed.wait(held).unwrap_or_else(|e| e.into_inner());
+        }
+        held.extend(regions.clone());
+        Turn { of: self, regions }
+    }
+}
+
+impl Drop for Turn<'_> {
+    fn drop(&mut self) {
+        let mut held = self.of.regions.lock().unwrap_or_else(|e| e.into_inner());
+        for r in self.regions.clone() {
+            held.remove(&r);
+        }
+        self.of.freed.notify_all();
+    }
+}
+
 /// The owner's view of a replicated volume: a `BlockVolume` whose writes go to every
 /// ACTIVE (and RESYNCING) copy.
 pub struct ReplicatedVolume {
@@ -195,6 +230,9 @@ pub struct ReplicatedVolume {
     state: Mutex<Copies>,
     /// Client writes hold it shared; a resync copies a region holding it exclusively.
     resync_lock: RwLock<()>,
+    /// Regions with a write or trim in flight: overlapping requests take turns, so every
+    /// copy applies them in the same order (else copies could end up different).
+    in_flight: InFlight,
     meta: Arc<Member>,
     owner: Owner,
     fencing: Arc<Fencing>,
@@ -347,8 +385,9 @@ impl ReplicatedVolume {
             return Err(io_error("replicate", "this node no longer owns the volume"));
         }
         self.client_ops.fetch_add(1, Ordering::Relaxed);
-        let lsn = self.lsn.fetch_add(1, Ordering::Relaxed) + 1;
         let regions = (length > 0).then(|| offset / REGION..=(offset + length - 1) / REGION);
+        let _turn = regions.clone().map(|r| self.in_flight.enter(r));
+        let lsn = self.lsn.fetch_add(1, Ordering::Relaxed) + 1;
         let states = {
             // Write intent first: a copy that does not get the write has it in its bitmap
             // before any copy has it (invariant 4), whatever happens next.
@@ -1029,6 +1068,7 @@ pub fn open(
             resynced: vec![0; n],
         }),
         resync_lock: RwLock::new(()),
+        in_flight: InFlight::default(),
         meta: meta.clone(),
         owner,
         fencing: node.fencing().clone(),

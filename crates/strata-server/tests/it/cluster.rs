@@ -19,6 +19,8 @@ use strata_meta::state::{cas, Origin, Refusal, Response};
 use strata_replica::client::{request, CallError, DataPeer};
 use strata_replica::frame::{DataKey, Kind, Status};
 
+mod faults;
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
@@ -36,10 +38,12 @@ impl Member {
         let dir = root.join(format!("n{id}"));
         std::fs::create_dir_all(&dir).unwrap();
         let rpc = format!("127.0.0.1:{}", free_port());
+        // Fixed NBD port: clients reconnect to a restarted node where it was.
+        let nbd = format!("127.0.0.1:{}", free_port());
         let join = join.map_or(String::new(), |j| format!("{j:?}"));
         let config = root.join(format!("n{id}.toml"));
         let text = format!(
-            "node_id = {id}\ndata_dir = {dir:?}\nrpc = {rpc:?}\nnbd = \"127.0.0.1:0\"\n\
+            "node_id = {id}\ndata_dir = {dir:?}\nrpc = {rpc:?}\nnbd = {nbd:?}\n\
              http = \"127.0.0.1:0\"\njoin = [{join}]\nsite = \"a\"\nrack = \"r{id}\"\n"
         );
         std::fs::write(&config, text).unwrap();
@@ -613,17 +617,29 @@ fn a_replicated_volume_survives_a_copy_away_and_resyncs_it() {
 /// The volume r1's owner (an index into `members`) and epoch, as the first running
 /// member's API shows them.
 fn owner(members: &[Member]) -> (usize, u64) {
+    owner_of(members, "r1")
+}
+
+/// Volume `name`'s owner (an index into `members`) and epoch, as the first running
+/// member's API shows them.
+fn owner_of(members: &[Member], name: &str) -> (usize, u64) {
     let m = members.iter().find(|m| m.node.is_some()).unwrap();
-    let v = m.get("/v1/volumes/r1").unwrap();
+    let v = m.get(&format!("/v1/volumes/{name}")).unwrap();
     (v["node"].as_u64().unwrap() as usize - 1, v["epoch"].as_u64().unwrap())
 }
 
 /// Waits until every copy of r1 is active and the copies (as the owner lists them now)
 /// hold the same bytes where the test writes.
 fn wait_level(members: &[Member], key: &DataKey) {
-    wait_logged(members, 60, "every copy active and level", || {
-        let (o, _) = owner(members);
-        let Some(v) = members[o].get("/v1/volumes/r1") else { return false };
+    wait_copies_equal(members, key, "r1", 7);
+}
+
+/// Waits until every copy of `name` is active and the copies (as the owner lists them
+/// now) hold the same bytes in their first `mib` MiB.
+fn wait_copies_equal(members: &[Member], key: &DataKey, name: &str, mib: u64) {
+    wait_logged(members, 90, "every copy active and level", || {
+        let (o, _) = owner_of(members, name);
+        let Some(v) = members[o].get(&format!("/v1/volumes/{name}")) else { return false };
         let copies = v["components"].as_array().unwrap().clone();
         let active = copies.iter().all(|c| c["state"] == "active");
         let epoch = v["epoch"].as_u64().unwrap();
@@ -631,8 +647,8 @@ fn wait_level(members: &[Member], key: &DataKey) {
             let m = &members[c["node"].as_u64().unwrap() as usize - 1];
             let id = c["id"].as_u64().unwrap();
             let mut all = Vec::new();
-            for mib in 0..7u64 {
-                all.extend(try_read_component(m, key, id, epoch, mib << 20).ok()?);
+            for piece in 0..mib * 16 {
+                all.extend(try_read_component(m, key, id, epoch, piece << 16).ok()?);
             }
             Some(all)
         };
