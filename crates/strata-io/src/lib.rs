@@ -12,6 +12,7 @@
 //! Design: `docs/design/nbd.md` (durability section).
 
 mod group_sync;
+pub mod net;
 pub mod sim;
 
 pub use group_sync::{GroupSync, SyncCallback, SyncError};

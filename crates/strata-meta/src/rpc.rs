@@ -344,7 +344,7 @@ impl Peer {
                 return Err(CallError::Refused { addr: self.addr.clone(), reason });
             }
         }
-        let connect = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&self.addr));
+        let connect = tokio::time::timeout(CONNECT_TIMEOUT, strata_io::net::connect(&self.addr));
         let stream = match connect.await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => return Err(CallError::NotSent(format!("{}: {e}", self.addr))),

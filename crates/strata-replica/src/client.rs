@@ -8,7 +8,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 
 /// How long connecting may take.
@@ -88,8 +87,11 @@ impl DataPeer {
         if let Some(c) = slot.as_ref().filter(|c| c.alive()) {
             return Ok(c.clone());
         }
-        let stream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&self.addr))
-            .await
+        let stream = match tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            strata_io::net::connect(&self.addr),
+        )
+        .await
         {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => return Err(CallError::NotSent(format!("{}: {e}", self.addr))),

@@ -123,6 +123,9 @@ async fn start_member(
     secret: Vec<u8>,
     one_node: bool,
 ) -> anyhow::Result<Arc<Member>> {
+    // Several nodes on one machine, each on its own 127.0.0.x: their connections to each
+    // other come from their own addresses (fault tests cut one off by address).
+    strata_io::net::set_source_address(config.rpc.ip());
     let listener = tokio::net::TcpListener::bind(config.rpc)
         .await
         .with_context(|| format!("listen for inter-node RPC on {}", config.rpc))?;

@@ -37,9 +37,12 @@ impl Member {
     fn new(root: &Path, id: u64, join: Option<&str>) -> Member {
         let dir = root.join(format!("n{id}"));
         std::fs::create_dir_all(&dir).unwrap();
-        let rpc = format!("127.0.0.1:{}", free_port());
-        // Fixed NBD port: clients reconnect to a restarted node where it was.
-        let nbd = format!("127.0.0.1:{}", free_port());
+        // Each node on its own loopback address (its inter-node traffic comes from it, so
+        // the fault harness can cut one node off); a fixed NBD port, so clients reconnect
+        // to a restarted node where it was.
+        let ip = Member::ip(id);
+        let rpc = format!("{ip}:{}", free_port());
+        let nbd = format!("{ip}:{}", free_port());
         let join = join.map_or(String::new(), |j| format!("{j:?}"));
         let config = root.join(format!("n{id}.toml"));
         let text = format!(
@@ -48,6 +51,11 @@ impl Member {
         );
         std::fs::write(&config, text).unwrap();
         Member { id, config, dir, rpc, node: None }
+    }
+
+    /// Node `id`'s loopback address.
+    fn ip(id: u64) -> String {
+        format!("127.0.0.{}", 10 + id)
     }
 
     fn start(&mut self) {

@@ -14,9 +14,13 @@
 //! does the same (no acknowledged write lost); every copy is active and the copies are
 //! byte-for-byte equal (so no write of a deposed owner applied anywhere).
 //!
+//! Run as root with `nft` (nftables) installed, the schedule also cuts the owner off from
+//! the other nodes (each node has its own 127.0.0.x) and drops a fifth of one node's
+//! packets; otherwise those phases are skipped, and the test says so.
+//!
 //! `STRATA_FAULT_ROUNDS=N` runs the fault schedule N times (1 in CI; more by hand).
 
-use super::{owner_of, three_members, wait_copies_equal, wait_logged};
+use super::{owner_of, three_members, wait_copies_equal, wait_logged, Member};
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -256,6 +260,71 @@ fn check_block(b: usize, ops: &[(Op, u128, u128)]) -> Result<(), String> {
     Ok(())
 }
 
+/// An nftables table of this test's rules (removed when dropped).
+struct Firewall {
+    table: String,
+}
+
+impl Firewall {
+    /// `None` when nft cannot be used here (not root, or not installed).
+    fn new() -> Option<Firewall> {
+        let table = format!("strata_faults_{}", std::process::id());
+        let nft = |args: &[&str]| {
+            std::process::Command::new("nft").args(args).output().is_ok_and(|o| o.status.success())
+        };
+        let chain = format!(
+            "add chain inet {table} out {{ type filter hook output priority 0 ; policy accept ; }}"
+        );
+        (nft(&["add", "table", "inet", &table]) && nft(&[chain.as_str()]))
+            .then_some(Firewall { table })
+    }
+
+    fn rule(&self, rule: &str) {
+        let text = format!("add rule inet {} out {rule}", self.table);
+        let out = std::process::Command::new("nft").arg(&text).output().unwrap();
+        assert!(out.status.success(), "nft {text}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    /// Cuts node `id` off from the other nodes, both ways.
+    fn cut(&self, id: u64) {
+        let (me, others) = (Member::ip(id), Firewall::others(id));
+        self.rule(&format!("ip saddr {me} ip daddr {others} drop"));
+        self.rule(&format!("ip saddr {others} ip daddr {me} drop"));
+    }
+
+    /// Drops `percent` % of the packets between node `id` and the others.
+    fn lossy(&self, id: u64, percent: u32) {
+        let (me, others) = (Member::ip(id), Firewall::others(id));
+        self.rule(&format!(
+            "ip saddr {me} ip daddr {others} numgen random mod 100 < {percent} drop"
+        ));
+        self.rule(&format!(
+            "ip saddr {others} ip daddr {me} numgen random mod 100 < {percent} drop"
+        ));
+    }
+
+    fn others(id: u64) -> String {
+        let ips: Vec<String> = (1..=3).filter(|n| *n != id).map(Member::ip).collect();
+        format!("{{ {} }}", ips.join(", "))
+    }
+
+    fn heal(&self) {
+        let out = std::process::Command::new("nft")
+            .args(["flush", "chain", "inet", &self.table, "out"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "nft flush: {}", String::from_utf8_lossy(&out.stderr));
+    }
+}
+
+impl Drop for Firewall {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("nft")
+            .args(["delete", "table", "inet", &self.table])
+            .output();
+    }
+}
+
 fn rounds() -> usize {
     std::env::var("STRATA_FAULT_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(1)
 }
@@ -292,6 +361,10 @@ fn a_verifying_workload_survives_kills_pauses_restarts_and_an_emptied_disk() {
         })
         .collect();
 
+    let firewall = Firewall::new();
+    if firewall.is_none() {
+        eprintln!("nft unusable here (not root, or nftables not installed): no partitions");
+    }
     for round in 0..rounds() {
         eprintln!("fault round {}", round + 1);
         pause(3);
@@ -327,6 +400,24 @@ fn a_verifying_workload_survives_kills_pauses_restarts_and_an_emptied_disk() {
         }
         members[gone].start();
         pause(4);
+        if let Some(firewall) = &firewall {
+            // The owner is cut off from the others: its session lapses, it stops serving,
+            // another node takes the volume; healed, it rejoins as a copy.
+            let (o, epoch) = owner_of(&members, VOLUME);
+            firewall.cut(members[o].id);
+            pause(16);
+            // (Asked of a node on the majority side: the cut one's view is stale.)
+            let (now, later) = owner_of(std::slice::from_ref(&members[(o + 1) % 3]), VOLUME);
+            firewall.heal();
+            assert!(now != o && later > epoch, "the cut-off owner was replaced: {now} {later}");
+            pause(4);
+            // A fifth of one node's packets are lost for a while.
+            let (o, _) = owner_of(&members, VOLUME);
+            firewall.lossy(members[(o + 1) % 3].id, 20);
+            pause(5);
+            firewall.heal();
+            pause(3);
+        }
     }
     // The nodes' NBD addresses change when they restart: the workers' list is the first
     // one, so they find the restarted nodes gone and move on; stop them now.

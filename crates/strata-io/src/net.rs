@@ -1,0 +1,36 @@
+//! Outgoing inter-node connections, from this node's own address.
+//!
+//! A node whose RPC address is a loopback address other than 127.0.0.1 (several nodes on
+//! one machine, each on its own 127.0.0.x) connects to its peers from that address, so
+//! a firewall rule can tell the nodes' traffic apart (the fault tests cut one node off
+//! with nft this way). Anywhere else the kernel chooses the source address.
+
+use std::net::IpAddr;
+use std::sync::OnceLock;
+use tokio::net::{TcpSocket, TcpStream};
+
+static SOURCE: OnceLock<IpAddr> = OnceLock::new();
+
+/// Sets the address outgoing inter-node connections come from (once per process), if it
+/// is a loopback address other than 127.0.0.1; returns whether it was set.
+pub fn set_source_address(ip: IpAddr) -> bool {
+    let own_loopback = ip.is_loopback() && ip != IpAddr::from([127, 0, 0, 1]);
+    own_loopback && SOURCE.set(ip).is_ok()
+}
+
+/// Connects to `addr` (host:port), from the source address if one is set.
+pub async fn connect(addr: &str) -> std::io::Result<TcpStream> {
+    let Some(source) = SOURCE.get() else { return TcpStream::connect(addr).await };
+    let mut last = None;
+    for target in tokio::net::lookup_host(addr).await? {
+        let socket = if target.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+        if target.is_ipv4() == source.is_ipv4() {
+            socket.bind(std::net::SocketAddr::new(*source, 0))?;
+        }
+        match socket.connect(target).await {
+            Ok(stream) => return Ok(stream),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| std::io::Error::other(format!("{addr}: no address"))))
+}
