@@ -50,6 +50,22 @@ pub struct Config {
     /// The cluster secret's file, relative to `data_dir` if relative.
     #[serde(default = "default_secret")]
     pub secret_file: PathBuf,
+    /// A replicated volume whose clients have all been on one other node (holding an
+    /// active copy) for this many seconds moves there; 0: never by itself.
+    #[serde(default = "default_move_after")]
+    pub move_after_secs: u64,
+    /// A volume keeps an owner at least this many seconds before it moves by itself
+    /// (hysteresis: never ping-pong).
+    #[serde(default = "default_move_hold")]
+    pub move_hold_secs: u64,
+}
+
+fn default_move_after() -> u64 {
+    60
+}
+
+fn default_move_hold() -> u64 {
+    300
 }
 
 fn default_nbd() -> SocketAddr {

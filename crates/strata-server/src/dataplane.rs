@@ -48,6 +48,7 @@ impl DataService {
         let Some(view) = self.node.owned_by_component(h.component).filter(|v| v.serving()) else {
             return (Status::NotOwner, reply, Vec::new());
         };
+        view.note_forwarded(h.lsn);
         let (kind, offset, count, fua) = (h.kind, h.offset, h.count, h.flags & FLAG_FUA != 0);
         let v = view.clone();
         let done = tokio::task::spawn_blocking(move || match kind {

@@ -45,6 +45,8 @@ The config file (TOML):
   site = \"a\"
   rack = \"r1\"
   secret_file = \"secret\"          # relative to data_dir; copy it from the first node
+  move_after_secs = 60            # a volume used only through one other node moves there
+  move_hold_secs = 300            # ...but keeps an owner this long first (0 after: never)
 
 First node:   strata serve --config n1.toml   then   strata cluster init
 Other nodes:  copy n1's data_dir/secret, set join, strata serve --config n2.toml";

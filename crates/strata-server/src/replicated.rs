@@ -59,6 +59,8 @@ const OWNER_LEASE: Duration = Duration::from_secs(6);
 const STEWARD_EVERY: Duration = Duration::from_secs(1);
 /// A node that is n-th in line to take an ownerless volume waits n times this.
 const TAKEOVER_STEP: Duration = Duration::from_secs(3);
+/// A pause in a node's forwarded requests longer than this ends its streak.
+const STREAK_GAP: Duration = Duration::from_secs(5);
 /// Regions compared per step of a digest scan.
 const SCAN_BATCH: u64 = 16;
 
@@ -239,6 +241,11 @@ pub struct ReplicatedVolume {
     scheduler: Arc<crate::resync::Scheduler>,
     /// Client requests served (resync paces itself against them).
     client_ops: AtomicU64,
+    /// When this node took the volume.
+    taken_at: Instant,
+    /// Nodes forwarding requests to this owner: node → (start of its current streak of
+    /// requests, its last request).
+    forwarders: Mutex<HashMap<u64, (Instant, Instant)>>,
     /// Set when this node finds it is no longer the owner; then it serves nothing.
     deposed: AtomicBool,
     bitmaps: PathBuf,
@@ -258,6 +265,34 @@ impl ReplicatedVolume {
     /// Whether this view may serve I/O now (invariant 3).
     pub fn serving(&self) -> bool {
         !self.deposed() && self.meta.session_fresh(OWNER_LEASE)
+    }
+
+    /// Notes a request forwarded by node `from` (for automatic moves).
+    pub fn note_forwarded(&self, from: u64) {
+        let now = Instant::now();
+        let mut f = self.forwarders.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = f.entry(from).or_insert((now, now));
+        if now.duration_since(entry.1) > STREAK_GAP {
+            entry.0 = now; // A new streak.
+        }
+        entry.1 = now;
+    }
+
+    /// The node that alone has been sending this volume's I/O for at least `after`, if
+    /// this owner has had no client of its own for as long (the automatic move).
+    fn sole_user(&self, after: Duration, local: Option<Instant>) -> Option<u64> {
+        if local.is_some_and(|t| t.elapsed() < after) {
+            return None;
+        }
+        let f = self.forwarders.lock().unwrap_or_else(|e| e.into_inner());
+        let recent: Vec<(&u64, &(Instant, Instant))> =
+            f.iter().filter(|(_, (_, last))| last.elapsed() < after).collect();
+        match recent.as_slice() {
+            [(node, (first, last))] if first.elapsed() >= after && last.elapsed() < STREAK_GAP => {
+                Some(**node)
+            }
+            _ => None,
+        }
     }
 
     /// Whether this node found it is no longer the owner.
@@ -1074,6 +1109,8 @@ pub fn open(
         fencing: node.fencing().clone(),
         scheduler: node.resync_scheduler().clone(),
         client_ops: AtomicU64::new(0),
+        taken_at: Instant::now(),
+        forwarders: Mutex::default(),
         deposed: AtomicBool::new(false),
         bitmaps,
         runtime: tokio::runtime::Handle::current(),
@@ -1218,12 +1255,46 @@ fn seen(meta: &Member) -> Vec<Seen> {
     })
 }
 
+/// When a volume moves by itself to the node its clients use.
+#[derive(Clone, Copy, Debug)]
+pub struct MovePolicy {
+    /// Its clients have all been on one other node this long (zero: never).
+    pub after: Duration,
+    /// It has had its owner at least this long (hysteresis).
+    pub hold: Duration,
+}
+
+/// As the owner of `v`, asks for a move to the node that alone uses the volume (if the
+/// policy says so): that node's steward then takes it.
+async fn consider_move(
+    meta: &Member,
+    v: &Seen,
+    view: &ReplicatedVolume,
+    router: &Router,
+    p: MovePolicy,
+) {
+    if p.after.is_zero() || view.taken_at.elapsed() < p.hold || v.moving.is_some() {
+        return;
+    }
+    let local = *router.last_local.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(to) = view.sole_user(p.after, local) else { return };
+    let active = v.record.components.iter().any(|c| c.node == to && c.state == "active");
+    if !active || !v.up.contains(&to) {
+        return;
+    }
+    let key = format!("/volumes/{}/attach", v.record.name);
+    let value = serde_json::to_vec(&Move { node: to }).expect("serializes");
+    if write(meta, vec![], vec![Op::Put { key, value, lease: None }]).await.is_ok() {
+        tracing::info!(volume = %v.record.name, to, "moving to the node its clients use");
+    }
+}
+
 /// Each node's steward of the replicated volumes, until the process ends: it exports
 /// every one (a router), notices when this node's view is no longer the owner's, and
 /// takes ownership of a volume that has no owner (the last owner first, then the other
 /// nodes with an ACTIVE copy, each a `TAKEOVER_STEP` later in id order) or that an
-/// operator moves to this node.
-pub async fn steward(node: Arc<Node>, meta: Arc<Member>) {
+/// operator (or the owner, for its clients' sake: `MovePolicy`) moves to this node.
+pub async fn steward(node: Arc<Node>, meta: Arc<Member>, moves: MovePolicy) {
     let mut ownerless: HashMap<String, Instant> = HashMap::new();
     loop {
         tokio::time::sleep(STEWARD_EVERY).await;
@@ -1242,6 +1313,7 @@ pub async fn steward(node: Arc<Node>, meta: Arc<Member>) {
                     view.depose("the owner key names another owner, or none");
                 }
                 if !view.deposed() {
+                    consider_move(&meta, &v, &view, &router, moves).await;
                     continue;
                 }
                 router.clear();
@@ -1293,6 +1365,8 @@ pub struct Router {
     runtime: tokio::runtime::Handle,
     /// Held while this node takes ownership.
     taking: tokio::sync::Mutex<()>,
+    /// When a client of this node last did I/O on the volume.
+    last_local: Mutex<Option<Instant>>,
 }
 
 /// Where forwarded requests go.
@@ -1322,6 +1396,7 @@ impl Router {
             peers: Mutex::default(),
             runtime: tokio::runtime::Handle::current(),
             taking: tokio::sync::Mutex::new(()),
+            last_local: Mutex::new(None),
         }
     }
 
@@ -1371,6 +1446,7 @@ impl Router {
         h.component = t.component;
         h.epoch = t.epoch;
         h.flags |= FLAG_VOLUME;
+        h.lsn = self.meta.id(); // Who forwards (for automatic moves).
         let peer = t.peer.clone();
         let reply = self
             .runtime
@@ -1404,6 +1480,7 @@ impl Router {
         mut forwarded: impl FnMut(&Router, &Target) -> Result<(), Forwarded>,
     ) -> Result<(), StoreError> {
         let deadline = Instant::now() + FORWARD_PATIENCE;
+        *self.last_local.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
         loop {
             let why = match self.view() {
                 Some(v) if v.serving() => match owned(&v) {

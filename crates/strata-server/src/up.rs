@@ -86,6 +86,8 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
         site: String::new(),
         rack: String::new(),
         secret_file: PathBuf::from("secret"),
+        move_after_secs: 60,
+        move_hold_secs: 300,
     };
     run(config, true)
 }
@@ -194,7 +196,11 @@ async fn serve(config: Config, one_node: bool) -> anyhow::Result<()> {
     node.set_node_id(config.node_id);
     let registry = crate::registry::Registry::new(node.clone(), member.clone());
     tokio::spawn(registry.clone().run());
-    tokio::spawn(crate::replicated::steward(node.clone(), member.clone()));
+    let moves = crate::replicated::MovePolicy {
+        after: Duration::from_secs(config.move_after_secs),
+        hold: Duration::from_secs(config.move_hold_secs),
+    };
+    tokio::spawn(crate::replicated::steward(node.clone(), member.clone(), moves));
     let token = api::token_for(&config.data_dir, config.http)?;
 
     let (stop_tx, stop_rx) = watch::channel(false);

@@ -47,7 +47,8 @@ impl Member {
         let config = root.join(format!("n{id}.toml"));
         let text = format!(
             "node_id = {id}\ndata_dir = {dir:?}\nrpc = {rpc:?}\nnbd = {nbd:?}\n\
-             http = \"127.0.0.1:0\"\njoin = [{join}]\nsite = \"a\"\nrack = \"r{id}\"\n"
+             http = \"127.0.0.1:0\"\njoin = [{join}]\nsite = \"a\"\nrack = \"r{id}\"\n\
+             move_after_secs = 3\nmove_hold_secs = 3\n"
         );
         std::fs::write(&config, text).unwrap();
         Member { id, config, dir, rpc, node: None }
@@ -619,6 +620,24 @@ fn a_replicated_volume_survives_a_copy_away_and_resyncs_it() {
     members[o].start();
     let other = (o + 1) % 3;
     crate::harness::qemu_io(&members[other].node().uri("r1"), &["read -P 0x44 6M 4k"]);
+    wait_level(&members, &key);
+
+    // Its clients use it only through one other node: after `move_after_secs` (3 s in
+    // these tests) it moves there by itself, and stays (no ping-pong).
+    let (o, epoch) = owner(&members);
+    let user = (o + 1) % 3;
+    let uri = members[user].node().uri("r1");
+    wait_logged(&members, 40, "r1 to move to its clients' node", || {
+        crate::harness::qemu_io(&uri, &["write -P 0x55 7M 4k"]);
+        owner(&members).0 == user
+    });
+    let (_, moved) = owner(&members);
+    assert!(moved > epoch, "a new epoch: {moved} after {epoch}");
+    let until = Instant::now() + Duration::from_secs(8);
+    while Instant::now() < until {
+        crate::harness::qemu_io(&uri, &["read -P 0x55 7M 4k"]);
+    }
+    assert_eq!(owner(&members), (user, moved), "it stays where its clients are");
     wait_level(&members, &key);
 }
 

@@ -1,0 +1,558 @@
+#!/usr/bin/env bash
+# bench/replicated.sh - a 3-way replicated Strata volume vs one-node Strata vs Ceph RBD
+# (3 OSDs, pool size 3), same 4k fio workloads, all on this one machine, in one run.
+#
+#   strata RF=3    three `strata serve --config nI.toml` members on loopback (node 1
+#                  founds the cluster, 2 and 3 join with its secret); volume "bench"
+#                  1G --replicas 3 (copies on nodes 1,2,3; node 1 owns it); fio drives
+#                  node 1's export nbd://NBD1/bench through /work/shared/tools/nbdbench.sh
+#   strata 1-node  `strata up` (bench/lib.sh start_strata), volume "bench" 1G, same runs
+#   ceph           /work/shared/peers/ceph.sh start (NOSD=3 SIZE=3 IMG_GB=1, bluestore on
+#                  files, rbd cache off so the OSDs ack every write), fio's rbd engine on
+#                  the 1G image rbd/img with nbdbench's fio flags, then ceph.sh stop
+# Each target is prefilled once (sequential 1 MiB writes, QD8, whole volume), then runs
+# every workload REPS times; targets run one after the other (never at the same time).
+#
+# Usage (from anywhere; options are environment variables):
+#   bench/replicated.sh
+#   STRATA_BIN=target/release/strata RUNTIME=10 bench/replicated.sh
+#   SKIP_CEPH=1 RUNTIME=2 RAMP=1 WORKLOADS=randwrite_4k_qd1 bench/replicated.sh   # smoke
+#
+#   RUNTIME    measured seconds per fio run                      (default 10)
+#   RAMP       warm-up seconds per run, not measured             (default 2)
+#   REPS       repetitions of each workload per target (median)  (default 1)
+#   WORKLOADS  comma list (default randwrite_4k_qd1,randwrite_4k_qd32,randread_4k_qd1,
+#              randread_4k_qd32,randwrite_4k_qd1_fsync,randwrite_4k_qd1_fua):
+#                randwrite/randread_4k_qd1/qd32  nbdbench's workloads
+#                randwrite_4k_qd1_fsync  QD1 4k random writes, a FLUSH after each (fio
+#                                        fsync=1; iops counts the writes)
+#                randwrite_4k_qd1_fua    QD1 4k random writes with the NBD FUA flag.  fio's
+#                                        nbd engine cannot send FUA (it passes flags=0 to
+#                                        nbd_aio_pwrite), so this row is driven by a small
+#                                        libnbd Python loop (python3-libnbd), not fio: same
+#                                        ramp/runtime, latency = the synchronous call, which
+#                                        adds the interpreter's few us per write.  Strata
+#                                        only (librbd has no FUA; Ceph's plain write row,
+#                                        rbd cache off, is already acked by the OSDs).
+#   STRATA_BIN path to a strata binary (else cargo build --release -p strata-server)
+#   SKIP_CEPH=1  Strata rows only
+#   CEPH_SH    path to ceph.sh                 (default /work/shared/peers/ceph.sh)
+#   NBDBENCH   path to nbdbench.sh             (default /work/shared/tools/nbdbench.sh)
+#   BENCH_DIR, KEEP_SCRATCH  see bench/lib.sh (scratch dir: data, logs; removed on
+#              success unless KEEP_SCRATCH=1, kept minus the data when the script fails)
+#   OUT        results file: one kv line per run, then the table as '#' lines
+#              (default $BENCH_DIR/replicated-YYYYmmdd-HHMMSS.txt)
+#
+# Output: one table, per workload: RF3 iops and p99, one-node iops and p99, Ceph iops and
+# p99, RF3/ceph and RF3/one-node with the issue's targets beside them (>= 10x Ceph on 4k
+# random write QD1/QD32, >= 3x on 4k random read, >= 0.5x one-node Strata everywhere),
+# then the durable-write check: Strata RF3's durable row (FUA, and write+FLUSH) vs Ceph's
+# 4k QD1 write row, target >= 3x.  Then host noise per target: bg_cpu (CPU% of processes
+# that are neither fio nor the target's servers: for RF3 all three members count as
+# servers) and cpu_psi (% of wall time a runnable task waited for a CPU; > ~10 = contended).
+# Every RF3 run also records the copies' states before and after it (all "active" means
+# the writes really went to 3 copies).
+#
+# Caveats: a 2-core VM; fio, all three Strata members (or all Ceph daemons) and the
+# machine's other work share those 2 cores and one virtual disk, so the replicas'
+# network is loopback and their "disks" are the same disk: this measures the software's
+# cost per I/O, not a real deployment's.  Ceph's OSDs use bluestore on sparse files.
+# Single runs here drift by ~25%; believe small gaps only with low bg_cpu/cpu_psi.
+#
+# Needs: fio (nbd and rbd engines), nbdinfo, python3, curl; python3-libnbd for the FUA
+# row; for Ceph: apt-get install -y --no-install-recommends ceph-mon ceph-osd ceph-mgr
+# ceph-common rbd-nbd fio jq (uuidgen).  Ceph's monitor binds 127.0.0.1:3300 and :6789.
+# Time: about 3 * workloads * REPS * (RUNTIME + RAMP + 2 s) + prefills + ~1-2 min Ceph
+# start/stop (~6-8 min with the defaults).
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+BENCH_NAME=replicated
+. "$ROOT/bench/lib.sh"
+
+RUNTIME=${RUNTIME:-10}
+RAMP=${RAMP:-2}
+REPS=${REPS:-1}
+WORKLOADS=${WORKLOADS:-randwrite_4k_qd1,randwrite_4k_qd32,randread_4k_qd1,randread_4k_qd32,randwrite_4k_qd1_fsync,randwrite_4k_qd1_fua}
+NBDBENCH=${NBDBENCH:-/work/shared/tools/nbdbench.sh}
+CEPH_SH=${CEPH_SH:-/work/shared/peers/ceph.sh}
+SIZE=1G
+need_uint RUNTIME RAMP REPS
+[ "$RUNTIME" -ge 1 ] && [ "$REPS" -ge 1 ] || die "RUNTIME and REPS must be >= 1"
+need_tools fio nbdinfo python3 curl
+need_fio_nbd
+[ -r "$NBDBENCH" ] || die "nbdbench.sh not found at $NBDBENCH (set NBDBENCH=)"
+IFS=, read -r -a WL <<<"$WORKLOADS"
+[ ${#WL[@]} -gt 0 ] || die "WORKLOADS is empty"
+
+# fio arguments of each workload (nbdbench's, plus the ones this script adds)
+wl_args() {
+  case $1 in
+    randwrite_4k_qd1)       echo "--rw=randwrite --bs=4k --iodepth=1" ;;
+    randwrite_4k_qd32)      echo "--rw=randwrite --bs=4k --iodepth=32" ;;
+    randread_4k_qd1)        echo "--rw=randread --bs=4k --iodepth=1" ;;
+    randread_4k_qd32)       echo "--rw=randread --bs=4k --iodepth=32" ;;
+    randwrite_4k_qd1_fsync) echo "--rw=randwrite --bs=4k --iodepth=1 --fsync=1" ;;
+    randwrite_4k_qd1_fua)   echo "libnbd" ;;
+    *) return 1 ;;
+  esac
+}
+for w in "${WL[@]}"; do wl_args "$w" >/dev/null || die "unknown workload '$w' (see the header)"; done
+
+# a Python with libnbd's bindings, for the FUA row (Debian's python3-libnbd lives in
+# /usr/bin/python3's path; a pyenv python3 first on PATH does not see it)
+PYNBD=
+for py in python3 /usr/bin/python3; do
+  if command -v "$py" >/dev/null && "$py" -c 'import nbd' 2>/dev/null; then PYNBD=$py; break; fi
+done
+
+resolve_strata
+make_scratch
+OUT=${OUT:-$BENCH_DIR/replicated-$(date +%Y%m%d-%H%M%S).txt}
+: >"$OUT"
+T_START=$(date +%s)
+CEPH_DIR=$SCRATCH/ceph
+CEPH_STARTED=0
+CEPH_WHY=
+bench_teardown() {
+  if [ "$CEPH_STARTED" = 1 ]; then
+    DIR=$CEPH_DIR bash "$CEPH_SH" stop >>"$SCRATCH/ceph-stop.log" 2>&1 || true
+  fi
+  # the OSDs' block files and the monitor's store are big; the logs stay
+  if [ "${KEEP_SCRATCH:-0}" != 1 ]; then
+    rm -rf "$CEPH_DIR"/osd.* "$CEPH_DIR"/mon.* "$CEPH_DIR"/mgr.* "$SCRATCH"/rf3/n[123]/ 2>/dev/null || true
+  fi
+}
+
+{
+  echo "# replicated $(date -u +%FT%TZ) host=$(hostname) ncpu=$(getconf _NPROCESSORS_ONLN) reps=$REPS runtime=${RUNTIME}s ramp=${RAMP}s size=$SIZE"
+  echo "# strata=$STRATA ($("$STRATA" --version 2>/dev/null || echo '?')) repo_head=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo NA)"
+  echo "# $(fio --version) workloads=$WORKLOADS"
+} >>"$OUT"
+
+# --- CPU accounting over one run (same formulas as nbdbench.sh, but the "server" is
+# every process of the target: the three members for RF3, all Ceph daemons) -----------
+HZ=$(getconf CLK_TCK)
+host_busy() { awk '/^cpu /{print $2+$3+$4+$7+$8+$9; exit}' /proc/stat; }
+pids_cpu() { # PID... -> utime+stime jiffies summed
+  local s=0 p
+  for p in "$@"; do
+    [ -r "/proc/$p/stat" ] && s=$((s + $(sed 's/^.*) //' "/proc/$p/stat" | awk '{print $12+$13}')))
+  done
+  echo "$s"
+}
+self_children_cpu() { sed 's/^.*) //' "/proc/$$/stat" | awk '{print $14+$15}'; }
+psi_us() { if [ -r /proc/pressure/cpu ]; then awk '/^some/{sub("total=","",$5); print $5}' /proc/pressure/cpu; else echo NA; fi; }
+SRV_PIDS=()
+meas_begin() { M0="$(host_busy) $(pids_cpu "${SRV_PIDS[@]}") $(self_children_cpu) $(psi_us) $(date +%s%N)"; }
+meas_end() { # -> MEAS="srv_cpu=.. cli_cpu=.. host_busy=.. bg_cpu=.. cpu_psi=.."
+  local b0 s0 c0 q0 t0 b1 s1 c1 q1 t1
+  read -r b0 s0 c0 q0 t0 <<<"$M0"
+  b1=$(host_busy); s1=$(pids_cpu "${SRV_PIDS[@]}"); c1=$(self_children_cpu); q1=$(psi_us); t1=$(date +%s%N)
+  MEAS=$(awk -v b0="$b0" -v b1="$b1" -v s0="$s0" -v s1="$s1" -v c0="$c0" -v c1="$c1" \
+             -v q0="$q0" -v q1="$q1" -v t0="$t0" -v t1="$t1" -v hz="$HZ" 'BEGIN{
+    w=(t1-t0)/1e9; srv=(s1-s0)/hz/w*100; cli=(c1-c0)/hz/w*100; busy=(b1-b0)/hz/w*100;
+    bg=busy-srv-cli; if (bg<0) bg=0;
+    psi=(q0=="NA")?"NA":sprintf("%.1f",(q1-q0)/1e6/w*100);
+    printf "srv_cpu=%.1f cli_cpu=%.1f host_busy=%.1f bg_cpu=%.1f cpu_psi=%s", srv, cli, busy, bg, psi}')
+}
+
+# --- runners: each prints one line "iops=.. p50_us=.. p99_us=.. p999_us=.. mean_us=.. ios=.. err=.." -----
+kv_pick() { # LINE FIELD...
+  local line=$1 f; shift
+  for f in "$@"; do printf '%s=%s ' "$f" "$(grep -oE "(^| )$f=[^ ]*" <<<"$line" | head -1 | cut -d= -f2)"; done
+}
+run_nbdbench() { # URI WORKLOAD LABEL OWNER_PID
+  local line
+  line=$(bash "$NBDBENCH" -P -t "$RUNTIME" -r "$RAMP" -w "$2" -l "$3" -S "$4" -f kv "$1" \
+           2>>"$SCRATCH/nbdbench.err" | grep '^nbdbench=1' || true)
+  [ -n "$line" ] || { echo "iops=0 err=99"; return; }
+  # nbdbench's own srv_cpu/bg_cpu count only the owner (-S) as the server: kept as nb_*
+  echo "$(kv_pick "$line" iops p50_us p99_us p999_us mean_us ios err)nb_srv_cpu=$(kv_pick "$line" srv_cpu | cut -d= -f2 | tr -d ' ') nb_bg_cpu=$(kv_pick "$line" bg_cpu | cut -d= -f2 | tr -d ' ')"
+}
+parse_fio_json() { # FILE -> kv (as nbdbench's parse: read+write summed, total latency)
+  python3 - "$1" <<'PY'
+import json, sys
+try:
+    raw = open(sys.argv[1]).read(); d = json.loads(raw[raw.index('{'):])
+except Exception:
+    print("iops=0 err=98"); sys.exit()
+iops = ios = 0.0; lat = None; err = 0
+for j in d["jobs"]:
+    err = err or j.get("error", 0)
+    for dd in ("read", "write"):
+        s = j[dd]
+        if s.get("total_ios", 0) == 0: continue
+        iops += s["iops"]; ios += s["total_ios"]
+        if lat is None or s["total_ios"] > lat[1]: lat = (s["lat_ns"], s["total_ios"])
+if lat is None:
+    print("iops=0 err=%d" % (err or 1)); sys.exit()
+p = lat[0].get("percentile", {})
+g = lambda k: "%.1f" % (p[k] / 1000.0) if k in p else "NA"
+print("iops=%.0f p50_us=%s p99_us=%s p999_us=%s mean_us=%.1f ios=%d err=%d" % (
+    iops, g("50.000000"), g("99.000000"), g("99.900000"), lat[0]["mean"] / 1000.0, ios, err))
+PY
+}
+run_fio_rbd() { # WORKLOAD
+  local json=$SCRATCH/ceph-$1.json args
+  args=$(wl_args "$1")
+  rm -f "$json"
+  # shellcheck disable=SC2086
+  CEPH_CONF=$CEPH_DIR/ceph.conf fio --name="$1" --ioengine=rbd --clientname=admin --pool=rbd --rbdname=img \
+    $args --time_based --runtime="$RUNTIME" --ramp_time="$RAMP" \
+    --group_reporting --norandommap --randrepeat=1 \
+    --lat_percentiles=1 --percentile_list=50:99:99.9 \
+    --output-format=json --output="$json" >>"$SCRATCH/ceph-fio.err" 2>&1 || true
+  parse_fio_json "$json"
+}
+FUA_PY=$SCRATCH/fua.py
+cat >"$FUA_PY" <<'PY'
+# QD1 random 4k writes with NBD_CMD_FLAG_FUA through libnbd; time-based like fio
+import nbd, random, sys, time
+uri, runtime, ramp = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
+h = nbd.NBD()
+h.connect_uri(uri)
+if not h.can_fua():
+    print("iops=0 err=95 note=server_without_fua"); sys.exit()
+blocks = h.get_size() // 4096
+rng = random.Random(1)
+buf = bytes(rng.getrandbits(8) for _ in range(4096))
+flag = nbd.CMD_FLAG_FUA
+end_ramp = time.monotonic() + ramp
+while time.monotonic() < end_ramp:
+    h.pwrite(buf, rng.randrange(blocks) * 4096, flag)
+lat = []
+t_start = time.perf_counter_ns(); t_end = t_start + int(runtime * 1e9)
+now = t_start
+while now < t_end:
+    off = rng.randrange(blocks) * 4096
+    t0 = time.perf_counter_ns()
+    h.pwrite(buf, off, flag)
+    now = time.perf_counter_ns()
+    lat.append(now - t0)
+h.shutdown()
+lat.sort(); n = len(lat)
+pct = lambda q: "%.1f" % (lat[min(n - 1, int(q * n))] / 1000.0)
+print("iops=%.0f p50_us=%s p99_us=%s p999_us=%s mean_us=%.1f ios=%d err=0" % (
+    n / ((now - t_start) / 1e9), pct(0.50), pct(0.99), pct(0.999), sum(lat) / n / 1000.0, n))
+PY
+run_fua() { # URI
+  [ -n "$PYNBD" ] || { echo "iops=0 err=96 note=no_python3-libnbd"; return; }
+  "$PYNBD" "$FUA_PY" "$1" "$RUNTIME" "$RAMP" 2>>"$SCRATCH/fua.err" | tail -1 | grep '^iops=' || echo "iops=0 err=97"
+}
+
+# record LABEL WORKLOAD REP RESULT [EXTRA]: one kv line in $OUT and on stderr
+NRUN=0
+record() {
+  local line="bench=replicated label=$1 workload=$2 $4 $MEAS ${5:-}rep=$3"
+  line=$(tr -s ' ' <<<"$line")
+  echo "$line" >>"$OUT"
+  NRUN=$((NRUN + 1))
+  printf '[%d] %s\n' "$NRUN" "$line" >&2
+}
+
+prefill_nbd() { # URI LABEL
+  local t0 t1
+  t0=$(date +%s.%N)
+  fio --name=prefill --ioengine=nbd --uri="$1" --rw=write --bs=1m --iodepth=8 \
+      --output-format=json --output="$SCRATCH/prefill-$2.json" >"$SCRATCH/prefill-$2.err" 2>&1 \
+    || { log "prefill of $2 failed:"; tail -5 "$SCRATCH/prefill-$2.err" >&2; return 1; }
+  t1=$(date +%s.%N)
+  echo "# prefill $2 $(awk -v a="$t0" -v b="$t1" 'BEGIN{printf "%.1f s", b-a}')" >>"$OUT"
+}
+
+# =====================================================================================
+# 1. Strata RF=3: three members
+# =====================================================================================
+mkdir -p "$SCRATCH/rf3"
+mapfile -t ports < <(free_ports 9)
+RPC=(); NBDA=(); HTTPA=(); NPID=()
+for i in 1 2 3; do
+  d=$SCRATCH/rf3/n$i; mkdir -p "$d"
+  RPC+=("127.0.0.1:${ports[$((i - 1))]}")
+  NBDA+=("127.0.0.1:${ports[$((i + 2))]}")
+  HTTPA+=("127.0.0.1:${ports[$((i + 5))]}")
+  join=""; [ "$i" = 1 ] || join="\"${RPC[0]}\""
+  cat >"$SCRATCH/rf3/n$i.toml" <<EOF
+node_id = $i
+data_dir = "$d"
+rpc = "${RPC[$((i - 1))]}"
+nbd = "${NBDA[$((i - 1))]}"
+http = "${HTTPA[$((i - 1))]}"
+join = [$join]
+site = "a"
+rack = "r$i"
+EOF
+done
+node_logs_tail() { # N lines of every member's log
+  local i
+  for i in 1 2 3; do echo "--- n$i.log (last $1 lines)"; tail -n "$1" "$SCRATCH/rf3/n$i.log" 2>/dev/null; done
+}
+start_member() { # i
+  "$STRATA" serve --config "$SCRATCH/rf3/n$1.toml" >>"$SCRATCH/rf3/n$1.log" 2>&1 &
+  NPID[$1]=$!; PIDS+=("$!")
+  local j
+  for j in $(seq 300); do
+    kill -0 "${NPID[$1]}" 2>/dev/null || { log "member $1 exited during startup:"; tail -20 "$SCRATCH/rf3/n$1.log" >&2; exit 3; }
+    curl -fsS "http://${HTTPA[$(($1 - 1))]}/v1/node" >/dev/null 2>&1 && return 0
+    sleep 0.1
+  done
+  log "member $1 did not come up in 30 s; its log:"; tail -20 "$SCRATCH/rf3/n$1.log" >&2; exit 3
+}
+API=http://${HTTPA[0]}
+log "strata RF=3: starting 3 members ($STRATA)"
+start_member 1
+scli cluster init >"$SCRATCH/rf3/init.log" 2>&1 || { log "cluster init failed:"; cat "$SCRATCH/rf3/init.log" >&2; exit 3; }
+cp "$SCRATCH/rf3/n1/secret" "$SCRATCH/rf3/n2/secret"; cp "$SCRATCH/rf3/n1/secret" "$SCRATCH/rf3/n3/secret"
+start_member 2; start_member 3
+for j in $(seq 600); do
+  ok=$(curl -fsS "$API/v1/cluster" 2>/dev/null | python3 -c '
+import json, sys
+ms = json.load(sys.stdin)["cluster"]["members"]
+print(int(len(ms) == 3 and all(m["role"] == "voter" and m.get("session", {}).get("up") is True for m in ms)))' 2>/dev/null || echo 0)
+  [ "$ok" = 1 ] && break
+  [ "$j" = 600 ] && { log "the cluster did not reach 3 voters with sessions up in 60 s"; scli cluster status >&2 || true; node_logs_tail 10 >&2; exit 3; }
+  sleep 0.1
+done
+log "strata RF=3: 3 voters, sessions up"
+scli volume create bench --size "$SIZE" --replicas 3 --json >"$SCRATCH/rf3/create.json" 2>&1 \
+  || { log "volume create --replicas 3 failed:"; cat "$SCRATCH/rf3/create.json" >&2; exit 3; }
+placement=$(json_get "$SCRATCH/rf3/create.json" '",".join(str(c["node"]) for c in d["components"])')
+log "strata RF=3: volume bench, copies on nodes $placement"
+[ "$placement" = "1,2,3" ] || log "WARNING: copies are on nodes $placement, not 1,2,3"
+# copies' states, as the owner shows them ("active,active,active"), and the owner
+copy_states() {
+  curl -fsS --max-time 5 "$API/v1/volumes/bench" 2>/dev/null | python3 -c '
+import json, sys
+v = json.load(sys.stdin)
+print("owner=%s,epoch=%s,copies=%s" % (v.get("node"), v.get("epoch"), "/".join(str(c.get("state")) for c in v["components"])))' 2>/dev/null || echo "owner=?,copies=unknown"
+}
+for j in $(seq 300); do
+  s=$(copy_states)
+  [[ $s == *copies=active/active/active* ]] && break
+  [ "$j" = 300 ] && { log "copies not all active after 30 s: $s"; node_logs_tail 10 >&2; exit 3; }
+  sleep 0.1
+done
+URI_RF3=nbd://${NBDA[0]}/bench
+PID_STRATA=${NPID[1]}; STRATA_LOG=$SCRATCH/rf3/n1.log
+wait_nbd "$URI_RF3"
+log "strata RF=3: $URI_RF3 ($s); prefill"
+prefill_nbd "$URI_RF3" rf3 || { node_logs_tail 20 >&2; exit 3; }
+echo "# rf3 after prefill: $(copy_states)" >>"$OUT"
+
+SRV_PIDS=("${NPID[1]}" "${NPID[2]}" "${NPID[3]}")
+RF3_TROUBLE=0
+RF3_T0=$(date -u +%T)
+for ((rep = 1; rep <= REPS; rep++)); do
+  for w in "${WL[@]}"; do
+    for i in 1 2 3; do
+      kill -0 "${NPID[$i]}" 2>/dev/null || { log "member $i (pid ${NPID[$i]}) died:"; tail -30 "$SCRATCH/rf3/n$i.log" >&2; exit 4; }
+    done
+    before=$(copy_states)
+    sync
+    meas_begin
+    if [ "$w" = randwrite_4k_qd1_fua ]; then r=$(run_fua "$URI_RF3"); else r=$(run_nbdbench "$URI_RF3" "$w" rf3 "${NPID[1]}"); fi
+    meas_end
+    after=$(copy_states)
+    record rf3 "$w" "$rep" "$r" "before=$before after=$after "
+    if [[ $r == *err=0* ]] && [[ $after == *copies=active/active/active* ]]; then :; else
+      RF3_TROUBLE=1
+      log "RF3 $w: result '$r', copies before '$before' after '$after'; members' recent log lines:"
+      node_logs_tail 15 >&2
+    fi
+  done
+done
+RF3_T1=$(date -u +%T)
+# every warning/error line the members logged (startup included), for the report
+grep -iE 'warn|error|fail|stale|panick' "$SCRATCH"/rf3/n[123].log 2>/dev/null | sed "s|^$SCRATCH/rf3/||" >"$SCRATCH/rf3/problems.log" || true
+echo "# rf3 members logged $(wc -l <"$SCRATCH/rf3/problems.log") warn/error lines; final: $(copy_states)" >>"$OUT"
+log "strata RF=3: done; stopping the members"
+for p in "${SRV_PIDS[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+for p in "${SRV_PIDS[@]}"; do
+  for _ in $(seq 300); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+  kill -KILL "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true
+done
+PIDS=()
+[ "${KEEP_SCRATCH:-0}" = 1 ] || rm -rf "$SCRATCH"/rf3/n[123]/   # 3 GiB of copies; logs stay
+
+# =====================================================================================
+# 2. Strata one node
+# =====================================================================================
+log "strata 1-node: strata up"
+start_strata "$SCRATCH/strata-data" "$SCRATCH/one.log"
+scli volume create bench --size "$SIZE" >"$SCRATCH/one-create.log" 2>&1 \
+  || { log "volume create failed:"; cat "$SCRATCH/one-create.log" >&2; exit 3; }
+URI_ONE=$NBD_URI_BASE/bench
+wait_nbd "$URI_ONE"
+log "strata 1-node: $URI_ONE; prefill"
+prefill_nbd "$URI_ONE" one || exit 3
+SRV_PIDS=("$PID_STRATA")
+for ((rep = 1; rep <= REPS; rep++)); do
+  for w in "${WL[@]}"; do
+    kill -0 "$PID_STRATA" 2>/dev/null || { log "strata died:"; tail -30 "$SCRATCH/one.log" >&2; exit 4; }
+    sync
+    meas_begin
+    if [ "$w" = randwrite_4k_qd1_fua ]; then r=$(run_fua "$URI_ONE"); else r=$(run_nbdbench "$URI_ONE" "$w" one "$PID_STRATA"); fi
+    meas_end
+    record one "$w" "$rep" "$r"
+  done
+done
+stop_strata 60
+[ "${KEEP_SCRATCH:-0}" = 1 ] || rm -rf "$SCRATCH/strata-data"
+
+# =====================================================================================
+# 3. Ceph RBD, 3 OSDs, size 3
+# =====================================================================================
+ceph_missing() {
+  local t m=()
+  for t in ceph ceph-mon ceph-osd ceph-mgr ceph-authtool monmaptool rbd uuidgen jq; do
+    command -v "$t" >/dev/null || m+=("$t")
+  done
+  echo "${m[*]}"
+}
+if [ "${SKIP_CEPH:-0}" = 1 ]; then
+  CEPH_WHY="skipped (SKIP_CEPH=1)"
+elif [ ! -r "$CEPH_SH" ]; then
+  CEPH_WHY="no ceph.sh at $CEPH_SH (set CEPH_SH=)"
+elif [ -n "$(ceph_missing)" ]; then
+  CEPH_WHY="missing tool(s): $(ceph_missing) - apt-get install -y --no-install-recommends ceph-mon ceph-osd ceph-mgr ceph-common rbd-nbd fio jq"
+elif ! fio --enghelp 2>/dev/null | grep -qw rbd; then
+  CEPH_WHY="this fio has no rbd ioengine (Debian's fio has it; a self-built one may not)"
+elif python3 -c 'import socket,sys
+for p in (3300, 6789):
+    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try: s.bind(("127.0.0.1", p))
+    except OSError: sys.exit(1)
+    finally: s.close()'; then
+  :
+else
+  CEPH_WHY="127.0.0.1:3300 or :6789 is taken (another Ceph monitor running?); ceph.sh needs both"
+fi
+if [ -z "$CEPH_WHY" ]; then
+  log "ceph: ceph.sh start (NOSD=3 SIZE=3 IMG_GB=1, DIR=$CEPH_DIR); log $SCRATCH/ceph-start.log"
+  CEPH_STARTED=1
+  rc=0
+  DIR=$CEPH_DIR NOSD=3 SIZE=3 IMG_GB=1 timeout 600 bash "$CEPH_SH" start >"$SCRATCH/ceph-start.log" 2>&1 || rc=$?
+  if [ "$rc" != 0 ]; then
+    CEPH_WHY="ceph.sh start failed (exit $rc): $(grep -v '^\s*$' "$SCRATCH/ceph-start.log" | tail -3 | tr '\n' ' ')"
+  elif ! grep -q "cluster ready" "$SCRATCH/ceph-start.log"; then
+    CEPH_WHY="ceph.sh start did not report a ready cluster: $(tail -3 "$SCRATCH/ceph-start.log" | tr '\n' ' ')"
+  fi
+fi
+if [ -z "$CEPH_WHY" ]; then
+  export CEPH_CONF=$CEPH_DIR/ceph.conf
+  health=$(ceph --conf "$CEPH_CONF" health 2>&1 | head -1)
+  pgs=$(ceph --conf "$CEPH_CONF" pg stat 2>&1 | head -1)
+  log "ceph: $health; $pgs"
+  echo "# ceph start: $health; $pgs; $(ceph --version 2>/dev/null)" >>"$OUT"
+  mapfile -t SRV_PIDS < <(cat "$CEPH_DIR"/run/*.dpid 2>/dev/null)
+  log "ceph: prefill rbd/img (1G, 1 MiB sequential writes, QD8)"
+  t0=$(date +%s.%N)
+  if fio --name=prefill --ioengine=rbd --clientname=admin --pool=rbd --rbdname=img --rw=write --bs=1m \
+       --iodepth=8 --output-format=json --output="$SCRATCH/prefill-ceph.json" >"$SCRATCH/prefill-ceph.err" 2>&1; then
+    echo "# prefill ceph $(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN{printf "%.1f s", b-a}')" >>"$OUT"
+    for ((rep = 1; rep <= REPS; rep++)); do
+      for w in "${WL[@]}"; do
+        [ "$w" = randwrite_4k_qd1_fua ] && continue   # librbd has no FUA (see the header)
+        sync
+        meas_begin
+        r=$(run_fio_rbd "$w")
+        meas_end
+        record ceph "$w" "$rep" "$r"
+      done
+    done
+  else
+    CEPH_WHY="fio rbd prefill failed: $(tail -3 "$SCRATCH/prefill-ceph.err" | tr '\n' ' ')"
+  fi
+fi
+if [ "$CEPH_STARTED" = 1 ]; then
+  log "ceph: ceph.sh stop"
+  DIR=$CEPH_DIR bash "$CEPH_SH" stop >>"$SCRATCH/ceph-stop.log" 2>&1 || true
+  CEPH_STARTED=0
+fi
+[ -z "$CEPH_WHY" ] || { log "ceph: no rows: $CEPH_WHY"; echo "# ceph missing: $CEPH_WHY" >>"$OUT"; }
+ELAPSED=$(( $(date +%s) - T_START ))
+
+# =====================================================================================
+# the table
+# =====================================================================================
+TABLE=$(python3 - "$OUT" "$WORKLOADS" "$CEPH_WHY" "$ELAPSED" "$(getconf _NPROCESSORS_ONLN)" <<'PY'
+import sys, statistics
+path, wls, ceph_why, elapsed, ncpu = sys.argv[1], sys.argv[2].split(","), sys.argv[3], sys.argv[4], int(sys.argv[5])
+runs, bad = {}, []
+for ln in open(path):
+    if not ln.startswith("bench=replicated "): continue
+    kv = dict(f.split("=", 1) for f in ln.split() if "=" in f)
+    runs.setdefault((kv["label"], kv["workload"]), []).append(kv)
+    if kv.get("err") != "0": bad.append("%s/%s rep %s: err=%s iops=%s" % (kv["label"], kv["workload"], kv.get("rep"), kv.get("err"), kv.get("iops")))
+def med(lab, wl, field):
+    v = []
+    for kv in runs.get((lab, wl), []):
+        if kv.get("err") != "0": continue
+        try: v.append(float(kv[field]))
+        except (KeyError, ValueError): pass
+    return statistics.median(v) if v else None
+f = lambda x, fmt="%.0f": "-" if x is None else fmt % x
+def ratio(a, b): return a / b if a and b else None
+TARGET_CEPH = {"randwrite_4k_qd1": 10, "randwrite_4k_qd32": 10, "randread_4k_qd1": 3, "randread_4k_qd32": 3}
+def met(r, t): return "" if r is None or t is None else ("yes" if r >= t else "NO")
+hdr = ["workload", "RF3 iops", "RF3 p99us", "1node iops", "1node p99us", "ceph iops", "ceph p99us",
+       "RF3/ceph", "target", "met", "RF3/1node", "target", "met"]
+rows = []
+for wl in wls:
+    a, o, c = med("rf3", wl, "iops"), med("one", wl, "iops"), med("ceph", wl, "iops")
+    rc, ro = ratio(a, c), ratio(a, o)
+    t = TARGET_CEPH.get(wl)
+    rows.append([wl, f(a), f(med("rf3", wl, "p99_us"), "%.0f"), f(o), f(med("one", wl, "p99_us"), "%.0f"),
+                 f(c) if wl != "randwrite_4k_qd1_fua" else "n/a", f(med("ceph", wl, "p99_us"), "%.0f") if wl != "randwrite_4k_qd1_fua" else "n/a",
+                 f(rc, "%.2f"), (">=%d" % t) if t else "-", met(rc, t),
+                 f(ro, "%.2f"), ">=0.5", met(ro, 0.5)])
+w = [max(len(r[i]) for r in [hdr] + rows) for i in range(len(hdr))]
+line = lambda r: " | ".join(c.ljust(w[0]) if i == 0 else c.rjust(w[i]) for i, c in enumerate(r))
+print(line(hdr)); print("-+-".join("-" * x for x in w))
+for r in rows: print(line(r))
+print("(iops: medians over reps; p99us: total latency, submit->complete, microseconds; in the _fsync row iops")
+print(" counts the writes, each followed by a FLUSH, and p99us is the write's alone: fio times the FLUSH apart)")
+print()
+cw = med("ceph", "randwrite_4k_qd1", "iops")
+print("durable 4k QD1 write, issue target: Strata RF3's durable row >= 3x Ceph's write row (ceph randwrite_4k_qd1 = %s iops,"
+      " rbd cache off: acked by the OSDs)" % f(cw))
+for wl, what in (("randwrite_4k_qd1_fua", "FUA writes (libnbd Python, not fio: fio's nbd engine cannot send FUA)"),
+                 ("randwrite_4k_qd1_fsync", "write + FLUSH after each (fio fsync=1)")):
+    if wl not in wls: continue
+    a = med("rf3", wl, "iops"); r = ratio(a, cw)
+    print("  RF3 %-24s %6s iops  / ceph %6s = %5s  (>= 3) %-3s   %s" % (wl, f(a), f(cw), f(r, "%.2f"), met(r, 3), what))
+print()
+print("host noise per target (bg_cpu: CPU%% of everything but fio and the target's own servers, of %d; cpu_psi: %% of time a task waited for a CPU):" % (100 * ncpu))
+for lab, name in (("rf3", "strata RF3"), ("one", "strata 1-node"), ("ceph", "ceph")):
+    ks = [kv for (l, _), v in runs.items() if l == lab for kv in v]
+    if not ks: continue
+    def st(field):
+        v = []
+        for kv in ks:
+            try: v.append(float(kv[field]))
+            except (KeyError, ValueError): pass
+        return "median %.1f max %.1f" % (statistics.median(v), max(v)) if v else "-"
+    print("  %-13s bg_cpu %-22s cpu_psi %-22s srv_cpu %s" % (name, st("bg_cpu"), st("cpu_psi"), st("srv_cpu")))
+rf3 = [kv for (l, _), v in runs.items() if l == "rf3" for kv in v]
+if rf3:
+    allok = all("active/active/active" in kv.get("after", "") for kv in rf3)
+    print("RF3 copies after every run: %s" % ("all 3 active" if allok else "NOT all active: " +
+          "; ".join("%s: %s" % (kv["workload"], kv.get("after")) for kv in rf3 if "active/active/active" not in kv.get("after", ""))))
+if ceph_why: print("CEPH MISSING: " + ceph_why)
+if bad:
+    print("FAILED RUNS (%d):" % len(bad))
+    for b in bad: print("  " + b)
+print("run took %s s" % elapsed)
+PY
+)
+echo
+echo "$TABLE"
+sed 's/^/# /' <<<"$TABLE" >>"$OUT"
+echo
+echo "kv lines + table: $OUT"
+if [ -s "$SCRATCH/rf3/problems.log" ]; then
+  echo "RF3 members' warn/error log lines (the RF3 runs: $RF3_T0 .. $RF3_T1): $(wc -l <"$SCRATCH/rf3/problems.log") (first 20):"
+  head -20 "$SCRATCH/rf3/problems.log"
+fi
+# a failed run, or an RF3 run that ended with a copy not active: exit 1 (the logs stay)
+if grep -q '^FAILED RUNS' <<<"$TABLE" || [ "$RF3_TROUBLE" = 1 ]; then exit 1; fi
