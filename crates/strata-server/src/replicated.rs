@@ -440,32 +440,34 @@ impl ReplicatedVolume {
             }
             st.states.clone()
         };
-        let mut remote = Vec::new();
-        for (i, c) in self.copies.iter().enumerate() {
-            let Some(peer) = &c.peer else { continue };
-            if states[i] == CopyState::Stale {
-                continue;
-            }
-            let mut h = request(kind, c.id(), self.epoch, lsn, offset);
-            h.count = count;
-            if fua {
-                h.flags = FLAG_FUA;
-            }
-            let (peer, payload) = (peer.clone(), payload.to_vec());
-            remote.push((
-                i,
-                self.runtime.spawn(async move {
-                    match tokio::time::timeout(IO_TIMEOUT, peer.call(h, &payload)).await {
-                        Ok(Ok(_)) => Ok(()),
-                        Ok(Err(e @ CallError::Status { status: Status::StaleEpoch, .. })) => {
-                            Err((true, e.to_string()))
-                        }
-                        Ok(Err(e)) => Err((false, e.to_string())),
-                        Err(_) => Err((false, "timed out".to_owned())),
+        // Sent to every remote copy first (from this thread: no task per copy), then the
+        // own copy written, then the replies awaited.
+        let deadline = tokio::time::Instant::now() + IO_TIMEOUT;
+        let sent: Vec<(usize, Result<strata_replica::client::Pending, String>)> =
+            self.runtime.block_on(async {
+                let mut sent = Vec::new();
+                for (i, c) in self.copies.iter().enumerate() {
+                    let Some(peer) = &c.peer else { continue };
+                    if states[i] == CopyState::Stale {
+                        continue;
                     }
-                }),
-            ));
-        }
+                    let mut h = request(kind, c.id(), self.epoch, lsn, offset);
+                    h.count = count;
+                    if fua {
+                        h.flags = FLAG_FUA;
+                    }
+                    let send = tokio::time::timeout_at(deadline, peer.send(h, payload)).await;
+                    sent.push((
+                        i,
+                        match send {
+                            Ok(Ok(p)) => Ok(p),
+                            Ok(Err(e)) => Err(e.to_string()),
+                            Err(_) => Err("timed out".to_owned()),
+                        },
+                    ));
+                }
+                sent
+            });
         let here = match self.runtime.block_on(self.fencing.enter(self.local.id(), self.epoch)) {
             Ok(_pass) => local(&self.local),
             Err(Refused::Stale(newest)) => {
@@ -476,14 +478,25 @@ impl ReplicatedVolume {
         };
         let mut failed = Vec::new();
         let mut took = Vec::new();
-        for (i, r) in remote {
-            match self.runtime.block_on(r) {
-                Ok(Ok(())) => took.push(i),
-                Ok(Err((true, e))) => self.depose(&e),
-                Ok(Err((false, e))) => failed.push((i, e)),
-                Err(e) => failed.push((i, e.to_string())),
+        self.runtime.block_on(async {
+            for (i, p) in sent {
+                let reply = match p {
+                    Ok(p) => tokio::time::timeout_at(deadline, p.wait()).await,
+                    Err(e) => {
+                        failed.push((i, e));
+                        continue;
+                    }
+                };
+                match reply {
+                    Ok(Ok(_)) => took.push(i),
+                    Ok(Err(e @ CallError::Status { status: Status::StaleEpoch, .. })) => {
+                        self.depose(&e.to_string())
+                    }
+                    Ok(Err(e)) => failed.push((i, e.to_string())),
+                    Err(_) => failed.push((i, "timed out".to_owned())),
+                }
             }
-        }
+        });
         if self.deposed() {
             return Err(io_error("replicate", "this node no longer owns the volume"));
         }
