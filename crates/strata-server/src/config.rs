@@ -12,6 +12,8 @@
 //! site = "a"
 //! rack = "r1"
 //! secret_file = "secret"        # the cluster secret, relative to data_dir if relative
+//! move_after_secs = 60          # optional: a volume used only through one other node
+//! move_hold_secs = 300          # moves there (0: never), once owned this long
 //! ```
 
 use anyhow::{bail, Context};

@@ -1521,6 +1521,30 @@ impl Router {
     }
 }
 
+impl Router {
+    /// A trim or zeroing, 1 GiB at a time: `owned` on this node's view, else forwarded as
+    /// a trim.
+    fn discard(
+        &self,
+        offset: u64,
+        length: u64,
+        owned: impl Fn(&ReplicatedVolume, u64, u64) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        for at in (offset..offset + length).step_by(1 << 30) {
+            let n = (offset + length - at).min(1 << 30);
+            self.route(
+                |v| owned(v, at, n),
+                |r, t| {
+                    let mut h = request(Kind::Trim, 0, 0, 0, at);
+                    h.count = n as u32;
+                    r.forward(t, h, &[]).map(drop)
+                },
+            )?;
+        }
+        Ok(())
+    }
+}
+
 impl BlockVolume for Router {
     fn size_bytes(&self) -> u64 {
         self.size_bytes
@@ -1564,33 +1588,12 @@ impl BlockVolume for Router {
     }
 
     fn trim(&self, offset: u64, length: u64) -> Result<(), StoreError> {
-        for at in (offset..offset + length).step_by(1 << 30) {
-            let n = (offset + length - at).min(1 << 30);
-            self.route(
-                |v| v.trim(at, n),
-                |r, t| {
-                    let mut h = request(Kind::Trim, 0, 0, 0, at);
-                    h.count = n as u32;
-                    r.forward(t, h, &[]).map(drop)
-                },
-            )?;
-        }
-        Ok(())
+        self.discard(offset, length, |v, at, n| v.trim(at, n))
     }
 
     fn write_zeroes(&self, offset: u64, length: u64, mode: ZeroMode) -> Result<(), StoreError> {
-        for at in (offset..offset + length).step_by(1 << 30) {
-            let n = (offset + length - at).min(1 << 30);
-            self.route(
-                |v| v.write_zeroes(at, n, mode),
-                |r, t| {
-                    let mut h = request(Kind::Trim, 0, 0, 0, at);
-                    h.count = n as u32;
-                    r.forward(t, h, &[]).map(drop)
-                },
-            )?;
-        }
-        Ok(())
+        // Forwarded as a trim: a trimmed range reads as zeroes on every copy.
+        self.discard(offset, length, |v, at, n| v.write_zeroes(at, n, mode))
     }
 
     fn extents(&self, offset: u64, length: u64, max: usize) -> Result<Vec<Extent>, StoreError> {

@@ -54,6 +54,19 @@ impl Member {
         Member { id, config, dir, rpc, node: None }
     }
 
+    /// kill -9, then empties the data directory but for the metadata and the secret (a
+    /// node whose data disk was replaced).
+    fn kill9_with_emptied_data_disk(&mut self) {
+        let dir = self.node.take().expect("running").kill9();
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            if name != "meta" && name != "secret" {
+                let _ = std::fs::remove_dir_all(&path).or_else(|_| std::fs::remove_file(&path));
+            }
+        }
+    }
+
     /// Node `id`'s loopback address.
     fn ip(id: u64) -> String {
         format!("127.0.0.{}", 10 + id)
@@ -592,14 +605,7 @@ fn a_replicated_volume_survives_a_copy_away_and_resyncs_it() {
     // A node comes back with an emptied data disk (its metadata and secret kept): its
     // copy is made again there and filled in full.
     let gone = (to + 1) % 3;
-    let dir = members[gone].node.take().unwrap().kill9();
-    for entry in std::fs::read_dir(&dir).unwrap() {
-        let path = entry.unwrap().path();
-        let name = path.file_name().unwrap().to_string_lossy().into_owned();
-        if name != "meta" && name != "secret" {
-            let _ = std::fs::remove_dir_all(&path).or_else(|_| std::fs::remove_file(&path));
-        }
-    }
+    members[gone].kill9_with_emptied_data_disk();
     members[gone].start();
     wait_level(&members, &key);
     let v = members[to].get("/v1/volumes/r1").unwrap();

@@ -390,14 +390,7 @@ fn a_verifying_workload_survives_kills_pauses_restarts_and_an_emptied_disk() {
         // A node comes back with an emptied data disk: its copy is rebuilt in full.
         let (o, _) = owner_of(&members, VOLUME);
         let gone = (o + 2) % 3;
-        let dir = members[gone].node.take().unwrap().kill9();
-        for entry in std::fs::read_dir(&dir).unwrap() {
-            let path = entry.unwrap().path();
-            let name = path.file_name().unwrap().to_string_lossy().into_owned();
-            if name != "meta" && name != "secret" {
-                let _ = std::fs::remove_dir_all(&path).or_else(|_| std::fs::remove_file(&path));
-            }
-        }
+        members[gone].kill9_with_emptied_data_disk();
         members[gone].start();
         pause(4);
         if let Some(firewall) = &firewall {
