@@ -479,6 +479,10 @@ fn print_volume(json_out: bool, v: &Value, verb: &str) -> anyhow::Result<()> {
                 Some(r) if r > 0 => format!("{missed}  resynced {}", format_size(r)),
                 _ => missed,
             };
+            let missed = match c.scan_left_bytes {
+                Some(l) if l > 0 => format!("{missed}  scan: {} left", format_size(l)),
+                _ => missed,
+            };
             println!("  node {:<4} component {:<6} {}{missed}", c.node, c.id, c.state);
         }
     }

@@ -81,6 +81,10 @@ pub struct ComponentRecord {
     /// owner's live view).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resynced_bytes: Option<u64>,
+    /// Bytes a digest scan still has to compare (after a change of owner, or for a
+    /// rebuild; the owner's live view).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scan_left_bytes: Option<u64>,
 }
 
 /// `/volumes/<name>/owner`.
@@ -852,6 +856,9 @@ impl ReplicatedVolume {
                 state: st.states[i].name().into(),
                 dirty_bytes: Some(st.dirty[i].len() as u64 * REGION),
                 resynced_bytes: Some(st.resynced[i]),
+                scan_left_bytes: Some(
+                    st.scan[i].map_or(0, |from| self.size_bytes.saturating_sub(from * REGION)),
+                ),
             })
             .collect()
     }
@@ -1701,6 +1708,7 @@ pub async fn create(
             state: "active".into(),
             dirty_bytes: None,
             resynced_bytes: None,
+            scan_left_bytes: None,
         })
         .collect();
     let mut record = VolumeRecord {

@@ -674,7 +674,10 @@ fn wait_copies_equal(members: &[Member], key: &DataKey, name: &str, mib: u64) {
         let (o, _) = owner_of(members, name);
         let Some(v) = members[o].get(&format!("/v1/volumes/{name}")) else { return false };
         let copies = v["components"].as_array().unwrap().clone();
-        let active = copies.iter().all(|c| c["state"] == "active");
+        // Active, and no digest scan left (after a change of owner, or a rebuild).
+        let active = copies
+            .iter()
+            .all(|c| c["state"] == "active" && c["scan_left_bytes"].as_u64().unwrap_or(0) == 0);
         let epoch = v["epoch"].as_u64().unwrap();
         let copy = |c: &Value| -> Option<Vec<u8>> {
             let m = &members[c["node"].as_u64().unwrap() as usize - 1];
