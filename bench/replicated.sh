@@ -36,6 +36,11 @@
 #                                        rbd cache off, is already acked by the OSDs).
 #   STRATA_BIN path to a strata binary (else cargo build --release -p strata-server)
 #   SKIP_CEPH=1  Strata rows only
+#   SKIP_RESYNC=1  no resync/failover measurements (below)
+#   RESYNC_LOAD_SECS  seconds of random writes while node 3 is away      (default 20)
+#   RESYNC_TIMEOUT    longest wait for a returned copy to be active, s   (default 600)
+#   FAILOVER_KILL_AT  seconds into the failover writer when node 1 dies  (default 5)
+#   FAILOVER_AFTER    seconds the writer goes on after that              (default 25)
 #   CEPH_SH    path to ceph.sh                 (default /work/shared/peers/ceph.sh)
 #   NBDBENCH   path to nbdbench.sh             (default /work/shared/tools/nbdbench.sh)
 #   BENCH_DIR, KEEP_SCRATCH  see bench/lib.sh (scratch dir: data, logs; removed on
@@ -53,6 +58,39 @@
 # Every RF3 run also records the copies' states before and after it (all "active" means
 # the writes really went to 3 copies).
 #
+# Then, on the same RF3 cluster (after its fio rows, unless SKIP_RESYNC=1), two faults:
+#   resync     one NBD FLUSH through node 1 (python3-libnbd, else qemu-io: a failed
+#              copy's bitmap also takes every region written since its last flush, and
+#              nothing above flushes), then kill -9 node 3; fio randwrite 4k QD16 over
+#              the whole volume through node 1's export for RESYNC_LOAD_SECS (fio's
+#              random map on: no 4k block is written twice until the volume is
+#              covered, so "written" = bytes the client changed); wait until the
+#              owner shows copy 3 stale and its dirty_bytes (the bitmap's 64 KiB
+#              regions); restart node 3 (same config) and poll the owner's info every 0.2 s until copy 3 is active.  Prints:
+#              bytes written while away, dirty bytes, resynced bytes (its resynced_bytes
+#              minus the value before), resync time (restart -> active; also when the
+#              node answered and when the copy was first seen resyncing), throughput
+#              (resynced / time, MB/s = 10^6 B/s), amplification resynced/written
+#              (the 64 KiB granularity's cost under 4k random writes; beside dirty,
+#              the ~bytes N uniform random 4k writes touch in 64 KiB regions: at ~6k
+#              writes/s, 20 s touch nearly all 16384, so try RESYNC_LOAD_SECS=2 too) and
+#              resynced/dirty (issue's target: <= 1.25).
+#   failover   fio randwrite 4k QD1 through node 2's export (a non-owner: it forwards to
+#              the owner) with a per-write latency log (--write_lat_log, log_avg_msec=0);
+#              kill -9 node 1 (the owner) FAILOVER_KILL_AT s in; the writer goes on
+#              FAILOVER_AFTER s more.  Prints: the longest gap between two completed
+#              writes (= the stall the client saw) and where it was, the longest write
+#              latency, fio's error (must be 0), writes and writes/s before/after the
+#              gap (after it, node 1's copy is stale), and the
+#              owner and epoch before and after.  Then node 1 is restarted and the run
+#              waits until all three copies are active (its copy's dirty/resynced bytes
+#              and time are printed too).
+# These print as a block after the table ("resync/failover") and as kv lines
+# bench=replicated-resync / bench=replicated-failover in OUT; a failed fault run (no
+# resync within RESYNC_TIMEOUT, a fio error, copies not all active at the end) makes
+# the script exit 1.  The members' warn/error lines of this part go to
+# rf3/problems-faults.log in the scratch dir (KEEP_SCRATCH=1 keeps it).
+#
 # Caveats: a 2-core VM; fio, all three Strata members (or all Ceph daemons) and the
 # machine's other work share those 2 cores and one virtual disk, so the replicas'
 # network is loopback and their "disks" are the same disk: this measures the software's
@@ -63,7 +101,8 @@
 # row; for Ceph: apt-get install -y --no-install-recommends ceph-mon ceph-osd ceph-mgr
 # ceph-common rbd-nbd fio jq (uuidgen).  Ceph's monitor binds 127.0.0.1:3300 and :6789.
 # Time: about 3 * workloads * REPS * (RUNTIME + RAMP + 2 s) + prefills + ~1-2 min Ceph
-# start/stop (~6-8 min with the defaults).
+# start/stop (~6-8 min with the defaults), plus the faults: RESYNC_LOAD_SECS +
+# FAILOVER_KILL_AT + FAILOVER_AFTER + the two resyncs (up to ~1 GiB each).
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 BENCH_NAME=replicated
@@ -76,7 +115,11 @@ WORKLOADS=${WORKLOADS:-randwrite_4k_qd1,randwrite_4k_qd32,randread_4k_qd1,randre
 NBDBENCH=${NBDBENCH:-/work/shared/tools/nbdbench.sh}
 CEPH_SH=${CEPH_SH:-/work/shared/peers/ceph.sh}
 SIZE=1G
-need_uint RUNTIME RAMP REPS
+RESYNC_LOAD_SECS=${RESYNC_LOAD_SECS:-20}
+RESYNC_TIMEOUT=${RESYNC_TIMEOUT:-600}
+FAILOVER_KILL_AT=${FAILOVER_KILL_AT:-5}
+FAILOVER_AFTER=${FAILOVER_AFTER:-25}
+need_uint RUNTIME RAMP REPS RESYNC_LOAD_SECS RESYNC_TIMEOUT FAILOVER_KILL_AT FAILOVER_AFTER
 [ "$RUNTIME" -ge 1 ] && [ "$REPS" -ge 1 ] || die "RUNTIME and REPS must be >= 1"
 need_tools fio nbdinfo python3 curl
 need_fio_nbd
@@ -365,6 +408,278 @@ RF3_T1=$(date -u +%T)
 # every warning/error line the members logged (startup included), for the report
 grep -iE 'warn|error|fail|stale|panick' "$SCRATCH"/rf3/n[123].log 2>/dev/null | sed "s|^$SCRATCH/rf3/||" >"$SCRATCH/rf3/problems.log" || true
 echo "# rf3 members logged $(wc -l <"$SCRATCH/rf3/problems.log") warn/error lines; final: $(copy_states)" >>"$OUT"
+
+# =====================================================================================
+# 1b. Strata RF=3 under faults: resync of a copy that was away, failover of the owner
+# =====================================================================================
+FAULTS=
+FAULT_TROUBLE=0
+# vfield ADDR EXPR: EXPR over node ADDR's GET /v1/volumes/bench, as v (c(n): node n's
+# copy); nothing when that node does not answer
+vfield() {
+  curl -fsS --max-time 3 "http://$1/v1/volumes/bench" 2>/dev/null | python3 -c '
+import json, sys
+try: v = json.load(sys.stdin)
+except Exception: sys.exit()
+c = lambda n: next(x for x in v["components"] if x["node"] == n)
+print(eval(sys.argv[1]))' "$2" 2>/dev/null || true
+}
+# the owner as the first answering member of NODES... sees it: "NODE EPOCH" (or nothing)
+owner_of() {
+  local i o
+  for i in "$@"; do
+    o=$(vfield "${HTTPA[$((i - 1))]}" '"%s %s" % (v["node"], v["epoch"])')
+    [ -n "$o" ] && { echo "$o"; return 0; }
+  done
+  return 0
+}
+# states as owner ADDR sees them: "state/state/state" by node 1,2,3
+live_states() { vfield "$1" '"/".join(c(n)["state"] for n in (1, 2, 3))'; }
+kill_member() { # i: kill -9, reaped, no longer in PIDS
+  local p=${NPID[$1]} q keep=()
+  kill -KILL "$p" 2>/dev/null || true
+  { wait "$p"; } 2>/dev/null || true
+  for q in "${PIDS[@]}"; do [ "$q" = "$p" ] || keep+=("$q"); done
+  PIDS=("${keep[@]+"${keep[@]}"}")
+}
+drop_pid() { # PID: out of PIDS (it was waited for)
+  local q keep=()
+  for q in "${PIDS[@]}"; do [ "$q" = "$1" ] || keep+=("$q"); done
+  PIDS=("${keep[@]+"${keep[@]}"}")
+}
+now() { date +%s.%N; }
+secs() { awk -v a="$1" -v b="$2" 'BEGIN{printf "%.1f", b-a}'; }
+# wait_active ADDR NODE TIMEOUT: polls owner ADDR every 0.2 s until node NODE's copy is
+# active; sets T_SEEN_RESYNC (first time seen resyncing, or empty); returns 1 on timeout
+wait_active() {
+  local deadline st
+  deadline=$(awk -v t="$(now)" -v d="$3" 'BEGIN{printf "%.0f", t+d}')
+  T_SEEN_RESYNC=
+  while :; do
+    st=$(vfield "$1" "c($2)[\"state\"]")
+    [ "$st" = active ] && return 0
+    [ "$st" = resyncing ] && [ -z "$T_SEEN_RESYNC" ] && T_SEEN_RESYNC=$(now)
+    [ "$(date +%s)" -ge "$deadline" ] && return 1
+    sleep 0.2
+  done
+}
+# faults_log_mark / faults_log_since: the members' log lines written since the mark
+faults_log_mark() { local i; for i in 1 2 3; do LOGOFF[$i]=$(stat -c %s "$SCRATCH/rf3/n$i.log" 2>/dev/null || echo 0); done; }
+faults_log_since() {
+  local i
+  for i in 1 2 3; do
+    tail -c +$((LOGOFF[i] + 1)) "$SCRATCH/rf3/n$i.log" 2>/dev/null | sed "s|^|n$i.log:|"
+  done
+}
+LOGOFF=()
+
+if [ "${SKIP_RESYNC:-0}" = 1 ]; then
+  FAULTS="resync/failover: skipped (SKIP_RESYNC=1)"
+else
+  faults_log_mark
+  A1=${HTTPA[0]}; A2=${HTTPA[1]}; A3=${HTTPA[2]}
+  # ---- resync: node 3 away during random writes -----------------------------------
+  s=$(live_states "$A1")
+  [ "$s" = active/active/active ] || log "resync: copies are $s before node 3 is killed"
+  base_resynced=$(vfield "$A1" 'c(3)["resynced_bytes"]')
+  # one FLUSH first: a failed copy's bitmap also takes every region written since its
+  # last flush (the prefill and the rows above send none: that would be all 1 GiB)
+  flushed=no
+  if [ -n "$PYNBD" ]; then
+    "$PYNBD" -c 'import nbd, sys; h = nbd.NBD(); h.connect_uri(sys.argv[1]); h.flush(); h.shutdown()' "$URI_RF3" \
+      2>>"$SCRATCH/rf3/flush.err" && flushed=yes
+  elif command -v qemu-io >/dev/null; then
+    qemu-io -f raw -c flush "$URI_RF3" >>"$SCRATCH/rf3/flush.err" 2>&1 && flushed=yes
+  fi
+  [ "$flushed" = yes ] || log "resync: could not FLUSH the volume first (python3-libnbd or qemu-io): dirty will include the unflushed regions"
+  log "resync: kill -9 node 3; fio randwrite 4k QD16 over the volume via node 1 for ${RESYNC_LOAD_SECS}s"
+  kill_member 3
+  rc=0
+  timeout $((RESYNC_LOAD_SECS + 120)) fio --name=away --ioengine=nbd --uri="$URI_RF3" --rw=randwrite --bs=4k \
+    --iodepth=16 --size=1G --time_based --runtime="$RESYNC_LOAD_SECS" --randrepeat=0 \
+    --output-format=json --output="$SCRATCH/rf3/resync-load.json" >"$SCRATCH/rf3/resync-load.err" 2>&1 || rc=$?
+  load=$(python3 - "$SCRATCH/rf3/resync-load.json" "$rc" <<'PY'
+import json, sys
+try:
+    raw = open(sys.argv[1]).read(); j = json.loads(raw[raw.index('{'):])["jobs"][0]
+    print("written=%d load_iops=%.0f load_err=%d" % (j["write"]["io_bytes"], j["write"]["iops"], j.get("error", 0) or int(sys.argv[2])))
+except Exception:
+    print("written=0 load_iops=0 load_err=%d" % (int(sys.argv[2]) or 98))
+PY
+)
+  written=$(grep -oE 'written=[0-9]+' <<<"$load" | cut -d= -f2)
+  [[ $load == *load_err=0* ]] || { log "resync: the load fio failed ($load):"; tail -5 "$SCRATCH/rf3/resync-load.err" >&2; FAULT_TROUBLE=1; }
+  # copy 3 stale, its bitmap's bytes steady (two equal readings)
+  dirty= prev=
+  for j in $(seq 150); do
+    d=$(vfield "$A1" '"%s %s" % (c(3)["state"], c(3)["dirty_bytes"])')
+    if [[ $d == stale\ * ]] && [ "${d#stale }" != 0 ] && [ "$d" = "$prev" ]; then dirty=${d#stale }; break; fi
+    prev=$d; sleep 0.2
+  done
+  if [ -z "$dirty" ]; then
+    log "resync: the owner does not show copy 3 stale with dirty bytes (last: '$d')"
+    dirty=${d#* }; FAULT_TROUBLE=1
+  fi
+  log "resync: $load, copy 3: stale, dirty_bytes=$dirty; restarting node 3"
+  t0=$(now)
+  start_member 3
+  t_up=$(now)
+  if wait_active "$A1" 3 "$RESYNC_TIMEOUT"; then
+    t1=$(now)
+    resynced=$(vfield "$A1" 'c(3)["resynced_bytes"]')
+    resynced=$((resynced - ${base_resynced:-0}))
+    RESYNC_OK=1
+  else
+    t1=$(now); resynced=$(vfield "$A1" 'c(3)["resynced_bytes"]'); resynced=$((${resynced:-0} - ${base_resynced:-0}))
+    RESYNC_OK=0; FAULT_TROUBLE=1
+    log "resync: copy 3 not active ${RESYNC_TIMEOUT}s after node 3's restart: $(vfield "$A1" 'c(3)')"
+  fi
+  RESYNC_LINE=$(python3 - "$written" "$dirty" "$resynced" "$t0" "$t_up" "${T_SEEN_RESYNC:-}" "$t1" "$RESYNC_OK" <<'PY'
+import sys
+w, d, r = (int(x or 0) for x in sys.argv[1:4])
+t0, tup, tres, t1 = float(sys.argv[4]), float(sys.argv[5]), sys.argv[6], float(sys.argv[7])
+ok = sys.argv[8] == "1"
+T = t1 - t0
+seen = "%.1f" % (float(tres) - t0) if tres else "NA"
+copy = t1 - float(tres) if tres else None
+rat = lambda a, b: "%.2f" % (a / b) if a and b else "NA"
+print("ok=%d written=%d dirty=%d resynced=%d resync_s=%.1f up_s=%.1f seen_resyncing_s=%s resync_MBps=%.1f copy_MBps=%s amp_written=%s amp_dirty=%s" % (
+    ok, w, d, r, T, tup - t0, seen, r / T / 1e6 if T > 0 else 0,
+    "%.1f" % (r / copy / 1e6) if copy and copy > 0 else "NA", rat(r, w), rat(r, d)))
+PY
+)
+  RESYNC_LINE+=" flushed_first=$flushed"
+  echo "bench=replicated-resync $RESYNC_LINE $load load_secs=$RESYNC_LOAD_SECS" >>"$OUT"
+  log "resync: $RESYNC_LINE"
+  FAULTS=$(python3 - "$RESYNC_LINE" "$RESYNC_LOAD_SECS" "$load" <<'PY'
+import sys
+kv = dict(f.split("=", 1) for f in (sys.argv[1] + " " + sys.argv[3]).split())
+mib = lambda b: "%.1f MiB" % (int(b) / 1048576)
+met = "NA" if kv["amp_dirty"] == "NA" else ("yes" if float(kv["amp_dirty"]) <= 1.25 else "NO")
+print("resync of node 3's copy (away during %s s of fio randwrite 4k QD16 via node 1, %s iops%s):" % (
+    sys.argv[2], kv["load_iops"], "" if kv["load_err"] == "0" else ", FIO ERROR %s" % kv["load_err"]))
+print("  written while away  %12s B  (%s)" % (kv["written"], mib(kv["written"])))
+import math
+n = int(kv["written"]) // 4096
+ideal = 16384 * (1 - math.exp(-n / 16384.0)) * 65536
+print("  dirty (bitmap)      %12s B  (%s, %d regions of 64 KiB; %s distinct random 4k writes would touch ~%.1f MiB;"
+      " flushed before the kill: %s)" % (kv["dirty"], mib(kv["dirty"]), int(kv["dirty"]) // 65536, n, ideal / 1048576, kv["flushed_first"]))
+print("  resynced            %12s B  (%s)" % (kv["resynced"], mib(kv["resynced"])))
+print("  resync time         %s s restart -> active%s (node answered after %s s, copy first seen resyncing after %s s)" % (
+    kv["resync_s"], "" if kv["ok"] == "1" else " - NOT ACTIVE, timed out", kv["up_s"], kv["seen_resyncing_s"]))
+print("  throughput          %s MB/s over restart -> active; %s MB/s from first seen resyncing" % (kv["resync_MBps"], kv["copy_MBps"]))
+print("  amplification       resynced/written %s   resynced/dirty %s  (target <= 1.25: %s)" % (kv["amp_written"], kv["amp_dirty"], met))
+PY
+)
+
+  # ---- failover: the owner dies under a QD1 writer on node 2 ------------------------
+  if [ "$RESYNC_OK" = 1 ] && [ "$(live_states "$A1")" = active/active/active ]; then
+    before=$(owner_of 1 2 3)
+    URI_N2=nbd://${NBDA[1]}/bench
+    fo_secs=$((FAILOVER_KILL_AT + FAILOVER_AFTER))
+    log "failover: fio randwrite 4k QD1 via node 2 ($URI_N2) for ${fo_secs}s; kill -9 node 1 (owner, '$before') at ${FAILOVER_KILL_AT}s"
+    rm -f "$SCRATCH"/rf3/failover_*.log
+    timeout $((fo_secs + 300)) fio --name=failover --ioengine=nbd --uri="$URI_N2" --rw=randwrite --bs=4k \
+      --iodepth=1 --size=1G --time_based --runtime="$fo_secs" --randrepeat=0 \
+      --write_lat_log="$SCRATCH/rf3/failover" --log_avg_msec=0 \
+      --output-format=json --output="$SCRATCH/rf3/failover.json" >"$SCRATCH/rf3/failover.err" 2>&1 &
+    FIO_PID=$!; PIDS+=("$FIO_PID")
+    t_fio=$(now)
+    sleep "$FAILOVER_KILL_AT"
+    t_kill=$(now)
+    kill_member 1
+    # who owns it afterwards, and when the record said so (polled from node 2 and 3)
+    t_owner= after=
+    for j in $(seq $((fo_secs * 5))); do
+      kill -0 "$FIO_PID" 2>/dev/null || break
+      o=$(owner_of 2 3)
+      if [ -n "$o" ] && [ "${o%% *}" != 1 ]; then after=$o; t_owner=$(now); break; fi
+      sleep 0.2
+    done
+    rc=0; wait "$FIO_PID" || rc=$?
+    drop_pid "$FIO_PID"
+    [ -n "$after" ] || after=$(owner_of 2 3)
+    latlog=$(ls "$SCRATCH"/rf3/failover_lat.*.log 2>/dev/null | head -1 || true)
+    FO_LINE=$(python3 - "$SCRATCH/rf3/failover.json" "$rc" "${latlog:-/nonexistent}" "$t_fio" "$t_kill" "${t_owner:-}" "$before" "$after" <<'PY'
+import json, sys
+js, rc, lat = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+t_fio, t_kill = float(sys.argv[4]), float(sys.argv[5])
+t_owner = float(sys.argv[6]) if sys.argv[6] else None
+before, after = sys.argv[7].split() or ["?", "?"], sys.argv[8].split() or ["?", "?"]
+err, ios, maxlat = rc, 0, None
+try:
+    raw = open(js).read(); j = json.loads(raw[raw.index('{'):])["jobs"][0]
+    err = j.get("error", 0) or rc; ios = j["write"]["total_ios"]; maxlat = j["write"]["lat_ns"]["max"] / 1e6
+except Exception:
+    err = err or 98
+ts = []
+try:
+    for ln in open(lat):
+        f = ln.split(",")
+        if len(f) >= 2: ts.append(int(f[0]))
+except OSError:
+    pass
+gap, at, nb, na = None, None, 0, 0
+for k in range(1, len(ts)):
+    g = ts[k] - ts[k - 1]
+    if gap is None or g > gap: gap, at = g, ts[k - 1]
+rb = ra = "NA"
+if at is not None:
+    nb = sum(1 for t in ts if t <= at); na = len(ts) - nb
+    if at > 0: rb = "%.0f" % (nb / (at / 1000.0))
+    if na > 1 and ts[-1] > at + gap: ra = "%.0f" % ((na - 1) / ((ts[-1] - at - gap) / 1000.0))
+kill_ms = (t_kill - t_fio) * 1000
+print("err=%d writes=%d logged=%d max_gap_ms=%s gap_from_ms=%s kill_at_ms=%.0f max_lat_ms=%s writes_before_gap=%d writes_after_gap=%d iops_before_gap=%s iops_after_gap=%s owner_before=%s epoch_before=%s owner_after=%s epoch_after=%s owner_seen_after_kill_s=%s" % (
+    err, ios, len(ts), gap if gap is not None else "NA", at if at is not None else "NA", kill_ms,
+    "%.0f" % maxlat if maxlat is not None else "NA", nb, na, rb, ra, before[0], before[-1], after[0], after[-1],
+    "%.1f" % (t_owner - t_kill) if t_owner else "NA"))
+PY
+)
+    echo "bench=replicated-failover $FO_LINE kill_at_s=$FAILOVER_KILL_AT after_s=$FAILOVER_AFTER" >>"$OUT"
+    log "failover: $FO_LINE"
+    [[ $FO_LINE == err=0\ * ]] || { FAULT_TROUBLE=1; log "failover: fio failed:"; tail -5 "$SCRATCH/rf3/failover.err" >&2; }
+    # node 1 back; its copy resynced by the new owner
+    o=$(owner_of 2 3); o=${o%% *}
+    OA=${HTTPA[$(( ${o:-2} - 1 ))]}
+    d1=$(vfield "$OA" '"%s %s %s" % (c(1)["state"], c(1)["dirty_bytes"], c(1)["resynced_bytes"])')
+    read -r d1_state d1_dirty d1_resynced <<<"${d1:-? 0 0}" || true
+    log "failover: restarting node 1 (owner now node ${o:-?}; node 1's copy there: state/dirty/resynced $d1)"
+    t0=$(now)
+    start_member 1
+    if wait_active "$OA" 1 "$RESYNC_TIMEOUT"; then back=ok; else back="NOT ACTIVE after ${RESYNC_TIMEOUT}s"; FAULT_TROUBLE=1; fi
+    t1=$(now)
+    r1=$(vfield "$OA" 'c(1)["resynced_bytes"]')
+    s=$(live_states "$OA")
+    [ "$s" = active/active/active ] || { FAULT_TROUBLE=1; log "failover: copies at the end: $s"; }
+    REJOIN="node1_state_before=$d1_state node1_dirty=$d1_dirty node1_resynced=$((${r1:-0} - ${d1_resynced:-0})) rejoin_s=$(secs "$t0" "$t1") rejoin=${back// /_} final=$s final_owner=$(owner_of 1 2 3 | tr ' ' /)"
+    echo "bench=replicated-failover-rejoin $REJOIN" >>"$OUT"
+    log "failover: node 1 back: $REJOIN"
+    FAULTS+=$'\n'$(python3 - "$FO_LINE" "$REJOIN" "$FAILOVER_KILL_AT" "$FAILOVER_AFTER" <<'PY'
+import sys
+kv = dict(f.split("=", 1) for f in (sys.argv[1] + " " + sys.argv[2]).split())
+mib = lambda b: "%.1f MiB" % (int(b) / 1048576) if b.isdigit() else b
+print("failover (fio randwrite 4k QD1 via node 2, a non-owner; node 1 = owner killed -9 at %s s, writes went on %s s more):" % (sys.argv[3], sys.argv[4]))
+print("  longest gap between completed writes  %s ms  (from %s ms on fio's clock; the kill %s ms after fio was launched)" % (kv["max_gap_ms"], kv["gap_from_ms"], kv["kill_at_ms"]))
+print("  longest single write latency          %s ms" % kv["max_lat_ms"])
+print("  fio error                             %s  (%s writes; %s before the gap, %s after)" % (
+    kv["err"], kv["writes"], kv["writes_before_gap"], kv["writes_after_gap"]))
+print("  write rate                            %s/s before the gap, %s/s after it (node 1's copy stale meanwhile)" % (
+    kv["iops_before_gap"], kv["iops_after_gap"]))
+print("  owner before -> after                 node %s epoch %s -> node %s epoch %s (record showed it %s s after the kill)" % (
+    kv["owner_before"], kv["epoch_before"], kv["owner_after"], kv["epoch_after"], kv["owner_seen_after_kill_s"]))
+print("  node 1 restarted: its copy (%s, dirty %s) resynced %s in %s s: %s; copies now %s, owner/epoch %s" % (
+    kv["node1_state_before"], mib(kv["node1_dirty"]), mib(kv["node1_resynced"]), kv["rejoin_s"], kv["rejoin"].replace("_", " "), kv["final"], kv["final_owner"]))
+PY
+)
+  else
+    FAULT_TROUBLE=1
+    FAULTS+=$'\n'"failover: not run (copy 3 did not come back active: $(live_states "$A1"))"
+  fi
+  faults_log_since | grep -iE 'warn|error|fail|panick' >"$SCRATCH/rf3/problems-faults.log" || true
+  FAULTS+=$'\n'"members' warn/error log lines during the faults: $(wc -l <"$SCRATCH/rf3/problems-faults.log") (rf3/problems-faults.log)"
+fi
+echo "# rf3 after the faults: $(copy_states)" >>"$OUT"
+SRV_PIDS=("${NPID[1]}" "${NPID[2]}" "${NPID[3]}")
 log "strata RF=3: done; stopping the members"
 for p in "${SRV_PIDS[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
 for p in "${SRV_PIDS[@]}"; do
@@ -550,9 +865,15 @@ echo "$TABLE"
 sed 's/^/# /' <<<"$TABLE" >>"$OUT"
 echo
 echo "kv lines + table: $OUT"
+if [ -n "$FAULTS" ]; then
+  echo
+  echo "$FAULTS"
+  sed 's/^/# /' <<<"$FAULTS" >>"$OUT"
+fi
 if [ -s "$SCRATCH/rf3/problems.log" ]; then
   echo "RF3 members' warn/error log lines (the RF3 runs: $RF3_T0 .. $RF3_T1): $(wc -l <"$SCRATCH/rf3/problems.log") (first 20):"
   head -20 "$SCRATCH/rf3/problems.log"
 fi
-# a failed run, or an RF3 run that ended with a copy not active: exit 1 (the logs stay)
-if grep -q '^FAILED RUNS' <<<"$TABLE" || [ "$RF3_TROUBLE" = 1 ]; then exit 1; fi
+# a failed run, an RF3 run that ended with a copy not active, or a failed fault run:
+# exit 1 (the logs stay)
+if grep -q '^FAILED RUNS' <<<"$TABLE" || [ "$RF3_TROUBLE" = 1 ] || [ "$FAULT_TROUBLE" = 1 ]; then exit 1; fi

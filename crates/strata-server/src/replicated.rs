@@ -15,7 +15,7 @@
 //!    serves anything.
 //! 4. A write's reply means every ACTIVE copy holds it; a FLUSH/FUA reply, that every
 //!    ACTIVE copy synced it. A copy that fails is STALE (recorded by CAS before the
-//!    reply); a STALE copy's bitmap holds a write's regions (durable) *before* the write
+//!    reply); a STALE copy's bitmap holds a write's regions (on file) *before* the write
 //!    is sent anywhere. Below `min_replicas` ACTIVE copies a write fails.
 //! 5. A new owner's copy is the truth: every other ACTIVE copy is compared with it by
 //!    digest, region by region, and differing regions copied (in the background, while
@@ -59,6 +59,9 @@ const OWNER_LEASE: Duration = Duration::from_secs(6);
 const STEWARD_EVERY: Duration = Duration::from_secs(1);
 /// A node that is n-th in line to take an ownerless volume waits n times this.
 const TAKEOVER_STEP: Duration = Duration::from_secs(3);
+/// How long a new owner's view survives its member not yet showing the owner key it
+/// took (the member's applied state lags the leader by a moment).
+const OWNERLESS_GRACE: Duration = Duration::from_secs(5);
 /// A pause in a node's forwarded requests longer than this ends its streak.
 const STREAK_GAP: Duration = Duration::from_secs(5);
 /// Regions compared per step of a digest scan.
@@ -236,6 +239,8 @@ pub struct ReplicatedVolume {
     state: Mutex<Copies>,
     /// Client writes hold it shared; a resync copies a region holding it exclusively.
     resync_lock: RwLock<()>,
+    /// Held while a copy's state is recorded in the volume's record.
+    recording: Mutex<()>,
     /// Regions with a write or trim in flight: overlapping requests take turns, so every
     /// copy applies them in the same order (else copies could end up different).
     in_flight: InFlight,
@@ -315,25 +320,33 @@ impl ReplicatedVolume {
         format!("{}.{}.{}", self.name, self.copies[i].node, self.copies[i].id())
     }
 
-    /// Makes copy `i`'s bitmap durable, with the epoch it was kept at (a later owner
-    /// trusts it only if it follows that epoch directly).
+    /// Saves copy `i`'s bitmap with the epoch and boot it was kept at (a later owner
+    /// trusts it only at the next epoch, in the same boot). The caller holds the state
+    /// lock, so saves follow the changes in order.
+    ///
+    /// Replaced by a rename, not synced: a sync per write that marks a new region made
+    /// writes to a volume with a stale copy crawl (200 a second). The file survives the
+    /// process (kill -9) but maybe not the machine, so it records the kernel's boot id and
+    /// is trusted only within the same boot (`open`); after a reboot the copy is scanned.
     fn save_bitmap(&self, i: usize, dirty: &BTreeSet<u64>) -> Result<(), StoreError> {
-        let mut text = format!("epoch {}\n", self.epoch);
+        let mut text = format!("epoch {} boot {}\n", self.epoch, boot_id());
         text.extend(dirty.iter().map(|r| format!("{r}\n")));
         std::fs::create_dir_all(&self.bitmaps).map_err(|e| io_error("bitmap", e))?;
-        strata_store::store::write_atomically(&self.bitmaps, &self.bitmap_file(i), text.as_bytes())
+        let path = self.bitmaps.join(self.bitmap_file(i));
+        let tmp = self.bitmaps.join(format!("{}.tmp", self.bitmap_file(i)));
+        std::fs::write(&tmp, text.as_bytes())
+            .and_then(|()| std::fs::rename(&tmp, &path))
             .map_err(|e| io_error("bitmap", e))
     }
 
     /// Copy `i` failed during its resync: the regions it took since its last flush may
-    /// be lost with its page cache, so they go back into its bitmap (durable).
+    /// be lost with its page cache, so they go back into its bitmap (on file).
     fn lose_unflushed(&self, i: usize) -> Result<(), StoreError> {
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let lost = std::mem::take(&mut st.unflushed[i]);
         st.dirty[i].extend(lost);
-        let dirty = st.dirty[i].clone();
-        drop(st);
-        self.save_bitmap(i, &dirty)
+        // Saved under the state lock: saves follow the changes in order.
+        self.save_bitmap(i, &st.dirty[i])
     }
 
     /// Records copy `i`'s state in the volume's record, by CAS, only while this node is
@@ -344,6 +357,9 @@ impl ReplicatedVolume {
 
     /// As [`ReplicatedVolume::set_state`], also giving the copy a new component id.
     fn record_copy(&self, i: usize, to: CopyState, new_id: Option<u64>) -> Result<(), String> {
+        // One change of the record at a time: writes failing together on one copy all
+        // want the same mark, and racing CASes made some give up (and fail their write).
+        let _recording = self.recording.lock().unwrap_or_else(|e| e.into_inner());
         let (meta, name, owner) = (self.meta.clone(), self.name.clone(), self.owner);
         let (node, id) = (self.copies[i].node, self.copies[i].id());
         let result = self.runtime.block_on(async move {
@@ -355,6 +371,12 @@ impl ReplicatedVolume {
                 };
                 let mut record: VolumeRecord =
                     serde_json::from_slice(&e.value).map_err(|e| (false, e.to_string()))?;
+                let want = new_id.unwrap_or(id);
+                if record.components.iter().any(|c| {
+                    c.node == node && c.id == want && c.state == to.name() && new_id.is_none()
+                }) {
+                    return Ok(()); // Recorded already (by a write that failed with this one).
+                }
                 for c in &mut record.components {
                     if c.node == node && c.id == id {
                         c.state = to.name().into();
@@ -405,7 +427,7 @@ impl ReplicatedVolume {
 
     /// Runs the request on every ACTIVE or RESYNCING remote copy (on the runtime) while
     /// `local` runs here under its fence. The regions `offset..offset+length` go to every
-    /// STALE copy's bitmap (durable) before anything is sent; a copy that fails is marked
+    /// STALE copy's bitmap (on file) before anything is sent; a copy that fails is marked
     /// STALE before the reply; the request fails if fewer than `min_replicas` copies are
     /// ACTIVE, or if a component has seen a newer owner (then this view is deposed).
     #[allow(clippy::too_many_arguments)]
@@ -505,7 +527,7 @@ impl ReplicatedVolume {
             return Err(io_error("replicate", "this node no longer owns the volume"));
         }
         // A failed copy is STALE from now on in memory, and what it may lack goes to its
-        // bitmap (durable) before anything else: the write's regions and every region
+        // bitmap (on file) before anything else: the write's regions and every region
         // written since its last flush. Even if the mark cannot be recorded, the copy is
         // brought level later, never left silently different.
         {
@@ -686,9 +708,8 @@ impl ReplicatedVolume {
             }
             let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
             st.dirty[i].remove(&region);
-            let dirty = st.dirty[i].clone();
+            self.save_bitmap(i, &st.dirty[i]).map_err(|e| e.to_string())?;
             drop(st);
-            self.save_bitmap(i, &dirty).map_err(|e| e.to_string())?;
             drop(_exclusive);
             pace(&mut pacer);
         }
@@ -1062,9 +1083,11 @@ pub fn open(
         let file = bitmaps.join(format!("{}.{}.{}", record.name, c.node, c.id));
         let kept = std::fs::read_to_string(&file).ok().and_then(|text| {
             let mut lines = text.lines();
-            let epoch = lines.next()?.strip_prefix("epoch ")?.parse::<u64>().ok()?;
+            let (epoch, boot) = lines.next()?.strip_prefix("epoch ")?.split_once(" boot ")?;
+            let epoch = epoch.parse::<u64>().ok()?;
             let regions = lines.map(|l| l.parse::<u64>().ok()).collect::<Option<BTreeSet<_>>>()?;
-            (epoch + 1 == owner.epoch).then_some(regions)
+            // Kept at the epoch just before, in this boot (it is not synced).
+            (epoch + 1 == owner.epoch && boot == boot_id() && boot != "unknown").then_some(regions)
         });
         let _ = std::fs::remove_file(&file);
         if c.node == meta.id() {
@@ -1123,6 +1146,7 @@ pub fn open(
             resynced: vec![0; n],
         }),
         resync_lock: RwLock::new(()),
+        recording: Mutex::new(()),
         in_flight: InFlight::default(),
         meta: meta.clone(),
         owner,
@@ -1222,14 +1246,25 @@ pub async fn attach(meta: &Member, name: &str, to: u64) -> ApiResult<VolumeRecor
 
 /// Takes ownership of `name` here: the owner key, the view, every copy fenced at the new
 /// epoch (invariant 3), then the view serves and its copies are scanned in the background.
-async fn take_over(node: &Arc<Node>, meta: &Arc<Member>, router: &Router) -> ApiResult<u64> {
+///
+/// `fresh`: the volume was just created (its copies are empty, so equal: no scans).
+async fn take_over(
+    node: &Arc<Node>,
+    meta: &Arc<Member>,
+    router: &Router,
+    fresh: bool,
+) -> ApiResult<u64> {
     // One at a time per volume (the steward and a create must not both take it).
     let _taking = router.taking.try_lock().map_err(|_| unavailable("already taking it"))?;
     if router.view().is_some_and(|v| !v.deposed()) {
         return Err(unavailable("this node owns it already"));
     }
     let (owner, record) = take_ownership(meta, &router.name).await?;
-    let view = Arc::new(open(node, meta, &record, owner, |n| rpc_of(meta, n))?);
+    let view = open(node, meta, &record, owner, |n| rpc_of(meta, n))?;
+    if fresh {
+        view.state.lock().unwrap_or_else(|e| e.into_inner()).scan.fill(None);
+    }
+    let view = Arc::new(view);
     if let Err(e) = view.fence_copies().await {
         view.depose(&e);
         return Err(unavailable(e));
@@ -1293,7 +1328,19 @@ async fn consider_move(
     router: &Router,
     p: MovePolicy,
 ) {
-    if p.after.is_zero() || view.taken_at.elapsed() < p.hold || v.moving.is_some() {
+    if let Some(m) = v.moving {
+        // A move no node can carry out (its copy is not active, or it is down) would take
+        // effect whenever that changes: withdraw it.
+        let able = v.record.components.iter().any(|c| c.node == m.node && c.state == "active");
+        if !able || !v.up.contains(&m.node) {
+            let key = format!("/volumes/{}/attach", v.record.name);
+            let _ = write(meta, vec![], vec![Op::Delete { key }]).await;
+            let name = &v.record.name;
+            tracing::warn!(volume = %name, to = m.node, "withdrew a move that node cannot make");
+        }
+        return;
+    }
+    if p.after.is_zero() || view.taken_at.elapsed() < p.hold {
         return;
     }
     let local = *router.last_local.lock().unwrap_or_else(|e| e.into_inner());
@@ -1329,8 +1376,14 @@ pub async fn steward(node: Arc<Node>, meta: Arc<Member>, moves: MovePolicy) {
                 ownerless.remove(&name);
             }
             if let Some(view) = router.view() {
-                if v.owner != Some(view.owner) {
-                    view.depose("the owner key names another owner, or none");
+                // This member's applied state may lag the CAS that made this view: only a
+                // newer owner, or no owner well after the take, deposes it.
+                let superseded = match v.owner {
+                    Some(o) => o.epoch > view.owner.epoch,
+                    None => view.taken_at.elapsed() > OWNERLESS_GRACE,
+                };
+                if superseded {
+                    view.depose("the owner key names a newer owner, or none");
                 }
                 if !view.deposed() {
                     consider_move(&meta, &v, &view, &router, moves).await;
@@ -1362,7 +1415,7 @@ pub async fn steward(node: Arc<Node>, meta: Arc<Member>, moves: MovePolicy) {
                 }
             };
             if go && router.taking.try_lock().is_ok() {
-                match take_over(&node, &meta, &router).await {
+                match take_over(&node, &meta, &router, false).await {
                     Ok(epoch) => tracing::info!(volume = %name, epoch, "took ownership"),
                     Err(e) => {
                         tracing::warn!(volume = %name, "cannot take ownership: {}", e.message)
@@ -1623,6 +1676,16 @@ impl BlockVolume for Router {
     }
 }
 
+/// This kernel boot's id ("unknown" where there is none).
+fn boot_id() -> &'static str {
+    static BOOT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    BOOT.get_or_init(|| {
+        std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+            .map(|s| s.trim().to_owned())
+            .unwrap_or_else(|_| "unknown".into())
+    })
+}
+
 /// The RPC address of `node` from its record (this member's applied state).
 pub fn rpc_of(meta: &Member, node: u64) -> Option<String> {
     meta.read_local(|s| {
@@ -1733,7 +1796,18 @@ pub async fn create(
         None => match registry.publish(&record).await {
             Ok(()) => {
                 let router = node.router(name, || Arc::new(Router::new(meta.clone(), &record)));
-                take_over(node, meta, &router).await.map(|epoch| record.epoch = epoch)
+                match take_over(node, meta, &router, true).await {
+                    Ok(epoch) => {
+                        record.epoch = epoch;
+                        Ok(())
+                    }
+                    // Another node with a copy took the published volume meanwhile: it
+                    // exists, and must not be undone.
+                    Err(e) => match get(meta, &format!("/volumes/{name}/owner")).await {
+                        Ok(Some(_)) => Ok(()),
+                        _ => Err(e),
+                    },
+                }
             }
             Err(e) => Err(e),
         },

@@ -167,15 +167,26 @@ enum Op {
 /// Per block, its operations in order (one worker per block, one request at a time).
 type History = Arc<Mutex<Vec<Vec<(Op, u128, u128)>>>>;
 
-fn worker(
-    w: u64,
+/// Reads of other workers' blocks, through whatever node the reader uses: (block, write
+/// id seen, start, end) — these catch a node serving a block older than an acknowledged
+/// write made through another node.
+type CrossReads = Arc<Mutex<Vec<(u64, u64, u128, u128)>>>;
+
+/// What the workers share: where to connect, when to stop, what they record.
+#[derive(Clone)]
+struct Shared {
     addrs: Vec<String>,
     stop: Arc<AtomicBool>,
     history: History,
+    cross: CrossReads,
     errors: Arc<Mutex<Vec<String>>>,
-) {
+    /// Times are µs since this.
+    epoch: Instant,
+}
+
+fn worker(w: u64, shared: Shared) {
+    let Shared { addrs, stop, history, cross, errors, epoch } = shared;
     let mine: Vec<u64> = (0..BLOCKS).filter(|b| b % WORKERS == w).collect();
-    let epoch = Instant::now();
     let mut rng = 0x9E37_79B9_7F4A_7C15u64 ^ (w + 1);
     let mut next = || {
         rng ^= rng << 13;
@@ -211,8 +222,16 @@ fn worker(
             let result = c.call(3, 0, &[], 0); // FLUSH
             (None, result.is_err())
         } else {
-            match c.call(0, offset, &[], 4096) {
+            // Half the reads are of another worker's block.
+            let theirs = next() % 2 == 0;
+            let b = if theirs { next() % BLOCKS } else { b };
+            match c.call(0, b * STRIDE, &[], 4096) {
                 Ok(Some(data)) => match decode(b, &data) {
+                    Ok(saw) if theirs => {
+                        let end = epoch.elapsed().as_micros();
+                        cross.lock().unwrap().push((b, saw, start, end));
+                        (None, false)
+                    }
                     Ok(saw) => (Some(Op::Read { saw }), false),
                     Err(e) => {
                         errors.lock().unwrap().push(e);
@@ -325,6 +344,43 @@ impl Drop for Firewall {
     }
 }
 
+/// A read of block `b` over `[start, end]` by another worker may return: a write that
+/// started before the read ended, and is not older than the last write acknowledged
+/// before the read started (a write of unknown outcome may land any time after it was
+/// sent, so it is never "older"); or nothing written, if no write was acknowledged
+/// before the read started.
+fn check_cross(
+    history: &[Vec<(Op, u128, u128)>],
+    read: (u64, u64, u128, u128),
+) -> Result<(), String> {
+    let (b, saw, start, end) = read;
+    let writes: Vec<(u64, Outcome, u128, u128)> = history[b as usize]
+        .iter()
+        .filter_map(|(op, s, e)| match op {
+            Op::Write { id, outcome } => Some((*id, *outcome, *s, *e)),
+            Op::Read { .. } => None,
+        })
+        .collect();
+    let settled = writes.iter().rposition(|w| w.1 == Outcome::Done && w.3 < start);
+    let fine = if saw == 0 {
+        settled.is_none()
+    } else {
+        match writes.iter().position(|w| w.0 == saw) {
+            None => false,
+            Some(k) => {
+                writes[k].2 < end && settled.is_none_or(|s| k >= s || writes[k].1 == Outcome::Maybe)
+            }
+        }
+    };
+    if fine {
+        return Ok(());
+    }
+    Err(format!(
+        "block {b}: a read over [{start}, {end}] µs through another node returned write \
+         {saw:#x}; the block's writes (id, outcome, start, end): {writes:x?}"
+    ))
+}
+
 fn rounds() -> usize {
     std::env::var("STRATA_FAULT_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(1)
 }
@@ -350,16 +406,21 @@ fn a_verifying_workload_survives_kills_pauses_restarts_and_an_emptied_disk() {
     });
     std::thread::sleep(Duration::from_secs(2)); // The stewards export it.
 
-    let addrs: Vec<String> = members.iter().map(|m| m.node().nbd.clone()).collect();
-    let stop = Arc::new(AtomicBool::new(false));
-    let history: History = Arc::new(Mutex::new(vec![Vec::new(); BLOCKS as usize]));
-    let errors = Arc::new(Mutex::new(Vec::new()));
+    let shared = Shared {
+        addrs: members.iter().map(|m| m.node().nbd.clone()).collect(),
+        stop: Arc::new(AtomicBool::new(false)),
+        history: Arc::new(Mutex::new(vec![Vec::new(); BLOCKS as usize])),
+        cross: Arc::default(),
+        errors: Arc::default(),
+        epoch: Instant::now(),
+    };
     let workers: Vec<_> = (0..WORKERS)
         .map(|w| {
-            let (a, s, h, e) = (addrs.clone(), stop.clone(), history.clone(), errors.clone());
-            std::thread::spawn(move || worker(w, a, s, h, e))
+            let shared = shared.clone();
+            std::thread::spawn(move || worker(w, shared))
         })
         .collect();
+    let Shared { stop, history, cross, errors, .. } = shared;
 
     let firewall = Firewall::new();
     if firewall.is_none() {
@@ -431,6 +492,15 @@ fn a_verifying_workload_survives_kills_pauses_restarts_and_an_emptied_disk() {
         let saw = decode(b as u64, &data).unwrap();
         ops.push((Op::Read { saw }, u128::MAX, u128::MAX));
     }
+    let cross = cross.lock().unwrap().clone();
+    for read in &cross {
+        if let Err(e) = check_cross(&history, *read) {
+            for m in members.iter().filter(|m| m.node.is_some()) {
+                eprintln!("---- node {} ----\n{}", m.id, m.node().log_tail(60));
+            }
+            panic!("{e}");
+        }
+    }
     let (mut writes, mut done, mut reads) = (0, 0, 0);
     for (b, ops) in history.iter().enumerate() {
         if let Err(e) = check_block(b, ops) {
@@ -449,6 +519,10 @@ fn a_verifying_workload_survives_kills_pauses_restarts_and_an_emptied_disk() {
             }
         }
     }
-    eprintln!("{writes} writes ({done} acknowledged), {reads} reads checked");
+    eprintln!(
+        "{writes} writes ({done} acknowledged), {reads} reads and {} reads of other workers' \
+         blocks checked",
+        cross.len()
+    );
     assert!(done > 200, "too few acknowledged writes ({done}) to mean anything");
 }
