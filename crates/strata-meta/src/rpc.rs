@@ -21,7 +21,9 @@
 
 use crate::raft::{NodeId, TypeConfig};
 use crate::service::{ClientReply, ClientRequest, Member, ServiceError};
-use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError};
+use openraft::error::{
+    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
@@ -475,10 +477,21 @@ type RpcResult<T, E = openraft::error::Infallible> =
     Result<T, RPCError<NodeId, BasicNode, RaftError<NodeId, E>>>;
 
 impl TcpConnection {
-    async fn call(&mut self, request: Request, option: &RPCOption) -> Result<Reply, NetworkError> {
+    /// A call; a peer that cannot be reached at all is `Unreachable`, which makes openraft
+    /// back off (`backoff`) instead of retrying thousands of times a second while a node
+    /// is down (each retry a connect, and an error line).
+    async fn call<E: std::error::Error>(
+        &mut self,
+        request: Request,
+        option: &RPCOption,
+    ) -> Result<Reply, RPCError<NodeId, BasicNode, RaftError<NodeId, E>>> {
         match tokio::time::timeout(option.hard_ttl(), self.peer.call(&request)).await {
-            Ok(r) => r.map_err(|e| NetworkError::new(&e)),
-            Err(_) => Err(NetworkError::new(&CallError::Lost(self.peer.addr.clone()))),
+            Ok(Ok(reply)) => Ok(reply),
+            Ok(Err(e @ CallError::NotSent(_))) => Err(RPCError::Unreachable(Unreachable::new(&e))),
+            Ok(Err(e)) => Err(RPCError::Network(NetworkError::new(&e))),
+            Err(_) => {
+                Err(RPCError::Network(NetworkError::new(&CallError::Lost(self.peer.addr.clone()))))
+            }
         }
     }
 
@@ -495,6 +508,10 @@ fn unexpected() -> NetworkError {
 }
 
 impl RaftNetwork<TypeConfig> for TcpConnection {
+    fn backoff(&self) -> openraft::network::Backoff {
+        openraft::network::Backoff::new(std::iter::repeat(std::time::Duration::from_millis(200)))
+    }
+
     async fn append_entries(
         &mut self,
         rpc: AppendEntriesRequest<TypeConfig>,
