@@ -32,7 +32,9 @@ Examples:
   strata volume rollback vm1@before-upgrade
   strata fsck --data-dir ./strata-data        # offline check (stop the node first)
   strata serve --config n1.toml               # a cluster member (see strata serve --help)
-  strata cluster status                       # leader, term, nodes, incarnations";
+  strata cluster status                       # leader, term, nodes, incarnations
+  strata volume create db1 --size 50G --replicas 3   # a copy on each of 3 nodes
+  strata volume attach db1 --node 2           # node 2 orders db1's I/O from now on";
 
 const SERVE_HELP: &str = "\
 The config file (TOML):
