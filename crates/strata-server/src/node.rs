@@ -481,8 +481,13 @@ impl Node {
     /// The owner view of the replicated volume whose component here is `id`, if this node
     /// owns that volume.
     pub fn owned_by_component(&self, id: u64) -> Option<Arc<crate::replicated::ReplicatedVolume>> {
+        self.owned().into_iter().find(|v| v.local_id() == id)
+    }
+
+    /// The owner views of the replicated volumes this node owns.
+    pub fn owned(&self) -> Vec<Arc<crate::replicated::ReplicatedVolume>> {
         let routers: Vec<_> = self.lock().replicated.values().map(|(r, _, _)| r.clone()).collect();
-        routers.into_iter().filter_map(|r| r.view()).find(|v| v.local_id() == id)
+        routers.into_iter().filter_map(|r| r.view()).collect()
     }
 
     /// The node's resync scheduler.

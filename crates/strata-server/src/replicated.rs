@@ -1356,6 +1356,42 @@ async fn consider_move(
     }
 }
 
+/// At a clean stop: each volume this node owns is moved to another node with an active
+/// copy that is up (as `attach` would), waiting up to `patience` in all, so clients of
+/// the other nodes wait a moment instead of a session timeout.
+pub async fn hand_over(node: &Node, meta: &Member, patience: Duration) {
+    let deadline = Instant::now() + patience;
+    for view in node.owned().into_iter().filter(|v| v.serving()) {
+        let Some(v) = seen(meta).into_iter().find(|s| s.record.name == view.name) else {
+            continue;
+        };
+        let next = v
+            .record
+            .components
+            .iter()
+            .find(|c| c.node != meta.id() && c.state == "active" && v.up.contains(&c.node));
+        let Some(to) = next.map(|c| c.node) else { continue };
+        let key = format!("/volumes/{}/attach", view.name);
+        let value = serde_json::to_vec(&Move { node: to }).expect("serializes");
+        if write(meta, vec![], vec![Op::Put { key, value, lease: None }]).await.is_err() {
+            continue;
+        }
+        let owner_key = format!("/volumes/{}/owner", view.name);
+        while Instant::now() < deadline {
+            let moved = meta.read_local(|s| {
+                s.get(&owner_key)
+                    .and_then(|e| serde_json::from_slice::<Owner>(&e.value).ok())
+                    .is_some_and(|o| o.node == to)
+            });
+            if moved {
+                tracing::info!(volume = %view.name, to, "handed over at stop");
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
 /// Each node's steward of the replicated volumes, until the process ends: it exports
 /// every one (a router), notices when this node's view is no longer the owner's, and
 /// takes ownership of a volume that has no owner (the last owner first, then the other

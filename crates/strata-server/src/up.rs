@@ -260,6 +260,8 @@ async fn serve(config: Config, one_node: bool) -> anyhow::Result<()> {
         Ok(Err(e)) => tracing::warn!("HTTP task failed: {e}"),
         Err(_) => tracing::warn!("HTTP clients did not finish within {SHUTDOWN_GRACE:?}"),
     }
+    // Replicated volumes this node owns go to another node before it leaves.
+    crate::replicated::hand_over(&node, &member, Duration::from_secs(10)).await;
     member.shutdown().await;
     let synced = tokio::task::spawn_blocking(move || node.sync_all()).await?;
     synced.context("sync volumes at shutdown")?;

@@ -645,6 +645,21 @@ fn a_replicated_volume_survives_a_copy_away_and_resyncs_it() {
     }
     assert_eq!(owner(&members), (user, moved), "it stays where its clients are");
     wait_level(&members, &key);
+
+    // A clean stop of the owner hands the volume over before it exits (no session
+    // timeout for the other nodes' clients).
+    let (o, epoch) = owner(&members);
+    let stopping = Instant::now();
+    let (status, _) = members[o].node.take().unwrap().stop();
+    assert!(status.success());
+    wait_logged(&members, 10, "r1 handed over at the owner's stop", || {
+        let (now, later) = owner(&members);
+        now != o && later > epoch
+    });
+    let took = stopping.elapsed();
+    assert!(took < Duration::from_secs(8), "handed over {took:?} after the stop began");
+    members[o].start();
+    wait_level(&members, &key);
 }
 
 /// The volume r1's owner (an index into `members`) and epoch, as the first running
