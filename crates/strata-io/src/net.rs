@@ -1,4 +1,5 @@
-//! Outgoing inter-node connections, from this node's own address.
+//! Inter-node connections: outgoing ones from this node's own address, and the writer
+//! task every connection's frames go out through.
 //!
 //! A node whose RPC address is a loopback address other than 127.0.0.1 (several nodes on
 //! one machine, each on its own 127.0.0.x) connects to its peers from that address, so
@@ -7,7 +8,10 @@
 
 use std::net::IpAddr;
 use std::sync::OnceLock;
+use tokio::io::AsyncWriteExt;
+use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::{TcpSocket, TcpStream};
+use tokio::sync::mpsc;
 
 static SOURCE: OnceLock<IpAddr> = OnceLock::new();
 
@@ -33,4 +37,22 @@ pub async fn connect(addr: &str) -> std::io::Result<TcpStream> {
         }
     }
     Err(last.unwrap_or_else(|| std::io::Error::other(format!("{addr}: no address"))))
+}
+
+/// Spawns the task that writes each frame queued on the returned sender, whole and in
+/// order (so a sender that stops waiting never leaves half a frame on the wire); on a
+/// write error it runs `on_error` and stops.
+pub fn frame_writer(
+    mut writer: OwnedWriteHalf,
+    on_error: impl FnOnce() + Send + 'static,
+) -> mpsc::UnboundedSender<Vec<u8>> {
+    let (frames, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
+    tokio::spawn(async move {
+        while let Some(frame) = rx.recv().await {
+            if writer.write_all(&frame).await.is_err() {
+                return on_error();
+            }
+        }
+    });
+    frames
 }

@@ -624,20 +624,22 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
 
 /// Opens (creating) the redb database at `path` and both stores over it.
 pub fn open(path: &std::path::Path) -> Result<(LogStore, StateMachineStore)> {
-    let db = Arc::new(Database::create(path).map_err(write_err)?);
-    let snapshot = path.with_extension("snapshot");
-    let log = LogStore::new(db)?;
-    log.forget_committed_vote()?;
-    Ok((log, StateMachineStore::new(snapshot)?))
+    open_with(path, LogStore::new)
 }
 
 /// As [`open`], with the log written inline (see [`LogStore::new_inline`]).
 pub fn open_inline(path: &std::path::Path) -> Result<(LogStore, StateMachineStore)> {
+    open_with(path, LogStore::new_inline)
+}
+
+fn open_with(
+    path: &std::path::Path,
+    log: fn(Arc<Database>) -> Result<LogStore>,
+) -> Result<(LogStore, StateMachineStore)> {
     let db = Arc::new(Database::create(path).map_err(write_err)?);
-    let snapshot = path.with_extension("snapshot");
-    let log = LogStore::new_inline(db)?;
+    let log = log(db)?;
     log.forget_committed_vote()?;
-    Ok((log, StateMachineStore::new(snapshot)?))
+    Ok((log, StateMachineStore::new(path.with_extension("snapshot"))?))
 }
 
 impl LogStore {

@@ -35,7 +35,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 
@@ -216,15 +216,8 @@ pub async fn serve(listener: TcpListener, member: Arc<Member>) {
 
 async fn serve_connection(stream: TcpStream, peer: std::net::SocketAddr, member: Arc<Member>) {
     let key = member.key().clone();
-    let (mut reader, mut writer) = stream.into_split();
-    let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
-    tokio::spawn(async move {
-        while let Some(frame) = rx.recv().await {
-            if writer.write_all(&frame).await.is_err() {
-                return;
-            }
-        }
-    });
+    let (mut reader, writer) = stream.into_split();
+    let tx = strata_io::net::frame_writer(writer, || ());
     loop {
         let Envelope { id, body } = match read_frame::<Envelope<Request>>(&mut reader, &key).await {
             Ok(r) => r,
@@ -353,22 +346,19 @@ impl Peer {
             Err(_) => return Err(CallError::NotSent(format!("{}: connect timed out", self.addr))),
         };
         let _ = stream.set_nodelay(true);
-        let (mut reader, mut writer) = stream.into_split();
-        let (frames, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
-        let conn = Arc::new(Conn {
-            frames,
-            pending: Mutex::new(Some(HashMap::new())),
-            next: AtomicU64::new(1),
-            refused: Mutex::new(None),
-            reader: Mutex::new(None),
-        });
-        let w = conn.clone();
-        tokio::spawn(async move {
-            while let Some(frame) = rx.recv().await {
-                if writer.write_all(&frame).await.is_err() {
-                    w.kill(None);
-                    return;
-                }
+        let (mut reader, writer) = stream.into_split();
+        let conn = Arc::new_cyclic(|me: &std::sync::Weak<Conn>| {
+            let me = me.clone();
+            Conn {
+                frames: strata_io::net::frame_writer(writer, move || {
+                    if let Some(conn) = me.upgrade() {
+                        conn.kill(None);
+                    }
+                }),
+                pending: Mutex::new(Some(HashMap::new())),
+                next: AtomicU64::new(1),
+                refused: Mutex::new(None),
+                reader: Mutex::new(None),
             }
         });
         let r = conn.clone();

@@ -21,9 +21,7 @@ use strata_io::{BlockVolume, StoreError};
 use strata_replica::frame::{
     encode, read_frame, DataKey, Header, Kind, Status, DIGEST_UNIT, FLAG_FUA, FLAG_VOLUME,
 };
-use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
 
 /// The largest read served in one request.
 const READ_BYTES_MAX: u32 = 8 << 20;
@@ -210,15 +208,8 @@ impl DataService {
     }
 
     async fn serve(self: Arc<Self>, stream: TcpStream, peer: std::net::SocketAddr) {
-        let (mut reader, mut writer) = stream.into_split();
-        let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
-        tokio::spawn(async move {
-            while let Some(frame) = rx.recv().await {
-                if writer.write_all(&frame).await.is_err() {
-                    return;
-                }
-            }
-        });
+        let (mut reader, writer) = stream.into_split();
+        let tx = strata_io::net::frame_writer(writer, || ());
         loop {
             let (h, payload) = match read_frame(&mut reader, &self.key).await {
                 Ok(f) => f,
