@@ -17,6 +17,7 @@
 #   free_ports N                N distinct free loopback TCP ports, one per line
 #   start_strata DATA_DIR LOG   starts `strata up`; sets PID_STRATA API NBD_URI_BASE;
 #                               waits until NBD and HTTP answer
+#   wait_up PID API LOG NAME    waits (30 s) until the process's HTTP API answers
 #   stop_strata [SECS]          SIGTERM, waits (120 s, then SIGKILL) for the exit;
 #                               fails unless it exits 0
 #   scli ARGS...                strata --api $API ARGS...
@@ -120,7 +121,7 @@ wait_nbd() {
 }
 
 start_strata() { # DATA_DIR LOG
-  local ports i
+  local ports
   mapfile -t ports < <(free_ports 3)
   STRATA_LOG=$2
   "$STRATA" up --data-dir "$1" --nbd "127.0.0.1:${ports[0]}" --http "127.0.0.1:${ports[1]}" \
@@ -128,12 +129,17 @@ start_strata() { # DATA_DIR LOG
   PID_STRATA=$!; PIDS+=("$PID_STRATA")
   API=http://127.0.0.1:${ports[1]}
   NBD_URI_BASE=nbd://127.0.0.1:${ports[0]}
+  wait_up "$PID_STRATA" "$API" "$STRATA_LOG" strata
+}
+
+wait_up() { # PID API LOG NAME: wait (30 s) until the process's API answers; exit 3 if not
+  local i
   for i in $(seq 300); do
-    kill -0 "$PID_STRATA" 2>/dev/null || { log "strata exited during startup; its log ($STRATA_LOG):"; tail -20 "$STRATA_LOG" >&2; exit 3; }
-    curl -fsS "$API/v1/node" >/dev/null 2>&1 && return 0
+    kill -0 "$1" 2>/dev/null || { log "$4 exited during startup; its log ($3):"; tail -20 "$3" >&2; exit 3; }
+    curl -fsS "$2/v1/node" >/dev/null 2>&1 && return 0
     sleep 0.1
   done
-  log "strata did not come up in 30 s:"; tail -20 "$STRATA_LOG" >&2; exit 3
+  log "$4 did not come up in 30 s; its log ($3):"; tail -20 "$3" >&2; exit 3
 }
 
 stop_strata() { # [TIMEOUT_S, default 120]

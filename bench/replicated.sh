@@ -333,13 +333,7 @@ node_logs_tail() { # N lines of every member's log
 start_member() { # i
   "$STRATA" serve --config "$SCRATCH/rf3/n$1.toml" >>"$SCRATCH/rf3/n$1.log" 2>&1 &
   NPID[$1]=$!; PIDS+=("$!")
-  local j
-  for j in $(seq 300); do
-    kill -0 "${NPID[$1]}" 2>/dev/null || { log "member $1 exited during startup:"; tail -20 "$SCRATCH/rf3/n$1.log" >&2; exit 3; }
-    curl -fsS "http://${HTTPA[$(($1 - 1))]}/v1/node" >/dev/null 2>&1 && return 0
-    sleep 0.1
-  done
-  log "member $1 did not come up in 30 s; its log:"; tail -20 "$SCRATCH/rf3/n$1.log" >&2; exit 3
+  wait_up "${NPID[$1]}" "http://${HTTPA[$(($1 - 1))]}" "$SCRATCH/rf3/n$1.log" "member $1"
 }
 API=http://${HTTPA[0]}
 log "strata RF=3: starting 3 members ($STRATA)"
