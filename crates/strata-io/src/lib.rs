@@ -18,6 +18,7 @@ pub mod sim;
 
 pub use group_sync::{GroupSync, SyncCallback, SyncError};
 
+use bytes::Bytes;
 use std::sync::Arc;
 
 /// A volume's id inside one store. Names live in the catalog; the store never sees them,
@@ -186,6 +187,83 @@ pub trait BlockVolume: Send + Sync + 'static {
 
     /// Changes the size. Shrinking discards the data past the new end.
     fn resize(&self, size_bytes: u64) -> Result<(), StoreError>;
+
+    /// True for a volume whose I/O waits on other nodes (a replicated volume): a front end
+    /// runs its requests as [`BlockVolume::submit`]'s futures on its own async runtime
+    /// rather than as blocking calls, each on a thread of its own. False by default.
+    fn asynchronous(&self) -> bool {
+        false
+    }
+
+    /// One request as a future (same contract as the blocking method it names); a read's
+    /// future yields the data, the others' an empty buffer. The default runs the blocking
+    /// method on the runtime's blocking pool.
+    fn submit(self: Arc<Self>, op: IoOp) -> IoFuture {
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || op.run_blocking(&*self))
+                .await
+                .unwrap_or_else(|e| Err(StoreError::io("submit")(std::io::Error::other(e))))
+        })
+    }
+}
+
+/// A request's future (see [`BlockVolume::submit`]).
+pub type IoFuture =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<Bytes, StoreError>> + Send>>;
+
+/// One request to a volume, owning its data (see [`BlockVolume::submit`]).
+#[derive(Clone, Debug)]
+pub enum IoOp {
+    /// `read_at` of `length` bytes.
+    Read {
+        /// Where.
+        offset: u64,
+        /// How many bytes.
+        length: usize,
+    },
+    /// `write_at`.
+    Write {
+        /// Where.
+        offset: u64,
+        /// The bytes.
+        data: Bytes,
+    },
+    /// `trim`.
+    Trim {
+        /// Where.
+        offset: u64,
+        /// How many bytes.
+        length: u64,
+    },
+    /// `write_zeroes`.
+    Zero {
+        /// Where.
+        offset: u64,
+        /// How many bytes.
+        length: u64,
+        /// Whether it may become a hole.
+        mode: ZeroMode,
+    },
+    /// `sync`.
+    Flush,
+}
+
+impl IoOp {
+    /// Runs the request through `volume`'s blocking methods.
+    pub fn run_blocking<V: BlockVolume + ?Sized>(self, volume: &V) -> Result<Bytes, StoreError> {
+        match self {
+            IoOp::Read { offset, length } => {
+                let mut buf = vec![0u8; length];
+                volume.read_at(&mut buf, offset).map(|()| Bytes::from(buf))
+            }
+            IoOp::Write { offset, data } => volume.write_at(&data, offset).map(|()| Bytes::new()),
+            IoOp::Trim { offset, length } => volume.trim(offset, length).map(|()| Bytes::new()),
+            IoOp::Zero { offset, length, mode } => {
+                volume.write_zeroes(offset, length, mode).map(|()| Bytes::new())
+            }
+            IoOp::Flush => volume.sync().map(|()| Bytes::new()),
+        }
+    }
 }
 
 /// The set of volumes one node stores, by id.

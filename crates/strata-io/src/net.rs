@@ -15,6 +15,12 @@ use tokio::sync::mpsc;
 
 static SOURCE: OnceLock<IpAddr> = OnceLock::new();
 
+/// A frame writer joins queued frames into one write up to about this many bytes.
+const BATCH_BYTES: usize = 256 << 10;
+
+/// Bytes a connection's reader buffers (one read takes many small frames).
+pub const READ_BUFFER_BYTES: usize = 256 << 10;
+
 /// Sets the address outgoing inter-node connections come from (once per process), if it
 /// is a loopback address other than 127.0.0.1; returns whether it was set.
 pub fn set_source_address(ip: IpAddr) -> bool {
@@ -48,8 +54,16 @@ pub fn frame_writer(
 ) -> mpsc::UnboundedSender<Vec<u8>> {
     let (frames, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
     tokio::spawn(async move {
-        while let Some(frame) = rx.recv().await {
-            if writer.write_all(&frame).await.is_err() {
+        while let Some(mut batch) = rx.recv().await {
+            // Frames queued meanwhile go out in the same write (one syscall for many
+            // replies under load).
+            while batch.len() < BATCH_BYTES {
+                match rx.try_recv() {
+                    Ok(frame) => batch.extend_from_slice(&frame),
+                    Err(_) => break,
+                }
+            }
+            if writer.write_all(&batch).await.is_err() {
                 return on_error();
             }
         }

@@ -15,7 +15,7 @@ use std::any::Any;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
-use strata_io::{BlockVolume, GroupSync, StoreError, ZeroMode};
+use strata_io::{BlockVolume, GroupSync, IoOp, StoreError, ZeroMode};
 use strata_types::limits::{
     BLOCK_SIZE_BYTES, NBD_BLOCK_STATUS_EXTENTS_MAX, NBD_CONNECTIONS_MAX, NBD_IN_FLIGHT_BYTES_MAX,
     NBD_OPTIONS_PER_HANDSHAKE_MAX, NBD_OPTION_BYTES_MAX, NBD_PAYLOAD_BYTES_MAX,
@@ -428,6 +428,8 @@ impl InFlight {
 /// requests off the connection task.
 struct Shared {
     volume: Arc<dyn BlockVolume>,
+    /// The volume's requests run as futures on this runtime (`BlockVolume::asynchronous`).
+    asynchronous: bool,
     group_sync: GroupSync,
     name: String,
     structured: bool,
@@ -601,7 +603,9 @@ async fn transmission(
     let Session { export, structured, block_status, size } = session;
     let Export { name, volume, group_sync, read_only, mut closed, attachment, .. } = export;
     let (tx, mut rx) = mpsc::channel(NBD_REQUESTS_IN_FLIGHT_MAX);
-    let shared = Arc::new(Shared { volume, group_sync, name, structured, tx, buffers });
+    let asynchronous = volume.asynchronous();
+    let shared =
+        Arc::new(Shared { volume, asynchronous, group_sync, name, structured, tx, buffers });
     let ctx = Ctx { shared, read_only, block_status, size };
     let mut output =
         Output { replies: BytesMut::with_capacity(INPUT_ROOM_BYTES), chunks: Vec::new() };
@@ -828,6 +832,23 @@ impl Ctx {
             codec::put_chunk_header(out, reply::FLAG_DONE, reply::NONE, req.cookie, 0);
             return false;
         }
+        if sh.asynchronous {
+            let (sh, volume) = (sh.clone(), sh.volume.clone());
+            let op = IoOp::Read { offset: req.offset, length: req.length as usize };
+            tokio::spawn(async move {
+                let read = volume.submit(op).await;
+                let mut out = BytesMut::with_capacity(32 + req.length as usize);
+                match read {
+                    Ok(data) => {
+                        put_read_header(&mut out, sh.structured, &req);
+                        out.extend_from_slice(&data);
+                    }
+                    Err(e) => sh.put_store_error(&mut out, &req, &e),
+                }
+                sh.finish(&req, out);
+            });
+            return true;
+        }
         if req.length >= BIG_READ_BYTES {
             let mut head = BytesMut::with_capacity(28);
             let data_start = put_read_header(&mut head, sh.structured, &req);
@@ -891,6 +912,14 @@ impl Ctx {
             self.error(out, &req, errno::ENOSPC, "write past the end of the export");
             return false;
         }
+        if sh.asynchronous {
+            let (sh, volume) = (sh.clone(), sh.volume.clone());
+            tokio::spawn(async move {
+                let written = volume.submit(IoOp::Write { offset: req.offset, data }).await;
+                sh.write_done(req, written.map(drop));
+            });
+            return true;
+        }
         match sh.volume.try_write_at_nowait(&data, req.offset) {
             Ok(true) if req.flags & cflags::FUA == 0 => {
                 put_ok(out, req.cookie);
@@ -928,15 +957,14 @@ impl Ctx {
         }
         let mode =
             if req.flags & cflags::NO_HOLE != 0 { ZeroMode::Allocate } else { ZeroMode::MayTrim };
-        let sh = self.shared.clone();
-        tokio::task::spawn_blocking(move || {
-            let (offset, length) = (req.offset, u64::from(req.length));
-            let done = if trim {
-                sh.volume.trim(offset, length)
-            } else {
-                sh.volume.write_zeroes(offset, length, mode)
-            };
-            sh.write_done(req, done);
+        let (offset, length) = (req.offset, u64::from(req.length));
+        let op =
+            if trim { IoOp::Trim { offset, length } } else { IoOp::Zero { offset, length, mode } };
+        // On the blocking pool, or as the volume's future (`BlockVolume::submit`).
+        let (sh, volume) = (self.shared.clone(), self.shared.volume.clone());
+        tokio::spawn(async move {
+            let done = volume.submit(op).await;
+            sh.write_done(req, done.map(drop));
         });
         true
     }

@@ -137,7 +137,9 @@ impl DataPeer {
             Err(_) => return Err(CallError::NotSent(format!("{}: connect timed out", self.addr))),
         };
         let _ = stream.set_nodelay(true);
-        let (mut reader, writer) = stream.into_split();
+        let (reader, writer) = stream.into_split();
+        let mut reader =
+            tokio::io::BufReader::with_capacity(strata_io::net::READ_BUFFER_BYTES, reader);
         let conn = Arc::new(Conn {
             writer: tokio::sync::Mutex::new(writer),
             waiting: Mutex::new(Some(HashMap::new())),

@@ -12,15 +12,20 @@
 //! 4. A request with the VOLUME flag is served by this node's owner view of the volume
 //!    (ordered like a local client's request), or answered `NotOwner` when this node does
 //!    not own it (any more): the sender finds the owner again and retries.
+//! 5. A plain write the page cache takes at once is done on the connection's own task and
+//!    its reply written with the others ready then, in one write: no hand-off between
+//!    tasks or threads on the common path. Anything else runs on a task of its own.
 
 use crate::fencing::Refused;
 use crate::node::Node;
+use bytes::Bytes;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use strata_io::{BlockVolume, StoreError};
+use strata_io::{BlockVolume, IoOp, StoreError};
 use strata_replica::frame::{
     encode, read_frame, DataKey, Header, Kind, Status, DIGEST_UNIT, FLAG_FUA, FLAG_VOLUME,
 };
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 /// The largest read served in one request.
@@ -47,27 +52,20 @@ impl DataService {
             return (Status::NotOwner, reply, Vec::new());
         };
         view.note_forwarded(h.lsn);
-        let (kind, offset, count, fua) = (h.kind, h.offset, h.count, h.flags & FLAG_FUA != 0);
-        let v = view.clone();
-        let done = tokio::task::spawn_blocking(move || match kind {
-            Kind::Write => {
-                v.write_at(&payload, offset)?;
-                if fua {
-                    v.sync()?;
-                }
-                Ok(Vec::new())
-            }
-            Kind::Read => {
-                let mut buf = vec![0u8; count as usize];
-                v.read_at(&mut buf, offset).map(|()| buf)
-            }
-            Kind::Trim => v.trim(offset, u64::from(count)).map(|()| Vec::new()),
-            _ => v.sync().map(|()| Vec::new()),
-        })
-        .await
-        .unwrap_or_else(|e| Err(StoreError::io("forwarded")(std::io::Error::other(e))));
+        let (offset, count) = (h.offset, h.count);
+        let op = match h.kind {
+            Kind::Write => IoOp::Write { offset, data: Bytes::from(payload) },
+            Kind::Read => IoOp::Read { offset, length: count as usize },
+            Kind::Trim => IoOp::Trim { offset, length: u64::from(count) },
+            _ => IoOp::Flush,
+        };
+        // On this task: the view awaits its copies without a thread of its own.
+        let mut done = view.run(op).await;
+        if done.is_ok() && h.kind == Kind::Write && h.flags & FLAG_FUA != 0 {
+            done = view.run(IoOp::Flush).await;
+        }
         match done {
-            Ok(data) => (Status::Ok, reply, data),
+            Ok(data) => (Status::Ok, reply, data.into()),
             // Deposed meanwhile: the sender retries at the new owner.
             Err(_) if view.deposed() => (Status::NotOwner, reply, Vec::new()),
             Err(StoreError::OutOfRange { .. }) => (Status::OutOfRange, reply, Vec::new()),
@@ -128,11 +126,16 @@ impl DataService {
                 Ok(Vec::new())
             }
             Kind::Write => {
-                let wrote = tokio::task::spawn_blocking(move || {
-                    volume.write_at(&payload, offset).map(|()| Vec::new())
-                })
-                .await
-                .unwrap_or_else(|e| Err(StoreError::io("write")(std::io::Error::other(e))));
+                // Straight to the page cache when it can (no thread hop), else blocking.
+                let wrote = match volume.try_write_at_nowait(&payload, offset) {
+                    Ok(true) => Ok(Vec::new()),
+                    Ok(false) => tokio::task::spawn_blocking(move || {
+                        volume.write_at(&payload, offset).map(|()| Vec::new())
+                    })
+                    .await
+                    .unwrap_or_else(|e| Err(StoreError::io("write")(std::io::Error::other(e)))),
+                    Err(e) => Err(e),
+                };
                 match wrote {
                     Ok(v) if h.flags & FLAG_FUA != 0 => component
                         .group_sync
@@ -153,13 +156,18 @@ impl DataService {
                     .unwrap_or_else(|e| Err(StoreError::io("digest")(std::io::Error::other(e))))
             }
             Kind::Read => {
-                let count = h.count as usize;
-                tokio::task::spawn_blocking(move || {
-                    let mut buf = vec![0u8; count];
-                    volume.read_at(&mut buf, offset).map(|()| buf)
-                })
-                .await
-                .unwrap_or_else(|e| Err(StoreError::io("read")(std::io::Error::other(e))))
+                let mut buf = vec![0u8; h.count as usize];
+                match volume.try_read_at_nowait(&mut buf, offset) {
+                    Ok(true) => Ok(buf),
+                    Ok(false) | Err(StoreError::Corrupt { .. }) => {
+                        tokio::task::spawn_blocking(move || {
+                            volume.read_at(&mut buf, offset).map(|()| buf)
+                        })
+                        .await
+                        .unwrap_or_else(|e| Err(StoreError::io("read")(std::io::Error::other(e))))
+                    }
+                    Err(e) => Err(e),
+                }
             }
             Kind::Flush => component
                 .group_sync
@@ -193,9 +201,7 @@ impl DataService {
         match result {
             Ok(data) => {
                 if matches!(h.kind, Kind::Write | Kind::Trim) {
-                    let mut lsns = self.lsns.lock().unwrap_or_else(|e| e.into_inner());
-                    let top = lsns.entry(h.component).or_insert(0);
-                    *top = (*top).max(h.lsn);
+                    self.applied(h);
                 }
                 (Status::Ok, reply, data)
             }
@@ -207,10 +213,46 @@ impl DataService {
         }
     }
 
+    fn applied(&self, h: &Header) {
+        let mut lsns = self.lsns.lock().unwrap_or_else(|e| e.into_inner());
+        let top = lsns.entry(h.component).or_insert(0);
+        *top = (*top).max(h.lsn);
+    }
+
+    /// A plain component write that the page cache takes at once, done here on the
+    /// connection's task (invariant 5); `None` if it would wait (then it is executed on
+    /// a task of its own, from the start).
+    async fn write_now(&self, h: &Header, payload: &[u8]) -> Option<Header> {
+        if h.kind != Kind::Write || h.flags & (FLAG_FUA | FLAG_VOLUME) != 0 {
+            return None;
+        }
+        let component = self.node.component(h.component)?;
+        let _pass = self.node.fencing().enter(h.component, h.epoch).await.ok()?;
+        match component.volume.try_write_at_nowait(payload, h.offset) {
+            Ok(true) => {
+                self.applied(h);
+                Some(Header { reply: true, status: Status::Ok, ..*h })
+            }
+            _ => None,
+        }
+    }
+
     async fn serve(self: Arc<Self>, stream: TcpStream, peer: std::net::SocketAddr) {
-        let (mut reader, writer) = stream.into_split();
-        let tx = strata_io::net::frame_writer(writer, || ());
+        let (reader, writer) = stream.into_split();
+        let mut reader =
+            tokio::io::BufReader::with_capacity(strata_io::net::READ_BUFFER_BYTES, reader);
+        // Replies are written whole under this lock: by this task for the requests it
+        // did itself (together, once no more input is buffered), by a request's own task
+        // for the others.
+        let writer = Arc::new(tokio::sync::Mutex::new(writer));
+        let mut done = Vec::new();
         loop {
+            if !done.is_empty() && reader.buffer().is_empty() {
+                if writer.lock().await.write_all(&done).await.is_err() {
+                    return;
+                }
+                done.clear();
+            }
             let (h, payload) = match read_frame(&mut reader, &self.key).await {
                 Ok(f) => f,
                 Err(strata_replica::frame::FrameError::Io(_)) => return,
@@ -223,13 +265,18 @@ impl DataService {
                 tracing::warn!(%peer, "closing a data-plane connection: a reply as a request");
                 return;
             }
+            if let Some(reply) = self.write_now(&h, &payload).await {
+                done.extend_from_slice(&encode(&self.key, &reply, &[]));
+                continue;
+            }
             let this = self.clone();
-            let tx = tx.clone();
+            let writer = writer.clone();
             tokio::spawn(async move {
                 let (status, mut reply, data) = this.execute(&h, payload).await;
                 reply.reply = true;
                 reply.status = status;
-                let _ = tx.send(encode(&this.key, &reply, &data));
+                let frame = encode(&this.key, &reply, &data);
+                let _ = writer.lock().await.write_all(&frame).await;
             });
         }
     }

@@ -29,19 +29,18 @@ use crate::error::{ApiError, ApiResult};
 use crate::fencing::{Fencing, Refused};
 use crate::node::{Component, Node};
 use crate::registry::VolumeRecord;
+use bytes::{Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
-use strata_io::{BlockVolume, Extent, StoreError, ZeroMode};
+use strata_io::{BlockVolume, Extent, IoOp, StoreError, ZeroMode};
 use strata_meta::service::{ClientReply, ClientRequest, Member};
 use strata_meta::state::{Command, Compare, Op, Response};
 use strata_replica::client::{request, CallError, DataPeer};
-use strata_replica::frame::{
-    DataKey, Header, Kind, Status, DIGEST_UNIT, FLAG_FUA, FLAG_VOLUME, PAYLOAD_BYTES_MAX,
-};
+use strata_replica::frame::{DataKey, Kind, Status, DIGEST_UNIT, FLAG_VOLUME, PAYLOAD_BYTES_MAX};
 use strata_types::ErrorCode;
 
 /// How long a component may take to answer one request.
@@ -195,7 +194,7 @@ struct Copies {
 #[derive(Default)]
 struct InFlight {
     regions: Mutex<BTreeSet<u64>>,
-    freed: std::sync::Condvar,
+    freed: tokio::sync::Notify,
 }
 
 /// A request's hold on its regions; dropping it lets overlapping requests go.
@@ -206,13 +205,22 @@ struct Turn<'a> {
 
 impl InFlight {
     /// Waits until no request in flight overlaps `regions`, then holds them.
-    fn enter(&self, regions: std::ops::RangeInclusive<u64>) -> Turn<'_> {
-        let mut held = self.regions.lock().unwrap_or_else(|e| e.into_inner());
-        while held.range(regions.clone()).next().is_some() {
-            held = self.freed.wait(held).unwrap_or_else(|e| e.into_inner());
+    async fn enter(&self, regions: std::ops::RangeInclusive<u64>) -> Turn<'_> {
+        loop {
+            // Registered before looking, so a release between the look and the wait
+            // still wakes this request.
+            let freed = self.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            {
+                let mut held = self.regions.lock().unwrap_or_else(|e| e.into_inner());
+                if held.range(regions.clone()).next().is_none() {
+                    held.extend(regions.clone());
+                    return Turn { of: self, regions };
+                }
+            }
+            freed.await;
         }
-        held.extend(regions.clone());
-        Turn { of: self, regions }
     }
 }
 
@@ -222,7 +230,7 @@ impl Drop for Turn<'_> {
         for r in self.regions.clone() {
             held.remove(&r);
         }
-        self.of.freed.notify_all();
+        self.of.freed.notify_waiters();
     }
 }
 
@@ -237,10 +245,11 @@ pub struct ReplicatedVolume {
     local: Component,
     copies: Vec<Copy>,
     state: Mutex<Copies>,
-    /// Client writes hold it shared; a resync copies a region holding it exclusively.
-    resync_lock: RwLock<()>,
+    /// Client writes hold it shared; a resync copies a region holding it exclusively
+    /// (from a blocking thread: `blocking_write`).
+    resync_lock: tokio::sync::RwLock<()>,
     /// Held while a copy's state is recorded in the volume's record.
-    recording: Mutex<()>,
+    recording: tokio::sync::Mutex<()>,
     /// Regions with a write or trim in flight: overlapping requests take turns, so every
     /// copy applies them in the same order (else copies could end up different).
     in_flight: InFlight,
@@ -357,12 +366,17 @@ impl ReplicatedVolume {
 
     /// As [`ReplicatedVolume::set_state`], also giving the copy a new component id.
     fn record_copy(&self, i: usize, to: CopyState, new_id: Option<u64>) -> Result<(), String> {
+        self.runtime.block_on(self.record(i, to, new_id))
+    }
+
+    /// [`ReplicatedVolume::record_copy`] on the runtime.
+    async fn record(&self, i: usize, to: CopyState, new_id: Option<u64>) -> Result<(), String> {
         // One change of the record at a time: writes failing together on one copy all
         // want the same mark, and racing CASes made some give up (and fail their write).
-        let _recording = self.recording.lock().unwrap_or_else(|e| e.into_inner());
+        let _recording = self.recording.lock().await;
         let (meta, name, owner) = (self.meta.clone(), self.name.clone(), self.owner);
         let (node, id) = (self.copies[i].node, self.copies[i].id());
-        let result = self.runtime.block_on(async move {
+        let result = async move {
             let key = format!("/volumes/{name}");
             for _ in 0..5 {
                 let got = meta.request(ClientRequest::Get { key: key.clone() }).await;
@@ -407,7 +421,8 @@ impl ReplicatedVolume {
                 }
             }
             Err((false, "the record keeps changing".into()))
-        });
+        }
+        .await;
         let result = result.map_err(|(deposed, e)| {
             if deposed {
                 self.depose(&e);
@@ -425,29 +440,31 @@ impl ReplicatedVolume {
         result
     }
 
-    /// Runs the request on every ACTIVE or RESYNCING remote copy (on the runtime) while
-    /// `local` runs here under its fence. The regions `offset..offset+length` go to every
-    /// STALE copy's bitmap (on file) before anything is sent; a copy that fails is marked
-    /// STALE before the reply; the request fails if fewer than `min_replicas` copies are
-    /// ACTIVE, or if a component has seen a newer owner (then this view is deposed).
-    #[allow(clippy::too_many_arguments)]
-    fn fan_out(
+    /// Runs the request on every ACTIVE or RESYNCING remote copy while `local` runs on
+    /// the owner's own copy under its fence. The regions `offset..offset+length` go to
+    /// every STALE copy's bitmap (on file) before anything is sent; a copy that fails is
+    /// marked STALE before the reply; the request fails if fewer than `min_replicas`
+    /// copies are ACTIVE, or if a component has seen a newer owner (then this view is
+    /// deposed). Runs on the runtime: no thread waits for the network. The caller runs it
+    /// to its end (a spawned task), never dropping it halfway.
+    async fn fan_out(
         &self,
         kind: Kind,
         offset: u64,
         length: u64,
-        count: u32,
         payload: &[u8],
-        fua: bool,
-        local: impl FnOnce(&Component) -> Result<(), StoreError>,
+        local: IoOp,
     ) -> Result<(), StoreError> {
-        let _shared = self.resync_lock.read().unwrap_or_else(|e| e.into_inner());
+        let _shared = self.resync_lock.read().await;
         if self.deposed() {
             return Err(io_error("replicate", "this node no longer owns the volume"));
         }
         self.client_ops.fetch_add(1, Ordering::Relaxed);
         let regions = (length > 0).then(|| offset / REGION..=(offset + length - 1) / REGION);
-        let _turn = regions.clone().map(|r| self.in_flight.enter(r));
+        let _turn = match regions.clone() {
+            Some(r) => Some(self.in_flight.enter(r).await),
+            None => None,
+        };
         let lsn = self.lsn.fetch_add(1, Ordering::Relaxed) + 1;
         let states = {
             // Write intent first: a copy that does not get the write has it in its bitmap
@@ -466,36 +483,31 @@ impl ReplicatedVolume {
             }
             st.states.clone()
         };
-        // Sent to every remote copy first (from this thread: no task per copy), then the
-        // own copy written, then the replies awaited.
+        // Sent to every remote copy first, then the own copy written, then the replies
+        // awaited.
         let deadline = tokio::time::Instant::now() + IO_TIMEOUT;
-        let sent: Vec<(usize, Result<strata_replica::client::Pending, String>)> =
-            self.runtime.block_on(async {
-                let mut sent = Vec::new();
-                for (i, c) in self.copies.iter().enumerate() {
-                    let Some(peer) = &c.peer else { continue };
-                    if states[i] == CopyState::Stale {
-                        continue;
-                    }
-                    let mut h = request(kind, c.id(), self.epoch, lsn, offset);
-                    h.count = count;
-                    if fua {
-                        h.flags = FLAG_FUA;
-                    }
-                    let send = tokio::time::timeout_at(deadline, peer.send(h, payload)).await;
-                    sent.push((
-                        i,
-                        match send {
-                            Ok(Ok(p)) => Ok(p),
-                            Ok(Err(e)) => Err(e.to_string()),
-                            Err(_) => Err("timed out".to_owned()),
-                        },
-                    ));
-                }
-                sent
-            });
-        let here = match self.runtime.block_on(self.fencing.enter(self.local.id(), self.epoch)) {
-            Ok(_pass) => local(&self.local),
+        let mut sent = Vec::new();
+        for (i, c) in self.copies.iter().enumerate() {
+            let Some(peer) = &c.peer else { continue };
+            if states[i] == CopyState::Stale {
+                continue;
+            }
+            let mut h = request(kind, c.id(), self.epoch, lsn, offset);
+            if kind == Kind::Trim {
+                h.count = length as u32;
+            }
+            let send = tokio::time::timeout_at(deadline, peer.send(h, payload)).await;
+            sent.push((
+                i,
+                match send {
+                    Ok(Ok(p)) => Ok(p),
+                    Ok(Err(e)) => Err(e.to_string()),
+                    Err(_) => Err("timed out".to_owned()),
+                },
+            ));
+        }
+        let here = match self.fencing.enter(self.local.id(), self.epoch).await {
+            Ok(_pass) => self.apply_local(local).await,
             Err(Refused::Stale(newest)) => {
                 self.depose(&format!("this node's copy has seen epoch {newest}"));
                 Err(io_error("replicate", "this node no longer owns the volume"))
@@ -504,25 +516,23 @@ impl ReplicatedVolume {
         };
         let mut failed = Vec::new();
         let mut took = Vec::new();
-        self.runtime.block_on(async {
-            for (i, p) in sent {
-                let reply = match p {
-                    Ok(p) => tokio::time::timeout_at(deadline, p.wait()).await,
-                    Err(e) => {
-                        failed.push((i, e));
-                        continue;
-                    }
-                };
-                match reply {
-                    Ok(Ok(_)) => took.push(i),
-                    Ok(Err(e @ CallError::Status { status: Status::StaleEpoch, .. })) => {
-                        self.depose(&e.to_string())
-                    }
-                    Ok(Err(e)) => failed.push((i, e.to_string())),
-                    Err(_) => failed.push((i, "timed out".to_owned())),
+        for (i, p) in sent {
+            let reply = match p {
+                Ok(p) => tokio::time::timeout_at(deadline, p.wait()).await,
+                Err(e) => {
+                    failed.push((i, e));
+                    continue;
                 }
+            };
+            match reply {
+                Ok(Ok(_)) => took.push(i),
+                Ok(Err(e @ CallError::Status { status: Status::StaleEpoch, .. })) => {
+                    self.depose(&e.to_string())
+                }
+                Ok(Err(e)) => failed.push((i, e.to_string())),
+                Err(_) => failed.push((i, "timed out".to_owned())),
             }
-        });
+        }
         if self.deposed() {
             return Err(io_error("replicate", "this node no longer owns the volume"));
         }
@@ -561,7 +571,7 @@ impl ReplicatedVolume {
             st.unrecorded.iter().copied().collect()
         };
         for i in unrecorded {
-            self.set_state(i, CopyState::Stale).map_err(|e| {
+            self.record(i, CopyState::Stale, None).await.map_err(|e| {
                 io_error("replicate", format!("a copy failed and cannot be marked stale: {e}"))
             })?;
             self.state.lock().unwrap_or_else(|e| e.into_inner()).unrecorded.remove(&i);
@@ -577,6 +587,63 @@ impl ReplicatedVolume {
             ));
         }
         Ok(())
+    }
+
+    /// The owner's own copy's part of a request (the caller holds its fence pass): a
+    /// write goes straight to the page cache when it can, else (and every other kind)
+    /// through the store's blocking calls on the blocking pool; a flush joins the
+    /// copy's group sync.
+    async fn apply_local(&self, op: IoOp) -> Result<(), StoreError> {
+        let volume = self.local.volume.clone();
+        match &op {
+            IoOp::Write { offset, data } if volume.try_write_at_nowait(data, *offset)? => Ok(()),
+            IoOp::Flush => self
+                .local
+                .group_sync
+                .sync()
+                .await
+                .map_err(|e| StoreError::io("sync")(std::io::Error::other(e.message))),
+            _ => volume.submit(op).await.map(drop),
+        }
+    }
+
+    /// One client request (at most `PAYLOAD_BYTES_MAX` of data, a trim at most 4 GiB).
+    pub async fn run(self: &Arc<Self>, op: IoOp) -> Result<Bytes, StoreError> {
+        let done = match op {
+            IoOp::Read { offset, length } => return self.read(offset, length).await,
+            IoOp::Write { offset, data } => {
+                let (n, payload) = (data.len() as u64, data.clone());
+                self.fan_out(Kind::Write, offset, n, &payload, IoOp::Write { offset, data }).await
+            }
+            IoOp::Trim { offset, length } => {
+                self.fan_out(Kind::Trim, offset, length, &[], IoOp::Trim { offset, length }).await
+            }
+            // A trimmed range reads as zeroes on every copy.
+            IoOp::Zero { offset, length, mode } => {
+                let local = IoOp::Zero { offset, length, mode };
+                self.fan_out(Kind::Trim, offset, length, &[], local).await
+            }
+            IoOp::Flush => self.fan_out(Kind::Flush, 0, 0, &[], IoOp::Flush).await,
+        };
+        done.map(|()| Bytes::new())
+    }
+
+    /// Reads the owner's copy: from the page cache when it can, else on the blocking
+    /// pool (with read repair, `read_local`).
+    async fn read(self: &Arc<Self>, offset: u64, length: usize) -> Result<Bytes, StoreError> {
+        self.client_ops.fetch_add(1, Ordering::Relaxed);
+        let mut buf = vec![0u8; length];
+        match self.local.volume.try_read_at_nowait(&mut buf, offset) {
+            Ok(true) => return Ok(Bytes::from(buf)),
+            Ok(false) | Err(StoreError::Corrupt { .. }) => {}
+            Err(e) => return Err(e),
+        }
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || {
+            me.read_local(&mut buf, offset, false).map(|()| Bytes::from(buf))
+        })
+        .await
+        .unwrap_or_else(|e| Err(StoreError::io("read")(std::io::Error::other(e))))
     }
 
     /// Makes regions `regions` of copy `i` equal to the owner's copy: their digests are
@@ -663,7 +730,7 @@ impl ReplicatedVolume {
             }
             // Under the exclusive lock: no write is between reading the states and adding
             // its bits, so none can miss both this copy and its bitmap.
-            let _exclusive = self.resync_lock.write().unwrap_or_else(|e| e.into_inner());
+            let _exclusive = self.resync_lock.blocking_write();
             let unrecorded =
                 self.state.lock().unwrap_or_else(|e| e.into_inner()).unrecorded.contains(&i);
             if unrecorded {
@@ -684,7 +751,7 @@ impl ReplicatedVolume {
             let Some(from) = self.state.lock().unwrap_or_else(|e| e.into_inner()).scan[i] else {
                 break;
             };
-            let _exclusive = self.resync_lock.write().unwrap_or_else(|e| e.into_inner());
+            let _exclusive = self.resync_lock.blocking_write();
             let to = (from + SCAN_BATCH).min(regions);
             if let Err(e) = self.level(i, from..to) {
                 drop(_exclusive);
@@ -701,7 +768,7 @@ impl ReplicatedVolume {
                 st.dirty[i].iter().next().copied()
             };
             let Some(region) = next else { break };
-            let _exclusive = self.resync_lock.write().unwrap_or_else(|e| e.into_inner());
+            let _exclusive = self.resync_lock.blocking_write();
             if let Err(e) = self.level(i, region..region + 1) {
                 drop(_exclusive);
                 return Err(self.fail_copy(i, e));
@@ -719,7 +786,7 @@ impl ReplicatedVolume {
         // Everything it lacked is copied and new writes reach it: make it durable there,
         // then ACTIVE — all under the exclusive lock, so no write fails on it meanwhile
         // (a write that failed before left bits, and the loop goes round again).
-        let _exclusive = self.resync_lock.write().unwrap_or_else(|e| e.into_inner());
+        let _exclusive = self.resync_lock.blocking_write();
         {
             let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
             let level = st.dirty[i].is_empty() && st.scan[i].is_none();
@@ -760,7 +827,7 @@ impl ReplicatedVolume {
         tracing::warn!(volume = %self.name, node, component = id,
             "a copy's node lost it (an emptied disk?): rebuilding it in full");
         {
-            let _exclusive = self.resync_lock.write().unwrap_or_else(|e| e.into_inner());
+            let _exclusive = self.resync_lock.blocking_write();
             let _ = std::fs::remove_file(self.bitmaps.join(self.bitmap_file(i)));
             self.record_copy(i, CopyState::Resyncing, Some(id))?;
             let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
@@ -780,8 +847,7 @@ impl ReplicatedVolume {
             Err(StoreError::Corrupt { message }) => message,
             other => return other,
         };
-        let _exclusive =
-            (!locked).then(|| self.resync_lock.write().unwrap_or_else(|e| e.into_inner()));
+        let _exclusive = (!locked).then(|| self.resync_lock.blocking_write());
         let states = self.state.lock().unwrap_or_else(|e| e.into_inner()).states.clone();
         for (i, c) in self.copies.iter().enumerate() {
             let Some(peer) = c.peer.clone() else { continue };
@@ -822,7 +888,7 @@ impl ReplicatedVolume {
                 tokio::time::timeout(Duration::from_secs(2), peer.call(h, &[])).await
             });
             if let Ok(Err(CallError::Status { status: Status::NotFound, .. })) = probe {
-                let _exclusive = self.resync_lock.write().unwrap_or_else(|e| e.into_inner());
+                let _exclusive = self.resync_lock.blocking_write();
                 let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
                 st.states[i] = CopyState::Stale;
                 st.unrecorded.insert(i);
@@ -923,58 +989,15 @@ pub async fn run_resync(volume: Arc<ReplicatedVolume>) {
     }
 }
 
-impl BlockVolume for ReplicatedVolume {
-    fn size_bytes(&self) -> u64 {
-        self.size_bytes
-    }
-
-    fn allocated_bytes(&self) -> Result<u64, StoreError> {
+impl ReplicatedVolume {
+    /// Bytes of this node's store the owner's copy occupies.
+    pub fn allocated_bytes(&self) -> Result<u64, StoreError> {
         self.local.volume.allocated_bytes()
     }
 
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), StoreError> {
-        self.client_ops.fetch_add(1, Ordering::Relaxed);
-        self.read_local(buf, offset, false)
-    }
-
-    fn write_at(&self, data: &[u8], offset: u64) -> Result<(), StoreError> {
-        for (i, chunk) in data.chunks(PAYLOAD_BYTES_MAX).enumerate() {
-            let at = offset + (i * PAYLOAD_BYTES_MAX) as u64;
-            let n = chunk.len() as u64;
-            self.fan_out(Kind::Write, at, n, 0, chunk, false, |c| c.volume.write_at(chunk, at))?;
-        }
-        Ok(())
-    }
-
-    fn trim(&self, offset: u64, length: u64) -> Result<(), StoreError> {
-        for at in (offset..offset + length).step_by(1 << 30) {
-            let n = (offset + length - at).min(1 << 30);
-            self.fan_out(Kind::Trim, at, n, n as u32, &[], false, |c| c.volume.trim(at, n))?;
-        }
-        Ok(())
-    }
-
-    fn write_zeroes(&self, offset: u64, length: u64, mode: ZeroMode) -> Result<(), StoreError> {
-        // A trimmed range reads as zeroes on every copy.
-        for at in (offset..offset + length).step_by(1 << 30) {
-            let n = (offset + length - at).min(1 << 30);
-            self.fan_out(Kind::Trim, at, n, n as u32, &[], false, |c| {
-                c.volume.write_zeroes(at, n, mode)
-            })?;
-        }
-        Ok(())
-    }
-
-    fn extents(&self, offset: u64, length: u64, max: usize) -> Result<Vec<Extent>, StoreError> {
+    /// The owner's copy's allocation (see `BlockVolume::extents`).
+    pub fn extents(&self, offset: u64, length: u64, max: usize) -> Result<Vec<Extent>, StoreError> {
         self.local.volume.extents(offset, length, max)
-    }
-
-    fn sync(&self) -> Result<(), StoreError> {
-        self.fan_out(Kind::Flush, 0, 0, 0, &[], false, |c| c.volume.sync())
-    }
-
-    fn resize(&self, _size_bytes: u64) -> Result<(), StoreError> {
-        Err(io_error("resize", "resizing a replicated volume is not supported yet"))
     }
 }
 
@@ -1145,8 +1168,8 @@ pub fn open(
             scan,
             resynced: vec![0; n],
         }),
-        resync_lock: RwLock::new(()),
-        recording: Mutex::new(()),
+        resync_lock: tokio::sync::RwLock::new(()),
+        recording: tokio::sync::Mutex::new(()),
         in_flight: InFlight::default(),
         meta: meta.clone(),
         owner,
@@ -1550,18 +1573,26 @@ impl Router {
     }
 
     /// Sends one VOLUME request to the owner; a read's data is the reply's payload.
-    fn forward(&self, t: &Target, h: Header, payload: &[u8]) -> Result<Vec<u8>, Forwarded> {
-        let mut h = h;
-        h.component = t.component;
-        h.epoch = t.epoch;
+    async fn forward(&self, t: &Target, op: &IoOp) -> Result<Bytes, Forwarded> {
+        let (kind, offset, count, payload) = match op {
+            IoOp::Read { offset, length } => (Kind::Read, *offset, *length as u32, &[][..]),
+            IoOp::Write { offset, data } => (Kind::Write, *offset, 0, &data[..]),
+            // Forwarded as a trim: a trimmed range reads as zeroes on every copy.
+            IoOp::Trim { offset, length } | IoOp::Zero { offset, length, .. } => {
+                (Kind::Trim, *offset, *length as u32, &[][..])
+            }
+            IoOp::Flush => (Kind::Flush, 0, 0, &[][..]),
+        };
+        let mut h = request(kind, t.component, t.epoch, 0, offset);
+        h.count = count;
         h.flags |= FLAG_VOLUME;
         h.lsn = self.meta.id(); // Who forwards (for automatic moves).
-        let peer = t.peer.clone();
-        let reply = self
-            .runtime
-            .block_on(async { tokio::time::timeout(FORWARD_TIMEOUT, peer.call(h, payload)).await });
+        let reply = tokio::time::timeout(FORWARD_TIMEOUT, t.peer.call(h, payload)).await;
         match reply {
-            Ok(Ok((_, data))) => Ok(data),
+            Ok(Ok((_, data))) if kind == Kind::Read && data.len() != count as usize => {
+                Err(Forwarded::Retry("a short read from the owner".into()))
+            }
+            Ok(Ok((_, data))) => Ok(Bytes::from(data)),
             Ok(Err(CallError::Status { status: Status::Io, addr, .. })) => Err(Forwarded::Failed(
                 io_error("forwarded", format!("the owner at {addr} failed it")),
             )),
@@ -1580,27 +1611,35 @@ impl Router {
         }
     }
 
-    /// Runs a request: `owned` through this node's view while it owns the volume and
-    /// serves, else `request` forwarded to the owner; retried while no owner can take it
-    /// (for up to `FORWARD_PATIENCE`).
-    fn route(
-        &self,
-        mut owned: impl FnMut(&ReplicatedVolume) -> Result<(), StoreError>,
-        mut forwarded: impl FnMut(&Router, &Target) -> Result<(), Forwarded>,
-    ) -> Result<(), StoreError> {
-        let deadline = Instant::now() + FORWARD_PATIENCE;
+    /// Runs a request: through this node's view while it owns the volume and serves,
+    /// else forwarded to the owner; retried while no owner can take it (for up to
+    /// `FORWARD_PATIENCE`). Large requests go in pieces a frame can carry.
+    pub async fn run(&self, op: IoOp) -> Result<Bytes, StoreError> {
         *self.last_local.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+        let pieces = split(op);
+        if pieces.len() == 1 {
+            return self.run_one(pieces.into_iter().next().expect("one piece")).await;
+        }
+        let mut read = BytesMut::new();
+        for piece in pieces {
+            read.extend_from_slice(&self.run_one(piece).await?);
+        }
+        Ok(read.freeze())
+    }
+
+    async fn run_one(&self, op: IoOp) -> Result<Bytes, StoreError> {
+        let deadline = Instant::now() + FORWARD_PATIENCE;
         loop {
             let why = match self.view() {
-                Some(v) if v.serving() => match owned(&v) {
-                    Ok(()) => return Ok(()),
+                Some(v) if v.serving() => match v.run(op.clone()).await {
+                    Ok(data) => return Ok(data),
                     Err(e) if !v.deposed() => return Err(e),
                     Err(e) => format!("this node was deposed: {e}"),
                 },
                 _ => match self.target() {
                     Err(why) => why,
-                    Ok(t) => match forwarded(self, &t) {
-                        Ok(()) => return Ok(()),
+                    Ok(t) => match self.forward(&t, &op).await {
+                        Ok(data) => return Ok(data),
                         Err(Forwarded::Failed(e)) => return Err(e),
                         Err(Forwarded::Retry(why)) => why,
                     },
@@ -1612,32 +1651,46 @@ impl Router {
                     format!("no owner of {} served the request in time: {why}", self.name),
                 ));
             }
-            std::thread::sleep(Duration::from_millis(200));
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
+    }
+
+    /// Runs `op` from a thread outside the runtime (a blocking call).
+    fn run_blocking(&self, op: IoOp) -> Result<Bytes, StoreError> {
+        self.runtime.block_on(self.run(op))
     }
 }
 
-impl Router {
-    /// A trim or zeroing, 1 GiB at a time: `owned` on this node's view, else forwarded as
-    /// a trim.
-    fn discard(
-        &self,
-        offset: u64,
-        length: u64,
-        owned: impl Fn(&ReplicatedVolume, u64, u64) -> Result<(), StoreError>,
-    ) -> Result<(), StoreError> {
-        for at in (offset..offset + length).step_by(1 << 30) {
-            let n = (offset + length - at).min(1 << 30);
-            self.route(
-                |v| owned(v, at, n),
-                |r, t| {
-                    let mut h = request(Kind::Trim, 0, 0, 0, at);
-                    h.count = n as u32;
-                    r.forward(t, h, &[]).map(drop)
-                },
-            )?;
-        }
-        Ok(())
+/// A request in pieces a frame can carry: reads and writes of at most `PAYLOAD_BYTES_MAX`
+/// bytes, trims and zeroings of at most 1 GiB.
+fn split(op: IoOp) -> Vec<IoOp> {
+    const DISCARD_MAX: u64 = 1 << 30;
+    let step = PAYLOAD_BYTES_MAX;
+    match op {
+        IoOp::Read { offset, length } if length > step => (0..length)
+            .step_by(step)
+            .map(|at| IoOp::Read { offset: offset + at as u64, length: (length - at).min(step) })
+            .collect(),
+        IoOp::Write { offset, data } if data.len() > step => (0..data.len())
+            .step_by(step)
+            .map(|at| IoOp::Write {
+                offset: offset + at as u64,
+                data: data.slice(at..(at + step).min(data.len())),
+            })
+            .collect(),
+        IoOp::Trim { offset, length } if length > DISCARD_MAX => (offset..offset + length)
+            .step_by(DISCARD_MAX as usize)
+            .map(|at| IoOp::Trim { offset: at, length: (offset + length - at).min(DISCARD_MAX) })
+            .collect(),
+        IoOp::Zero { offset, length, mode } if length > DISCARD_MAX => (offset..offset + length)
+            .step_by(DISCARD_MAX as usize)
+            .map(|at| IoOp::Zero {
+                offset: at,
+                length: (offset + length - at).min(DISCARD_MAX),
+                mode,
+            })
+            .collect(),
+        op => vec![op],
     }
 }
 
@@ -1651,45 +1704,22 @@ impl BlockVolume for Router {
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), StoreError> {
-        for (i, chunk) in buf.chunks_mut(PAYLOAD_BYTES_MAX).enumerate() {
-            let at = offset + (i * PAYLOAD_BYTES_MAX) as u64;
-            let len = chunk.len();
-            let cell = std::cell::RefCell::new(chunk);
-            self.route(
-                |v| v.read_at(&mut cell.borrow_mut(), at),
-                |r, t| {
-                    let mut h = request(Kind::Read, 0, 0, 0, at);
-                    h.count = len as u32;
-                    let data = r.forward(t, h, &[])?;
-                    if data.len() != len {
-                        return Err(Forwarded::Retry("a short read from the owner".into()));
-                    }
-                    cell.borrow_mut().copy_from_slice(&data);
-                    Ok(())
-                },
-            )?;
-        }
+        let data = self.run_blocking(IoOp::Read { offset, length: buf.len() })?;
+        buf.copy_from_slice(&data);
         Ok(())
     }
 
     fn write_at(&self, data: &[u8], offset: u64) -> Result<(), StoreError> {
-        for (i, chunk) in data.chunks(PAYLOAD_BYTES_MAX).enumerate() {
-            let at = offset + (i * PAYLOAD_BYTES_MAX) as u64;
-            self.route(
-                |v| v.write_at(chunk, at),
-                |r, t| r.forward(t, request(Kind::Write, 0, 0, 0, at), chunk).map(drop),
-            )?;
-        }
-        Ok(())
+        let data = Bytes::copy_from_slice(data);
+        self.run_blocking(IoOp::Write { offset, data }).map(drop)
     }
 
     fn trim(&self, offset: u64, length: u64) -> Result<(), StoreError> {
-        self.discard(offset, length, |v, at, n| v.trim(at, n))
+        self.run_blocking(IoOp::Trim { offset, length }).map(drop)
     }
 
     fn write_zeroes(&self, offset: u64, length: u64, mode: ZeroMode) -> Result<(), StoreError> {
-        // Forwarded as a trim: a trimmed range reads as zeroes on every copy.
-        self.discard(offset, length, |v, at, n| v.write_zeroes(at, n, mode))
+        self.run_blocking(IoOp::Zero { offset, length, mode }).map(drop)
     }
 
     fn extents(&self, offset: u64, length: u64, max: usize) -> Result<Vec<Extent>, StoreError> {
@@ -1701,14 +1731,19 @@ impl BlockVolume for Router {
     }
 
     fn sync(&self) -> Result<(), StoreError> {
-        self.route(
-            |v| v.sync(),
-            |r, t| r.forward(t, request(Kind::Flush, 0, 0, 0, 0), &[]).map(drop),
-        )
+        self.run_blocking(IoOp::Flush).map(drop)
     }
 
     fn resize(&self, _size_bytes: u64) -> Result<(), StoreError> {
         Err(io_error("resize", "resizing a replicated volume is not supported yet"))
+    }
+
+    fn asynchronous(&self) -> bool {
+        true
+    }
+
+    fn submit(self: Arc<Self>, op: IoOp) -> strata_io::IoFuture {
+        Box::pin(async move { self.run(op).await })
     }
 }
 
