@@ -11,7 +11,7 @@
 //!  24   8 epoch      (the owner's; a StaleEpoch reply carries the component's newest)
 //!  32   8 lsn
 //!  40   8 offset     (bytes into the component)
-//!  48   4 count      (bytes a Read asks for / a Trim covers)
+//!  48   4 count      (bytes a Read asks for / a Trim covers; a VOLUME Write: its number)
 //!  52   4 payload length
 //!  56   4 crc32c of bytes 0..56 and the payload
 //!  60  32 BLAKE3 keyed hash of bytes 0..60 and the payload (key from the cluster secret)
@@ -19,8 +19,9 @@
 //! ```
 //! A request with the VOLUME flag (Write, Read, Flush, Trim) is for a replicated volume as
 //! a whole, sent by a node serving it to the node it believes owns it; `component` is the
-//! owner's component of the volume, and the owner orders the request like one of its own
-//! clients' (or answers `NotOwner`).
+//! owner's component of the volume, `lsn` the sending node's id, and the owner orders the
+//! request like one of its own clients' (or answers `NotOwner`). A VOLUME Write's `count`
+//! is the sender's number for it, the same when it retries it.
 //!
 //! All integers little-endian. A frame is accepted only if its magic, kind, lengths, crc
 //! and MAC all check; the crc catches damage, the MAC a sender without the secret (a

@@ -483,7 +483,12 @@ fn print_volume(json_out: bool, v: &Value, verb: &str) -> anyhow::Result<()> {
                 Some(l) if l > 0 => format!("{missed}  scan: {} left", format_size(l)),
                 _ => missed,
             };
-            println!("  node {:<4} component {:<6} {}{missed}", c.node, c.id, c.state);
+            let missed = match c.stale_lsn {
+                Some(l) => format!("{missed}  missed from lsn {l}"),
+                None => missed,
+            };
+            let lsn = c.lsn.map_or(String::new(), |l| format!("  lsn {l}"));
+            println!("  node {:<4} component {:<6} {}{lsn}{missed}", c.node, c.id, c.state);
         }
     }
     Ok(())

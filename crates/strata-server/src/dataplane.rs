@@ -11,7 +11,9 @@
 //!    closes the connection.
 //! 4. A request with the VOLUME flag is served by this node's owner view of the volume
 //!    (ordered like a local client's request), or answered `NotOwner` when this node does
-//!    not own it (any more): the sender finds the owner again and retries.
+//!    not own it (any more): the sender finds the owner again and retries. A retried write
+//!    still in progress here is not applied twice: the retry gets the first one's
+//!    outcome (applied again later, it could land after a newer write to its blocks).
 //! 5. A plain write the page cache takes at once is done on the connection's own task and
 //!    its reply written with the others ready then, in one write: no hand-off between
 //!    tasks or threads on the common path. Anything else runs on a task of its own.
@@ -37,12 +39,43 @@ pub struct DataService {
     key: DataKey,
     /// The highest LSN applied per component since start (for probes).
     lsns: Mutex<HashMap<u64, u64>>,
+    /// Forwarded writes in progress, by (owner's component, forwarding node, its number
+    /// for the write): a retry of one still in progress waits for its outcome instead of
+    /// applying again (invariant 4).
+    forwarded: Mutex<HashMap<ForwardKey, tokio::sync::watch::Receiver<Option<Status>>>>,
+}
+
+/// (owner's component, forwarding node, its number for the write).
+type ForwardKey = (u64, u64, u32);
+
+/// Removes a forwarded write from the map when it ends, however it ends, and tells any
+/// retry waiting for it.
+struct InProgress<'a> {
+    of: &'a DataService,
+    key: ForwardKey,
+    outcome: tokio::sync::watch::Sender<Option<Status>>,
+}
+
+impl Drop for InProgress<'_> {
+    fn drop(&mut self) {
+        self.of.forwarded.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.key);
+        self.outcome.send_if_modified(|o| {
+            let unset = o.is_none();
+            o.get_or_insert(Status::Io);
+            unset
+        });
+    }
 }
 
 impl DataService {
     /// The data plane of `node`, authenticated with `secret`.
     pub fn new(node: Arc<Node>, secret: &[u8]) -> Self {
-        DataService { node, key: DataKey::from_secret(secret), lsns: Mutex::default() }
+        DataService {
+            node,
+            key: DataKey::from_secret(secret),
+            lsns: Mutex::default(),
+            forwarded: Mutex::default(),
+        }
     }
 
     /// A VOLUME request (invariant 4).
@@ -52,6 +85,32 @@ impl DataService {
             return (Status::NotOwner, reply, Vec::new());
         };
         view.note_forwarded(h.lsn);
+        // A write carries its forwarder's number for it in `count` (the same on a retry).
+        let mut in_progress = None;
+        if h.kind == Kind::Write && h.count != 0 {
+            let key = (h.component, h.lsn, h.count);
+            let earlier = {
+                let mut map = self.forwarded.lock().unwrap_or_else(|e| e.into_inner());
+                match map.get(&key) {
+                    Some(rx) => Some(rx.clone()),
+                    None => {
+                        let (outcome, rx) = tokio::sync::watch::channel(None);
+                        map.insert(key, rx);
+                        in_progress = Some(InProgress { of: self, key, outcome });
+                        None
+                    }
+                }
+            };
+            if let Some(mut rx) = earlier {
+                // A retry of a write still in progress here: applying it again could
+                // land after a later write to the same blocks; its outcome is this one's.
+                let status = rx
+                    .wait_for(Option::is_some)
+                    .await
+                    .map_or(Status::Io, |s| s.unwrap_or(Status::Io));
+                return (status, reply, Vec::new());
+            }
+        }
         let (offset, count) = (h.offset, h.count);
         let op = match h.kind {
             Kind::Write => IoOp::Write { offset, data: Bytes::from(payload) },
@@ -64,7 +123,7 @@ impl DataService {
         if done.is_ok() && h.kind == Kind::Write && h.flags & FLAG_FUA != 0 {
             done = view.run(IoOp::Flush).await;
         }
-        match done {
+        let answer = match done {
             Ok(data) => (Status::Ok, reply, data.into()),
             // Deposed meanwhile: the sender retries at the new owner.
             Err(_) if view.deposed() => (Status::NotOwner, reply, Vec::new()),
@@ -73,7 +132,11 @@ impl DataService {
                 tracing::warn!(offset = h.offset, "forwarded request failed: {e}");
                 (Status::Io, reply, Vec::new())
             }
+        };
+        if let Some(p) = &in_progress {
+            p.outcome.send_replace(Some(answer.0));
         }
+        answer
     }
 
     async fn execute(&self, h: &Header, payload: Vec<u8>) -> (Status, Header, Vec<u8>) {
@@ -99,7 +162,7 @@ impl DataService {
         }
         if h.flags & FLAG_VOLUME != 0 {
             if !matches!(h.kind, Kind::Write | Kind::Read | Kind::Flush | Kind::Trim)
-                || h.count > READ_BYTES_MAX
+                || (h.kind == Kind::Read && h.count > READ_BYTES_MAX)
             {
                 return (Status::Invalid, reply, Vec::new());
             }

@@ -65,6 +65,8 @@ const OWNERLESS_GRACE: Duration = Duration::from_secs(5);
 const STREAK_GAP: Duration = Duration::from_secs(5);
 /// Regions compared per step of a digest scan.
 const SCAN_BATCH: u64 = 16;
+/// An owner's LSNs start at its epoch shifted by this (2^40 writes per epoch).
+const LSN_EPOCH_SHIFT: u32 = 40;
 
 /// One component in a volume's record.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
@@ -87,6 +89,14 @@ pub struct ComponentRecord {
     /// rebuild; the owner's live view).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scan_left_bytes: Option<u64>,
+    /// The highest LSN it has acknowledged under the current owner (the owner's live
+    /// view).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lsn: Option<u64>,
+    /// While STALE or RESYNCING: the LSN of the first write it missed (recorded with its
+    /// STALE mark).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stale_lsn: Option<u64>,
 }
 
 /// `/volumes/<name>/owner`.
@@ -188,6 +198,19 @@ struct Copies {
     scan: Vec<Option<u64>>,
     /// Per copy: bytes copied to it by resyncs and scans.
     resynced: Vec<u64>,
+    /// Per copy: the highest LSN it acknowledged.
+    acked: Vec<u64>,
+    /// Per copy not ACTIVE: the LSN of the first write it missed.
+    missed_from: Vec<Option<u64>>,
+}
+
+impl Copies {
+    /// Copy `i` misses writes from now on (`lsn` the first one, if it is known).
+    fn stale(&mut self, i: usize, lsn: u64) {
+        self.states[i] = CopyState::Stale;
+        self.unrecorded.insert(i);
+        self.missed_from[i].get_or_insert(lsn);
+    }
 }
 
 /// The regions of a volume with a request in flight.
@@ -240,6 +263,8 @@ pub struct ReplicatedVolume {
     name: String,
     size_bytes: u64,
     epoch: u64,
+    /// The last LSN given out: writes are numbered from `epoch << LSN_EPOCH_SHIFT`, so
+    /// LSNs grow across owners too.
     lsn: AtomicU64,
     min_replicas: usize,
     local: Component,
@@ -278,6 +303,11 @@ impl ReplicatedVolume {
     /// The id of the owner's own copy.
     pub fn local_id(&self) -> u64 {
         self.local.id()
+    }
+
+    /// The index of the owner's own copy in `copies`.
+    fn local_index(&self) -> usize {
+        self.copies.iter().position(|c| c.peer.is_none()).expect("the owner holds a copy")
     }
 
     /// Whether this view may serve I/O now (invariant 3).
@@ -376,6 +406,10 @@ impl ReplicatedVolume {
         let _recording = self.recording.lock().await;
         let (meta, name, owner) = (self.meta.clone(), self.name.clone(), self.owner);
         let (node, id) = (self.copies[i].node, self.copies[i].id());
+        let stale_lsn = match to {
+            CopyState::Active => None,
+            _ => self.state.lock().unwrap_or_else(|e| e.into_inner()).missed_from[i],
+        };
         let result = async move {
             let key = format!("/volumes/{name}");
             for _ in 0..5 {
@@ -387,7 +421,11 @@ impl ReplicatedVolume {
                     serde_json::from_slice(&e.value).map_err(|e| (false, e.to_string()))?;
                 let want = new_id.unwrap_or(id);
                 if record.components.iter().any(|c| {
-                    c.node == node && c.id == want && c.state == to.name() && new_id.is_none()
+                    c.node == node
+                        && c.id == want
+                        && c.state == to.name()
+                        && c.stale_lsn == stale_lsn
+                        && new_id.is_none()
                 }) {
                     return Ok(()); // Recorded already (by a write that failed with this one).
                 }
@@ -395,6 +433,7 @@ impl ReplicatedVolume {
                     if c.node == node && c.id == id {
                         c.state = to.name().into();
                         c.id = new_id.unwrap_or(id);
+                        c.stale_lsn = stale_lsn;
                     }
                 }
                 let value = serde_json::to_vec(&record).expect("serializes");
@@ -435,6 +474,11 @@ impl ReplicatedVolume {
             }
             let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
             st.states[i] = to;
+            if to == CopyState::Active {
+                // Level with the owner's copy (the caller holds the exclusive lock).
+                st.missed_from[i] = None;
+                st.acked[i] = self.lsn.load(Ordering::Relaxed);
+            }
             tracing::info!(volume = %self.name, node, component = id, state = to.name(), "copy");
         }
         result
@@ -542,7 +586,12 @@ impl ReplicatedVolume {
         // brought level later, never left silently different.
         {
             let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            if here.is_ok() {
+                let me = self.local_index();
+                st.acked[me] = st.acked[me].max(lsn);
+            }
             for i in &took {
+                st.acked[*i] = st.acked[*i].max(lsn);
                 match (&regions, kind) {
                     (_, Kind::Flush) => st.unflushed[*i].clear(),
                     (Some(r), _) => st.unflushed[*i].extend(r.clone()),
@@ -552,8 +601,7 @@ impl ReplicatedVolume {
             for (i, e) in &failed {
                 let node = self.copies[*i].node;
                 tracing::warn!(volume = %self.name, node, "a copy failed: {e}");
-                st.states[*i] = CopyState::Stale;
-                st.unrecorded.insert(*i);
+                st.stale(*i, lsn);
                 let lost = std::mem::take(&mut st.unflushed[*i]);
                 st.dirty[*i].extend(lost);
                 if let Some(r) = &regions {
@@ -690,8 +738,7 @@ impl ReplicatedVolume {
     fn fail_copy(&self, i: usize, why: String) -> String {
         {
             let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-            st.states[i] = CopyState::Stale;
-            st.unrecorded.insert(i);
+            st.stale(i, self.lsn.load(Ordering::Relaxed) + 1);
         }
         if let Err(e) = self.lose_unflushed(i) {
             return format!("{why}; its bitmap cannot be saved: {e}");
@@ -890,8 +937,7 @@ impl ReplicatedVolume {
             if let Ok(Err(CallError::Status { status: Status::NotFound, .. })) = probe {
                 let _exclusive = self.resync_lock.blocking_write();
                 let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-                st.states[i] = CopyState::Stale;
-                st.unrecorded.insert(i);
+                st.stale(i, self.lsn.load(Ordering::Relaxed) + 1);
                 tracing::warn!(volume = %self.name, node = c.node, "a copy is gone from its node");
             }
         }
@@ -922,8 +968,7 @@ impl ReplicatedVolume {
                     if st.states[i] != CopyState::Stale {
                         tracing::warn!(volume = %self.name, node = self.copies[i].node,
                             "a copy does not answer the new owner: stale");
-                        st.states[i] = CopyState::Stale;
-                        st.unrecorded.insert(i);
+                        st.stale(i, self.lsn.load(Ordering::Relaxed) + 1);
                     }
                 }
             }
@@ -946,6 +991,8 @@ impl ReplicatedVolume {
                 scan_left_bytes: Some(
                     st.scan[i].map_or(0, |from| self.size_bytes.saturating_sub(from * REGION)),
                 ),
+                lsn: Some(st.acked[i]),
+                stale_lsn: st.missed_from[i],
             })
             .collect()
     }
@@ -1101,8 +1148,10 @@ pub fn open(
     let mut states = Vec::new();
     let mut dirty = Vec::new();
     let mut scan = Vec::new();
+    let mut missed_from = Vec::new();
     for c in &record.components {
         let state = CopyState::parse(&c.state);
+        missed_from.push(c.stale_lsn.filter(|_| state != CopyState::Active));
         let file = bitmaps.join(format!("{}.{}.{}", record.name, c.node, c.id));
         let kept = std::fs::read_to_string(&file).ok().and_then(|text| {
             let mut lines = text.lines();
@@ -1156,7 +1205,7 @@ pub fn open(
         name: record.name.clone(),
         size_bytes: record.size_bytes,
         epoch: owner.epoch,
-        lsn: AtomicU64::new(0),
+        lsn: AtomicU64::new(owner.epoch << LSN_EPOCH_SHIFT),
         min_replicas: record.min_replicas as usize,
         local,
         copies,
@@ -1167,6 +1216,8 @@ pub fn open(
             unrecorded: BTreeSet::new(),
             scan,
             resynced: vec![0; n],
+            acked: vec![0; n],
+            missed_from,
         }),
         resync_lock: tokio::sync::RwLock::new(()),
         recording: tokio::sync::Mutex::new(()),
@@ -1499,6 +1550,8 @@ pub struct Router {
     taking: tokio::sync::Mutex<()>,
     /// When a client of this node last did I/O on the volume.
     last_local: Mutex<Option<Instant>>,
+    /// Numbers this node's forwarded writes (an owner knows a retry by it).
+    forwarded: std::sync::atomic::AtomicU32,
 }
 
 /// Where forwarded requests go.
@@ -1529,6 +1582,7 @@ impl Router {
             runtime: tokio::runtime::Handle::current(),
             taking: tokio::sync::Mutex::new(()),
             last_local: Mutex::new(None),
+            forwarded: std::sync::atomic::AtomicU32::new(1),
         }
     }
 
@@ -1572,11 +1626,12 @@ impl Router {
         Ok(Target { peer, component, epoch: owner.epoch })
     }
 
-    /// Sends one VOLUME request to the owner; a read's data is the reply's payload.
-    async fn forward(&self, t: &Target, op: &IoOp) -> Result<Bytes, Forwarded> {
+    /// Sends one VOLUME request to the owner; a read's data is the reply's payload. A
+    /// write carries `number` (the same on every retry of it).
+    async fn forward(&self, t: &Target, op: &IoOp, number: u32) -> Result<Bytes, Forwarded> {
         let (kind, offset, count, payload) = match op {
             IoOp::Read { offset, length } => (Kind::Read, *offset, *length as u32, &[][..]),
-            IoOp::Write { offset, data } => (Kind::Write, *offset, 0, &data[..]),
+            IoOp::Write { offset, data } => (Kind::Write, *offset, number, &data[..]),
             // Forwarded as a trim: a trimmed range reads as zeroes on every copy.
             IoOp::Trim { offset, length } | IoOp::Zero { offset, length, .. } => {
                 (Kind::Trim, *offset, *length as u32, &[][..])
@@ -1629,6 +1684,8 @@ impl Router {
 
     async fn run_one(&self, op: IoOp) -> Result<Bytes, StoreError> {
         let deadline = Instant::now() + FORWARD_PATIENCE;
+        // Never 0 (a write without a number).
+        let number = self.forwarded.fetch_add(1, Ordering::Relaxed).max(1);
         loop {
             let why = match self.view() {
                 Some(v) if v.serving() => match v.run(op.clone()).await {
@@ -1638,7 +1695,7 @@ impl Router {
                 },
                 _ => match self.target() {
                     Err(why) => why,
-                    Ok(t) => match self.forward(&t, &op).await {
+                    Ok(t) => match self.forward(&t, &op, number).await {
                         Ok(data) => return Ok(data),
                         Err(Forwarded::Failed(e)) => return Err(e),
                         Err(Forwarded::Retry(why)) => why,
@@ -1843,6 +1900,8 @@ pub async fn create(
             dirty_bytes: None,
             resynced_bytes: None,
             scan_left_bytes: None,
+            lsn: None,
+            stale_lsn: None,
         })
         .collect();
     let mut record = VolumeRecord {

@@ -17,7 +17,7 @@ use strata_meta::rpc::{Key, Peer};
 use strata_meta::service::{ClientReply, ClientRequest};
 use strata_meta::state::{cas, Origin, Refusal, Response};
 use strata_replica::client::{request, CallError, DataPeer};
-use strata_replica::frame::{DataKey, Kind, Status};
+use strata_replica::frame::{DataKey, Kind, Status, FLAG_VOLUME};
 
 mod faults;
 
@@ -398,6 +398,55 @@ fn three_processes_stay_linearizable_through_kill9_and_sigstop() {
     assert!(matches!(r, Ok(ClientReply::Value { entry: None, .. })), "{r:?}");
 }
 
+/// A write forwarded to the owner and retried while the first attempt is still in
+/// progress there is not applied a second time (it could land after a newer write to the
+/// same blocks): the retry gets the first attempt's outcome.
+#[test]
+fn a_retried_forwarded_write_is_not_applied_twice() {
+    let tmp = tempfile::tempdir().unwrap();
+    let members = three_members(tmp.path());
+    let (ok, text) =
+        cli(&members[0], &["volume", "create", "f1", "--size", "4M", "--replicas", "3", "--json"]);
+    assert!(ok, "{text}");
+    let v: Value = serde_json::from_str(&text).unwrap();
+    let owner_copy = v["components"][0]["id"].as_u64().unwrap();
+    // Served once through node 1's export: node 1 owns it and serves.
+    crate::harness::qemu_io(&members[0].node().uri("f1"), &["write -P 0 0 4k"]);
+    let epoch = members[0].get("/v1/volumes/f1").unwrap()["epoch"].as_u64().unwrap();
+    let key = DataKey::from_secret(&std::fs::read(members[0].dir.join("secret")).unwrap());
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let owner = DataPeer::new(key.clone(), members[0].rpc.clone());
+    // As a node forwarding its write number `number` (node 99: no copy there, so no
+    // automatic move towards it).
+    let forward = |number: u32, byte: u8| {
+        let mut h = request(Kind::Write, owner_copy, epoch, 99, 0);
+        h.flags = FLAG_VOLUME;
+        h.count = number;
+        let owner = &owner;
+        async move { owner.call(h, &[byte; 4096]).await.map(|(r, _)| r.status) }
+    };
+    // A paused copy holds the first attempt at the owner until it times out (10 s).
+    members[2].signal("-STOP");
+    let (first, retry) = rt.block_on(async {
+        let first = forward(7, 0xa1);
+        let retry = async {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            forward(7, 0xb2).await
+        };
+        tokio::join!(first, retry)
+    });
+    members[2].signal("-CONT");
+    let log = members[0].node().log_tail(30);
+    assert_eq!(first, Ok(Status::Ok), "the first attempt succeeds without the paused copy: {log}");
+    assert_eq!(retry, Ok(Status::Ok), "the retry gets the first attempt's outcome");
+    let data = read_component(&members[0], &key, owner_copy, epoch, 0);
+    assert!(data[..4096].iter().all(|b| *b == 0xa1), "the retry's bytes were applied");
+    // A new write (a new number) applies.
+    assert_eq!(rt.block_on(forward(8, 0xb2)), Ok(Status::Ok));
+    let data = read_component(&members[0], &key, owner_copy, epoch, 0);
+    assert!(data[..4096].iter().all(|b| *b == 0xb2));
+}
+
 /// Three members formed into a cluster (node 1 founds it, 2 and 3 join), all voters up.
 fn three_members(root: &Path) -> Vec<Member> {
     let mut members = vec![Member::new(root, 1, None)];
@@ -477,6 +526,14 @@ fn a_replicated_volume_survives_a_copy_away_and_resyncs_it() {
         let data = read_component(m, &key, c["id"].as_u64().unwrap(), 1, 1 << 20);
         assert!(data.iter().all(|b| *b == 0x6b), "node {}'s copy lacks the write", m.id);
     }
+    // Every copy acknowledged the same writes, numbered from the owner's epoch (1 << 40).
+    let lsns = |v: &Value| -> Vec<u64> {
+        let c = v["components"].as_array().unwrap();
+        c.iter().map(|c| c["lsn"].as_u64().unwrap_or(0)).collect()
+    };
+    let v = members[0].get("/v1/volumes/r1").unwrap();
+    let first = lsns(&v);
+    assert!(first[0] > 1 << 40 && first.iter().all(|l| *l == first[0]), "{v}");
 
     // With a copy away, writes go on (2 of 3 active, the minimum); the copy is marked
     // stale and, back, gets exactly the regions it missed.
@@ -493,7 +550,15 @@ fn a_replicated_volume_survives_a_copy_away_and_resyncs_it() {
     let v: Value = serde_json::from_str(&text).unwrap_or_default();
     assert!(ok && v["components"][2]["dirty_bytes"] == 2 * 65536, "{text}");
     let (ok, text) = cli(&members[0], &["volume", "info", "r1"]);
-    assert!(ok && text.contains("stale  missed 128K"), "{text}");
+    assert!(ok && text.contains("stale  lsn") && text.contains("missed 128K"), "{text}");
+    // The record keeps where the copy's misses start: after what it acknowledged, at or
+    // before what the others did.
+    let stale_lsn = v["components"][2]["stale_lsn"].as_u64().unwrap_or(0);
+    let now = lsns(&v);
+    assert!(now[2] < stale_lsn && stale_lsn <= now[0] && now[0] == now[1], "{v}");
+    let record = members[1].get("/v1/volumes/r1").unwrap();
+    assert_eq!(record["components"][2]["stale_lsn"], stale_lsn, "{record}");
+    assert!(text.contains(&format!("missed from lsn {stale_lsn}")), "{text}");
     members[2].start();
     wait_until(30, "copy 3 resynced and active", || {
         states(&members[1]).iter().all(|s| s == "\"active\"")
@@ -506,6 +571,9 @@ fn a_replicated_volume_survives_a_copy_away_and_resyncs_it() {
     // Resync copied exactly the regions the bitmap marked (amplification 1.0).
     let v = members[0].get("/v1/volumes/r1").unwrap();
     assert_eq!(v["components"][2]["resynced_bytes"], 2 * 65536, "{v}");
+    // Active again: level with the owner, nothing missed on record.
+    let after = lsns(&v);
+    assert!(after[2] >= after[0] && v["components"][2].get("stale_lsn").is_none(), "{v}");
 
     // Below the minimum, a write fails (EIO) rather than silently lose redundancy. The
     // copies come back while the client still waits on its flush.
