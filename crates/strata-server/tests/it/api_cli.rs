@@ -182,6 +182,11 @@ fn openapi_document_describes_every_route() {
         ("/v1/cluster/nodes", "post"),
         ("/v1/cluster/nodes/{id}", "delete"),
         ("/v1/openapi.json", "get"),
+        ("/v1/stats", "get"),
+        ("/metrics", "get"),
+        ("/", "get"),
+        ("/ui/dashboard.js", "get"),
+        ("/ui/dashboard.css", "get"),
     ] {
         assert!(paths[path][method].is_object(), "{method} {path} missing from the document");
     }
