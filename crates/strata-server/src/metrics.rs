@@ -27,8 +27,8 @@ use strata_io::{BlockVolume, Extent, StoreError, ZeroMode};
 
 /// Upper bounds (seconds) of the request latency histogram's buckets.
 pub const LATENCY_BUCKETS: [f64; 16] = [
-    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
-    0.5, 1.0, 2.5, 10.0,
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 10.0,
 ];
 
 /// The content type of the text format.
@@ -186,7 +186,12 @@ pub struct Counted {
 }
 
 impl Counted {
-    fn timed<T>(&self, op: Op, bytes: u64, f: impl FnOnce() -> Result<T, StoreError>) -> Result<T, StoreError> {
+    fn timed<T>(
+        &self,
+        op: Op,
+        bytes: u64,
+        f: impl FnOnce() -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
         let started = Instant::now();
         let result = f();
         self.counters.record(op, bytes, started.elapsed(), result.is_ok());
@@ -581,8 +586,7 @@ fn store_series(t: &mut Text, api: &Api) {
     t.real(name, &[], s.journal_sync_seconds);
     let name = "strata_store_journal_sync_batch_blocks";
     t.family(name, "histogram", "Log blocks (4 KiB) each journal sync made durable.");
-    let bounds: Vec<f64> =
-        strata_store::store::BATCH_BUCKETS.iter().map(|b| *b as f64).collect();
+    let bounds: Vec<f64> = strata_store::store::BATCH_BUCKETS.iter().map(|b| *b as f64).collect();
     let mut total = 0;
     let cumulative: Vec<u64> = s
         .journal_batch_blocks
@@ -614,12 +618,11 @@ async fn meta_series(t: &mut Text, api: &Api) {
         "Requests of this node refused for a stale incarnation, since it started.",
         local.stale_refusals,
     );
-    let cluster = match tokio::time::timeout(CLUSTER_WAIT, api.meta.request(ClientRequest::Status))
-        .await
-    {
-        Ok(Ok(ClientReply::Status(cluster))) => Some(cluster),
-        _ => None,
-    };
+    let cluster =
+        match tokio::time::timeout(CLUSTER_WAIT, api.meta.request(ClientRequest::Status)).await {
+            Ok(Ok(ClientReply::Status(cluster))) => Some(cluster),
+            _ => None,
+        };
     t.single(
         "strata_meta_leader_reachable",
         "gauge",

@@ -35,6 +35,7 @@ function rate(n) { return bytes(n) + "/s"; }
 function count(n) {
   if (n >= 1e6) return (n / 1e6).toFixed(1) + " M";
   if (n >= 1e4) return (n / 1e3).toFixed(1) + " k";
+  if (n > 0 && n < 10 && !Number.isInteger(n)) return n.toFixed(1);
   return String(Math.round(n));
 }
 
