@@ -26,8 +26,11 @@ fn is_name(s: &str) -> bool {
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
 }
 
+/// A sample's labels, in order.
+type Labels = Vec<(String, String)>;
+
 /// Parses `{k="v",…}` at the start of `s`; returns the labels and the rest.
-fn labels(s: &str) -> Result<(Vec<(String, String)>, &str), String> {
+fn labels(s: &str) -> Result<(Labels, &str), String> {
     let mut out = Vec::new();
     let mut rest = s.strip_prefix('{').ok_or("no '{'")?;
     loop {
