@@ -188,7 +188,7 @@ function drawVolumes(volumes, stats, io, me) {
     // Usage is known where a volume of one copy lives; a replicated volume's is not shown.
     const here = v.replicas === 1 && v.node === me;
     const snaps = v.snapshots.length
-      ? el("span", {}, bytes(v.snapshot_exclusive_bytes),
+      ? el("span", {}, here ? bytes(v.snapshot_exclusive_bytes) : "–",
         el("span", { class: "sub" }, v.snapshots.length + " snapshot" + (v.snapshots.length > 1 ? "s" : "")))
       : el("span", { class: "muted" }, "none");
     const ioCell = (kind) => el("td", { class: "num io-" + kind },
@@ -202,8 +202,11 @@ function drawVolumes(volumes, stats, io, me) {
       el("td", { class: "num", title: here ? "" : "known on node " + v.node },
         here ? bytes(v.allocated_bytes) : "–"),
       el("td", { class: "num" }, snaps),
-      el("td", {}, "node " + v.node + (v.replicas > 1 ? " (owner, epoch " + v.epoch + ")" : ""),
-        el("span", { class: "sub" }, v.connections ? v.connections + " connected" : "")),
+      el("td", {}, "node " + v.node,
+        el("span", { class: "sub" }, [
+          v.replicas > 1 ? "owner · epoch " + v.epoch : "",
+          v.connections ? v.connections + " connected" : "",
+        ].filter((x) => x).join(" · "))),
       ioCell("read"),
       ioCell("write"),
       el("td", {}, copies(v))));

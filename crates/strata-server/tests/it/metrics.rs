@@ -275,3 +275,94 @@ fn the_index_is_the_dashboard_for_browsers_and_a_line_of_text_for_others() {
         assert!(content_type.starts_with(kind) && !body.is_empty(), "{path}: {content_type}");
     }
 }
+
+/// Polls `f` every 200 ms for up to `secs`.
+fn wait_for(secs: u64, what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    while std::time::Instant::now() < deadline {
+        if f() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    panic!("timed out waiting for {what}");
+}
+
+/// Three `strata serve` nodes formed into a cluster (each on its own loopback address).
+fn three_nodes(root: &std::path::Path) -> Vec<Node> {
+    let port = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let mut nodes: Vec<Node> = Vec::new();
+    let mut first_rpc = String::new();
+    for id in 1..=3u64 {
+        let ip = format!("127.0.0.{}", 40 + id);
+        let (rpc, nbd) = (format!("{ip}:{}", port().port()), format!("{ip}:{}", port().port()));
+        let dir = root.join(format!("n{id}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let join = if id == 1 { String::new() } else { format!("{first_rpc:?}") };
+        let config = root.join(format!("n{id}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                "node_id = {id}\ndata_dir = {dir:?}\nrpc = {rpc:?}\nnbd = {nbd:?}\n\
+                 http = \"127.0.0.1:0\"\njoin = [{join}]\nsite = \"a\"\nrack = \"r{id}\"\n"
+            ),
+        )
+        .unwrap();
+        if id == 1 {
+            first_rpc = rpc;
+            nodes.push(Node::serve(&config, &dir));
+            let out = nodes[0].cli(&["cluster", "init"]);
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        } else {
+            std::fs::copy(root.join("n1/secret"), dir.join("secret")).unwrap();
+            nodes.push(Node::serve(&config, &dir));
+        }
+    }
+    nodes
+}
+
+fn scrape(node: &Node) -> BTreeMap<String, f64> {
+    parse(&fetch(node, "/metrics", None).1)
+}
+
+#[test]
+fn a_clusters_metrics_show_its_nodes_and_a_replicated_volumes_copies() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut nodes = three_nodes(tmp.path());
+    let up = r#"strata_nodes{state="up"}"#;
+    wait_for(30, "three nodes up", || scrape(&nodes[0]).get(up) == Some(&3.0));
+    let out = nodes[0].cli(&["volume", "create", "r1", "--size", "16M", "--replicas", "3"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    qemu_io(&nodes[0].uri("r1"), &["write -P 0x6b 1M 64k", "flush"]);
+    // Every node reports the cluster as it sees it; the I/O where its client was.
+    let active = r#"strata_components{state="active"}"#;
+    let r1_active = r#"strata_volume_components{volume="r1",state="active"}"#;
+    for node in &nodes {
+        wait_for(10, "r1's copies in the node's view", || {
+            let m = scrape(node);
+            m.get(active) == Some(&3.0) && m.get(r1_active) == Some(&3.0)
+        });
+    }
+    let m = scrape(&nodes[0]);
+    assert_eq!(at(&m, r#"strata_volume_write_bytes_total{volume="r1"}"#), 65536.0);
+    assert_eq!(at(&m, "strata_meta_leader"), 1.0);
+    let elsewhere = scrape(&nodes[1]);
+    let r1_writes = elsewhere.get(r#"strata_volume_write_bytes_total{volume="r1"}"#);
+    assert_eq!(r1_writes.copied().unwrap_or(0.0), 0.0, "node 2's clients wrote nothing");
+
+    // A copy away: it goes stale, the owner counts what it misses, its node goes down.
+    nodes.pop().unwrap().kill9();
+    qemu_io(&nodes[0].uri("r1"), &["write -P 0x11 0 4k", "write -P 0x12 3M 8k", "flush"]);
+    let left = r#"strata_component_resync_left_bytes{volume="r1",node="3"}"#;
+    wait_for(15, "copy 3 stale, 128 KiB to resync", || {
+        let m = scrape(&nodes[0]);
+        m.get(r#"strata_components{state="stale"}"#) == Some(&1.0)
+            && m.get(active) == Some(&2.0)
+            && m.get(left) == Some(&(2.0 * 65536.0))
+    });
+    wait_for(30, "node 3 down", || {
+        let m = scrape(&nodes[1]);
+        m.get(up) == Some(&2.0) && m.get(r#"strata_nodes{state="down"}"#) == Some(&1.0)
+    });
+    assert_eq!(at(&scrape(&nodes[1]), r#"strata_node_up{node="3",role="voter"}"#), 0.0);
+}
