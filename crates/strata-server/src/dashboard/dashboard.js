@@ -151,20 +151,36 @@ function drawNodes(cluster) {
   }
 }
 
-function copies(v) {
+// A copy's resynced bytes at the previous refresh, by "volume/node", for its rate.
+let resyncSeen = new Map();
+
+function duration(seconds) {
+  if (seconds < 60) return Math.ceil(seconds) + " s";
+  if (seconds < 3600) return Math.ceil(seconds / 60) + " min";
+  return (seconds / 3600).toFixed(1) + " h";
+}
+
+function copies(v, now, seen) {
   if (!v.components || v.components.length === 0) return el("span", { class: "muted" }, "one");
   const box = el("div", { class: "copies" });
   for (const c of v.components) {
     const kind = c.state === "active" ? "ok" : c.state === "resyncing" ? "warn" : "bad";
     const row = el("div", { class: "copy", "data-component": c.node + ":" + c.state },
       el("span", {}, "node " + c.node), pill(c.state, kind));
-    const left = (c.dirty_bytes || 0) + (c.scan_left_bytes || 0);
+    const left = c.dirty_bytes || 0;
     const done = c.resynced_bytes || 0;
+    const key = v.name + "/" + c.node;
+    const before = resyncSeen.get(key);
+    seen.set(key, { done, t: now });
+    const speed = before && now > before.t ? Math.max(0, done - before.done) / ((now - before.t) / 1000) : 0;
     if (left > 0) {
       const pct = Math.floor((100 * done) / (done + left));
-      row.append(el("span", { class: "bar", title: pct + "%" }, el("span")),
-        el("span", { class: "muted small" }, bytes(left) + " left"));
-      row.querySelector(".bar > span").style.width = pct + "%";
+      const bar = el("span", { class: "bar", title: pct + "% resynced" }, el("span"));
+      bar.firstChild.style.width = pct + "%";
+      const eta = speed > 0 ? " · " + rate(speed) + " · " + duration(left / speed) + " to go" : "";
+      row.append(bar, el("span", { class: "muted small" }, bytes(left) + " left" + eta));
+    } else if (c.scan_left_bytes) {
+      row.append(el("span", { class: "muted small" }, "scan: " + bytes(c.scan_left_bytes) + " left"));
     } else if (done > 0) {
       row.append(el("span", { class: "muted small" }, bytes(done) + " resynced"));
     }
@@ -182,6 +198,8 @@ function drawVolumes(volumes, stats, io, me) {
   }
   $("no-volumes").hidden = volumes.length > 0;
   const totals = new Map((stats.error ? [] : stats.volumes).map((v) => [v.volume, v]));
+  const now = Date.now();
+  const seen = new Map();
   for (const v of volumes) {
     const t = totals.get(v.name);
     const r = io.get(v.name);
@@ -209,8 +227,9 @@ function drawVolumes(volumes, stats, io, me) {
         ].filter((x) => x).join(" · "))),
       ioCell("read"),
       ioCell("write"),
-      el("td", {}, copies(v))));
+      el("td", {}, copies(v, now, seen))));
   }
+  resyncSeen = seen;
 }
 
 async function refresh() {
