@@ -4,6 +4,7 @@
 
 const REFRESH_MS = 2000;
 let previous = null; // the last /v1/stats sample
+let timer = null;
 let token = localStorage.getItem("strataToken") || "";
 
 function $(id) { return document.getElementById(id); }
@@ -248,6 +249,8 @@ async function refresh() {
   } catch (e) {
     if (e instanceof Unauthorized) {
       $("token-form").hidden = false;
+      $("health").className = "pill pill-warn";
+      $("health").textContent = "token needed";
     } else {
       $("problem").hidden = false;
       $("problem").textContent = "cannot reach this node: " + e.message;
@@ -256,7 +259,7 @@ async function refresh() {
       h.textContent = "unreachable";
     }
   }
-  setTimeout(refresh, REFRESH_MS);
+  timer = setTimeout(refresh, REFRESH_MS);
 }
 
 document.addEventListener("DOMContentLoaded", () => {
@@ -265,6 +268,8 @@ document.addEventListener("DOMContentLoaded", () => {
     token = $("token").value.trim();
     localStorage.setItem("strataToken", token);
     previous = null;
+    clearTimeout(timer);
+    refresh();
   });
   refresh();
 });

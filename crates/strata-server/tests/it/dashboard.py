@@ -1,8 +1,10 @@
 """Drives the dashboard in headless Chromium (Playwright's Python package, the Debian
 chromium): the page loads, shows the volume, then its I/O after a qemu-io write; saves
-a screenshot. Run by tests/it/dashboard.rs:
+a screenshot. Or, for a node whose API needs its token: the page asks for it, then
+shows the cluster. Run by tests/it/dashboard.rs:
 
     dashboard.py URL VOLUME NBD_URI SCREENSHOT
+    dashboard.py --token URL TOKEN
 """
 
 import subprocess
@@ -14,7 +16,24 @@ from playwright.sync_api import sync_playwright
 CHROMIUM = "/usr/bin/chromium"
 
 
+def token(url, secret):
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        page = browser.new_page()
+        page.goto(url)
+        page.wait_for_selector("#token-form:not([hidden])", timeout=15_000)
+        assert page.inner_text("#health") == "token needed", page.inner_text("#health")
+        page.fill("#token", secret)
+        page.click("#token-form button")
+        page.wait_for_selector("#health.pill-ok", timeout=15_000)
+        assert page.is_hidden("#token-form")
+        print("the page asked for the token, then showed:", page.inner_text("#health"))
+        browser.close()
+
+
 def main():
+    if sys.argv[1] == "--token":
+        return token(sys.argv[2], sys.argv[3])
     url, volume, uri, screenshot = sys.argv[1:5]
     row = f'tr[data-volume="{volume}"]'
     with sync_playwright() as p:
