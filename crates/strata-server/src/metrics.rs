@@ -169,10 +169,11 @@ impl Metrics {
         Arc::new(Counted { inner, counters: self.volume(name) })
     }
 
-    /// Every export's counters, by name; drops those of exports `exists` denies.
+    /// Every export's counters, by name; drops those of exports `exists` denies that no
+    /// wrapper holds any more (one made while `exists` was decided is kept).
     pub fn volumes(&self, exists: impl Fn(&str) -> bool) -> Vec<(String, Arc<VolumeCounters>)> {
         let mut volumes = self.volumes.lock().unwrap_or_else(|p| p.into_inner());
-        volumes.retain(|name, _| exists(name));
+        volumes.retain(|name, c| exists(name) || Arc::strong_count(c) > 1);
         volumes.iter().map(|(n, c)| (n.clone(), c.clone())).collect()
     }
 }
@@ -790,6 +791,8 @@ mod tests {
         let (cumulative, sum) = c.op(Op::Read).latency.cumulative();
         assert_eq!(cumulative.last(), Some(&3));
         assert!(cumulative.windows(2).all(|w| w[0] <= w[1]) && sum >= 0.0);
+        assert_eq!(metrics.volumes(|n| n != "v").len(), 1, "kept while a wrapper holds it");
+        drop((a, b, c));
         assert_eq!(metrics.volumes(|n| n != "v").len(), 0, "gone volumes are dropped");
     }
 

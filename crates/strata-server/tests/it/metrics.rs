@@ -255,8 +255,9 @@ fn metrics_parse_as_prometheus_text_and_count_a_volumes_nbd_io() {
     // A deleted volume's series go.
     let out = node.cli(&["volume", "delete", "m1"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let gone = parse(&fetch(&node, "/metrics", None).1);
-    assert!(!gone.keys().any(|k| k.contains(r#"volume="m1""#)), "m1's series stay");
+    wait_for(5, "m1's series to go", || {
+        !scrape(&node).keys().any(|k| k.contains(r#"volume="m1""#))
+    });
 }
 
 #[test]
