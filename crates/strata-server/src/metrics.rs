@@ -23,7 +23,7 @@ use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use strata_io::{BlockVolume, Extent, StoreError, ZeroMode};
+use strata_io::{BlockVolume, Extent, IoFuture, IoOp, StoreError, ZeroMode};
 
 /// Upper bounds (seconds) of the request latency histogram's buckets.
 pub const LATENCY_BUCKETS: [f64; 16] = [
@@ -52,6 +52,19 @@ pub enum Op {
     BlockStatus,
     /// `sync`: a device sync, serving any number of FLUSH and FUA requests.
     Flush,
+}
+
+impl Op {
+    /// The kind and bytes of a request made as a future.
+    fn of(op: &IoOp) -> (Op, u64) {
+        match op {
+            IoOp::Read { length, .. } => (Op::Read, *length as u64),
+            IoOp::Write { data, .. } => (Op::Write, data.len() as u64),
+            IoOp::Trim { length, .. } => (Op::Trim, *length),
+            IoOp::Zero { length, .. } => (Op::Zero, *length),
+            IoOp::Flush => (Op::Flush, 0),
+        }
+    }
 }
 
 impl Op {
@@ -180,7 +193,9 @@ impl Metrics {
 
 /// A volume whose every request is counted: forwards each [`BlockVolume`] method to the
 /// inner volume (including those with default bodies, so the inner volume's own fast
-/// paths are kept) and records ops, bytes, errors and latency around it.
+/// paths and futures are kept: `try_*_nowait`, `prefetch`, `asynchronous`, `submit`) and
+/// records ops, bytes, errors and latency around it. A method added to the trait must be
+/// forwarded here too.
 pub struct Counted {
     inner: Arc<dyn BlockVolume>,
     counters: Arc<VolumeCounters>,
@@ -271,6 +286,22 @@ impl BlockVolume for Counted {
 
     fn resize(&self, size_bytes: u64) -> Result<(), StoreError> {
         self.inner.resize(size_bytes)
+    }
+
+    fn asynchronous(&self) -> bool {
+        self.inner.asynchronous()
+    }
+
+    fn submit(self: Arc<Self>, op: IoOp) -> IoFuture {
+        let (kind, bytes) = Op::of(&op);
+        let started = Instant::now();
+        let counters = self.counters.clone();
+        let done = self.inner.clone().submit(op);
+        Box::pin(async move {
+            let result = done.await;
+            counters.record(kind, bytes, started.elapsed(), result.is_ok());
+            result
+        })
     }
 }
 
@@ -779,17 +810,23 @@ mod tests {
         assert_eq!(a.extents(0, 8192, 4).unwrap().len(), 1);
         assert!(a.prefetch(0, 1).is_err(), "prefetch reaches the inner volume");
         a.sync().unwrap();
+        assert!(!a.asynchronous(), "the inner volume's answer");
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let data = bytes::Bytes::from(vec![9u8; 512]);
+        rt.block_on(a.clone().submit(IoOp::Write { offset: 0, data })).unwrap();
+        let read = rt.block_on(b.clone().submit(IoOp::Read { offset: 0, length: 512 }));
+        assert_eq!(read.unwrap(), vec![9u8; 512]);
         a.resize(16384).unwrap();
         assert_eq!(b.size_bytes(), 16384);
         let c = metrics.volume("v");
-        assert_eq!(c.op(Op::Write).get(), (1, 4096, 0));
-        assert_eq!(c.op(Op::Read).get(), (2, 4196, 1), "the try that read, the read, a failure");
+        assert_eq!(c.op(Op::Write).get(), (2, 4608, 0), "write_at and a submitted write");
+        assert_eq!(c.op(Op::Read).get(), (3, 4708, 1), "the try that read, the reads, a failure");
         assert_eq!(c.op(Op::Trim).get(), (1, 512, 0));
         assert_eq!(c.op(Op::Zero).get(), (1, 512, 0));
         assert_eq!(c.op(Op::BlockStatus).get(), (1, 0, 0));
         assert_eq!(c.op(Op::Flush).get(), (1, 0, 0));
         let (cumulative, sum) = c.op(Op::Read).latency.cumulative();
-        assert_eq!(cumulative.last(), Some(&3));
+        assert_eq!(cumulative.last(), Some(&4));
         assert!(cumulative.windows(2).all(|w| w[0] <= w[1]) && sum >= 0.0);
         assert_eq!(metrics.volumes(|n| n != "v").len(), 1, "kept while a wrapper holds it");
         drop((a, b, c));
