@@ -1,4 +1,6 @@
-//! The HTTP API (axum): JSON under `/v1`, described by `/v1/openapi.json`.
+//! The HTTP API (axum): JSON under `/v1`, described by `/v1/openapi.json`; Prometheus
+//! metrics at `/metrics`; the dashboard at `/` for browsers (`Accept: text/html`; others
+//! get one line of text), its files under `/ui/`, all embedded in the binary.
 //!
 //! Every error is `{"code": "...", "message": "..."}` with a 4xx/5xx status, including
 //! malformed JSON, unknown routes and wrong methods. Operations that sync the disk run on
@@ -22,6 +24,13 @@ use strata_types::{check_size, parse_size, ErrorCode, VolumeName};
 
 /// The OpenAPI document, kept beside the code it describes.
 pub const OPENAPI: &str = include_str!("openapi.json");
+
+/// The dashboard: a page, its style and its script (no other files, nothing fetched from
+/// elsewhere: the page's Content-Security-Policy allows this node only).
+const DASHBOARD_HTML: &str = include_str!("dashboard/index.html");
+const DASHBOARD_CSS: &str = include_str!("dashboard/dashboard.css");
+const DASHBOARD_JS: &str = include_str!("dashboard/dashboard.js");
+const DASHBOARD_CSP: &str = "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'";
 
 /// Shared state of the handlers.
 #[derive(Clone)]
@@ -119,7 +128,10 @@ fn same(a: &[u8], b: &[u8]) -> bool {
 }
 
 async fn authenticate(State(api): State<Api>, request: Request, next: Next) -> Response {
-    if let Some(token) = &api.token {
+    // The dashboard's files hold no data (its script asks for the token to read any).
+    let path = request.uri().path();
+    let public = path == "/" || path.starts_with("/ui/");
+    if let (Some(token), false) = (&api.token, public) {
         let given = request
             .headers()
             .get(header::AUTHORIZATION)
@@ -141,6 +153,10 @@ async fn authenticate(State(api): State<Api>, request: Request, next: Next) -> R
 pub fn router(api: Api) -> Router {
     Router::new()
         .route("/", get(index))
+        .route("/ui/dashboard.css", get(|| asset("text/css; charset=utf-8", DASHBOARD_CSS)))
+        .route("/ui/dashboard.js", get(|| asset("text/javascript; charset=utf-8", DASHBOARD_JS)))
+        .route("/metrics", get(metrics))
+        .route("/v1/stats", get(stats))
         .route("/v1/openapi.json", get(openapi))
         .route("/v1/node", get(node_status))
         .route("/v1/volumes", get(list_volumes).post(create_volume))
@@ -169,11 +185,45 @@ pub fn router(api: Api) -> Router {
         .with_state(api)
 }
 
-async fn index() -> impl IntoResponse {
+/// The dashboard for a browser (`Accept` names `text/html`); one line of text otherwise,
+/// as before there was a dashboard.
+async fn index(headers: axum::http::HeaderMap) -> Response {
+    let html = headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains("text/html"));
+    if html {
+        return (
+            [
+                (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+                (header::CONTENT_SECURITY_POLICY, DASHBOARD_CSP),
+                (header::CACHE_CONTROL, "no-cache"),
+            ],
+            DASHBOARD_HTML,
+        )
+            .into_response();
+    }
     (
         [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
-        "Strata node. API under /v1 (see /v1/openapi.json).\n",
+        "Strata node. API under /v1 (see /v1/openapi.json); metrics at /metrics; \
+         open / in a browser for the dashboard.\n",
     )
+        .into_response()
+}
+
+async fn asset(content_type: &'static str, body: &'static str) -> Response {
+    ([(header::CONTENT_TYPE, content_type), (header::CACHE_CONTROL, "no-cache")], body)
+        .into_response()
+}
+
+async fn metrics(State(api): State<Api>) -> Response {
+    let text = crate::metrics::exposition(&api).await;
+    ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response()
+}
+
+async fn stats(State(api): State<Api>) -> Json<crate::metrics::Stats> {
+    Json(crate::metrics::stats(&api))
 }
 
 async fn openapi() -> Response {
@@ -226,13 +276,19 @@ async fn node_status(State(api): State<Api>) -> Json<NodeStatus> {
     })
 }
 
-async fn list_volumes(State(api): State<Api>) -> Json<Vec<VolumeInfo>> {
+/// Every volume of the cluster: this node's, then the registry's others (a replicated
+/// volume this node owns with its copies' live state), by name.
+pub fn all_volumes(api: &Api) -> Vec<VolumeInfo> {
     let mut volumes = api.node.list();
     let local: std::collections::HashSet<String> = volumes.iter().map(|v| v.name.clone()).collect();
     let remote = api.registry.remote().into_iter().filter(|r| !local.contains(&r.name));
     volumes.extend(remote.map(|v| api.live(v)));
     volumes.sort_by(|a, b| a.name.cmp(&b.name));
-    Json(volumes)
+    volumes
+}
+
+async fn list_volumes(State(api): State<Api>) -> Json<Vec<VolumeInfo>> {
+    Json(all_volumes(&api))
 }
 
 async fn get_volume(

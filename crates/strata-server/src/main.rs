@@ -11,6 +11,7 @@ mod dataplane;
 mod error;
 mod fencing;
 mod fsck;
+mod metrics;
 mod node;
 mod registry;
 mod replicated;

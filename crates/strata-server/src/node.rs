@@ -210,6 +210,8 @@ pub struct Node {
     fencing: Arc<crate::fencing::Fencing>,
     resync: Arc<crate::resync::Scheduler>,
     state: Mutex<State>,
+    /// The I/O counters of the exports (`metrics::Counted` wraps each).
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 struct State {
@@ -328,6 +330,7 @@ impl Node {
         };
         let store = LogStore::open(&dir.join("store")).context("open the store")?;
         let in_store: std::collections::HashSet<u64> = store.view_ids().into_iter().collect();
+        let metrics = Arc::new(crate::metrics::Metrics::default());
         let mut volumes = BTreeMap::new();
         let mut next_id = catalog.next_id;
         let mut named = std::collections::HashSet::new();
@@ -361,6 +364,7 @@ impl Node {
                     OpenSnapshot { entry: snap, volume: view, attach: Attach::new() },
                 );
             }
+            let group_sync = GroupSync::spawn(metrics.wrap(entry.name.as_str(), volume.clone()));
             volumes.insert(
                 entry.name.to_string(),
                 OpenVolume {
@@ -368,7 +372,7 @@ impl Node {
                     name: entry.name,
                     created_unix: entry.created_unix,
                     origin: entry.origin,
-                    group_sync: GroupSync::spawn(volume.clone()),
+                    group_sync,
                     volume,
                     attach: Attach::new(),
                     snapshots,
@@ -410,6 +414,7 @@ impl Node {
         }
         let fencing = Arc::new(crate::fencing::Fencing::load(dir)?);
         let node = Node {
+            metrics,
             dir: dir.to_owned(),
             store,
             nbd_addr: Mutex::new(String::from("127.0.0.1:10809")),
@@ -467,7 +472,7 @@ impl Node {
             return router.clone();
         }
         let router = make();
-        let group_sync = GroupSync::spawn(router.clone());
+        let group_sync = GroupSync::spawn(self.metrics.wrap(name, router.clone()));
         state.replicated.insert(name.to_owned(), (router.clone(), group_sync, Attach::new()));
         router
     }
@@ -672,7 +677,7 @@ impl Node {
             name: name.clone(),
             created_unix: now_unix(),
             origin,
-            group_sync: GroupSync::spawn(volume.clone()),
+            group_sync: GroupSync::spawn(self.metrics.wrap(name.as_str(), volume.clone())),
             volume,
             attach: Attach::new(),
             snapshots: BTreeMap::new(),
@@ -947,6 +952,24 @@ impl Node {
     pub fn log_bytes(&self) -> u64 {
         self.store.log_bytes()
     }
+
+    /// The store's space and activity.
+    pub fn store_stats(&self) -> strata_store::store::StoreStats {
+        self.store.stats()
+    }
+
+    /// The I/O counters of the node's exports.
+    pub fn metrics(&self) -> &Arc<crate::metrics::Metrics> {
+        &self.metrics
+    }
+
+    /// Each exported volume's group commit: (device syncs, FLUSH/FUA requests served).
+    pub fn sync_counts(&self) -> Vec<(String, (u64, u64))> {
+        let state = self.lock();
+        let volumes = state.volumes.iter().map(|(name, v)| (name.clone(), v.group_sync.counts()));
+        let replicated = state.replicated.iter().map(|(name, r)| (name.clone(), r.1.counts()));
+        volumes.chain(replicated).collect()
+    }
 }
 
 fn not_found(name: &str) -> ApiError {
@@ -1010,7 +1033,7 @@ impl ExportProvider for Exports {
                     "Strata replicated volume, {}",
                     format_size(view.size_bytes())
                 ),
-                volume: view.clone() as Arc<dyn BlockVolume>,
+                volume: self.0.metrics.wrap(name, view.clone()),
                 group_sync: group_sync.clone(),
                 read_only: false,
                 closed: attach.close.subscribe(),
@@ -1052,7 +1075,7 @@ impl ExportProvider for Exports {
         Ok(Export {
             name: name.to_owned(),
             description,
-            volume: view,
+            volume: self.0.metrics.wrap(name, view),
             // Snapshots share their volume's sync thread: the store syncs as a whole.
             group_sync: v.group_sync.clone(),
             read_only,

@@ -233,7 +233,9 @@ async fn serve(config: Config, one_node: bool) -> anyhow::Result<()> {
     println!(
         "  NBD listening on {nbd_addr}   (export name = volume name: nbd://{nbd_addr}/VOLUME)"
     );
-    println!("  HTTP listening on {http_addr}  (API under /v1, OpenAPI at /v1/openapi.json)");
+    println!(
+        "  HTTP listening on {http_addr}  (dashboard at /, metrics at /metrics, API under /v1)"
+    );
     if token.is_some() {
         println!(
             "  The HTTP API requires the bearer token in {} (STRATA_TOKEN for the CLI)",

@@ -30,7 +30,7 @@
 use crate::engine::{Engine, EngineError, Usage, ViewInfo, BLOCK_BYTES};
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use strata_io::{check_range, BlockVolume, Extent, Store, StoreError, VolumeId, ZeroMode};
 
@@ -72,6 +72,72 @@ struct Shared {
     failed: AtomicBool,
     /// One checkpoint at a time; holds the log allocation count at the last one.
     checkpointing: std::sync::Mutex<u64>,
+    /// Counters for monitoring ([`LogStore::stats`]).
+    counters: Counters,
+}
+
+/// Upper bounds of the buckets of [`StoreStats::journal_batch_blocks`]: log blocks (data
+/// and journal) a journal sync made durable.
+pub const BATCH_BUCKETS: [u64; 7] = [1, 4, 16, 64, 256, 1024, 4096];
+
+/// What the store has done since it was opened, counted as it goes.
+#[derive(Default)]
+struct Counters {
+    syncs: AtomicU64,
+    sync_nanos: AtomicU64,
+    synced_blocks: AtomicU64,
+    /// The log's allocation count at the latest sync's seal.
+    synced_through: AtomicU64,
+    /// Syncs by batch size: one per bucket of [`BATCH_BUCKETS`], then the rest.
+    batches: [AtomicU64; BATCH_BUCKETS.len() + 1],
+    cleaned_blocks: AtomicU64,
+    cleaned_segments: AtomicU64,
+    checkpoints: AtomicU64,
+}
+
+impl Counters {
+    /// Counts a journal sync that sealed the log at allocation count `allocated`.
+    fn synced(&self, allocated: u64, took: std::time::Duration) {
+        let before = self.synced_through.fetch_max(allocated, Ordering::Relaxed);
+        let blocks = allocated.saturating_sub(before);
+        self.syncs.fetch_add(1, Ordering::Relaxed);
+        let nanos = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
+        self.sync_nanos.fetch_add(nanos, Ordering::Relaxed);
+        self.synced_blocks.fetch_add(blocks, Ordering::Relaxed);
+        let bucket = BATCH_BUCKETS.iter().position(|&le| blocks <= le);
+        self.batches[bucket.unwrap_or(BATCH_BUCKETS.len())].fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// A store's space and activity, for monitoring. Counters count since the store was
+/// opened.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct StoreStats {
+    /// Bytes of the log's segments in use.
+    pub log_bytes: u64,
+    /// Bytes of live data (blocks some volume or snapshot maps).
+    pub live_bytes: u64,
+    /// Bytes of the segments in use that hold no live data (what the cleaner can free).
+    pub dead_bytes: u64,
+    /// Segments in use.
+    pub segments: u64,
+    /// The size of a segment.
+    pub segment_bytes: u64,
+    /// Journal syncs (`fdatasync` of the log for flushes and metadata changes).
+    pub journal_syncs: u64,
+    /// Seconds those syncs took in all (sealing, `fdatasync`, noting it).
+    pub journal_sync_seconds: f64,
+    /// Bytes of log those syncs made durable.
+    pub journal_synced_bytes: u64,
+    /// Syncs by the log blocks each made durable: the count for each bucket of
+    /// [`BATCH_BUCKETS`] (at most that many blocks), then for larger ones.
+    pub journal_batch_blocks: [u64; BATCH_BUCKETS.len() + 1],
+    /// Bytes of live data the cleaner moved out of mostly-dead segments.
+    pub cleaned_bytes: u64,
+    /// Segments the cleaner emptied.
+    pub cleaned_segments: u64,
+    /// Checkpoints written.
+    pub checkpoints: u64,
 }
 
 /// A volume or snapshot of a [`LogStore`].
@@ -103,13 +169,19 @@ impl Shared {
     }
 
     fn sync(&self) -> Result<(), StoreError> {
-        let through = self.write()?.seal().map_err(|e| self.fail(e))?;
+        let started = std::time::Instant::now();
+        let (through, allocated) = {
+            let mut engine = self.write()?;
+            (engine.seal().map_err(|e| self.fail(e))?, engine.log_allocated())
+        };
         if let Err(e) = self.file.sync_data() {
             self.failed.store(true, Ordering::Release);
             tracing::error!(dir = %self.dir.display(), "fdatasync of the log failed: {e}");
             return Err(StoreError::io("fdatasync the log")(e));
         }
-        self.write()?.synced(through).map_err(|e| self.fail(e))
+        self.write()?.synced(through).map_err(|e| self.fail(e))?;
+        self.counters.synced(allocated, started.elapsed());
+        Ok(())
     }
 
     /// Runs a metadata change, then syncs it.
@@ -192,6 +264,7 @@ impl LogStore {
             file,
             failed: AtomicBool::new(false),
             checkpointing: std::sync::Mutex::new(0),
+            counters: Counters::default(),
         });
         let weak = Arc::downgrade(&shared);
         std::thread::Builder::new().name("strata-maint".into()).spawn(move || maintenance(weak))?;
@@ -244,10 +317,12 @@ impl LogStore {
                     .map_err(|e| self.shared.fail(e))?;
                 drop(engine);
                 moved += n;
+                self.shared.counters.cleaned_blocks.fetch_add(n as u64, Ordering::Relaxed);
                 if n == 0 {
                     break;
                 }
             }
+            self.shared.counters.cleaned_segments.fetch_add(1, Ordering::Relaxed);
         }
         let grown = {
             let last = *self.shared.checkpointing.lock().unwrap_or_else(|e| e.into_inner());
@@ -298,6 +373,7 @@ impl LogStore {
             punched.map_err(StoreError::io("free unused segments"))?;
         }
         *last = allocated;
+        self.shared.counters.checkpoints.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(
             bytes = checkpoint.bytes.len(),
             freed = checkpoint.empty_segments.len(),
@@ -317,6 +393,7 @@ impl LogStore {
             file,
             failed: AtomicBool::new(true),
             checkpointing: std::sync::Mutex::new(0),
+            counters: Counters::default(),
         };
         Ok(LogStore { shared: Arc::new(shared) })
     }
@@ -380,6 +457,31 @@ impl LogStore {
     /// Bytes the log occupies.
     pub fn log_bytes(&self) -> u64 {
         self.shared.read().log_bytes()
+    }
+
+    /// The store's space and activity (see [`StoreStats`]).
+    pub fn stats(&self) -> StoreStats {
+        let (log_bytes, live_bytes, dead_bytes) = {
+            let engine = self.shared.read();
+            (engine.log_bytes(), engine.vba_map_len() as u64 * BLOCK, engine.dead_blocks() * BLOCK)
+        };
+        let c = &self.shared.counters;
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let segment_bytes = crate::log::SEGMENT_SLOTS * BLOCK;
+        StoreStats {
+            log_bytes,
+            live_bytes,
+            dead_bytes,
+            segments: log_bytes / segment_bytes,
+            segment_bytes,
+            journal_syncs: load(&c.syncs),
+            journal_sync_seconds: load(&c.sync_nanos) as f64 / 1e9,
+            journal_synced_bytes: load(&c.synced_blocks) * BLOCK,
+            journal_batch_blocks: std::array::from_fn(|i| load(&c.batches[i])),
+            cleaned_bytes: load(&c.cleaned_blocks) * BLOCK,
+            cleaned_segments: load(&c.cleaned_segments),
+            checkpoints: load(&c.checkpoints),
+        }
     }
 
     /// Checks the store's structures (and with `data`, every live block's crc); returns

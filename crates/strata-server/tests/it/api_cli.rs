@@ -182,6 +182,11 @@ fn openapi_document_describes_every_route() {
         ("/v1/cluster/nodes", "post"),
         ("/v1/cluster/nodes/{id}", "delete"),
         ("/v1/openapi.json", "get"),
+        ("/v1/stats", "get"),
+        ("/metrics", "get"),
+        ("/", "get"),
+        ("/ui/dashboard.js", "get"),
+        ("/ui/dashboard.css", "get"),
     ] {
         assert!(paths[path][method].is_object(), "{method} {path} missing from the document");
     }
@@ -266,6 +271,14 @@ fn an_api_beyond_loopback_needs_the_bearer_token() {
     let token = std::fs::read_to_string(tmp.path().join("api-token")).unwrap();
     let (s, b) = get(&node, "/v1/volumes");
     assert_eq!((s, error_code(&b)), (401, "unauthorized".into()), "{b}");
+    for path in ["/metrics", "/v1/stats"] {
+        assert_eq!(get(&node, path).0, 401, "{path} needs the token");
+    }
+    // The dashboard's files hold no data: a browser loads them, then the page asks for
+    // the token.
+    for path in ["/", "/ui/dashboard.js", "/ui/dashboard.css"] {
+        assert_eq!(get(&node, path).0, 200, "{path}");
+    }
     let wrong = "GET /v1/volumes HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer nope\r\n\
                  Connection: close\r\n\r\n";
     assert_eq!(http(&node, wrong).0, 401);

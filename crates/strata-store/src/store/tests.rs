@@ -126,6 +126,10 @@ fn maintenance_reclaims_overwritten_space_and_reopens_from_its_checkpoint() {
         // 40 rounds wrote 1280 blocks; 64 are live (the volume and its snapshot).
         let in_use = store.log_bytes() / segment_bytes;
         assert!(in_use <= 12, "{in_use} segments in use");
+        let stats = store.stats();
+        assert_eq!(stats.segments, in_use, "{stats:?}");
+        assert!(stats.cleaned_segments > 0 && stats.cleaned_bytes > 0, "{stats:?}");
+        assert!(stats.checkpoints >= 2, "{stats:?}");
         assert!(store.check(true).is_empty(), "{:?}", store.check(true));
         v.write_at(&pattern(100, 77), 5).unwrap();
         v.sync().unwrap();
@@ -141,6 +145,21 @@ fn maintenance_reclaims_overwritten_space_and_reopens_from_its_checkpoint() {
     store.view(2).unwrap().read_at(&mut back, 0).unwrap();
     assert!(back.iter().all(|b| *b == 0), "the snapshot was taken of an empty volume");
     assert!(store.check(true).is_empty());
+}
+
+#[test]
+fn stats_count_journal_syncs_and_their_batches() {
+    let (_dir, store) = store();
+    let v = store.create_volume(VolumeId(1), 64 * BLOCK).unwrap();
+    let before = store.stats();
+    v.write_at(&pattern(16 * BLOCK_BYTES, 1), 0).unwrap();
+    v.sync().unwrap();
+    let after = store.stats();
+    assert_eq!(after.journal_syncs, before.journal_syncs + 1);
+    assert!(after.journal_synced_bytes >= before.journal_synced_bytes + 16 * BLOCK);
+    assert_eq!(after.journal_batch_blocks.iter().sum::<u64>(), after.journal_syncs);
+    assert!(after.journal_sync_seconds > 0.0, "{after:?}");
+    assert_eq!(after.live_bytes, 16 * BLOCK);
 }
 
 #[test]
