@@ -1434,7 +1434,15 @@ async fn consider_move(
 /// copy that is up (as `attach` would), waiting up to `patience` in all, so clients of
 /// the other nodes wait a moment instead of a session timeout.
 pub async fn hand_over(node: &Node, meta: &Member, patience: Duration) {
+    // Bounded as a whole: without a metadata quorum (every node stopping at once) the
+    // move's write would wait forever.
     let deadline = Instant::now() + patience;
+    if tokio::time::timeout(patience, hand_over_by(node, meta, deadline)).await.is_err() {
+        tracing::warn!("could not hand every volume over within {patience:?}");
+    }
+}
+
+async fn hand_over_by(node: &Node, meta: &Member, deadline: Instant) {
     for view in node.owned().into_iter().filter(|v| v.serving()) {
         let Some(v) = seen(meta).into_iter().find(|s| s.record.name == view.name) else {
             continue;

@@ -445,6 +445,17 @@ fn a_retried_forwarded_write_is_not_applied_twice() {
     assert_eq!(rt.block_on(forward(8, 0xb2)), Ok(Status::Ok));
     let data = read_component(&members[0], &key, owner_copy, epoch, 0);
     assert!(data[..4096].iter().all(|b| *b == 0xb2));
+
+    // Every node stopped at once (`systemctl stop` everywhere): the owner's hand-over
+    // may find no metadata quorum left, and every node still exits.
+    let pids: Vec<i32> = members.iter().map(|m| m.node().pid()).collect();
+    for m in &members {
+        m.signal("-TERM");
+    }
+    let gone = |pid: &i32| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| s.contains(") Z "))
+    };
+    wait_until(40, "every node to exit after SIGTERM", || pids.iter().all(gone));
 }
 
 /// Three members formed into a cluster (node 1 founds it, 2 and 3 join), all voters up.
