@@ -221,12 +221,14 @@ pub enum IoOp {
         /// How many bytes.
         length: usize,
     },
-    /// `write_at`.
+    /// `write_at` (with `fua`: then `sync`, so the write is durable when it completes).
     Write {
         /// Where.
         offset: u64,
         /// The bytes.
         data: Bytes,
+        /// Forced unit access: durable before it completes.
+        fua: bool,
     },
     /// `trim`.
     Trim {
@@ -256,7 +258,13 @@ impl IoOp {
                 let mut buf = vec![0u8; length];
                 volume.read_at(&mut buf, offset).map(|()| Bytes::from(buf))
             }
-            IoOp::Write { offset, data } => volume.write_at(&data, offset).map(|()| Bytes::new()),
+            IoOp::Write { offset, data, fua } => {
+                volume.write_at(&data, offset)?;
+                if fua {
+                    volume.sync()?;
+                }
+                Ok(Bytes::new())
+            }
             IoOp::Trim { offset, length } => volume.trim(offset, length).map(|()| Bytes::new()),
             IoOp::Zero { offset, length, mode } => {
                 volume.write_zeroes(offset, length, mode).map(|()| Bytes::new())

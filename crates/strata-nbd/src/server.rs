@@ -492,17 +492,18 @@ impl Shared {
     fn write_done(self: &Arc<Self>, req: Request, result: Result<(), StoreError>) {
         match result {
             Ok(()) if req.flags & cflags::FUA != 0 => self.sync_then_reply(req),
-            Ok(()) => {
-                let mut out = BytesMut::with_capacity(16);
-                put_ok(&mut out, req.cookie);
-                self.finish(&req, out);
-            }
-            Err(e) => {
-                let mut out = BytesMut::new();
-                self.put_store_error(&mut out, &req, &e);
-                self.finish(&req, out);
-            }
+            done => self.reply_done(&req, done),
         }
+    }
+
+    /// Replies to a request that has no data to return.
+    fn reply_done(&self, req: &Request, result: Result<(), StoreError>) {
+        let mut out = BytesMut::with_capacity(16);
+        match result {
+            Ok(()) => put_ok(&mut out, req.cookie),
+            Err(e) => self.put_store_error(&mut out, req, &e),
+        }
+        self.finish(req, out);
     }
 
     /// Replies to `req` once every write completed before now is durable.
@@ -915,8 +916,10 @@ impl Ctx {
         if sh.asynchronous {
             let (sh, volume) = (sh.clone(), sh.volume.clone());
             tokio::spawn(async move {
-                let written = volume.submit(IoOp::Write { offset: req.offset, data }).await;
-                sh.write_done(req, written.map(drop));
+                // FUA goes with the write (the volume makes it durable in the same trip).
+                let fua = req.flags & cflags::FUA != 0;
+                let written = volume.submit(IoOp::Write { offset: req.offset, data, fua }).await;
+                sh.reply_done(&req, written.map(drop));
             });
             return true;
         }

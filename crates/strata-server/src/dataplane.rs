@@ -32,6 +32,9 @@ use tokio::net::TcpStream;
 
 /// The largest read served in one request.
 const READ_BYTES_MAX: u32 = 8 << 20;
+/// Replies done on a connection's own task are sent at the latest when this many bytes
+/// of them have gathered.
+const REPLY_BATCH_BYTES: usize = 8 << 10;
 
 /// The data plane of one node.
 pub struct DataService {
@@ -113,16 +116,15 @@ impl DataService {
         }
         let (offset, count) = (h.offset, h.count);
         let op = match h.kind {
-            Kind::Write => IoOp::Write { offset, data: Bytes::from(payload) },
+            Kind::Write => {
+                IoOp::Write { offset, data: Bytes::from(payload), fua: h.flags & FLAG_FUA != 0 }
+            }
             Kind::Read => IoOp::Read { offset, length: count as usize },
             Kind::Trim => IoOp::Trim { offset, length: u64::from(count) },
             _ => IoOp::Flush,
         };
         // On this task: the view awaits its copies without a thread of its own.
-        let mut done = view.run(op).await;
-        if done.is_ok() && h.kind == Kind::Write && h.flags & FLAG_FUA != 0 {
-            done = view.run(IoOp::Flush).await;
-        }
+        let done = view.run(op).await;
         let answer = match done {
             Ok(data) => (Status::Ok, reply, data.into()),
             // Deposed meanwhile: the sender retries at the new owner.
@@ -310,7 +312,10 @@ impl DataService {
         let writer = Arc::new(tokio::sync::Mutex::new(writer));
         let mut done = Vec::new();
         loop {
-            if !done.is_empty() && reader.buffer().is_empty() {
+            // Sent once no more input is buffered (the requests of one burst answered in
+            // one write), or once enough have gathered (under a steady stream the buffer
+            // may never be empty at a frame's end).
+            if !done.is_empty() && (reader.buffer().is_empty() || done.len() >= REPLY_BATCH_BYTES) {
                 if writer.lock().await.write_all(&done).await.is_err() {
                     return;
                 }

@@ -813,7 +813,7 @@ mod tests {
         assert!(!a.asynchronous(), "the inner volume's answer");
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         let data = bytes::Bytes::from(vec![9u8; 512]);
-        rt.block_on(a.clone().submit(IoOp::Write { offset: 0, data })).unwrap();
+        rt.block_on(a.clone().submit(IoOp::Write { offset: 0, data, fua: false })).unwrap();
         let read = rt.block_on(b.clone().submit(IoOp::Read { offset: 0, length: 512 }));
         assert_eq!(read.unwrap(), vec![9u8; 512]);
         a.resize(16384).unwrap();

@@ -40,7 +40,9 @@ use strata_io::{BlockVolume, Extent, IoOp, StoreError, ZeroMode};
 use strata_meta::service::{ClientReply, ClientRequest, Member};
 use strata_meta::state::{Command, Compare, Op, Response};
 use strata_replica::client::{request, CallError, DataPeer};
-use strata_replica::frame::{DataKey, Kind, Status, DIGEST_UNIT, FLAG_VOLUME, PAYLOAD_BYTES_MAX};
+use strata_replica::frame::{
+    DataKey, Kind, Status, DIGEST_UNIT, FLAG_FUA, FLAG_VOLUME, PAYLOAD_BYTES_MAX,
+};
 use strata_types::ErrorCode;
 
 /// How long a component may take to answer one request.
@@ -540,6 +542,9 @@ impl ReplicatedVolume {
             if kind == Kind::Trim {
                 h.count = length as u32;
             }
+            if matches!(local, IoOp::Write { fua: true, .. }) {
+                h.flags = FLAG_FUA; // Written and synced there in one trip.
+            }
             let send = tokio::time::timeout_at(deadline, peer.send(h, payload)).await;
             sent.push((
                 i,
@@ -639,19 +644,29 @@ impl ReplicatedVolume {
 
     /// The owner's own copy's part of a request (the caller holds its fence pass): a
     /// write goes straight to the page cache when it can, else (and every other kind)
-    /// through the store's blocking calls on the blocking pool; a flush joins the
-    /// copy's group sync.
+    /// through the store's blocking calls on the blocking pool; a flush, or a write's
+    /// FUA, joins the copy's group sync.
     async fn apply_local(&self, op: IoOp) -> Result<(), StoreError> {
         let volume = self.local.volume.clone();
-        match &op {
-            IoOp::Write { offset, data } if volume.try_write_at_nowait(data, *offset)? => Ok(()),
-            IoOp::Flush => self
-                .local
+        let sync = || async {
+            self.local
                 .group_sync
                 .sync()
                 .await
-                .map_err(|e| StoreError::io("sync")(std::io::Error::other(e.message))),
-            _ => volume.submit(op).await.map(drop),
+                .map_err(|e| StoreError::io("sync")(std::io::Error::other(e.message)))
+        };
+        match op {
+            IoOp::Write { offset, data, fua } => {
+                if !volume.try_write_at_nowait(&data, offset)? {
+                    volume.submit(IoOp::Write { offset, data, fua: false }).await?;
+                }
+                if fua {
+                    sync().await?;
+                }
+                Ok(())
+            }
+            IoOp::Flush => sync().await,
+            op => volume.submit(op).await.map(drop),
         }
     }
 
@@ -659,9 +674,10 @@ impl ReplicatedVolume {
     pub async fn run(self: &Arc<Self>, op: IoOp) -> Result<Bytes, StoreError> {
         let done = match op {
             IoOp::Read { offset, length } => return self.read(offset, length).await,
-            IoOp::Write { offset, data } => {
+            IoOp::Write { offset, data, fua } => {
                 let (n, payload) = (data.len() as u64, data.clone());
-                self.fan_out(Kind::Write, offset, n, &payload, IoOp::Write { offset, data }).await
+                let local = IoOp::Write { offset, data, fua };
+                self.fan_out(Kind::Write, offset, n, &payload, local).await
             }
             IoOp::Trim { offset, length } => {
                 self.fan_out(Kind::Trim, offset, length, &[], IoOp::Trim { offset, length }).await
@@ -1639,7 +1655,7 @@ impl Router {
     async fn forward(&self, t: &Target, op: &IoOp, number: u32) -> Result<Bytes, Forwarded> {
         let (kind, offset, count, payload) = match op {
             IoOp::Read { offset, length } => (Kind::Read, *offset, *length as u32, &[][..]),
-            IoOp::Write { offset, data } => (Kind::Write, *offset, number, &data[..]),
+            IoOp::Write { offset, data, .. } => (Kind::Write, *offset, number, &data[..]),
             // Forwarded as a trim: a trimmed range reads as zeroes on every copy.
             IoOp::Trim { offset, length } | IoOp::Zero { offset, length, .. } => {
                 (Kind::Trim, *offset, *length as u32, &[][..])
@@ -1649,6 +1665,9 @@ impl Router {
         let mut h = request(kind, t.component, t.epoch, 0, offset);
         h.count = count;
         h.flags |= FLAG_VOLUME;
+        if matches!(op, IoOp::Write { fua: true, .. }) {
+            h.flags |= FLAG_FUA;
+        }
         h.lsn = self.meta.id(); // Who forwards (for automatic moves).
         let reply = tokio::time::timeout(FORWARD_TIMEOUT, t.peer.call(h, payload)).await;
         match reply {
@@ -1736,11 +1755,12 @@ fn split(op: IoOp) -> Vec<IoOp> {
             .step_by(step)
             .map(|at| IoOp::Read { offset: offset + at as u64, length: (length - at).min(step) })
             .collect(),
-        IoOp::Write { offset, data } if data.len() > step => (0..data.len())
+        IoOp::Write { offset, data, fua } if data.len() > step => (0..data.len())
             .step_by(step)
             .map(|at| IoOp::Write {
                 offset: offset + at as u64,
                 data: data.slice(at..(at + step).min(data.len())),
+                fua,
             })
             .collect(),
         IoOp::Trim { offset, length } if length > DISCARD_MAX => (offset..offset + length)
@@ -1776,7 +1796,7 @@ impl BlockVolume for Router {
 
     fn write_at(&self, data: &[u8], offset: u64) -> Result<(), StoreError> {
         let data = Bytes::copy_from_slice(data);
-        self.run_blocking(IoOp::Write { offset, data }).map(drop)
+        self.run_blocking(IoOp::Write { offset, data, fua: false }).map(drop)
     }
 
     fn trim(&self, offset: u64, length: u64) -> Result<(), StoreError> {

@@ -533,9 +533,17 @@ fn a_replicated_volume_survives_a_copy_away_and_resyncs_it() {
     crate::harness::qemu_io(&uri, &["write -P 0x6b 1M 64k", "flush"]);
     let secret = std::fs::read(members[0].dir.join("secret")).unwrap();
     let key = DataKey::from_secret(&secret);
+    // A FUA write through another node (forwarded with its FUA) too.
+    let uri2 = members[1].node().uri("r1");
+    wait_until(10, "node 2 to export r1", || {
+        Command::new("nbdinfo").args(["--size", &uri2]).output().is_ok_and(|o| o.status.success())
+    });
+    crate::harness::qemu_io(&uri2, &["write -f -P 0x6c 2M 4k"]);
     for (m, c) in members.iter().zip(&components) {
         let data = read_component(m, &key, c["id"].as_u64().unwrap(), 1, 1 << 20);
         assert!(data.iter().all(|b| *b == 0x6b), "node {}'s copy lacks the write", m.id);
+        let data = read_component(m, &key, c["id"].as_u64().unwrap(), 1, 2 << 20);
+        assert!(data[..4096].iter().all(|b| *b == 0x6c), "node {}'s copy lacks it", m.id);
     }
     // Every copy acknowledged the same writes, numbered from the owner's epoch (1 << 40).
     let lsns = |v: &Value| -> Vec<u64> {
