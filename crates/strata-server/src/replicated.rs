@@ -729,20 +729,36 @@ impl ReplicatedVolume {
             Ok(Err(e)) => return Err(format!("copy {id}: {e}")),
             Err(_) => return Err(format!("copy {id} did not answer")),
         };
-        for (k, piece) in ours.chunks(REGION as usize).enumerate() {
-            let region = regions.start + k as u64;
-            if theirs.get(k * 32..k * 32 + 32) == Some(blake3::hash(piece).as_bytes()) {
-                continue;
+        // The regions that differ, all sent before any reply is awaited.
+        let differ: Vec<(u64, &[u8])> = ours
+            .chunks(REGION as usize)
+            .enumerate()
+            .filter(|(k, piece)| {
+                theirs.get(k * 32..k * 32 + 32) != Some(blake3::hash(piece).as_bytes())
+            })
+            .map(|(k, piece)| (regions.start + k as u64, piece))
+            .collect();
+        let wrote = self.runtime.block_on(async {
+            let deadline = tokio::time::Instant::now() + IO_TIMEOUT;
+            let mut sent = Vec::new();
+            for (region, piece) in &differ {
+                let lsn = self.lsn.fetch_add(1, Ordering::Relaxed) + 1;
+                let h = request(Kind::Write, id, self.epoch, lsn, region * REGION);
+                sent.push(tokio::time::timeout_at(deadline, peer.send(h, piece)).await);
             }
-            let lsn = self.lsn.fetch_add(1, Ordering::Relaxed) + 1;
-            let h = request(Kind::Write, id, self.epoch, lsn, region * REGION);
-            let wrote = self
-                .runtime
-                .block_on(async { tokio::time::timeout(IO_TIMEOUT, peer.call(h, piece)).await });
-            if !matches!(wrote, Ok(Ok(_))) {
-                return Err(format!("copy {id} failed during its resync"));
+            for p in sent {
+                let Ok(Ok(p)) = p else { return false };
+                if !matches!(tokio::time::timeout_at(deadline, p.wait()).await, Ok(Ok(_))) {
+                    return false;
+                }
             }
-            let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            true
+        });
+        if !wrote {
+            return Err(format!("copy {id} failed during its resync"));
+        }
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        for (region, piece) in differ {
             st.unflushed[i].insert(region);
             st.resynced[i] += piece.len() as u64;
         }
@@ -826,18 +842,29 @@ impl ReplicatedVolume {
             pace(&mut pacer);
         }
         loop {
-            let next = {
+            // A run of up to SCAN_BATCH consecutive bitmap regions per step.
+            let run = {
                 let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-                st.dirty[i].iter().next().copied()
+                let mut run = st.dirty[i].iter().copied();
+                run.next().map(|first| {
+                    let n = 1 + run
+                        .take(SCAN_BATCH as usize - 1)
+                        .enumerate()
+                        .take_while(|(k, r)| *r == first + 1 + *k as u64)
+                        .count() as u64;
+                    first..first + n
+                })
             };
-            let Some(region) = next else { break };
+            let Some(run) = run else { break };
             let _exclusive = self.resync_lock.blocking_write();
-            if let Err(e) = self.level(i, region..region + 1) {
+            if let Err(e) = self.level(i, run.clone()) {
                 drop(_exclusive);
                 return Err(self.fail_copy(i, e));
             }
             let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-            st.dirty[i].remove(&region);
+            for region in run {
+                st.dirty[i].remove(&region);
+            }
             self.save_bitmap(i, &st.dirty[i]).map_err(|e| e.to_string())?;
             drop(st);
             drop(_exclusive);
