@@ -20,8 +20,9 @@
 //! A request with the VOLUME flag (Write, Read, Flush, Trim) is for a replicated volume as
 //! a whole, sent by a node serving it to the node it believes owns it; `component` is the
 //! owner's component of the volume, `lsn` the sending node's id, and the owner orders the
-//! request like one of its own clients' (or answers `NotOwner`). A VOLUME Write's `count`
-//! is the sender's number for it, the same when it retries it.
+//! request like one of its own clients' (or answers `NotOwner`). A VOLUME Write's `count`,
+//! and a VOLUME Trim's payload (4 bytes), is the sender's number for it, the same when it
+//! retries it.
 //!
 //! All integers little-endian. A frame is accepted only if its magic, kind, lengths, crc
 //! and MAC all check; the crc catches damage, the MAC a sender without the secret (a

@@ -88,10 +88,16 @@ impl DataService {
             return (Status::NotOwner, reply, Vec::new());
         };
         view.note_forwarded(h.lsn);
-        // A write carries its forwarder's number for it in `count` (the same on a retry).
+        // A write carries its forwarder's number for it in `count`, a trim as its payload
+        // (the same on a retry).
+        let number = match h.kind {
+            Kind::Write => h.count,
+            Kind::Trim => payload.as_slice().try_into().map_or(0, u32::from_le_bytes),
+            _ => 0,
+        };
         let mut in_progress = None;
-        if h.kind == Kind::Write && h.count != 0 {
-            let key = (h.component, h.lsn, h.count);
+        if number != 0 {
+            let key = (h.component, h.lsn, number);
             let earlier = {
                 let mut map = self.forwarded.lock().unwrap_or_else(|e| e.into_inner());
                 match map.get(&key) {

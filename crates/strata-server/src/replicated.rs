@@ -1678,14 +1678,15 @@ impl Router {
     }
 
     /// Sends one VOLUME request to the owner; a read's data is the reply's payload. A
-    /// write carries `number` (the same on every retry of it).
+    /// write or trim carries `number` (the same on every retry of it).
     async fn forward(&self, t: &Target, op: &IoOp, number: u32) -> Result<Bytes, Forwarded> {
+        let numbered = number.to_le_bytes();
         let (kind, offset, count, payload) = match op {
             IoOp::Read { offset, length } => (Kind::Read, *offset, *length as u32, &[][..]),
             IoOp::Write { offset, data, .. } => (Kind::Write, *offset, number, &data[..]),
             // Forwarded as a trim: a trimmed range reads as zeroes on every copy.
             IoOp::Trim { offset, length } | IoOp::Zero { offset, length, .. } => {
-                (Kind::Trim, *offset, *length as u32, &[][..])
+                (Kind::Trim, *offset, *length as u32, &numbered[..])
             }
             IoOp::Flush => (Kind::Flush, 0, 0, &[][..]),
         };

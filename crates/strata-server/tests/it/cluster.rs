@@ -438,13 +438,15 @@ fn a_retried_forwarded_write_is_not_applied_twice() {
     members[2].signal("-CONT");
     let log = members[0].node().log_tail(30);
     assert_eq!(first, Ok(Status::Ok), "the first attempt succeeds without the paused copy: {log}");
-    assert_eq!(retry, Ok(Status::Ok), "the retry gets the first attempt's outcome");
+    assert_eq!(retry, Ok(Status::Ok), "the retry gets the first attempt's outcome: {log}");
     let data = read_component(&members[0], &key, owner_copy, epoch, 0);
     assert!(data[..4096].iter().all(|b| *b == 0xa1), "the retry's bytes were applied");
     // A new write (a new number) applies.
-    assert_eq!(rt.block_on(forward(8, 0xb2)), Ok(Status::Ok));
+    let again = rt.block_on(forward(8, 0xb2));
+    let log = members[0].node().log_tail(30);
+    assert_eq!(again, Ok(Status::Ok), "a new write: {log}");
     let data = read_component(&members[0], &key, owner_copy, epoch, 0);
-    assert!(data[..4096].iter().all(|b| *b == 0xb2));
+    assert!(data[..4096].iter().all(|b| *b == 0xb2), "a new write's bytes: {log}");
 
     // Every node stopped at once (`systemctl stop` everywhere): the owner's hand-over
     // may find no metadata quorum left, and every node still exits.
@@ -544,6 +546,16 @@ fn a_replicated_volume_survives_a_copy_away_and_resyncs_it() {
         assert!(data.iter().all(|b| *b == 0x6b), "node {}'s copy lacks the write", m.id);
         let data = read_component(m, &key, c["id"].as_u64().unwrap(), 1, 2 << 20);
         assert!(data[..4096].iter().all(|b| *b == 0x6c), "node {}'s copy lacks it", m.id);
+    }
+    // A discard through another node (forwarded as a trim) and a zeroing through the
+    // owner reach every copy.
+    crate::harness::qemu_io(&uri2, &["discard 2M 64k"]);
+    crate::harness::qemu_io(&uri, &["write -P 0x6d 4M 64k", "write -z 4M 64k"]);
+    for (m, c) in members.iter().zip(&components) {
+        for at in [2 << 20, 4 << 20] {
+            let data = read_component(m, &key, c["id"].as_u64().unwrap(), 1, at);
+            assert!(data.iter().all(|b| *b == 0), "node {}'s copy at {at} is not zero", m.id);
+        }
     }
     // Every copy acknowledged the same writes, numbered from the owner's epoch (1 << 40).
     let lsns = |v: &Value| -> Vec<u64> {
