@@ -473,8 +473,8 @@ fn a_verifying_workload_survives_kills_pauses_restarts_and_an_emptied_disk() {
             pause(3);
         }
     }
-    // The nodes' NBD addresses change when they restart: the workers' list is the first
-    // one, so they find the restarted nodes gone and move on; stop them now.
+    // Healed: the workers stop (a restarted node listens on its old NBD address, so they
+    // reached every node all along).
     stop.store(true, Ordering::Relaxed);
     for w in workers {
         w.join().unwrap();
