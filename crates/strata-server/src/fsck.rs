@@ -85,7 +85,16 @@ fn check(args: &FsckArgs) -> anyhow::Result<Report> {
             Err(e) => report.findings.push(format!("view {id}: {e}")),
         }
     }
-    report.findings.extend(store.check(args.data));
+    // Reading every block takes a while: its progress on stderr (`progress.rs`).
+    let mut bar: Option<crate::progress::Progress> = None;
+    let findings = store.check_with(args.data, &mut |done, total| {
+        bar.get_or_insert_with(|| crate::progress::Progress::new("checking blocks", total))
+            .update(done)
+    });
+    if let Some(bar) = &mut bar {
+        bar.finish();
+    }
+    report.findings.extend(findings);
     // The catalog names what the store holds; differences are an interrupted operation.
     let catalog_path = dir.join("catalog.json");
     match std::fs::read(&catalog_path) {

@@ -13,6 +13,7 @@ mod fencing;
 mod fsck;
 mod metrics;
 mod node;
+mod progress;
 mod registry;
 mod replicated;
 mod resync;

@@ -881,15 +881,29 @@ impl<F: RawFile> Engine<F> {
 
     /// Reads every live block and checks its crc; returns the VBAs that fail.
     pub fn verify_data(&self) -> Result<Vec<u64>, EngineError> {
+        self.verify_data_with(&mut |_, _| {})
+    }
+
+    /// As [`Engine::verify_data`], telling `progress` (bytes read, bytes to read) as it
+    /// goes.
+    pub fn verify_data_with(
+        &self,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<Vec<u64>, EngineError> {
         let mut bad = Vec::new();
         let mut buf = vec![0u8; BLOCK_BYTES];
         let mut vbas: Vec<(&u64, &Place)> = self.vba_map.iter().collect();
         vbas.sort_unstable_by_key(|(_, p)| p.slot);
-        for (vba, place) in vbas {
+        let total = vbas.len() as u64 * BLOCK_BYTES as u64;
+        for (k, (vba, place)) in vbas.into_iter().enumerate() {
             if self.log.read_block(place.slot, place.crc, &mut buf).is_err() {
                 bad.push(*vba);
             }
+            if k % 256 == 255 {
+                progress((k as u64 + 1) * BLOCK_BYTES as u64, total);
+            }
         }
+        progress(total, total);
         bad.sort_unstable();
         Ok(bad)
     }

@@ -487,13 +487,19 @@ impl LogStore {
     /// Checks the store's structures (and with `data`, every live block's crc); returns
     /// a list of problems, empty when the store is consistent.
     pub fn check(&self, data: bool) -> Vec<String> {
+        self.check_with(data, &mut |_, _| {})
+    }
+
+    /// As [`LogStore::check`], telling `progress` (bytes read, bytes to read) while it
+    /// reads the blocks.
+    pub fn check_with(&self, data: bool, progress: &mut dyn FnMut(u64, u64)) -> Vec<String> {
         let engine = self.shared.read();
         let mut problems = Vec::new();
         if let Err(e) = engine.validate() {
             problems.push(e);
         }
         if data {
-            match engine.verify_data() {
+            match engine.verify_data_with(progress) {
                 Ok(bad) => {
                     for vba in bad {
                         problems.push(format!("VBA {vba}: the block fails its checksum"));

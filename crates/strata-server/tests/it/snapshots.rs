@@ -200,6 +200,10 @@ fn fsck_is_clean_refuses_a_running_node_and_finds_a_flipped_bit() {
     let dir = keep.as_ref().unwrap().path().to_owned();
     let (ok, text) = fsck(&dir, true);
     assert!(ok && text.contains("clean") && text.contains("1 snapshot"), "{text}\n{stderr}");
+    // Reading the blocks shows its progress (plain lines, not a terminal here).
+    assert!(text.contains("checking blocks [####################] 100%"), "{text}");
+    let (ok, text) = fsck(&dir, false);
+    assert!(ok && !text.contains("checking blocks"), "no blocks read, no progress: {text}");
 
     // Flip one bit of the 0x77 block inside the log.
     let at = find_in_log(&dir, &[0x77; 4096]);
