@@ -73,6 +73,17 @@ struct Cli {
     /// Print JSON instead of tables (for scripts).
     #[arg(long, global = true)]
     json: bool,
+    /// The node's log on stderr (strata up, strata serve): human lines, or one JSON
+    /// object a line for log collectors. RUST_LOG filters either (default: info).
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        env = "STRATA_LOG_FORMAT",
+        default_value_t = up::LogFormat::Human,
+        value_name = "FORMAT"
+    )]
+    log_format: up::LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -107,8 +118,14 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let client = cli::Client::new(&cli.api, cli.token.as_deref());
     let result = match cli.command {
-        Command::Up(args) => up::up(args),
-        Command::Serve(args) => up::serve_config(args),
+        Command::Up(args) => {
+            up::init_logging(cli.log_format);
+            up::up(args)
+        }
+        Command::Serve(args) => {
+            up::init_logging(cli.log_format);
+            up::serve_config(args)
+        }
         Command::Cluster(cmd) => cli::cluster(&client, cli.json, cmd),
         Command::Node(cmd) => cli::node(&client, cli.json, cmd),
         Command::Volume(cmd) => cli::volume(&client, cli.json, cmd),
