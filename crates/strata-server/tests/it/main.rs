@@ -11,6 +11,7 @@ mod dashboard;
 mod dataplane;
 mod durability;
 mod harness;
+mod help;
 mod logs;
 mod metrics;
 mod raw;
