@@ -4,6 +4,7 @@
 //! `.ci/run` installs them.
 
 mod api_cli;
+mod api_fuzz;
 mod bad_input;
 mod clients;
 mod cluster;
