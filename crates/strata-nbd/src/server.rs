@@ -452,6 +452,20 @@ fn put_error(out: &mut BytesMut, structured: bool, cookie: u64, error: u32, mess
     }
 }
 
+/// A command's name for the log.
+fn command_name(kind: u16) -> &'static str {
+    match kind {
+        cmd::READ => "read",
+        cmd::WRITE => "write",
+        cmd::FLUSH => "flush",
+        cmd::TRIM => "trim",
+        cmd::CACHE => "cache",
+        cmd::WRITE_ZEROES => "write_zeroes",
+        cmd::BLOCK_STATUS => "block_status",
+        _ => "other",
+    }
+}
+
 fn store_errno(e: &StoreError) -> (u32, bool) {
     match e {
         StoreError::OutOfRange { .. } => (errno::EINVAL, false),
@@ -466,14 +480,20 @@ fn store_errno(e: &StoreError) -> (u32, bool) {
 }
 
 impl Shared {
-    /// Renders a store error as a reply, logging it once if it is the server's fault.
+    /// Renders a store error as a reply, logging it once if it is the server's fault (a
+    /// client's mistake, such as a range past the end, is only answered).
     fn put_store_error(&self, out: &mut BytesMut, req: &Request, e: &StoreError) {
         let (code, log) = store_errno(e);
         if log {
-            tracing::error!(volume = %self.name, offset = req.offset, length = req.length,
-                command = req.kind, "I/O failed: {e}");
+            self.log_io_error(req, e);
         }
         put_error(out, self.structured, req.cookie, code, &e.to_string());
+    }
+
+    /// The one log line of a request the volume failed: where it is turned into a reply.
+    fn log_io_error(&self, req: &Request, e: &dyn std::fmt::Display) {
+        tracing::error!(volume = %self.name, offset = req.offset, length = req.length,
+            command = command_name(req.kind), error = %e, "I/O failed");
     }
 
     /// Sends the reply of a request finished off the connection task.
@@ -514,7 +534,7 @@ impl Shared {
             match result {
                 Ok(()) => put_ok(&mut out, req.cookie),
                 Err(e) => {
-                    tracing::error!(volume = %me.name, "flush failed: {e}");
+                    me.log_io_error(&req, &e);
                     let msg = format!("flush failed: {e}");
                     put_error(&mut out, me.structured, req.cookie, errno::EIO, &msg);
                 }

@@ -25,9 +25,14 @@ pub enum VolumeCommand {
         #[arg(long)]
         min_replicas: Option<u32>,
     },
-    /// List volumes.
+    /// List volumes: every volume of the cluster, with the node holding (owning) it.
+    #[command(after_help = "Examples:\n  strata volume list\n  \
+        strata volume list --json   # for scripts")]
     List,
-    /// Show one volume.
+    /// Show one volume: size, space (exclusive and shared), snapshots, connections,
+    /// export, and for a replicated volume its owner, epoch and each copy's state.
+    #[command(after_help = "Examples:\n  strata volume info vm1\n  \
+        strata volume info vm1 --json")]
     Info {
         /// Volume name.
         name: String,
@@ -45,6 +50,8 @@ pub enum VolumeCommand {
         allow_shrink: bool,
     },
     /// Delete a volume, its snapshots and their data (refused while clones depend on them).
+    #[command(after_help = "Examples:\n  strata volume delete vm2\n  \
+        strata volume delete vm2 --force   # even while NBD clients are attached")]
     Delete {
         /// Volume name.
         name: String,
@@ -95,6 +102,7 @@ pub enum SnapshotCommand {
         snapshot: String,
     },
     /// List a volume's snapshots, oldest first, with the space each holds alone.
+    #[command(after_help = "Example:\n  strata snapshot list vm1")]
     List {
         /// Volume name.
         volume: String,
@@ -120,13 +128,16 @@ pub enum ClusterCommand {
     Init,
     /// Show the leader, the term, and every member: role, RPC address, site/rack, session
     /// state and incarnation.
+    #[command(after_help = "Examples:\n  strata cluster status\n  \
+        strata cluster status --json")]
     Status,
 }
 
 /// `strata node …`
 #[derive(clap::Subcommand, Debug)]
 pub enum NodeCommand {
-    /// List the cluster's nodes.
+    /// List the cluster's nodes: role, state (up/down), incarnation and addresses.
+    #[command(after_help = "Example:\n  strata node list")]
     List,
     /// Add a running node (started with `strata serve`, the cluster's secret, no `join`)
     /// as a learner; it becomes a voter when the count of voters can grow to 3 or 5.

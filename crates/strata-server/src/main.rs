@@ -36,7 +36,10 @@ Examples:
   strata serve --config n1.toml               # a cluster member (see strata serve --help)
   strata cluster status                       # leader, term, nodes, incarnations
   strata volume create db1 --size 50G --replicas 3   # a copy on each of 3 nodes
-  strata volume attach db1 --node 2           # node 2 orders db1's I/O from now on";
+  strata volume attach db1 --node 2           # node 2 orders db1's I/O from now on
+  strata up --log-format json                 # the node's log as JSON lines on stderr
+
+Every command's --help has examples; the operator's guide is docs/operations.md.";
 
 const SERVE_HELP: &str = "\
 The config file (TOML):
@@ -52,8 +55,37 @@ The config file (TOML):
   move_after_secs = 60            # a volume used only through one other node moves there
   move_hold_secs = 300            # ...but keeps an owner this long first (0 after: never)
 
-First node:   strata serve --config n1.toml   then   strata cluster init
-Other nodes:  copy n1's data_dir/secret, set join, strata serve --config n2.toml";
+Examples:
+  strata serve --config n1.toml   # the first node; then, once: strata cluster init
+  strata serve --config n2.toml   # the others: copy n1's data_dir/secret, set join
+  strata serve --config n1.toml --log-format json 2>> /var/log/strata.json
+
+Ctrl-C or SIGTERM finishes in-flight I/O, hands the replicated volumes this node owns to
+other nodes, syncs every volume and exits.";
+
+const UP_HELP: &str = "\
+Examples:
+  strata up                                    # data in ./strata-data, loopback only
+  strata up --data-dir /var/lib/strata --nbd 0.0.0.0:10809
+  strata up --log-format json 2>> strata.json  # one JSON object a log line
+
+It prints where NBD, HTTP (dashboard at /, metrics at /metrics, API under /v1) and RPC
+listen. Ctrl-C or SIGTERM finishes in-flight I/O, syncs every volume and exits.";
+
+const VOLUME_HELP: &str = "\
+Examples:
+  strata volume create vm1 --size 10G
+  strata volume create db1 --size 50G --replicas 3   # a copy on each of 3 nodes
+  strata volume list
+  strata volume info vm1
+  strata volume resize vm1 --size 20G
+  strata volume clone vm1@golden vm2
+  strata volume rollback vm1@before-upgrade
+  strata volume delete vm2
+  strata volume attach db1 --node 2
+
+The commands talk to the API given by --api or STRATA_API (default http://127.0.0.1:8080);
+beyond loopback it needs the token of the node's data_dir/api-token (--token, STRATA_TOKEN).";
 
 /// The command line.
 #[derive(Parser, Debug)]
@@ -74,6 +106,17 @@ struct Cli {
     /// Print JSON instead of tables (for scripts).
     #[arg(long, global = true)]
     json: bool,
+    /// The node's log on stderr (strata up, strata serve): human lines, or one JSON
+    /// object a line for log collectors. RUST_LOG filters either (default: info).
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        env = "STRATA_LOG_FORMAT",
+        default_value_t = up::LogFormat::Human,
+        value_name = "FORMAT"
+    )]
+    log_format: up::LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -81,22 +124,36 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run a one-node Strata in the foreground (the embedded default: a cluster of one).
-    #[command(after_help = "Example:\n  strata up --data-dir /var/lib/strata --nbd 0.0.0.0:10809")]
+    #[command(after_help = UP_HELP)]
     Up(up::UpArgs),
     /// Run a cluster member in the foreground, configured by a TOML file.
     #[command(after_help = SERVE_HELP)]
     Serve(up::ServeArgs),
     /// Found a cluster, or show its leader, term, members and their sessions.
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  \
+        strata cluster init      # once, on the first node started with strata serve\n  \
+        strata cluster status"
+    )]
     Cluster(cli::ClusterCommand),
     /// Add, remove and list the cluster's nodes (1, 3 or 5 vote; the rest follow).
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  strata node list\n  \
+        strata node add 4 10.0.0.4:10810\n  strata node remove 4"
+    )]
     Node(cli::NodeCommand),
     /// Create, list, inspect, resize, clone, roll back and delete volumes.
-    #[command(subcommand)]
+    #[command(subcommand, after_help = VOLUME_HELP)]
     Volume(cli::VolumeCommand),
     /// Take, list and delete snapshots (VOL@SNAP).
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  \
+        strata snapshot create vm1@before-upgrade\n  strata snapshot list vm1\n  \
+        strata snapshot delete vm1@before-upgrade"
+    )]
     Snapshot(cli::SnapshotCommand),
     /// Check a stopped node's data directory: every tree, the VBA map, and with --data
     /// every block's checksum. Exits 1 on any inconsistency.
@@ -108,8 +165,14 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let client = cli::Client::new(&cli.api, cli.token.as_deref());
     let result = match cli.command {
-        Command::Up(args) => up::up(args),
-        Command::Serve(args) => up::serve_config(args),
+        Command::Up(args) => {
+            up::init_logging(cli.log_format);
+            up::up(args)
+        }
+        Command::Serve(args) => {
+            up::init_logging(cli.log_format);
+            up::serve_config(args)
+        }
         Command::Cluster(cmd) => cli::cluster(&client, cli.json, cmd),
         Command::Node(cmd) => cli::node(&client, cli.json, cmd),
         Command::Volume(cmd) => cli::volume(&client, cli.json, cmd),

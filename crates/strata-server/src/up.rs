@@ -43,6 +43,32 @@ pub struct ServeArgs {
     config: PathBuf,
 }
 
+/// How a node writes its log on stderr (`--log-format`).
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LogFormat {
+    /// One readable line an event (colored on a terminal).
+    #[default]
+    Human,
+    /// One JSON object a line: timestamp, level, target, fields (message and the
+    /// event's fields, such as volume and offset) and the spans it happened in.
+    Json,
+}
+
+/// Sends the process's `tracing` events to stderr in `format`, filtered by `RUST_LOG`
+/// (default: info, and only errors of the Raft library).
+pub fn init_logging(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,openraft=error"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Human => {
+            builder.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init()
+        }
+        LogFormat::Json => builder.json().with_ansi(false).init(),
+    }
+}
+
 /// Holds the data directory's lock for the process's life. The lock is an flock, which
 /// the kernel drops when the process dies, so a killed node never blocks its restart.
 pub struct DirLock {
@@ -100,14 +126,6 @@ pub fn serve_config(args: ServeArgs) -> anyhow::Result<()> {
 /// Runs the node until Ctrl-C or SIGTERM. `one_node`: found a cluster of this node alone
 /// if it belongs to none (`strata up`).
 fn run(config: Config, one_node: bool) -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=error")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("create data directory {}", config.data_dir.display()))?;
     let _lock = lock_data_dir(&config.data_dir)?;

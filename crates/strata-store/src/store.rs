@@ -160,10 +160,13 @@ impl Shared {
 
     /// Maps an engine error; an I/O error of a change fails the store (invariant 1).
     fn fail(&self, e: EngineError) -> StoreError {
+        // The store's change of state is logged once; each failed request is logged
+        // where a front end answers it (with its volume and offset).
         if let EngineError::Io(_) = e {
-            tracing::error!(dir = %self.dir.display(), "the store's log failed: {e}; \
-                refusing writes until restart");
-            self.failed.store(true, Ordering::Release);
+            if !self.failed.swap(true, Ordering::AcqRel) {
+                tracing::error!(dir = %self.dir.display(), "the store's log failed: {e}; \
+                    refusing writes until restart");
+            }
         }
         store_error(e)
     }
@@ -175,8 +178,10 @@ impl Shared {
             (engine.seal().map_err(|e| self.fail(e))?, engine.log_allocated())
         };
         if let Err(e) = self.file.sync_data() {
-            self.failed.store(true, Ordering::Release);
-            tracing::error!(dir = %self.dir.display(), "fdatasync of the log failed: {e}");
+            if !self.failed.swap(true, Ordering::AcqRel) {
+                tracing::error!(dir = %self.dir.display(), "fdatasync of the log failed: {e}; \
+                    refusing writes until restart");
+            }
             return Err(StoreError::io("fdatasync the log")(e));
         }
         self.write()?.synced(through).map_err(|e| self.fail(e))?;

@@ -50,6 +50,18 @@ impl Node {
         Node::launch(command, dir)
     }
 
+    /// Starts `strata GLOBAL_ARGS up …` on `dir`, its log filtered by `rust_log`.
+    pub fn start_args(dir: &Path, global_args: &[&str], rust_log: &str) -> Node {
+        let mut command = Command::new(STRATA);
+        command
+            .args(global_args)
+            .args(["up", "--nbd", "127.0.0.1:0", "--http", "127.0.0.1:0", "--rpc", "127.0.0.1:0"])
+            .arg("--data-dir")
+            .arg(dir)
+            .env("RUST_LOG", rust_log);
+        Node::launch(command, dir).unwrap_or_else(|e| panic!("strata up failed: {e}"))
+    }
+
     /// Starts `strata serve --config CONFIG` (its data directory `dir`).
     pub fn serve(config: &Path, dir: &Path) -> Node {
         let mut command = Command::new(STRATA);
@@ -59,12 +71,11 @@ impl Node {
 
     /// Runs a node command until it prints its NBD and HTTP addresses.
     fn launch(mut command: Command, dir: &Path) -> Result<Node, String> {
-        let mut child = command
-            .env("RUST_LOG", "warn,strata::replicated=info,openraft=error")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn strata");
+        if !command.get_envs().any(|(key, _)| key == "RUST_LOG") {
+            command.env("RUST_LOG", "warn,strata::replicated=info,openraft=error");
+        }
+        let mut child =
+            command.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn strata");
         let stdout = child.stdout.take().expect("piped");
         let stderr = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
         let mut pipe = child.stderr.take().expect("piped");

@@ -4,6 +4,7 @@
 //! `.ci/run` installs them.
 
 mod api_cli;
+mod api_fuzz;
 mod bad_input;
 mod clients;
 mod cluster;
@@ -11,6 +12,8 @@ mod dashboard;
 mod dataplane;
 mod durability;
 mod harness;
+mod help;
+mod logs;
 mod metrics;
 mod raw;
 mod snapshots;
