@@ -486,21 +486,19 @@ impl ReplicatedVolume {
         result
     }
 
-    /// Runs the request on every ACTIVE or RESYNCING remote copy while `local` runs on
-    /// the owner's own copy under its fence. The regions `offset..offset+length` go to
-    /// every STALE copy's bitmap (on file) before anything is sent; a copy that fails is
+    /// Runs the request (not a read) on every ACTIVE or RESYNCING remote copy and on the
+    /// owner's own copy under its fence. The regions it covers go to every STALE copy's
+    /// bitmap (on file) before anything is sent; a copy that fails is
     /// marked STALE before the reply; the request fails if fewer than `min_replicas`
     /// copies are ACTIVE, or if a component has seen a newer owner (then this view is
     /// deposed). Runs on the runtime: no thread waits for the network. The caller runs it
     /// to its end (a spawned task), never dropping it halfway.
-    async fn fan_out(
-        &self,
-        kind: Kind,
-        offset: u64,
-        length: u64,
-        payload: &[u8],
-        local: IoOp,
-    ) -> Result<(), StoreError> {
+    async fn fan_out(&self, op: IoOp) -> Result<(), StoreError> {
+        let (kind, offset, length) = wire(&op);
+        let (payload, fua) = match &op {
+            IoOp::Write { data, fua, .. } => (data.clone(), *fua),
+            _ => (Bytes::new(), false),
+        };
         let _shared = self.resync_lock.read().await;
         if self.deposed() {
             return Err(io_error("replicate", "this node no longer owns the volume"));
@@ -542,10 +540,10 @@ impl ReplicatedVolume {
             if kind == Kind::Trim {
                 h.count = length as u32;
             }
-            if matches!(local, IoOp::Write { fua: true, .. }) {
+            if fua {
                 h.flags = FLAG_FUA; // Written and synced there in one trip.
             }
-            let send = tokio::time::timeout_at(deadline, peer.send(h, payload)).await;
+            let send = tokio::time::timeout_at(deadline, peer.send(h, &payload)).await;
             sent.push((
                 i,
                 match send {
@@ -556,7 +554,7 @@ impl ReplicatedVolume {
             ));
         }
         let here = match self.fencing.enter(self.local.id(), self.epoch).await {
-            Ok(_pass) => self.apply_local(local).await,
+            Ok(_pass) => self.apply_local(op).await,
             Err(Refused::Stale(newest)) => {
                 self.depose(&format!("this node's copy has seen epoch {newest}"));
                 Err(io_error("replicate", "this node no longer owns the volume"))
@@ -672,24 +670,10 @@ impl ReplicatedVolume {
 
     /// One client request (at most `PAYLOAD_BYTES_MAX` of data, a trim at most 4 GiB).
     pub async fn run(self: &Arc<Self>, op: IoOp) -> Result<Bytes, StoreError> {
-        let done = match op {
-            IoOp::Read { offset, length } => return self.read(offset, length).await,
-            IoOp::Write { offset, data, fua } => {
-                let (n, payload) = (data.len() as u64, data.clone());
-                let local = IoOp::Write { offset, data, fua };
-                self.fan_out(Kind::Write, offset, n, &payload, local).await
-            }
-            IoOp::Trim { offset, length } => {
-                self.fan_out(Kind::Trim, offset, length, &[], IoOp::Trim { offset, length }).await
-            }
-            // A trimmed range reads as zeroes on every copy.
-            IoOp::Zero { offset, length, mode } => {
-                let local = IoOp::Zero { offset, length, mode };
-                self.fan_out(Kind::Trim, offset, length, &[], local).await
-            }
-            IoOp::Flush => self.fan_out(Kind::Flush, 0, 0, &[], IoOp::Flush).await,
-        };
-        done.map(|()| Bytes::new())
+        match op {
+            IoOp::Read { offset, length } => self.read(offset, length).await,
+            op => self.fan_out(op).await.map(|()| Bytes::new()),
+        }
     }
 
     /// Reads the owner's copy: from the page cache when it can, else on the blocking
@@ -1681,14 +1665,11 @@ impl Router {
     /// write or trim carries `number` (the same on every retry of it).
     async fn forward(&self, t: &Target, op: &IoOp, number: u32) -> Result<Bytes, Forwarded> {
         let numbered = number.to_le_bytes();
-        let (kind, offset, count, payload) = match op {
-            IoOp::Read { offset, length } => (Kind::Read, *offset, *length as u32, &[][..]),
-            IoOp::Write { offset, data, .. } => (Kind::Write, *offset, number, &data[..]),
-            // Forwarded as a trim: a trimmed range reads as zeroes on every copy.
-            IoOp::Trim { offset, length } | IoOp::Zero { offset, length, .. } => {
-                (Kind::Trim, *offset, *length as u32, &numbered[..])
-            }
-            IoOp::Flush => (Kind::Flush, 0, 0, &[][..]),
+        let (kind, offset, length) = wire(op);
+        let (count, payload) = match op {
+            IoOp::Write { data, .. } => (number, &data[..]),
+            IoOp::Trim { .. } | IoOp::Zero { .. } => (length as u32, &numbered[..]),
+            _ => (length as u32, &[][..]),
         };
         let mut h = request(kind, t.component, t.epoch, 0, offset);
         h.count = count;
@@ -1770,6 +1751,19 @@ impl Router {
     /// Runs `op` from a thread outside the runtime (a blocking call).
     fn run_blocking(&self, op: IoOp) -> Result<Bytes, StoreError> {
         self.runtime.block_on(self.run(op))
+    }
+}
+
+/// How a request travels between nodes: its frame's kind, offset and length in bytes. A
+/// zeroing travels as a trim (a trimmed range reads as zeroes on every copy).
+fn wire(op: &IoOp) -> (Kind, u64, u64) {
+    match op {
+        IoOp::Read { offset, length } => (Kind::Read, *offset, *length as u64),
+        IoOp::Write { offset, data, .. } => (Kind::Write, *offset, data.len() as u64),
+        IoOp::Trim { offset, length } | IoOp::Zero { offset, length, .. } => {
+            (Kind::Trim, *offset, *length)
+        }
+        IoOp::Flush => (Kind::Flush, 0, 0),
     }
 }
 
