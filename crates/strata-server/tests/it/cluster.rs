@@ -91,6 +91,20 @@ impl Member {
     fn signal(&self, sig: &str) {
         let pid = self.node().pid().to_string();
         assert!(Command::new("kill").args([sig, &pid]).status().unwrap().success());
+        if sig == "-STOP" {
+            // `kill` returns once the signal is sent; a thread running on another core
+            // may still answer a request or two before it stops. Paused means every
+            // thread is in state T.
+            wait_until(10, "every thread of the paused node to stop", || {
+                std::fs::read_dir(format!("/proc/{pid}/task")).is_ok_and(|tasks| {
+                    tasks.flatten().all(|t| {
+                        std::fs::read_to_string(t.path().join("stat")).is_ok_and(|s| {
+                            s.rsplit_once(") ").is_some_and(|(_, rest)| rest.starts_with('T'))
+                        })
+                    })
+                })
+            });
+        }
     }
 }
 
@@ -427,20 +441,27 @@ fn a_retried_forwarded_write_is_not_applied_twice() {
     };
     // A paused copy holds the first attempt at the owner until it times out (10 s).
     members[2].signal("-STOP");
+    let start = std::time::Instant::now();
     let (first, retry) = rt.block_on(async {
-        let first = forward(7, 0xa1);
+        let first = async {
+            let r = forward(7, 0xa1).await;
+            (r, start.elapsed())
+        };
         let retry = async {
             tokio::time::sleep(Duration::from_secs(2)).await;
-            forward(7, 0xb2).await
+            let r = forward(7, 0xb2).await;
+            (r, start.elapsed())
         };
         tokio::join!(first, retry)
     });
     members[2].signal("-CONT");
     let log = members[0].node().log_tail(30);
+    let log = format!("first {first:?}, retry {retry:?}; owner's log:\n{log}");
+    let (first, retry) = (first.0, retry.0);
     assert_eq!(first, Ok(Status::Ok), "the first attempt succeeds without the paused copy: {log}");
     assert_eq!(retry, Ok(Status::Ok), "the retry gets the first attempt's outcome: {log}");
     let data = read_component(&members[0], &key, owner_copy, epoch, 0);
-    assert!(data[..4096].iter().all(|b| *b == 0xa1), "the retry's bytes were applied");
+    assert!(data[..4096].iter().all(|b| *b == 0xa1), "the retry's bytes were applied: {log}");
     // A new write (a new number) applies.
     let again = rt.block_on(forward(8, 0xb2));
     let log = members[0].node().log_tail(30);
