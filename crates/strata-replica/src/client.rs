@@ -13,6 +13,9 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::oneshot;
 
+/// The most of a failure's text kept from a reply.
+pub const DETAIL_CHARS: usize = 512;
+
 /// How long connecting may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -26,7 +29,7 @@ pub enum CallError {
     #[error("no answer from {0}")]
     Lost(String),
     /// The node answered with a failure status.
-    #[error("{addr} answered {status:?}")]
+    #[error("{addr} answered {status:?}{}", colon(detail))]
     Status {
         /// The node.
         addr: String,
@@ -34,7 +37,18 @@ pub enum CallError {
         status: Status,
         /// The reply's epoch (for `StaleEpoch`: the component's newest).
         epoch: u64,
+        /// Why, when the node said (a failed VOLUME request's error, as text).
+        detail: String,
     },
+}
+
+/// `": text"`, or nothing for no text.
+fn colon(text: &str) -> String {
+    if text.is_empty() {
+        String::new()
+    } else {
+        format!(": {text}")
+    }
 }
 
 type Waiters = Mutex<Option<HashMap<u64, oneshot::Sender<(Header, Vec<u8>)>>>>;
@@ -81,10 +95,13 @@ impl Pending {
         let rx = self.rx.take().expect("waited once");
         let (reply, data) = rx.await.map_err(|_| CallError::Lost(self.addr.clone()))?;
         if reply.status != Status::Ok {
+            let detail: String =
+                String::from_utf8_lossy(&data).chars().take(DETAIL_CHARS).collect();
             return Err(CallError::Status {
                 addr: self.addr.clone(),
                 status: reply.status,
                 epoch: reply.epoch,
+                detail,
             });
         }
         Ok((reply, data))

@@ -59,6 +59,17 @@ impl Api {
         if let Some(copies) = self.node.replicated_copies(&v.name) {
             v.components = copies;
         }
+        // A replicated volume's id and space are its copy's here (the owner's, when this
+        // node owns it; copies hold the same blocks once level).
+        let me = self.meta.id();
+        let here = v.components.iter().find(|c| c.node == me).map(|c| c.id);
+        if let Some((id, allocated)) =
+            here.and_then(|id| self.node.component_allocated(id).map(|a| (id, a)))
+        {
+            v.id = strata_io::VolumeId(id).to_string();
+            v.allocated_bytes = allocated;
+            v.exclusive_bytes = allocated;
+        }
         v
     }
 
@@ -299,7 +310,11 @@ async fn get_volume(
         Ok(v) => Ok(Json(v)),
         Err(e) => {
             let found = api.registry.remote().into_iter().find(|v| v.name == name);
-            found.map(|v| Json(api.live(v))).ok_or(e)
+            let deleting = || {
+                let record = api.registry.record(&name).filter(|r| r.state == "deleting");
+                record.and_then(|_| api.registry.elsewhere(&name)).unwrap_or(e)
+            };
+            found.map(|v| Json(api.live(v))).ok_or_else(deleting)
         }
     }
 }
@@ -422,12 +437,28 @@ async fn delete_volume(
     State(api): State<Api>,
     Path(name): Path<String>,
     query: Result<Query<DeleteQuery>, axum::extract::rejection::QueryRejection>,
-) -> ApiResult<StatusCode> {
+) -> ApiResult<Response> {
     let Query(q) = query.map_err(|e| ApiError::invalid(format!("bad query: {e}")))?;
+    if api.node.get(&name).is_err() && api.registry.record(&name).is_some_and(|r| r.replicated()) {
+        let left = crate::replicated::delete(&api.meta, &name, q.force).await?;
+        if left.is_empty() {
+            return Ok(StatusCode::NO_CONTENT.into_response());
+        }
+        let nodes: Vec<String> = left.iter().map(u64::to_string).collect();
+        let body = serde_json::json!({
+            "message": format!(
+                "{name} is deleted and no longer served; its copies on node(s) {} are \
+                 removed when each is up again (the name is taken until then)",
+                nodes.join(", ")
+            ),
+            "pending_nodes": left,
+        });
+        return Ok((StatusCode::ACCEPTED, Json(body)).into_response());
+    }
     let node = api.node.clone();
     let n = name.clone();
     api.local(&name, blocking(move || node.delete(&n, q.force)).await)?;
-    Ok(StatusCode::NO_CONTENT)
+    Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 #[derive(Deserialize, Debug)]

@@ -49,7 +49,9 @@ pub enum VolumeCommand {
         #[arg(long)]
         allow_shrink: bool,
     },
-    /// Delete a volume, its snapshots and their data (refused while clones depend on them).
+    /// Delete a volume, its snapshots and their data (refused while clones depend on
+    /// them). A replicated volume's copies are removed from every node; a node that is
+    /// down removes its copy when it returns.
     #[command(after_help = "Examples:\n  strata volume delete vm2\n  \
         strata volume delete vm2 --force   # even while NBD clients are attached")]
     Delete {
@@ -343,8 +345,15 @@ pub fn volume(client: &Client, json_out: bool, cmd: VolumeCommand) -> anyhow::Re
         }
         VolumeCommand::Delete { name, force } => {
             let path = format!("/v1/volumes/{}?force={force}", encode(&name));
-            client.call("DELETE", &path, None)?;
-            print_deleted(json_out, &name);
+            let answer = client.call("DELETE", &path, None)?;
+            // A replicated volume whose copies are not all removed yet (nodes down).
+            match answer["pending_nodes"].as_array() {
+                Some(pending) if json_out => {
+                    println!("{}", json!({"deleted": name, "pending_nodes": pending}))
+                }
+                Some(_) => println!("{}", answer["message"].as_str().unwrap_or_default()),
+                None => print_deleted(json_out, &name),
+            }
             Ok(())
         }
         VolumeCommand::Clone { source, name } => {

@@ -24,6 +24,7 @@ use bytes::Bytes;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use strata_io::{BlockVolume, IoOp, StoreError};
+use strata_replica::client::DETAIL_CHARS;
 use strata_replica::frame::{
     encode, read_frame, DataKey, Header, Kind, Status, DIGEST_UNIT, FLAG_FUA, FLAG_VOLUME,
 };
@@ -137,8 +138,11 @@ impl DataService {
             Err(_) if view.deposed() => (Status::NotOwner, reply, Vec::new()),
             Err(StoreError::OutOfRange { .. }) => (Status::OutOfRange, reply, Vec::new()),
             Err(e) => {
-                tracing::warn!(offset = h.offset, "forwarded request failed: {e}");
-                (Status::Io, reply, Vec::new())
+                // Logged once, where the client is answered (the forwarding node's NBD
+                // server), with this text.
+                tracing::debug!(offset = h.offset, "forwarded request failed: {e}");
+                let text: String = e.to_string().chars().take(DETAIL_CHARS).collect();
+                (Status::Io, reply, text.into_bytes())
             }
         };
         if let Some(p) = &in_progress {

@@ -212,7 +212,13 @@ pub struct Node {
     state: Mutex<State>,
     /// The I/O counters of the exports (`metrics::Counted` wraps each).
     metrics: Arc<crate::metrics::Metrics>,
+    /// Asked when a client names an export this node does not have: it may export it
+    /// now (a replicated volume made a moment ago on another node).
+    discover: std::sync::OnceLock<Discover>,
 }
+
+/// See [`Node::set_discover`].
+pub type Discover = Box<dyn Fn(&Node, &str) -> bool + Send + Sync>;
 
 struct State {
     next_id: u64,
@@ -422,6 +428,7 @@ impl Node {
             fencing,
             resync: Arc::new(crate::resync::Scheduler::new(crate::resync::JOBS_AT_ONCE)),
             state: Mutex::new(State { next_id, volumes, components, replicated: BTreeMap::new() }),
+            discover: std::sync::OnceLock::new(),
         };
         if dropped || !catalog_path.exists() {
             node.persist(&node.lock()).map_err(|e| anyhow::anyhow!("{}", e.message))?;
@@ -508,6 +515,48 @@ impl Node {
     /// A component held here.
     pub fn component(&self, id: u64) -> Option<Component> {
         self.lock().components.get(&id).cloned()
+    }
+
+    /// The components held here, with the volume each belongs to and when it was made.
+    pub fn components(&self) -> Vec<(u64, String, u64)> {
+        let state = self.lock();
+        state
+            .components
+            .values()
+            .map(|c| (c.entry.id, c.entry.volume.clone(), c.entry.created_unix))
+            .collect()
+    }
+
+    /// Sets what is asked when a client names an export this node does not have (true:
+    /// it exports it now). Set once.
+    pub fn set_discover(&self, f: Discover) {
+        let _ = self.discover.set(f);
+    }
+
+    /// Blocks mapped in component `id` held here (its bytes allocated), if it is here.
+    pub fn component_allocated(&self, id: u64) -> Option<u64> {
+        if !self.lock().components.contains_key(&id) {
+            return None;
+        }
+        self.store.usage(id).ok().map(|u| u.mapped_blocks * BLOCK)
+    }
+
+    /// The NBD connections this node has to replicated volume `name`.
+    pub fn replicated_connections(&self, name: &str) -> usize {
+        self.lock().replicated.get(name).map_or(0, |(_, _, attach)| attach.connections())
+    }
+
+    /// The replicated volumes this node exports.
+    pub fn replicated_names(&self) -> Vec<String> {
+        self.lock().replicated.keys().cloned().collect()
+    }
+
+    /// Stops exporting replicated volume `name` (it is being deleted): its clients here
+    /// are disconnected. Returns its router, if there was one.
+    pub fn unexport_replicated(&self, name: &str) -> Option<Arc<crate::replicated::Router>> {
+        let (router, _group_sync, attach) = self.lock().replicated.remove(name)?;
+        attach.close.send_replace(true);
+        Some(router)
     }
 
     /// Removes a component and its data.
@@ -1020,6 +1069,22 @@ impl ExportProvider for Exports {
     }
 
     fn open(&self, name: &str) -> Result<Export, String> {
+        match self.open_exported(name) {
+            Err(e) if !name.is_empty() && !name.contains('@') => {
+                let found = self.0.discover.get().is_some_and(|f| f(&self.0, name));
+                if found {
+                    self.open_exported(name)
+                } else {
+                    Err(e)
+                }
+            }
+            opened => opened,
+        }
+    }
+}
+
+impl Exports {
+    fn open_exported(&self, name: &str) -> Result<Export, String> {
         let state = self.0.lock();
         let (volume, snapshot) = match name.split_once('@') {
             Some((v, s)) => (v, Some(s)),

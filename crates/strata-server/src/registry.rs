@@ -228,6 +228,9 @@ impl Registry {
             return Ok(());
         }
         let holder = self.get(name).await?.map_or("another node".to_owned(), |(r, _)| {
+            if r.state == "deleting" {
+                return deleting(&r);
+            }
             if r.node == self.me() {
                 "this node".to_owned()
             } else {
@@ -287,17 +290,35 @@ impl Registry {
                         .and_then(|e| serde_json::from_slice::<serde_json::Value>(&e.value).ok())
                         .and_then(|v| v["nbd"].as_str().map(str::to_owned))
                         .unwrap_or_else(|| "?".into());
-                    r.info(&nbd)
+                    let mut info = r.info(&nbd);
+                    // A replicated volume's clients, on every node (each node publishes
+                    // its own: `replicated.rs`).
+                    let clients = format!("{PREFIX}{}/clients/", r.name);
+                    info.connections = s
+                        .range(&clients, usize::MAX)
+                        .into_iter()
+                        .filter_map(|(_, e)| {
+                            std::str::from_utf8(&e.value).ok()?.parse::<usize>().ok()
+                        })
+                        .sum();
+                    info
                 })
                 .collect()
         })
     }
 
+    /// Volume `name`'s record, from this member's applied state.
+    pub fn record(&self, name: &str) -> Option<VolumeRecord> {
+        self.meta.read_local(|s| s.get(&format!("{PREFIX}{name}")).and_then(decode))
+    }
+
     /// Explains where a volume this node does not hold lives, if another node does.
     pub fn elsewhere(&self, name: &str) -> Option<ApiError> {
         let me = self.me();
-        let record =
-            self.meta.read_local(|s| s.get(&format!("{PREFIX}{name}")).and_then(decode))?;
+        let record = self.record(name)?;
+        if record.state == "deleting" {
+            return Some(ApiError::new(ErrorCode::NotFound, deleting(&record)));
+        }
         if record.replicated() {
             return Some(ApiError::invalid(format!(
                 "volume {name:?} is replicated ({} copies): this operation is not supported \
@@ -381,6 +402,16 @@ impl Registry {
             let _ = tokio::time::timeout(RECONCILE_EVERY, self.kick.notified()).await;
         }
     }
+}
+
+/// What a volume being deleted is waiting for.
+fn deleting(r: &VolumeRecord) -> String {
+    let nodes: Vec<String> = r.components.iter().map(|c| c.node.to_string()).collect();
+    format!(
+        "volume {:?} is being deleted: its copies on node(s) {} are removed when each is up",
+        r.name,
+        nodes.join(", ")
+    )
 }
 
 fn decode(e: &Entry) -> Option<VolumeRecord> {

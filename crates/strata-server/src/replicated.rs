@@ -24,6 +24,15 @@
 //! 6. Every node serves every replicated volume over NBD: the owner through its view,
 //!    any other node by forwarding each request to the owner (retrying, while a new owner
 //!    is chosen, for up to `FORWARD_PATIENCE`: block writes are idempotent).
+//! 7. Deleting a volume marks its record `deleting` by CAS, deleting its owner and move
+//!    keys in the same transaction: from then no node takes it, its owner's next record
+//!    change fails, and every node stops exporting it. Each node holding a copy removes
+//!    it, then takes its component out of the record by CAS; the last one out deletes
+//!    the record, and only then is the name free. A node down at the time does this when
+//!    it returns; a node removed from the cluster is taken out by any node. A copy that
+//!    no record lists (a rebuild whose record change failed, a volume deleted while its
+//!    node was away for good) is removed once `ORPHAN_GRACE_SECS` old, after a
+//!    linearizable read of its record confirms it.
 
 use crate::error::{ApiError, ApiResult};
 use crate::fencing::{Fencing, Refused};
@@ -63,6 +72,12 @@ const TAKEOVER_STEP: Duration = Duration::from_secs(3);
 /// How long a new owner's view survives its member not yet showing the owner key it
 /// took (the member's applied state lags the leader by a moment).
 const OWNERLESS_GRACE: Duration = Duration::from_secs(5);
+/// How long deleting a volume waits for every node to remove its copy before answering
+/// with the nodes still to do it.
+const DELETE_PATIENCE: Duration = Duration::from_secs(15);
+/// A copy held here that no volume's record lists is removed once this old (a copy being
+/// made is listed within seconds; invariant 7).
+const ORPHAN_GRACE_SECS: u64 = 300;
 /// A pause in a node's forwarded requests longer than this ends its streak.
 const STREAK_GAP: Duration = Duration::from_secs(5);
 /// Regions compared per step of a digest scan.
@@ -1287,6 +1302,9 @@ pub async fn attach(meta: &Member, name: &str, to: u64) -> ApiResult<VolumeRecor
     };
     let record: VolumeRecord = serde_json::from_slice(&bytes)
         .map_err(|e| unavailable(format!("the record of {name} is unreadable: {e}")))?;
+    if record.state != "ready" {
+        return Err(ApiError::invalid(format!("{name} is {}: it cannot move", record.state)));
+    }
     if !record.replicated() {
         return Err(ApiError::invalid(format!(
             "{name} has one copy, on node {}: only a replicated volume changes owner",
@@ -1501,12 +1519,342 @@ async fn hand_over_by(node: &Node, meta: &Member, deadline: Instant) {
     }
 }
 
+/// `/volumes/<name>/clients/<node>`: the node has NBD clients of the volume (a key tied
+/// to its session, so a dead node's clients vanish with it).
+fn clients_prefix(name: &str) -> String {
+    format!("/volumes/{name}/clients/")
+}
+
+/// Deletes replicated volume `name` (invariant 7): refused while nodes have NBD clients
+/// of it unless `force` (then they are disconnected). Returns the nodes that still hold
+/// a copy after `DELETE_PATIENCE` (down now: each removes its copy when it returns).
+pub async fn delete(meta: &Member, name: &str, force: bool) -> ApiResult<Vec<u64>> {
+    let key = format!("/volumes/{name}");
+    let mut marked = false;
+    for _ in 0..5 {
+        let Some((bytes, version)) = get(meta, &key).await? else {
+            return Err(ApiError::new(ErrorCode::NotFound, format!("no volume named {name:?}")));
+        };
+        let mut record: VolumeRecord = serde_json::from_slice(&bytes)
+            .map_err(|e| unavailable(format!("the record of {name} is unreadable: {e}")))?;
+        if record.state == "deleting" {
+            marked = true;
+            break;
+        }
+        if record.state != "ready" || !record.replicated() {
+            return Err(ApiError::invalid(format!("{name} is not a replicated volume")));
+        }
+        if !force {
+            let users = clients(meta, name).await?;
+            if !users.is_empty() {
+                let nodes: Vec<String> = users.iter().map(u64::to_string).collect();
+                return Err(ApiError::new(
+                    ErrorCode::Busy,
+                    format!(
+                        "{name} has NBD clients on node(s) {}; disconnect them or pass --force",
+                        nodes.join(", ")
+                    ),
+                ));
+            }
+        }
+        record.state = "deleting".into();
+        let value = serde_json::to_vec(&record).expect("serializes");
+        let ops = vec![
+            Op::Put { key: key.clone(), value, lease: None },
+            Op::Delete { key: format!("/volumes/{name}/owner") },
+            Op::Delete { key: format!("/volumes/{name}/attach") },
+        ];
+        if write(meta, vec![Compare::Version(key.clone(), version)], ops).await? {
+            tracing::info!(volume = name, force, "deleting the replicated volume");
+            marked = true;
+            break;
+        }
+        // The record changed meanwhile (a copy's state): look again.
+    }
+    if !marked {
+        return Err(unavailable(format!("the record of {name} keeps changing; retry")));
+    }
+    // Linearizable reads: this member's applied state may not show the mark yet.
+    let deadline = Instant::now() + DELETE_PATIENCE;
+    loop {
+        let left = get(meta, &key).await?.and_then(|(b, _)| {
+            serde_json::from_slice::<VolumeRecord>(&b).ok().filter(|r| r.state == "deleting")
+        });
+        match left {
+            // Gone (or a new volume has the name already).
+            None => return Ok(Vec::new()),
+            Some(r) if Instant::now() >= deadline => {
+                return Ok(r.components.iter().map(|c| c.node).collect())
+            }
+            Some(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+}
+
+/// The nodes with NBD clients of `name` (a linearizable read).
+async fn clients(meta: &Member, name: &str) -> ApiResult<Vec<u64>> {
+    let prefix = clients_prefix(name);
+    let request = ClientRequest::Range { prefix: prefix.clone(), limit: usize::MAX };
+    match meta.request(request).await.map_err(unavailable)? {
+        ClientReply::Range { entries, .. } => Ok(entries
+            .iter()
+            .filter_map(|(k, _)| k.strip_prefix(&prefix).and_then(|n| n.parse().ok()))
+            .collect()),
+        other => Err(unavailable(format!("the metadata service answered {other:?}"))),
+    }
+}
+
+/// Exports replicated volume `name` here now if this member's state has it (a client
+/// asked for it before the steward's next round: made a moment ago on another node).
+pub fn discover(
+    node: &Node,
+    meta: &Arc<Member>,
+    runtime: &tokio::runtime::Handle,
+    name: &str,
+) -> bool {
+    let key = format!("/volumes/{name}");
+    let record = meta.read_local(|s| {
+        s.get(&key).and_then(|e| serde_json::from_slice::<VolumeRecord>(&e.value).ok())
+    });
+    let Some(record) = record.filter(|r| r.replicated() && r.state == "ready") else {
+        return false;
+    };
+    let _runtime = runtime.enter();
+    node.router(name, || Arc::new(Router::new(meta.clone(), &record)));
+    true
+}
+
+/// Each node's bookkeeping of replicated volumes, every `STEWARD_EVERY` until the process
+/// ends: deletes (invariant 7), the `clients` keys, and copies no record lists.
+async fn housekeeping(node: Arc<Node>, meta: Arc<Member>) {
+    loop {
+        tokio::time::sleep(STEWARD_EVERY).await;
+        if !meta.registered() {
+            continue;
+        }
+        retire_deleted(&node, &meta).await;
+        unexport_unrecorded(&node, &meta).await;
+        publish_clients(&node, &meta).await;
+        remove_orphans(&node, &meta).await;
+    }
+}
+
+/// Stops exporting a volume whose record is gone (a steward round that read the record
+/// before its delete may have exported it again): confirmed by a linearizable read, as
+/// this member's state may not show a volume just made here yet.
+async fn unexport_unrecorded(node: &Node, meta: &Member) {
+    let recorded =
+        |r: Option<VolumeRecord>| r.is_some_and(|r| r.replicated() && r.state == "ready");
+    for name in node.replicated_names() {
+        let key = format!("/volumes/{name}");
+        let applied = meta.read_local(|s| {
+            s.get(&key).and_then(|e| serde_json::from_slice::<VolumeRecord>(&e.value).ok())
+        });
+        if recorded(applied) {
+            continue;
+        }
+        let Ok(fresh) = get(meta, &key).await else { continue };
+        if recorded(fresh.and_then(|(b, _)| serde_json::from_slice(&b).ok())) {
+            continue;
+        }
+        unexport(node, meta, &name, "the volume is deleted").await;
+    }
+}
+
+/// Stops exporting `name` here (its clients are disconnected, this node's view of it
+/// deposed) and takes back this node's `clients` key for it.
+async fn unexport(node: &Node, meta: &Member, name: &str, why: &str) {
+    if let Some(router) = node.unexport_replicated(name) {
+        if let Some(view) = router.view() {
+            view.depose(why);
+        }
+        router.clear();
+        tracing::info!(volume = %name, "no longer exported: {why}");
+    }
+    let key = format!("{}{}", clients_prefix(name), meta.id());
+    if meta.read_local(|s| s.get(&key).is_some()) {
+        let _ = write(meta, vec![], vec![Op::Delete { key }]).await;
+    }
+}
+
+/// Keeps this node's `clients` keys (its count of NBD connections) true (checked
+/// against its applied state; written only on a change).
+async fn publish_clients(node: &Node, meta: &Member) {
+    let Some(lease) = meta.session_lease() else { return };
+    for name in node.replicated_names() {
+        let used = node.replicated_connections(&name);
+        let key = format!("{}{}", clients_prefix(&name), meta.id());
+        let published = meta.read_local(|s| s.get(&key).map(|e| e.value.clone()));
+        let want = (used > 0).then(|| used.to_string().into_bytes());
+        if published == want {
+            continue;
+        }
+        let op = if used > 0 {
+            Op::Put { key, value: used.to_string().into_bytes(), lease: Some(lease) }
+        } else {
+            Op::Delete { key }
+        };
+        let _ = write(meta, vec![], vec![op]).await;
+    }
+}
+
+/// This node's part in deleting volumes (invariant 7): it stops exporting each volume
+/// being deleted, removes its copies of it and takes them out of the record; and takes
+/// out the copies of nodes no longer in the cluster.
+async fn retire_deleted(node: &Arc<Node>, meta: &Member) {
+    let me = meta.id();
+    let deleting: Vec<VolumeRecord> = meta.read_local(|s| {
+        s.range("/volumes/", usize::MAX)
+            .into_iter()
+            .filter_map(|(_, e)| serde_json::from_slice::<VolumeRecord>(&e.value).ok())
+            .filter(|r| r.replicated() && r.state == "deleting")
+            .collect()
+    });
+    for record in deleting {
+        let name = &record.name;
+        unexport(node, meta, name, "the volume is being deleted").await;
+        remove_bitmaps(&node.dir().join("bitmaps"), name);
+        let mut removed = true;
+        for c in record.components.iter().filter(|c| c.node == me) {
+            let (n, id) = (node.clone(), c.id);
+            match tokio::task::spawn_blocking(move || n.component_remove(id)).await {
+                Ok(Ok(())) => {
+                    tracing::info!(volume = %name, component = id, "removed this node's copy")
+                }
+                Ok(Err(e)) if e.code == ErrorCode::NotFound => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(volume = %name, component = id, "cannot remove: {}", e.message);
+                    removed = false;
+                }
+                Err(e) => {
+                    tracing::warn!(volume = %name, component = id, "cannot remove: {e}");
+                    removed = false;
+                }
+            }
+        }
+        if removed && record.components.iter().any(|c| c.node == me) {
+            forget_copies(meta, name, |n| n == me).await;
+        }
+        // A node that will never return cannot take its own copy out.
+        let away: Vec<u64> = record
+            .components
+            .iter()
+            .map(|c| c.node)
+            .filter(|n| !meta.read_local(|s| s.session(*n).is_some_and(|x| x.up)))
+            .collect();
+        if !away.is_empty() {
+            if let Ok(ClientReply::Status(status)) = meta.request(ClientRequest::Status).await {
+                let members: BTreeSet<u64> = status.members.iter().map(|m| m.id).collect();
+                if away.iter().any(|n| !members.contains(n)) {
+                    forget_copies(meta, name, |n| !members.contains(&n)).await;
+                }
+            }
+        }
+    }
+}
+
+/// Takes the copies on nodes `gone` picks out of deleting volume `name`'s record; the
+/// last copy out deletes the record (and the name is free).
+async fn forget_copies(meta: &Member, name: &str, gone: impl Fn(u64) -> bool) {
+    let key = format!("/volumes/{name}");
+    for _ in 0..5 {
+        let Ok(Some((bytes, version))) = get(meta, &key).await else { return };
+        let Ok(mut record) = serde_json::from_slice::<VolumeRecord>(&bytes) else { return };
+        if record.state != "deleting" {
+            return;
+        }
+        record.components.retain(|c| !gone(c.node));
+        let ops = if record.components.is_empty() {
+            vec![
+                Op::Delete { key: key.clone() },
+                Op::Delete { key: format!("/volumes/{name}/owner") },
+                Op::Delete { key: format!("/volumes/{name}/attach") },
+            ]
+        } else {
+            let value = serde_json::to_vec(&record).expect("serializes");
+            vec![Op::Put { key: key.clone(), value, lease: None }]
+        };
+        match write(meta, vec![Compare::Version(key.clone(), version)], ops).await {
+            Ok(true) => {
+                if record.components.is_empty() {
+                    tracing::info!(volume = name, "deleted: every copy is removed");
+                }
+                return;
+            }
+            Ok(false) => continue,
+            Err(_) => return, // Tried again at the next round.
+        }
+    }
+}
+
+/// Removes the synchronization bitmaps of volume `name` (`<name>.<node>.<id>`).
+fn remove_bitmaps(dir: &std::path::Path, name: &str) {
+    let Ok(files) = std::fs::read_dir(dir) else { return };
+    for f in files.flatten() {
+        let file = f.file_name();
+        let Some(rest) = file.to_str().and_then(|f| f.strip_prefix(name)?.strip_prefix('.')) else {
+            continue;
+        };
+        let rest = rest.strip_suffix(".tmp").unwrap_or(rest);
+        let ours = rest
+            .split_once('.')
+            .is_some_and(|(n, id)| n.parse::<u64>().is_ok() && id.parse::<u64>().is_ok());
+        if ours {
+            let _ = std::fs::remove_file(f.path());
+        }
+    }
+}
+
+/// Removes the copies held here that no volume's record lists (invariant 7).
+async fn remove_orphans(node: &Arc<Node>, meta: &Member) {
+    let me = meta.id();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let listed = |record: Option<VolumeRecord>, id: u64| {
+        record.is_some_and(|r| {
+            r.state == "creating" || r.components.iter().any(|c| c.node == me && c.id == id)
+        })
+    };
+    for (id, volume, made) in node.components() {
+        if now.saturating_sub(made) < ORPHAN_GRACE_SECS {
+            continue;
+        }
+        let key = format!("/volumes/{volume}");
+        let applied = meta.read_local(|s| {
+            s.get(&key).and_then(|e| serde_json::from_slice::<VolumeRecord>(&e.value).ok())
+        });
+        if listed(applied, id) {
+            continue;
+        }
+        // This member's state may lag (just restarted): ask the leader before removing.
+        let Ok(fresh) = get(meta, &key).await else { continue };
+        if listed(fresh.and_then(|(b, _)| serde_json::from_slice(&b).ok()), id) {
+            continue;
+        }
+        let n = node.clone();
+        match tokio::task::spawn_blocking(move || n.component_remove(id)).await {
+            Ok(Ok(())) => tracing::warn!(
+                volume = %volume,
+                component = id,
+                "removed a copy that no volume's record lists"
+            ),
+            Ok(Err(e)) => {
+                tracing::warn!(component = id, "cannot remove an unlisted copy: {}", e.message)
+            }
+            Err(e) => tracing::warn!(component = id, "cannot remove an unlisted copy: {e}"),
+        }
+    }
+}
+
 /// Each node's steward of the replicated volumes, until the process ends: it exports
 /// every one (a router), notices when this node's view is no longer the owner's, and
 /// takes ownership of a volume that has no owner (the last owner first, then the other
 /// nodes with an ACTIVE copy, each a `TAKEOVER_STEP` later in id order) or that an
 /// operator (or the owner, for its clients' sake: `MovePolicy`) moves to this node.
 pub async fn steward(node: Arc<Node>, meta: Arc<Member>, moves: MovePolicy) {
+    // Apart, so a metadata write waiting for a quorum never holds up a takeover.
+    tokio::spawn(housekeeping(node.clone(), meta.clone()));
     let mut ownerless: HashMap<String, Instant> = HashMap::new();
     loop {
         tokio::time::sleep(STEWARD_EVERY).await;
@@ -1684,9 +2032,13 @@ impl Router {
                 Err(Forwarded::Retry("a short read from the owner".into()))
             }
             Ok(Ok((_, data))) => Ok(Bytes::from(data)),
-            Ok(Err(CallError::Status { status: Status::Io, addr, .. })) => Err(Forwarded::Failed(
-                io_error("forwarded", format!("the owner at {addr} failed it")),
-            )),
+            Ok(Err(CallError::Status { status: Status::Io, addr, detail, .. })) => {
+                let why = if detail.is_empty() { "no reason given".into() } else { detail };
+                Err(Forwarded::Failed(io_error(
+                    "forwarded",
+                    format!("the owner at {addr} failed it: {why}"),
+                )))
+            }
             Ok(Err(CallError::Status { status: Status::OutOfRange, .. })) => {
                 Err(Forwarded::Failed(StoreError::OutOfRange {
                     offset: h.offset,

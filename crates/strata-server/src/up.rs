@@ -219,6 +219,12 @@ async fn serve(config: Config, one_node: bool) -> anyhow::Result<()> {
         hold: Duration::from_secs(config.move_hold_secs),
     };
     tokio::spawn(crate::replicated::steward(node.clone(), member.clone(), moves));
+    {
+        let (member, runtime) = (member.clone(), tokio::runtime::Handle::current());
+        node.set_discover(Box::new(move |node, name| {
+            crate::replicated::discover(node, &member, &runtime, name)
+        }));
+    }
     let token = api::token_for(&config.data_dir, config.http)?;
 
     let (stop_tx, stop_rx) = watch::channel(false);

@@ -481,6 +481,142 @@ fn a_retried_forwarded_write_is_not_applied_twice() {
     wait_until(40, "every node to exit after SIGTERM", || pids.iter().all(gone));
 }
 
+/// Deleting a replicated volume: refused while a node has NBD clients of it, unless
+/// `--force` (which disconnects them); then every node's copy is removed and the name is
+/// free again. A node down at the time removes its copy when it returns, and the name is
+/// taken until then.
+#[test]
+fn a_replicated_volume_is_deleted_from_every_node() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut members = three_members(tmp.path());
+    let create = |m: &Member| {
+        let (ok, text) =
+            cli(m, &["volume", "create", "d1", "--size", "4M", "--replicas", "3", "--json"]);
+        assert!(ok, "{text}");
+        let v: Value = serde_json::from_str(&text).unwrap();
+        let ids: Vec<(u64, u64)> = v["components"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| (c["node"].as_u64().unwrap(), c["id"].as_u64().unwrap()))
+            .collect();
+        (ids, v["epoch"].as_u64().unwrap())
+    };
+    let (copies, epoch) = create(&members[0]);
+    let key = DataKey::from_secret(&std::fs::read(members[0].dir.join("secret")).unwrap());
+    // Through node 2 at once (not only after its steward's next round).
+    let uri = members[1].node().uri("d1");
+    crate::harness::qemu_io(&uri, &["write -P 7 0 64k"]);
+    // Its id and space are those of the copy on the node asked.
+    let v = members[0].get("/v1/volumes/d1").unwrap();
+    assert_eq!(v["allocated_bytes"], 65536, "{v}");
+    assert!(!v["id"].as_str().unwrap().is_empty(), "{v}");
+    // A client that stays connected to node 2.
+    let mut client = Command::new("qemu-io")
+        .args(["-f", "raw", &uri])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until(10, "node 1 to see node 2's client", || {
+        members[0].get("/v1/volumes/d1").is_some_and(|v| v["connections"] == 1)
+    });
+    let (ok, text) = cli(&members[0], &["volume", "delete", "d1"]);
+    assert!(!ok && text.contains("NBD clients on node(s) 2"), "{text}");
+    let data = read_component(&members[2], &key, copies[2].1, epoch, 0);
+    assert!(data[..65536].iter().all(|b| *b == 7), "refused, it changed nothing");
+
+    let (ok, text) = cli(&members[2], &["volume", "delete", "d1", "--force"]);
+    assert!(ok && text.contains("deleted d1"), "{text}");
+    let _ = client.kill();
+    let _ = client.wait();
+    for (m, (node, id)) in members.iter().zip(&copies) {
+        assert_eq!(m.id, *node);
+        let gone = try_read_component(m, &key, *id, epoch, 0).map(|_| "still there");
+        assert!(
+            matches!(gone, Err(CallError::Status { status: Status::NotFound, .. })),
+            "node {node}'s copy: {gone:?}"
+        );
+        let list = m.get("/v1/volumes").unwrap();
+        assert!(!list.to_string().contains("\"d1\""), "node {node} lists d1: {list}");
+    }
+    let exports = Command::new("nbdinfo").args(["--list", &uri]).output().unwrap();
+    let exports = String::from_utf8_lossy(&exports.stdout);
+    assert!(!exports.contains("export=\"d1\"") && !exports.contains("d1\n"), "{exports}");
+
+    // The name is free again; now one node is down while its volume is deleted.
+    let (copies, _) = create(&members[0]);
+    let dir = members[2].node.take().unwrap().kill9();
+    assert_eq!(dir, members[2].dir);
+    let (ok, text) = cli(&members[0], &["volume", "delete", "d1", "--force"]);
+    assert!(ok && text.contains("node(s) 3") && text.contains("when each is up"), "{text}");
+    let (ok, text) = cli(&members[1], &["volume", "create", "d1", "--size", "4M"]);
+    assert!(!ok && text.contains("being deleted"), "the name is still taken: {text}");
+    members[2].start();
+    wait_until(40, "node 3 to remove its copy and free the name", || {
+        cli(&members[1], &["volume", "info", "d1"]).1.contains("no volume named")
+    });
+    let gone = try_read_component(&members[2], &key, copies[2].1, 0, 0).map(|_| "still there");
+    assert!(
+        matches!(gone, Err(CallError::Status { status: Status::NotFound, .. })),
+        "node 3's copy: {gone:?}"
+    );
+    let (ok, text) = cli(&members[1], &["volume", "delete", "d1"]);
+    assert!(!ok && text.contains("no volume named"), "{text}");
+}
+
+/// A request the owner fails for a client of another node is logged once, by the node
+/// that answers the client, with the owner's reason; not again by the owner.
+#[test]
+fn a_forwarded_failure_is_logged_once_with_the_owners_reason() {
+    let tmp = tempfile::tempdir().unwrap();
+    let members = three_members(tmp.path());
+    let args = ["volume", "create", "m2", "--size", "4M", "--replicas", "2", "--min-replicas", "2"];
+    let (ok, text) = cli(&members[0], &[&args[..], &["--json"]].concat());
+    assert!(ok, "{text}");
+    let v: Value = serde_json::from_str(&text).unwrap();
+    let holders: Vec<u64> =
+        v["components"].as_array().unwrap().iter().map(|c| c["node"].as_u64().unwrap()).collect();
+    assert_eq!(holders[0], 1, "node 1 owns it");
+    // The node without a copy forwards; the owner's other copy is paused, so the owner
+    // fails the write (one copy active, two needed).
+    let (other, client) = if holders[1] == 2 { (1, 2) } else { (2, 1) };
+    let uri = members[client].node().uri("m2");
+    wait_until(10, "the client's node to export m2", || {
+        Command::new("qemu-io").args(["-f", "raw", "-c", "read 0 4k", &uri]).output().is_ok_and(
+            |o| o.status.success() && !String::from_utf8_lossy(&o.stdout).contains("error"),
+        )
+    });
+    members[other].signal("-STOP");
+    let out = Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write -P 0x5a 8k 4k", &uri])
+        .output()
+        .unwrap();
+    members[other].signal("-CONT");
+    let said =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("error") || !out.status.success(), "the write must fail: {said}");
+    let lines = |m: &Member, what: &str| {
+        m.node().log_tail(10_000).lines().filter(|l| l.contains(what)).count()
+    };
+    let forwarder = members[client].node().log_tail(10_000);
+    // (qemu-io's flush at exit fails too, on a line of its own.)
+    let failed: Vec<&str> = forwarder
+        .lines()
+        .filter(|l| l.contains("I/O failed") && l.contains("command=\"write\""))
+        .collect();
+    assert_eq!(failed.len(), 1, "one line where the client is answered: {forwarder}");
+    assert!(failed[0].contains("volume=m2") && failed[0].contains("offset=8192"), "{}", failed[0]);
+    assert!(
+        failed[0].contains("1 copies are active, 2 needed"),
+        "the owner's reason: {}",
+        failed[0]
+    );
+    assert_eq!(lines(&members[0], "I/O failed"), 0, "{}", members[0].node().log_tail(40));
+    assert_eq!(lines(&members[0], "forwarded request failed"), 0, "not again at the owner");
+}
+
 /// Three members formed into a cluster (node 1 founds it, 2 and 3 join), all voters up.
 fn three_members(root: &Path) -> Vec<Member> {
     let mut members = vec![Member::new(root, 1, None)];
