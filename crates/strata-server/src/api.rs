@@ -388,6 +388,8 @@ async fn create_volume(
                 format!("a volume named {:?} already exists", name.as_str()),
             ));
         }
+        // The arguments are checked by now: what create refuses as invalid (too few nodes
+        // up for the copies) is the cluster's state.
         let info = crate::replicated::create(
             &api.node,
             &api.meta,
@@ -397,7 +399,8 @@ async fn create_volume(
             replicas,
             min_replicas,
         )
-        .await?;
+        .await
+        .map_err(state_refusal)?;
         return Ok((StatusCode::CREATED, Json(info)));
     }
     let node = api.node.clone();
@@ -530,8 +533,20 @@ async fn attach_volume(
     body: Bytes,
 ) -> ApiResult<Json<VolumeInfo>> {
     let req: AttachBody = parse_json(&body)?;
-    let record = crate::replicated::attach(&api.meta, &name, req.node).await?;
+    // The body is well formed by now: what attach refuses as invalid (a volume of one
+    // copy, a node without an active copy) is the volume's state.
+    let record =
+        crate::replicated::attach(&api.meta, &name, req.node).await.map_err(state_refusal)?;
     Ok(Json(api.live(record.info(&api.nbd_addr))))
+}
+
+/// An error of an operation whose arguments were checked before it: an invalid argument
+/// it finds is the state of the volume or cluster, not the request (409 conflict).
+fn state_refusal(e: ApiError) -> ApiError {
+    match e.code {
+        ErrorCode::InvalidArgument => ApiError::new(ErrorCode::Conflict, e.message),
+        _ => e,
+    }
 }
 
 fn service_error(e: ServiceError) -> ApiError {

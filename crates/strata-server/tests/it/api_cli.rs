@@ -263,6 +263,35 @@ fn a_one_node_cluster_answers_and_bad_membership_requests_change_nothing() {
     assert!(out.status.success() && text.contains("leader: node 1"), "{text}");
 }
 
+/// `POST path body` is refused with `status` and `code`, and the volumes are as before.
+fn refused(node: &Node, path: &str, body: &str, status: u16, code: &str) -> String {
+    let before = get(node, "/v1/volumes");
+    let (s, b) = post(node, path, body);
+    assert_eq!((s, error_code(&b).as_str()), (status, code), "{path} {body}: {b}");
+    assert_eq!(get(node, "/v1/volumes"), before, "{path} {body} changed something");
+    let v: serde_json::Value = serde_json::from_str(&b).unwrap();
+    v["message"].as_str().unwrap().to_owned()
+}
+
+#[test]
+fn requests_the_state_refuses_are_conflicts_and_change_nothing() {
+    let node = Node::start();
+    node.create("v", "16M");
+    let message = refused(&node, "/v1/volumes/v/resize", r#"{"size": "8M"}"#, 409, "conflict");
+    assert!(message.contains("allow_shrink"), "{message}");
+    let message = refused(&node, "/v1/volumes/v/attach", r#"{"node": 1}"#, 409, "conflict");
+    assert!(message.contains("one copy"), "{message}");
+    // A cluster of one node has too few for two copies; the name stays free.
+    let body = r#"{"name": "r", "size": "16M", "replicas": 2}"#;
+    let message = refused(&node, "/v1/volumes", body, 409, "conflict");
+    assert!(message.contains("nodes up"), "{message}");
+    let (s, b) = post(&node, "/v1/volumes", r#"{"name": "r", "size": "16M"}"#);
+    assert_eq!(s, 201, "{b}");
+    // Still a bad request: min_replicas above replicas.
+    let body = r#"{"name": "m", "size": "16M", "replicas": 1, "min_replicas": 2}"#;
+    refused(&node, "/v1/volumes", body, 400, "invalid_argument");
+}
+
 #[test]
 fn an_api_beyond_loopback_needs_the_bearer_token() {
     let tmp = tempfile::tempdir().unwrap();
