@@ -602,10 +602,35 @@ struct AddNode {
 
 async fn add_node(State(api): State<Api>, body: Bytes) -> ApiResult<Json<ClusterView>> {
     let add: AddNode = parse_json(&body)?;
+    if add.id == 0 {
+        return Err(ApiError::invalid("node ids start at 1"));
+    }
     if add.rpc.parse::<std::net::SocketAddr>().is_err() {
         return Err(ApiError::invalid(format!("rpc {:?} is not IP:PORT", add.rpc)));
     }
-    meta_request(&api, ClientRequest::Join { id: add.id, addr: add.rpc }).await?;
+    let members = cluster_status(State(api.clone())).await?.0.cluster.members;
+    if let Some(m) = members.iter().find(|m| m.id == add.id && m.rpc != add.rpc) {
+        return Err(ApiError::new(
+            ErrorCode::AlreadyExists,
+            format!(
+                "node {} is already a member at {}; remove it first to re-add it at {}",
+                m.id, m.rpc, add.rpc
+            ),
+        ));
+    }
+    if let Some(m) = members.iter().find(|m| m.id != add.id && m.rpc == add.rpc) {
+        return Err(ApiError::new(
+            ErrorCode::AlreadyExists,
+            format!("{} is the address of member node {}", m.rpc, m.id),
+        ));
+    }
+    // What the leader still refuses is about the node at that address: it did not answer
+    // (or not as that node), or did not catch up. Retrying may help; nothing was added.
+    let join = ClientRequest::Join { id: add.id, addr: add.rpc };
+    api.meta.request(join).await.map_err(|e| match e {
+        ServiceError::Membership(m) => ApiError::new(ErrorCode::Unavailable, m),
+        e => service_error(e),
+    })?;
     cluster_status(State(api)).await
 }
 
@@ -614,6 +639,17 @@ async fn remove_node(
     Path(id): Path<String>,
 ) -> ApiResult<Json<ClusterView>> {
     let id: u64 = id.parse().map_err(|_| ApiError::invalid(format!("{id:?} is not a node id")))?;
-    meta_request(&api, ClientRequest::Remove { id }).await?;
+    let members = cluster_status(State(api.clone())).await?.0.cluster.members;
+    if !members.iter().any(|m| m.id == id) {
+        return Err(ApiError::new(ErrorCode::NotFound, format!("node {id} is not a member")));
+    }
+    if members.len() == 1 {
+        return Err(ApiError::new(ErrorCode::Conflict, "cannot remove the last member"));
+    }
+    // The id is a member's: what is still refused is the membership's state.
+    api.meta.request(ClientRequest::Remove { id }).await.map_err(|e| match e {
+        ServiceError::Membership(m) => ApiError::new(ErrorCode::Conflict, m),
+        e => service_error(e),
+    })?;
     cluster_status(State(api)).await
 }

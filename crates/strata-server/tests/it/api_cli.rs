@@ -243,17 +243,25 @@ fn a_one_node_cluster_answers_and_bad_membership_requests_change_nothing() {
         (r#"{"id": 2}"#.to_owned(), 400),
         (r#"{"id": 2, "rpc": "127.0.0.1:1", "x": 1}"#.to_owned(), 400),
         (format!(r#"{{"id": 0, "rpc": "{free}"}}"#), 400),
-        // Nothing listens there: refused, no ghost learner.
-        (format!(r#"{{"id": 2, "rpc": "{free}"}}"#), 400),
+        // The id is a member's, at another address; the address is a member's.
+        (r#"{"id": 1, "rpc": "127.0.0.1:1"}"#.to_owned(), 409),
+        (format!(r#"{{"id": 2, "rpc": "{}"}}"#, member_rpc(&node)), 409),
+        // Nothing listens there: unavailable (retry when it runs), no ghost learner.
+        (format!(r#"{{"id": 2, "rpc": "{free}"}}"#), 503),
     ] {
         let (s, b) = post(&node, "/v1/cluster/nodes", &body);
         assert_eq!(s, status, "{body}: {b}");
         error_code(&b);
     }
-    for path in ["/v1/cluster/nodes/7", "/v1/cluster/nodes/1", "/v1/cluster/nodes/x"] {
+    // No such member: 404; the last member: 409 conflict; not an id: 400.
+    for (path, status, code) in [
+        ("/v1/cluster/nodes/7", 404, "not_found"),
+        ("/v1/cluster/nodes/1", 409, "conflict"),
+        ("/v1/cluster/nodes/x", 400, "invalid_argument"),
+    ] {
         let (s, b) =
             http(&node, &format!("DELETE {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"));
-        assert_eq!(s, 400, "{path}: {b}");
+        assert_eq!((s, error_code(&b).as_str()), (status, code), "{path}: {b}");
     }
     let out = node.cli(&["node", "list", "--json"]);
     let members: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -261,6 +269,14 @@ fn a_one_node_cluster_answers_and_bad_membership_requests_change_nothing() {
     let out = node.cli(&["cluster", "status"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success() && text.contains("leader: node 1"), "{text}");
+}
+
+/// The RPC address of the node's only member.
+fn member_rpc(node: &Node) -> String {
+    let (s, b) = get(node, "/v1/cluster/nodes");
+    assert_eq!(s, 200, "{b}");
+    let members: serde_json::Value = serde_json::from_str(&b).unwrap();
+    members[0]["rpc"].as_str().unwrap().to_owned()
 }
 
 /// `POST path body` is refused with `status` and `code`, and the volumes are as before.

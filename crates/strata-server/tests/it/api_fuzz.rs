@@ -16,6 +16,15 @@ fn schemathesis() -> String {
     })
 }
 
+/// The one exception, for one operation: adding a node answers 503 (unavailable, retry
+/// when it runs) when no node answers at its address, and a generated address never has
+/// one, so a valid request always gets it there.
+const CONFIG: &str = r#"
+[[operations]]
+include-operation-id = "addNode"
+checks.not_a_server_error.expected-statuses = ["2xx", "3xx", "4xx", "503"]
+"#;
+
 #[test]
 fn the_api_fuzzed_from_its_openapi_document_gives_no_5xx_and_keeps_its_schema() {
     let st = schemathesis();
@@ -24,8 +33,10 @@ fn the_api_fuzzed_from_its_openapi_document_gives_no_5xx_and_keeps_its_schema() 
     let schema = format!("{}/v1/openapi.json", node.api());
     let checks = "not_a_server_error,status_code_conformance,content_type_conformance,\
                   response_schema_conformance";
-    // It keeps a cache of what it found in its working directory: a temporary one.
+    // It reads its configuration from, and keeps a cache of what it found in, its working
+    // directory: a temporary one.
     let work = tempfile::tempdir().unwrap();
+    std::fs::write(work.path().join("schemathesis.toml"), CONFIG).unwrap();
     let out = Command::new(&st)
         .current_dir(work.path())
         .args(["run", &schema, "--max-examples", "10", "--no-color", "--checks", checks])
@@ -45,4 +56,5 @@ fn the_api_fuzzed_from_its_openapi_document_gives_no_5xx_and_keeps_its_schema() 
         node.log_tail(30)
     );
     assert!(stdout.contains("passed") && stdout.contains("generated"), "{stdout}");
+    assert!(stdout.contains("schemathesis.toml"), "its configuration was not read:\n{stdout}");
 }
