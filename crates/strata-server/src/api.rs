@@ -304,23 +304,41 @@ async fn get_volume(
     }
 }
 
-/// A size given as bytes (a number) or as text with a suffix (`"10G"`).
+/// A size: bytes as a number, or text with a suffix (`"10G"`); see [`SizeArg::bytes`].
 #[derive(Deserialize, Debug)]
-#[serde(untagged)]
-pub enum SizeArg {
-    /// Bytes.
-    Bytes(u64),
-    /// Text like `10G`.
-    Text(String),
-}
+#[serde(transparent)]
+pub struct SizeArg(serde_json::Value);
 
 impl SizeArg {
+    /// The size in bytes. A number is bytes; text is digits and M, G or T (any case, `B`
+    /// or `iB` may follow; no spaces), which always names a multiple of 4096 bytes. Text
+    /// in bytes or K (`"6K"`) is refused: which of those are multiples of 4096 no pattern
+    /// of the OpenAPI document can say, and the CLI sends bytes.
     fn bytes(&self) -> ApiResult<u64> {
-        match self {
-            SizeArg::Bytes(b) => check_size(*b),
-            SizeArg::Text(t) => parse_size(t),
+        let invalid = |e: strata_types::SizeError| ApiError::invalid(e.to_string());
+        match &self.0 {
+            serde_json::Value::Number(n) => match n.as_u64() {
+                Some(b) => check_size(b).map_err(invalid),
+                None => Err(ApiError::invalid(format!(
+                    "size {n} is not a whole number of bytes (a multiple of 4096)"
+                ))),
+            },
+            serde_json::Value::String(t) => {
+                let digits = t.bytes().take_while(u8::is_ascii_digit).count();
+                let unit = t[digits..].to_ascii_uppercase();
+                let units = ["M", "MB", "MIB", "G", "GB", "GIB", "T", "TB", "TIB"];
+                if digits == 0 || !units.contains(&unit.as_str()) {
+                    return Err(ApiError::invalid(format!(
+                        "size {t:?} is not digits and M, G or T (\"10G\" is 10 GiB); give \
+                         other sizes as a number of bytes (a multiple of 4096)"
+                    )));
+                }
+                parse_size(t).map_err(invalid)
+            }
+            other => Err(ApiError::invalid(format!(
+                "size {other} is neither a number of bytes nor text like \"10G\""
+            ))),
         }
-        .map_err(|e| ApiError::invalid(e.to_string()))
     }
 }
 

@@ -290,6 +290,52 @@ fn refused(node: &Node, path: &str, body: &str, status: u16, code: &str) -> Stri
 }
 
 #[test]
+fn api_sizes_are_bytes_or_m_g_t_text_and_others_are_refused_clearly() {
+    let node = Node::start();
+    // A number is bytes: a non-zero multiple of 4096, at most 64 TiB.
+    for (size, needle) in [
+        ("0", "greater than zero"),
+        ("4097", "multiple of 4096"),
+        ("70368744181760", "maximum volume size"),
+        ("-4096", "not a whole number of bytes"),
+        ("4096.5", "not a whole number of bytes"),
+        ("true", "neither a number of bytes nor text"),
+        ("null", "neither a number of bytes nor text"),
+        // Text is digits and M, G or T: which other texts are multiples of 4096 no
+        // pattern of the OpenAPI document can say.
+        (r#""4K""#, "digits and M, G or T"),
+        (r#""8192""#, "digits and M, G or T"),
+        (r#"" 1G""#, "digits and M, G or T"),
+        (r#""1P""#, "digits and M, G or T"),
+        (r#""0G""#, "greater than zero"),
+        (r#""65T""#, "maximum volume size"),
+    ] {
+        let body = format!(r#"{{"name": "v", "size": {size}}}"#);
+        let message = refused(&node, "/v1/volumes", &body, 400, "invalid_argument");
+        assert!(message.contains(needle), "{body}: {message}");
+    }
+    for (name, size, bytes) in
+        [("a", "8192", 8192u64), ("b", r#""1g""#, 1 << 30), ("c", r#""2MiB""#, 2 << 20)]
+    {
+        let (s, b) =
+            post(&node, "/v1/volumes", &format!(r#"{{"name": "{name}", "size": {size}}}"#));
+        assert_eq!(s, 201, "{b}");
+        let v: serde_json::Value = serde_json::from_str(&b).unwrap();
+        assert_eq!(v["size_bytes"], bytes, "{b}");
+    }
+    // null replicas and min_replicas are their defaults.
+    let body = r#"{"name": "d", "size": "1G", "replicas": null, "min_replicas": null}"#;
+    let (s, b) = post(&node, "/v1/volumes", body);
+    assert_eq!(
+        (s, serde_json::from_str::<serde_json::Value>(&b).unwrap()["replicas"].clone()),
+        (201, 1.into())
+    );
+    // The CLI takes K and plain bytes too: it sends bytes.
+    node.create("e", "8K");
+    node.create("f", "12288");
+}
+
+#[test]
 fn requests_the_state_refuses_are_conflicts_and_change_nothing() {
     let node = Node::start();
     node.create("v", "16M");
