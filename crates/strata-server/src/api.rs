@@ -319,23 +319,41 @@ async fn get_volume(
     }
 }
 
-/// A size given as bytes (a number) or as text with a suffix (`"10G"`).
+/// A size: bytes as a number, or text with a suffix (`"10G"`); see [`SizeArg::bytes`].
 #[derive(Deserialize, Debug)]
-#[serde(untagged)]
-pub enum SizeArg {
-    /// Bytes.
-    Bytes(u64),
-    /// Text like `10G`.
-    Text(String),
-}
+#[serde(transparent)]
+pub struct SizeArg(serde_json::Value);
 
 impl SizeArg {
+    /// The size in bytes. A number is bytes; text is digits and M, G or T (any case, `B`
+    /// or `iB` may follow; no spaces), which always names a multiple of 4096 bytes. Text
+    /// in bytes or K (`"6K"`) is refused: which of those are multiples of 4096 no pattern
+    /// of the OpenAPI document can say, and the CLI sends bytes.
     fn bytes(&self) -> ApiResult<u64> {
-        match self {
-            SizeArg::Bytes(b) => check_size(*b),
-            SizeArg::Text(t) => parse_size(t),
+        let invalid = |e: strata_types::SizeError| ApiError::invalid(e.to_string());
+        match &self.0 {
+            serde_json::Value::Number(n) => match n.as_u64() {
+                Some(b) => check_size(b).map_err(invalid),
+                None => Err(ApiError::invalid(format!(
+                    "size {n} is not a whole number of bytes (a multiple of 4096)"
+                ))),
+            },
+            serde_json::Value::String(t) => {
+                let digits = t.bytes().take_while(u8::is_ascii_digit).count();
+                let unit = t[digits..].to_ascii_uppercase();
+                let units = ["M", "MB", "MIB", "G", "GB", "GIB", "T", "TB", "TIB"];
+                if digits == 0 || !units.contains(&unit.as_str()) {
+                    return Err(ApiError::invalid(format!(
+                        "size {t:?} is not digits and M, G or T (\"10G\" is 10 GiB); give \
+                         other sizes as a number of bytes (a multiple of 4096)"
+                    )));
+                }
+                parse_size(t).map_err(invalid)
+            }
+            other => Err(ApiError::invalid(format!(
+                "size {other} is neither a number of bytes nor text like \"10G\""
+            ))),
         }
-        .map_err(|e| ApiError::invalid(e.to_string()))
     }
 }
 
@@ -403,6 +421,8 @@ async fn create_volume(
                 format!("a volume named {:?} already exists", name.as_str()),
             ));
         }
+        // The arguments are checked by now: what create refuses as invalid (too few nodes
+        // up for the copies) is the cluster's state.
         let info = crate::replicated::create(
             &api.node,
             &api.meta,
@@ -412,7 +432,8 @@ async fn create_volume(
             replicas,
             min_replicas,
         )
-        .await?;
+        .await
+        .map_err(state_refusal)?;
         return Ok((StatusCode::CREATED, Json(info)));
     }
     let node = api.node.clone();
@@ -561,8 +582,20 @@ async fn attach_volume(
     body: Bytes,
 ) -> ApiResult<Json<VolumeInfo>> {
     let req: AttachBody = parse_json(&body)?;
-    let record = crate::replicated::attach(&api.meta, &name, req.node).await?;
+    // The body is well formed by now: what attach refuses as invalid (a volume of one
+    // copy, a node without an active copy) is the volume's state.
+    let record =
+        crate::replicated::attach(&api.meta, &name, req.node).await.map_err(state_refusal)?;
     Ok(Json(api.live(record.info(&api.nbd_addr))))
+}
+
+/// An error of an operation whose arguments were checked before it: an invalid argument
+/// it finds is the state of the volume or cluster, not the request (409 conflict).
+fn state_refusal(e: ApiError) -> ApiError {
+    match e.code {
+        ErrorCode::InvalidArgument => ApiError::new(ErrorCode::Conflict, e.message),
+        _ => e,
+    }
 }
 
 fn service_error(e: ServiceError) -> ApiError {
@@ -618,10 +651,35 @@ struct AddNode {
 
 async fn add_node(State(api): State<Api>, body: Bytes) -> ApiResult<Json<ClusterView>> {
     let add: AddNode = parse_json(&body)?;
+    if add.id == 0 {
+        return Err(ApiError::invalid("node ids start at 1"));
+    }
     if add.rpc.parse::<std::net::SocketAddr>().is_err() {
         return Err(ApiError::invalid(format!("rpc {:?} is not IP:PORT", add.rpc)));
     }
-    meta_request(&api, ClientRequest::Join { id: add.id, addr: add.rpc }).await?;
+    let members = cluster_status(State(api.clone())).await?.0.cluster.members;
+    if let Some(m) = members.iter().find(|m| m.id == add.id && m.rpc != add.rpc) {
+        return Err(ApiError::new(
+            ErrorCode::AlreadyExists,
+            format!(
+                "node {} is already a member at {}; remove it first to re-add it at {}",
+                m.id, m.rpc, add.rpc
+            ),
+        ));
+    }
+    if let Some(m) = members.iter().find(|m| m.id != add.id && m.rpc == add.rpc) {
+        return Err(ApiError::new(
+            ErrorCode::AlreadyExists,
+            format!("{} is the address of member node {}", m.rpc, m.id),
+        ));
+    }
+    // What the leader still refuses is about the node at that address: it did not answer
+    // (or not as that node), or did not catch up. Retrying may help; nothing was added.
+    let join = ClientRequest::Join { id: add.id, addr: add.rpc };
+    api.meta.request(join).await.map_err(|e| match e {
+        ServiceError::Membership(m) => ApiError::new(ErrorCode::Unavailable, m),
+        e => service_error(e),
+    })?;
     cluster_status(State(api)).await
 }
 
@@ -630,6 +688,17 @@ async fn remove_node(
     Path(id): Path<String>,
 ) -> ApiResult<Json<ClusterView>> {
     let id: u64 = id.parse().map_err(|_| ApiError::invalid(format!("{id:?} is not a node id")))?;
-    meta_request(&api, ClientRequest::Remove { id }).await?;
+    let members = cluster_status(State(api.clone())).await?.0.cluster.members;
+    if !members.iter().any(|m| m.id == id) {
+        return Err(ApiError::new(ErrorCode::NotFound, format!("node {id} is not a member")));
+    }
+    if members.len() == 1 {
+        return Err(ApiError::new(ErrorCode::Conflict, "cannot remove the last member"));
+    }
+    // The id is a member's: what is still refused is the membership's state.
+    api.meta.request(ClientRequest::Remove { id }).await.map_err(|e| match e {
+        ServiceError::Membership(m) => ApiError::new(ErrorCode::Conflict, m),
+        e => service_error(e),
+    })?;
     cluster_status(State(api)).await
 }

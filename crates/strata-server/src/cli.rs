@@ -310,8 +310,9 @@ impl Client {
 pub fn volume(client: &Client, json_out: bool, cmd: VolumeCommand) -> anyhow::Result<()> {
     match cmd {
         VolumeCommand::Create { name, size, replicas, min_replicas } => {
-            // Parse locally too, so a typo fails before any request.
-            parse_size(&size)?;
+            // Parsed here, so a typo fails before any request; the API takes bytes (as
+            // text it takes only M, G and T).
+            let size = parse_size(&size)?;
             let mut body = json!({"name": name, "size": size, "replicas": replicas});
             if let Some(m) = min_replicas {
                 body["min_replicas"] = json!(m);
@@ -334,7 +335,7 @@ pub fn volume(client: &Client, json_out: bool, cmd: VolumeCommand) -> anyhow::Re
             print_volume(json_out, &v, "")
         }
         VolumeCommand::Resize { name, size, allow_shrink } => {
-            parse_size(&size)?;
+            let size = parse_size(&size)?;
             let body = json!({"size": size, "allow_shrink": allow_shrink});
             let v = client.call(
                 "POST",

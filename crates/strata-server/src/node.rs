@@ -765,7 +765,7 @@ impl Node {
         let current = v.volume.size_bytes();
         if size_bytes < current && !allow_shrink {
             return Err(ApiError::new(
-                ErrorCode::InvalidArgument,
+                ErrorCode::Conflict,
                 format!(
                     "shrinking {name} from {} to {} discards data; \
                      pass --allow-shrink (API: allow_shrink) to do it",

@@ -319,19 +319,27 @@ impl Registry {
         if record.state == "deleting" {
             return Some(ApiError::new(ErrorCode::NotFound, deleting(&record)));
         }
+        // The name is right and the volume exists: it is its state (replicated, or held by
+        // another node) that refuses the operation here.
         if record.replicated() {
-            return Some(ApiError::invalid(format!(
-                "volume {name:?} is replicated ({} copies): this operation is not supported \
-                 on replicated volumes yet",
-                record.replicas
-            )));
+            return Some(ApiError::new(
+                ErrorCode::Conflict,
+                format!(
+                    "volume {name:?} is replicated ({} copies): this operation is not \
+                     supported on replicated volumes yet",
+                    record.replicas
+                ),
+            ));
         }
         (record.node != me).then(|| {
-            ApiError::invalid(format!(
-                "volume {name:?} lives on node {}: run the command against that node's API \
-                 (until replication, a volume is managed where its data is)",
-                record.node
-            ))
+            ApiError::new(
+                ErrorCode::Conflict,
+                format!(
+                    "volume {name:?} lives on node {}: run the command against that node's \
+                     API (until replication, a volume is managed where its data is)",
+                    record.node
+                ),
+            )
         })
     }
 

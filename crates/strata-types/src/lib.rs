@@ -24,6 +24,9 @@ pub enum ErrorCode {
     AlreadyExists,
     /// The object is in use (e.g. a volume with NBD clients attached).
     Busy,
+    /// The request is well formed but the object's state refuses it (e.g. shrinking a
+    /// volume without allowing it, moving a volume of one copy, removing the last node).
+    Conflict,
     /// The store has no space left.
     NoSpace,
     /// An I/O error or a detected corruption.
@@ -45,6 +48,7 @@ impl ErrorCode {
             ErrorCode::NotFound => "not_found",
             ErrorCode::AlreadyExists => "already_exists",
             ErrorCode::Busy => "busy",
+            ErrorCode::Conflict => "conflict",
             ErrorCode::NoSpace => "no_space",
             ErrorCode::Io => "io_error",
             ErrorCode::Internal => "internal",
@@ -58,7 +62,7 @@ impl ErrorCode {
         match self {
             ErrorCode::InvalidArgument => 400,
             ErrorCode::NotFound => 404,
-            ErrorCode::AlreadyExists | ErrorCode::Busy => 409,
+            ErrorCode::AlreadyExists | ErrorCode::Busy | ErrorCode::Conflict => 409,
             ErrorCode::NoSpace => 507,
             ErrorCode::Io | ErrorCode::Internal => 500,
             ErrorCode::Unavailable => 503,

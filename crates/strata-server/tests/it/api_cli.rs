@@ -155,6 +155,30 @@ fn api_errors_are_json_with_proper_statuses() {
     assert_eq!(v["nbd"], node.nbd.as_str());
 }
 
+/// Every (path, method) the router in `api.rs` serves, read from its source: a route
+/// added there must be added to the document too.
+fn routes() -> Vec<(String, String)> {
+    let source = include_str!("../../src/api.rs");
+    let start = source.find("Router::new()").expect("the router");
+    let end = start + source[start..].find(".fallback(").expect("the router's fallback");
+    let mut routes = Vec::new();
+    for call in source[start..end].split(".route(").skip(1) {
+        let path = call.split('"').nth(1).expect("a route's path");
+        // Method routers: `get(…)`, `.post(…)`, `axum::routing::delete(…)`, not `widget(…)`.
+        let methods: Vec<&str> = ["get", "post", "put", "patch", "delete"]
+            .into_iter()
+            .filter(|m| {
+                call.match_indices(&format!("{m}(")).any(|(at, _)| {
+                    !call[..at].ends_with(|c: char| c.is_ascii_alphanumeric() || c == '_')
+                })
+            })
+            .collect();
+        assert!(!methods.is_empty(), "no method found for {path}: {call}");
+        routes.extend(methods.into_iter().map(|m| (path.to_owned(), m.to_owned())));
+    }
+    routes
+}
+
 #[test]
 fn openapi_document_describes_every_route() {
     let node = Node::start();
@@ -163,32 +187,24 @@ fn openapi_document_describes_every_route() {
     let doc: serde_json::Value = serde_json::from_str(&b).unwrap();
     assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
     let paths = doc["paths"].as_object().unwrap();
-    for (path, method) in [
-        ("/v1/node", "get"),
-        ("/v1/volumes", "get"),
-        ("/v1/volumes", "post"),
-        ("/v1/volumes/{name}", "get"),
-        ("/v1/volumes/{name}", "delete"),
-        ("/v1/volumes/{name}/resize", "post"),
-        ("/v1/volumes/{name}/rollback", "post"),
-        ("/v1/volumes/{name}/snapshots", "get"),
-        ("/v1/volumes/{name}/snapshots", "post"),
-        ("/v1/volumes/{name}/snapshots/{snapshot}", "get"),
-        ("/v1/volumes/{name}/snapshots/{snapshot}", "delete"),
-        ("/v1/volumes/{name}/snapshots/{snapshot}/clone", "post"),
-        ("/v1/cluster", "get"),
-        ("/v1/cluster/init", "post"),
-        ("/v1/cluster/nodes", "get"),
-        ("/v1/cluster/nodes", "post"),
-        ("/v1/cluster/nodes/{id}", "delete"),
-        ("/v1/openapi.json", "get"),
-        ("/v1/stats", "get"),
-        ("/metrics", "get"),
-        ("/", "get"),
-        ("/ui/dashboard.js", "get"),
-        ("/ui/dashboard.css", "get"),
-    ] {
+    let routes = routes();
+    assert!(routes.len() >= 23, "{routes:?}");
+    for (path, method) in &routes {
         assert!(paths[path][method].is_object(), "{method} {path} missing from the document");
+    }
+    let methods = ["get", "post", "put", "patch", "delete"];
+    for (path, item) in paths {
+        for method in item.as_object().unwrap().keys().filter(|k| methods.contains(&k.as_str())) {
+            let served = routes.iter().any(|(p, m)| p == path && m == method);
+            assert!(served, "{method} {path} is documented but not served");
+            let operation = &item[method];
+            assert!(operation["operationId"].is_string(), "{method} {path} has no operationId");
+            if let Some(body) = operation.get("requestBody") {
+                let media = &body["content"]["application/json"];
+                let example = media.get("example").or_else(|| media.get("examples"));
+                assert!(example.is_some(), "{method} {path}: its request body has no example");
+            }
+        }
     }
 }
 
@@ -243,17 +259,25 @@ fn a_one_node_cluster_answers_and_bad_membership_requests_change_nothing() {
         (r#"{"id": 2}"#.to_owned(), 400),
         (r#"{"id": 2, "rpc": "127.0.0.1:1", "x": 1}"#.to_owned(), 400),
         (format!(r#"{{"id": 0, "rpc": "{free}"}}"#), 400),
-        // Nothing listens there: refused, no ghost learner.
-        (format!(r#"{{"id": 2, "rpc": "{free}"}}"#), 400),
+        // The id is a member's, at another address; the address is a member's.
+        (r#"{"id": 1, "rpc": "127.0.0.1:1"}"#.to_owned(), 409),
+        (format!(r#"{{"id": 2, "rpc": "{}"}}"#, member_rpc(&node)), 409),
+        // Nothing listens there: unavailable (retry when it runs), no ghost learner.
+        (format!(r#"{{"id": 2, "rpc": "{free}"}}"#), 503),
     ] {
         let (s, b) = post(&node, "/v1/cluster/nodes", &body);
         assert_eq!(s, status, "{body}: {b}");
         error_code(&b);
     }
-    for path in ["/v1/cluster/nodes/7", "/v1/cluster/nodes/1", "/v1/cluster/nodes/x"] {
+    // No such member: 404; the last member: 409 conflict; not an id: 400.
+    for (path, status, code) in [
+        ("/v1/cluster/nodes/7", 404, "not_found"),
+        ("/v1/cluster/nodes/1", 409, "conflict"),
+        ("/v1/cluster/nodes/x", 400, "invalid_argument"),
+    ] {
         let (s, b) =
             http(&node, &format!("DELETE {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"));
-        assert_eq!(s, 400, "{path}: {b}");
+        assert_eq!((s, error_code(&b).as_str()), (status, code), "{path}: {b}");
     }
     let out = node.cli(&["node", "list", "--json"]);
     let members: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -261,6 +285,89 @@ fn a_one_node_cluster_answers_and_bad_membership_requests_change_nothing() {
     let out = node.cli(&["cluster", "status"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success() && text.contains("leader: node 1"), "{text}");
+}
+
+/// The RPC address of the node's only member.
+fn member_rpc(node: &Node) -> String {
+    let (s, b) = get(node, "/v1/cluster/nodes");
+    assert_eq!(s, 200, "{b}");
+    let members: serde_json::Value = serde_json::from_str(&b).unwrap();
+    members[0]["rpc"].as_str().unwrap().to_owned()
+}
+
+/// `POST path body` is refused with `status` and `code`, and the volumes are as before.
+fn refused(node: &Node, path: &str, body: &str, status: u16, code: &str) -> String {
+    let before = get(node, "/v1/volumes");
+    let (s, b) = post(node, path, body);
+    assert_eq!((s, error_code(&b).as_str()), (status, code), "{path} {body}: {b}");
+    assert_eq!(get(node, "/v1/volumes"), before, "{path} {body} changed something");
+    let v: serde_json::Value = serde_json::from_str(&b).unwrap();
+    v["message"].as_str().unwrap().to_owned()
+}
+
+#[test]
+fn api_sizes_are_bytes_or_m_g_t_text_and_others_are_refused_clearly() {
+    let node = Node::start();
+    // A number is bytes: a non-zero multiple of 4096, at most 64 TiB.
+    for (size, needle) in [
+        ("0", "greater than zero"),
+        ("4097", "multiple of 4096"),
+        ("70368744181760", "maximum volume size"),
+        ("-4096", "not a whole number of bytes"),
+        ("4096.5", "not a whole number of bytes"),
+        ("true", "neither a number of bytes nor text"),
+        ("null", "neither a number of bytes nor text"),
+        // Text is digits and M, G or T: which other texts are multiples of 4096 no
+        // pattern of the OpenAPI document can say.
+        (r#""4K""#, "digits and M, G or T"),
+        (r#""8192""#, "digits and M, G or T"),
+        (r#"" 1G""#, "digits and M, G or T"),
+        (r#""1P""#, "digits and M, G or T"),
+        (r#""0G""#, "greater than zero"),
+        (r#""65T""#, "maximum volume size"),
+    ] {
+        let body = format!(r#"{{"name": "v", "size": {size}}}"#);
+        let message = refused(&node, "/v1/volumes", &body, 400, "invalid_argument");
+        assert!(message.contains(needle), "{body}: {message}");
+    }
+    for (name, size, bytes) in
+        [("a", "8192", 8192u64), ("b", r#""1g""#, 1 << 30), ("c", r#""2MiB""#, 2 << 20)]
+    {
+        let (s, b) =
+            post(&node, "/v1/volumes", &format!(r#"{{"name": "{name}", "size": {size}}}"#));
+        assert_eq!(s, 201, "{b}");
+        let v: serde_json::Value = serde_json::from_str(&b).unwrap();
+        assert_eq!(v["size_bytes"], bytes, "{b}");
+    }
+    // null replicas and min_replicas are their defaults.
+    let body = r#"{"name": "d", "size": "1G", "replicas": null, "min_replicas": null}"#;
+    let (s, b) = post(&node, "/v1/volumes", body);
+    assert_eq!(
+        (s, serde_json::from_str::<serde_json::Value>(&b).unwrap()["replicas"].clone()),
+        (201, 1.into())
+    );
+    // The CLI takes K and plain bytes too: it sends bytes.
+    node.create("e", "8K");
+    node.create("f", "12288");
+}
+
+#[test]
+fn requests_the_state_refuses_are_conflicts_and_change_nothing() {
+    let node = Node::start();
+    node.create("v", "16M");
+    let message = refused(&node, "/v1/volumes/v/resize", r#"{"size": "8M"}"#, 409, "conflict");
+    assert!(message.contains("allow_shrink"), "{message}");
+    let message = refused(&node, "/v1/volumes/v/attach", r#"{"node": 1}"#, 409, "conflict");
+    assert!(message.contains("one copy"), "{message}");
+    // A cluster of one node has too few for two copies; the name stays free.
+    let body = r#"{"name": "r", "size": "16M", "replicas": 2}"#;
+    let message = refused(&node, "/v1/volumes", body, 409, "conflict");
+    assert!(message.contains("nodes up"), "{message}");
+    let (s, b) = post(&node, "/v1/volumes", r#"{"name": "r", "size": "16M"}"#);
+    assert_eq!(s, 201, "{b}");
+    // Still a bad request: min_replicas above replicas.
+    let body = r#"{"name": "m", "size": "16M", "replicas": 1, "min_replicas": 2}"#;
+    refused(&node, "/v1/volumes", body, 400, "invalid_argument");
 }
 
 #[test]
