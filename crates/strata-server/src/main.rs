@@ -10,6 +10,7 @@ mod config;
 mod dataplane;
 mod error;
 mod fencing;
+mod follow;
 mod fsck;
 mod metrics;
 mod node;

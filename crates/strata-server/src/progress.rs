@@ -2,6 +2,10 @@
 //! time to go, redrawn in place on a terminal; plain lines when stderr is not one (a log,
 //! a pipe), one per tenth of the work or every 5 s, whichever comes first. Always on
 //! stderr, so a command's output (`--json`) stays clean.
+//!
+//! Users: `strata fsck --data` (blocks checked), `strata volume info --watch` (a
+//! volume's resync, whose total grows while a copy still misses writes) and `strata
+//! snapshot delete --wait` (the space the cleaner gives back).
 
 use std::io::Write;
 use std::time::{Duration, Instant};
@@ -14,7 +18,7 @@ const LINE_EVERY: Duration = Duration::from_secs(5);
 
 /// One operation's progress, in bytes.
 pub struct Progress {
-    what: &'static str,
+    what: String,
     total: u64,
     started: Instant,
     shown: Option<Instant>,
@@ -27,10 +31,28 @@ pub struct Progress {
 
 impl Progress {
     /// Progress of `what` over `total` bytes, on stderr.
-    pub fn new(what: &'static str, total: u64) -> Progress {
+    pub fn new(what: impl Into<String>, total: u64) -> Progress {
         let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
         let started = Instant::now();
+        let what = what.into();
         Progress { what, total, started, shown: None, tenths: 0, ended: false, terminal }
+    }
+
+    /// The work turned out to be `total` bytes (a resync's grows while writes miss a
+    /// copy; a reclaim's shrinks when other work frees the same space).
+    pub fn set_total(&mut self, total: u64) {
+        self.total = total;
+    }
+
+    /// Prints `line` on its own (above the bar on a terminal, which the next update
+    /// redraws): an event worth keeping in the scrollback, like a copy changing state.
+    pub fn note(&mut self, line: &str) {
+        let mut err = std::io::stderr().lock();
+        let _ =
+            if self.terminal { writeln!(err, "\r\x1b[K{line}") } else { writeln!(err, "{line}") };
+        let _ = err.flush();
+        // Redraw the bar at the next update.
+        self.shown = None;
     }
 
     /// `done` bytes of the total are done.
@@ -58,6 +80,15 @@ impl Progress {
         if self.terminal {
             eprintln!();
         }
+    }
+
+    /// The work ends short of done (given up, or failed): ends the bar's line on a
+    /// terminal, so what follows starts on its own.
+    pub fn stop(&mut self) {
+        if self.terminal && self.shown.is_some() {
+            eprintln!();
+        }
+        self.shown = None;
     }
 
     fn show(&mut self, done: u64) {
@@ -102,7 +133,7 @@ mod tests {
     #[test]
     fn a_line_shows_the_bar_share_sizes_rate_and_time_to_go() {
         let p = Progress {
-            what: "checking",
+            what: "checking".into(),
             total: 2 << 30,
             started: Instant::now(),
             shown: None,
