@@ -251,26 +251,25 @@ pub fn wait_reclaim(client: &Client, full: &str, id: &str) -> anyhow::Result<()>
 /// What remains of a reclaim that stopped moving, and why.
 fn stalled(full: &str, freed: u64, waiting: u64, held: u64, node: &Reclaim) -> String {
     let mut why = Vec::new();
-    if held > 0 {
+    if !node.cleaner_running {
         why.push(format!(
-            "{} is in segments still more than a quarter live (or being written): the \
-             cleaner leaves them until more of their blocks are overwritten or deleted",
-            format_size(held)
-        ));
-    }
-    let rest = waiting - held;
-    if rest > 0 && !node.cleaner_running {
-        why.push(format!(
-            "{} waits for the cleaner, which runs once at least {} and more than {:.0}% of \
+            "the cleaner is not running: it runs once at least {} and more than {:.0}% of \
              the log are dead (now {} of {})",
-            format_size(rest),
             format_size(strata_store::store::CLEAN_DEAD_MIN_BYTES),
             strata_store::store::CLEAN_DEAD_SHARE * 100.0,
             format_size(node.dead_bytes),
             format_size(node.log_bytes)
         ));
-    } else if rest > 0 {
-        why.push(format!("{} waits for the cleaner's next rounds", format_size(rest)));
+    }
+    if held > 0 {
+        why.push(format!(
+            "{} is in segments still more than a quarter live, or being written: the \
+             cleaner leaves them until more of their blocks are overwritten or deleted",
+            format_size(held)
+        ));
+    }
+    if waiting > held && node.cleaner_running {
+        why.push(format!("{} waits for the cleaner's next rounds", format_size(waiting - held)));
     }
     format!(
         "{full}: {} of {} reclaimed; {} remains, dead but not yet reusable:\n  {}\n\
@@ -325,7 +324,11 @@ mod tests {
         let text = stalled("vm1@s1", 4 << 20, 3 << 20, 1 << 20, &node);
         assert!(text.starts_with("vm1@s1: 1M of 4M reclaimed; 3M remains"), "{text}");
         assert!(text.contains("1M is in segments still more than a quarter live"), "{text}");
-        assert!(text.contains("2M waits for the cleaner, which runs once at least 256M"), "{text}");
+        assert!(text.contains("the cleaner is not running: it runs once at least 256M"), "{text}");
         assert!(text.contains("(now 5M of 64M)"), "{text}");
+        let running = Reclaim { cleaner_running: true, ..node };
+        let text = stalled("vm1@s1", 4 << 20, 3 << 20, 1 << 20, &running);
+        assert!(text.contains("2M waits for the cleaner's next rounds"), "{text}");
+        assert!(!text.contains("not running"), "{text}");
     }
 }
