@@ -150,6 +150,8 @@ pub fn watch_volume(client: &Client, name: &str, first: &VolumeInfo) -> anyhow::
             }
         }
         if all_active(&info.components) {
+            // What was left at the last look got copied too.
+            done += last_left.unwrap_or(0);
             if let Some(bar) = &mut bar {
                 bar.finish();
             }
