@@ -186,9 +186,15 @@ pub fn watch_volume(client: &Client, name: &str, first: &VolumeInfo) -> anyhow::
             // that misses more writes while stale grows the total, not the done.
             done += last_left.map_or(0, |l| l.saturating_sub(left));
             last_left = Some(left);
-            let bar = bar.get_or_insert_with(|| Progress::new(format!("resyncing {name}"), left));
-            bar.set_total(done + left);
-            bar.update(done);
+            // The bar (and its rate's clock) starts with the copying: while every copy
+            // not active waits for its node, the line above says so.
+            let copying = done > 0 || info.components.iter().any(|c| c.state == "resyncing");
+            if copying || bar.is_some() {
+                let bar =
+                    bar.get_or_insert_with(|| Progress::new(format!("resyncing {name}"), left));
+                bar.set_total(done + left);
+                bar.update(done);
+            }
         }
         std::thread::sleep(POLL);
         let v = match poller.get(&path, &mut bar) {

@@ -15,6 +15,9 @@ use strata_types::format_size;
 const REDRAW_EVERY: Duration = Duration::from_millis(100);
 /// Without a terminal, a line at least this often.
 const LINE_EVERY: Duration = Duration::from_secs(5);
+/// Work that has not moved for this long shows no rate and no time to go (an average
+/// since the start would promise an end that is not coming).
+const STILL_AFTER: Duration = Duration::from_secs(3);
 
 /// One operation's progress, in bytes.
 pub struct Progress {
@@ -27,6 +30,8 @@ pub struct Progress {
     /// The whole is shown done already.
     ended: bool,
     terminal: bool,
+    /// The latest `done` told, and when it last changed.
+    moved: (u64, Instant),
 }
 
 impl Progress {
@@ -35,7 +40,8 @@ impl Progress {
         let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
         let started = Instant::now();
         let what = what.into();
-        Progress { what, total, started, shown: None, tenths: 0, ended: false, terminal }
+        let moved = (0, started);
+        Progress { what, total, started, shown: None, tenths: 0, ended: false, terminal, moved }
     }
 
     /// The work turned out to be `total` bytes (a resync's grows while writes miss a
@@ -58,6 +64,9 @@ impl Progress {
     /// `done` bytes of the total are done.
     pub fn update(&mut self, done: u64) {
         let now = Instant::now();
+        if done != self.moved.0 {
+            self.moved = (done, now);
+        }
         let due = if self.terminal {
             self.shown.is_none_or(|t| now - t >= REDRAW_EVERY)
         } else {
@@ -93,14 +102,15 @@ impl Progress {
 
     fn show(&mut self, done: u64) {
         self.ended = done >= self.total;
-        let line = self.line(done, self.started.elapsed());
+        let still = self.moved.1.elapsed() >= STILL_AFTER;
+        let line = self.line(done, self.started.elapsed(), still);
         let mut err = std::io::stderr().lock();
         let _ = if self.terminal { write!(err, "\r{line}\x1b[K") } else { writeln!(err, "{line}") };
         let _ = err.flush();
     }
 
     /// `what [#####-----]  50%  1.0G of 2.0G  100 MB/s  ETA 10s`.
-    fn line(&self, done: u64, elapsed: Duration) -> String {
+    fn line(&self, done: u64, elapsed: Duration, still: bool) -> String {
         let done = done.min(self.total);
         let permille = (done * 1000).checked_div(self.total).unwrap_or(1000);
         let filled = (permille / 50) as usize;
@@ -110,6 +120,14 @@ impl Progress {
         let rate = if secs >= 0.5 { done as f64 / secs } else { 0.0 };
         let eta = if done >= self.total {
             "done".to_owned()
+        } else if still {
+            return format!(
+                "{} {bar} {:>3}%  {} of {}  not moving",
+                self.what,
+                permille / 10,
+                format_size(done),
+                format_size(self.total),
+            );
         } else if rate > 0.0 {
             format!("ETA {}s", ((self.total - done) as f64 / rate).ceil() as u64)
         } else {
@@ -140,20 +158,24 @@ mod tests {
             tenths: 0,
             ended: false,
             terminal: false,
+            moved: (0, Instant::now()),
         };
-        let line = p.line(1 << 30, Duration::from_secs(10));
+        let line = p.line(1 << 30, Duration::from_secs(10), false);
         assert!(line.starts_with("checking [##########----------]  50%"), "{line}");
         assert!(line.contains("1G of 2G") && line.contains("107 MB/s"), "{line}");
         assert!(line.ends_with("ETA 10s"), "{line}");
+        // Stuck: no rate, no promise.
+        let stuck = p.line(1 << 30, Duration::from_secs(60), true);
+        assert!(stuck.ends_with("50%  1G of 2G  not moving"), "{stuck}");
         assert!(p
-            .line(2 << 30, Duration::from_secs(20))
+            .line(2 << 30, Duration::from_secs(20), false)
             .ends_with("100%  2G of 2G  107 MB/s  done"));
         // Nothing to do: done at once, no division by zero.
         let empty = Progress { total: 0, ..p };
         assert!(
-            empty.line(0, Duration::ZERO).contains("100%"),
+            empty.line(0, Duration::ZERO, false).contains("100%"),
             "{}",
-            empty.line(0, Duration::ZERO)
+            empty.line(0, Duration::ZERO, false)
         );
     }
 }
