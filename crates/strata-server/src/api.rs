@@ -268,6 +268,8 @@ pub struct NodeStatus {
     pub resync_running: usize,
     /// Resync jobs waiting for their turn.
     pub resync_waiting: usize,
+    /// The space deleted snapshots held alone, until the log reuses it.
+    pub reclaim: crate::node::Reclaim,
 }
 
 async fn node_status(State(api): State<Api>) -> Json<NodeStatus> {
@@ -284,6 +286,7 @@ async fn node_status(State(api): State<Api>) -> Json<NodeStatus> {
         meta: api.meta.local_status(),
         resync_running: api.node.resync_scheduler().load().0,
         resync_waiting: api.node.resync_scheduler().load().1,
+        reclaim: api.node.reclaim(),
     })
 }
 

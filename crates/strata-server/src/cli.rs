@@ -32,10 +32,18 @@ pub enum VolumeCommand {
     /// Show one volume: size, space (exclusive and shared), snapshots, connections,
     /// export, and for a replicated volume its owner, epoch and each copy's state.
     #[command(after_help = "Examples:\n  strata volume info vm1\n  \
-        strata volume info vm1 --json")]
+        strata volume info vm1 --json\n  \
+        strata volume info db1 --watch   # then a bar until every copy is active\n  \
+        strata volume info db1 --watch 2> resync.log   # plain lines when not a terminal")]
     Info {
         /// Volume name.
         name: String,
+        /// Then follow a replicated volume's resync on stderr (a bar with the rate and
+        /// the time to go on a terminal, plain lines otherwise) until every copy is
+        /// active; exits at once when there is nothing to resync, and non-zero if the
+        /// volume goes away or the node does not answer for 30 s.
+        #[arg(long)]
+        watch: bool,
     },
     /// Grow a volume (clients see the new size when they reconnect).
     #[command(after_help = "Example:\n  strata volume resize vm1 --size 20G")]
@@ -110,14 +118,22 @@ pub enum SnapshotCommand {
         volume: String,
     },
     /// Delete a snapshot, freeing the blocks only it holds (refused while clones depend
-    /// on it).
-    #[command(after_help = "Example:\n  strata snapshot delete vm1@before-upgrade")]
+    /// on it). The delete is instant; the log reuses the space as the background cleaner
+    /// frees the segments it lay in.
+    #[command(after_help = "Examples:\n  strata snapshot delete vm1@before-upgrade\n  \
+        strata snapshot delete vm1@before-upgrade --wait   # and follow its space's reuse")]
     Delete {
         /// VOL@SNAP.
         snapshot: String,
         /// Delete even while NBD clients read it (disconnects them).
         #[arg(long)]
         force: bool,
+        /// Then follow the space only this snapshot held until the log can reuse it (a
+        /// bar on stderr); stops when it has not moved for 10 s, saying what remains
+        /// and why (the cleaner leaves segments more than a quarter live, and runs only
+        /// once 256 MiB and a quarter of the log are dead).
+        #[arg(long)]
+        wait: bool,
     },
 }
 
@@ -279,7 +295,22 @@ impl Client {
         }
     }
 
-    fn call(&self, method: &str, path: &str, body: Option<Value>) -> anyhow::Result<Value> {
+    /// Calls the API; an error says what it answered, or that it did not.
+    pub fn call(&self, method: &str, path: &str, body: Option<Value>) -> anyhow::Result<Value> {
+        self.try_call(method, path, body).map_err(|f| match f {
+            Failure::Refused { code, message } => anyhow::anyhow!("{message} ({code})"),
+            Failure::Unreachable(e) => e,
+        })
+    }
+
+    /// Calls the API, telling a refusal (the API answered with an error code) from no
+    /// usable answer (the node down, unreachable, or answering garbage).
+    pub fn try_call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<Value, Failure> {
         let url = format!("{}{path}", self.base);
         let response = match (method, body) {
             ("GET", _) => self.auth(self.agent.get(&url)).call(),
@@ -287,23 +318,53 @@ impl Client {
             (_, Some(body)) => self.auth(self.agent.post(&url)).send_json(body),
             (_, None) => self.auth(self.agent.post(&url)).send_empty(),
         };
-        let mut response =
-            response.with_context(|| format!("cannot reach the Strata API at {}", self.base))?;
+        let mut response = response
+            .with_context(|| format!("cannot reach the Strata API at {}", self.base))
+            .map_err(Failure::Unreachable)?;
         let status = response.status();
-        let text = response.body_mut().read_to_string().context("read the API response")?;
+        let text = response
+            .body_mut()
+            .read_to_string()
+            .context("read the API response")
+            .map_err(Failure::Unreachable)?;
         let value: Value = if text.is_empty() {
             Value::Null
         } else {
             serde_json::from_str(&text)
-                .with_context(|| format!("the API answered {status} with non-JSON"))?
+                .with_context(|| format!("the API answered {status} with non-JSON"))
+                .map_err(Failure::Unreachable)?
         };
         if !status.is_success() {
-            let message = value["message"].as_str().unwrap_or("no message");
-            let code = value["code"].as_str().unwrap_or("unknown");
-            bail!("{message} ({code})");
+            let message = value["message"].as_str().unwrap_or("no message").to_owned();
+            let code = value["code"].as_str().unwrap_or("unknown").to_owned();
+            return Err(Failure::Refused { code, message });
         }
         Ok(value)
     }
+
+    /// The API's address.
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    /// A client of another node's API at `api`, with this one's token.
+    pub fn other(&self, api: &str) -> Client {
+        let base = api.trim_end_matches('/').to_owned();
+        Client { base, agent: self.agent.clone(), token: self.token.clone() }
+    }
+}
+
+/// Why an API call failed.
+pub enum Failure {
+    /// The API answered with an error.
+    Refused {
+        /// The error's code (`not_found`, `busy`, …).
+        code: String,
+        /// Its message.
+        message: String,
+    },
+    /// No usable answer.
+    Unreachable(anyhow::Error),
 }
 
 /// Runs a volume command.
@@ -330,9 +391,14 @@ pub fn volume(client: &Client, json_out: bool, cmd: VolumeCommand) -> anyhow::Re
             print_table(&volumes);
             Ok(())
         }
-        VolumeCommand::Info { name } => {
+        VolumeCommand::Info { name, watch } => {
             let v = client.call("GET", &format!("/v1/volumes/{}", encode(&name)), None)?;
-            print_volume(json_out, &v, "")
+            print_volume(json_out, &v, "")?;
+            if watch {
+                let info: VolumeInfo = serde_json::from_value(v)?;
+                crate::follow::watch_volume(client, &name, &info)?;
+            }
+            Ok(())
         }
         VolumeCommand::Resize { name, size, allow_shrink } => {
             let size = parse_size(&size)?;
@@ -429,19 +495,29 @@ pub fn snapshot(client: &Client, json_out: bool, cmd: SnapshotCommand) -> anyhow
             }
             Ok(())
         }
-        SnapshotCommand::Delete { snapshot, force } => {
+        SnapshotCommand::Delete { snapshot, force, wait } => {
             let (v, s) = split(&snapshot)?;
+            // Its store id names its space in GET /v1/node's reclaim after the delete.
+            let id = if wait {
+                let info = client.call("GET", &format!("/v1/volumes/{v}/snapshots/{s}"), None)?;
+                Some(serde_json::from_value::<SnapshotInfo>(info)?.id)
+            } else {
+                None
+            };
             let path = format!("/v1/volumes/{v}/snapshots/{s}?force={force}");
             client.call("DELETE", &path, None)?;
             print_deleted(json_out, &snapshot);
-            Ok(())
+            match id {
+                Some(id) => crate::follow::wait_reclaim(client, &snapshot, &id),
+                None => Ok(()),
+            }
         }
     }
 }
 
 /// Percent-encodes a path segment (names are validated server-side; this keeps odd input
 /// from changing the URL's shape).
-fn encode(s: &str) -> String {
+pub fn encode(s: &str) -> String {
     s.bytes()
         .map(|b| match b {
             b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'.' | b'_' | b'-' => (b as char).to_string(),

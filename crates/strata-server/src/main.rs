@@ -10,6 +10,7 @@ mod config;
 mod dataplane;
 mod error;
 mod fencing;
+mod follow;
 mod fsck;
 mod metrics;
 mod node;
@@ -78,6 +79,7 @@ Examples:
   strata volume create db1 --size 50G --replicas 3   # a copy on each of 3 nodes
   strata volume list
   strata volume info vm1
+  strata volume info db1 --watch       # follow a resync until every copy is active
   strata volume resize vm1 --size 20G
   strata volume clone vm1@golden vm2
   strata volume rollback vm1@before-upgrade
@@ -152,7 +154,8 @@ enum Command {
         subcommand,
         after_help = "Examples:\n  \
         strata snapshot create vm1@before-upgrade\n  strata snapshot list vm1\n  \
-        strata snapshot delete vm1@before-upgrade"
+        strata snapshot delete vm1@before-upgrade\n  \
+        strata snapshot delete vm1@before-upgrade --wait   # follow its space's reuse"
     )]
     Snapshot(cli::SnapshotCommand),
     /// Check a stopped node's data directory: every tree, the VBA map, and with --data

@@ -215,6 +215,42 @@ pub struct Node {
     /// Asked when a client names an export this node does not have: it may export it
     /// now (a replicated volume made a moment ago on another node).
     discover: std::sync::OnceLock<Discover>,
+    /// `VOL@SNAP` of the snapshots deleted since start, by store id (as many as the
+    /// store follows, `strata_store::store::RECLAIMS_TRACKED`).
+    deleted: Mutex<BTreeMap<u64, String>>,
+}
+
+/// The space deleted snapshots held alone and the log has not reused yet
+/// (`GET /v1/node`'s `reclaim`).
+#[derive(Serialize, Deserialize, Debug, Clone, Default)]
+pub struct Reclaim {
+    /// Bytes of deleted snapshots' space not reused yet (the deletes below).
+    pub waiting_bytes: u64,
+    /// Whether the cleaner runs now (enough of the log is dead).
+    pub cleaner_running: bool,
+    /// Bytes of the log's segments that hold no live data (the node's, whatever made them
+    /// dead).
+    pub dead_bytes: u64,
+    /// Bytes of the log's segments in use.
+    pub log_bytes: u64,
+    /// The latest snapshot deletes since the node started, oldest first.
+    pub snapshots: Vec<SnapshotReclaim>,
+}
+
+/// One deleted snapshot's space.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct SnapshotReclaim {
+    /// `VOL@SNAP` it had.
+    pub name: String,
+    /// Its store id (hex), as `SnapshotInfo::id` showed it.
+    pub id: String,
+    /// Bytes it held alone (the delete made them dead).
+    pub freed_bytes: u64,
+    /// Of those, bytes in segments the log has not freed yet.
+    pub waiting_bytes: u64,
+    /// Of those, bytes the cleaner leaves as they are: in segments still mostly live
+    /// (more than a quarter) or being written.
+    pub held_bytes: u64,
 }
 
 /// See [`Node::set_discover`].
@@ -429,6 +465,7 @@ impl Node {
             resync: Arc::new(crate::resync::Scheduler::new(crate::resync::JOBS_AT_ONCE)),
             state: Mutex::new(State { next_id, volumes, components, replicated: BTreeMap::new() }),
             discover: std::sync::OnceLock::new(),
+            deleted: Mutex::default(),
         };
         if dropped || !catalog_path.exists() {
             node.persist(&node.lock()).map_err(|e| anyhow::anyhow!("{}", e.message))?;
@@ -926,6 +963,13 @@ impl Node {
             ));
         }
         self.store.delete_snapshot(id).map_err(engine_error("delete the snapshot"))?;
+        {
+            let mut deleted = self.deleted.lock().unwrap_or_else(|e| e.into_inner());
+            deleted.insert(id, full.clone());
+            while deleted.len() > strata_store::store::RECLAIMS_TRACKED {
+                deleted.pop_first();
+            }
+        }
         let v = state.volumes.get_mut(volume).expect("found above");
         let s = v.snapshots.remove(snapshot).expect("found above");
         s.attach.close.send_replace(true);
@@ -1000,6 +1044,31 @@ impl Node {
     /// Bytes the store's log occupies.
     pub fn log_bytes(&self) -> u64 {
         self.store.log_bytes()
+    }
+
+    /// The space deleted snapshots held alone, and how much the log has reused.
+    pub fn reclaim(&self) -> Reclaim {
+        let deleted = self.deleted.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let snapshots: Vec<SnapshotReclaim> = self
+            .store
+            .reclaims()
+            .into_iter()
+            .map(|r| SnapshotReclaim {
+                name: deleted.get(&r.snapshot).cloned().unwrap_or_default(),
+                id: VolumeId(r.snapshot).to_string(),
+                freed_bytes: r.freed_bytes,
+                waiting_bytes: r.waiting_bytes,
+                held_bytes: r.held_bytes,
+            })
+            .collect();
+        let stats = self.store.stats();
+        Reclaim {
+            waiting_bytes: snapshots.iter().map(|s| s.waiting_bytes).sum(),
+            cleaner_running: self.store.cleaner_due(),
+            dead_bytes: stats.dead_bytes,
+            log_bytes: stats.log_bytes,
+            snapshots,
+        }
     }
 
     /// The store's space and activity.

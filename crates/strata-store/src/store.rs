@@ -58,6 +58,9 @@ pub const FREE_SEGMENTS_KEPT: usize = 8;
 const INLINE_WRITE_BYTES_MAX: usize = 1 << 20;
 /// Blocks the cleaner moves per hold of the lock.
 const CLEAN_STEP_BLOCKS: usize = 512;
+/// Snapshot deletes whose space the store follows until the log reuses it (the oldest
+/// is forgotten beyond this).
+pub const RECLAIMS_TRACKED: usize = 64;
 
 /// A node's log-structured store.
 #[derive(Clone)]
@@ -74,6 +77,32 @@ struct Shared {
     checkpointing: std::sync::Mutex<u64>,
     /// Counters for monitoring ([`LogStore::stats`]).
     counters: Counters,
+    /// The latest snapshot deletes' space not yet reused, oldest first (at most
+    /// [`RECLAIMS_TRACKED`]; not kept across a restart).
+    reclaims: std::sync::Mutex<std::collections::VecDeque<Reclaim>>,
+}
+
+/// The space a deleted snapshot held alone, by segment, until each segment is freed.
+struct Reclaim {
+    snapshot: u64,
+    freed_blocks: u64,
+    /// Segment -> blocks of it the delete made dead; a segment leaves when a checkpoint
+    /// frees it (the cleaner moved its other blocks out, or they died too).
+    waiting: std::collections::HashMap<u64, u64>,
+}
+
+/// How far the log has reused the space a deleted snapshot held alone.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReclaimStatus {
+    /// The snapshot's id.
+    pub snapshot: u64,
+    /// Bytes the delete made dead (what the snapshot held alone).
+    pub freed_bytes: u64,
+    /// Of those, bytes in segments not freed yet.
+    pub waiting_bytes: u64,
+    /// Of those, bytes in segments the cleaner leaves as they are: more than
+    /// [`CLEAN_LIVE_MAX`] of their blocks still live, or the log writing into them.
+    pub held_bytes: u64,
 }
 
 /// Upper bounds of the buckets of [`StoreStats::journal_batch_blocks`]: log blocks (data
@@ -220,6 +249,12 @@ fn maintenance(store: std::sync::Weak<Shared>) {
     }
 }
 
+/// Whether the cleaner should run: enough of the log is dead (see [`CLEAN_DEAD_SHARE`]).
+fn cleaner_due(engine: &Engine<Arc<File>>) -> bool {
+    let dead = engine.dead_blocks() * BLOCK;
+    dead >= CLEAN_DEAD_MIN_BYTES && dead as f64 > engine.log_bytes() as f64 * CLEAN_DEAD_SHARE
+}
+
 /// Replaces `dir/name` with `bytes` so that a crash leaves the old or the new file
 /// (write a temporary file, fsync, rename, fsync the directory).
 pub fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<()> {
@@ -270,6 +305,7 @@ impl LogStore {
             failed: AtomicBool::new(false),
             checkpointing: std::sync::Mutex::new(0),
             counters: Counters::default(),
+            reclaims: std::sync::Mutex::default(),
         });
         let weak = Arc::downgrade(&shared);
         std::thread::Builder::new().name("strata-maint".into()).spawn(move || maintenance(weak))?;
@@ -301,16 +337,15 @@ impl LogStore {
     /// grew by [`CHECKPOINT_BYTES`], the cleaner moved blocks, or `force`. Returns the
     /// blocks moved. The maintenance thread calls it; so do shutdown and tests.
     pub fn maintain(&self, segments: usize, force: bool) -> Result<usize, StoreError> {
-        let candidates = {
+        let (candidates, emptied) = {
             let engine = self.shared.read();
-            let dead = engine.dead_blocks() * BLOCK;
-            let in_use = engine.log_bytes();
-            if force
-                || (dead >= CLEAN_DEAD_MIN_BYTES && dead as f64 > in_use as f64 * CLEAN_DEAD_SHARE)
-            {
-                engine.clean_candidates(CLEAN_LIVE_MAX)
+            if force || cleaner_due(&engine) {
+                // Segments already empty need no move, only a checkpoint: without one
+                // the space of a deleted snapshot written in one go (whole segments of
+                // its own) would wait for the next 1 GiB of log.
+                (engine.clean_candidates(CLEAN_LIVE_MAX), !engine.empty_segments().is_empty())
             } else {
-                Vec::new()
+                (Vec::new(), false)
             }
         };
         let mut moved = 0;
@@ -334,7 +369,7 @@ impl LogStore {
             let now = self.shared.read().log_allocated();
             now.saturating_sub(last) * BLOCK >= CHECKPOINT_BYTES
         };
-        if force || moved > 0 || grown {
+        if force || moved > 0 || emptied || grown {
             self.checkpoint()?;
         }
         self.prepare_segments()?;
@@ -370,6 +405,12 @@ impl LogStore {
         write_atomically(&self.shared.dir, CHECKPOINT_FILE, &checkpoint.bytes)
             .map_err(StoreError::io("write the checkpoint"))?;
         self.shared.write()?.release_segments(&checkpoint.empty_segments);
+        {
+            let mut reclaims = self.shared.reclaims.lock().unwrap_or_else(|e| e.into_inner());
+            for r in reclaims.iter_mut() {
+                r.waiting.retain(|s, _| !checkpoint.empty_segments.contains(s));
+            }
+        }
         // Beyond a reserve of free segments, give the space back to the file system.
         let surplus = self.shared.write()?.take_surplus_free(FREE_SEGMENTS_KEPT);
         if !surplus.is_empty() {
@@ -399,6 +440,7 @@ impl LogStore {
             failed: AtomicBool::new(true),
             checkpointing: std::sync::Mutex::new(0),
             counters: Counters::default(),
+            reclaims: std::sync::Mutex::default(),
         };
         Ok(LogStore { shared: Arc::new(shared) })
     }
@@ -424,9 +466,66 @@ impl LogStore {
         self.shared.change(|e| e.rollback(volume, snapshot))
     }
 
-    /// Deletes snapshot `snapshot` (durable on return).
+    /// Deletes snapshot `snapshot` (durable on return). The blocks only it held are
+    /// dead at once; their space is reused when the cleaner and a checkpoint free their
+    /// segments, which [`LogStore::reclaims`] follows.
     pub fn delete_snapshot(&self, snapshot: u64) -> Result<(), EngineError> {
-        self.shared.change(|e| e.delete_snapshot(snapshot))
+        // Held across the change, so no checkpoint frees a segment between the delete
+        // and its record here (the order reclaims, then engine, as `reclaims` takes them).
+        let mut reclaims = self.shared.reclaims.lock().unwrap_or_else(|e| e.into_inner());
+        let mut live = None;
+        self.shared.change(|e| {
+            let before = e.live_by_segment();
+            e.delete_snapshot(snapshot)?;
+            live = Some((before, e.live_by_segment()));
+            Ok(())
+        })?;
+        let (before, after) = live.expect("set by the change");
+        let waiting: std::collections::HashMap<u64, u64> = before
+            .iter()
+            .filter_map(|(s, n)| {
+                let dead = u64::from(n.saturating_sub(after.get(s).copied().unwrap_or(0)));
+                (dead > 0).then_some((*s, dead))
+            })
+            .collect();
+        let freed_blocks = waiting.values().sum();
+        if reclaims.len() >= RECLAIMS_TRACKED {
+            reclaims.pop_front();
+        }
+        reclaims.push_back(Reclaim { snapshot, freed_blocks, waiting });
+        Ok(())
+    }
+
+    /// The latest snapshot deletes (at most [`RECLAIMS_TRACKED`], since the store was
+    /// opened), oldest first, with the space each made dead and how much of it the log
+    /// has not reused yet.
+    pub fn reclaims(&self) -> Vec<ReclaimStatus> {
+        let reclaims = self.shared.reclaims.lock().unwrap_or_else(|e| e.into_inner());
+        let engine = self.shared.read();
+        reclaims
+            .iter()
+            .map(|r| {
+                let held = |s: &u64| engine.live_blocks(*s) > CLEAN_LIVE_MAX || engine.is_busy(*s);
+                ReclaimStatus {
+                    snapshot: r.snapshot,
+                    freed_bytes: r.freed_blocks * BLOCK,
+                    waiting_bytes: r.waiting.values().sum::<u64>() * BLOCK,
+                    held_bytes: r
+                        .waiting
+                        .iter()
+                        .filter(|(s, _)| held(s))
+                        .map(|(_, n)| n)
+                        .sum::<u64>()
+                        * BLOCK,
+                }
+            })
+            .collect()
+    }
+
+    /// Whether the cleaner runs now: at least [`CLEAN_DEAD_MIN_BYTES`] and more than
+    /// [`CLEAN_DEAD_SHARE`] of the log's segments in use are dead.
+    pub fn cleaner_due(&self) -> bool {
+        cleaner_due(&self.shared.read())
     }
 
     /// Removes a volume and its snapshots (durable on return).

@@ -20,6 +20,7 @@ use strata_replica::client::{request, CallError, DataPeer};
 use strata_replica::frame::{DataKey, Kind, Status, FLAG_VOLUME};
 
 mod faults;
+mod watch;
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()

@@ -72,6 +72,18 @@ fn every_command_has_help_with_examples() {
 }
 
 #[test]
+fn the_flags_that_follow_a_long_operation_have_examples() {
+    let info = help(&["volume".into(), "info".into()]);
+    assert!(info.contains("--watch") && info.contains("strata volume info db1 --watch"), "{info}");
+    let delete = help(&["snapshot".into(), "delete".into()]);
+    assert!(
+        delete.contains("--wait")
+            && delete.contains("strata snapshot delete vm1@before-upgrade --wait"),
+        "{delete}"
+    );
+}
+
+#[test]
 fn the_top_help_names_the_global_options() {
     let text = help(&[]);
     for option in ["--api", "--token", "--json", "--log-format", "STRATA_API", "STRATA_TOKEN"] {

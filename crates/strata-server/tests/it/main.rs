@@ -16,4 +16,5 @@ mod help;
 mod logs;
 mod metrics;
 mod raw;
+mod reclaim;
 mod snapshots;

@@ -94,11 +94,7 @@ impl<F: RawFile> Engine<F> {
     pub fn checkpoint(&mut self) -> Result<Checkpoint, EngineError> {
         self.log.seal()?;
         let start = self.log.start();
-        let busy = self.log.busy_segments();
-        let empty_segments: Vec<u64> = (0..start.fresh)
-            .filter(|s| !busy.contains(s) && !self.log.is_free(*s))
-            .filter(|s| !self.vba_map.live.contains_key(s))
-            .collect();
+        let empty_segments = self.empty_segments();
         let mut body = Vec::new();
         put(&mut body, self.next_vba);
         for v in [start.at, start.sequence, start.head, start.head_end, start.fresh] {
@@ -145,6 +141,16 @@ impl<F: RawFile> Engine<F> {
         put(&mut bytes, body.len() as u64);
         bytes.extend_from_slice(&body);
         Ok(Checkpoint { bytes, empty_segments })
+    }
+
+    /// Segments in use that hold no live block and are not being written: the next
+    /// checkpoint frees them.
+    pub fn empty_segments(&self) -> Vec<u64> {
+        let busy = self.log.busy_segments();
+        (0..self.log.start().fresh)
+            .filter(|s| !busy.contains(s) && !self.log.is_free(*s))
+            .filter(|s| !self.vba_map.live.contains_key(s))
+            .collect()
     }
 
     /// Makes segments a durable checkpoint found empty available to the allocator.

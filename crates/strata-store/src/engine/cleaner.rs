@@ -30,6 +30,16 @@ impl<F: RawFile> Engine<F> {
         candidates.into_iter().map(|(_, s)| s).collect()
     }
 
+    /// Live blocks in each segment holding any (a segment absent holds none).
+    pub fn live_by_segment(&self) -> std::collections::HashMap<u64, u32> {
+        self.vba_map.live.clone()
+    }
+
+    /// Whether the log is writing into `segment` (the cleaner leaves it alone).
+    pub fn is_busy(&self, segment: u64) -> bool {
+        self.log.busy_segments().contains(&segment)
+    }
+
     /// Live blocks in `segment`.
     pub fn live_blocks(&self, segment: u64) -> u32 {
         self.vba_map.live.get(&segment).copied().unwrap_or(0)

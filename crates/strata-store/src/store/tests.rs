@@ -180,3 +180,55 @@ fn a_damaged_checkpoint_file_stops_the_open_with_a_clear_error() {
     assert!(err.to_string().contains("checkpoint is unusable"), "{err}");
     assert_eq!(std::fs::read(&cp).unwrap(), bytes, "left as it was");
 }
+
+#[test]
+fn a_deleted_snapshots_space_is_followed_until_its_segments_are_freed() {
+    let (_dir, store) = store();
+    // (Unit tests use 16-block segments, so every segment is small enough to clean.)
+    let segment_bytes = crate::log::SEGMENT_SLOTS * BLOCK;
+    // Eight segments' worth written, snapshotted, then overwritten: the snapshot holds
+    // the first copy alone, in segments of its own (but for their edges).
+    let size = 8 * segment_bytes;
+    let v = store.create_volume(VolumeId(1), size).unwrap();
+    let chunk = segment_bytes as usize;
+    for at in (0..size).step_by(chunk) {
+        v.write_at(&pattern(chunk, 1), at).unwrap();
+    }
+    store.snapshot(1, 2).unwrap();
+    for at in (0..size).step_by(chunk) {
+        v.write_at(&pattern(chunk, 2), at).unwrap();
+    }
+    // A small snapshot whose blocks sit among live ones.
+    store.snapshot(1, 3).unwrap();
+    v.write_at(&pattern(4 * BLOCK_BYTES, 3), 0).unwrap();
+    v.sync().unwrap();
+    store.delete_snapshot(2).unwrap();
+    store.delete_snapshot(3).unwrap();
+    let r = store.reclaims();
+    assert_eq!(r.len(), 2, "{r:?}");
+    assert_eq!((r[0].snapshot, r[0].freed_bytes, r[0].waiting_bytes), (2, size, size));
+    assert_eq!((r[1].snapshot, r[1].freed_bytes, r[1].waiting_bytes), (3, 4 * BLOCK, 4 * BLOCK));
+    store.maintain(usize::MAX, true).unwrap();
+    store.maintain(usize::MAX, true).unwrap();
+    // Freed (emptied, or cleaned and emptied) but for the segments the log writes in.
+    for r in store.reclaims() {
+        assert_eq!(r.waiting_bytes, r.held_bytes, "{r:?}");
+        assert!(r.waiting_bytes <= 4 * segment_bytes, "{r:?}");
+    }
+    assert!(store.reclaims()[0].waiting_bytes < size / 2);
+    assert!(store.check(true).is_empty());
+}
+
+#[test]
+fn the_oldest_deletes_are_forgotten_beyond_the_limit() {
+    let (_dir, store) = store();
+    let v = store.create_volume(VolumeId(1), 1 << 20).unwrap();
+    for id in 0..RECLAIMS_TRACKED as u64 + 3 {
+        v.write_at(&pattern(4096, id as u8), 0).unwrap();
+        store.snapshot(1, 100 + id).unwrap();
+        store.delete_snapshot(100 + id).unwrap();
+    }
+    let r = store.reclaims();
+    assert_eq!(r.len(), RECLAIMS_TRACKED);
+    assert_eq!(r[0].snapshot, 103, "the three oldest are gone");
+}
