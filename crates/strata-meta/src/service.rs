@@ -423,10 +423,23 @@ impl Member {
 
     /// The lease of this node's session (keys put with it die with the session).
     pub fn session_lease(&self) -> Option<u64> {
+        self.session().map(|(lease, _)| lease)
+    }
+
+    /// This node's session as registered now: its lease and incarnation (one read, so
+    /// the two belong together).
+    pub fn session(&self) -> Option<(u64, u64)> {
         let incarnation = self.incarnation.load(Ordering::Acquire);
         self.state.read(|s| {
-            s.session(self.id).filter(|x| x.up && x.incarnation == incarnation).map(|x| x.lease)
+            s.session(self.id)
+                .filter(|x| x.up && x.incarnation == incarnation)
+                .map(|x| (x.lease, incarnation))
         })
+    }
+
+    /// The incarnation this node's session registered with (0: not registered).
+    pub fn incarnation(&self) -> u64 {
+        self.incarnation.load(Ordering::Acquire)
     }
 
     /// Waits up to `patience` for the node's session to be registered.

@@ -114,6 +114,8 @@ pub struct DataPeer {
     addr: String,
     next: AtomicU64,
     conn: tokio::sync::Mutex<Option<Arc<Conn>>>,
+    /// Connections made so far.
+    connections: AtomicU64,
 }
 
 impl Drop for DataPeer {
@@ -135,7 +137,14 @@ impl DataPeer {
             addr: addr.into(),
             next: AtomicU64::new(1),
             conn: tokio::sync::Mutex::new(None),
+            connections: AtomicU64::new(0),
         }
+    }
+
+    /// How many connections to the node this peer has made: when it grows, the node
+    /// may be a new process (and, after a power loss, without what it had not synced).
+    pub fn connections(&self) -> u64 {
+        self.connections.load(Ordering::Acquire)
     }
 
     async fn connection(&self) -> Result<Arc<Conn>, CallError> {
@@ -177,6 +186,7 @@ impl DataPeer {
         });
         *conn.reader.lock().unwrap_or_else(|e| e.into_inner()) = Some(task.abort_handle());
         *slot = Some(conn.clone());
+        self.connections.fetch_add(1, Ordering::AcqRel);
         Ok(conn)
     }
 

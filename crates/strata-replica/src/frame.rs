@@ -78,6 +78,13 @@ pub enum Kind {
     /// payload: 32 bytes per piece), to find where two components differ without
     /// sending their data.
     Digest = 8,
+    /// To the owner, about the volume whose component there is `component`, at its
+    /// epoch: hand it over cleanly (stop serving, let every request in flight end, sync
+    /// every active copy, record that they are equal), so the next owner need not
+    /// compare them.
+    Release = 9,
+    /// Grow the component to `offset` bytes (never shrinks it).
+    Resize = 10,
 }
 
 /// The piece of a component each digest of a `Digest` reply covers.
@@ -94,6 +101,8 @@ impl Kind {
             6 => Kind::Create,
             7 => Kind::Remove,
             8 => Kind::Digest,
+            9 => Kind::Release,
+            10 => Kind::Resize,
             _ => return None,
         })
     }

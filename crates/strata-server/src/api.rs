@@ -452,6 +452,10 @@ async fn resize_volume(
 ) -> ApiResult<Json<VolumeInfo>> {
     let req: ResizeVolume = parse_json(&body)?;
     let size = req.size.bytes()?;
+    if api.node.get(&name).is_err() && api.registry.record(&name).is_some_and(|r| r.replicated()) {
+        let record = crate::replicated::resize(&api.node, &api.meta, &name, size).await?;
+        return Ok(Json(api.live(record.info(&api.nbd_addr))));
+    }
     let node = api.node.clone();
     let n = name.clone();
     api.local(&name, blocking(move || node.resize(&n, size, req.allow_shrink)).await).map(Json)

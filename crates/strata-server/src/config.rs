@@ -14,6 +14,7 @@
 //! secret_file = "secret"        # the cluster secret, relative to data_dir if relative
 //! move_after_secs = 60          # optional: a volume used only through one other node
 //! move_hold_secs = 300          # moves there (0: never), once owned this long
+//! scrub_every_secs = 604800     # optional: an owner compares its copies this often (0: never)
 //! ```
 
 use anyhow::{bail, Context};
@@ -60,6 +61,14 @@ pub struct Config {
     /// (hysteresis: never ping-pong).
     #[serde(default = "default_move_hold")]
     pub move_hold_secs: u64,
+    /// An owner compares every copy of each replicated volume with its own this often
+    /// (a scrub: a block that rotted on a copy is found and rewritten); 0: never.
+    #[serde(default = "default_scrub_every")]
+    pub scrub_every_secs: u64,
+}
+
+fn default_scrub_every() -> u64 {
+    7 * 24 * 3600
 }
 
 fn default_move_after() -> u64 {

@@ -172,6 +172,25 @@ impl DataService {
                 _ => (Status::Io, reply, Vec::new()),
             };
         }
+        if h.kind == Kind::Release {
+            // Any view of this node's at that epoch, serving or not: asked again, one
+            // that let go already answers as the first time.
+            let view = self.node.owned_by_component(h.component).filter(|v| v.epoch() == h.epoch);
+            let Some(view) = view else {
+                return (Status::NotOwner, reply, Vec::new());
+            };
+            return match view.release().await {
+                Ok(()) => (Status::Ok, reply, Vec::new()),
+                Err(e) => {
+                    tracing::warn!(component = h.component, "cannot hand over cleanly: {e}");
+                    (
+                        Status::Io,
+                        reply,
+                        e.chars().take(DETAIL_CHARS).collect::<String>().into_bytes(),
+                    )
+                }
+            };
+        }
         if h.flags & FLAG_VOLUME != 0 {
             if !matches!(h.kind, Kind::Write | Kind::Read | Kind::Flush | Kind::Trim)
                 || (h.kind == Kind::Read && h.count > READ_BYTES_MAX)
@@ -271,7 +290,19 @@ impl DataService {
                     _ => return (Status::Io, reply, Vec::new()),
                 }
             }
-            Kind::Create => unreachable!("handled above"),
+            Kind::Resize => {
+                let size = h.offset;
+                if size < volume.size_bytes() {
+                    return (Status::Invalid, reply, Vec::new());
+                }
+                tokio::task::spawn_blocking(move || {
+                    volume.resize(size)?;
+                    volume.sync().map(|()| Vec::new())
+                })
+                .await
+                .unwrap_or_else(|e| Err(StoreError::io("resize")(std::io::Error::other(e))))
+            }
+            Kind::Create | Kind::Release => unreachable!("handled above"),
         };
         match result {
             Ok(data) => {

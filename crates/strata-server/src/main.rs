@@ -55,6 +55,7 @@ The config file (TOML):
   secret_file = \"secret\"          # relative to data_dir; copy it from the first node
   move_after_secs = 60            # a volume used only through one other node moves there
   move_hold_secs = 300            # ...but keeps an owner this long first (0 after: never)
+  scrub_every_secs = 604800       # an owner compares its volumes' copies weekly (0: never)
 
 Examples:
   strata serve --config n1.toml   # the first node; then, once: strata cluster init

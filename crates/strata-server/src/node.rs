@@ -215,6 +215,8 @@ pub struct Node {
     /// Asked when a client names an export this node does not have: it may export it
     /// now (a replicated volume made a moment ago on another node).
     discover: std::sync::OnceLock<Discover>,
+    /// How often an owner compares its replicated volumes' copies (0: never).
+    scrub_every_secs: std::sync::atomic::AtomicU64,
     /// `VOL@SNAP` of the snapshots deleted since start, by store id (as many as the
     /// store follows, `strata_store::store::RECLAIMS_TRACKED`).
     deleted: Mutex<BTreeMap<u64, String>>,
@@ -465,6 +467,7 @@ impl Node {
             resync: Arc::new(crate::resync::Scheduler::new(crate::resync::JOBS_AT_ONCE)),
             state: Mutex::new(State { next_id, volumes, components, replicated: BTreeMap::new() }),
             discover: std::sync::OnceLock::new(),
+            scrub_every_secs: std::sync::atomic::AtomicU64::new(0),
             deleted: Mutex::default(),
         };
         if dropped || !catalog_path.exists() {
@@ -564,6 +567,18 @@ impl Node {
             .collect()
     }
 
+    /// Sets how often an owner compares its replicated volumes' copies (0: never).
+    pub fn set_scrub_every(&self, every: std::time::Duration) {
+        self.scrub_every_secs.store(every.as_secs(), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// How often an owner compares its replicated volumes' copies (zero: never).
+    pub fn scrub_every(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(
+            self.scrub_every_secs.load(std::sync::atomic::Ordering::Relaxed),
+        )
+    }
+
     /// Sets what is asked when a client names an export this node does not have (true:
     /// it exports it now). Set once.
     pub fn set_discover(&self, f: Discover) {
@@ -581,6 +596,11 @@ impl Node {
     /// The NBD connections this node has to replicated volume `name`.
     pub fn replicated_connections(&self, name: &str) -> usize {
         self.lock().replicated.get(name).map_or(0, |(_, _, attach)| attach.connections())
+    }
+
+    /// This node's router of replicated volume `name`, if it exports it.
+    pub fn replicated_router(&self, name: &str) -> Option<Arc<crate::replicated::Router>> {
+        self.lock().replicated.get(name).map(|(r, _, _)| r.clone())
     }
 
     /// The replicated volumes this node exports.

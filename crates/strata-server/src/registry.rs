@@ -65,6 +65,10 @@ pub struct VolumeRecord {
     /// A replicated volume's highest owner epoch so far.
     #[serde(default)]
     pub epoch: u64,
+    /// Set by an owner that handed the volume over cleanly (`replicated.rs`, invariant
+    /// 5); cleared by the next owner's take.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub released: Option<crate::replicated::Released>,
 }
 
 fn one() -> u32 {
@@ -105,6 +109,7 @@ impl VolumeRecord {
             min_replicas: 1,
             components: Vec::new(),
             epoch: 0,
+            released: None,
         }
     }
 
@@ -221,6 +226,7 @@ impl Registry {
             min_replicas: 1,
             components: Vec::new(),
             epoch: 0,
+            released: None,
         };
         let value = serde_json::to_vec(&record).expect("records serialize");
         let put = Op::Put { key: key.clone(), value, lease: None };

@@ -33,6 +33,9 @@
 //!    no record lists (a rebuild whose record change failed, a volume deleted while its
 //!    node was away for good) is removed once `ORPHAN_GRACE_SECS` old, after a
 //!    linearizable read of its record confirms it.
+//! 8. A volume grows (never shrinks) copies first, then its record: a copy larger than
+//!    the record is harmless, and every node takes the record's size (its clients see it
+//!    when they reconnect). A copy made later (a rebuild) takes the owner's size then.
 
 use crate::error::{ApiError, ApiResult};
 use crate::fencing::{Fencing, Refused};
@@ -40,7 +43,7 @@ use crate::node::{Component, Node};
 use crate::registry::VolumeRecord;
 use bytes::{Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -72,6 +75,12 @@ const TAKEOVER_STEP: Duration = Duration::from_secs(3);
 /// How long a new owner's view survives its member not yet showing the owner key it
 /// took (the member's applied state lags the leader by a moment).
 const OWNERLESS_GRACE: Duration = Duration::from_secs(5);
+/// How long a node taking a volume by a planned move waits for the owner's clean
+/// hand-over (its copies sync within `IO_TIMEOUT`).
+const RELEASE_PATIENCE: Duration = Duration::from_secs(15);
+/// How long an owner that a move away from is pending (its view let go, or not yet)
+/// waits for the other node to take the volume before it takes it back.
+const MOVE_WAIT: Duration = Duration::from_secs(10);
 /// How long deleting a volume waits for every node to remove its copy before answering
 /// with the nodes still to do it.
 const DELETE_PATIENCE: Duration = Duration::from_secs(15);
@@ -84,6 +93,16 @@ const STREAK_GAP: Duration = Duration::from_secs(5);
 const SCAN_BATCH: u64 = 16;
 /// An owner's LSNs start at its epoch shifted by this (2^40 writes per epoch).
 const LSN_EPOCH_SHIFT: u32 = 40;
+
+/// In a volume's record: the owner at `epoch` handed the volume over cleanly, with the
+/// copies `equal` (component ids) level and synced (invariant 5).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Released {
+    /// The epoch of the owner that let go.
+    pub epoch: u64,
+    /// The components that were ACTIVE, equal and synced then.
+    pub equal: Vec<u64>,
+}
 
 /// One component in a volume's record.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
@@ -207,8 +226,15 @@ struct Copies {
     /// Per copy: the regions it lacks (its synchronization bitmap).
     dirty: Vec<BTreeSet<u64>>,
     /// Per copy: regions written since its last successful flush (a copy that fails may
-    /// have lost them with its page cache, so they join its bitmap).
-    unflushed: Vec<BTreeSet<u64>>,
+    /// have lost them with its page cache, so they join its bitmap), each with the
+    /// `completions` count when its write to that copy completed: a flush clears only
+    /// the regions whose writes had completed when it was sent.
+    unflushed: Vec<BTreeMap<u64, u64>>,
+    /// Writes completed on copies so far (see `unflushed`).
+    completions: u64,
+    /// Per copy: its peer's connection count when it was last known whole (see
+    /// `DataPeer::connections`); a reply over a later connection fails the copy.
+    connected: Vec<Option<u64>>,
     /// Copies STALE here whose mark the record does not hold yet.
     unrecorded: BTreeSet<usize>,
     /// Per copy: the next region of a digest scan (invariant 5), if one is due.
@@ -278,7 +304,8 @@ impl Drop for Turn<'_> {
 /// ACTIVE (and RESYNCING) copy.
 pub struct ReplicatedVolume {
     name: String,
-    size_bytes: u64,
+    /// Grows when the volume does (`resize`).
+    size_bytes: AtomicU64,
     epoch: u64,
     /// The last LSN given out: writes are numbered from `epoch << LSN_EPOCH_SHIFT`, so
     /// LSNs grow across owners too.
@@ -308,6 +335,14 @@ pub struct ReplicatedVolume {
     forwarders: Mutex<HashMap<u64, (Instant, Instant)>>,
     /// Set when this node finds it is no longer the owner; then it serves nothing.
     deposed: AtomicBool,
+    /// How often every ACTIVE copy is compared with this one (zero: never).
+    scrub_every: Duration,
+    /// The incarnation of this node's session that the owner key is tied to: under a
+    /// later one (the node was declared down and registered again) this view serves
+    /// nothing, though its new session is fresh.
+    incarnation: u64,
+    /// Set once this owner has handed the volume over cleanly ([`Self::release`]).
+    released: tokio::sync::Mutex<bool>,
     bitmaps: PathBuf,
     runtime: tokio::runtime::Handle,
 }
@@ -322,6 +357,108 @@ impl ReplicatedVolume {
         self.local.id()
     }
 
+    /// The epoch this view owns the volume at.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// The volume's size in bytes.
+    fn size(&self) -> u64 {
+        self.size_bytes.load(Ordering::Acquire)
+    }
+
+    /// Hands the volume over cleanly (a planned move; invariant 5): stops serving, lets
+    /// every request in flight end, syncs every ACTIVE copy, and records in the volume's
+    /// record (compared with the owner key) that at this epoch those copies were equal.
+    /// The next owner, taking the epoch right after, need not compare them. Asked again,
+    /// it answers as the first time.
+    pub async fn release(&self) -> Result<(), String> {
+        let mut released = self.released.lock().await;
+        if *released {
+            return Ok(());
+        }
+        if self.deposed() {
+            return Err("this node no longer owns the volume".into());
+        }
+        // New requests find it deposed (their clients retry at the next owner); those
+        // in flight hold the lock shared.
+        self.depose("handing the volume over");
+        let _exclusive = self.resync_lock.write().await;
+        let (states, unrecorded) = {
+            let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            (st.states.clone(), !st.unrecorded.is_empty())
+        };
+        if unrecorded {
+            return Err("a copy's failure is not recorded yet".into());
+        }
+        // Synced: nothing a copy acknowledged can be lost to a crash after the hand-over
+        // (the next owner would not know to look for it).
+        let deadline = tokio::time::Instant::now() + IO_TIMEOUT;
+        let mut equal = Vec::new();
+        for (i, c) in self.copies.iter().enumerate() {
+            if states[i] != CopyState::Active {
+                continue;
+            }
+            let synced = match &c.peer {
+                None => self.apply_local(IoOp::Flush).await.map_err(|e| e.to_string()),
+                Some(peer) => {
+                    let h = request(Kind::Flush, c.id(), self.epoch, 0, 0);
+                    match tokio::time::timeout_at(deadline, peer.call(h, &[])).await {
+                        Ok(Ok(_)) => Ok(()),
+                        Ok(Err(e)) => Err(e.to_string()),
+                        Err(_) => Err("timed out".into()),
+                    }
+                }
+            };
+            match synced {
+                Ok(()) => equal.push(c.id()),
+                // Left out: the next owner compares it.
+                Err(e) => {
+                    let node = c.node;
+                    tracing::warn!(volume = %self.name, node, "no sync at the hand-over: {e}")
+                }
+            }
+        }
+        if !equal.contains(&self.local.id()) {
+            return Err("this node's copy did not sync".into());
+        }
+        let key = format!("/volumes/{}", self.name);
+        let owner_key = format!("/volumes/{}/owner", self.name);
+        let owner_value = serde_json::to_vec(&self.owner).expect("serializes");
+        for _ in 0..5 {
+            let Ok(Some((bytes, version))) = get(&self.meta, &key).await else {
+                return Err("cannot read the volume's record".into());
+            };
+            let mut record: VolumeRecord =
+                serde_json::from_slice(&bytes).map_err(|e| e.to_string())?;
+            record.released = Some(Released { epoch: self.epoch, equal: equal.clone() });
+            let value = serde_json::to_vec(&record).expect("serializes");
+            let compares = vec![
+                Compare::Value(owner_key.clone(), owner_value.clone()),
+                Compare::Version(key.clone(), version),
+            ];
+            match write(
+                &self.meta,
+                compares,
+                vec![Op::Put { key: key.clone(), value, lease: None }],
+            )
+            .await
+            {
+                Ok(true) => {
+                    *released = true;
+                    tracing::info!(volume = %self.name, epoch = self.epoch, copies = equal.len(),
+                        "handed over cleanly: the copies are level and synced");
+                    return Ok(());
+                }
+                // The record changed (retry), or the owner key did (then the CAS keeps
+                // failing and the next owner compares the copies).
+                Ok(false) => continue,
+                Err(e) => return Err(e.message),
+            }
+        }
+        Err("the volume's record keeps changing, or another node owns it".into())
+    }
+
     /// The index of the owner's own copy in `copies`.
     fn local_index(&self) -> usize {
         self.copies.iter().position(|c| c.peer.is_none()).expect("the owner holds a copy")
@@ -329,7 +466,9 @@ impl ReplicatedVolume {
 
     /// Whether this view may serve I/O now (invariant 3).
     pub fn serving(&self) -> bool {
-        !self.deposed() && self.meta.session_fresh(OWNER_LEASE)
+        !self.deposed()
+            && self.meta.incarnation() == self.incarnation
+            && self.meta.session_fresh(OWNER_LEASE)
     }
 
     /// Notes a request forwarded by node `from` (for automatic moves).
@@ -384,8 +523,17 @@ impl ReplicatedVolume {
     /// writes to a volume with a stale copy crawl (200 a second). The file survives the
     /// process (kill -9) but maybe not the machine, so it records the kernel's boot id and
     /// is trusted only within the same boot (`open`); after a reboot the copy is scanned.
-    fn save_bitmap(&self, i: usize, dirty: &BTreeSet<u64>) -> Result<(), StoreError> {
-        let mut text = format!("epoch {} boot {}\n", self.epoch, boot_id());
+    /// Saves copy `i`'s bitmap. `owed_scan`: the copy still owes a digest scan (a change
+    /// of owner's), which the bitmap does not cover: saved at epoch 0, which no later
+    /// owner trusts, so the next one scans it in full.
+    fn save_bitmap(
+        &self,
+        i: usize,
+        dirty: &BTreeSet<u64>,
+        owed_scan: bool,
+    ) -> Result<(), StoreError> {
+        let epoch = if owed_scan { 0 } else { self.epoch };
+        let mut text = format!("epoch {epoch} boot {}\n", boot_id());
         text.extend(dirty.iter().map(|r| format!("{r}\n")));
         std::fs::create_dir_all(&self.bitmaps).map_err(|e| io_error("bitmap", e))?;
         let path = self.bitmaps.join(self.bitmap_file(i));
@@ -400,9 +548,9 @@ impl ReplicatedVolume {
     fn lose_unflushed(&self, i: usize) -> Result<(), StoreError> {
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let lost = std::mem::take(&mut st.unflushed[i]);
-        st.dirty[i].extend(lost);
+        st.dirty[i].extend(lost.into_keys());
         // Saved under the state lock: saves follow the changes in order.
-        self.save_bitmap(i, &st.dirty[i])
+        self.save_bitmap(i, &st.dirty[i], st.scan[i].is_some())
     }
 
     /// Records copy `i`'s state in the volume's record, by CAS, only while this node is
@@ -525,7 +673,7 @@ impl ReplicatedVolume {
             None => None,
         };
         let lsn = self.lsn.fetch_add(1, Ordering::Relaxed) + 1;
-        let states = {
+        let (states, flushed_after) = {
             // Write intent first: a copy that does not get the write has it in its bitmap
             // before any copy has it (invariant 4), whatever happens next.
             let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
@@ -536,11 +684,12 @@ impl ReplicatedVolume {
                     st.dirty[i].extend(r.clone());
                     if st.dirty[i].len() != before {
                         let dirty = st.dirty[i].clone();
-                        self.save_bitmap(i, &dirty)?;
+                        self.save_bitmap(i, &dirty, st.scan[i].is_some())?;
                     }
                 }
             }
-            st.states.clone()
+            // For a flush: the writes completed before it is sent (it covers those).
+            (st.states.clone(), st.completions)
         };
         // Sent to every remote copy first, then the own copy written, then the replies
         // awaited.
@@ -604,6 +753,21 @@ impl ReplicatedVolume {
         // brought level later, never left silently different.
         {
             let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            // A copy that answered over a new connection may be a restarted node that lost
+            // what it had not synced (a power loss): failed, so those regions join its
+            // bitmap and a resync compares them.
+            took.retain(|i| {
+                let now = self.copies[*i].peer.as_ref().map_or(0, |p| p.connections());
+                let seen = st.connected[*i].replace(now);
+                if seen.is_some_and(|seen| seen != now) {
+                    failed.push((
+                        *i,
+                        "answered over a new connection: its node may have restarted".into(),
+                    ));
+                    return false;
+                }
+                true
+            });
             if here.is_ok() {
                 let me = self.local_index();
                 st.acked[me] = st.acked[me].max(lsn);
@@ -611,22 +775,44 @@ impl ReplicatedVolume {
             for i in &took {
                 st.acked[*i] = st.acked[*i].max(lsn);
                 match (&regions, kind) {
-                    (_, Kind::Flush) => st.unflushed[*i].clear(),
-                    (Some(r), _) => st.unflushed[*i].extend(r.clone()),
+                    // Not a write that completed after the flush was sent: the copy
+                    // may have applied it after it synced.
+                    (_, Kind::Flush) => st.unflushed[*i].retain(|_, done| *done > flushed_after),
+                    (Some(r), _) => {
+                        for region in r.clone() {
+                            st.completions += 1;
+                            let done = st.completions;
+                            st.unflushed[*i].insert(region, done);
+                        }
+                    }
                     (None, _) => {}
                 }
             }
+            // Every write in flight now may be missing there too (each joins the bitmap
+            // when it fails in turn, unless this owner dies first).
+            let flying: Vec<u64> = if failed.is_empty() {
+                Vec::new()
+            } else {
+                self.in_flight
+                    .regions
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .iter()
+                    .copied()
+                    .collect()
+            };
             for (i, e) in &failed {
                 let node = self.copies[*i].node;
                 tracing::warn!(volume = %self.name, node, "a copy failed: {e}");
                 st.stale(*i, lsn);
                 let lost = std::mem::take(&mut st.unflushed[*i]);
-                st.dirty[*i].extend(lost);
+                st.dirty[*i].extend(lost.into_keys());
+                st.dirty[*i].extend(flying.iter().copied());
                 if let Some(r) = &regions {
                     st.dirty[*i].extend(r.clone());
                 }
                 let dirty = st.dirty[*i].clone();
-                self.save_bitmap(*i, &dirty)?;
+                self.save_bitmap(*i, &dirty, st.scan[*i].is_some())?;
             }
         }
         here?;
@@ -715,7 +901,7 @@ impl ReplicatedVolume {
         let peer = self.copies[i].peer.clone().ok_or("the owner's own copy")?;
         let id = self.copies[i].id();
         let offset = regions.start * REGION;
-        let end = (regions.end * REGION).min(self.size_bytes);
+        let end = (regions.end * REGION).min(self.size());
         let mut ours = vec![0u8; (end - offset) as usize];
         self.read_local(&mut ours, offset, true).map_err(|e| e.to_string())?;
         let mut h = request(Kind::Digest, id, self.epoch, 0, offset);
@@ -757,9 +943,16 @@ impl ReplicatedVolume {
             return Err(format!("copy {id} failed during its resync"));
         }
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        for (region, piece) in differ {
-            st.unflushed[i].insert(region);
+        for (_, piece) in &differ {
             st.resynced[i] += piece.len() as u64;
+        }
+        // Every region compared, not only those copied: one found equal may be equal
+        // only in the copy's page cache (writes it took while RESYNCING), so it is lost
+        // too if the copy fails before its next flush.
+        for region in regions {
+            st.completions += 1;
+            let done = st.completions;
+            st.unflushed[i].insert(region, done);
         }
         Ok(())
     }
@@ -817,8 +1010,11 @@ impl ReplicatedVolume {
                 self.state.lock().unwrap_or_else(|e| e.into_inner()).unrecorded.remove(&i);
             }
             self.set_state(i, CopyState::Resyncing)?;
+            // Whole from this connection on; if it changes before the end, the resync fails.
+            self.state.lock().unwrap_or_else(|e| e.into_inner()).connected[i] =
+                Some(peer.connections());
         }
-        let regions = self.size_bytes.div_ceil(REGION);
+        let regions = self.size().div_ceil(REGION);
         // The copying waits its turn among the node's resync jobs, and paces itself.
         let _permit = self.scheduler.acquire(self.priority(i));
         let mut pacer = crate::resync::Pacer::new(self.client_ops.load(Ordering::Relaxed));
@@ -864,7 +1060,7 @@ impl ReplicatedVolume {
             for region in run {
                 st.dirty[i].remove(&region);
             }
-            self.save_bitmap(i, &st.dirty[i]).map_err(|e| e.to_string())?;
+            self.save_bitmap(i, &st.dirty[i], st.scan[i].is_some()).map_err(|e| e.to_string())?;
             drop(st);
             drop(_exclusive);
             pace(&mut pacer);
@@ -891,6 +1087,13 @@ impl ReplicatedVolume {
             drop(_exclusive);
             return Err(self.fail_copy(i, format!("copy {id} failed to flush after its resync")));
         }
+        let same = self.state.lock().unwrap_or_else(|e| e.into_inner()).connected[i]
+            == Some(peer.connections());
+        if !same {
+            drop(_exclusive);
+            let why = format!("copy {id} was reached over a new connection during its resync");
+            return Err(self.fail_copy(i, why));
+        }
         self.state.lock().unwrap_or_else(|e| e.into_inner()).unflushed[i].clear();
         self.set_state(i, CopyState::Active)?;
         let _ = std::fs::remove_file(self.bitmaps.join(self.bitmap_file(i)));
@@ -903,7 +1106,7 @@ impl ReplicatedVolume {
     fn rebuild(&self, i: usize) -> Result<(), String> {
         let peer = self.copies[i].peer.clone().ok_or("the owner's own copy")?;
         let node = self.copies[i].node;
-        let h = request(Kind::Create, 0, 0, 0, self.size_bytes);
+        let h = request(Kind::Create, 0, 0, 0, self.size());
         let name = self.name.clone();
         let made = self.runtime.block_on(async {
             tokio::time::timeout(IO_TIMEOUT, peer.call(h, name.as_bytes())).await
@@ -1001,7 +1204,10 @@ impl ReplicatedVolume {
         }
         for (i, probe) in probes {
             match probe.await {
-                Ok(Ok(Ok(_))) => {}
+                Ok(Ok(Ok(_))) => {
+                    let now = self.copies[i].peer.as_ref().map_or(0, |p| p.connections());
+                    self.state.lock().unwrap_or_else(|e| e.into_inner()).connected[i] = Some(now);
+                }
                 Ok(Ok(Err(CallError::Status { status: Status::StaleEpoch, epoch, .. }))) => {
                     return Err(format!("a copy has seen a newer owner (epoch {epoch})"));
                 }
@@ -1031,7 +1237,7 @@ impl ReplicatedVolume {
                 dirty_bytes: Some(st.dirty[i].len() as u64 * REGION),
                 resynced_bytes: Some(st.resynced[i]),
                 scan_left_bytes: Some(
-                    st.scan[i].map_or(0, |from| self.size_bytes.saturating_sub(from * REGION)),
+                    st.scan[i].map_or(0, |from| self.size().saturating_sub(from * REGION)),
                 ),
                 lsn: Some(st.acked[i]),
                 stale_lsn: st.missed_from[i],
@@ -1044,11 +1250,31 @@ impl ReplicatedVolume {
         let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let active = st.states.iter().filter(|s| **s == CopyState::Active).count();
         let scan_left =
-            st.scan[i].map_or(0, |from| self.size_bytes.div_ceil(REGION).saturating_sub(from));
+            st.scan[i].map_or(0, |from| self.size().div_ceil(REGION).saturating_sub(from));
         (active, st.dirty[i].len() as u64 + scan_left)
     }
 
     /// The copies to resync (or scan) now.
+    /// Starts a digest scan of every ACTIVE copy not being scanned already: a block that
+    /// rotted on a copy is found and rewritten (and one of this node's copy, by read
+    /// repair, as the scan reads it).
+    fn scrub(&self) {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut started = 0;
+        for i in 0..self.copies.len() {
+            if self.copies[i].peer.is_some()
+                && st.states[i] == CopyState::Active
+                && st.scan[i].is_none()
+            {
+                st.scan[i] = Some(0);
+                started += 1;
+            }
+        }
+        if started > 0 {
+            tracing::info!(volume = %self.name, copies = started, "scrub: comparing the copies");
+        }
+    }
+
     fn stale(&self) -> Vec<usize> {
         let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         (0..self.copies.len())
@@ -1058,13 +1284,19 @@ impl ReplicatedVolume {
     }
 }
 
-/// Resyncs the volume's stale copies when they answer again, and scans its copies after
-/// a change of owner, until the volume is deposed.
+/// Resyncs the volume's stale copies when they answer again, scans its copies after
+/// a change of owner that was not a clean hand-over and every `scrub_every` (a scrub),
+/// until the volume is deposed.
 pub async fn run_resync(volume: Arc<ReplicatedVolume>) {
+    let mut scrubbed = Instant::now();
     loop {
         tokio::time::sleep(RESYNC_EVERY).await;
         if volume.deposed() {
             return;
+        }
+        if !volume.scrub_every.is_zero() && scrubbed.elapsed() >= volume.scrub_every {
+            scrubbed = Instant::now();
+            volume.scrub();
         }
         let v = volume.clone();
         let _ = tokio::task::spawn_blocking(move || v.check_copies()).await;
@@ -1122,9 +1354,9 @@ pub struct Move {
 /// node at one epoch above any before (the record keeps the highest epoch, as the key
 /// dies with its owner's session), tied to this node's session lease; the record names
 /// this node; a move asked to this node is done. Returns the owner and the record.
-pub async fn take_ownership(meta: &Member, name: &str) -> ApiResult<(Owner, VolumeRecord)> {
-    let lease = meta
-        .session_lease()
+pub async fn take_ownership(meta: &Member, name: &str) -> ApiResult<(Owner, VolumeRecord, u64)> {
+    let (lease, incarnation) = meta
+        .session()
         .ok_or_else(|| unavailable("this node's session is not registered yet; retry"))?;
     let (owner_key, record_key, move_key) = (
         format!("/volumes/{name}/owner"),
@@ -1138,12 +1370,21 @@ pub async fn take_ownership(meta: &Member, name: &str) -> ApiResult<(Owner, Volu
         };
         let mut record: VolumeRecord = serde_json::from_slice(&bytes)
             .map_err(|e| unavailable(format!("the record of {name} is unreadable: {e}")))?;
+        // Decided on this member's state, which may lag: the fresh record must still
+        // show this node's copy active (else the key would name an owner that cannot
+        // serve until its session ends).
+        if !record.components.iter().any(|c| c.node == meta.id() && c.state == "active") {
+            return Err(unavailable(format!("this node's copy of {name} is not active")));
+        }
         let moving = get(meta, &move_key).await?;
         let last = owner.as_ref().and_then(|(b, _)| serde_json::from_slice::<Owner>(b).ok());
         let epoch = record.epoch.max(last.map_or(0, |o| o.epoch)) + 1;
         let me = Owner { node: meta.id(), epoch };
         record.node = me.node;
         record.epoch = epoch;
+        // Only the owner of the epoch just before can vouch for the copies (any take
+        // since would have raised the epoch and cleared this).
+        record.released = record.released.take().filter(|r| r.epoch + 1 == epoch);
         let mut compares = vec![
             Compare::Version(owner_key.clone(), owner.as_ref().map_or(0, |(_, v)| *v)),
             Compare::Version(record_key.clone(), record_version),
@@ -1166,8 +1407,15 @@ pub async fn take_ownership(meta: &Member, name: &str) -> ApiResult<(Owner, Volu
                 ops.push(Op::Delete { key: move_key.clone() });
             }
         }
+        // Written without the marker: it vouches for the copies only until this owner
+        // writes.
+        let mut written = record.clone();
+        written.released = None;
+        if let Some(Op::Put { value, .. }) = ops.get_mut(1) {
+            *value = serde_json::to_vec(&written).expect("serializes");
+        }
         if write(meta, compares, ops).await? {
-            return Ok((me, record));
+            return Ok((me, record, incarnation));
         }
     }
     Err(unavailable(format!("could not take ownership of {name}: it keeps changing")))
@@ -1175,7 +1423,9 @@ pub async fn take_ownership(meta: &Member, name: &str) -> ApiResult<(Owner, Volu
 
 /// Opens a new owner's view of a replicated volume (this node must hold an ACTIVE copy).
 /// Every other copy gets a digest scan (invariant 5), except a STALE copy whose bitmap
-/// this node kept at the epoch just before: that bitmap says all it lacks.
+/// this node kept at the epoch just before (that bitmap says all it lacks), and an ACTIVE
+/// copy the owner of the epoch just before vouched for with this node's when it let go
+/// cleanly (`record.released`, kept by `take_ownership` only for that epoch).
 pub fn open(
     node: &Node,
     meta: &Arc<Member>,
@@ -1232,7 +1482,15 @@ pub fn open(
             (CopyState::Active, _) => {
                 states.push(CopyState::Active);
                 dirty.push(BTreeSet::new());
-                scan.push(Some(0));
+                // Equal to this node's copy when the last owner let go cleanly, and
+                // nobody has written since.
+                let vouched = record.released.as_ref().is_some_and(|r| {
+                    r.equal.contains(&c.id)
+                        && r.equal.iter().any(|id| {
+                            record.components.iter().any(|x| x.id == *id && x.node == meta.id())
+                        })
+                });
+                scan.push((!vouched).then_some(0));
             }
             _ => {
                 states.push(CopyState::Stale);
@@ -1245,7 +1503,7 @@ pub fn open(
     let n = copies.len();
     let volume = ReplicatedVolume {
         name: record.name.clone(),
-        size_bytes: record.size_bytes,
+        size_bytes: AtomicU64::new(record.size_bytes),
         epoch: owner.epoch,
         lsn: AtomicU64::new(owner.epoch << LSN_EPOCH_SHIFT),
         min_replicas: record.min_replicas as usize,
@@ -1254,7 +1512,9 @@ pub fn open(
         state: Mutex::new(Copies {
             states,
             dirty,
-            unflushed: vec![BTreeSet::new(); n],
+            unflushed: vec![BTreeMap::new(); n],
+            completions: 0,
+            connected: vec![None; n],
             unrecorded: BTreeSet::new(),
             scan,
             resynced: vec![0; n],
@@ -1272,6 +1532,9 @@ pub fn open(
         taken_at: Instant::now(),
         forwarders: Mutex::default(),
         deposed: AtomicBool::new(false),
+        scrub_every: node.scrub_every(),
+        incarnation: meta.incarnation(),
+        released: tokio::sync::Mutex::new(false),
         bitmaps,
         runtime: tokio::runtime::Handle::current(),
     };
@@ -1282,7 +1545,7 @@ pub fn open(
             let regions = st.dirty[i].clone();
             drop(st);
             volume
-                .save_bitmap(i, &regions)
+                .save_bitmap(i, &regions, false)
                 .map_err(|e| ApiError::new(ErrorCode::Io, e.to_string()))?;
         }
     }
@@ -1372,14 +1635,28 @@ async fn take_over(
     meta: &Arc<Member>,
     router: &Router,
     fresh: bool,
+    from: Option<(Owner, &VolumeRecord)>,
 ) -> ApiResult<u64> {
     // One at a time per volume (the steward and a create must not both take it).
     let _taking = router.taking.try_lock().map_err(|_| unavailable("already taking it"))?;
     if router.view().is_some_and(|v| !v.deposed()) {
         return Err(unavailable("this node owns it already"));
     }
-    let (owner, record) = take_ownership(meta, &router.name).await?;
-    let view = open(node, meta, &record, owner, |n| rpc_of(meta, n))?;
+    // A planned move: the owner up now hands over cleanly first, so the copies need no
+    // comparing (invariant 5); if it cannot, they are compared.
+    if let Some((o, record)) = from {
+        if let Err(e) = ask_release(meta, record, o).await {
+            tracing::warn!(volume = %router.name, from = o.node,
+                "the owner did not hand over cleanly ({e}): the copies will be compared");
+        }
+    }
+    let (owner, record, incarnation) = take_ownership(meta, &router.name).await?;
+    if record.released.is_some() {
+        tracing::info!(volume = %router.name, epoch = owner.epoch,
+            "taken over cleanly: the copies the last owner vouched for are not compared");
+    }
+    let mut view = open(node, meta, &record, owner, |n| rpc_of(meta, n))?;
+    view.incarnation = incarnation;
     if fresh {
         view.state.lock().unwrap_or_else(|e| e.into_inner()).scan.fill(None);
     }
@@ -1391,6 +1668,111 @@ async fn take_over(
     router.install(view.clone());
     tokio::spawn(run_resync(view));
     Ok(owner.epoch)
+}
+
+/// Grows replicated volume `name` to `size_bytes` (invariant 8): every copy first, then
+/// the record; refused while a copy's node is down, and never shrinks it.
+pub async fn resize(
+    node: &Node,
+    meta: &Member,
+    name: &str,
+    size_bytes: u64,
+) -> ApiResult<VolumeRecord> {
+    let key = format!("/volumes/{name}");
+    let Some((bytes, _)) = get(meta, &key).await? else {
+        return Err(ApiError::new(ErrorCode::NotFound, format!("no volume named {name:?}")));
+    };
+    let record: VolumeRecord = serde_json::from_slice(&bytes)
+        .map_err(|e| unavailable(format!("the record of {name} is unreadable: {e}")))?;
+    if record.state != "ready" {
+        return Err(ApiError::new(ErrorCode::Conflict, format!("{name} is {}", record.state)));
+    }
+    if size_bytes < record.size_bytes {
+        return Err(ApiError::new(
+            ErrorCode::Conflict,
+            format!(
+                "{name} is replicated: it can grow but not shrink (it is {}, asked {})",
+                strata_types::format_size(record.size_bytes),
+                strata_types::format_size(size_bytes)
+            ),
+        ));
+    }
+    if size_bytes == record.size_bytes {
+        return Ok(record);
+    }
+    // Each copy grows (at the epoch of the owner, which fences it: a copy that has seen
+    // a newer owner refuses, and the record tells which to ask again).
+    let epoch = record.epoch;
+    let dkey = DataKey::from_secret(meta.secret());
+    for c in &record.components {
+        let rpc = rpc_of(meta, c.node)
+            .ok_or_else(|| unavailable(format!("node {} has no address", c.node)))?;
+        let peer = DataPeer::new(dkey.clone(), rpc);
+        let h = request(Kind::Resize, c.id, epoch, 0, size_bytes);
+        match tokio::time::timeout(IO_TIMEOUT, peer.call(h, &[])).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                return Err(unavailable(format!(
+                    "node {}'s copy did not grow ({e}); nothing shrank, retry",
+                    c.node
+                )))
+            }
+            Err(_) => {
+                return Err(unavailable(format!(
+                    "node {} (holding a copy) does not answer: a replicated volume grows only \
+                     with every copy's node up; retry",
+                    c.node
+                )))
+            }
+        }
+    }
+    // Then the record (the size every node serves), unless it changed meanwhile.
+    for _ in 0..5 {
+        let Some((bytes, version)) = get(meta, &key).await? else {
+            return Err(ApiError::new(ErrorCode::NotFound, format!("no volume named {name:?}")));
+        };
+        let mut now: VolumeRecord = serde_json::from_slice(&bytes)
+            .map_err(|e| unavailable(format!("the record of {name} is unreadable: {e}")))?;
+        let ids = |r: &VolumeRecord| r.components.iter().map(|c| c.id).collect::<Vec<_>>();
+        if now.state != "ready" || ids(&now) != ids(&record) {
+            return Err(unavailable(format!("{name}'s copies changed meanwhile; retry")));
+        }
+        now.size_bytes = now.size_bytes.max(size_bytes);
+        let value = serde_json::to_vec(&now).expect("serializes");
+        let put = Op::Put { key: key.clone(), value, lease: None };
+        if write(meta, vec![Compare::Version(key.clone(), version)], vec![put]).await? {
+            tracing::info!(
+                volume = name,
+                from = record.size_bytes,
+                to = size_bytes,
+                "volume grown"
+            );
+            if let Some(router) = node.replicated_router(name) {
+                router.grow(now.size_bytes);
+            }
+            return Ok(now);
+        }
+    }
+    Err(unavailable(format!("the record of {name} keeps changing; retry")))
+}
+
+/// Asks owner `o` of the volume `record` describes to hand it over cleanly
+/// ([`ReplicatedVolume::release`]).
+async fn ask_release(meta: &Member, record: &VolumeRecord, o: Owner) -> Result<(), String> {
+    let component = record
+        .components
+        .iter()
+        .find(|c| c.node == o.node)
+        .map(|c| c.id)
+        .ok_or("the owner holds no copy")?;
+    let rpc = rpc_of(meta, o.node).ok_or("the owner has no address")?;
+    let peer = DataPeer::new(DataKey::from_secret(meta.secret()), rpc);
+    let h = request(Kind::Release, component, o.epoch, 0, 0);
+    match tokio::time::timeout(RELEASE_PATIENCE, peer.call(h, &[])).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("no answer in time".into()),
+    }
 }
 
 /// What a node knows of one replicated volume, from its applied state.
@@ -1856,6 +2238,8 @@ pub async fn steward(node: Arc<Node>, meta: Arc<Member>, moves: MovePolicy) {
     // Apart, so a metadata write waiting for a quorum never holds up a takeover.
     tokio::spawn(housekeeping(node.clone(), meta.clone()));
     let mut ownerless: HashMap<String, Instant> = HashMap::new();
+    // Volumes this node owns that a move away from has been pending for since.
+    let mut moving_away: HashMap<String, Instant> = HashMap::new();
     loop {
         tokio::time::sleep(STEWARD_EVERY).await;
         if !meta.registered() {
@@ -1865,6 +2249,7 @@ pub async fn steward(node: Arc<Node>, meta: Arc<Member>, moves: MovePolicy) {
         for v in seen(&meta) {
             let name = v.record.name.clone();
             let router = node.router(&name, || Arc::new(Router::new(meta.clone(), &v.record)));
+            router.grow(v.record.size_bytes);
             if v.owner.is_some() {
                 ownerless.remove(&name);
             }
@@ -1890,7 +2275,15 @@ pub async fn steward(node: Arc<Node>, meta: Arc<Member>, moves: MovePolicy) {
                 continue;
             }
             let go = match v.owner {
-                Some(o) if o.node == me => true,
+                // Not while a move to another node that is up is pending (this node may
+                // have let go for it), unless that node has not taken it for a while.
+                Some(o) if o.node == me => match v.moving {
+                    Some(m) if m.node != me && v.up.contains(&m.node) => {
+                        let since = *moving_away.entry(name.clone()).or_insert_with(Instant::now);
+                        since.elapsed() >= MOVE_WAIT
+                    }
+                    _ => true,
+                },
                 Some(_) => v.moving.is_some_and(|m| m.node == me),
                 None => {
                     let since = *ownerless.entry(name.clone()).or_insert_with(Instant::now);
@@ -1907,8 +2300,16 @@ pub async fn steward(node: Arc<Node>, meta: Arc<Member>, moves: MovePolicy) {
                     since.elapsed() >= TAKEOVER_STEP * rank as u32
                 }
             };
+            if v.moving.is_none_or(|m| m.node == me) {
+                moving_away.remove(&name);
+            }
+            // Moved here while its owner is up: that owner hands over first.
+            let from = match v.owner {
+                Some(o) if o.node != me && v.up.contains(&o.node) => Some((o, &v.record)),
+                _ => None,
+            };
             if go && router.taking.try_lock().is_ok() {
-                match take_over(&node, &meta, &router, false).await {
+                match take_over(&node, &meta, &router, false, from).await {
                     Ok(epoch) => tracing::info!(volume = %name, epoch, "took ownership"),
                     Err(e) => {
                         tracing::warn!(volume = %name, "cannot take ownership: {}", e.message)
@@ -1923,7 +2324,8 @@ pub async fn steward(node: Arc<Node>, meta: Arc<Member>, moves: MovePolicy) {
 /// while it owns the volume, else by forwarding each request to the owner.
 pub struct Router {
     name: String,
-    size_bytes: u64,
+    /// Grows when the volume does (its clients see it when they reconnect).
+    size_bytes: AtomicU64,
     meta: Arc<Member>,
     key: DataKey,
     view: RwLock<Option<Arc<ReplicatedVolume>>>,
@@ -1957,7 +2359,7 @@ impl Router {
     pub fn new(meta: Arc<Member>, record: &VolumeRecord) -> Router {
         Router {
             name: record.name.clone(),
-            size_bytes: record.size_bytes,
+            size_bytes: AtomicU64::new(record.size_bytes),
             key: DataKey::from_secret(meta.secret()),
             meta,
             view: RwLock::new(None),
@@ -1966,6 +2368,17 @@ impl Router {
             taking: tokio::sync::Mutex::new(()),
             last_local: Mutex::new(None),
             forwarded: std::sync::atomic::AtomicU32::new(1),
+        }
+    }
+
+    /// Takes the volume's size from its record (it only grows): this node's clients see
+    /// it when they reconnect, and its owner view resyncs and scans all of it.
+    fn grow(&self, size_bytes: u64) {
+        if self.size_bytes.fetch_max(size_bytes, Ordering::AcqRel) < size_bytes {
+            tracing::info!(volume = %self.name, size = size_bytes, "the volume grew");
+        }
+        if let Some(v) = self.view() {
+            v.size_bytes.fetch_max(size_bytes, Ordering::AcqRel);
         }
     }
 
@@ -2043,7 +2456,7 @@ impl Router {
                 Err(Forwarded::Failed(StoreError::OutOfRange {
                     offset: h.offset,
                     length: u64::from(h.count),
-                    size: self.size_bytes,
+                    size: self.size_bytes.load(Ordering::Acquire),
                 }))
             }
             Ok(Err(CallError::Status { status: Status::Invalid, .. })) => {
@@ -2155,7 +2568,7 @@ fn split(op: IoOp) -> Vec<IoOp> {
 
 impl BlockVolume for Router {
     fn size_bytes(&self) -> u64 {
-        self.size_bytes
+        self.size_bytes.load(Ordering::Acquire)
     }
 
     fn allocated_bytes(&self) -> Result<u64, StoreError> {
@@ -2321,6 +2734,7 @@ pub async fn create(
         min_replicas,
         components: components.clone(),
         epoch: 0,
+        released: None,
     };
     // The record replaces this node's `creating` one, then ownership is taken as any
     // later owner takes it (epoch 1, every copy fenced).
@@ -2328,7 +2742,7 @@ pub async fn create(
         None => match registry.publish(&record).await {
             Ok(()) => {
                 let router = node.router(name, || Arc::new(Router::new(meta.clone(), &record)));
-                match take_over(node, meta, &router, true).await {
+                match take_over(node, meta, &router, true, None).await {
                     Ok(epoch) => {
                         record.epoch = epoch;
                         Ok(())

@@ -114,6 +114,7 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
         secret_file: PathBuf::from("secret"),
         move_after_secs: 60,
         move_hold_secs: 300,
+        scrub_every_secs: 7 * 24 * 3600,
     };
     run(config, true)
 }
@@ -212,6 +213,7 @@ async fn serve(config: Config, one_node: bool) -> anyhow::Result<()> {
     });
     tokio::spawn(member.clone().run_session(record));
     node.set_node_id(config.node_id);
+    node.set_scrub_every(Duration::from_secs(config.scrub_every_secs));
     let registry = crate::registry::Registry::new(node.clone(), member.clone());
     tokio::spawn(registry.clone().run());
     let moves = crate::replicated::MovePolicy {

@@ -24,12 +24,13 @@ fn schemathesis() -> String {
 /// the document is not refused as a bad request; `negative_data_rejection`: an invalid
 /// one is), methods and sequences. Left out: `ignored_auth` and
 /// `object_level_authorization`, as the node listens on loopback, where the API takes no
-/// token and knows no users.
+/// token and knows no users; and `ensure_resource_availability`, which takes any 404
+/// after a create as the created volume missing, while a rollback of it answers 404 for
+/// the snapshot its body names (a CI run failed on that).
 const CHECKS: &str = "not_a_server_error,status_code_conformance,content_type_conformance,\
                       response_headers_conformance,response_schema_conformance,\
                       positive_data_acceptance,negative_data_rejection,missing_required_header,\
-                      unsupported_method,allow_header_conformance,use_after_free,\
-                      ensure_resource_availability";
+                      unsupported_method,allow_header_conformance,use_after_free";
 
 /// The one exception, for one operation: adding a node answers 503 (unavailable, retry
 /// when it runs) when no node answers at its address, and a generated address never has

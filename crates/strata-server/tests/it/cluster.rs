@@ -36,6 +36,11 @@ struct Member {
 
 impl Member {
     fn new(root: &Path, id: u64, join: Option<&str>) -> Member {
+        Member::with_config(root, id, join, "")
+    }
+
+    /// A member whose config file ends with `extra` (TOML lines).
+    fn with_config(root: &Path, id: u64, join: Option<&str>, extra: &str) -> Member {
         let dir = root.join(format!("n{id}"));
         std::fs::create_dir_all(&dir).unwrap();
         // Each node on its own loopback address (its inter-node traffic comes from it, so
@@ -49,7 +54,7 @@ impl Member {
         let text = format!(
             "node_id = {id}\ndata_dir = {dir:?}\nrpc = {rpc:?}\nnbd = {nbd:?}\n\
              http = \"127.0.0.1:0\"\njoin = [{join}]\nsite = \"a\"\nrack = \"r{id}\"\n\
-             move_after_secs = 3\nmove_hold_secs = 3\n"
+             move_after_secs = 3\nmove_hold_secs = 3\n{extra}"
         );
         std::fs::write(&config, text).unwrap();
         Member { id, config, dir, rpc, node: None }
@@ -618,12 +623,130 @@ fn a_forwarded_failure_is_logged_once_with_the_owners_reason() {
     assert_eq!(lines(&members[0], "forwarded request failed"), 0, "not again at the owner");
 }
 
+/// A replicated volume grows through any node: every copy grows, every node serves the
+/// new size (to clients that connect after), and data written past the old end is on
+/// every copy. It never shrinks: refused, and nothing changes.
+#[test]
+fn a_replicated_volume_grows_on_every_copy() {
+    let tmp = tempfile::tempdir().unwrap();
+    let members = three_members(tmp.path());
+    let (ok, text) =
+        cli(&members[0], &["volume", "create", "g1", "--size", "4M", "--replicas", "3", "--json"]);
+    assert!(ok, "{text}");
+    let v: Value = serde_json::from_str(&text).unwrap();
+    let copies: Vec<(u64, u64)> = v["components"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| (c["node"].as_u64().unwrap(), c["id"].as_u64().unwrap()))
+        .collect();
+    let epoch = v["epoch"].as_u64().unwrap();
+    let key = DataKey::from_secret(&std::fs::read(members[0].dir.join("secret")).unwrap());
+    // Through a node that does not own it.
+    let (ok, text) = cli(&members[1], &["volume", "resize", "g1", "--size", "8M", "--json"]);
+    assert!(ok, "{text}");
+    let v: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["size_bytes"], 8 << 20, "{v}");
+    let (ok, text) = cli(&members[2], &["volume", "resize", "g1", "--size", "4M"]);
+    assert!(!ok && text.contains("not shrink"), "{text}");
+    for m in &members {
+        wait_until(10, "every node to serve 8M", || {
+            let out = Command::new("qemu-img")
+                .args(["info", "--output=json", "-f", "raw", &m.node().uri("g1")])
+                .output()
+                .unwrap();
+            serde_json::from_slice::<Value>(&out.stdout)
+                .is_ok_and(|i| i["virtual-size"].as_u64() == Some(8 << 20))
+        });
+    }
+    crate::harness::qemu_io(
+        &members[2].node().uri("g1"),
+        &["write -P 0x77 6M 64k", "flush", "read -P 0x77 6M 64k"],
+    );
+    for (m, (node, id)) in members.iter().zip(&copies) {
+        let data = try_read_component(m, &key, *id, epoch, 6 << 20).map(|d| d[..65536].to_vec());
+        assert!(
+            data.as_ref().is_ok_and(|d| d.iter().all(|b| *b == 0x77)),
+            "node {node}'s copy past the old end: {:?}",
+            data.map(|_| "other bytes")
+        );
+    }
+    let v = members[0].get("/v1/volumes/g1").unwrap();
+    assert_eq!(v["size_bytes"], 8 << 20, "the shrink changed nothing: {v}");
+}
+
+/// A copy whose node restarted while no request was in flight (so none failed) is not
+/// taken as whole: after a power loss it would lack what it had not synced. The owner's
+/// next request reaches it over a new connection, and that fails it: STALE, its
+/// unflushed regions in its bitmap, resynced, ACTIVE again.
+#[test]
+fn a_copy_that_restarted_unseen_is_resynced_before_it_counts_again() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut members = three_members(tmp.path());
+    let (ok, text) =
+        cli(&members[0], &["volume", "create", "u1", "--size", "4M", "--replicas", "3", "--json"]);
+    assert!(ok, "{text}");
+    let key = DataKey::from_secret(&std::fs::read(members[0].dir.join("secret")).unwrap());
+    let uri = members[0].node().uri("u1");
+    crate::harness::qemu_io(&uri, &["write -P 0x21 0 64k"]);
+    members[2].node.take().unwrap().kill9();
+    members[2].start();
+    // Node 3 answers again; nothing failed while it was away.
+    wait_until(20, "node 3 to answer", || members[2].get("/v1/node").is_some());
+    crate::harness::qemu_io(&uri, &["write -P 0x22 1M 64k", "flush"]);
+    wait_logged(&members, 20, "the owner to fail the copy reached anew", || {
+        members[0].node().log_tail(200).contains("answered over a new connection")
+    });
+    wait_copies_equal(&members, &key, "u1", 4);
+    let v = members[0].get("/v1/volumes/u1").unwrap();
+    assert_eq!(v["components"][2]["state"], "active", "{v}");
+}
+
+/// A block that rots on a copy other than the owner's is found by the owner's periodic
+/// scrub (`scrub_every_secs`) and rewritten: with no change of owner, and no client
+/// reading it.
+#[test]
+fn a_scrub_finds_and_rewrites_a_block_that_rotted_on_a_copy() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut members = three_members_with(tmp.path(), "scrub_every_secs = 3\n");
+    let (ok, text) =
+        cli(&members[0], &["volume", "create", "s1", "--size", "4M", "--replicas", "3", "--json"]);
+    assert!(ok, "{text}");
+    let v: Value = serde_json::from_str(&text).unwrap();
+    let copy = v["components"][2]["id"].as_u64().unwrap();
+    let epoch = v["epoch"].as_u64().unwrap();
+    let key = DataKey::from_secret(&std::fs::read(members[0].dir.join("secret")).unwrap());
+    crate::harness::qemu_io(&members[0].node().uri("s1"), &["write -P 0x66 0 64k", "flush"]);
+    // Node 3's copy rots while the node is down (a copy that missed no write stays
+    // active).
+    let dir = members[2].node.take().unwrap().kill9();
+    let at = crate::snapshots::find_in_log(&dir, &[0x66; 4096]);
+    let mut log = std::fs::read(dir.join("store/log")).unwrap();
+    log[at as usize + 100] ^= 0x01;
+    std::fs::write(dir.join("store/log"), &log).unwrap();
+    members[2].start();
+    let whole = |m: &Member| {
+        try_read_component(m, &key, copy, epoch, 0)
+            .is_ok_and(|d| d[..65536].iter().all(|b| *b == 0x66))
+    };
+    assert!(!whole(&members[2]), "the block is damaged on node 3's copy");
+    wait_logged(&members, 60, "the scrub to rewrite node 3's damaged block", || whole(&members[2]));
+    let (o, now) = owner_of(&members, "s1");
+    assert_eq!((o, now), (0, epoch), "no change of owner");
+    assert!(members[0].node().log_tail(400).contains("scrub: comparing the copies"));
+}
+
 /// Three members formed into a cluster (node 1 founds it, 2 and 3 join), all voters up.
 fn three_members(root: &Path) -> Vec<Member> {
-    let mut members = vec![Member::new(root, 1, None)];
+    three_members_with(root, "")
+}
+
+/// [`three_members`], each config ending with `extra`.
+fn three_members_with(root: &Path, extra: &str) -> Vec<Member> {
+    let mut members = vec![Member::with_config(root, 1, None, extra)];
     let first = members[0].rpc.clone();
-    members.push(Member::new(root, 2, Some(&first)));
-    members.push(Member::new(root, 3, Some(&first)));
+    members.push(Member::with_config(root, 2, Some(&first), extra));
+    members.push(Member::with_config(root, 3, Some(&first), extra));
     // The first node founds the cluster; the others join with a copy of its secret.
     members[0].start();
     let (ok, text) = cli(&members[0], &["cluster", "init"]);
@@ -850,6 +973,25 @@ fn a_replicated_volume_survives_a_copy_away_and_resyncs_it() {
     assert!(ok, "{text}");
     let (now, later) = owner(&members);
     assert!(now == to && later > epoch, "node {} owns it at epoch {later}", now + 1);
+    // Handed over cleanly: the old owner synced every copy and vouched for them, so the
+    // new one compares none (no digest scan of the whole volume).
+    assert!(
+        members[from].node().log_tail(200).contains("handed over cleanly"),
+        "{}",
+        members[from].node().log_tail(30)
+    );
+    assert!(
+        members[to].node().log_tail(200).contains("taken over cleanly"),
+        "{}",
+        members[to].node().log_tail(30)
+    );
+    let v = members[to].get("/v1/volumes/r1").unwrap();
+    let scanning = v["components"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|c| c["scan_left_bytes"].as_u64().unwrap_or(0) > 0);
+    assert!(!scanning, "no copy is compared after a clean hand-over: {v}");
     crate::harness::qemu_io(
         &members[from].node().uri("r1"),
         &["write -P 0x44 6M 4k", "flush", "read -P 0x44 6M 4k"],
@@ -872,10 +1014,11 @@ fn a_replicated_volume_survives_a_copy_away_and_resyncs_it() {
 
     // A block of the owner's copy rots: a read is served from another copy, and the
     // block is rewritten (read repair by the owner, or a scan by whichever node owns the
-    // volume after the restart); then every copy reads back level.
+    // volume after the restart); then every copy reads back level. (Killed: a clean stop
+    // hands the volume over with no scan, and a rotten block of a copy that is not the
+    // owner's is found only when read.)
     let (o, _) = owner(&members);
-    members[o].node.take().unwrap().stop();
-    let dir = members[o].dir.clone();
+    let dir = members[o].node.take().unwrap().kill9();
     let at = crate::snapshots::find_in_log(&dir, &[0x44; 4096]);
     let mut log = std::fs::read(dir.join("store/log")).unwrap();
     log[at as usize + 100] ^= 0x01;
