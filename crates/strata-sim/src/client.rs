@@ -13,9 +13,9 @@ use tokio::time::Duration;
 /// then unknown.
 const CLIENT_TIMEOUT: Duration = Duration::from_millis(2000);
 /// Clients running at once.
-const CLIENTS: usize = 3;
+const CLIENTS: usize = 6;
 /// Blocks the clients write most (so regions are written again while a copy is away).
-const HOT_BLOCKS: u64 = 64;
+const HOT_BLOCKS: u64 = 32;
 
 /// Runs the workload until `until` (simulated time).
 pub async fn run(sh: Rc<Shared>, until: Duration) -> turmoil::Result {
@@ -34,15 +34,28 @@ pub async fn run(sh: Rc<Shared>, until: Duration) -> turmoil::Result {
                         rng.random_range(0..BLOCKS)
                     };
                     let op = match rng.random_range(0..100) {
-                        0..70 => {
+                        0..65 => {
                             let value = sh.next_write.get();
                             sh.next_write.set(value + 1);
                             Op::Write { block, value, fua: rng.random_bool(0.05) }
                         }
-                        70..80 => Op::Flush,
-                        _ => Op::Read { block },
+                        65..75 => Op::Flush,
+                        _ => {
+                            // Mostly a block written lately (a stale read shows there).
+                            let recent = sh.history.borrow().iter().rev().take(16).find_map(|e| {
+                                match e.op {
+                                    Op::Write { block, .. } if e.outcome == Outcome::Ok => {
+                                        Some(block)
+                                    }
+                                    _ => None,
+                                }
+                            });
+                            Op::Read {
+                                block: recent.filter(|_| rng.random_bool(0.7)).unwrap_or(block),
+                            }
+                        }
                     };
-                    (node, op, Duration::from_millis(rng.random_range(0..20)))
+                    (node, op, Duration::from_millis(rng.random_range(0..10)))
                 };
                 let start = sh.now();
                 let reply = rpc.call(node, Msg::Client { op: op.clone() }, CLIENT_TIMEOUT).await;

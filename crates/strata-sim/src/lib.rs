@@ -102,6 +102,9 @@ use std::time::Duration;
 const FAULTS_END: Duration = Duration::from_millis(6000);
 /// After the faults, the longest the cluster may take to converge.
 const HEAL_MAX: Duration = Duration::from_millis(12000);
+/// How long the cluster must stay converged to count as such (the owner probes every
+/// copy `RESYNC_EVERY`).
+const STABLE: Duration = Duration::from_millis(1000);
 /// Simulated time per turmoil step.
 const TICK: Duration = Duration::from_millis(2);
 
@@ -185,7 +188,7 @@ impl Faults {
         let ms =
             |rng: &mut SmallRng, lo: u64, hi: u64| Duration::from_millis(rng.random_range(lo..hi));
         match rng.random_range(0..100) {
-            0..35 => {
+            0..30 => {
                 let n = rng.random_range(0..NODES);
                 if self.down[n].is_some() {
                     return;
@@ -211,7 +214,7 @@ impl Faults {
                 drop(disks);
                 sh.busy.borrow_mut()[n] = None;
                 self.crashes += 1;
-                let back = t + ms(rng, 50, 2000);
+                let back = t + ms(rng, 50, 1500);
                 self.down[n] = Some(back);
                 sh.note(format!(
                     "FAULT crash n{n} ({}), back at {}ms",
@@ -219,14 +222,14 @@ impl Faults {
                     back.as_millis()
                 ));
             }
-            35..70 => {
+            30..60 => {
                 let (a, b) = if rng.random_bool(0.3) {
                     (rng.random_range(0..NODES), META)
                 } else {
                     let a = rng.random_range(0..NODES);
                     (a, (a + rng.random_range(1..NODES)) % NODES)
                 };
-                let until = t + ms(rng, 100, 2500);
+                let until = t + ms(rng, 100, 2000);
                 sim.partition(name(a), name(b));
                 let e = self.cut.entry((a.min(b), a.max(b))).or_default();
                 *e = (*e).max(until);
@@ -238,9 +241,12 @@ impl Faults {
                     until.as_millis()
                 ));
             }
-            70..80 => {
-                let a = rng.random_range(0..NODES);
-                let until = t + ms(rng, 300, 2500);
+            60..80 => {
+                // Often the owner: the fault the lease is for.
+                let owner = sh.published.borrow().0.map(|o| o.node);
+                let a =
+                    owner.filter(|_| rng.random_bool(0.5)).unwrap_or(rng.random_range(0..NODES));
+                let until = t + ms(rng, 300, 3000);
                 for b in (0..=META).filter(|b| *b != a) {
                     sim.partition(name(a), name(b));
                     let e = self.cut.entry((a.min(b), a.max(b))).or_default();
@@ -323,6 +329,7 @@ fn run(seed: u64, protocol: Protocol, mutation: Option<Mutation>) -> Report {
     let mut clients_done = false;
     let mut healed = false;
     let mut converged_at = None;
+    let mut stable_since: Option<Duration> = None;
     loop {
         match sim.step() {
             Ok(done) => clients_done |= done,
@@ -337,7 +344,7 @@ fn run(seed: u64, protocol: Protocol, mutation: Option<Mutation>) -> Report {
             faults.expire(&mut sim, &sh, t, false);
             if t >= faults.next {
                 faults.inject(&mut sim, &sh, t);
-                faults.next = t + Duration::from_millis(faults.rng.random_range(200..1200));
+                faults.next = t + Duration::from_millis(faults.rng.random_range(300..1500));
             }
             continue;
         }
@@ -346,9 +353,14 @@ fn run(seed: u64, protocol: Protocol, mutation: Option<Mutation>) -> Report {
             sh.note("HEAL every fault stops".into());
             healed = true;
         }
-        if clients_done && t.as_millis() % 50 == 0 && converged(&sh) {
-            converged_at = Some(t);
-            break;
+        if clients_done && t.as_millis() % 50 == 0 {
+            // Converged, and still so after the owner has probed every copy again.
+            if !converged(&sh) {
+                stable_since = None;
+            } else if t - *stable_since.get_or_insert(t) >= STABLE {
+                converged_at = Some(t);
+                break;
+            }
         }
         if t >= FAULTS_END + HEAL_MAX {
             break;
@@ -402,6 +414,7 @@ fn converged(sh: &Shared) -> bool {
     let (Some(owner), Some(record)) = (owner, record) else { return false };
     record.states.iter().all(|s| *s == model::CopyState::Active)
         && sh.busy.borrow()[owner.node] == Some(false)
+        && sh.routing.borrow().iter().all(|n| *n == 0)
 }
 
 /// Checks 1-4 (`check.rs`).
@@ -430,10 +443,13 @@ fn check(sh: &Shared, end: Duration, converged: bool) -> Vec<String> {
                 (0..truth.len()).filter(|b| d.component.live[*b] != truth[*b]).collect();
             if !differ.is_empty() {
                 failures.push(format!(
-                    "check 2: ACTIVE copy n{n} differs from the owner n{} in {} blocks (first {})",
+                    "check 2: ACTIVE copy n{n} differs from the owner n{} in {} blocks (first {}: \
+                     write {} there, {} at the owner)",
                     owner.node,
                     differ.len(),
-                    differ[0]
+                    differ[0],
+                    d.component.live[differ[0]],
+                    truth[differ[0]],
                 ));
             }
         }

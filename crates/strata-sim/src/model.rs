@@ -238,6 +238,9 @@ pub struct Shared {
     pub ghost_epoch: RefCell<Vec<u64>>,
     pub violations: RefCell<Vec<String>>,
     pub resync: RefCell<Vec<ResyncStats>>,
+    /// Per node: client requests it is serving or forwarding now (it goes on after the
+    /// client gave up).
+    pub routing: RefCell<Vec<u32>>,
     /// Per node: whether its owner view has work left (`None`: no view serving).
     pub busy: RefCell<Vec<Option<bool>>>,
     pub trace: RefCell<VecDeque<String>>,
@@ -278,6 +281,7 @@ impl Shared {
             violations: RefCell::default(),
             resync: RefCell::new(vec![ResyncStats::default(); NODES]),
             busy: RefCell::new(vec![None; NODES]),
+            routing: RefCell::new(vec![0; NODES]),
             trace: RefCell::default(),
             trace_hash: Cell::new(0),
             next_write: Cell::new(1),

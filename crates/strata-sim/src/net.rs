@@ -2,7 +2,9 @@
 //! turmoil's network (latency, partitions, crashed hosts), and is dropped at random
 //! with the current loss rate. A datagram carries only a key; the message it stands for
 //! waits in the simulation's stash (every host runs on the simulation's one thread), so
-//! nothing is serialized.
+//! nothing is serialized. Between two hosts, messages keep their order as on a TCP
+//! connection: one that overtakes an earlier one (turmoil's latencies are random per
+//! datagram) waits for it, for up to `GAP`, after which the earlier one counts as lost.
 
 use crate::model::{Owner, Record, Shared};
 use std::cell::{Cell, RefCell};
@@ -109,6 +111,10 @@ pub enum Msg {
 pub struct EnvelopeBox(Envelope);
 
 struct Envelope {
+    /// The sending endpoint (a new one each time a host starts) and its count of
+    /// messages to this destination.
+    instance: u64,
+    seq: u64,
     id: u64,
     reply: bool,
     from: usize,
@@ -124,7 +130,35 @@ pub struct Rpc {
     sock: UdpSocket,
     next: Cell<u64>,
     waiting: RefCell<BTreeMap<u64, oneshot::Sender<Msg>>>,
+    instance: u64,
+    /// Per destination: messages sent.
+    sent: RefCell<BTreeMap<usize, u64>>,
+    /// Per source: what arrived from it.
+    inbound: RefCell<BTreeMap<usize, Inbound>>,
+    handler: RefCell<Option<Handler>>,
 }
+
+/// Messages from one source: the next one expected, and those that overtook it.
+struct Inbound {
+    instance: u64,
+    expected: u64,
+    held: BTreeMap<u64, Envelope>,
+}
+
+impl Inbound {
+    fn drain(&mut self) -> Vec<Envelope> {
+        let mut ready = Vec::new();
+        while let Some(env) = self.held.remove(&self.expected) {
+            ready.push(env);
+            self.expected += 1;
+        }
+        ready
+    }
+}
+
+/// How long a message that overtook an earlier one waits for it (TCP would retransmit
+/// the earlier one; longer than the longest latency the faults set).
+const GAP: Duration = Duration::from_millis(150);
 
 /// A request sent, its reply to await.
 pub struct Pending {
@@ -146,8 +180,20 @@ impl Rpc {
         handler: impl Fn(usize, Msg) -> Pin<Box<dyn Future<Output = Option<Msg>>>> + 'static,
     ) -> Rc<Rpc> {
         let sock = UdpSocket::bind(("0.0.0.0", PORT)).await.expect("bind");
-        let rpc = Rc::new(Rpc { sh, me, sock, next: Cell::new(1), waiting: RefCell::default() });
-        let handler: Handler = Rc::new(handler);
+        let instance = sh.next_key.get();
+        sh.next_key.set(instance + 1);
+        let rpc = Rc::new(Rpc {
+            sh,
+            me,
+            sock,
+            next: Cell::new(1),
+            waiting: RefCell::default(),
+            instance,
+            sent: RefCell::default(),
+            inbound: RefCell::default(),
+            handler: RefCell::new(None),
+        });
+        *rpc.handler.borrow_mut() = Some(Rc::new(handler));
         let r = rpc.clone();
         tokio::task::spawn_local(async move {
             let mut buf = [0u8; 8];
@@ -158,27 +204,76 @@ impl Rpc {
                 }
                 let key = u64::from_le_bytes(buf);
                 let Some(EnvelopeBox(env)) = r.sh.stash.borrow_mut().remove(&key) else { continue };
-                if env.reply {
-                    if let Some(tx) = r.waiting.borrow_mut().remove(&env.id) {
-                        let _ = tx.send(env.msg);
-                    }
-                    continue;
-                }
-                let (h, r2) = (handler.clone(), r.clone());
-                tokio::task::spawn_local(async move {
-                    if let Some(reply) = h(env.from, env.msg).await {
-                        r2.post(
-                            env.from,
-                            Envelope { id: env.id, reply: true, from: r2.me, msg: reply },
-                        );
-                    }
-                });
+                r.arrive(env);
             }
         });
         rpc
     }
 
-    fn post(&self, to: usize, env: Envelope) {
+    /// Takes a message in its sender's order: one that overtook an earlier one waits
+    /// for it, up to `GAP` (then the earlier one is taken as lost).
+    fn arrive(self: &Rc<Self>, env: Envelope) {
+        let (from, instance) = (env.from, env.instance);
+        let ready = {
+            let mut inbound = self.inbound.borrow_mut();
+            let fresh = || Inbound { instance, expected: 1, held: BTreeMap::new() };
+            let inb = inbound.entry(from).or_insert_with(fresh);
+            if instance < inb.instance || (instance == inb.instance && env.seq < inb.expected) {
+                return; // From an earlier start of the sender, or a duplicate.
+            }
+            if instance > inb.instance {
+                *inb = fresh();
+            }
+            inb.held.insert(env.seq, env);
+            if inb.held.keys().next() != Some(&inb.expected) {
+                let (r, expected) = (self.clone(), inb.expected);
+                tokio::task::spawn_local(async move {
+                    tokio::time::sleep(GAP).await;
+                    let ready = {
+                        let mut inbound = r.inbound.borrow_mut();
+                        let Some(inb) = inbound.get_mut(&from) else { return };
+                        if inb.instance != instance || inb.expected != expected {
+                            return;
+                        }
+                        let Some(first) = inb.held.keys().next().copied() else { return };
+                        inb.expected = first;
+                        inb.drain()
+                    };
+                    for env in ready {
+                        r.dispatch(env);
+                    }
+                });
+            }
+            inb.drain()
+        };
+        for env in ready {
+            self.dispatch(env);
+        }
+    }
+
+    fn dispatch(self: &Rc<Self>, env: Envelope) {
+        if env.reply {
+            if let Some(tx) = self.waiting.borrow_mut().remove(&env.id) {
+                let _ = tx.send(env.msg);
+            }
+            return;
+        }
+        let (h, r) = (self.handler.borrow().clone().expect("started"), self.clone());
+        tokio::task::spawn_local(async move {
+            if let Some(reply) = h(env.from, env.msg).await {
+                let (instance, seq, id, from) = (0, 0, env.id, r.me);
+                let reply = Envelope { instance, seq, id, reply: true, from, msg: reply };
+                r.post(env.from, reply);
+            }
+        });
+    }
+
+    fn post(&self, to: usize, mut env: Envelope) {
+        let mut sent = self.sent.borrow_mut();
+        let seq = sent.entry(to).or_default();
+        *seq += 1;
+        (env.instance, env.seq) = (self.instance, *seq);
+        drop(sent);
         if self.sh.lose() {
             return;
         }
@@ -194,7 +289,7 @@ impl Rpc {
         self.next.set(id + 1);
         let (tx, rx) = oneshot::channel();
         self.waiting.borrow_mut().insert(id, tx);
-        self.post(to, Envelope { id, reply: false, from: self.me, msg });
+        self.post(to, Envelope { instance: 0, seq: 0, id, reply: false, from: self.me, msg });
         Pending { rx }
     }
 

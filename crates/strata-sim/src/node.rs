@@ -122,10 +122,15 @@ impl Node {
                 },
                 _ => Msg::Retry,
             }),
-            Msg::Client { op } => Some(match self.route(&op).await {
-                Ok(value) => Msg::Done(value),
-                Err(()) => Msg::Failed,
-            }),
+            Msg::Client { op } => {
+                self.sh.routing.borrow_mut()[self.me] += 1;
+                let reply = match self.route(&op).await {
+                    Ok(value) => Msg::Done(value),
+                    Err(()) => Msg::Failed,
+                };
+                self.sh.routing.borrow_mut()[self.me] -= 1;
+                Some(reply)
+            }
             _ => None,
         }
     }
@@ -322,6 +327,7 @@ impl Node {
 
 /// Runs storage node `me` (again after each restart: its disk is what it keeps).
 pub async fn run(sh: Rc<Shared>, me: usize) -> turmoil::Result {
+    sh.routing.borrow_mut()[me] = 0; // What it forwarded before a crash died with it.
     let node = Rc::new(Node {
         me,
         sh: sh.clone(),

@@ -12,7 +12,7 @@ use crate::model::{
 use crate::net::{CompReq, Msg, Op, Rpc};
 use crate::node::{component, Lease, Seen};
 use std::cell::{Cell, RefCell};
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::rc::Rc;
 use tokio::time::Instant;
 
@@ -23,7 +23,8 @@ struct Copies {
     /// Per copy: its synchronization bitmap.
     dirty: Vec<BTreeSet<u64>>,
     /// Per copy: regions written since its last successful flush.
-    unflushed: Vec<BTreeSet<u64>>,
+    /// (Region → the LSN of the last write to it, for the fourth fix.)
+    unflushed: Vec<BTreeMap<u64, u64>>,
     /// STALE here, not yet in the record.
     unrecorded: BTreeSet<usize>,
     /// Per copy: the next region of a due digest scan.
@@ -50,6 +51,8 @@ pub struct View {
     lease: Rc<Lease>,
     me: usize,
     pub owner: Owner,
+    /// The session the owner key is tied to.
+    session: u64,
     st: RefCell<Copies>,
     /// Client writes hold it shared; a resync step holds it exclusively.
     resync_lock: tokio::sync::RwLock<()>,
@@ -59,6 +62,8 @@ pub struct View {
     in_flight: RefCell<BTreeSet<u64>>,
     freed: tokio::sync::Notify,
     deposed: Cell<bool>,
+    /// The last LSN given out (bookkeeping, as built; the fourth fix orders by it).
+    lsn: Cell<u64>,
     pub taken_at: Instant,
     /// The proposed fix: each copy's boot as this owner last saw it.
     boots: RefCell<[Option<u64>; NODES]>,
@@ -95,6 +100,7 @@ impl View {
         if record.states[me] != CopyState::Active {
             return Err("this node's copy is not active".into());
         }
+        let session = lease.session.get().ok_or("no session")?;
         let mut dirty = vec![BTreeSet::new(); NODES];
         let mut scan = vec![None; NODES];
         let mut states = record.states;
@@ -133,10 +139,11 @@ impl View {
             lease,
             me,
             owner,
+            session,
             st: RefCell::new(Copies {
                 states,
                 dirty,
-                unflushed: vec![BTreeSet::new(); NODES],
+                unflushed: vec![BTreeMap::new(); NODES],
                 unrecorded: BTreeSet::new(),
                 scan,
             }),
@@ -145,6 +152,7 @@ impl View {
             in_flight: RefCell::default(),
             freed: tokio::sync::Notify::new(),
             deposed: Cell::new(false),
+            lsn: Cell::new(owner.epoch << 40),
             taken_at: Instant::now(),
             boots: RefCell::new([None; NODES]),
             synced: RefCell::new([false; NODES]),
@@ -186,6 +194,11 @@ impl View {
         lost
     }
 
+    fn next_lsn(&self) -> u64 {
+        self.lsn.set(self.lsn.get() + 1);
+        self.lsn.get()
+    }
+
     pub fn deposed(&self) -> bool {
         self.deposed.get()
     }
@@ -198,7 +211,11 @@ impl View {
 
     /// Invariant 3.
     pub fn serving(&self) -> bool {
-        !self.deposed() && (self.lease.fresh() || self.sh.broken(Mutation::NoLease))
+        // The fifth fix: only under the session the owner key is tied to. As built, a
+        // node that registers again (a new session) makes its old view serve again
+        // until its steward sees the owner key changed.
+        let same = !self.sh.fix || self.lease.session.get() == Some(self.session);
+        !self.deposed() && ((same && self.lease.fresh()) || self.sh.broken(Mutation::NoLease))
     }
 
     /// Tells the checker whether this owner has work left.
@@ -280,6 +297,7 @@ impl View {
         };
         let deadline = Instant::now() + IO_TIMEOUT;
         let epoch = self.owner.epoch;
+        let lsn = self.next_lsn();
         let mut sent = Vec::new();
         for i in (0..NODES).filter(|i| *i != self.me && states[*i] != CopyState::Stale) {
             sent.push((i, self.rpc.send(i, Msg::Comp { epoch, req: req.clone() })));
@@ -311,12 +329,20 @@ impl View {
             for i in took {
                 holders.push(i);
                 match region {
+                    None if self.sh.fix => {
+                        // The fourth fix: only what was sent before the flush is
+                        // synced by it.
+                        st.unflushed[i].retain(|_, at| *at > lsn);
+                        self.synced.borrow_mut()[i] = true;
+                    }
                     None => {
+                        // As built: a write sent after the flush, answered before it,
+                        // is forgotten here though its copy has not synced it.
                         st.unflushed[i].clear();
                         self.synced.borrow_mut()[i] = true;
                     }
                     Some(r) => {
-                        st.unflushed[i].insert(r);
+                        st.unflushed[i].insert(r, lsn);
                     }
                 }
             }
@@ -324,7 +350,15 @@ impl View {
                 self.sh.note(format!("epoch {epoch}: copy {i} failed a {op:?}"));
                 st.stale(i);
                 let lost = std::mem::take(&mut st.unflushed[i]);
-                self.mark(&mut st, i, lost.into_iter().chain(region));
+                self.mark(&mut st, i, lost.into_keys().chain(region));
+                if self.sh.fix {
+                    // The sixth fix: writes still in flight to it may apply there or
+                    // not; as built their regions join the bitmap only when they fail
+                    // in turn, which never happens if this owner dies first (and the
+                    // next owner trusts the bitmap).
+                    let in_flight = self.in_flight.borrow().clone();
+                    self.mark(&mut st, i, in_flight);
+                }
             }
         }
         self.publish();
@@ -468,7 +502,7 @@ impl View {
                 let mut st = self.st.borrow_mut();
                 st.stale(i);
                 let lost = std::mem::take(&mut st.unflushed[i]);
-                self.mark(&mut st, i, lost);
+                self.mark(&mut st, i, lost.into_keys());
                 if suspect {
                     st.scan[i] = Some(0);
                 }
@@ -483,7 +517,7 @@ impl View {
             let mut st = self.st.borrow_mut();
             st.stale(i);
             let lost = std::mem::take(&mut st.unflushed[i]);
-            self.mark(&mut st, i, lost);
+            self.mark(&mut st, i, lost.into_keys());
         }
         if self.record(i, CopyState::Stale).await.is_ok() {
             self.st.borrow_mut().unrecorded.remove(&i);
@@ -610,6 +644,7 @@ impl View {
             })
             .collect();
         let deadline = Instant::now() + IO_TIMEOUT;
+        let lsn = self.next_lsn();
         let mut sent = Vec::new();
         for r in &differ {
             let k = ((r - regions.start) * REGION_BLOCKS) as usize;
@@ -627,7 +662,7 @@ impl View {
         let mut st = self.st.borrow_mut();
         let mut stats = self.sh.resync.borrow_mut();
         for r in differ {
-            st.unflushed[i].insert(r);
+            st.unflushed[i].insert(r, lsn);
             match copying {
                 Copying::Scan => stats[i].scan_bytes += REGION_BYTES,
                 Copying::Resync => stats[i].resync_bytes += REGION_BYTES,
