@@ -89,7 +89,7 @@ mod net;
 mod node;
 mod view;
 
-pub use model::Mutation;
+pub use model::{Fixes, Mutation};
 
 use model::{Shared, CLIENT, META, NODES};
 use rand::rngs::SmallRng;
@@ -153,13 +153,25 @@ fn name(host: usize) -> String {
     }
 }
 
-/// Which protocol runs.
+/// Which protocol runs: as built, or with proposed fixes (see "Flaws found").
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Protocol {
     /// As `replicated.rs` builds it.
     AsBuilt,
-    /// As built plus the proposed fix for the flaw found (see "A flaw" above).
+    /// As built plus every proposed fix.
     Fixed,
+    /// As built plus the fixes given.
+    With(Fixes),
+}
+
+impl Protocol {
+    fn fixes(self) -> Fixes {
+        match self {
+            Protocol::AsBuilt => Fixes::default(),
+            Protocol::Fixed => Fixes::ALL,
+            Protocol::With(f) => f,
+        }
+    }
 }
 
 /// Runs one seed.
@@ -295,11 +307,8 @@ impl Faults {
 
 fn run(seed: u64, protocol: Protocol, mutation: Option<Mutation>) -> Report {
     let mut rng = SmallRng::seed_from_u64(seed);
-    let sh = Rc::new(Shared::new(
-        SmallRng::seed_from_u64(rng.random()),
-        mutation,
-        protocol == Protocol::Fixed,
-    ));
+    let sh =
+        Rc::new(Shared::new(SmallRng::seed_from_u64(rng.random()), mutation, protocol.fixes()));
     let mut sim = turmoil::Builder::new()
         .rng_seed(rng.random())
         .tick_duration(TICK)

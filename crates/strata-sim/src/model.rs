@@ -69,6 +69,38 @@ pub enum Mutation {
     NoScan,
 }
 
+/// The proposed fix for each flaw the simulation found in the protocol as built
+/// (`lib.rs`, "Flaws found"); all off is the protocol as built.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Fixes {
+    /// 1. A copy that lost power says so (its boot in every reply, `suspect` until
+    ///    levelled); an owner treats a changed boot as a failure, and a suspect copy is
+    ///    not the truth while a copy that is not suspect may be.
+    pub power_loss: bool,
+    /// 2. Taking ownership checks the fresh record: this node's copy is ACTIVE.
+    pub take_checks_copy: bool,
+    /// 3. A bitmap file keeps the scan its owner still owed the copy.
+    pub bitmap_keeps_scan: bool,
+    /// 4. A flush's reply clears only the regions of writes sent before it.
+    pub flush_clears_older: bool,
+    /// 5. An owner view serves only under the session its owner key is tied to.
+    pub same_session: bool,
+    /// 6. A copy that fails gets the regions of every write in flight in its bitmap.
+    pub in_flight_to_bitmap: bool,
+}
+
+impl Fixes {
+    /// Every fix.
+    pub const ALL: Fixes = Fixes {
+        power_loss: true,
+        take_checks_copy: true,
+        bitmap_keeps_scan: true,
+        flush_clears_older: true,
+        same_session: true,
+        in_flight_to_bitmap: true,
+    };
+}
+
 /// A copy's state.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CopyState {
@@ -213,8 +245,8 @@ pub struct ResyncStats {
 
 /// State every host of one simulation shares.
 pub struct Shared {
-    /// The proposed fix for the flaw this simulation found (`lib.rs`, "A flaw").
-    pub fix: bool,
+    /// The proposed fixes in force (`lib.rs`, "Flaws found").
+    pub fix: Fixes,
     /// Addresses by host index (nodes, the metadata service, the clients).
     pub hosts: RefCell<Vec<IpAddr>>,
     /// The owner key and record as the metadata service holds them (for the driver).
@@ -254,7 +286,7 @@ pub struct Shared {
 const TRACE_KEPT: usize = 80;
 
 impl Shared {
-    pub fn new(rng: SmallRng, mutation: Option<Mutation>, fix: bool) -> Shared {
+    pub fn new(rng: SmallRng, mutation: Option<Mutation>, fix: Fixes) -> Shared {
         Shared {
             fix,
             hosts: RefCell::default(),

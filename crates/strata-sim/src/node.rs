@@ -100,7 +100,7 @@ pub fn component(sh: &Shared, me: usize, epoch: u64, req: &CompReq) -> Msg {
 impl Node {
     /// Whether this node's copy is suspect (only ever with the proposed fix).
     fn suspect(&self) -> bool {
-        self.sh.fix && self.sh.disks.borrow()[self.me].component.suspect
+        self.sh.fix.power_loss && self.sh.disks.borrow()[self.me].component.suspect
     }
 
     fn rpc(&self) -> Rc<Rpc> {
@@ -287,7 +287,7 @@ impl Node {
             .await
             .and_then(Seen::from)
             .ok_or("no metadata")?;
-        if self.sh.fix && seen.record.states[self.me] != CopyState::Active {
+        if self.sh.fix.take_checks_copy && seen.record.states[self.me] != CopyState::Active {
             // The second fix: as built, the CAS goes ahead on a record whose copy here
             // is not ACTIVE any more (the steward decided on a lagging view), `open`
             // then refuses, and the owner key names a node that never serves.
@@ -314,7 +314,7 @@ impl Node {
             view.depose(&e);
             return Err(e);
         }
-        if self.sh.fix {
+        if self.sh.fix.power_loss {
             // Its copy is the truth now.
             self.sh.disks.borrow_mut()[self.me].component.suspect = false;
         }

@@ -115,7 +115,7 @@ impl View {
                 match (record.states[i], kept) {
                     (CopyState::Stale, Some(bitmap)) => {
                         dirty[i] = bitmap.regions;
-                        if sh.fix {
+                        if sh.fix.bitmap_keeps_scan {
                             // As built, a scan the last owner still owed the copy is
                             // forgotten: the file holds only the regions.
                             scan[i] = bitmap.scan;
@@ -172,7 +172,7 @@ impl View {
     /// this owner had not heard from it and it says it is suspect (then a full scan is
     /// due, as nobody knows what it lost). Always `false` as built.
     fn lost(&self, i: usize, boot: u64, suspect: bool) -> bool {
-        if !self.sh.fix {
+        if !self.sh.fix.power_loss {
             return false;
         }
         let mut boots = self.boots.borrow_mut();
@@ -214,7 +214,7 @@ impl View {
         // The fifth fix: only under the session the owner key is tied to. As built, a
         // node that registers again (a new session) makes its old view serve again
         // until its steward sees the owner key changed.
-        let same = !self.sh.fix || self.lease.session.get() == Some(self.session);
+        let same = !self.sh.fix.same_session || self.lease.session.get() == Some(self.session);
         !self.deposed() && ((same && self.lease.fresh()) || self.sh.broken(Mutation::NoLease))
     }
 
@@ -329,7 +329,7 @@ impl View {
             for i in took {
                 holders.push(i);
                 match region {
-                    None if self.sh.fix => {
+                    None if self.sh.fix.flush_clears_older => {
                         // The fourth fix: only what was sent before the flush is
                         // synced by it.
                         st.unflushed[i].retain(|_, at| *at > lsn);
@@ -351,7 +351,7 @@ impl View {
                 st.stale(i);
                 let lost = std::mem::take(&mut st.unflushed[i]);
                 self.mark(&mut st, i, lost.into_keys().chain(region));
-                if self.sh.fix {
+                if self.sh.fix.in_flight_to_bitmap {
                     // The sixth fix: writes still in flight to it may apply there or
                     // not; as built their regions join the bitmap only when they fail
                     // in turn, which never happens if this owner dies first (and the
@@ -597,7 +597,7 @@ impl View {
                 return Ok(());
             }
         }
-        let settle = CompReq::Flush { settle: self.sh.fix };
+        let settle = CompReq::Flush { settle: self.sh.fix.power_loss };
         let flushed = self.rpc.call(i, Msg::Comp { epoch, req: settle }, IO_TIMEOUT).await;
         if !matches!(flushed, Some(Msg::CompOk { boot, suspect, .. }) if !self.lost(i, boot, suspect))
         {
