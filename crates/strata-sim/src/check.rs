@@ -107,7 +107,8 @@ impl Register {
             .find(|p| p.value != v && superseded_by(p) && self.must_be_visible(p, t))?;
         let flush = self.flushes.iter().find(|(s, e)| *s > p.end && *e < t);
         Some(format!(
-            "block {block} at {}ms holds {} but write {} (acked {}ms{}, flush {flush:?}) must be visible",
+            "block {block} at {}ms holds {} but write {} (acked {}ms{}, flush {flush:?}) must be \
+             visible",
             t.as_millis(),
             if v == 0 { "nothing".to_string() } else { format!("write {v}") },
             p.value,

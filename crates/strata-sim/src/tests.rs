@@ -23,7 +23,7 @@ fn run_many(
     mutation: Option<Mutation>,
 ) -> Vec<Report> {
     let next = std::sync::atomic::AtomicU64::new(seeds.start);
-    let failed = std::sync::Mutex::new(Vec::new());
+    let reports = std::sync::Mutex::new(Vec::new());
     std::thread::scope(|s| {
         for _ in 0..2 {
             s.spawn(|| loop {
@@ -32,15 +32,17 @@ fn run_many(
                     return;
                 }
                 let report = run(seed, protocol, mutation);
-                if !report.failures.is_empty() {
-                    failed.lock().unwrap().push(report);
-                }
+                reports.lock().unwrap().push(report);
             });
         }
     });
-    let mut failed = failed.into_inner().unwrap();
-    failed.sort_by_key(|r| r.seed);
-    failed
+    let mut reports = reports.into_inner().unwrap();
+    reports.sort_by_key(|r| r.seed);
+    reports
+}
+
+fn failed(reports: Vec<Report>) -> Vec<Report> {
+    reports.into_iter().filter(|r| !r.failures.is_empty()).collect()
 }
 
 #[test]
@@ -48,8 +50,19 @@ fn seeds_hold_the_properties() {
     let n = env("STRATA_SIM_SEEDS").unwrap_or(100);
     let from = env("STRATA_SIM_SEED_FROM").unwrap_or(0);
     let started = std::time::Instant::now();
-    let failed = run_many(from..from + n, protocol(), None);
+    let reports = run_many(from..from + n, protocol(), None);
     println!("{n} seeds from {from} ({:?}) in {:.1?}", protocol(), started.elapsed());
+    let sum = |f: &dyn Fn(&Report) -> u64| reports.iter().map(f).sum::<u64>();
+    let (copied, dirtied, scanned) =
+        (sum(&|r| r.resync.0), sum(&|r| r.resync.1), sum(&|r| r.resync.2));
+    println!(
+        "{} writes acked in {} operations; resync copied {copied} bytes for {dirtied} bytes of \
+         regions its bitmaps marked ({:.2}); digest scans copied {scanned} more",
+        sum(&|r| r.ops.0 as u64),
+        sum(&|r| r.ops.1 as u64),
+        copied as f64 / dirtied.max(1) as f64,
+    );
+    let failed = failed(reports);
     for r in &failed {
         println!("{r}");
     }
@@ -60,7 +73,7 @@ fn seeds_hold_the_properties() {
 fn one_seed() {
     let seed = env("STRATA_SIM_SEED").unwrap_or(1);
     let report = run_seed(seed, protocol());
-    println!("{report}");
+    println!("{report}  trace hash {:016x}", report.trace_hash);
     if report.failures.is_empty() {
         for l in &report.trace {
             println!("  {l}");
@@ -144,7 +157,7 @@ const FIXES: [&str; 6] = [
 fn find_flaws() {
     let Some(n) = env("STRATA_SIM_FIND_FLAWS") else { return };
     for name in FIXES {
-        let failed = run_many(0..n, Protocol::With(without(name)), None);
+        let failed = failed(run_many(0..n, Protocol::With(without(name)), None));
         match failed.first() {
             Some(r) => println!("without {name}: {} of {n} fail; first:\n{r}", failed.len()),
             None => println!("without {name}: none of {n} fail"),

@@ -194,6 +194,11 @@ impl View {
         lost
     }
 
+    /// Whether copy `i` answered `reply` and lost nothing (`lost`).
+    fn answered(&self, i: usize, reply: Option<Msg>) -> bool {
+        matches!(reply, Some(Msg::CompOk { boot, suspect, .. }) if !self.lost(i, boot, suspect))
+    }
+
     fn next_lsn(&self) -> u64 {
         self.lsn.set(self.lsn.get() + 1);
         self.lsn.get()
@@ -599,8 +604,7 @@ impl View {
         }
         let settle = CompReq::Flush { settle: self.sh.fix.power_loss };
         let flushed = self.rpc.call(i, Msg::Comp { epoch, req: settle }, IO_TIMEOUT).await;
-        if !matches!(flushed, Some(Msg::CompOk { boot, suspect, .. }) if !self.lost(i, boot, suspect))
-        {
+        if !self.answered(i, flushed) {
             drop(_exclusive);
             return Err(self
                 .fail_copy(i, format!("copy {i} failed to flush after its resync"))
@@ -654,8 +658,7 @@ impl View {
         }
         for p in sent {
             let reply = p.wait(deadline).await;
-            if !matches!(reply, Some(Msg::CompOk { boot, suspect, .. }) if !self.lost(i, boot, suspect))
-            {
+            if !self.answered(i, reply) {
                 return Err(format!("copy {i} failed during its resync"));
             }
         }
