@@ -83,8 +83,9 @@
 //!
 //! # Flaws found in the protocol as built
 //! Each has a proposed fix behind a switch ([`Fixes`]); [`Protocol::Fixed`] turns them
-//! all on, and the seeds test runs with them (as built, 47 of the first 300 seeds fail). Each flaw's
-//! test (`tests.rs`) runs a seed that fails without its fix and passes with every fix.
+//! all on, and the seeds test runs with them (as built, 47 of the first 300 seeds
+//! fail). Each flaw's test (`tests.rs`) runs a seed that fails without its fix and
+//! passes with every fix.
 //! 1. **A copy that lost power is not known to have lost anything.** Its node restarts
 //!    and the owner's next request to it simply succeeds (a new connection), so it stays
 //!    ACTIVE without the acknowledged writes it had not synced; a later FLUSH syncs it
