@@ -10,13 +10,13 @@
 //! *must be visible* at `t` and superseded `v` (`v` is the initial zero, or was
 //! acknowledged and ended before `p` started; a write that failed or got no answer is
 //! never superseded: it may land any time, or never). A write `p` acknowledged before
-//! `t` must be visible at `t` unless it may have been lost: every node that held it at
-//! its reply (ghost state from the owner) was *gone* at some point in
+//! `t` must be visible at `t` unless it may have been lost: every node whose ACTIVE copy
+//! held it at its reply (ghost state from the owner) was *gone* at some point in
 //! `(p.start, bound)` — gone meaning a machine crash (its unsynced writes may be lost)
 //! or a STALE mark recorded for its copy (it no longer counts). `bound` is the start
 //! of the first acknowledged FLUSH that started after `p`'s reply and ended before `t`
 //! (from then on `p` is synced on every ACTIVE copy: nothing may lose it), `p`'s start
-//! if `p` was a FUA write, else `t`.
+//! if `p` was a FUA write, else `u` (a loss while the read is under way may show in it).
 //!
 //! **Check 2**: after healing, every ACTIVE component equals the owner's.
 //! **Check 3**: no component applied a request stamped with an epoch below one it had
@@ -69,13 +69,15 @@ impl Register {
         Register { writes, flushes, gone, holders: sh.holders.borrow().clone() }
     }
 
-    fn must_be_visible(&self, p: &Write, t: Duration) -> bool {
+    /// Whether `p` must be visible to a read from `t` to `until` (a loss before the read
+    /// ends may show in it).
+    fn must_be_visible(&self, p: &Write, t: Duration, until: Duration) -> bool {
         if !p.acked || p.end >= t {
             return false;
         }
         let flush =
             self.flushes.iter().filter(|(s, e)| *s > p.end && *e < t).map(|(s, _)| *s).min();
-        let bound = if p.fua { p.start } else { flush.unwrap_or(t) };
+        let bound = if p.fua { p.start } else { flush.unwrap_or(until) };
         let none = Vec::new();
         let holders = self.holders.get(&p.value).unwrap_or(&none);
         let lost = !holders.is_empty()
@@ -104,7 +106,7 @@ impl Register {
         };
         let p = writes
             .iter()
-            .find(|p| p.value != v && superseded_by(p) && self.must_be_visible(p, t))?;
+            .find(|p| p.value != v && superseded_by(p) && self.must_be_visible(p, t, until))?;
         let flush = self.flushes.iter().find(|(s, e)| *s > p.end && *e < t);
         Some(format!(
             "block {block} at {}ms holds {} but write {} (acked {}ms{}, flush {flush:?}) must be \

@@ -87,6 +87,8 @@ pub struct Fixes {
     pub same_session: bool,
     /// 6. A copy that fails gets the regions of every write in flight in its bitmap.
     pub in_flight_to_bitmap: bool,
+    /// 7. A region a resync found equal counts as unflushed on the copy, as a copied one.
+    pub level_keeps_equal: bool,
 }
 
 impl Fixes {
@@ -98,6 +100,7 @@ impl Fixes {
         flush_clears_older: true,
         same_session: true,
         in_flight_to_bitmap: true,
+        level_keeps_equal: true,
     };
 }
 

@@ -137,18 +137,20 @@ fn without(name: &str) -> Fixes {
         "flush_clears_older" => f.flush_clears_older = false,
         "same_session" => f.same_session = false,
         "in_flight_to_bitmap" => f.in_flight_to_bitmap = false,
+        "level_keeps_equal" => f.level_keeps_equal = false,
         _ => unreachable!("no fix named {name}"),
     }
     f
 }
 
-const FIXES: [&str; 6] = [
+const FIXES: [&str; 7] = [
     "power_loss",
     "take_checks_copy",
     "bitmap_keeps_scan",
     "flush_clears_older",
     "same_session",
     "in_flight_to_bitmap",
+    "level_keeps_equal",
 ];
 
 /// `STRATA_SIM_FIND_FLAWS=N`: for each fix, the first seed below N that fails without
@@ -203,4 +205,9 @@ fn flaw_5_an_old_view_serves_again_under_a_new_session() {
 #[test]
 fn flaw_6_a_bitmap_misses_writes_in_flight_when_the_owner_dies() {
     flaw("in_flight_to_bitmap", 240, "check 2");
+}
+
+#[test]
+fn flaw_7_a_region_levelled_as_equal_is_tracked_nowhere() {
+    flaw("level_keeps_equal", 6638, "check 2");
 }

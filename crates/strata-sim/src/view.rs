@@ -332,7 +332,11 @@ impl View {
         {
             let mut st = self.st.borrow_mut();
             for i in took {
-                holders.push(i);
+                // The contract counts ACTIVE copies only (a RESYNCING one is not yet
+                // level: a new owner may level it down).
+                if states[i] == CopyState::Active {
+                    holders.push(i);
+                }
                 match region {
                     None if self.sh.fix.flush_clears_older => {
                         // The fourth fix: only what was sent before the flush is
@@ -663,6 +667,14 @@ impl View {
             }
         }
         let mut st = self.st.borrow_mut();
+        if self.sh.fix.level_keeps_equal {
+            // The seventh fix: a region found equal may be equal only in the copy's
+            // page cache (a write it took before it failed, or while RESYNCING); as
+            // built it leaves the bitmap and is tracked nowhere.
+            for r in regions.clone() {
+                st.unflushed[i].entry(r).or_insert(lsn);
+            }
+        }
         let mut stats = self.sh.resync.borrow_mut();
         for r in differ {
             st.unflushed[i].insert(r, lsn);
