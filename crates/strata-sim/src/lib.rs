@@ -120,6 +120,12 @@
 //!    when they fail in turn, which never happens if the owner dies first; the next
 //!    owner trusts the file, and the copy differs where those (unacknowledged, but maybe
 //!    already read) writes landed elsewhere.
+//! 7. **A region a resync finds equal is tracked nowhere.** It leaves the bitmap, and
+//!    only copied regions count as unflushed on the copy; but it may be equal only in
+//!    the copy's page cache (writes it took while RESYNCING, or before it failed). If
+//!    the copy then loses power before the resync's final flush, the loss is detected
+//!    (a timeout) but its bitmap lacks the region: the copy differs there for ever.
+//!    Fix: every region compared counts as unflushed until the copy's next flush.
 //!
 //! # Not covered
 //! The wire format and MAC, LSN bookkeeping (used only to order flushes and writes),
