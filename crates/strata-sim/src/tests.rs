@@ -153,12 +153,13 @@ const FIXES: [&str; 7] = [
     "level_keeps_equal",
 ];
 
-/// `STRATA_SIM_FIND_FLAWS=N`: for each fix, the first seed below N that fails without
-/// it (and every other fix on).
+/// `STRATA_SIM_FIND_FLAWS=N`: for each fix (or the one `STRATA_SIM_FIX` names), the
+/// first seed below N that fails without it (and every other fix on).
 #[test]
 fn find_flaws() {
     let Some(n) = env("STRATA_SIM_FIND_FLAWS") else { return };
-    for name in FIXES {
+    let only = std::env::var("STRATA_SIM_FIX").ok();
+    for name in FIXES.into_iter().filter(|f| only.as_deref().is_none_or(|o| o == *f)) {
         let failed = failed(run_many(0..n, Protocol::With(without(name)), None));
         match failed.first() {
             Some(r) => println!("without {name}: {} of {n} fail; first:\n{r}", failed.len()),
