@@ -244,6 +244,10 @@ pub struct ResyncStats {
     pub resync_bytes: u64,
     /// Bytes copied by digest scans after a change of owner.
     pub scan_bytes: u64,
+    /// Distinct 4 KiB blocks written while the copy was STALE, since it last was.
+    pub away_blocks: BTreeSet<u64>,
+    /// Bytes of those blocks, summed over the copy's returns to ACTIVE.
+    pub away_bytes: u64,
 }
 
 /// State every host of one simulation shares.

@@ -55,12 +55,15 @@ fn seeds_hold_the_properties() {
     let sum = |f: &dyn Fn(&Report) -> u64| reports.iter().map(f).sum::<u64>();
     let (copied, dirtied, scanned) =
         (sum(&|r| r.resync.0), sum(&|r| r.resync.1), sum(&|r| r.resync.2));
+    let away = sum(&|r| r.resync.3);
     println!(
         "{} writes acked in {} operations; resync copied {copied} bytes for {dirtied} bytes of \
-         regions its bitmaps marked ({:.2}); digest scans copied {scanned} more",
+         regions its bitmaps marked ({:.2}), {away} bytes of blocks written while copies were \
+         STALE ({:.2}); digest scans copied {scanned} more",
         sum(&|r| r.ops.0 as u64),
         sum(&|r| r.ops.1 as u64),
         copied as f64 / dirtied.max(1) as f64,
+        copied as f64 / away.max(1) as f64,
     );
     let failed = failed(reports);
     for r in &failed {

@@ -296,6 +296,9 @@ impl View {
             for i in 0..NODES {
                 if let (Some(r), CopyState::Stale) = (region, st.states[i]) {
                     self.mark(&mut st, i, [r]);
+                    if let Op::Write { block, .. } = op {
+                        self.sh.resync.borrow_mut()[i].away_blocks.insert(*block);
+                    }
                 }
             }
             st.states
@@ -432,6 +435,11 @@ impl View {
         }
         if result.is_ok() {
             self.st.borrow_mut().states[i] = to;
+            if to == CopyState::Active {
+                let mut stats = self.sh.resync.borrow_mut();
+                let away = std::mem::take(&mut stats[i].away_blocks);
+                stats[i].away_bytes += away.len() as u64 * BLOCK_BYTES;
+            }
             self.publish();
         }
         result
