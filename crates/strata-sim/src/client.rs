@@ -1,0 +1,76 @@
+//! The verifying workload: a few clients, each doing one request at a time through a
+//! node chosen at random (an NBD connection to that node), every 4 KiB write tagged with
+//! a unique write id, flushes now and then, reads; each operation's start, end and
+//! outcome go to the history.
+
+use crate::model::{Event, Outcome, Shared, BLOCKS, CLIENT, NODES};
+use crate::net::{Msg, Op, Rpc};
+use rand::Rng;
+use std::rc::Rc;
+use tokio::time::Duration;
+
+/// A client gives up on a request after this (its node may be down): the outcome is
+/// then unknown.
+const CLIENT_TIMEOUT: Duration = Duration::from_millis(2000);
+/// Clients running at once.
+const CLIENTS: usize = 6;
+/// Blocks the clients write most (so regions are written again while a copy is away).
+const HOT_BLOCKS: u64 = 32;
+
+/// Runs the workload until `until` (simulated time).
+pub async fn run(sh: Rc<Shared>, until: Duration) -> turmoil::Result {
+    let rpc = Rpc::start(sh.clone(), CLIENT, |_, _| Box::pin(async { None })).await;
+    let mut clients = Vec::new();
+    for _ in 0..CLIENTS {
+        let (sh, rpc) = (sh.clone(), rpc.clone());
+        clients.push(tokio::task::spawn_local(async move {
+            while sh.now() < until {
+                let (node, op, pause) = {
+                    let mut rng = sh.rng.borrow_mut();
+                    let node = rng.random_range(0..NODES);
+                    let block = if rng.random_bool(0.7) {
+                        rng.random_range(0..HOT_BLOCKS)
+                    } else {
+                        rng.random_range(0..BLOCKS)
+                    };
+                    let op = match rng.random_range(0..100) {
+                        0..65 => {
+                            let value = sh.next_write.get();
+                            sh.next_write.set(value + 1);
+                            Op::Write { block, value, fua: rng.random_bool(0.05) }
+                        }
+                        65..75 => Op::Flush,
+                        _ => {
+                            // Mostly a block written lately (a stale read shows there).
+                            let recent = sh.history.borrow().iter().rev().take(16).find_map(|e| {
+                                match e.op {
+                                    Op::Write { block, .. } if e.outcome == Outcome::Ok => {
+                                        Some(block)
+                                    }
+                                    _ => None,
+                                }
+                            });
+                            Op::Read {
+                                block: recent.filter(|_| rng.random_bool(0.7)).unwrap_or(block),
+                            }
+                        }
+                    };
+                    (node, op, Duration::from_millis(rng.random_range(0..10)))
+                };
+                let start = sh.now();
+                let reply = rpc.call(node, Msg::Client { op: op.clone() }, CLIENT_TIMEOUT).await;
+                let (outcome, value) = match reply {
+                    Some(Msg::Done(v)) => (Outcome::Ok, v),
+                    Some(_) => (Outcome::Failed, None),
+                    None => (Outcome::Unknown, None),
+                };
+                sh.history.borrow_mut().push(Event { op, start, end: sh.now(), outcome, value });
+                tokio::time::sleep(pause).await;
+            }
+        }));
+    }
+    for c in clients {
+        let _ = c.await;
+    }
+    Ok(())
+}

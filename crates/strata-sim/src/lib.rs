@@ -1,0 +1,562 @@
+//! A deterministic simulation of Strata's replication protocol
+//! (`docs/design/replication.md`, `strata-server/src/replicated.rs`), run over many seeds
+//! under crashes, partitions, message loss and delay, and lost unsynced writes, and
+//! checked for the durability contract, convergence and fencing (`check.rs`).
+//!
+//! Dev-only (`publish = false`): nothing depends on this crate, and it depends on no
+//! other Strata crate. The real code cannot run under a simulator (real TCP, openraft,
+//! blocking threads, real files), so this is a model of the protocol *as built*, ported
+//! function by function from `replicated.rs` (each piece names what it ports), on
+//! [turmoil](https://docs.rs/turmoil): every host is a turmoil host with its own tokio
+//! runtime in simulated time, and every message crosses turmoil's network (UDP
+//! datagrams kept in order per pair of hosts, as a TCP connection keeps them, `net.rs`).
+//! What is real: the protocol's rules and their order of steps. What is not: the code
+//! itself, the wire format and MAC, the store (a page-cache model), Raft (one host).
+//!
+//! # What is modeled
+//! - **The metadata service** (`meta.rs`), one host: a linearizable key-value store (one
+//!   sequential state machine, as the Raft group is) with the volume's record
+//!   (`{epoch, last owner, each copy's state}`) and owner key, compare-and-swap, and node
+//!   sessions: one not heard from for `SESSION_TIMEOUT` dies, and the owner key tied to
+//!   it dies with it; registering again ends the old session. It never crashes (it
+//!   stands for a Raft group), but partitions cut it off like any host.
+//! - **Three storage nodes** (`node.rs`), each with one component of a 256-block
+//!   (1 MiB, 16 regions of 64 KiB) volume. A component admits a request only through its
+//!   epoch fence (below the fence: refused; a raise is on disk before the request
+//!   applies, and admit and apply are one step). Writes land in a page cache; FLUSH or
+//!   FUA syncs. **A machine crash keeps the synced image plus any subset of the unsynced
+//!   writes (each survives with probability ½, applied in order)**; a process crash
+//!   (kill -9) keeps the page cache. The owner's bitmap files are not synced: a machine
+//!   crash starts a new boot, and a bitmap of another boot is not trusted (`open`).
+//! - **Sessions and the owner lease**: heartbeats every `HEARTBEAT_EVERY`; an owner
+//!   serves only while the last heartbeat the service accepted was *sent* less than
+//!   `OWNER_LEASE` ago (`session_fresh`). A node's view of the metadata is its last
+//!   successful read (the member's applied state lags the same way when cut off).
+//! - **Ownership** (`Node::steward`, `take_over`, `View::open`, `fence_copies`): the
+//!   owner key by CAS at one above the highest epoch, tied to the session; the last
+//!   owner first, then each other node with an ACTIVE copy `TAKEOVER_STEP` later; a new
+//!   owner probes every copy at its epoch (a silent one is STALE), its copy is the truth,
+//!   every other ACTIVE copy gets a digest scan, a STALE copy keeps its bitmap only if
+//!   kept at the epoch just before in the same boot (else a full scan).
+//! - **The write path** (`View::fan_out`): region turns; the region into every STALE
+//!   copy's bitmap before sending; sent to every ACTIVE and RESYNCING copy, then the own
+//!   copy written; a copy that fails or times out is STALE, with its unflushed regions in
+//!   its bitmap, recorded by CAS (compared with the owner key) before the reply; fewer
+//!   than `MIN_REPLICAS` (2) ACTIVE copies: the write fails. FLUSH goes to every copy.
+//! - **Resync** (`View::resync`, `level`, `check_copies`): a STALE copy that answers is
+//!   RESYNCING (by CAS), scans and bitmap runs are compared by digest and differing
+//!   regions copied, each step under the exclusive lock; flushed, it is ACTIVE (by CAS).
+//!   ACTIVE copies are probed every `RESYNC_EVERY`.
+//! - **Routing** (`Node::route`): a client's request through any node, served by its
+//!   view or forwarded to the owner, retried for `FORWARD_PATIENCE` while a new owner
+//!   is chosen (and still retried after the client gave up).
+//! - **Clients** (`client.rs`): six, each one request at a time through a random node;
+//!   every write a unique id in one 4 KiB block (mostly 32 hot blocks); flushes, FUA
+//!   writes, and reads (mostly of a block written lately); each operation's start, end
+//!   and outcome recorded.
+//! - **Faults** (`Faults`), chosen by the seed, one every 0.3–1.5 s during the first
+//!   `FAULTS_END` of simulated time: crash and restart (50 ms–1.5 s later) of any node,
+//!   the owner too, half of them machine crashes; partitions between any two of the
+//!   nodes and the metadata service; a node cut off from all (often the owner); message
+//!   loss (2–30 %) and delay (up to 100 ms). Then every fault stops and the cluster gets
+//!   up to `HEAL_MAX` to converge (the owner serving, every copy ACTIVE, no scan or
+//!   forwarded request left, for `STABLE`); not converging is a failure too.
+//!
+//! # Checks (`check.rs` says each precisely)
+//! 1. Every read, and every block at the end, shows the last write that must be visible
+//!    or one concurrent with it (a per-block register whose unacknowledged writes may
+//!    land any time or never), where the durability contract says what must be visible:
+//!    a FLUSH/FUA reply protects the writes acknowledged before it against anything; a
+//!    write's reply protects it unless every node that held it at the reply lost power
+//!    or had its copy marked STALE before a flush covered it.
+//! 2. After healing, every ACTIVE component equals the owner's.
+//! 3. No component applied a request stamped with an epoch below one it had applied.
+//! 4. Resync copied ≤ 1.25 × the region bytes its bitmaps marked (the design's measure;
+//!    the seeds test prints it, about 0.2 over 100 seeds, and also the ratio to the bytes
+//!    of distinct 4 KiB blocks written while copies were STALE, about 2.9: a 64 KiB
+//!    region is copied for a 4 KiB write, and regions unflushed when a copy failed are
+//!    copied too; digest scans after a change of owner copy about twice as much again).
+//!
+//! # Mapping to `replicated.rs`'s invariants
+//! 1 (placement): fixed, one component per node. 2 (owner by CAS, fences): modeled,
+//! check 3 watches the fences. 3 (lease, fence before serving): modeled, check 1 on
+//! reads. 4 (write reply, STALE before the reply, bitmaps, `min_replicas`): modeled,
+//! checks 1 and 2. 5 (new owner's copy is the truth, scans): modeled, check 2.
+//! 6 (every node serves, forwarding): modeled. 7 (delete): not modeled.
+//!
+//! # Flaws found in the protocol as built
+//! Each has a proposed fix behind a switch ([`Fixes`]); [`Protocol::Fixed`] turns them
+//! all on, and the seeds test runs with them (as built, 47 of the first 300 seeds
+//! fail). Each flaw's test (`tests.rs`) runs a seed that fails without its fix and
+//! passes with every fix.
+//! 1. **A copy that lost power is not known to have lost anything.** Its node restarts
+//!    and the owner's next request to it simply succeeds (a new connection), so it stays
+//!    ACTIVE without the acknowledged writes it had not synced; a later FLUSH syncs it
+//!    as it is and is acknowledged; and if it is the last owner (first in line) or next
+//!    in line, its copy becomes the truth and the scans copy the loss to the others,
+//!    though they held those writes. Seen as writes acknowledged (and flushed) and
+//!    lost, and copies that differ. Fix: every reply carries the node's boot; an owner
+//!    treats a changed boot as a failed copy (STALE, its unflushed regions in its
+//!    bitmap, a full scan unless this owner has flushed it); a copy that lost power is
+//!    *suspect* until an owner has levelled it, and a suspect copy is not taken as the
+//!    truth while a copy that is not suspect may be.
+//! 2. **Taking ownership does not check the fresh record.** The steward decides on its
+//!    lagging view that its copy is ACTIVE, `take_ownership` CASes the owner key on the
+//!    fresh record where the copy is STALE, `open` then refuses, and the owner key names
+//!    a node that never serves: the volume has no owner until that node's session ends.
+//! 3. **A kept bitmap forgets a scan its owner owed.** A copy ACTIVE at a takeover gets
+//!    a scan due; if it does not answer it is STALE, and the bitmap file its owner keeps
+//!    for it holds only the regions written since. The next owner (same node, next
+//!    epoch, same boot) trusts the file and never compares the other regions: writes
+//!    in flight when the owner before died differ there for ever.
+//! 4. **A flush's reply clears regions of writes sent after it** (`unflushed.clear()`):
+//!    a write sent after the flush and answered before it leaves no trace, so if that
+//!    copy then fails having lost it (power), its bitmap lacks the region. Found under
+//!    reordering links while building the model; not hit again in 500 seeds with links
+//!    in order, so it has no test.
+//! 5. **An old view serves again under a new session.** `serving()` checks the session
+//!    is fresh, not that it is the one the owner key was tied to: a node declared down
+//!    that registers again makes its deposed-in-all-but-name view serve reads from its
+//!    own copy until its steward sees the new owner: stale reads of writes the new owner
+//!    acknowledged.
+//! 6. **A bitmap misses writes in flight when its copy failed.** They join the bitmap
+//!    when they fail in turn, which never happens if the owner dies first; the next
+//!    owner trusts the file, and the copy differs where those (unacknowledged, but maybe
+//!    already read) writes landed elsewhere.
+//! 7. **A region a resync finds equal is tracked nowhere.** It leaves the bitmap, and
+//!    only copied regions count as unflushed on the copy; but it may be equal only in
+//!    the copy's page cache (writes it took while RESYNCING, or before it failed). If
+//!    the copy then loses power before the resync's final flush, the loss is detected
+//!    (a timeout) but its bitmap lacks the region: the copy differs there for ever.
+//!    Fix: every region compared counts as unflushed until the copy's next flush.
+//!
+//! # Not covered
+//! The wire format and MAC, LSN bookkeeping (used only to order flushes and writes),
+//! trims and multi-block writes, read repair and corrupt blocks, rebuilds of an emptied
+//! disk, moves (`attach`, automatic moves, hand-over on SIGTERM), deletes, the retried
+//! forwarded write's de-duplication, the resync scheduler and pacing, torn writes,
+//! clock drift (all hosts share turmoil's clock), and a Raft group's own faults (the
+//! metadata service is one always-correct host). Time constants are the real ones
+//! divided by 10. One volume of three components.
+//!
+//! # Running and reproducing
+//! `cargo test -p strata-sim` runs 100 seeds (about 12 s on 2 cores in debug), the flaw
+//! and mutation tests. More: `STRATA_SIM_SEEDS=10000 [STRATA_SIM_SEED_FROM=S] cargo
+//! test -p strata-sim --release seeds -- --nocapture` (about 40 ms a seed per core in
+//! release); the protocol as built: `STRATA_SIM_AS_BUILT=1`. A failing seed prints
+//! itself, its counts and its trace's last lines; rerun it with `STRATA_SIM_SEED=S
+//! cargo test -p strata-sim one_seed -- --nocapture`. `STRATA_SIM_FIND_FLAWS=N` finds,
+//! for each fix, the first seed below N that fails without it.
+//!
+//! A run is exactly reproducible, across processes too: every random choice comes from
+//! the seed (faults, clients and message loss from seeded `SmallRng`s, latencies from
+//! turmoil's seeded one), hosts run on one thread in a fixed order, every map iterated
+//! is ordered, and nothing draws from tokio's own RNG (no `select!`), so nothing needs
+//! `--cfg tokio_unstable`; `a_seed_replays_exactly` checks the trace hash. A change to
+//! the simulation moves every seed's course, so the flaw tests' seeds must then be found
+//! again (`STRATA_SIM_FIND_FLAWS=500`).
+
+mod check;
+mod client;
+mod meta;
+mod model;
+mod net;
+mod node;
+mod view;
+
+pub use model::{Fixes, Mutation};
+
+use model::{Shared, CLIENT, META, NODES};
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use std::collections::BTreeMap;
+use std::rc::Rc;
+use std::time::Duration;
+
+/// Faults happen until this (simulated time); the clients stop then too.
+const FAULTS_END: Duration = Duration::from_millis(6000);
+/// After the faults, the longest the cluster may take to converge.
+const HEAL_MAX: Duration = Duration::from_millis(12000);
+/// How long the cluster must stay converged to count as such (the owner probes every
+/// copy `RESYNC_EVERY`).
+const STABLE: Duration = Duration::from_millis(1000);
+/// Simulated time per turmoil step.
+const TICK: Duration = Duration::from_millis(2);
+
+/// One seed's result.
+#[derive(Debug)]
+pub struct Report {
+    pub seed: u64,
+    /// Every property that failed (empty: the seed passed).
+    pub failures: Vec<String>,
+    /// The trace's last lines.
+    pub trace: Vec<String>,
+    /// A hash of the whole trace (equal for two runs of one seed).
+    pub trace_hash: u64,
+    /// One line of counts.
+    pub summary: String,
+    /// Bytes resync copied from bitmaps, the region bytes bitmaps marked, the bytes
+    /// digest scans copied, and the bytes of distinct blocks written while copies were
+    /// STALE.
+    pub resync: (u64, u64, u64, u64),
+    /// Writes acknowledged, and operations in all.
+    pub ops: (usize, usize),
+}
+
+impl std::fmt::Display for Report {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "seed {}: {}", self.seed, self.summary)?;
+        for x in &self.failures {
+            writeln!(f, "  FAILED: {x}")?;
+        }
+        if !self.failures.is_empty() {
+            writeln!(f, "  trace (last lines):")?;
+            for l in &self.trace {
+                writeln!(f, "    {l}")?;
+            }
+            writeln!(
+                f,
+                "  rerun: STRATA_SIM_SEED={} cargo test -p strata-sim one_seed -- --nocapture",
+                self.seed
+            )?;
+        }
+        Ok(())
+    }
+}
+
+fn name(host: usize) -> String {
+    match host {
+        META => "meta".into(),
+        CLIENT => "client".into(),
+        n => format!("n{n}"),
+    }
+}
+
+/// Which protocol runs: as built, or with proposed fixes (see "Flaws found").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Protocol {
+    /// As `replicated.rs` builds it.
+    AsBuilt,
+    /// As built plus every proposed fix.
+    Fixed,
+    /// As built plus the fixes given.
+    With(Fixes),
+}
+
+impl Protocol {
+    fn fixes(self) -> Fixes {
+        match self {
+            Protocol::AsBuilt => Fixes::default(),
+            Protocol::Fixed => Fixes::ALL,
+            Protocol::With(f) => f,
+        }
+    }
+}
+
+/// Runs one seed.
+pub fn run_seed(seed: u64, protocol: Protocol) -> Report {
+    run(seed, protocol, None)
+}
+
+/// The faults in force and to come.
+struct Faults {
+    rng: SmallRng,
+    /// Per node: when it restarts, if it is down.
+    down: [Option<Duration>; NODES],
+    /// Partitioned pairs of hosts and when each heals.
+    cut: BTreeMap<(usize, usize), Duration>,
+    next: Duration,
+    /// When the loss rate and latency go back to normal.
+    calm_at: Option<Duration>,
+    crashes: u32,
+    lossy: u32,
+    partitions: u32,
+}
+
+impl Faults {
+    fn inject(&mut self, sim: &mut turmoil::Sim<'_>, sh: &Shared, t: Duration) {
+        let rng = &mut self.rng;
+        let ms =
+            |rng: &mut SmallRng, lo: u64, hi: u64| Duration::from_millis(rng.random_range(lo..hi));
+        match rng.random_range(0..100) {
+            0..30 => {
+                let n = rng.random_range(0..NODES);
+                if self.down[n].is_some() {
+                    return;
+                }
+                let machine = rng.random_bool(0.5);
+                sim.crash(name(n));
+                let mut disks = sh.disks.borrow_mut();
+                let disk = &mut disks[n];
+                if machine {
+                    disk.boot += 1;
+                    let c = &mut disk.component;
+                    let unsynced = std::mem::take(&mut c.unsynced);
+                    let kept: Vec<(u64, u64)> =
+                        unsynced.into_iter().filter(|_| rng.random_bool(0.5)).collect();
+                    for (b, v) in kept {
+                        c.durable[b as usize] = v;
+                    }
+                    c.live.clone_from(&c.durable);
+                    c.suspect = true;
+                    sh.lossy_crashes.borrow_mut().push((t, n));
+                    self.lossy += 1;
+                }
+                drop(disks);
+                sh.busy.borrow_mut()[n] = None;
+                self.crashes += 1;
+                let back = t + ms(rng, 50, 1500);
+                self.down[n] = Some(back);
+                sh.note(format!(
+                    "FAULT crash n{n} ({}), back at {}ms",
+                    if machine { "machine" } else { "process" },
+                    back.as_millis()
+                ));
+            }
+            30..60 => {
+                let (a, b) = if rng.random_bool(0.3) {
+                    (rng.random_range(0..NODES), META)
+                } else {
+                    let a = rng.random_range(0..NODES);
+                    (a, (a + rng.random_range(1..NODES)) % NODES)
+                };
+                let until = t + ms(rng, 100, 2000);
+                sim.partition(name(a), name(b));
+                let e = self.cut.entry((a.min(b), a.max(b))).or_default();
+                *e = (*e).max(until);
+                self.partitions += 1;
+                sh.note(format!(
+                    "FAULT partition {} | {} until {}ms",
+                    name(a),
+                    name(b),
+                    until.as_millis()
+                ));
+            }
+            60..80 => {
+                // Often the owner: the fault the lease is for.
+                let owner = sh.published.borrow().0.map(|o| o.node);
+                let a =
+                    owner.filter(|_| rng.random_bool(0.5)).unwrap_or(rng.random_range(0..NODES));
+                let until = t + ms(rng, 300, 3000);
+                for b in (0..=META).filter(|b| *b != a) {
+                    sim.partition(name(a), name(b));
+                    let e = self.cut.entry((a.min(b), a.max(b))).or_default();
+                    *e = (*e).max(until);
+                }
+                self.partitions += 1;
+                sh.note(format!("FAULT isolate n{a} until {}ms", until.as_millis()));
+            }
+            _ => {
+                let loss = [0.02, 0.1, 0.3][rng.random_range(0..3)];
+                let latency = [10, 30, 100][rng.random_range(0..3)];
+                sh.loss.set(loss);
+                sim.set_max_message_latency(Duration::from_millis(latency));
+                let until = t + ms(rng, 200, 2000);
+                self.calm_at = Some(until);
+                sh.note(format!(
+                    "FAULT loss {loss}, latency up to {latency}ms until {}ms",
+                    until.as_millis()
+                ));
+            }
+        }
+    }
+
+    /// Restarts, repairs and calms what is due at `t` (everything once `all`).
+    fn expire(&mut self, sim: &mut turmoil::Sim<'_>, sh: &Shared, t: Duration, all: bool) {
+        for n in 0..NODES {
+            if self.down[n].is_some_and(|at| all || t >= at) {
+                self.down[n] = None;
+                sim.bounce(name(n));
+                sh.note(format!("restart n{n}"));
+            }
+        }
+        let due: Vec<(usize, usize)> =
+            self.cut.iter().filter(|(_, until)| all || t >= **until).map(|(k, _)| *k).collect();
+        for (a, b) in due {
+            self.cut.remove(&(a, b));
+            sim.repair(name(a), name(b));
+        }
+        if self.calm_at.is_some_and(|at| all || t >= at) {
+            self.calm_at = None;
+            sh.loss.set(0.0);
+            sim.set_max_message_latency(Duration::from_millis(10));
+        }
+    }
+}
+
+fn run(seed: u64, protocol: Protocol, mutation: Option<Mutation>) -> Report {
+    let mut rng = SmallRng::seed_from_u64(seed);
+    let sh =
+        Rc::new(Shared::new(SmallRng::seed_from_u64(rng.random()), mutation, protocol.fixes()));
+    let mut sim = turmoil::Builder::new()
+        .rng_seed(rng.random())
+        .tick_duration(TICK)
+        .min_message_latency(Duration::from_millis(1))
+        .max_message_latency(Duration::from_millis(10))
+        .simulation_duration(FAULTS_END + HEAL_MAX + Duration::from_secs(10))
+        .build();
+    for n in 0..NODES {
+        let sh = sh.clone();
+        sim.host(name(n), move || node::run(sh.clone(), n));
+    }
+    let s = sh.clone();
+    sim.host(name(META), move || meta::run(s.clone()));
+    sim.client(name(CLIENT), client::run(sh.clone(), FAULTS_END));
+    *sh.hosts.borrow_mut() = (0..=CLIENT).map(|h| sim.lookup(name(h))).collect();
+    let mut faults = Faults {
+        rng: SmallRng::seed_from_u64(rng.random()),
+        down: [None; NODES],
+        cut: BTreeMap::new(),
+        next: Duration::from_millis(300),
+        calm_at: None,
+        crashes: 0,
+        lossy: 0,
+        partitions: 0,
+    };
+    let mut failures = Vec::new();
+    let mut clients_done = false;
+    let mut healed = false;
+    let mut converged_at = None;
+    let mut stable_since: Option<Duration> = None;
+    loop {
+        match sim.step() {
+            Ok(done) => clients_done |= done,
+            Err(e) => {
+                failures.push(format!("a host failed: {e}"));
+                break;
+            }
+        }
+        let t = sim.elapsed();
+        sh.clock.set(t);
+        if t < FAULTS_END {
+            faults.expire(&mut sim, &sh, t, false);
+            if t >= faults.next {
+                faults.inject(&mut sim, &sh, t);
+                faults.next = t + Duration::from_millis(faults.rng.random_range(300..1500));
+            }
+            continue;
+        }
+        if !healed {
+            faults.expire(&mut sim, &sh, t, true);
+            sh.note("HEAL every fault stops".into());
+            healed = true;
+        }
+        if clients_done && t.as_millis() % 50 == 0 {
+            // Converged, and still so after the owner has probed every copy again.
+            if !converged(&sh) {
+                stable_since = None;
+            } else if t - *stable_since.get_or_insert(t) >= STABLE {
+                converged_at = Some(t);
+                break;
+            }
+        }
+        if t >= FAULTS_END + HEAL_MAX {
+            break;
+        }
+    }
+    if failures.is_empty() && converged_at.is_none() {
+        let (owner, record) = sh.published.borrow().clone();
+        failures.push(format!(
+            "did not converge within {}ms of healing: owner {owner:?}, record {record:?}, \
+             busy {:?}",
+            HEAL_MAX.as_millis(),
+            sh.busy.borrow()
+        ));
+    }
+    let end = sim.elapsed();
+    failures.extend(check(&sh, end, converged_at.is_some()));
+    let history = sh.history.borrow();
+    let count = |f: &dyn Fn(&model::Event) -> bool| history.iter().filter(|e| f(e)).count();
+    let stats = sh.resync.borrow();
+    let (resync, dirtied, scanned) = stats.iter().fold((0, 0, 0), |(r, d, s), x| {
+        (r + x.resync_bytes, d + x.dirtied_bytes, s + x.scan_bytes)
+    });
+    let epoch = sh.published.borrow().1.as_ref().map_or(0, |r| r.epoch);
+    let summary = format!(
+        "{} ops ({} writes acked, {} failed, {} unknown; {} flushes acked), {} crashes \
+         ({} machine), {} partitions, last epoch {epoch}, resync {resync} of {dirtied} dirtied \
+         bytes, scans {scanned}, \
+         converged {}",
+        history.len(),
+        count(&|e| matches!(e.op, model::Op::Write { .. }) && e.outcome == model::Outcome::Ok),
+        count(&|e| matches!(e.op, model::Op::Write { .. }) && e.outcome == model::Outcome::Failed),
+        count(&|e| e.outcome == model::Outcome::Unknown),
+        count(&|e| matches!(e.op, model::Op::Flush) && e.outcome == model::Outcome::Ok),
+        faults.crashes,
+        faults.lossy,
+        faults.partitions,
+        converged_at.map_or("never".into(), |t| format!("at {}ms", t.as_millis())),
+    );
+    let trace = sh.trace.borrow().iter().cloned().collect();
+    let acked =
+        count(&|e| matches!(e.op, model::Op::Write { .. }) && e.outcome == model::Outcome::Ok);
+    Report {
+        seed,
+        failures,
+        trace,
+        trace_hash: sh.trace_hash.get(),
+        summary,
+        resync: (resync, dirtied, scanned, stats.iter().map(|x| x.away_bytes).sum()),
+        ops: (acked, history.len()),
+    }
+}
+
+/// Healed: the owner serves, every copy is ACTIVE, no scan is left.
+fn converged(sh: &Shared) -> bool {
+    let (owner, record) = sh.published.borrow().clone();
+    let (Some(owner), Some(record)) = (owner, record) else { return false };
+    record.states.iter().all(|s| *s == model::CopyState::Active)
+        && sh.busy.borrow()[owner.node] == Some(false)
+        && sh.routing.borrow().iter().all(|n| *n == 0)
+}
+
+/// Checks 1-4 (`check.rs`).
+fn check(sh: &Shared, end: Duration, converged: bool) -> Vec<String> {
+    let mut failures = Vec::new();
+    let history = sh.history.borrow();
+    let register = check::Register::new(&history, sh);
+    for e in history.iter() {
+        if let (model::Op::Read { block }, Some(v)) = (&e.op, e.value) {
+            if let Some(why) = register.check(*block, v, e.start, e.end) {
+                failures.push(format!("check 1 (a read): {why}"));
+            }
+        }
+    }
+    if converged {
+        let owner = sh.published.borrow().0.expect("converged");
+        let disks = sh.disks.borrow();
+        let truth = &disks[owner.node].component.live;
+        for (b, v) in truth.iter().enumerate() {
+            if let Some(why) = register.check(b as u64, *v, end, end) {
+                failures.push(format!("check 1 (final): {why}"));
+            }
+        }
+        for (n, d) in disks.iter().enumerate() {
+            let differ: Vec<usize> =
+                (0..truth.len()).filter(|b| d.component.live[*b] != truth[*b]).collect();
+            if !differ.is_empty() {
+                failures.push(format!(
+                    "check 2: ACTIVE copy n{n} differs from the owner n{} in {} blocks (first {}: \
+                     write {} there, {} at the owner)",
+                    owner.node,
+                    differ.len(),
+                    differ[0],
+                    d.component.live[differ[0]],
+                    truth[differ[0]],
+                ));
+            }
+        }
+    }
+    failures.extend(sh.violations.borrow().iter().map(|v| format!("check 3: {v}")));
+    let stats = sh.resync.borrow();
+    let (resync, dirtied) =
+        stats.iter().fold((0, 0), |(r, d), x| (r + x.resync_bytes, d + x.dirtied_bytes));
+    if resync * 4 > dirtied * 5 {
+        failures.push(format!("check 4: resync copied {resync} bytes for {dirtied} dirtied"));
+    }
+    failures.truncate(8);
+    failures
+}
+
+#[cfg(test)]
+mod tests;

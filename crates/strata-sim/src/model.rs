@@ -1,0 +1,373 @@
+//! What the simulation's hosts share: the seeded randomness, the disks (which outlive a
+//! host's crash), the clients' history, the trace, and the ghost state the checkers read.
+
+use rand::rngs::SmallRng;
+use rand::Rng;
+use std::cell::{Cell, RefCell};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::net::IpAddr;
+use tokio::time::Duration;
+
+/// 4 KiB blocks per volume.
+pub const BLOCKS: u64 = 256;
+/// Blocks per 64 KiB region (a bitmap bit, a digest).
+pub const REGION_BLOCKS: u64 = 16;
+/// Regions per volume.
+pub const REGIONS: u64 = BLOCKS / REGION_BLOCKS;
+/// Bytes per block.
+pub const BLOCK_BYTES: u64 = 4096;
+/// Storage nodes (each holds one component of the one volume).
+pub const NODES: usize = 3;
+/// Host index of the metadata service.
+pub const META: usize = NODES;
+/// Host index of the clients.
+pub const CLIENT: usize = NODES + 1;
+/// The volume's `min_replicas`.
+pub const MIN_REPLICAS: usize = 2;
+
+// The real constants (`replicated.rs`, `strata-meta`), divided by 10: only their ratios
+// matter to the protocol, and a shorter simulated second runs more seeds.
+/// A node's session dies when the metadata service has heard no heartbeat for this long.
+pub const SESSION_TIMEOUT: Duration = Duration::from_millis(1000);
+/// A node sends a heartbeat this often.
+pub const HEARTBEAT_EVERY: Duration = Duration::from_millis(100);
+/// An owner serves only while its last confirmed heartbeat was sent less than this ago.
+pub const OWNER_LEASE: Duration = Duration::from_millis(600);
+/// How long a component may take to answer (the real one is 10 s).
+pub const IO_TIMEOUT: Duration = Duration::from_millis(1000);
+/// A probe's patience.
+pub const PROBE_TIMEOUT: Duration = Duration::from_millis(200);
+/// A metadata request's patience.
+pub const META_TIMEOUT: Duration = Duration::from_millis(300);
+/// How long an owner may take to answer a forwarded request.
+pub const FORWARD_TIMEOUT: Duration = Duration::from_millis(3000);
+/// How long a forwarded request keeps looking for an owner.
+pub const FORWARD_PATIENCE: Duration = Duration::from_millis(6000);
+/// A forwarded request retries this often.
+pub const FORWARD_RETRY: Duration = Duration::from_millis(20);
+/// Each node's steward runs this often.
+pub const STEWARD_EVERY: Duration = Duration::from_millis(100);
+/// The n-th node in line for an ownerless volume waits n times this.
+pub const TAKEOVER_STEP: Duration = Duration::from_millis(300);
+/// A new view survives its node not seeing its owner key this long.
+pub const OWNERLESS_GRACE: Duration = Duration::from_millis(500);
+/// The owner looks for copies to resync this often.
+pub const RESYNC_EVERY: Duration = Duration::from_millis(200);
+/// Regions compared per resync step.
+pub const SCAN_BATCH: u64 = 16;
+
+/// A protocol rule the simulation can break, to show its checks find the breach.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mutation {
+    /// A failed copy's STALE mark is not recorded before the write is acknowledged.
+    AckBeforeStale,
+    /// Components apply requests whatever their epoch (no fence).
+    NoFence,
+    /// An owner serves whether or not its session is confirmed fresh.
+    NoLease,
+    /// A new owner does not digest-scan the other ACTIVE copies.
+    NoScan,
+}
+
+/// The proposed fix for each flaw the simulation found in the protocol as built
+/// (`lib.rs`, "Flaws found"); all off is the protocol as built.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Fixes {
+    /// 1. A copy that lost power says so (its boot in every reply, `suspect` until
+    ///    levelled); an owner treats a changed boot as a failure, and a suspect copy is
+    ///    not the truth while a copy that is not suspect may be.
+    pub power_loss: bool,
+    /// 2. Taking ownership checks the fresh record: this node's copy is ACTIVE.
+    pub take_checks_copy: bool,
+    /// 3. A bitmap file keeps the scan its owner still owed the copy.
+    pub bitmap_keeps_scan: bool,
+    /// 4. A flush's reply clears only the regions of writes sent before it.
+    pub flush_clears_older: bool,
+    /// 5. An owner view serves only under the session its owner key is tied to.
+    pub same_session: bool,
+    /// 6. A copy that fails gets the regions of every write in flight in its bitmap.
+    pub in_flight_to_bitmap: bool,
+    /// 7. A region a resync found equal counts as unflushed on the copy, as a copied one.
+    pub level_keeps_equal: bool,
+}
+
+impl Fixes {
+    /// Every fix.
+    pub const ALL: Fixes = Fixes {
+        power_loss: true,
+        take_checks_copy: true,
+        bitmap_keeps_scan: true,
+        flush_clears_older: true,
+        same_session: true,
+        in_flight_to_bitmap: true,
+        level_keeps_equal: true,
+    };
+}
+
+/// A copy's state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CopyState {
+    Active,
+    Stale,
+    Resyncing,
+}
+
+impl CopyState {
+    /// As the record spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            CopyState::Active => "active",
+            CopyState::Stale => "stale",
+            CopyState::Resyncing => "resyncing",
+        }
+    }
+}
+
+/// `/volumes/<name>/owner`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Owner {
+    pub node: usize,
+    pub epoch: u64,
+}
+
+/// `/volumes/<name>`: the highest epoch, the last owner, each component's state
+/// (component `i` is on node `i`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Record {
+    pub epoch: u64,
+    pub node: usize,
+    pub states: [CopyState; NODES],
+}
+
+/// One component on one node's disk: a page cache over a durable image.
+#[derive(Clone, Debug)]
+pub struct Component {
+    /// What a read sees.
+    pub live: Vec<u64>,
+    /// What survives a machine crash.
+    pub durable: Vec<u64>,
+    /// Writes since the last sync, in order.
+    pub unsynced: Vec<(u64, u64)>,
+    /// The epoch fence (durable: a raise is on disk before the request applies).
+    pub fence: u64,
+    /// It may have lost unsynced writes in a power loss and no owner has levelled it
+    /// since (on disk; used only by the proposed fix).
+    pub suspect: bool,
+}
+
+impl Component {
+    fn new() -> Component {
+        Component {
+            live: vec![0; BLOCKS as usize],
+            durable: vec![0; BLOCKS as usize],
+            unsynced: Vec::new(),
+            fence: 0,
+            suspect: false,
+        }
+    }
+
+    /// Writes `values` from block `first` (to the page cache).
+    pub fn write(&mut self, first: u64, values: &[u64]) {
+        for (k, v) in values.iter().enumerate() {
+            let b = first + k as u64;
+            self.live[b as usize] = *v;
+            self.unsynced.push((b, *v));
+        }
+    }
+
+    /// fdatasync.
+    pub fn sync(&mut self) {
+        self.durable.clone_from(&self.live);
+        self.unsynced.clear();
+    }
+
+    /// A digest of region `r`.
+    pub fn digest(&self, r: u64) -> u64 {
+        let blocks = &self.live[(r * REGION_BLOCKS) as usize..((r + 1) * REGION_BLOCKS) as usize];
+        // FNV-1a: deterministic across runs (std's hasher is keyed per process).
+        blocks.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, v| {
+            v.to_le_bytes().iter().fold(h, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3))
+        })
+    }
+}
+
+/// A bitmap file the owner keeps for a STALE copy: replaced by a rename, not synced.
+#[derive(Clone, Debug)]
+pub struct Bitmap {
+    pub epoch: u64,
+    pub boot: u64,
+    pub regions: BTreeSet<u64>,
+    /// The third fix: the region a digest scan of the copy was due from, if one was.
+    pub scan: Option<u64>,
+}
+
+/// One node's disk.
+#[derive(Clone, Debug)]
+pub struct Disk {
+    pub component: Component,
+    /// Bitmap files by copy (node) index.
+    pub bitmaps: BTreeMap<usize, Bitmap>,
+    /// The boot count (a machine crash starts a new boot).
+    pub boot: u64,
+}
+
+/// How an operation ended, as its client saw it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Ok,
+    Failed,
+    /// No answer in time: it may apply any time, or never.
+    Unknown,
+}
+
+/// One client operation.
+#[derive(Clone, Debug)]
+pub struct Event {
+    pub op: Op,
+    /// Simulated time it started and ended.
+    pub start: Duration,
+    pub end: Duration,
+    pub outcome: Outcome,
+    /// A read's value.
+    pub value: Option<u64>,
+}
+
+pub use crate::net::Op;
+
+/// Per copy, for the resync check (the owner's accounting, kept across owners).
+#[derive(Clone, Debug, Default)]
+pub struct ResyncStats {
+    /// Bytes of regions ever put in a bitmap (dirtied while the copy was away, or
+    /// unflushed when it failed).
+    pub dirtied_bytes: u64,
+    /// Bytes copied from a bitmap's regions.
+    pub resync_bytes: u64,
+    /// Bytes copied by digest scans after a change of owner.
+    pub scan_bytes: u64,
+    /// Distinct 4 KiB blocks written while the copy was STALE, since it last was.
+    pub away_blocks: BTreeSet<u64>,
+    /// Bytes of those blocks, summed over the copy's returns to ACTIVE.
+    pub away_bytes: u64,
+}
+
+/// State every host of one simulation shares.
+pub struct Shared {
+    /// The proposed fixes in force (`lib.rs`, "Flaws found").
+    pub fix: Fixes,
+    /// Addresses by host index (nodes, the metadata service, the clients).
+    pub hosts: RefCell<Vec<IpAddr>>,
+    /// The owner key and record as the metadata service holds them (for the driver).
+    pub published: RefCell<(Option<Owner>, Option<Record>)>,
+    pub mutation: Option<Mutation>,
+    pub rng: RefCell<SmallRng>,
+    /// Probability that a datagram is lost now.
+    pub loss: Cell<f64>,
+    pub next_key: Cell<u64>,
+    pub stash: RefCell<BTreeMap<u64, crate::net::EnvelopeBox>>,
+    pub disks: RefCell<Vec<Disk>>,
+    pub history: RefCell<Vec<Event>>,
+    /// Machine crashes (unsynced writes may be lost there): (time, node).
+    pub lossy_crashes: RefCell<Vec<(Duration, usize)>>,
+    /// STALE marks recorded in the volume's record: (time, node).
+    pub stale_marks: RefCell<Vec<(Duration, usize)>>,
+    /// Per acknowledged write (by id): the nodes whose copies held it at the reply.
+    pub holders: RefCell<BTreeMap<u64, Vec<usize>>>,
+    /// Per component: the highest epoch of a request it applied (never lowered, not
+    /// even by a crash: ghost state).
+    pub ghost_epoch: RefCell<Vec<u64>>,
+    pub violations: RefCell<Vec<String>>,
+    pub resync: RefCell<Vec<ResyncStats>>,
+    /// Per node: client requests it is serving or forwarding now (it goes on after the
+    /// client gave up).
+    pub routing: RefCell<Vec<u32>>,
+    /// Per node: whether its owner view has work left (`None`: no view serving).
+    pub busy: RefCell<Vec<Option<bool>>>,
+    pub trace: RefCell<VecDeque<String>>,
+    pub trace_hash: Cell<u64>,
+    pub next_write: Cell<u64>,
+    /// The driver's simulated time (for its own trace lines).
+    pub clock: Cell<Duration>,
+}
+
+/// Trace lines kept for a failure's report.
+const TRACE_KEPT: usize = 80;
+
+impl Shared {
+    pub fn new(rng: SmallRng, mutation: Option<Mutation>, fix: Fixes) -> Shared {
+        Shared {
+            fix,
+            hosts: RefCell::default(),
+            published: RefCell::default(),
+            mutation,
+            rng: RefCell::new(rng),
+            loss: Cell::new(0.0),
+            next_key: Cell::new(1),
+            stash: RefCell::default(),
+            disks: RefCell::new(
+                (0..NODES)
+                    .map(|_| Disk {
+                        component: Component::new(),
+                        bitmaps: BTreeMap::new(),
+                        boot: 0,
+                    })
+                    .collect(),
+            ),
+            history: RefCell::default(),
+            lossy_crashes: RefCell::default(),
+            stale_marks: RefCell::default(),
+            holders: RefCell::default(),
+            ghost_epoch: RefCell::new(vec![0; NODES]),
+            violations: RefCell::default(),
+            resync: RefCell::new(vec![ResyncStats::default(); NODES]),
+            busy: RefCell::new(vec![None; NODES]),
+            routing: RefCell::new(vec![0; NODES]),
+            trace: RefCell::default(),
+            trace_hash: Cell::new(0),
+            next_write: Cell::new(1),
+            clock: Cell::new(Duration::ZERO),
+        }
+    }
+
+    /// Whether the mutation `m` is on.
+    pub fn broken(&self, m: Mutation) -> bool {
+        self.mutation == Some(m)
+    }
+
+    /// Whether a datagram is lost.
+    pub fn lose(&self) -> bool {
+        let p = self.loss.get();
+        p > 0.0 && self.rng.borrow_mut().random_bool(p)
+    }
+
+    /// Notes a line in the trace (its hash covers every line ever noted).
+    pub fn note(&self, line: String) {
+        let now = self.now();
+        let line = format!("{:>6}ms {line}", now.as_millis());
+        let h = line
+            .bytes()
+            .fold(self.trace_hash.get(), |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+        self.trace_hash.set(h);
+        let mut t = self.trace.borrow_mut();
+        if t.len() == TRACE_KEPT {
+            t.pop_front();
+        }
+        t.push_back(line);
+    }
+
+    /// Component `node` applies a request at `epoch` (check 3's ghost).
+    pub fn applied_at(&self, node: usize, epoch: u64) {
+        let mut g = self.ghost_epoch.borrow_mut();
+        if epoch < g[node] {
+            let v =
+                format!("node {node} applied a request at epoch {epoch} after one at {}", g[node]);
+            self.note(format!("VIOLATION {v}"));
+            self.violations.borrow_mut().push(v);
+        }
+        g[node] = g[node].max(epoch);
+    }
+
+    /// Now, in simulated time.
+    pub fn now(&self) -> Duration {
+        turmoil::sim_elapsed().unwrap_or(self.clock.get())
+    }
+}

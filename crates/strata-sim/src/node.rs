@@ -1,0 +1,352 @@
+//! A storage node: its component behind the epoch fence (the data plane and
+//! `fencing.rs`), its session (heartbeats, the owner lease), its steward (takeover, as
+//! `replicated::steward`), its router (serve as owner, or forward to the owner, as
+//! `replicated::Router`) and, while it owns the volume, its owner view (`view.rs`).
+
+use crate::model::{
+    CopyState, Mutation, Owner, Record, Shared, FORWARD_PATIENCE, FORWARD_RETRY, FORWARD_TIMEOUT,
+    HEARTBEAT_EVERY, META, META_TIMEOUT, NODES, OWNERLESS_GRACE, OWNER_LEASE, STEWARD_EVERY,
+    TAKEOVER_STEP,
+};
+use crate::net::{CompReq, Msg, Op, Rpc};
+use crate::view::View;
+use std::cell::{Cell, RefCell};
+use std::rc::{Rc, Weak};
+use tokio::time::Instant;
+
+/// A node's session with the metadata service.
+#[derive(Default)]
+pub struct Lease {
+    pub session: Cell<Option<u64>>,
+    /// When the last heartbeat the service accepted was sent.
+    pub confirmed: Cell<Option<Instant>>,
+}
+
+impl Lease {
+    /// `session_fresh(OWNER_LEASE)`.
+    pub fn fresh(&self) -> bool {
+        self.session.get().is_some()
+            && self.confirmed.get().is_some_and(|t| t.elapsed() < OWNER_LEASE)
+    }
+}
+
+/// The metadata as a node last read it.
+#[derive(Clone, Debug)]
+pub struct Seen {
+    pub owner: Option<Owner>,
+    pub owner_version: u64,
+    pub record: Record,
+    pub record_version: u64,
+    pub up: Vec<usize>,
+    pub suspect: Vec<usize>,
+}
+
+impl Seen {
+    /// From a `Seen` reply.
+    pub fn from(msg: Msg) -> Option<Seen> {
+        match msg {
+            Msg::Seen { owner, owner_version, record, record_version, up, suspect } => {
+                Some(Seen { owner, owner_version, record, record_version, up, suspect })
+            }
+            _ => None,
+        }
+    }
+}
+
+pub struct Node {
+    me: usize,
+    sh: Rc<Shared>,
+    rpc: RefCell<Option<Rc<Rpc>>>,
+    lease: Rc<Lease>,
+    seen: RefCell<Option<Seen>>,
+    view: RefCell<Option<Rc<View>>>,
+    taking: Cell<bool>,
+    ownerless_since: Cell<Option<Instant>>,
+}
+
+/// Applies one request to node `me`'s component, behind its fence: refused below the
+/// fence; a raise is durable (the disk model's fence) before the request applies, and
+/// the check and the apply are one step (no await between: nothing interleaves).
+pub fn component(sh: &Shared, me: usize, epoch: u64, req: &CompReq) -> Msg {
+    let mut disks = sh.disks.borrow_mut();
+    let c = &mut disks[me].component;
+    if epoch < c.fence && !sh.broken(Mutation::NoFence) {
+        return Msg::StaleEpoch(c.fence);
+    }
+    c.fence = c.fence.max(epoch);
+    sh.applied_at(me, epoch);
+    let mut digests = Vec::new();
+    match req {
+        CompReq::Probe => {}
+        CompReq::Write { first, values, fua } => {
+            c.write(*first, values);
+            if *fua {
+                c.sync();
+            }
+        }
+        CompReq::Flush { settle } => {
+            c.sync();
+            if *settle {
+                c.suspect = false;
+            }
+        }
+        CompReq::Digest { first, count } => {
+            digests = (*first..first + count).map(|r| c.digest(r)).collect()
+        }
+    }
+    Msg::CompOk { digests, boot: disks[me].boot, suspect: disks[me].component.suspect }
+}
+
+impl Node {
+    /// Whether this node's copy is suspect (only ever with the proposed fix).
+    fn suspect(&self) -> bool {
+        self.sh.fix.power_loss && self.sh.disks.borrow()[self.me].component.suspect
+    }
+
+    fn rpc(&self) -> Rc<Rpc> {
+        self.rpc.borrow().clone().expect("started")
+    }
+
+    fn view(&self) -> Option<Rc<View>> {
+        self.view.borrow().clone()
+    }
+
+    async fn handle(self: Rc<Self>, msg: Msg) -> Option<Msg> {
+        match msg {
+            Msg::Comp { epoch, req } => Some(component(&self.sh, self.me, epoch, &req)),
+            Msg::Volume { op, .. } => Some(match self.view() {
+                Some(v) if v.serving() => match v.run(&op).await {
+                    Ok(value) => Msg::Done(value),
+                    Err(_) if v.deposed() => Msg::Retry,
+                    Err(_) => Msg::Failed,
+                },
+                _ => Msg::Retry,
+            }),
+            Msg::Client { op } => {
+                self.sh.routing.borrow_mut()[self.me] += 1;
+                let reply = match self.route(&op).await {
+                    Ok(value) => Msg::Done(value),
+                    Err(()) => Msg::Failed,
+                };
+                self.sh.routing.borrow_mut()[self.me] -= 1;
+                Some(reply)
+            }
+            _ => None,
+        }
+    }
+
+    /// A client's request through this node (`Router::run_one`): served by this node's
+    /// view while it owns the volume and its lease is fresh, else forwarded to the owner;
+    /// retried while no owner takes it, for up to `FORWARD_PATIENCE`.
+    async fn route(&self, op: &Op) -> Result<Option<u64>, ()> {
+        let deadline = Instant::now() + FORWARD_PATIENCE;
+        loop {
+            match self.view() {
+                Some(v) if v.serving() => match v.run(op).await {
+                    Ok(value) => return Ok(value),
+                    Err(_) if !v.deposed() => return Err(()),
+                    Err(_) => {}
+                },
+                _ => {
+                    let target = self.seen.borrow().as_ref().and_then(|s| s.owner);
+                    if let Some(o) = target.filter(|o| o.node != self.me) {
+                        let msg = Msg::Volume { op: op.clone() };
+                        match self.rpc().call(o.node, msg, FORWARD_TIMEOUT).await {
+                            Some(Msg::Done(value)) => return Ok(value),
+                            Some(Msg::Failed) => return Err(()),
+                            _ => {}
+                        }
+                    }
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(());
+            }
+            tokio::time::sleep(FORWARD_RETRY).await;
+        }
+    }
+
+    /// Registers, then heartbeats; a heartbeat's send time is what the lease counts from.
+    async fn session(self: Rc<Self>) {
+        loop {
+            let rpc = self.rpc();
+            let sent = Instant::now();
+            match self.lease.session.get() {
+                None => {
+                    if let Some(Msg::Registered { session }) = rpc
+                        .call(
+                            META,
+                            Msg::Register { node: self.me, suspect: self.suspect() },
+                            META_TIMEOUT,
+                        )
+                        .await
+                    {
+                        self.lease.session.set(Some(session));
+                        self.lease.confirmed.set(Some(sent));
+                    }
+                }
+                Some(session) => {
+                    let lease = self.lease.clone();
+                    let suspect = self.suspect();
+                    tokio::task::spawn_local(async move {
+                        match rpc
+                            .call(META, Msg::Heartbeat { session, suspect }, META_TIMEOUT)
+                            .await
+                        {
+                            Some(Msg::HeartbeatOk) if lease.session.get() == Some(session) => {
+                                let newer = lease.confirmed.get().is_none_or(|t| t < sent);
+                                if newer {
+                                    lease.confirmed.set(Some(sent));
+                                }
+                            }
+                            Some(Msg::SessionGone) if lease.session.get() == Some(session) => {
+                                lease.session.set(None);
+                                lease.confirmed.set(None);
+                            }
+                            _ => {}
+                        }
+                    });
+                }
+            }
+            tokio::time::sleep(HEARTBEAT_EVERY).await;
+        }
+    }
+
+    /// `replicated::steward`: reads the metadata, deposes a superseded view, and takes
+    /// an ownerless volume (the last owner first, then the other nodes with an ACTIVE
+    /// copy, each `TAKEOVER_STEP` later, in id order).
+    async fn steward(self: Rc<Self>) {
+        loop {
+            tokio::time::sleep(STEWARD_EVERY).await;
+            if self.lease.session.get().is_none() {
+                continue;
+            }
+            if let Some(seen) =
+                self.rpc().call(META, Msg::Get, META_TIMEOUT).await.and_then(Seen::from)
+            {
+                *self.seen.borrow_mut() = Some(seen);
+            }
+            let Some(v) = self.seen.borrow().clone() else { continue };
+            if v.owner.is_some() {
+                self.ownerless_since.set(None);
+            }
+            if let Some(view) = self.view() {
+                let superseded = match v.owner {
+                    Some(o) => o.epoch > view.owner.epoch,
+                    None => view.taken_at.elapsed() > OWNERLESS_GRACE,
+                };
+                if superseded {
+                    view.depose("the owner key names a newer owner, or none");
+                }
+                if !view.deposed() {
+                    continue;
+                }
+                *self.view.borrow_mut() = None;
+            }
+            if v.record.states[self.me] != CopyState::Active {
+                continue;
+            }
+            let go = match v.owner {
+                Some(o) => o.node == self.me,
+                None => {
+                    let since = *self.ownerless_since.get().get_or_insert_with(Instant::now);
+                    self.ownerless_since.set(Some(since));
+                    let mut line = vec![v.record.node];
+                    line.extend((0..NODES).filter(|n| {
+                        v.record.states[*n] == CopyState::Active && *n != v.record.node
+                    }));
+                    line.retain(|n| v.up.contains(n));
+                    let rank = line.iter().position(|n| *n == self.me).unwrap_or(line.len());
+                    since.elapsed() >= TAKEOVER_STEP * rank as u32
+                }
+            };
+            // The proposed fix: a copy that may have lost unsynced writes is the truth
+            // only if every ACTIVE copy may have.
+            let blocked = self.suspect()
+                && !(0..NODES)
+                    .filter(|n| v.record.states[*n] == CopyState::Active)
+                    .all(|n| v.up.contains(&n) && v.suspect.contains(&n));
+            if go && !blocked && !self.taking.get() {
+                self.taking.set(true);
+                let took = self.take_over().await;
+                self.taking.set(false);
+                if let Err(e) = took {
+                    self.sh.note(format!("node {}: cannot take ownership: {e}", self.me));
+                }
+            }
+        }
+    }
+
+    /// `take_ownership` + `take_over`: the owner key by CAS at one above the highest
+    /// epoch, tied to this node's session; then the view, which fences every copy.
+    async fn take_over(&self) -> Result<(), String> {
+        let session = self.lease.session.get().ok_or("no session")?;
+        let rpc = self.rpc();
+        let seen = rpc
+            .call(META, Msg::Get, META_TIMEOUT)
+            .await
+            .and_then(Seen::from)
+            .ok_or("no metadata")?;
+        if self.sh.fix.take_checks_copy && seen.record.states[self.me] != CopyState::Active {
+            // The second fix: as built, the CAS goes ahead on a record whose copy here
+            // is not ACTIVE any more (the steward decided on a lagging view), `open`
+            // then refuses, and the owner key names a node that never serves.
+            return Err("this node's copy is not active (fresh record)".into());
+        }
+        let epoch = seen.record.epoch.max(seen.owner.map_or(0, |o| o.epoch)) + 1;
+        let owner = Owner { node: self.me, epoch };
+        let mut record = seen.record.clone();
+        record.node = self.me;
+        record.epoch = epoch;
+        let take = Msg::Take {
+            session,
+            owner_version: seen.owner_version,
+            record_version: seen.record_version,
+            owner,
+            record: record.clone(),
+        };
+        if !matches!(rpc.call(META, take, META_TIMEOUT).await, Some(Msg::Cas(true))) {
+            return Err("the CAS failed".into());
+        }
+        let view =
+            Rc::new(View::open(self.sh.clone(), rpc, self.lease.clone(), self.me, &record, owner)?);
+        if let Err(e) = view.fence_copies().await {
+            view.depose(&e);
+            return Err(e);
+        }
+        if self.sh.fix.power_loss {
+            // Its copy is the truth now.
+            self.sh.disks.borrow_mut()[self.me].component.suspect = false;
+        }
+        self.sh.note(format!("node {} serves at epoch {epoch}", self.me));
+        *self.view.borrow_mut() = Some(view.clone());
+        tokio::task::spawn_local(view.run_resync());
+        Ok(())
+    }
+}
+
+/// Runs storage node `me` (again after each restart: its disk is what it keeps).
+pub async fn run(sh: Rc<Shared>, me: usize) -> turmoil::Result {
+    sh.routing.borrow_mut()[me] = 0; // What it forwarded before a crash died with it.
+    let node = Rc::new(Node {
+        me,
+        sh: sh.clone(),
+        rpc: RefCell::new(None),
+        lease: Rc::new(Lease::default()),
+        seen: RefCell::new(None),
+        view: RefCell::new(None),
+        taking: Cell::new(false),
+        ownerless_since: Cell::new(None),
+    });
+    let weak: Weak<Node> = Rc::downgrade(&node);
+    let rpc = Rpc::start(sh, me, move |_from, msg| {
+        let node = weak.upgrade();
+        Box::pin(async move { node?.handle(msg).await })
+    })
+    .await;
+    *node.rpc.borrow_mut() = Some(rpc);
+    tokio::task::spawn_local(node.clone().session());
+    tokio::task::spawn_local(node.clone().steward());
+    std::future::pending::<()>().await;
+    Ok(())
+}
