@@ -217,6 +217,9 @@ pub struct Node {
     discover: std::sync::OnceLock<Discover>,
     /// How often an owner compares its replicated volumes' copies (0: never).
     scrub_every_secs: std::sync::atomic::AtomicU64,
+    /// Until when this node's copies may lack unsynced writes (it came back from a power
+    /// loss): it takes ownership only after the other nodes with a copy.
+    suspect_until: Mutex<Option<std::time::Instant>>,
     /// `VOL@SNAP` of the snapshots deleted since start, by store id (as many as the
     /// store follows, `strata_store::store::RECLAIMS_TRACKED`).
     deleted: Mutex<BTreeMap<u64, String>>,
@@ -468,6 +471,7 @@ impl Node {
             state: Mutex::new(State { next_id, volumes, components, replicated: BTreeMap::new() }),
             discover: std::sync::OnceLock::new(),
             scrub_every_secs: std::sync::atomic::AtomicU64::new(0),
+            suspect_until: Mutex::new(None),
             deleted: Mutex::default(),
         };
         if dropped || !catalog_path.exists() {
@@ -565,6 +569,19 @@ impl Node {
             .values()
             .map(|c| (c.entry.id, c.entry.volume.clone(), c.entry.created_unix))
             .collect()
+    }
+
+    /// Marks this node's copies suspect until `until` (see `suspect_until`).
+    pub fn set_suspect_until(&self, until: std::time::Instant) {
+        *self.suspect_until.lock().expect("not poisoned") = Some(until);
+    }
+
+    /// Whether this node's copies may lack writes they had not synced (a power loss).
+    pub fn suspect(&self) -> bool {
+        self.suspect_until
+            .lock()
+            .expect("not poisoned")
+            .is_some_and(|t| std::time::Instant::now() < t)
     }
 
     /// Sets how often an owner compares its replicated volumes' copies (0: never).

@@ -384,9 +384,10 @@ impl ReplicatedVolume {
         // in flight hold the lock shared.
         self.depose("handing the volume over");
         let _exclusive = self.resync_lock.write().await;
-        let (states, unrecorded) = {
+        let (states, scanning, unrecorded) = {
             let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-            (st.states.clone(), !st.unrecorded.is_empty())
+            let scanning: Vec<bool> = st.scan.iter().map(Option::is_some).collect();
+            (st.states.clone(), scanning, !st.unrecorded.is_empty())
         };
         if unrecorded {
             return Err("a copy's failure is not recorded yet".into());
@@ -396,7 +397,8 @@ impl ReplicatedVolume {
         let deadline = tokio::time::Instant::now() + IO_TIMEOUT;
         let mut equal = Vec::new();
         for (i, c) in self.copies.iter().enumerate() {
-            if states[i] != CopyState::Active {
+            // A copy still owed a digest scan may differ: not vouched for.
+            if states[i] != CopyState::Active || scanning[i] {
                 continue;
             }
             let synced = match &c.peer {
@@ -1334,6 +1336,16 @@ async fn write(meta: &Member, compares: Vec<Compare>, success: Vec<Op>) -> ApiRe
     }
 }
 
+/// Volume `name`'s record and its version (a linearizable read); NotFound if there is none.
+async fn read_record(meta: &Member, name: &str) -> ApiResult<(VolumeRecord, u64)> {
+    let Some((bytes, version)) = get(meta, &format!("/volumes/{name}")).await? else {
+        return Err(ApiError::new(ErrorCode::NotFound, format!("no volume named {name:?}")));
+    };
+    let record = serde_json::from_slice(&bytes)
+        .map_err(|e| unavailable(format!("the record of {name} is unreadable: {e}")))?;
+    Ok((record, version))
+}
+
 /// Reads `key` linearizably: its value and version (0: absent).
 async fn get(meta: &Member, key: &str) -> ApiResult<Option<(Vec<u8>, u64)>> {
     match meta.request(ClientRequest::Get { key: key.to_owned() }).await.map_err(unavailable)? {
@@ -1559,12 +1571,7 @@ const MOVE_PATIENCE: Duration = Duration::from_secs(30);
 /// holds an ACTIVE copy and is up), asked in `/volumes/<name>/attach`, and waited for
 /// until `to` owns the volume. A move that does not happen in time is withdrawn.
 pub async fn attach(meta: &Member, name: &str, to: u64) -> ApiResult<VolumeRecord> {
-    let record_key = format!("/volumes/{name}");
-    let Some((bytes, _)) = get(meta, &record_key).await? else {
-        return Err(ApiError::new(ErrorCode::NotFound, format!("no volume named {name:?}")));
-    };
-    let record: VolumeRecord = serde_json::from_slice(&bytes)
-        .map_err(|e| unavailable(format!("the record of {name} is unreadable: {e}")))?;
+    let (record, _) = read_record(meta, name).await?;
     if record.state != "ready" {
         return Err(ApiError::invalid(format!("{name} is {}: it cannot move", record.state)));
     }
@@ -1620,10 +1627,7 @@ pub async fn attach(meta: &Member, name: &str, to: u64) -> ApiResult<VolumeRecor
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
-    let Some((bytes, _)) = get(meta, &record_key).await? else {
-        return Err(ApiError::new(ErrorCode::NotFound, format!("no volume named {name:?}")));
-    };
-    serde_json::from_slice(&bytes).map_err(|e| unavailable(format!("the record of {name}: {e}")))
+    read_record(meta, name).await.map(|(record, _)| record)
 }
 
 /// Takes ownership of `name` here: the owner key, the view, every copy fenced at the new
@@ -1679,11 +1683,7 @@ pub async fn resize(
     size_bytes: u64,
 ) -> ApiResult<VolumeRecord> {
     let key = format!("/volumes/{name}");
-    let Some((bytes, _)) = get(meta, &key).await? else {
-        return Err(ApiError::new(ErrorCode::NotFound, format!("no volume named {name:?}")));
-    };
-    let record: VolumeRecord = serde_json::from_slice(&bytes)
-        .map_err(|e| unavailable(format!("the record of {name} is unreadable: {e}")))?;
+    let (record, _) = read_record(meta, name).await?;
     if record.state != "ready" {
         return Err(ApiError::new(ErrorCode::Conflict, format!("{name} is {}", record.state)));
     }
@@ -1728,11 +1728,7 @@ pub async fn resize(
     }
     // Then the record (the size every node serves), unless it changed meanwhile.
     for _ in 0..5 {
-        let Some((bytes, version)) = get(meta, &key).await? else {
-            return Err(ApiError::new(ErrorCode::NotFound, format!("no volume named {name:?}")));
-        };
-        let mut now: VolumeRecord = serde_json::from_slice(&bytes)
-            .map_err(|e| unavailable(format!("the record of {name} is unreadable: {e}")))?;
+        let (mut now, version) = read_record(meta, name).await?;
         let ids = |r: &VolumeRecord| r.components.iter().map(|c| c.id).collect::<Vec<_>>();
         if now.state != "ready" || ids(&now) != ids(&record) {
             return Err(unavailable(format!("{name}'s copies changed meanwhile; retry")));
@@ -1914,11 +1910,7 @@ pub async fn delete(meta: &Member, name: &str, force: bool) -> ApiResult<Vec<u64
     let key = format!("/volumes/{name}");
     let mut marked = false;
     for _ in 0..5 {
-        let Some((bytes, version)) = get(meta, &key).await? else {
-            return Err(ApiError::new(ErrorCode::NotFound, format!("no volume named {name:?}")));
-        };
-        let mut record: VolumeRecord = serde_json::from_slice(&bytes)
-            .map_err(|e| unavailable(format!("the record of {name} is unreadable: {e}")))?;
+        let (mut record, version) = read_record(meta, name).await?;
         if record.state == "deleting" {
             marked = true;
             break;
@@ -2296,6 +2288,12 @@ pub async fn steward(node: Arc<Node>, meta: Arc<Member>, moves: MovePolicy) {
                             .map(|c| c.node),
                     );
                     line.retain(|n| v.up.contains(n));
+                    // Back from a power loss: after every other node with a copy (whose
+                    // takeover then compares this node's copy with its own).
+                    if node.suspect() {
+                        line.retain(|n| *n != me);
+                        line.push(me);
+                    }
                     let rank = line.iter().position(|n| *n == me).unwrap_or(line.len());
                     since.elapsed() >= TAKEOVER_STEP * rank as u32
                 }
@@ -2619,14 +2617,48 @@ impl BlockVolume for Router {
     }
 }
 
-/// This kernel boot's id ("unknown" where there is none).
+/// This kernel boot's id ("unknown" where there is none). `STRATA_BOOT_ID` replaces it
+/// (tests use it to stand for a machine that restarted).
 fn boot_id() -> &'static str {
     static BOOT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     BOOT.get_or_init(|| {
+        if let Ok(id) = std::env::var("STRATA_BOOT_ID") {
+            return id;
+        }
         std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
             .map(|s| s.trim().to_owned())
             .unwrap_or_else(|_| "unknown".into())
     })
+}
+
+/// How long a node that came back from a power loss lets the other nodes with a copy
+/// take ownership first (they then compare its copies with theirs: a new owner scans).
+pub const SUSPECT_AFTER_POWER_LOSS: Duration = Duration::from_secs(60);
+/// In the data directory: the boot this node last started in.
+const BOOT_FILE: &str = "boot";
+/// In the data directory: present when the last run stopped cleanly (all synced).
+const CLEAN_STOP_FILE: &str = "clean-stop";
+
+/// Whether the last run in `dir` ended without a clean stop in another boot of the
+/// machine: a power loss (or a crash of the machine) may have taken writes its page
+/// cache held, so its copies may lack writes the owner acknowledged. Records this boot
+/// for the next start.
+pub fn lost_power(dir: &std::path::Path) -> bool {
+    let last = std::fs::read_to_string(dir.join(BOOT_FILE)).ok();
+    let clean = dir.join(CLEAN_STOP_FILE).exists();
+    let _ = std::fs::remove_file(dir.join(CLEAN_STOP_FILE));
+    let now = boot_id();
+    if let Err(e) = strata_store::store::write_atomically(dir, BOOT_FILE, now.as_bytes()) {
+        tracing::warn!("cannot record this boot: {e}");
+    }
+    !clean && now != "unknown" && last.is_some_and(|b| b.trim() != now)
+}
+
+/// Records that this run stopped cleanly (everything synced).
+pub fn mark_clean_stop(dir: &std::path::Path) {
+    if let Err(e) = strata_store::store::write_atomically(dir, CLEAN_STOP_FILE, b"") {
+        tracing::warn!("cannot record the clean stop: {e}");
+    }
 }
 
 /// The RPC address of `node` from its record (this member's applied state).

@@ -189,6 +189,16 @@ async fn start_member(
 async fn serve(config: Config, one_node: bool) -> anyhow::Result<()> {
     let node = Node::open(&config.data_dir)
         .with_context(|| format!("open data directory {}", config.data_dir.display()))?;
+    if crate::replicated::lost_power(&config.data_dir) {
+        tracing::warn!(
+            "the last run ended without a clean stop in another boot (a power loss?): this \
+             node's copies may lack writes they had not synced, so for a while it takes \
+             ownership of a replicated volume only after every other node with a copy"
+        );
+        node.set_suspect_until(
+            std::time::Instant::now() + crate::replicated::SUSPECT_AFTER_POWER_LOSS,
+        );
+    }
     let secret = config.secret()?;
     let data = crate::dataplane::DataService::new(node.clone(), &secret);
     let member = start_member(&config, secret, one_node).await?;
@@ -293,6 +303,7 @@ async fn serve(config: Config, one_node: bool) -> anyhow::Result<()> {
     member.shutdown().await;
     let synced = tokio::task::spawn_blocking(move || node.sync_all()).await?;
     synced.context("sync volumes at shutdown")?;
+    crate::replicated::mark_clean_stop(&config.data_dir);
     tracing::info!("stopped cleanly; all data synced");
     Ok(())
 }

@@ -82,6 +82,12 @@ impl Member {
         self.node = Some(Node::serve(&self.config, &self.dir));
     }
 
+    /// Starts it as a machine that booted again would (another boot id).
+    fn start_in_another_boot(&mut self) {
+        let env = [("STRATA_BOOT_ID", "a-later-boot")];
+        self.node = Some(Node::serve_with_env(&self.config, &self.dir, &env));
+    }
+
     fn node(&self) -> &Node {
         self.node.as_ref().expect("running")
     }
@@ -495,19 +501,7 @@ fn a_retried_forwarded_write_is_not_applied_twice() {
 fn a_replicated_volume_is_deleted_from_every_node() {
     let tmp = tempfile::tempdir().unwrap();
     let mut members = three_members(tmp.path());
-    let create = |m: &Member| {
-        let (ok, text) =
-            cli(m, &["volume", "create", "d1", "--size", "4M", "--replicas", "3", "--json"]);
-        assert!(ok, "{text}");
-        let v: Value = serde_json::from_str(&text).unwrap();
-        let ids: Vec<(u64, u64)> = v["components"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|c| (c["node"].as_u64().unwrap(), c["id"].as_u64().unwrap()))
-            .collect();
-        (ids, v["epoch"].as_u64().unwrap())
-    };
+    let create = |m: &Member| create_replicated(m, "d1", "4M");
     let (copies, epoch) = create(&members[0]);
     let key = DataKey::from_secret(&std::fs::read(members[0].dir.join("secret")).unwrap());
     // Through node 2 at once (not only after its steward's next round).
@@ -630,17 +624,7 @@ fn a_forwarded_failure_is_logged_once_with_the_owners_reason() {
 fn a_replicated_volume_grows_on_every_copy() {
     let tmp = tempfile::tempdir().unwrap();
     let members = three_members(tmp.path());
-    let (ok, text) =
-        cli(&members[0], &["volume", "create", "g1", "--size", "4M", "--replicas", "3", "--json"]);
-    assert!(ok, "{text}");
-    let v: Value = serde_json::from_str(&text).unwrap();
-    let copies: Vec<(u64, u64)> = v["components"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| (c["node"].as_u64().unwrap(), c["id"].as_u64().unwrap()))
-        .collect();
-    let epoch = v["epoch"].as_u64().unwrap();
+    let (copies, epoch) = create_replicated(&members[0], "g1", "4M");
     let key = DataKey::from_secret(&std::fs::read(members[0].dir.join("secret")).unwrap());
     // Through a node that does not own it.
     let (ok, text) = cli(&members[1], &["volume", "resize", "g1", "--size", "8M", "--json"]);
@@ -702,6 +686,34 @@ fn a_copy_that_restarted_unseen_is_resynced_before_it_counts_again() {
     assert_eq!(v["components"][2]["state"], "active", "{v}");
 }
 
+/// An owner whose machine lost power and came back at once (another boot, no clean
+/// stop) may lack writes it acknowledged and had not synced, which the other copies
+/// hold: it must not take the volume back as the truth while another node with a copy
+/// can (that node's takeover compares every copy with its own).
+#[test]
+fn an_owner_back_from_a_power_loss_is_not_the_truth() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut members = three_members(tmp.path());
+    let (ok, text) =
+        cli(&members[0], &["volume", "create", "p1", "--size", "4M", "--replicas", "3"]);
+    assert!(ok, "{text}");
+    crate::harness::qemu_io(&members[1].node().uri("p1"), &["write -P 0x31 0 64k"]);
+    assert_eq!(owner_of(&members, "p1").0, 0, "node 1 owns it");
+    members[0].node.take().unwrap().kill9();
+    members[0].start_in_another_boot();
+    wait_logged(&members, 40, "another node to own p1", || {
+        members[1].get("/v1/volumes/p1").is_some_and(|v| v["node"] != 1 && v["node"] != 0)
+    });
+    assert!(
+        members[0].node().log_tail(200).contains("power loss"),
+        "{}",
+        members[0].node().log_tail(30)
+    );
+    let (o, _) = owner_of(&members, "p1");
+    assert_ne!(o, 0, "the node back from a power loss did not take it back");
+    crate::harness::qemu_io(&members[0].node().uri("p1"), &["read -P 0x31 0 64k"]);
+}
+
 /// A block that rots on a copy other than the owner's is found by the owner's periodic
 /// scrub (`scrub_every_secs`) and rewritten: with no change of owner, and no client
 /// reading it.
@@ -709,12 +721,8 @@ fn a_copy_that_restarted_unseen_is_resynced_before_it_counts_again() {
 fn a_scrub_finds_and_rewrites_a_block_that_rotted_on_a_copy() {
     let tmp = tempfile::tempdir().unwrap();
     let mut members = three_members_with(tmp.path(), "scrub_every_secs = 3\n");
-    let (ok, text) =
-        cli(&members[0], &["volume", "create", "s1", "--size", "4M", "--replicas", "3", "--json"]);
-    assert!(ok, "{text}");
-    let v: Value = serde_json::from_str(&text).unwrap();
-    let copy = v["components"][2]["id"].as_u64().unwrap();
-    let epoch = v["epoch"].as_u64().unwrap();
+    let (copies, epoch) = create_replicated(&members[0], "s1", "4M");
+    let copy = copies[2].1;
     let key = DataKey::from_secret(&std::fs::read(members[0].dir.join("secret")).unwrap());
     crate::harness::qemu_io(&members[0].node().uri("s1"), &["write -P 0x66 0 64k", "flush"]);
     // Node 3's copy rots while the node is down (a copy that missed no write stays
@@ -734,6 +742,21 @@ fn a_scrub_finds_and_rewrites_a_block_that_rotted_on_a_copy() {
     let (o, now) = owner_of(&members, "s1");
     assert_eq!((o, now), (0, epoch), "no change of owner");
     assert!(members[0].node().log_tail(400).contains("scrub: comparing the copies"));
+}
+
+/// Creates a 3-copy volume through `m`: its copies as (node, component) and its epoch.
+fn create_replicated(m: &Member, name: &str, size: &str) -> (Vec<(u64, u64)>, u64) {
+    let (ok, text) =
+        cli(m, &["volume", "create", name, "--size", size, "--replicas", "3", "--json"]);
+    assert!(ok, "{text}");
+    let v: Value = serde_json::from_str(&text).unwrap();
+    let copies = v["components"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| (c["node"].as_u64().unwrap(), c["id"].as_u64().unwrap()))
+        .collect();
+    (copies, v["epoch"].as_u64().unwrap())
 }
 
 /// Three members formed into a cluster (node 1 founds it, 2 and 3 join), all voters up.

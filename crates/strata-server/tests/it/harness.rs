@@ -64,8 +64,14 @@ impl Node {
 
     /// Starts `strata serve --config CONFIG` (its data directory `dir`).
     pub fn serve(config: &Path, dir: &Path) -> Node {
+        Node::serve_with_env(config, dir, &[])
+    }
+
+    /// [`Node::serve`] with these environment variables set.
+    pub fn serve_with_env(config: &Path, dir: &Path, env: &[(&str, &str)]) -> Node {
         let mut command = Command::new(STRATA);
         command.arg("serve").arg("--config").arg(config);
+        command.envs(env.iter().copied());
         Node::launch(command, dir).unwrap_or_else(|e| panic!("strata serve failed: {e}"))
     }
 
