@@ -73,6 +73,11 @@ impl Api {
         v
     }
 
+    /// Whether `name` is a replicated volume (not one of this node's own).
+    fn replicated(&self, name: &str) -> bool {
+        self.node.get(name).is_err() && self.registry.record(name).is_some_and(|r| r.replicated())
+    }
+
     /// A local operation's result on volume `name`: on success the registry is told; a
     /// volume this node does not hold but another does gets an error saying where.
     fn local<T>(&self, name: &str, result: ApiResult<T>) -> ApiResult<T> {
@@ -452,7 +457,7 @@ async fn resize_volume(
 ) -> ApiResult<Json<VolumeInfo>> {
     let req: ResizeVolume = parse_json(&body)?;
     let size = req.size.bytes()?;
-    if api.node.get(&name).is_err() && api.registry.record(&name).is_some_and(|r| r.replicated()) {
+    if api.replicated(&name) {
         let record = crate::replicated::resize(&api.node, &api.meta, &name, size).await?;
         return Ok(Json(api.live(record.info(&api.nbd_addr))));
     }
@@ -467,7 +472,7 @@ async fn delete_volume(
     query: Result<Query<DeleteQuery>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<Response> {
     let Query(q) = query.map_err(|e| ApiError::invalid(format!("bad query: {e}")))?;
-    if api.node.get(&name).is_err() && api.registry.record(&name).is_some_and(|r| r.replicated()) {
+    if api.replicated(&name) {
         let left = crate::replicated::delete(&api.meta, &name, q.force).await?;
         if left.is_empty() {
             return Ok(StatusCode::NO_CONTENT.into_response());

@@ -286,9 +286,7 @@ impl Registry {
     pub fn remote(&self) -> Vec<VolumeInfo> {
         let me = self.me();
         self.meta.read_local(|s| {
-            s.range(PREFIX, usize::MAX)
-                .into_iter()
-                .filter_map(|(_, e)| decode(e))
+            records(s)
                 .filter(|r| (r.node != me || r.replicated()) && r.state == "ready")
                 .map(|r| {
                     let nbd = s
@@ -315,7 +313,7 @@ impl Registry {
 
     /// Volume `name`'s record, from this member's applied state.
     pub fn record(&self, name: &str) -> Option<VolumeRecord> {
-        self.meta.read_local(|s| s.get(&format!("{PREFIX}{name}")).and_then(decode))
+        applied_record(&self.meta, name)
     }
 
     /// Explains where a volume this node does not hold lives, if another node does.
@@ -416,6 +414,16 @@ impl Registry {
             let _ = tokio::time::timeout(RECONCILE_EVERY, self.kick.notified()).await;
         }
     }
+}
+
+/// Volume `name`'s record in `meta`'s applied state (which may lag the leader's).
+pub fn applied_record(meta: &Member, name: &str) -> Option<VolumeRecord> {
+    meta.read_local(|s| s.get(&format!("{PREFIX}{name}")).and_then(decode))
+}
+
+/// Every volume's record in the applied state `s`.
+pub fn records(s: &strata_meta::state::State) -> impl Iterator<Item = VolumeRecord> + '_ {
+    s.range(PREFIX, usize::MAX).into_iter().filter_map(|(_, e)| decode(e))
 }
 
 /// What a volume being deleted is waiting for.

@@ -40,7 +40,7 @@
 use crate::error::{ApiError, ApiResult};
 use crate::fencing::{Fencing, Refused};
 use crate::node::{Component, Node};
-use crate::registry::VolumeRecord;
+use crate::registry::{applied_record, records, VolumeRecord};
 use bytes::{Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -428,11 +428,8 @@ impl ReplicatedVolume {
         let owner_key = format!("/volumes/{}/owner", self.name);
         let owner_value = serde_json::to_vec(&self.owner).expect("serializes");
         for _ in 0..5 {
-            let Ok(Some((bytes, version))) = get(&self.meta, &key).await else {
-                return Err("cannot read the volume's record".into());
-            };
-            let mut record: VolumeRecord =
-                serde_json::from_slice(&bytes).map_err(|e| e.to_string())?;
+            let (mut record, version) =
+                read_record(&self.meta, &self.name).await.map_err(|e| e.message)?;
             record.released = Some(Released { epoch: self.epoch, equal: equal.clone() });
             let value = serde_json::to_vec(&record).expect("serializes");
             let compares = vec![
@@ -1336,14 +1333,21 @@ async fn write(meta: &Member, compares: Vec<Compare>, success: Vec<Op>) -> ApiRe
     }
 }
 
-/// Volume `name`'s record and its version (a linearizable read); NotFound if there is none.
-async fn read_record(meta: &Member, name: &str) -> ApiResult<(VolumeRecord, u64)> {
+/// Volume `name`'s record and its version (a linearizable read), if it has one.
+async fn fresh_record(meta: &Member, name: &str) -> ApiResult<Option<(VolumeRecord, u64)>> {
     let Some((bytes, version)) = get(meta, &format!("/volumes/{name}")).await? else {
-        return Err(ApiError::new(ErrorCode::NotFound, format!("no volume named {name:?}")));
+        return Ok(None);
     };
     let record = serde_json::from_slice(&bytes)
         .map_err(|e| unavailable(format!("the record of {name} is unreadable: {e}")))?;
-    Ok((record, version))
+    Ok(Some((record, version)))
+}
+
+/// [`fresh_record`]; NotFound if there is none.
+async fn read_record(meta: &Member, name: &str) -> ApiResult<(VolumeRecord, u64)> {
+    fresh_record(meta, name)
+        .await?
+        .ok_or_else(|| ApiError::new(ErrorCode::NotFound, format!("no volume named {name:?}")))
 }
 
 /// Reads `key` linearizably: its value and version (0: absent).
@@ -1788,9 +1792,7 @@ fn seen(meta: &Member) -> Vec<Seen> {
         ) -> Option<T> {
             s.get(&key).and_then(|e| serde_json::from_slice(&e.value).ok())
         }
-        s.range("/volumes/", usize::MAX)
-            .into_iter()
-            .filter_map(|(_, e)| serde_json::from_slice::<VolumeRecord>(&e.value).ok())
+        records(s)
             .filter(|r| r.replicated() && r.state == "ready")
             .map(|record| Seen {
                 owner: decode(s, format!("/volumes/{}/owner", record.name)),
@@ -1951,9 +1953,8 @@ pub async fn delete(meta: &Member, name: &str, force: bool) -> ApiResult<Vec<u64
     // Linearizable reads: this member's applied state may not show the mark yet.
     let deadline = Instant::now() + DELETE_PATIENCE;
     loop {
-        let left = get(meta, &key).await?.and_then(|(b, _)| {
-            serde_json::from_slice::<VolumeRecord>(&b).ok().filter(|r| r.state == "deleting")
-        });
+        let left =
+            fresh_record(meta, name).await?.map(|(r, _)| r).filter(|r| r.state == "deleting");
         match left {
             // Gone (or a new volume has the name already).
             None => return Ok(Vec::new()),
@@ -1986,10 +1987,7 @@ pub fn discover(
     runtime: &tokio::runtime::Handle,
     name: &str,
 ) -> bool {
-    let key = format!("/volumes/{name}");
-    let record = meta.read_local(|s| {
-        s.get(&key).and_then(|e| serde_json::from_slice::<VolumeRecord>(&e.value).ok())
-    });
+    let record = applied_record(meta, name);
     let Some(record) = record.filter(|r| r.replicated() && r.state == "ready") else {
         return false;
     };
@@ -2018,21 +2016,26 @@ async fn housekeeping(node: Arc<Node>, meta: Arc<Member>) {
 /// this member's state may not show a volume just made here yet.
 async fn unexport_unrecorded(node: &Node, meta: &Member) {
     let recorded =
-        |r: Option<VolumeRecord>| r.is_some_and(|r| r.replicated() && r.state == "ready");
+        |r: Option<&VolumeRecord>| r.is_some_and(|r| r.replicated() && r.state == "ready");
     for name in node.replicated_names() {
-        let key = format!("/volumes/{name}");
-        let applied = meta.read_local(|s| {
-            s.get(&key).and_then(|e| serde_json::from_slice::<VolumeRecord>(&e.value).ok())
-        });
-        if recorded(applied) {
-            continue;
+        if surely_not(meta, &name, recorded).await {
+            unexport(node, meta, &name, "the volume is deleted").await;
         }
-        let Ok(fresh) = get(meta, &key).await else { continue };
-        if recorded(fresh.and_then(|(b, _)| serde_json::from_slice(&b).ok())) {
-            continue;
-        }
-        unexport(node, meta, &name, "the volume is deleted").await;
     }
+}
+
+/// Whether `holds` is false of volume `name`'s record both in this member's applied
+/// state and in a linearizable read: the applied state may lag (a volume just made
+/// elsewhere, a member just restarted). False when the read fails.
+async fn surely_not(
+    meta: &Member,
+    name: &str,
+    holds: impl Fn(Option<&VolumeRecord>) -> bool,
+) -> bool {
+    if holds(applied_record(meta, name).as_ref()) {
+        return false;
+    }
+    fresh_record(meta, name).await.is_ok_and(|fresh| !holds(fresh.as_ref().map(|(r, _)| r)))
 }
 
 /// Stops exporting `name` here (its clients are disconnected, this node's view of it
@@ -2077,13 +2080,8 @@ async fn publish_clients(node: &Node, meta: &Member) {
 /// out the copies of nodes no longer in the cluster.
 async fn retire_deleted(node: &Arc<Node>, meta: &Member) {
     let me = meta.id();
-    let deleting: Vec<VolumeRecord> = meta.read_local(|s| {
-        s.range("/volumes/", usize::MAX)
-            .into_iter()
-            .filter_map(|(_, e)| serde_json::from_slice::<VolumeRecord>(&e.value).ok())
-            .filter(|r| r.replicated() && r.state == "deleting")
-            .collect()
-    });
+    let deleting: Vec<VolumeRecord> = meta
+        .read_local(|s| records(s).filter(|r| r.replicated() && r.state == "deleting").collect());
     for record in deleting {
         let name = &record.name;
         unexport(node, meta, name, "the volume is being deleted").await;
@@ -2132,8 +2130,7 @@ async fn retire_deleted(node: &Arc<Node>, meta: &Member) {
 async fn forget_copies(meta: &Member, name: &str, gone: impl Fn(u64) -> bool) {
     let key = format!("/volumes/{name}");
     for _ in 0..5 {
-        let Ok(Some((bytes, version))) = get(meta, &key).await else { return };
-        let Ok(mut record) = serde_json::from_slice::<VolumeRecord>(&bytes) else { return };
+        let Ok((mut record, version)) = read_record(meta, name).await else { return };
         if record.state != "deleting" {
             return;
         }
@@ -2185,7 +2182,7 @@ async fn remove_orphans(node: &Arc<Node>, meta: &Member) {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    let listed = |record: Option<VolumeRecord>, id: u64| {
+    let listed = |record: Option<&VolumeRecord>, id: u64| {
         record.is_some_and(|r| {
             r.state == "creating" || r.components.iter().any(|c| c.node == me && c.id == id)
         })
@@ -2194,16 +2191,7 @@ async fn remove_orphans(node: &Arc<Node>, meta: &Member) {
         if now.saturating_sub(made) < ORPHAN_GRACE_SECS {
             continue;
         }
-        let key = format!("/volumes/{volume}");
-        let applied = meta.read_local(|s| {
-            s.get(&key).and_then(|e| serde_json::from_slice::<VolumeRecord>(&e.value).ok())
-        });
-        if listed(applied, id) {
-            continue;
-        }
-        // This member's state may lag (just restarted): ask the leader before removing.
-        let Ok(fresh) = get(meta, &key).await else { continue };
-        if listed(fresh.and_then(|(b, _)| serde_json::from_slice(&b).ok()), id) {
+        if !surely_not(meta, &volume, |r| listed(r, id)).await {
             continue;
         }
         let n = node.clone();
