@@ -152,7 +152,12 @@ pub fn watch_volume(client: &Client, name: &str, first: &VolumeInfo) -> anyhow::
         if all_active(&info.components) {
             // What was left at the last look got copied too.
             done += last_left.unwrap_or(0);
-            if let Some(bar) = &mut bar {
+            // A copy can go from stale to active between two looks: the bar still ends
+            // at 100 %, with what was copied.
+            if done > 0 || bar.is_some() {
+                let bar =
+                    bar.get_or_insert_with(|| Progress::new(format!("resyncing {name}"), done));
+                bar.set_total(done);
                 bar.finish();
             }
             eprintln!(
