@@ -300,6 +300,12 @@ impl SlotWriter {
         true
     }
 
+    /// The bytes of the slot that [`SlotWriter::encode`] fills: the header and the
+    /// records (zeroes follow).
+    pub fn encoded_bytes(&self) -> usize {
+        HEADER_BYTES + self.records.len()
+    }
+
     /// Whether no record was pushed.
     pub fn is_empty(&self) -> bool {
         self.records.is_empty()
