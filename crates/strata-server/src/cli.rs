@@ -167,6 +167,8 @@ pub enum NodeCommand {
         rpc: String,
     },
     /// Remove a node from the cluster (a voter is replaced by a learner when one exists).
+    /// Each replicated volume with a copy there gets a new copy on a member holding none,
+    /// once one is up.
     #[command(after_help = "Example:\n  strata node remove 4")]
     Remove {
         /// Its node_id.

@@ -36,6 +36,13 @@
 //! 8. A volume grows (never shrinks) copies first, then its record: a copy larger than
 //!    the record is harmless, and every node takes the record's size (its clients see it
 //!    when they reconnect). A copy made later (a rebuild) takes the owner's size then.
+//! 9. A copy on a node removed from the cluster is placed again: the owner makes a new
+//!    component on an up member holding no copy (spread as in 1), hands the volume over
+//!    cleanly to itself (every ACTIVE copy synced and vouched for), swaps the new
+//!    component into the record in the removed one's place, STALE, by CAS compared with
+//!    its owner key, and takes the volume again at the next epoch: the new copy is
+//!    filled by a full digest scan, nothing else is compared. With no such member up,
+//!    the copy stays STALE (and `volume info` says why) until one is.
 
 use crate::error::{ApiError, ApiResult};
 use crate::fencing::{Fencing, Refused};
@@ -162,23 +169,32 @@ pub struct Candidate {
 pub fn place(me: u64, candidates: &[Candidate], n: usize) -> Option<Vec<Candidate>> {
     let mut chosen: Vec<Candidate> = candidates.iter().filter(|c| c.id == me).cloned().collect();
     let mut rest: Vec<Candidate> = candidates.iter().filter(|c| c.id != me).cloned().collect();
-    rest.sort_by_key(|c| c.id);
     while chosen.len() < n {
-        let score = |c: &Candidate| {
-            let site = chosen.iter().any(|x| x.site == c.site) as u8;
-            let rack = chosen.iter().any(|x| x.site == c.site && x.rack == c.rack) as u8;
-            (site, rack, c.id)
-        };
-        let best = rest.iter().enumerate().min_by_key(|(_, c)| score(c)).map(|(i, _)| i)?;
-        chosen.push(rest.remove(best));
+        let best = place_one(&chosen, &rest)?;
+        rest.retain(|c| c.id != best.id);
+        chosen.push(best);
     }
     Some(chosen)
+}
+
+/// The one of `candidates` (none of them in `chosen`) that best adds to `chosen`: on a
+/// site, then a rack, that `chosen` does not use yet; the lowest id among equals.
+fn place_one(chosen: &[Candidate], candidates: &[Candidate]) -> Option<Candidate> {
+    let score = |c: &Candidate| {
+        let site = chosen.iter().any(|x| x.site == c.site) as u8;
+        let rack = chosen.iter().any(|x| x.site == c.site && x.rack == c.rack) as u8;
+        (site, rack, c.id)
+    };
+    candidates.iter().min_by_key(|c| score(c)).cloned()
 }
 
 /// Bytes per bit of a synchronization bitmap (and per digest).
 pub const REGION: u64 = DIGEST_UNIT;
 /// How often the owner looks for a stale copy that came back.
 const RESYNC_EVERY: Duration = Duration::from_secs(2);
+/// How often the owner looks for a copy on a node removed from the cluster (a
+/// linearizable read of the membership).
+const REPLACE_EVERY: Duration = Duration::from_secs(10);
 
 /// One copy as the owner sees it.
 struct Copy {
@@ -343,6 +359,8 @@ pub struct ReplicatedVolume {
     incarnation: u64,
     /// Set once this owner has handed the volume over cleanly ([`Self::release`]).
     released: tokio::sync::Mutex<bool>,
+    /// Set once it was logged that a removed node's copy has nowhere to go.
+    unplaced: AtomicBool,
     bitmaps: PathBuf,
     runtime: tokio::runtime::Handle,
 }
@@ -1288,10 +1306,19 @@ impl ReplicatedVolume {
 /// until the volume is deposed.
 pub async fn run_resync(volume: Arc<ReplicatedVolume>) {
     let mut scrubbed = Instant::now();
+    let mut looked_for_removed = Instant::now();
     loop {
         tokio::time::sleep(RESYNC_EVERY).await;
         if volume.deposed() {
             return;
+        }
+        if looked_for_removed.elapsed() >= REPLACE_EVERY {
+            looked_for_removed = Instant::now();
+            match volume.replace_removed().await {
+                Ok(true) => return,
+                Ok(false) => {}
+                Err(e) => tracing::warn!(volume = %volume.name, "placing a copy again: {e}"),
+            }
         }
         if !volume.scrub_every.is_zero() && scrubbed.elapsed() >= volume.scrub_every {
             scrubbed = Instant::now();
@@ -1310,6 +1337,93 @@ pub async fn run_resync(volume: Arc<ReplicatedVolume>) {
 }
 
 impl ReplicatedVolume {
+    /// Places the copy of a node removed from the cluster on another member (invariant
+    /// 9). Returns whether the volume was handed over for it: this view is then deposed,
+    /// and the steward takes the volume again at the next epoch, with the new copy.
+    async fn replace_removed(&self) -> Result<bool, String> {
+        let members = members(&self.meta).await.map_err(|e| e.message)?;
+        let member = |node: u64| members.iter().any(|(m, _)| m.id == node);
+        let Some(i) = self.copies.iter().position(|c| !member(c.node)) else {
+            return Ok(false);
+        };
+        let (gone, gone_id) = (self.copies[i].node, self.copies[i].id());
+        let holds = |node: u64| self.copies.iter().any(|c| c.node == node);
+        let holding: Vec<Candidate> =
+            members.iter().filter(|(m, _)| holds(m.id)).map(|(m, _)| m.clone()).collect();
+        let free: Vec<Candidate> =
+            members.iter().filter(|(m, up)| *up && !holds(m.id)).map(|(m, _)| m.clone()).collect();
+        let Some(to) = place_one(&holding, &free) else {
+            if !self.unplaced.swap(true, Ordering::AcqRel) {
+                tracing::warn!(volume = %self.name, node = gone,
+                    "a copy's node was removed from the cluster, and no member without a \
+                     copy is up to hold it instead: it stays stale until one is");
+            }
+            return Ok(false);
+        };
+        if !self.state.lock().unwrap_or_else(|e| e.into_inner()).unrecorded.is_empty() {
+            return Ok(false); // A copy's failure is being recorded: the next round.
+        }
+        let peer = DataPeer::new(DataKey::from_secret(self.meta.secret()), to.rpc.clone());
+        let h = request(Kind::Create, 0, 0, 0, self.size());
+        let id = match tokio::time::timeout(IO_TIMEOUT, peer.call(h, self.name.as_bytes())).await {
+            Ok(Ok((reply, _))) => reply.component,
+            Ok(Err(e)) => return Err(format!("node {}: cannot make a copy: {e}", to.id)),
+            Err(_) => return Err(format!("node {} did not answer", to.id)),
+        };
+        tracing::info!(volume = %self.name, from = gone, to = to.id, component = id,
+            "a copy's node was removed from the cluster: placing the copy on another node");
+        // Recorded first, then handed over: the steward takes the volume again as soon as
+        // this view is deposed, and must find the new copy in the record. Until then the
+        // new copy misses writes, which its full scan finds. A failure before the record
+        // lists it leaves the component an orphan (removed as such).
+        let key = format!("/volumes/{}", self.name);
+        let owner_key = format!("/volumes/{}/owner", self.name);
+        let owner_value = serde_json::to_vec(&self.owner).expect("serializes");
+        for _ in 0..5 {
+            let (mut record, version) =
+                read_record(&self.meta, &self.name).await.map_err(|e| e.message)?;
+            let Some(c) = record.components.iter_mut().find(|c| c.node == gone && c.id == gone_id)
+            else {
+                return Err("the volume's copies changed meanwhile".into());
+            };
+            *c = ComponentRecord {
+                node: to.id,
+                id,
+                state: CopyState::Stale.name().into(),
+                dirty_bytes: None,
+                resynced_bytes: None,
+                scan_left_bytes: None,
+                lsn: None,
+                stale_lsn: None,
+            };
+            let value = serde_json::to_vec(&record).expect("serializes");
+            let compares = vec![
+                Compare::Value(owner_key.clone(), owner_value.clone()),
+                Compare::Version(key.clone(), version),
+            ];
+            let put = Op::Put { key: key.clone(), value, lease: None };
+            match write(&self.meta, compares, vec![put]).await {
+                Ok(true) => {
+                    let _ = std::fs::remove_file(self.bitmaps.join(self.bitmap_file(i)));
+                    tracing::info!(volume = %self.name, node = to.id, component = id,
+                        "the new copy is recorded in place of the removed node's: it fills \
+                         at the next epoch");
+                    // Deposed either way: without the clean hand-over, the next epoch
+                    // compares every copy.
+                    if let Err(e) = self.release().await {
+                        self.depose("a copy was placed again");
+                        tracing::warn!(volume = %self.name,
+                            "no clean hand-over for the new copy ({e}): the copies are compared");
+                    }
+                    return Ok(true);
+                }
+                Ok(false) => continue,
+                Err(e) => return Err(e.message),
+            }
+        }
+        Err("the volume's record keeps changing, or another node owns it".into())
+    }
+
     /// Bytes of this node's store the owner's copy occupies.
     pub fn allocated_bytes(&self) -> Result<u64, StoreError> {
         self.local.volume.allocated_bytes()
@@ -1551,6 +1665,7 @@ pub fn open(
         scrub_every: node.scrub_every(),
         incarnation: meta.incarnation(),
         released: tokio::sync::Mutex::new(false),
+        unplaced: AtomicBool::new(false),
         bitmaps,
         runtime: tokio::runtime::Handle::current(),
     };
@@ -2660,6 +2775,13 @@ pub fn rpc_of(meta: &Member, node: u64) -> Option<String> {
 
 /// The nodes that are up, for placement (a linearizable read of the cluster status).
 async fn candidates(meta: &Member) -> ApiResult<Vec<Candidate>> {
+    Ok(members(meta).await?.into_iter().filter_map(|(c, up)| up.then_some(c)).collect())
+}
+
+/// Every member of the cluster, and whether it is up and registered (a linearizable
+/// read of the cluster status; a member that never registered has no address, site or
+/// rack known, and is not up).
+async fn members(meta: &Member) -> ApiResult<Vec<(Candidate, bool)>> {
     let ClientReply::Status(status) =
         meta.request(ClientRequest::Status).await.map_err(unavailable)?
     else {
@@ -2668,11 +2790,14 @@ async fn candidates(meta: &Member) -> ApiResult<Vec<Candidate>> {
     Ok(status
         .members
         .iter()
-        .filter(|m| m.session.as_ref().is_some_and(|s| s.up))
-        .filter_map(|m| {
-            let r = m.record.as_ref()?;
-            let text = |k: &str| r[k].as_str().unwrap_or_default().to_owned();
-            Some(Candidate { id: m.id, rpc: text("rpc"), site: text("site"), rack: text("rack") })
+        .map(|m| {
+            let text = |k: &str| {
+                m.record.as_ref().and_then(|r| r[k].as_str()).unwrap_or_default().to_owned()
+            };
+            let up = m.record.is_some() && m.session.as_ref().is_some_and(|s| s.up);
+            let c =
+                Candidate { id: m.id, rpc: text("rpc"), site: text("site"), rack: text("rack") };
+            (c, up)
         })
         .collect())
 }

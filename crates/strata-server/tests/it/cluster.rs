@@ -744,6 +744,64 @@ fn a_scrub_finds_and_rewrites_a_block_that_rotted_on_a_copy() {
     assert!(members[0].node().log_tail(400).contains("scrub: comparing the copies"));
 }
 
+/// A node that dies for good and is removed from the cluster leaves its copies behind:
+/// each volume's owner places the copy on a member holding none (once one is up), fills
+/// it in full, and the volume has three active copies again, equal to the byte.
+#[test]
+fn a_copy_on_a_removed_node_is_placed_on_another_node() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut members = three_members(tmp.path());
+    let key = DataKey::from_secret(&std::fs::read(members[0].dir.join("secret")).unwrap());
+    let (copies, _) = create_replicated(&members[0], "r1", "16M");
+    assert_eq!(copies.iter().map(|c| c.0).collect::<Vec<_>>(), vec![1, 2, 3]);
+    let uri = members[0].node().uri("r1");
+    crate::harness::qemu_io(&uri, &["write -P 0x6e 0 3M", "write -P 0x6f 5M 1M", "flush"]);
+
+    // Node 3 dies for good and is removed. No member without a copy is up: the copy
+    // stays stale, and the owner says why.
+    members[2].node.take().unwrap().kill9();
+    let (ok, text) = cli(&members[0], &["node", "remove", "3"]);
+    assert!(ok, "{text}");
+    wait_until(40, "the owner to say the removed node's copy has nowhere to go", || {
+        members[0].node().log_tail(2000).contains("no member without a copy is up")
+    });
+    let state = |m: &Member| -> Vec<(u64, String)> {
+        let v = m.get("/v1/volumes/r1").unwrap();
+        let cs = v["components"].as_array().unwrap().clone();
+        cs.iter()
+            .map(|c| (c["node"].as_u64().unwrap(), c["state"].as_str().unwrap().to_owned()))
+            .collect()
+    };
+    // Writes go on meanwhile (two copies active, the minimum); the copy misses them.
+    crate::harness::qemu_io(&uri, &["write -P 0x70 7M 1M", "flush"]);
+    assert_eq!(state(&members[0])[2], (3, "stale".to_owned()));
+
+    // Node 4 joins: the copy is placed there, filled, and active.
+    let first = members[0].rpc.clone();
+    let mut fourth = Member::new(tmp.path(), 4, Some(&first));
+    std::fs::copy(members[0].dir.join("secret"), fourth.dir.join("secret")).unwrap();
+    fourth.start();
+    members.push(fourth);
+    wait_logged(&members, 90, "a copy on node 4, and all three active", || {
+        let (o, _) = owner(&members);
+        members[o].node.as_ref().is_some_and(|_| {
+            let s = state(&members[o]);
+            s.iter().map(|c| c.0).collect::<Vec<_>>() == vec![1, 2, 4]
+                && s.iter().all(|c| c.1 == "active")
+        })
+    });
+    wait_copies_equal(&members, &key, "r1", 8);
+    let (o, epoch) = owner(&members);
+    let v = members[o].get("/v1/volumes/r1").unwrap();
+    let id4 = v["components"][2]["id"].as_u64().unwrap();
+    assert_eq!(read_component(&members[3], &key, id4, epoch, 5 << 20), vec![0x6f; 65536]);
+    assert_eq!(read_component(&members[3], &key, id4, epoch, 7 << 20), vec![0x70; 65536]);
+    // Handed over cleanly to itself: node 2's copy was not compared, only node 4's filled.
+    let log = members[0].node().log_tail(5000);
+    assert!(log.contains("placing the copy on another node"), "{log}");
+    assert!(log.contains("taken over cleanly"), "{log}");
+}
+
 /// Creates a 3-copy volume through `m`: its copies as (node, component) and its epoch.
 fn create_replicated(m: &Member, name: &str, size: &str) -> (Vec<(u64, u64)>, u64) {
     let (ok, text) =
