@@ -20,7 +20,9 @@
 //! 5. A new owner's copy is the truth: every other ACTIVE copy is compared with it by
 //!    digest, region by region, and differing regions copied (in the background, while
 //!    I/O goes on: reads come from the owner's copy only). So copies converge whatever
-//!    was in flight when the old owner died.
+//!    was in flight when the old owner died. After a clean hand-over (`release`) the
+//!    next owner compares none of the copies the last one vouched for, and takes a STALE
+//!    copy's bitmap from the record instead of comparing that copy in full.
 //! 6. Every node serves every replicated volume over NBD: the owner through its view,
 //!    any other node by forwarding each request to the owner (retrying, while a new owner
 //!    is chosen, for up to `FORWARD_PATIENCE`: block writes are idempotent).
@@ -109,6 +111,42 @@ pub struct Released {
     pub epoch: u64,
     /// The components that were ACTIVE, equal and synced then.
     pub equal: Vec<u64>,
+    /// The synchronization bitmaps of the STALE copies then (those owing no digest scan,
+    /// of at most `HANDED_RUNS_MAX` runs): the next owner resyncs just those regions,
+    /// where without them it would compare the whole copy.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stale: Vec<HandedBitmap>,
+}
+
+/// A STALE copy's bitmap, handed over in [`Released`].
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct HandedBitmap {
+    /// The component.
+    pub id: u64,
+    /// Runs of regions it lacks, `[first, last]` (region = `REGION` bytes).
+    pub runs: Vec<[u64; 2]>,
+}
+
+/// The most runs of a STALE copy's bitmap a clean hand-over puts in the record (about
+/// 40 bytes each); a copy whose bitmap has more is compared in full by the next owner.
+const HANDED_RUNS_MAX: usize = 2048;
+
+/// `regions` as runs of consecutive ones.
+fn runs_of(regions: &BTreeSet<u64>) -> Vec<[u64; 2]> {
+    let mut runs: Vec<[u64; 2]> = Vec::new();
+    for &r in regions {
+        match runs.last_mut() {
+            Some(run) if run[1] + 1 == r => run[1] = r,
+            _ => runs.push([r, r]),
+        }
+    }
+    runs
+}
+
+/// The regions of `runs`, those past `regions_in_volume` left out (a record is input).
+fn regions_of(runs: &[[u64; 2]], regions_in_volume: u64) -> BTreeSet<u64> {
+    let Some(last) = regions_in_volume.checked_sub(1) else { return BTreeSet::new() };
+    runs.iter().filter(|[a, b]| a <= b && *a <= last).flat_map(|&[a, b]| a..=b.min(last)).collect()
 }
 
 /// One component in a volume's record.
@@ -402,10 +440,16 @@ impl ReplicatedVolume {
         // in flight hold the lock shared.
         self.depose("handing the volume over");
         let _exclusive = self.resync_lock.write().await;
-        let (states, scanning, unrecorded) = {
+        let (states, scanning, unrecorded, stale) = {
             let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
             let scanning: Vec<bool> = st.scan.iter().map(Option::is_some).collect();
-            (st.states.clone(), scanning, !st.unrecorded.is_empty())
+            // No write is in flight: a STALE copy's bitmap is all it lacks.
+            let stale: Vec<HandedBitmap> = (0..self.copies.len())
+                .filter(|&i| st.states[i] == CopyState::Stale && st.scan[i].is_none())
+                .map(|i| HandedBitmap { id: self.copies[i].id(), runs: runs_of(&st.dirty[i]) })
+                .filter(|b| b.runs.len() <= HANDED_RUNS_MAX)
+                .collect();
+            (st.states.clone(), scanning, !st.unrecorded.is_empty(), stale)
         };
         if unrecorded {
             return Err("a copy's failure is not recorded yet".into());
@@ -448,7 +492,8 @@ impl ReplicatedVolume {
         for _ in 0..5 {
             let (mut record, version) =
                 read_record(&self.meta, &self.name).await.map_err(|e| e.message)?;
-            record.released = Some(Released { epoch: self.epoch, equal: equal.clone() });
+            record.released =
+                Some(Released { epoch: self.epoch, equal: equal.clone(), stale: stale.clone() });
             let value = serde_json::to_vec(&record).expect("serializes");
             let compares = vec![
                 Compare::Value(owner_key.clone(), owner_value.clone()),
@@ -1571,6 +1616,13 @@ pub fn open(
     let mut dirty = Vec::new();
     let mut scan = Vec::new();
     let mut missed_from = Vec::new();
+    // A clean hand-over's word counts only if this node's copy was one of the equal
+    // ones (the truth now is what the last owner's copy was then).
+    let handed = record.released.as_ref().filter(|r| {
+        r.equal
+            .iter()
+            .any(|id| record.components.iter().any(|x| x.id == *id && x.node == meta.id()))
+    });
     for c in &record.components {
         let state = CopyState::parse(&c.state);
         missed_from.push(c.stale_lsn.filter(|_| state != CopyState::Active));
@@ -1614,13 +1666,23 @@ pub fn open(
                 dirty.push(BTreeSet::new());
                 // Equal to this node's copy when the last owner let go cleanly, and
                 // nobody has written since.
-                let vouched = record.released.as_ref().is_some_and(|r| {
-                    r.equal.contains(&c.id)
-                        && r.equal.iter().any(|id| {
-                            record.components.iter().any(|x| x.id == *id && x.node == meta.id())
-                        })
-                });
+                let vouched = handed.is_some_and(|r| r.equal.contains(&c.id));
                 scan.push((!vouched).then_some(0));
+            }
+            (CopyState::Stale, None) => {
+                // What it lacks from this node's copy, as the last owner handed it over.
+                let bitmap = handed.and_then(|r| r.stale.iter().find(|b| b.id == c.id));
+                states.push(CopyState::Stale);
+                match bitmap {
+                    Some(b) => {
+                        dirty.push(regions_of(&b.runs, record.size_bytes.div_ceil(REGION)));
+                        scan.push(None);
+                    }
+                    None => {
+                        dirty.push(BTreeSet::new());
+                        scan.push(Some(0));
+                    }
+                }
             }
             _ => {
                 states.push(CopyState::Stale);
@@ -2936,6 +2998,18 @@ mod tests {
 
     fn c(id: u64, site: &str, rack: &str) -> Candidate {
         Candidate { id, rpc: String::new(), site: site.into(), rack: rack.into() }
+    }
+
+    #[test]
+    fn a_handed_bitmap_is_runs_that_give_back_the_same_regions_within_the_volume() {
+        let regions: BTreeSet<u64> = [0, 1, 2, 5, 9, 10].into();
+        let runs = runs_of(&regions);
+        assert_eq!(runs, vec![[0, 2], [5, 5], [9, 10]]);
+        assert_eq!(regions_of(&runs, 16), regions);
+        assert!(runs_of(&BTreeSet::new()).is_empty());
+        // From a record, so input: runs past the end are cut, reversed ones ignored.
+        assert_eq!(regions_of(&[[14, u64::MAX], [7, 3]], 16), [14, 15].into());
+        assert!(regions_of(&[[0, 3]], 0).is_empty());
     }
 
     #[test]

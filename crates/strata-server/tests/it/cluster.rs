@@ -802,6 +802,43 @@ fn a_copy_on_a_removed_node_is_placed_on_another_node() {
     assert!(log.contains("taken over cleanly"), "{log}");
 }
 
+/// A stale copy's bitmap goes with a clean hand-over: after a move, the new owner
+/// copies the copy just what it missed, where it would compare the whole volume.
+#[test]
+fn a_stale_copys_bitmap_goes_with_a_clean_hand_over() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut members = three_members(tmp.path());
+    let key = DataKey::from_secret(&std::fs::read(members[0].dir.join("secret")).unwrap());
+    create_replicated(&members[0], "r1", "16M");
+    let uri = members[0].node().uri("r1");
+    crate::harness::qemu_io(&uri, &["write -P 0x41 0 8M", "flush"]);
+    // Node 3 away while two regions change: its copy is stale, 128 KiB behind.
+    members[2].node.take().unwrap().kill9();
+    crate::harness::qemu_io(&uri, &["write -P 0x42 1M 64k", "write -P 0x43 6M 64k", "flush"]);
+    let copy3 = |m: &Member| m.get("/v1/volumes/r1").unwrap()["components"][2].clone();
+    let c = copy3(&members[0]);
+    assert!(c["state"] == "stale" && c["dirty_bytes"] == 2 * 65536, "{c}");
+
+    // Moved to node 2 while node 3 is away.
+    let (ok, text) = cli(&members[0], &["volume", "attach", "r1", "--node", "2"]);
+    assert!(ok, "{text}");
+    assert_eq!(owner(&members).0, 1, "node 2 owns it");
+    assert!(members[1].node().log_tail(200).contains("taken over cleanly"));
+    let c = copy3(&members[1]);
+    assert!(c["state"] == "stale" && c["dirty_bytes"] == 2 * 65536, "the bitmap came: {c}");
+    assert_eq!(c["scan_left_bytes"], 0, "no digest scan owed: {c}");
+
+    // Back: node 2 copies it the two regions, not 16 MiB.
+    members[2].start();
+    wait_level(&members, &key);
+    let c = copy3(&members[1]);
+    assert_eq!(c["resynced_bytes"], 2 * 65536, "{c}");
+    assert_eq!(
+        read_component(&members[2], &key, c["id"].as_u64().unwrap(), owner(&members).1, 6 << 20),
+        vec![0x43; 65536]
+    );
+}
+
 /// Creates a 3-copy volume through `m`: its copies as (node, component) and its epoch.
 fn create_replicated(m: &Member, name: &str, size: &str) -> (Vec<(u64, u64)>, u64) {
     let (ok, text) =
