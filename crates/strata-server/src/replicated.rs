@@ -44,7 +44,7 @@
 //!    component into the record in the removed one's place, STALE, by CAS compared with
 //!    its owner key, and takes the volume again at the next epoch: the new copy is
 //!    filled by a full digest scan, nothing else is compared. With no such member up,
-//!    the copy stays STALE (and `volume info` says why) until one is.
+//!    the copy stays STALE (the owner logs why, once) until one is.
 
 use crate::error::{ApiError, ApiResult};
 use crate::fencing::{Fencing, Refused};
