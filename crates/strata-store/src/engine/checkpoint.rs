@@ -191,15 +191,9 @@ impl<F: RawFile> Engine<F> {
     /// Writes zeroes over a segment taken by [`Engine::take_fresh`] and syncs, so that the
     /// file system allocates its blocks now and not on the next flush's critical path.
     pub fn prepare(file: &F, segment: u64) -> std::io::Result<()> {
-        let zeroes = vec![0u8; 1 << 20];
         let from = segment * SEGMENT_SLOTS * super::BLOCK_BYTES as u64;
         let bytes = SEGMENT_SLOTS * super::BLOCK_BYTES as u64;
-        let mut at = 0;
-        while at < bytes {
-            let n = (bytes - at).min(zeroes.len() as u64);
-            file.write_at(&zeroes[..n as usize], from + at)?;
-            at += n;
-        }
+        file.zero_fill(from, bytes)?;
         file.sync()
     }
 
