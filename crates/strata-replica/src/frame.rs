@@ -89,6 +89,11 @@ pub enum Kind {
     Release = 9,
     /// Grow the component to `offset` bytes (never shrinks it).
     Resize = 10,
+    /// To the owner, about the volume whose component there is `component`, at its
+    /// epoch: may the sender (node id in `lsn`) serve reads from its own copy? Granted,
+    /// the reply's `component` is that copy's id: the sender may, for its read lease
+    /// from when it asked, while its fence for the copy is still at the epoch.
+    Lease = 11,
 }
 
 /// The piece of a component each digest of a `Digest` reply covers.
@@ -107,6 +112,7 @@ impl Kind {
             8 => Kind::Digest,
             9 => Kind::Release,
             10 => Kind::Resize,
+            11 => Kind::Lease,
             _ => return None,
         })
     }

@@ -191,6 +191,18 @@ impl DataService {
                 }
             };
         }
+        if h.kind == Kind::Lease {
+            // Only the serving owner at that epoch grants one.
+            let view = self.node.owned_by_component(h.component);
+            let view = view.filter(|v| v.epoch() == h.epoch && v.serving());
+            let Some(view) = view else {
+                return (Status::NotOwner, reply, Vec::new());
+            };
+            return match view.grant_lease(h.lsn).await {
+                Some(id) => (Status::Ok, Header { component: id, ..reply }, Vec::new()),
+                None => (Status::NotFound, reply, Vec::new()),
+            };
+        }
         if h.flags & FLAG_VOLUME != 0 {
             if !matches!(h.kind, Kind::Write | Kind::Read | Kind::Flush | Kind::Trim)
                 || (h.kind == Kind::Read && h.count > READ_BYTES_MAX)
@@ -302,7 +314,7 @@ impl DataService {
                 .await
                 .unwrap_or_else(|e| Err(StoreError::io("resize")(std::io::Error::other(e))))
             }
-            Kind::Create | Kind::Release => unreachable!("handled above"),
+            Kind::Create | Kind::Release | Kind::Lease => unreachable!("handled above"),
         };
         match result {
             Ok(data) => {

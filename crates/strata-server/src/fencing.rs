@@ -63,6 +63,11 @@ impl Fencing {
         self.fences.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The fence of `component`: the newest epoch it has seen (0: none yet).
+    pub fn newest(&self, component: u64) -> u64 {
+        self.lock().newest(component)
+    }
+
     /// Admits a request on `component` at `epoch` (the invariants above).
     pub async fn enter(&self, component: u64, epoch: u64) -> Result<Pass, Refused> {
         let gate = self.gate(component);

@@ -526,6 +526,20 @@ pub async fn exposition(api: &Api) -> String {
     store_series(&mut t, api);
     meta_series(&mut t, api).await;
     replicated_series(&mut t, &crate::api::all_volumes(api));
+    let name = "strata_volume_local_reads_total";
+    t.family(
+        name,
+        "counter",
+        "Reads of a replicated volume this node served from its own copy, under the owner's \
+         read lease, instead of forwarding them.",
+    );
+    let mut names = api.node.replicated_names();
+    names.sort();
+    for volume in names {
+        if let Some(router) = api.node.replicated_router(&volume) {
+            t.int(name, &[("volume", volume.as_str())], router.local_reads());
+        }
+    }
     t.finish()
 }
 

@@ -19,7 +19,7 @@
 //!    is sent anywhere. Below `min_replicas` ACTIVE copies a write fails.
 //! 5. A new owner's copy is the truth: every other ACTIVE copy is compared with it by
 //!    digest, region by region, and differing regions copied (in the background, while
-//!    I/O goes on: reads come from the owner's copy only). So copies converge whatever
+//!    I/O goes on: a copy owing its scan serves no reads). So copies converge whatever
 //!    was in flight when the old owner died. After a clean hand-over (`release`) the
 //!    next owner compares none of the copies the last one vouched for, and takes a STALE
 //!    copy's bitmap from the record instead of comparing that copy in full.
@@ -45,6 +45,15 @@
 //!    its owner key, and takes the volume again at the next epoch: the new copy is
 //!    filled by a full digest scan, nothing else is compared. With no such member up,
 //!    the copy stays STALE (the owner logs why, once) until one is.
+//! 10. A node that is not the owner serves a read from its own copy only under a read
+//!     lease: granted by the serving owner (whose member has not applied a newer take)
+//!     while the copy is ACTIVE and owes no scan, valid for `READ_LEASE` from when the
+//!     node asked and only while the copy's fence is still at the granting epoch (held
+//!     for the read). When a copy stops being ACTIVE, no write is acknowledged until
+//!     its lease has run out; an owner letting go cleanly waits for every lease it
+//!     granted; a take while the last owner is up and did not let go, with a copy that
+//!     could not be fenced, acknowledges nothing for `2 * READ_LEASE`. So a copy serving
+//!     a read holds every acknowledged write. Otherwise reads are forwarded to the owner.
 
 use crate::error::{ApiError, ApiResult};
 use crate::fencing::{Fencing, Refused};
@@ -230,6 +239,10 @@ fn place_one(chosen: &[Candidate], candidates: &[Candidate]) -> Option<Candidate
 pub const REGION: u64 = DIGEST_UNIT;
 /// How often the owner looks for a stale copy that came back.
 const RESYNC_EVERY: Duration = Duration::from_secs(2);
+/// How long a node may serve reads from its own copy after it asked the owner
+/// (invariant 10). Well under the session timeout less `OWNER_LEASE`: an owner that can
+/// no longer grant is replaced only after every lease it granted has run out.
+pub const READ_LEASE: Duration = Duration::from_secs(2);
 /// How often the owner looks for a copy on a node removed from the cluster (a
 /// linearizable read of the membership).
 const REPLACE_EVERY: Duration = Duration::from_secs(10);
@@ -299,14 +312,23 @@ struct Copies {
     acked: Vec<u64>,
     /// Per copy not ACTIVE: the LSN of the first write it missed.
     missed_from: Vec<Option<u64>>,
+    /// Per copy: until when its node may serve reads from it (invariant 10).
+    leased_until: Vec<Option<Instant>>,
+    /// No write is acknowledged before this: the read lease of a copy that stopped being
+    /// ACTIVE has run out by then.
+    revoked_until: Option<Instant>,
 }
 
 impl Copies {
-    /// Copy `i` misses writes from now on (`lsn` the first one, if it is known).
+    /// Copy `i` misses writes from now on (`lsn` the first one, if it is known). Its read
+    /// lease, if it has one, holds back the acknowledgment of every write until it ends.
     fn stale(&mut self, i: usize, lsn: u64) {
         self.states[i] = CopyState::Stale;
         self.unrecorded.insert(i);
         self.missed_from[i].get_or_insert(lsn);
+        if let Some(until) = self.leased_until[i].take() {
+            self.revoked_until = self.revoked_until.max(Some(until));
+        }
     }
 }
 
@@ -453,6 +475,14 @@ impl ReplicatedVolume {
         };
         if unrecorded {
             return Err("a copy's failure is not recorded yet".into());
+        }
+        // The next owner grants leases anew and waits for none of these (invariant 10).
+        let leased = {
+            let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            st.leased_until.iter().copied().chain([st.revoked_until]).max().flatten()
+        };
+        if let Some(until) = leased.filter(|u| *u > Instant::now()) {
+            tokio::time::sleep_until(until.into()).await;
         }
         // Synced: nothing a copy acknowledged can be lost to a crash after the hand-over
         // (the next owner would not know to look for it).
@@ -900,7 +930,52 @@ impl ReplicatedVolume {
                 format!("only {active} copies are active, {} needed", self.min_replicas),
             ));
         }
+        // A copy that missed this write (or an earlier one) may still serve reads under
+        // its lease: acknowledged once that has run out (invariant 10).
+        let revoked = self.state.lock().unwrap_or_else(|e| e.into_inner()).revoked_until;
+        if let Some(until) = revoked.filter(|u| *u > Instant::now()) {
+            tokio::time::sleep_until(until.into()).await;
+        }
         Ok(())
+    }
+
+    /// A read lease for the copy on `node` (invariant 10): granted while this owner
+    /// serves and the copy is ACTIVE, owes no digest scan, and answers a probe over the
+    /// connection its writes were acknowledged on (a node that restarted since, maybe
+    /// after a power loss that took writes it had not synced, gets none: its next write
+    /// fails the copy). Returns the copy's id.
+    pub async fn grant_lease(&self, node: u64) -> Option<u64> {
+        let i = self.copies.iter().position(|c| c.node == node && c.peer.is_some())?;
+        let peer = self.copies[i].peer.clone()?;
+        let whole = |st: &Copies| {
+            st.states[i] == CopyState::Active
+                && st.scan[i].is_none()
+                && st.connected[i] == Some(peer.connections())
+        };
+        if !self.serving() || !whole(&self.state.lock().unwrap_or_else(|e| e.into_inner())) {
+            return None;
+        }
+        let probe = request(Kind::Probe, self.copies[i].id(), self.epoch, 0, 0);
+        let answered = tokio::time::timeout(READ_LEASE / 4, peer.call(probe, &[])).await;
+        if !matches!(answered, Ok(Ok(_))) {
+            return None;
+        }
+        // Not once this member has applied a newer owner's take.
+        let key = format!("/volumes/{}/owner", self.name);
+        let owner = self.meta.read_local(|s| {
+            s.get(&key).and_then(|e| serde_json::from_slice::<Owner>(&e.value).ok())
+        });
+        if owner.is_none_or(|o| o != self.owner) || !self.serving() {
+            return None;
+        }
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if !whole(&st) {
+            return None;
+        }
+        // Counted from now: the node counts from when it asked, which was earlier.
+        let until = Instant::now() + READ_LEASE;
+        st.leased_until[i] = st.leased_until[i].max(Some(until));
+        Some(self.copies[i].id())
     }
 
     /// The owner's own copy's part of a request (the caller holds its fence pass): a
@@ -1251,8 +1326,10 @@ impl ReplicatedVolume {
     }
 
     /// Fences every other copy at this owner's epoch (a probe): from then on no older
-    /// owner's request applies there. A copy that does not answer is marked STALE.
-    async fn fence_copies(&self) -> Result<(), String> {
+    /// owner's request applies there, nor its read lease. A copy that does not answer is
+    /// marked STALE; returns whether one that was ACTIVE did not.
+    async fn fence_copies(&self) -> Result<bool, String> {
+        let mut silent = false;
         let mut probes = Vec::new();
         for (i, c) in self.copies.iter().enumerate() {
             let Some(peer) = c.peer.clone() else { continue };
@@ -1275,6 +1352,7 @@ impl ReplicatedVolume {
                 }
                 _ => {
                     let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+                    silent |= st.states[i] == CopyState::Active;
                     if st.states[i] != CopyState::Stale {
                         tracing::warn!(volume = %self.name, node = self.copies[i].node,
                             "a copy does not answer the new owner: stale");
@@ -1283,7 +1361,7 @@ impl ReplicatedVolume {
                 }
             }
         }
-        Ok(())
+        Ok(silent)
     }
 
     /// Each copy as the owner sees it now: state and bytes its bitmap marks.
@@ -1528,8 +1606,13 @@ pub struct Move {
 /// Takes ownership of `name` (invariant 2): the owner key goes from what it is to this
 /// node at one epoch above any before (the record keeps the highest epoch, as the key
 /// dies with its owner's session), tied to this node's session lease; the record names
-/// this node; a move asked to this node is done. Returns the owner and the record.
-pub async fn take_ownership(meta: &Member, name: &str) -> ApiResult<(Owner, VolumeRecord, u64)> {
+/// this node; a move asked to this node is done. Returns the owner key taken, the record
+/// (with `released` if it vouches for this take), this member's incarnation, and
+/// whether an owner key (a live session's) was replaced.
+pub async fn take_ownership(
+    meta: &Member,
+    name: &str,
+) -> ApiResult<(Owner, VolumeRecord, u64, bool)> {
     let (lease, incarnation) = meta
         .session()
         .ok_or_else(|| unavailable("this node's session is not registered yet; retry"))?;
@@ -1590,7 +1673,7 @@ pub async fn take_ownership(meta: &Member, name: &str) -> ApiResult<(Owner, Volu
             *value = serde_json::to_vec(&written).expect("serializes");
         }
         if write(meta, compares, ops).await? {
-            return Ok((me, record, incarnation));
+            return Ok((me, record, incarnation, owner.is_some()));
         }
     }
     Err(unavailable(format!("could not take ownership of {name}: it keeps changing")))
@@ -1712,6 +1795,8 @@ pub fn open(
             resynced: vec![0; n],
             acked: vec![0; n],
             missed_from,
+            leased_until: vec![None; n],
+            revoked_until: None,
         }),
         resync_lock: tokio::sync::RwLock::new(()),
         recording: tokio::sync::Mutex::new(()),
@@ -1835,7 +1920,10 @@ async fn take_over(
                 "the owner did not hand over cleanly ({e}): the copies will be compared");
         }
     }
-    let (owner, record, incarnation) = take_ownership(meta, &router.name).await?;
+    let (owner, record, incarnation, replaced) = take_ownership(meta, &router.name).await?;
+    // The last owner's session was live and it did not let go cleanly: it may still be
+    // up, granting read leases until it sees this take (invariant 10).
+    let unclean = replaced && record.released.is_none();
     if record.released.is_some() {
         tracing::info!(volume = %router.name, epoch = owner.epoch,
             "taken over cleanly: the copies the last owner vouched for are not compared");
@@ -1846,9 +1934,19 @@ async fn take_over(
         view.state.lock().unwrap_or_else(|e| e.into_inner()).scan.fill(None);
     }
     let view = Arc::new(view);
-    if let Err(e) = view.fence_copies().await {
-        view.depose(&e);
-        return Err(unavailable(e));
+    match view.fence_copies().await {
+        Err(e) => {
+            view.depose(&e);
+            return Err(unavailable(e));
+        }
+        // A copy this owner could not fence would honour such leases: no write is
+        // acknowledged until they have surely run out. (After a crash, or a pause past
+        // the session timeout, they ran out long before the owner key went.)
+        Ok(true) if unclean => {
+            let mut st = view.state.lock().unwrap_or_else(|e| e.into_inner());
+            st.revoked_until = Some(Instant::now() + 2 * READ_LEASE);
+        }
+        Ok(_) => {}
     }
     router.install(view.clone());
     tokio::spawn(run_resync(view));
@@ -2407,6 +2505,9 @@ pub async fn steward(node: Arc<Node>, meta: Arc<Member>, moves: MovePolicy) {
             let name = v.record.name.clone();
             let router = node.router(&name, || Arc::new(Router::new(meta.clone(), &v.record)));
             router.grow(v.record.size_bytes);
+            let here = v.record.components.iter().find(|c| c.node == me);
+            let copy = here.and_then(|c| node.component(c.id));
+            router.set_local(copy.map(|c| (c, node.fencing().clone())));
             if v.owner.is_some() {
                 ownerless.remove(&name);
             }
@@ -2500,6 +2601,28 @@ pub struct Router {
     last_local: Mutex<Option<Instant>>,
     /// Numbers this node's forwarded writes (an owner knows a retry by it).
     forwarded: std::sync::atomic::AtomicU32,
+    /// This node's copy of the volume, if it holds one (set by the steward).
+    local: Mutex<Option<(Component, Arc<Fencing>)>>,
+    /// The owner's leave to read this node's copy (invariant 10).
+    lease: Arc<Leasing>,
+    /// Reads served from this node's copy.
+    local_reads: AtomicU64,
+}
+
+/// A router's read lease, and whether it is asking for one.
+#[derive(Default)]
+struct Leasing {
+    held: Mutex<Option<ReadLease>>,
+    asking: AtomicBool,
+}
+
+/// A read lease this node holds: the owner's epoch, the copy, and until when (counted
+/// from when it was asked for).
+#[derive(Clone, Copy)]
+struct ReadLease {
+    epoch: u64,
+    component: u64,
+    until: Instant,
 }
 
 /// Where forwarded requests go.
@@ -2531,6 +2654,9 @@ impl Router {
             taking: tokio::sync::Mutex::new(()),
             last_local: Mutex::new(None),
             forwarded: std::sync::atomic::AtomicU32::new(1),
+            local: Mutex::new(None),
+            lease: Arc::default(),
+            local_reads: AtomicU64::new(0),
         }
     }
 
@@ -2543,6 +2669,70 @@ impl Router {
         if let Some(v) = self.view() {
             v.size_bytes.fetch_max(size_bytes, Ordering::AcqRel);
         }
+    }
+
+    /// This node's copy of the volume (`None`: it holds none), for reads under a lease.
+    pub fn set_local(&self, copy: Option<(Component, Arc<Fencing>)>) {
+        let mut local = self.local.lock().unwrap_or_else(|e| e.into_inner());
+        if local.as_ref().map(|(c, _)| c.id()) != copy.as_ref().map(|(c, _)| c.id()) {
+            *self.lease.held.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        }
+        *local = copy;
+    }
+
+    /// Reads served from this node's copy so far.
+    pub fn local_reads(&self) -> u64 {
+        self.local_reads.load(Ordering::Relaxed)
+    }
+
+    /// Serves a read from this node's copy if the owner's lease allows it now (invariant
+    /// 10): the lease is current and the copy's fence still at its epoch, held for the
+    /// read so no newer owner's fence completes meanwhile. `None`: forward it. Asks for
+    /// a lease (in the background) when there is none or it is half gone.
+    async fn read_here(&self, offset: u64, length: usize) -> Option<Bytes> {
+        let (copy, fencing) = self.local.lock().unwrap_or_else(|e| e.into_inner()).clone()?;
+        let lease = *self.lease.held.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        if lease.is_none_or(|l| l.until < now + READ_LEASE / 2) {
+            self.renew_lease(copy.id());
+        }
+        let lease = lease.filter(|l| l.component == copy.id() && now < l.until)?;
+        if fencing.newest(lease.component) != lease.epoch {
+            return None;
+        }
+        let _pass = fencing.enter(lease.component, lease.epoch).await.ok()?;
+        if Instant::now() >= lease.until {
+            return None;
+        }
+        let data = copy.volume.clone().submit(IoOp::Read { offset, length }).await.ok()?;
+        (data.len() == length).then(|| {
+            self.local_reads.fetch_add(1, Ordering::Relaxed);
+            data
+        })
+    }
+
+    /// Asks the owner for a read lease of copy `component` (one request at a time).
+    fn renew_lease(&self, component: u64) {
+        if self.lease.asking.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let Ok(t) = self.target() else {
+            self.lease.asking.store(false, Ordering::Release);
+            return;
+        };
+        let me = self.meta.id();
+        let asked = Instant::now();
+        let h = request(Kind::Lease, t.component, t.epoch, me, 0);
+        // Not awaited by the read: it is forwarded meanwhile.
+        let leasing = self.lease.clone();
+        tokio::spawn(async move {
+            let reply = tokio::time::timeout(READ_LEASE / 2, t.peer.call(h, &[])).await;
+            if matches!(reply, Ok(Ok((r, _))) if r.component == component) {
+                let l = ReadLease { epoch: t.epoch, component, until: asked + READ_LEASE };
+                *leasing.held.lock().unwrap_or_else(|e| e.into_inner()) = Some(l);
+            }
+            leasing.asking.store(false, Ordering::Release);
+        });
     }
 
     /// This node's owner view, if it owns the volume.
@@ -2647,6 +2837,14 @@ impl Router {
     }
 
     async fn run_one(&self, op: IoOp) -> Result<Bytes, StoreError> {
+        if let IoOp::Read { offset, length } = op {
+            let owner_here = self.view().is_some_and(|v| v.serving());
+            if !owner_here {
+                if let Some(data) = self.read_here(offset, length).await {
+                    return Ok(data);
+                }
+            }
+        }
         let deadline = Instant::now() + FORWARD_PATIENCE;
         // Never 0 (a write without a number).
         let number = self.forwarded.fetch_add(1, Ordering::Relaxed).max(1);

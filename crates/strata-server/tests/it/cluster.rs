@@ -802,6 +802,50 @@ fn a_copy_on_a_removed_node_is_placed_on_another_node() {
     assert!(log.contains("taken over cleanly"), "{log}");
 }
 
+/// This volume's reads `member` served from its own copy (its metrics).
+fn local_reads(member: &Member, volume: &str) -> u64 {
+    let out = Command::new("curl")
+        .args(["-sf", "--max-time", "5", &format!("{}/metrics", member.node().api())])
+        .output()
+        .unwrap();
+    let want = format!("strata_volume_local_reads_total{{volume=\"{volume}\"}} ");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix(&want).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or(0)
+}
+
+/// A node holding an active copy serves reads from it (under the owner's read lease),
+/// not through the owner; once its copy misses a write, its reads return that write
+/// (forwarded) until the copy is level again, and then come from it again.
+#[test]
+fn a_node_with_an_active_copy_serves_reads_from_it_but_never_stale_data() {
+    let tmp = tempfile::tempdir().unwrap();
+    let members = three_members(tmp.path());
+    create_replicated(&members[0], "r1", "16M");
+    crate::harness::qemu_io(&members[0].node().uri("r1"), &["write -P 0x51 0 1M", "flush"]);
+    let uri2 = members[1].node().uri("r1");
+    wait_until(30, "reads through node 2 served from its own copy", || {
+        crate::harness::qemu_io(&uri2, &["read -P 0x51 0 64k", "read -P 0x51 64k 64k"]);
+        local_reads(&members[1], "r1") > 0
+    });
+    assert_eq!(local_reads(&members[0], "r1"), 0, "the owner reads its copy as the owner");
+
+    // Node 2 paused past the write timeout: the write is acknowledged with its copy
+    // stale. Its reads then return the write, whatever path they take.
+    members[1].signal("-STOP");
+    crate::harness::qemu_io(&members[0].node().uri("r1"), &["write -P 0x52 0 64k"]);
+    members[1].signal("-CONT");
+    for _ in 0..5 {
+        crate::harness::qemu_io(&uri2, &["read -P 0x52 0 64k", "read -P 0x51 64k 64k"]);
+    }
+    let before = local_reads(&members[1], "r1");
+    wait_until(60, "node 2's copy level and read from again", || {
+        crate::harness::qemu_io(&uri2, &["read -P 0x52 0 64k"]);
+        local_reads(&members[1], "r1") > before
+    });
+}
+
 /// A stale copy's bitmap goes with a clean hand-over: after a move, the new owner
 /// copies the copy just what it missed, where it would compare the whole volume.
 #[test]

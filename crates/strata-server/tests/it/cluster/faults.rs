@@ -519,9 +519,12 @@ fn a_verifying_workload_survives_kills_pauses_restarts_and_an_emptied_disk() {
             }
         }
     }
+    // (Counted since each node's last start.)
+    let local: u64 =
+        members.iter().filter(|m| m.node.is_some()).map(|m| super::local_reads(m, VOLUME)).sum();
     eprintln!(
         "{writes} writes ({done} acknowledged), {reads} reads and {} reads of other workers' \
-         blocks checked",
+         blocks checked; {local} reads served from a non-owner's own copy",
         cross.len()
     );
     assert!(done > 200, "too few acknowledged writes ({done}) to mean anything");
