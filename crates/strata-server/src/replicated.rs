@@ -516,34 +516,42 @@ impl ReplicatedVolume {
         if !equal.contains(&self.local.id()) {
             return Err("this node's copy did not sync".into());
         }
+        // If the owner key changed, the CAS keeps failing and the next owner compares
+        // the copies.
+        let mark = Released { epoch: self.epoch, equal: equal.clone(), stale };
+        self.change_record(|record| {
+            record.released = Some(mark.clone());
+            Ok(())
+        })
+        .await?;
+        *released = true;
+        tracing::info!(volume = %self.name, epoch = self.epoch, copies = equal.len(),
+            "handed over cleanly: the copies are level and synced");
+        Ok(())
+    }
+
+    /// Changes the volume's record by CAS compared with this owner's key (so only while
+    /// it owns the volume at its epoch), reading it again after a lost race, 5 times at
+    /// most. `change` may refuse, with the error returned.
+    async fn change_record(
+        &self,
+        mut change: impl FnMut(&mut VolumeRecord) -> Result<(), String>,
+    ) -> Result<(), String> {
         let key = format!("/volumes/{}", self.name);
         let owner_key = format!("/volumes/{}/owner", self.name);
         let owner_value = serde_json::to_vec(&self.owner).expect("serializes");
         for _ in 0..5 {
             let (mut record, version) =
                 read_record(&self.meta, &self.name).await.map_err(|e| e.message)?;
-            record.released =
-                Some(Released { epoch: self.epoch, equal: equal.clone(), stale: stale.clone() });
+            change(&mut record)?;
             let value = serde_json::to_vec(&record).expect("serializes");
             let compares = vec![
                 Compare::Value(owner_key.clone(), owner_value.clone()),
                 Compare::Version(key.clone(), version),
             ];
-            match write(
-                &self.meta,
-                compares,
-                vec![Op::Put { key: key.clone(), value, lease: None }],
-            )
-            .await
-            {
-                Ok(true) => {
-                    *released = true;
-                    tracing::info!(volume = %self.name, epoch = self.epoch, copies = equal.len(),
-                        "handed over cleanly: the copies are level and synced");
-                    return Ok(());
-                }
-                // The record changed (retry), or the owner key did (then the CAS keeps
-                // failing and the next owner compares the copies).
+            let put = Op::Put { key: key.clone(), value, lease: None };
+            match write(&self.meta, compares, vec![put]).await {
+                Ok(true) => return Ok(()),
                 Ok(false) => continue,
                 Err(e) => return Err(e.message),
             }
@@ -1499,16 +1507,9 @@ impl ReplicatedVolume {
         // this view is deposed, and must find the new copy in the record. Until then the
         // new copy misses writes, which its full scan finds. A failure before the record
         // lists it leaves the component an orphan (removed as such).
-        let key = format!("/volumes/{}", self.name);
-        let owner_key = format!("/volumes/{}/owner", self.name);
-        let owner_value = serde_json::to_vec(&self.owner).expect("serializes");
-        for _ in 0..5 {
-            let (mut record, version) =
-                read_record(&self.meta, &self.name).await.map_err(|e| e.message)?;
-            let Some(c) = record.components.iter_mut().find(|c| c.node == gone && c.id == gone_id)
-            else {
-                return Err("the volume's copies changed meanwhile".into());
-            };
+        self.change_record(|record| {
+            let c = record.components.iter_mut().find(|c| c.node == gone && c.id == gone_id);
+            let Some(c) = c else { return Err("the volume's copies changed meanwhile".into()) };
             *c = ComponentRecord {
                 node: to.id,
                 id,
@@ -1519,32 +1520,20 @@ impl ReplicatedVolume {
                 lsn: None,
                 stale_lsn: None,
             };
-            let value = serde_json::to_vec(&record).expect("serializes");
-            let compares = vec![
-                Compare::Value(owner_key.clone(), owner_value.clone()),
-                Compare::Version(key.clone(), version),
-            ];
-            let put = Op::Put { key: key.clone(), value, lease: None };
-            match write(&self.meta, compares, vec![put]).await {
-                Ok(true) => {
-                    let _ = std::fs::remove_file(self.bitmaps.join(self.bitmap_file(i)));
-                    tracing::info!(volume = %self.name, node = to.id, component = id,
-                        "the new copy is recorded in place of the removed node's: it fills \
-                         at the next epoch");
-                    // Deposed either way: without the clean hand-over, the next epoch
-                    // compares every copy.
-                    if let Err(e) = self.release().await {
-                        self.depose("a copy was placed again");
-                        tracing::warn!(volume = %self.name,
-                            "no clean hand-over for the new copy ({e}): the copies are compared");
-                    }
-                    return Ok(true);
-                }
-                Ok(false) => continue,
-                Err(e) => return Err(e.message),
-            }
+            Ok(())
+        })
+        .await?;
+        let _ = std::fs::remove_file(self.bitmaps.join(self.bitmap_file(i)));
+        tracing::info!(volume = %self.name, node = to.id, component = id,
+            "the new copy is recorded in place of the removed node's: it fills at the next epoch");
+        // Deposed either way: without the clean hand-over, the next epoch compares every
+        // copy.
+        if let Err(e) = self.release().await {
+            self.depose("a copy was placed again");
+            tracing::warn!(volume = %self.name,
+                "no clean hand-over for the new copy ({e}): the copies are compared");
         }
-        Err("the volume's record keeps changing, or another node owns it".into())
+        Ok(true)
     }
 
     /// Bytes of this node's store the owner's copy occupies.
