@@ -1330,6 +1330,26 @@ impl ReplicatedVolume {
                 st.stale(i, self.lsn.load(Ordering::Relaxed) + 1);
                 tracing::warn!(volume = %self.name, node = c.node, "a copy is gone from its node");
             }
+            // Answered over a new connection: its node may have restarted, after a power
+            // loss without what it had not synced. Failed now, not at the next write
+            // (an idle volume has none): its unflushed regions join its bitmap.
+            let seen = self.state.lock().unwrap_or_else(|e| e.into_inner()).connected[i];
+            if matches!(probe, Ok(Ok(_))) && seen.is_some_and(|s| s != peer.connections()) {
+                let _exclusive = self.resync_lock.blocking_write();
+                {
+                    let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+                    if st.states[i] != CopyState::Active {
+                        continue;
+                    }
+                    st.stale(i, self.lsn.load(Ordering::Relaxed) + 1);
+                }
+                tracing::warn!(volume = %self.name, node = c.node,
+                    "a copy answered over a new connection: its node may have restarted; \
+                     stale until levelled");
+                if let Err(e) = self.lose_unflushed(i) {
+                    tracing::warn!(volume = %self.name, node = c.node, "bitmap: {e}");
+                }
+            }
         }
     }
 

@@ -686,6 +686,27 @@ fn a_copy_that_restarted_unseen_is_resynced_before_it_counts_again() {
     assert_eq!(v["components"][2]["state"], "active", "{v}");
 }
 
+/// The same on a volume nobody writes: the owner's probe of its copies finds the copy
+/// reached anew and fails it, so it is levelled (and serves no reads) before it counts.
+#[test]
+fn an_idle_volumes_copy_that_restarted_is_levelled_before_it_counts_again() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut members = three_members(tmp.path());
+    let (ok, text) =
+        cli(&members[0], &["volume", "create", "u2", "--size", "4M", "--replicas", "3", "--json"]);
+    assert!(ok, "{text}");
+    let key = DataKey::from_secret(&std::fs::read(members[0].dir.join("secret")).unwrap());
+    crate::harness::qemu_io(&members[0].node().uri("u2"), &["write -P 0x23 0 64k"]);
+    members[2].node.take().unwrap().kill9();
+    members[2].start();
+    wait_logged(&members, 30, "the owner to fail the copy reached anew", || {
+        members[0].node().log_tail(200).contains("answered over a new connection")
+    });
+    wait_copies_equal(&members, &key, "u2", 4);
+    let v = members[0].get("/v1/volumes/u2").unwrap();
+    assert_eq!(v["components"][2]["state"], "active", "{v}");
+}
+
 /// An owner whose machine lost power and came back at once (another boot, no clean
 /// stop) may lack writes it acknowledged and had not synced, which the other copies
 /// hold: it must not take the volume back as the truth while another node with a copy
