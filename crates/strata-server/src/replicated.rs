@@ -51,9 +51,10 @@
 //!     node asked and only while the copy's fence is still at the granting epoch (held
 //!     for the read). When a copy stops being ACTIVE, no write is acknowledged until
 //!     its lease has run out; an owner letting go cleanly waits for every lease it
-//!     granted; a take while the last owner is up and did not let go, with a copy that
-//!     could not be fenced, acknowledges nothing for `2 * READ_LEASE`. So a copy serving
-//!     a read holds every acknowledged write. Otherwise reads are forwarded to the owner.
+//!     granted; a take while the last owner's session is live (it did not let go, or
+//!     it restarted and registered again), with a copy that could not be fenced,
+//!     acknowledges nothing for `2 * READ_LEASE`. So a copy serving a read holds every
+//!     acknowledged write. Otherwise reads are forwarded to the owner.
 
 use crate::error::{ApiError, ApiResult};
 use crate::fencing::{Fencing, Refused};
@@ -1612,16 +1613,25 @@ pub struct Move {
     pub node: u64,
 }
 
+/// What [`take_ownership`] took.
+pub struct Taken {
+    /// The owner key now.
+    pub owner: Owner,
+    /// The record, with `released` if it vouches for this take.
+    pub record: VolumeRecord,
+    /// This member's incarnation when it took it.
+    pub incarnation: u64,
+    /// An owner key (a live session's) was replaced.
+    pub replaced: bool,
+    /// The node the record named as the last owner.
+    pub last_owner: u64,
+}
+
 /// Takes ownership of `name` (invariant 2): the owner key goes from what it is to this
 /// node at one epoch above any before (the record keeps the highest epoch, as the key
 /// dies with its owner's session), tied to this node's session lease; the record names
-/// this node; a move asked to this node is done. Returns the owner key taken, the record
-/// (with `released` if it vouches for this take), this member's incarnation, and
-/// whether an owner key (a live session's) was replaced.
-pub async fn take_ownership(
-    meta: &Member,
-    name: &str,
-) -> ApiResult<(Owner, VolumeRecord, u64, bool)> {
+/// this node; a move asked to this node is done.
+pub async fn take_ownership(meta: &Member, name: &str) -> ApiResult<Taken> {
     let (lease, incarnation) = meta
         .session()
         .ok_or_else(|| unavailable("this node's session is not registered yet; retry"))?;
@@ -1647,6 +1657,7 @@ pub async fn take_ownership(
         let last = owner.as_ref().and_then(|(b, _)| serde_json::from_slice::<Owner>(b).ok());
         let epoch = record.epoch.max(last.map_or(0, |o| o.epoch)) + 1;
         let me = Owner { node: meta.id(), epoch };
+        let last_owner = record.node;
         record.node = me.node;
         record.epoch = epoch;
         // Only the owner of the epoch just before can vouch for the copies (any take
@@ -1682,7 +1693,8 @@ pub async fn take_ownership(
             *value = serde_json::to_vec(&written).expect("serializes");
         }
         if write(meta, compares, ops).await? {
-            return Ok((me, record, incarnation, owner.is_some()));
+            let replaced = owner.is_some();
+            return Ok(Taken { owner: me, record, incarnation, replaced, last_owner });
         }
     }
     Err(unavailable(format!("could not take ownership of {name}: it keeps changing")))
@@ -1929,10 +1941,8 @@ async fn take_over(
                 "the owner did not hand over cleanly ({e}): the copies will be compared");
         }
     }
-    let (owner, record, incarnation, replaced) = take_ownership(meta, &router.name).await?;
-    // The last owner's session was live and it did not let go cleanly: it may still be
-    // up, granting read leases until it sees this take (invariant 10).
-    let unclean = replaced && record.released.is_none();
+    let Taken { owner, record, incarnation, replaced, last_owner } =
+        take_ownership(meta, &router.name).await?;
     if record.released.is_some() {
         tracing::info!(volume = %router.name, epoch = owner.epoch,
             "taken over cleanly: the copies the last owner vouched for are not compared");
@@ -1948,12 +1958,22 @@ async fn take_over(
             view.depose(&e);
             return Err(unavailable(e));
         }
-        // A copy this owner could not fence would honour such leases: no write is
-        // acknowledged until they have surely run out. (After a crash, or a pause past
+        // A copy this owner could not fence would honour the read leases the last owner
+        // granted (invariant 10). Unless it let go cleanly (then it waited for them),
+        // they may still run if its session is live (it did not let go, or it restarted
+        // and registered again, which ended its owner key at once): no write is
+        // acknowledged until they have surely run out. (After a crash or a pause past
         // the session timeout, they ran out long before the owner key went.)
-        Ok(true) if unclean => {
-            let mut st = view.state.lock().unwrap_or_else(|e| e.into_inner());
-            st.revoked_until = Some(Instant::now() + 2 * READ_LEASE);
+        Ok(true) if record.released.is_none() => {
+            let live = replaced
+                || last_owner == meta.id()
+                || members(meta)
+                    .await
+                    .map_or(true, |m| m.iter().any(|(c, up)| c.id == last_owner && *up));
+            if live {
+                let mut st = view.state.lock().unwrap_or_else(|e| e.into_inner());
+                st.revoked_until = Some(Instant::now() + 2 * READ_LEASE);
+            }
         }
         Ok(_) => {}
     }
