@@ -475,7 +475,7 @@ fn run(seed: u64, protocol: Protocol, mutation: Option<Mutation>) -> Report {
     let summary = format!(
         "{} ops ({} writes acked, {} failed, {} unknown; {} flushes acked), {} crashes \
          ({} machine), {} partitions, last epoch {epoch}, resync {resync} of {dirtied} dirtied \
-         bytes, scans {scanned}, \
+         bytes, scans {scanned}, {} local reads, \
          converged {}",
         history.len(),
         count(&|e| matches!(e.op, model::Op::Write { .. }) && e.outcome == model::Outcome::Ok),
@@ -485,6 +485,7 @@ fn run(seed: u64, protocol: Protocol, mutation: Option<Mutation>) -> Report {
         faults.crashes,
         faults.lossy,
         faults.partitions,
+        sh.local_reads.get(),
         converged_at.map_or("never".into(), |t| format!("at {}ms", t.as_millis())),
     );
     let trace = sh.trace.borrow().iter().cloned().collect();
