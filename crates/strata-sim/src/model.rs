@@ -297,6 +297,15 @@ pub struct Shared {
     pub trace: RefCell<VecDeque<String>>,
     pub trace_hash: Cell<u64>,
     pub next_write: Cell<u64>,
+    /// Partitioned pairs of hosts now (lower index first).
+    pub cut: RefCell<BTreeSet<(usize, usize)>>,
+    /// `STRATA_SIM_FAST_REFUSE=1`, an experiment: a new owner's fence probe to a host cut
+    /// off from it fails at once (as a refused or reset connection does in the real
+    /// code) instead of after `PROBE_TIMEOUT`.
+    pub fast_refuse: bool,
+    /// `STRATA_SIM_OWNER_BOUNCE=1`, with it: half the faults restart the owner at once
+    /// and cut it off from one other node.
+    pub owner_bounce: bool,
     /// Reads a node served from its own copy under a read lease.
     pub local_reads: Cell<u64>,
     /// Trace lines kept for a failure's report.
@@ -341,6 +350,9 @@ impl Shared {
             trace_hash: Cell::new(0),
             next_write: Cell::new(1),
             local_reads: Cell::new(0),
+            cut: RefCell::default(),
+            fast_refuse: std::env::var("STRATA_SIM_FAST_REFUSE").is_ok_and(|v| v == "1"),
+            owner_bounce: std::env::var("STRATA_SIM_OWNER_BOUNCE").is_ok_and(|v| v == "1"),
             trace_kept: std::env::var("STRATA_SIM_TRACE_LINES")
                 .ok()
                 .and_then(|v| v.parse().ok())

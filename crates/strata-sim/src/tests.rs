@@ -168,6 +168,16 @@ fn mutation_no_lease_fence_is_found() {
     found(Mutation::NoLeaseFence, 400, "check 1");
 }
 
+/// Not found in 1000 seeds: the model's stewards take a volume only once its owner key
+/// is gone (or names their own node), so a take never replaces a live owner that could
+/// still grant; the rule holds back acknowledgments after such takes here, but no
+/// stale read follows without it. Kept to be run by hand.
+#[test]
+#[ignore]
+fn mutation_no_take_wait_is_found() {
+    found(Mutation::NoTakeWait, 400, "check 1");
+}
+
 /// Each fix, off alone (every other on).
 fn without(name: &str) -> Fixes {
     let mut f = Fixes::ALL;

@@ -541,7 +541,10 @@ impl View {
             .map(|i| (i, self.rpc.send(i, Msg::Comp { epoch, req: CompReq::Probe })))
             .collect();
         for (i, p) in probes {
-            match p.wait(deadline).await {
+            let refused = self.sh.fast_refuse
+                && self.sh.cut.borrow().contains(&(self.me.min(i), self.me.max(i)));
+            let reply = if refused { None } else { p.wait(deadline).await };
+            match reply {
                 Some(Msg::CompOk { boot, suspect, .. }) => {
                     if self.lost(i, boot, suspect) {
                         let mut st = self.st.borrow_mut();
