@@ -14,6 +14,9 @@ use tokio::time::Duration;
 const CLIENT_TIMEOUT: Duration = Duration::from_millis(2000);
 /// Clients running at once.
 const CLIENTS: usize = 6;
+/// Clients that only read (mostly the block of the write acknowledged last), so that
+/// many reads find a node other than the owner holding a read lease (invariant 10).
+const READERS: usize = 6;
 /// Blocks the clients write most (so regions are written again while a copy is away).
 const HOT_BLOCKS: u64 = 32;
 
@@ -56,6 +59,35 @@ pub async fn run(sh: Rc<Shared>, until: Duration) -> turmoil::Result {
                         }
                     };
                     (node, op, Duration::from_millis(rng.random_range(0..10)))
+                };
+                let start = sh.now();
+                let reply = rpc.call(node, Msg::Client { op: op.clone() }, CLIENT_TIMEOUT).await;
+                let (outcome, value) = match reply {
+                    Some(Msg::Done(v)) => (Outcome::Ok, v),
+                    Some(_) => (Outcome::Failed, None),
+                    None => (Outcome::Unknown, None),
+                };
+                sh.history.borrow_mut().push(Event { op, start, end: sh.now(), outcome, value });
+                tokio::time::sleep(pause).await;
+            }
+        }));
+    }
+    for _ in 0..READERS {
+        let (sh, rpc) = (sh.clone(), rpc.clone());
+        clients.push(tokio::task::spawn_local(async move {
+            while sh.now() < until {
+                let (node, op, pause) = {
+                    let mut rng = sh.rng.borrow_mut();
+                    let node = rng.random_range(0..NODES);
+                    let last = sh.history.borrow().iter().rev().take(64).find_map(|e| match e.op {
+                        Op::Write { block, .. } if e.outcome == Outcome::Ok => Some(block),
+                        _ => None,
+                    });
+                    let block = match last.filter(|_| rng.random_bool(0.8)) {
+                        Some(b) => b,
+                        None => rng.random_range(0..HOT_BLOCKS),
+                    };
+                    (node, Op::Read { block }, Duration::from_millis(rng.random_range(0..5)))
                 };
                 let start = sh.now();
                 let reply = rpc.call(node, Msg::Client { op: op.clone() }, CLIENT_TIMEOUT).await;

@@ -55,6 +55,9 @@ pub const OWNERLESS_GRACE: Duration = Duration::from_millis(500);
 pub const RESYNC_EVERY: Duration = Duration::from_millis(200);
 /// Regions compared per resync step.
 pub const SCAN_BATCH: u64 = 16;
+/// `replicated::READ_LEASE`: a node that is not the owner may read its own copy for
+/// this long from when it asked the owner (invariant 10).
+pub const READ_LEASE: Duration = Duration::from_millis(200);
 
 /// A protocol rule the simulation can break, to show its checks find the breach.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -67,6 +70,15 @@ pub enum Mutation {
     NoLease,
     /// A new owner does not digest-scan the other ACTIVE copies.
     NoScan,
+    /// A copy that stops being ACTIVE does not hold back acknowledgments until its read
+    /// lease has run out (invariant 10, `revoked_until`).
+    NoRevocation,
+    /// A node reads its copy under a read lease whatever its copy's fence (invariant 10,
+    /// `Router::read_here`).
+    NoLeaseFence,
+    /// An unclean take with an unfenced copy acknowledges at once (invariant 10,
+    /// `take_over`'s `2 * READ_LEASE`).
+    NoTakeWait,
 }
 
 /// The proposed fix for each flaw the simulation found in the protocol as built
@@ -285,11 +297,24 @@ pub struct Shared {
     pub trace: RefCell<VecDeque<String>>,
     pub trace_hash: Cell<u64>,
     pub next_write: Cell<u64>,
+    /// Partitioned pairs of hosts now (lower index first).
+    pub cut: RefCell<BTreeSet<(usize, usize)>>,
+    /// `STRATA_SIM_FAST_REFUSE=1`, an experiment: a new owner's fence probe to a host cut
+    /// off from it fails at once (as a refused or reset connection does in the real
+    /// code) instead of after `PROBE_TIMEOUT`.
+    pub fast_refuse: bool,
+    /// `STRATA_SIM_OWNER_BOUNCE=1`, with it: half the faults restart the owner at once
+    /// and cut it off from one other node.
+    pub owner_bounce: bool,
+    /// Reads a node served from its own copy under a read lease.
+    pub local_reads: Cell<u64>,
+    /// Trace lines kept for a failure's report.
+    pub trace_kept: usize,
     /// The driver's simulated time (for its own trace lines).
     pub clock: Cell<Duration>,
 }
 
-/// Trace lines kept for a failure's report.
+/// Trace lines kept for a failure's report (`STRATA_SIM_TRACE_LINES` for more).
 const TRACE_KEPT: usize = 80;
 
 impl Shared {
@@ -324,6 +349,14 @@ impl Shared {
             trace: RefCell::default(),
             trace_hash: Cell::new(0),
             next_write: Cell::new(1),
+            local_reads: Cell::new(0),
+            cut: RefCell::default(),
+            fast_refuse: std::env::var("STRATA_SIM_FAST_REFUSE").is_ok_and(|v| v == "1"),
+            owner_bounce: std::env::var("STRATA_SIM_OWNER_BOUNCE").is_ok_and(|v| v == "1"),
+            trace_kept: std::env::var("STRATA_SIM_TRACE_LINES")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(TRACE_KEPT),
             clock: Cell::new(Duration::ZERO),
         }
     }
@@ -348,7 +381,7 @@ impl Shared {
             .fold(self.trace_hash.get(), |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
         self.trace_hash.set(h);
         let mut t = self.trace.borrow_mut();
-        if t.len() == TRACE_KEPT {
+        if t.len() >= self.trace_kept {
             t.pop_front();
         }
         t.push_back(line);

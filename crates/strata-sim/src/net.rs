@@ -105,6 +105,12 @@ pub enum Msg {
     Client {
         op: Op,
     },
+    /// A read lease of the sender's copy, asked of the owner at `epoch` (invariant 10).
+    Lease {
+        epoch: u64,
+    },
+    /// The lease is granted (refused: `Failed`).
+    Leased,
 }
 
 /// A message in flight (in the stash).

@@ -2,11 +2,14 @@
 //! `fencing.rs`), its session (heartbeats, the owner lease), its steward (takeover, as
 //! `replicated::steward`), its router (serve as owner, or forward to the owner, as
 //! `replicated::Router`) and, while it owns the volume, its owner view (`view.rs`).
+//! A node that is not the owner reads its own copy under a read lease from the owner
+//! (`Router::read_here`, `renew_lease`; invariant 10); the lease lives in memory, so a
+//! crash of either kind loses it.
 
 use crate::model::{
     CopyState, Mutation, Owner, Record, Shared, FORWARD_PATIENCE, FORWARD_RETRY, FORWARD_TIMEOUT,
-    HEARTBEAT_EVERY, META, META_TIMEOUT, NODES, OWNERLESS_GRACE, OWNER_LEASE, STEWARD_EVERY,
-    TAKEOVER_STEP,
+    HEARTBEAT_EVERY, META, META_TIMEOUT, NODES, OWNERLESS_GRACE, OWNER_LEASE, READ_LEASE,
+    STEWARD_EVERY, TAKEOVER_STEP,
 };
 use crate::net::{CompReq, Msg, Op, Rpc};
 use crate::view::View;
@@ -53,8 +56,17 @@ impl Seen {
     }
 }
 
+/// `Router::lease` (`Leasing`): the read lease this node holds (the owner's epoch, and
+/// until when, counted from when it asked), and whether it is asking for one.
+#[derive(Default)]
+pub struct Leasing {
+    held: Cell<Option<(u64, Instant)>>,
+    asking: Cell<bool>,
+}
+
 pub struct Node {
     me: usize,
+    read_lease: Rc<Leasing>,
     sh: Rc<Shared>,
     rpc: RefCell<Option<Rc<Rpc>>>,
     lease: Rc<Lease>,
@@ -111,8 +123,22 @@ impl Node {
         self.view.borrow().clone()
     }
 
-    async fn handle(self: Rc<Self>, msg: Msg) -> Option<Msg> {
+    async fn handle(self: Rc<Self>, from: usize, msg: Msg) -> Option<Msg> {
         match msg {
+            // The data plane's `Kind::Lease`: only the serving owner at that epoch grants.
+            Msg::Lease { epoch } => Some(match self.view() {
+                Some(v) if v.owner.epoch == epoch && v.serving() => {
+                    let seen = || self.seen.borrow().as_ref().and_then(|s| s.owner);
+                    if v.grant_lease(from, seen).await {
+                        self.sh
+                            .note(format!("n{} grants n{from} a read lease at {epoch}", self.me));
+                        Msg::Leased
+                    } else {
+                        Msg::Failed
+                    }
+                }
+                _ => Msg::Retry,
+            }),
             Msg::Comp { epoch, req } => Some(component(&self.sh, self.me, epoch, &req)),
             Msg::Volume { op, .. } => Some(match self.view() {
                 Some(v) if v.serving() => match v.run(&op).await {
@@ -139,6 +165,13 @@ impl Node {
     /// view while it owns the volume and its lease is fresh, else forwarded to the owner;
     /// retried while no owner takes it, for up to `FORWARD_PATIENCE`.
     async fn route(&self, op: &Op) -> Result<Option<u64>, ()> {
+        if let Op::Read { block } = op {
+            if !self.view().is_some_and(|v| v.serving()) {
+                if let Some(value) = self.read_here(*block) {
+                    return Ok(Some(value));
+                }
+            }
+        }
         let deadline = Instant::now() + FORWARD_PATIENCE;
         loop {
             match self.view() {
@@ -164,6 +197,58 @@ impl Node {
             }
             tokio::time::sleep(FORWARD_RETRY).await;
         }
+    }
+
+    /// `Router::read_here`: a read of this node's copy if the owner's lease allows it
+    /// now: the lease is current and the copy's fence still at its epoch (the check and
+    /// the read are one step, as the real read holds a fence pass). `None`: forward it.
+    /// Asks for a lease (in the background) when there is none or it is half gone.
+    fn read_here(&self, block: u64) -> Option<u64> {
+        let lease = self.read_lease.held.get();
+        let now = Instant::now();
+        if lease.is_none_or(|(_, until)| until < now + READ_LEASE / 2) {
+            self.renew_lease();
+        }
+        let (epoch, until) = lease.filter(|(_, until)| now < *until)?;
+        let disks = self.sh.disks.borrow();
+        let c = &disks[self.me].component;
+        if c.fence != epoch && !self.sh.broken(Mutation::NoLeaseFence) {
+            return None;
+        }
+        let value = c.live[block as usize];
+        drop(disks);
+        self.sh.local_reads.set(self.sh.local_reads.get() + 1);
+        self.sh.note(format!(
+            "n{} reads block {block} under its lease at {epoch} (until {}ms): {value}",
+            self.me,
+            self.sh.now().as_millis() + (until - now).as_millis()
+        ));
+        Some(value)
+    }
+
+    /// `Router::renew_lease`: asks the owner this node's metadata view names for a read
+    /// lease (one request at a time); granted, it holds for `READ_LEASE` from the ask.
+    fn renew_lease(&self) {
+        if self.read_lease.asking.replace(true) {
+            return;
+        }
+        let Some(o) = self.seen.borrow().as_ref().and_then(|s| s.owner) else {
+            self.read_lease.asking.set(false);
+            return;
+        };
+        if o.node == self.me {
+            self.read_lease.asking.set(false);
+            return;
+        }
+        let (rpc, leasing) = (self.rpc(), self.read_lease.clone());
+        let asked = Instant::now();
+        tokio::task::spawn_local(async move {
+            let reply = rpc.call(o.node, Msg::Lease { epoch: o.epoch }, READ_LEASE / 2).await;
+            if matches!(reply, Some(Msg::Leased)) {
+                leasing.held.set(Some((o.epoch, asked + READ_LEASE)));
+            }
+            leasing.asking.set(false);
+        });
     }
 
     /// Registers, then heartbeats; a heartbeat's send time is what the lease counts from.
@@ -308,11 +393,19 @@ impl Node {
         if !matches!(rpc.call(META, take, META_TIMEOUT).await, Some(Msg::Cas(true))) {
             return Err("the CAS failed".into());
         }
+        // The last owner's session was live and it did not let go cleanly (no hand-over
+        // is modeled): it may still be up, granting read leases until it sees this take.
+        let unclean = seen.owner.is_some();
         let view =
             Rc::new(View::open(self.sh.clone(), rpc, self.lease.clone(), self.me, &record, owner)?);
-        if let Err(e) = view.fence_copies().await {
-            view.depose(&e);
-            return Err(e);
+        match view.fence_copies().await {
+            Err(e) => {
+                view.depose(&e);
+                return Err(e);
+            }
+            // A copy this owner could not fence would honour such leases.
+            Ok(true) if unclean => view.hold_acks_after_unclean_take(),
+            Ok(_) => {}
         }
         if self.sh.fix.power_loss {
             // Its copy is the truth now.
@@ -330,6 +423,7 @@ pub async fn run(sh: Rc<Shared>, me: usize) -> turmoil::Result {
     sh.routing.borrow_mut()[me] = 0; // What it forwarded before a crash died with it.
     let node = Rc::new(Node {
         me,
+        read_lease: Rc::default(),
         sh: sh.clone(),
         rpc: RefCell::new(None),
         lease: Rc::new(Lease::default()),
@@ -339,9 +433,9 @@ pub async fn run(sh: Rc<Shared>, me: usize) -> turmoil::Result {
         ownerless_since: Cell::new(None),
     });
     let weak: Weak<Node> = Rc::downgrade(&node);
-    let rpc = Rpc::start(sh, me, move |_from, msg| {
+    let rpc = Rpc::start(sh, me, move |from, msg| {
         let node = weak.upgrade();
-        Box::pin(async move { node?.handle(msg).await })
+        Box::pin(async move { node?.handle(from, msg).await })
     })
     .await;
     *node.rpc.borrow_mut() = Some(rpc);

