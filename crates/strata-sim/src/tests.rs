@@ -78,9 +78,10 @@ fn seeds_hold_the_properties() {
         (sum(&|r| r.resync.0), sum(&|r| r.resync.1), sum(&|r| r.resync.2));
     let away = sum(&|r| r.resync.3);
     println!(
-        "{} writes acked in {} operations ({} reads under read leases); resync copied {copied} bytes for {dirtied} bytes of \
-         regions its bitmaps marked ({:.2}), {away} bytes of blocks written while copies were \
-         STALE ({:.2}); digest scans copied {scanned} more",
+        "{} writes acked in {} operations ({} reads under read leases); resync copied \
+         {copied} bytes for {dirtied} bytes of regions its bitmaps marked ({:.2}), {away} \
+         bytes of blocks written while copies were STALE ({:.2}); digest scans copied \
+         {scanned} more",
         sum(&|r| r.ops.0 as u64),
         sum(&|r| r.ops.1 as u64),
         sum(&|r| r.local_reads),
