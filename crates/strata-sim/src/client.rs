@@ -60,14 +60,7 @@ pub async fn run(sh: Rc<Shared>, until: Duration) -> turmoil::Result {
                     };
                     (node, op, Duration::from_millis(rng.random_range(0..10)))
                 };
-                let start = sh.now();
-                let reply = rpc.call(node, Msg::Client { op: op.clone() }, CLIENT_TIMEOUT).await;
-                let (outcome, value) = match reply {
-                    Some(Msg::Done(v)) => (Outcome::Ok, v),
-                    Some(_) => (Outcome::Failed, None),
-                    None => (Outcome::Unknown, None),
-                };
-                sh.history.borrow_mut().push(Event { op, start, end: sh.now(), outcome, value });
+                request(&sh, &rpc, node, op).await;
                 tokio::time::sleep(pause).await;
             }
         }));
@@ -89,14 +82,7 @@ pub async fn run(sh: Rc<Shared>, until: Duration) -> turmoil::Result {
                     };
                     (node, Op::Read { block }, Duration::from_millis(rng.random_range(0..5)))
                 };
-                let start = sh.now();
-                let reply = rpc.call(node, Msg::Client { op: op.clone() }, CLIENT_TIMEOUT).await;
-                let (outcome, value) = match reply {
-                    Some(Msg::Done(v)) => (Outcome::Ok, v),
-                    Some(_) => (Outcome::Failed, None),
-                    None => (Outcome::Unknown, None),
-                };
-                sh.history.borrow_mut().push(Event { op, start, end: sh.now(), outcome, value });
+                request(&sh, &rpc, node, op).await;
                 tokio::time::sleep(pause).await;
             }
         }));
@@ -105,4 +91,16 @@ pub async fn run(sh: Rc<Shared>, until: Duration) -> turmoil::Result {
         let _ = c.await;
     }
     Ok(())
+}
+
+/// One client request through `node`, its start, end and outcome into the history.
+async fn request(sh: &Shared, rpc: &Rpc, node: usize, op: Op) {
+    let start = sh.now();
+    let reply = rpc.call(node, Msg::Client { op: op.clone() }, CLIENT_TIMEOUT).await;
+    let (outcome, value) = match reply {
+        Some(Msg::Done(v)) => (Outcome::Ok, v),
+        Some(_) => (Outcome::Failed, None),
+        None => (Outcome::Unknown, None),
+    };
+    sh.history.borrow_mut().push(Event { op, start, end: sh.now(), outcome, value });
 }
