@@ -22,10 +22,6 @@ use strata_replica::frame::{DataKey, Kind, Status, FLAG_VOLUME};
 mod faults;
 mod watch;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 struct Member {
     id: u64,
     config: PathBuf,
@@ -47,8 +43,8 @@ impl Member {
         // the fault harness can cut one node off); a fixed NBD port, so clients reconnect
         // to a restarted node where it was.
         let ip = Member::ip(id);
-        let rpc = format!("{ip}:{}", free_port());
-        let nbd = format!("{ip}:{}", free_port());
+        let rpc = format!("{ip}:{}", crate::harness::free_port());
+        let nbd = format!("{ip}:{}", crate::harness::free_port());
         let join = join.map_or(String::new(), |j| format!("{j:?}"));
         let config = root.join(format!("n{id}.toml"));
         let text = format!(

@@ -252,3 +252,26 @@ pub fn pseudo_random(seed: u64, length: usize) -> Vec<u8> {
         })
         .collect()
 }
+
+/// A port to listen on, below Linux's ephemeral range (32768 and up): a port the kernel
+/// handed out for a moment could go to a node's outgoing connection before the node
+/// listens on it ("Address already in use"). Random (tests run in parallel processes)
+/// and checked free on every loopback address the tests' nodes use
+/// (127.0.0.1, .10-.19, .40-.49).
+pub fn free_port() -> u16 {
+    use std::hash::{BuildHasher, Hasher};
+    loop {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u128(
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos(),
+        );
+        let port = 20000 + (h.finish() % 12000) as u16;
+        let free = (10..=19)
+            .chain(40..=49)
+            .all(|last| std::net::TcpListener::bind(format!("127.0.0.{last}:{port}")).is_ok())
+            && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok();
+        if free {
+            return port;
+        }
+    }
+}

@@ -291,12 +291,12 @@ fn wait_for(secs: u64, what: &str, mut f: impl FnMut() -> bool) {
 
 /// Three `strata serve` nodes formed into a cluster (each on its own loopback address).
 fn three_nodes(root: &std::path::Path) -> Vec<Node> {
-    let port = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
     let mut nodes: Vec<Node> = Vec::new();
     let mut first_rpc = String::new();
     for id in 1..=3u64 {
         let ip = format!("127.0.0.{}", 40 + id);
-        let (rpc, nbd) = (format!("{ip}:{}", port().port()), format!("{ip}:{}", port().port()));
+        let port = crate::harness::free_port;
+        let (rpc, nbd) = (format!("{ip}:{}", port()), format!("{ip}:{}", port()));
         let dir = root.join(format!("n{id}"));
         std::fs::create_dir_all(&dir).unwrap();
         let join = if id == 1 { String::new() } else { format!("{first_rpc:?}") };
