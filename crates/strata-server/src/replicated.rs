@@ -2419,8 +2419,8 @@ async fn retire_deleted(node: &Arc<Node>, meta: &Member) {
             .filter(|n| !meta.read_local(|s| s.session(*n).is_some_and(|x| x.up)))
             .collect();
         if !away.is_empty() {
-            if let Ok(ClientReply::Status(status)) = meta.request(ClientRequest::Status).await {
-                let members: BTreeSet<u64> = status.members.iter().map(|m| m.id).collect();
+            if let Ok(all) = members(meta).await {
+                let members: BTreeSet<u64> = all.iter().map(|(m, _)| m.id).collect();
                 if away.iter().any(|n| !members.contains(n)) {
                     forget_copies(meta, name, |n| !members.contains(&n)).await;
                 }
