@@ -162,6 +162,25 @@ pub trait BlockVolume: Send + Sync + 'static {
         Ok(false)
     }
 
+    /// Writes each `(offset, data)` in turn, with the effect of `write_at` called for each
+    /// in that order (a later one wins where two overlap). Every range is checked first:
+    /// if one is out of range, nothing is written. A store may write them together (one
+    /// lock, fewer system calls); if it fails part way, it is failed as `write_at` would
+    /// be. The default calls `write_at` for each.
+    fn write_many(&self, writes: &[(u64, &[u8])]) -> Result<(), StoreError> {
+        let size = self.size_bytes();
+        for (offset, data) in writes {
+            check_range(*offset, data.len() as u64, size)?;
+        }
+        writes.iter().try_for_each(|(offset, data)| self.write_at(data, *offset))
+    }
+
+    /// Like `write_many`, but returns `Ok(false)`, having written nothing, instead of
+    /// waiting on the device or a lock. The default never tries.
+    fn try_write_many_nowait(&self, _writes: &[(u64, &[u8])]) -> Result<bool, StoreError> {
+        Ok(false)
+    }
+
     /// Discards a range: it reads as zeroes afterwards and costs no space.
     fn trim(&self, offset: u64, length: u64) -> Result<(), StoreError>;
 
