@@ -224,7 +224,32 @@ pub trait BlockVolume: Send + Sync + 'static {
                 .unwrap_or_else(|e| Err(StoreError::io("submit")(std::io::Error::other(e))))
         })
     }
+
+    /// Writes (`IoOp::Write` each) that came together from one client, as one future: an
+    /// asynchronous volume may apply them together. Two that overlap may take effect in
+    /// either order (as two requests in flight at once may), but take the same on every
+    /// copy. The default submits each as a task of its own.
+    fn submit_writes(self: Arc<Self>, writes: Vec<IoOp>) -> WritesFuture {
+        Box::pin(async move {
+            let tasks: Vec<_> =
+                writes.into_iter().map(|op| tokio::spawn(self.clone().submit(op))).collect();
+            let mut out = Vec::with_capacity(tasks.len());
+            for task in tasks {
+                out.push(
+                    task.await.unwrap_or_else(|e| {
+                        Err(StoreError::io("submit")(std::io::Error::other(e)))
+                    }),
+                );
+            }
+            out
+        })
+    }
 }
+
+/// The future of writes submitted together (see [`BlockVolume::submit_writes`]): each
+/// one's outcome, in their order.
+pub type WritesFuture =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Vec<Result<Bytes, StoreError>>> + Send>>;
 
 /// A request's future (see [`BlockVolume::submit`]).
 pub type IoFuture =

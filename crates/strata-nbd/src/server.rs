@@ -627,7 +627,7 @@ async fn transmission(
     let asynchronous = volume.asynchronous();
     let shared =
         Arc::new(Shared { volume, asynchronous, group_sync, name, structured, tx, buffers });
-    let ctx = Ctx { shared, read_only, block_status, size };
+    let mut ctx = Ctx { shared, read_only, block_status, size, writes: Vec::new() };
     let mut output =
         Output { replies: BytesMut::with_capacity(INPUT_ROOM_BYTES), chunks: Vec::new() };
     let mut state = Input::Requests;
@@ -703,6 +703,9 @@ struct Ctx {
     /// The size the client was told; requests are checked against the smaller of it and
     /// the volume's current size (a shrink protects itself; a grow shows on reconnect).
     size: u64,
+    /// An asynchronous volume's writes parsed in this pass over the input, submitted
+    /// together at its end (`BlockVolume::submit_writes`).
+    writes: Vec<(Request, Bytes)>,
 }
 
 impl Ctx {
@@ -721,7 +724,49 @@ impl Ctx {
     /// Handles the complete requests in `input` until it needs more input or reaches the
     /// in-flight bound. Returns true once the client asked to disconnect.
     fn parse(
-        &self,
+        &mut self,
+        input: &mut BytesMut,
+        out: &mut BytesMut,
+        state: &mut Input,
+        in_flight: &mut InFlight,
+    ) -> Result<bool, ConnError> {
+        let parsed = self.parse_requests(input, out, state, in_flight);
+        self.submit_writes();
+        parsed
+    }
+
+    /// Submits the writes [`Ctx::parse`] gathered: one alone as a request of its own,
+    /// several together.
+    fn submit_writes(&mut self) {
+        let mut writes = std::mem::take(&mut self.writes);
+        let (sh, volume) = (self.shared.clone(), self.shared.volume.clone());
+        let op = |req: &Request, data: Bytes| {
+            // FUA goes with the write (the volume makes it durable in the same trip).
+            IoOp::Write { offset: req.offset, data, fua: req.flags & cflags::FUA != 0 }
+        };
+        match writes.len() {
+            0 => {}
+            1 => {
+                let (req, data) = writes.pop().expect("one");
+                tokio::spawn(async move {
+                    let written = volume.submit(op(&req, data)).await;
+                    sh.reply_done(&req, written.map(drop));
+                });
+            }
+            _ => {
+                let ops = writes.iter().map(|(req, data)| op(req, data.clone())).collect();
+                tokio::spawn(async move {
+                    let written = volume.submit_writes(ops).await;
+                    for ((req, _), result) in writes.iter().zip(written) {
+                        sh.reply_done(req, result.map(drop));
+                    }
+                });
+            }
+        }
+    }
+
+    fn parse_requests(
+        &mut self,
         input: &mut BytesMut,
         out: &mut BytesMut,
         state: &mut Input,
@@ -802,7 +847,7 @@ impl Ctx {
     }
 
     /// Handles one request. Returns true if it was handed off (its reply comes later).
-    fn dispatch(&self, req: Request, payload: Bytes, out: &mut BytesMut) -> bool {
+    fn dispatch(&mut self, req: Request, payload: Bytes, out: &mut BytesMut) -> bool {
         if req.flags & !Request::allowed_flags(req.kind) != 0 {
             let msg = format!("flags {:#x} are not valid for command {}", req.flags, req.kind);
             self.error(out, &req, errno::EINVAL, &msg);
@@ -923,7 +968,7 @@ impl Ctx {
         true
     }
 
-    fn write(&self, req: Request, data: Bytes, out: &mut BytesMut) -> bool {
+    fn write(&mut self, req: Request, data: Bytes, out: &mut BytesMut) -> bool {
         let sh = &self.shared;
         if self.read_only {
             self.error(out, &req, errno::EPERM, "the export is read-only");
@@ -934,13 +979,7 @@ impl Ctx {
             return false;
         }
         if sh.asynchronous {
-            let (sh, volume) = (sh.clone(), sh.volume.clone());
-            tokio::spawn(async move {
-                // FUA goes with the write (the volume makes it durable in the same trip).
-                let fua = req.flags & cflags::FUA != 0;
-                let written = volume.submit(IoOp::Write { offset: req.offset, data, fua }).await;
-                sh.reply_done(&req, written.map(drop));
-            });
+            self.writes.push((req, data));
             return true;
         }
         match sh.volume.try_write_at_nowait(&data, req.offset) {

@@ -4,7 +4,7 @@
 //! the connection's write lock; a caller that gives up in the middle of a frame kills
 //! the connection, so no half frame is ever followed by another.
 
-use crate::frame::{encode, read_frame, DataKey, FrameError, Header, Kind, Status};
+use crate::frame::{encode_into, read_frame, DataKey, FrameError, Header, Kind, Status};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -198,18 +198,33 @@ impl DataPeer {
 
     /// Sends a request (its `id` is set here); the reply is the returned one's to await
     /// (so a caller can send to several nodes before waiting for any).
-    pub async fn send(&self, mut h: Header, payload: &[u8]) -> Result<Pending, CallError> {
+    pub async fn send(&self, h: Header, payload: &[u8]) -> Result<Pending, CallError> {
+        let mut sent = self.send_many(&[(h, payload)]).await?;
+        Ok(sent.pop().expect("one request sent"))
+    }
+
+    /// Sends requests in this order in one write (each one's `id` is set here); their
+    /// replies are the returned ones' to await, in the same order.
+    pub async fn send_many(&self, requests: &[(Header, &[u8])]) -> Result<Vec<Pending>, CallError> {
         let conn = self.connection().await?;
-        h.id = self.next.fetch_add(1, Ordering::Relaxed);
-        h.reply = false;
-        let (tx, rx) = oneshot::channel();
-        match conn.waiting.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
-            Some(map) => map.insert(h.id, tx),
-            None => return Err(CallError::NotSent(self.addr.clone())),
-        };
-        let pending =
-            Pending { conn: conn.clone(), id: h.id, rx: Some(rx), addr: self.addr.clone() };
-        let frame = encode(&self.key, &h, payload);
+        let mut frames = Vec::new();
+        let mut pending = Vec::with_capacity(requests.len());
+        {
+            let mut waiting = conn.waiting.lock().unwrap_or_else(|e| e.into_inner());
+            let Some(map) = waiting.as_mut() else {
+                return Err(CallError::NotSent(self.addr.clone()));
+            };
+            for (h, payload) in requests {
+                let mut h = *h;
+                h.id = self.next.fetch_add(1, Ordering::Relaxed);
+                h.reply = false;
+                let (tx, rx) = oneshot::channel();
+                map.insert(h.id, tx);
+                let addr = self.addr.clone();
+                pending.push(Pending { conn: conn.clone(), id: h.id, rx: Some(rx), addr });
+                encode_into(&self.key, &h, payload, &mut frames);
+            }
+        }
         let mut writer = conn.writer.lock().await;
         /// Kills the connection unless the whole frame was written.
         struct Whole<'a>(&'a Conn, bool);
@@ -221,7 +236,7 @@ impl DataPeer {
             }
         }
         let mut whole = Whole(&conn, false);
-        let wrote = writer.write_all(&frame).await;
+        let wrote = writer.write_all(&frames).await;
         whole.1 = wrote.is_ok();
         drop(whole);
         match wrote {

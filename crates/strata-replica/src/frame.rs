@@ -208,8 +208,17 @@ pub enum FrameError {
 
 /// Encodes a frame.
 pub fn encode(key: &DataKey, h: &Header, payload: &[u8]) -> Vec<u8> {
-    assert!(payload.len() <= PAYLOAD_BYTES_MAX, "payload over the limit");
     let mut f = Vec::with_capacity(HEADER_BYTES + payload.len());
+    encode_into(key, h, payload, &mut f);
+    f
+}
+
+/// Encodes a frame at the end of `out` (frames sent together go in one buffer).
+pub fn encode_into(key: &DataKey, h: &Header, payload: &[u8], out: &mut Vec<u8>) {
+    assert!(payload.len() <= PAYLOAD_BYTES_MAX, "payload over the limit");
+    let start = out.len();
+    out.reserve(HEADER_BYTES + payload.len());
+    let f = out;
     f.extend_from_slice(MAGIC);
     f.push(h.kind as u8 | if h.reply { 0x80 } else { 0 });
     f.push(h.status as u8);
@@ -219,12 +228,11 @@ pub fn encode(key: &DataKey, h: &Header, payload: &[u8]) -> Vec<u8> {
     }
     f.extend_from_slice(&h.count.to_le_bytes());
     f.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-    let crc = crc32c::crc32c_append(crc32c::crc32c(&f), payload);
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&f[start..]), payload);
     f.extend_from_slice(&crc.to_le_bytes());
-    let mac = key.mac(&f, payload);
+    let mac = key.mac(&f[start..], payload);
     f.extend_from_slice(&mac);
     f.extend_from_slice(payload);
-    f
 }
 
 fn u64_at(b: &[u8], at: usize) -> u64 {

@@ -14,9 +14,13 @@
 //!    not own it (any more): the sender finds the owner again and retries. A retried write
 //!    still in progress here is not applied twice: the retry gets the first one's
 //!    outcome (applied again later, it could land after a newer write to its blocks).
-//! 5. A plain write the page cache takes at once is done on the connection's own task and
-//!    its reply written with the others ready then, in one write: no hand-off between
-//!    tasks or threads on the common path. Anything else runs on a task of its own.
+//! 5. Plain writes (no FUA) are done on the connection's own task, in the order they
+//!    came, those that came together (still in the read buffer) with one store call per
+//!    component: one lock, one data write and one journal write for all of them. Their
+//!    replies go back with the others ready then, in one write: no hand-off between tasks
+//!    or threads on the common path. Anything else runs on a task of its own, started
+//!    only after the writes that came before it are applied. (An owner never has two
+//!    overlapping writes in flight except in one batch, whose order is kept.)
 
 use crate::fencing::Refused;
 use crate::node::Node;
@@ -26,7 +30,8 @@ use std::sync::{Arc, Mutex};
 use strata_io::{BlockVolume, IoOp, StoreError};
 use strata_replica::client::DETAIL_CHARS;
 use strata_replica::frame::{
-    encode, read_frame, DataKey, Header, Kind, Status, DIGEST_UNIT, FLAG_FUA, FLAG_VOLUME,
+    encode, encode_into, read_frame, DataKey, Header, Kind, Status, DIGEST_UNIT, FLAG_FUA,
+    FLAG_VOLUME,
 };
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -36,6 +41,9 @@ const READ_BYTES_MAX: u32 = 8 << 20;
 /// Replies done on a connection's own task are sent at the latest when this many bytes
 /// of them have gathered.
 const REPLY_BATCH_BYTES: usize = 8 << 10;
+/// Plain writes gathered on a connection are applied at the latest when this many bytes
+/// of them have come (invariant 5).
+const WRITE_BATCH_BYTES: usize = 1 << 20;
 
 /// The data plane of one node.
 pub struct DataService {
@@ -337,21 +345,78 @@ impl DataService {
         *top = (*top).max(h.lsn);
     }
 
-    /// A plain component write that the page cache takes at once, done here on the
-    /// connection's task (invariant 5); `None` if it would wait (then it is executed on
-    /// a task of its own, from the start).
-    async fn write_now(&self, h: &Header, payload: &[u8]) -> Option<Header> {
-        if h.kind != Kind::Write || h.flags & (FLAG_FUA | FLAG_VOLUME) != 0 {
-            return None;
-        }
-        let component = self.node.component(h.component)?;
-        let _pass = self.node.fencing().enter(h.component, h.epoch).await.ok()?;
-        match component.volume.try_write_at_nowait(payload, h.offset) {
-            Ok(true) => {
-                self.applied(h);
-                Some(Header { reply: true, status: Status::Ok, ..*h })
+    /// Plain component writes that came together, applied in order (invariant 5), their
+    /// replies added to `done`: each admitted by its component's fence (whose passes are
+    /// held until all are written), then one store call per component, on the blocking
+    /// pool when the page cache cannot take them at once (awaited here: nothing on this
+    /// connection overtakes them).
+    async fn write_batch(&self, batch: Vec<(Header, Vec<u8>)>, done: &mut Vec<u8>) {
+        let mut status = vec![Status::Ok; batch.len()];
+        let mut replies: Vec<Header> = batch.iter().map(|(h, _)| *h).collect();
+        let mut passes = Vec::with_capacity(batch.len());
+        for (j, (h, _)) in batch.iter().enumerate() {
+            if self.node.component(h.component).is_none() {
+                status[j] = Status::NotFound;
+                continue;
             }
-            _ => None,
+            match self.node.fencing().enter(h.component, h.epoch).await {
+                Ok(pass) => passes.push(pass),
+                Err(Refused::Stale(newest)) => {
+                    status[j] = Status::StaleEpoch;
+                    replies[j].epoch = newest;
+                }
+                Err(Refused::Io) => status[j] = Status::Io,
+            }
+        }
+        let mut components: Vec<u64> = Vec::new();
+        for (j, (h, _)) in batch.iter().enumerate() {
+            if status[j] == Status::Ok && !components.contains(&h.component) {
+                components.push(h.component);
+            }
+        }
+        for id in components {
+            let Some(component) = self.node.component(id) else { continue };
+            let ours: Vec<usize> = (0..batch.len())
+                .filter(|j| status[*j] == Status::Ok && batch[*j].0.component == id)
+                .collect();
+            let writes: Vec<(u64, &[u8])> =
+                ours.iter().map(|j| (batch[*j].0.offset, &batch[*j].1[..])).collect();
+            let wrote = match component.volume.try_write_many_nowait(&writes) {
+                Ok(true) => Ok(()),
+                Ok(false) => {
+                    let owned: Vec<(u64, Vec<u8>)> =
+                        writes.iter().map(|(o, d)| (*o, d.to_vec())).collect();
+                    let volume = component.volume.clone();
+                    tokio::task::spawn_blocking(move || {
+                        let writes: Vec<(u64, &[u8])> =
+                            owned.iter().map(|(o, d)| (*o, &d[..])).collect();
+                        volume.write_many(&writes)
+                    })
+                    .await
+                    .unwrap_or_else(|e| Err(StoreError::io("write")(std::io::Error::other(e))))
+                }
+                Err(e) => Err(e),
+            };
+            let failed = match wrote {
+                Ok(()) => None,
+                Err(StoreError::OutOfRange { .. }) => Some(Status::OutOfRange),
+                Err(e) => {
+                    tracing::warn!(component = id, writes = ours.len(), "data plane: {e}");
+                    Some(Status::Io)
+                }
+            };
+            for j in ours {
+                match failed {
+                    None => self.applied(&batch[j].0),
+                    Some(s) => status[j] = s,
+                }
+            }
+        }
+        drop(passes);
+        for (mut reply, status) in replies.into_iter().zip(status) {
+            reply.reply = true;
+            reply.status = status;
+            encode_into(&self.key, &reply, &[], done);
         }
     }
 
@@ -364,11 +429,18 @@ impl DataService {
         // for the others.
         let writer = Arc::new(tokio::sync::Mutex::new(writer));
         let mut done = Vec::new();
+        let (mut batch, mut batched) = (Vec::new(), 0);
         loop {
-            // Sent once no more input is buffered (the requests of one burst answered in
-            // one write), or once enough have gathered (under a steady stream the buffer
-            // may never be empty at a frame's end).
-            if !done.is_empty() && (reader.buffer().is_empty() || done.len() >= REPLY_BATCH_BYTES) {
+            // Applied, and then sent, once no more input is buffered (the requests of one
+            // burst applied together and answered in one write), or once enough have
+            // gathered (under a steady stream the buffer may never be empty at a frame's
+            // end).
+            let idle = reader.buffer().is_empty();
+            if !batch.is_empty() && (idle || batched >= WRITE_BATCH_BYTES) {
+                self.write_batch(std::mem::take(&mut batch), &mut done).await;
+                batched = 0;
+            }
+            if !done.is_empty() && (idle || done.len() >= REPLY_BATCH_BYTES) {
                 if writer.lock().await.write_all(&done).await.is_err() {
                     return;
                 }
@@ -386,9 +458,14 @@ impl DataService {
                 tracing::warn!(%peer, "closing a data-plane connection: a reply as a request");
                 return;
             }
-            if let Some(reply) = self.write_now(&h, &payload).await {
-                done.extend_from_slice(&encode(&self.key, &reply, &[]));
+            if h.kind == Kind::Write && h.flags & (FLAG_FUA | FLAG_VOLUME) == 0 {
+                batched += payload.len();
+                batch.push((h, payload));
                 continue;
+            }
+            if !batch.is_empty() {
+                self.write_batch(std::mem::take(&mut batch), &mut done).await;
+                batched = 0;
             }
             let this = self.clone();
             let writer = writer.clone();

@@ -110,6 +110,8 @@ const ORPHAN_GRACE_SECS: u64 = 300;
 const STREAK_GAP: Duration = Duration::from_secs(5);
 /// Regions compared per step of a digest scan.
 const SCAN_BATCH: u64 = 16;
+/// The most writes of one client fanned out together (`ReplicatedVolume::run_writes`).
+const WRITE_BATCH_MAX: usize = 64;
 /// An owner's LSNs start at its epoch shifted by this (2^40 writes per epoch).
 const LSN_EPOCH_SHIFT: u32 = 40;
 
@@ -343,12 +345,12 @@ struct InFlight {
 /// A request's hold on its regions; dropping it lets overlapping requests go.
 struct Turn<'a> {
     of: &'a InFlight,
-    regions: std::ops::RangeInclusive<u64>,
+    regions: Vec<u64>,
 }
 
 impl InFlight {
-    /// Waits until no request in flight overlaps `regions`, then holds them.
-    async fn enter(&self, regions: std::ops::RangeInclusive<u64>) -> Turn<'_> {
+    /// Waits until no request in flight holds any of `regions`, then holds them all.
+    async fn enter(&self, regions: Vec<u64>) -> Turn<'_> {
         loop {
             // Registered before looking, so a release between the look and the wait
             // still wakes this request.
@@ -357,8 +359,8 @@ impl InFlight {
             freed.as_mut().enable();
             {
                 let mut held = self.regions.lock().unwrap_or_else(|e| e.into_inner());
-                if held.range(regions.clone()).next().is_none() {
-                    held.extend(regions.clone());
+                if !regions.iter().any(|r| held.contains(r)) {
+                    held.extend(regions.iter().copied());
                     return Turn { of: self, regions };
                 }
             }
@@ -370,8 +372,8 @@ impl InFlight {
 impl Drop for Turn<'_> {
     fn drop(&mut self) {
         let mut held = self.of.regions.lock().unwrap_or_else(|e| e.into_inner());
-        for r in self.regions.clone() {
-            held.remove(&r);
+        for r in &self.regions {
+            held.remove(r);
         }
         self.of.freed.notify_waiters();
     }
@@ -758,31 +760,50 @@ impl ReplicatedVolume {
     /// deposed). Runs on the runtime: no thread waits for the network. The caller runs it
     /// to its end (a spawned task), never dropping it halfway.
     async fn fan_out(&self, op: IoOp) -> Result<(), StoreError> {
-        let (kind, offset, length) = wire(&op);
-        let (payload, fua) = match &op {
-            IoOp::Write { data, fua, .. } => (data.clone(), *fua),
-            _ => (Bytes::new(), false),
-        };
+        self.fan_out_all(vec![op]).await
+    }
+
+    /// Requests applied on every copy together: one request of any kind, or writes of
+    /// which no two touch one region. Each gets its LSN; each copy gets all their frames
+    /// in one send (and applies the writes with one store call, `dataplane.rs`
+    /// invariant 5), this copy too. They are acknowledged together: a copy took them if
+    /// it took every one, else it failed.
+    async fn fan_out_all(&self, ops: Vec<IoOp>) -> Result<(), StoreError> {
+        let wires: Vec<(Kind, u64, u64)> = ops.iter().map(wire).collect();
+        let payloads: Vec<(Bytes, bool)> = ops
+            .iter()
+            .map(|op| match op {
+                IoOp::Write { data, fua, .. } => (data.clone(), *fua),
+                _ => (Bytes::new(), false),
+            })
+            .collect();
+        let flush = matches!(ops[..], [IoOp::Flush]);
         let _shared = self.resync_lock.read().await;
         if self.deposed() {
             return Err(io_error("replicate", "this node no longer owns the volume"));
         }
-        self.client_ops.fetch_add(1, Ordering::Relaxed);
-        let regions = (length > 0).then(|| offset / REGION..=(offset + length - 1) / REGION);
-        let _turn = match regions.clone() {
-            Some(r) => Some(self.in_flight.enter(r).await),
-            None => None,
+        self.client_ops.fetch_add(ops.len() as u64, Ordering::Relaxed);
+        let regions: Vec<u64> = {
+            let mut all = BTreeSet::new();
+            for (_, offset, length) in wires.iter().filter(|w| w.2 > 0) {
+                all.extend(offset / REGION..=(offset + length - 1) / REGION);
+            }
+            all.into_iter().collect()
         };
-        let lsn = self.lsn.fetch_add(1, Ordering::Relaxed) + 1;
+        let _turn = match regions.is_empty() {
+            true => None,
+            false => Some(self.in_flight.enter(regions.clone()).await),
+        };
+        let first = self.lsn.fetch_add(ops.len() as u64, Ordering::Relaxed) + 1;
+        let lsn = first + ops.len() as u64 - 1;
         let (states, flushed_after) = {
             // Write intent first: a copy that does not get the write has it in its bitmap
             // before any copy has it (invariant 4), whatever happens next.
             let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
             for i in 0..self.copies.len() {
-                let Some(r) = &regions else { break };
-                if st.states[i] == CopyState::Stale {
+                if st.states[i] == CopyState::Stale && !regions.is_empty() {
                     let before = st.dirty[i].len();
-                    st.dirty[i].extend(r.clone());
+                    st.dirty[i].extend(regions.iter().copied());
                     if st.dirty[i].len() != before {
                         let dirty = st.dirty[i].clone();
                         self.save_bitmap(i, &dirty, st.scan[i].is_some())?;
@@ -801,14 +822,22 @@ impl ReplicatedVolume {
             if states[i] == CopyState::Stale {
                 continue;
             }
-            let mut h = request(kind, c.id(), self.epoch, lsn, offset);
-            if kind == Kind::Trim {
-                h.count = length as u32;
-            }
-            if fua {
-                h.flags = FLAG_FUA; // Written and synced there in one trip.
-            }
-            let send = tokio::time::timeout_at(deadline, peer.send(h, &payload)).await;
+            let requests: Vec<_> = wires
+                .iter()
+                .zip(&payloads)
+                .enumerate()
+                .map(|(j, ((kind, offset, length), (payload, fua)))| {
+                    let mut h = request(*kind, c.id(), self.epoch, first + j as u64, *offset);
+                    if *kind == Kind::Trim {
+                        h.count = *length as u32;
+                    }
+                    if *fua {
+                        h.flags = FLAG_FUA; // Written and synced there in one trip.
+                    }
+                    (h, &payload[..])
+                })
+                .collect();
+            let send = tokio::time::timeout_at(deadline, peer.send_many(&requests)).await;
             sent.push((
                 i,
                 match send {
@@ -819,7 +848,7 @@ impl ReplicatedVolume {
             ));
         }
         let here = match self.fencing.enter(self.local.id(), self.epoch).await {
-            Ok(_pass) => self.apply_local(op).await,
+            Ok(_pass) => self.apply_local_all(ops).await,
             Err(Refused::Stale(newest)) => {
                 self.depose(&format!("this node's copy has seen epoch {newest}"));
                 Err(io_error("replicate", "this node no longer owns the volume"))
@@ -829,20 +858,27 @@ impl ReplicatedVolume {
         let mut failed = Vec::new();
         let mut took = Vec::new();
         for (i, p) in sent {
-            let reply = match p {
-                Ok(p) => tokio::time::timeout_at(deadline, p.wait()).await,
+            let pending = match p {
+                Ok(p) => p,
                 Err(e) => {
                     failed.push((i, e));
                     continue;
                 }
             };
-            match reply {
-                Ok(Ok(_)) => took.push(i),
-                Ok(Err(e @ CallError::Status { status: Status::StaleEpoch, .. })) => {
-                    self.depose(&e.to_string())
+            let mut failure = None;
+            for p in pending {
+                match tokio::time::timeout_at(deadline, p.wait()).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e @ CallError::Status { status: Status::StaleEpoch, .. })) => {
+                        self.depose(&e.to_string())
+                    }
+                    Ok(Err(e)) => failure = failure.or(Some(e.to_string())),
+                    Err(_) => failure = failure.or(Some("timed out".to_owned())),
                 }
-                Ok(Err(e)) => failed.push((i, e.to_string())),
-                Err(_) => failed.push((i, "timed out".to_owned())),
+            }
+            match failure {
+                None => took.push(i),
+                Some(e) => failed.push((i, e)),
             }
         }
         if self.deposed() {
@@ -875,18 +911,15 @@ impl ReplicatedVolume {
             }
             for i in &took {
                 st.acked[*i] = st.acked[*i].max(lsn);
-                match (&regions, kind) {
+                if flush {
                     // Not a write that completed after the flush was sent: the copy
                     // may have applied it after it synced.
-                    (_, Kind::Flush) => st.unflushed[*i].retain(|_, done| *done > flushed_after),
-                    (Some(r), _) => {
-                        for region in r.clone() {
-                            st.completions += 1;
-                            let done = st.completions;
-                            st.unflushed[*i].insert(region, done);
-                        }
-                    }
-                    (None, _) => {}
+                    st.unflushed[*i].retain(|_, done| *done > flushed_after);
+                }
+                for region in &regions {
+                    st.completions += 1;
+                    let done = st.completions;
+                    st.unflushed[*i].insert(*region, done);
                 }
             }
             // Every write in flight now may be missing there too (each joins the bitmap
@@ -909,9 +942,7 @@ impl ReplicatedVolume {
                 let lost = std::mem::take(&mut st.unflushed[*i]);
                 st.dirty[*i].extend(lost.into_keys());
                 st.dirty[*i].extend(flying.iter().copied());
-                if let Some(r) = &regions {
-                    st.dirty[*i].extend(r.clone());
-                }
+                st.dirty[*i].extend(regions.iter().copied());
                 let dirty = st.dirty[*i].clone();
                 self.save_bitmap(*i, &dirty, st.scan[*i].is_some())?;
             }
@@ -1012,6 +1043,81 @@ impl ReplicatedVolume {
             }
             IoOp::Flush => sync().await,
             op => volume.submit(op).await.map(drop),
+        }
+    }
+
+    /// [`Self::apply_local`] for what `fan_out_all` sends: one request, or writes (with one
+    /// store call, and one group sync if any of them is FUA).
+    async fn apply_local_all(&self, mut ops: Vec<IoOp>) -> Result<(), StoreError> {
+        if ops.len() == 1 {
+            return self.apply_local(ops.pop().expect("one")).await;
+        }
+        let mut fua = false;
+        let mut writes = Vec::with_capacity(ops.len());
+        for op in ops {
+            let IoOp::Write { offset, data, fua: f } = op else {
+                unreachable!("only writes are applied together")
+            };
+            fua |= f;
+            writes.push((offset, data));
+        }
+        let slices: Vec<(u64, &[u8])> = writes.iter().map(|(o, d)| (*o, &d[..])).collect();
+        if !self.local.volume.try_write_many_nowait(&slices)? {
+            let volume = self.local.volume.clone();
+            tokio::task::spawn_blocking(move || {
+                let slices: Vec<(u64, &[u8])> = writes.iter().map(|(o, d)| (*o, &d[..])).collect();
+                volume.write_many(&slices)
+            })
+            .await
+            .unwrap_or_else(|e| Err(StoreError::io("write")(std::io::Error::other(e))))?;
+        }
+        if fua {
+            self.local
+                .group_sync
+                .sync()
+                .await
+                .map_err(|e| StoreError::io("sync")(std::io::Error::other(e.message)))?;
+        }
+        Ok(())
+    }
+
+    /// Writes that came together (each at most `PAYLOAD_BYTES_MAX`): sent in batches of
+    /// which no two writes touch one region (a later one that would goes in the next
+    /// batch, after), each batch acknowledged as one. Their outcomes, in their order.
+    pub async fn run_writes(&self, ops: Vec<IoOp>) -> Vec<Result<(), StoreError>> {
+        let mut out = Vec::with_capacity(ops.len());
+        let mut batch: Vec<IoOp> = Vec::new();
+        let mut touched = BTreeSet::new();
+        let mut ops = ops.into_iter().peekable();
+        while let Some(op) = ops.next() {
+            let (_, offset, length) = wire(&op);
+            let regions = offset / REGION..=(offset + length.max(1) - 1) / REGION;
+            if regions.clone().any(|r| touched.contains(&r)) {
+                self.run_batch(std::mem::take(&mut batch), &mut out).await;
+                touched.clear();
+            }
+            touched.extend(regions);
+            batch.push(op);
+            if batch.len() >= WRITE_BATCH_MAX || ops.peek().is_none() {
+                self.run_batch(std::mem::take(&mut batch), &mut out).await;
+                touched.clear();
+            }
+        }
+        out
+    }
+
+    /// Fans out one batch of [`Self::run_writes`], adding each write's outcome to `out`.
+    async fn run_batch(&self, batch: Vec<IoOp>, out: &mut Vec<Result<(), StoreError>>) {
+        let n = batch.len();
+        if n == 0 {
+            return;
+        }
+        match self.fan_out_all(batch).await {
+            Ok(()) => out.extend((0..n).map(|_| Ok(()))),
+            Err(e) => {
+                out.extend((1..n).map(|_| Err(io_error("replicate", &e))));
+                out.push(Err(e));
+            }
         }
     }
 
@@ -2903,6 +3009,42 @@ impl Router {
         }
     }
 
+    /// Writes that came together from one client (`BlockVolume::submit_writes`): fanned
+    /// out in batches by this node's view while it owns the volume and serves; otherwise
+    /// (and those the view failed because it was deposed meanwhile) each as `run` does.
+    pub async fn run_writes(self: Arc<Self>, ops: Vec<IoOp>) -> Vec<Result<Bytes, StoreError>> {
+        let fits = ops.iter().all(|op| wire(op).2 <= PAYLOAD_BYTES_MAX as u64);
+        let view = self.view().filter(|v| v.serving());
+        let mut out: Vec<Option<Result<Bytes, StoreError>>> = match view {
+            Some(v) if fits => {
+                *self.last_local.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+                let done = v.run_writes(ops.clone()).await;
+                let deposed = v.deposed();
+                done.into_iter()
+                    .map(|r| match r {
+                        Err(_) if deposed => None,
+                        r => Some(r.map(|()| Bytes::new())),
+                    })
+                    .collect()
+            }
+            _ => ops.iter().map(|_| None).collect(),
+        };
+        let again: Vec<_> = ops
+            .into_iter()
+            .zip(&out)
+            .enumerate()
+            .filter(|(_, (_, r))| r.is_none())
+            .map(|(j, (op, _))| {
+                let me = self.clone();
+                (j, tokio::spawn(async move { me.run(op).await }))
+            })
+            .collect();
+        for (j, task) in again {
+            out[j] = Some(task.await.unwrap_or_else(|e| Err(io_error("replicated volume", e))));
+        }
+        out.into_iter().map(|r| r.expect("every write ran")).collect()
+    }
+
     /// Runs `op` from a thread outside the runtime (a blocking call).
     fn run_blocking(&self, op: IoOp) -> Result<Bytes, StoreError> {
         self.runtime.block_on(self.run(op))
@@ -3002,6 +3144,10 @@ impl BlockVolume for Router {
 
     fn asynchronous(&self) -> bool {
         true
+    }
+
+    fn submit_writes(self: Arc<Self>, writes: Vec<IoOp>) -> strata_io::WritesFuture {
+        Box::pin(self.run_writes(writes))
     }
 
     fn submit(self: Arc<Self>, op: IoOp) -> strata_io::IoFuture {
