@@ -23,7 +23,7 @@ use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use strata_io::{BlockVolume, Extent, IoFuture, IoOp, StoreError, ZeroMode};
+use strata_io::{BlockVolume, Extent, IoFuture, IoOp, StoreError, WritesFuture, ZeroMode};
 
 /// Upper bounds (seconds) of the request latency histogram's buckets.
 pub const LATENCY_BUCKETS: [f64; 16] = [
@@ -214,6 +214,14 @@ impl Counted {
         result
     }
 
+    /// Writes done together, each counted with the time they took together.
+    fn record_each(&self, writes: &[(u64, &[u8])], started: Instant, ok: bool) {
+        let took = started.elapsed();
+        for (_, data) in writes {
+            self.counters.record(Op::Write, data.len() as u64, took, ok);
+        }
+    }
+
     /// A `try_*_nowait` call: counted when it did the request or failed; `Ok(false)` (not
     /// done, the caller goes on to the blocking call, counted there) is not counted.
     fn timed_nowait(
@@ -259,6 +267,22 @@ impl BlockVolume for Counted {
         self.timed_nowait(Op::Write, len, || self.inner.try_write_at_nowait(data, offset))
     }
 
+    fn write_many(&self, writes: &[(u64, &[u8])]) -> Result<(), StoreError> {
+        let started = Instant::now();
+        let result = self.inner.write_many(writes);
+        self.record_each(writes, started, result.is_ok());
+        result
+    }
+
+    fn try_write_many_nowait(&self, writes: &[(u64, &[u8])]) -> Result<bool, StoreError> {
+        let started = Instant::now();
+        let result = self.inner.try_write_many_nowait(writes);
+        if !matches!(result, Ok(false)) {
+            self.record_each(writes, started, result.is_ok());
+        }
+        result
+    }
+
     fn trim(&self, offset: u64, length: u64) -> Result<(), StoreError> {
         self.timed(Op::Trim, length, || self.inner.trim(offset, length))
     }
@@ -301,6 +325,21 @@ impl BlockVolume for Counted {
             let result = done.await;
             counters.record(kind, bytes, started.elapsed(), result.is_ok());
             result
+        })
+    }
+
+    fn submit_writes(self: Arc<Self>, writes: Vec<IoOp>) -> WritesFuture {
+        let bytes: Vec<u64> = writes.iter().map(|op| Op::of(op).1).collect();
+        let started = Instant::now();
+        let counters = self.counters.clone();
+        let done = self.inner.clone().submit_writes(writes);
+        Box::pin(async move {
+            let results = done.await;
+            let took = started.elapsed();
+            for (result, bytes) in results.iter().zip(bytes) {
+                counters.record(Op::Write, bytes, took, result.is_ok());
+            }
+            results
         })
     }
 }
@@ -535,9 +574,27 @@ pub async fn exposition(api: &Api) -> String {
     );
     let mut names = api.node.replicated_names();
     names.sort();
-    for volume in names {
-        if let Some(router) = api.node.replicated_router(&volume) {
-            t.int(name, &[("volume", volume.as_str())], router.local_reads());
+    let routers: Vec<_> = names
+        .iter()
+        .filter_map(|volume| Some((volume.as_str(), api.node.replicated_router(volume)?)))
+        .collect();
+    for (volume, router) in &routers {
+        t.int(name, &[("volume", volume)], router.local_reads());
+    }
+    let batches = [
+        (
+            "strata_volume_write_batches_total",
+            "Batches of writes to a replicated volume that came from a client together (one \
+             pass over its input) and that this node, as the owner, sent to the copies \
+             together: one send per copy, one store call on each.",
+        ),
+        ("strata_volume_batched_writes_total", "Writes in those batches."),
+    ];
+    for (k, (name, help)) in batches.into_iter().enumerate() {
+        t.family(name, "counter", help);
+        for (volume, router) in &routers {
+            let (b, w) = router.write_batches();
+            t.int(name, &[("volume", volume)], [b, w][k]);
         }
     }
     t.finish()

@@ -2742,6 +2742,9 @@ pub struct Router {
     lease: Arc<Leasing>,
     /// Reads served from this node's copy.
     local_reads: AtomicU64,
+    /// Batches of writes that came together, fanned out by this node's view, and the
+    /// writes in them.
+    batches: [AtomicU64; 2],
 }
 
 /// A router's read lease, and whether it is asking for one.
@@ -2792,7 +2795,15 @@ impl Router {
             local: Mutex::new(None),
             lease: Arc::default(),
             local_reads: AtomicU64::new(0),
+            batches: Default::default(),
         }
+    }
+
+    /// Batches of writes that came together from a client, fanned out by this node as
+    /// the owner, and the writes in them.
+    pub fn write_batches(&self) -> (u64, u64) {
+        let [batches, writes] = &self.batches;
+        (batches.load(Ordering::Relaxed), writes.load(Ordering::Relaxed))
     }
 
     /// Takes the volume's size from its record (it only grows): this node's clients see
@@ -3018,6 +3029,8 @@ impl Router {
         let mut out: Vec<Option<Result<Bytes, StoreError>>> = match view {
             Some(v) if fits => {
                 *self.last_local.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+                self.batches[0].fetch_add(1, Ordering::Relaxed);
+                self.batches[1].fetch_add(ops.len() as u64, Ordering::Relaxed);
                 let done = v.run_writes(ops.clone()).await;
                 let deposed = v.deposed();
                 done.into_iter()
