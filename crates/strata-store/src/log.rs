@@ -504,8 +504,11 @@ impl<F: RawFile> Log<F> {
     /// written whole before the next is started, as `append` does). So the data is always
     /// written before any record naming it, and a torn rewrite costs only unsynced records,
     /// exactly as for the writes one by one. Slots are refused (ENOSPC) before anything is
-    /// written.
+    /// written. An empty batch writes nothing.
     pub fn write_many(&mut self, writes: &[LogWrite<'_>]) -> io::Result<Vec<Record>> {
+        if writes.is_empty() {
+            return Ok(Vec::new());
+        }
         let mut placed = Vec::with_capacity(writes.len());
         for w in writes {
             assert!(!w.data.is_empty() && w.data.len().is_multiple_of(SLOT_BYTES), "whole blocks");

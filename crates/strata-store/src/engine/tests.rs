@@ -1344,3 +1344,118 @@ fn a_write_dropped_at_replay_never_comes_back() {
         assert_eq!(distinct.len(), vbas.len(), "seed {seed}: a VBA mapped twice: {vbas:?}");
     }
 }
+
+/// Blocks of the volume in the batch tests.
+const BATCH_VOLUME_BLOCKS: u64 = 48;
+
+/// Reads all of volume 1 as (write id, block index) per block, `None` for a hole.
+fn contents(engine: &Engine<SimFile>) -> Vec<Option<(u64, u64)>> {
+    read_view(engine, 1)
+        .into_iter()
+        .map(|v| match v {
+            Some(Val::Data(id, i)) => Some((id, i)),
+            None => None,
+            other => panic!("only data was written: {other:?}"),
+        })
+        .collect()
+}
+
+/// Batches of (lba, blocks): some overlap, some longer than one record (`RUN_BLOCKS_MAX`),
+/// enough of them to fill segments and journal slots.
+fn batches() -> impl Strategy<Value = Vec<Vec<(u64, u64)>>> {
+    let entry = (0..BATCH_VOLUME_BLOCKS).prop_flat_map(|lba| {
+        let room = BATCH_VOLUME_BLOCKS - lba;
+        (Just(lba), prop_oneof![4 => 1..=room.min(3), 1 => 1..=room])
+    });
+    proptest::collection::vec(proptest::collection::vec(entry, 1..24), 1..8)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    /// `write_many` reads back (and after a reopen replays) exactly as the same writes one
+    /// by one, and as a model.
+    #[test]
+    fn a_batch_is_the_same_writes_one_by_one(batches in batches()) {
+        let new = || {
+            let mut engine = Engine::create(SimFile::new());
+            engine.create_volume(1, BATCH_VOLUME_BLOCKS * B).unwrap();
+            engine
+        };
+        let (mut batched, mut single) = (new(), new());
+        let mut model = vec![None; BATCH_VOLUME_BLOCKS as usize];
+        let mut id = 0;
+        for batch in batches {
+            let data: Vec<(u64, Vec<u8>)> = batch
+                .iter()
+                .map(|(lba, n)| {
+                    id += 1;
+                    for i in 0..*n {
+                        model[(lba + i) as usize] = Some((id, i));
+                    }
+                    (*lba, blocks(id, *n))
+                })
+                .collect();
+            let writes: Vec<(u64, &[u8])> = data.iter().map(|(lba, d)| (*lba, &d[..])).collect();
+            batched.write_many(1, &writes).unwrap();
+            for (lba, data) in &writes {
+                single.write(1, *lba, data).unwrap();
+            }
+            batched.validate().unwrap();
+            prop_assert_eq!(&contents(&batched), &model);
+            prop_assert_eq!(contents(&single), contents(&batched));
+            prop_assert_eq!(single.usage(1).unwrap(), batched.usage(1).unwrap());
+        }
+        // A process crash (the page cache kept), then a power loss after a flush.
+        let batched = Engine::open(batched.into_file()).unwrap();
+        prop_assert_eq!(&contents(&batched), &model);
+        let mut batched = batched;
+        batched.flush().unwrap();
+        let batched = crash_and_reopen(batched, id);
+        prop_assert_eq!(&contents(&batched), &model);
+    }
+}
+
+/// The writes of one `write_many`.
+type Batch<'a> = Vec<(u64, &'a [u8])>;
+
+#[test]
+fn a_batch_with_one_bad_entry_is_refused_whole() {
+    let mut engine = Engine::create(SimFile::new());
+    engine.create_volume(1, 8 * B).unwrap();
+    engine.create_volume(2, 8 * B).unwrap();
+    engine.write(1, 0, &blocks(1, 8)).unwrap();
+    engine.snapshot(1, 3).unwrap();
+    let (good, long) = (blocks(2, 2), blocks(3, 3));
+    let size = 8 * B;
+    let refusals: Vec<(u64, EngineError, Batch)> = vec![
+        (1, EngineError::OutOfRange { lba: 6, blocks: 3, size }, vec![(0, &good), (6, &long)]),
+        (1, EngineError::OutOfRange { lba: 8, blocks: 2, size }, vec![(8, &good), (0, &good)]),
+        (1, EngineError::Unaligned, vec![(0, &good), (2, &good[..100])]),
+        (1, EngineError::Unaligned, vec![(0, &good), (2, &[])]),
+        (3, EngineError::ReadOnly(3), vec![(0, &good)]),
+        (9, EngineError::NotFound(9), vec![(0, &good)]),
+    ];
+    for (volume, want, writes) in refusals {
+        let allocated = engine.log_allocated();
+        assert_refused(&mut engine, want, |e| e.write_many(volume, &writes));
+        assert_eq!(engine.log_allocated(), allocated, "no slot handed out");
+        assert_eq!(
+            read_view(&engine, 1),
+            (0..8).map(|i| Some(Val::Data(1, i))).collect::<Vec<_>>()
+        );
+    }
+    // An empty batch writes nothing and is no error.
+    assert_changes_nothing(&mut engine, |e| e.write_many(1, &[]));
+}
+
+/// Asserts that `op` succeeds and changes nothing.
+fn assert_changes_nothing(
+    engine: &mut Engine<SimFile>,
+    op: impl FnOnce(&mut Engine<SimFile>) -> Result<(), EngineError>,
+) {
+    let state = |e: &Engine<SimFile>| (e.log_allocated(), e.file().unsynced_writes());
+    let before = state(engine);
+    op(engine).unwrap();
+    assert_eq!(state(engine), before);
+}
