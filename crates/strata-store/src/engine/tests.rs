@@ -1,15 +1,15 @@
 //! The engine against a model. A proptest runs random sequences of every operation (create,
-//! write, trim, zero, snapshot, clone, delete, rollback, resize, remove, flush, crash and
-//! reopen) on the engine and on a model that mirrors the module doc: refusals are the same
-//! errors and change nothing, every view reads as the model says, the lineage (which views
-//! were made from which snapshot) matches, `validate` holds after every step, and deleting a
-//! snapshot frees exactly its `usage().exclusive_blocks`. After a crash the engine must be
-//! exactly the model after some prefix of the operations since the last flush (or the last
-//! reopen), writes included: replay drops records only as a suffix. Runs of many operations
-//! without a flush fill journal slots, crashes cut files anywhere (not only at whole slots),
-//! and some writes are blocks of zeroes. A second proptest checks `usage` against brute
-//! force. Unit tests cover each refusal, damaged blocks, large writes, and three crashes the
-//! log's replay once got wrong.
+//! write, batch of writes, trim, zero, snapshot, clone, delete, rollback, resize, remove,
+//! flush, crash and reopen) on the engine and on a model that mirrors the module doc: refusals
+//! are the same errors and change nothing, every view reads as the model says, the lineage
+//! (which views were made from which snapshot) matches, `validate` holds after every step, and
+//! deleting a snapshot frees exactly its `usage().exclusive_blocks`. After a crash the engine
+//! must be exactly the model after some prefix of the operations since the last flush (or the
+//! last reopen), writes included: replay drops records only as a suffix (a batch may be cut
+//! after any of its writes). Runs of many operations without a flush fill journal slots,
+//! crashes cut files anywhere (not only at whole slots), and some writes are blocks of zeroes.
+//! A second proptest checks `usage` against brute force. Unit tests cover each refusal, damaged
+//! blocks, large writes, and three crashes the log's replay once got wrong.
 
 use super::*;
 use crate::journal::RECORDS_BYTES_MAX;
@@ -118,20 +118,58 @@ struct MView {
 type Lineage = BTreeMap<u64, (ViewInfo, u64, Option<u64>)>;
 
 /// One concrete operation. Each one the engine accepts logs exactly one record (writes are
-/// shorter than `RUN_BLOCKS_MAX`), so a prefix of the records is a prefix of the operations.
+/// shorter than `RUN_BLOCKS_MAX`), a batch one per write (see `Act::steps`), so a prefix of
+/// the records is a prefix of the operations.
 /// Write `write` > 0 writes `blocks(write, blocks)`; write 0 writes blocks of zeroes.
 #[derive(Clone, Debug)]
 enum Act {
-    Create { id: u64, size: u64 },
-    Write { view: u64, lba: u64, blocks: u64, write: u64 },
-    Trim { view: u64, lba: u64, blocks: u64 },
-    Zero { view: u64, lba: u64, blocks: u64 },
-    Snapshot { volume: u64, id: u64 },
-    Clone { source: u64, id: u64 },
-    Delete { snapshot: u64 },
-    Rollback { volume: u64, snapshot: u64 },
-    Resize { volume: u64, size: u64 },
-    Remove { volume: u64 },
+    Create {
+        id: u64,
+        size: u64,
+    },
+    Write {
+        view: u64,
+        lba: u64,
+        blocks: u64,
+        write: u64,
+    },
+    /// `write_many` of (lba, blocks, write), each as in `Write`: one record each.
+    WriteMany {
+        view: u64,
+        writes: Vec<(u64, u64, u64)>,
+    },
+    Trim {
+        view: u64,
+        lba: u64,
+        blocks: u64,
+    },
+    Zero {
+        view: u64,
+        lba: u64,
+        blocks: u64,
+    },
+    Snapshot {
+        volume: u64,
+        id: u64,
+    },
+    Clone {
+        source: u64,
+        id: u64,
+    },
+    Delete {
+        snapshot: u64,
+    },
+    Rollback {
+        volume: u64,
+        snapshot: u64,
+    },
+    Resize {
+        volume: u64,
+        size: u64,
+    },
+    Remove {
+        volume: u64,
+    },
 }
 
 /// The largest write the model test makes, in blocks.
@@ -139,6 +177,17 @@ const WRITE_BLOCKS: u64 = 3;
 const _: () = assert!(WRITE_BLOCKS as usize <= RUN_BLOCKS_MAX, "one record per write");
 
 impl Act {
+    /// The operations it is, one per record it logs (a batch's writes in order).
+    fn steps(&self) -> Vec<Act> {
+        match self {
+            Act::WriteMany { view, writes } => writes
+                .iter()
+                .map(|&(lba, blocks, write)| Act::Write { view: *view, lba, blocks, write })
+                .collect(),
+            act => vec![act.clone()],
+        }
+    }
+
     fn run(&self, engine: &mut Engine<SimFile>) -> Result<(), EngineError> {
         match *self {
             Act::Create { id, size } => engine.create_volume(id, size),
@@ -147,6 +196,17 @@ impl Act {
             }
             Act::Write { view, lba, blocks: n, write } => {
                 engine.write(view, lba, &blocks(write, n))
+            }
+            Act::WriteMany { view, ref writes } => {
+                let data: Vec<(u64, Vec<u8>)> = writes
+                    .iter()
+                    .map(|&(lba, n, write)| match write {
+                        0 => (lba, vec![0; (n * B) as usize]),
+                        _ => (lba, blocks(write, n)),
+                    })
+                    .collect();
+                let writes: Vec<(u64, &[u8])> = data.iter().map(|(l, d)| (*l, &d[..])).collect();
+                engine.write_many(view, &writes)
             }
             Act::Trim { view, lba, blocks } => engine.trim(view, lba, blocks),
             Act::Zero { view, lba, blocks } => engine.write_zeroes(view, lba, blocks),
@@ -254,6 +314,8 @@ impl Model {
             Act::Write { view, lba, blocks, .. }
             | Act::Trim { view, lba, blocks }
             | Act::Zero { view, lba, blocks } => Self::range(self.volume(view)?.size, lba, blocks),
+            // Every entry, in order, before anything is written.
+            Act::WriteMany { .. } => act.steps().iter().try_for_each(|step| self.check(step)),
             Act::Snapshot { volume, id } => {
                 self.volume(volume)?;
                 self.free(id)
@@ -300,6 +362,7 @@ impl Model {
     /// Applies an operation `check` accepted.
     fn apply(&mut self, act: &Act) {
         match *act {
+            Act::WriteMany { .. } => act.steps().iter().for_each(|step| self.apply(step)),
             Act::Create { id, size } => {
                 let info = ViewInfo::Volume { snapshots: Vec::new() };
                 let data = BTreeMap::new();
@@ -492,6 +555,11 @@ enum Op {
         /// Blocks of zeroes (which read the same wherever a crash left nothing).
         zeroes: bool,
     },
+    /// `write_many` of (lba, blocks, zeroes), each as in `Write`.
+    WriteMany {
+        view: Pick,
+        writes: Vec<(Lba, u64, bool)>,
+    },
     Trim {
         view: Pick,
         lba: Lba,
@@ -560,6 +628,23 @@ impl Op {
                 let view = view.of(&volumes);
                 Act::Write { view, lba: lba.of(model, view), blocks: *blocks, write }
             }
+            Op::WriteMany { view, writes } => {
+                let view = view.of(&volumes);
+                let writes = writes
+                    .iter()
+                    .map(|(lba, blocks, zeroes)| {
+                        let write = match zeroes {
+                            true => 0,
+                            false => {
+                                *next_write += 1;
+                                *next_write
+                            }
+                        };
+                        (lba.of(model, view), *blocks, write)
+                    })
+                    .collect();
+                Act::WriteMany { view, writes }
+            }
             Op::Trim { view, lba, blocks } => {
                 let view = view.of(&volumes);
                 Act::Trim { view, lba: lba.of(model, view), blocks: *blocks }
@@ -626,11 +711,14 @@ fn engine_op(lineage: u32, writes: u32) -> impl Strategy<Value = Op> {
             .prop_map(|(index, wild)| Lba { index, wild })
     };
     let range = (pick(), lba(), 1..=WRITE_BLOCKS, prop::bool::weighted(0.2));
+    let entry = (lba(), 1..=WRITE_BLOCKS, prop::bool::weighted(0.2));
+    let batch = (pick(), proptest::collection::vec(entry, 1..6));
     let range0 = || (pick(), lba(), prop_oneof![20 => 1..=3u64, 1 => Just(0)]);
     prop_oneof![
         3 => (pick(), size()).prop_map(|(id, size)| Op::Create { id, size }),
         writes => range
             .prop_map(|(view, lba, blocks, zeroes)| Op::Write { view, lba, blocks, zeroes }),
+        1 + writes / 4 => batch.prop_map(|(view, writes)| Op::WriteMany { view, writes }),
         2 => range0().prop_map(|(view, lba, blocks)| Op::Trim { view, lba, blocks }),
         2 => range0().prop_map(|(view, lba, blocks)| Op::Zero { view, lba, blocks }),
         4 * lineage => (pick(), pick()).prop_map(|(volume, id)| Op::Snapshot { volume, id }),
@@ -813,8 +901,11 @@ impl Run {
                     let after = engine.vba_map_len();
                     assert_eq!(before.2 - after, freed, "{act:?} frees its exclusive blocks");
                 }
-                self.model.apply(&act);
-                self.prefixes.push(self.model.clone());
+                // A crash may keep any prefix of a batch's records.
+                for step in act.steps() {
+                    self.model.apply(&step);
+                    self.prefixes.push(self.model.clone());
+                }
             }
             (Err(want), Err(got)) => {
                 assert!(same_error(&want, &got), "{act:?}: want {want:?}, got {got:?}");
