@@ -1,6 +1,7 @@
 //! What a batch of writes saves: µs per 4 KiB write through `LogStore`, 32 writes one by
 //! one (`write_at` each) against one `write_many` of the same 32, into the page cache (no
-//! sync). Run in release mode on the file system the store will use (not tmpfs):
+//! sync inside the timing; one after each run). Run in release mode on the file system
+//! the store will use (not tmpfs):
 //!
 //! ```text
 //! cargo run --release -p strata-store --example batchbench -- DIR [ROUNDS] [REPEATS]
@@ -36,6 +37,8 @@ fn main() {
             let micros = run(&*volume, rounds, batched, repeat as u64);
             let mode = if batched { "write_many" } else { "one_by_one" };
             println!("{mode} {} {micros:.2}", rounds * BATCH);
+            // Written back before the next run, so that it does not pay for this one's.
+            store.sync().expect("sync");
             drop(volume);
             drop(store);
         }
