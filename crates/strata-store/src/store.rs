@@ -5,13 +5,15 @@
 //! Concurrency: one `RwLock` around the engine. Reads (and extents) share it; writes,
 //! trims, zeroes and metadata changes hold it exclusively while they append to the log
 //! (a `pwrite` into the page cache); a batch of writes (`write_many`) holds it once for
-//! all of them (one `pwritev` of their blocks, one write of the journal slot). A sync
-//! holds it only to seal the open journal slot;
-//! the `fdatasync` runs without it, so writes continue while a flush waits on the device,
-//! and every write completed before the seal is covered by the sync.
+//! all of them (a `pwritev` of their blocks per stretch of consecutive log slots, usually
+//! one, and one write of the journal slot, two if it fills). A sync holds it only to seal
+//! the open journal slot; the `fdatasync` runs without it, so writes continue while a
+//! flush waits on the device, and every write completed before the seal is covered by the
+//! sync.
 //!
 //! Byte ranges that do not fall on 4 KiB blocks are read-modify-written under the
-//! exclusive lock, so two unaligned writers of one block never lose each other's bytes.
+//! exclusive lock, so two unaligned writers of one block never lose each other's bytes. A
+//! batch with such a range is written one write at a time, under one hold of the lock.
 //!
 //! Maintenance: a background thread cleans segments that are mostly dead (a few hundred
 //! blocks per lock hold, so I/O goes on between steps) and writes a checkpoint
