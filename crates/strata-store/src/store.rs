@@ -6,10 +6,10 @@
 //! trims, zeroes and metadata changes hold it exclusively while they append to the log
 //! (a `pwrite` into the page cache); a batch of writes (`write_many`) holds it once for
 //! all of them (a `pwritev` of their blocks per stretch of consecutive log slots, usually
-//! one, and one write of the journal slot, two if it fills). A sync holds it only to seal
-//! the open journal slot; the `fdatasync` runs without it, so writes continue while a
-//! flush waits on the device, and every write completed before the seal is covered by the
-//! sync.
+//! one, and one write of the journal slot, plus one per slot it fills). A sync holds it
+//! only to seal the open journal slot; the `fdatasync` runs without it, so writes continue
+//! while a flush waits on the device, and every write completed before the seal is
+//! covered by the sync.
 //!
 //! Byte ranges that do not fall on 4 KiB blocks are read-modify-written under the
 //! exclusive lock, so two unaligned writers of one block never lose each other's bytes. A
