@@ -23,6 +23,17 @@ pub trait RawFile: Send + Sync {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
     /// Writes `data` at `offset`, extending the file if needed.
     fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()>;
+    /// Writes `bufs` back to back from `offset`, as `write_at` of their concatenation
+    /// would. No promise of atomicity: a crash may keep any part of it, like any
+    /// unsynced write. The default calls `write_at` for each buffer in turn.
+    fn write_vectored_at(&self, bufs: &[&[u8]], offset: u64) -> io::Result<()> {
+        let mut at = offset;
+        for buf in bufs {
+            self.write_at(buf, at)?;
+            at += buf.len() as u64;
+        }
+        Ok(())
+    }
     /// Makes every completed write durable.
     fn sync(&self) -> io::Result<()>;
     /// The file's length.
@@ -47,6 +58,49 @@ pub trait RawFile: Send + Sync {
 /// Bytes of zeroes one write of [`RawFile::zero_fill`] carries.
 const ZERO_CHUNK: usize = 1 << 20;
 
+/// Buffers one `pwritev` may carry (Linux's `UIO_MAXIOV`).
+const IOVECS_MAX: usize = 1024;
+
+/// Writes all of `bufs` back to back from `offset` through `write` (a `pwritev`: it
+/// writes a prefix of the slices it is given at an offset and returns how many bytes),
+/// calling it again after a short write from the first byte not written.
+fn write_all_vectored(
+    mut bufs: &[&[u8]],
+    mut offset: u64,
+    mut write: impl FnMut(&[io::IoSlice<'_>], u64) -> io::Result<usize>,
+) -> io::Result<()> {
+    // Bytes of `bufs[0]` already written.
+    let mut skip = 0;
+    let mut slices = Vec::with_capacity(bufs.len().min(IOVECS_MAX));
+    while let Some((first, rest)) = bufs.split_first() {
+        if skip == first.len() {
+            (bufs, skip) = (rest, 0);
+            continue;
+        }
+        slices.clear();
+        slices.push(io::IoSlice::new(&first[skip..]));
+        slices.extend(rest.iter().take(IOVECS_MAX - 1).map(|b| io::IoSlice::new(b)));
+        let mut written = match write(&slices, offset) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        offset += written as u64;
+        while let Some(first) = bufs.first().filter(|_| written > 0) {
+            let left = first.len() - skip;
+            if written < left {
+                skip += written;
+                written = 0;
+            } else {
+                written -= left;
+                (bufs, skip) = (&bufs[1..], 0);
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Writes `zeroes` (up to its length at a time) over `length` bytes from `offset`.
 fn zero_fill_with(
     offset: u64,
@@ -69,6 +123,12 @@ impl RawFile for std::fs::File {
     }
     fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()> {
         std::os::unix::fs::FileExt::write_all_at(self, data, offset)
+    }
+    /// One `pwritev` (more after a short write, or past 1024 buffers).
+    fn write_vectored_at(&self, bufs: &[&[u8]], offset: u64) -> io::Result<()> {
+        write_all_vectored(bufs, offset, |slices, at| {
+            rustix::io::pwritev(self, slices, at).map_err(io::Error::from)
+        })
     }
     fn sync(&self) -> io::Result<()> {
         self.sync_data()
@@ -132,6 +192,9 @@ impl<T: RawFile + ?Sized> RawFile for std::sync::Arc<T> {
     }
     fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()> {
         (**self).write_at(data, offset)
+    }
+    fn write_vectored_at(&self, bufs: &[&[u8]], offset: u64) -> io::Result<()> {
+        (**self).write_vectored_at(bufs, offset)
     }
     fn sync(&self) -> io::Result<()> {
         (**self).sync()
@@ -277,6 +340,8 @@ impl SimFile {
     }
 }
 
+/// `write_vectored_at` is the default: each buffer is a write of its own, which a crash
+/// independently keeps, drops or tears, as it may any part of one `pwritev`.
 impl RawFile for SimFile {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         let s = self.lock();
@@ -359,6 +424,58 @@ mod tests {
         f.read_at(&mut all, 0).unwrap();
         assert!(all[..4096].iter().all(|&b| b == 7), "before the range: kept");
         assert!(all[4096..].iter().all(|&b| b == 0), "the ranges and the gap read zeroes");
+    }
+
+    /// Buffers of lengths 0..`n` (some empty), each byte naming its buffer and place.
+    fn numbered_buffers(n: usize) -> Vec<Vec<u8>> {
+        (0..n).map(|i| (0..i % 37).map(|j| (i * 7 + j) as u8).collect()).collect()
+    }
+
+    #[test]
+    fn vectored_writes_resume_after_short_writes_and_interruptions() {
+        let bufs = numbered_buffers(3000);
+        let refs: Vec<&[u8]> = bufs.iter().map(|b| &b[..]).collect();
+        let want: Vec<u8> = bufs.concat();
+        for most in [1, 5, 36, 37, 100, 1 << 20] {
+            let mut image = vec![0u8; 10 + want.len()];
+            let mut calls = 0;
+            write_all_vectored(&refs, 10, |slices, at| {
+                calls += 1;
+                assert!(slices.len() <= IOVECS_MAX);
+                if calls % 5 == 0 {
+                    return Err(io::ErrorKind::Interrupted.into());
+                }
+                // A short write: at most `most` bytes of the slices given.
+                let bytes: Vec<u8> =
+                    slices.iter().flat_map(|s| s.iter()).take(most).copied().collect();
+                image[at as usize..at as usize + bytes.len()].copy_from_slice(&bytes);
+                Ok(bytes.len())
+            })
+            .unwrap();
+            assert!(image[..10] == [0u8; 10], "nothing before the offset");
+            assert!(image[10..] == want[..], "at most {most} bytes a call");
+        }
+        let stuck = write_all_vectored(&refs, 0, |_, _| Ok(0));
+        assert_eq!(stuck.unwrap_err().kind(), io::ErrorKind::WriteZero);
+        write_all_vectored(&[&[], &[]], 0, |_, _| panic!("nothing to write")).unwrap();
+    }
+
+    #[test]
+    fn a_real_files_vectored_write_lands_back_to_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = std::fs::File::create_new(dir.path().join("log")).unwrap();
+        f.write_at(&[9u8; 100], 0).unwrap();
+        // More buffers than one pwritev takes; 4 KiB blocks like the log's.
+        let bufs = numbered_buffers(2500);
+        let blocks: Vec<Vec<u8>> = (0..40u8).map(|i| vec![i; 4096]).collect();
+        let refs: Vec<&[u8]> = bufs.iter().chain(&blocks).map(|b| &b[..]).collect();
+        f.write_vectored_at(&refs, 50).unwrap();
+        let want: Vec<u8> = refs.concat();
+        let mut back = vec![0u8; 50 + want.len()];
+        f.read_at(&mut back, 0).unwrap();
+        assert!(back[..50] == [9u8; 50], "bytes before the offset kept");
+        assert!(back[50..] == want[..], "the buffers, in order");
+        assert_eq!(f.length_bytes().unwrap(), 50 + want.len() as u64);
     }
 
     #[test]

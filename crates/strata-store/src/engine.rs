@@ -34,7 +34,7 @@
 use crate::journal::Record;
 #[cfg(test)]
 use crate::journal::WRITE_BLOCKS_MAX;
-use crate::log::{segment_of, Log, LogError, RUN_BLOCKS_MAX, SEGMENT_SLOTS};
+use crate::log::{segment_of, Log, LogError, LogWrite, RUN_BLOCKS_MAX, SEGMENT_SLOTS};
 
 mod checkpoint;
 mod cleaner;
@@ -635,13 +635,31 @@ impl<F: RawFile> Engine<F> {
 
     /// Writes whole blocks at `lba`. Survives a process crash when it returns.
     pub fn write(&mut self, volume: u64, lba: u64, data: &[u8]) -> Result<(), EngineError> {
-        if data.is_empty() || !data.len().is_multiple_of(BLOCK_BYTES) {
-            return Err(EngineError::Unaligned);
+        self.write_many(volume, &[(lba, data)])
+    }
+
+    /// Writes each `(lba, blocks)` of `volume` with the effect of [`Engine::write`] for
+    /// each in turn (a later one wins where two overlap), logged together
+    /// ([`Log::write_many`]). Every entry is checked first: if one is refused, nothing is
+    /// written. Survives a process crash when it returns.
+    pub fn write_many(&mut self, volume: u64, writes: &[(u64, &[u8])]) -> Result<(), EngineError> {
+        for (lba, data) in writes {
+            if data.is_empty() || !data.len().is_multiple_of(BLOCK_BYTES) {
+                return Err(EngineError::Unaligned);
+            }
+            self.writable_range(volume, *lba, (data.len() / BLOCK_BYTES) as u64)?;
         }
-        self.writable_range(volume, lba, (data.len() / BLOCK_BYTES) as u64)?;
-        for (i, chunk) in data.chunks(RUN_BLOCKS_MAX * BLOCK_BYTES).enumerate() {
-            let lba = lba + (i * RUN_BLOCKS_MAX) as u64;
-            let record = self.log.write(volume, lba, self.next_vba, chunk)?;
+        // Longer writes are split into runs of one record each, given VBAs in order.
+        let mut vba = self.next_vba;
+        let mut runs = Vec::with_capacity(writes.len());
+        for (lba, data) in writes {
+            for (i, chunk) in data.chunks(RUN_BLOCKS_MAX * BLOCK_BYTES).enumerate() {
+                let lba = lba + (i * RUN_BLOCKS_MAX) as u64;
+                runs.push(LogWrite { volume, lba, vba, data: chunk });
+                vba += (chunk.len() / BLOCK_BYTES) as u64;
+            }
+        }
+        for record in self.log.write_many(&runs)? {
             self.apply(&record);
         }
         Ok(())

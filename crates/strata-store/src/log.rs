@@ -4,6 +4,8 @@
 //! Layout: journal slots form a chain (each names the slot reserved for its successor);
 //! data slots lie between them. A write puts its blocks at the tail, adds a `Write` record
 //! (with each block's crc32c) to the open journal slot and rewrites that slot in place.
+//! A batch of writes (`write_many`) puts all its blocks first (one vectored write per
+//! stretch of consecutive slots), then all its records, and rewrites the slot once.
 //! `flush` seals the open slot (it is never rewritten again, and the next records go to
 //! the slot it reserved), syncs the file, then notes in the journal (a `Durable` record)
 //! which slots that sync covered. The three steps can be split (`seal`, a sync of the
@@ -102,6 +104,8 @@ pub struct Log<F: RawFile> {
     open_changes: bool,
     /// The checksum of the open slot as last written (its successor names it).
     open_crc: u32,
+    /// Whether the open slot holds records not written yet (pushed by a batch).
+    open_pending: bool,
     /// Whether the open slot was written whole once already: a rewrite then writes only
     /// its header and records (the zeroes after them are there).
     open_written: bool,
@@ -119,6 +123,45 @@ pub struct Log<F: RawFile> {
     /// slots it judged, and where it truncated.
     judged: Option<(u64, u64)>,
     truncate_at: Option<(u64, u64)>,
+}
+
+/// One write of [`Log::write_many`]: whole blocks of `volume` at `lba`, with VBAs from
+/// `vba`.
+#[derive(Clone, Copy, Debug)]
+pub struct LogWrite<'a> {
+    /// The volume.
+    pub volume: u64,
+    /// Its first block.
+    pub lba: u64,
+    /// The VBA of the first block (the others follow).
+    pub vba: u64,
+    /// The blocks: a multiple of 4096 bytes, at least one block, at most
+    /// [`RUN_BLOCKS_MAX`] blocks.
+    pub data: &'a [u8],
+}
+
+impl LogWrite<'_> {
+    /// How many blocks it writes (checked: whole blocks, at least one, one record's worth).
+    fn blocks(&self) -> usize {
+        let data = self.data;
+        assert!(!data.is_empty() && data.len().is_multiple_of(SLOT_BYTES), "whole blocks");
+        assert!(data.len() / SLOT_BYTES <= RUN_BLOCKS_MAX, "the store splits larger writes");
+        data.len() / SLOT_BYTES
+    }
+
+    /// Its record, once its blocks are in slots from `pba`.
+    fn record(&self, pba: u32) -> Record {
+        let crcs = self.data.chunks(SLOT_BYTES).map(crc32c::crc32c).collect();
+        Record::Write { volume: self.volume, lba: self.lba, vba: self.vba, pba, crcs }
+    }
+}
+
+/// Slot `pba`, the first of `blocks`, as stored on disk (u32: 16 TiB of log), if the run
+/// and the journal slot after it fit; ENOSPC otherwise.
+fn slot32(pba: u64, blocks: usize) -> io::Result<u32> {
+    u32::try_from(pba + blocks as u64 + 1)
+        .map(|_| pba as u32)
+        .map_err(|_| io::Error::from_raw_os_error(28))
 }
 
 fn offset(slot: u64) -> u64 {
@@ -149,6 +192,7 @@ impl<F: RawFile> Log<F> {
             open_changes: false,
             open_crc: 0,
             open_written: false,
+            open_pending: false,
             allocated: 2,
             file_end: 0,
             preparing: None,
@@ -273,6 +317,7 @@ impl<F: RawFile> Log<F> {
             open_changes: false,
             open_crc: 0,
             open_written: false,
+            open_pending: false,
             allocated: 0,
             file_end: file_slots,
             preparing: None,
@@ -464,21 +509,67 @@ impl<F: RawFile> Log<F> {
     /// went and their checksums). Survives a process crash when it returns; a power loss
     /// only after the next `flush`.
     pub fn write(&mut self, volume: u64, lba: u64, vba: u64, data: &[u8]) -> io::Result<Record> {
-        assert!(!data.is_empty() && data.len().is_multiple_of(SLOT_BYTES), "whole blocks");
-        let blocks = data.len() / SLOT_BYTES;
-        assert!(blocks <= RUN_BLOCKS_MAX, "the store splits larger writes");
+        let w = LogWrite { volume, lba, vba, data };
+        let blocks = w.blocks();
         let pba = self.alloc(blocks as u64);
-        // Slots are u32 on disk (16 TiB of log): refuse before writing anything.
-        let last = pba + blocks as u64 + 1;
-        let pba32 = u32::try_from(pba)
-            .ok()
-            .filter(|_| u32::try_from(last).is_ok())
-            .ok_or_else(|| io::Error::from_raw_os_error(28))?;
-        self.write_slots(data, pba)?;
-        let crcs = data.chunks(SLOT_BYTES).map(crc32c::crc32c).collect();
-        let record = Record::Write { volume, lba, vba, pba: pba32, crcs };
+        let pba = slot32(pba, blocks)?;
+        self.write_slots(data, u64::from(pba))?;
+        let record = w.record(pba);
         self.append(record.clone())?;
         Ok(record)
+    }
+
+    /// Appends several writes (each as [`Log::write`] takes it) with the effect of `write`
+    /// for each in turn, and returns their records in order: every write's blocks go in
+    /// with one `write_vectored_at` per stretch of consecutive slots, then the records into
+    /// the open journal slot, which is written once (a slot that fills on the way is
+    /// written whole before the next is started, as `append` does). So the data is always
+    /// written before any record naming it, and a torn rewrite costs only unsynced records,
+    /// exactly as for the writes one by one. Slots are refused (ENOSPC) before anything is
+    /// written. An empty batch writes nothing; a batch of one is [`Log::write`] (a
+    /// `pwrite` costs a little less than a `pwritev` and the batch's bookkeeping).
+    pub fn write_many(&mut self, writes: &[LogWrite<'_>]) -> io::Result<Vec<Record>> {
+        match writes {
+            [] => return Ok(Vec::new()),
+            [w] => return Ok(vec![self.write(w.volume, w.lba, w.vba, w.data)?]),
+            _ => {}
+        }
+        let mut placed = Vec::with_capacity(writes.len());
+        for w in writes {
+            let pba = self.alloc(w.blocks() as u64);
+            placed.push((pba, w.data));
+        }
+        let pbas = placed
+            .iter()
+            .map(|(pba, data)| slot32(*pba, data.len() / SLOT_BYTES))
+            .collect::<io::Result<Vec<u32>>>()?;
+        self.write_runs(&placed)?;
+        let mut records = Vec::with_capacity(writes.len());
+        for (w, pba) in writes.iter().zip(pbas) {
+            let record = w.record(pba);
+            self.push(&record)?;
+            records.push(record);
+        }
+        self.write_open()?;
+        Ok(records)
+    }
+
+    /// Writes each `(slot, blocks)` of `placed` (in allocation order), one
+    /// `write_vectored_at` per stretch of consecutive slots.
+    fn write_runs(&mut self, placed: &[(u64, &[u8])]) -> io::Result<()> {
+        let mut rest = placed;
+        while let Some((start, _)) = rest.first() {
+            let mut end = *start;
+            let mut bufs = Vec::new();
+            while let Some(((slot, data), after)) = rest.split_first().filter(|(r, _)| r.0 == end) {
+                bufs.push(*data);
+                end = slot + (data.len() / SLOT_BYTES) as u64;
+                rest = after;
+            }
+            self.file.write_vectored_at(&bufs, offset(*start))?;
+            self.file_end = self.file_end.max(end);
+        }
+        Ok(())
     }
 
     /// Copies blocks (the cleaner): `data` is the blocks of VBAs `vba..`, whose crcs are
@@ -488,9 +579,7 @@ impl<F: RawFile> Log<F> {
         let blocks = crcs.len();
         assert!((1..=RUN_BLOCKS_MAX).contains(&blocks) && data.len() == blocks * SLOT_BYTES);
         let pba = self.alloc(blocks as u64);
-        let pba32 = u32::try_from(pba + blocks as u64 + 1)
-            .map(|_| pba as u32)
-            .map_err(|_| io::Error::from_raw_os_error(28))?;
+        let pba32 = slot32(pba, blocks)?;
         self.write_slots(data, pba)?;
         let record = Record::Move { vba, pba: pba32, crcs };
         self.append(record.clone())?;
@@ -499,13 +588,24 @@ impl<F: RawFile> Log<F> {
 
     /// Appends a record that carries no data (trim, zero).
     pub fn append(&mut self, record: Record) -> io::Result<()> {
-        if !self.open.push(&record) {
-            // The open slot is full: it is complete as written; continue in the next.
-            self.advance()?;
-            assert!(self.open.push(&record), "a record fits an empty slot");
-        }
-        self.open_changes |= !matches!(record, Record::Durable { .. });
+        self.push(&record)?;
         self.write_open()
+    }
+
+    /// Adds `record` to the open slot (in memory: the caller then writes the slot). When
+    /// the slot is full, it is complete: written as it stands (unless it already was), and
+    /// the record goes to the next one.
+    fn push(&mut self, record: &Record) -> io::Result<()> {
+        if !self.open.push(record) {
+            if self.open_pending {
+                self.write_open()?;
+            }
+            self.advance()?;
+            assert!(self.open.push(record), "a record fits an empty slot");
+        }
+        self.open_pending = true;
+        self.open_changes |= !matches!(record, Record::Durable { .. });
+        Ok(())
     }
 
     /// Starts this run on disk: its first slot is written, empty, and synced, so whatever
@@ -533,6 +633,7 @@ impl<F: RawFile> Log<F> {
     /// (whose checksum covers only the old records, unchanged) or a slot that fails its
     /// checksum, which costs only records never synced (invariant 1).
     fn write_open(&mut self) -> io::Result<()> {
+        self.open_pending = false;
         let bytes = self.open.encode();
         self.open_crc = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"));
         if self.open_written {
@@ -554,6 +655,7 @@ impl<F: RawFile> Log<F> {
 
     /// Moves on to the reserved journal slot and reserves the one after it.
     fn advance(&mut self) -> io::Result<()> {
+        debug_assert!(!self.open_pending, "a slot is written whole before the next begins");
         let reserved = self.reserve()?;
         self.open_sequence += 1;
         self.open_at = self.next_at;

@@ -4,12 +4,16 @@
 //!
 //! Concurrency: one `RwLock` around the engine. Reads (and extents) share it; writes,
 //! trims, zeroes and metadata changes hold it exclusively while they append to the log
-//! (a `pwrite` into the page cache). A sync holds it only to seal the open journal slot;
-//! the `fdatasync` runs without it, so writes continue while a flush waits on the device,
-//! and every write completed before the seal is covered by the sync.
+//! (a `pwrite` into the page cache); a batch of writes (`write_many`) holds it once for
+//! all of them (a `pwritev` of their blocks per stretch of consecutive log slots, usually
+//! one, and one write of the journal slot, plus one per slot it fills). A sync holds it
+//! only to seal the open journal slot; the `fdatasync` runs without it, so writes continue
+//! while a flush waits on the device, and every write completed before the seal is
+//! covered by the sync.
 //!
 //! Byte ranges that do not fall on 4 KiB blocks are read-modify-written under the
-//! exclusive lock, so two unaligned writers of one block never lose each other's bytes.
+//! exclusive lock, so two unaligned writers of one block never lose each other's bytes. A
+//! batch with such a range is written one write at a time, under one hold of the lock.
 //!
 //! Maintenance: a background thread cleans segments that are mostly dead (a few hundred
 //! blocks per lock hold, so I/O goes on between steps) and writes a checkpoint
@@ -56,6 +60,8 @@ pub const PREPARED_SEGMENTS: usize = 2;
 pub const FREE_SEGMENTS_KEPT: usize = 8;
 /// Writes up to this size are done inline by the caller when the lock is free.
 const INLINE_WRITE_BYTES_MAX: usize = 1 << 20;
+/// Batches of writes up to this size in all are done inline when the lock is free.
+const INLINE_BATCH_BYTES_MAX: usize = 4 << 20;
 /// Blocks the cleaner moves per hold of the lock.
 const CLEAN_STEP_BLOCKS: usize = 512;
 /// Snapshot deletes whose space the store follows until the log reuses it (the oldest
@@ -185,6 +191,18 @@ impl Shared {
             return Err(StoreError::Failed);
         }
         Ok(self.engine.write().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// The engine locked for a write, or `None` if another thread holds the lock.
+    fn try_write(&self) -> Result<Option<RwLockWriteGuard<'_, Engine<Arc<File>>>>, StoreError> {
+        if self.failed.load(Ordering::Acquire) {
+            return Err(StoreError::Failed);
+        }
+        match self.engine.try_write() {
+            Ok(engine) => Ok(Some(engine)),
+            Err(std::sync::TryLockError::WouldBlock) => Ok(None),
+            Err(std::sync::TryLockError::Poisoned(e)) => Ok(Some(e.into_inner())),
+        }
     }
 
     /// Maps an engine error; an I/O error of a change fails the store (invariant 1).
@@ -655,6 +673,11 @@ impl Store for LogStore {
     }
 }
 
+/// Whether `data` at `offset` is whole blocks (or nothing).
+fn whole_blocks(offset: u64, data: &[u8]) -> bool {
+    offset.is_multiple_of(BLOCK) && data.len().is_multiple_of(BLOCK_BYTES)
+}
+
 /// The blocks covering bytes `offset..offset+length` (length > 0): first block, count.
 fn covering(offset: u64, length: u64) -> (u64, u64) {
     let first = offset / BLOCK;
@@ -695,6 +718,30 @@ impl LogVolume {
         }
         buf[head..end].copy_from_slice(data);
         engine.write(self.id, first, &buf).map_err(|e| self.shared.fail(e))
+    }
+
+    /// Writes each `(offset, data)` in order with the engine locked, every range checked
+    /// first: all together when each is whole blocks, otherwise one by one.
+    fn write_many_locked(
+        &self,
+        engine: &mut Engine<Arc<File>>,
+        writes: &[(u64, &[u8])],
+    ) -> Result<(), StoreError> {
+        let size = engine.size(self.id).map_err(store_error)?;
+        for (offset, data) in writes {
+            check_range(*offset, data.len() as u64, size)?;
+        }
+        if !writes.iter().all(|(offset, data)| whole_blocks(*offset, data)) {
+            return writes
+                .iter()
+                .try_for_each(|(offset, data)| self.write_locked(engine, data, *offset));
+        }
+        let blocks: Vec<(u64, &[u8])> = writes
+            .iter()
+            .filter(|(_, data)| !data.is_empty())
+            .map(|(offset, data)| (offset / BLOCK, *data))
+            .collect();
+        engine.write_many(self.id, &blocks).map_err(|e| self.shared.fail(e))
     }
 
     /// Reads bytes at `offset` with the engine locked: whole blocks directly, otherwise the
@@ -791,19 +838,30 @@ impl BlockVolume for LogVolume {
         // Whole blocks up to 1 MiB go into the page cache without reading the device, so
         // they are done inline when the lock is free; anything else (a read-modify-write,
         // a large write, a busy lock) goes to the blocking pool.
-        let aligned = offset.is_multiple_of(BLOCK) && data.len().is_multiple_of(BLOCK_BYTES);
-        if !aligned || data.is_empty() || data.len() > INLINE_WRITE_BYTES_MAX {
+        if !whole_blocks(offset, data) || data.is_empty() || data.len() > INLINE_WRITE_BYTES_MAX {
             return Ok(false);
         }
-        if self.shared.failed.load(Ordering::Acquire) {
-            return Err(StoreError::Failed);
-        }
-        let mut engine = match self.shared.engine.try_write() {
-            Ok(engine) => engine,
-            Err(std::sync::TryLockError::WouldBlock) => return Ok(false),
-            Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
-        };
+        let Some(mut engine) = self.shared.try_write()? else { return Ok(false) };
         self.write_locked(&mut engine, data, offset)?;
+        Ok(true)
+    }
+
+    fn write_many(&self, writes: &[(u64, &[u8])]) -> Result<(), StoreError> {
+        let mut engine = self.shared.write()?;
+        self.write_many_locked(&mut engine, writes)
+    }
+
+    fn try_write_many_nowait(&self, writes: &[(u64, &[u8])]) -> Result<bool, StoreError> {
+        // As `try_write_at_nowait`: whole blocks only (no read), and not too many bytes.
+        let inline = |(offset, data): &(u64, &[u8])| {
+            whole_blocks(*offset, data) && !data.is_empty() && data.len() <= INLINE_WRITE_BYTES_MAX
+        };
+        let total: usize = writes.iter().map(|(_, data)| data.len()).sum();
+        if !writes.iter().all(inline) || total > INLINE_BATCH_BYTES_MAX {
+            return Ok(false);
+        }
+        let Some(mut engine) = self.shared.try_write()? else { return Ok(false) };
+        self.write_many_locked(&mut engine, writes)?;
         Ok(true)
     }
 

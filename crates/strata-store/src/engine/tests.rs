@@ -1,15 +1,15 @@
 //! The engine against a model. A proptest runs random sequences of every operation (create,
-//! write, trim, zero, snapshot, clone, delete, rollback, resize, remove, flush, crash and
-//! reopen) on the engine and on a model that mirrors the module doc: refusals are the same
-//! errors and change nothing, every view reads as the model says, the lineage (which views
-//! were made from which snapshot) matches, `validate` holds after every step, and deleting a
-//! snapshot frees exactly its `usage().exclusive_blocks`. After a crash the engine must be
-//! exactly the model after some prefix of the operations since the last flush (or the last
-//! reopen), writes included: replay drops records only as a suffix. Runs of many operations
-//! without a flush fill journal slots, crashes cut files anywhere (not only at whole slots),
-//! and some writes are blocks of zeroes. A second proptest checks `usage` against brute
-//! force. Unit tests cover each refusal, damaged blocks, large writes, and three crashes the
-//! log's replay once got wrong.
+//! write, batch of writes, trim, zero, snapshot, clone, delete, rollback, resize, remove,
+//! flush, crash and reopen) on the engine and on a model that mirrors the module doc: refusals
+//! are the same errors and change nothing, every view reads as the model says, the lineage
+//! (which views were made from which snapshot) matches, `validate` holds after every step, and
+//! deleting a snapshot frees exactly its `usage().exclusive_blocks`. After a crash the engine
+//! must be exactly the model after some prefix of the operations since the last flush (or the
+//! last reopen), writes included: replay drops records only as a suffix (a batch may be cut
+//! after any of its writes). Runs of many operations without a flush fill journal slots,
+//! crashes cut files anywhere (not only at whole slots), and some writes are blocks of zeroes.
+//! A second proptest checks `usage` against brute force. Unit tests cover each refusal, damaged
+//! blocks, large writes, and three crashes the log's replay once got wrong.
 
 use super::*;
 use crate::journal::RECORDS_BYTES_MAX;
@@ -118,20 +118,58 @@ struct MView {
 type Lineage = BTreeMap<u64, (ViewInfo, u64, Option<u64>)>;
 
 /// One concrete operation. Each one the engine accepts logs exactly one record (writes are
-/// shorter than `RUN_BLOCKS_MAX`), so a prefix of the records is a prefix of the operations.
+/// shorter than `RUN_BLOCKS_MAX`), a batch one per write (see `Act::steps`), so a prefix of
+/// the records is a prefix of the operations.
 /// Write `write` > 0 writes `blocks(write, blocks)`; write 0 writes blocks of zeroes.
 #[derive(Clone, Debug)]
 enum Act {
-    Create { id: u64, size: u64 },
-    Write { view: u64, lba: u64, blocks: u64, write: u64 },
-    Trim { view: u64, lba: u64, blocks: u64 },
-    Zero { view: u64, lba: u64, blocks: u64 },
-    Snapshot { volume: u64, id: u64 },
-    Clone { source: u64, id: u64 },
-    Delete { snapshot: u64 },
-    Rollback { volume: u64, snapshot: u64 },
-    Resize { volume: u64, size: u64 },
-    Remove { volume: u64 },
+    Create {
+        id: u64,
+        size: u64,
+    },
+    Write {
+        view: u64,
+        lba: u64,
+        blocks: u64,
+        write: u64,
+    },
+    /// `write_many` of (lba, blocks, write), each as in `Write`: one record each.
+    WriteMany {
+        view: u64,
+        writes: Vec<(u64, u64, u64)>,
+    },
+    Trim {
+        view: u64,
+        lba: u64,
+        blocks: u64,
+    },
+    Zero {
+        view: u64,
+        lba: u64,
+        blocks: u64,
+    },
+    Snapshot {
+        volume: u64,
+        id: u64,
+    },
+    Clone {
+        source: u64,
+        id: u64,
+    },
+    Delete {
+        snapshot: u64,
+    },
+    Rollback {
+        volume: u64,
+        snapshot: u64,
+    },
+    Resize {
+        volume: u64,
+        size: u64,
+    },
+    Remove {
+        volume: u64,
+    },
 }
 
 /// The largest write the model test makes, in blocks.
@@ -139,6 +177,17 @@ const WRITE_BLOCKS: u64 = 3;
 const _: () = assert!(WRITE_BLOCKS as usize <= RUN_BLOCKS_MAX, "one record per write");
 
 impl Act {
+    /// The operations it is, one per record it logs (a batch's writes in order).
+    fn steps(&self) -> Vec<Act> {
+        match self {
+            Act::WriteMany { view, writes } => writes
+                .iter()
+                .map(|&(lba, blocks, write)| Act::Write { view: *view, lba, blocks, write })
+                .collect(),
+            act => vec![act.clone()],
+        }
+    }
+
     fn run(&self, engine: &mut Engine<SimFile>) -> Result<(), EngineError> {
         match *self {
             Act::Create { id, size } => engine.create_volume(id, size),
@@ -147,6 +196,17 @@ impl Act {
             }
             Act::Write { view, lba, blocks: n, write } => {
                 engine.write(view, lba, &blocks(write, n))
+            }
+            Act::WriteMany { view, ref writes } => {
+                let data: Vec<(u64, Vec<u8>)> = writes
+                    .iter()
+                    .map(|&(lba, n, write)| match write {
+                        0 => (lba, vec![0; (n * B) as usize]),
+                        _ => (lba, blocks(write, n)),
+                    })
+                    .collect();
+                let writes: Vec<(u64, &[u8])> = data.iter().map(|(l, d)| (*l, &d[..])).collect();
+                engine.write_many(view, &writes)
             }
             Act::Trim { view, lba, blocks } => engine.trim(view, lba, blocks),
             Act::Zero { view, lba, blocks } => engine.write_zeroes(view, lba, blocks),
@@ -254,6 +314,8 @@ impl Model {
             Act::Write { view, lba, blocks, .. }
             | Act::Trim { view, lba, blocks }
             | Act::Zero { view, lba, blocks } => Self::range(self.volume(view)?.size, lba, blocks),
+            // Every entry, in order, before anything is written.
+            Act::WriteMany { .. } => act.steps().iter().try_for_each(|step| self.check(step)),
             Act::Snapshot { volume, id } => {
                 self.volume(volume)?;
                 self.free(id)
@@ -300,6 +362,7 @@ impl Model {
     /// Applies an operation `check` accepted.
     fn apply(&mut self, act: &Act) {
         match *act {
+            Act::WriteMany { .. } => act.steps().iter().for_each(|step| self.apply(step)),
             Act::Create { id, size } => {
                 let info = ViewInfo::Volume { snapshots: Vec::new() };
                 let data = BTreeMap::new();
@@ -492,6 +555,11 @@ enum Op {
         /// Blocks of zeroes (which read the same wherever a crash left nothing).
         zeroes: bool,
     },
+    /// `write_many` of (lba, blocks, zeroes), each as in `Write`.
+    WriteMany {
+        view: Pick,
+        writes: Vec<(Lba, u64, bool)>,
+    },
     Trim {
         view: Pick,
         lba: Lba,
@@ -560,6 +628,23 @@ impl Op {
                 let view = view.of(&volumes);
                 Act::Write { view, lba: lba.of(model, view), blocks: *blocks, write }
             }
+            Op::WriteMany { view, writes } => {
+                let view = view.of(&volumes);
+                let writes = writes
+                    .iter()
+                    .map(|(lba, blocks, zeroes)| {
+                        let write = match zeroes {
+                            true => 0,
+                            false => {
+                                *next_write += 1;
+                                *next_write
+                            }
+                        };
+                        (lba.of(model, view), *blocks, write)
+                    })
+                    .collect();
+                Act::WriteMany { view, writes }
+            }
             Op::Trim { view, lba, blocks } => {
                 let view = view.of(&volumes);
                 Act::Trim { view, lba: lba.of(model, view), blocks: *blocks }
@@ -626,11 +711,14 @@ fn engine_op(lineage: u32, writes: u32) -> impl Strategy<Value = Op> {
             .prop_map(|(index, wild)| Lba { index, wild })
     };
     let range = (pick(), lba(), 1..=WRITE_BLOCKS, prop::bool::weighted(0.2));
+    let entry = (lba(), 1..=WRITE_BLOCKS, prop::bool::weighted(0.2));
+    let batch = (pick(), proptest::collection::vec(entry, 1..6));
     let range0 = || (pick(), lba(), prop_oneof![20 => 1..=3u64, 1 => Just(0)]);
     prop_oneof![
         3 => (pick(), size()).prop_map(|(id, size)| Op::Create { id, size }),
         writes => range
             .prop_map(|(view, lba, blocks, zeroes)| Op::Write { view, lba, blocks, zeroes }),
+        1 + writes / 4 => batch.prop_map(|(view, writes)| Op::WriteMany { view, writes }),
         2 => range0().prop_map(|(view, lba, blocks)| Op::Trim { view, lba, blocks }),
         2 => range0().prop_map(|(view, lba, blocks)| Op::Zero { view, lba, blocks }),
         4 * lineage => (pick(), pick()).prop_map(|(volume, id)| Op::Snapshot { volume, id }),
@@ -813,8 +901,11 @@ impl Run {
                     let after = engine.vba_map_len();
                     assert_eq!(before.2 - after, freed, "{act:?} frees its exclusive blocks");
                 }
-                self.model.apply(&act);
-                self.prefixes.push(self.model.clone());
+                // A crash may keep any prefix of a batch's records.
+                for step in act.steps() {
+                    self.model.apply(&step);
+                    self.prefixes.push(self.model.clone());
+                }
             }
             (Err(want), Err(got)) => {
                 assert!(same_error(&want, &got), "{act:?}: want {want:?}, got {got:?}");
@@ -1343,4 +1434,119 @@ fn a_write_dropped_at_replay_never_comes_back() {
         let distinct: BTreeSet<u64> = vbas.iter().copied().collect();
         assert_eq!(distinct.len(), vbas.len(), "seed {seed}: a VBA mapped twice: {vbas:?}");
     }
+}
+
+/// Blocks of the volume in the batch tests.
+const BATCH_VOLUME_BLOCKS: u64 = 48;
+
+/// Reads all of volume 1 as (write id, block index) per block, `None` for a hole.
+fn contents(engine: &Engine<SimFile>) -> Vec<Option<(u64, u64)>> {
+    read_view(engine, 1)
+        .into_iter()
+        .map(|v| match v {
+            Some(Val::Data(id, i)) => Some((id, i)),
+            None => None,
+            other => panic!("only data was written: {other:?}"),
+        })
+        .collect()
+}
+
+/// Batches of (lba, blocks): some overlap, some longer than one record (`RUN_BLOCKS_MAX`),
+/// enough of them to fill segments and journal slots.
+fn batches() -> impl Strategy<Value = Vec<Vec<(u64, u64)>>> {
+    let entry = (0..BATCH_VOLUME_BLOCKS).prop_flat_map(|lba| {
+        let room = BATCH_VOLUME_BLOCKS - lba;
+        (Just(lba), prop_oneof![4 => 1..=room.min(3), 1 => 1..=room])
+    });
+    proptest::collection::vec(proptest::collection::vec(entry, 1..24), 1..8)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    /// `write_many` reads back (and after a reopen replays) exactly as the same writes one
+    /// by one, and as a model.
+    #[test]
+    fn a_batch_is_the_same_writes_one_by_one(batches in batches()) {
+        let new = || {
+            let mut engine = Engine::create(SimFile::new());
+            engine.create_volume(1, BATCH_VOLUME_BLOCKS * B).unwrap();
+            engine
+        };
+        let (mut batched, mut single) = (new(), new());
+        let mut model = vec![None; BATCH_VOLUME_BLOCKS as usize];
+        let mut id = 0;
+        for batch in batches {
+            let data: Vec<(u64, Vec<u8>)> = batch
+                .iter()
+                .map(|(lba, n)| {
+                    id += 1;
+                    for i in 0..*n {
+                        model[(lba + i) as usize] = Some((id, i));
+                    }
+                    (*lba, blocks(id, *n))
+                })
+                .collect();
+            let writes: Vec<(u64, &[u8])> = data.iter().map(|(lba, d)| (*lba, &d[..])).collect();
+            batched.write_many(1, &writes).unwrap();
+            for (lba, data) in &writes {
+                single.write(1, *lba, data).unwrap();
+            }
+            batched.validate().unwrap();
+            prop_assert_eq!(&contents(&batched), &model);
+            prop_assert_eq!(contents(&single), contents(&batched));
+            prop_assert_eq!(single.usage(1).unwrap(), batched.usage(1).unwrap());
+        }
+        // A process crash (the page cache kept), then a power loss after a flush.
+        let batched = Engine::open(batched.into_file()).unwrap();
+        prop_assert_eq!(&contents(&batched), &model);
+        let mut batched = batched;
+        batched.flush().unwrap();
+        let batched = crash_and_reopen(batched, id);
+        prop_assert_eq!(&contents(&batched), &model);
+    }
+}
+
+/// The writes of one `write_many`.
+type Batch<'a> = Vec<(u64, &'a [u8])>;
+
+#[test]
+fn a_batch_with_one_bad_entry_is_refused_whole() {
+    let mut engine = Engine::create(SimFile::new());
+    engine.create_volume(1, 8 * B).unwrap();
+    engine.create_volume(2, 8 * B).unwrap();
+    engine.write(1, 0, &blocks(1, 8)).unwrap();
+    engine.snapshot(1, 3).unwrap();
+    let (good, long) = (blocks(2, 2), blocks(3, 3));
+    let size = 8 * B;
+    let refusals: Vec<(u64, EngineError, Batch)> = vec![
+        (1, EngineError::OutOfRange { lba: 6, blocks: 3, size }, vec![(0, &good), (6, &long)]),
+        (1, EngineError::OutOfRange { lba: 8, blocks: 2, size }, vec![(8, &good), (0, &good)]),
+        (1, EngineError::Unaligned, vec![(0, &good), (2, &good[..100])]),
+        (1, EngineError::Unaligned, vec![(0, &good), (2, &[])]),
+        (3, EngineError::ReadOnly(3), vec![(0, &good)]),
+        (9, EngineError::NotFound(9), vec![(0, &good)]),
+    ];
+    for (volume, want, writes) in refusals {
+        let allocated = engine.log_allocated();
+        assert_refused(&mut engine, want, |e| e.write_many(volume, &writes));
+        assert_eq!(engine.log_allocated(), allocated, "no slot handed out");
+        assert_eq!(
+            read_view(&engine, 1),
+            (0..8).map(|i| Some(Val::Data(1, i))).collect::<Vec<_>>()
+        );
+    }
+    // An empty batch writes nothing and is no error.
+    assert_changes_nothing(&mut engine, |e| e.write_many(1, &[]));
+}
+
+/// Asserts that `op` succeeds and changes nothing.
+fn assert_changes_nothing(
+    engine: &mut Engine<SimFile>,
+    op: impl FnOnce(&mut Engine<SimFile>) -> Result<(), EngineError>,
+) {
+    let state = |e: &Engine<SimFile>| (e.log_allocated(), e.file().unsynced_writes());
+    let before = state(engine);
+    op(engine).unwrap();
+    assert_eq!(state(engine), before);
 }

@@ -1,4 +1,5 @@
-//! The log under crashes: random writes, trims and flushes on a `SimFile`, crashes at
+//! The log under crashes: random writes, batches of writes, trims and flushes on a
+//! `SimFile`, crashes at
 //! random points (unsynced writes kept, dropped or torn), replay after each. Every block
 //! flushed before a crash is there; every other block reads as the flushed value or as one
 //! of the writes made after that flush; replayed data always matches its checksum.
@@ -22,15 +23,29 @@ fn block(id: u64, index: u64) -> Vec<u8> {
 
 #[derive(Clone, Debug)]
 enum Op {
-    Write { lba: u64, blocks: u64 },
-    Trim { lba: u64, blocks: u64 },
+    Write {
+        lba: u64,
+        blocks: u64,
+    },
+    /// `write_many` of these (lba, blocks): they may overlap, and span segments.
+    WriteMany {
+        writes: Vec<(u64, u64)>,
+    },
+    Trim {
+        lba: u64,
+        blocks: u64,
+    },
     Flush,
-    Crash { seed: u64 },
+    Crash {
+        seed: u64,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         8 => (0u64..40, 1u64..4).prop_map(|(lba, blocks)| Op::Write { lba, blocks }),
+        2 => proptest::collection::vec((0u64..40, 1u64..4), 1..40)
+            .prop_map(|writes| Op::WriteMany { writes }),
         1 => (0u64..40, 1u64..4).prop_map(|(lba, blocks)| Op::Trim { lba, blocks }),
         2 => Just(Op::Flush),
         1 => any::<u64>().prop_map(|seed| Op::Crash { seed }),
@@ -79,6 +94,25 @@ fn run(ops: Vec<Op>) {
                 log.write(1, lba, id, &data).unwrap();
                 for i in 0..blocks {
                     maybe.entry(lba + i).or_default().push(Some((id, i)));
+                }
+            }
+            Op::WriteMany { writes } => {
+                let first = next_id;
+                next_id += writes.len() as u64;
+                let data: Vec<Vec<u8>> = (first..next_id)
+                    .zip(&writes)
+                    .map(|(id, (_, blocks))| (0..*blocks).flat_map(|i| block(id, i)).collect())
+                    .collect();
+                let batch: Vec<LogWrite> = (first..)
+                    .zip(writes.iter().zip(&data))
+                    .map(|(id, ((lba, _), data))| LogWrite { volume: 1, lba: *lba, vba: id, data })
+                    .collect();
+                let records = log.write_many(&batch).unwrap();
+                assert_eq!(records.len(), writes.len());
+                for (id, (lba, blocks)) in (first..).zip(writes) {
+                    for i in 0..blocks {
+                        maybe.entry(lba + i).or_default().push(Some((id, i)));
+                    }
                 }
             }
             Op::Trim { lba, blocks } => {
@@ -186,4 +220,93 @@ fn a_damaged_flushed_block_is_kept_as_damage_but_a_torn_unflushed_one_is_dropped
     let (_, records) = Log::open(log.file).unwrap();
     let writes = records.iter().filter(|r| matches!(r, Record::Write { .. })).count();
     assert_eq!(writes, 2, "{records:?}");
+}
+
+/// A `SimFile` that counts the calls that write.
+#[derive(Default)]
+struct Counted {
+    file: SimFile,
+    /// `write_at` calls, and `write_vectored_at` calls with their buffer counts.
+    writes: std::sync::Mutex<(usize, Vec<usize>)>,
+}
+
+impl RawFile for Counted {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.file.read_at(buf, offset)
+    }
+    fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()> {
+        self.writes.lock().unwrap().0 += 1;
+        self.file.write_at(data, offset)
+    }
+    fn write_vectored_at(&self, bufs: &[&[u8]], offset: u64) -> io::Result<()> {
+        self.writes.lock().unwrap().1.push(bufs.len());
+        self.file.write_vectored_at(bufs, offset)
+    }
+    fn sync(&self) -> io::Result<()> {
+        self.file.sync()
+    }
+    fn length_bytes(&self) -> io::Result<u64> {
+        self.file.length_bytes()
+    }
+    fn punch(&self, offset: u64, length: u64) -> io::Result<()> {
+        self.file.punch(offset, length)
+    }
+}
+
+#[test]
+fn a_batch_is_one_write_per_run_of_slots_and_one_journal_write() {
+    let mut log = Log::create(Counted::default());
+    let data: Vec<Vec<u8>> = (1..=8).map(|id| block(id, 0)).collect();
+    let batch: Vec<LogWrite> = (1..=8u64)
+        .zip(&data)
+        .map(|(id, data)| LogWrite { volume: 1, lba: id, vba: id, data })
+        .collect();
+    // Slots 2..10 of the first segment: one run.
+    log.write_many(&batch).unwrap();
+    assert_eq!(*log.file.writes.lock().unwrap(), (1, vec![8]));
+    // 4, 8 and 8 blocks from slot 10: the 8 do not fit the 2 slots left in the segment,
+    // so they start the next one; two runs (slots 10..14 and 16..32).
+    let data: Vec<Vec<u8>> = [(9, 4), (10, 8), (11, 8)].map(|(id, n)| blocks_of(id, n)).into();
+    let batch: Vec<LogWrite> = (9..=11u64)
+        .zip(&data)
+        .map(|(id, data)| LogWrite { volume: 1, lba: id * 10, vba: id, data })
+        .collect();
+    log.write_many(&batch).unwrap();
+    assert_eq!(*log.file.writes.lock().unwrap(), (2, vec![8, 1, 2]));
+}
+
+/// `n` blocks of write `id`.
+fn blocks_of(id: u64, n: u64) -> Vec<u8> {
+    (0..n).flat_map(|i| block(id, i)).collect()
+}
+
+#[test]
+fn a_batch_that_fills_journal_slots_and_segments_replays_whole() {
+    // 300 writes of 1 to 3 blocks, some over others: several journal slots, many segments.
+    let mut log = Log::create(SimFile::new());
+    let writes: Vec<(u64, u64, Vec<u8>)> =
+        (1..=300u64).map(|id| (id % 50, 1 + id % 3, blocks_of(id, 1 + id % 3))).collect();
+    let batch: Vec<LogWrite> = writes
+        .iter()
+        .map(|(lba, _, data)| LogWrite { volume: 1, lba: *lba, vba: data_id(data), data })
+        .collect();
+    let records = log.write_many(&batch).unwrap();
+    log.flush().unwrap();
+    let file = log.file;
+    file.crash(&mut SimRng::new(5));
+    let (log, replayed) = Log::open(file).unwrap();
+    assert_eq!(replayed, records, "every record, in order");
+    let state = state_of(&log, &replayed);
+    let mut want = HashMap::new();
+    for (id, (lba, blocks, _)) in (1..).zip(&writes) {
+        for i in 0..*blocks {
+            want.insert(lba + i, Some((id, i)));
+        }
+    }
+    assert_eq!(state, want);
+}
+
+/// The write id a block of `block` names.
+fn data_id(data: &[u8]) -> u64 {
+    u64::from_le_bytes(data[..8].try_into().unwrap())
 }

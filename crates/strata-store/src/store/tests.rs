@@ -232,3 +232,112 @@ fn the_oldest_deletes_are_forgotten_beyond_the_limit() {
     assert_eq!(r.len(), RECLAIMS_TRACKED);
     assert_eq!(r[0].snapshot, 103, "the three oldest are gone");
 }
+
+/// Reads all of a volume.
+fn read_all(v: &dyn BlockVolume) -> Vec<u8> {
+    let mut all = vec![0u8; v.size_bytes() as usize];
+    v.read_at(&mut all, 0).unwrap();
+    all
+}
+
+/// Writes, owning their bytes: (offset, data).
+type Owned = Vec<(u64, Vec<u8>)>;
+
+/// Writes of several blocks, some overlapping, enough of them to fill several of the
+/// tests' 16-slot segments; then the same with some not whole blocks.
+fn batch_data() -> (Owned, Owned) {
+    let aligned = (0..40u64)
+        .map(|i| ((i * 7 % 30) * 4096, pattern(4096 * (1 + i as usize % 5), i as u8)))
+        .chain([(0, Vec::new()), (4096, pattern(20 * 4096, 99))])
+        .collect();
+    let unaligned = (0..20u64)
+        .map(|i| (i * 5000 % 100_000, pattern(1 + (i as usize * 3001) % 9000, 100 + i as u8)))
+        .chain([(8192, pattern(8192, 7))])
+        .collect();
+    (aligned, unaligned)
+}
+
+fn as_writes(data: &Owned) -> Vec<(u64, &[u8])> {
+    data.iter().map(|(offset, d)| (*offset, &d[..])).collect()
+}
+
+#[test]
+fn a_batch_reads_back_as_the_writes_one_by_one_and_after_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store");
+    let (aligned, unaligned) = batch_data();
+    let mut want = Vec::new();
+    {
+        let store = LogStore::open(&path).unwrap();
+        let batched = store.create_volume(VolumeId(1), 160 * 1024).unwrap();
+        let single = store.create_volume(VolumeId(2), 160 * 1024).unwrap();
+        for data in [&aligned, &unaligned] {
+            let allocated = store.shared.read().log_allocated();
+            batched.write_many(&as_writes(data)).unwrap();
+            for (offset, d) in data {
+                single.write_at(d, *offset).unwrap();
+            }
+            want = read_all(&*single);
+            assert!(read_all(&*batched) == want, "a batch and the writes one by one differ");
+            assert!(store.shared.read().log_allocated() > allocated + 16, "crossed a segment");
+        }
+        assert!(store.check(true).is_empty());
+    }
+    let store = LogStore::open(&path).unwrap();
+    let batched = store.open_volume(VolumeId(1)).unwrap();
+    assert!(read_all(&*batched) == want, "reopened, the batch is there");
+}
+
+#[test]
+fn a_batch_with_one_range_past_the_end_writes_nothing() {
+    let (_dir, store) = store();
+    let v = store.create_volume(VolumeId(1), 64 * 1024).unwrap();
+    v.write_at(&pattern(64 * 1024, 1), 0).unwrap();
+    let before = (read_all(&*v), store.shared.read().log_allocated());
+    let (good, bad) = (pattern(8192, 2), pattern(4096, 3));
+    for writes in [
+        vec![(0, &good[..]), (62 * 1024, &bad[..]), (8192, &good[..])],
+        vec![(0, &good[..]), (61 * 1024, &bad[..])],
+        vec![(100, &good[..]), (u64::MAX, &bad[..1])],
+    ] {
+        assert!(matches!(v.write_many(&writes), Err(StoreError::OutOfRange { .. })));
+        assert!(matches!(
+            v.try_write_many_nowait(&writes),
+            Err(StoreError::OutOfRange { .. }) | Ok(false)
+        ));
+        assert_eq!((read_all(&*v), store.shared.read().log_allocated()), before);
+    }
+    store.snapshot(1, 2).unwrap();
+    let snap = store.view(2).unwrap();
+    assert!(matches!(snap.write_many(&[(0, &good[..])]), Err(StoreError::ReadOnly)));
+}
+
+#[test]
+fn a_batch_is_done_inline_only_when_whole_blocks_small_and_the_lock_free() {
+    let (_dir, store) = store();
+    let v = store.create_volume(VolumeId(1), 16 << 20).unwrap();
+    let (block, big) = (pattern(4096, 1), pattern(INLINE_WRITE_BYTES_MAX + 4096, 2));
+    let many: Vec<(u64, &[u8])> = (0..5).map(|i| (i << 20, &big[..1 << 20])).collect();
+    for refused in [
+        vec![(0, &block[..]), (1, &block[..])],
+        vec![(0, &block[..]), (8192, &block[..100])],
+        vec![(0, &block[..]), (8192, &[][..])],
+        vec![(0, &big[..])],
+        many,
+    ] {
+        assert!(!v.try_write_many_nowait(&refused).unwrap(), "not inline");
+    }
+    assert!(read_all(&*v).iter().all(|&b| b == 0), "and nothing written");
+    let writes = [(4096, &block[..]), (0, &big[..8192])];
+    {
+        let _held = store.shared.write().unwrap();
+        assert!(!v.try_write_many_nowait(&writes).unwrap(), "the lock is held");
+    }
+    assert!(v.try_write_many_nowait(&writes).unwrap());
+    let mut back = vec![0u8; 8192];
+    v.read_at(&mut back, 0).unwrap();
+    assert_eq!(back, big[..8192], "the later write wins");
+    store.shared.failed.store(true, Ordering::Release);
+    assert!(matches!(v.try_write_many_nowait(&writes), Err(StoreError::Failed)));
+    assert!(matches!(v.write_many(&writes), Err(StoreError::Failed)));
+}
