@@ -5,7 +5,8 @@
 //!   0   4 magic "SDP1"
 //!   4   1 kind       (a request kind 1-8; a reply sets the high bit: 0x80 | kind)
 //!   5   1 status     (replies: 0 ok, else a Status; requests: 0)
-//!   6   2 flags      (FUA = 1 on writes; VOLUME = 2: for the volume's owner, below)
+//!   6   2 flags      (FUA = 1 on writes; VOLUME = 2: for the volume's owner, below;
+//!                     WHOLE = 4 on probes: the owner vouches for the copy)
 //!   8   8 request id (chosen by the requester; a reply carries its request's)
 //!  16   8 component  (the component's store id on the receiving node)
 //!  24   8 epoch      (the owner's; a StaleEpoch reply carries the component's newest)
@@ -157,6 +158,10 @@ impl Status {
 pub const FLAG_FUA: u16 = 1;
 /// Set on a request for a replicated volume's owner (see the module doc).
 pub const FLAG_VOLUME: u16 = 2;
+/// On a Probe: the owner holds this copy level with its own (ACTIVE, owing no scan, its
+/// last answer over this very connection), so a mark the copy's node keeps after a power
+/// loss may come off.
+pub const FLAG_WHOLE: u16 = 4;
 
 /// A frame's header fields.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -251,7 +256,7 @@ pub fn parse_header(b: &[u8; HEADER_BYTES]) -> Result<(Header, usize), FrameErro
     let kind = Kind::from_u8(b[4] & 0x7f).ok_or(FrameError::Malformed("unknown kind"))?;
     let status = Status::from_u8(b[5]).ok_or(FrameError::Malformed("unknown status"))?;
     let flags = u16::from_le_bytes([b[6], b[7]]);
-    if flags & !(FLAG_FUA | FLAG_VOLUME) != 0 {
+    if flags & !(FLAG_FUA | FLAG_VOLUME | FLAG_WHOLE) != 0 {
         return Err(FrameError::Malformed("unknown flags"));
     }
     let length = u32_at(b, 52) as usize;

@@ -21,6 +21,10 @@
 //!    or threads on the common path. Anything else runs on a task of its own, started
 //!    only after the writes that came before it are applied. (An owner never has two
 //!    overlapping writes in flight except in one batch, whose order is kept.)
+//! 6. A Probe with the WHOLE flag takes the power-loss mark off its copy (`Node::suspect`):
+//!    its owner holds the copy level, and saw its last answer over this connection. Not
+//!    on a connection's first frame: an owner that has not heard from this process yet
+//!    cannot vouch for what it holds (the flag may have been set for the process before).
 
 use crate::fencing::Refused;
 use crate::node::Node;
@@ -31,7 +35,7 @@ use strata_io::{BlockVolume, IoOp, StoreError};
 use strata_replica::client::DETAIL_CHARS;
 use strata_replica::frame::{
     encode, encode_into, read_frame, DataKey, Header, Kind, Status, DIGEST_UNIT, FLAG_FUA,
-    FLAG_VOLUME,
+    FLAG_VOLUME, FLAG_WHOLE,
 };
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -234,6 +238,15 @@ impl DataService {
         let offset = h.offset;
         let result: Result<Vec<u8>, StoreError> = match h.kind {
             Kind::Probe => {
+                // Vouched for by its owner (invariant 6): a power-loss mark comes off.
+                if h.flags & FLAG_WHOLE != 0 && self.node.clear_suspect(h.component) {
+                    tracing::info!(
+                        component = h.component,
+                        epoch = h.epoch,
+                        "the owner levelled this node's copy: no longer suspect after the \
+                         power loss"
+                    );
+                }
                 let lsns = self.lsns.lock().unwrap_or_else(|e| e.into_inner());
                 reply.lsn = lsns.get(&h.component).copied().unwrap_or(0);
                 reply.count = 0;
@@ -430,6 +443,7 @@ impl DataService {
         let writer = Arc::new(tokio::sync::Mutex::new(writer));
         let mut done = Vec::new();
         let (mut batch, mut batched) = (Vec::new(), 0);
+        let mut first = true;
         loop {
             // Applied, and then sent, once no more input is buffered (the requests of one
             // burst applied together and answered in one write), or once enough have
@@ -457,6 +471,13 @@ impl DataService {
             if h.reply {
                 tracing::warn!(%peer, "closing a data-plane connection: a reply as a request");
                 return;
+            }
+            // A vouch counts only on a connection this process answered on before
+            // (invariant 6).
+            let mut h = h;
+            if first {
+                h.flags &= !FLAG_WHOLE;
+                first = false;
             }
             if h.kind == Kind::Write && h.flags & (FLAG_FUA | FLAG_VOLUME) == 0 {
                 batched += payload.len();

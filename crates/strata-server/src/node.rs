@@ -22,7 +22,7 @@
 
 use crate::error::{ApiError, ApiResult};
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -217,9 +217,10 @@ pub struct Node {
     discover: std::sync::OnceLock<Discover>,
     /// How often an owner compares its replicated volumes' copies (0: never).
     scrub_every_secs: std::sync::atomic::AtomicU64,
-    /// Until when this node's copies may lack unsynced writes (it came back from a power
-    /// loss): it takes ownership only after the other nodes with a copy.
-    suspect_until: Mutex<Option<std::time::Instant>>,
+    /// This node's copies (component ids) that may lack writes they had not synced (the
+    /// node came back from a power loss), until an owner vouches for each (on file,
+    /// `DATA/suspect`): see `replicated.rs` invariant 11.
+    suspect: Mutex<BTreeSet<u64>>,
     /// `VOL@SNAP` of the snapshots deleted since start, by store id (as many as the
     /// store follows, `strata_store::store::RECLAIMS_TRACKED`).
     deleted: Mutex<BTreeMap<u64, String>>,
@@ -471,7 +472,7 @@ impl Node {
             state: Mutex::new(State { next_id, volumes, components, replicated: BTreeMap::new() }),
             discover: std::sync::OnceLock::new(),
             scrub_every_secs: std::sync::atomic::AtomicU64::new(0),
-            suspect_until: Mutex::new(None),
+            suspect: Mutex::new(load_suspect(dir)?),
             deleted: Mutex::default(),
         };
         if dropped || !catalog_path.exists() {
@@ -571,17 +572,43 @@ impl Node {
             .collect()
     }
 
-    /// Marks this node's copies suspect until `until` (see `suspect_until`).
-    pub fn set_suspect_until(&self, until: std::time::Instant) {
-        *self.suspect_until.lock().expect("not poisoned") = Some(until);
+    /// Marks every copy this node holds suspect (it came back from a power loss: they may
+    /// lack writes they had not synced), on file before it returns.
+    pub fn mark_suspect(&self) -> anyhow::Result<()> {
+        let ids: Vec<u64> = self.components().into_iter().map(|(id, _, _)| id).collect();
+        let mut suspect = self.suspect.lock().expect("not poisoned");
+        let mut marked = suspect.clone();
+        marked.extend(ids);
+        save_suspect(&self.dir, &marked)?;
+        *suspect = marked;
+        Ok(())
     }
 
-    /// Whether this node's copies may lack writes they had not synced (a power loss).
-    pub fn suspect(&self) -> bool {
-        self.suspect_until
-            .lock()
-            .expect("not poisoned")
-            .is_some_and(|t| std::time::Instant::now() < t)
+    /// Whether copy `component` may lack writes it had not synced before a power loss
+    /// (and no owner has vouched for it since).
+    pub fn suspect(&self, component: u64) -> bool {
+        self.suspect.lock().expect("not poisoned").contains(&component)
+    }
+
+    /// Takes the mark off copy `component` (an owner vouched for it, or it became the
+    /// truth); returns whether it had one. Kept if the file cannot be written.
+    pub fn clear_suspect(&self, component: u64) -> bool {
+        let mut suspect = self.suspect.lock().expect("not poisoned");
+        if !suspect.contains(&component) {
+            return false;
+        }
+        let mut left = suspect.clone();
+        left.remove(&component);
+        match save_suspect(&self.dir, &left) {
+            Ok(()) => {
+                *suspect = left;
+                true
+            }
+            Err(e) => {
+                tracing::warn!(component, "cannot take the power-loss mark off a copy: {e:#}");
+                false
+            }
+        }
     }
 
     /// Sets how often an owner compares its replicated volumes' copies (0: never).
@@ -1253,5 +1280,45 @@ impl Exports {
             closed: attach.close.subscribe(),
             attachment: Box::new(Attachment(attach.count.clone())),
         })
+    }
+}
+
+/// The file of the copies marked suspect (`Node::mark_suspect`): one component id a line.
+const SUSPECT_FILE: &str = "suspect";
+
+fn load_suspect(dir: &Path) -> anyhow::Result<BTreeSet<u64>> {
+    use anyhow::Context;
+    let path = dir.join(SUSPECT_FILE);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(BTreeSet::new()),
+        Err(e) => return Err(e).with_context(|| format!("read {}", path.display())),
+    };
+    text.lines()
+        .map(|l| l.trim().parse::<u64>())
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("{}: not a list of component ids", path.display()))
+}
+
+fn save_suspect(dir: &Path, ids: &BTreeSet<u64>) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let text: String = ids.iter().map(|id| format!("{id}\n")).collect();
+    strata_store::store::write_atomically(dir, SUSPECT_FILE, text.as_bytes())
+        .with_context(|| format!("write {}", dir.join(SUSPECT_FILE).display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_power_loss_marks_survive_and_a_damaged_file_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(load_suspect(dir.path()).unwrap().is_empty(), "no file: nothing marked");
+        save_suspect(dir.path(), &BTreeSet::from([7, 42])).unwrap();
+        assert_eq!(load_suspect(dir.path()).unwrap(), BTreeSet::from([7, 42]));
+        std::fs::write(dir.path().join(SUSPECT_FILE), "7\nforty-two\n").unwrap();
+        let e = format!("{:#}", load_suspect(dir.path()).unwrap_err());
+        assert!(e.contains("suspect") && e.contains("component ids"), "{e}");
     }
 }

@@ -55,6 +55,15 @@
 //!     it restarted and registered again), with a copy that could not be fenced,
 //!     acknowledges nothing for `2 * READ_LEASE`. So a copy serving a read holds every
 //!     acknowledged write. Otherwise reads are forwarded to the owner.
+//! 11. A node back from a power loss (`lost_power`) marks every copy it holds suspect, on
+//!     file: they may lack writes they had not synced, which other copies hold. While its
+//!     copy is suspect it never takes the volume if another member (up or not) holds an
+//!     ACTIVE copy — that member takes it, and compares this copy with its own — and
+//!     otherwise only after every other up node with an ACTIVE copy. The mark comes off
+//!     when an owner vouches for the copy (a WHOLE probe: ACTIVE, owing no scan, its last
+//!     answer over that connection; `dataplane.rs` invariant 6), or when no other member
+//!     holds an ACTIVE copy and this node takes the volume (its copy is then the best
+//!     there is, and the node says so).
 
 use crate::error::{ApiError, ApiResult};
 use crate::fencing::{Fencing, Refused};
@@ -72,7 +81,7 @@ use strata_meta::service::{ClientReply, ClientRequest, Member};
 use strata_meta::state::{Command, Compare, Op, Response};
 use strata_replica::client::{request, CallError, DataPeer};
 use strata_replica::frame::{
-    DataKey, Kind, Status, DIGEST_UNIT, FLAG_FUA, FLAG_VOLUME, PAYLOAD_BYTES_MAX,
+    DataKey, Kind, Status, DIGEST_UNIT, FLAG_FUA, FLAG_VOLUME, FLAG_WHOLE, PAYLOAD_BYTES_MAX,
 };
 use strata_types::ErrorCode;
 
@@ -1427,7 +1436,18 @@ impl ReplicatedVolume {
             if states[i] != CopyState::Active {
                 continue;
             }
-            let h = request(Kind::Probe, c.id(), self.epoch, 0, 0);
+            let mut h = request(Kind::Probe, c.id(), self.epoch, 0, 0);
+            // Level with this copy, as far as this owner knows: it vouches (`dataplane.rs`
+            // invariant 6), and a power-loss mark on the copy comes off.
+            let whole = {
+                let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+                st.states[i] == CopyState::Active
+                    && st.scan[i].is_none()
+                    && st.connected[i] == Some(peer.connections())
+            };
+            if whole {
+                h.flags = FLAG_WHOLE;
+            }
             let probe = self.runtime.block_on(async {
                 tokio::time::timeout(Duration::from_secs(2), peer.call(h, &[])).await
             });
@@ -2619,6 +2639,17 @@ async fn remove_orphans(node: &Arc<Node>, meta: &Member) {
     }
 }
 
+/// Whether a member other than `me` (up or not) holds an ACTIVE copy of the volume: then
+/// this node's copy, suspect after a power loss, must not become the truth (invariant
+/// 11). If the membership cannot be read, assumed so.
+async fn truth_elsewhere(meta: &Member, record: &VolumeRecord, me: u64) -> bool {
+    let Ok(members) = members(meta).await else { return true };
+    record
+        .components
+        .iter()
+        .any(|c| c.node != me && c.state == "active" && members.iter().any(|(m, _)| m.id == c.node))
+}
+
 /// Each node's steward of the replicated volumes, until the process ends: it exports
 /// every one (a router), notices when this node's view is no longer the owner's, and
 /// takes ownership of a volume that has no owner (the last owner first, then the other
@@ -2630,6 +2661,8 @@ pub async fn steward(node: Arc<Node>, meta: Arc<Member>, moves: MovePolicy) {
     let mut ownerless: HashMap<String, Instant> = HashMap::new();
     // Volumes this node owns that a move away from has been pending for since.
     let mut moving_away: HashMap<String, Instant> = HashMap::new();
+    // Volumes this node said it will not take until another copy's node is up.
+    let mut waiting_for_truth: BTreeSet<String> = BTreeSet::new();
     loop {
         tokio::time::sleep(STEWARD_EVERY).await;
         if !meta.registered() {
@@ -2667,6 +2700,8 @@ pub async fn steward(node: Arc<Node>, meta: Arc<Member>, moves: MovePolicy) {
             if !active_here {
                 continue;
             }
+            // Back from a power loss and not levelled since (invariant 11).
+            let suspect = here.filter(|c| node.suspect(c.id));
             let go = match v.owner {
                 // Not while a move to another node that is up is pending (this node may
                 // have let go for it), unless that node has not taken it for a while.
@@ -2677,7 +2712,16 @@ pub async fn steward(node: Arc<Node>, meta: Arc<Member>, moves: MovePolicy) {
                     }
                     _ => true,
                 },
-                Some(_) => v.moving.is_some_and(|m| m.node == me),
+                Some(_) => v.moving.is_some_and(|m| m.node == me) && suspect.is_none(),
+                None if suspect.is_some() && truth_elsewhere(&meta, &v.record, me).await => {
+                    if waiting_for_truth.insert(name.clone()) {
+                        tracing::warn!(volume = %name,
+                            "not taking ownership: this node's copy may lack writes it had \
+                             not synced before a power loss, and another member holds an \
+                             active copy (waiting for it to be up)");
+                    }
+                    false
+                }
                 None => {
                     let since = *ownerless.entry(name.clone()).or_insert_with(Instant::now);
                     let mut line = vec![v.record.node];
@@ -2691,7 +2735,7 @@ pub async fn steward(node: Arc<Node>, meta: Arc<Member>, moves: MovePolicy) {
                     line.retain(|n| v.up.contains(n));
                     // Back from a power loss: after every other node with a copy (whose
                     // takeover then compares this node's copy with its own).
-                    if node.suspect() {
+                    if suspect.is_some() {
                         line.retain(|n| *n != me);
                         line.push(me);
                     }
@@ -2709,7 +2753,17 @@ pub async fn steward(node: Arc<Node>, meta: Arc<Member>, moves: MovePolicy) {
             };
             if go && router.taking.try_lock().is_ok() {
                 match take_over(&node, &meta, &router, false, from).await {
-                    Ok(epoch) => tracing::info!(volume = %name, epoch, "took ownership"),
+                    Ok(epoch) => {
+                        tracing::info!(volume = %name, epoch, "took ownership");
+                        // Its copy is the truth now: nothing is left to level it with.
+                        if let Some(c) = suspect.filter(|c| node.clear_suspect(c.id)) {
+                            tracing::warn!(volume = %name, component = c.id,
+                                "took ownership with a copy that may lack writes it had not \
+                                 synced before a power loss: no other member holds an active \
+                                 copy");
+                        }
+                        waiting_for_truth.remove(&name);
+                    }
                     Err(e) => {
                         tracing::warn!(volume = %name, "cannot take ownership: {}", e.message)
                     }
@@ -3182,9 +3236,6 @@ fn boot_id() -> &'static str {
     })
 }
 
-/// How long a node that came back from a power loss lets the other nodes with a copy
-/// take ownership first (they then compare its copies with theirs: a new owner scans).
-pub const SUSPECT_AFTER_POWER_LOSS: Duration = Duration::from_secs(60);
 /// In the data directory: the boot this node last started in.
 const BOOT_FILE: &str = "boot";
 /// In the data directory: present when the last run stopped cleanly (all synced).

@@ -192,12 +192,11 @@ async fn serve(config: Config, one_node: bool) -> anyhow::Result<()> {
     if crate::replicated::lost_power(&config.data_dir) {
         tracing::warn!(
             "the last run ended without a clean stop in another boot (a power loss?): this \
-             node's copies may lack writes they had not synced, so for a while it takes \
-             ownership of a replicated volume only after every other node with a copy"
+             node's copies may lack writes they had not synced, so it takes ownership of a \
+             replicated volume only after every other node with an active copy, until an \
+             owner has levelled its copy"
         );
-        node.set_suspect_until(
-            std::time::Instant::now() + crate::replicated::SUSPECT_AFTER_POWER_LOSS,
-        );
+        node.mark_suspect().context("mark this node's copies suspect")?;
     }
     let secret = config.secret()?;
     let data = crate::dataplane::DataService::new(node.clone(), &secret);

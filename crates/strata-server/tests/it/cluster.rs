@@ -731,6 +731,58 @@ fn an_owner_back_from_a_power_loss_is_not_the_truth() {
     crate::harness::qemu_io(&members[0].node().uri("p1"), &["read -P 0x31 0 64k"]);
 }
 
+/// A copy back from a power loss stays suspect until an owner levelled it: its node does
+/// not take the volume while the member holding the other active copy is down (that
+/// copy may hold writes this one lost), lets that node take it when it returns, and
+/// loses the mark once that owner vouches for its copy; then it may own the volume again.
+#[test]
+fn a_copy_back_from_a_power_loss_waits_for_the_other_copy_until_levelled() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut members = three_members(tmp.path());
+    let (ok, text) =
+        cli(&members[0], &["volume", "create", "p2", "--size", "4M", "--replicas", "2"]);
+    assert!(ok, "{text}");
+    crate::harness::qemu_io(&members[0].node().uri("p2"), &["write -P 0x61 0 64k"]);
+    let v = members[0].get("/v1/volumes/p2").unwrap();
+    assert_eq!(v["node"], 1, "node 1 owns it");
+    let other = v["components"].as_array().unwrap().iter().find(|c| c["node"] != 1).unwrap()["node"]
+        .as_u64()
+        .unwrap() as usize
+        - 1;
+    let epoch = v["epoch"].as_u64().unwrap();
+    // Node 1 loses power; the other copy's node stops before it could take the volume.
+    members[0].node.take().unwrap().kill9();
+    members[other].node.take().unwrap().kill9();
+    members[0].start_in_another_boot();
+    wait_logged(&members, 40, "node 1 to say why it does not take p2", || {
+        members[0].node().log_tail(300).contains("not taking ownership")
+    });
+    std::thread::sleep(Duration::from_secs(5));
+    let v = members[0].get("/v1/volumes/p2").unwrap();
+    assert_eq!(v["epoch"], epoch, "nobody took p2 while its other copy was away: {v}");
+
+    // The other copy's node takes it and levels node 1's copy, which then loses its mark.
+    members[other].start();
+    let suspect = || std::fs::read_to_string(members[0].dir.join("suspect")).unwrap();
+    assert!(!suspect().trim().is_empty(), "node 1 marked its copy");
+    wait_logged(&members, 60, "node 1's copy vouched for (its mark off)", || {
+        suspect().trim().is_empty()
+    });
+    assert_eq!(owner_of(&members, "p2").0, other, "the other copy's node owns p2");
+    crate::harness::qemu_io(&members[0].node().uri("p2"), &["read -P 0x61 0 64k"]);
+
+    // No longer suspect: node 1 takes p2 when that node goes, as any node would.
+    members[other].node.take().unwrap().kill9();
+    wait_logged(&members, 60, "node 1 to own p2 again", || {
+        members[0].get("/v1/volumes/p2").is_some_and(|v| v["node"] == 1)
+    });
+    crate::harness::qemu_io(&members[0].node().uri("p2"), &["read -P 0x61 0 64k"]);
+    assert!(!members[0]
+        .node()
+        .log_tail(2000)
+        .contains("may lack writes it had not synced before a power loss: no other"));
+}
+
 /// A block that rots on a copy other than the owner's is found by the owner's periodic
 /// scrub (`scrub_every_secs`) and rewritten: with no change of owner, and no client
 /// reading it.
