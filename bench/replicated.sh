@@ -5,7 +5,9 @@
 #   strata RF=3    three `strata serve --config nI.toml` members on loopback (node 1
 #                  founds the cluster, 2 and 3 join with its secret); volume "bench"
 #                  1G --replicas 3 (copies on nodes 1,2,3; node 1 owns it); fio drives
-#                  node 1's export nbd://NBD1/bench through /work/shared/tools/nbdbench.sh
+#                  node 1's export nbd://NBD1/bench through /work/shared/tools/nbdbench.sh;
+#                  the read workloads run again through node 2 (not the owner, holds a
+#                  copy: read from it under the owner's read lease), their own rows
 #   strata 1-node  `strata up` (bench/lib.sh start_strata), volume "bench" 1G, same runs
 #   ceph           /work/shared/peers/ceph.sh start (NOSD=3 SIZE=3 IMG_GB=1, bluestore on
 #                  files, rbd cache off so the OSDs ack every write), fio's rbd engine on
@@ -396,6 +398,20 @@ for ((rep = 1; rep <= REPS; rep++)); do
       log "RF3 $w: result '$r', copies before '$before' after '$after'; members' recent log lines:"
       node_logs_tail 15 >&2
     fi
+  done
+done
+# Reads through node 2, which does not own the volume but holds an ACTIVE copy: served
+# from that copy under the owner's read lease (not forwarded to the owner).
+URI_RF3_N2=nbd://${NBDA[1]}/bench
+for ((rep = 1; rep <= REPS; rep++)); do
+  for w in "${WL[@]}"; do
+    [[ $w == randread_* ]] || continue
+    sync
+    meas_begin
+    r=$(run_nbdbench "$URI_RF3_N2" "$w" rf3n2 "${NPID[2]}")
+    meas_end
+    record rf3n2 "$w" "$rep" "$r"
+    [[ $r == *err=0* ]] || { RF3_TROUBLE=1; log "RF3 $w via node 2: result '$r'"; }
   done
 done
 RF3_T1=$(date -u +%T)
@@ -819,6 +835,13 @@ w = [max(len(r[i]) for r in [hdr] + rows) for i in range(len(hdr))]
 line = lambda r: " | ".join(c.ljust(w[0]) if i == 0 else c.rjust(w[i]) for i, c in enumerate(r))
 print(line(hdr)); print("-+-".join("-" * x for x in w))
 for r in rows: print(line(r))
+reads = [wl for wl in wls if wl.startswith("randread_") and med("rf3n2", wl, "iops")]
+if reads:
+    print("reads through node 2 (not the owner; it holds an ACTIVE copy and reads it under the owner's read lease):")
+    for wl in reads:
+        a, o, c = med("rf3n2", wl, "iops"), med("one", wl, "iops"), med("ceph", wl, "iops")
+        print("  %-17s %7s iops  p99 %6s us   /1node %5s   /ceph %5s   (via the owner: %s iops)" % (
+            wl, f(a), f(med("rf3n2", wl, "p99_us")), f(ratio(a, o), "%.2f"), f(ratio(a, c), "%.2f"), f(med("rf3", wl, "iops"))))
 print("(iops: medians over reps; p99us: total latency, submit->complete, microseconds; in the _fsync row iops")
 print(" counts the writes, each followed by a FLUSH, and p99us is the write's alone: fio times the FLUSH apart)")
 print()
