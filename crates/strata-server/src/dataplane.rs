@@ -14,6 +14,8 @@
 //!    not own it (any more): the sender finds the owner again and retries. A retried write
 //!    still in progress here is not applied twice: the retry gets the first one's
 //!    outcome (applied again later, it could land after a newer write to its blocks).
+//!    Forwarded writes that came together go to the view together (its batches), on a
+//!    task of their own, and their replies back in one write.
 //! 5. Plain writes (no FUA) are done on the connection's own task, in the order they
 //!    came, those that came together (still in the read buffer) with one store call per
 //!    component: one lock, one data write and one journal write for all of them. Their
@@ -48,6 +50,12 @@ const REPLY_BATCH_BYTES: usize = 8 << 10;
 /// Plain writes gathered on a connection are applied at the latest when this many bytes
 /// of them have come (invariant 5).
 const WRITE_BATCH_BYTES: usize = 1 << 20;
+/// Forwarded writes gathered on a connection go to the owner view at the latest when
+/// this many have come.
+const FORWARDED_BATCH_MAX: usize = 64;
+
+/// A connection's write half, replies written whole under its lock.
+type Replies = Arc<tokio::sync::Mutex<tokio::net::tcp::OwnedWriteHalf>>;
 
 /// The data plane of one node.
 pub struct DataService {
@@ -108,31 +116,10 @@ impl DataService {
             Kind::Trim => payload.as_slice().try_into().map_or(0, u32::from_le_bytes),
             _ => 0,
         };
-        let mut in_progress = None;
-        if number != 0 {
-            let key = (h.component, h.lsn, number);
-            let earlier = {
-                let mut map = self.forwarded.lock().unwrap_or_else(|e| e.into_inner());
-                match map.get(&key) {
-                    Some(rx) => Some(rx.clone()),
-                    None => {
-                        let (outcome, rx) = tokio::sync::watch::channel(None);
-                        map.insert(key, rx);
-                        in_progress = Some(InProgress { of: self, key, outcome });
-                        None
-                    }
-                }
-            };
-            if let Some(mut rx) = earlier {
-                // A retry of a write still in progress here: applying it again could
-                // land after a later write to the same blocks; its outcome is this one's.
-                let status = rx
-                    .wait_for(Option::is_some)
-                    .await
-                    .map_or(Status::Io, |s| s.unwrap_or(Status::Io));
-                return (status, reply, Vec::new());
-            }
-        }
+        let in_progress = match self.claim(h, number) {
+            Ok(claimed) => claimed,
+            Err(rx) => return (Self::earlier(rx).await, reply, Vec::new()),
+        };
         let (offset, count) = (h.offset, h.count);
         let op = match h.kind {
             Kind::Write => {
@@ -143,24 +130,106 @@ impl DataService {
             _ => IoOp::Flush,
         };
         // On this task: the view awaits its copies without a thread of its own.
-        let done = view.run(op).await;
-        let answer = match done {
-            Ok(data) => (Status::Ok, reply, data.into()),
+        let answer = Self::answer(&view, h, view.run(op).await);
+        if let Some(p) = &in_progress {
+            p.outcome.send_replace(Some(answer.0));
+        }
+        answer
+    }
+
+    /// Forwarded writes of one connection that came together (invariant 4): those for
+    /// one volume fanned out as batches by its view, each answered as `for_volume` would.
+    async fn for_volume_writes(
+        &self,
+        batch: Vec<(Header, Vec<u8>)>,
+    ) -> Vec<(Status, Header, Vec<u8>)> {
+        let component = batch[0].0.component;
+        let view = self.node.owned_by_component(component).filter(|v| v.serving());
+        let Some(view) = view.filter(|_| batch.iter().all(|(h, _)| h.component == component))
+        else {
+            let mut out = Vec::with_capacity(batch.len());
+            for (h, payload) in batch {
+                out.push(self.for_volume(&h, payload).await);
+            }
+            return out;
+        };
+        let mut out: Vec<Option<(Status, Header, Vec<u8>)>> = batch.iter().map(|_| None).collect();
+        let (mut fresh, mut ops, mut claims, mut earlier) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for (j, (h, payload)) in batch.into_iter().enumerate() {
+            view.note_forwarded(h.lsn);
+            match self.claim(&h, h.count) {
+                Ok(claimed) => {
+                    let fua = h.flags & FLAG_FUA != 0;
+                    ops.push(IoOp::Write { offset: h.offset, data: Bytes::from(payload), fua });
+                    fresh.push((j, h));
+                    claims.push(claimed);
+                }
+                Err(rx) => earlier.push((j, h, rx)),
+            }
+        }
+        if let Some(router) = self.node.replicated_router(view.name()).filter(|_| ops.len() > 1) {
+            router.count_batch(ops.len());
+        }
+        let done = view.run_writes(ops).await;
+        for (((j, h), result), claimed) in fresh.into_iter().zip(done).zip(claims) {
+            let answer = Self::answer(&view, &h, result.map(|()| Bytes::new()));
+            if let Some(p) = &claimed {
+                p.outcome.send_replace(Some(answer.0));
+            }
+            out[j] = Some(answer);
+        }
+        for (j, h, rx) in earlier {
+            out[j] = Some((Self::earlier(rx).await, h, Vec::new()));
+        }
+        out.into_iter().map(|a| a.expect("every write answered")).collect()
+    }
+
+    /// Takes a numbered forwarded write or trim in hand (`None` for a request without a
+    /// number), or returns the outcome to wait for of the same one still in progress here
+    /// (a retry: applying it again could land after a later write to its blocks).
+    fn claim(
+        &self,
+        h: &Header,
+        number: u32,
+    ) -> Result<Option<InProgress<'_>>, tokio::sync::watch::Receiver<Option<Status>>> {
+        if number == 0 {
+            return Ok(None);
+        }
+        let key = (h.component, h.lsn, number);
+        let mut map = self.forwarded.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(rx) = map.get(&key) {
+            return Err(rx.clone());
+        }
+        let (outcome, rx) = tokio::sync::watch::channel(None);
+        map.insert(key, rx);
+        Ok(Some(InProgress { of: self, key, outcome }))
+    }
+
+    /// The outcome of the same forwarded request still in progress (see `claim`).
+    async fn earlier(mut rx: tokio::sync::watch::Receiver<Option<Status>>) -> Status {
+        rx.wait_for(Option::is_some).await.map_or(Status::Io, |s| s.unwrap_or(Status::Io))
+    }
+
+    /// The reply to forwarded request `h` that `view` ran with `done`.
+    fn answer(
+        view: &crate::replicated::ReplicatedVolume,
+        h: &Header,
+        done: Result<Bytes, StoreError>,
+    ) -> (Status, Header, Vec<u8>) {
+        match done {
+            Ok(data) => (Status::Ok, *h, data.into()),
             // Deposed meanwhile: the sender retries at the new owner.
-            Err(_) if view.deposed() => (Status::NotOwner, reply, Vec::new()),
-            Err(StoreError::OutOfRange { .. }) => (Status::OutOfRange, reply, Vec::new()),
+            Err(_) if view.deposed() => (Status::NotOwner, *h, Vec::new()),
+            Err(StoreError::OutOfRange { .. }) => (Status::OutOfRange, *h, Vec::new()),
             Err(e) => {
                 // Logged once, where the client is answered (the forwarding node's NBD
                 // server), with this text.
                 tracing::debug!(offset = h.offset, "forwarded request failed: {e}");
                 let text: String = e.to_string().chars().take(DETAIL_CHARS).collect();
-                (Status::Io, reply, text.into_bytes())
+                (Status::Io, *h, text.into_bytes())
             }
-        };
-        if let Some(p) = &in_progress {
-            p.outcome.send_replace(Some(answer.0));
         }
-        answer
     }
 
     async fn execute(&self, h: &Header, payload: Vec<u8>) -> (Status, Header, Vec<u8>) {
@@ -433,6 +502,21 @@ impl DataService {
         }
     }
 
+    /// Runs forwarded writes that came together on a task of their own
+    /// (`for_volume_writes`), their replies written together.
+    fn spawn_forwarded(self: Arc<Self>, batch: Vec<(Header, Vec<u8>)>, writer: Replies) {
+        tokio::spawn(async move {
+            let answers = self.for_volume_writes(batch).await;
+            let mut frames = Vec::new();
+            for (status, mut reply, data) in answers {
+                reply.reply = true;
+                reply.status = status;
+                encode_into(&self.key, &reply, &data, &mut frames);
+            }
+            let _ = writer.lock().await.write_all(&frames).await;
+        });
+    }
+
     async fn serve(self: Arc<Self>, stream: TcpStream, peer: std::net::SocketAddr) {
         let (reader, writer) = stream.into_split();
         let mut reader =
@@ -443,6 +527,7 @@ impl DataService {
         let writer = Arc::new(tokio::sync::Mutex::new(writer));
         let mut done = Vec::new();
         let (mut batch, mut batched) = (Vec::new(), 0);
+        let mut forwarded = Vec::new();
         let mut first = true;
         loop {
             // Applied, and then sent, once no more input is buffered (the requests of one
@@ -453,6 +538,9 @@ impl DataService {
             if !batch.is_empty() && (idle || batched >= WRITE_BATCH_BYTES) {
                 self.write_batch(std::mem::take(&mut batch), &mut done).await;
                 batched = 0;
+            }
+            if !forwarded.is_empty() && (idle || forwarded.len() >= FORWARDED_BATCH_MAX) {
+                self.clone().spawn_forwarded(std::mem::take(&mut forwarded), writer.clone());
             }
             if !done.is_empty() && (idle || done.len() >= REPLY_BATCH_BYTES) {
                 if writer.lock().await.write_all(&done).await.is_err() {
@@ -483,6 +571,13 @@ impl DataService {
                 batched += payload.len();
                 batch.push((h, payload));
                 continue;
+            }
+            if h.kind == Kind::Write && h.flags & FLAG_VOLUME != 0 && h.count != 0 {
+                forwarded.push((h, payload));
+                continue;
+            }
+            if !forwarded.is_empty() {
+                self.clone().spawn_forwarded(std::mem::take(&mut forwarded), writer.clone());
             }
             if !batch.is_empty() {
                 self.write_batch(std::mem::take(&mut batch), &mut done).await;

@@ -584,9 +584,10 @@ pub async fn exposition(api: &Api) -> String {
     let batches = [
         (
             "strata_volume_write_batches_total",
-            "Batches of writes to a replicated volume that came from a client together (one \
-             pass over its input) and that this node, as the owner, sent to the copies \
-             together: one send per copy, one store call on each.",
+            "Batches of writes to a replicated volume that came together (from a client of \
+             this node in one pass over its input, or forwarded by another node in one \
+             burst) and that this node, as the owner, sent to the copies together: one \
+             send per copy, one store call on each.",
         ),
         ("strata_volume_batched_writes_total", "Writes in those batches."),
     ];

@@ -81,7 +81,8 @@ use strata_meta::service::{ClientReply, ClientRequest, Member};
 use strata_meta::state::{Command, Compare, Op, Response};
 use strata_replica::client::{request, CallError, DataPeer};
 use strata_replica::frame::{
-    DataKey, Kind, Status, DIGEST_UNIT, FLAG_FUA, FLAG_VOLUME, FLAG_WHOLE, PAYLOAD_BYTES_MAX,
+    DataKey, Header, Kind, Status, DIGEST_UNIT, FLAG_FUA, FLAG_VOLUME, FLAG_WHOLE,
+    PAYLOAD_BYTES_MAX,
 };
 use strata_types::ErrorCode;
 
@@ -442,6 +443,11 @@ fn io_error(what: &'static str, e: impl std::fmt::Display) -> StoreError {
 }
 
 impl ReplicatedVolume {
+    /// The volume's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
     /// The id of the owner's own copy.
     pub fn local_id(&self) -> u64 {
         self.local.id()
@@ -2853,6 +2859,13 @@ impl Router {
         }
     }
 
+    /// Counts a batch of `writes` writes that came together, fanned out by this node's
+    /// view (from its own clients, or forwarded by another node).
+    pub fn count_batch(&self, writes: usize) {
+        self.batches[0].fetch_add(1, Ordering::Relaxed);
+        self.batches[1].fetch_add(writes as u64, Ordering::Relaxed);
+    }
+
     /// Batches of writes that came together from a client, fanned out by this node as
     /// the owner, and the writes in them.
     pub fn write_batches(&self) -> (u64, u64) {
@@ -2975,14 +2988,13 @@ impl Router {
         Ok(Target { peer, component, epoch: owner.epoch })
     }
 
-    /// Sends one VOLUME request to the owner; a read's data is the reply's payload. A
-    /// write or trim carries `number` (the same on every retry of it).
-    async fn forward(&self, t: &Target, op: &IoOp, number: u32) -> Result<Bytes, Forwarded> {
-        let numbered = number.to_le_bytes();
+    /// One VOLUME request to the owner `t`: its header and payload. A write or trim
+    /// carries `number` (the same on every retry of it).
+    fn forwarded<'a>(&self, t: &Target, op: &'a IoOp, number: &'a [u8; 4]) -> (Header, &'a [u8]) {
         let (kind, offset, length) = wire(op);
         let (count, payload) = match op {
-            IoOp::Write { data, .. } => (number, &data[..]),
-            IoOp::Trim { .. } | IoOp::Zero { .. } => (length as u32, &numbered[..]),
+            IoOp::Write { data, .. } => (u32::from_le_bytes(*number), &data[..]),
+            IoOp::Trim { .. } | IoOp::Zero { .. } => (length as u32, &number[..]),
             _ => (length as u32, &[][..]),
         };
         let mut h = request(kind, t.component, t.epoch, 0, offset);
@@ -2992,9 +3004,25 @@ impl Router {
             h.flags |= FLAG_FUA;
         }
         h.lsn = self.meta.id(); // Who forwards (for automatic moves).
+        (h, payload)
+    }
+
+    /// Sends one VOLUME request to the owner; a read's data is the reply's payload.
+    async fn forward(&self, t: &Target, op: &IoOp, number: u32) -> Result<Bytes, Forwarded> {
+        let number = number.to_le_bytes();
+        let (h, payload) = self.forwarded(t, op, &number);
         let reply = tokio::time::timeout(FORWARD_TIMEOUT, t.peer.call(h, payload)).await;
+        self.outcome(&h, reply)
+    }
+
+    /// What the owner's reply to a forwarded request `h` means.
+    fn outcome(
+        &self,
+        h: &Header,
+        reply: Result<Result<(Header, Vec<u8>), CallError>, tokio::time::error::Elapsed>,
+    ) -> Result<Bytes, Forwarded> {
         match reply {
-            Ok(Ok((_, data))) if kind == Kind::Read && data.len() != count as usize => {
+            Ok(Ok((_, data))) if h.kind == Kind::Read && data.len() != h.count as usize => {
                 Err(Forwarded::Retry("a short read from the owner".into()))
             }
             Ok(Ok((_, data))) => Ok(Bytes::from(data)),
@@ -3018,6 +3046,33 @@ impl Router {
             Ok(Err(e)) => Err(Forwarded::Retry(e.to_string())),
             Err(_) => Err(Forwarded::Retry("the owner did not answer in time".into())),
         }
+    }
+
+    /// Writes forwarded to the owner together (one send; `numbers` theirs): each one's
+    /// outcome, `None` for one to retry on its own (with its number).
+    async fn forward_writes(
+        &self,
+        ops: &[IoOp],
+        numbers: &[u32],
+    ) -> Vec<Option<Result<Bytes, StoreError>>> {
+        let Ok(t) = self.target() else { return ops.iter().map(|_| None).collect() };
+        let numbers: Vec<[u8; 4]> = numbers.iter().map(|n| n.to_le_bytes()).collect();
+        let requests: Vec<_> =
+            ops.iter().zip(&numbers).map(|(op, n)| self.forwarded(&t, op, n)).collect();
+        let Ok(pending) = t.peer.send_many(&requests).await else {
+            return ops.iter().map(|_| None).collect();
+        };
+        let deadline = tokio::time::Instant::now() + FORWARD_TIMEOUT;
+        let mut out = Vec::with_capacity(ops.len());
+        for ((h, _), p) in requests.iter().zip(pending) {
+            let reply = tokio::time::timeout_at(deadline, p.wait()).await;
+            out.push(match self.outcome(h, reply) {
+                Ok(data) => Some(Ok(data)),
+                Err(Forwarded::Failed(e)) => Some(Err(e)),
+                Err(Forwarded::Retry(_)) => None,
+            });
+        }
+        out
     }
 
     /// Runs a request: through this node's view while it owns the volume and serves,
@@ -3045,9 +3100,17 @@ impl Router {
                 }
             }
         }
+        self.run_numbered(op, self.number()).await
+    }
+
+    /// A number for a forwarded write or trim (never 0: a write without one).
+    fn number(&self) -> u32 {
+        self.forwarded.fetch_add(1, Ordering::Relaxed).max(1)
+    }
+
+    /// [`Self::run_one`] of a request numbered `number`, which it keeps on every retry.
+    async fn run_numbered(&self, op: IoOp, number: u32) -> Result<Bytes, StoreError> {
         let deadline = Instant::now() + FORWARD_PATIENCE;
-        // Never 0 (a write without a number).
-        let number = self.forwarded.fetch_add(1, Ordering::Relaxed).max(1);
         loop {
             let why = match self.view() {
                 Some(v) if v.serving() => match v.run(op.clone()).await {
@@ -3075,16 +3138,18 @@ impl Router {
     }
 
     /// Writes that came together from one client (`BlockVolume::submit_writes`): fanned
-    /// out in batches by this node's view while it owns the volume and serves; otherwise
-    /// (and those the view failed because it was deposed meanwhile) each as `run` does.
+    /// out in batches by this node's view while it owns the volume and serves, else
+    /// forwarded to the owner in one send; those the view failed because it was deposed
+    /// meanwhile, or whose forwarding is to be retried, then each as `run` does (a
+    /// forwarded write keeps its number).
     pub async fn run_writes(self: Arc<Self>, ops: Vec<IoOp>) -> Vec<Result<Bytes, StoreError>> {
         let fits = ops.iter().all(|op| wire(op).2 <= PAYLOAD_BYTES_MAX as u64);
+        let numbers: Vec<u32> = ops.iter().map(|_| self.number()).collect();
+        *self.last_local.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
         let view = self.view().filter(|v| v.serving());
         let mut out: Vec<Option<Result<Bytes, StoreError>>> = match view {
             Some(v) if fits => {
-                *self.last_local.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
-                self.batches[0].fetch_add(1, Ordering::Relaxed);
-                self.batches[1].fetch_add(ops.len() as u64, Ordering::Relaxed);
+                self.count_batch(ops.len());
                 let done = v.run_writes(ops.clone()).await;
                 let deposed = v.deposed();
                 done.into_iter()
@@ -3094,6 +3159,7 @@ impl Router {
                     })
                     .collect()
             }
+            None if fits => self.forward_writes(&ops, &numbers).await,
             _ => ops.iter().map(|_| None).collect(),
         };
         let again: Vec<_> = ops
@@ -3102,8 +3168,17 @@ impl Router {
             .enumerate()
             .filter(|(_, (_, r))| r.is_none())
             .map(|(j, (op, _))| {
-                let me = self.clone();
-                (j, tokio::spawn(async move { me.run(op).await }))
+                let (me, number) = (self.clone(), numbers[j]);
+                let one = wire(&op).2 <= PAYLOAD_BYTES_MAX as u64;
+                (
+                    j,
+                    tokio::spawn(async move {
+                        match one {
+                            true => me.run_numbered(op, number).await,
+                            false => me.run(op).await,
+                        }
+                    }),
+                )
             })
             .collect();
         for (j, task) in again {

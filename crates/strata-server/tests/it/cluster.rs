@@ -923,8 +923,9 @@ fn a_node_with_an_active_copy_serves_reads_from_it_but_never_stale_data() {
 /// Writes that come from a client together go to the copies together (one batch, in one
 /// order on every copy): after fio's random writes at queue depth 32 over 1 MiB, where
 /// writes of one burst often touch one region and sometimes one block, the copies are
-/// equal to the byte; and a verifying pass written through the owner reads back right
-/// through every node.
+/// equal to the byte, also when the writes come through a node that forwards them to the
+/// owner; and a verifying pass written through the owner reads back right through every
+/// node.
 #[test]
 fn writes_that_come_together_go_together_and_leave_the_copies_equal() {
     let tmp = tempfile::tempdir().unwrap();
@@ -944,6 +945,17 @@ fn writes_that_come_together_go_together_and_leave_the_copies_equal() {
     let (batches, writes) =
         (metric("strata_volume_write_batches_total"), metric("strata_volume_batched_writes_total"));
     assert!(batches > 0 && writes > batches, "writes went in batches: {batches} {writes}");
+    wait_copies_equal(&members, &key, "r1", 2);
+
+    // The same through node 2, which forwards them to the owner in bursts.
+    let not_owner = (o + 1) % 3;
+    let before = metric("strata_volume_write_batches_total");
+    fio(
+        &members[not_owner].node().uri("r1"),
+        &["--rw=randwrite", "--offset=1m", "--size=1m", "--io_size=16m", "--norandommap"],
+    );
+    let after = metric("strata_volume_write_batches_total");
+    assert!(after > before, "forwarded writes went in batches too: {before} {after}");
     wait_copies_equal(&members, &key, "r1", 2);
 
     let verify = ["--rw=randwrite", "--offset=4m", "--size=4m", "--verify=crc32c"];
