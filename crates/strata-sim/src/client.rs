@@ -14,14 +14,12 @@ use tokio::time::Duration;
 const CLIENT_TIMEOUT: Duration = Duration::from_millis(2000);
 /// Clients running at once.
 const CLIENTS: usize = 6;
-/// Clients that only read (mostly the block of the write acknowledged last), so that
-/// many reads find a node other than the owner holding a read lease (invariant 10).
-const READERS: usize = 6;
 /// Blocks the clients write most (so regions are written again while a copy is away).
 const HOT_BLOCKS: u64 = 32;
 
-/// Runs the workload until `until` (simulated time).
-pub async fn run(sh: Rc<Shared>, until: Duration) -> turmoil::Result {
+/// Runs the workload until `until` (simulated time), with `readers` clients that only
+/// read (`Scenario::readers`).
+pub async fn run(sh: Rc<Shared>, until: Duration, readers: usize) -> turmoil::Result {
     let rpc = Rpc::start(sh.clone(), CLIENT, |_, _| Box::pin(async { None })).await;
     let mut clients = Vec::new();
     for _ in 0..CLIENTS {
@@ -65,7 +63,7 @@ pub async fn run(sh: Rc<Shared>, until: Duration) -> turmoil::Result {
             }
         }));
     }
-    for _ in 0..READERS {
+    for _ in 0..readers {
         let (sh, rpc) = (sh.clone(), rpc.clone());
         clients.push(tokio::task::spawn_local(async move {
             while sh.now() < until {

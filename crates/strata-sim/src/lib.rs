@@ -167,8 +167,12 @@
 //! test -p strata-sim --release seeds -- --nocapture` (about 40 ms a seed per core in
 //! release); the protocol as built: `STRATA_SIM_AS_BUILT=1`. A failing seed prints
 //! itself, its counts and its trace's last lines; rerun it with `STRATA_SIM_SEED=S
-//! cargo test -p strata-sim one_seed -- --nocapture`. `STRATA_SIM_FIND_FLAWS=N` finds,
-//! for each fix, the first seed below N that fails without it. `STRATA_SIM_MUTATION=M`
+//! cargo test -p strata-sim one_seed -- --nocapture`. `STRATA_SIM_FIND_FLAWS=N
+//! [STRATA_SIM_SEED_FROM=S] [STRATA_SIM_FIX=name]` lists, for each fix, the seeds below
+//! N that fail without it, and which of them pass with every fix. A run's [`Scenario`]
+//! (the default unless a test says otherwise) is set for these tests by
+//! `STRATA_SIM_READERS=N` (reading clients) and `STRATA_SIM_CRASH_RESYNCING=1` (a copy's
+//! machine crashes mid-resync; flaw 7's test runs so). `STRATA_SIM_MUTATION=M`
 //! breaks [`Mutation`] `M` in the seeds test; `STRATA_SIM_TRACE_LINES=N` keeps N trace
 //! lines (`one_seed` prints them). Two experiments for read leases, off by default:
 //! `STRATA_SIM_FAST_REFUSE=1` makes a new owner's fence probe to a node cut off from it
@@ -186,7 +190,7 @@
 //! is ordered, and nothing draws from tokio's own RNG (no `select!`), so nothing needs
 //! `--cfg tokio_unstable`; `a_seed_replays_exactly` checks the trace hash. A change to
 //! the simulation moves every seed's course, so the flaw tests' seeds must then be found
-//! again (`STRATA_SIM_FIND_FLAWS=500`).
+//! again (`STRATA_SIM_FIND_FLAWS=N`, in the test's scenario).
 
 mod check;
 mod client;
@@ -287,9 +291,28 @@ impl Protocol {
     }
 }
 
+/// What a run's workload is, apart from its seed and protocol. The default is what the
+/// seeds test runs; a flaw test may change it to make its flaw's interleaving common.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Scenario {
+    /// Clients that only read (mostly the block of the write acknowledged last), so that
+    /// many reads find a node other than the owner holding a read lease (invariant 10);
+    /// the six clients that write run whatever this is.
+    pub readers: usize,
+    /// Besides the usual faults, a copy being resynced (RESYNCING in the record) has its
+    /// node's machine crash mid-resync half the time (`Faults::crash_resyncing`).
+    pub crash_resyncing: bool,
+}
+
+impl Default for Scenario {
+    fn default() -> Scenario {
+        Scenario { readers: 6, crash_resyncing: false }
+    }
+}
+
 /// Runs one seed.
 pub fn run_seed(seed: u64, protocol: Protocol) -> Report {
-    run(seed, protocol, None)
+    run(seed, protocol, None, Scenario::default())
 }
 
 /// The faults in force and to come.
@@ -305,6 +328,9 @@ struct Faults {
     crashes: u32,
     lossy: u32,
     partitions: u32,
+    /// Per node, with `Scenario::crash_resyncing`, while the record shows its copy
+    /// RESYNCING: when its machine crashes (`None` inside: it does not).
+    resyncing: [Option<Option<Duration>>; NODES],
 }
 
 impl Faults {
@@ -345,33 +371,7 @@ impl Faults {
                     return;
                 }
                 let machine = rng.random_bool(0.5);
-                sim.crash(name(n));
-                let mut disks = sh.disks.borrow_mut();
-                let disk = &mut disks[n];
-                if machine {
-                    disk.boot += 1;
-                    let c = &mut disk.component;
-                    let unsynced = std::mem::take(&mut c.unsynced);
-                    let kept: Vec<(u64, u64)> =
-                        unsynced.into_iter().filter(|_| rng.random_bool(0.5)).collect();
-                    for (b, v) in kept {
-                        c.durable[b as usize] = v;
-                    }
-                    c.live.clone_from(&c.durable);
-                    c.suspect = true;
-                    sh.lossy_crashes.borrow_mut().push((t, n));
-                    self.lossy += 1;
-                }
-                drop(disks);
-                sh.busy.borrow_mut()[n] = None;
-                self.crashes += 1;
-                let back = t + ms(rng, 50, 1500);
-                self.down[n] = Some(back);
-                sh.note(format!(
-                    "FAULT crash n{n} ({}), back at {}ms",
-                    if machine { "machine" } else { "process" },
-                    back.as_millis()
-                ));
+                self.crash(sim, sh, t, n, machine);
             }
             30..60 => {
                 let (a, b) = if rng.random_bool(0.3) {
@@ -423,6 +423,68 @@ impl Faults {
         }
     }
 
+    /// Crashes node `n` (a machine crash if `machine`: its unsynced writes each survive
+    /// with probability ½), to restart 50 ms–1.5 s later.
+    fn crash(
+        &mut self,
+        sim: &mut turmoil::Sim<'_>,
+        sh: &Shared,
+        t: Duration,
+        n: usize,
+        machine: bool,
+    ) {
+        let rng = &mut self.rng;
+        sim.crash(name(n));
+        let mut disks = sh.disks.borrow_mut();
+        let disk = &mut disks[n];
+        if machine {
+            disk.boot += 1;
+            let c = &mut disk.component;
+            let unsynced = std::mem::take(&mut c.unsynced);
+            let kept: Vec<(u64, u64)> =
+                unsynced.into_iter().filter(|_| rng.random_bool(0.5)).collect();
+            for (b, v) in kept {
+                c.durable[b as usize] = v;
+            }
+            c.live.clone_from(&c.durable);
+            c.suspect = true;
+            sh.lossy_crashes.borrow_mut().push((t, n));
+            self.lossy += 1;
+        }
+        drop(disks);
+        sh.busy.borrow_mut()[n] = None;
+        self.crashes += 1;
+        let back = t + Duration::from_millis(rng.random_range(50..1500));
+        self.down[n] = Some(back);
+        sh.note(format!(
+            "FAULT crash n{n} ({}), back at {}ms",
+            if machine { "machine" } else { "process" },
+            back.as_millis()
+        ));
+    }
+
+    /// `Scenario::crash_resyncing`: each time the record shows a copy RESYNCING, with
+    /// probability ½ its node's machine crashes 0–40 ms later if it still is.
+    fn crash_resyncing(&mut self, sim: &mut turmoil::Sim<'_>, sh: &Shared, t: Duration) {
+        let states = sh.published.borrow().1.as_ref().map(|r| r.states);
+        for n in 0..NODES {
+            let resyncing = states.is_some_and(|s| s[n] == model::CopyState::Resyncing);
+            if !resyncing {
+                self.resyncing[n] = None;
+                continue;
+            }
+            let due = *self.resyncing[n].get_or_insert_with(|| {
+                self.rng
+                    .random_bool(0.5)
+                    .then(|| t + Duration::from_millis(self.rng.random_range(0..40)))
+            });
+            if due.is_some_and(|at| t >= at) && self.down[n].is_none() {
+                self.resyncing[n] = Some(None);
+                self.crash(sim, sh, t, n, true);
+            }
+        }
+    }
+
     /// Restarts, repairs and calms what is due at `t` (everything once `all`).
     fn expire(&mut self, sim: &mut turmoil::Sim<'_>, sh: &Shared, t: Duration, all: bool) {
         for n in 0..NODES {
@@ -447,7 +509,7 @@ impl Faults {
     }
 }
 
-fn run(seed: u64, protocol: Protocol, mutation: Option<Mutation>) -> Report {
+fn run(seed: u64, protocol: Protocol, mutation: Option<Mutation>, scenario: Scenario) -> Report {
     let mut rng = SmallRng::seed_from_u64(seed);
     let sh =
         Rc::new(Shared::new(SmallRng::seed_from_u64(rng.random()), mutation, protocol.fixes()));
@@ -464,7 +526,7 @@ fn run(seed: u64, protocol: Protocol, mutation: Option<Mutation>) -> Report {
     }
     let s = sh.clone();
     sim.host(name(META), move || meta::run(s.clone()));
-    sim.client(name(CLIENT), client::run(sh.clone(), FAULTS_END));
+    sim.client(name(CLIENT), client::run(sh.clone(), FAULTS_END, scenario.readers));
     *sh.hosts.borrow_mut() = (0..=CLIENT).map(|h| sim.lookup(name(h))).collect();
     let mut faults = Faults {
         rng: SmallRng::seed_from_u64(rng.random()),
@@ -475,6 +537,7 @@ fn run(seed: u64, protocol: Protocol, mutation: Option<Mutation>) -> Report {
         crashes: 0,
         lossy: 0,
         partitions: 0,
+        resyncing: [None; NODES],
     };
     let mut failures = Vec::new();
     let mut clients_done = false;
@@ -493,6 +556,9 @@ fn run(seed: u64, protocol: Protocol, mutation: Option<Mutation>) -> Report {
         sh.clock.set(t);
         if t < FAULTS_END {
             faults.expire(&mut sim, &sh, t, false);
+            if scenario.crash_resyncing {
+                faults.crash_resyncing(&mut sim, &sh, t);
+            }
             if t >= faults.next {
                 faults.inject(&mut sim, &sh, t);
                 faults.next = t + Duration::from_millis(faults.rng.random_range(300..1500));
