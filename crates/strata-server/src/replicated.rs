@@ -809,6 +809,10 @@ impl ReplicatedVolume {
             true => None,
             false => Some(self.in_flight.enter(regions.clone()).await),
         };
+        // Deposed while it waited: nothing of it is sent (the fences refuse it anyway).
+        if self.deposed() {
+            return Err(io_error("replicate", "this node no longer owns the volume"));
+        }
         let first = self.lsn.fetch_add(ops.len() as u64, Ordering::Relaxed) + 1;
         let lsn = first + ops.len() as u64 - 1;
         let (states, flushed_after) = {
@@ -1486,10 +1490,21 @@ impl ReplicatedVolume {
         }
     }
 
-    /// Fences every other copy at this owner's epoch (a probe): from then on no older
-    /// owner's request applies there, nor its read lease. A copy that does not answer is
-    /// marked STALE; returns whether one that was ACTIVE did not.
+    /// Fences this node's copy, then every other copy (a probe) at this owner's epoch:
+    /// from then on no older owner's request applies there, nor its read lease. A copy
+    /// that does not answer is marked STALE; returns whether one that was ACTIVE did not.
     async fn fence_copies(&self) -> Result<bool, String> {
+        // This node's own copy first: a request of an older view of this node's, deposed
+        // while it waited for its regions' turn, would else still pass its fence and land
+        // on the copy that is now the truth, after the other copies were compared with it
+        // (found by the simulation). The raise waits for what the old epoch admitted.
+        match self.fencing.enter(self.local.id(), self.epoch).await {
+            Ok(pass) => drop(pass),
+            Err(Refused::Stale(newest)) => {
+                return Err(format!("this node's copy has seen a newer owner (epoch {newest})"))
+            }
+            Err(Refused::Io) => return Err("cannot persist this node's copy's fence".into()),
+        }
         let mut silent = false;
         let mut probes = Vec::new();
         for (i, c) in self.copies.iter().enumerate() {
