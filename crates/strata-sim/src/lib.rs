@@ -35,7 +35,8 @@
 //! - **Ownership** (`Node::steward`, `take_over`, `View::open`, `fence_copies`): the
 //!   owner key by CAS at one above the highest epoch, tied to the session; the last
 //!   owner first, then each other node with an ACTIVE copy `TAKEOVER_STEP` later; a new
-//!   owner probes every copy at its epoch (a silent one is STALE), its copy is the truth,
+//!   owner probes every other copy at its epoch (a silent one is STALE; with the eighth
+//!   fix, its own copy's fence is raised first), its copy is the truth,
 //!   every other ACTIVE copy gets a digest scan, a STALE copy keeps its bitmap only if
 //!   kept at the epoch just before in the same boot (else a full scan).
 //! - **The write path** (`View::fan_out`): region turns; the region into every STALE
@@ -147,6 +148,18 @@
 //!    the copy then loses power before the resync's final flush, the loss is detected
 //!    (a timeout) but its bitmap lacks the region: the copy differs there for ever.
 //!    Fix: every region compared counts as unflushed until the copy's next flush.
+//! 8. **A deposed view's write lands on the next owner's own copy.** `fan_out` checks
+//!    that its view is not deposed only before waiting for its region's turn, and a new
+//!    owner's `fence_copies` probes only the other copies: its own copy's fence stays
+//!    at the epoch of this node's older view until the new view first writes to it. A
+//!    write of that older view, deposed while it waited its turn, then passes the fence
+//!    and lands on the copy that is now the truth, after the other copies were levelled
+//!    with it: the copies differ for ever. Fix: a new owner raises its own copy's fence
+//!    first (in the real code the raise waits for what the old epoch admitted; here
+//!    admitting and applying are one step), and `fan_out` checks again after its turn
+//!    and sends nothing if deposed (the fix `replicated.rs` takes). Found by the
+//!    simulation with no reading clients (1 of the first 8000 seeds); either part alone
+//!    fixes its seed.
 //!
 //! # Not covered
 //! The wire format and MAC, LSN bookkeeping (used only to order flushes and writes),

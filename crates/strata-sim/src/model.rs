@@ -101,6 +101,10 @@ pub struct Fixes {
     pub in_flight_to_bitmap: bool,
     /// 7. A region a resync found equal counts as unflushed on the copy, as a copied one.
     pub level_keeps_equal: bool,
+    /// 8. A new owner raises its own copy's fence before probing the others, and a
+    ///    write deposed while it waited for its region's turn sends nothing (as built,
+    ///    such a write of this node's older view lands on the new owner's own copy).
+    pub fence_own_copy: bool,
 }
 
 impl Fixes {
@@ -113,6 +117,7 @@ impl Fixes {
         same_session: true,
         in_flight_to_bitmap: true,
         level_keeps_equal: true,
+        fence_own_copy: true,
     };
 }
 
