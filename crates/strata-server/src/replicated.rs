@@ -2932,7 +2932,14 @@ impl Router {
         if Instant::now() >= lease.until {
             return None;
         }
-        let data = copy.volume.clone().submit(IoOp::Read { offset, length }).await.ok()?;
+        // From the page cache on this task when it can (no hop to the blocking pool);
+        // a damaged block is not read here: the owner reads it and repairs its copy.
+        let mut buf = vec![0u8; length];
+        let data = match copy.volume.try_read_at_nowait(&mut buf, offset) {
+            Ok(true) => Bytes::from(buf),
+            Ok(false) => copy.volume.clone().submit(IoOp::Read { offset, length }).await.ok()?,
+            Err(_) => return None,
+        };
         (data.len() == length).then(|| {
             self.local_reads.fetch_add(1, Ordering::Relaxed);
             data
