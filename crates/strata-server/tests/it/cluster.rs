@@ -1045,10 +1045,15 @@ fn three_members_with(root: &Path, extra: &str) -> Vec<Member> {
         std::fs::write(m.dir.join("secret"), &secret).unwrap();
         m.start();
     }
-    wait_until(30, "three voters, all up", || {
+    // Up with their records written: placement needs a node's addresses (a session is up
+    // a moment before the record is).
+    wait_until(30, "three voters, all up, with their records", || {
         cluster_view(&members[0]).is_some_and(|v| {
             let ms = v["cluster"]["members"].as_array().cloned().unwrap_or_default();
-            ms.len() == 3 && ms.iter().all(|m| m["role"] == "voter" && m["session"]["up"] == true)
+            ms.len() == 3
+                && ms.iter().all(|m| {
+                    m["role"] == "voter" && m["session"]["up"] == true && !m["record"].is_null()
+                })
         })
     });
     members
