@@ -957,7 +957,7 @@ impl ReplicatedVolume {
             for (i, e) in &failed {
                 let node = self.copies[*i].node;
                 tracing::warn!(volume = %self.name, node, "a copy failed: {e}");
-                st.stale(*i, lsn);
+                st.stale(*i, first);
                 let lost = std::mem::take(&mut st.unflushed[*i]);
                 st.dirty[*i].extend(lost.into_keys());
                 st.dirty[*i].extend(flying.iter().copied());
