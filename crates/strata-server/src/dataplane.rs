@@ -333,12 +333,7 @@ impl DataService {
                     Err(e) => Err(e),
                 };
                 match wrote {
-                    Ok(v) if h.flags & FLAG_FUA != 0 => component
-                        .group_sync
-                        .sync()
-                        .await
-                        .map(|()| v)
-                        .map_err(|e| StoreError::io("sync")(std::io::Error::other(e.message))),
+                    Ok(v) if h.flags & FLAG_FUA != 0 => component.sync().await.map(|()| v),
                     other => other,
                 }
             }
@@ -365,12 +360,7 @@ impl DataService {
                     Err(e) => Err(e),
                 }
             }
-            Kind::Flush => component
-                .group_sync
-                .sync()
-                .await
-                .map(|()| Vec::new())
-                .map_err(|e| StoreError::io("sync")(std::io::Error::other(e.message))),
+            Kind::Flush => component.sync().await.map(|()| Vec::new()),
             Kind::Trim => {
                 let count = u64::from(h.count);
                 tokio::task::spawn_blocking(move || volume.trim(offset, count).map(|()| Vec::new()))
@@ -432,7 +422,7 @@ impl DataService {
     /// held until all are written), then one store call per component, on the blocking
     /// pool when the page cache cannot take them at once (awaited here: nothing on this
     /// connection overtakes them).
-    async fn write_batch(&self, batch: Vec<(Header, Vec<u8>)>, done: &mut Vec<u8>) {
+    async fn write_batch(&self, batch: Vec<(Header, Bytes)>, done: &mut Vec<u8>) {
         let mut status = vec![Status::Ok; batch.len()];
         let mut replies: Vec<Header> = batch.iter().map(|(h, _)| *h).collect();
         let mut passes = Vec::with_capacity(batch.len());
@@ -461,25 +451,8 @@ impl DataService {
             let ours: Vec<usize> = (0..batch.len())
                 .filter(|j| status[*j] == Status::Ok && batch[*j].0.component == id)
                 .collect();
-            let writes: Vec<(u64, &[u8])> =
-                ours.iter().map(|j| (batch[*j].0.offset, &batch[*j].1[..])).collect();
-            let wrote = match component.volume.try_write_many_nowait(&writes) {
-                Ok(true) => Ok(()),
-                Ok(false) => {
-                    let owned: Vec<(u64, Vec<u8>)> =
-                        writes.iter().map(|(o, d)| (*o, d.to_vec())).collect();
-                    let volume = component.volume.clone();
-                    tokio::task::spawn_blocking(move || {
-                        let writes: Vec<(u64, &[u8])> =
-                            owned.iter().map(|(o, d)| (*o, &d[..])).collect();
-                        volume.write_many(&writes)
-                    })
-                    .await
-                    .unwrap_or_else(|e| Err(StoreError::io("write")(std::io::Error::other(e))))
-                }
-                Err(e) => Err(e),
-            };
-            let failed = match wrote {
+            let writes = ours.iter().map(|j| (batch[*j].0.offset, batch[*j].1.clone())).collect();
+            let failed = match component.write_together(writes).await {
                 Ok(()) => None,
                 Err(StoreError::OutOfRange { .. }) => Some(Status::OutOfRange),
                 Err(e) => {
@@ -569,7 +542,7 @@ impl DataService {
             }
             if h.kind == Kind::Write && h.flags & (FLAG_FUA | FLAG_VOLUME) == 0 {
                 batched += payload.len();
-                batch.push((h, payload));
+                batch.push((h, Bytes::from(payload)));
                 continue;
             }
             if h.kind == Kind::Write && h.flags & FLAG_VOLUME != 0 && h.count != 0 {

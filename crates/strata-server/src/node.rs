@@ -71,6 +71,33 @@ pub struct Component {
 }
 
 impl Component {
+    /// Makes every write to it so far durable, joining its group sync.
+    pub async fn sync(&self) -> Result<(), strata_io::StoreError> {
+        self.group_sync
+            .sync()
+            .await
+            .map_err(|e| strata_io::StoreError::io("sync")(std::io::Error::other(e.message)))
+    }
+
+    /// Writes `writes` in order with one store call: on this task if the page cache takes
+    /// them at once (`try_write_many_nowait`), else on the blocking pool.
+    pub async fn write_together(
+        &self,
+        writes: Vec<(u64, bytes::Bytes)>,
+    ) -> Result<(), strata_io::StoreError> {
+        let slices: Vec<(u64, &[u8])> = writes.iter().map(|(o, d)| (*o, &d[..])).collect();
+        if self.volume.try_write_many_nowait(&slices)? {
+            return Ok(());
+        }
+        let volume = self.volume.clone();
+        tokio::task::spawn_blocking(move || {
+            let slices: Vec<(u64, &[u8])> = writes.iter().map(|(o, d)| (*o, &d[..])).collect();
+            volume.write_many(&slices)
+        })
+        .await
+        .unwrap_or_else(|e| Err(strata_io::StoreError::io("write")(std::io::Error::other(e))))
+    }
+
     /// Its id on this node.
     pub fn id(&self) -> u64 {
         self.entry.id

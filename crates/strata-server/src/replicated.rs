@@ -1043,24 +1043,17 @@ impl ReplicatedVolume {
     /// FUA, joins the copy's group sync.
     async fn apply_local(&self, op: IoOp) -> Result<(), StoreError> {
         let volume = self.local.volume.clone();
-        let sync = || async {
-            self.local
-                .group_sync
-                .sync()
-                .await
-                .map_err(|e| StoreError::io("sync")(std::io::Error::other(e.message)))
-        };
         match op {
             IoOp::Write { offset, data, fua } => {
                 if !volume.try_write_at_nowait(&data, offset)? {
                     volume.submit(IoOp::Write { offset, data, fua: false }).await?;
                 }
                 if fua {
-                    sync().await?;
+                    self.local.sync().await?;
                 }
                 Ok(())
             }
-            IoOp::Flush => sync().await,
+            IoOp::Flush => self.local.sync().await,
             op => volume.submit(op).await.map(drop),
         }
     }
@@ -1080,22 +1073,9 @@ impl ReplicatedVolume {
             fua |= f;
             writes.push((offset, data));
         }
-        let slices: Vec<(u64, &[u8])> = writes.iter().map(|(o, d)| (*o, &d[..])).collect();
-        if !self.local.volume.try_write_many_nowait(&slices)? {
-            let volume = self.local.volume.clone();
-            tokio::task::spawn_blocking(move || {
-                let slices: Vec<(u64, &[u8])> = writes.iter().map(|(o, d)| (*o, &d[..])).collect();
-                volume.write_many(&slices)
-            })
-            .await
-            .unwrap_or_else(|e| Err(StoreError::io("write")(std::io::Error::other(e))))?;
-        }
+        self.local.write_together(writes).await?;
         if fua {
-            self.local
-                .group_sync
-                .sync()
-                .await
-                .map_err(|e| StoreError::io("sync")(std::io::Error::other(e.message)))?;
+            self.local.sync().await?;
         }
         Ok(())
     }
