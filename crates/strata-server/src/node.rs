@@ -617,6 +617,11 @@ impl Node {
         self.suspect.lock().expect("not poisoned").contains(&component)
     }
 
+    /// The copies marked suspect.
+    pub fn suspects(&self) -> BTreeSet<u64> {
+        self.suspect.lock().expect("not poisoned").clone()
+    }
+
     /// Takes the mark off copy `component` (an owner vouched for it, or it became the
     /// truth); returns whether it had one. Kept if the file cannot be written.
     pub fn clear_suspect(&self, component: u64) -> bool {

@@ -56,14 +56,18 @@
 //!     acknowledges nothing for `2 * READ_LEASE`. So a copy serving a read holds every
 //!     acknowledged write. Otherwise reads are forwarded to the owner.
 //! 11. A node back from a power loss (`lost_power`) marks every copy it holds suspect, on
-//!     file: they may lack writes they had not synced, which other copies hold. While its
-//!     copy is suspect it never takes the volume if another member (up or not) holds an
-//!     ACTIVE copy — that member takes it, and compares this copy with its own — and
-//!     otherwise only after every other up node with an ACTIVE copy. The mark comes off
-//!     when an owner vouches for the copy (a WHOLE probe: ACTIVE, owing no scan, its last
-//!     answer over that connection; `dataplane.rs` invariant 6), or when no other member
-//!     holds an ACTIVE copy and this node takes the volume (its copy is then the best
-//!     there is, and the node says so).
+//!     file, and publishes the marks (`/suspect/NODE`): they may lack writes they had not
+//!     synced, which other copies hold. While its copy is suspect it never takes the
+//!     volume if another member holds an ACTIVE copy that is not known to be suspect too
+//!     (its node down, or up with no mark published for it) — that member takes it, and
+//!     compares this copy with its own — and otherwise only after every other up node
+//!     with an ACTIVE copy. The mark comes off when an owner vouches for the copy (a WHOLE
+//!     probe: ACTIVE, owing no scan, its last answer over that connection; `dataplane.rs`
+//!     invariant 6), or when this node takes the volume (its copy is then as good as any
+//!     there is: every other ACTIVE copy is suspect too, after a power loss of every
+//!     node, or there is none; the node says which). A mark published late only delays a
+//!     takeover; one unpublished late was taken off by an owner that vouched, whose own
+//!     ACTIVE copy blocks the take (invariant 11 again) until it is up and suspect.
 
 use crate::error::{ApiError, ApiResult};
 use crate::fencing::{Fencing, Refused};
@@ -2213,6 +2217,8 @@ struct Seen {
     moving: Option<Move>,
     /// Nodes whose sessions are up.
     up: BTreeSet<u64>,
+    /// Nodes that published their copy of this volume as suspect (invariant 11).
+    suspect: BTreeSet<u64>,
 }
 
 fn seen(meta: &Member) -> Vec<Seen> {
@@ -2233,6 +2239,15 @@ fn seen(meta: &Member) -> Vec<Seen> {
                     .iter()
                     .map(|c| c.node)
                     .filter(|n| s.session(*n).is_some_and(|x| x.up))
+                    .collect(),
+                suspect: record
+                    .components
+                    .iter()
+                    .filter(|c| {
+                        decode::<Vec<u64>>(s, format!("{SUSPECT_PREFIX}{}", c.node))
+                            .is_some_and(|ids| ids.contains(&c.id))
+                    })
+                    .map(|c| c.node)
                     .collect(),
                 record,
             })
@@ -2640,15 +2655,60 @@ async fn remove_orphans(node: &Arc<Node>, meta: &Member) {
     }
 }
 
-/// Whether a member other than `me` (up or not) holds an ACTIVE copy of the volume: then
-/// this node's copy, suspect after a power loss, must not become the truth (invariant
-/// 11). If the membership cannot be read, assumed so.
-async fn truth_elsewhere(meta: &Member, record: &VolumeRecord, me: u64) -> bool {
-    let Ok(members) = members(meta).await else { return true };
-    record
-        .components
-        .iter()
-        .any(|c| c.node != me && c.state == "active" && members.iter().any(|(m, _)| m.id == c.node))
+/// Where each node publishes the copies it holds that are marked suspect (invariant 11):
+/// `/suspect/NODE`, a JSON list of component ids, absent when there are none.
+const SUSPECT_PREFIX: &str = "/suspect/";
+
+/// Whom a suspect copy on `me` must leave the volume to (invariant 11).
+#[derive(Debug, PartialEq, Eq)]
+enum Truth {
+    /// A member other than `me` holds an ACTIVE copy not known to be suspect (its node
+    /// down, or up with no mark published): it may hold writes this copy lost.
+    Elsewhere,
+    /// Every other member's ACTIVE copy is suspect too, and up (every node lost power).
+    AllSuspect,
+    /// No other member holds an ACTIVE copy.
+    Nowhere,
+}
+
+/// Which [`Truth`] holds for the volume `v` and a suspect copy on `me`. If the membership
+/// cannot be read, `Elsewhere`.
+async fn truth_for_suspect(meta: &Member, v: &Seen, me: u64) -> Truth {
+    let Ok(members) = members(meta).await else { return Truth::Elsewhere };
+    let mut others = v.record.components.iter().filter(|c| {
+        c.node != me && c.state == "active" && members.iter().any(|(m, _)| m.id == c.node)
+    });
+    let mut any = false;
+    let all_suspect = others.all(|c| {
+        any = true;
+        v.up.contains(&c.node) && v.suspect.contains(&c.node)
+    });
+    match (any, all_suspect) {
+        (false, _) => Truth::Nowhere,
+        (true, true) => Truth::AllSuspect,
+        (true, false) => Truth::Elsewhere,
+    }
+}
+
+/// Publishes this node's suspect marks (`SUSPECT_PREFIX`) when what the metadata holds
+/// differs; a failed write is tried again on the next call.
+async fn publish_suspect(node: &Node, meta: &Member) {
+    let key = format!("{SUSPECT_PREFIX}{}", meta.id());
+    let marks: Vec<u64> = node.suspects().into_iter().collect();
+    let published: Vec<u64> = meta
+        .read_local(|s| s.get(&key).and_then(|e| serde_json::from_slice(&e.value).ok()))
+        .unwrap_or_default();
+    if marks == published {
+        return;
+    }
+    let op = if marks.is_empty() {
+        Op::Delete { key }
+    } else {
+        Op::Put { key, value: serde_json::to_vec(&marks).expect("serializes"), lease: None }
+    };
+    if let Err(e) = write(meta, Vec::new(), vec![op]).await {
+        tracing::debug!("cannot publish this node's power-loss marks yet: {}", e.message);
+    }
 }
 
 /// Each node's steward of the replicated volumes, until the process ends: it exports
@@ -2669,6 +2729,7 @@ pub async fn steward(node: Arc<Node>, meta: Arc<Member>, moves: MovePolicy) {
         if !meta.registered() {
             continue;
         }
+        publish_suspect(&node, &meta).await;
         let me = meta.id();
         for v in seen(&meta) {
             let name = v.record.name.clone();
@@ -2714,12 +2775,15 @@ pub async fn steward(node: Arc<Node>, meta: Arc<Member>, moves: MovePolicy) {
                     _ => true,
                 },
                 Some(_) => v.moving.is_some_and(|m| m.node == me) && suspect.is_none(),
-                None if suspect.is_some() && truth_elsewhere(&meta, &v.record, me).await => {
+                None if suspect.is_some()
+                    && truth_for_suspect(&meta, &v, me).await == Truth::Elsewhere =>
+                {
                     if waiting_for_truth.insert(name.clone()) {
                         tracing::warn!(volume = %name,
                             "not taking ownership: this node's copy may lack writes it had \
                              not synced before a power loss, and another member holds an \
-                             active copy (waiting for it to be up)");
+                             active copy that may have them (waiting for that node to be \
+                             up, or to say it lost power too)");
                     }
                     false
                 }
@@ -2734,12 +2798,12 @@ pub async fn steward(node: Arc<Node>, meta: Arc<Member>, moves: MovePolicy) {
                             .map(|c| c.node),
                     );
                     line.retain(|n| v.up.contains(n));
-                    // Back from a power loss: after every other node with a copy (whose
-                    // takeover then compares this node's copy with its own).
-                    if suspect.is_some() {
-                        line.retain(|n| *n != me);
-                        line.push(me);
-                    }
+                    // Back from a power loss: after every other node with a copy not
+                    // suspect (whose takeover then compares this node's copy with its
+                    // own). The suspect keep their order, so that after a power loss of
+                    // every node they do not all wait for each other and then race.
+                    let marked = |n: &u64| v.suspect.contains(n) || (*n == me && suspect.is_some());
+                    line.sort_by_key(marked);
                     let rank = line.iter().position(|n| *n == me).unwrap_or(line.len());
                     since.elapsed() >= TAKEOVER_STEP * rank as u32
                 }
@@ -2756,12 +2820,18 @@ pub async fn steward(node: Arc<Node>, meta: Arc<Member>, moves: MovePolicy) {
                 match take_over(&node, &meta, &router, false, from).await {
                     Ok(epoch) => {
                         tracing::info!(volume = %name, epoch, "took ownership");
-                        // Its copy is the truth now: nothing is left to level it with.
+                        // Its copy is the truth now: as good as any there is.
                         if let Some(c) = suspect.filter(|c| node.clear_suspect(c.id)) {
+                            let why = match truth_for_suspect(&meta, &v, me).await {
+                                Truth::Nowhere => "no other member holds an active copy",
+                                _ => {
+                                    "every other active copy came back from a power loss \
+                                      too (its writes not synced may be lost as well)"
+                                }
+                            };
                             tracing::warn!(volume = %name, component = c.id,
                                 "took ownership with a copy that may lack writes it had not \
-                                 synced before a power loss: no other member holds an active \
-                                 copy");
+                                 synced before a power loss: {why}");
                         }
                         waiting_for_truth.remove(&name);
                     }

@@ -783,6 +783,46 @@ fn a_copy_back_from_a_power_loss_waits_for_the_other_copy_until_levelled() {
         .contains("may lack writes it had not synced before a power loss: no other"));
 }
 
+/// Every node loses power at once (a rack's feed): every copy comes back suspect, and as
+/// none may hold writes the others lost, one of them becomes the truth (invariant 11)
+/// once every node holding a copy is up and says it is suspect too. That owner levels
+/// the other copies, which then lose their marks; what was flushed reads back through
+/// every node. (Under the rule before, each node waited for another: nobody took.)
+#[test]
+fn after_every_node_lost_power_one_copy_takes_and_levels_the_others() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut members = three_members(tmp.path());
+    let (_, epoch) = create_replicated(&members[0], "w1", "4M");
+    crate::harness::qemu_io(&members[0].node().uri("w1"), &["write -P 0x62 0 64k", "flush"]);
+    for m in &mut members {
+        m.node.take().unwrap().kill9();
+    }
+    for m in &mut members {
+        m.start_in_another_boot();
+    }
+    wait_logged(&members, 90, "a node to take w1", || {
+        members[0].get("/v1/volumes/w1").is_some_and(|v| v["epoch"].as_u64() > Some(epoch))
+    });
+    let marked = |m: &Member| {
+        !std::fs::read_to_string(m.dir.join("suspect")).unwrap_or_default().trim().is_empty()
+    };
+    wait_logged(&members, 90, "every copy levelled (its mark off)", || {
+        members.iter().all(|m| !marked(m))
+    });
+    for m in &members {
+        crate::harness::qemu_io(&m.node().uri("w1"), &["read -P 0x62 0 64k"]);
+    }
+    let (o, _) = owner_of(&members, "w1");
+    assert!(
+        members[o]
+            .node()
+            .log_tail(2000)
+            .contains("every other active copy came back from a power loss too"),
+        "{}",
+        members[o].node().log_tail(30)
+    );
+}
+
 /// A block that rots on a copy other than the owner's is found by the owner's periodic
 /// scrub (`scrub_every_secs`) and rewritten: with no change of owner, and no client
 /// reading it.
