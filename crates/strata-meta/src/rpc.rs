@@ -34,7 +34,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
@@ -275,6 +275,8 @@ pub struct Peer {
     key: Key,
     addr: String,
     conn: tokio::sync::Mutex<Option<Arc<Conn>>>,
+    /// Since when Raft's calls find the peer unreachable (logged once, not per retry).
+    unreachable_since: Mutex<Option<Instant>>,
 }
 
 type Pending = Mutex<Option<HashMap<u64, oneshot::Sender<Reply>>>>;
@@ -319,7 +321,12 @@ impl Drop for Waiting<'_> {
 impl Peer {
     /// A peer at `addr` (host:port), authenticated with `key`.
     pub fn new(key: Key, addr: impl Into<String>) -> Peer {
-        Peer { key, addr: addr.into(), conn: tokio::sync::Mutex::new(None) }
+        Peer {
+            key,
+            addr: addr.into(),
+            conn: tokio::sync::Mutex::new(None),
+            unreachable_since: Mutex::new(None),
+        }
     }
 
     /// The peer's address.
@@ -469,13 +476,41 @@ type RpcResult<T, E = openraft::error::Infallible> =
 impl TcpConnection {
     /// A call; a peer that cannot be reached at all is `Unreachable`, which makes openraft
     /// back off (`backoff`) instead of retrying thousands of times a second while a node
-    /// is down (each retry a connect, and an error line).
+    /// is down (each retry a connect). This node says once that the peer is unreachable,
+    /// and once that it is back (openraft's own line for each retry is held back:
+    /// `up::init_logging`).
     async fn call<E: std::error::Error>(
         &mut self,
         request: Request,
         option: &RPCOption,
     ) -> Result<Reply, RPCError<NodeId, BasicNode, RaftError<NodeId, E>>> {
-        match tokio::time::timeout(option.hard_ttl(), self.peer.call(&request)).await {
+        let result = tokio::time::timeout(option.hard_ttl(), self.peer.call(&request)).await;
+        let not_sent = matches!(result, Ok(Err(CallError::NotSent(_))));
+        {
+            let mut since = self.peer.unreachable_since.lock().unwrap_or_else(|e| e.into_inner());
+            match (since.is_some(), not_sent) {
+                (false, true) => {
+                    *since = Some(Instant::now());
+                    if let Ok(Err(e)) = &result {
+                        tracing::warn!(
+                            member = self.target,
+                            "metadata member unreachable: {e} \
+                            (retrying every 200 ms; said once)"
+                        );
+                    }
+                }
+                (true, false) if matches!(result, Ok(Ok(_))) => {
+                    let away = since.take().map(|t| t.elapsed().as_secs()).unwrap_or_default();
+                    tracing::info!(
+                        member = self.target,
+                        "metadata member reachable again \
+                        (after {away} s)"
+                    );
+                }
+                _ => {}
+            }
+        }
+        match result {
             Ok(Ok(reply)) => Ok(reply),
             Ok(Err(e @ CallError::NotSent(_))) => Err(RPCError::Unreachable(Unreachable::new(&e))),
             Ok(Err(e)) => Err(RPCError::Network(NetworkError::new(&e))),

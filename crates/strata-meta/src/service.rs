@@ -28,7 +28,7 @@ use openraft::{BasicNode, ChangeMembers, Raft, ServerState};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
@@ -158,6 +158,18 @@ pub enum ServiceError {
     Fatal(String),
 }
 
+/// How long [`Member::shutdown`] waits for the requests under way.
+const SHUTDOWN_DRAIN: Duration = Duration::from_secs(2);
+
+/// One request under way (`Member::busy`), until dropped.
+struct Busy<'a>(&'a AtomicUsize);
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// A member as the leader sees it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MemberStatus {
@@ -266,6 +278,10 @@ pub struct Member {
     peers: Mutex<HashMap<String, Arc<Peer>>>,
     incarnation: AtomicU64,
     stale_refusals: AtomicU64,
+    /// Set by [`Member::shutdown`]: requests are refused from then.
+    stopping: AtomicBool,
+    /// Requests that need the leader, under way (a shutdown waits for them a moment).
+    busy: AtomicUsize,
     /// When the last heartbeat (or registration) the leader accepted was sent.
     confirmed: Mutex<Option<Instant>>,
     reads: Mutex<ReadRounds>,
@@ -351,6 +367,8 @@ impl Member {
             peers: Mutex::new(HashMap::new()),
             incarnation: AtomicU64::new(0),
             stale_refusals: AtomicU64::new(0),
+            stopping: AtomicBool::new(false),
+            busy: AtomicUsize::new(0),
             confirmed: Mutex::new(None),
             reads: Mutex::new(ReadRounds::default()),
             data: std::sync::OnceLock::new(),
@@ -455,7 +473,15 @@ impl Member {
     }
 
     /// Stops Raft.
+    /// Stops Raft: new requests are refused at once, and those under way get up to
+    /// [`SHUTDOWN_DRAIN`] to finish first (a request Raft drops as it stops is an error
+    /// line from the library, not a clean stop).
     pub async fn shutdown(&self) {
+        self.stopping.store(true, Ordering::Release);
+        let deadline = Instant::now() + SHUTDOWN_DRAIN;
+        while self.busy.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         let _ = self.raft.shutdown().await;
     }
 
@@ -549,6 +575,11 @@ impl Member {
         if !request.needs_leader() {
             return self.watch(request).await;
         }
+        if self.stopping.load(Ordering::Acquire) {
+            return Err(ServiceError::Fatal("this member is stopping".into()));
+        }
+        self.busy.fetch_add(1, Ordering::AcqRel);
+        let _busy = Busy(&self.busy);
         // A status is for a human or a script waiting for one: answer quickly either way.
         let patience = match request {
             ClientRequest::Status => STATUS_DEADLINE,

@@ -482,7 +482,7 @@ impl ReplicatedVolume {
         }
         // New requests find it deposed (their clients retry at the next owner); those
         // in flight hold the lock shared.
-        self.depose("handing the volume over");
+        self.let_go();
         let _exclusive = self.resync_lock.write().await;
         let (states, scanning, unrecorded, stale) = {
             let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
@@ -630,6 +630,13 @@ impl ReplicatedVolume {
     pub fn depose(&self, why: &str) {
         if !self.deposed.swap(true, Ordering::AcqRel) {
             tracing::warn!(volume = %self.name, epoch = self.epoch, "no longer the owner: {why}");
+        }
+    }
+
+    /// [`ReplicatedVolume::depose`] for a planned hand-over: nothing is wrong.
+    fn let_go(&self) {
+        if !self.deposed.swap(true, Ordering::AcqRel) {
+            tracing::info!(volume = %self.name, epoch = self.epoch, "handing the volume over");
         }
     }
 

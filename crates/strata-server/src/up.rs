@@ -6,6 +6,7 @@ use crate::api::{self, Api};
 use crate::config::{Config, UP_RPC};
 use crate::node::{Exports, Node};
 use anyhow::Context;
+use std::collections::HashMap;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -55,17 +56,125 @@ pub enum LogFormat {
 }
 
 /// Sends the process's `tracing` events to stderr in `format`, filtered by `RUST_LOG`
-/// (default: info, and only errors of the Raft library).
+/// (default: info, and only errors of the Raft library). Each of the Raft library's log
+/// sites gets through at most once a [`LIBRARY_QUIET`]: it logs every retry to reach a
+/// member that is down (five a second) and every call a shutdown cut short as an error;
+/// this node says itself, once, that a member is unreachable and when it is back.
 pub fn init_logging(format: LogFormat) {
-    use tracing_subscriber::EnvFilter;
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,openraft=error"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    use tracing_subscriber::prelude::*;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=error"));
+    let quiet = LibraryQuiet::new(filter);
+    let layer = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let registry = tracing_subscriber::registry();
     match format {
         LogFormat::Human => {
-            builder.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init()
+            let layer = layer.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+            registry.with(layer.with_filter(quiet)).init()
         }
-        LogFormat::Json => builder.json().with_ansi(false).init(),
+        LogFormat::Json => registry.with(layer.json().with_ansi(false).with_filter(quiet)).init(),
+    }
+}
+
+/// How often one log site of the Raft library may speak ([`init_logging`]).
+const LIBRARY_QUIET: Duration = Duration::from_secs(60);
+
+/// `filter` (the `RUST_LOG` one), and then an event of the Raft library only if its log
+/// site has not spoken for [`LIBRARY_QUIET`].
+struct LibraryQuiet<F> {
+    filter: F,
+    last: std::sync::Mutex<HashMap<tracing::callsite::Identifier, Instant>>,
+}
+
+impl<F> LibraryQuiet<F> {
+    fn new(filter: F) -> Self {
+        LibraryQuiet { filter, last: std::sync::Mutex::default() }
+    }
+
+    fn library(meta: &tracing::Metadata<'_>) -> bool {
+        meta.is_event() && meta.target().starts_with("openraft")
+    }
+}
+
+impl<S, F: tracing_subscriber::layer::Filter<S>> tracing_subscriber::layer::Filter<S>
+    for LibraryQuiet<F>
+{
+    fn enabled(
+        &self,
+        meta: &tracing::Metadata<'_>,
+        cx: &tracing_subscriber::layer::Context<'_, S>,
+    ) -> bool {
+        self.filter.enabled(meta, cx)
+    }
+
+    fn callsite_enabled(
+        &self,
+        meta: &'static tracing::Metadata<'static>,
+    ) -> tracing::subscriber::Interest {
+        let interest = self.filter.callsite_enabled(meta);
+        // The library's events are asked about one by one (never cached as always).
+        if Self::library(meta) && interest.is_always() {
+            tracing::subscriber::Interest::sometimes()
+        } else {
+            interest
+        }
+    }
+
+    fn max_level_hint(&self) -> Option<tracing::level_filters::LevelFilter> {
+        self.filter.max_level_hint()
+    }
+
+    fn event_enabled(
+        &self,
+        event: &tracing::Event<'_>,
+        cx: &tracing_subscriber::layer::Context<'_, S>,
+    ) -> bool {
+        if !self.filter.event_enabled(event, cx) {
+            return false;
+        }
+        let meta = event.metadata();
+        if !Self::library(meta) {
+            return true;
+        }
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        match last.get(&meta.callsite()) {
+            Some(t) if now.duration_since(*t) < LIBRARY_QUIET => false,
+            _ => {
+                last.insert(meta.callsite(), now);
+                true
+            }
+        }
+    }
+
+    fn on_new_span(
+        &self,
+        attrs: &tracing::span::Attributes<'_>,
+        id: &tracing::span::Id,
+        cx: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        self.filter.on_new_span(attrs, id, cx)
+    }
+
+    fn on_record(
+        &self,
+        id: &tracing::span::Id,
+        values: &tracing::span::Record<'_>,
+        cx: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        self.filter.on_record(id, values, cx)
+    }
+
+    fn on_enter(&self, id: &tracing::span::Id, cx: tracing_subscriber::layer::Context<'_, S>) {
+        self.filter.on_enter(id, cx)
+    }
+
+    fn on_exit(&self, id: &tracing::span::Id, cx: tracing_subscriber::layer::Context<'_, S>) {
+        self.filter.on_exit(id, cx)
+    }
+
+    fn on_close(&self, id: tracing::span::Id, cx: tracing_subscriber::layer::Context<'_, S>) {
+        self.filter.on_close(id, cx)
     }
 }
 
@@ -315,4 +424,51 @@ async fn wait_for_signal() -> anyhow::Result<()> {
         _ = term.recv() => {}
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod log_tests {
+    use super::LibraryQuiet;
+    use std::sync::{Arc, Mutex};
+    use tracing_subscriber::prelude::*;
+
+    /// A log written to memory.
+    #[derive(Clone, Default)]
+    struct Lines(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Lines {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn the_raft_library_speaks_once_a_minute_a_site_and_the_rest_as_filtered() {
+        let lines = Lines::default();
+        let writer = lines.clone();
+        let filter = tracing_subscriber::EnvFilter::new("info,openraft=error");
+        let layer = tracing_subscriber::fmt::layer()
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .with_filter(LibraryQuiet::new(filter));
+        tracing::subscriber::with_default(tracing_subscriber::registry().with(layer), || {
+            for i in 0..5 {
+                tracing::error!(target: "openraft::replication", "retry {i} failed");
+                tracing::warn!(target: "openraft::replication", "a warning {i}");
+                tracing::warn!(target: "strata_meta::rpc", "member {i} unreachable");
+                tracing::debug!(target: "strata_meta::rpc", "detail {i}");
+            }
+            tracing::error!(target: "openraft::core", "another site");
+        });
+        let text = String::from_utf8(lines.0.lock().unwrap().clone()).unwrap();
+        assert_eq!(text.matches("retry").count(), 1, "{text}");
+        assert!(text.contains("retry 0 failed") && text.contains("another site"), "{text}");
+        assert!(!text.contains("a warning"), "below openraft=error: {text}");
+        assert_eq!(text.matches("unreachable").count(), 5, "others pass: {text}");
+        assert!(!text.contains("detail"), "below info: {text}");
+    }
 }
