@@ -341,6 +341,10 @@ impl Node {
                         v.record.states[*n] == CopyState::Active && *n != v.record.node
                     }));
                     line.retain(|n| v.up.contains(n));
+                    // As `replicated::steward`: suspect copies after the others, in order.
+                    line.sort_by_key(|n| {
+                        v.suspect.contains(n) || (*n == self.me && self.suspect())
+                    });
                     let rank = line.iter().position(|n| *n == self.me).unwrap_or(line.len());
                     since.elapsed() >= TAKEOVER_STEP * rank as u32
                 }
