@@ -2790,7 +2790,8 @@ pub async fn steward(node: Arc<Node>, meta: Arc<Member>, moves: MovePolicy) {
                             "not taking ownership: this node's copy may lack writes it had \
                              not synced before a power loss, and another member holds an \
                              active copy that may have them (waiting for that node to be \
-                             up, or to say it lost power too)");
+                             up, or to say it lost power too; if it is gone for good, \
+                             `strata node remove` it)");
                     }
                     false
                 }
