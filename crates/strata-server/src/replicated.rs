@@ -130,13 +130,17 @@ const WRITE_BATCH_MAX: usize = 64;
 const LSN_EPOCH_SHIFT: u32 = 40;
 
 /// In a volume's record: the owner at `epoch` handed the volume over cleanly, with the
-/// copies `equal` (component ids) level and synced (invariant 5).
+/// copies `level` equal and synced (invariant 5). A copy is named by node and component
+/// id together: ids are unique only on their node (two nodes that made copies in the same
+/// second hand out the same ids).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct Released {
     /// The epoch of the owner that let go.
     pub epoch: u64,
-    /// The components that were ACTIVE, equal and synced then.
-    pub equal: Vec<u64>,
+    /// The copies that were ACTIVE, equal and synced then. (Named `equal`, with ids
+    /// alone, before: such a record vouches for none, and the next owner compares them.)
+    #[serde(default)]
+    pub level: Vec<CopyRef>,
     /// The synchronization bitmaps of the STALE copies then (those owing no digest scan,
     /// of at most `HANDED_RUNS_MAX` runs): the next owner resyncs just those regions,
     /// where without them it would compare the whole copy.
@@ -144,9 +148,33 @@ pub struct Released {
     pub stale: Vec<HandedBitmap>,
 }
 
+/// The last owner's clean hand-over (`record.released`), if its word counts for a new
+/// owner on node `me`: only if this node's copy was one of the level ones (the truth now
+/// is what the last owner's copy was then), its node and id both.
+fn handed_word(record: &VolumeRecord, me: u64) -> Option<&Released> {
+    record.released.as_ref().filter(|r| {
+        r.level.iter().any(|x| {
+            x.node == me && record.components.iter().any(|c| c.node == x.node && c.id == x.id)
+        })
+    })
+}
+
+/// A copy in a volume's record: its node and its component id there.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CopyRef {
+    /// The node.
+    pub node: u64,
+    /// The component id on that node.
+    pub id: u64,
+}
+
 /// A STALE copy's bitmap, handed over in [`Released`].
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct HandedBitmap {
+    /// The component's node (0 in records written before it was: matches no copy, which
+    /// the next owner then compares in full).
+    #[serde(default)]
+    pub node: u64,
     /// The component.
     pub id: u64,
     /// Runs of regions it lacks, `[first, last]` (region = `REGION` bytes).
@@ -490,7 +518,11 @@ impl ReplicatedVolume {
             // No write is in flight: a STALE copy's bitmap is all it lacks.
             let stale: Vec<HandedBitmap> = (0..self.copies.len())
                 .filter(|&i| st.states[i] == CopyState::Stale && st.scan[i].is_none())
-                .map(|i| HandedBitmap { id: self.copies[i].id(), runs: runs_of(&st.dirty[i]) })
+                .map(|i| HandedBitmap {
+                    node: self.copies[i].node,
+                    id: self.copies[i].id(),
+                    runs: runs_of(&st.dirty[i]),
+                })
                 .filter(|b| b.runs.len() <= HANDED_RUNS_MAX)
                 .collect();
             (st.states.clone(), scanning, !st.unrecorded.is_empty(), stale)
@@ -509,7 +541,7 @@ impl ReplicatedVolume {
         // Synced: nothing a copy acknowledged can be lost to a crash after the hand-over
         // (the next owner would not know to look for it).
         let deadline = tokio::time::Instant::now() + IO_TIMEOUT;
-        let mut equal = Vec::new();
+        let mut level = Vec::new();
         for (i, c) in self.copies.iter().enumerate() {
             // A copy still owed a digest scan may differ: not vouched for.
             if states[i] != CopyState::Active || scanning[i] {
@@ -527,7 +559,7 @@ impl ReplicatedVolume {
                 }
             };
             match synced {
-                Ok(()) => equal.push(c.id()),
+                Ok(()) => level.push(CopyRef { node: c.node, id: c.id() }),
                 // Left out: the next owner compares it.
                 Err(e) => {
                     let node = c.node;
@@ -535,19 +567,20 @@ impl ReplicatedVolume {
                 }
             }
         }
-        if !equal.contains(&self.local.id()) {
+        let me = &self.copies[self.local_index()];
+        if !level.contains(&CopyRef { node: me.node, id: me.id() }) {
             return Err("this node's copy did not sync".into());
         }
         // If the owner key changed, the CAS keeps failing and the next owner compares
         // the copies.
-        let mark = Released { epoch: self.epoch, equal: equal.clone(), stale };
+        let mark = Released { epoch: self.epoch, level: level.clone(), stale };
         self.change_record(|record| {
             record.released = Some(mark.clone());
             Ok(())
         })
         .await?;
         *released = true;
-        tracing::info!(volume = %self.name, epoch = self.epoch, copies = equal.len(),
+        tracing::info!(volume = %self.name, epoch = self.epoch, copies = level.len(),
             "handed over cleanly: the copies are level and synced");
         Ok(())
     }
@@ -1858,13 +1891,7 @@ pub fn open(
     let mut dirty = Vec::new();
     let mut scan = Vec::new();
     let mut missed_from = Vec::new();
-    // A clean hand-over's word counts only if this node's copy was one of the equal
-    // ones (the truth now is what the last owner's copy was then).
-    let handed = record.released.as_ref().filter(|r| {
-        r.equal
-            .iter()
-            .any(|id| record.components.iter().any(|x| x.id == *id && x.node == meta.id()))
-    });
+    let handed = handed_word(record, meta.id());
     for c in &record.components {
         let state = CopyState::parse(&c.state);
         missed_from.push(c.stale_lsn.filter(|_| state != CopyState::Active));
@@ -1908,12 +1935,14 @@ pub fn open(
                 dirty.push(BTreeSet::new());
                 // Equal to this node's copy when the last owner let go cleanly, and
                 // nobody has written since.
-                let vouched = handed.is_some_and(|r| r.equal.contains(&c.id));
+                let vouched =
+                    handed.is_some_and(|r| r.level.contains(&CopyRef { node: c.node, id: c.id }));
                 scan.push((!vouched).then_some(0));
             }
             (CopyState::Stale, None) => {
                 // What it lacks from this node's copy, as the last owner handed it over.
-                let bitmap = handed.and_then(|r| r.stale.iter().find(|b| b.id == c.id));
+                let bitmap =
+                    handed.and_then(|r| r.stale.iter().find(|b| b.node == c.node && b.id == c.id));
                 states.push(CopyState::Stale);
                 match bitmap {
                     Some(b) => {
@@ -3602,6 +3631,39 @@ mod tests {
         // From a record, so input: runs past the end are cut, reversed ones ignored.
         assert_eq!(regions_of(&[[14, u64::MAX], [7, 3]], 16), [14, 15].into());
         assert!(regions_of(&[[0, 3]], 0).is_empty());
+    }
+
+    /// Nodes 1 and 2 made their copies in the same second: both got component id 7. The
+    /// last owner (node 2) vouched for its own copy only, and node 3's STALE one (id 9)
+    /// lacks regions 4-5. Node 1 must not take the word for its copy; node 2 may; and a
+    /// record written before copies were named by node too vouches for none.
+    #[test]
+    fn a_hand_over_vouches_for_copies_by_node_and_id_not_id_alone() {
+        let record = |released: serde_json::Value| -> VolumeRecord {
+            serde_json::from_value(serde_json::json!({
+                "name": "v", "node": 2, "state": "ready", "id": "", "size_bytes": 1 << 20,
+                "created_unix": 0, "origin": null, "snapshots": [], "replicas": 3,
+                "min_replicas": 2, "epoch": 4, "released": released,
+                "components": [
+                    {"node": 1, "id": 7, "state": "active"},
+                    {"node": 2, "id": 7, "state": "active"},
+                    {"node": 3, "id": 9, "state": "stale"},
+                ],
+            }))
+            .unwrap()
+        };
+        let r = record(serde_json::json!({
+            "epoch": 4,
+            "level": [{"node": 2, "id": 7}],
+            "stale": [{"node": 3, "id": 9, "runs": [[4, 5]]}],
+        }));
+        assert!(handed_word(&r, 1).is_none(), "node 1's copy was not level");
+        let word = handed_word(&r, 2).expect("node 2's copy was level");
+        assert!(!word.level.contains(&CopyRef { node: 1, id: 7 }));
+        assert_eq!(word.stale[0].node, 3);
+        let old =
+            record(serde_json::json!({"epoch": 4, "equal": [7], "stale": [{"id": 9, "runs": []}]}));
+        assert!(handed_word(&old, 1).is_none() && handed_word(&old, 2).is_none());
     }
 
     #[test]
