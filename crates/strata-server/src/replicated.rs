@@ -1019,6 +1019,12 @@ impl ReplicatedVolume {
         };
         for i in unrecorded {
             self.record(i, CopyState::Stale, None).await.map_err(|e| {
+                // Not sure to own the volume any more (another node took it while this
+                // one was paused or cut off, or its session was renewed): deposed, so
+                // that the write is retried at the owner (whichever node that is), not
+                // failed to the client. The next owner, taking without a clean
+                // hand-over, compares the copies.
+                self.depose(&format!("a copy failed and cannot be marked stale: {e}"));
                 io_error("replicate", format!("a copy failed and cannot be marked stale: {e}"))
             })?;
             self.state.lock().unwrap_or_else(|e| e.into_inner()).unrecorded.remove(&i);
@@ -2932,6 +2938,12 @@ struct Target {
     epoch: u64,
 }
 
+/// How often a forwarder waiting for the owner's answer looks whether the volume has
+/// another owner (`Router::owner_moved`).
+const OWNER_POLL: Duration = Duration::from_millis(250);
+/// Why a forwarded request is retried when the owner changed while it waited.
+const OWNER_MOVED: &str = "the volume has another owner now";
+
 /// Why a forwarded request did not succeed.
 enum Forwarded {
     /// The owner answered with a failure: the client gets it.
@@ -3116,12 +3128,34 @@ impl Router {
         (h, payload)
     }
 
-    /// Sends one VOLUME request to the owner; a read's data is the reply's payload.
+    /// Sends one VOLUME request to the owner; a read's data is the reply's payload. Given
+    /// up (to be retried) as soon as the volume has another owner: an owner that hangs
+    /// (paused, cut off) must not hold its forwarders' clients past the failover.
     async fn forward(&self, t: &Target, op: &IoOp, number: u32) -> Result<Bytes, Forwarded> {
         let number = number.to_le_bytes();
         let (h, payload) = self.forwarded(t, op, &number);
-        let reply = tokio::time::timeout(FORWARD_TIMEOUT, t.peer.call(h, payload)).await;
-        self.outcome(&h, reply)
+        let call = tokio::time::timeout(FORWARD_TIMEOUT, t.peer.call(h, payload));
+        tokio::select! {
+            reply = call => self.outcome(&h, reply),
+            () = self.owner_moved(t.epoch) => Err(Forwarded::Retry(OWNER_MOVED.into())),
+        }
+    }
+
+    /// Returns once the volume's owner key (as this member has applied it) no longer
+    /// names the owner at `epoch`: another node took it, or its owner's session ended.
+    /// What that owner does with a request it got is fenced at the copies (invariant 2),
+    /// so the request may go to the next owner.
+    async fn owner_moved(&self, epoch: u64) {
+        let key = format!("/volumes/{}/owner", self.name);
+        loop {
+            tokio::time::sleep(OWNER_POLL).await;
+            let now = self.meta.read_local(|s| {
+                s.get(&key).and_then(|e| serde_json::from_slice::<Owner>(&e.value).ok())
+            });
+            if now.is_none_or(|o| o.epoch != epoch) {
+                return;
+            }
+        }
     }
 
     /// What the owner's reply to a forwarded request `h` means.
@@ -3173,8 +3207,23 @@ impl Router {
         };
         let deadline = tokio::time::Instant::now() + FORWARD_TIMEOUT;
         let mut out = Vec::with_capacity(ops.len());
+        // As `forward`: given up once the volume has another owner.
+        let moved = self.owner_moved(t.epoch);
+        tokio::pin!(moved);
+        let mut gone = false;
         for ((h, _), p) in requests.iter().zip(pending) {
-            let reply = tokio::time::timeout_at(deadline, p.wait()).await;
+            if gone {
+                out.push(None);
+                continue;
+            }
+            let reply = tokio::select! {
+                reply = tokio::time::timeout_at(deadline, p.wait()) => reply,
+                () = &mut moved => {
+                    gone = true;
+                    out.push(None);
+                    continue;
+                }
+            };
             out.push(match self.outcome(h, reply) {
                 Ok(data) => Some(Ok(data)),
                 Err(Forwarded::Failed(e)) => Some(Err(e)),

@@ -823,6 +823,72 @@ fn after_every_node_lost_power_one_copy_takes_and_levels_the_others() {
     );
 }
 
+/// The owner hangs (SIGSTOP) past its session timeout, then resumes. Clients writing
+/// through another node see no error, and wait for the failover, not for the hung owner:
+/// a forwarder gives up on the old owner once another node owns the volume, and the old
+/// owner, back, lets go of writes it can no longer account for (it cannot mark a copy
+/// stale) so they are retried at the new owner. Every write reads back.
+#[test]
+fn clients_of_another_node_wait_for_the_failover_not_for_a_hung_owner() {
+    let tmp = tempfile::tempdir().unwrap();
+    let members = three_members(tmp.path());
+    let (_, epoch) = create_replicated(&members[0], "h1", "4M");
+    assert_eq!(owner_of(&members, "h1"), (0, epoch), "node 1 owns it");
+    let uri = members[1].node().uri("h1");
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (uri, stop) = (uri.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut done = Vec::new();
+            let mut i = 0u64;
+            while !stop.load(Ordering::Acquire) {
+                i += 1;
+                let command = format!("write -P {} {} 64k", i % 251, (i % 16) * 65536);
+                let started = Instant::now();
+                let out = Command::new("qemu-io")
+                    .args(["-f", "raw", "-c", &command, &uri])
+                    .output()
+                    .unwrap();
+                let said = String::from_utf8_lossy(&out.stdout).into_owned()
+                    + &String::from_utf8_lossy(&out.stderr);
+                done.push((
+                    i,
+                    started.elapsed(),
+                    out.status.success() && !said.contains("error"),
+                    said,
+                ));
+            }
+            done
+        })
+    };
+    std::thread::sleep(Duration::from_secs(2));
+    members[0].signal("-STOP");
+    // Longer than the forwarding timeout (30 s): a write that waited for the hung owner
+    // would take that long.
+    std::thread::sleep(Duration::from_secs(40));
+    members[0].signal("-CONT");
+    std::thread::sleep(Duration::from_secs(10));
+    stop.store(true, Ordering::Release);
+    let done = writer.join().unwrap();
+    assert!(done.len() > 10, "the writer wrote: {}", done.len());
+    for (i, took, ok, said) in &done {
+        assert!(ok, "write {i} failed: {said}");
+        assert!(*took < Duration::from_secs(25), "write {i} waited {took:?} for the hung owner");
+    }
+    assert_ne!(owner_of(&members, "h1").0, 0, "another node took h1");
+    // The last pattern written at each offset reads back through every node.
+    let mut last = BTreeMap::new();
+    for (i, ..) in &done {
+        last.insert(i % 16, i % 251);
+    }
+    for m in &members {
+        let reads: Vec<String> =
+            last.iter().map(|(slot, p)| format!("read -P {p} {} 64k", slot * 65536)).collect();
+        let reads: Vec<&str> = reads.iter().map(String::as_str).collect();
+        crate::harness::qemu_io(&m.node().uri("h1"), &reads);
+    }
+}
+
 /// A block that rots on a copy other than the owner's is found by the owner's periodic
 /// scrub (`scrub_every_secs`) and rewritten: with no change of owner, and no client
 /// reading it.
