@@ -267,6 +267,10 @@ const FORWARD_TIMEOUT: Duration = Duration::from_secs(8);
 const LEARNER_CATCH_UP: Duration = Duration::from_secs(30);
 /// How often a node heartbeats its session.
 const SESSION_HEARTBEAT: Duration = Duration::from_secs(1);
+/// How long one heartbeat may wait for its answer before it is sent again (to whoever
+/// leads then): a heartbeat forwarded to a leader that hangs (paused, cut off) must not
+/// wait out [`FORWARD_TIMEOUT`] while a new leader counts the session silent.
+const HEARTBEAT_PATIENCE: Duration = Duration::from_secs(2);
 
 /// A running member.
 pub struct Member {
@@ -940,12 +944,15 @@ impl Member {
                 self.register(&record).await
             } else {
                 let heartbeat = Command::Heartbeat { origin: self.origin(), now_ms: 0 };
-                match self.request(ClientRequest::Write(heartbeat)).await {
-                    Ok(ClientReply::Written(Response::Refused(refusal))) => Err(refusal),
-                    Ok(ClientReply::Written(_)) => {
+                let sending = self.request(ClientRequest::Write(heartbeat));
+                match tokio::time::timeout(HEARTBEAT_PATIENCE, sending).await {
+                    Ok(Ok(ClientReply::Written(Response::Refused(refusal)))) => Err(refusal),
+                    Ok(Ok(ClientReply::Written(_))) => {
                         *self.confirmed.lock().unwrap_or_else(|e| e.into_inner()) = Some(sent);
                         Ok(())
                     }
+                    // No answer in time: at once again, to whoever leads now.
+                    Err(_) => continue,
                     _ => Ok(()),
                 }
             };

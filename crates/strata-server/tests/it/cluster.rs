@@ -889,6 +889,50 @@ fn clients_of_another_node_wait_for_the_failover_not_for_a_hung_owner() {
     }
 }
 
+/// The metadata leader hangs (SIGSTOP) past the session timeout, twice: the others elect
+/// a new leader and only the hung node is declared down. Their own sessions stay up: a
+/// heartbeat stuck on the hung leader is sent again, to whoever leads, within 2 s (it
+/// waited for the forwarding timeout, 8 s, before, and a new leader then sometimes found
+/// a healthy node, even itself, silent for the 10 s session timeout).
+#[test]
+fn a_hung_metadata_leader_is_declared_down_and_nobody_else() {
+    let tmp = tempfile::tempdir().unwrap();
+    let members = three_members(tmp.path());
+    let incarnation =
+        |m: &Member| m.get("/v1/node").and_then(|v| v["meta"]["incarnation"].as_u64());
+    for round in 0..2 {
+        let hung = leader(&members).expect("a leader");
+        let i = members.iter().position(|m| m.id == hung).unwrap();
+        let before: Vec<Option<u64>> = members.iter().map(incarnation).collect();
+        members[i].signal("-STOP");
+        wait_logged(&members, 40, "the hung leader declared down", || {
+            members.iter().filter(|m| m.id != hung).any(|m| {
+                cluster_view(m).is_some_and(|v| {
+                    v["cluster"]["members"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .any(|n| n["id"] == hung && n["session"]["up"] == false)
+                })
+            })
+        });
+        std::thread::sleep(Duration::from_secs(3));
+        for (j, m) in members.iter().enumerate().filter(|(j, _)| *j != i) {
+            assert_eq!(
+                incarnation(m),
+                before[j],
+                "round {round}: node {} was declared down too\n{}",
+                m.id,
+                m.node().log_tail(30)
+            );
+        }
+        members[i].signal("-CONT");
+        wait_logged(&members, 30, "the resumed node registered again", || {
+            incarnation(&members[i]) > before[i]
+        });
+    }
+}
+
 /// A block that rots on a copy other than the owner's is found by the owner's periodic
 /// scrub (`scrub_every_secs`) and rewritten: with no change of owner, and no client
 /// reading it.
