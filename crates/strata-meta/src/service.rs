@@ -489,6 +489,30 @@ impl Member {
         let _ = self.raft.shutdown().await;
     }
 
+    /// Returns (with why) once Raft has stopped by itself — a storage failure, such as a
+    /// full disk — and not by [`Member::shutdown`]: the node cannot keep its session,
+    /// and must not go on half alive.
+    pub async fn failed(&self) -> String {
+        let mut metrics = self.raft.metrics();
+        loop {
+            {
+                let m = metrics.borrow();
+                if m.state == ServerState::Shutdown && !self.stopping.load(Ordering::Acquire) {
+                    return match &m.running_state {
+                        Err(e) => e.to_string(),
+                        Ok(()) => "Raft stopped".into(),
+                    };
+                }
+            }
+            if metrics.changed().await.is_err() {
+                if self.stopping.load(Ordering::Acquire) {
+                    return std::future::pending().await;
+                }
+                return "Raft stopped".into();
+            }
+        }
+    }
+
     /// Whether this member belongs to a cluster (has a membership), asking Raft itself
     /// (the metrics are published a moment after start).
     pub async fn initialized(&self) -> bool {

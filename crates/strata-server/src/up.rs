@@ -391,8 +391,23 @@ async fn serve(config: Config, one_node: bool) -> anyhow::Result<()> {
     println!("Ctrl-C or SIGTERM stops it cleanly.");
     let _ = std::io::stdout().flush();
 
-    wait_for_signal().await?;
-    tracing::info!("stopping: finishing in-flight I/O");
+    // A node whose metadata service failed (its disk full, say) stops as a whole, its
+    // volumes synced as far as they can be: half alive, it would keep its NBD clients
+    // waiting on an ownership it can no longer hold.
+    let failed = tokio::select! {
+        signalled = wait_for_signal() => {
+            signalled?;
+            None
+        }
+        why = member.failed() => Some(why),
+    };
+    match &failed {
+        Some(why) => tracing::error!(
+            "the metadata service stopped: {why}; stopping this node (other nodes take its \
+             replicated volumes)"
+        ),
+        None => tracing::info!("stopping: finishing in-flight I/O"),
+    }
     stop_tx.send_replace(true);
     // A client that stops reading its replies must not hold the shutdown forever: after the
     // grace period its connection is abandoned (what it was sent is already written) and the
@@ -412,6 +427,12 @@ async fn serve(config: Config, one_node: bool) -> anyhow::Result<()> {
     let synced = tokio::task::spawn_blocking(move || node.sync_all()).await?;
     synced.context("sync volumes at shutdown")?;
     crate::replicated::mark_clean_stop(&config.data_dir);
+    if let Some(why) = failed {
+        anyhow::bail!(
+            "the metadata service stopped: {why} (all data synced; fix the cause, then \
+             start the node again)"
+        );
+    }
     tracing::info!("stopped cleanly; all data synced");
     Ok(())
 }

@@ -933,6 +933,52 @@ fn a_hung_metadata_leader_is_declared_down_and_nobody_else() {
     }
 }
 
+/// A node's disk fills up (its data directory on a small tmpfs, filled by another
+/// file): its metadata service fails, and the node stops as a whole, saying why, with a
+/// failed exit, where it went on half alive before (NBD open, its session gone). The
+/// other two go on. Needs root (to mount); skipped, saying so, otherwise.
+#[test]
+fn a_node_whose_metadata_disk_fills_up_stops_and_says_why() {
+    let tmp = tempfile::tempdir().unwrap();
+    let small = tmp.path().join("n3");
+    std::fs::create_dir_all(&small).unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=160m", "tmpfs"])
+        .arg(&small)
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !mounted {
+        eprintln!("cannot mount a tmpfs here (not root?): skipped");
+        return;
+    }
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(small.clone());
+    let mut members = three_members(tmp.path());
+    let pid = members[2].node().pid();
+    // Fill the file system: the next Raft write fails.
+    let mut filler = std::fs::File::create(small.join("filler")).unwrap();
+    let block = vec![0x55u8; 1 << 20];
+    while std::io::Write::write_all(&mut filler, &block).is_ok() {}
+    let state = || {
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).ok().and_then(|s| {
+            s.rsplit(')').next().and_then(|r| r.split_whitespace().next().map(String::from))
+        })
+    };
+    wait_logged(&members, 60, "node 3 to stop", || state().is_none_or(|s| s == "Z"));
+    let log = members[2].node().log_tail(200);
+    assert!(log.contains("the metadata service stopped"), "{log}");
+    let (status, _) = members[2].node.take().unwrap().stop_exited();
+    assert!(!status.success(), "a failed exit: {status:?}");
+    // The others still serve the cluster.
+    let (ok, text) = cli(&members[0], &["volume", "create", "after", "--size", "1M"]);
+    assert!(ok, "{text}");
+}
+
 /// A block that rots on a copy other than the owner's is found by the owner's periodic
 /// scrub (`scrub_every_secs`) and rewritten: with no change of owner, and no client
 /// reading it.

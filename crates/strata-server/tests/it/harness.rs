@@ -185,6 +185,16 @@ impl Node {
         (status, stderr)
     }
 
+    /// Waits for a process that ended by itself; returns its exit status and stderr.
+    pub fn stop_exited(mut self) -> (std::process::ExitStatus, String) {
+        let status = self.child.take().expect("running").wait().expect("wait");
+        if let Some(t) = self.stderr_thread.take() {
+            let _ = t.join();
+        }
+        let stderr = self.stderr.lock().unwrap().clone();
+        (status, stderr)
+    }
+
     /// Keeps the data directory after the node is gone (for restarts).
     pub fn keep_dir(&mut self) -> Option<tempfile::TempDir> {
         self._tmp.take()
