@@ -148,6 +148,19 @@ fn wait_logged(members: &[Member], secs: u64, what: &str, f: impl FnMut() -> boo
     }
 }
 
+/// Whether a member other than node `id` sees node `id`'s session down.
+fn declared_down(members: &[Member], id: u64) -> bool {
+    members.iter().filter(|m| m.id != id).any(|m| {
+        cluster_view(m).is_some_and(|v| {
+            v["cluster"]["members"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|n| n["id"] == id && n["session"]["up"] == false)
+        })
+    })
+}
+
 fn cluster_view(m: &Member) -> Option<Value> {
     m.get("/v1/cluster")
 }
@@ -337,17 +350,7 @@ fn three_processes_stay_linearizable_through_kill9_and_sigstop() {
     let paused_id = members[paused].id;
     members[paused].signal("-STOP");
     let stopped = Instant::now();
-    wait_until(30, "the paused node declared down", || {
-        members.iter().filter(|m| m.id != paused_id).any(|m| {
-            cluster_view(m).is_some_and(|v| {
-                v["cluster"]["members"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .any(|n| n["id"] == paused_id && n["session"]["up"] == false)
-            })
-        })
-    });
+    wait_until(30, "the paused node declared down", || declared_down(&members, paused_id));
     // The timeout runs from its last heartbeat, at most a heartbeat period (1 s) before
     // the SIGSTOP.
     assert!(
@@ -906,15 +909,7 @@ fn a_hung_metadata_leader_is_declared_down_and_nobody_else() {
         let before: Vec<Option<u64>> = members.iter().map(incarnation).collect();
         members[i].signal("-STOP");
         wait_logged(&members, 40, "the hung leader declared down", || {
-            members.iter().filter(|m| m.id != hung).any(|m| {
-                cluster_view(m).is_some_and(|v| {
-                    v["cluster"]["members"]
-                        .as_array()
-                        .unwrap()
-                        .iter()
-                        .any(|n| n["id"] == hung && n["session"]["up"] == false)
-                })
-            })
+            declared_down(&members, hung)
         });
         std::thread::sleep(Duration::from_secs(3));
         for (j, m) in members.iter().enumerate().filter(|(j, _)| *j != i) {
