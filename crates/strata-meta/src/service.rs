@@ -476,9 +476,8 @@ impl Member {
         true
     }
 
-    /// Stops Raft.
     /// Stops Raft: new requests are refused at once, and those under way get up to
-    /// [`SHUTDOWN_DRAIN`] to finish first (a request Raft drops as it stops is an error
+    /// two seconds to finish first (a request Raft drops as it stops is an error
     /// line from the library, not a clean stop).
     pub async fn shutdown(&self) {
         self.stopping.store(true, Ordering::Release);
