@@ -1024,8 +1024,9 @@ impl ReplicatedVolume {
                 // that the write is retried at the owner (whichever node that is), not
                 // failed to the client. The next owner, taking without a clean
                 // hand-over, compares the copies.
-                self.depose(&format!("a copy failed and cannot be marked stale: {e}"));
-                io_error("replicate", format!("a copy failed and cannot be marked stale: {e}"))
+                let why = format!("a copy failed and cannot be marked stale: {e}");
+                self.depose(&why);
+                io_error("replicate", why)
             })?;
             self.state.lock().unwrap_or_else(|e| e.into_inner()).unrecorded.remove(&i);
         }
@@ -2806,6 +2807,11 @@ pub async fn steward(node: Arc<Node>, meta: Arc<Member>, moves: MovePolicy) {
             }
             // Back from a power loss and not levelled since (invariant 11).
             let suspect = here.filter(|c| node.suspect(c.id));
+            // Whom such a copy leaves an ownerless volume to (asked once a pass).
+            let truth = match (suspect, v.owner) {
+                (Some(_), None) => Some(truth_for_suspect(&meta, &v, me).await),
+                _ => None,
+            };
             let go = match v.owner {
                 // Not while a move to another node that is up is pending (this node may
                 // have let go for it), unless that node has not taken it for a while.
@@ -2817,9 +2823,7 @@ pub async fn steward(node: Arc<Node>, meta: Arc<Member>, moves: MovePolicy) {
                     _ => true,
                 },
                 Some(_) => v.moving.is_some_and(|m| m.node == me) && suspect.is_none(),
-                None if suspect.is_some()
-                    && truth_for_suspect(&meta, &v, me).await == Truth::Elsewhere =>
-                {
+                None if truth == Some(Truth::Elsewhere) => {
                     if waiting_for_truth.insert(name.clone()) {
                         tracing::warn!(volume = %name,
                             "not taking ownership: this node's copy may lack writes it had \
@@ -2865,7 +2869,12 @@ pub async fn steward(node: Arc<Node>, meta: Arc<Member>, moves: MovePolicy) {
                         tracing::info!(volume = %name, epoch, "took ownership");
                         // Its copy is the truth now: as good as any there is.
                         if let Some(c) = suspect.filter(|c| node.clear_suspect(c.id)) {
-                            let why = match truth_for_suspect(&meta, &v, me).await {
+                            // (Asked now if this node took it as the owner key's node.)
+                            let truth = match truth {
+                                Some(t) => t,
+                                None => truth_for_suspect(&meta, &v, me).await,
+                            };
+                            let why = match truth {
                                 Truth::Nowhere => "no other member holds an active copy",
                                 _ => {
                                     "every other active copy came back from a power loss \
@@ -3210,19 +3219,10 @@ impl Router {
         // As `forward`: given up once the volume has another owner.
         let moved = self.owner_moved(t.epoch);
         tokio::pin!(moved);
-        let mut gone = false;
         for ((h, _), p) in requests.iter().zip(pending) {
-            if gone {
-                out.push(None);
-                continue;
-            }
             let reply = tokio::select! {
                 reply = tokio::time::timeout_at(deadline, p.wait()) => reply,
-                () = &mut moved => {
-                    gone = true;
-                    out.push(None);
-                    continue;
-                }
+                () = &mut moved => break,
             };
             out.push(match self.outcome(h, reply) {
                 Ok(data) => Some(Ok(data)),
@@ -3230,6 +3230,8 @@ impl Router {
                 Err(Forwarded::Retry(_)) => None,
             });
         }
+        // Those left unanswered when the owner moved: retried.
+        out.resize_with(ops.len(), || None);
         out
     }
 
