@@ -125,7 +125,10 @@ pub fn token_for(
     }
     let path = dir.join(TOKEN_FILE);
     match std::fs::read_to_string(&path) {
-        Ok(t) if !t.trim().is_empty() => Ok(Some(t.trim().to_owned())),
+        Ok(t) if !t.trim().is_empty() => {
+            crate::files::warn_if_exposed(&path, "the API token");
+            Ok(Some(t.trim().to_owned()))
+        }
         Ok(_) => anyhow::bail!("the API token file {} is empty", path.display()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let bytes = crate::config::random_bytes(24)?;

@@ -15,6 +15,11 @@
 //! move_after_secs = 60          # optional: a volume used only through one other node
 //! move_hold_secs = 300          # moves there (0: never), once owned this long
 //! scrub_every_secs = 604800     # optional: an owner compares its copies this often (0: never)
+//! tls_dir = "/etc/strata/tls"   # optional: x509 credentials in qemu's layout (ca-cert.pem,
+//!                               # server-cert.pem, server-key.pem): NBD over TLS, HTTPS
+//! nbd_tls = "require"           # "require" (the default with tls_dir) or "off"
+//! tls_verify_peer = false       # true: NBD clients must present a certificate of the CA
+//! http_allowed_hosts = []       # names the API answers to beside its address and localhost
 //! ```
 
 use anyhow::{bail, Context};
@@ -65,6 +70,33 @@ pub struct Config {
     /// (a scrub: a block that rotted on a copy is found and rewritten); 0: never.
     #[serde(default = "default_scrub_every")]
     pub scrub_every_secs: u64,
+    /// x509 credentials in qemu's layout (`ca-cert.pem`, `server-cert.pem`,
+    /// `server-key.pem`), relative to `data_dir` if relative: NBD serves TLS and HTTP
+    /// serves HTTPS with them.
+    #[serde(default)]
+    pub tls_dir: Option<PathBuf>,
+    /// NBD's TLS mode: `require` (the default when `tls_dir` is set) or `off`. An NBD
+    /// address beyond loopback without TLS needs `off` written out.
+    #[serde(default)]
+    pub nbd_tls: Option<NbdTls>,
+    /// NBD clients must present a certificate signed by `ca-cert.pem` (qemu's
+    /// verify-peer).
+    #[serde(default)]
+    pub tls_verify_peer: bool,
+    /// Host names the HTTP API answers to besides its listen address, `localhost` and
+    /// loopback addresses (a request naming any other host is refused: DNS rebinding).
+    #[serde(default)]
+    pub http_allowed_hosts: Vec<String>,
+}
+
+/// NBD's TLS mode (config key `nbd_tls`).
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum NbdTls {
+    /// Every client must start TLS before any other option (NBD_REP_ERR_TLS_REQD).
+    Require,
+    /// Plain NBD (on a network beyond loopback only when written out).
+    Off,
 }
 
 fn default_scrub_every() -> u64 {
@@ -124,6 +156,7 @@ impl Config {
         if self.rpc.ip().is_unspecified() {
             bail!("rpc must be the address other nodes reach this node at, not {}", self.rpc.ip());
         }
+        self.nbd_tls_mode()?;
         let ports = [self.rpc, self.nbd, self.http];
         for (i, a) in ports.iter().enumerate() {
             if a.port() != 0 && ports[..i].contains(a) {
@@ -131,6 +164,34 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// NBD's TLS mode: `nbd_tls` as written, else `require` with credentials and `off`
+    /// without. Refuses `require` without credentials, and plain NBD on an address beyond
+    /// loopback unless `nbd_tls = "off"` is written out (anyone who reaches the port could
+    /// read and overwrite every volume).
+    pub fn nbd_tls_mode(&self) -> anyhow::Result<NbdTls> {
+        match (self.nbd_tls, &self.tls_dir) {
+            (Some(NbdTls::Require), None) => {
+                bail!("nbd_tls = \"require\" needs tls_dir (the x509 credentials)")
+            }
+            (Some(mode), _) => Ok(mode),
+            (None, Some(_)) => Ok(NbdTls::Require),
+            (None, None) if self.nbd.ip().is_loopback() => Ok(NbdTls::Off),
+            (None, None) => bail!(
+                "NBD listens on {} beyond loopback without TLS: anyone who reaches it could \
+                 read and overwrite every volume; set tls_dir (x509 credentials, then NBD \
+                 requires TLS) or write nbd_tls = \"off\" to serve plain NBD anyway",
+                self.nbd
+            ),
+        }
+    }
+
+    /// The TLS credential directory's path, if one is set.
+    pub fn tls_path(&self) -> Option<PathBuf> {
+        self.tls_dir
+            .as_ref()
+            .map(|d| if d.is_absolute() { d.clone() } else { self.data_dir.join(d) })
     }
 
     /// The secret file's path.
@@ -147,7 +208,10 @@ impl Config {
     pub fn secret(&self) -> anyhow::Result<Vec<u8>> {
         let path = self.secret_path();
         match std::fs::read(&path) {
-            Ok(bytes) if bytes.len() >= 16 => Ok(bytes),
+            Ok(bytes) if bytes.len() >= 16 => {
+                crate::files::warn_if_exposed(&path, "the cluster secret");
+                Ok(bytes)
+            }
             Ok(_) => bail!("the secret file {} is shorter than 16 bytes", path.display()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && self.join.is_empty() => {
                 let secret = random_bytes(SECRET_BYTES)?;
@@ -222,7 +286,22 @@ mod tests {
             ("node_id = 1\ndata_dir = \"d\"\nrpc = \"127.0.0.1:8080\"", "different"),
             ("node_id = \"one\"", "node_id"),
             ("node_id = 1\ndata_dir = \"d\"\nrpc = \"0.0.0.0:10810\"", "not 0.0.0.0"),
+            (
+                "node_id = 1\ndata_dir = \"d\"\nrpc = \"127.0.0.1:1\"\nnbd = \"0.0.0.0:10809\"",
+                "beyond loopback without TLS",
+            ),
+            (
+                "node_id = 1\ndata_dir = \"d\"\nrpc = \"127.0.0.1:1\"\nnbd_tls = \"require\"",
+                "needs tls_dir",
+            ),
+            ("node_id = 1\ndata_dir = \"d\"\nrpc = \"127.0.0.1:1\"\nnbd_tls = \"maybe\"", "maybe"),
         ];
+        let open = "node_id = 1\ndata_dir = \"d\"\nrpc = \"127.0.0.1:1\"\nnbd = \"0.0.0.0:1\"\n";
+        let c = Config::parse(&format!("{open}nbd_tls = \"off\"")).unwrap();
+        assert_eq!(c.nbd_tls_mode().unwrap(), NbdTls::Off, "written out: served plain");
+        let c = Config::parse(&format!("{open}tls_dir = \"tls\"")).unwrap();
+        assert_eq!(c.nbd_tls_mode().unwrap(), NbdTls::Require);
+        assert_eq!(c.tls_path(), Some(PathBuf::from("d/tls")));
         for (text, needle) in bad {
             let e = format!("{:#}", Config::parse(text).unwrap_err());
             assert!(e.contains(needle), "{text:?}: {e}");

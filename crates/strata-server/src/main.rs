@@ -10,6 +10,7 @@ mod config;
 mod dataplane;
 mod error;
 mod fencing;
+mod files;
 mod follow;
 mod fsck;
 mod metrics;
@@ -18,6 +19,7 @@ mod progress;
 mod registry;
 mod replicated;
 mod resync;
+mod tls;
 mod up;
 
 use clap::{Parser, Subcommand};

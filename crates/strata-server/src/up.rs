@@ -3,7 +3,7 @@
 //! path: the volumes, the metadata member (Raft, RPC, the node's session), NBD and HTTP.
 
 use crate::api::{self, Api};
-use crate::config::{Config, UP_RPC};
+use crate::config::{Config, NbdTls, UP_RPC};
 use crate::node::{Exports, Node};
 use anyhow::Context;
 use std::collections::HashMap;
@@ -33,6 +33,21 @@ pub struct UpArgs {
     /// Inter-node RPC listen address (of this one-node cluster's metadata member).
     #[arg(long, default_value = UP_RPC)]
     rpc: SocketAddr,
+    /// x509 credentials in qemu's layout (ca-cert.pem, server-cert.pem, server-key.pem):
+    /// NBD then requires TLS and HTTP serves HTTPS.
+    #[arg(long, value_name = "DIR")]
+    tls_dir: Option<PathBuf>,
+    /// NBD's TLS mode (default: require with --tls-dir, else off). Plain NBD beyond
+    /// loopback needs `--nbd-tls off` written out.
+    #[arg(long, value_enum, value_name = "MODE")]
+    nbd_tls: Option<NbdTls>,
+    /// NBD clients must present a certificate signed by the CA in --tls-dir.
+    #[arg(long)]
+    tls_verify_peer: bool,
+    /// A host name the HTTP API answers to besides its address, localhost and loopback
+    /// (repeatable).
+    #[arg(long = "http-allowed-host", value_name = "NAME")]
+    http_allowed_hosts: Vec<String>,
 }
 
 /// Arguments of `strata serve`.
@@ -211,6 +226,13 @@ pub fn lock_data_dir(dir: &Path) -> anyhow::Result<DirLock> {
 
 /// `strata up`: a one-node cluster until Ctrl-C or SIGTERM.
 pub fn up(args: UpArgs) -> anyhow::Result<()> {
+    // A relative --tls-dir is the operator's, from where they ran the command.
+    let tls_dir = match args.tls_dir {
+        Some(d) if d.is_relative() => {
+            Some(std::env::current_dir().context("the current directory")?.join(d))
+        }
+        d => d,
+    };
     let config = Config {
         node_id: 1,
         data_dir: args.data_dir,
@@ -224,7 +246,12 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
         move_after_secs: 60,
         move_hold_secs: 300,
         scrub_every_secs: 7 * 24 * 3600,
+        tls_dir,
+        nbd_tls: args.nbd_tls,
+        tls_verify_peer: args.tls_verify_peer,
+        http_allowed_hosts: args.http_allowed_hosts,
     };
+    config.nbd_tls_mode()?;
     run(config, true)
 }
 
@@ -238,6 +265,13 @@ pub fn serve_config(args: ServeArgs) -> anyhow::Result<()> {
 fn run(config: Config, one_node: bool) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("create data directory {}", config.data_dir.display()))?;
+    let tightened = crate::files::make_private(&config.data_dir)?;
+    if tightened > 0 {
+        tracing::info!(
+            "made the data directory {} private ({tightened} modes tightened to 0700/0600)",
+            config.data_dir.display()
+        );
+    }
     let _lock = lock_data_dir(&config.data_dir)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -306,6 +340,21 @@ async fn serve(config: Config, one_node: bool) -> anyhow::Result<()> {
              owner has levelled its copy"
         );
         node.mark_suspect().context("mark this node's copies suspect")?;
+    }
+    let nbd_tls = config.nbd_tls_mode()?;
+    let tls = match config.tls_path() {
+        Some(dir) => Some(
+            crate::tls::Credentials::load(&dir, config.tls_verify_peer)
+                .with_context(|| format!("load the TLS credentials in {}", dir.display()))?,
+        ),
+        None => None,
+    };
+    if nbd_tls == NbdTls::Off && !config.nbd.ip().is_loopback() {
+        tracing::warn!(
+            "NBD on {} without TLS (nbd_tls = \"off\"): anyone who reaches it can read and \
+             overwrite every volume",
+            config.nbd
+        );
     }
     let secret = config.secret()?;
     let data = crate::dataplane::DataService::new(node.clone(), &secret);
@@ -384,6 +433,13 @@ async fn serve(config: Config, one_node: bool) -> anyhow::Result<()> {
         println!(
             "  The HTTP API requires the bearer token in {} (STRATA_TOKEN for the CLI)",
             config.data_dir.join(api::TOKEN_FILE).display()
+        );
+    }
+    if let Some(tls) = &tls {
+        println!(
+            "  TLS credentials from {} (NBD TLS {})",
+            tls.dir().display(),
+            if nbd_tls == NbdTls::Require { "required" } else { "off" }
         );
     }
     println!("  RPC listening on {}  (node {}, cluster members)", member.addr(), config.node_id);

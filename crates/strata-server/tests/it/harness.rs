@@ -75,6 +75,12 @@ impl Node {
         Node::launch(command, dir).unwrap_or_else(|e| panic!("strata serve failed: {e}"))
     }
 
+    /// Runs `command` (a `strata up` or `serve`, perhaps through a shell) as a node,
+    /// panicking if it does not come up.
+    pub fn launch_command(command: Command, dir: &Path) -> Node {
+        Node::launch(command, dir).unwrap_or_else(|e| panic!("the node did not start: {e}"))
+    }
+
     /// Runs a node command until it prints its NBD and HTTP addresses.
     fn launch(mut command: Command, dir: &Path) -> Result<Node, String> {
         if !command.get_envs().any(|(key, _)| key == "RUST_LOG") {
@@ -284,4 +290,115 @@ pub fn free_port() -> u16 {
             return port;
         }
     }
+}
+
+/// A CA, a server certificate for 127.0.0.1 and localhost, and client certificates, made
+/// with openssl in qemu's x509 layout: `dir` holds `ca-cert.pem`, `server-cert.pem` and
+/// `server-key.pem` (what `strata up --tls-dir` and qemu's server read); each client `CN`
+/// gets `dir/clients/CN/{ca-cert,client-cert,client-key}.pem` (what qemu's
+/// `tls-creds-x509,endpoint=client,dir=…` and libnbd's `tls-certificates=…` read).
+pub fn make_tls_dir(dir: &Path, clients: &[&str]) {
+    std::fs::create_dir_all(dir).expect("mkdir tls");
+    let d = |f: &str| dir.join(f).display().to_string();
+    let openssl = |args: &[&str]| {
+        let out = Command::new("openssl").args(args).output().expect("run openssl");
+        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-days",
+        "30",
+        "-subj",
+        "/CN=strata test CA",
+        "-keyout",
+        &d("ca-key.pem"),
+        "-out",
+        &d("ca-cert.pem"),
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
+    ]);
+    let issue = |key: &str, cert: &str, cn: &str, ext: &str| {
+        let csr = format!("{cert}.csr");
+        let extfile = format!("{cert}.ext");
+        std::fs::write(&extfile, ext).expect("write ext");
+        openssl(&[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-subj",
+            &format!("/CN={cn}"),
+            "-keyout",
+            key,
+            "-out",
+            &csr,
+        ]);
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            &d("ca-cert.pem"),
+            "-CAkey",
+            &d("ca-key.pem"),
+            "-CAcreateserial",
+            "-days",
+            "30",
+            "-out",
+            cert,
+            "-extfile",
+            &extfile,
+        ]);
+    };
+    issue(
+        &d("server-key.pem"),
+        &d("server-cert.pem"),
+        "strata test server",
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n\
+         keyUsage=critical,digitalSignature,keyEncipherment\n",
+    );
+    for cn in clients {
+        let c = dir.join("clients").join(cn);
+        std::fs::create_dir_all(&c).expect("mkdir client");
+        std::fs::copy(dir.join("ca-cert.pem"), c.join("ca-cert.pem")).expect("copy ca");
+        let f = |n: &str| c.join(n).display().to_string();
+        issue(
+            &f("client-key.pem"),
+            &f("client-cert.pem"),
+            cn,
+            "extendedKeyUsage=clientAuth\nkeyUsage=critical,digitalSignature,keyEncipherment\n",
+        );
+    }
+    // Private keys are the owner's only, as a careful operator keeps them.
+    for entry in walk(dir) {
+        if entry.to_string_lossy().ends_with("-key.pem") {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&entry, std::fs::Permissions::from_mode(0o600))
+                .expect("chmod key");
+        }
+    }
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).expect("read dir").map_while(Result::ok) {
+        let p = entry.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
 }

@@ -11,6 +11,7 @@ mod cluster;
 mod dashboard;
 mod dataplane;
 mod durability;
+mod file_modes;
 mod harness;
 mod help;
 mod logs;
