@@ -63,6 +63,7 @@ fn ci() -> Result<(), String> {
         step("tests", "cargo", &["test", "--workspace", "--no-fail-fast"], &[])?;
     }
     readme_start_command()?;
+    fuzz_briefly()?;
     step(
         "docs",
         "cargo",
@@ -70,6 +71,51 @@ fn ci() -> Result<(), String> {
         &[("RUSTDOCFLAGS", "-D warnings")],
     )?;
     eprintln!("== ci passed");
+    Ok(())
+}
+
+/// Seconds each fuzz target runs in `cargo xtask ci` (`bench/fuzz.sh` runs them long).
+const FUZZ_SECONDS_CI: u32 = 20;
+
+/// The fuzz targets (fuzz/fuzz_targets/), each run briefly. cargo-fuzz on stable builds
+/// without a sanitizer (`-s none`): a panic is what it finds, and bounds are asserted.
+fn fuzz_briefly() -> Result<(), String> {
+    let fuzz = root().join("fuzz");
+    let has = Command::new("cargo").args(["fuzz", "--version"]).output();
+    if !has.is_ok_and(|o| o.status.success()) {
+        return Err(
+            "cargo-fuzz is missing: cargo install cargo-fuzz --locked (.ci/run does)".into()
+        );
+    }
+    let dir = fuzz.to_str().ok_or("the fuzz directory's path is not UTF-8")?;
+    step("fuzz build", "cargo", &["fuzz", "build", "--fuzz-dir", dir, "-s", "none"], &[])?;
+    let mut targets: Vec<String> = std::fs::read_dir(fuzz.join("fuzz_targets"))
+        .map_err(|e| format!("fuzz targets: {e}"))?
+        .flatten()
+        .filter_map(|e| e.path().file_stem().and_then(|s| s.to_str()).map(str::to_owned))
+        .collect();
+    targets.sort();
+    let time = format!("-max_total_time={FUZZ_SECONDS_CI}");
+    for target in &targets {
+        step(
+            &format!("fuzz {target}"),
+            "cargo",
+            &[
+                "fuzz",
+                "run",
+                "--fuzz-dir",
+                dir,
+                "-s",
+                "none",
+                target,
+                "--",
+                &time,
+                "-rss_limit_mb=2048",
+                "-print_final_stats=0",
+            ],
+            &[],
+        )?;
+    }
     Ok(())
 }
 

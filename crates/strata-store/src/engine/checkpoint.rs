@@ -229,10 +229,18 @@ impl<F: RawFile> Engine<F> {
         let next_vba = r.u64()?;
         let (at, sequence, head, head_end, fresh) =
             (r.u64()?, r.u64()?, r.u64()?, r.u64()?, r.u64()?);
+        // Checked: a checkpoint is untrusted bytes (a fuzzer found `fresh` overflowing).
+        // Slots are u32 on disk (16 TiB of log), so every slot named is below 2^32.
+        let slots_end = fresh.checked_mul(SEGMENT_SLOTS).unwrap_or(u64::MAX);
+        let slots_ok = slots_end <= 1 << 32 && at < slots_end;
+        // Journal sequences start at 1 and a log never gets near 2^63 of them.
+        let sequence_ok = (1..u64::MAX / 2).contains(&sequence);
         if head_end == 0
             || head > head_end
-            || head_end > fresh * SEGMENT_SLOTS
+            || head_end > slots_end
             || head_end % SEGMENT_SLOTS != 0
+            || !sequence_ok
+            || !slots_ok
         {
             return Err(bad("allocator state out of range"));
         }
@@ -265,7 +273,7 @@ impl<F: RawFile> Engine<F> {
         let mut vba_map = VbaMap::default();
         for _ in 0..r.count(20)? {
             let (vba, slot, crc) = (r.u64()?, r.u64()?, r.u32()?);
-            if slot >= fresh * SEGMENT_SLOTS || vba >= next_vba {
+            if slot >= slots_end || vba >= next_vba {
                 return Err(bad("VBA map entry out of range"));
             }
             vba_map.insert(vba, Place { slot, crc });

@@ -344,3 +344,33 @@ fn a_damaged_checkpoint_is_refused_never_half_loaded() {
     engine.read(9, 3, &mut buf).unwrap();
     assert!(buf == block(1, 0));
 }
+
+/// Found by the `checkpoint` fuzz target: a checkpoint whose allocator state names a
+/// segment count so large that counting its slots overflowed, or a journal sequence of 0
+/// (replay computed the one before it), or a replay start beyond the log (its byte offset
+/// overflowed) panicked in debug builds and wrapped in release.
+/// Both are refused as out of range.
+#[test]
+fn issue_15_a_checkpoint_naming_too_many_segments_or_sequence_0_is_refused() {
+    // next_vba, at, sequence, head, head_end, fresh, no free segments.
+    let too_many = [1, 0, 1, 0, SEGMENT_SLOTS, u64::MAX / 2, 0];
+    let sequence_0 = [1, 0, 0, 0, SEGMENT_SLOTS, 1, 0];
+    let start_beyond = [1, u64::MAX / 4096 + 1, 1, 0, SEGMENT_SLOTS, 1, 0];
+    for fields in [too_many, sequence_0, start_beyond] {
+        refused(&fields);
+    }
+}
+
+fn refused(fields: &[u64]) {
+    let mut body = Vec::new();
+    for v in fields {
+        body.extend_from_slice(&v.to_le_bytes());
+    }
+    let mut bytes = b"STRATAK1".to_vec();
+    bytes.extend_from_slice(&1u32.to_le_bytes());
+    bytes.extend_from_slice(&crc32c::crc32c(&body).to_le_bytes());
+    bytes.extend_from_slice(&(body.len() as u64).to_le_bytes());
+    bytes.extend_from_slice(&body);
+    let err = Engine::open_checkpoint(SimFile::new(), &bytes).err().expect("refused");
+    assert!(matches!(err, EngineError::BadCheckpoint(_)), "{err}");
+}
