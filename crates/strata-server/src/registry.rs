@@ -158,6 +158,7 @@ impl VolumeRecord {
             export_uri: export(&self.name),
             replicas: self.replicas,
             components: self.components.clone(),
+            access: Default::default(),
             epoch: self.epoch,
         }
     }
