@@ -51,7 +51,10 @@ impl TlsNode {
             "--object".into(),
             format!("tls-creds-x509,id=tls0,endpoint=client,dir={}", self.client_dir(cn).display()),
             "--image-opts".into(),
-            format!("driver=nbd,host=127.0.0.1,port={},export={export},tls-creds=tls0", self.port()),
+            format!(
+                "driver=nbd,host=127.0.0.1,port={},export={export},tls-creds=tls0",
+                self.port()
+            ),
         ]
     }
 
@@ -154,12 +157,20 @@ fn access_lists_admit_named_subjects_and_networks_only() {
     let info = t.cli_ok(&["volume", "info", "secret"]);
     assert!(info.contains("access:       client-a"), "{info}");
     // client-a reads and writes it.
-    assert_io_ok(&qemu_io(&t, "client-a", "secret", &["write -P 0x5a 0 64k", "read -P 0x5a 0 64k"]));
+    assert_io_ok(&qemu_io(
+        &t,
+        "client-a",
+        "secret",
+        &["write -P 0x5a 0 64k", "read -P 0x5a 0 64k"],
+    ));
     // client-b is refused by policy, in qemu and nbdinfo, and does not see it listed.
     let out = qemu_io(&t, "client-b", "secret", &["read 0 4k"]);
     assert!(!out.status.success() || text(&out).contains("failed"), "{}", text(&out));
-    assert!(text(&out).to_lowercase().contains("policy") || text(&out).contains("access list"),
-        "qemu says why: {}", text(&out));
+    assert!(
+        text(&out).to_lowercase().contains("policy") || text(&out).contains("access list"),
+        "qemu says why: {}",
+        text(&out)
+    );
     let out = nbdinfo(&[t.nbds("client-b", "secret")]);
     assert!(!out.status.success(), "nbdinfo client-b: {}", text(&out));
     let list_b = text(&nbdinfo(&["--list".into(), t.nbds("client-b", "")]));
