@@ -435,12 +435,6 @@ async fn create_volume(
         )));
     }
     if replicas > 1 {
-        if !access.is_empty() {
-            return Err(ApiError::invalid(
-                "access lists on replicated volumes are not supported yet; create it without \
-                 allow/allow_net",
-            ));
-        }
         if api.node.get(name.as_str()).is_ok() {
             return Err(ApiError::new(
                 ErrorCode::AlreadyExists,
@@ -457,6 +451,7 @@ async fn create_volume(
             size,
             replicas,
             min_replicas,
+            access,
         )
         .await
         .map_err(state_refusal)?;
@@ -625,9 +620,8 @@ async fn set_access(
     let access: AccessList = parse_json(&body)?;
     access.check()?;
     if api.replicated(&name) {
-        return Err(ApiError::invalid(format!(
-            "{name} is replicated: access lists on replicated volumes are not supported yet"
-        )));
+        let record = api.registry.set_access(&name, access).await?;
+        return Ok(Json(api.live(record.info(&api.nbd_addr))));
     }
     let node = api.node.clone();
     let n = name.clone();

@@ -243,6 +243,8 @@ pub struct Node {
     dir: PathBuf,
     store: LogStore,
     nbd_addr: Mutex<String>,
+    /// NBD requires TLS: export URIs are `nbds://`.
+    nbd_tls: std::sync::atomic::AtomicBool,
     node_id: std::sync::atomic::AtomicU64,
     fencing: Arc<crate::fencing::Fencing>,
     resync: Arc<crate::resync::Scheduler>,
@@ -252,6 +254,8 @@ pub struct Node {
     /// Asked when a client names an export this node does not have: it may export it
     /// now (a replicated volume made a moment ago on another node).
     discover: std::sync::OnceLock<Discover>,
+    /// A replicated volume's access list, from its record in the metadata service.
+    access_of: std::sync::OnceLock<AccessOf>,
     /// How often an owner compares its replicated volumes' copies (0: never).
     scrub_every_secs: std::sync::atomic::AtomicU64,
     /// This node's copies (component ids) that may lack writes they had not synced (the
@@ -298,6 +302,8 @@ pub struct SnapshotReclaim {
 
 /// See [`Node::set_discover`].
 pub type Discover = Box<dyn Fn(&Node, &str) -> bool + Send + Sync>;
+/// See [`Node::set_access_of`].
+pub type AccessOf = Box<dyn Fn(&str) -> Option<AccessList> + Send + Sync>;
 
 struct State {
     next_id: u64,
@@ -504,11 +510,13 @@ impl Node {
             dir: dir.to_owned(),
             store,
             nbd_addr: Mutex::new(String::from("127.0.0.1:10809")),
+            nbd_tls: std::sync::atomic::AtomicBool::new(false),
             node_id: std::sync::atomic::AtomicU64::new(0),
             fencing,
             resync: Arc::new(crate::resync::Scheduler::new(crate::resync::JOBS_AT_ONCE)),
             state: Mutex::new(State { next_id, volumes, components, replicated: BTreeMap::new() }),
             discover: std::sync::OnceLock::new(),
+            access_of: std::sync::OnceLock::new(),
             scrub_every_secs: std::sync::atomic::AtomicU64::new(0),
             suspect: Mutex::new(load_suspect(dir)?),
             deleted: Mutex::default(),
@@ -763,7 +771,24 @@ impl Node {
     }
 
     fn uri(&self, export: &str) -> String {
-        format!("nbd://{}/{export}", self.nbd_addr.lock().expect("not poisoned"))
+        let scheme = if self.nbd_tls.load(Ordering::Relaxed) { "nbds" } else { "nbd" };
+        format!("{scheme}://{}/{export}", self.nbd_addr.lock().expect("not poisoned"))
+    }
+
+    /// Sets where a replicated volume's access list is read at each NBD open (its
+    /// record in the metadata service, as this node applied it). Without it, or
+    /// without a record, a replicated volume has no list.
+    pub fn set_access_of(&self, f: AccessOf) {
+        let _ = self.access_of.set(f);
+    }
+
+    fn replicated_access(&self, name: &str) -> AccessList {
+        self.access_of.get().and_then(|f| f(name)).unwrap_or_default()
+    }
+
+    /// NBD requires TLS: export URIs become `nbds://`.
+    pub fn set_nbd_tls(&self, tls: bool) {
+        self.nbd_tls.store(tls, Ordering::Relaxed);
     }
 
     fn snapshot_info(&self, state: &State, v: &OpenVolume, s: &OpenSnapshot) -> SnapshotInfo {
@@ -1251,7 +1276,10 @@ impl ExportProvider for Exports {
         let state = self.0.lock();
         let admitted = |name: &str| {
             let volume = name.split_once('@').map_or(name, |(v, _)| v);
-            state.volumes.get(volume).is_none_or(|v| v.access.admits(client))
+            match state.volumes.get(volume) {
+                Some(v) => v.access.admits(client),
+                None => self.0.replicated_access(volume).admits(client),
+            }
         };
         let mut all = self.summaries(&state);
         all.retain(|e| admitted(&e.name));
@@ -1315,6 +1343,7 @@ impl Exports {
             None => (name, None),
         };
         if let (Some((view, group_sync, attach)), None) = (state.replicated.get(name), snapshot) {
+            refuse_unless_admitted(name, &self.0.replicated_access(name), client)?;
             attach.count.fetch_add(1, Ordering::Relaxed);
             return Ok(Export {
                 name: name.to_owned(),
@@ -1336,14 +1365,7 @@ impl Exports {
                 format!("no volume named {volume:?} (see `strata volume list`)")
             }));
         };
-        if !v.access.admits(client) {
-            let who = client.subject.as_deref().map_or_else(
-                || format!("address {}", client.address),
-                |s| format!("certificate {s:?} or address {}", client.address),
-            );
-            tracing::info!(export = %name, client = %who, "NBD open refused by the access list");
-            return Err(Refusal::Policy(format!("{name}: {who} is not on its access list")));
-        }
+        refuse_unless_admitted(name, &v.access, client)?;
         let (view, attach, read_only, description) = match snapshot {
             None => (
                 v.volume.clone(),
@@ -1380,6 +1402,19 @@ impl Exports {
             attachment: Box::new(Attachment(attach.count.clone())),
         })
     }
+}
+
+/// Refuses `client` (NBD_REP_ERR_POLICY) unless `access` admits it; logs the refusal.
+fn refuse_unless_admitted(name: &str, access: &AccessList, client: &Client) -> Result<(), Refusal> {
+    if access.admits(client) {
+        return Ok(());
+    }
+    let who = client.subject.as_deref().map_or_else(
+        || format!("address {}", client.address),
+        |s| format!("certificate {s:?} or address {}", client.address),
+    );
+    tracing::info!(export = %name, client = %who, "NBD open refused by the access list");
+    Err(Refusal::Policy(format!("{name}: {who} is not on its access list")))
 }
 
 /// The file of the copies marked suspect (`Node::mark_suspect`): one component id a line.

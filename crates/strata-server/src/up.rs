@@ -374,6 +374,7 @@ async fn serve(config: Config, one_node: bool) -> anyhow::Result<()> {
     let nbd_addr = nbd.local_addr()?.to_string();
     let http_addr = http.local_addr()?.to_string();
     node.set_nbd_addr(nbd_addr.clone());
+    node.set_nbd_tls(nbd_tls == NbdTls::Require);
     let record = serde_json::json!({
         "id": config.node_id,
         "rpc": member.addr(),
@@ -397,6 +398,12 @@ async fn serve(config: Config, one_node: bool) -> anyhow::Result<()> {
         let (member, runtime) = (member.clone(), tokio::runtime::Handle::current());
         node.set_discover(Box::new(move |node, name| {
             crate::replicated::discover(node, &member, &runtime, name)
+        }));
+    }
+    {
+        let member = member.clone();
+        node.set_access_of(Box::new(move |name| {
+            crate::registry::applied_record(&member, name).map(|r| r.access)
         }));
     }
     let token = api::token_for(&config.data_dir, config.http)?;
@@ -433,8 +440,9 @@ async fn serve(config: Config, one_node: bool) -> anyhow::Result<()> {
         env!("CARGO_PKG_VERSION"),
         config.data_dir.display()
     );
+    let scheme = if nbd_tls == NbdTls::Require { "nbds" } else { "nbd" };
     println!(
-        "  NBD listening on {nbd_addr}   (export name = volume name: nbd://{nbd_addr}/VOLUME)"
+        "  NBD listening on {nbd_addr}   (export name = volume name: {scheme}://{nbd_addr}/VOLUME)"
     );
     println!(
         "  HTTP listening on {http_addr}  (dashboard at /, metrics at /metrics, API under /v1)"
