@@ -8,10 +8,11 @@ use serde::{Deserialize, Serialize};
 use std::net::IpAddr;
 use strata_nbd::Client;
 
-/// Entries one list may hold (subjects and networks together).
+/// Entries each of a list's two parts may hold (subjects; networks): every NBD open
+/// scans them.
 pub const ACCESS_ENTRIES_MAX: usize = 256;
-/// The longest subject (an X.509 CN is at most 64 characters; some CAs go beyond).
-const SUBJECT_BYTES_MAX: usize = 256;
+/// The longest subject in characters (an X.509 CN is at most 64; some CAs go beyond).
+const SUBJECT_CHARS_MAX: usize = 256;
 
 /// Who may open a volume's exports.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
@@ -40,19 +41,17 @@ impl AccessList {
 
     /// Refuses malformed entries and lists beyond [`ACCESS_ENTRIES_MAX`].
     pub fn check(&self) -> ApiResult<()> {
-        if self.allow.len() + self.allow_net.len() > ACCESS_ENTRIES_MAX {
+        if self.allow.len() > ACCESS_ENTRIES_MAX || self.allow_net.len() > ACCESS_ENTRIES_MAX {
             return Err(ApiError::invalid(format!(
-                "an access list holds at most {ACCESS_ENTRIES_MAX} entries"
+                "allow and allow_net hold at most {ACCESS_ENTRIES_MAX} entries each"
             )));
         }
         for subject in &self.allow {
-            if subject.is_empty()
-                || subject.len() > SUBJECT_BYTES_MAX
-                || subject.chars().any(char::is_control)
-            {
+            let chars = subject.chars().count();
+            if chars == 0 || chars > SUBJECT_CHARS_MAX || subject.chars().any(char::is_control) {
                 return Err(ApiError::invalid(format!(
                     "allow {subject:?}: a certificate subject (CN) is 1 to \
-                     {SUBJECT_BYTES_MAX} bytes without control characters"
+                     {SUBJECT_CHARS_MAX} characters, none a control character"
                 )));
             }
         }
@@ -108,7 +107,13 @@ impl Network {
         let address: IpAddr = addr.parse().map_err(|_| bad())?;
         let bits = if address.is_ipv4() { 32 } else { 128 };
         let prefix = match prefix {
-            Some(p) if !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) && p.len() <= 3 => {
+            // Digits without a leading zero (as the OpenAPI document's pattern says).
+            Some(p)
+                if (p == "0" || !p.starts_with('0'))
+                    && !p.is_empty()
+                    && p.len() <= 3
+                    && p.bytes().all(|b| b.is_ascii_digit()) =>
+            {
                 p.parse::<u8>().map_err(|_| bad())?
             }
             Some(_) => return Err(bad()),
@@ -169,11 +174,21 @@ mod tests {
 
     #[test]
     fn malformed_entries_are_refused() {
-        for net in ["10.0.0.0/33", "10.0.0/8", "fd00::/129", "x", "10.0.0.0/", "10.0.0.0/+8"] {
+        for net in [
+            "10.0.0.0/33",
+            "10.0.0/8",
+            "fd00::/129",
+            "x",
+            "10.0.0.0/",
+            "10.0.0.0/+8",
+            "10.0.0.0/08",
+            "010.0.0.0/8",
+        ] {
             assert!(AccessList::new(vec![], vec![net.into()]).is_err(), "{net}");
         }
         assert!(AccessList::new(vec![String::new()], vec![]).is_err());
         assert!(AccessList::new(vec!["a\nb".into()], vec![]).is_err());
+        assert!(AccessList::new(vec!["é".repeat(SUBJECT_CHARS_MAX)], vec![]).is_ok());
         let many = vec!["x".to_owned(); ACCESS_ENTRIES_MAX + 1];
         assert!(AccessList::new(many, vec![]).is_err());
     }
