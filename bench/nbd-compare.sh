@@ -42,6 +42,18 @@
 #              (default: fio-kv.sh beside this script)
 #   KEEP_SCRATCH=1  keep the scratch dir (logs, images) after the run; it is
 #              always kept, minus the images, when the script fails
+#   TLS=1      every server over TLS (the TLS rows): a CA, a server certificate for
+#              127.0.0.1 and a client certificate are made with openssl in qemu's
+#              layout in the scratch dir; strata up --tls-dir DIR (require mode),
+#              qemu-nbd --object tls-creds-x509,endpoint=server,dir=DIR,verify-peer=off
+#              --tls-creds,
+#              nbdkit --tls=require --tls-certificates=DIR; fio (libnbd) connects to
+#              nbds://127.0.0.1:P/EXPORT. fio's nbd engine cannot pass credentials:
+#              libnbd refuses ?tls-certificates= in a URI unless the program allows
+#              local files (fio does not), so HOME points at a dir whose
+#              .pki/libnbd holds the client's credentials (libnbd's default place).
+#              The table's labels stay strata/qemu-nbd/nbdkit; the results file's
+#              header says tls=1.                                   (default 0)
 #
 # Reading the table: medians over REPS of iops, p99 latency and srv_us_per_io;
 # ratio = strata iops / max(qemu-nbd iops, nbdkit iops).  On this 2-core shared
@@ -53,7 +65,7 @@
 # FLUSH) are buffered, so after the prefill their reads are page-cache hits.
 #
 # Needs: fio (with the nbd engine), qemu-nbd, nbdkit (+ file plugin), nbdinfo,
-# python3, curl; cargo unless STRATA_BIN is given.  Runtime is roughly
+# python3, curl; cargo unless STRATA_BIN is given; openssl with TLS=1.  Runtime is roughly
 # REPS * workloads * 3 * (RUNTIME + RAMP + ~1 s) plus the build and prefills.
 set -euo pipefail
 
@@ -154,6 +166,44 @@ for s in socks: print(s.getsockname()[1])
 for s in socks: s.close()
 PY
 }
+# --- TLS credentials (TLS=1) ------------------------------------------------------
+TLS=${TLS:-0}
+TLS_DIR=$SCRATCH/tls
+make_tls() { # CA, server (127.0.0.1) and one client certificate, qemu's layout
+  local d=$TLS_DIR
+  mkdir -p "$d/client"
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
+    -subj "/CN=bench CA" -keyout "$d/ca-key.pem" -out "$d/ca-cert.pem" \
+    -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign 2>/dev/null
+  issue() { # key cert cn ext
+    printf '%b' "$4" >"$2.ext"
+    openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -subj "/CN=$3" \
+      -keyout "$1" -out "$2.csr" 2>/dev/null
+    openssl x509 -req -in "$2.csr" -CA "$d/ca-cert.pem" -CAkey "$d/ca-key.pem" -CAcreateserial \
+      -days 2 -out "$2" -extfile "$2.ext" 2>/dev/null
+  }
+  issue "$d/server-key.pem" "$d/server-cert.pem" "bench server" \
+    "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n"
+  cp "$d/ca-cert.pem" "$d/client/"
+  issue "$d/client/client-key.pem" "$d/client/client-cert.pem" "bench client" \
+    "extendedKeyUsage=clientAuth\n"
+  chmod 600 "$d"/*-key.pem "$d"/client/*-key.pem
+}
+STRATA_TLS=(); QEMU_TLS=(); KIT_TLS=(); SCHEME=nbd; QUERY=
+if [ "$TLS" = 1 ]; then
+  command -v openssl >/dev/null || die "TLS=1 needs openssl"
+  make_tls
+  STRATA_TLS=(--tls-dir "$TLS_DIR")
+  # verify-peer=off: libnbd from its default place (below) sends no client certificate;
+  # nbdkit and strata do not require one either.
+  QEMU_TLS=(--object "tls-creds-x509,id=tls0,endpoint=server,dir=$TLS_DIR,verify-peer=off" --tls-creds tls0)
+  KIT_TLS=(--tls=require "--tls-certificates=$TLS_DIR")
+  SCHEME=nbds; QUERY=
+  mkdir -p "$SCRATCH/home/.pki"
+  cp -r "$TLS_DIR/client" "$SCRATCH/home/.pki/libnbd"
+  export HOME=$SCRATCH/home
+fi
+
 mapfile -t PORTS < <(free_ports 4)
 P_NBD=${PORTS[0]}; P_HTTP=${PORTS[1]}; P_QEMU=${PORTS[2]}; P_KIT=${PORTS[3]}
 
@@ -173,7 +223,7 @@ wait_nbd() { # uri pid name logfile
 # --- start the servers ---------------------------------------------------------
 log "strata: $STRATA ($("$STRATA" --version 2>/dev/null || echo '?'))"
 "$STRATA" up --data-dir "$SCRATCH/strata-data" --nbd "127.0.0.1:$P_NBD" --http "127.0.0.1:$P_HTTP" \
-  --rpc "127.0.0.1:0" >"$SCRATCH/strata.log" 2>&1 &
+  --rpc "127.0.0.1:0" "${STRATA_TLS[@]}" >"$SCRATCH/strata.log" 2>&1 &
 PID_STRATA=$!; PIDS+=("$PID_STRATA")
 for i in $(seq 150); do
   wait_alive "$PID_STRATA" strata "$SCRATCH/strata.log"
@@ -183,20 +233,20 @@ for i in $(seq 150); do
 done
 "$STRATA" --api "http://127.0.0.1:$P_HTTP" volume create bench --size "$SIZE" >"$SCRATCH/create.log" 2>&1 \
   || { log "strata volume create failed:"; cat "$SCRATCH/create.log" >&2; exit 3; }
-URI_STRATA=nbd://127.0.0.1:$P_NBD/bench
+URI_STRATA=$SCHEME://127.0.0.1:$P_NBD/bench$QUERY
 wait_nbd "$URI_STRATA" "$PID_STRATA" strata "$SCRATCH/strata.log"
 
 truncate -s "$SIZE" "$SCRATCH/qemu.raw" "$SCRATCH/nbdkit.raw"
-qemu-nbd -f raw -t -e 4 --cache=none --aio=native -b 127.0.0.1 -p "$P_QEMU" "$SCRATCH/qemu.raw" \
+qemu-nbd -f raw -t -e 4 --cache=none --aio=native -b 127.0.0.1 -p "$P_QEMU" "${QEMU_TLS[@]}" "$SCRATCH/qemu.raw" \
   >"$SCRATCH/qemu-nbd.log" 2>&1 &
 PID_QEMU=$!; PIDS+=("$PID_QEMU")
-URI_QEMU=nbd://127.0.0.1:$P_QEMU/
+URI_QEMU=$SCHEME://127.0.0.1:$P_QEMU/$QUERY
 wait_nbd "$URI_QEMU" "$PID_QEMU" qemu-nbd "$SCRATCH/qemu-nbd.log"
 
-nbdkit -f --exit-with-parent -i 127.0.0.1 -p "$P_KIT" file "$SCRATCH/nbdkit.raw" \
+nbdkit -f --exit-with-parent -i 127.0.0.1 -p "$P_KIT" "${KIT_TLS[@]}" file "$SCRATCH/nbdkit.raw" \
   >"$SCRATCH/nbdkit.log" 2>&1 &
 PID_KIT=$!; PIDS+=("$PID_KIT")
-URI_KIT=nbd://127.0.0.1:$P_KIT/
+URI_KIT=$SCHEME://127.0.0.1:$P_KIT/$QUERY
 wait_nbd "$URI_KIT" "$PID_KIT" nbdkit "$SCRATCH/nbdkit.log"
 
 
@@ -206,7 +256,7 @@ SPIDS=("$PID_STRATA" "$PID_QEMU" "$PID_KIT")
 for i in 0 1 2; do log "${NAMES[$i]}: ${URIS[$i]} (pid ${SPIDS[$i]})"; done
 
 {
-  echo "# nbd-compare $(date -u +%FT%TZ) host=$(hostname) ncpu=$(getconf _NPROCESSORS_ONLN) reps=$REPS runtime=${RUNTIME}s ramp=${RAMP}s size=$SIZE"
+  echo "# nbd-compare $(date -u +%FT%TZ) host=$(hostname) ncpu=$(getconf _NPROCESSORS_ONLN) reps=$REPS runtime=${RUNTIME}s ramp=${RAMP}s size=$SIZE tls=$TLS"
   echo "# strata=$STRATA ($("$STRATA" --version 2>/dev/null || echo '?')) repo_head=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo NA)"
   echo "# $(qemu-nbd --version 2>/dev/null | head -1); $(nbdkit --version 2>/dev/null | head -1); $(fio --version)"
   echo "# workloads=$WORKLOADS"

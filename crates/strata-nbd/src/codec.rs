@@ -90,6 +90,8 @@ pub mod rep {
     pub const ERR_INVALID: u32 = (1 << 31) + 3;
     /// Unsupported on this platform.
     pub const ERR_PLATFORM: u32 = (1 << 31) + 4;
+    /// TLS must be started first (NBD_OPT_STARTTLS).
+    pub const ERR_TLS_REQD: u32 = (1 << 31) + 5;
     /// Unknown export.
     pub const ERR_UNKNOWN: u32 = (1 << 31) + 6;
     /// Shutting down.
@@ -467,10 +469,85 @@ pub fn put_error_chunk(out: &mut BytesMut, cookie: u64, error: u32, message: &st
     out.put_slice(message);
 }
 
+/// The server's TLS mode: FORCEDTLS in the spec's words, or NOTLS.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TlsMode {
+    /// No TLS: STARTTLS is answered `ERR_UNSUP`.
+    Off,
+    /// Every option but ABORT and STARTTLS is refused until TLS is up.
+    Require,
+}
+
+/// What the TLS mode makes of an option before it is handled ([`tls_gate`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TlsGate {
+    /// Handle the option as usual.
+    Handle,
+    /// Acknowledge, then run the TLS handshake.
+    StartTls,
+    /// Answer with this error reply (and discard the option's data).
+    Refuse(u32),
+    /// Close the connection without a reply (EXPORT_NAME, which cannot fail, before TLS).
+    Close,
+}
+
+/// Decides an option's fate under `mode` (pure: the handshake's TLS rules in one place).
+/// `tls`: TLS is already up; `length`: the option's data length.
+///
+/// FORCEDTLS (spec, "TLS support"): before TLS every option except ABORT and STARTTLS
+/// gets `ERR_TLS_REQD` (INFO and GO included); EXPORT_NAME cannot be answered with an
+/// error, so the connection closes. STARTTLS with TLS up, or with data, is `ERR_INVALID`.
+/// NOTLS: STARTTLS is `ERR_UNSUP` and nothing is ever `ERR_TLS_REQD`.
+pub fn tls_gate(mode: TlsMode, tls: bool, option: u32, length: u32) -> TlsGate {
+    match (mode, option) {
+        (TlsMode::Off, opt::STARTTLS) => TlsGate::Refuse(rep::ERR_UNSUP),
+        (TlsMode::Off, _) => TlsGate::Handle,
+        (TlsMode::Require, opt::STARTTLS) if tls || length != 0 => {
+            TlsGate::Refuse(rep::ERR_INVALID)
+        }
+        (TlsMode::Require, opt::STARTTLS) => TlsGate::StartTls,
+        (TlsMode::Require, _) if tls => TlsGate::Handle,
+        (TlsMode::Require, opt::ABORT) => TlsGate::Handle,
+        (TlsMode::Require, opt::EXPORT_NAME) => TlsGate::Close,
+        (TlsMode::Require, _) => TlsGate::Refuse(rep::ERR_TLS_REQD),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn require_mode_refuses_every_option_but_abort_and_starttls_before_tls() {
+        use TlsGate::*;
+        let before = |option| tls_gate(TlsMode::Require, false, option, 0);
+        assert_eq!(before(opt::STARTTLS), StartTls);
+        assert_eq!(before(opt::ABORT), Handle);
+        assert_eq!(before(opt::EXPORT_NAME), Close, "cannot be refused: the connection closes");
+        for option in [opt::LIST, opt::INFO, opt::GO, opt::STRUCTURED_REPLY, opt::SET_META_CONTEXT]
+        {
+            assert_eq!(before(option), Refuse(rep::ERR_TLS_REQD), "option {option}");
+        }
+        assert_eq!(before(999), Refuse(rep::ERR_TLS_REQD), "unknown options too");
+        assert_eq!(tls_gate(TlsMode::Require, false, opt::STARTTLS, 1), Refuse(rep::ERR_INVALID));
+        // With TLS up: everything is handled, and never ERR_TLS_REQD.
+        for option in [opt::LIST, opt::INFO, opt::GO, opt::EXPORT_NAME, opt::ABORT, 999] {
+            assert_eq!(tls_gate(TlsMode::Require, true, option, 0), Handle, "option {option}");
+        }
+        assert_eq!(tls_gate(TlsMode::Require, true, opt::STARTTLS, 0), Refuse(rep::ERR_INVALID));
+    }
+
+    #[test]
+    fn without_tls_starttls_is_unsupported_and_nothing_needs_tls() {
+        assert_eq!(
+            tls_gate(TlsMode::Off, false, opt::STARTTLS, 0),
+            TlsGate::Refuse(rep::ERR_UNSUP)
+        );
+        for option in [opt::LIST, opt::INFO, opt::GO, opt::EXPORT_NAME, opt::ABORT, 999] {
+            assert_eq!(tls_gate(TlsMode::Off, false, option, 0), TlsGate::Handle);
+        }
+    }
 
     #[test]
     fn request_round_trips() {

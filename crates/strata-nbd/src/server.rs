@@ -9,20 +9,24 @@
 //! parsing. See `docs/design/nbd.md`.
 
 use crate::buffers::{BufferPool, PooledBuffer};
-use crate::codec::{self, cflags, cmd, errno, opt, rep, reply, tflags, DecodeError, Request};
+use crate::codec::{
+    self, cflags, cmd, errno, opt, rep, reply, tflags, DecodeError, Request, TlsGate, TlsMode,
+};
+use crate::stream::{subject_of, Stream};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use std::any::Any;
-use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::Duration;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 use strata_io::{BlockVolume, GroupSync, IoOp, StoreError, ZeroMode};
 use strata_types::limits::{
-    BLOCK_SIZE_BYTES, NBD_BLOCK_STATUS_EXTENTS_MAX, NBD_CONNECTIONS_MAX, NBD_IN_FLIGHT_BYTES_MAX,
-    NBD_OPTIONS_PER_HANDSHAKE_MAX, NBD_OPTION_BYTES_MAX, NBD_PAYLOAD_BYTES_MAX,
-    NBD_PAYLOAD_DISCARD_BYTES_MAX, NBD_REQUESTS_IN_FLIGHT_MAX,
+    BLOCK_SIZE_BYTES, NBD_BLOCK_STATUS_EXTENTS_MAX, NBD_CONNECTIONS_MAX,
+    NBD_CONNECTIONS_PER_ADDRESS_MAX, NBD_IN_FLIGHT_BYTES_MAX, NBD_OPTIONS_PER_HANDSHAKE_MAX,
+    NBD_OPTION_BYTES_MAX, NBD_PAYLOAD_BYTES_MAX, NBD_PAYLOAD_DISCARD_BYTES_MAX,
+    NBD_REPLY_BYTES_MAX, NBD_REQUESTS_IN_FLIGHT_MAX, NBD_TLS_HANDSHAKE_SECS,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
@@ -31,6 +35,55 @@ use tokio::task::JoinSet;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
 /// An option payload above this is not even read: the connection is closed.
 const OPTION_DISCARD_BYTES_MAX: u32 = 16 << 20;
+/// Options a client may send before TLS in require mode (each is refused): what is read
+/// from an unauthenticated client stays small.
+const OPTIONS_BEFORE_TLS_MAX: u32 = 16;
+/// At most one log line this often about refused connections (a flood must not flood
+/// the log).
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// Who is on the other end of a connection, as far as the server knows: what an
+/// [`ExportProvider`] decides access by.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Client {
+    /// The peer's IP address.
+    pub address: IpAddr,
+    /// The subject common name (CN) of the certificate the client presented over TLS,
+    /// verified against the CA; `None` without TLS or without a certificate.
+    pub subject: Option<String>,
+    /// TLS is up.
+    pub tls: bool,
+}
+
+/// Why an export was not opened; the message is for the client.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// No such export (`NBD_REP_ERR_UNKNOWN`).
+    Unknown(String),
+    /// The export exists but its access list does not admit this client
+    /// (`NBD_REP_ERR_POLICY`).
+    Policy(String),
+}
+
+impl Refusal {
+    fn reply(&self) -> (u32, &str) {
+        match self {
+            Refusal::Unknown(m) => (rep::ERR_UNKNOWN, m),
+            Refusal::Policy(m) => (rep::ERR_POLICY, m),
+        }
+    }
+}
+
+/// How [`serve`] runs.
+#[derive(Clone, Default)]
+pub struct Options {
+    /// TLS is required, with this configuration (it decides whether client certificates
+    /// are asked for or required); `None`: plain NBD, STARTTLS unsupported.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// A connection with no request in flight and no input for this long (up to twice
+    /// it: the check is lazy, to keep timers off the hot path) is closed; `None`: never.
+    pub idle_timeout: Option<Duration>,
+}
 
 /// One export, as listed by NBD_OPT_LIST.
 #[derive(Clone, Debug)]
@@ -62,10 +115,14 @@ pub struct Export {
 
 /// Where the server finds exports.
 pub trait ExportProvider: Send + Sync + 'static {
-    /// Every export, for NBD_OPT_LIST.
-    fn list(&self) -> Vec<ExportSummary>;
-    /// Opens an export by name; the error is a message for the client.
-    fn open(&self, name: &str) -> Result<Export, String>;
+    /// The exports `client` may open, for NBD_OPT_LIST.
+    fn list(&self, client: &Client) -> Vec<ExportSummary>;
+    /// Opens an export by name for `client`.
+    ///
+    /// # Correctness
+    /// Refuses with [`Refusal::Policy`] an export whose access list does not admit
+    /// `client`: the server relies on it for access control.
+    fn open(&self, name: &str, client: &Client) -> Result<Export, Refusal>;
 }
 
 /// Serves NBD on `listener` until `shutdown` becomes true; then stops accepting, lets every
@@ -73,23 +130,36 @@ pub trait ExportProvider: Send + Sync + 'static {
 pub async fn serve(
     listener: TcpListener,
     provider: Arc<dyn ExportProvider>,
+    options: Options,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut connections = JoinSet::new();
     let for_connections = shutdown.clone();
     let buffers = BufferPool::default();
+    let options = Arc::new(options);
+    let addresses = Addresses::default();
+    let mut refused = RefusalLog::default();
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
+                    // Beyond a cap the connection is closed at once (dropped).
+                    let Some(slot) = addresses.take(peer.ip()) else {
+                        refused.note(peer, "this address holds the most connections allowed");
+                        continue;
+                    };
                     if connections.len() >= NBD_CONNECTIONS_MAX {
-                        tracing::warn!(%peer, "too many NBD connections; refusing");
+                        refused.note(peer, "the node holds the most connections allowed");
                         continue;
                     }
                     let _ = stream.set_nodelay(true);
                     let stop = for_connections.clone();
                     let buffers = buffers.clone();
-                    connections.spawn(connection(stream, peer, provider.clone(), stop, buffers));
+                    let (provider, options) = (provider.clone(), options.clone());
+                    connections.spawn(async move {
+                        connection(stream, peer, provider, options, stop, buffers).await;
+                        drop(slot);
+                    });
                 }
                 Err(e) => {
                     tracing::warn!("accept failed: {e}");
@@ -104,27 +174,85 @@ pub async fn serve(
     while connections.join_next().await.is_some() {}
 }
 
+/// Connections held per client address (see `NBD_CONNECTIONS_PER_ADDRESS_MAX`).
+#[derive(Clone, Default)]
+struct Addresses(Arc<Mutex<HashMap<IpAddr, usize>>>);
+
+/// One connection's place in [`Addresses`], given back when dropped (even by a panic).
+struct AddressSlot {
+    addresses: Addresses,
+    address: IpAddr,
+}
+
+impl Addresses {
+    fn take(&self, address: IpAddr) -> Option<AddressSlot> {
+        let mut held = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let count = held.entry(address).or_default();
+        if *count >= NBD_CONNECTIONS_PER_ADDRESS_MAX {
+            return None;
+        }
+        *count += 1;
+        Some(AddressSlot { addresses: self.clone(), address })
+    }
+}
+
+impl Drop for AddressSlot {
+    fn drop(&mut self) {
+        let mut held = self.addresses.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = held.get_mut(&self.address) {
+            *count -= 1;
+            if *count == 0 {
+                held.remove(&self.address);
+            }
+        }
+    }
+}
+
+/// Refused connections, logged at most once per [`REFUSAL_LOG_EVERY`].
+#[derive(Default)]
+struct RefusalLog {
+    last: Option<Instant>,
+    since: u64,
+}
+
+impl RefusalLog {
+    fn note(&mut self, peer: SocketAddr, why: &str) {
+        self.since += 1;
+        if self.last.is_some_and(|t| t.elapsed() < REFUSAL_LOG_EVERY) {
+            return;
+        }
+        tracing::warn!(%peer, refused = self.since, "NBD connection closed at once: {why}");
+        self.last = Some(Instant::now());
+        self.since = 0;
+    }
+}
+
 /// Resolves once the flag is set (or its sender is gone, which also means "stop").
 async fn signalled(flag: &mut watch::Receiver<bool>) {
     let _ = flag.wait_for(|set| *set).await;
+}
+
+/// The handshake's buffered stream (it reads and writes through one object).
+type Conn = BufReader<BufWriter<Stream>>;
+
+fn buffered(stream: Stream) -> Conn {
+    BufReader::with_capacity(64 << 10, BufWriter::with_capacity(64 << 10, stream))
 }
 
 async fn connection(
     stream: TcpStream,
     peer: SocketAddr,
     provider: Arc<dyn ExportProvider>,
+    options: Arc<Options>,
     shutdown: watch::Receiver<bool>,
     buffers: BufferPool,
 ) {
-    let (rd, wr) = stream.into_split();
-    let mut rd = BufReader::with_capacity(256 << 10, rd);
-    let mut wr = BufWriter::with_capacity(256 << 10, wr);
-    let negotiated =
-        tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&mut rd, &mut wr, provider.as_ref()))
-            .await;
-    let session = match negotiated {
-        Ok(Ok(Some(session))) => session,
-        Ok(Ok(None)) => return,
+    let client = Client { address: peer.ip(), subject: None, tls: false };
+    let handshake = handshake(buffered(Stream::Plain(stream)), provider.as_ref(), &options, client);
+    let negotiated = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await;
+    let (conn, session) = match negotiated {
+        Ok(Ok((conn, Some(session)))) => (conn, session),
+        Ok(Ok((_, None))) => return,
         Ok(Err(e)) => {
             tracing::debug!(%peer, "NBD handshake ended: {e}");
             return;
@@ -134,17 +262,18 @@ async fn connection(
             return;
         }
     };
-    tracing::debug!(%peer, export = %session.export.name, "NBD client attached");
+    tracing::debug!(%peer, export = %session.export.name, subject = ?session.client.subject,
+        "NBD client attached");
     // Requests the client sent right behind its GO stay in the handshake's buffer.
-    let leftover = BytesMut::from(rd.buffer());
-    let stream = match rd.into_inner().reunite(wr.into_inner()) {
-        Ok(stream) => stream,
-        Err(e) => {
-            tracing::warn!(%peer, "cannot reunite the socket: {e}");
-            return;
-        }
+    let leftover = BytesMut::from(conn.buffer());
+    let idle = options.idle_timeout;
+    // The transmission phase is compiled once per stream type: plain connections keep
+    // the plain socket's cost.
+    let ended = match conn.into_inner().into_inner() {
+        Stream::Plain(s) => transmission(s, leftover, session, shutdown, buffers, idle).await,
+        Stream::Tls(s) => transmission(*s, leftover, session, shutdown, buffers, idle).await,
     };
-    if let Err(e) = transmission(stream, leftover, session, shutdown, buffers).await {
+    if let Err(e) = ended {
         tracing::debug!(%peer, "NBD connection ended: {e}");
     }
 }
@@ -157,10 +286,9 @@ struct Session {
     block_status: bool,
     /// The size advertised to the client.
     size: u64,
+    /// Who the client is.
+    client: Client,
 }
-
-type Reader = BufReader<OwnedReadHalf>;
-type Writer = BufWriter<OwnedWriteHalf>;
 
 #[derive(Debug, thiserror::Error)]
 enum ConnError {
@@ -188,7 +316,7 @@ fn transmission_flags(read_only: bool) -> u16 {
 }
 
 async fn send_option_reply(
-    wr: &mut Writer,
+    wr: &mut Conn,
     option: u32,
     reply_type: u32,
     data: &[u8],
@@ -199,21 +327,26 @@ async fn send_option_reply(
     Ok(())
 }
 
-/// Runs option haggling. Returns the session to serve, or `None` when the client ended
-/// the handshake cleanly (ABORT) or must be dropped without a reply.
+/// Runs option haggling. Returns the stream (plain or TLS by now) with the session to
+/// serve, or `None` when the client ended the handshake cleanly (ABORT) or must be
+/// dropped without a reply. In require mode nothing but ABORT and STARTTLS is served
+/// before TLS ([`codec::tls_gate`]).
 async fn handshake(
-    rd: &mut Reader,
-    wr: &mut Writer,
+    mut conn: Conn,
     provider: &dyn ExportProvider,
-) -> Result<Option<Session>, ConnError> {
+    options: &Options,
+    mut client: Client,
+) -> Result<(Conn, Option<Session>), ConnError> {
+    let mode = if options.tls.is_some() { TlsMode::Require } else { TlsMode::Off };
+    let mut refused_before_tls = 0;
     let mut hello = BytesMut::with_capacity(18);
     hello.put_u64(codec::NBD_MAGIC);
     hello.put_u64(codec::IHAVEOPT);
     hello.put_u16(codec::FLAG_FIXED_NEWSTYLE | codec::FLAG_NO_ZEROES);
-    wr.write_all(&hello).await?;
-    wr.flush().await?;
+    conn.write_all(&hello).await?;
+    conn.flush().await?;
 
-    let client_flags = rd.read_u32().await?;
+    let client_flags = conn.read_u32().await?;
     if client_flags & !(codec::FLAG_C_FIXED_NEWSTYLE | codec::FLAG_C_NO_ZEROES) != 0 {
         return Err(ConnError::Protocol(format!("unknown client flags {client_flags:#x}")));
     }
@@ -223,28 +356,85 @@ async fn handshake(
     let mut meta_export: Option<String> = None;
 
     for _ in 0..NBD_OPTIONS_PER_HANDSHAKE_MAX {
-        wr.flush().await?;
+        conn.flush().await?;
         let mut header = [0u8; codec::OptionHeader::SIZE];
-        rd.read_exact(&mut header).await?;
+        conn.read_exact(&mut header).await?;
         let header = codec::OptionHeader::decode(&header)?;
         let option = header.option;
+        let gate = codec::tls_gate(mode, client.tls, option, header.length);
+        if gate != TlsGate::Handle && header.length > NBD_OPTION_BYTES_MAX {
+            return Err(ConnError::Protocol(format!("option of {} bytes", header.length)));
+        }
         if header.length > NBD_OPTION_BYTES_MAX {
             if option == opt::EXPORT_NAME || header.length > OPTION_DISCARD_BYTES_MAX {
                 return Err(ConnError::Protocol(format!("option of {} bytes", header.length)));
             }
-            discard(rd, u64::from(header.length)).await?;
-            send_option_reply(wr, option, rep::ERR_TOO_BIG, b"option data too large").await?;
+            discard(&mut conn, u64::from(header.length)).await?;
+            send_option_reply(&mut conn, option, rep::ERR_TOO_BIG, b"option data too large")
+                .await?;
             continue;
         }
         let mut data = vec![0u8; header.length as usize];
-        rd.read_exact(&mut data).await?;
+        conn.read_exact(&mut data).await?;
+
+        match gate {
+            TlsGate::Handle => {}
+            TlsGate::Close => {
+                return Err(ConnError::Protocol("EXPORT_NAME before STARTTLS".into()));
+            }
+            TlsGate::Refuse(code) => {
+                let message: &[u8] = match code {
+                    rep::ERR_TLS_REQD => b"TLS is required: send NBD_OPT_STARTTLS first",
+                    rep::ERR_UNSUP => b"this server does not serve TLS",
+                    _ if client.tls => b"TLS is already up",
+                    _ => b"STARTTLS takes no data",
+                };
+                send_option_reply(&mut conn, option, code, message).await?;
+                if !client.tls {
+                    refused_before_tls += 1;
+                    if mode == TlsMode::Require && refused_before_tls > OPTIONS_BEFORE_TLS_MAX {
+                        conn.flush().await?;
+                        return Err(ConnError::Protocol("too many options before TLS".into()));
+                    }
+                }
+                continue;
+            }
+            TlsGate::StartTls => {
+                let config = options.tls.clone().expect("require mode has a configuration");
+                send_option_reply(&mut conn, option, rep::ACK, &[]).await?;
+                conn.flush().await?;
+                // Bytes sent in the clear behind STARTTLS must never be taken as if they
+                // came over TLS (the STARTTLS injection of CVE-2011-0411 in SMTP).
+                if !conn.buffer().is_empty() {
+                    return Err(ConnError::Protocol("data sent behind STARTTLS".into()));
+                }
+                let Stream::Plain(tcp) = conn.into_inner().into_inner() else {
+                    return Err(ConnError::Protocol("STARTTLS over TLS".into()));
+                };
+                let accept = tokio_rustls::TlsAcceptor::from(config).accept(tcp);
+                let deadline = Duration::from_secs(NBD_TLS_HANDSHAKE_SECS);
+                let tls = tokio::time::timeout(deadline, accept)
+                    .await
+                    .map_err(|_| ConnError::Protocol("the TLS handshake timed out".into()))?
+                    .map_err(|e| ConnError::Protocol(format!("TLS handshake: {e}")))?;
+                client.subject = subject_of(tls.get_ref().1.peer_certificates());
+                client.tls = true;
+                conn = buffered(Stream::Tls(Box::new(tls)));
+                // The spec: nothing negotiated before STARTTLS survives it.
+                structured = false;
+                meta_export = None;
+                continue;
+            }
+        }
 
         match option {
             opt::EXPORT_NAME => {
                 let name = String::from_utf8(data)
                     .map_err(|_| ConnError::Protocol("export name is not UTF-8".into()))?;
                 // The spec gives no way to report an error here: close the connection.
-                let export = provider.open(&name).map_err(ConnError::Protocol)?;
+                let export = provider.open(&name, &client).map_err(|refusal| {
+                    ConnError::Protocol(format!("EXPORT_NAME {name:?}: {refusal:?}"))
+                })?;
                 let size = export.volume.size_bytes();
                 let mut out = BytesMut::with_capacity(134);
                 out.put_u64(size);
@@ -252,86 +442,94 @@ async fn handshake(
                 if !no_zeroes {
                     out.put_bytes(0, 124);
                 }
-                wr.write_all(&out).await?;
-                wr.flush().await?;
+                conn.write_all(&out).await?;
+                conn.flush().await?;
                 let block_status = meta_export.as_deref() == Some(name.as_str());
-                return Ok(Some(Session { export, structured, block_status, size }));
+                return Ok((
+                    conn,
+                    Some(Session { export, structured, block_status, size, client }),
+                ));
             }
             opt::ABORT => {
-                send_option_reply(wr, option, rep::ACK, &[]).await?;
-                wr.flush().await?;
-                return Ok(None);
+                send_option_reply(&mut conn, option, rep::ACK, &[]).await?;
+                conn.flush().await?;
+                return Ok((conn, None));
             }
             opt::LIST => {
                 if !data.is_empty() {
-                    send_option_reply(wr, option, rep::ERR_INVALID, b"LIST takes no data").await?;
+                    send_option_reply(&mut conn, option, rep::ERR_INVALID, b"LIST takes no data")
+                        .await?;
                     continue;
                 }
-                for export in provider.list() {
+                for export in provider.list(&client) {
                     let mut d = Vec::with_capacity(4 + export.name.len());
                     d.extend_from_slice(&(export.name.len() as u32).to_be_bytes());
                     d.extend_from_slice(export.name.as_bytes());
                     d.extend_from_slice(export.description.as_bytes());
-                    send_option_reply(wr, option, rep::SERVER, &d).await?;
+                    send_option_reply(&mut conn, option, rep::SERVER, &d).await?;
                 }
-                send_option_reply(wr, option, rep::ACK, &[]).await?;
+                send_option_reply(&mut conn, option, rep::ACK, &[]).await?;
             }
             opt::INFO | opt::GO => {
                 let request = match codec::InfoRequest::decode(&data) {
                     Ok(r) => r,
                     Err(e) => {
                         let msg = format!("malformed INFO/GO: {e}");
-                        send_option_reply(wr, option, rep::ERR_INVALID, msg.as_bytes()).await?;
+                        send_option_reply(&mut conn, option, rep::ERR_INVALID, msg.as_bytes())
+                            .await?;
                         continue;
                     }
                 };
-                let export = match provider.open(&request.name) {
+                let export = match provider.open(&request.name, &client) {
                     Ok(export) => export,
-                    Err(message) => {
-                        send_option_reply(wr, option, rep::ERR_UNKNOWN, message.as_bytes()).await?;
+                    Err(refusal) => {
+                        let (code, message) = refusal.reply();
+                        send_option_reply(&mut conn, option, code, message.as_bytes()).await?;
                         continue;
                     }
                 };
                 let size = export.volume.size_bytes();
                 let info = codec::info_export(size, transmission_flags(export.read_only));
-                send_option_reply(wr, option, rep::INFO, &info).await?;
+                send_option_reply(&mut conn, option, rep::INFO, &info).await?;
                 // Default constraints (minimum 1) because unaligned requests are served
                 // correctly; 4 KiB is the efficient size.
                 let bs = codec::info_block_size(1, BLOCK_SIZE_BYTES as u32, NBD_PAYLOAD_BYTES_MAX);
-                send_option_reply(wr, option, rep::INFO, &bs).await?;
+                send_option_reply(&mut conn, option, rep::INFO, &bs).await?;
                 if request.requests.contains(&codec::info::NAME) {
                     let d = codec::info_string(codec::info::NAME, &export.name);
-                    send_option_reply(wr, option, rep::INFO, &d).await?;
+                    send_option_reply(&mut conn, option, rep::INFO, &d).await?;
                 }
                 if request.requests.contains(&codec::info::DESCRIPTION) {
                     let d = codec::info_string(codec::info::DESCRIPTION, &export.description);
-                    send_option_reply(wr, option, rep::INFO, &d).await?;
+                    send_option_reply(&mut conn, option, rep::INFO, &d).await?;
                 }
-                send_option_reply(wr, option, rep::ACK, &[]).await?;
+                send_option_reply(&mut conn, option, rep::ACK, &[]).await?;
                 if option == opt::GO {
-                    wr.flush().await?;
+                    conn.flush().await?;
                     let block_status = meta_export.as_deref() == Some(request.name.as_str());
-                    return Ok(Some(Session { export, structured, block_status, size }));
+                    let session = Session { export, structured, block_status, size, client };
+                    return Ok((conn, Some(session)));
                 }
             }
             opt::STRUCTURED_REPLY => {
                 if !data.is_empty() {
                     let msg = b"STRUCTURED_REPLY takes no data";
-                    send_option_reply(wr, option, rep::ERR_INVALID, msg).await?;
+                    send_option_reply(&mut conn, option, rep::ERR_INVALID, msg).await?;
                     continue;
                 }
                 structured = true;
-                send_option_reply(wr, option, rep::ACK, &[]).await?;
+                send_option_reply(&mut conn, option, rep::ACK, &[]).await?;
             }
             opt::LIST_META_CONTEXT | opt::SET_META_CONTEXT => {
                 if option == opt::SET_META_CONTEXT {
                     meta_export = None; // replaced even when this request fails
                 }
-                meta_context(wr, option, &data, structured, provider, &mut meta_export).await?;
+                let meta = &mut meta_export;
+                meta_context(&mut conn, option, &data, structured, provider, &client, meta).await?;
             }
             _ => {
                 let msg = format!("option {option} is not supported by this server");
-                send_option_reply(wr, option, rep::ERR_UNSUP, msg.as_bytes()).await?;
+                send_option_reply(&mut conn, option, rep::ERR_UNSUP, msg.as_bytes()).await?;
             }
         }
     }
@@ -339,11 +537,12 @@ async fn handshake(
 }
 
 async fn meta_context(
-    wr: &mut Writer,
+    wr: &mut Conn,
     option: u32,
     data: &[u8],
     structured: bool,
     provider: &dyn ExportProvider,
+    client: &Client,
     meta_export: &mut Option<String>,
 ) -> Result<(), ConnError> {
     if !structured {
@@ -357,8 +556,9 @@ async fn meta_context(
             return send_option_reply(wr, option, rep::ERR_INVALID, msg.as_bytes()).await;
         }
     };
-    if let Err(message) = provider.open(&request.export) {
-        return send_option_reply(wr, option, rep::ERR_UNKNOWN, message.as_bytes()).await;
+    if let Err(refusal) = provider.open(&request.export, client) {
+        let (code, message) = refusal.reply();
+        return send_option_reply(wr, option, code, message.as_bytes()).await;
     }
     let selected = if option == opt::LIST_META_CONTEXT {
         request.queries.is_empty()
@@ -379,7 +579,7 @@ async fn meta_context(
     send_option_reply(wr, option, rep::ACK, &[]).await
 }
 
-async fn discard(rd: &mut Reader, mut length: u64) -> Result<(), ConnError> {
+async fn discard(rd: &mut Conn, mut length: u64) -> Result<(), ConnError> {
     let mut sink = vec![0u8; 64 << 10];
     while length > 0 {
         let n = length.min(sink.len() as u64) as usize;
@@ -407,11 +607,21 @@ fn cost(req: &Request) -> u64 {
 struct InFlight {
     count: usize,
     bytes: u64,
+    /// Reply bytes handed back and waiting to be sent (large replies, not in the
+    /// output buffer the parser appends to).
+    held: u64,
 }
 
 impl InFlight {
     fn full(&self) -> bool {
         self.count >= NBD_REQUESTS_IN_FLIGHT_MAX || self.bytes >= NBD_IN_FLIGHT_BYTES_MAX
+    }
+
+    /// The client has enough reply bytes queued (in `out`, or handed back and waiting):
+    /// parse nothing more until they are sent. READs answered inline count as much as
+    /// those handed back; requests in flight are bounded apart ([`InFlight::full`]).
+    fn holds_enough(&self, out: &BytesMut) -> bool {
+        self.held + out.len() as u64 >= NBD_REPLY_BYTES_MAX
     }
     fn start(&mut self, req: &Request) {
         self.count += 1;
@@ -580,18 +790,21 @@ struct Output {
     replies: BytesMut,
     /// Large complete replies, sent without copying.
     chunks: Vec<Bytes>,
+    /// Bytes in `chunks`.
+    chunk_bytes: u64,
 }
 
 impl Output {
     fn push(&mut self, reply: Bytes) {
         if reply.len() >= BIG_REPLY_BYTES {
+            self.chunk_bytes += reply.len() as u64;
             self.chunks.push(reply);
         } else {
             self.replies.extend_from_slice(&reply);
         }
     }
 
-    async fn send(&mut self, stream: &mut TcpStream) -> std::io::Result<()> {
+    async fn send<S: AsyncWrite + Unpin>(&mut self, stream: &mut S) -> std::io::Result<()> {
         if !self.replies.is_empty() {
             stream.write_all(&self.replies).await?;
             self.replies.clear();
@@ -601,8 +814,10 @@ impl Output {
         }
         for chunk in self.chunks.drain(..) {
             stream.write_all(&chunk).await?;
+            self.chunk_bytes -= chunk.len() as u64;
         }
-        Ok(())
+        // TLS holds the last records until flushed (a no-op on a plain socket).
+        stream.flush().await
     }
 }
 
@@ -614,25 +829,37 @@ impl Output {
 /// volume's sync thread, writes the output in one call, and then waits for more input or
 /// for a reply from elsewhere. Requests handed off are bounded by
 /// `NBD_REQUESTS_IN_FLIGHT_MAX`; at the bound it stops parsing until one finishes.
-async fn transmission(
-    mut stream: TcpStream,
+async fn transmission<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
     mut input: BytesMut,
     session: Session,
     mut shutdown: watch::Receiver<bool>,
     buffers: BufferPool,
+    idle_timeout: Option<Duration>,
 ) -> Result<(), ConnError> {
-    let Session { export, structured, block_status, size } = session;
+    let Session { export, structured, block_status, size, .. } = session;
     let Export { name, volume, group_sync, read_only, mut closed, attachment, .. } = export;
     let (tx, mut rx) = mpsc::channel(NBD_REQUESTS_IN_FLIGHT_MAX);
     let asynchronous = volume.asynchronous();
     let shared =
         Arc::new(Shared { volume, asynchronous, group_sync, name, structured, tx, buffers });
     let mut ctx = Ctx { shared, read_only, block_status, size, writes: Vec::new() };
-    let mut output =
-        Output { replies: BytesMut::with_capacity(INPUT_ROOM_BYTES), chunks: Vec::new() };
+    let mut output = Output {
+        replies: BytesMut::with_capacity(INPUT_ROOM_BYTES),
+        chunks: Vec::new(),
+        chunk_bytes: 0,
+    };
     let mut state = Input::Requests;
     let mut in_flight = InFlight::default();
     let mut stopping = false;
+    // The idle check: one timer for the connection's life, looked at when it fires (no
+    // timer work per request). Idle means no input since the last look and nothing in
+    // flight.
+    let idle_every = idle_timeout.unwrap_or(Duration::from_secs(u64::from(u32::MAX)));
+    let idle = tokio::time::sleep(idle_every);
+    tokio::pin!(idle);
+    let mut received: u64 = 0;
+    let mut received_at_last_look: u64 = 0;
 
     let ended = loop {
         while let Ok((reply, bytes)) = rx.try_recv() {
@@ -640,6 +867,7 @@ async fn transmission(
             in_flight.finish(bytes);
         }
         if !stopping {
+            in_flight.held = output.chunk_bytes;
             stopping = ctx.parse(&mut input, &mut output.replies, &mut state, &mut in_flight)?;
         }
         // A forced close must not wait for a client that stopped reading.
@@ -665,9 +893,18 @@ async fn transmission(
             }
             read = receive(&mut stream, &mut input, &mut state), if can_read => {
                 // EOF: the client hung up; let what it started finish, then close.
-                if read? == 0 {
-                    stopping = true;
+                match read? {
+                    0 => stopping = true,
+                    n => received += n as u64,
                 }
+            }
+            () = &mut idle, if idle_timeout.is_some() => {
+                if received == received_at_last_look && in_flight.count == 0 {
+                    tracing::debug!(volume = %ctx.shared.name, "NBD connection idle: closing");
+                    break Ended::Graceful;
+                }
+                received_at_last_look = received;
+                idle.as_mut().reset(tokio::time::Instant::now() + idle_every);
             }
         }
     };
@@ -680,8 +917,8 @@ async fn transmission(
 
 /// Reads from the socket into the pending payload buffer or else the input buffer.
 /// Cancel-safe: it awaits a single read.
-async fn receive(
-    stream: &mut TcpStream,
+async fn receive<S: AsyncRead + Unpin>(
+    stream: &mut S,
     input: &mut BytesMut,
     state: &mut Input,
 ) -> std::io::Result<usize> {
@@ -798,7 +1035,7 @@ impl Ctx {
                 put_error(out, self.shared.structured, *cookie, errno::EINVAL, &msg);
                 *state = Input::Requests;
             }
-            if in_flight.full() || input.len() < Request::SIZE {
+            if in_flight.full() || in_flight.holds_enough(out) || input.len() < Request::SIZE {
                 return Ok(false);
             }
             let header: &[u8; Request::SIZE] =

@@ -6,6 +6,7 @@
 //! malformed JSON, unknown routes and wrong methods. Operations that sync the disk run on
 //! the blocking pool.
 
+use crate::access::AccessList;
 use crate::error::{ApiError, ApiResult};
 use crate::node::{Node, SnapshotInfo, VolumeInfo};
 use axum::body::Bytes;
@@ -183,6 +184,7 @@ pub fn router(api: Api) -> Router {
         .route("/v1/volumes/{name}/resize", post(resize_volume))
         .route("/v1/volumes/{name}/rollback", post(rollback_volume))
         .route("/v1/volumes/{name}/attach", post(attach_volume))
+        .route("/v1/volumes/{name}/access", axum::routing::put(set_access))
         .route("/v1/volumes/{name}/snapshots", get(list_snapshots).post(create_snapshot))
         .route("/v1/volumes/{name}/snapshots/{snapshot}", get(get_snapshot).delete(delete_snapshot))
         .route("/v1/volumes/{name}/snapshots/{snapshot}/clone", post(clone_snapshot))
@@ -379,6 +381,12 @@ struct CreateVolume {
     /// Copies that must be active for a write to succeed (default 1, 2 for 3 copies).
     #[serde(default)]
     min_replicas: Option<u32>,
+    /// NBD access list: client certificate subjects (CN) admitted.
+    #[serde(default)]
+    allow: Vec<String>,
+    /// NBD access list: networks (CIDR) admitted.
+    #[serde(default)]
+    allow_net: Vec<String>,
 }
 
 #[derive(Deserialize, Debug)]
@@ -414,6 +422,7 @@ async fn create_volume(
 ) -> ApiResult<(StatusCode, Json<VolumeInfo>)> {
     let req: CreateVolume = parse_json(&body)?;
     let name = VolumeName::new(&req.name).map_err(|e| ApiError::invalid(e.to_string()))?;
+    let access = AccessList::new(req.allow, req.allow_net)?;
     let size = req.size.bytes()?;
     let replicas = req.replicas.unwrap_or(1);
     if !(1..=3).contains(&replicas) {
@@ -442,6 +451,7 @@ async fn create_volume(
             size,
             replicas,
             min_replicas,
+            access,
         )
         .await
         .map_err(state_refusal)?;
@@ -449,7 +459,7 @@ async fn create_volume(
     }
     let node = api.node.clone();
     let key = name.to_string();
-    let info = api.make(&key, size, move || node.create(name, size)).await?;
+    let info = api.make(&key, size, move || node.create(name, size, access)).await?;
     Ok((StatusCode::CREATED, Json(info)))
 }
 
@@ -501,6 +511,17 @@ async fn delete_volume(
 #[serde(deny_unknown_fields)]
 struct NameBody {
     name: String,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+struct CloneBody {
+    name: String,
+    /// The clone's own access list; both absent: the source volume's.
+    #[serde(default)]
+    allow: Option<Vec<String>>,
+    #[serde(default)]
+    allow_net: Option<Vec<String>>,
 }
 
 #[derive(Deserialize, Debug)]
@@ -563,14 +584,18 @@ async fn clone_snapshot(
     Path((name, snapshot)): Path<(String, String)>,
     body: Bytes,
 ) -> ApiResult<(StatusCode, Json<VolumeInfo>)> {
-    let req: NameBody = parse_json(&body)?;
+    let req: CloneBody = parse_json(&body)?;
     let clone = valid_name(&req.name, "clone name")?;
+    let access = match (req.allow, req.allow_net) {
+        (None, None) => None,
+        (allow, net) => Some(AccessList::new(allow.unwrap_or_default(), net.unwrap_or_default())?),
+    };
     let node = api.node.clone();
     let source = format!("{name}@{snapshot}");
     // The source must be here (a clone shares its blocks), before its name is taken.
     let size = api.local(&name, api.node.snapshot_get(&name, &snapshot))?.size_bytes;
     let key = clone.to_string();
-    let info = api.make(&key, size, move || node.clone_volume(&source, clone)).await?;
+    let info = api.make(&key, size, move || node.clone_volume(&source, clone, access)).await?;
     Ok((StatusCode::CREATED, Json(info)))
 }
 
@@ -583,6 +608,24 @@ async fn rollback_volume(
     let node = api.node.clone();
     let source = format!("{name}@{}", req.snapshot);
     api.local(&name, blocking(move || node.rollback(&source, req.force)).await).map(Json)
+}
+
+/// `PUT /v1/volumes/{name}/access`: replaces the volume's NBD access list (both lists
+/// empty: anyone may open it).
+async fn set_access(
+    State(api): State<Api>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> ApiResult<Json<VolumeInfo>> {
+    let access: AccessList = parse_json(&body)?;
+    access.check()?;
+    if api.replicated(&name) {
+        let record = api.registry.set_access(&name, access).await?;
+        return Ok(Json(api.live(record.info(&api.nbd_addr))));
+    }
+    let node = api.node.clone();
+    let n = name.clone();
+    api.local(&name, blocking(move || node.set_access(&n, access)).await).map(Json)
 }
 
 #[derive(Deserialize, Debug)]

@@ -10,7 +10,8 @@ use strata_types::{format_size, parse_size};
 pub enum VolumeCommand {
     /// Create a thin volume.
     #[command(after_help = "Examples:\n  strata volume create vm1 --size 10G\n  \
-        strata volume create db1 --size 100G --replicas 3   # copies on 3 nodes")]
+        strata volume create db1 --size 100G --replicas 3   # copies on 3 nodes\n  \
+        strata volume create vm2 --size 10G --allow client-a --allow-net 10.0.0.0/8")]
     Create {
         /// Name: 1-64 of A-Z a-z 0-9 . _ - (not starting with . or -).
         name: String,
@@ -24,6 +25,14 @@ pub enum VolumeCommand {
         /// below it writes fail rather than silently lose redundancy.
         #[arg(long)]
         min_replicas: Option<u32>,
+        /// Only NBD clients presenting a certificate (of the node's CA) with this
+        /// subject CN may open it and its snapshots (repeatable; with --allow-net: either).
+        #[arg(long = "allow", value_name = "SUBJECT")]
+        allow: Vec<String>,
+        /// Only NBD clients from this network may open it (CIDR such as 10.0.0.0/8, or
+        /// one address; repeatable). Without --allow and --allow-net: anyone.
+        #[arg(long = "allow-net", value_name = "CIDR")]
+        allow_net: Vec<String>,
     },
     /// List volumes: every volume of the cluster, with the node holding (owning) it.
     #[command(after_help = "Examples:\n  strata volume list\n  \
@@ -70,12 +79,40 @@ pub enum VolumeCommand {
         force: bool,
     },
     /// Make a writable volume from a snapshot; it shares the snapshot's blocks.
-    #[command(after_help = "Example:\n  strata volume clone vm1@golden vm2")]
+    #[command(after_help = "Examples:\n  strata volume clone vm1@golden vm2\n  \
+        strata volume clone vm1@golden vm3 --allow client-c   # its own access list")]
     Clone {
         /// The snapshot, as VOL@SNAP.
         source: String,
         /// The new volume's name.
         name: String,
+        /// The clone's own access list: certificate subjects (CN) admitted (repeatable).
+        /// Without --allow and --allow-net the clone takes its source volume's list.
+        #[arg(long = "allow", value_name = "SUBJECT")]
+        allow: Vec<String>,
+        /// The clone's own access list: networks (CIDR) admitted (repeatable).
+        #[arg(long = "allow-net", value_name = "CIDR")]
+        allow_net: Vec<String>,
+    },
+    /// Show or replace a volume's NBD access list: who may open it and its snapshots.
+    /// With --allow/--allow-net the list becomes exactly those (a client matching any
+    /// entry is admitted; others get NBD_REP_ERR_POLICY and do not see it listed); with
+    /// --clear anyone may open it; with neither it is shown. Open connections stay.
+    #[command(after_help = "Examples:\n  strata volume access vm1\n  \
+        strata volume access vm1 --allow client-a --allow-net 192.0.2.0/24\n  \
+        strata volume access vm1 --clear")]
+    Access {
+        /// Volume name.
+        name: String,
+        /// A client certificate subject (CN) admitted (repeatable).
+        #[arg(long = "allow", value_name = "SUBJECT")]
+        allow: Vec<String>,
+        /// A network (CIDR, or one address) admitted (repeatable).
+        #[arg(long = "allow-net", value_name = "CIDR")]
+        allow_net: Vec<String>,
+        /// Remove the list: anyone who reaches NBD (and passes TLS) may open it.
+        #[arg(long, conflicts_with_all = ["allow", "allow_net"])]
+        clear: bool,
     },
     /// Move a replicated volume's ownership to a node holding an active copy: that node
     /// then orders its I/O (clients of every node keep their connections; their requests
@@ -317,6 +354,7 @@ impl Client {
         let response = match (method, body) {
             ("GET", _) => self.auth(self.agent.get(&url)).call(),
             ("DELETE", _) => self.auth(self.agent.delete(&url)).call(),
+            ("PUT", Some(body)) => self.auth(self.agent.put(&url)).send_json(body),
             (_, Some(body)) => self.auth(self.agent.post(&url)).send_json(body),
             (_, None) => self.auth(self.agent.post(&url)).send_empty(),
         };
@@ -372,13 +410,17 @@ pub enum Failure {
 /// Runs a volume command.
 pub fn volume(client: &Client, json_out: bool, cmd: VolumeCommand) -> anyhow::Result<()> {
     match cmd {
-        VolumeCommand::Create { name, size, replicas, min_replicas } => {
+        VolumeCommand::Create { name, size, replicas, min_replicas, allow, allow_net } => {
             // Parsed here, so a typo fails before any request; the API takes bytes (as
             // text it takes only M, G and T).
             let size = parse_size(&size)?;
             let mut body = json!({"name": name, "size": size, "replicas": replicas});
             if let Some(m) = min_replicas {
                 body["min_replicas"] = json!(m);
+            }
+            if !allow.is_empty() || !allow_net.is_empty() {
+                body["allow"] = json!(allow);
+                body["allow_net"] = json!(allow_net);
             }
             let v = client.call("POST", "/v1/volumes", Some(body))?;
             print_volume(json_out, &v, "created")
@@ -425,11 +467,32 @@ pub fn volume(client: &Client, json_out: bool, cmd: VolumeCommand) -> anyhow::Re
             }
             Ok(())
         }
-        VolumeCommand::Clone { source, name } => {
+        VolumeCommand::Clone { source, name, allow, allow_net } => {
             let (v, s) = split(&source)?;
             let path = format!("/v1/volumes/{v}/snapshots/{s}/clone");
-            let v = client.call("POST", &path, Some(json!({"name": name})))?;
+            let mut body = json!({"name": name});
+            if !allow.is_empty() || !allow_net.is_empty() {
+                body["allow"] = json!(allow);
+                body["allow_net"] = json!(allow_net);
+            }
+            let v = client.call("POST", &path, Some(body))?;
             print_volume(json_out, &v, "cloned")
+        }
+        VolumeCommand::Access { name, allow, allow_net, clear } => {
+            let v = if clear || !allow.is_empty() || !allow_net.is_empty() {
+                let path = format!("/v1/volumes/{}/access", encode(&name));
+                let body = json!({"allow": allow, "allow_net": allow_net});
+                client.call("PUT", &path, Some(body))?
+            } else {
+                client.call("GET", &format!("/v1/volumes/{}", encode(&name)), None)?
+            };
+            if json_out {
+                println!("{}", serde_json::to_string_pretty(&v["access"])?);
+                return Ok(());
+            }
+            let info: VolumeInfo = serde_json::from_value(v)?;
+            println!("{}: {}", info.name, info.access.describe());
+            Ok(())
         }
         VolumeCommand::Attach { name, node } => {
             let path = format!("/v1/volumes/{}/attach", encode(&name));
@@ -561,6 +624,7 @@ fn print_volume(json_out: bool, v: &Value, verb: &str) -> anyhow::Result<()> {
     }
     println!("connections:  {}", info.connections);
     println!("export:       {}", info.export_uri);
+    println!("access:       {}", info.access.describe());
     if !info.components.is_empty() {
         println!(
             "replicas:     {} (owner: node {}, epoch {})",

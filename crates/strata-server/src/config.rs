@@ -20,6 +20,7 @@
 //! nbd_tls = "require"           # "require" (the default with tls_dir) or "off"
 //! tls_verify_peer = false       # true: NBD clients must present a certificate of the CA
 //! http_allowed_hosts = []       # names the API answers to beside its address and localhost
+//! nbd_idle_timeout_secs = 3600  # an NBD connection idle this long is closed (0: never)
 //! ```
 
 use anyhow::{bail, Context};
@@ -87,6 +88,14 @@ pub struct Config {
     /// loopback addresses (a request naming any other host is refused: DNS rebinding).
     #[serde(default)]
     pub http_allowed_hosts: Vec<String>,
+    /// An NBD connection with no request in flight and none arriving for this many
+    /// seconds is closed (a client that went away without a FIN); 0: never.
+    #[serde(default = "default_nbd_idle_timeout")]
+    pub nbd_idle_timeout_secs: u64,
+}
+
+fn default_nbd_idle_timeout() -> u64 {
+    strata_types::limits::NBD_IDLE_TIMEOUT_SECS_DEFAULT
 }
 
 /// NBD's TLS mode (config key `nbd_tls`).

@@ -4,6 +4,7 @@
 //! This crate wires the cores to the OS (sockets, signals, files); it holds no storage or
 //! protocol logic of its own beyond the catalog. See ARCHITECTURE.md.
 
+mod access;
 mod api;
 mod cli;
 mod config;

@@ -499,9 +499,8 @@ pub struct StoreStatsView {
 /// Every export's counters with its group-commit counts, dropping counters of exports
 /// that are gone.
 fn volume_io(api: &Api) -> Vec<(String, Arc<VolumeCounters>, (u64, u64))> {
-    use strata_nbd::ExportProvider;
     let exports: std::collections::HashSet<String> =
-        crate::node::Exports(api.node.clone()).list().into_iter().map(|e| e.name).collect();
+        crate::node::Exports(api.node.clone()).all().into_iter().map(|e| e.name).collect();
     let syncs: BTreeMap<String, (u64, u64)> = api.node.sync_counts().into_iter().collect();
     api.node
         .metrics()

@@ -5,7 +5,8 @@
 //! ```text
 //! DIR/lock           flock'ed by the running process; holds its pid (informational)
 //! DIR/catalog.json   {"format":2,"next_id":N,"volumes":[{"id","name","created_unix",
-//!                      "origin","snapshots":[{"id","name","created_unix"}]}]}
+//!                      "origin","access","snapshots":[{"id","name","created_unix"}]}]}
+//!                    ("access": the NBD access list; absent: none, anyone may open it)
 //! DIR/store/log      the log-structured store (strata_store::LogStore), keyed by id
 //! ```
 //! Invariants:
@@ -20,6 +21,7 @@
 //! - A data directory of format 1 (one file per volume, `DIR/volumes/`) is refused with
 //!   a message; it is never modified.
 
+use crate::access::AccessList;
 use crate::error::{ApiError, ApiResult};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
@@ -27,7 +29,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use strata_io::{BlockVolume, GroupSync, Store, VolumeId};
-use strata_nbd::{Export, ExportProvider, ExportSummary};
+use strata_nbd::{Client, Export, ExportProvider, ExportSummary, Refusal};
 use strata_store::engine::{EngineError, ViewInfo};
 use strata_store::store::write_atomically;
 use strata_store::LogStore;
@@ -113,6 +115,9 @@ struct CatalogEntry {
     /// `VOL@SNAP` this volume was cloned from, when it is a clone.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     origin: Option<String>,
+    /// Who may open its exports (its snapshots' too); a catalog without it: anyone.
+    #[serde(default, skip_serializing_if = "AccessList::is_empty")]
+    access: AccessList,
     #[serde(default)]
     snapshots: Vec<SnapshotEntry>,
 }
@@ -146,6 +151,8 @@ struct OpenVolume {
     name: VolumeName,
     created_unix: u64,
     origin: Option<String>,
+    /// Who may open its exports and its snapshots'.
+    access: AccessList,
     volume: Arc<dyn BlockVolume>,
     group_sync: GroupSync,
     attach: Attach,
@@ -197,6 +204,9 @@ pub struct VolumeInfo {
     /// A replicated volume's owner epoch (0 for a volume of one node).
     #[serde(default)]
     pub epoch: u64,
+    /// Who may open it and its snapshots over NBD (empty: anyone).
+    #[serde(default)]
+    pub access: AccessList,
 }
 
 /// What the API shows of a snapshot.
@@ -233,6 +243,8 @@ pub struct Node {
     dir: PathBuf,
     store: LogStore,
     nbd_addr: Mutex<String>,
+    /// NBD requires TLS: export URIs are `nbds://`.
+    nbd_tls: std::sync::atomic::AtomicBool,
     node_id: std::sync::atomic::AtomicU64,
     fencing: Arc<crate::fencing::Fencing>,
     resync: Arc<crate::resync::Scheduler>,
@@ -242,6 +254,8 @@ pub struct Node {
     /// Asked when a client names an export this node does not have: it may export it
     /// now (a replicated volume made a moment ago on another node).
     discover: std::sync::OnceLock<Discover>,
+    /// A replicated volume's access list, from its record in the metadata service.
+    access_of: std::sync::OnceLock<AccessOf>,
     /// How often an owner compares its replicated volumes' copies (0: never).
     scrub_every_secs: std::sync::atomic::AtomicU64,
     /// This node's copies (component ids) that may lack writes they had not synced (the
@@ -288,6 +302,8 @@ pub struct SnapshotReclaim {
 
 /// See [`Node::set_discover`].
 pub type Discover = Box<dyn Fn(&Node, &str) -> bool + Send + Sync>;
+/// See [`Node::set_access_of`].
+pub type AccessOf = Box<dyn Fn(&str) -> Option<AccessList> + Send + Sync>;
 
 struct State {
     next_id: u64,
@@ -447,6 +463,7 @@ impl Node {
                     name: entry.name,
                     created_unix: entry.created_unix,
                     origin: entry.origin,
+                    access: entry.access,
                     group_sync,
                     volume,
                     attach: Attach::new(),
@@ -493,11 +510,13 @@ impl Node {
             dir: dir.to_owned(),
             store,
             nbd_addr: Mutex::new(String::from("127.0.0.1:10809")),
+            nbd_tls: std::sync::atomic::AtomicBool::new(false),
             node_id: std::sync::atomic::AtomicU64::new(0),
             fencing,
             resync: Arc::new(crate::resync::Scheduler::new(crate::resync::JOBS_AT_ONCE)),
             state: Mutex::new(State { next_id, volumes, components, replicated: BTreeMap::new() }),
             discover: std::sync::OnceLock::new(),
+            access_of: std::sync::OnceLock::new(),
             scrub_every_secs: std::sync::atomic::AtomicU64::new(0),
             suspect: Mutex::new(load_suspect(dir)?),
             deleted: Mutex::default(),
@@ -740,6 +759,7 @@ impl Node {
                     name: v.name.clone(),
                     created_unix: v.created_unix,
                     origin: v.origin.clone(),
+                    access: v.access.clone(),
                     snapshots: v.snapshots.values().map(|s| s.entry.clone()).collect(),
                 })
                 .collect(),
@@ -751,7 +771,24 @@ impl Node {
     }
 
     fn uri(&self, export: &str) -> String {
-        format!("nbd://{}/{export}", self.nbd_addr.lock().expect("not poisoned"))
+        let scheme = if self.nbd_tls.load(Ordering::Relaxed) { "nbds" } else { "nbd" };
+        format!("{scheme}://{}/{export}", self.nbd_addr.lock().expect("not poisoned"))
+    }
+
+    /// Sets where a replicated volume's access list is read at each NBD open (its
+    /// record in the metadata service, as this node applied it). Without it, or
+    /// without a record, a replicated volume has no list.
+    pub fn set_access_of(&self, f: AccessOf) {
+        let _ = self.access_of.set(f);
+    }
+
+    fn replicated_access(&self, name: &str) -> AccessList {
+        self.access_of.get().and_then(|f| f(name)).unwrap_or_default()
+    }
+
+    /// NBD requires TLS: export URIs become `nbds://`.
+    pub fn set_nbd_tls(&self, tls: bool) {
+        self.nbd_tls.store(tls, Ordering::Relaxed);
     }
 
     fn snapshot_info(&self, state: &State, v: &OpenVolume, s: &OpenSnapshot) -> SnapshotInfo {
@@ -803,6 +840,7 @@ impl Node {
             replicas: 1,
             components: Vec::new(),
             epoch: 0,
+            access: v.access.clone(),
         }
     }
 
@@ -850,6 +888,7 @@ impl Node {
         id: u64,
         name: VolumeName,
         origin: Option<String>,
+        access: AccessList,
     ) -> ApiResult<VolumeInfo> {
         let volume =
             self.store.open_volume(VolumeId(id)).map_err(store_error("open the volume"))?;
@@ -859,6 +898,7 @@ impl Node {
             name: name.clone(),
             created_unix: now_unix(),
             origin,
+            access,
             group_sync: GroupSync::spawn(self.metrics.wrap(name.as_str(), volume.clone())),
             volume,
             attach: Attach::new(),
@@ -874,8 +914,14 @@ impl Node {
         Ok(self.info(state, &state.volumes[name.as_str()]))
     }
 
-    /// Creates a volume. Blocks on disk syncs: call from a blocking context.
-    pub fn create(&self, name: VolumeName, size_bytes: u64) -> ApiResult<VolumeInfo> {
+    /// Creates a volume (`access`: who may open it). Blocks on disk syncs: call from a
+    /// blocking context.
+    pub fn create(
+        &self,
+        name: VolumeName,
+        size_bytes: u64,
+        access: AccessList,
+    ) -> ApiResult<VolumeInfo> {
         let mut state = self.lock();
         Self::check_new_volume(&state, &name)?;
         let free = self.store.free_bytes().unwrap_or(u64::MAX);
@@ -883,7 +929,7 @@ impl Node {
         self.store
             .create_volume(VolumeId(id), size_bytes)
             .map_err(store_error("create the volume"))?;
-        let info = self.add_volume(&mut state, id, name.clone(), None)?;
+        let info = self.add_volume(&mut state, id, name.clone(), None, access)?;
         if size_bytes > free {
             tracing::info!(volume = %name, "volume is larger than the free space (thin)");
         }
@@ -1074,18 +1120,41 @@ impl Node {
         Ok(())
     }
 
-    /// Makes volume `name` from snapshot `VOL@SNAP`, sharing its blocks.
-    pub fn clone_volume(&self, source: &str, name: VolumeName) -> ApiResult<VolumeInfo> {
+    /// Makes volume `name` from snapshot `VOL@SNAP`, sharing its blocks; it takes the
+    /// source volume's access list unless given its own.
+    pub fn clone_volume(
+        &self,
+        source: &str,
+        name: VolumeName,
+        access: Option<AccessList>,
+    ) -> ApiResult<VolumeInfo> {
         let (volume, snapshot) = split_snapshot(source)?;
         let mut state = self.lock();
-        let (_, s) = Self::find_snapshot(&state, volume.as_str(), snapshot.as_str())?;
+        let (v, s) = Self::find_snapshot(&state, volume.as_str(), snapshot.as_str())?;
         let snap_id = s.entry.id;
+        let access = access.unwrap_or_else(|| v.access.clone());
         Self::check_new_volume(&state, &name)?;
         let id = state.next_id;
         self.store.clone_snapshot(snap_id, id).map_err(engine_error("clone the snapshot"))?;
-        let info = self.add_volume(&mut state, id, name.clone(), Some(source.to_owned()))?;
+        let origin = Some(source.to_owned());
+        let info = self.add_volume(&mut state, id, name.clone(), origin, access)?;
         tracing::info!(clone = %name, %source, "volume cloned");
         Ok(info)
+    }
+
+    /// Replaces volume `name`'s access list (empty: anyone). Connections already open
+    /// stay; new ones are decided by the new list.
+    pub fn set_access(&self, name: &str, access: AccessList) -> ApiResult<VolumeInfo> {
+        let mut state = self.lock();
+        let v = state.volumes.get_mut(name).ok_or_else(|| not_found(name))?;
+        let old = std::mem::replace(&mut v.access, access);
+        if let Err(e) = self.persist(&state) {
+            state.volumes.get_mut(name).expect("found above").access = old;
+            return Err(e);
+        }
+        let v = &state.volumes[name];
+        tracing::info!(volume = %name, access = %v.access.describe(), "access list set");
+        Ok(self.info(&state, v))
     }
 
     /// Returns a volume to one of its snapshots. Refused while the volume has clients
@@ -1203,8 +1272,42 @@ impl Drop for Attachment {
 pub struct Exports(pub Arc<Node>);
 
 impl ExportProvider for Exports {
-    fn list(&self) -> Vec<ExportSummary> {
+    fn list(&self, client: &Client) -> Vec<ExportSummary> {
         let state = self.0.lock();
+        let admitted = |name: &str| {
+            let volume = name.split_once('@').map_or(name, |(v, _)| v);
+            match state.volumes.get(volume) {
+                Some(v) => v.access.admits(client),
+                None => self.0.replicated_access(volume).admits(client),
+            }
+        };
+        let mut all = self.summaries(&state);
+        all.retain(|e| admitted(&e.name));
+        all
+    }
+
+    fn open(&self, name: &str, client: &Client) -> Result<Export, Refusal> {
+        match self.open_exported(name, client) {
+            Err(Refusal::Unknown(e)) if !name.is_empty() && !name.contains('@') => {
+                let found = self.0.discover.get().is_some_and(|f| f(&self.0, name));
+                if found {
+                    self.open_exported(name, client)
+                } else {
+                    Err(Refusal::Unknown(e))
+                }
+            }
+            opened => opened,
+        }
+    }
+}
+
+impl Exports {
+    /// Every export, whoever may open it.
+    pub fn all(&self) -> Vec<ExportSummary> {
+        self.summaries(&self.0.lock())
+    }
+
+    fn summaries(&self, state: &State) -> Vec<ExportSummary> {
         let mut out = Vec::new();
         for v in state.volumes.values() {
             out.push(ExportSummary {
@@ -1233,29 +1336,14 @@ impl ExportProvider for Exports {
         out
     }
 
-    fn open(&self, name: &str) -> Result<Export, String> {
-        match self.open_exported(name) {
-            Err(e) if !name.is_empty() && !name.contains('@') => {
-                let found = self.0.discover.get().is_some_and(|f| f(&self.0, name));
-                if found {
-                    self.open_exported(name)
-                } else {
-                    Err(e)
-                }
-            }
-            opened => opened,
-        }
-    }
-}
-
-impl Exports {
-    fn open_exported(&self, name: &str) -> Result<Export, String> {
+    fn open_exported(&self, name: &str, client: &Client) -> Result<Export, Refusal> {
         let state = self.0.lock();
         let (volume, snapshot) = match name.split_once('@') {
             Some((v, s)) => (v, Some(s)),
             None => (name, None),
         };
         if let (Some((view, group_sync, attach)), None) = (state.replicated.get(name), snapshot) {
+            refuse_unless_admitted(name, &self.0.replicated_access(name), client)?;
             attach.count.fetch_add(1, Ordering::Relaxed);
             return Ok(Export {
                 name: name.to_owned(),
@@ -1271,12 +1359,13 @@ impl Exports {
             });
         }
         let Some(v) = state.volumes.get(volume) else {
-            return Err(if name.is_empty() {
+            return Err(Refusal::Unknown(if name.is_empty() {
                 "there is no default export: name a volume (see `strata volume list`)".to_owned()
             } else {
                 format!("no volume named {volume:?} (see `strata volume list`)")
-            });
+            }));
         };
+        refuse_unless_admitted(name, &v.access, client)?;
         let (view, attach, read_only, description) = match snapshot {
             None => (
                 v.volume.clone(),
@@ -1286,9 +1375,9 @@ impl Exports {
             ),
             Some(s) => {
                 let Some(snap) = v.snapshots.get(s) else {
-                    return Err(format!(
+                    return Err(Refusal::Unknown(format!(
                         "{volume} has no snapshot named {s:?} (see `strata snapshot list {volume}`)"
-                    ));
+                    )));
                 };
                 (
                     snap.volume.clone(),
@@ -1313,6 +1402,19 @@ impl Exports {
             attachment: Box::new(Attachment(attach.count.clone())),
         })
     }
+}
+
+/// Refuses `client` (NBD_REP_ERR_POLICY) unless `access` admits it; logs the refusal.
+fn refuse_unless_admitted(name: &str, access: &AccessList, client: &Client) -> Result<(), Refusal> {
+    if access.admits(client) {
+        return Ok(());
+    }
+    let who = client.subject.as_deref().map_or_else(
+        || format!("address {}", client.address),
+        |s| format!("certificate {s:?} or address {}", client.address),
+    );
+    tracing::info!(export = %name, client = %who, "NBD open refused by the access list");
+    Err(Refusal::Policy(format!("{name}: {who} is not on its access list")))
 }
 
 /// The file of the copies marked suspect (`Node::mark_suspect`): one component id a line.

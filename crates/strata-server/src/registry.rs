@@ -18,6 +18,7 @@
 //! Reads for listing use the member's applied state (no quorum needed): a list may lag
 //! a just-made change on another node by the replication delay.
 
+use crate::access::AccessList;
 use crate::error::{ApiError, ApiResult};
 use crate::node::{Node, SnapshotInfo, VolumeInfo};
 use serde::{Deserialize, Serialize};
@@ -69,6 +70,9 @@ pub struct VolumeRecord {
     /// 5); cleared by the next owner's take.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub released: Option<crate::replicated::Released>,
+    /// Who may open it over NBD, on every node that serves it (absent: anyone).
+    #[serde(default, skip_serializing_if = "AccessList::is_empty")]
+    pub access: AccessList,
 }
 
 fn one() -> u32 {
@@ -110,6 +114,7 @@ impl VolumeRecord {
             components: Vec::new(),
             epoch: 0,
             released: None,
+            access: v.access.clone(),
         }
     }
 
@@ -158,6 +163,7 @@ impl VolumeRecord {
             export_uri: export(&self.name),
             replicas: self.replicas,
             components: self.components.clone(),
+            access: self.access.clone(),
             epoch: self.epoch,
         }
     }
@@ -210,6 +216,32 @@ impl Registry {
         }
     }
 
+    /// Replaces a replicated volume's access list in its record (a compare-and-swap on
+    /// the record's version), which every node serving it reads at each NBD open.
+    pub async fn set_access(&self, name: &str, access: AccessList) -> ApiResult<VolumeRecord> {
+        let key = format!("{PREFIX}{name}");
+        for _ in 0..5 {
+            let Some((mut record, version)) = self.get(name).await? else {
+                return Err(ApiError::new(
+                    ErrorCode::NotFound,
+                    format!("no volume named {name:?}"),
+                ));
+            };
+            if record.state != "ready" {
+                let state = &record.state;
+                return Err(ApiError::new(ErrorCode::Conflict, format!("{name} is {state}")));
+            }
+            record.access = access.clone();
+            let value = serde_json::to_vec(&record).expect("records serialize");
+            let put = Op::Put { key: key.clone(), value, lease: None };
+            if self.write(vec![Compare::Version(key.clone(), version)], vec![put]).await? {
+                tracing::info!(volume = %name, access = %access.describe(), "access list set");
+                return Ok(record);
+            }
+        }
+        Err(unavailable(format!("the record of {name} keeps changing; retry")))
+    }
+
     /// Takes `name` for a volume about to be made here (invariant 1).
     pub async fn reserve(&self, name: &str, size_bytes: u64) -> ApiResult<()> {
         let key = format!("{PREFIX}{name}");
@@ -227,6 +259,7 @@ impl Registry {
             components: Vec::new(),
             epoch: 0,
             released: None,
+            access: AccessList::default(),
         };
         let value = serde_json::to_vec(&record).expect("records serialize");
         let put = Op::Put { key: key.clone(), value, lease: None };

@@ -3547,6 +3547,7 @@ pub async fn create(
     size_bytes: u64,
     replicas: u32,
     min_replicas: u32,
+    access: crate::access::AccessList,
 ) -> ApiResult<crate::node::VolumeInfo> {
     let up = candidates(meta).await?;
     let chosen = place(meta.id(), &up, replicas as usize).ok_or_else(|| {
@@ -3614,6 +3615,7 @@ pub async fn create(
         components: components.clone(),
         epoch: 0,
         released: None,
+        access,
     };
     // The record replaces this node's `creating` one, then ownership is taken as any
     // later owner takes it (epoch 1, every copy fenced).

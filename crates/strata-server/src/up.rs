@@ -48,6 +48,10 @@ pub struct UpArgs {
     /// (repeatable).
     #[arg(long = "http-allowed-host", value_name = "NAME")]
     http_allowed_hosts: Vec<String>,
+    /// Close an NBD connection idle this long: no request in flight and none arriving
+    /// (0: never).
+    #[arg(long, value_name = "SECS", default_value_t = strata_types::limits::NBD_IDLE_TIMEOUT_SECS_DEFAULT)]
+    nbd_idle_timeout_secs: u64,
 }
 
 /// Arguments of `strata serve`.
@@ -250,6 +254,7 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
         nbd_tls: args.nbd_tls,
         tls_verify_peer: args.tls_verify_peer,
         http_allowed_hosts: args.http_allowed_hosts,
+        nbd_idle_timeout_secs: args.nbd_idle_timeout_secs,
     };
     config.nbd_tls_mode()?;
     run(config, true)
@@ -369,6 +374,7 @@ async fn serve(config: Config, one_node: bool) -> anyhow::Result<()> {
     let nbd_addr = nbd.local_addr()?.to_string();
     let http_addr = http.local_addr()?.to_string();
     node.set_nbd_addr(nbd_addr.clone());
+    node.set_nbd_tls(nbd_tls == NbdTls::Require);
     let record = serde_json::json!({
         "id": config.node_id,
         "rpc": member.addr(),
@@ -394,11 +400,22 @@ async fn serve(config: Config, one_node: bool) -> anyhow::Result<()> {
             crate::replicated::discover(node, &member, &runtime, name)
         }));
     }
+    {
+        let member = member.clone();
+        node.set_access_of(Box::new(move |name| {
+            crate::registry::applied_record(&member, name).map(|r| r.access)
+        }));
+    }
     let token = api::token_for(&config.data_dir, config.http)?;
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let exports = Arc::new(Exports(node.clone()));
-    let nbd_task = tokio::spawn(strata_nbd::serve(nbd, exports, stop_rx.clone()));
+    let nbd_options = strata_nbd::Options {
+        tls: tls.as_ref().filter(|_| nbd_tls == NbdTls::Require).map(|t| t.nbd()),
+        idle_timeout: Some(Duration::from_secs(config.nbd_idle_timeout_secs))
+            .filter(|d| !d.is_zero()),
+    };
+    let nbd_task = tokio::spawn(strata_nbd::serve(nbd, exports, nbd_options, stop_rx.clone()));
     let router = api::router(Api {
         node: node.clone(),
         nbd_addr: nbd_addr.clone(),
@@ -423,8 +440,9 @@ async fn serve(config: Config, one_node: bool) -> anyhow::Result<()> {
         env!("CARGO_PKG_VERSION"),
         config.data_dir.display()
     );
+    let scheme = if nbd_tls == NbdTls::Require { "nbds" } else { "nbd" };
     println!(
-        "  NBD listening on {nbd_addr}   (export name = volume name: nbd://{nbd_addr}/VOLUME)"
+        "  NBD listening on {nbd_addr}   (export name = volume name: {scheme}://{nbd_addr}/VOLUME)"
     );
     println!(
         "  HTTP listening on {http_addr}  (dashboard at /, metrics at /metrics, API under /v1)"
@@ -443,7 +461,21 @@ async fn serve(config: Config, one_node: bool) -> anyhow::Result<()> {
         );
     }
     println!("  RPC listening on {}  (node {}, cluster members)", member.addr(), config.node_id);
-    println!("Try:  strata volume create vm1 --size 10G && qemu-img info nbd://{nbd_addr}/vm1");
+    match (&tls, nbd_tls) {
+        (Some(tls), NbdTls::Require) => {
+            let (host, port) = nbd_addr.rsplit_once(':').unwrap_or((&nbd_addr, "10809"));
+            println!(
+                "Try:  strata volume create vm1 --size 10G && qemu-img info --object \
+                 tls-creds-x509,id=tls0,endpoint=client,dir=CLIENT_DIR --image-opts \
+                 driver=nbd,host={host},port={port},export=vm1,tls-creds=tls0   (CLIENT_DIR: \
+                 ca-cert.pem, client-cert.pem, client-key.pem signed by {}/ca-cert.pem)",
+                tls.dir().display()
+            )
+        }
+        _ => println!(
+            "Try:  strata volume create vm1 --size 10G && qemu-img info nbd://{nbd_addr}/vm1"
+        ),
+    }
     println!("Ctrl-C or SIGTERM stops it cleanly.");
     let _ = std::io::stdout().flush();
 

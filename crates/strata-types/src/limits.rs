@@ -41,7 +41,23 @@ pub const NBD_BLOCK_STATUS_EXTENTS_MAX: usize = 4096;
 pub const NBD_CONNECTIONS_MAX: usize = 1024;
 
 const _: () = assert!(VOLUME_SIZE_BYTES_MAX.is_multiple_of(BLOCK_SIZE_BYTES));
+/// NBD connections one client address may hold at once: beyond it new ones are closed at
+/// once, so one host cannot take every connection of the node (multi-conn clients open
+/// a few each: qemu and nbdcopy use at most 16).
+pub const NBD_CONNECTIONS_PER_ADDRESS_MAX: usize = 64;
+/// Reply bytes one NBD connection may hold (queued, or being read for a request in
+/// flight): at the bound it stops reading requests, so a client that sends READs and
+/// never reads the replies costs this much memory, not the sum of its requests.
+pub const NBD_REPLY_BYTES_MAX: u64 = 64 << 20;
+/// Seconds an unauthenticated NBD client has for the TLS handshake after STARTTLS.
+pub const NBD_TLS_HANDSHAKE_SECS: u64 = 10;
+/// The default of `nbd_idle_timeout_secs`: an NBD connection with no request in flight
+/// and none arriving for this long is closed (0 in the config: never).
+pub const NBD_IDLE_TIMEOUT_SECS_DEFAULT: u64 = 3600;
+
 const _: () = assert!(NBD_PAYLOAD_BYTES_MAX as u64 >= BLOCK_SIZE_BYTES);
 const _: () = assert!(NBD_PAYLOAD_DISCARD_BYTES_MAX >= NBD_PAYLOAD_BYTES_MAX);
 const _: () = assert!(NBD_BLOCK_STATUS_EXTENTS_MAX <= 1 << 20);
 const _: () = assert!(NBD_IN_FLIGHT_BYTES_MAX >= NBD_PAYLOAD_BYTES_MAX as u64);
+const _: () = assert!(NBD_REPLY_BYTES_MAX >= 2 * NBD_PAYLOAD_BYTES_MAX as u64);
+const _: () = assert!(NBD_CONNECTIONS_PER_ADDRESS_MAX <= NBD_CONNECTIONS_MAX);

@@ -1597,3 +1597,37 @@ fn wait_copies_equal(members: &[Member], key: &DataKey, name: &str, mib: u64) {
         active && copies[1..].iter().all(|c| copy(c) == Some(first.clone()))
     });
 }
+
+/// A replicated volume's NBD access list is in its record, so it holds on every node
+/// that serves the volume, and a change made through any node reaches every node.
+#[test]
+fn a_replicated_volumes_access_list_holds_on_every_node() {
+    let tmp = tempfile::tempdir().unwrap();
+    let members = three_members(tmp.path());
+    let args = ["volume", "create", "acl", "--size", "4M", "--replicas", "2"];
+    let (ok, text) =
+        cli(&members[0], &[&args[..], &["--allow-net", "10.0.0.0/8", "--json"]].concat());
+    assert!(ok, "{text}");
+    let v: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["access"]["allow_net"], serde_json::json!(["10.0.0.0/8"]), "{v}");
+    let served = |m: &Member| {
+        let out = Command::new("nbdinfo").arg(m.node().uri("acl")).output().unwrap();
+        out.status.success()
+    };
+    // Loopback clients are not in 10.0.0.0/8: refused through every node.
+    for m in &members {
+        assert!(!served(m), "node {} served a client the list refuses", m.id);
+        let list = Command::new("nbdinfo").args(["--list", &m.node().uri("")]).output().unwrap();
+        assert!(!String::from_utf8_lossy(&list.stdout).contains("acl"), "node {} lists it", m.id);
+    }
+    let (ok, text) = cli(&members[1], &["volume", "access", "acl", "--clear"]);
+    assert!(ok, "{text}");
+    for m in &members {
+        wait_until(10, "every node to serve it with the list cleared", || served(m));
+    }
+    let (ok, text) = cli(&members[2], &["volume", "access", "acl", "--allow-net", "10.0.0.0/8"]);
+    assert!(ok, "{text}");
+    for m in &members {
+        wait_until(10, "every node to refuse it again", || !served(m));
+    }
+}

@@ -16,6 +16,8 @@ mod harness;
 mod help;
 mod logs;
 mod metrics;
+mod nbd_bounds;
+mod nbd_tls;
 mod raw;
 mod reclaim;
 mod snapshots;
