@@ -13,6 +13,8 @@ mod fencing;
 mod files;
 mod follow;
 mod fsck;
+mod guard;
+mod https;
 mod metrics;
 mod node;
 mod progress;
@@ -108,6 +110,14 @@ struct Cli {
     /// is in the node's data directory, file api-token).
     #[arg(long, global = true, env = "STRATA_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// Read the API's bearer token from FILE (such as the node's data_dir/api-token)
+    /// instead of --token.
+    #[arg(long, global = true, env = "STRATA_TOKEN_FILE", value_name = "FILE")]
+    token_file: Option<std::path::PathBuf>,
+    /// Verify an https:// API with this CA certificate (or a credential directory
+    /// holding ca-cert.pem, such as the node's tls_dir) instead of the system's CAs.
+    #[arg(long, global = true, env = "STRATA_CACERT", value_name = "FILE")]
+    cacert: Option<std::path::PathBuf>,
     /// Print JSON instead of tables (for scripts).
     #[arg(long, global = true)]
     json: bool,
@@ -169,7 +179,8 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let client = cli::Client::new(&cli.api, cli.token.as_deref());
+    let (token, token_file) = (cli.token.as_deref(), cli.token_file.as_deref());
+    let client = || cli::Client::new(&cli.api, token, token_file, cli.cacert.as_deref());
     let result = match cli.command {
         Command::Up(args) => {
             up::init_logging(cli.log_format);
@@ -179,10 +190,10 @@ fn main() -> ExitCode {
             up::init_logging(cli.log_format);
             up::serve_config(args)
         }
-        Command::Cluster(cmd) => cli::cluster(&client, cli.json, cmd),
-        Command::Node(cmd) => cli::node(&client, cli.json, cmd),
-        Command::Volume(cmd) => cli::volume(&client, cli.json, cmd),
-        Command::Snapshot(cmd) => cli::snapshot(&client, cli.json, cmd),
+        Command::Cluster(cmd) => client().and_then(|c| cli::cluster(&c, cli.json, cmd)),
+        Command::Node(cmd) => client().and_then(|c| cli::node(&c, cli.json, cmd)),
+        Command::Volume(cmd) => client().and_then(|c| cli::volume(&c, cli.json, cmd)),
+        Command::Snapshot(cmd) => client().and_then(|c| cli::snapshot(&c, cli.json, cmd)),
         Command::Fsck(args) => match fsck::run(args, cli.json) {
             Ok(true) => Ok(()),
             Ok(false) => return ExitCode::FAILURE,
