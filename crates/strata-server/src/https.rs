@@ -161,7 +161,7 @@ async fn tell_to_use_https(mut tcp: TcpStream) {
     let body = serde_json::json!({
         "code": "invalid_argument",
         "message": format!(
-            "the node serves HTTPS: use https://{local}/ (the CLI: --api https://{local})"
+            "the node serves HTTPS: use --api https://{local} (the URL https://{local}/)"
         ),
     })
     .to_string();
