@@ -92,7 +92,10 @@ Examples:
   strata volume attach db1 --node 2
 
 The commands talk to the API given by --api or STRATA_API (default http://127.0.0.1:8080);
-beyond loopback it needs the token of the node's data_dir/api-token (--token, STRATA_TOKEN).";
+beyond loopback it needs the token of the node's data_dir/api-token (--token, STRATA_TOKEN,
+--token-file). An https:// API (a node with tls_dir) is verified with --cacert FILE
+(STRATA_CACERT), else the system's CAs:
+  strata --api https://10.0.0.1:8080 --cacert /etc/strata/tls/ca-cert.pem volume list";
 
 /// The command line.
 #[derive(Parser, Debug)]
@@ -103,7 +106,8 @@ beyond loopback it needs the token of the node's data_dir/api-token (--token, ST
     after_help = AFTER_HELP
 )]
 struct Cli {
-    /// The node's HTTP API (for volume commands).
+    /// The node's HTTP API (for volume commands): http://… or, for a node with TLS
+    /// credentials, https://….
     #[arg(long, global = true, env = "STRATA_API", default_value = "http://127.0.0.1:8080")]
     api: String,
     /// The API's bearer token (needed when the node's HTTP listens beyond loopback; it
