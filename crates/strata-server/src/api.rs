@@ -169,7 +169,7 @@ async fn authenticate(State(api): State<Api>, request: Request, next: Next) -> R
     next.run(request).await
 }
 
-/// Builds the router.
+/// Builds the router (serve it inside [`crate::guard::Guard::around`]).
 pub fn router(api: Api) -> Router {
     Router::new()
         .route("/", get(index))
@@ -395,6 +395,9 @@ struct ResizeVolume {
     size: SizeArg,
     #[serde(default)]
     allow_shrink: bool,
+    /// Shrink even while clients are attached (they are disconnected first).
+    #[serde(default)]
+    force: bool,
 }
 
 #[derive(Deserialize, Debug)]
@@ -476,7 +479,8 @@ async fn resize_volume(
     }
     let node = api.node.clone();
     let n = name.clone();
-    api.local(&name, blocking(move || node.resize(&n, size, req.allow_shrink)).await).map(Json)
+    api.local(&name, blocking(move || node.resize(&n, size, req.allow_shrink, req.force)).await)
+        .map(Json)
 }
 
 async fn delete_volume(

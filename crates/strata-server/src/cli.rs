@@ -54,8 +54,10 @@ pub enum VolumeCommand {
         #[arg(long)]
         watch: bool,
     },
-    /// Grow a volume (clients see the new size when they reconnect).
-    #[command(after_help = "Example:\n  strata volume resize vm1 --size 20G")]
+    /// Grow a volume (clients see the new size when they reconnect), or shrink it.
+    #[command(after_help = "Examples:\n  strata volume resize vm1 --size 20G\n  \
+        strata volume resize vm1 --size 5G --allow-shrink           # no clients attached\n  \
+        strata volume resize vm1 --size 5G --allow-shrink --force   # disconnects them")]
     Resize {
         /// Volume name.
         name: String,
@@ -65,6 +67,9 @@ pub enum VolumeCommand {
         /// Allow a smaller size (discards the data past the new end).
         #[arg(long)]
         allow_shrink: bool,
+        /// Shrink even while NBD clients are attached (disconnects them first).
+        #[arg(long)]
+        force: bool,
     },
     /// Delete a volume, its snapshots and their data (refused while clones depend on
     /// them). A replicated volume's copies are removed from every node; a node that is
@@ -318,13 +323,73 @@ pub struct Client {
     token: Option<String>,
 }
 
+/// Where the system keeps its CA bundle (Debian's, then Red Hat's); `SSL_CERT_FILE`
+/// names another.
+const SYSTEM_CA_BUNDLES: [&str; 2] =
+    ["/etc/ssl/certs/ca-certificates.crt", "/etc/pki/tls/certs/ca-bundle.crt"];
+
+/// The CA certificates an https:// API is verified with: `cacert` (a file, or a
+/// credential directory holding `ca-cert.pem`), else the system's bundle.
+fn ca_certificates(
+    cacert: Option<&std::path::Path>,
+) -> anyhow::Result<Vec<rustls::pki_types::CertificateDer<'static>>> {
+    use rustls::pki_types::{pem::PemObject, CertificateDer};
+    let path = match cacert {
+        Some(p) if p.is_dir() => p.join(crate::tls::CA_CERT),
+        Some(p) => p.to_owned(),
+        None => {
+            let env = std::env::var_os("SSL_CERT_FILE").map(std::path::PathBuf::from);
+            let system = SYSTEM_CA_BUNDLES.iter().map(std::path::PathBuf::from);
+            env.into_iter().chain(system).find(|p| p.is_file()).with_context(|| {
+                "no CA certificates to verify the node's HTTPS with: give --cacert FILE \
+                 (the ca-cert.pem of the node's tls_dir)"
+            })?
+        }
+    };
+    let certs = CertificateDer::pem_file_iter(&path)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| anyhow::anyhow!("read the CA certificates {}: {e}", path.display()))?;
+    if certs.is_empty() {
+        bail!("{}: no CA certificate in it", path.display());
+    }
+    Ok(certs)
+}
+
 impl Client {
-    /// A client of the API at `api`, sending `token` as its bearer token if given.
-    pub fn new(api: &str, token: Option<&str>) -> Client {
-        let agent: ureq::Agent =
-            ureq::Agent::config_builder().http_status_as_error(false).build().into();
+    /// A client of the API at `api`, sending a bearer token: `token`, else the one in
+    /// `token_file`. An https:// API is verified with the CA of `cacert` (a file, or a
+    /// directory holding `ca-cert.pem`), else with the system's CA bundle.
+    pub fn new(
+        api: &str,
+        token: Option<&str>,
+        token_file: Option<&std::path::Path>,
+        cacert: Option<&std::path::Path>,
+    ) -> anyhow::Result<Client> {
+        let token = match (token, token_file) {
+            (_, Some(file)) => Some(
+                std::fs::read_to_string(file)
+                    .with_context(|| format!("read the API token file {}", file.display()))?,
+            ),
+            (token, None) => token.map(str::to_owned),
+        };
+        let mut config = ureq::Agent::config_builder().http_status_as_error(false);
+        if api.starts_with("https://") {
+            let roots = ureq::tls::RootCerts::new_with_certs(
+                &ca_certificates(cacert)?
+                    .into_iter()
+                    .map(|c| ureq::tls::Certificate::from_der(&c).to_owned())
+                    .collect::<Vec<_>>(),
+            );
+            let tls = ureq::tls::TlsConfig::builder()
+                .provider(ureq::tls::TlsProvider::Rustls)
+                .unversioned_rustls_crypto_provider(crate::tls::provider())
+                .root_certs(roots)
+                .build();
+            config = config.tls_config(tls);
+        }
+        let agent: ureq::Agent = config.build().into();
         let token = token.map(|t| format!("Bearer {}", t.trim()));
-        Client { base: api.trim_end_matches('/').to_owned(), agent, token }
+        Ok(Client { base: api.trim_end_matches('/').to_owned(), agent, token })
     }
 
     fn auth<B>(&self, request: ureq::RequestBuilder<B>) -> ureq::RequestBuilder<B> {
@@ -351,16 +416,18 @@ impl Client {
         body: Option<Value>,
     ) -> Result<Value, Failure> {
         let url = format!("{}{path}", self.base);
+        // Every request that changes anything says JSON, body or not (the API refuses
+        // others: a web page of another site could send them).
+        const JSON: &str = "application/json";
         let response = match (method, body) {
             ("GET", _) => self.auth(self.agent.get(&url)).call(),
-            ("DELETE", _) => self.auth(self.agent.delete(&url)).call(),
+            ("DELETE", _) => self.auth(self.agent.delete(&url)).header("content-type", JSON).call(),
             ("PUT", Some(body)) => self.auth(self.agent.put(&url)).send_json(body),
             (_, Some(body)) => self.auth(self.agent.post(&url)).send_json(body),
-            (_, None) => self.auth(self.agent.post(&url)).send_empty(),
+            (_, None) => self.auth(self.agent.post(&url)).header("content-type", JSON).send_empty(),
         };
-        let mut response = response
-            .with_context(|| format!("cannot reach the Strata API at {}", self.base))
-            .map_err(Failure::Unreachable)?;
+        let mut response =
+            response.map_err(|e| self.unreachable(e)).map_err(Failure::Unreachable)?;
         let status = response.status();
         let text = response
             .body_mut()
@@ -380,6 +447,24 @@ impl Client {
             return Err(Failure::Refused { code, message });
         }
         Ok(value)
+    }
+
+    /// No answer from the API: why, with a hint when TLS failed.
+    fn unreachable(&self, e: ureq::Error) -> anyhow::Error {
+        let text = e.to_string();
+        let hint = if text.contains("InvalidContentType") || text.contains("corrupt message") {
+            format!(
+                " (the node seems to serve plain HTTP: use --api {})",
+                self.base.replacen("https://", "http://", 1)
+            )
+        } else if text.contains("certificate") || text.contains("UnknownIssuer") {
+            " (verify it with the CA that signed the node's certificate: --cacert FILE, \
+             the ca-cert.pem of its tls_dir)"
+                .to_owned()
+        } else {
+            String::new()
+        };
+        anyhow::Error::new(e).context(format!("cannot reach the Strata API at {}{hint}", self.base))
     }
 
     /// The API's address.
@@ -444,9 +529,9 @@ pub fn volume(client: &Client, json_out: bool, cmd: VolumeCommand) -> anyhow::Re
             }
             Ok(())
         }
-        VolumeCommand::Resize { name, size, allow_shrink } => {
+        VolumeCommand::Resize { name, size, allow_shrink, force } => {
             let size = parse_size(&size)?;
-            let body = json!({"size": size, "allow_shrink": allow_shrink});
+            let body = json!({"size": size, "allow_shrink": allow_shrink, "force": force});
             let v = client.call(
                 "POST",
                 &format!("/v1/volumes/{}/resize", encode(&name)),

@@ -111,7 +111,9 @@ fn owner_api(client: &Client, owner: u64) -> Option<String> {
         }
         None => http.to_owned(),
     };
-    Some(format!("http://{http}"))
+    // Every node of a cluster serves HTTPS when this one does (each with its tls_dir).
+    let scheme = if client.base().starts_with("https://") { "https" } else { "http" };
+    Some(format!("{scheme}://{http}"))
 }
 
 /// `strata volume info NAME --watch`: follows the volume until every copy is active.

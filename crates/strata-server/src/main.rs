@@ -14,6 +14,8 @@ mod fencing;
 mod files;
 mod follow;
 mod fsck;
+mod guard;
+mod https;
 mod metrics;
 mod node;
 mod progress;
@@ -91,7 +93,10 @@ Examples:
   strata volume attach db1 --node 2
 
 The commands talk to the API given by --api or STRATA_API (default http://127.0.0.1:8080);
-beyond loopback it needs the token of the node's data_dir/api-token (--token, STRATA_TOKEN).";
+beyond loopback it needs the token of the node's data_dir/api-token (--token, STRATA_TOKEN,
+--token-file). An https:// API (a node with tls_dir) is verified with --cacert FILE
+(STRATA_CACERT), else the system's CAs:
+  strata --api https://10.0.0.1:8080 --cacert /etc/strata/tls/ca-cert.pem volume list";
 
 /// The command line.
 #[derive(Parser, Debug)]
@@ -102,13 +107,22 @@ beyond loopback it needs the token of the node's data_dir/api-token (--token, ST
     after_help = AFTER_HELP
 )]
 struct Cli {
-    /// The node's HTTP API (for volume commands).
+    /// The node's HTTP API (for volume commands): http://… or, for a node with TLS
+    /// credentials, https://….
     #[arg(long, global = true, env = "STRATA_API", default_value = "http://127.0.0.1:8080")]
     api: String,
     /// The API's bearer token (needed when the node's HTTP listens beyond loopback; it
     /// is in the node's data directory, file api-token).
     #[arg(long, global = true, env = "STRATA_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// Read the API's bearer token from FILE (such as the node's data_dir/api-token)
+    /// instead of --token.
+    #[arg(long, global = true, env = "STRATA_TOKEN_FILE", value_name = "FILE")]
+    token_file: Option<std::path::PathBuf>,
+    /// Verify an https:// API with this CA certificate (or a credential directory
+    /// holding ca-cert.pem, such as the node's tls_dir) instead of the system's CAs.
+    #[arg(long, global = true, env = "STRATA_CACERT", value_name = "FILE")]
+    cacert: Option<std::path::PathBuf>,
     /// Print JSON instead of tables (for scripts).
     #[arg(long, global = true)]
     json: bool,
@@ -170,7 +184,8 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let client = cli::Client::new(&cli.api, cli.token.as_deref());
+    let (token, token_file) = (cli.token.as_deref(), cli.token_file.as_deref());
+    let client = || cli::Client::new(&cli.api, token, token_file, cli.cacert.as_deref());
     let result = match cli.command {
         Command::Up(args) => {
             up::init_logging(cli.log_format);
@@ -180,10 +195,10 @@ fn main() -> ExitCode {
             up::init_logging(cli.log_format);
             up::serve_config(args)
         }
-        Command::Cluster(cmd) => cli::cluster(&client, cli.json, cmd),
-        Command::Node(cmd) => cli::node(&client, cli.json, cmd),
-        Command::Volume(cmd) => cli::volume(&client, cli.json, cmd),
-        Command::Snapshot(cmd) => cli::snapshot(&client, cli.json, cmd),
+        Command::Cluster(cmd) => client().and_then(|c| cli::cluster(&c, cli.json, cmd)),
+        Command::Node(cmd) => client().and_then(|c| cli::node(&c, cli.json, cmd)),
+        Command::Volume(cmd) => client().and_then(|c| cli::volume(&c, cli.json, cmd)),
+        Command::Snapshot(cmd) => client().and_then(|c| cli::snapshot(&c, cli.json, cmd)),
         Command::Fsck(args) => match fsck::run(args, cli.json) {
             Ok(true) => Ok(()),
             Ok(false) => return ExitCode::FAILURE,

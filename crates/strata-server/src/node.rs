@@ -39,8 +39,8 @@ use tokio::sync::watch;
 
 const CATALOG_FORMAT: u32 = 2;
 const BLOCK: u64 = 4096;
-/// How long a forced rollback waits for the volume's clients to go.
-const ROLLBACK_DISCONNECT_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long a forced rollback or shrink waits for the volume's clients to go.
+const DISCONNECT_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 #[derive(Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -937,9 +937,16 @@ impl Node {
         Ok(info)
     }
 
-    /// Resizes a volume. Shrinking needs `allow_shrink`.
-    pub fn resize(&self, name: &str, size_bytes: u64, allow_shrink: bool) -> ApiResult<VolumeInfo> {
-        let state = self.lock();
+    /// Resizes a volume. Shrinking needs `allow_shrink`, and while clients are attached
+    /// `force` too, which disconnects them first (the end of their disk goes away).
+    pub fn resize(
+        &self,
+        name: &str,
+        size_bytes: u64,
+        allow_shrink: bool,
+        force: bool,
+    ) -> ApiResult<VolumeInfo> {
+        let mut state = self.lock();
         let v = state.volumes.get(name).ok_or_else(|| not_found(name))?;
         let current = v.volume.size_bytes();
         if size_bytes < current && !allow_shrink {
@@ -953,6 +960,14 @@ impl Node {
                 ),
             ));
         }
+        let attached = v.attach.connections();
+        if size_bytes < current && attached > 0 {
+            if !force {
+                return Err(Self::busy(name, attached, "shrink it"));
+            }
+            Self::disconnect(&mut state, name)?;
+        }
+        let v = &state.volumes[name];
         if size_bytes != current {
             v.volume.resize(size_bytes).map_err(store_error("resize the volume"))?;
             v.volume.sync().map_err(store_error("sync the resize"))?;
@@ -972,11 +987,35 @@ impl Node {
             .collect()
     }
 
-    fn busy(name: &str, connections: usize) -> ApiError {
+    /// `name` has clients attached, so `action` (what would change their disk under
+    /// them) is refused without force.
+    fn busy(name: &str, connections: usize, action: &str) -> ApiError {
         ApiError::new(
             ErrorCode::Busy,
-            format!("{name} has {connections} NBD connection(s); disconnect them or pass --force"),
+            format!(
+                "{name} has {connections} NBD client connection(s) attached; disconnect them, \
+                 or pass --force (API: force) to {action} anyway, which disconnects them"
+            ),
         )
+    }
+
+    /// Disconnects the clients of volume `name` (found by the caller) and waits until
+    /// they are gone, so no write of theirs lands after what follows.
+    fn disconnect(state: &mut State, name: &str) -> ApiResult<()> {
+        let v = state.volumes.get_mut(name).expect("the caller found it");
+        let old = std::mem::replace(&mut v.attach, Attach::new());
+        old.close.send_replace(true);
+        let deadline = std::time::Instant::now() + DISCONNECT_WAIT;
+        while old.connections() > 0 {
+            if std::time::Instant::now() > deadline {
+                return Err(ApiError::new(
+                    ErrorCode::Busy,
+                    format!("{name}'s clients did not disconnect; nothing was changed"),
+                ));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        Ok(())
     }
 
     /// Deletes a volume and its snapshots; refused while attached unless `force`, which
@@ -987,7 +1026,7 @@ impl Node {
         let attached = v.attach.connections()
             + v.snapshots.values().map(|s| s.attach.connections()).sum::<usize>();
         if attached > 0 && !force {
-            return Err(Self::busy(name, attached));
+            return Err(Self::busy(name, attached, "delete it"));
         }
         let clones = self.clones_of(&state, v);
         if !clones.is_empty() {
@@ -1081,7 +1120,7 @@ impl Node {
         let full = format!("{volume}@{snapshot}");
         let attached = s.attach.connections();
         if attached > 0 && !force {
-            return Err(Self::busy(&full, attached));
+            return Err(Self::busy(&full, attached, "delete it"));
         }
         let id = s.entry.id;
         let dependents = self.store.dependents(id);
@@ -1167,22 +1206,10 @@ impl Node {
         let (vid, sid) = (v.id, s.entry.id);
         let attached = v.attach.connections();
         if attached > 0 && !force {
-            return Err(Self::busy(volume.as_str(), attached));
+            return Err(Self::busy(volume.as_str(), attached, "roll it back"));
         }
         if attached > 0 {
-            let v = state.volumes.get_mut(volume.as_str()).expect("found above");
-            let old = std::mem::replace(&mut v.attach, Attach::new());
-            old.close.send_replace(true);
-            let deadline = std::time::Instant::now() + ROLLBACK_DISCONNECT_WAIT;
-            while old.connections() > 0 {
-                if std::time::Instant::now() > deadline {
-                    return Err(ApiError::new(
-                        ErrorCode::Busy,
-                        format!("{volume}'s clients did not disconnect; nothing was changed"),
-                    ));
-                }
-                std::thread::sleep(std::time::Duration::from_millis(10));
-            }
+            Self::disconnect(&mut state, volume.as_str())?;
         }
         self.store.rollback(vid, sid).map_err(engine_error("roll back"))?;
         tracing::info!(volume = %volume, %snapshot, "volume rolled back");

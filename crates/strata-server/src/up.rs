@@ -426,14 +426,10 @@ async fn serve(config: Config, one_node: bool) -> anyhow::Result<()> {
         token: token.clone(),
         registry,
     });
-    let mut http_stop = stop_rx.clone();
-    let http_task = tokio::spawn(async move {
-        axum::serve(http, router)
-            .with_graceful_shutdown(async move {
-                let _ = http_stop.wait_for(|s| *s).await;
-            })
-            .await
-    });
+    let guard = crate::guard::Guard::new(config.http, tls.is_some(), &config.http_allowed_hosts);
+    let router = guard.around(router);
+    let https = tls.as_ref().map(|t| t.https());
+    let http_task = tokio::spawn(crate::https::serve(http, https.clone(), router, stop_rx.clone()));
 
     println!(
         "Strata {} is up. Data directory: {}",
@@ -444,8 +440,11 @@ async fn serve(config: Config, one_node: bool) -> anyhow::Result<()> {
     println!(
         "  NBD listening on {nbd_addr}   (export name = volume name: {scheme}://{nbd_addr}/VOLUME)"
     );
+    let https_url =
+        https.as_ref().map_or(String::new(), |_| format!("HTTPS: https://{http_addr}/; "));
     println!(
-        "  HTTP listening on {http_addr}  (dashboard at /, metrics at /metrics, API under /v1)"
+        "  HTTP listening on {http_addr}  ({https_url}dashboard at /, metrics at /metrics, API \
+         under /v1)"
     );
     if token.is_some() {
         println!(

@@ -99,15 +99,29 @@ fn post(node: &Node, path: &str, body: &str) -> (u16, String) {
     http(
         node,
         &format!(
-            "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+            "POST {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\n\
              Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            node.http,
             body.len()
         ),
     )
 }
 
 fn get(node: &Node, path: &str) -> (u16, String) {
-    http(node, &format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"))
+    http(node, &format!("GET {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n", node.http))
+}
+
+/// `METHOD path` without a body, saying JSON as every request that may change something
+/// must.
+fn send(node: &Node, method: &str, path: &str) -> (u16, String) {
+    http(
+        node,
+        &format!(
+            "{method} {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\n\
+             Content-Length: 0\r\nConnection: close\r\n\r\n",
+            node.http
+        ),
+    )
 }
 
 fn error_code(body: &str) -> String {
@@ -134,15 +148,9 @@ fn api_errors_are_json_with_proper_statuses() {
     assert_eq!((s, error_code(&b).as_str()), (404, "not_found"));
     let (s, b) = get(&node, "/v1/nothing");
     assert_eq!((s, error_code(&b).as_str()), (404, "not_found"));
-    let (s, b) = http(
-        &node,
-        "PUT /v1/volumes HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
-    );
+    let (s, b) = send(&node, "PUT", "/v1/volumes");
     assert_eq!((s, error_code(&b).as_str()), (405, "method_not_allowed"));
-    let (s, b) = http(
-        &node,
-        "DELETE /v1/volumes/a?force=maybe HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
-    );
+    let (s, b) = send(&node, "DELETE", "/v1/volumes/a?force=maybe");
     assert_eq!((s, error_code(&b).as_str()), (400, "invalid_argument"));
     let (s, b) = get(&node, "/v1/volumes");
     assert_eq!(s, 200);
@@ -275,8 +283,7 @@ fn a_one_node_cluster_answers_and_bad_membership_requests_change_nothing() {
         ("/v1/cluster/nodes/1", 409, "conflict"),
         ("/v1/cluster/nodes/x", 400, "invalid_argument"),
     ] {
-        let (s, b) =
-            http(&node, &format!("DELETE {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"));
+        let (s, b) = send(&node, "DELETE", path);
         assert_eq!((s, error_code(&b).as_str()), (status, code), "{path}: {b}");
     }
     let out = node.cli(&["node", "list", "--json"]);
@@ -386,14 +393,18 @@ fn an_api_beyond_loopback_needs_the_bearer_token() {
     for path in ["/", "/ui/dashboard.js", "/ui/dashboard.css"] {
         assert_eq!(get(&node, path).0, 200, "{path}");
     }
-    let wrong = "GET /v1/volumes HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer nope\r\n\
-                 Connection: close\r\n\r\n";
-    assert_eq!(http(&node, wrong).0, 401);
+    let wrong = format!(
+        "GET /v1/volumes HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer nope\r\n\
+         Connection: close\r\n\r\n",
+        node.http
+    );
+    assert_eq!(http(&node, &wrong).0, 401);
     let out = node.cli(&["volume", "create", "v", "--size", "1M"]);
     assert!(!out.status.success(), "no token, no volume");
     let right = format!(
-        "GET /v1/volumes HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\
+        "GET /v1/volumes HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {}\r\n\
          Connection: close\r\n\r\n",
+        node.http,
         token.trim()
     );
     assert_eq!(http(&node, &right), (200, "[]".into()));
@@ -402,5 +413,9 @@ fn an_api_beyond_loopback_needs_the_bearer_token() {
         .env("STRATA_TOKEN", token.trim())
         .output()
         .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // Or from the token's file, as the node keeps it.
+    let file = tmp.path().join("api-token");
+    let out = node.cli(&["--token-file", file.to_str().unwrap(), "volume", "delete", "v"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }

@@ -86,7 +86,9 @@ fn the_flags_that_follow_a_long_operation_have_examples() {
 #[test]
 fn the_top_help_names_the_global_options() {
     let text = help(&[]);
-    for option in ["--api", "--token", "--json", "--log-format", "STRATA_API", "STRATA_TOKEN"] {
+    let options = ["--api", "--token", "--json", "--log-format", "STRATA_API", "STRATA_TOKEN"];
+    let tls = ["--cacert", "STRATA_CACERT", "--token-file"];
+    for option in options.into_iter().chain(tls) {
         assert!(text.contains(option), "{option} missing from strata --help:\n{text}");
     }
     assert!(text.contains("human") && text.contains("json"), "the formats: {text}");

@@ -14,6 +14,7 @@ mod durability;
 mod file_modes;
 mod harness;
 mod help;
+mod http_api;
 mod logs;
 mod metrics;
 mod nbd_bounds;
