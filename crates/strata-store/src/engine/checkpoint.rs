@@ -207,6 +207,12 @@ impl<F: RawFile> Engine<F> {
         self.log.release(segments);
     }
 
+    /// Returns segments taken by [`Engine::take_surplus_free`] once punched (later calls
+    /// of it leave them out until they are used again).
+    pub fn return_punched(&mut self, segments: &[u64]) {
+        self.log.release_punched(segments);
+    }
+
     /// Loads a checkpoint's bytes and replays the log written since.
     pub(super) fn from_checkpoint(file: F, bytes: &[u8]) -> Result<Engine<F>, EngineError> {
         if bytes.len() < HEADER_BYTES || &bytes[..8] != MAGIC {
@@ -283,7 +289,7 @@ impl<F: RawFile> Engine<F> {
             }
         }
         let (log, records) = Log::open_from(file, start)?;
-        let mut engine = Engine { log, forest, views, vba_map, next_vba };
+        let mut engine = Engine { log, forest, views, vba_map, next_vba, space: None };
         for record in records {
             engine.apply(&record);
         }
