@@ -383,9 +383,6 @@ fn maintenance(store: std::sync::Weak<Shared>) {
         if shared.failed.load(Ordering::Acquire) {
             continue;
         }
-        if let Ok(mut engine) = shared.write() {
-            shared.measure(&mut engine);
-        }
         let store = LogStore { shared };
         if let Err(e) = store.maintain(4, false) {
             tracing::warn!("store maintenance failed: {e}");
@@ -489,6 +486,7 @@ impl LogStore {
     /// as the file system has room for its moves; every free segment is punched (so the
     /// file system, and the reserve rule, see its space); none is prepared.
     pub fn maintain(&self, segments: usize, force: bool) -> Result<usize, StoreError> {
+        self.shared.measure(&mut *self.shared.write()?);
         let short = self.shared.nearly_full();
         let (candidates, emptied) = {
             let engine = self.shared.read();
