@@ -15,7 +15,14 @@
 //! move_after_secs = 60          # optional: a volume used only through one other node
 //! move_hold_secs = 300          # moves there (0: never), once owned this long
 //! scrub_every_secs = 604800     # optional: an owner compares its copies this often (0: never)
+//! reserve = "5%"                # optional: space client writes leave free (or "10G")
 //! ```
+//!
+//! `reserve`: client writes get ENOSPC (qemu's `werror=enospc` pauses the VM) once the
+//! data directory's file system has no more than this free, so that the store's journal,
+//! checkpoints and cleaner, the metadata service's database, trims and deletes always
+//! have room. A size (`"10G"`) or a percentage of the file system (`"5%"`, 1 to 50); the
+//! default is 5 %, at least 64 MiB and at most half the file system.
 
 use anyhow::{bail, Context};
 use serde::Deserialize;
@@ -65,6 +72,17 @@ pub struct Config {
     /// (a scrub: a block that rotted on a copy is found and rewritten); 0: never.
     #[serde(default = "default_scrub_every")]
     pub scrub_every_secs: u64,
+    /// Space client writes leave free on the data directory's file system (see the
+    /// module doc); `None`: [`strata_types::RESERVE_DEFAULT`].
+    #[serde(default, deserialize_with = "de_reserve")]
+    pub reserve: Option<strata_types::Reserve>,
+}
+
+fn de_reserve<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<strata_types::Reserve>, D::Error> {
+    let text = String::deserialize(d)?;
+    strata_types::Reserve::parse(&text).map(Some).map_err(serde::de::Error::custom)
 }
 
 fn default_scrub_every() -> u64 {
@@ -207,10 +225,12 @@ mod tests {
             site = "a"
             rack = "r1"
             secret_file = "secret"
+            reserve = "10%"
             "#,
         )
         .unwrap();
         assert_eq!(c.node_id, 2);
+        assert_eq!(c.reserve, Some(strata_types::Reserve::Percent(10)));
         assert_eq!(c.secret_path(), PathBuf::from("/var/lib/strata/secret"));
         assert_eq!(c.join, vec!["127.0.0.1:10810".to_owned()]);
         let bad = [
@@ -222,6 +242,7 @@ mod tests {
             ("node_id = 1\ndata_dir = \"d\"\nrpc = \"127.0.0.1:8080\"", "different"),
             ("node_id = \"one\"", "node_id"),
             ("node_id = 1\ndata_dir = \"d\"\nrpc = \"0.0.0.0:10810\"", "not 0.0.0.0"),
+            ("node_id = 1\ndata_dir = \"d\"\nrpc = \"127.0.0.1:1\"\nreserve = \"60%\"", "1% to 50%"),
         ];
         for (text, needle) in bad {
             let e = format!("{:#}", Config::parse(text).unwrap_err());

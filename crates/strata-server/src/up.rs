@@ -33,6 +33,11 @@ pub struct UpArgs {
     /// Inter-node RPC listen address (of this one-node cluster's metadata member).
     #[arg(long, default_value = UP_RPC)]
     rpc: SocketAddr,
+    /// Space client writes leave free on the data directory's file system: a size (10G)
+    /// or a percentage of it (5%). Below it writes get ENOSPC, while trims, deletes and
+    /// the node's own work go on. Default 5%, at least 64M, at most half the file system.
+    #[arg(long, value_parser = strata_types::Reserve::parse)]
+    reserve: Option<strata_types::Reserve>,
 }
 
 /// Arguments of `strata serve`.
@@ -224,6 +229,7 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
         move_after_secs: 60,
         move_hold_secs: 300,
         scrub_every_secs: 7 * 24 * 3600,
+        reserve: args.reserve,
     };
     run(config, true)
 }
@@ -298,6 +304,7 @@ async fn start_member(
 async fn serve(config: Config, one_node: bool) -> anyhow::Result<()> {
     let node = Node::open(&config.data_dir)
         .with_context(|| format!("open data directory {}", config.data_dir.display()))?;
+    node.set_reserve(config.reserve.unwrap_or(strata_types::RESERVE_DEFAULT));
     if crate::replicated::lost_power(&config.data_dir) {
         tracing::warn!(
             "the last run ended without a clean stop in another boot (a power loss?): this \
