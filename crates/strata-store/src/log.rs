@@ -734,6 +734,13 @@ impl<F: RawFile> Log<F> {
         self.fresh * SEGMENT_SLOTS
     }
 
+    /// Free segments not punched in this run: they hold file-system space the log can
+    /// write into without the file system giving more (punched ones at open count too:
+    /// the store punches every free segment when it opens).
+    pub fn backed_free_segments(&self) -> u64 {
+        self.free.iter().filter(|s| !self.holes.contains(s)).count() as u64
+    }
+
     /// Segments in use (handed out and not free).
     pub fn segments_in_use(&self) -> u64 {
         self.fresh - self.free.len() as u64

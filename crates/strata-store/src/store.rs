@@ -102,6 +102,8 @@ struct SpaceState {
     size_bytes: AtomicU64,
     free_bytes: AtomicU64,
     reserve_bytes: AtomicU64,
+    /// The file system's own free bytes (`free_bytes` counts the log's free segments too).
+    fs_free_bytes: AtomicU64,
     /// Whether the latest client write was refused for want of space.
     refusing: AtomicBool,
     /// Client writes refused for want of space since the store was opened.
@@ -115,6 +117,7 @@ impl SpaceState {
             size_bytes: AtomicU64::new(0),
             free_bytes: AtomicU64::new(0),
             reserve_bytes: AtomicU64::new(0),
+            fs_free_bytes: AtomicU64::new(0),
             refusing: AtomicBool::new(false),
             refused_writes: AtomicU64::new(0),
         }
@@ -126,7 +129,8 @@ impl SpaceState {
 pub struct Space {
     /// Bytes of the file system the store lives on.
     pub size_bytes: u64,
-    /// Bytes free on it (for unprivileged users), as last measured (every 0.5 s).
+    /// Bytes free for data, as last measured (every 0.5 s): free on the file system (for
+    /// unprivileged users) plus the log's free segments kept for reuse.
     pub free_bytes: u64,
     /// Bytes client writes leave free: the store's own work, deletes and the metadata
     /// service take them.
@@ -280,7 +284,11 @@ impl Shared {
         let reserve = self.space.reserve.lock().unwrap_or_else(|e| e.into_inner()).bytes_of(size);
         engine.set_space(Some((free, reserve)));
         self.space.size_bytes.store(size, Ordering::Relaxed);
-        self.space.free_bytes.store(free, Ordering::Relaxed);
+        self.space.fs_free_bytes.store(free, Ordering::Relaxed);
+        // Free segments kept for reuse (or prepared) are free for data too: counted, the
+        // nearly-full state does not flip each time they are punched or prepared.
+        let kept = engine.backed_free_bytes();
+        self.space.free_bytes.store(free.saturating_add(kept), Ordering::Relaxed);
         self.space.reserve_bytes.store(reserve, Ordering::Relaxed);
     }
 
@@ -451,9 +459,15 @@ impl LogStore {
             space: SpaceState::new(),
         });
         shared.measure(&mut shared.write().expect("not failed"));
-        let weak = Arc::downgrade(&shared);
+        let store = LogStore { shared };
+        // Which free segments were punched is not kept across a restart: punch them all
+        // (a hole punched again costs nothing), so the space counted free is.
+        if let Err(e) = store.punch_free(0) {
+            tracing::warn!("free unused segments: {e}");
+        }
+        let weak = Arc::downgrade(&store.shared);
         std::thread::Builder::new().name("strata-maint".into()).spawn(move || maintenance(weak))?;
-        Ok(LogStore { shared })
+        Ok(store)
     }
 
     fn open_engine(
@@ -543,6 +557,12 @@ impl LogStore {
     /// allocated: appending into new file space makes every `fdatasync` commit the file
     /// system's journal too (measured: 5.3 k vs 8.5 k syncs/s here).
     fn prepare_segments(&self) -> Result<(), StoreError> {
+        // Never into the reserve: a prepared segment takes its space from the file system.
+        let fs_free = self.shared.space.fs_free_bytes.load(Ordering::Relaxed);
+        let reserve = self.shared.space.reserve_bytes.load(Ordering::Relaxed);
+        if fs_free < reserve + 2 * crate::log::SEGMENT_SLOTS * BLOCK {
+            return Ok(());
+        }
         let Some(segment) = self.shared.write()?.take_fresh(PREPARED_SEGMENTS) else {
             return Ok(());
         };

@@ -11,6 +11,7 @@ mod cluster;
 mod dashboard;
 mod dataplane;
 mod durability;
+mod full_disk;
 mod harness;
 mod help;
 mod logs;

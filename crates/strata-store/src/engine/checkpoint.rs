@@ -207,6 +207,12 @@ impl<F: RawFile> Engine<F> {
         self.log.release(segments);
     }
 
+    /// Bytes of free segments that hold file-system space (not punched): log writes
+    /// there cost the file system nothing.
+    pub fn backed_free_bytes(&self) -> u64 {
+        self.log.backed_free_segments() * SEGMENT_SLOTS * super::BLOCK_BYTES as u64
+    }
+
     /// Returns segments taken by [`Engine::take_surplus_free`] once punched (later calls
     /// of it leave them out until they are used again).
     pub fn return_punched(&mut self, segments: &[u64]) {
