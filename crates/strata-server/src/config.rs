@@ -242,7 +242,10 @@ mod tests {
             ("node_id = 1\ndata_dir = \"d\"\nrpc = \"127.0.0.1:8080\"", "different"),
             ("node_id = \"one\"", "node_id"),
             ("node_id = 1\ndata_dir = \"d\"\nrpc = \"0.0.0.0:10810\"", "not 0.0.0.0"),
-            ("node_id = 1\ndata_dir = \"d\"\nrpc = \"127.0.0.1:1\"\nreserve = \"60%\"", "1% to 50%"),
+            (
+                "node_id = 1\ndata_dir = \"d\"\nrpc = \"127.0.0.1:1\"\nreserve = \"60%\"",
+                "1% to 50%",
+            ),
         ];
         for (text, needle) in bad {
             let e = format!("{:#}", Config::parse(text).unwrap_err());

@@ -674,10 +674,12 @@ fn store_series(t: &mut Text, api: &Api) {
         ("strata_store_dead_bytes", "Bytes of segments in use holding no live data.", s.dead_bytes),
         ("strata_store_segments", "Segments of the log in use.", s.segments),
         ("strata_store_segment_bytes", "The size of a segment.", s.segment_bytes),
-        ("strata_store_reserve_bytes", "Bytes client writes leave free (the reserve): below \
-            it they get ENOSPC.", space.reserve_bytes),
-        ("strata_store_nearly_full", "1 when free space is below the reserve plus the larger \
-            of the reserve and a tenth of the file system.", u64::from(space.nearly_full)),
+        ("strata_store_reserve_bytes", "Bytes client writes leave free (the reserve).", {
+            space.reserve_bytes
+        }),
+        ("strata_store_nearly_full", "1 when free space nears the reserve (see the docs).", {
+            u64::from(space.nearly_full)
+        }),
         ("strata_store_full", "1 while client writes are refused (ENOSPC) for want of space.", {
             u64::from(space.full)
         }),
@@ -699,8 +701,9 @@ fn store_series(t: &mut Text, api: &Api) {
             s.cleaned_segments
         }),
         ("strata_store_checkpoints_total", "Checkpoints written.", s.checkpoints),
-        ("strata_store_refused_writes_total", "Client writes refused (ENOSPC) for want of \
-            space.", space.refused_writes),
+        ("strata_store_refused_writes_total", "Client writes refused (ENOSPC) for space.", {
+            space.refused_writes
+        }),
     ];
     for (name, help, value) in counters {
         t.single(name, "counter", &format!("{help} Since the node started."), value);

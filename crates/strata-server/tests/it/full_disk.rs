@@ -58,13 +58,13 @@ fn qemu_io_any(uri: &str, commands: &[String]) -> String {
 /// Writes `pattern` over `volume` in `chunk`-byte writes until one gets ENOSPC; returns
 /// the bytes written. Any other failure fails the test.
 fn fill(node: &Node, volume: &str, size: u64, chunk: u64, pattern: u8) -> u64 {
-    let commands: Vec<String> = (0..size / chunk)
-        .map(|i| format!("write -P {pattern} {} {chunk}", i * chunk))
-        .collect();
+    let commands: Vec<String> =
+        (0..size / chunk).map(|i| format!("write -P {pattern} {} {chunk}", i * chunk)).collect();
     let out = qemu_io_any(&node.uri(volume), &commands);
     assert!(!out.contains("Input/output error"), "EIO while filling {volume}:\n{out}");
     assert!(out.contains("No space left on device"), "{volume} never filled:\n{out}");
-    let wrote = out.lines().take_while(|l| !l.contains("failed")).filter(|l| l.starts_with("wrote"));
+    let wrote =
+        out.lines().take_while(|l| !l.contains("failed")).filter(|l| l.starts_with("wrote"));
     wrote.count() as u64 * chunk
 }
 
