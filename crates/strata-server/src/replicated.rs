@@ -1244,8 +1244,18 @@ impl ReplicatedVolume {
             let mut sent = Vec::new();
             for (region, piece) in &differ {
                 let lsn = self.lsn.fetch_add(1, Ordering::Relaxed) + 1;
-                let h = request(Kind::Write, id, self.epoch, lsn, region * REGION);
-                sent.push(tokio::time::timeout_at(deadline, peer.send(h, piece)).await);
+                // A region of zeroes travels as a trim (it reads as zeroes there too): a
+                // copy on a full node is levelled by freeing space, not taking more.
+                let zeroes = piece.iter().all(|b| *b == 0);
+                let kind = if zeroes { Kind::Trim } else { Kind::Write };
+                let mut h = request(kind, id, self.epoch, lsn, region * REGION);
+                let payload: &[u8] = if zeroes {
+                    h.count = piece.len() as u32;
+                    &[]
+                } else {
+                    piece
+                };
+                sent.push(tokio::time::timeout_at(deadline, peer.send(h, payload)).await);
             }
             for p in sent {
                 let Ok(Ok(p)) = p else { return false };
