@@ -137,6 +137,9 @@ pub enum Status {
     Invalid = 5,
     /// A VOLUME request reached a node that does not own the volume (now).
     NotOwner = 6,
+    /// The store refused a write for want of space (its reserve): nothing was written,
+    /// and the store serves on (the node's disk is full).
+    NoSpace = 7,
 }
 
 impl Status {
@@ -149,6 +152,7 @@ impl Status {
             4 => Status::Io,
             5 => Status::Invalid,
             6 => Status::NotOwner,
+            7 => Status::NoSpace,
             _ => return None,
         })
     }

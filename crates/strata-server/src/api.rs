@@ -280,6 +280,10 @@ pub struct NodeStatus {
     pub resync_waiting: usize,
     /// The space deleted snapshots held alone, until the log reuses it.
     pub reclaim: crate::node::Reclaim,
+    /// The file system's space, the reserve client writes leave free, and whether the
+    /// node is nearly full or refusing writes (absent from older nodes).
+    #[serde(default)]
+    pub space: crate::node::SpaceStatus,
 }
 
 async fn node_status(State(api): State<Api>) -> Json<NodeStatus> {
@@ -297,6 +301,7 @@ async fn node_status(State(api): State<Api>) -> Json<NodeStatus> {
         resync_running: api.node.resync_scheduler().load().0,
         resync_waiting: api.node.resync_scheduler().load().1,
         reclaim: api.node.reclaim(),
+        space: api.node.space(),
     })
 }
 

@@ -518,6 +518,7 @@ pub fn volume(client: &Client, json_out: bool, cmd: VolumeCommand) -> anyhow::Re
             }
             let volumes: Vec<VolumeInfo> = serde_json::from_value(v)?;
             print_table(&volumes);
+            warn_if_full(client);
             Ok(())
         }
         VolumeCommand::Info { name, watch } => {
@@ -778,5 +779,18 @@ fn table(header: &[&str], rows: &[Vec<String>]) {
     line(header);
     for row in rows {
         line(&row.iter().map(String::as_str).collect::<Vec<_>>());
+    }
+}
+
+/// Prints a warning line when the node the CLI talks to is nearly full or refusing writes
+/// (nothing if it cannot tell: an older node, or the request failed).
+fn warn_if_full(client: &Client) {
+    let Ok(node) = client.call("GET", "/v1/node", None) else { return };
+    let Ok(space) = serde_json::from_value::<crate::node::SpaceStatus>(node["space"].clone())
+    else {
+        return;
+    };
+    if let Some(warning) = crate::node::Node::space_warning(&space) {
+        println!("warning: {warning}");
     }
 }

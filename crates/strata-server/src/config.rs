@@ -21,7 +21,14 @@
 //! tls_verify_peer = false       # true: NBD clients must present a certificate of the CA
 //! http_allowed_hosts = []       # names the API answers to beside its address and localhost
 //! nbd_idle_timeout_secs = 3600  # an NBD connection idle this long is closed (0: never)
+//! reserve = "5%"                # optional: space client writes leave free (or "10G")
 //! ```
+//!
+//! `reserve`: client writes get ENOSPC (qemu's `werror=enospc` pauses the VM) once the
+//! data directory's file system has no more than this free, so that the store's journal,
+//! checkpoints and cleaner, the metadata service's database, trims and deletes always
+//! have room. A size (`"10G"`) or a percentage of the file system (`"5%"`, 1 to 50); the
+//! default is 5 %, at least 64 MiB and at most half the file system.
 
 use anyhow::{bail, Context};
 use serde::Deserialize;
@@ -106,6 +113,17 @@ pub enum NbdTls {
     Require,
     /// Plain NBD (on a network beyond loopback only when written out).
     Off,
+    /// Space client writes leave free on the data directory's file system (see the
+    /// module doc); `None`: [`strata_types::RESERVE_DEFAULT`].
+    #[serde(default, deserialize_with = "de_reserve")]
+    pub reserve: Option<strata_types::Reserve>,
+}
+
+fn de_reserve<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<strata_types::Reserve>, D::Error> {
+    let text = String::deserialize(d)?;
+    strata_types::Reserve::parse(&text).map(Some).map_err(serde::de::Error::custom)
 }
 
 fn default_scrub_every() -> u64 {
@@ -280,10 +298,12 @@ mod tests {
             site = "a"
             rack = "r1"
             secret_file = "secret"
+            reserve = "10%"
             "#,
         )
         .unwrap();
         assert_eq!(c.node_id, 2);
+        assert_eq!(c.reserve, Some(strata_types::Reserve::Percent(10)));
         assert_eq!(c.secret_path(), PathBuf::from("/var/lib/strata/secret"));
         assert_eq!(c.join, vec!["127.0.0.1:10810".to_owned()]);
         let bad = [
@@ -304,6 +324,10 @@ mod tests {
                 "needs tls_dir",
             ),
             ("node_id = 1\ndata_dir = \"d\"\nrpc = \"127.0.0.1:1\"\nnbd_tls = \"maybe\"", "maybe"),
+            (
+                "node_id = 1\ndata_dir = \"d\"\nrpc = \"127.0.0.1:1\"\nreserve = \"60%\"",
+                "1% to 50%",
+            ),
         ];
         let open = "node_id = 1\ndata_dir = \"d\"\nrpc = \"127.0.0.1:1\"\nnbd = \"0.0.0.0:1\"\n";
         let c = Config::parse(&format!("{open}nbd_tls = \"off\"")).unwrap();

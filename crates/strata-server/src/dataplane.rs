@@ -222,6 +222,7 @@ impl DataService {
             // Deposed meanwhile: the sender retries at the new owner.
             Err(_) if view.deposed() => (Status::NotOwner, *h, Vec::new()),
             Err(StoreError::OutOfRange { .. }) => (Status::OutOfRange, *h, Vec::new()),
+            Err(StoreError::NoSpace) => (Status::NoSpace, *h, Vec::new()),
             Err(e) => {
                 // Logged once, where the client is answered (the forwarding node's NBD
                 // server), with this text.
@@ -404,6 +405,8 @@ impl DataService {
                 (Status::Ok, reply, data)
             }
             Err(StoreError::OutOfRange { .. }) => (Status::OutOfRange, reply, Vec::new()),
+            // The store said so once (it is full); the owner decides what the client sees.
+            Err(StoreError::NoSpace) => (Status::NoSpace, reply, Vec::new()),
             Err(e) => {
                 tracing::warn!(component = h.component, offset = h.offset, "data plane: {e}");
                 (Status::Io, reply, Vec::new())
@@ -455,6 +458,7 @@ impl DataService {
             let failed = match component.write_together(writes).await {
                 Ok(()) => None,
                 Err(StoreError::OutOfRange { .. }) => Some(Status::OutOfRange),
+                Err(StoreError::NoSpace) => Some(Status::NoSpace),
                 Err(e) => {
                     tracing::warn!(component = id, writes = ours.len(), "data plane: {e}");
                     Some(Status::Io)

@@ -61,6 +61,8 @@ The config file (TOML):
   move_after_secs = 60            # a volume used only through one other node moves there
   move_hold_secs = 300            # ...but keeps an owner this long first (0 after: never)
   scrub_every_secs = 604800       # an owner compares its volumes' copies weekly (0: never)
+  reserve = \"5%\"                 # client writes get ENOSPC below this much free (or \"10G\");
+                                  # default 5%, at least 64M: room for deletes and the node
 
 Examples:
   strata serve --config n1.toml   # the first node; then, once: strata cluster init
@@ -75,6 +77,7 @@ Examples:
   strata up                                    # data in ./strata-data, loopback only
   strata up --data-dir /var/lib/strata --nbd 0.0.0.0:10809
   strata up --log-format json 2>> strata.json  # one JSON object a log line
+  strata up --reserve 2G                       # writes get ENOSPC below 2 GiB free
 
 It prints where NBD, HTTP (dashboard at /, metrics at /metrics, API under /v1) and RPC
 listen. Ctrl-C or SIGTERM finishes in-flight I/O, syncs every volume and exits.";

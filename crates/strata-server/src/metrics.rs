@@ -494,6 +494,12 @@ pub struct StoreStatsView {
     pub cleaned_segments: u64,
     /// Checkpoints written.
     pub checkpoints: u64,
+    /// Bytes client writes leave free on the file system (the reserve).
+    pub reserve_bytes: u64,
+    /// The file system is nearly full (see `GET /v1/node`'s `space`).
+    pub nearly_full: bool,
+    /// Client writes are refused (ENOSPC) for want of space.
+    pub full: bool,
 }
 
 /// Every export's counters with its group-commit counts, dropping counters of exports
@@ -536,6 +542,7 @@ pub fn stats(api: &Api) -> Stats {
         })
         .collect();
     let s = api.node.store_stats();
+    let space = api.node.space();
     Stats {
         unix_ms: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -553,6 +560,9 @@ pub fn stats(api: &Api) -> Stats {
             cleaned_bytes: s.cleaned_bytes,
             cleaned_segments: s.cleaned_segments,
             checkpoints: s.checkpoints,
+            reserve_bytes: space.reserve_bytes,
+            nearly_full: space.nearly_full,
+            full: space.full,
         },
     }
 }
@@ -653,6 +663,7 @@ fn volume_series(t: &mut Text, volumes: &[(String, Arc<VolumeCounters>, (u64, u6
 
 fn store_series(t: &mut Text, api: &Api) {
     let s = api.node.store_stats();
+    let space = api.node.space();
     let gauges = [
         ("strata_store_free_bytes", "Bytes free in the file system holding the store.", {
             api.node.free_bytes()
@@ -662,6 +673,15 @@ fn store_series(t: &mut Text, api: &Api) {
         ("strata_store_dead_bytes", "Bytes of segments in use holding no live data.", s.dead_bytes),
         ("strata_store_segments", "Segments of the log in use.", s.segments),
         ("strata_store_segment_bytes", "The size of a segment.", s.segment_bytes),
+        ("strata_store_reserve_bytes", "Bytes client writes leave free (the reserve).", {
+            space.reserve_bytes
+        }),
+        ("strata_store_nearly_full", "1 when free space nears the reserve (see the docs).", {
+            u64::from(space.nearly_full)
+        }),
+        ("strata_store_full", "1 while client writes are refused (ENOSPC) for want of space.", {
+            u64::from(space.full)
+        }),
     ];
     for (name, help, value) in gauges {
         t.single(name, "gauge", help, value);
@@ -680,6 +700,9 @@ fn store_series(t: &mut Text, api: &Api) {
             s.cleaned_segments
         }),
         ("strata_store_checkpoints_total", "Checkpoints written.", s.checkpoints),
+        ("strata_store_refused_writes_total", "Client writes refused (ENOSPC) for space.", {
+            space.refused_writes
+        }),
     ];
     for (name, help, value) in counters {
         t.single(name, "counter", &format!("{help} Since the node started."), value);

@@ -267,6 +267,24 @@ pub struct Node {
     deleted: Mutex<BTreeMap<u64, String>>,
 }
 
+/// The store's file system space and its reserve (`GET /v1/node`'s `space`).
+#[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq, Eq)]
+pub struct SpaceStatus {
+    /// Bytes of the file system holding the store.
+    pub size_bytes: u64,
+    /// Bytes free on it, as last measured (every 0.5 s).
+    pub free_bytes: u64,
+    /// Bytes client writes leave free (the reserve).
+    pub reserve_bytes: u64,
+    /// Free space is below the reserve plus the larger of the reserve and a tenth of the
+    /// file system.
+    pub nearly_full: bool,
+    /// The latest client write was refused (ENOSPC) for want of space.
+    pub full: bool,
+    /// Client writes refused for want of space since the node started.
+    pub refused_writes: u64,
+}
+
 /// The space deleted snapshots held alone and the log has not reused yet
 /// (`GET /v1/node`'s `reclaim`).
 #[derive(Serialize, Deserialize, Debug, Clone, Default)]
@@ -1226,6 +1244,49 @@ impl Node {
     /// Free bytes in the file system holding the store.
     pub fn free_bytes(&self) -> u64 {
         self.store.free_bytes().unwrap_or(0)
+    }
+
+    /// Sets the space client writes leave free on the store's file system.
+    pub fn set_reserve(&self, reserve: strata_types::Reserve) {
+        self.store.set_reserve(reserve);
+        let space = self.store.space();
+        tracing::info!(
+            reserve = %reserve,
+            reserve_bytes = space.reserve_bytes,
+            free_bytes = space.free_bytes,
+            "client writes leave the reserve free"
+        );
+    }
+
+    /// The store's file system space, its reserve and whether writes are refused.
+    pub fn space(&self) -> SpaceStatus {
+        let s = self.store.space();
+        SpaceStatus {
+            size_bytes: s.size_bytes,
+            free_bytes: s.free_bytes,
+            reserve_bytes: s.reserve_bytes,
+            nearly_full: s.nearly_full,
+            full: s.full,
+            refused_writes: s.refused_writes,
+        }
+    }
+
+    /// A warning line when the node's disk is nearly full (`strata volume list`, logs).
+    pub fn space_warning(space: &SpaceStatus) -> Option<String> {
+        let (free, reserve) = (format_size(space.free_bytes), format_size(space.reserve_bytes));
+        if space.full {
+            Some(format!(
+                "the node's disk is full: {free} free, {reserve} reserved; writes get ENOSPC \
+                 until volumes or snapshots are deleted or trimmed"
+            ))
+        } else if space.nearly_full {
+            Some(format!(
+                "the node's disk is nearly full: {free} free; writes get ENOSPC once only the \
+                 {reserve} reserve is left"
+            ))
+        } else {
+            None
+        }
     }
 
     /// Bytes of live data in the store (every volume and snapshot, shared blocks once).

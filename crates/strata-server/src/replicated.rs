@@ -920,6 +920,8 @@ impl ReplicatedVolume {
         };
         let mut failed = Vec::new();
         let mut took = Vec::new();
+        // A copy refused the write for want of space (see below).
+        let mut full = false;
         for (i, p) in sent {
             let pending = match p {
                 Ok(p) => p,
@@ -934,6 +936,10 @@ impl ReplicatedVolume {
                     Ok(Ok(_)) => {}
                     Ok(Err(e @ CallError::Status { status: Status::StaleEpoch, .. })) => {
                         self.depose(&e.to_string())
+                    }
+                    Ok(Err(e @ CallError::Status { status: Status::NoSpace, .. })) => {
+                        full = true;
+                        failure = failure.or(Some(format!("{e}: its node's disk is full")));
                     }
                     Ok(Err(e)) => failure = failure.or(Some(e.to_string())),
                     Err(_) => failure = failure.or(Some("timed out".to_owned())),
@@ -1029,6 +1035,14 @@ impl ReplicatedVolume {
                 io_error("replicate", why)
             })?;
             self.state.lock().unwrap_or_else(|e| e.into_inner()).unrecorded.remove(&i);
+        }
+        // A copy's node is full: the copy is STALE like any failed one (its bitmap has the
+        // write, and the resync levels it once that node has room again), and the client
+        // gets ENOSPC, as from a single disk, so that a VM pauses (qemu's werror=enospc)
+        // and the operator frees space, instead of running on with a copy fewer unseen.
+        // The write is on the other copies: a retry (qemu's, on resume) goes to them.
+        if full {
+            return Err(StoreError::NoSpace);
         }
         let active = {
             let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
@@ -1230,8 +1244,18 @@ impl ReplicatedVolume {
             let mut sent = Vec::new();
             for (region, piece) in &differ {
                 let lsn = self.lsn.fetch_add(1, Ordering::Relaxed) + 1;
-                let h = request(Kind::Write, id, self.epoch, lsn, region * REGION);
-                sent.push(tokio::time::timeout_at(deadline, peer.send(h, piece)).await);
+                // A region of zeroes travels as a trim (it reads as zeroes there too): a
+                // copy on a full node is levelled by freeing space, not taking more.
+                let zeroes = piece.iter().all(|b| *b == 0);
+                let kind = if zeroes { Kind::Trim } else { Kind::Write };
+                let mut h = request(kind, id, self.epoch, lsn, region * REGION);
+                let payload: &[u8] = if zeroes {
+                    h.count = piece.len() as u32;
+                    &[]
+                } else {
+                    piece
+                };
+                sent.push(tokio::time::timeout_at(deadline, peer.send(h, payload)).await);
             }
             for p in sent {
                 let Ok(Ok(p)) = p else { return false };
@@ -3184,6 +3208,9 @@ impl Router {
                     "forwarded",
                     format!("the owner at {addr} failed it: {why}"),
                 )))
+            }
+            Ok(Err(CallError::Status { status: Status::NoSpace, .. })) => {
+                Err(Forwarded::Failed(StoreError::NoSpace))
             }
             Ok(Err(CallError::Status { status: Status::OutOfRange, .. })) => {
                 Err(Forwarded::Failed(StoreError::OutOfRange {

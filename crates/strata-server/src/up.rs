@@ -52,6 +52,11 @@ pub struct UpArgs {
     /// (0: never).
     #[arg(long, value_name = "SECS", default_value_t = strata_types::limits::NBD_IDLE_TIMEOUT_SECS_DEFAULT)]
     nbd_idle_timeout_secs: u64,
+    /// Space client writes leave free on the data directory's file system: a size (10G)
+    /// or a percentage of it (5%). Below it writes get ENOSPC, while trims, deletes and
+    /// the node's own work go on. Default 5%, at least 64M, at most half the file system.
+    #[arg(long, value_parser = strata_types::Reserve::parse)]
+    reserve: Option<strata_types::Reserve>,
 }
 
 /// Arguments of `strata serve`.
@@ -255,6 +260,7 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
         tls_verify_peer: args.tls_verify_peer,
         http_allowed_hosts: args.http_allowed_hosts,
         nbd_idle_timeout_secs: args.nbd_idle_timeout_secs,
+        reserve: args.reserve,
     };
     config.nbd_tls_mode()?;
     run(config, true)
@@ -337,6 +343,7 @@ async fn start_member(
 async fn serve(config: Config, one_node: bool) -> anyhow::Result<()> {
     let node = Node::open(&config.data_dir)
         .with_context(|| format!("open data directory {}", config.data_dir.display()))?;
+    node.set_reserve(config.reserve.unwrap_or(strata_types::RESERVE_DEFAULT));
     if crate::replicated::lost_power(&config.data_dir) {
         tracing::warn!(
             "the last run ended without a clean stop in another boot (a power loss?): this \

@@ -110,6 +110,20 @@ pub enum EngineError {
     /// The checkpoint file is damaged or of another format.
     #[error("the store's checkpoint is unusable: {0}")]
     BadCheckpoint(String),
+    /// A client write would take space the reserve keeps for the store's own work,
+    /// deletes and the metadata service: refused before anything is written.
+    #[error(
+        "no space left for client writes: {needed_bytes} bytes needed, {free_bytes} free, \
+         {reserve_bytes} reserved"
+    )]
+    Full {
+        /// Bytes of log the write could take.
+        needed_bytes: u64,
+        /// Bytes free on the file system (as last measured, less what the log took since).
+        free_bytes: u64,
+        /// Bytes client writes must leave free.
+        reserve_bytes: u64,
+    },
 }
 
 /// A volume or a snapshot.
@@ -264,6 +278,21 @@ pub struct Engine<F: RawFile> {
     views: HashMap<u64, View>,
     vba_map: VbaMap,
     next_vba: u64,
+    /// The file system's free space as last measured, for the reserve rule (see
+    /// [`Engine::set_space`]); `None`: unlimited.
+    space: Option<Space>,
+}
+
+/// The file system's free space when last measured, and what client writes must leave.
+#[derive(Clone, Copy, Debug)]
+struct Space {
+    /// Free bytes measured.
+    free_bytes: u64,
+    /// The log's count of slots taken then ([`Log::taken`]): every slot taken since may
+    /// have taken a block of that space.
+    at: u64,
+    /// Bytes client writes must leave free.
+    reserve_bytes: u64,
 }
 
 fn blocks_of(size: u64) -> u64 {
@@ -279,6 +308,7 @@ impl<F: RawFile> Engine<F> {
             views: HashMap::new(),
             vba_map: VbaMap::default(),
             next_vba: 1,
+            space: None,
         }
     }
 
@@ -313,6 +343,7 @@ impl<F: RawFile> Engine<F> {
                     views: HashMap::new(),
                     vba_map: VbaMap::default(),
                     next_vba: 1,
+                    space: None,
                 };
                 for record in records {
                     engine.apply(&record);
@@ -643,11 +674,34 @@ impl<F: RawFile> Engine<F> {
     /// ([`Log::write_many`]). Every entry is checked first: if one is refused, nothing is
     /// written. Survives a process crash when it returns.
     pub fn write_many(&mut self, volume: u64, writes: &[(u64, &[u8])]) -> Result<(), EngineError> {
+        self.write_many_with(volume, writes, true)
+    }
+
+    /// [`Engine::write`] that may take the reserve: for the partial edge blocks (at most
+    /// two) of a trim or a zeroing, which must work on a full store.
+    pub fn write_from_reserve(
+        &mut self,
+        volume: u64,
+        lba: u64,
+        data: &[u8],
+    ) -> Result<(), EngineError> {
+        self.write_many_with(volume, &[(lba, data)], false)
+    }
+
+    fn write_many_with(
+        &mut self,
+        volume: u64,
+        writes: &[(u64, &[u8])],
+        check_room: bool,
+    ) -> Result<(), EngineError> {
         for (lba, data) in writes {
             if data.is_empty() || !data.len().is_multiple_of(BLOCK_BYTES) {
                 return Err(EngineError::Unaligned);
             }
             self.writable_range(volume, *lba, (data.len() / BLOCK_BYTES) as u64)?;
+        }
+        if check_room {
+            self.check_room(writes)?;
         }
         // Longer writes are split into runs of one record each, given VBAs in order.
         let mut vba = self.next_vba;
@@ -663,6 +717,49 @@ impl<F: RawFile> Engine<F> {
             self.apply(&record);
         }
         Ok(())
+    }
+
+    /// Refuses `writes` (already validated) if they could take space the reserve keeps:
+    /// their blocks, a journal slot per record and one more (a segment's unwritten tail
+    /// skipped by the allocator costs the file system nothing).
+    fn check_room(&self, writes: &[(u64, &[u8])]) -> Result<(), EngineError> {
+        let Some(space) = self.space else { return Ok(()) };
+        let blocks: usize = writes.iter().map(|(_, d)| d.len() / BLOCK_BYTES).sum();
+        let runs: usize =
+            writes.iter().map(|(_, d)| (d.len() / BLOCK_BYTES).div_ceil(RUN_BLOCKS_MAX)).sum();
+        let needed_bytes = ((blocks + runs + 1) * BLOCK_BYTES) as u64;
+        let free_bytes = self.free_bytes().expect("space is set");
+        if free_bytes < needed_bytes.saturating_add(space.reserve_bytes) {
+            return Err(EngineError::Full {
+                needed_bytes,
+                free_bytes,
+                reserve_bytes: space.reserve_bytes,
+            });
+        }
+        Ok(())
+    }
+
+    /// Tells the engine the file system's free space, just measured (no slot handed out
+    /// since), and the reserve client writes must leave: from now on a client write
+    /// (`write`, `write_many`) that could take more than the free space less the reserve
+    /// is refused ([`EngineError::Full`]) before anything is written. Trims, zeroes,
+    /// deletes, metadata changes and the cleaner are never refused: the reserve is theirs.
+    /// `None`: no limit (the default).
+    pub fn set_space(&mut self, free_and_reserve: Option<(u64, u64)>) {
+        self.space = free_and_reserve.map(|(free_bytes, reserve_bytes)| Space {
+            free_bytes,
+            at: self.log.taken(),
+            reserve_bytes,
+        });
+    }
+
+    /// The file system's free space as last measured, less a block for every slot the log
+    /// has handed out since (a slot in space the file already holds costs nothing, so
+    /// this may be less than the truth, never more); `None` if never measured.
+    pub fn free_bytes(&self) -> Option<u64> {
+        let space = self.space?;
+        let taken = (self.log.taken() - space.at) * BLOCK_BYTES as u64;
+        Some(space.free_bytes.saturating_sub(taken))
     }
 
     /// Makes `blocks` blocks from `lba` a hole.
@@ -976,5 +1073,7 @@ impl<F: RawFile> Engine<F> {
 
 #[cfg(test)]
 mod checkpoint_tests;
+#[cfg(test)]
+mod full_tests;
 #[cfg(test)]
 mod tests;

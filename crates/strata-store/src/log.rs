@@ -111,6 +111,9 @@ pub struct Log<F: RawFile> {
     open_written: bool,
     /// Slots handed out since the log was opened (a checkpoint policy's measure).
     allocated: u64,
+    /// Slots left unused at the ends of segments since the log was opened (a run never
+    /// crosses a segment); with `allocated`, the most file space the log can have taken.
+    skipped: u64,
     /// One past the last slot written (or the file's length at open): slots at or past it
     /// read as zeroes.
     file_end: u64,
@@ -119,6 +122,9 @@ pub struct Log<F: RawFile> {
     /// Free segments zeroed in this run and not used since, and whether the head is one.
     zeroed: BTreeSet<u64>,
     head_zeroed: bool,
+    /// Free segments punched in this run and not used since: they hold no file-system
+    /// space, so punching them again would give nothing back.
+    holes: BTreeSet<u64>,
     /// What the replay that opened the log decided, for `start_run` to record: the
     /// slots it judged, and where it truncated.
     judged: Option<(u64, u64)>,
@@ -194,10 +200,12 @@ impl<F: RawFile> Log<F> {
             open_written: false,
             open_pending: false,
             allocated: 2,
+            skipped: 0,
             file_end: 0,
             preparing: None,
             zeroed: BTreeSet::new(),
             head_zeroed: false,
+            holes: BTreeSet::new(),
             judged: None,
             truncate_at: None,
         }
@@ -319,10 +327,12 @@ impl<F: RawFile> Log<F> {
             open_written: false,
             open_pending: false,
             allocated: 0,
+            skipped: 0,
             file_end: file_slots,
             preparing: None,
             zeroed: BTreeSet::new(),
             head_zeroed: false,
+            holes: BTreeSet::new(),
             judged: None,
             truncate_at: None,
         };
@@ -406,11 +416,13 @@ impl<F: RawFile> Log<F> {
     fn alloc(&mut self, n: u64) -> u64 {
         assert!(n <= SEGMENT_SLOTS, "runs are split to fit a segment");
         if self.head + n > self.head_end {
+            self.skipped += self.head_end - self.head;
             let segment = self.free.pop_first().unwrap_or_else(|| {
                 self.fresh += 1;
                 self.fresh - 1
             });
             self.head_zeroed = self.zeroed.remove(&segment);
+            self.holes.remove(&segment);
             self.head = segment * SEGMENT_SLOTS;
             self.head_end = self.head + SEGMENT_SLOTS;
         }
@@ -422,6 +434,12 @@ impl<F: RawFile> Log<F> {
     /// Slots handed out since the log was created or opened.
     pub fn allocated(&self) -> u64 {
         self.allocated
+    }
+
+    /// Slots handed out or skipped (a segment's tail too short for a run) since the log
+    /// was created or opened: an upper bound of the file space it took since.
+    pub fn taken(&self) -> u64 {
+        self.allocated + self.skipped
     }
 
     /// Where replay would start if the log were reopened now from a checkpoint of the
@@ -456,6 +474,13 @@ impl<F: RawFile> Log<F> {
         self.free.extend(segments.iter().copied());
     }
 
+    /// Makes `segments`, taken by [`Log::take_surplus`] and punched, free again.
+    pub fn release_punched(&mut self, segments: &[u64]) {
+        self.holes.extend(segments.iter().copied());
+        self.zeroed.retain(|s| !segments.contains(s));
+        self.release(segments);
+    }
+
     /// Makes a segment taken by [`Log::take_fresh`] free, now known to read as zeroes
     /// (`zeroed`) or not (the preparation failed).
     pub fn prepared(&mut self, segment: u64, zeroed: bool) {
@@ -482,8 +507,10 @@ impl<F: RawFile> Log<F> {
 
     /// Takes the free segments beyond the `keep` lowest out of the free list (to punch
     /// them: give their space back to the file system); [`Log::release`] returns them.
+    /// Segments punched already are left alone.
     pub fn take_surplus(&mut self, keep: usize) -> Vec<u64> {
-        let surplus: Vec<u64> = self.free.iter().copied().skip(keep).collect();
+        let surplus: Vec<u64> =
+            self.free.iter().copied().skip(keep).filter(|s| !self.holes.contains(s)).collect();
         for s in &surplus {
             self.free.remove(s);
         }
@@ -705,6 +732,13 @@ impl<F: RawFile> Log<F> {
     /// One past the last slot ever handed out: the file's extent in slots.
     pub fn slots_end(&self) -> u64 {
         self.fresh * SEGMENT_SLOTS
+    }
+
+    /// Free segments not punched in this run: they hold file-system space the log can
+    /// write into without the file system giving more (punched ones at open count too:
+    /// the store punches every free segment when it opens).
+    pub fn backed_free_segments(&self) -> u64 {
+        self.free.iter().filter(|s| !self.holes.contains(s)).count() as u64
     }
 
     /// Segments in use (handed out and not free).

@@ -37,6 +37,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use strata_io::{check_range, BlockVolume, Extent, Store, StoreError, VolumeId, ZeroMode};
+use strata_types::{Reserve, RESERVE_DEFAULT};
 
 const BLOCK: u64 = BLOCK_BYTES as u64;
 
@@ -64,6 +65,9 @@ const INLINE_WRITE_BYTES_MAX: usize = 1 << 20;
 const INLINE_BATCH_BYTES_MAX: usize = 4 << 20;
 /// Blocks the cleaner moves per hold of the lock.
 const CLEAN_STEP_BLOCKS: usize = 512;
+/// Free file-system bytes below which the cleaner does not move blocks: a step's blocks
+/// and records, with room to spare (the reserve is meant to hold far more).
+const CLEAN_ROOM_BYTES: u64 = 4 * CLEAN_STEP_BLOCKS as u64 * BLOCK;
 /// Snapshot deletes whose space the store follows until the log reuses it (the oldest
 /// is forgotten beyond this).
 pub const RECLAIMS_TRACKED: usize = 64;
@@ -86,6 +90,59 @@ struct Shared {
     /// The latest snapshot deletes' space not yet reused, oldest first (at most
     /// [`RECLAIMS_TRACKED`]; not kept across a restart).
     reclaims: std::sync::Mutex<std::collections::VecDeque<Reclaim>>,
+    /// The file system's space and the reserve rule ([`LogStore::space`]).
+    space: SpaceState,
+}
+
+/// What the store knows of its file system's space (updated by [`Shared::measure`]).
+struct SpaceState {
+    /// The reserve asked for (see [`LogStore::set_reserve`]).
+    reserve: std::sync::Mutex<Reserve>,
+    /// Bytes of the file system, free bytes and the reserve in bytes, as last measured.
+    size_bytes: AtomicU64,
+    free_bytes: AtomicU64,
+    reserve_bytes: AtomicU64,
+    /// The file system's own free bytes (`free_bytes` counts the log's free segments too).
+    fs_free_bytes: AtomicU64,
+    /// Whether the latest client write was refused for want of space.
+    refusing: AtomicBool,
+    /// Client writes refused for want of space since the store was opened.
+    refused_writes: AtomicU64,
+}
+
+impl SpaceState {
+    fn new() -> SpaceState {
+        SpaceState {
+            reserve: std::sync::Mutex::new(RESERVE_DEFAULT),
+            size_bytes: AtomicU64::new(0),
+            free_bytes: AtomicU64::new(0),
+            reserve_bytes: AtomicU64::new(0),
+            fs_free_bytes: AtomicU64::new(0),
+            refusing: AtomicBool::new(false),
+            refused_writes: AtomicU64::new(0),
+        }
+    }
+}
+
+/// A store's file system space and its reserve ([`LogStore::space`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Space {
+    /// Bytes of the file system the store lives on.
+    pub size_bytes: u64,
+    /// Bytes free for data, as last measured (every 0.5 s): free on the file system (for
+    /// unprivileged users) plus the log's free segments kept for reuse.
+    pub free_bytes: u64,
+    /// Bytes client writes leave free: the store's own work, deletes and the metadata
+    /// service take them.
+    pub reserve_bytes: u64,
+    /// Free space is below the reserve plus the larger of the reserve and a tenth of the
+    /// file system (at the default reserve of 5 %, 85 % used, Ceph's `nearfull`): the
+    /// store cleans eagerly and gives every free segment back to the file system.
+    pub nearly_full: bool,
+    /// The latest client write was refused (ENOSPC) for want of space.
+    pub full: bool,
+    /// Client writes refused for want of space since the store was opened.
+    pub refused_writes: u64,
 }
 
 /// The space a deleted snapshot held alone, by segment, until each segment is freed.
@@ -218,6 +275,80 @@ impl Shared {
         store_error(e)
     }
 
+    /// Measures the file system's space (`statvfs`) with the engine locked, so that no
+    /// slot is handed out between the measure and the engine learning it.
+    fn measure(&self, engine: &mut Engine<Arc<File>>) {
+        let Ok(st) = rustix::fs::statvfs(&self.dir) else { return };
+        let size = st.f_blocks.saturating_mul(st.f_frsize);
+        let free = st.f_bavail.saturating_mul(st.f_frsize);
+        let reserve = self.space.reserve.lock().unwrap_or_else(|e| e.into_inner()).bytes_of(size);
+        engine.set_space(Some((free, reserve)));
+        self.space.size_bytes.store(size, Ordering::Relaxed);
+        self.space.fs_free_bytes.store(free, Ordering::Relaxed);
+        // Free segments kept for reuse (or prepared) are free for data too: counted, the
+        // nearly-full state does not flip each time they are punched or prepared.
+        let kept = engine.backed_free_bytes();
+        self.space.free_bytes.store(free.saturating_add(kept), Ordering::Relaxed);
+        self.space.reserve_bytes.store(reserve, Ordering::Relaxed);
+    }
+
+    /// Runs a client write `f`. If the engine refuses it for want of space, the free
+    /// segments kept for reuse are punched and the space measured again (the cleaner or
+    /// a delete may have freed some, or the file already held the slots written since)
+    /// and `f` tried once more; a second refusal is
+    /// ENOSPC, which fails nothing: the write changed nothing and the store serves on.
+    fn client_write(
+        &self,
+        engine: &mut Engine<Arc<File>>,
+        mut f: impl FnMut(&mut Engine<Arc<File>>) -> Result<(), EngineError>,
+    ) -> Result<(), StoreError> {
+        let result = match f(engine) {
+            Err(EngineError::Full { .. }) => {
+                // Free segments kept for reuse hold file-system space the measure does
+                // not see: give it back first (fallocate, no data written).
+                let surplus = engine.take_surplus_free(0);
+                if Engine::punch(engine.file(), &surplus).is_ok() {
+                    engine.return_punched(&surplus);
+                } else {
+                    engine.return_free(&surplus);
+                }
+                self.measure(engine);
+                f(engine)
+            }
+            other => other,
+        };
+        match result {
+            Ok(()) => {
+                if self.space.refusing.load(Ordering::Relaxed)
+                    && self.space.refusing.swap(false, Ordering::Relaxed)
+                {
+                    tracing::info!(dir = %self.dir.display(), "space was freed: client writes \
+                        are accepted again");
+                }
+                Ok(())
+            }
+            Err(e @ EngineError::Full { .. }) => {
+                self.space.refused_writes.fetch_add(1, Ordering::Relaxed);
+                if !self.space.refusing.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(dir = %self.dir.display(), "the disk is full up to its \
+                        reserve: client writes get ENOSPC ({e}); trim, or delete volumes or \
+                        snapshots, to free space (reads, trims and deletes go on)");
+                }
+                Err(StoreError::NoSpace)
+            }
+            Err(e) => Err(self.fail(e)),
+        }
+    }
+
+    /// Whether free space is below the reserve plus the larger of the reserve and a
+    /// tenth of the file system (see [`Space::nearly_full`]).
+    fn nearly_full(&self) -> bool {
+        let size = self.space.size_bytes.load(Ordering::Relaxed);
+        let reserve = self.space.reserve_bytes.load(Ordering::Relaxed);
+        let free = self.space.free_bytes.load(Ordering::Relaxed);
+        size > 0 && free < reserve + reserve.max(size / 10)
+    }
+
     fn sync(&self) -> Result<(), StoreError> {
         let started = std::time::Instant::now();
         let (through, allocated) = {
@@ -293,6 +424,7 @@ fn store_error(e: EngineError) -> StoreError {
             StoreError::OutOfRange { offset: lba * BLOCK, length: blocks * BLOCK, size }
         }
         EngineError::ReadOnly(_) => StoreError::ReadOnly,
+        EngineError::Full { .. } => StoreError::NoSpace,
         EngineError::NotFound(id) => StoreError::NotFound { id: VolumeId(id) },
         e => StoreError::Io { op: "store", source: std::io::Error::other(e.to_string()) },
     }
@@ -324,10 +456,18 @@ impl LogStore {
             checkpointing: std::sync::Mutex::new(0),
             counters: Counters::default(),
             reclaims: std::sync::Mutex::default(),
+            space: SpaceState::new(),
         });
-        let weak = Arc::downgrade(&shared);
+        shared.measure(&mut shared.write().expect("not failed"));
+        let store = LogStore { shared };
+        // Which free segments were punched is not kept across a restart: punch them all
+        // (a hole punched again costs nothing), so the space counted free is.
+        if let Err(e) = store.punch_free(0) {
+            tracing::warn!("free unused segments: {e}");
+        }
+        let weak = Arc::downgrade(&store.shared);
         std::thread::Builder::new().name("strata-maint".into()).spawn(move || maintenance(weak))?;
-        Ok(LogStore { shared })
+        Ok(store)
     }
 
     fn open_engine(
@@ -354,10 +494,19 @@ impl LogStore {
     /// Cleans up to `segments` mostly-dead segments, then writes a checkpoint if the log
     /// grew by [`CHECKPOINT_BYTES`], the cleaner moved blocks, or `force`. Returns the
     /// blocks moved. The maintenance thread calls it; so do shutdown and tests.
+    ///
+    /// On a nearly full store ([`Space::nearly_full`]) the cleaner runs whenever a
+    /// segment can be emptied (each frees at least three quarters of a segment), as long
+    /// as the file system has room for its moves; every free segment is punched (so the
+    /// file system, and the reserve rule, see its space); none is prepared.
     pub fn maintain(&self, segments: usize, force: bool) -> Result<usize, StoreError> {
+        self.shared.measure(&mut *self.shared.write()?);
+        let short = self.shared.nearly_full();
         let (candidates, emptied) = {
             let engine = self.shared.read();
-            if force || cleaner_due(&engine) {
+            let candidates = short.then(|| engine.clean_candidates(CLEAN_LIVE_MAX));
+            let short_due = candidates.as_ref().is_some_and(|c| !c.is_empty());
+            if force || short_due || cleaner_due(&engine) {
                 // Segments already empty need no move, only a checkpoint: without one
                 // the space of a deleted snapshot written in one go (whole segments of
                 // its own) would wait for the next 1 GiB of log.
@@ -367,9 +516,15 @@ impl LogStore {
             }
         };
         let mut moved = 0;
-        for segment in candidates.into_iter().take(segments) {
+        'segments: for segment in candidates.into_iter().take(segments) {
             loop {
                 let mut engine = self.shared.write()?;
+                // The cleaner moves before it frees: never into the file system's last
+                // bytes (a failed log write would fail the store).
+                if engine.free_bytes().is_some_and(|f| f < CLEAN_ROOM_BYTES) {
+                    tracing::debug!("the cleaner waits for room to move blocks into");
+                    break 'segments;
+                }
                 let n = engine
                     .clean_step(segment, CLEAN_STEP_BLOCKS)
                     .map_err(|e| self.shared.fail(e))?;
@@ -390,7 +545,11 @@ impl LogStore {
         if force || moved > 0 || emptied || grown {
             self.checkpoint()?;
         }
-        self.prepare_segments()?;
+        if short {
+            self.punch_free(0)?;
+        } else {
+            self.prepare_segments()?;
+        }
         Ok(moved)
     }
 
@@ -398,6 +557,12 @@ impl LogStore {
     /// allocated: appending into new file space makes every `fdatasync` commit the file
     /// system's journal too (measured: 5.3 k vs 8.5 k syncs/s here).
     fn prepare_segments(&self) -> Result<(), StoreError> {
+        // Never into the reserve: a prepared segment takes its space from the file system.
+        let fs_free = self.shared.space.fs_free_bytes.load(Ordering::Relaxed);
+        let reserve = self.shared.space.reserve_bytes.load(Ordering::Relaxed);
+        if fs_free < reserve + 2 * crate::log::SEGMENT_SLOTS * BLOCK {
+            return Ok(());
+        }
         let Some(segment) = self.shared.write()?.take_fresh(PREPARED_SEGMENTS) else {
             return Ok(());
         };
@@ -430,12 +595,8 @@ impl LogStore {
             }
         }
         // Beyond a reserve of free segments, give the space back to the file system.
-        let surplus = self.shared.write()?.take_surplus_free(FREE_SEGMENTS_KEPT);
-        if !surplus.is_empty() {
-            let punched = Engine::punch(&*self.shared.file, &surplus);
-            self.shared.write()?.return_free(&surplus);
-            punched.map_err(StoreError::io("free unused segments"))?;
-        }
+        let keep = if self.shared.nearly_full() { 0 } else { FREE_SEGMENTS_KEPT };
+        self.punch_free(keep)?;
         *last = allocated;
         self.shared.counters.checkpoints.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(
@@ -444,6 +605,48 @@ impl LogStore {
             "checkpoint written"
         );
         Ok(())
+    }
+
+    /// Punches the free segments beyond the `keep` lowest (those not punched already):
+    /// their space returns to the file system.
+    fn punch_free(&self, keep: usize) -> Result<(), StoreError> {
+        let surplus = self.shared.write()?.take_surplus_free(keep);
+        if surplus.is_empty() {
+            return Ok(());
+        }
+        let punched = Engine::punch(&*self.shared.file, &surplus);
+        let mut engine = self.shared.write()?;
+        if punched.is_ok() {
+            engine.return_punched(&surplus);
+            // The space is the file system's again: writes refused may go on now.
+            self.shared.measure(&mut engine);
+        } else {
+            engine.return_free(&surplus);
+        }
+        punched.map_err(StoreError::io("free unused segments"))
+    }
+
+    /// Sets the space client writes leave free on the file system (the default is
+    /// [`RESERVE_DEFAULT`]), in effect at once.
+    pub fn set_reserve(&self, reserve: Reserve) {
+        *self.shared.space.reserve.lock().unwrap_or_else(|e| e.into_inner()) = reserve;
+        if let Ok(mut engine) = self.shared.write() {
+            self.shared.measure(&mut engine);
+        }
+    }
+
+    /// The file system's space as last measured, the reserve, and whether client writes
+    /// are being refused.
+    pub fn space(&self) -> Space {
+        let s = &self.shared.space;
+        Space {
+            size_bytes: s.size_bytes.load(Ordering::Relaxed),
+            free_bytes: s.free_bytes.load(Ordering::Relaxed),
+            reserve_bytes: s.reserve_bytes.load(Ordering::Relaxed),
+            nearly_full: self.shared.nearly_full(),
+            full: s.refusing.load(Ordering::Relaxed),
+            refused_writes: s.refused_writes.load(Ordering::Relaxed),
+        }
     }
 
     /// Opens the store in `dir` for checking only: the log is replayed from a read-only
@@ -459,6 +662,7 @@ impl LogStore {
             checkpointing: std::sync::Mutex::new(0),
             counters: Counters::default(),
             reclaims: std::sync::Mutex::default(),
+            space: SpaceState::new(),
         };
         Ok(LogStore { shared: Arc::new(shared) })
     }
@@ -697,6 +901,26 @@ impl LogVolume {
         data: &[u8],
         offset: u64,
     ) -> Result<(), StoreError> {
+        self.write_locked_with(engine, data, offset, false)
+    }
+
+    /// [`LogVolume::write_locked`]; `from_reserve`: the write may take the reserve (the
+    /// partial edges of a trim or a zeroing, which work on a full store).
+    fn write_locked_with(
+        &self,
+        engine: &mut Engine<Arc<File>>,
+        data: &[u8],
+        offset: u64,
+        from_reserve: bool,
+    ) -> Result<(), StoreError> {
+        let write = |engine: &mut Engine<Arc<File>>, lba: u64, blocks: &[u8]| {
+            if from_reserve {
+                let id = self.id;
+                engine.write_from_reserve(id, lba, blocks).map_err(|e| self.shared.fail(e))
+            } else {
+                self.shared.client_write(engine, |e| e.write(self.id, lba, blocks))
+            }
+        };
         let size = engine.size(self.id).map_err(store_error)?;
         check_range(offset, data.len() as u64, size)?;
         if data.is_empty() {
@@ -704,7 +928,7 @@ impl LogVolume {
         }
         let (first, blocks) = covering(offset, data.len() as u64);
         if offset.is_multiple_of(BLOCK) && data.len().is_multiple_of(BLOCK_BYTES) {
-            return engine.write(self.id, first, data).map_err(|e| self.shared.fail(e));
+            return write(engine, first, data);
         }
         let mut buf = vec![0u8; (blocks * BLOCK) as usize];
         let head = (offset - first * BLOCK) as usize;
@@ -717,7 +941,7 @@ impl LogVolume {
             engine.read(self.id, first + blocks - 1, &mut buf[last..]).map_err(store_error)?;
         }
         buf[head..end].copy_from_slice(data);
-        engine.write(self.id, first, &buf).map_err(|e| self.shared.fail(e))
+        write(engine, first, &buf)
     }
 
     /// Writes each `(offset, data)` in order with the engine locked, every range checked
@@ -741,7 +965,7 @@ impl LogVolume {
             .filter(|(_, data)| !data.is_empty())
             .map(|(offset, data)| (offset / BLOCK, *data))
             .collect();
-        engine.write_many(self.id, &blocks).map_err(|e| self.shared.fail(e))
+        self.shared.client_write(engine, |e| e.write_many(self.id, &blocks))
     }
 
     /// Reads bytes at `offset` with the engine locked: whole blocks directly, otherwise the
@@ -791,15 +1015,15 @@ impl LogVolume {
         if first_whole >= end_whole {
             // Inside one block, or across one boundary with no whole block.
             let zeroes = vec![0u8; length as usize];
-            return self.write_locked(&mut engine, &zeroes, offset);
+            return self.write_locked_with(&mut engine, &zeroes, offset, true);
         }
         if offset < first_whole * BLOCK {
             let zeroes = vec![0u8; (first_whole * BLOCK - offset) as usize];
-            self.write_locked(&mut engine, &zeroes, offset)?;
+            self.write_locked_with(&mut engine, &zeroes, offset, true)?;
         }
         if end > end_whole * BLOCK {
             let zeroes = vec![0u8; (end - end_whole * BLOCK) as usize];
-            self.write_locked(&mut engine, &zeroes, end_whole * BLOCK)?;
+            self.write_locked_with(&mut engine, &zeroes, end_whole * BLOCK, true)?;
         }
         whole(&mut engine, first_whole, end_whole - first_whole).map_err(|e| self.shared.fail(e))
     }

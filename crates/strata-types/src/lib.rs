@@ -7,9 +7,11 @@
 pub mod le;
 pub mod limits;
 mod name;
+mod reserve;
 mod size;
 
 pub use name::{NameError, VolumeName};
+pub use reserve::{Reserve, ReserveError, RESERVE_DEFAULT, RESERVE_FLOOR_BYTES};
 pub use size::{check_size, format_size, parse_size, SizeError};
 
 /// A stable, machine-readable error code, mapped once to an HTTP status, an NBD errno

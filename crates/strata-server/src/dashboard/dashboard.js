@@ -118,6 +118,16 @@ function drawCards(d, io) {
     $("c-store-detail").textContent = bytes(s.log_bytes) + " log (" + s.segments +
       (s.segments === 1 ? " segment, " : " segments, ") + bytes(s.dead_bytes) +
       " not live) · " + bytes(s.free_bytes) + " free";
+    // The node's disk: writes get ENOSPC once only the reserve is left.
+    if (s.full) {
+      health = ["bad", "disk full: writes refused"];
+      $("c-store-detail").textContent += " · FULL: writes get ENOSPC (" +
+        bytes(s.reserve_bytes) + " reserved); delete or trim to free space";
+    } else if (s.nearly_full) {
+      if (health[0] === "ok") health = ["warn", "disk nearly full"];
+      $("c-store-detail").textContent += " · nearly full (writes stop at " +
+        bytes(s.reserve_bytes) + " free)";
+    }
   }
   let r = 0, w = 0, ops = 0;
   for (const v of io.values()) { r += v.read_bytes; w += v.write_bytes; ops += v.read_ops + v.write_ops; }

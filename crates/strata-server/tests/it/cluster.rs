@@ -974,6 +974,65 @@ fn a_node_whose_metadata_disk_fills_up_stops_and_says_why() {
     assert!(ok, "{text}");
 }
 
+/// Issue 15, item 5, with copies: node 3's disk (a 200 MiB tmpfs) fills up under a
+/// replicated volume. The write that finds it full gets ENOSPC at its client (never EIO),
+/// node 3's copy goes stale and later writes go to the other copies; once the volume is
+/// trimmed, the resync levels node 3's copy (its differing regions, zeroes now, travel as
+/// trims, which free space there) and it is active and equal again, node 3 never
+/// restarted. Needs root (to mount); skipped, saying so, otherwise.
+#[test]
+fn a_copy_whose_disk_fills_up_gets_the_client_enospc_and_is_resynced_once_there_is_room() {
+    let tmp = tempfile::tempdir().unwrap();
+    let small = tmp.path().join("n3");
+    std::fs::create_dir_all(&small).unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=200m", "tmpfs"])
+        .arg(&small)
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !mounted {
+        eprintln!("cannot mount a tmpfs here (not root?): skipped");
+        return;
+    }
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(small.clone());
+    let members = three_members(tmp.path());
+    let key = DataKey::from_secret(&std::fs::read(members[0].dir.join("secret")).unwrap());
+    create_replicated(&members[0], "r1", "256M");
+    let (o, _) = owner(&members);
+    let uri = members[o].node().uri("r1");
+    let commands: Vec<String> = (0..32).map(|i| format!("write -P 0x5a {} 8M", i << 23)).collect();
+    let mut qemu = Command::new("qemu-io");
+    qemu.args(["-f", "raw"]);
+    for c in &commands {
+        qemu.arg("-c").arg(c);
+    }
+    let out = qemu.arg(&uri).output().expect("qemu-io is required by this test");
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(text.contains("No space left on device"), "node 3 never filled:\n{text}");
+    assert!(!text.contains("Input/output error"), "{text}");
+    let state = |copy: usize| {
+        let v = members[o].get("/v1/volumes/r1").unwrap();
+        v["components"][copy]["state"].as_str().unwrap().to_owned()
+    };
+    assert_ne!(state(2), "active", "node 3's copy missed writes");
+    assert_eq!(state(0), "active");
+    // Room again: the volume trimmed, node 3's copy is levelled by trims.
+    crate::harness::qemu_io(&uri, &["discard 0 256M", "write -P 0x5b 0 1M", "flush"]);
+    wait_copies_equal(&members, &key, "r1", 4);
+    let (o, epoch) = owner(&members);
+    let v = members[o].get("/v1/volumes/r1").unwrap();
+    let id3 = v["components"][2]["id"].as_u64().unwrap();
+    assert_eq!(read_component(&members[2], &key, id3, epoch, 0), vec![0x5b; 65536]);
+    assert_eq!(read_component(&members[2], &key, id3, epoch, 200 << 20), vec![0; 65536]);
+}
+
 /// A block that rots on a copy other than the owner's is found by the owner's periodic
 /// scrub (`scrub_every_secs`) and rewritten: with no change of owner, and no client
 /// reading it.

@@ -12,6 +12,7 @@ mod dashboard;
 mod dataplane;
 mod durability;
 mod file_modes;
+mod full_disk;
 mod harness;
 mod help;
 mod http_api;

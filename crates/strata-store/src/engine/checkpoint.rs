@@ -207,6 +207,18 @@ impl<F: RawFile> Engine<F> {
         self.log.release(segments);
     }
 
+    /// Bytes of free segments that hold file-system space (not punched): log writes
+    /// there cost the file system nothing.
+    pub fn backed_free_bytes(&self) -> u64 {
+        self.log.backed_free_segments() * SEGMENT_SLOTS * super::BLOCK_BYTES as u64
+    }
+
+    /// Returns segments taken by [`Engine::take_surplus_free`] once punched (later calls
+    /// of it leave them out until they are used again).
+    pub fn return_punched(&mut self, segments: &[u64]) {
+        self.log.release_punched(segments);
+    }
+
     /// Loads a checkpoint's bytes and replays the log written since.
     pub(super) fn from_checkpoint(file: F, bytes: &[u8]) -> Result<Engine<F>, EngineError> {
         if bytes.len() < HEADER_BYTES || &bytes[..8] != MAGIC {
@@ -291,7 +303,7 @@ impl<F: RawFile> Engine<F> {
             }
         }
         let (log, records) = Log::open_from(file, start)?;
-        let mut engine = Engine { log, forest, views, vba_map, next_vba };
+        let mut engine = Engine { log, forest, views, vba_map, next_vba, space: None };
         for record in records {
             engine.apply(&record);
         }

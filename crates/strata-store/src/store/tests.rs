@@ -341,3 +341,82 @@ fn a_batch_is_done_inline_only_when_whole_blocks_small_and_the_lock_free() {
     assert!(matches!(v.try_write_many_nowait(&writes), Err(StoreError::Failed)));
     assert!(matches!(v.write_many(&writes), Err(StoreError::Failed)));
 }
+
+/// A small tmpfs (root only: the test says so and passes elsewhere), unmounted on drop.
+struct Tmpfs(tempfile::TempDir);
+
+impl Tmpfs {
+    fn mount(size: &str) -> Option<Tmpfs> {
+        let dir = tempfile::tempdir().unwrap();
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if !mounted {
+            eprintln!("cannot mount a tmpfs here (not root?): skipped");
+            return None;
+        }
+        Some(Tmpfs(dir))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(self.0.path()).status();
+    }
+}
+
+/// One volume fills the file system: its writes get `NoSpace` before the file system is
+/// full (the reserve stays free), the store does not turn failed, the other volume still
+/// reads, a trim frees space and writes resume without a reopen; the store reopens.
+#[test]
+fn a_volume_filling_the_disk_gets_enospc_and_the_store_serves_on() {
+    let Some(fs) = Tmpfs::mount("48m") else { return };
+    let dir = fs.0.path().join("store");
+    let store = LogStore::open(&dir).unwrap();
+    let reserve = store.space().reserve_bytes;
+    assert_eq!(reserve, 24 << 20, "64 MiB at least, half of a small file system at most");
+    let a = store.create_volume(VolumeId(1), 64 << 20).unwrap();
+    let b = store.create_volume(VolumeId(2), 1 << 20).unwrap();
+    b.write_at(&pattern(1 << 20, 7), 0).unwrap();
+    let chunk = pattern(1 << 20, 3);
+    let mut written = 0;
+    // Fill: 1 MiB writes, then 4 KiB ones once they no longer fit.
+    for size in [1 << 20, 4096] {
+        let refused = loop {
+            match a.write_at(&chunk[..size], written) {
+                Ok(()) => written += size as u64,
+                Err(e) => break e,
+            }
+            assert!(written < 64 << 20, "the file system filled up");
+        };
+        assert!(matches!(refused, StoreError::NoSpace), "{refused}");
+    }
+    let space = store.space();
+    assert!(space.full && space.nearly_full && space.refused_writes == 2, "{space:?}");
+    assert!(space.free_bytes >= reserve - (1 << 20), "the reserve stays free: {space:?}");
+    // A refused write changed nothing, and the store is not failed: reads, syncs, small
+    // writes refused the same way, snapshots taken.
+    assert_eq!(read_all(&*b), pattern(1 << 20, 7));
+    store.sync().unwrap();
+    assert!(matches!(b.write_at(&[1; 4096], 0), Err(StoreError::NoSpace)));
+    let mut back = vec![0u8; 4096];
+    a.read_at(&mut back, written).unwrap();
+    assert_eq!(back, vec![0; 4096], "nothing of the refused write");
+    store.snapshot(2, 3).unwrap();
+    // A trim of the full volume frees its space: writes resume without a reopen.
+    a.trim(0, 64 << 20).unwrap();
+    let mut waited = 0;
+    while b.write_at(&[1; 4096], 0).is_err() {
+        store.maintain(usize::MAX, false).unwrap();
+        waited += 1;
+        assert!(waited < 20, "space came back: {:?}", store.space());
+    }
+    assert!(!store.space().full);
+    a.write_at(&chunk, 0).unwrap();
+    drop((a, b));
+    drop(store);
+    let store = LogStore::open(&dir).unwrap();
+    assert_eq!(read_all(&*store.open_volume(VolumeId(1)).unwrap())[..1 << 20], chunk[..]);
+}
