@@ -77,10 +77,7 @@ fn components_are_fenced_by_epoch_across_a_crash() {
         // and told why.
         let outsider = DataPeer::new(DataKey::from_secret(b"not the secret"), addr.clone());
         let r = outsider.call(request(Kind::Read, c, 9, 0, 0), &[]).await;
-        assert!(
-            matches!(&r, Err(CallError::NotSent(why)) if why.contains("secret")),
-            "{r:?}"
-        );
+        assert!(matches!(&r, Err(CallError::NotSent(why)) if why.contains("secret")), "{r:?}");
         c
     });
     // Components are not volumes: not listed, not exported.
