@@ -38,6 +38,11 @@
 #                                        rbd cache off, is already acked by the OSDs).
 #   STRATA_BIN path to a strata binary (else cargo build --release -p strata-server)
 #   SKIP_CEPH=1  Strata rows only
+#   SKIP_PLAINTEXT=1  no second RF3 cluster with inter-node records in plaintext (by
+#              default the randwrite_* workloads run again on a fresh 3-member cluster
+#              started with the bench-only STRATA_BENCH_INTERNODE_PLAINTEXT=1: the
+#              handshake authenticates, records go unencrypted; rows "rf3plain" and the
+#              "inter-node encryption" block: iops, p99 and CPU us per write on vs off)
 #   SKIP_RESYNC=1  no resync/failover measurements (below)
 #   RESYNC_LOAD_SECS  seconds of random writes while node 3 is away      (default 20)
 #   RESYNC_TIMEOUT    longest wait for a returned copy to be active, s   (default 600)
@@ -700,6 +705,77 @@ PIDS=()
 [ "${KEEP_SCRATCH:-0}" = 1 ] || rm -rf "$SCRATCH"/rf3/n[123]/   # 3 GiB of copies; logs stay
 
 # =====================================================================================
+# 1b. Strata RF=3 again, inter-node records NOT encrypted (the bench-only switch
+#     STRATA_BENCH_INTERNODE_PLAINTEXT=1: the handshake still authenticates both sides,
+#     the records after it are sent in clear; bound into the handshake, so a node
+#     without the switch refuses these): the write rows only, to price encryption
+# =====================================================================================
+PLAIN_WL=()
+for w in "${WL[@]}"; do [[ $w == randwrite_* ]] && PLAIN_WL+=("$w"); done
+if [ "${SKIP_PLAINTEXT:-0}" != 1 ] && [ ${#PLAIN_WL[@]} -gt 0 ]; then
+  P=$SCRATCH/rf3p; mkdir -p "$P"
+  mapfile -t ports < <(free_ports 9)
+  PRPC=(); PNBD=(); PHTTP=(); PLPID=()
+  for i in 1 2 3; do
+    mkdir -p "$P/n$i"
+    PRPC+=("127.0.0.1:${ports[$((i - 1))]}"); PNBD+=("127.0.0.1:${ports[$((i + 2))]}"); PHTTP+=("127.0.0.1:${ports[$((i + 5))]}")
+    join=""; [ "$i" = 1 ] || join="\"${PRPC[0]}\""
+    printf 'node_id = %s\ndata_dir = "%s"\nrpc = "%s"\nnbd = "%s"\nhttp = "%s"\njoin = [%s]\nsite = "a"\nrack = "r%s"\n' \
+      "$i" "$P/n$i" "${PRPC[$((i - 1))]}" "${PNBD[$((i - 1))]}" "${PHTTP[$((i - 1))]}" "$join" "$i" >"$P/n$i.toml"
+  done
+  start_plain() { # i
+    STRATA_BENCH_INTERNODE_PLAINTEXT=1 "$STRATA" serve --config "$P/n$1.toml" >>"$P/n$1.log" 2>&1 &
+    PLPID[$1]=$!; PIDS+=("$!")
+    wait_up "${PLPID[$1]}" "http://${PHTTP[$(($1 - 1))]}" "$P/n$1.log" "plaintext member $1"
+  }
+  API=http://${PHTTP[0]}
+  log "strata RF=3, inter-node plaintext (bench switch): starting 3 members"
+  start_plain 1
+  scli cluster init >"$P/init.log" 2>&1 || { log "cluster init failed:"; cat "$P/init.log" >&2; exit 3; }
+  cp "$P/n1/secret" "$P/n2/secret"; cp "$P/n1/secret" "$P/n3/secret"
+  start_plain 2; start_plain 3
+  grep -q 'NOT ENCRYPTED' "$P/n1.log" || { log "the plaintext switch did not take (no warning in n1.log)"; exit 3; }
+  for j in $(seq 600); do
+    ok=$(curl -fsS "$API/v1/cluster" 2>/dev/null | python3 -c '
+import json, sys
+ms = json.load(sys.stdin)["cluster"]["members"]
+print(int(len(ms) == 3 and all(m["role"] == "voter" and m.get("session", {}).get("up") is True for m in ms)))' 2>/dev/null || echo 0)
+    [ "$ok" = 1 ] && break
+    [ "$j" = 600 ] && { log "plaintext cluster: no 3 voters in 60 s"; exit 3; }
+    sleep 0.1
+  done
+  scli volume create bench --size "$SIZE" --replicas 3 --json >"$P/create.json" 2>&1 \
+    || { log "volume create failed:"; cat "$P/create.json" >&2; exit 3; }
+  for j in $(seq 300); do
+    s=$(copy_states)
+    [[ $s == *copies=active/active/active* ]] && break
+    [ "$j" = 300 ] && { log "plaintext cluster: copies not all active after 30 s: $s"; exit 3; }
+    sleep 0.1
+  done
+  URI_P=nbd://${PNBD[0]}/bench
+  wait_nbd "$URI_P"
+  prefill_nbd "$URI_P" rf3plain || exit 3
+  SRV_PIDS=("${PLPID[1]}" "${PLPID[2]}" "${PLPID[3]}")
+  for ((rep = 1; rep <= REPS; rep++)); do
+    for w in "${PLAIN_WL[@]}"; do
+      sync
+      meas_begin
+      if [ "$w" = randwrite_4k_qd1_fua ]; then r=$(run_fua "$URI_P"); else r=$(run_nbdbench "$URI_P" "$w" rf3plain "${PLPID[1]}"); fi
+      meas_end
+      record rf3plain "$w" "$rep" "$r" "after=$(copy_states) "
+    done
+  done
+  log "strata RF=3 plaintext: done; stopping the members"
+  for p in "${SRV_PIDS[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+  for p in "${SRV_PIDS[@]}"; do
+    for _ in $(seq 300); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true
+  done
+  PIDS=()
+  [ "${KEEP_SCRATCH:-0}" = 1 ] || rm -rf "$P"/n[123]/
+fi
+
+# =====================================================================================
 # 2. Strata one node
 # =====================================================================================
 log "strata 1-node: strata up"
@@ -842,6 +918,18 @@ if reads:
         a, o, c = med("rf3n2", wl, "iops"), med("one", wl, "iops"), med("ceph", wl, "iops")
         print("  %-17s %7s iops  p99 %6s us   /1node %5s   /ceph %5s   (via the owner: %s iops)" % (
             wl, f(a), f(med("rf3n2", wl, "p99_us")), f(ratio(a, o), "%.2f"), f(ratio(a, c), "%.2f"), f(med("rf3", wl, "iops"))))
+plain = [wl for wl in wls if med("rf3plain", wl, "iops")]
+if plain:
+    print("inter-node encryption, RF3 writes (on: Noise AES-GCM records; off: the bench-only plaintext switch;")
+    print(" cpu us/write: CPU time of the three members over the run / writes = srv_cpu%*1e4/iops):")
+    print("  %-22s %9s %9s %8s %8s %10s %10s %8s" % ("workload", "iops on", "iops off", "p99 on", "p99 off", "cpu us on", "cpu us off", "on/off"))
+    for wl in plain:
+        a, b = med("rf3", wl, "iops"), med("rf3plain", wl, "iops")
+        ca, cb = med("rf3", wl, "srv_cpu"), med("rf3plain", wl, "srv_cpu")
+        ua = ca * 1e4 / a if ca and a else None
+        ub = cb * 1e4 / b if cb and b else None
+        print("  %-22s %9s %9s %8s %8s %10s %10s %8s" % (wl, f(a), f(b), f(med("rf3", wl, "p99_us")), f(med("rf3plain", wl, "p99_us")),
+              f(ua, "%.1f"), f(ub, "%.1f"), f(ratio(a, b), "%.2f")))
 print("(iops: medians over reps; p99us: total latency, submit->complete, microseconds; in the _fsync row iops")
 print(" counts the writes, each followed by a FLUSH, and p99us is the write's alone: fio times the FLUSH apart)")
 print()

@@ -7,7 +7,9 @@
 //! - [`sim`]: the `RawFile` trait the log-structured store (`strata-store`) writes through,
 //!   implemented by `std::fs::File` and by `SimFile`, which crashes at any moment (durable
 //!   vs volatile images, torn writes).
-//! - [`net`]: inter-node connections (their source address, their frame writer task).
+//! - [`net`]: inter-node connections: their source address, the authenticated and
+//!   encrypted channel every one runs (Noise NNpsk0), the flood-proof listener, the frame
+//!   writer task.
 //!
 //! This crate must not depend on any front end (NBD, HTTP) or on the metadata service.
 //! Design: `docs/design/nbd.md` (durability section).

@@ -1,15 +1,22 @@
-//! Inter-node connections: outgoing ones from this node's own address, and the writer
-//! task every connection's frames go out through.
+//! Inter-node connections: outgoing ones from this node's own address, the authenticated
+//! and encrypted channel every connection runs ([`channel`]: Noise NNpsk0 with a key
+//! derived from the cluster secret), the listener that accepts only authenticated peers
+//! and survives floods ([`listener`]), and the writer task every connection's frames go
+//! out through.
 //!
 //! A node whose RPC address is a loopback address other than 127.0.0.1 (several nodes on
 //! one machine, each on its own 127.0.0.x) connects to its peers from that address, so
 //! a firewall rule can tell the nodes' traffic apart (the fault tests cut one node off
 //! with nft this way). Anywhere else the kernel chooses the source address.
 
+pub mod channel;
+pub mod listener;
+
+pub use channel::{Channel, ChannelKey, ChannelReader, ChannelWriter, HandshakeError};
+
 use std::net::IpAddr;
 use std::sync::OnceLock;
-use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::OwnedWriteHalf;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::mpsc;
 
@@ -48,8 +55,8 @@ pub async fn connect(addr: &str) -> std::io::Result<TcpStream> {
 /// Spawns the task that writes each frame queued on the returned sender, whole and in
 /// order (so a sender that stops waiting never leaves half a frame on the wire); on a
 /// write error it runs `on_error` and stops.
-pub fn frame_writer(
-    mut writer: OwnedWriteHalf,
+pub fn frame_writer<W: AsyncWrite + Unpin + Send + 'static>(
+    mut writer: W,
     on_error: impl FnOnce() + Send + 'static,
 ) -> mpsc::UnboundedSender<Vec<u8>> {
     let (frames, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
@@ -69,4 +76,17 @@ pub fn frame_writer(
         }
     });
     frames
+}
+
+/// Raises this process's open-file limit to its hard limit (a node holds a socket per
+/// peer connection and per NBD client, and a flood of connections must meet the
+/// listener's own limits, not EMFILE first); returns the limit now in force.
+pub fn raise_descriptor_limit() -> std::io::Result<u64> {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let mut limit = getrlimit(Resource::Nofile);
+    if limit.current != limit.maximum {
+        limit.current = limit.maximum;
+        setrlimit(Resource::Nofile, limit)?;
+    }
+    Ok(limit.current.unwrap_or(u64::MAX))
 }

@@ -1,4 +1,15 @@
-//! Inter-node RPC for the Raft members: framed, authenticated with the cluster secret.
+//! Inter-node RPC for the Raft members: framed messages inside the authenticated,
+//! encrypted inter-node channel (`strata_io::net::channel`).
+//!
+//! Every connection to the RPC port runs the channel's handshake first (Noise NNpsk0, the
+//! key derived from the cluster secret): a peer without the secret is refused there, with
+//! a refusal that says so (`CallError::Refused`: "is this node's secret the cluster's?"),
+//! and a record replayed, reordered or taken from another connection is refused by the
+//! channel. Inside it, the connection's first bytes say which plane it is for: `SRP1`
+//! frames below, or `SDP1` (`strata-replica`'s data frames), handed to the member's
+//! [`DataPlane`]. The port's listener (`strata_io::net::listener`) reads nothing but a
+//! small handshake before a peer is authenticated, and survives floods and descriptor
+//! exhaustion.
 //!
 //! ```text
 //! frame:  0  4  magic "SRP1"
@@ -6,12 +17,10 @@
 //!         8 32  BLAKE3 keyed hash of the body, keyed by a key derived from the secret
 //!        40  …  body: JSON of `Envelope`
 //! ```
-//! A frame whose MAC does not verify is answered with one unauthenticated refusal frame
-//! (magic "SRP!", length, a UTF-8 reason: so a node with the wrong secret gets a clear
-//! error) and the connection is closed: a node without the secret can neither join nor
-//! talk. Decoding untrusted bytes never panics. (Replay of captured frames is not
-//! prevented yet; the RPC is meant for a private network or loopback until it runs over
-//! TLS.)
+//! The MAC predates the channel and stays as defense in depth (the channel's AEAD already
+//! authenticates every byte). A frame whose MAC does not verify is answered with one
+//! refusal frame (magic "SRP!", length, a UTF-8 reason) and the connection is closed.
+//! Decoding untrusted bytes never panics.
 //!
 //! Every frame's body is an [`Envelope`]: a request id and the message. Requests run
 //! concurrently and are answered by id, so one connection carries many at once (Raft's
@@ -35,8 +44,9 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use strata_io::net::channel::{Channel, ChannelKey, HandshakeError};
 use tokio::io::AsyncReadExt;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 
 const MAGIC: &[u8; 4] = b"SRP1";
@@ -46,8 +56,9 @@ pub const DATA_MAGIC: &[u8; 4] = b"SDP1";
 
 /// Serves data-plane connections arriving on the RPC port.
 pub trait DataPlane: Send + Sync + 'static {
-    /// Takes over a connection whose first bytes are [`DATA_MAGIC`] (spawns its own task).
-    fn handle(&self, stream: TcpStream, peer: std::net::SocketAddr);
+    /// Takes over an authenticated connection whose first bytes are [`DATA_MAGIC`] (spawns
+    /// its own task).
+    fn handle(&self, channel: Channel, peer: std::net::SocketAddr);
 }
 const REFUSAL: &[u8; 4] = b"SRP!";
 /// How long connecting to a peer may take.
@@ -56,18 +67,33 @@ const HEADER_BYTES: usize = 40;
 /// The largest frame body accepted (a snapshot chunk or a batch of entries fits).
 pub const FRAME_BYTES_MAX: usize = 64 << 20;
 
-/// The key frames are authenticated with, derived from the cluster secret.
+/// How long a new connection's first frame may take to say which plane it is for.
+const PLANE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The keys of the RPC plane, derived from the cluster secret: the channel's and the
+/// frames' MAC key.
 #[derive(Clone)]
-pub struct Key([u8; 32]);
+pub struct Key {
+    mac: [u8; 32],
+    channel: ChannelKey,
+}
 
 impl Key {
-    /// Derives the RPC key from the cluster secret's bytes.
+    /// Derives the RPC keys from the cluster secret's bytes.
     pub fn from_secret(secret: &[u8]) -> Key {
-        Key(blake3::derive_key("strata cluster rpc v1", secret))
+        Key {
+            mac: blake3::derive_key("strata cluster rpc v1", secret),
+            channel: ChannelKey::from_secret(secret),
+        }
+    }
+
+    /// The inter-node channel's key.
+    pub fn channel(&self) -> &ChannelKey {
+        &self.channel
     }
 
     fn mac(&self, body: &[u8]) -> [u8; 32] {
-        *blake3::keyed_hash(&self.0, body).as_bytes()
+        *blake3::keyed_hash(&self.mac, body).as_bytes()
     }
 }
 
@@ -185,43 +211,43 @@ fn refusal_frame(reason: &str) -> Vec<u8> {
     frame
 }
 
-/// Serves RPCs to `member` on `listener` until the listener fails.
+/// Serves RPCs to `member` on `listener` (never ends: accept errors are retried).
 pub async fn serve(listener: TcpListener, member: Arc<Member>) {
-    loop {
-        let Ok((stream, peer)) = listener.accept().await else { return };
-        let _ = stream.set_nodelay(true);
+    let key = member.key().channel.clone();
+    strata_io::net::listener::serve(listener, key, move |mut channel, peer| {
         let member = member.clone();
-        tokio::spawn(async move {
+        async move {
             // The port carries both planes; a connection's first bytes say which.
-            let mut magic = [0u8; 4];
-            let peek = async {
-                loop {
-                    match stream.peek(&mut magic).await {
-                        Ok(4) => return true,
-                        Ok(0) | Err(_) => return false,
-                        Ok(_) => tokio::time::sleep(Duration::from_millis(1)).await,
-                    }
-                }
+            let magic = match tokio::time::timeout(PLANE_TIMEOUT, channel.reader.peek(4)).await {
+                Ok(Ok(first)) => <[u8; 4]>::try_from(&first[..4]).expect("4 bytes peeked"),
+                Ok(Err(e)) => return closed(peer, &e),
+                Err(_) => return,
             };
-            if !matches!(tokio::time::timeout(Duration::from_secs(10), peek).await, Ok(true)) {
-                return;
-            }
             match member.data_plane() {
-                Some(data) if &magic == DATA_MAGIC => data.handle(stream, peer),
-                _ => serve_connection(stream, peer, member).await,
+                Some(data) if &magic == DATA_MAGIC => data.handle(channel, peer),
+                _ => serve_connection(channel, peer, member).await,
             }
-        });
+        }
+    })
+    .await
+}
+
+/// Says why an authenticated connection broke, if it was the channel refusing a record
+/// (tampered with, replayed, spliced); a connection that just closed is no news.
+pub fn closed(peer: std::net::SocketAddr, e: &std::io::Error) {
+    if e.kind() == std::io::ErrorKind::InvalidData {
+        tracing::warn!(%peer, "closing an inter-node connection: {e}");
     }
 }
 
-async fn serve_connection(stream: TcpStream, peer: std::net::SocketAddr, member: Arc<Member>) {
+async fn serve_connection(channel: Channel, peer: std::net::SocketAddr, member: Arc<Member>) {
     let key = member.key().clone();
-    let (mut reader, writer) = stream.into_split();
+    let Channel { mut reader, writer } = channel;
     let tx = strata_io::net::frame_writer(writer, || ());
     loop {
         let Envelope { id, body } = match read_frame::<Envelope<Request>>(&mut reader, &key).await {
             Ok(r) => r,
-            Err(FrameError::Io(_)) => return,
+            Err(FrameError::Io(e)) => return closed(peer, &e),
             Err(e) => {
                 tracing::warn!(%peer, "refusing an RPC connection: {e}");
                 let _ = tx.send(refusal_frame(&e.to_string()));
@@ -353,7 +379,18 @@ impl Peer {
             Err(_) => return Err(CallError::NotSent(format!("{}: connect timed out", self.addr))),
         };
         let _ = stream.set_nodelay(true);
-        let (mut reader, writer) = stream.into_split();
+        let Channel { mut reader, writer } =
+            strata_io::net::channel::initiate(stream, &self.key.channel).await.map_err(|e| {
+                let addr = self.addr.clone();
+                match e {
+                    HandshakeError::Refused(reason) => CallError::Refused { addr, reason },
+                    HandshakeError::Unauthenticated => CallError::Refused {
+                        addr,
+                        reason: "its handshake did not authenticate with our secret".into(),
+                    },
+                    e => CallError::NotSent(format!("{addr}: {e}")),
+                }
+            })?;
         let conn = Arc::new_cyclic(|me: &std::sync::Weak<Conn>| {
             let me = me.clone();
             Conn {

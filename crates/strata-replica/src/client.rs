@@ -1,4 +1,5 @@
-//! A connection to one node's data plane carrying many requests at once: each request
+//! A connection to one node's data plane carrying many requests at once, inside the
+//! inter-node channel (opened with its handshake, `strata_io::net::channel`): each request
 //! gets an id, replies are matched by id (they may come in any order). The caller writes
 //! its frame itself (no hand-off to a writer task: one wake-up less per request), under
 //! the connection's write lock; a caller that gives up in the middle of a frame kills
@@ -9,8 +10,8 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use strata_io::net::channel::{Channel, ChannelWriter, HandshakeError, SECRET_HINT};
 use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::oneshot;
 
 /// The most of a failure's text kept from a reply.
@@ -54,7 +55,7 @@ fn colon(text: &str) -> String {
 type Waiters = Mutex<Option<HashMap<u64, oneshot::Sender<(Header, Vec<u8>)>>>>;
 
 struct Conn {
-    writer: tokio::sync::Mutex<OwnedWriteHalf>,
+    writer: tokio::sync::Mutex<ChannelWriter>,
     waiting: Waiters,
     reader: Mutex<Option<tokio::task::AbortHandle>>,
 }
@@ -163,7 +164,15 @@ impl DataPeer {
             Err(_) => return Err(CallError::NotSent(format!("{}: connect timed out", self.addr))),
         };
         let _ = stream.set_nodelay(true);
-        let (reader, writer) = stream.into_split();
+        let Channel { reader, writer } =
+            strata_io::net::channel::initiate(stream, self.key.channel()).await.map_err(|e| {
+                CallError::NotSent(match e {
+                    HandshakeError::Refused(reason) => {
+                        format!("{} refused us: {reason} ({SECRET_HINT})", self.addr)
+                    }
+                    e => format!("{}: {e}", self.addr),
+                })
+            })?;
         let mut reader =
             tokio::io::BufReader::with_capacity(strata_io::net::READ_BUFFER_BYTES, reader);
         let conn = Arc::new(Conn {

@@ -1,4 +1,8 @@
-//! The data plane's frames: one header, an optional payload, a checksum and a MAC.
+//! The data plane's frames: one header, an optional payload, a checksum and a MAC. They
+//! travel inside the inter-node channel (`strata_io::net::channel`: Noise NNpsk0, AES-GCM
+//! records numbered per direction), which authenticates the peer and encrypts them, and
+//! refuses a record replayed, reordered or taken from another connection: a frame is
+//! bound to its connection, direction and position.
 //!
 //! ```text
 //! off len field
@@ -28,8 +32,10 @@
 //!
 //! All integers little-endian. A frame is accepted only if its magic, kind, lengths, crc
 //! and MAC all check; the crc catches damage, the MAC a sender without the secret (a
-//! different key derivation from the metadata plane's, so a captured frame of one plane
-//! is no frame of the other). Decoding never panics on any input.
+//! different key derivation from the metadata plane's, so a frame of one plane is no
+//! frame of the other). The MAC predates the channel and stays as defense in depth: the
+//! channel's AEAD already authenticates every byte, so it costs ~1.3 us of BLAKE3 per
+//! 4 KiB frame at each end for no new property. Decoding never panics on any input.
 
 use tokio::io::{AsyncRead, AsyncReadExt};
 
@@ -40,21 +46,33 @@ pub const HEADER_BYTES: usize = 92;
 /// The largest payload accepted.
 pub const PAYLOAD_BYTES_MAX: usize = 8 << 20;
 
-/// The key data frames are authenticated with.
+/// The keys of the data plane, derived from the cluster secret: the inter-node channel's
+/// and the frames' MAC key.
 #[derive(Clone)]
-pub struct DataKey([u8; 32]);
+pub struct DataKey {
+    mac: [u8; 32],
+    channel: strata_io::net::ChannelKey,
+}
 
 impl DataKey {
-    /// Derives the data-plane key from the cluster secret's bytes.
+    /// Derives the data-plane keys from the cluster secret's bytes.
     pub fn from_secret(secret: &[u8]) -> DataKey {
-        DataKey(blake3::derive_key("strata cluster data v1", secret))
+        DataKey {
+            mac: blake3::derive_key("strata cluster data v1", secret),
+            channel: strata_io::net::ChannelKey::from_secret(secret),
+        }
+    }
+
+    /// The inter-node channel's key.
+    pub fn channel(&self) -> &strata_io::net::ChannelKey {
+        &self.channel
     }
 
     /// The payload goes first: after the 60 header bytes it would start mid-chunk, and
     /// BLAKE3 then compresses every chunk one block at a time (4.8 us for 4 KiB here,
     /// against 1.8 us with the chunks aligned).
     fn mac(&self, head: &[u8], payload: &[u8]) -> [u8; 32] {
-        let mut hasher = blake3::Hasher::new_keyed(&self.0);
+        let mut hasher = blake3::Hasher::new_keyed(&self.mac);
         hasher.update(payload);
         hasher.update(head);
         *hasher.finalize().as_bytes()

@@ -99,6 +99,10 @@ pub struct Config {
     /// seconds is closed (a client that went away without a FIN); 0: never.
     #[serde(default = "default_nbd_idle_timeout")]
     pub nbd_idle_timeout_secs: u64,
+    /// Space client writes leave free on the data directory's file system (see the
+    /// module doc); `None`: [`strata_types::RESERVE_DEFAULT`].
+    #[serde(default, deserialize_with = "de_reserve")]
+    pub reserve: Option<strata_types::Reserve>,
 }
 
 fn default_nbd_idle_timeout() -> u64 {
@@ -113,10 +117,6 @@ pub enum NbdTls {
     Require,
     /// Plain NBD (on a network beyond loopback only when written out).
     Off,
-    /// Space client writes leave free on the data directory's file system (see the
-    /// module doc); `None`: [`strata_types::RESERVE_DEFAULT`].
-    #[serde(default, deserialize_with = "de_reserve")]
-    pub reserve: Option<strata_types::Reserve>,
 }
 
 fn de_reserve<'de, D: serde::Deserializer<'de>>(

@@ -1,5 +1,6 @@
 //! The node's data plane: component I/O for replicated volumes' owners, on the RPC port
-//! (connections that start with `SDP1`), in `strata-replica`'s frames.
+//! (authenticated, encrypted connections — `strata_io::net::channel` — whose first bytes
+//! inside the channel are `SDP1`), in `strata-replica`'s frames.
 //!
 //! Invariants:
 //! 1. Every request on a component passes its epoch fence first and holds its pass while
@@ -33,6 +34,7 @@ use crate::node::Node;
 use bytes::Bytes;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use strata_io::net::channel::{Channel, ChannelWriter};
 use strata_io::{BlockVolume, IoOp, StoreError};
 use strata_replica::client::DETAIL_CHARS;
 use strata_replica::frame::{
@@ -40,7 +42,6 @@ use strata_replica::frame::{
     FLAG_VOLUME, FLAG_WHOLE,
 };
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 
 /// The largest read served in one request.
 const READ_BYTES_MAX: u32 = 8 << 20;
@@ -55,7 +56,7 @@ const WRITE_BATCH_BYTES: usize = 1 << 20;
 const FORWARDED_BATCH_MAX: usize = 64;
 
 /// A connection's write half, replies written whole under its lock.
-type Replies = Arc<tokio::sync::Mutex<tokio::net::tcp::OwnedWriteHalf>>;
+type Replies = Arc<tokio::sync::Mutex<ChannelWriter>>;
 
 /// The data plane of one node.
 pub struct DataService {
@@ -494,8 +495,8 @@ impl DataService {
         });
     }
 
-    async fn serve(self: Arc<Self>, stream: TcpStream, peer: std::net::SocketAddr) {
-        let (reader, writer) = stream.into_split();
+    async fn serve(self: Arc<Self>, channel: Channel, peer: std::net::SocketAddr) {
+        let Channel { reader, writer } = channel;
         let mut reader =
             tokio::io::BufReader::with_capacity(strata_io::net::READ_BUFFER_BYTES, reader);
         // Replies are written whole under this lock: by this task for the requests it
@@ -511,7 +512,7 @@ impl DataService {
             // burst applied together and answered in one write), or once enough have
             // gathered (under a steady stream the buffer may never be empty at a frame's
             // end).
-            let idle = reader.buffer().is_empty();
+            let idle = reader.buffer().is_empty() && !reader.get_ref().has_buffered();
             if !batch.is_empty() && (idle || batched >= WRITE_BATCH_BYTES) {
                 self.write_batch(std::mem::take(&mut batch), &mut done).await;
                 batched = 0;
@@ -527,7 +528,9 @@ impl DataService {
             }
             let (h, payload) = match read_frame(&mut reader, &self.key).await {
                 Ok(f) => f,
-                Err(strata_replica::frame::FrameError::Io(_)) => return,
+                Err(strata_replica::frame::FrameError::Io(e)) => {
+                    return strata_meta::rpc::closed(peer, &e)
+                }
                 Err(e) => {
                     tracing::warn!(%peer, "closing a data-plane connection: {e}");
                     return;
@@ -599,7 +602,7 @@ pub fn digests(volume: &dyn BlockVolume, offset: u64, count: usize) -> Result<Ve
 pub struct Plane(pub Arc<DataService>);
 
 impl strata_meta::rpc::DataPlane for Plane {
-    fn handle(&self, stream: TcpStream, peer: std::net::SocketAddr) {
-        tokio::spawn(self.0.clone().serve(stream, peer));
+    fn handle(&self, channel: Channel, peer: std::net::SocketAddr) {
+        tokio::spawn(self.0.clone().serve(channel, peer));
     }
 }

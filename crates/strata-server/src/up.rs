@@ -292,6 +292,30 @@ fn run(config: Config, one_node: bool) -> anyhow::Result<()> {
     runtime.block_on(serve(config, one_node))
 }
 
+/// Set only by `bench/replicated.sh` to measure what inter-node encryption costs; see
+/// [`internode_setup`].
+const BENCH_PLAINTEXT_ENV: &str = "STRATA_BENCH_INTERNODE_PLAINTEXT";
+
+/// Raises the open-file limit (a flood of connections must meet the listener's limits,
+/// not EMFILE), and takes the bench-only plaintext switch: records unencrypted after an
+/// authenticating handshake, bound into the handshake's prologue so that a node without
+/// the same switch refuses this one. Not an operator's setting (not in the config or the
+/// docs): it says so loudly.
+fn internode_setup() {
+    match strata_io::net::raise_descriptor_limit() {
+        Ok(limit) => tracing::debug!(limit, "open-file limit"),
+        Err(e) => tracing::warn!("cannot raise the open-file limit: {e}"),
+    }
+    if std::env::var_os(BENCH_PLAINTEXT_ENV).is_some_and(|v| v == "1") {
+        strata_io::net::channel::bench_plaintext_records();
+        tracing::warn!(
+            "{BENCH_PLAINTEXT_ENV}=1: INTER-NODE TRAFFIC IS NOT ENCRYPTED OR AUTHENTICATED \
+             AFTER THE HANDSHAKE (a benchmark's switch; never run a real cluster with it; \
+             nodes without it refuse this one)"
+        );
+    }
+}
+
 /// Starts the metadata member; founds or joins a cluster when it belongs to none.
 async fn start_member(
     config: &Config,
@@ -301,6 +325,7 @@ async fn start_member(
     // Several nodes on one machine, each on its own 127.0.0.x: their connections to each
     // other come from their own addresses (fault tests cut one off by address).
     strata_io::net::set_source_address(config.rpc.ip());
+    internode_setup();
     let listener = tokio::net::TcpListener::bind(config.rpc)
         .await
         .with_context(|| format!("listen for inter-node RPC on {}", config.rpc))?;

@@ -40,6 +40,30 @@ pub const NBD_BLOCK_STATUS_EXTENTS_MAX: usize = 4096;
 /// Concurrent NBD connections per node.
 pub const NBD_CONNECTIONS_MAX: usize = 1024;
 
+/// Bytes of one inter-node handshake message read before the peer is authenticated (the
+/// Noise NNpsk0 messages are 48 bytes; anything longer is not a Strata node).
+pub const INTERNODE_HANDSHAKE_BYTES_MAX: usize = 256;
+
+/// How long an inter-node handshake may take, from accept to authenticated: long enough
+/// for a loaded node on a slow link, short enough that stalled connections free their
+/// slots (`INTERNODE_UNAUTHENTICATED_MAX`) quickly.
+pub const INTERNODE_HANDSHAKE_TIMEOUT_MS: u64 = 5_000;
+
+/// Inter-node connections accepted but not yet authenticated, per node; beyond it new
+/// ones are closed at once (a flood of stalled connections costs a socket each, never
+/// memory or a task beyond this).
+pub const INTERNODE_UNAUTHENTICATED_MAX: usize = 512;
+
+/// Of those, from one source address: a single flooding host cannot take the slots the
+/// other nodes need to reconnect.
+pub const INTERNODE_UNAUTHENTICATED_PER_SOURCE_MAX: usize = 64;
+
+/// The largest record of the inter-node channel, its tag included (Noise's message limit).
+pub const INTERNODE_RECORD_BYTES_MAX: usize = 65_535;
+
+/// Source addresses whose refusals are remembered for rate-limiting their log lines.
+pub const INTERNODE_REFUSAL_SOURCES_MAX: usize = 4096;
+
 const _: () = assert!(VOLUME_SIZE_BYTES_MAX.is_multiple_of(BLOCK_SIZE_BYTES));
 /// NBD connections one client address may hold at once: beyond it new ones are closed at
 /// once, so one host cannot take every connection of the node (multi-conn clients open
@@ -61,3 +85,5 @@ const _: () = assert!(NBD_BLOCK_STATUS_EXTENTS_MAX <= 1 << 20);
 const _: () = assert!(NBD_IN_FLIGHT_BYTES_MAX >= NBD_PAYLOAD_BYTES_MAX as u64);
 const _: () = assert!(NBD_REPLY_BYTES_MAX >= 2 * NBD_PAYLOAD_BYTES_MAX as u64);
 const _: () = assert!(NBD_CONNECTIONS_PER_ADDRESS_MAX <= NBD_CONNECTIONS_MAX);
+const _: () = assert!(INTERNODE_UNAUTHENTICATED_PER_SOURCE_MAX <= INTERNODE_UNAUTHENTICATED_MAX);
+const _: () = assert!(INTERNODE_HANDSHAKE_BYTES_MAX < INTERNODE_RECORD_BYTES_MAX);

@@ -45,7 +45,10 @@ async fn a_frame_round_trips_and_damage_or_a_wrong_secret_is_refused() {
     let other = DataKey::from_secret(b"another secret");
     assert!(matches!(decode(&frame, &other).await, Err(FrameError::Unauthenticated)));
     // The metadata plane's key (same secret, other derivation) does not verify either.
-    let meta = DataKey(blake3::derive_key("strata cluster rpc v1", b"cluster secret"));
+    let meta = DataKey {
+        mac: blake3::derive_key("strata cluster rpc v1", b"cluster secret"),
+        channel: strata_io::net::ChannelKey::from_secret(b"cluster secret"),
+    };
     assert!(matches!(decode(&frame, &meta).await, Err(FrameError::Unauthenticated)));
     let mut long = frame.clone();
     long[52..56].copy_from_slice(&(PAYLOAD_BYTES_MAX as u32 + 1).to_le_bytes());

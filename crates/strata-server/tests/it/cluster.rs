@@ -20,6 +20,7 @@ use strata_replica::client::{request, CallError, DataPeer};
 use strata_replica::frame::{DataKey, Kind, Status, FLAG_VOLUME};
 
 mod faults;
+mod internode;
 mod watch;
 
 struct Member {

@@ -73,10 +73,11 @@ fn components_are_fenced_by_epoch_across_a_crash() {
         assert_eq!(status(peer.call(missing, &block).await.unwrap_err()).0, Status::NotFound);
         let bad_name = request(Kind::Create, 0, 0, 0, 8 << 20);
         assert_eq!(status(peer.call(bad_name, b"../x").await.unwrap_err()).0, Status::Invalid);
-        // A peer without the secret gets no answer at all.
+        // A peer without the secret is refused at the handshake, before it sends a frame,
+        // and told why.
         let outsider = DataPeer::new(DataKey::from_secret(b"not the secret"), addr.clone());
         let r = outsider.call(request(Kind::Read, c, 9, 0, 0), &[]).await;
-        assert!(matches!(r, Err(CallError::Lost(_))), "{r:?}");
+        assert!(matches!(&r, Err(CallError::NotSent(why)) if why.contains("secret")), "{r:?}");
         c
     });
     // Components are not volumes: not listed, not exported.

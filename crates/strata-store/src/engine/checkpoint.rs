@@ -243,7 +243,7 @@ impl<F: RawFile> Engine<F> {
             (r.u64()?, r.u64()?, r.u64()?, r.u64()?, r.u64()?);
         // Checked: a checkpoint is untrusted bytes (a fuzzer found `fresh` overflowing).
         // Slots are u32 on disk (16 TiB of log), so every slot named is below 2^32.
-        let slots_end = fresh.checked_mul(SEGMENT_SLOTS).unwrap_or(u64::MAX);
+        let slots_end = fresh.saturating_mul(SEGMENT_SLOTS);
         let slots_ok = slots_end <= 1 << 32 && at < slots_end;
         // Journal sequences start at 1 and a log never gets near 2^63 of them.
         let sequence_ok = (1..u64::MAX / 2).contains(&sequence);
