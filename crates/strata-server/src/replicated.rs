@@ -3566,6 +3566,8 @@ async fn members(meta: &Member) -> ApiResult<Vec<(Candidate, bool)>> {
 /// Creates a replicated volume owned by this node: the name is taken, components are
 /// made on `replicas` nodes (this one first), ownership is taken, the record published
 /// and the volume exported here. On a failure, what was made is removed again.
+// The volume's shape (size, copies, access list) as the API gave it, field by field.
+#[allow(clippy::too_many_arguments)]
 pub async fn create(
     node: &Arc<Node>,
     meta: &Arc<Member>,
