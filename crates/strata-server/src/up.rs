@@ -50,7 +50,11 @@ pub struct UpArgs {
     http_allowed_hosts: Vec<String>,
     /// Close an NBD connection idle this long: no request in flight and none arriving
     /// (0: never).
-    #[arg(long, value_name = "SECS", default_value_t = strata_types::limits::NBD_IDLE_TIMEOUT_SECS_DEFAULT)]
+    #[arg(
+        long,
+        value_name = "SECS",
+        default_value_t = strata_types::limits::NBD_IDLE_TIMEOUT_SECS_DEFAULT
+    )]
     nbd_idle_timeout_secs: u64,
     /// Space client writes leave free on the data directory's file system: a size (10G)
     /// or a percentage of it (5%). Below it writes get ENOSPC, while trims, deletes and
