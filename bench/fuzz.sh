@@ -23,7 +23,10 @@ cargo fuzz build --fuzz-dir "$ROOT/fuzz" -s none
 printf '%-16s %10s %12s %s\n' target seconds runs result
 for t in "${targets[@]}"; do
   log="$(mktemp)"
-  if cargo fuzz run --fuzz-dir "$ROOT/fuzz" -s none "$t" -- \
+  mkdir -p "$ROOT/fuzz/corpus/$t"
+  seeds=()
+  [ -d "$ROOT/fuzz/seeds/$t" ] && seeds=("$ROOT/fuzz/seeds/$t")
+  if cargo fuzz run --fuzz-dir "$ROOT/fuzz" -s none "$t" "$ROOT/fuzz/corpus/$t" "${seeds[@]}" -- \
       -max_total_time="$SECONDS_EACH" -rss_limit_mb=2048 -print_final_stats=1 >"$log" 2>&1; then
     result=ok
   else

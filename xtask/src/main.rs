@@ -97,24 +97,17 @@ fn fuzz_briefly() -> Result<(), String> {
     targets.sort();
     let time = format!("-max_total_time={FUZZ_SECONDS_CI}");
     for target in &targets {
-        step(
-            &format!("fuzz {target}"),
-            "cargo",
-            &[
-                "fuzz",
-                "run",
-                "--fuzz-dir",
-                dir,
-                "-s",
-                "none",
-                target,
-                "--",
-                &time,
-                "-rss_limit_mb=2048",
-                "-print_final_stats=0",
-            ],
-            &[],
-        )?;
+        // The corpus grows in fuzz/corpus/TARGET; committed seeds (fuzz/seeds/TARGET) start
+        // it where random bytes take long to reach (a whole NBD handshake).
+        let corpus = fuzz.join("corpus").join(target);
+        std::fs::create_dir_all(&corpus).map_err(|e| format!("{}: {e}", corpus.display()))?;
+        let corpus = corpus.to_str().ok_or("the corpus path is not UTF-8")?.to_owned();
+        let seeds = fuzz.join("seeds").join(target);
+        let seeds = seeds.is_dir().then(|| seeds.to_string_lossy().into_owned());
+        let mut args = vec!["fuzz", "run", "--fuzz-dir", dir, "-s", "none", target, &corpus];
+        args.extend(seeds.as_deref());
+        args.extend(["--", &time, "-rss_limit_mb=2048", "-print_final_stats=0"]);
+        step(&format!("fuzz {target}"), "cargo", &args, &[])?;
     }
     Ok(())
 }
