@@ -3,8 +3,9 @@
 //! get one line of text), its files under `/ui/`, all embedded in the binary.
 //!
 //! Every error is `{"code": "...", "message": "..."}` with a 4xx/5xx status, including
-//! malformed JSON, unknown routes and wrong methods. Operations that sync the disk run on
-//! the blocking pool.
+//! malformed JSON, unknown routes and wrong methods. Every request passes
+//! [`crate::guard`] first, which refuses what a web page could send. Operations that sync
+//! the disk run on the blocking pool.
 
 use crate::access::AccessList;
 use crate::error::{ApiError, ApiResult};

@@ -98,7 +98,9 @@ impl Guard {
     /// A guard for an API listening on `listen`, over HTTPS if `https`, that also answers
     /// to the names `allowed`.
     pub fn new(listen: SocketAddr, https: bool, allowed: &[String]) -> Guard {
-        let allowed = allowed.iter().map(|n| canonical(n)).filter(|n| !n.is_empty()).collect();
+        // A name written with a port (`strata.example:8080`) is the name.
+        let name = |n: &String| split_authority(n.trim()).map(|(host, _)| canonical(host));
+        let allowed = allowed.iter().filter_map(name).filter(|n| !n.is_empty()).collect();
         Guard { listen, scheme: if https { "https" } else { "http" }, allowed: Arc::new(allowed) }
     }
 
@@ -256,7 +258,8 @@ mod tests {
 
     #[test]
     fn a_foreign_host_is_misdirected_and_this_nodes_names_are_not() {
-        let g = Guard::new("0.0.0.0:8080".parse().unwrap(), false, &["Strata.Example.".into()]);
+        let names = ["Strata.Example.".into(), "other.example:8443".into()];
+        let g = Guard::new("0.0.0.0:8080".parse().unwrap(), false, &names);
         for host in [
             "127.0.0.1:8080",
             "127.9.9.9",
@@ -266,6 +269,7 @@ mod tests {
             "strata.example",
             "strata.example.:8080",
             "10.0.0.2:8080",
+            "other.example",
         ] {
             assert_eq!(check(&g, Method::GET, &[("host", host)]), Ok(()), "{host}");
         }
