@@ -17,6 +17,11 @@
 //! the bench-only plaintext mode), so a peer of another version fails the handshake
 //! instead of misreading records.
 //!
+//! The initiator's first record is a fixed confirmation, read by the responder under the
+//! same bound and deadline as the handshake: the Noise responder cannot tell a replayed
+//! first message from a fresh one, but a replayer cannot open the keys, so until the
+//! confirmation opens the connection counts as unauthenticated.
+//!
 //! After the handshake each direction has its own key and a record counter as the AEAD
 //! nonce (never sent): a record replayed later on the same connection, reordered, spliced
 //! from another connection (other keys) or sent to another node (other keys) fails its
@@ -51,6 +56,8 @@ const PROLOGUE_PLAINTEXT: &[u8] = b" (bench: records not encrypted)";
 const HELLO: &[u8; 4] = b"SNX1";
 /// Starts a refusal: the responder could not authenticate the initiator.
 const REFUSAL: &[u8; 4] = b"SNX!";
+/// The initiator's first record (its content is fixed; opening it is the proof).
+const CONFIRMATION: &[u8] = b"strata channel confirmed";
 /// Magic and length before each handshake message.
 const HANDSHAKE_HEADER_BYTES: usize = 6;
 /// The AEAD tag after each record's ciphertext.
@@ -123,15 +130,21 @@ pub enum HandshakeError {
     /// The peer does not hold this cluster's secret (or speaks another version).
     #[error("the peer did not authenticate with this cluster's secret ({SECRET_HINT})")]
     Unauthenticated,
+    /// The initiator's first record did not open: a replay of another connection's first
+    /// handshake message (whoever sent it does not hold that message's ephemeral key).
+    #[error("the peer did not confirm the handshake (a replayed handshake message?)")]
+    Unconfirmed,
     /// The peer refused our handshake (we do not hold its cluster's secret).
     #[error("refused by the peer: {0}")]
     Refused(String),
 }
 
-/// Keys and nonces of one connection's two directions, shared by its two halves.
+/// Keys of one connection's two directions, shared by its two halves.
 struct Keys {
-    /// `None` in the bench-only plaintext mode.
-    transport: Option<snow::StatelessTransportState>,
+    transport: snow::StatelessTransportState,
+    /// False in the bench-only plaintext mode (the handshake and the confirmation record
+    /// are still sealed).
+    encrypt: bool,
 }
 
 /// An authenticated connection: its reader and writer halves.
@@ -187,14 +200,20 @@ async fn read_message(r: &mut (impl AsyncRead + Unpin)) -> Result<Vec<u8>, Hands
     Ok(body)
 }
 
-fn into_channel<R, W>(state: snow::HandshakeState, reader: R, writer: W) -> Channel<R, W> {
+fn keys_of(state: snow::HandshakeState) -> Arc<Keys> {
     let transport = state.into_stateless_transport_mode().expect("the handshake is finished");
-    let keys = Arc::new(Keys { transport: if plaintext() { None } else { Some(transport) } });
+    Arc::new(Keys { transport, encrypt: !plaintext() })
+}
+
+/// The channel over `reader` and `writer` with the handshake's keys; the first record
+/// (the confirmation) in the initiator's direction is already sent or read.
+fn into_channel<R, W>(keys: Arc<Keys>, reader: R, writer: W, initiator: bool) -> Channel<R, W> {
+    let (read_nonce, write_nonce) = if initiator { (0, 1) } else { (1, 0) };
     Channel {
         reader: ChannelReader {
             inner: reader,
             keys: keys.clone(),
-            nonce: 0,
+            nonce: read_nonce,
             raw: vec![0u8; RAW_BUFFER_BYTES].into_boxed_slice(),
             raw_start: 0,
             raw_end: 0,
@@ -204,7 +223,7 @@ fn into_channel<R, W>(state: snow::HandshakeState, reader: R, writer: W) -> Chan
         writer: ChannelWriter {
             inner: writer,
             keys,
-            nonce: 0,
+            nonce: write_nonce,
             out: Vec::new(),
             out_start: 0,
             owed: None,
@@ -246,12 +265,19 @@ where
         write_message(&mut w, HELLO, &buf[..n]).await?;
         let reply = read_message(&mut r).await?;
         state.read_message(&reply, &mut buf).map_err(|_| HandshakeError::Unauthenticated)?;
-        Ok::<_, HandshakeError>(state)
+        let keys = keys_of(state);
+        // The confirmation: proves this side holds its ephemeral key (a replayed first
+        // message cannot produce it). It goes out with the first frames, no round trip.
+        let n = keys.transport.write_message(0, CONFIRMATION, &mut buf).expect("it fits");
+        let mut record = (n as u16).to_le_bytes().to_vec();
+        record.extend_from_slice(&buf[..n]);
+        w.write_all(&record).await?;
+        Ok::<_, HandshakeError>(keys)
     };
-    let state = tokio::time::timeout(HANDSHAKE_TIMEOUT, run)
+    let keys = tokio::time::timeout(HANDSHAKE_TIMEOUT, run)
         .await
         .map_err(|_| HandshakeError::TimedOut)??;
-    Ok(into_channel(state, r, w))
+    Ok(into_channel(keys, r, w, true))
 }
 
 /// [`respond`] on any reader and writer. A peer that fails to authenticate is sent a
@@ -292,12 +318,27 @@ where
         }
         let n = state.write_message(&[], &mut buf).expect("the reply fits");
         write_message(&mut w, HELLO, &buf[..n]).await?;
-        Ok::<_, HandshakeError>(state)
+        let keys = keys_of(state);
+        // Until the initiator's confirmation opens, it may be a replay of another
+        // connection's first message: still bounded, still under the deadline.
+        let mut length = [0u8; RECORD_HEADER_BYTES];
+        r.read_exact(&mut length).await?;
+        let length = u16::from_le_bytes(length) as usize;
+        if length != CONFIRMATION.len() + TAG_BYTES {
+            return Err(HandshakeError::Unconfirmed);
+        }
+        let mut sealed = [0u8; CONFIRMATION.len() + TAG_BYTES];
+        r.read_exact(&mut sealed).await?;
+        let opened = keys.transport.read_message(0, &sealed, &mut buf);
+        if opened.ok().map(|n| &buf[..n]) != Some(CONFIRMATION) {
+            return Err(HandshakeError::Unconfirmed);
+        }
+        Ok::<_, HandshakeError>(keys)
     };
-    let state = tokio::time::timeout(HANDSHAKE_TIMEOUT, run)
+    let keys = tokio::time::timeout(HANDSHAKE_TIMEOUT, run)
         .await
         .map_err(|_| HandshakeError::TimedOut)??;
-    Ok(into_channel(state, r, w))
+    Ok(into_channel(keys, r, w, false))
 }
 
 fn refused_record() -> io::Error {
@@ -338,7 +379,7 @@ impl<R> ChannelReader<R> {
         }
         let at = self.raw_start;
         let length = u16::from_le_bytes([self.raw[at], self.raw[at + 1]]) as usize;
-        let tag = if self.keys.transport.is_some() { TAG_BYTES } else { 0 };
+        let tag = if self.keys.encrypt { TAG_BYTES } else { 0 };
         // Writers never send an empty record (it would read as the stream's end).
         if length <= tag {
             return Err(refused_record());
@@ -353,12 +394,12 @@ impl<R> ChannelReader<R> {
     /// long); returns the plaintext's length.
     fn open(&mut self, at: usize, length: usize, out: &mut [u8]) -> io::Result<usize> {
         let sealed = &self.raw[at..at + length];
-        let n = match &self.keys.transport {
-            Some(t) => t.read_message(self.nonce, sealed, out).map_err(|_| refused_record())?,
-            None => {
-                out[..length].copy_from_slice(sealed);
-                length
-            }
+        let n = if self.keys.encrypt {
+            let t = &self.keys.transport;
+            t.read_message(self.nonce, sealed, out).map_err(|_| refused_record())?
+        } else {
+            out[..length].copy_from_slice(sealed);
+            length
         };
         self.nonce += 1;
         self.raw_start = at + length;
@@ -366,7 +407,7 @@ impl<R> ChannelReader<R> {
     }
 
     fn plain_length(&self, length: usize) -> usize {
-        if self.keys.transport.is_some() {
+        if self.keys.encrypt {
             length - TAG_BYTES
         } else {
             length
@@ -499,17 +540,15 @@ impl<W> ChannelWriter<W> {
     fn seal(&mut self, bytes: &[u8]) -> io::Result<()> {
         for chunk in bytes.chunks(RECORD_PLAIN_BYTES_MAX) {
             let at = self.out.len();
-            let length = match &self.keys.transport {
-                Some(t) => {
-                    self.out.resize(at + RECORD_HEADER_BYTES + chunk.len() + TAG_BYTES, 0);
-                    t.write_message(self.nonce, chunk, &mut self.out[at + RECORD_HEADER_BYTES..])
-                        .map_err(|e| io::Error::other(format!("sealing a record: {e}")))?
-                }
-                None => {
-                    self.out.extend_from_slice(&[0, 0]);
-                    self.out.extend_from_slice(chunk);
-                    chunk.len()
-                }
+            let length = if self.keys.encrypt {
+                let t = &self.keys.transport;
+                self.out.resize(at + RECORD_HEADER_BYTES + chunk.len() + TAG_BYTES, 0);
+                t.write_message(self.nonce, chunk, &mut self.out[at + RECORD_HEADER_BYTES..])
+                    .map_err(|e| io::Error::other(format!("sealing a record: {e}")))?
+            } else {
+                self.out.extend_from_slice(&[0, 0]);
+                self.out.extend_from_slice(chunk);
+                chunk.len()
             };
             self.nonce += 1;
             self.out[at..at + RECORD_HEADER_BYTES].copy_from_slice(&(length as u16).to_le_bytes());

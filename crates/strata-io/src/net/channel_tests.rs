@@ -8,6 +8,7 @@ use super::*;
 use tokio::io::{duplex, DuplexStream, ReadHalf, WriteHalf};
 
 const HELLO_BYTES: usize = HANDSHAKE_HEADER_BYTES + 48;
+const CONFIRMATION_RECORD_BYTES: usize = RECORD_HEADER_BYTES + CONFIRMATION.len() + TAG_BYTES;
 
 fn key(secret: &[u8]) -> ChannelKey {
     ChannelKey::from_secret(secret)
@@ -80,10 +81,13 @@ async fn middle(k: &ChannelKey) -> Middle {
     let (k1, k2) = (k.clone(), k.clone());
     let client = tokio::spawn(async move { initiate_on(client_r, client_w, &k1).await });
     let server = tokio::spawn(async move { respond_on(server_r, server_w, &k2).await });
-    // The client's handshake message goes through untouched.
+    // The client's handshake message and confirmation go through untouched.
     let mut hello = [0u8; HELLO_BYTES];
     from_client.read_exact(&mut hello).await.unwrap();
     to_server.write_all(&hello).await.unwrap();
+    let mut confirmation = [0u8; CONFIRMATION_RECORD_BYTES];
+    from_client.read_exact(&mut confirmation).await.unwrap();
+    to_server.write_all(&confirmation).await.unwrap();
     let client = client.await.unwrap().unwrap();
     let server = server.await.unwrap().unwrap();
     Middle { client, server, from_client, to_server }
@@ -173,6 +177,31 @@ async fn a_record_spliced_from_another_connection_is_refused() {
     one.client.reader.inner.read_exact(&mut raw).await.unwrap();
     one.forward(&raw).await;
     assert!(is_refused(one.server_reads(10).await));
+}
+
+#[tokio::test]
+async fn a_replayed_handshake_opens_no_channel() {
+    let k = key(b"s");
+    // A connection's first bytes, as recorded: handshake message and confirmation.
+    let (client_out, mut from_client) = duplex(1 << 20);
+    let (_, client_w) = tokio::io::split(client_out);
+    let (server_out, client_in) = duplex(1 << 20);
+    let (client_r, _) = tokio::io::split(client_in);
+    let k1 = k.clone();
+    let client = tokio::spawn(async move { initiate_on(client_r, client_w, &k1).await });
+    let mut recorded = vec![0u8; HELLO_BYTES];
+    from_client.read_exact(&mut recorded).await.unwrap();
+    let (sr, sw) = tokio::io::split(server_out);
+    let (server, client) = tokio::join!(respond_on(&recorded[..], sw, &k), client);
+    drop((server, sr));
+    let _ = client.unwrap().expect("the client finished its handshake");
+    let mut confirmation = vec![0u8; CONFIRMATION_RECORD_BYTES];
+    from_client.read_exact(&mut confirmation).await.unwrap();
+    recorded.extend_from_slice(&confirmation);
+    // Replayed to a responder, the handshake message gets an answer (with a new key),
+    // but the confirmation does not open: no channel.
+    let err = respond_on(&recorded[..], Vec::new(), &k).await.err().expect("a replay");
+    assert!(matches!(err, HandshakeError::Unconfirmed), "{err}");
 }
 
 #[tokio::test]
