@@ -106,6 +106,8 @@ struct SpaceState {
     fs_free_bytes: AtomicU64,
     /// Whether the latest client write was refused for want of space.
     refusing: AtomicBool,
+    /// Whether the last measure found the store nearly full (to log the changes).
+    was_nearly_full: AtomicBool,
     /// Client writes refused for want of space since the store was opened.
     refused_writes: AtomicU64,
 }
@@ -119,6 +121,7 @@ impl SpaceState {
             reserve_bytes: AtomicU64::new(0),
             fs_free_bytes: AtomicU64::new(0),
             refusing: AtomicBool::new(false),
+            was_nearly_full: AtomicBool::new(false),
             refused_writes: AtomicU64::new(0),
         }
     }
@@ -289,6 +292,24 @@ impl Shared {
         // nearly-full state does not flip each time they are punched or prepared.
         let kept = engine.backed_free_bytes();
         self.space.free_bytes.store(free.saturating_add(kept), Ordering::Relaxed);
+        // Said once each way (leaving it 2 % of the file system past the line, so a store
+        // at the line does not say it every pass): an operator has time to act before
+        // writes are refused.
+        let was = self.space.was_nearly_full.load(Ordering::Relaxed);
+        let margin = if was { size / 50 } else { 0 };
+        let line = reserve + reserve.max(size / 10) + margin;
+        let nearly_full = size > 0 && free.saturating_add(kept) < line;
+        if self.space.was_nearly_full.swap(nearly_full, Ordering::Relaxed) != nearly_full {
+            let free = strata_types::format_size(free.saturating_add(kept));
+            let reserve = strata_types::format_size(reserve);
+            if nearly_full {
+                tracing::warn!(dir = %self.dir.display(), "the disk is nearly full: {free} \
+                    free; client writes get ENOSPC once only the {reserve} reserve is left");
+            } else {
+                tracing::info!(dir = %self.dir.display(), "the disk is no longer nearly full: \
+                    {free} free");
+            }
+        }
         self.space.reserve_bytes.store(reserve, Ordering::Relaxed);
     }
 
