@@ -325,15 +325,7 @@ impl Shared {
     ) -> Result<(), StoreError> {
         let result = match f(engine) {
             Err(EngineError::Full { .. }) => {
-                // Free segments kept for reuse hold file-system space the measure does
-                // not see: give it back first (fallocate, no data written).
-                let surplus = engine.take_surplus_free(0);
-                if Engine::punch(engine.file(), &surplus).is_ok() {
-                    engine.return_punched(&surplus);
-                } else {
-                    engine.return_free(&surplus);
-                }
-                self.measure(engine);
+                self.make_room(engine);
                 f(engine)
             }
             other => other,
@@ -359,6 +351,18 @@ impl Shared {
             }
             Err(e) => Err(self.fail(e)),
         }
+    }
+
+    /// Gives the free segments kept for reuse back to the file system (fallocate, no data
+    /// written: the measure does not see their space otherwise) and measures again.
+    fn make_room(&self, engine: &mut Engine<Arc<File>>) {
+        let surplus = engine.take_surplus_free(0);
+        if Engine::punch(engine.file(), &surplus).is_ok() {
+            engine.return_punched(&surplus);
+        } else {
+            engine.return_free(&surplus);
+        }
+        self.measure(engine);
     }
 
     /// Whether free space is below the reserve plus the larger of the reserve and a
@@ -1171,6 +1175,27 @@ impl BlockVolume for LogVolume {
     fn resize(&self, size_bytes: u64) -> Result<(), StoreError> {
         let mut engine = self.shared.write()?;
         engine.resize(self.id, size_bytes).map_err(|e| self.shared.fail(e))
+    }
+
+    fn has_room(&self, bytes: u64, writes: usize) -> bool {
+        // Callers are async tasks: the lock is never waited for. A busy lock answers
+        // true (a hint; the write itself is checked again). A store short of room gives
+        // its kept free segments back and measures again first, as a refused write does.
+        let room = match self.shared.engine.try_read() {
+            Ok(engine) => engine.has_room(bytes, writes),
+            Err(std::sync::TryLockError::WouldBlock) => return true,
+            Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner().has_room(bytes, writes),
+        };
+        if room {
+            return true;
+        }
+        match self.shared.try_write() {
+            Ok(Some(mut engine)) => {
+                self.shared.make_room(&mut engine);
+                engine.has_room(bytes, writes)
+            }
+            Ok(None) | Err(_) => false,
+        }
     }
 }
 
