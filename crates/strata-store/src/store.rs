@@ -529,8 +529,11 @@ impl LogStore {
         let short = self.shared.nearly_full();
         let (candidates, emptied) = {
             let engine = self.shared.read();
-            let candidates = short.then(|| engine.clean_candidates(CLEAN_LIVE_MAX));
-            let short_due = candidates.as_ref().is_some_and(|c| !c.is_empty());
+            // Nearly full: due as soon as a segment can be emptied, or is empty already (a
+            // deleted volume's own segments wait for nothing but a checkpoint).
+            let short_due = short
+                && (!engine.clean_candidates(CLEAN_LIVE_MAX).is_empty()
+                    || !engine.empty_segments().is_empty());
             if force || short_due || cleaner_due(&engine) {
                 // Segments already empty need no move, only a checkpoint: without one
                 // the space of a deleted snapshot written in one go (whole segments of
