@@ -209,6 +209,18 @@ pub trait BlockVolume: Send + Sync + 'static {
     /// Changes the size. Shrinking discards the data past the new end.
     fn resize(&self, size_bytes: u64) -> Result<(), StoreError>;
 
+    /// Whether writes of `bytes` in `writes` requests would be taken now rather than
+    /// refused for want of space ([`StoreError::NoSpace`]). True by default.
+    ///
+    /// # Correctness
+    /// A hint for a caller that must not start a write its volume would refuse (a
+    /// replicated volume's owner, before other copies take it): true may still be
+    /// followed by a refusal (other writes took the room meanwhile); false means a write
+    /// now would be refused. It may block briefly (it may give space back first).
+    fn has_room(&self, _bytes: u64, _writes: usize) -> bool {
+        true
+    }
+
     /// True for a volume whose I/O waits on other nodes (a replicated volume): a front end
     /// runs its requests as [`BlockVolume::submit`]'s futures on its own async runtime
     /// rather than as blocking calls, each on a thread of its own. False by default.

@@ -679,7 +679,9 @@ fn command_name(kind: u16) -> &'static str {
 fn store_errno(e: &StoreError) -> (u32, bool) {
     match e {
         StoreError::OutOfRange { .. } => (errno::EINVAL, false),
-        StoreError::NoSpace => (errno::ENOSPC, true),
+        // A full store says so once (and again when space is back): a VM retrying its
+        // writes while paused would otherwise log a line a request.
+        StoreError::NoSpace => (errno::ENOSPC, false),
         StoreError::Unsupported { .. } => (errno::ENOTSUP, false),
         StoreError::ReadOnly => (errno::EPERM, false),
         StoreError::Failed

@@ -842,6 +842,13 @@ impl ReplicatedVolume {
             return Err(io_error("replicate", "this node no longer owns the volume"));
         }
         self.client_ops.fetch_add(ops.len() as u64, Ordering::Relaxed);
+        // The owner's own copy first: writes it would refuse for want of space are refused
+        // before any copy takes them (copies that took them would differ from it, with no
+        // bitmap to say so). A copy whose node is full is handled after (below).
+        let bytes: u64 = payloads.iter().map(|(p, _)| p.len() as u64).sum();
+        if bytes > 0 && !self.local.volume.has_room(bytes, ops.len()) {
+            return Err(StoreError::NoSpace);
+        }
         let regions: Vec<u64> = {
             let mut all = BTreeSet::new();
             for (_, offset, length) in wires.iter().filter(|w| w.2 > 0) {

@@ -723,11 +723,22 @@ impl<F: RawFile> Engine<F> {
     /// their blocks, a journal slot per record and one more (a segment's unwritten tail
     /// skipped by the allocator costs the file system nothing).
     fn check_room(&self, writes: &[(u64, &[u8])]) -> Result<(), EngineError> {
+        let bytes: usize = writes.iter().map(|(_, d)| d.len()).sum();
+        self.check_room_for(bytes as u64, writes.len())
+    }
+
+    /// Whether writes of `bytes` in `writes` requests would be taken now (the reserve
+    /// rule of `write`, `write_many`).
+    pub fn has_room(&self, bytes: u64, writes: usize) -> bool {
+        self.check_room_for(bytes, writes).is_ok()
+    }
+
+    fn check_room_for(&self, bytes: u64, writes: usize) -> Result<(), EngineError> {
         let Some(space) = self.space else { return Ok(()) };
-        let blocks: usize = writes.iter().map(|(_, d)| d.len() / BLOCK_BYTES).sum();
-        let runs: usize =
-            writes.iter().map(|(_, d)| (d.len() / BLOCK_BYTES).div_ceil(RUN_BLOCKS_MAX)).sum();
-        let needed_bytes = ((blocks + runs + 1) * BLOCK_BYTES) as u64;
+        let blocks = bytes.div_ceil(BLOCK_BYTES as u64);
+        // Each request's runs of at most a record's worth, one more for a partial one.
+        let runs = blocks / RUN_BLOCKS_MAX as u64 + writes as u64;
+        let needed_bytes = (blocks + runs + 1) * BLOCK_BYTES as u64;
         let free_bytes = self.free_bytes().expect("space is set");
         if free_bytes < needed_bytes.saturating_add(space.reserve_bytes) {
             return Err(EngineError::Full {

@@ -106,6 +106,8 @@ struct SpaceState {
     fs_free_bytes: AtomicU64,
     /// Whether the latest client write was refused for want of space.
     refusing: AtomicBool,
+    /// Whether the last measure found the store nearly full (to log the changes).
+    was_nearly_full: AtomicBool,
     /// Client writes refused for want of space since the store was opened.
     refused_writes: AtomicU64,
 }
@@ -119,6 +121,7 @@ impl SpaceState {
             reserve_bytes: AtomicU64::new(0),
             fs_free_bytes: AtomicU64::new(0),
             refusing: AtomicBool::new(false),
+            was_nearly_full: AtomicBool::new(false),
             refused_writes: AtomicU64::new(0),
         }
     }
@@ -289,6 +292,24 @@ impl Shared {
         // nearly-full state does not flip each time they are punched or prepared.
         let kept = engine.backed_free_bytes();
         self.space.free_bytes.store(free.saturating_add(kept), Ordering::Relaxed);
+        // Said once each way (leaving it 2 % of the file system past the line, so a store
+        // at the line does not say it every pass): an operator has time to act before
+        // writes are refused.
+        let was = self.space.was_nearly_full.load(Ordering::Relaxed);
+        let margin = if was { size / 50 } else { 0 };
+        let line = reserve + reserve.max(size / 10) + margin;
+        let nearly_full = size > 0 && free.saturating_add(kept) < line;
+        if self.space.was_nearly_full.swap(nearly_full, Ordering::Relaxed) != nearly_full {
+            let free = strata_types::format_size(free.saturating_add(kept));
+            let reserve = strata_types::format_size(reserve);
+            if nearly_full {
+                tracing::warn!(dir = %self.dir.display(), "the disk is nearly full: {free} \
+                    free; client writes get ENOSPC once only the {reserve} reserve is left");
+            } else {
+                tracing::info!(dir = %self.dir.display(), "the disk is no longer nearly full: \
+                    {free} free");
+            }
+        }
         self.space.reserve_bytes.store(reserve, Ordering::Relaxed);
     }
 
@@ -304,15 +325,7 @@ impl Shared {
     ) -> Result<(), StoreError> {
         let result = match f(engine) {
             Err(EngineError::Full { .. }) => {
-                // Free segments kept for reuse hold file-system space the measure does
-                // not see: give it back first (fallocate, no data written).
-                let surplus = engine.take_surplus_free(0);
-                if Engine::punch(engine.file(), &surplus).is_ok() {
-                    engine.return_punched(&surplus);
-                } else {
-                    engine.return_free(&surplus);
-                }
-                self.measure(engine);
+                self.make_room(engine);
                 f(engine)
             }
             other => other,
@@ -338,6 +351,18 @@ impl Shared {
             }
             Err(e) => Err(self.fail(e)),
         }
+    }
+
+    /// Gives the free segments kept for reuse back to the file system (fallocate, no data
+    /// written: the measure does not see their space otherwise) and measures again.
+    fn make_room(&self, engine: &mut Engine<Arc<File>>) {
+        let surplus = engine.take_surplus_free(0);
+        if Engine::punch(engine.file(), &surplus).is_ok() {
+            engine.return_punched(&surplus);
+        } else {
+            engine.return_free(&surplus);
+        }
+        self.measure(engine);
     }
 
     /// Whether free space is below the reserve plus the larger of the reserve and a
@@ -504,8 +529,11 @@ impl LogStore {
         let short = self.shared.nearly_full();
         let (candidates, emptied) = {
             let engine = self.shared.read();
-            let candidates = short.then(|| engine.clean_candidates(CLEAN_LIVE_MAX));
-            let short_due = candidates.as_ref().is_some_and(|c| !c.is_empty());
+            // Nearly full: due as soon as a segment can be emptied, or is empty already (a
+            // deleted volume's own segments wait for nothing but a checkpoint).
+            let short_due = short
+                && (!engine.clean_candidates(CLEAN_LIVE_MAX).is_empty()
+                    || !engine.empty_segments().is_empty());
             if force || short_due || cleaner_due(&engine) {
                 // Segments already empty need no move, only a checkpoint: without one
                 // the space of a deleted snapshot written in one go (whole segments of
@@ -1150,6 +1178,27 @@ impl BlockVolume for LogVolume {
     fn resize(&self, size_bytes: u64) -> Result<(), StoreError> {
         let mut engine = self.shared.write()?;
         engine.resize(self.id, size_bytes).map_err(|e| self.shared.fail(e))
+    }
+
+    fn has_room(&self, bytes: u64, writes: usize) -> bool {
+        // Callers are async tasks: the lock is never waited for. A busy lock answers
+        // true (a hint; the write itself is checked again). A store short of room gives
+        // its kept free segments back and measures again first, as a refused write does.
+        let room = match self.shared.engine.try_read() {
+            Ok(engine) => engine.has_room(bytes, writes),
+            Err(std::sync::TryLockError::WouldBlock) => return true,
+            Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner().has_room(bytes, writes),
+        };
+        if room {
+            return true;
+        }
+        match self.shared.try_write() {
+            Ok(Some(mut engine)) => {
+                self.shared.make_room(&mut engine);
+                engine.has_room(bytes, writes)
+            }
+            Ok(None) | Err(_) => false,
+        }
     }
 }
 

@@ -984,24 +984,7 @@ fn a_node_whose_metadata_disk_fills_up_stops_and_says_why() {
 #[test]
 fn a_copy_whose_disk_fills_up_gets_the_client_enospc_and_is_resynced_once_there_is_room() {
     let tmp = tempfile::tempdir().unwrap();
-    let small = tmp.path().join("n3");
-    std::fs::create_dir_all(&small).unwrap();
-    let mounted = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=200m", "tmpfs"])
-        .arg(&small)
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !mounted {
-        eprintln!("cannot mount a tmpfs here (not root?): skipped");
-        return;
-    }
-    struct Unmount(PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-        }
-    }
-    let _unmount = Unmount(small.clone());
+    let Some(_unmount) = SmallDisk::mount(tmp.path(), 3) else { return };
     let members = three_members(tmp.path());
     let key = DataKey::from_secret(&std::fs::read(members[0].dir.join("secret")).unwrap());
     create_replicated(&members[0], "r1", "256M");
@@ -1032,6 +1015,70 @@ fn a_copy_whose_disk_fills_up_gets_the_client_enospc_and_is_resynced_once_there_
     let id3 = v["components"][2]["id"].as_u64().unwrap();
     assert_eq!(read_component(&members[2], &key, id3, epoch, 0), vec![0x5b; 65536]);
     assert_eq!(read_component(&members[2], &key, id3, epoch, 200 << 20), vec![0; 65536]);
+}
+
+/// Node `id`'s data directory on a 200 MiB tmpfs of its own (root only: `None`, saying
+/// so, otherwise), unmounted on drop.
+struct SmallDisk(PathBuf);
+
+impl SmallDisk {
+    fn mount(root: &Path, id: u64) -> Option<SmallDisk> {
+        let dir = root.join(format!("n{id}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mounted = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=200m", "tmpfs"])
+            .arg(&dir)
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if !mounted {
+            eprintln!("cannot mount a tmpfs here (not root?): skipped");
+            return None;
+        }
+        Some(SmallDisk(dir))
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// The owner's own disk (node 1's, a 200 MiB tmpfs) fills up under a replicated volume:
+/// the write it would refuse is refused before the other copies take it, so the client
+/// gets ENOSPC and the copies stay equal where it failed (they held its pattern before).
+/// Needs root (to mount); skipped, saying so, otherwise.
+#[test]
+fn a_write_the_owners_full_disk_refuses_reaches_no_other_copy() {
+    let tmp = tempfile::tempdir().unwrap();
+    let Some(_unmount) = SmallDisk::mount(tmp.path(), 1) else { return };
+    let members = three_members(tmp.path());
+    let key = DataKey::from_secret(&std::fs::read(members[0].dir.join("secret")).unwrap());
+    create_replicated(&members[0], "r1", "256M");
+    let (o, epoch) = owner(&members);
+    assert_eq!(o, 0, "the creating node owns the volume");
+    let uri = members[0].node().uri("r1");
+    let mut qemu = Command::new("qemu-io");
+    qemu.args(["-f", "raw"]);
+    for i in 0..32u64 {
+        qemu.arg("-c").arg(format!("write -P 0x5a {} 8M", i << 23));
+    }
+    let out = qemu.arg(&uri).output().expect("qemu-io is required by this test");
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(!text.contains("Input/output error"), "{text}");
+    let wrote =
+        text.lines().take_while(|l| !l.contains("failed")).filter(|l| l.starts_with("wrote"));
+    let at = wrote.count() as u64 * (8 << 20);
+    assert!(at < 256 << 20 && text.contains("No space left"), "node 1 never filled:\n{text}");
+    let v = members[0].get("/v1/volumes/r1").unwrap();
+    for c in v["components"].as_array().unwrap() {
+        assert_eq!(c["state"], "active", "no copy missed a write: {v}");
+        let m = &members[c["node"].as_u64().unwrap() as usize - 1];
+        let id = c["id"].as_u64().unwrap();
+        let there = read_component(m, &key, id, epoch, at);
+        assert!(there.iter().all(|b| *b == 0), "node {}: the refused write is there", m.id);
+    }
 }
 
 /// A block that rots on a copy other than the owner's is found by the owner's periodic

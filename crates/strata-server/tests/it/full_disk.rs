@@ -81,6 +81,7 @@ fn wait_writable(node: &Node, volume: &str, what: &str) {
         let out = qemu_io_any(&node.uri(volume), &["write -P 0x44 0 1M".to_owned()]);
         assert!(!out.contains("Input/output error"), "{out}");
         if !out.contains("failed") {
+            eprintln!("{what}: writes taken again after {:?}", started.elapsed());
             return;
         }
         assert!(started.elapsed() < Duration::from_secs(30), "{what}: still {out}");
@@ -104,6 +105,7 @@ fn issue_15_a_full_disk_never_locks_the_operator_out() {
     // One volume fills the disk: ENOSPC for it, before the file system is full.
     let written = fill(&node, "big", 512 << 20, 8 << 20, 0x22);
     assert!(written >= 128 << 20, "only {written} bytes written");
+    eprintln!("big took {} MiB of the 300 MiB file system before ENOSPC", written >> 20);
     let space = node_space(&node);
     assert_eq!(space["full"], true, "{space}");
     let (free, reserve) = (space["free_bytes"].as_u64().unwrap(), space["reserve_bytes"].as_u64());
@@ -116,7 +118,8 @@ fn issue_15_a_full_disk_never_locks_the_operator_out() {
     let (_, metrics) = crate::metrics::fetch(&node, "/metrics", None);
     assert!(metrics.contains("\nstrata_store_full 1\n"), "{metrics}");
     assert!(metrics.contains("\nstrata_store_nearly_full 1\n"));
-    assert!(node.log_tail(50).contains("client writes get ENOSPC"), "{}", node.log_tail(50));
+    let log = node.log_tail(50);
+    assert!(log.contains("the disk is nearly full") && log.contains("client writes get ENOSPC"));
     // The other volume still reads, and its writes get ENOSPC or succeed, never EIO.
     qemu_io(&node.uri("small"), &["read -P 0x11 0 8M"]);
     let out = qemu_io_any(&node.uri("small"), &["write -P 0x12 8M 4k".to_owned()]);

@@ -415,6 +415,22 @@ fn a_volume_filling_the_disk_gets_enospc_and_the_store_serves_on() {
     }
     assert!(!store.space().full);
     a.write_at(&chunk, 0).unwrap();
+    // Full again, then the volume removed: its segments, its own alone, are freed by a
+    // checkpoint without any block to move.
+    let mut at = 0;
+    while a.write_at(&chunk, at).is_ok() {
+        at = (at + (1 << 20)) % (64 << 20);
+    }
+    drop(a);
+    store.remove(1).unwrap();
+    let mut waited = 0;
+    while b.write_at(&chunk, 0).is_err() {
+        store.maintain(usize::MAX, false).unwrap();
+        waited += 1;
+        assert!(waited < 20, "space came back: {:?}", store.space());
+    }
+    let a = store.create_volume(VolumeId(1), 64 << 20).unwrap();
+    a.write_at(&chunk, 0).unwrap();
     drop((a, b));
     drop(store);
     let store = LogStore::open(&dir).unwrap();
