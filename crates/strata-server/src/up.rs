@@ -472,6 +472,14 @@ async fn serve(config: Config, one_node: bool) -> anyhow::Result<()> {
         env!("CARGO_PKG_VERSION"),
         config.data_dir.display()
     );
+    // Before the listeners: whoever reads the banner up to them knows the credentials.
+    if let Some(tls) = &tls {
+        println!(
+            "  TLS credentials from {} (NBD TLS {})",
+            tls.dir().display(),
+            if nbd_tls == NbdTls::Require { "required" } else { "off" }
+        );
+    }
     let scheme = if nbd_tls == NbdTls::Require { "nbds" } else { "nbd" };
     println!(
         "  NBD listening on {nbd_addr}   (export name = volume name: {scheme}://{nbd_addr}/VOLUME)"
@@ -486,13 +494,6 @@ async fn serve(config: Config, one_node: bool) -> anyhow::Result<()> {
         println!(
             "  The HTTP API requires the bearer token in {} (STRATA_TOKEN for the CLI)",
             config.data_dir.join(api::TOKEN_FILE).display()
-        );
-    }
-    if let Some(tls) = &tls {
-        println!(
-            "  TLS credentials from {} (NBD TLS {})",
-            tls.dir().display(),
-            if nbd_tls == NbdTls::Require { "required" } else { "off" }
         );
     }
     println!("  RPC listening on {}  (node {}, cluster members)", member.addr(), config.node_id);

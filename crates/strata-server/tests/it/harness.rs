@@ -14,6 +14,9 @@ pub struct Node {
     pub dir: PathBuf,
     pub nbd: String,
     pub http: String,
+    /// The CA of the node's TLS credentials when it serves HTTPS (`--tls-dir`): the CLI
+    /// and `api()` then speak HTTPS and verify the node with it.
+    pub cacert: Option<PathBuf>,
     /// Everything the node printed on stderr so far (drained by a thread, so a chatty
     /// node never blocks on a full pipe).
     stderr: std::sync::Arc<std::sync::Mutex<String>>,
@@ -109,11 +112,19 @@ impl Node {
             }
         });
         let (mut nbd, mut http) = (None, None);
+        let (mut tls_dir, mut https) = (None::<PathBuf>, false);
         while nbd.is_none() || http.is_none() {
             match rx.recv_timeout(Duration::from_secs(20)) {
                 Ok(line) => {
                     if let Some(rest) = line.trim().strip_prefix("NBD listening on ") {
                         nbd = rest.split_whitespace().next().map(str::to_owned);
+                    }
+                    if let Some(rest) = line.trim().strip_prefix("TLS credentials from ") {
+                        let dir = rest.rsplit_once(" (").map_or(rest, |(dir, _)| dir);
+                        tls_dir = Some(PathBuf::from(dir));
+                    }
+                    if line.contains("HTTPS: https://") {
+                        https = true;
                     }
                     if let Some(rest) = line.trim().strip_prefix("HTTP listening on ") {
                         // A wildcard listener is reached over loopback.
@@ -134,6 +145,7 @@ impl Node {
             dir: dir.to_owned(),
             nbd: nbd.expect("set"),
             http: http.expect("set"),
+            cacert: tls_dir.filter(|_| https).map(|d| d.join("ca-cert.pem")),
             stderr,
             stderr_thread: Some(stderr_thread),
             _tmp: None,
@@ -145,12 +157,18 @@ impl Node {
     }
 
     pub fn api(&self) -> String {
-        format!("http://{}", self.http)
+        let scheme = if self.cacert.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", self.http)
     }
 
     /// Runs `strata --api … ARGS`.
     pub fn cli(&self, args: &[&str]) -> Output {
-        Command::new(STRATA).arg("--api").arg(self.api()).args(args).output().expect("run strata")
+        let mut command = Command::new(STRATA);
+        command.arg("--api").arg(self.api());
+        if let Some(ca) = &self.cacert {
+            command.arg("--cacert").arg(ca);
+        }
+        command.args(args).output().expect("run strata")
     }
 
     /// Creates a volume through the CLI.

@@ -217,7 +217,8 @@ fn issue_15_with_tls_dir_the_api_is_https_which_the_cli_verifies_with_cacert() {
     assert!(s == 200 && b.contains("v2"), "{s} {b}");
 
     // Plain HTTP to it is told to use HTTPS.
-    let out = node.cli(&["volume", "list"]);
+    let plain = format!("http://{}", node.http);
+    let out = Command::new(STRATA).args(["--api", &plain, "volume", "list"]).output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{stderr}");
     assert!(stderr.contains("the node serves HTTPS: use --api https://"), "{stderr}");
