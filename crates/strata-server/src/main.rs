@@ -4,12 +4,12 @@
 //! This crate wires the cores to the OS (sockets, signals, files); it holds no storage or
 //! protocol logic of its own beyond the catalog. See ARCHITECTURE.md.
 
-mod access;
 mod api;
+// Decoders of untrusted bytes, in the library so the fuzz targets run them.
+use strata_server::{access, catalog, error};
 mod cli;
 mod config;
 mod dataplane;
-mod error;
 mod fencing;
 mod files;
 mod follow;

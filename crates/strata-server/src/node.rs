@@ -22,6 +22,7 @@
 //!   a message; it is never modified.
 
 use crate::access::AccessList;
+use crate::catalog::{Catalog, CatalogEntry, ComponentEntry, SnapshotEntry, CATALOG_FORMAT};
 use crate::error::{ApiError, ApiResult};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
@@ -37,30 +38,11 @@ use strata_types::limits::VOLUMES_MAX;
 use strata_types::{format_size, ErrorCode, VolumeName};
 use tokio::sync::watch;
 
-const CATALOG_FORMAT: u32 = 2;
 const BLOCK: u64 = 4096;
 /// How long a forced rollback or shrink waits for the volume's clients to go.
 const DISCONNECT_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
-#[derive(Serialize, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct Catalog {
-    format: u32,
-    next_id: u64,
-    volumes: Vec<CatalogEntry>,
-    /// Components this node holds of replicated volumes (owned by the data plane).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    components: Vec<ComponentEntry>,
-}
 
-#[derive(Serialize, Deserialize, Clone)]
-#[serde(deny_unknown_fields)]
-struct ComponentEntry {
-    id: u64,
-    /// The volume it is a component of.
-    volume: String,
-    created_unix: u64,
-}
 
 /// A component of a replicated volume held here.
 #[derive(Clone)]
@@ -106,29 +88,7 @@ impl Component {
     }
 }
 
-#[derive(Serialize, Deserialize, Clone)]
-#[serde(deny_unknown_fields)]
-struct CatalogEntry {
-    id: u64,
-    name: VolumeName,
-    created_unix: u64,
-    /// `VOL@SNAP` this volume was cloned from, when it is a clone.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    origin: Option<String>,
-    /// Who may open its exports (its snapshots' too); a catalog without it: anyone.
-    #[serde(default, skip_serializing_if = "AccessList::is_empty")]
-    access: AccessList,
-    #[serde(default)]
-    snapshots: Vec<SnapshotEntry>,
-}
 
-#[derive(Serialize, Deserialize, Clone)]
-#[serde(deny_unknown_fields)]
-struct SnapshotEntry {
-    id: u64,
-    name: VolumeName,
-    created_unix: u64,
-}
 
 /// Attachment bookkeeping of one export.
 struct Attach {
@@ -390,33 +350,7 @@ impl Node {
         use anyhow::Context;
         let catalog_path = dir.join("catalog.json");
         let catalog: Catalog = match std::fs::read(&catalog_path) {
-            Ok(bytes) => {
-                let value: serde_json::Value =
-                    serde_json::from_slice(&bytes).with_context(|| {
-                        format!("{} is corrupt or not a Strata catalog", catalog_path.display())
-                    })?;
-                let format = value.get("format").and_then(|f| f.as_u64());
-                if format == Some(1) {
-                    anyhow::bail!(
-                        "{} holds volumes in the format of strata 0.1 (one file per volume \
-                         under {}); this strata stores them in a log and does not read that \
-                         format. Copy each volume out with a 0.1 node (qemu-img convert \
-                         nbd://...) into a new data directory; this one was not changed",
-                        dir.display(),
-                        dir.join("volumes").display()
-                    );
-                }
-                if format != Some(u64::from(CATALOG_FORMAT)) {
-                    anyhow::bail!(
-                        "{} has format {}, this strata reads format {CATALOG_FORMAT}",
-                        catalog_path.display(),
-                        format.map_or("(none)".to_owned(), |f| f.to_string())
-                    );
-                }
-                serde_json::from_value(value).with_context(|| {
-                    format!("{} is corrupt or not a Strata catalog", catalog_path.display())
-                })?
-            }
+            Ok(bytes) => crate::catalog::decode(&bytes, dir)?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 if dir.join("volumes").exists() {
                     anyhow::bail!(
