@@ -155,3 +155,34 @@ fn issue_15_a_full_disk_never_locks_the_operator_out() {
         std::thread::sleep(Duration::from_millis(500));
     }
 }
+
+/// The reserve as configured: `reserve = "1G"` in `strata serve`'s TOML shows in the API
+/// and the metrics; `strata up --reserve` refuses a percentage past 50 % with a message.
+#[test]
+fn the_reserve_is_configured_in_the_toml_and_checked_on_the_command_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("n1");
+    std::fs::create_dir_all(&dir).unwrap();
+    let port = crate::harness::free_port;
+    let (rpc, nbd) = (format!("127.0.0.1:{}", port()), format!("127.0.0.1:{}", port()));
+    let config = tmp.path().join("n1.toml");
+    let text = format!(
+        "node_id = 1\ndata_dir = {dir:?}\nrpc = {rpc:?}\nnbd = {nbd:?}\n\
+         http = \"127.0.0.1:0\"\nreserve = \"1G\"\n"
+    );
+    std::fs::write(&config, text).unwrap();
+    let node = Node::serve(&config, &dir);
+    let space = node_space(&node);
+    let size = space["size_bytes"].as_u64().unwrap();
+    assert_eq!(space["reserve_bytes"].as_u64(), Some((1 << 30u64).min(size / 2)), "{space}");
+    let (_, metrics) = crate::metrics::fetch(&node, "/metrics", None);
+    let line = format!("\nstrata_store_reserve_bytes {}\n", (1u64 << 30).min(size / 2));
+    assert!(metrics.contains(&line), "{metrics}");
+    let out = Command::new(crate::harness::STRATA)
+        .args(["up", "--reserve", "60%", "--data-dir"])
+        .arg(tmp.path().join("up"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("1% to 50%"), "{stderr}");
+}
