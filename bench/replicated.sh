@@ -753,6 +753,7 @@ print(int(len(ms) == 3 and all(m["role"] == "voter" and m.get("session", {}).get
     sleep 0.1
   done
   URI_P=nbd://${PNBD[0]}/bench
+  PID_STRATA=${PLPID[1]}; STRATA_LOG=$P/n1.log
   wait_nbd "$URI_P"
   prefill_nbd "$URI_P" rf3plain || exit 3
   SRV_PIDS=("${PLPID[1]}" "${PLPID[2]}" "${PLPID[3]}")
