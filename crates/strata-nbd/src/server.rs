@@ -12,7 +12,7 @@ use crate::buffers::{BufferPool, PooledBuffer};
 use crate::codec::{
     self, cflags, cmd, errno, opt, rep, reply, tflags, DecodeError, Request, TlsGate, TlsMode,
 };
-use crate::stream::{subject_of, Stream};
+use crate::stream::{subject_of, Stream, TLS_SEND_BUFFER_BYTES, TLS_SOCKET_BUFFER_BYTES};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use std::any::Any;
 use std::collections::HashMap;
@@ -415,12 +415,14 @@ async fn handshake(
                 let Stream::Plain(tcp) = conn.into_inner().into_inner() else {
                     return Err(ConnError::Protocol("STARTTLS over TLS".into()));
                 };
-                let accept = tokio_rustls::TlsAcceptor::from(config).accept(tcp);
+                let socket = BufReader::with_capacity(TLS_SOCKET_BUFFER_BYTES, tcp);
+                let accept = tokio_rustls::TlsAcceptor::from(config).accept(socket);
                 let deadline = Duration::from_secs(NBD_TLS_HANDSHAKE_SECS);
-                let tls = tokio::time::timeout(deadline, accept)
+                let mut tls = tokio::time::timeout(deadline, accept)
                     .await
                     .map_err(|_| ConnError::Protocol("the TLS handshake timed out".into()))?
                     .map_err(|e| ConnError::Protocol(format!("TLS handshake: {e}")))?;
+                tls.get_mut().1.set_buffer_limit(Some(TLS_SEND_BUFFER_BYTES));
                 client.subject = subject_of(tls.get_ref().1.peer_certificates());
                 client.tls = true;
                 conn = buffered(Stream::Tls(Box::new(tls)));
