@@ -12,12 +12,14 @@ use crate::buffers::{BufferPool, PooledBuffer};
 use crate::codec::{
     self, cflags, cmd, errno, opt, rep, reply, tflags, DecodeError, Request, TlsGate, TlsMode,
 };
-use crate::stream::{subject_of, Stream};
+use crate::stream::{subject_of, Stream, TLS_SEND_BUFFER_BYTES, TLS_SOCKET_BUFFER_BYTES};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use std::any::Any;
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
+use std::task::Poll;
 use std::time::{Duration, Instant};
 use strata_io::{BlockVolume, GroupSync, IoOp, StoreError, ZeroMode};
 use strata_types::limits::{
@@ -270,8 +272,10 @@ async fn connection(
     // The transmission phase is compiled once per stream type: plain connections keep
     // the plain socket's cost.
     let ended = match conn.into_inner().into_inner() {
-        Stream::Plain(s) => transmission(s, leftover, session, shutdown, buffers, idle).await,
-        Stream::Tls(s) => transmission(*s, leftover, session, shutdown, buffers, idle).await,
+        Stream::Plain(s) => {
+            transmission(s, leftover, session, shutdown, buffers, idle, false).await
+        }
+        Stream::Tls(s) => transmission(*s, leftover, session, shutdown, buffers, idle, true).await,
     };
     if let Err(e) = ended {
         tracing::debug!(%peer, "NBD connection ended: {e}");
@@ -411,12 +415,14 @@ async fn handshake(
                 let Stream::Plain(tcp) = conn.into_inner().into_inner() else {
                     return Err(ConnError::Protocol("STARTTLS over TLS".into()));
                 };
-                let accept = tokio_rustls::TlsAcceptor::from(config).accept(tcp);
+                let socket = BufReader::with_capacity(TLS_SOCKET_BUFFER_BYTES, tcp);
+                let accept = tokio_rustls::TlsAcceptor::from(config).accept(socket);
                 let deadline = Duration::from_secs(NBD_TLS_HANDSHAKE_SECS);
-                let tls = tokio::time::timeout(deadline, accept)
+                let mut tls = tokio::time::timeout(deadline, accept)
                     .await
                     .map_err(|_| ConnError::Protocol("the TLS handshake timed out".into()))?
                     .map_err(|e| ConnError::Protocol(format!("TLS handshake: {e}")))?;
+                tls.get_mut().1.set_buffer_limit(Some(TLS_SEND_BUFFER_BYTES));
                 client.subject = subject_of(tls.get_ref().1.peer_certificates());
                 client.tls = true;
                 conn = buffered(Stream::Tls(Box::new(tls)));
@@ -783,6 +789,8 @@ const BIG_READ_BYTES: u32 = 128 << 10;
 /// A WRITE payload this large that has not fully arrived is received into a pooled
 /// buffer (see `buffers`).
 const BIG_WRITE_BYTES: u32 = 128 << 10;
+/// What one [`receive`] on a TLS stream reads at most before the loop looks at replies.
+const DRAIN_BYTES_MAX: usize = 4 << 20;
 /// A handed-back reply this large is sent as is rather than copied into the batch.
 const BIG_REPLY_BYTES: usize = 64 << 10;
 
@@ -838,6 +846,7 @@ async fn transmission<S: AsyncRead + AsyncWrite + Unpin>(
     mut shutdown: watch::Receiver<bool>,
     buffers: BufferPool,
     idle_timeout: Option<Duration>,
+    drain: bool,
 ) -> Result<(), ConnError> {
     let Session { export, structured, block_status, size, .. } = session;
     let Export { name, volume, group_sync, read_only, mut closed, attachment, .. } = export;
@@ -893,7 +902,7 @@ async fn transmission<S: AsyncRead + AsyncWrite + Unpin>(
                 output.push(reply);
                 in_flight.finish(bytes);
             }
-            read = receive(&mut stream, &mut input, &mut state), if can_read => {
+            read = receive(&mut stream, &mut input, &mut state, drain), if can_read => {
                 // EOF: the client hung up; let what it started finish, then close.
                 match read? {
                     0 => stopping = true,
@@ -918,21 +927,62 @@ async fn transmission<S: AsyncRead + AsyncWrite + Unpin>(
 }
 
 /// Reads from the socket into the pending payload buffer or else the input buffer.
-/// Cancel-safe: it awaits a single read.
+/// Cancel-safe: a poll that read anything returns it at once.
+///
+/// `drain`: go on reading what the stream has ready, up to [`DRAIN_BYTES_MAX`] (and never
+/// growing the input buffer). A TLS stream yields one record (at most 16 KiB) a read, so a
+/// 1 MiB WRITE would otherwise take 64 turns of the connection loop; a plain socket gives
+/// all it has in one read, where a second would only cost a system call.
 async fn receive<S: AsyncRead + Unpin>(
     stream: &mut S,
     input: &mut BytesMut,
     state: &mut Input,
+    drain: bool,
 ) -> std::io::Result<usize> {
-    match state {
-        Input::Payload { req, buffer, filled } => {
-            let end = req.length as usize;
-            let n = stream.read(&mut buffer.as_mut()[*filled..end]).await?;
-            *filled += n;
-            Ok(n)
+    std::future::poll_fn(|cx| {
+        let mut total = 0;
+        loop {
+            let polled = match state {
+                Input::Payload { req, buffer, filled } => {
+                    let end = req.length as usize;
+                    if total > 0 && *filled == end {
+                        return Poll::Ready(Ok(total));
+                    }
+                    let read = stream.read(&mut buffer.as_mut()[*filled..end]);
+                    tokio::pin!(read);
+                    let polled = read.poll(cx);
+                    if let Poll::Ready(Ok(n)) = polled {
+                        *filled += n;
+                    }
+                    polled
+                }
+                _ => {
+                    if total > 0 && input.capacity() == input.len() {
+                        return Poll::Ready(Ok(total));
+                    }
+                    let read = stream.read_buf(input);
+                    tokio::pin!(read);
+                    read.poll(cx)
+                }
+            };
+            match polled {
+                // EOF (when nothing came before it).
+                Poll::Ready(Ok(0)) => return Poll::Ready(Ok(total)),
+                Poll::Ready(Ok(n)) => {
+                    total += n;
+                    if !drain || total >= DRAIN_BYTES_MAX {
+                        return Poll::Ready(Ok(total));
+                    }
+                }
+                // What was read first; the error comes again at the next read.
+                Poll::Ready(Err(_)) if total > 0 => return Poll::Ready(Ok(total)),
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending if total > 0 => return Poll::Ready(Ok(total)),
+                Poll::Pending => return Poll::Pending,
+            }
         }
-        _ => stream.read_buf(input).await,
-    }
+    })
+    .await
 }
 
 struct Ctx {
