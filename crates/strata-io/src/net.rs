@@ -78,6 +78,23 @@ pub fn frame_writer<W: AsyncWrite + Unpin + Send + 'static>(
     frames
 }
 
+/// Turns on TCP keepalive for a client connection (NBD): probes after `idle` without
+/// traffic, one every `interval`, the connection closed after `probes` unanswered, so a
+/// client whose machine died frees its connection without an idle timeout.
+pub fn keep_alive(
+    stream: &TcpStream,
+    idle: std::time::Duration,
+    interval: std::time::Duration,
+    probes: u32,
+) -> std::io::Result<()> {
+    use rustix::net::sockopt;
+    sockopt::set_socket_keepalive(stream, true)?;
+    sockopt::set_tcp_keepidle(stream, idle)?;
+    sockopt::set_tcp_keepintvl(stream, interval)?;
+    sockopt::set_tcp_keepcnt(stream, probes)?;
+    Ok(())
+}
+
 /// Raises this process's open-file limit to its hard limit (a node holds a socket per
 /// peer connection and per NBD client, and a flood of connections must meet the
 /// listener's own limits, not EMFILE first); returns the limit now in force.

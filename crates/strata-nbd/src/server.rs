@@ -23,7 +23,7 @@ use std::task::Poll;
 use std::time::{Duration, Instant};
 use strata_io::{BlockVolume, GroupSync, IoOp, StoreError, ZeroMode};
 use strata_types::limits::{
-    BLOCK_SIZE_BYTES, NBD_BLOCK_STATUS_EXTENTS_MAX, NBD_CONNECTIONS_MAX,
+    self, BLOCK_SIZE_BYTES, NBD_BLOCK_STATUS_EXTENTS_MAX, NBD_CONNECTIONS_MAX,
     NBD_CONNECTIONS_PER_ADDRESS_MAX, NBD_IN_FLIGHT_BYTES_MAX, NBD_OPTIONS_PER_HANDSHAKE_MAX,
     NBD_OPTION_BYTES_MAX, NBD_PAYLOAD_BYTES_MAX, NBD_PAYLOAD_DISCARD_BYTES_MAX,
     NBD_REPLY_BYTES_MAX, NBD_REQUESTS_IN_FLIGHT_MAX, NBD_TLS_HANDSHAKE_SECS,
@@ -155,6 +155,13 @@ pub async fn serve(
                         continue;
                     }
                     let _ = stream.set_nodelay(true);
+                    // A client whose machine died is found without an idle timeout.
+                    let _ = strata_io::net::keep_alive(
+                        &stream,
+                        Duration::from_secs(limits::NBD_KEEPALIVE_IDLE_SECS),
+                        Duration::from_secs(limits::NBD_KEEPALIVE_INTERVAL_SECS),
+                        limits::NBD_KEEPALIVE_PROBES,
+                    );
                     let stop = for_connections.clone();
                     let buffers = buffers.clone();
                     let (provider, options) = (provider.clone(), options.clone());

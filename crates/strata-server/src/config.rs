@@ -20,7 +20,7 @@
 //! nbd_tls = "require"           # "require" (the default with tls_dir) or "off"
 //! tls_verify_peer = false       # true: NBD clients must present a certificate of the CA
 //! http_allowed_hosts = []       # names the API answers to beside its address and localhost
-//! nbd_idle_timeout_secs = 3600  # an NBD connection idle this long is closed (0: never)
+//! nbd_idle_timeout_secs = 0     # an NBD connection idle this long is closed (0: never)
 //! reserve = "5%"                # optional: space client writes leave free (or "10G")
 //! ```
 //!

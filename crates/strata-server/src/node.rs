@@ -42,8 +42,6 @@ const BLOCK: u64 = 4096;
 /// How long a forced rollback or shrink waits for the volume's clients to go.
 const DISCONNECT_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
-
-
 /// A component of a replicated volume held here.
 #[derive(Clone)]
 pub struct Component {
@@ -87,8 +85,6 @@ impl Component {
         self.entry.id
     }
 }
-
-
 
 /// Attachment bookkeeping of one export.
 struct Attach {

@@ -75,9 +75,20 @@ pub const NBD_CONNECTIONS_PER_ADDRESS_MAX: usize = 64;
 pub const NBD_REPLY_BYTES_MAX: u64 = 64 << 20;
 /// Seconds an unauthenticated NBD client has for the TLS handshake after STARTTLS.
 pub const NBD_TLS_HANDSHAKE_SECS: u64 = 10;
-/// The default of `nbd_idle_timeout_secs`: an NBD connection with no request in flight
-/// and none arriving for this long is closed (0 in the config: never).
-pub const NBD_IDLE_TIMEOUT_SECS_DEFAULT: u64 = 3600;
+/// The default of `nbd_idle_timeout_secs` (an NBD connection with no request in flight
+/// and none arriving for that long is closed): 0, never. A VM's disk may sit idle for days,
+/// and qemu without `reconnect-delay` fails the guest's next I/O on a closed connection;
+/// a client that vanished is found by TCP keepalive instead ([`NBD_KEEPALIVE_IDLE_SECS`]).
+pub const NBD_IDLE_TIMEOUT_SECS_DEFAULT: u64 = 0;
+/// TCP keepalive on NBD connections: probes start after this many idle seconds, one every
+/// [`NBD_KEEPALIVE_INTERVAL_SECS`], and after [`NBD_KEEPALIVE_PROBES`] unanswered the
+/// kernel closes the connection: a client whose machine died or whose network went away
+/// frees its connection within about two minutes, whatever `nbd_idle_timeout_secs` says.
+pub const NBD_KEEPALIVE_IDLE_SECS: u64 = 60;
+/// See [`NBD_KEEPALIVE_IDLE_SECS`].
+pub const NBD_KEEPALIVE_INTERVAL_SECS: u64 = 10;
+/// See [`NBD_KEEPALIVE_IDLE_SECS`].
+pub const NBD_KEEPALIVE_PROBES: u32 = 6;
 
 const _: () = assert!(NBD_PAYLOAD_BYTES_MAX as u64 >= BLOCK_SIZE_BYTES);
 const _: () = assert!(NBD_PAYLOAD_DISCARD_BYTES_MAX >= NBD_PAYLOAD_BYTES_MAX);

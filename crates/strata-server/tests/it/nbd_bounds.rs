@@ -96,3 +96,32 @@ fn an_idle_connection_is_closed_and_a_busy_one_is_not() {
     assert!(idle.is_closed(), "idle for 3.5 s with a 1 s timeout");
     busy.read_ok(2, 0, 4096);
 }
+
+/// By default an idle connection stays (a VM's disk may sit idle for days) and the kernel
+/// watches it with TCP keepalive instead, so a client whose machine died is closed.
+#[test]
+fn an_idle_client_stays_connected_by_default_under_tcp_keepalive() {
+    let node = Node::start();
+    node.create("v", "16M");
+    let mut idle = Raw::connect(&node.nbd);
+    idle.go("v");
+    let port = node.nbd.rsplit_once(':').unwrap().1;
+    // The server's side of the connection: a keepalive timer (about 60 s) once the
+    // replies sent are acknowledged (until then ss shows the retransmission timer).
+    let mut text = String::new();
+    for _ in 0..20 {
+        let out = Command::new("ss")
+            .args(["-tno", "state", "established", &format!("( sport = :{port} )")])
+            .output()
+            .expect("run ss");
+        text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if text.contains("timer:(keepalive") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(text.contains("timer:(keepalive"), "no keepalive on the NBD socket: {text}");
+    std::thread::sleep(Duration::from_millis(1500));
+    // Still served after sitting idle (closed, this read would fail).
+    idle.read_ok(1, 0, 4096);
+}
