@@ -3,8 +3,11 @@ chromium): the page loads, shows the volume, then its I/O after a qemu-io write;
 a screenshot. Or, for a node whose API needs its token: the page asks for it, then
 shows the cluster. Run by tests/it/dashboard.rs:
 
-    dashboard.py URL VOLUME NBD_URI SCREENSHOT
-    dashboard.py --token URL TOKEN
+    dashboard.py URL VOLUME NBD_URI SCREENSHOT HEALTH
+    dashboard.py --token URL TOKEN HEALTH
+
+HEALTH is the health pill the node's state calls for: "healthy", or "disk nearly full"
+when the machine running the test has little disk left (the node says so, rightly).
 """
 
 import subprocess
@@ -16,7 +19,7 @@ from playwright.sync_api import sync_playwright
 CHROMIUM = "/usr/bin/chromium"
 
 
-def token(url, secret):
+def token(url, secret, expected):
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         page = browser.new_page()
@@ -25,7 +28,9 @@ def token(url, secret):
         assert page.inner_text("#health") == "token needed", page.inner_text("#health")
         page.fill("#token", secret)
         page.click("#token-form button")
-        page.wait_for_selector("#health.pill-ok", timeout=15_000)
+        page.wait_for_function(
+            "want => document.querySelector('#health').innerText === want",
+            arg=expected, timeout=15_000)
         assert page.is_hidden("#token-form")
         print("the page asked for the token, then showed:", page.inner_text("#health"))
         browser.close()
@@ -33,8 +38,8 @@ def token(url, secret):
 
 def main():
     if sys.argv[1] == "--token":
-        return token(sys.argv[2], sys.argv[3])
-    url, volume, uri, screenshot = sys.argv[1:5]
+        return token(sys.argv[2], sys.argv[3], sys.argv[4])
+    url, volume, uri, screenshot, expected = sys.argv[1:6]
     row = f'tr[data-volume="{volume}"]'
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
@@ -49,7 +54,7 @@ def main():
         page.goto(url)
         page.wait_for_selector(row, timeout=15_000)
         health = page.inner_text("#health")
-        assert health == "healthy", f"health pill: {health!r}"
+        assert health == expected, f"health pill: {health!r}, expected {expected!r}"
         assert page.inner_text("#c-leader") == "node 1", page.inner_text("#c-leader")
         assert "1 up" in page.inner_text("#c-nodes")
         before = page.inner_text(f"{row} td.io-write .io-total")
