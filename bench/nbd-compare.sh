@@ -222,16 +222,22 @@ wait_nbd() { # uri pid name logfile
 
 # --- start the servers ---------------------------------------------------------
 log "strata: $STRATA ($("$STRATA" --version 2>/dev/null || echo '?'))"
+# With --tls-dir the API is HTTPS too, verified with the same CA.
+API_STRATA=http://127.0.0.1:$P_HTTP; CURL_TLS=(); CLI_TLS=()
+if [ "$TLS" = 1 ]; then
+  API_STRATA=https://127.0.0.1:$P_HTTP
+  CURL_TLS=(--cacert "$TLS_DIR/ca-cert.pem"); CLI_TLS=(--cacert "$TLS_DIR/ca-cert.pem")
+fi
 "$STRATA" up --data-dir "$SCRATCH/strata-data" --nbd "127.0.0.1:$P_NBD" --http "127.0.0.1:$P_HTTP" \
   --rpc "127.0.0.1:0" "${STRATA_TLS[@]}" >"$SCRATCH/strata.log" 2>&1 &
 PID_STRATA=$!; PIDS+=("$PID_STRATA")
 for i in $(seq 150); do
   wait_alive "$PID_STRATA" strata "$SCRATCH/strata.log"
-  grep -q "NBD listening on" "$SCRATCH/strata.log" && curl -fsS "http://127.0.0.1:$P_HTTP/v1/node" >/dev/null 2>&1 && break
+  grep -q "NBD listening on" "$SCRATCH/strata.log" && curl -fsS "${CURL_TLS[@]}" "$API_STRATA/v1/node" >/dev/null 2>&1 && break
   [ "$i" = 150 ] && { log "strata did not come up in 30 s:"; tail -20 "$SCRATCH/strata.log" >&2; exit 3; }
   sleep 0.2
 done
-"$STRATA" --api "http://127.0.0.1:$P_HTTP" volume create bench --size "$SIZE" >"$SCRATCH/create.log" 2>&1 \
+"$STRATA" --api "$API_STRATA" "${CLI_TLS[@]}" volume create bench --size "$SIZE" >"$SCRATCH/create.log" 2>&1 \
   || { log "strata volume create failed:"; cat "$SCRATCH/create.log" >&2; exit 3; }
 URI_STRATA=$SCHEME://127.0.0.1:$P_NBD/bench$QUERY
 wait_nbd "$URI_STRATA" "$PID_STRATA" strata "$SCRATCH/strata.log"
