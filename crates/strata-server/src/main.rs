@@ -63,6 +63,12 @@ The config file (TOML):
   scrub_every_secs = 604800       # an owner compares its volumes' copies weekly (0: never)
   reserve = \"5%\"                 # client writes get ENOSPC below this much free (or \"10G\");
                                   # default 5%, at least 64M: room for deletes and the node
+  tls_dir = \"/etc/strata/tls\"     # x509 in qemu's layout: NBD requires TLS, HTTP is HTTPS
+  nbd_tls = \"require\"             # the default with tls_dir; \"off\" must be written out to
+                                  # serve plain NBD beyond loopback
+  tls_verify_peer = false         # true: NBD clients need a certificate of the CA
+  http_allowed_hosts = []         # names the API answers to (beside its address, localhost)
+  nbd_idle_timeout_secs = 0       # close NBD connections idle this long (0: never)
 
 Examples:
   strata serve --config n1.toml   # the first node; then, once: strata cluster init
@@ -75,7 +81,7 @@ other nodes, syncs every volume and exits.";
 const UP_HELP: &str = "\
 Examples:
   strata up                                    # data in ./strata-data, loopback only
-  strata up --data-dir /var/lib/strata --nbd 0.0.0.0:10809
+  strata up --data-dir /var/lib/strata --nbd 0.0.0.0:10809 --tls-dir /etc/strata/tls
   strata up --log-format json 2>> strata.json  # one JSON object a log line
   strata up --reserve 2G                       # writes get ENOSPC below 2 GiB free
 
