@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# bench/fuzz.sh - runs Strata's fuzz targets long, by hand (CI runs each for 20 s).
+# bench/fuzz.sh - runs Strata's fuzz targets long, by hand (CI runs each for 10 s).
 #
 #   bench/fuzz.sh                 every target, 10 minutes each
 #   SECONDS_EACH=3600 bench/fuzz.sh nbd_session checkpoint

@@ -75,7 +75,7 @@ fn ci() -> Result<(), String> {
 }
 
 /// Seconds each fuzz target runs in `cargo xtask ci` (`bench/fuzz.sh` runs them long).
-const FUZZ_SECONDS_CI: u32 = 20;
+const FUZZ_SECONDS_CI: u32 = 10;
 
 /// The fuzz targets (fuzz/fuzz_targets/), each run briefly. cargo-fuzz on stable builds
 /// without a sanitizer (`-s none`): a panic is what it finds, and bounds are asserted.
