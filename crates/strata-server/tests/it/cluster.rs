@@ -4,7 +4,7 @@
 //! resumed. The clients' histories must be linearizable, the resumed node's requests at
 //! its old incarnation refused, and the cluster must serve again after each fault.
 
-use crate::harness::{Node, STRATA};
+use crate::harness::{Node, Tmpfs, STRATA};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -937,23 +937,7 @@ fn a_hung_metadata_leader_is_declared_down_and_nobody_else() {
 fn a_node_whose_metadata_disk_fills_up_stops_and_says_why() {
     let tmp = tempfile::tempdir().unwrap();
     let small = tmp.path().join("n3");
-    std::fs::create_dir_all(&small).unwrap();
-    let mounted = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=160m", "tmpfs"])
-        .arg(&small)
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !mounted {
-        eprintln!("cannot mount a tmpfs here (not root?): skipped");
-        return;
-    }
-    struct Unmount(PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-        }
-    }
-    let _unmount = Unmount(small.clone());
+    let Some(_unmount) = Tmpfs::mount(&small, "160m") else { return };
     let mut members = three_members(tmp.path());
     let pid = members[2].node().pid();
     // Fill the file system: the next Raft write fails.
@@ -989,7 +973,7 @@ fn a_node_whose_metadata_disk_fills_up_stops_and_says_why() {
 #[test]
 fn a_copy_whose_disk_fills_up_gets_the_client_enospc_and_is_resynced_once_there_is_room() {
     let tmp = tempfile::tempdir().unwrap();
-    let Some(_unmount) = SmallDisk::mount(tmp.path(), 3) else { return };
+    let Some(_unmount) = Tmpfs::mount(&tmp.path().join("n3"), "200m") else { return };
     let members = three_members(tmp.path());
     let key = DataKey::from_secret(&std::fs::read(members[0].dir.join("secret")).unwrap());
     create_replicated(&members[0], "r1", "256M");
@@ -1022,33 +1006,6 @@ fn a_copy_whose_disk_fills_up_gets_the_client_enospc_and_is_resynced_once_there_
     assert_eq!(read_component(&members[2], &key, id3, epoch, 200 << 20), vec![0; 65536]);
 }
 
-/// Node `id`'s data directory on a 200 MiB tmpfs of its own (root only: `None`, saying
-/// so, otherwise), unmounted on drop.
-struct SmallDisk(PathBuf);
-
-impl SmallDisk {
-    fn mount(root: &Path, id: u64) -> Option<SmallDisk> {
-        let dir = root.join(format!("n{id}"));
-        std::fs::create_dir_all(&dir).unwrap();
-        let mounted = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", "size=200m", "tmpfs"])
-            .arg(&dir)
-            .output()
-            .is_ok_and(|o| o.status.success());
-        if !mounted {
-            eprintln!("cannot mount a tmpfs here (not root?): skipped");
-            return None;
-        }
-        Some(SmallDisk(dir))
-    }
-}
-
-impl Drop for SmallDisk {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
-
 /// The owner's own disk (node 1's, a 200 MiB tmpfs) fills up under a replicated volume:
 /// the write it would refuse is refused before the other copies take it, so the client
 /// gets ENOSPC and the copies stay equal where it failed (they held its pattern before).
@@ -1056,7 +1013,7 @@ impl Drop for SmallDisk {
 #[test]
 fn a_write_the_owners_full_disk_refuses_reaches_no_other_copy() {
     let tmp = tempfile::tempdir().unwrap();
-    let Some(_unmount) = SmallDisk::mount(tmp.path(), 1) else { return };
+    let Some(_unmount) = Tmpfs::mount(&tmp.path().join("n1"), "200m") else { return };
     let members = three_members(tmp.path());
     let key = DataKey::from_secret(&std::fs::read(members[0].dir.join("secret")).unwrap());
     create_replicated(&members[0], "r1", "256M");

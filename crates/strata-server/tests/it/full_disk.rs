@@ -8,41 +8,10 @@
 //! and serves, a trim frees space and writes resume without a restart, and after filling
 //! again a `volume delete` works and writes resume.
 
-use crate::harness::{qemu_io, Node};
-use std::path::{Path, PathBuf};
+use crate::harness::{qemu_io, Node, Tmpfs};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
-
-/// A tmpfs of `size` on a new directory, unmounted on drop.
-struct Tmpfs {
-    dir: tempfile::TempDir,
-}
-
-impl Tmpfs {
-    fn mount(size: &str) -> Option<Tmpfs> {
-        let dir = tempfile::tempdir().unwrap();
-        let mounted = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir.path())
-            .output()
-            .is_ok_and(|o| o.status.success());
-        if !mounted {
-            eprintln!("cannot mount a tmpfs here (not root?): skipped");
-            return None;
-        }
-        Some(Tmpfs { dir })
-    }
-
-    fn path(&self) -> PathBuf {
-        self.dir.path().join("data")
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(self.dir.path()).status();
-    }
-}
 
 /// qemu-io's output for `commands` on `uri`, whatever they return.
 fn qemu_io_any(uri: &str, commands: &[String]) -> String {
@@ -95,8 +64,9 @@ fn start(dir: &Path) -> Node {
 
 #[test]
 fn issue_15_a_full_disk_never_locks_the_operator_out() {
-    let Some(fs) = Tmpfs::mount("300m") else { return };
-    let dir = fs.path();
+    let tmp = tempfile::tempdir().unwrap();
+    let Some(_fs) = Tmpfs::mount(tmp.path(), "300m") else { return };
+    let dir = tmp.path().join("data");
     let node = start(&dir);
     node.create("big", "512M");
     node.create("small", "16M");
