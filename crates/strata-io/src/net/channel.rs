@@ -155,9 +155,21 @@ pub struct Channel<R = OwnedReadHalf, W = OwnedWriteHalf> {
     pub writer: ChannelWriter<W>,
 }
 
-fn builder(key: &ChannelKey) -> snow::Builder<'_> {
+/// A fresh handshake of this cluster's channel, as the side that connected (`initiator`)
+/// or the side that accepted.
+fn handshake_state(key: &ChannelKey, initiator: bool) -> snow::HandshakeState {
     let params = NOISE_PATTERN.parse().expect("a valid Noise pattern");
-    snow::Builder::new(params).psk(0, &key.0).expect("psk 0 is valid for NNpsk0")
+    let prologue = prologue();
+    let builder = snow::Builder::new(params)
+        .psk(0, &key.0)
+        .expect("psk 0 is valid for NNpsk0")
+        .prologue(&prologue)
+        .expect("a prologue is set once");
+    if initiator {
+        builder.build_initiator().expect("a valid initiator")
+    } else {
+        builder.build_responder().expect("a valid responder")
+    }
 }
 
 fn prologue() -> Vec<u8> {
@@ -254,12 +266,7 @@ where
     W: AsyncWrite + Unpin,
 {
     let run = async {
-        let prologue = prologue();
-        let mut state = builder(key)
-            .prologue(&prologue)
-            .expect("a prologue is set once")
-            .build_initiator()
-            .expect("a valid initiator");
+        let mut state = handshake_state(key, true);
         let mut buf = [0u8; INTERNODE_HANDSHAKE_BYTES_MAX];
         let n = state.write_message(&[], &mut buf).expect("the first message fits");
         write_message(&mut w, HELLO, &buf[..n]).await?;
@@ -292,12 +299,7 @@ where
     W: AsyncWrite + Unpin,
 {
     let run = async {
-        let prologue = prologue();
-        let mut state = builder(key)
-            .prologue(&prologue)
-            .expect("a prologue is set once")
-            .build_responder()
-            .expect("a valid responder");
+        let mut state = handshake_state(key, false);
         let mut buf = [0u8; INTERNODE_HANDSHAKE_BYTES_MAX];
         let hello = match read_message(&mut r).await {
             Ok(hello) => hello,
