@@ -8,5 +8,8 @@
 //! No store, no metadata service, no NBD; decoding untrusted bytes never panics.
 
 pub mod client;
+pub mod error;
 pub mod fence;
 pub mod frame;
+pub mod owner;
+pub mod timing;
