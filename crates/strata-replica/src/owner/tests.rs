@@ -19,7 +19,9 @@ fn took() -> Reply {
     Reply::Took { connection: 1 }
 }
 
-fn folded(f: Finished) -> (Vec<SaveBitmap>, Vec<(usize, String)>, bool, Vec<usize>) {
+type Folded = (Vec<SaveBitmap>, Vec<(usize, String)>, bool, Vec<usize>);
+
+fn folded(f: Finished) -> Folded {
     match f {
         Finished::Folded { saves, failed, full, record } => (saves, failed, full, record),
         Finished::Deposed { newest } => panic!("deposed by {newest}"),
