@@ -122,6 +122,57 @@ impl Track {
     }
 }
 
+/// What a new owner finds of a copy, in the volume's record and its own files.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Found {
+    /// The copy's node.
+    pub node: u64,
+    /// Its component id there.
+    pub id: u64,
+    /// The new owner's own copy (which must be ACTIVE in the record).
+    pub local: bool,
+    /// Its state in the record.
+    pub state: Option<CopyState>,
+    /// The LSN of the first write it missed, as recorded.
+    pub stale_lsn: Option<u64>,
+    /// Its bitmap as this node's previous owner view kept it, if that file is trusted
+    /// (kept at the epoch just before, in this boot).
+    pub kept: Option<BTreeSet<u64>>,
+    /// The last owner vouched for it at a clean hand-over (level and synced).
+    pub vouched: bool,
+    /// Its bitmap as the last owner handed it over cleanly.
+    pub handed: Option<BTreeSet<u64>>,
+}
+
+impl Track {
+    /// Copy `f` as a new owner starts with it (invariant 5): its own copy is the truth;
+    /// another ACTIVE copy owes a digest scan unless the last owner vouched for it; a
+    /// STALE one keeps the bitmap kept or handed over, else owes a scan in full; a
+    /// RESYNCING one (its resync was cut short) is STALE and owes a scan in full.
+    pub fn found(f: Found) -> Track {
+        let state = f.state.unwrap_or(CopyState::Stale);
+        let mut t = Track::new(f.node, f.id, f.local, CopyState::Stale);
+        t.missed_from = f.stale_lsn.filter(|_| state != CopyState::Active);
+        if f.local {
+            t.state = CopyState::Active;
+            return t;
+        }
+        match (state, f.kept) {
+            (CopyState::Stale, Some(regions)) => t.dirty = regions,
+            (CopyState::Active, _) => {
+                t.state = CopyState::Active;
+                t.scan = (!f.vouched).then_some(0);
+            }
+            (CopyState::Stale, None) => match f.handed {
+                Some(regions) => t.dirty = regions,
+                None => t.scan = Some(0),
+            },
+            (CopyState::Resyncing, _) => t.scan = Some(0),
+        }
+        t
+    }
+}
+
 /// Save copy `copy`'s bitmap (replacing the file), before going on.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SaveBitmap {
@@ -295,6 +346,26 @@ impl OwnerState {
     /// Regions in the volume.
     pub fn regions(&self) -> u64 {
         self.regions
+    }
+
+    /// The next LSN, for one request outside a planned write (a resync's copy).
+    pub fn next_lsn(&mut self) -> u64 {
+        self.lsn += 1;
+        self.lsn
+    }
+
+    /// Regions `regions` of copy `i` were compared with the owner's, `copied` bytes of
+    /// them copied. Every region compared counts as unflushed there, not only those
+    /// copied: one found equal may be equal only in the copy's page cache (writes it took
+    /// while RESYNCING), so it is lost too if the copy fails before its next flush (flaw 7
+    /// of the simulation).
+    pub fn levelled(&mut self, i: usize, regions: std::ops::Range<u64>, copied: u64) {
+        self.tracks[i].resynced += copied;
+        for region in regions {
+            self.completions += 1;
+            let done = self.completions;
+            self.tracks[i].unflushed.insert(region, done);
+        }
     }
 
     /// The volume grew to `regions` regions.
@@ -574,6 +645,13 @@ impl OwnerState {
         was == CopyState::Active
     }
 
+    /// The volume was just created: every copy is empty, so equal; none owes a scan.
+    pub fn created(&mut self) {
+        for t in self.tracks.iter_mut() {
+            t.scan = None;
+        }
+    }
+
     /// Starts a digest scan of every other ACTIVE copy not being scanned already (a
     /// scrub). Returns how many started.
     pub fn scrub(&mut self) -> usize {
@@ -653,6 +731,19 @@ impl OwnerState {
         }
         self.acked_seen = self.tracks.iter().map(|t| t.acked).collect();
         Ok(())
+    }
+}
+
+impl std::ops::Index<usize> for OwnerState {
+    type Output = Track;
+    fn index(&self, i: usize) -> &Track {
+        &self.tracks[i]
+    }
+}
+
+impl std::ops::IndexMut<usize> for OwnerState {
+    fn index_mut(&mut self, i: usize) -> &mut Track {
+        &mut self.tracks[i]
     }
 }
 

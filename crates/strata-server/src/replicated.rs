@@ -75,7 +75,7 @@ use crate::node::{Component, Node};
 use crate::registry::{applied_record, records, VolumeRecord};
 use bytes::{Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -84,10 +84,15 @@ use strata_io::{BlockVolume, Extent, IoOp, StoreError, ZeroMode};
 use strata_meta::service::{ClientReply, ClientRequest, Member};
 use strata_meta::state::{Command, Compare, Op, Response};
 use strata_replica::client::{request, CallError, DataPeer};
+use strata_replica::error::ReplicaError;
 use strata_replica::frame::{
     DataKey, Header, Kind, Status, DIGEST_UNIT, FLAG_FUA, FLAG_VOLUME, FLAG_WHOLE,
     PAYLOAD_BYTES_MAX,
 };
+use strata_replica::owner::{
+    CopyState, Finished, Found, OwnerState, Reply, SaveBitmap, Time, Track,
+};
+use strata_replica::timing::Timing;
 use strata_types::ErrorCode;
 
 /// How long a component may take to answer one request.
@@ -126,8 +131,6 @@ const STREAK_GAP: Duration = Duration::from_secs(5);
 const SCAN_BATCH: u64 = 16;
 /// The most writes of one client fanned out together (`ReplicatedVolume::run_writes`).
 const WRITE_BATCH_MAX: usize = 64;
-/// An owner's LSNs start at its epoch shifted by this (2^40 writes per epoch).
-const LSN_EPOCH_SHIFT: u32 = 40;
 
 /// In a volume's record: the owner at `epoch` handed the volume over cleanly, with the
 /// copies `level` equal and synced (invariant 5). A copy is named by node and component
@@ -307,73 +310,27 @@ impl Copy {
     }
 }
 
-/// A copy's state (the volume record holds the same, changed by the owner by CAS).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum CopyState {
-    Active,
-    Stale,
-    Resyncing,
+/// The node's monotonic clock as the protocol core counts time: since the first call.
+fn now() -> Time {
+    origin().elapsed()
 }
 
-impl CopyState {
-    fn name(self) -> &'static str {
-        match self {
-            CopyState::Active => "active",
-            CopyState::Stale => "stale",
-            CopyState::Resyncing => "resyncing",
-        }
-    }
-
-    fn parse(s: &str) -> CopyState {
-        match s {
-            "active" => CopyState::Active,
-            "resyncing" => CopyState::Resyncing,
-            _ => CopyState::Stale,
-        }
-    }
+/// The instant of the core's time `t`.
+fn instant(t: Time) -> Instant {
+    origin() + t
 }
 
-struct Copies {
-    states: Vec<CopyState>,
-    /// Per copy: the regions it lacks (its synchronization bitmap).
-    dirty: Vec<BTreeSet<u64>>,
-    /// Per copy: regions written since its last successful flush (a copy that fails may
-    /// have lost them with its page cache, so they join its bitmap), each with the
-    /// `completions` count when its write to that copy completed: a flush clears only
-    /// the regions whose writes had completed when it was sent.
-    unflushed: Vec<BTreeMap<u64, u64>>,
-    /// Writes completed on copies so far (see `unflushed`).
-    completions: u64,
-    /// Per copy: its peer's connection count when it was last known whole (see
-    /// `DataPeer::connections`); a reply over a later connection fails the copy.
-    connected: Vec<Option<u64>>,
-    /// Copies STALE here whose mark the record does not hold yet.
-    unrecorded: BTreeSet<usize>,
-    /// Per copy: the next region of a digest scan (invariant 5), if one is due.
-    scan: Vec<Option<u64>>,
-    /// Per copy: bytes copied to it by resyncs and scans.
-    resynced: Vec<u64>,
-    /// Per copy: the highest LSN it acknowledged.
-    acked: Vec<u64>,
-    /// Per copy not ACTIVE: the LSN of the first write it missed.
-    missed_from: Vec<Option<u64>>,
-    /// Per copy: until when its node may serve reads from it (invariant 10).
-    leased_until: Vec<Option<Instant>>,
-    /// No write is acknowledged before this: the read lease of a copy that stopped being
-    /// ACTIVE has run out by then.
-    revoked_until: Option<Instant>,
+fn origin() -> Instant {
+    static ORIGIN: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    *ORIGIN.get_or_init(Instant::now)
 }
 
-impl Copies {
-    /// Copy `i` misses writes from now on (`lsn` the first one, if it is known). Its read
-    /// lease, if it has one, holds back the acknowledgment of every write until it ends.
-    fn stale(&mut self, i: usize, lsn: u64) {
-        self.states[i] = CopyState::Stale;
-        self.unrecorded.insert(i);
-        self.missed_from[i].get_or_insert(lsn);
-        if let Some(until) = self.leased_until[i].take() {
-            self.revoked_until = self.revoked_until.max(Some(until));
-        }
+/// A copy's state as a record names it (until records hold the enum).
+fn parse_state(s: &str) -> CopyState {
+    match s {
+        "active" => CopyState::Active,
+        "resyncing" => CopyState::Resyncing,
+        _ => CopyState::Stale,
     }
 }
 
@@ -428,13 +385,11 @@ pub struct ReplicatedVolume {
     /// Grows when the volume does (`resize`).
     size_bytes: AtomicU64,
     epoch: u64,
-    /// The last LSN given out: writes are numbered from `epoch << LSN_EPOCH_SHIFT`, so
-    /// LSNs grow across owners too.
-    lsn: AtomicU64,
-    min_replicas: usize,
     local: Component,
     copies: Vec<Copy>,
-    state: Mutex<Copies>,
+    timing: Timing,
+    /// The protocol core's state of the copies (`strata_replica::owner`).
+    state: Mutex<OwnerState>,
     /// Client writes hold it shared; a resync copies a region holding it exclusively
     /// (from a blocking thread: `blocking_write`).
     resync_lock: tokio::sync::RwLock<()>,
@@ -470,6 +425,48 @@ pub struct ReplicatedVolume {
     runtime: tokio::runtime::Handle,
 }
 
+/// The owner's state, locked; in debug builds (every test) its invariants are checked
+/// when the lock is let go, so each change is checked as it is made.
+struct Checked<'a>(std::sync::MutexGuard<'a, OwnerState>);
+
+impl std::ops::Deref for Checked<'_> {
+    type Target = OwnerState;
+    fn deref(&self) -> &OwnerState {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Checked<'_> {
+    fn deref_mut(&mut self) -> &mut OwnerState {
+        &mut self.0
+    }
+}
+
+impl Drop for Checked<'_> {
+    fn drop(&mut self) {
+        #[cfg(debug_assertions)]
+        if !std::thread::panicking() {
+            if let Err(v) = self.0.validate() {
+                panic!("{v}");
+            }
+        }
+    }
+}
+
+/// The error of a request this owner can no longer serve (its client retries at the
+/// next owner).
+fn deposed() -> StoreError {
+    io_error("replicate", ReplicaError::Deposed { newer: None })
+}
+
+/// A core's refusal as the volume interface's error.
+fn store_error(e: ReplicaError) -> StoreError {
+    match e {
+        ReplicaError::NoSpace => StoreError::NoSpace,
+        e => io_error("replicate", e),
+    }
+}
+
 fn io_error(what: &'static str, e: impl std::fmt::Display) -> StoreError {
     StoreError::io(what)(std::io::Error::other(e.to_string()))
 }
@@ -488,6 +485,18 @@ impl ReplicatedVolume {
     /// The epoch this view owns the volume at.
     pub fn epoch(&self) -> u64 {
         self.epoch
+    }
+
+    /// The protocol core's state. A panic that left it half-changed deposes this view:
+    /// it serves nothing more (the next owner compares the copies).
+    fn state(&self) -> Checked<'_> {
+        Checked(self.state.lock().unwrap_or_else(|e| {
+            if !self.deposed.swap(true, Ordering::AcqRel) {
+                tracing::error!(volume = %self.name, epoch = self.epoch,
+                    "a panic left the owner's state half-changed: no longer serving");
+            }
+            e.into_inner()
+        }))
     }
 
     /// The volume's size in bytes.
@@ -512,30 +521,23 @@ impl ReplicatedVolume {
         // in flight hold the lock shared.
         self.let_go();
         let _exclusive = self.resync_lock.write().await;
-        let (states, scanning, unrecorded, stale) = {
-            let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-            let scanning: Vec<bool> = st.scan.iter().map(Option::is_some).collect();
-            // No write is in flight: a STALE copy's bitmap is all it lacks.
-            let stale: Vec<HandedBitmap> = (0..self.copies.len())
-                .filter(|&i| st.states[i] == CopyState::Stale && st.scan[i].is_none())
-                .map(|i| HandedBitmap {
-                    node: self.copies[i].node,
-                    id: self.copies[i].id(),
-                    runs: runs_of(&st.dirty[i]),
-                })
-                .filter(|b| b.runs.len() <= HANDED_RUNS_MAX)
-                .collect();
-            (st.states.clone(), scanning, !st.unrecorded.is_empty(), stale)
-        };
-        if unrecorded {
+        let plan = self.state().release();
+        if plan.unrecorded {
             return Err("a copy's failure is not recorded yet".into());
         }
+        // No write is in flight: a STALE copy's bitmap is all it lacks.
+        let stale: Vec<HandedBitmap> = plan
+            .stale
+            .iter()
+            .map(|(i, regions)| HandedBitmap {
+                node: self.copies[*i].node,
+                id: self.copies[*i].id(),
+                runs: runs_of(regions),
+            })
+            .filter(|b| b.runs.len() <= HANDED_RUNS_MAX)
+            .collect();
         // The next owner grants leases anew and waits for none of these (invariant 10).
-        let leased = {
-            let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-            st.leased_until.iter().copied().chain([st.revoked_until]).max().flatten()
-        };
-        if let Some(until) = leased.filter(|u| *u > Instant::now()) {
+        if let Some(until) = plan.leases_until.map(instant).filter(|u| *u > Instant::now()) {
             tokio::time::sleep_until(until.into()).await;
         }
         // Synced: nothing a copy acknowledged can be lost to a crash after the hand-over
@@ -544,7 +546,7 @@ impl ReplicatedVolume {
         let mut level = Vec::new();
         for (i, c) in self.copies.iter().enumerate() {
             // A copy still owed a digest scan may differ: not vouched for.
-            if states[i] != CopyState::Active || scanning[i] {
+            if !plan.level.contains(&i) {
                 continue;
             }
             let synced = match &c.peer {
@@ -708,11 +710,10 @@ impl ReplicatedVolume {
     /// Copy `i` failed during its resync: the regions it took since its last flush may
     /// be lost with its page cache, so they go back into its bitmap (on file).
     fn lose_unflushed(&self, i: usize) -> Result<(), StoreError> {
-        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let lost = std::mem::take(&mut st.unflushed[i]);
-        st.dirty[i].extend(lost.into_keys());
+        let mut st = self.state();
+        let save = st.lose_unflushed(i);
         // Saved under the state lock: saves follow the changes in order.
-        self.save_bitmap(i, &st.dirty[i], st.scan[i].is_some())
+        self.save_bitmaps(&st, &[save])
     }
 
     /// Records copy `i`'s state in the volume's record, by CAS, only while this node is
@@ -735,7 +736,7 @@ impl ReplicatedVolume {
         let (node, id) = (self.copies[i].node, self.copies[i].id());
         let stale_lsn = match to {
             CopyState::Active => None,
-            _ => self.state.lock().unwrap_or_else(|e| e.into_inner()).missed_from[i],
+            _ => self.state()[i].missed_from,
         };
         let result = async move {
             let key = format!("/volumes/{name}");
@@ -799,13 +800,8 @@ impl ReplicatedVolume {
             if let Some(new_id) = new_id {
                 self.copies[i].id.store(new_id, Ordering::Release);
             }
-            let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-            st.states[i] = to;
-            if to == CopyState::Active {
-                // Level with the owner's copy (the caller holds the exclusive lock).
-                st.missed_from[i] = None;
-                st.acked[i] = self.lsn.load(Ordering::Relaxed);
-            }
+            // Level with the owner's copy if ACTIVE (the caller holds the exclusive lock).
+            self.state().recorded(i, to, new_id);
             tracing::info!(volume = %self.name, node, component = id, state = to.name(), "copy");
         }
         result
@@ -839,7 +835,7 @@ impl ReplicatedVolume {
         let flush = matches!(ops[..], [IoOp::Flush]);
         let _shared = self.resync_lock.read().await;
         if self.deposed() {
-            return Err(io_error("replicate", "this node no longer owns the volume"));
+            return Err(deposed());
         }
         self.client_ops.fetch_add(ops.len() as u64, Ordering::Relaxed);
         // The owner's own copy first: writes it would refuse for want of space are refused
@@ -862,42 +858,33 @@ impl ReplicatedVolume {
         };
         // Deposed while it waited: nothing of it is sent (the fences refuse it anyway).
         if self.deposed() {
-            return Err(io_error("replicate", "this node no longer owns the volume"));
+            return Err(deposed());
         }
-        let first = self.lsn.fetch_add(ops.len() as u64, Ordering::Relaxed) + 1;
-        let lsn = first + ops.len() as u64 - 1;
-        let (states, flushed_after) = {
-            // Write intent first: a copy that does not get the write has it in its bitmap
-            // before any copy has it (invariant 4), whatever happens next.
-            let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-            for i in 0..self.copies.len() {
-                if st.states[i] == CopyState::Stale && !regions.is_empty() {
-                    let before = st.dirty[i].len();
-                    st.dirty[i].extend(regions.iter().copied());
-                    if st.dirty[i].len() != before {
-                        let dirty = st.dirty[i].clone();
-                        self.save_bitmap(i, &dirty, st.scan[i].is_some())?;
-                    }
-                }
+        // Planned by the core: LSNs, and the write's regions in every STALE copy's bitmap
+        // (on file) before any copy has it (invariant 4), whatever happens next. Saved
+        // under the state lock, so saves follow the changes in order.
+        let write = {
+            let mut st = self.state();
+            let (write, saves) = st.begin(ops.len(), &regions, flush);
+            if let Err(e) = self.save_bitmaps(&st, &saves) {
+                st.abandon(&write);
+                return Err(e);
             }
-            // For a flush: the writes completed before it is sent (it covers those).
-            (st.states.clone(), st.completions)
+            write
         };
         // Sent to every remote copy first, then the own copy written, then the replies
         // awaited.
-        let deadline = tokio::time::Instant::now() + IO_TIMEOUT;
-        let mut sent = Vec::new();
-        for (i, c) in self.copies.iter().enumerate() {
-            let Some(peer) = &c.peer else { continue };
-            if states[i] == CopyState::Stale {
-                continue;
-            }
+        let deadline = tokio::time::Instant::now() + self.timing.io_timeout;
+        let mut sent = Vec::with_capacity(write.targets.len());
+        for &i in &write.targets {
+            let Some(peer) = &self.copies[i].peer else { continue };
+            let id = self.copies[i].id();
             let requests: Vec<_> = wires
                 .iter()
                 .zip(&payloads)
                 .enumerate()
                 .map(|(j, ((kind, offset, length), (payload, fua)))| {
-                    let mut h = request(*kind, c.id(), self.epoch, first + j as u64, *offset);
+                    let mut h = request(*kind, id, self.epoch, write.first + j as u64, *offset);
                     if *kind == Kind::Trim {
                         h.count = *length as u32;
                     }
@@ -921,151 +908,100 @@ impl ReplicatedVolume {
             Ok(_pass) => self.apply_local_all(ops).await,
             Err(Refused::Stale(newest)) => {
                 self.depose(&format!("this node's copy has seen epoch {newest}"));
-                Err(io_error("replicate", "this node no longer owns the volume"))
+                Err(deposed())
             }
             Err(Refused::Io) => Err(io_error("replicate", "cannot persist the epoch fence")),
         };
-        let mut failed = Vec::new();
-        let mut took = Vec::new();
-        // A copy refused the write for want of space (see below).
-        let mut full = false;
+        let mut replies = Vec::with_capacity(sent.len());
         for (i, p) in sent {
             let pending = match p {
                 Ok(p) => p,
-                Err(e) => {
-                    failed.push((i, e));
+                Err(why) => {
+                    replies.push((i, Reply::Failed { why }));
                     continue;
                 }
             };
-            let mut failure = None;
+            let mut reply = None;
             for p in pending {
-                match tokio::time::timeout_at(deadline, p.wait()).await {
-                    Ok(Ok(_)) => {}
-                    Ok(Err(e @ CallError::Status { status: Status::StaleEpoch, .. })) => {
-                        self.depose(&e.to_string())
+                let failure = match tokio::time::timeout_at(deadline, p.wait()).await {
+                    Ok(Ok(_)) => continue,
+                    Ok(Err(CallError::Status { status: Status::StaleEpoch, epoch, .. })) => {
+                        Reply::StaleEpoch { newest: epoch }
                     }
                     Ok(Err(e @ CallError::Status { status: Status::NoSpace, .. })) => {
-                        full = true;
-                        failure = failure.or(Some(format!("{e}: its node's disk is full")));
+                        Reply::NoSpace { why: e.to_string() }
                     }
-                    Ok(Err(e)) => failure = failure.or(Some(e.to_string())),
-                    Err(_) => failure = failure.or(Some("timed out".to_owned())),
+                    Ok(Err(e)) => Reply::Failed { why: e.to_string() },
+                    Err(_) => Reply::Failed { why: "timed out".to_owned() },
+                };
+                // A newer epoch outranks any other failure of the copy.
+                if reply.is_none() || matches!(failure, Reply::StaleEpoch { .. }) {
+                    reply = Some(failure);
                 }
             }
-            match failure {
-                None => took.push(i),
-                Some(e) => failed.push((i, e)),
-            }
-        }
-        if self.deposed() {
-            return Err(io_error("replicate", "this node no longer owns the volume"));
+            let connection = self.copies[i].peer.as_ref().map_or(0, |p| p.connections());
+            replies.push((i, reply.unwrap_or(Reply::Took { connection })));
         }
         // A failed copy is STALE from now on in memory, and what it may lack goes to its
-        // bitmap (on file) before anything else: the write's regions and every region
-        // written since its last flush. Even if the mark cannot be recorded, the copy is
-        // brought level later, never left silently different.
-        {
-            let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-            // A copy that answered over a new connection may be a restarted node that lost
-            // what it had not synced (a power loss): failed, so those regions join its
-            // bitmap and a resync compares them.
-            took.retain(|i| {
-                let now = self.copies[*i].peer.as_ref().map_or(0, |p| p.connections());
-                let seen = st.connected[*i].replace(now);
-                if seen.is_some_and(|seen| seen != now) {
-                    failed.push((
-                        *i,
-                        "answered over a new connection: its node may have restarted".into(),
-                    ));
-                    return false;
+        // bitmap (on file) before anything else: the write's regions, every region in
+        // flight and every region written since its last flush. Even if the mark cannot
+        // be recorded, the copy is brought level later, never left silently different.
+        let (full, record) = {
+            let mut st = self.state();
+            match st.finish(&write, replies, here.is_ok()) {
+                Finished::Deposed { newest } => {
+                    drop(st);
+                    self.depose(&format!("a copy has seen epoch {newest}"));
+                    return Err(deposed());
                 }
-                true
-            });
-            if here.is_ok() {
-                let me = self.local_index();
-                st.acked[me] = st.acked[me].max(lsn);
-            }
-            for i in &took {
-                st.acked[*i] = st.acked[*i].max(lsn);
-                if flush {
-                    // Not a write that completed after the flush was sent: the copy
-                    // may have applied it after it synced.
-                    st.unflushed[*i].retain(|_, done| *done > flushed_after);
-                }
-                for region in &regions {
-                    st.completions += 1;
-                    let done = st.completions;
-                    st.unflushed[*i].insert(*region, done);
+                Finished::Folded { saves, failed, full, record } => {
+                    for (i, e) in &failed {
+                        let node = self.copies[*i].node;
+                        tracing::warn!(volume = %self.name, node, "a copy failed: {e}");
+                    }
+                    self.save_bitmaps(&st, &saves)?;
+                    (full, record)
                 }
             }
-            // Every write in flight now may be missing there too (each joins the bitmap
-            // when it fails in turn, unless this owner dies first).
-            let flying: Vec<u64> = if failed.is_empty() {
-                Vec::new()
-            } else {
-                self.in_flight
-                    .regions
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .iter()
-                    .copied()
-                    .collect()
-            };
-            for (i, e) in &failed {
-                let node = self.copies[*i].node;
-                tracing::warn!(volume = %self.name, node, "a copy failed: {e}");
-                st.stale(*i, first);
-                let lost = std::mem::take(&mut st.unflushed[*i]);
-                st.dirty[*i].extend(lost.into_keys());
-                st.dirty[*i].extend(flying.iter().copied());
-                st.dirty[*i].extend(regions.iter().copied());
-                let dirty = st.dirty[*i].clone();
-                self.save_bitmap(*i, &dirty, st.scan[*i].is_some())?;
-            }
+        };
+        if self.deposed() {
+            return Err(deposed());
         }
         here?;
         // Every STALE mark is recorded before the reply (and recording fails once this
         // node is no longer the owner at its epoch: then nothing more is acknowledged).
-        let unrecorded: Vec<usize> = {
-            let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-            st.unrecorded.iter().copied().collect()
-        };
-        for i in unrecorded {
+        for i in record {
             self.record(i, CopyState::Stale, None).await.map_err(|e| {
                 // Not sure to own the volume any more (another node took it while this
                 // one was paused or cut off, or its session was renewed): deposed, so
                 // that the write is retried at the owner (whichever node that is), not
                 // failed to the client. The next owner, taking without a clean
                 // hand-over, compares the copies.
-                let why = format!("a copy failed and cannot be marked stale: {e}");
+                let why = ReplicaError::Unrecorded { why: e }.to_string();
                 self.depose(&why);
                 io_error("replicate", why)
             })?;
-            self.state.lock().unwrap_or_else(|e| e.into_inner()).unrecorded.remove(&i);
         }
         // A copy's node is full: the copy is STALE like any failed one (its bitmap has the
         // write, and the resync levels it once that node has room again), and the client
         // gets ENOSPC, as from a single disk, so that a VM pauses (qemu's werror=enospc)
         // and the operator frees space, instead of running on with a copy fewer unseen.
         // The write is on the other copies: a retry (qemu's, on resume) goes to them.
-        if full {
-            return Err(StoreError::NoSpace);
-        }
-        let active = {
-            let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-            st.states.iter().filter(|s| **s == CopyState::Active).count()
-        };
-        if active < self.min_replicas {
-            return Err(io_error(
-                "replicate",
-                format!("only {active} copies are active, {} needed", self.min_replicas),
-            ));
-        }
+        //
         // A copy that missed this write (or an earlier one) may still serve reads under
         // its lease: acknowledged once that has run out (invariant 10).
-        let revoked = self.state.lock().unwrap_or_else(|e| e.into_inner()).revoked_until;
-        if let Some(until) = revoked.filter(|u| *u > Instant::now()) {
-            tokio::time::sleep_until(until.into()).await;
+        let hold = self.state().conclude(full, now()).map_err(store_error)?;
+        if let Some(until) = hold {
+            tokio::time::sleep_until(instant(until).into()).await;
+        }
+        Ok(())
+    }
+
+    /// Saves the bitmaps the core asked for, in order (the caller holds the state lock,
+    /// so saves follow the changes in order).
+    fn save_bitmaps(&self, _st: &OwnerState, saves: &[SaveBitmap]) -> Result<(), StoreError> {
+        for save in saves {
+            self.save_bitmap(save.copy, &save.regions, save.owes_scan)?;
         }
         Ok(())
     }
@@ -1078,12 +1014,7 @@ impl ReplicatedVolume {
     pub async fn grant_lease(&self, node: u64) -> Option<u64> {
         let i = self.copies.iter().position(|c| c.node == node && c.peer.is_some())?;
         let peer = self.copies[i].peer.clone()?;
-        let whole = |st: &Copies| {
-            st.states[i] == CopyState::Active
-                && st.scan[i].is_none()
-                && st.connected[i] == Some(peer.connections())
-        };
-        if !self.serving() || !whole(&self.state.lock().unwrap_or_else(|e| e.into_inner())) {
+        if !self.serving() || !self.state().whole(i, peer.connections()) {
             return None;
         }
         let probe = request(Kind::Probe, self.copies[i].id(), self.epoch, 0, 0);
@@ -1099,14 +1030,9 @@ impl ReplicatedVolume {
         if owner.is_none_or(|o| o != self.owner) || !self.serving() {
             return None;
         }
-        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        if !whole(&st) {
-            return None;
-        }
         // Counted from now: the node counts from when it asked, which was earlier.
-        let until = Instant::now() + READ_LEASE;
-        st.leased_until[i] = st.leased_until[i].max(Some(until));
-        Some(self.copies[i].id())
+        let granted = self.state().grant(i, peer.connections(), now() + READ_LEASE);
+        granted.then(|| self.copies[i].id())
     }
 
     /// The owner's own copy's part of a request (the caller holds its fence pass): a
@@ -1250,7 +1176,7 @@ impl ReplicatedVolume {
             let deadline = tokio::time::Instant::now() + IO_TIMEOUT;
             let mut sent = Vec::new();
             for (region, piece) in &differ {
-                let lsn = self.lsn.fetch_add(1, Ordering::Relaxed) + 1;
+                let lsn = self.state().next_lsn();
                 // A region of zeroes travels as a trim (it reads as zeroes there too): a
                 // copy on a full node is levelled by freeing space, not taking more.
                 let zeroes = piece.iter().all(|b| *b == 0);
@@ -1275,34 +1201,20 @@ impl ReplicatedVolume {
         if !wrote {
             return Err(format!("copy {id} failed during its resync"));
         }
-        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        for (_, piece) in &differ {
-            st.resynced[i] += piece.len() as u64;
-        }
-        // Every region compared, not only those copied: one found equal may be equal
-        // only in the copy's page cache (writes it took while RESYNCING), so it is lost
-        // too if the copy fails before its next flush.
-        for region in regions {
-            st.completions += 1;
-            let done = st.completions;
-            st.unflushed[i].insert(region, done);
-        }
+        let copied = differ.iter().map(|(_, piece)| piece.len() as u64).sum();
+        self.state().levelled(i, regions, copied);
         Ok(())
     }
 
     /// Copy `i` failed while being levelled: STALE (recorded later if not now), and what
     /// it took since its last flush back in its bitmap.
     fn fail_copy(&self, i: usize, why: String) -> String {
-        {
-            let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-            st.stale(i, self.lsn.load(Ordering::Relaxed) + 1);
-        }
+        self.state().stale(i);
         if let Err(e) = self.lose_unflushed(i) {
             return format!("{why}; its bitmap cannot be saved: {e}");
         }
-        if self.set_state(i, CopyState::Stale).is_ok() {
-            self.state.lock().unwrap_or_else(|e| e.into_inner()).unrecorded.remove(&i);
-        }
+        // Recorded now if it can be (else by the next write, or the next resync).
+        let _ = self.set_state(i, CopyState::Stale);
         why
     }
 
@@ -1319,7 +1231,7 @@ impl ReplicatedVolume {
         }
         let id = self.copies[i].id();
         let (epoch, runtime) = (self.epoch, self.runtime.clone());
-        let was = self.state.lock().unwrap_or_else(|e| e.into_inner()).states[i];
+        let was = self.state()[i].state;
         if was != CopyState::Active {
             let probe = runtime.block_on(async {
                 let h = request(Kind::Probe, id, epoch, 0, 0);
@@ -1335,17 +1247,14 @@ impl ReplicatedVolume {
             // Under the exclusive lock: no write is between reading the states and adding
             // its bits, so none can miss both this copy and its bitmap.
             let _exclusive = self.resync_lock.blocking_write();
-            let unrecorded =
-                self.state.lock().unwrap_or_else(|e| e.into_inner()).unrecorded.contains(&i);
+            let unrecorded = self.state()[i].unrecorded;
             if unrecorded {
                 // Its STALE mark first (it could not be recorded when the copy failed).
                 self.set_state(i, CopyState::Stale)?;
-                self.state.lock().unwrap_or_else(|e| e.into_inner()).unrecorded.remove(&i);
             }
             self.set_state(i, CopyState::Resyncing)?;
             // Whole from this connection on; if it changes before the end, the resync fails.
-            self.state.lock().unwrap_or_else(|e| e.into_inner()).connected[i] =
-                Some(peer.connections());
+            self.state()[i].connection = Some(peer.connections());
         }
         let regions = self.size().div_ceil(REGION);
         // The copying waits its turn among the node's resync jobs, and paces itself.
@@ -1355,7 +1264,7 @@ impl ReplicatedVolume {
             std::thread::sleep(pacer.after_step(self.client_ops.load(Ordering::Relaxed)));
         };
         loop {
-            let Some(from) = self.state.lock().unwrap_or_else(|e| e.into_inner()).scan[i] else {
+            let Some(from) = self.state()[i].scan else {
                 break;
             };
             let _exclusive = self.resync_lock.blocking_write();
@@ -1364,16 +1273,15 @@ impl ReplicatedVolume {
                 drop(_exclusive);
                 return Err(self.fail_copy(i, e));
             }
-            self.state.lock().unwrap_or_else(|e| e.into_inner()).scan[i] =
-                (to < regions).then_some(to);
+            self.state()[i].scan = (to < regions).then_some(to);
             drop(_exclusive);
             pace(&mut pacer);
         }
         loop {
             // A run of up to SCAN_BATCH consecutive bitmap regions per step.
             let run = {
-                let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-                let mut run = st.dirty[i].iter().copied();
+                let st = self.state();
+                let mut run = st[i].dirty.iter().copied();
                 run.next().map(|first| {
                     let n = 1 + run
                         .take(SCAN_BATCH as usize - 1)
@@ -1389,11 +1297,11 @@ impl ReplicatedVolume {
                 drop(_exclusive);
                 return Err(self.fail_copy(i, e));
             }
-            let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            let mut st = self.state();
             for region in run {
-                st.dirty[i].remove(&region);
+                st[i].dirty.remove(&region);
             }
-            self.save_bitmap(i, &st.dirty[i], st.scan[i].is_some()).map_err(|e| e.to_string())?;
+            self.save_bitmap(i, &st[i].dirty, st[i].scan.is_some()).map_err(|e| e.to_string())?;
             drop(st);
             drop(_exclusive);
             pace(&mut pacer);
@@ -1406,9 +1314,9 @@ impl ReplicatedVolume {
         // (a write that failed before left bits, and the loop goes round again).
         let _exclusive = self.resync_lock.blocking_write();
         {
-            let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-            let level = st.dirty[i].is_empty() && st.scan[i].is_none();
-            if !level || st.states[i] != CopyState::Resyncing {
+            let st = self.state();
+            let level = st[i].dirty.is_empty() && st[i].scan.is_none();
+            if !level || st[i].state != CopyState::Resyncing {
                 return Ok(()); // Marked again meanwhile: the next round resyncs it.
             }
         }
@@ -1420,14 +1328,13 @@ impl ReplicatedVolume {
             drop(_exclusive);
             return Err(self.fail_copy(i, format!("copy {id} failed to flush after its resync")));
         }
-        let same = self.state.lock().unwrap_or_else(|e| e.into_inner()).connected[i]
-            == Some(peer.connections());
+        let same = self.state()[i].connection == Some(peer.connections());
         if !same {
             drop(_exclusive);
             let why = format!("copy {id} was reached over a new connection during its resync");
             return Err(self.fail_copy(i, why));
         }
-        self.state.lock().unwrap_or_else(|e| e.into_inner()).unflushed[i].clear();
+        self.state()[i].unflushed.clear();
         self.set_state(i, CopyState::Active)?;
         let _ = std::fs::remove_file(self.bitmaps.join(self.bitmap_file(i)));
         Ok(())
@@ -1455,11 +1362,11 @@ impl ReplicatedVolume {
             let _exclusive = self.resync_lock.blocking_write();
             let _ = std::fs::remove_file(self.bitmaps.join(self.bitmap_file(i)));
             self.record_copy(i, CopyState::Resyncing, Some(id))?;
-            let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-            st.dirty[i].clear();
-            st.unflushed[i].clear();
-            st.unrecorded.remove(&i);
-            st.scan[i] = Some(0);
+            let mut st = self.state();
+            st[i].dirty.clear();
+            st[i].unflushed.clear();
+            st[i].unrecorded = false;
+            st[i].scan = Some(0);
         }
         self.resync(i)
     }
@@ -1473,7 +1380,7 @@ impl ReplicatedVolume {
             other => return other,
         };
         let _exclusive = (!locked).then(|| self.resync_lock.blocking_write());
-        let states = self.state.lock().unwrap_or_else(|e| e.into_inner()).states.clone();
+        let states: Vec<CopyState> = self.state().tracks().iter().map(|t| t.state).collect();
         for (i, c) in self.copies.iter().enumerate() {
             let Some(peer) = c.peer.clone() else { continue };
             if states[i] != CopyState::Active {
@@ -1502,7 +1409,7 @@ impl ReplicatedVolume {
     /// Probes every ACTIVE copy: one whose node answers but no longer has it (an emptied
     /// disk) is STALE at once (its rebuild follows), even if no write has failed on it.
     fn check_copies(&self) {
-        let states = self.state.lock().unwrap_or_else(|e| e.into_inner()).states.clone();
+        let states: Vec<CopyState> = self.state().tracks().iter().map(|t| t.state).collect();
         for (i, c) in self.copies.iter().enumerate() {
             let Some(peer) = c.peer.clone() else { continue };
             if states[i] != CopyState::Active {
@@ -1511,13 +1418,7 @@ impl ReplicatedVolume {
             let mut h = request(Kind::Probe, c.id(), self.epoch, 0, 0);
             // Level with this copy, as far as this owner knows: it vouches (`dataplane.rs`
             // invariant 6), and a power-loss mark on the copy comes off.
-            let whole = {
-                let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-                st.states[i] == CopyState::Active
-                    && st.scan[i].is_none()
-                    && st.connected[i] == Some(peer.connections())
-            };
-            if whole {
+            if self.state().whole(i, peer.connections()) {
                 h.flags = FLAG_WHOLE;
             }
             let probe = self.runtime.block_on(async {
@@ -1525,28 +1426,22 @@ impl ReplicatedVolume {
             });
             if let Ok(Err(CallError::Status { status: Status::NotFound, .. })) = probe {
                 let _exclusive = self.resync_lock.blocking_write();
-                let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-                st.stale(i, self.lsn.load(Ordering::Relaxed) + 1);
+                self.state().stale(i);
                 tracing::warn!(volume = %self.name, node = c.node, "a copy is gone from its node");
             }
             // Answered over a new connection: its node may have restarted, after a power
             // loss without what it had not synced. Failed now, not at the next write
             // (an idle volume has none): its unflushed regions join its bitmap.
-            let seen = self.state.lock().unwrap_or_else(|e| e.into_inner()).connected[i];
-            if matches!(probe, Ok(Ok(_))) && seen.is_some_and(|s| s != peer.connections()) {
+            if matches!(probe, Ok(Ok(_))) {
                 let _exclusive = self.resync_lock.blocking_write();
-                {
-                    let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-                    if st.states[i] != CopyState::Active {
-                        continue;
+                let mut st = self.state();
+                if let Some(save) = st.answered(i, peer.connections()) {
+                    tracing::warn!(volume = %self.name, node = c.node,
+                        "a copy answered over a new connection: its node may have restarted; \
+                         stale until levelled");
+                    if let Err(e) = self.save_bitmaps(&st, &[save]) {
+                        tracing::warn!(volume = %self.name, node = c.node, "bitmap: {e}");
                     }
-                    st.stale(i, self.lsn.load(Ordering::Relaxed) + 1);
-                }
-                tracing::warn!(volume = %self.name, node = c.node,
-                    "a copy answered over a new connection: its node may have restarted; \
-                     stale until levelled");
-                if let Err(e) = self.lose_unflushed(i) {
-                    tracing::warn!(volume = %self.name, node = c.node, "bitmap: {e}");
                 }
             }
         }
@@ -1583,19 +1478,18 @@ impl ReplicatedVolume {
             match probe.await {
                 Ok(Ok(Ok(_))) => {
                     let now = self.copies[i].peer.as_ref().map_or(0, |p| p.connections());
-                    self.state.lock().unwrap_or_else(|e| e.into_inner()).connected[i] = Some(now);
+                    self.state().fenced(i, now);
                 }
                 Ok(Ok(Err(CallError::Status { status: Status::StaleEpoch, epoch, .. }))) => {
                     return Err(format!("a copy has seen a newer owner (epoch {epoch})"));
                 }
                 _ => {
-                    let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-                    silent |= st.states[i] == CopyState::Active;
-                    if st.states[i] != CopyState::Stale {
+                    let mut st = self.state();
+                    if st[i].state != CopyState::Stale {
                         tracing::warn!(volume = %self.name, node = self.copies[i].node,
                             "a copy does not answer the new owner: stale");
-                        st.stale(i, self.lsn.load(Ordering::Relaxed) + 1);
                     }
+                    silent |= st.silent(i);
                 }
             }
         }
@@ -1604,61 +1498,42 @@ impl ReplicatedVolume {
 
     /// Each copy as the owner sees it now: state and bytes its bitmap marks.
     pub fn live(&self) -> Vec<ComponentRecord> {
-        let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        self.copies
+        let st = self.state();
+        st.tracks()
             .iter()
-            .enumerate()
-            .map(|(i, c)| ComponentRecord {
-                node: c.node,
-                id: c.id(),
-                state: st.states[i].name().into(),
-                dirty_bytes: Some(st.dirty[i].len() as u64 * REGION),
-                resynced_bytes: Some(st.resynced[i]),
+            .map(|t| ComponentRecord {
+                node: t.node,
+                id: t.id,
+                state: t.state.name().into(),
+                dirty_bytes: Some(t.dirty.len() as u64 * REGION),
+                resynced_bytes: Some(t.resynced),
                 scan_left_bytes: Some(
-                    st.scan[i].map_or(0, |from| self.size().saturating_sub(from * REGION)),
+                    t.scan.map_or(0, |from| self.size().saturating_sub(from * REGION)),
                 ),
-                lsn: Some(st.acked[i]),
-                stale_lsn: st.missed_from[i],
+                lsn: Some(t.acked),
+                stale_lsn: t.missed_from,
             })
             .collect()
     }
 
     /// Copy `i`'s resync priority: the volume's ACTIVE copies, then the regions left.
     fn priority(&self, i: usize) -> crate::resync::Priority {
-        let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let active = st.states.iter().filter(|s| **s == CopyState::Active).count();
-        let scan_left =
-            st.scan[i].map_or(0, |from| self.size().div_ceil(REGION).saturating_sub(from));
-        (active, st.dirty[i].len() as u64 + scan_left)
+        self.state().priority(i)
     }
 
-    /// The copies to resync (or scan) now.
     /// Starts a digest scan of every ACTIVE copy not being scanned already: a block that
     /// rotted on a copy is found and rewritten (and one of this node's copy, by read
     /// repair, as the scan reads it).
     fn scrub(&self) {
-        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let mut started = 0;
-        for i in 0..self.copies.len() {
-            if self.copies[i].peer.is_some()
-                && st.states[i] == CopyState::Active
-                && st.scan[i].is_none()
-            {
-                st.scan[i] = Some(0);
-                started += 1;
-            }
-        }
+        let started = self.state().scrub();
         if started > 0 {
             tracing::info!(volume = %self.name, copies = started, "scrub: comparing the copies");
         }
     }
 
+    /// The copies to resync (or scan) now.
     fn stale(&self) -> Vec<usize> {
-        let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        (0..self.copies.len())
-            .filter(|i| self.copies[*i].peer.is_some())
-            .filter(|i| st.states[*i] != CopyState::Active || st.scan[*i].is_some())
-            .collect()
+        self.state().wanting()
     }
 }
 
@@ -1721,7 +1596,7 @@ impl ReplicatedVolume {
             }
             return Ok(false);
         };
-        if !self.state.lock().unwrap_or_else(|e| e.into_inner()).unrecorded.is_empty() {
+        if self.state().tracks().iter().any(|t| t.unrecorded) {
             return Ok(false); // A copy's failure is being recorded: the next round.
         }
         let peer = DataPeer::new(DataKey::from_secret(self.meta.secret()), to.rpc.clone());
@@ -1925,14 +1800,11 @@ pub fn open(
     let bitmaps = node.dir().join("bitmaps");
     let mut local = None;
     let mut copies = Vec::new();
-    let mut states = Vec::new();
-    let mut dirty = Vec::new();
-    let mut scan = Vec::new();
-    let mut missed_from = Vec::new();
+    let mut tracks = Vec::new();
     let handed = handed_word(record, meta.id());
+    let regions = record.size_bytes.div_ceil(REGION);
     for c in &record.components {
-        let state = CopyState::parse(&c.state);
-        missed_from.push(c.stale_lsn.filter(|_| state != CopyState::Active));
+        let state = parse_state(&c.state);
         let file = bitmaps.join(format!("{}.{}.{}", record.name, c.node, c.id));
         let kept = std::fs::read_to_string(&file).ok().and_then(|text| {
             let mut lines = text.lines();
@@ -1943,7 +1815,8 @@ pub fn open(
             (epoch + 1 == owner.epoch && boot == boot_id() && boot != "unknown").then_some(regions)
         });
         let _ = std::fs::remove_file(&file);
-        if c.node == meta.id() {
+        let mine = c.node == meta.id();
+        let peer = if mine {
             if state != CopyState::Active {
                 return Err(ApiError::invalid("this node's copy is not active"));
             }
@@ -1951,54 +1824,29 @@ pub fn open(
                 ApiError::new(ErrorCode::Io, format!("component {} is missing here", c.id))
             })?;
             local = Some(here);
-            copies.push(Copy { node: c.node, id: AtomicU64::new(c.id), peer: None });
-            states.push(CopyState::Active);
-            dirty.push(BTreeSet::new());
-            scan.push(None);
-            continue;
-        }
-        let rpc = rpc_of(c.node).ok_or_else(|| {
-            unavailable(format!("node {} (holding a component) has no address", c.node))
-        })?;
-        let peer = Arc::new(DataPeer::new(key.clone(), rpc));
-        copies.push(Copy { node: c.node, id: AtomicU64::new(c.id), peer: Some(peer) });
-        match (state, kept) {
-            (CopyState::Stale, Some(regions)) => {
-                states.push(CopyState::Stale);
-                dirty.push(regions);
-                scan.push(None);
-            }
-            (CopyState::Active, _) => {
-                states.push(CopyState::Active);
-                dirty.push(BTreeSet::new());
-                // Equal to this node's copy when the last owner let go cleanly, and
-                // nobody has written since.
-                let vouched =
-                    handed.is_some_and(|r| r.level.contains(&CopyRef { node: c.node, id: c.id }));
-                scan.push((!vouched).then_some(0));
-            }
-            (CopyState::Stale, None) => {
-                // What it lacks from this node's copy, as the last owner handed it over.
-                let bitmap =
-                    handed.and_then(|r| r.stale.iter().find(|b| b.node == c.node && b.id == c.id));
-                states.push(CopyState::Stale);
-                match bitmap {
-                    Some(b) => {
-                        dirty.push(regions_of(&b.runs, record.size_bytes.div_ceil(REGION)));
-                        scan.push(None);
-                    }
-                    None => {
-                        dirty.push(BTreeSet::new());
-                        scan.push(Some(0));
-                    }
-                }
-            }
-            _ => {
-                states.push(CopyState::Stale);
-                dirty.push(BTreeSet::new());
-                scan.push(Some(0));
-            }
-        }
+            None
+        } else {
+            let rpc = rpc_of(c.node).ok_or_else(|| {
+                unavailable(format!("node {} (holding a component) has no address", c.node))
+            })?;
+            Some(Arc::new(DataPeer::new(key.clone(), rpc)))
+        };
+        copies.push(Copy { node: c.node, id: AtomicU64::new(c.id), peer });
+        tracks.push(Track::found(Found {
+            node: c.node,
+            id: c.id,
+            local: mine,
+            state: Some(state),
+            stale_lsn: c.stale_lsn,
+            kept: kept.filter(|_| state == CopyState::Stale),
+            // Equal to this node's copy when the last owner let go cleanly, and nobody
+            // has written since.
+            vouched: handed.is_some_and(|r| r.level.contains(&CopyRef { node: c.node, id: c.id })),
+            // What it lacks from this node's copy, as the last owner handed it over.
+            handed: handed
+                .and_then(|r| r.stale.iter().find(|b| b.node == c.node && b.id == c.id))
+                .map(|b| regions_of(&b.runs, regions)),
+        }));
     }
     let local = local.ok_or_else(|| ApiError::invalid("the owner holds no component"))?;
     let n = copies.len();
@@ -2006,24 +1854,15 @@ pub fn open(
         name: record.name.clone(),
         size_bytes: AtomicU64::new(record.size_bytes),
         epoch: owner.epoch,
-        lsn: AtomicU64::new(owner.epoch << LSN_EPOCH_SHIFT),
-        min_replicas: record.min_replicas as usize,
         local,
         copies,
-        state: Mutex::new(Copies {
-            states,
-            dirty,
-            unflushed: vec![BTreeMap::new(); n],
-            completions: 0,
-            connected: vec![None; n],
-            unrecorded: BTreeSet::new(),
-            scan,
-            resynced: vec![0; n],
-            acked: vec![0; n],
-            missed_from,
-            leased_until: vec![None; n],
-            revoked_until: None,
-        }),
+        timing: Timing::default(),
+        state: Mutex::new(OwnerState::new(
+            owner.epoch,
+            record.min_replicas as usize,
+            regions,
+            tracks,
+        )),
         resync_lock: tokio::sync::RwLock::new(()),
         recording: tokio::sync::Mutex::new(()),
         in_flight: InFlight::default(),
@@ -2044,9 +1883,9 @@ pub fn open(
     };
     // A STALE copy's bitmap is durable again under this epoch.
     for i in 0..n {
-        let st = volume.state.lock().unwrap_or_else(|e| e.into_inner());
-        if st.states[i] == CopyState::Stale && !st.dirty[i].is_empty() {
-            let regions = st.dirty[i].clone();
+        let st = volume.state();
+        if st[i].state == CopyState::Stale && !st[i].dirty.is_empty() {
+            let regions = st[i].dirty.clone();
             drop(st);
             volume
                 .save_bitmap(i, &regions, false)
@@ -2155,7 +1994,7 @@ async fn take_over(
     let mut view = open(node, meta, &record, owner, |n| rpc_of(meta, n))?;
     view.incarnation = incarnation;
     if fresh {
-        view.state.lock().unwrap_or_else(|e| e.into_inner()).scan.fill(None);
+        view.state().created();
     }
     let view = Arc::new(view);
     match view.fence_copies().await {
@@ -2176,8 +2015,7 @@ async fn take_over(
                     .await
                     .map_or(true, |m| m.iter().any(|(c, up)| c.id == last_owner && *up));
             if live {
-                let mut st = view.state.lock().unwrap_or_else(|e| e.into_inner());
-                st.revoked_until = Some(Instant::now() + 2 * READ_LEASE);
+                view.state().hold_acks_until(now() + 2 * READ_LEASE);
             }
         }
         Ok(_) => {}
@@ -3035,6 +2873,7 @@ impl Router {
         }
         if let Some(v) = self.view() {
             v.size_bytes.fetch_max(size_bytes, Ordering::AcqRel);
+            v.state().grow(size_bytes.div_ceil(REGION));
         }
     }
 
