@@ -12,4 +12,5 @@ pub mod error;
 pub mod fence;
 pub mod frame;
 pub mod owner;
+pub mod takeover;
 pub mod timing;
