@@ -19,8 +19,6 @@ mod https;
 mod metrics;
 mod node;
 mod progress;
-#[cfg(test)]
-mod records_golden;
 mod registry;
 mod replicated;
 mod resync;

@@ -3,15 +3,17 @@
 //! the JSON older versions wrote, with what it parses to. A change to the records that
 //! changes a byte here breaks every cluster with records written before it.
 
-use crate::access::AccessList;
-use crate::registry::{SnapshotRecord, VolumeRecord};
-use crate::replicated::{ComponentRecord, CopyRef, HandedBitmap, Owner, Released};
+use strata_replica::record::{
+    ComponentRecord, CopyRef, CopyState, HandedBitmap, Owner, Released, SnapshotRecord,
+    VolumeRecord, VolumeState,
+};
+use strata_types::AccessList;
 
-fn component(node: u64, id: u64, state: &str, stale_lsn: Option<u64>) -> ComponentRecord {
+fn component(node: u64, id: u64, state: CopyState, stale_lsn: Option<u64>) -> ComponentRecord {
     ComponentRecord {
         node,
         id,
-        state: state.into(),
+        state,
         dirty_bytes: None,
         resynced_bytes: None,
         scan_left_bytes: None,
@@ -25,7 +27,7 @@ fn single() -> VolumeRecord {
     VolumeRecord {
         name: "vm1".into(),
         node: 2,
-        state: "ready".into(),
+        state: VolumeState::Ready,
         id: "00000000000000000000000000000a1f".into(),
         size_bytes: 10 << 30,
         created_unix: 1_765_000_000,
@@ -56,7 +58,7 @@ fn creating() -> VolumeRecord {
     VolumeRecord {
         name: "new".into(),
         node: 3,
-        state: "creating".into(),
+        state: VolumeState::Creating,
         id: String::new(),
         size_bytes: 1 << 20,
         created_unix: 1_765_000_300,
@@ -76,7 +78,7 @@ fn replicated() -> VolumeRecord {
     VolumeRecord {
         name: "db1".into(),
         node: 1,
-        state: "ready".into(),
+        state: VolumeState::Ready,
         id: String::new(),
         size_bytes: 50 << 30,
         created_unix: 1_765_000_400,
@@ -85,9 +87,9 @@ fn replicated() -> VolumeRecord {
         replicas: 3,
         min_replicas: 2,
         components: vec![
-            component(1, 7, "active", None),
-            component(2, 7, "stale", Some((7 << 40) + 12)),
-            component(3, 9, "resyncing", Some((6 << 40) + 3)),
+            component(1, 7, CopyState::Active, None),
+            component(2, 7, CopyState::Stale, Some((7 << 40) + 12)),
+            component(3, 9, CopyState::Resyncing, Some((6 << 40) + 3)),
         ],
         epoch: 7,
         released: Some(Released {
@@ -107,7 +109,7 @@ fn deleting() -> VolumeRecord {
     VolumeRecord {
         name: "gone".into(),
         node: 2,
-        state: "deleting".into(),
+        state: VolumeState::Deleting,
         id: String::new(),
         size_bytes: 1 << 30,
         created_unix: 1_765_000_500,
@@ -115,7 +117,10 @@ fn deleting() -> VolumeRecord {
         snapshots: Vec::new(),
         replicas: 3,
         min_replicas: 2,
-        components: vec![component(2, 4, "active", None), component(3, 5, "stale", Some(99))],
+        components: vec![
+            component(2, 4, CopyState::Active, None),
+            component(3, 5, CopyState::Stale, Some(99)),
+        ],
         epoch: 3,
         released: None,
         access: AccessList::default(),
@@ -127,7 +132,7 @@ fn live() -> ComponentRecord {
     ComponentRecord {
         node: 3,
         id: 9,
-        state: "resyncing".into(),
+        state: CopyState::Resyncing,
         dirty_bytes: Some(3 << 20),
         resynced_bytes: Some(1 << 20),
         scan_left_bytes: Some(65536),
@@ -176,7 +181,7 @@ fn records_older_versions_wrote_parse_as_they_did() {
     let want = VolumeRecord {
         name: "vm0".into(),
         node: 1,
-        state: "ready".into(),
+        state: VolumeState::Ready,
         id: "0a".into(),
         size_bytes: 4096,
         created_unix: 1_700_000_000,
@@ -207,7 +212,7 @@ fn records_older_versions_wrote_parse_as_they_did() {
     );
     assert_eq!(
         old.components,
-        vec![component(1, 7, "active", None), component(2, 7, "stale", None)]
+        vec![component(1, 7, CopyState::Active, None), component(2, 7, CopyState::Stale, None)]
     );
     // Written back today, the old fields are gone and the new ones there.
     assert_eq!(
