@@ -34,6 +34,7 @@
 //!   bitmap before the write is sent (the commands of `begin` come first).
 
 use crate::error::ReplicaError;
+pub use crate::record::CopyState;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
@@ -43,28 +44,6 @@ pub type Time = Duration;
 /// LSNs of the owner at `epoch` start above `epoch << LSN_EPOCH_SHIFT`, so they grow
 /// across owners too.
 pub const LSN_EPOCH_SHIFT: u32 = 40;
-
-/// A copy's state (the volume record holds the same, changed by the owner by CAS).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum CopyState {
-    /// Holds every acknowledged write.
-    Active,
-    /// Misses writes; its bitmap says where.
-    Stale,
-    /// Being brought level; takes new writes too.
-    Resyncing,
-}
-
-impl CopyState {
-    /// Its name in records and logs.
-    pub fn name(self) -> &'static str {
-        match self {
-            CopyState::Active => "active",
-            CopyState::Stale => "stale",
-            CopyState::Resyncing => "resyncing",
-        }
-    }
-}
 
 /// One copy as the owner sees it.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -1,12 +1,13 @@
-//! Per-volume NBD access lists: the certificate subjects (CN) and networks that may open
-//! a volume's exports. An empty list admits every client (what volumes made before
-//! access lists had); a non-empty one admits a client whose verified certificate subject
-//! it names, or whose address lies in one of its networks.
+//! Per-volume NBD access lists: checking a list's entries, and matching a client against
+//! it. The list itself (`strata_types::AccessList`, stored in the catalog and in volume
+//! records) is data; the rules are here. An empty list admits every client (what volumes
+//! made before access lists had); a non-empty one admits a client whose verified
+//! certificate subject it names, or whose address lies in one of its networks.
 
 use crate::error::{ApiError, ApiResult};
-use serde::{Deserialize, Serialize};
 use std::net::IpAddr;
 use strata_nbd::Client;
+use strata_types::AccessList;
 
 /// Entries each of a list's two parts may hold (subjects; networks): every NBD open
 /// scans them.
@@ -14,75 +15,47 @@ pub const ACCESS_ENTRIES_MAX: usize = 256;
 /// The longest subject in characters (an X.509 CN is at most 64; some CAs go beyond).
 const SUBJECT_CHARS_MAX: usize = 256;
 
-/// Who may open a volume's exports.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct AccessList {
-    /// Client certificate subjects (CN) admitted.
-    #[serde(default)]
-    pub allow: Vec<String>,
-    /// Networks (CIDR, `10.0.0.0/8`, `fd00::/8`, or one address) admitted.
-    #[serde(default)]
-    pub allow_net: Vec<String>,
+/// Builds a list, checking every entry ([`check`]).
+pub fn checked(allow: Vec<String>, allow_net: Vec<String>) -> ApiResult<AccessList> {
+    let list = AccessList { allow, allow_net };
+    check(&list)?;
+    Ok(list)
 }
 
-impl AccessList {
-    /// Builds a list, checking every entry.
-    pub fn new(allow: Vec<String>, allow_net: Vec<String>) -> ApiResult<AccessList> {
-        let list = AccessList { allow, allow_net };
-        list.check()?;
-        Ok(list)
+/// Refuses malformed entries and lists beyond [`ACCESS_ENTRIES_MAX`].
+pub fn check(list: &AccessList) -> ApiResult<()> {
+    if list.allow.len() > ACCESS_ENTRIES_MAX || list.allow_net.len() > ACCESS_ENTRIES_MAX {
+        return Err(ApiError::invalid(format!(
+            "allow and allow_net hold at most {ACCESS_ENTRIES_MAX} entries each"
+        )));
     }
-
-    /// True when there is no list (everyone is admitted).
-    pub fn is_empty(&self) -> bool {
-        self.allow.is_empty() && self.allow_net.is_empty()
-    }
-
-    /// Refuses malformed entries and lists beyond [`ACCESS_ENTRIES_MAX`].
-    pub fn check(&self) -> ApiResult<()> {
-        if self.allow.len() > ACCESS_ENTRIES_MAX || self.allow_net.len() > ACCESS_ENTRIES_MAX {
+    for subject in &list.allow {
+        let chars = subject.chars().count();
+        if chars == 0 || chars > SUBJECT_CHARS_MAX || subject.chars().any(char::is_control) {
             return Err(ApiError::invalid(format!(
-                "allow and allow_net hold at most {ACCESS_ENTRIES_MAX} entries each"
+                "allow {subject:?}: a certificate subject (CN) is 1 to \
+                 {SUBJECT_CHARS_MAX} characters, none a control character"
             )));
         }
-        for subject in &self.allow {
-            let chars = subject.chars().count();
-            if chars == 0 || chars > SUBJECT_CHARS_MAX || subject.chars().any(char::is_control) {
-                return Err(ApiError::invalid(format!(
-                    "allow {subject:?}: a certificate subject (CN) is 1 to \
-                     {SUBJECT_CHARS_MAX} characters, none a control character"
-                )));
-            }
-        }
-        for net in &self.allow_net {
-            Network::parse(net)?;
-        }
-        Ok(())
     }
+    for net in &list.allow_net {
+        Network::parse(net)?;
+    }
+    Ok(())
+}
 
-    /// Whether `client` may open the volume's exports.
-    pub fn admits(&self, client: &Client) -> bool {
-        if self.is_empty() {
-            return true;
-        }
-        let by_subject = client.subject.as_ref().is_some_and(|s| self.allow.contains(s));
-        by_subject
-            || self
-                .allow_net
-                .iter()
-                .filter_map(|n| Network::parse(n).ok())
-                .any(|n| n.contains(client.address))
+/// Whether `client` may open the exports of a volume with access list `list`.
+pub fn admits(list: &AccessList, client: &Client) -> bool {
+    if list.is_empty() {
+        return true;
     }
-
-    /// One line for humans: `client-a, 10.0.0.0/8` or `anyone`.
-    pub fn describe(&self) -> String {
-        if self.is_empty() {
-            return "anyone".to_owned();
-        }
-        let all: Vec<&str> = self.allow.iter().chain(&self.allow_net).map(String::as_str).collect();
-        all.join(", ")
-    }
+    let by_subject = client.subject.as_ref().is_some_and(|s| list.allow.contains(s));
+    by_subject
+        || list
+            .allow_net
+            .iter()
+            .filter_map(|n| Network::parse(n).ok())
+            .any(|n| n.contains(client.address))
 }
 
 /// An IP network: an address and a prefix length.
@@ -156,20 +129,20 @@ mod tests {
     #[test]
     fn a_list_admits_named_subjects_and_networks_only() {
         let open = AccessList::default();
-        assert!(open.admits(&client("192.0.2.1", None)), "no list: anyone");
-        let list = AccessList::new(vec!["client-a".into()], vec!["10.0.0.0/8".into()]).unwrap();
-        assert!(list.admits(&client("127.0.0.1", Some("client-a"))));
-        assert!(!list.admits(&client("127.0.0.1", Some("client-b"))));
-        assert!(!list.admits(&client("127.0.0.1", None)));
-        assert!(list.admits(&client("10.1.2.3", None)));
-        assert!(list.admits(&client("::ffff:10.1.2.3", None)), "v4-mapped");
-        assert!(!list.admits(&client("11.0.0.1", None)));
-        let v6 = AccessList::new(vec![], vec!["fd00::/8".into(), "192.0.2.7".into()]).unwrap();
-        assert!(v6.admits(&client("fd12::1", None)));
-        assert!(v6.admits(&client("192.0.2.7", None)));
-        assert!(!v6.admits(&client("192.0.2.8", None)));
-        let all = AccessList::new(vec![], vec!["0.0.0.0/0".into()]).unwrap();
-        assert!(all.admits(&client("203.0.113.9", None)));
+        assert!(admits(&open, &client("192.0.2.1", None)), "no list: anyone");
+        let list = checked(vec!["client-a".into()], vec!["10.0.0.0/8".into()]).unwrap();
+        assert!(admits(&list, &client("127.0.0.1", Some("client-a"))));
+        assert!(!admits(&list, &client("127.0.0.1", Some("client-b"))));
+        assert!(!admits(&list, &client("127.0.0.1", None)));
+        assert!(admits(&list, &client("10.1.2.3", None)));
+        assert!(admits(&list, &client("::ffff:10.1.2.3", None)), "v4-mapped");
+        assert!(!admits(&list, &client("11.0.0.1", None)));
+        let v6 = checked(vec![], vec!["fd00::/8".into(), "192.0.2.7".into()]).unwrap();
+        assert!(admits(&v6, &client("fd12::1", None)));
+        assert!(admits(&v6, &client("192.0.2.7", None)));
+        assert!(!admits(&v6, &client("192.0.2.8", None)));
+        let all = checked(vec![], vec!["0.0.0.0/0".into()]).unwrap();
+        assert!(admits(&all, &client("203.0.113.9", None)));
     }
 
     #[test]
@@ -184,12 +157,12 @@ mod tests {
             "10.0.0.0/08",
             "010.0.0.0/8",
         ] {
-            assert!(AccessList::new(vec![], vec![net.into()]).is_err(), "{net}");
+            assert!(checked(vec![], vec![net.into()]).is_err(), "{net}");
         }
-        assert!(AccessList::new(vec![String::new()], vec![]).is_err());
-        assert!(AccessList::new(vec!["a\nb".into()], vec![]).is_err());
-        assert!(AccessList::new(vec!["é".repeat(SUBJECT_CHARS_MAX)], vec![]).is_ok());
+        assert!(checked(vec![String::new()], vec![]).is_err());
+        assert!(checked(vec!["a\nb".into()], vec![]).is_err());
+        assert!(checked(vec!["é".repeat(SUBJECT_CHARS_MAX)], vec![]).is_ok());
         let many = vec!["x".to_owned(); ACCESS_ENTRIES_MAX + 1];
-        assert!(AccessList::new(many, vec![]).is_err());
+        assert!(checked(many, vec![]).is_err());
     }
 }

@@ -7,7 +7,7 @@
 //! [`crate::guard`] first, which refuses what a web page could send. Operations that sync
 //! the disk run on the blocking pool.
 
-use crate::access::AccessList;
+use crate::access;
 use crate::error::{ApiError, ApiResult};
 use crate::node::{Node, SnapshotInfo, VolumeInfo};
 use axum::body::Bytes;
@@ -22,7 +22,8 @@ use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 use std::time::Instant;
 use strata_meta::service::{ClientReply, ClientRequest, Member, ServiceError};
-use strata_types::{check_size, parse_size, ErrorCode, VolumeName};
+use strata_replica::record::VolumeState;
+use strata_types::{check_size, parse_size, AccessList, ErrorCode, VolumeName};
 
 /// The OpenAPI document, kept beside the code it describes.
 pub const OPENAPI: &str = include_str!("openapi.json");
@@ -330,7 +331,8 @@ async fn get_volume(
         Err(e) => {
             let found = api.registry.remote().into_iter().find(|v| v.name == name);
             let deleting = || {
-                let record = api.registry.record(&name).filter(|r| r.state == "deleting");
+                let record =
+                    api.registry.record(&name).filter(|r| r.state == VolumeState::Deleting);
                 record.and_then(|_| api.registry.elsewhere(&name)).unwrap_or(e)
             };
             found.map(|v| Json(api.live(v))).ok_or_else(deleting)
@@ -431,7 +433,7 @@ async fn create_volume(
 ) -> ApiResult<(StatusCode, Json<VolumeInfo>)> {
     let req: CreateVolume = parse_json(&body)?;
     let name = VolumeName::new(&req.name).map_err(|e| ApiError::invalid(e.to_string()))?;
-    let access = AccessList::new(req.allow, req.allow_net)?;
+    let access = access::checked(req.allow, req.allow_net)?;
     let size = req.size.bytes()?;
     let replicas = req.replicas.unwrap_or(1);
     if !(1..=3).contains(&replicas) {
@@ -481,7 +483,7 @@ async fn resize_volume(
     let size = req.size.bytes()?;
     if api.replicated(&name) {
         let record = crate::replicated::resize(&api.node, &api.meta, &name, size).await?;
-        return Ok(Json(api.live(record.info(&api.nbd_addr))));
+        return Ok(Json(api.live(crate::registry::info(&record, &api.nbd_addr))));
     }
     let node = api.node.clone();
     let n = name.clone();
@@ -598,7 +600,7 @@ async fn clone_snapshot(
     let clone = valid_name(&req.name, "clone name")?;
     let access = match (req.allow, req.allow_net) {
         (None, None) => None,
-        (allow, net) => Some(AccessList::new(allow.unwrap_or_default(), net.unwrap_or_default())?),
+        (allow, net) => Some(access::checked(allow.unwrap_or_default(), net.unwrap_or_default())?),
     };
     let node = api.node.clone();
     let source = format!("{name}@{snapshot}");
@@ -628,10 +630,10 @@ async fn set_access(
     body: Bytes,
 ) -> ApiResult<Json<VolumeInfo>> {
     let access: AccessList = parse_json(&body)?;
-    access.check()?;
+    access::check(&access)?;
     if api.replicated(&name) {
         let record = api.registry.set_access(&name, access).await?;
-        return Ok(Json(api.live(record.info(&api.nbd_addr))));
+        return Ok(Json(api.live(crate::registry::info(&record, &api.nbd_addr))));
     }
     let node = api.node.clone();
     let n = name.clone();
@@ -654,7 +656,7 @@ async fn attach_volume(
     // copy, a node without an active copy) is the volume's state.
     let record =
         crate::replicated::attach(&api.meta, &name, req.node).await.map_err(state_refusal)?;
-    Ok(Json(api.live(record.info(&api.nbd_addr))))
+    Ok(Json(api.live(crate::registry::info(&record, &api.nbd_addr))))
 }
 
 /// An error of an operation whose arguments were checked before it: an invalid argument

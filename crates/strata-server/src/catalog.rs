@@ -5,11 +5,10 @@
 //! runs it). What the catalog means, and how it is kept crash-safe, is `node`'s (see its
 //! header).
 
-use crate::access::AccessList;
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
-use strata_types::VolumeName;
+use strata_types::{AccessList, VolumeName};
 
 /// The catalog format this strata reads and writes.
 pub const CATALOG_FORMAT: u32 = 2;

@@ -10,11 +10,11 @@
 use crate::cli::{Client, Failure};
 use crate::node::{Reclaim, VolumeInfo};
 use crate::progress::Progress;
-use crate::replicated::ComponentRecord;
 use anyhow::bail;
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
+use strata_replica::record::{ComponentRecord, CopyState};
 use strata_types::format_size;
 
 /// How often the API is asked.
@@ -75,26 +75,26 @@ fn note(bar: &mut Option<Progress>, line: &str) {
 fn resync_left(components: &[ComponentRecord]) -> Option<u64> {
     components
         .iter()
-        .filter(|c| c.state != "active")
+        .filter(|c| c.state != CopyState::Active)
         .map(|c| Some(c.dirty_bytes? + c.scan_left_bytes.unwrap_or(0)))
         .sum()
 }
 
 fn all_active(components: &[ComponentRecord]) -> bool {
-    components.iter().all(|c| c.state == "active")
+    components.iter().all(|c| c.state == CopyState::Active)
 }
 
 /// One line on a copy that changed state.
 fn copy_line(name: &str, c: &ComponentRecord) -> String {
     let left = c.dirty_bytes.map(|d| d + c.scan_left_bytes.unwrap_or(0));
     let left = left.map_or(String::new(), |l| format!(", {} to copy", format_size(l)));
-    match c.state.as_str() {
-        "stale" => format!(
+    match c.state {
+        CopyState::Stale => format!(
             "{name}: node {}'s copy is stale{left}: it resyncs when node {} is back",
             c.node, c.node
         ),
-        "resyncing" => format!("{name}: node {}'s copy is resyncing{left}", c.node),
-        state => format!("{name}: node {}'s copy is {state}", c.node),
+        CopyState::Resyncing => format!("{name}: node {}'s copy is resyncing{left}", c.node),
+        CopyState::Active => format!("{name}: node {}'s copy is active", c.node),
     }
 }
 
@@ -137,7 +137,7 @@ pub fn watch_volume(client: &Client, name: &str, first: &VolumeInfo) -> anyhow::
     let path = format!("/v1/volumes/{}", crate::cli::encode(name));
     let mut poller = Poller { client, down_since: None };
     let mut bar: Option<Progress> = None;
-    let mut states: BTreeMap<u64, String> = BTreeMap::new();
+    let mut states: BTreeMap<u64, CopyState> = BTreeMap::new();
     let mut owner: Option<(u64, Option<Client>)> = None;
     let (mut done, mut last_left): (u64, Option<u64>) = (0, None);
     let mut info = first.clone();
@@ -145,10 +145,10 @@ pub fn watch_volume(client: &Client, name: &str, first: &VolumeInfo) -> anyhow::
     loop {
         for c in &info.components {
             if states.get(&c.node) != Some(&c.state) {
-                if states.contains_key(&c.node) || c.state != "active" {
+                if states.contains_key(&c.node) || c.state != CopyState::Active {
                     note(&mut bar, &copy_line(name, c));
                 }
-                states.insert(c.node, c.state.clone());
+                states.insert(c.node, c.state);
             }
         }
         if all_active(&info.components) {
@@ -195,7 +195,8 @@ pub fn watch_volume(client: &Client, name: &str, first: &VolumeInfo) -> anyhow::
             last_left = Some(left);
             // The bar (and its rate's clock) starts with the copying: while every copy
             // not active waits for its node, the line above says so.
-            let copying = done > 0 || info.components.iter().any(|c| c.state == "resyncing");
+            let copying =
+                done > 0 || info.components.iter().any(|c| c.state == CopyState::Resyncing);
             if copying || bar.is_some() {
                 let bar =
                     bar.get_or_insert_with(|| Progress::new(format!("resyncing {name}"), left));
@@ -300,11 +301,11 @@ fn stalled(full: &str, freed: u64, waiting: u64, held: u64, node: &Reclaim) -> S
 mod tests {
     use super::*;
 
-    fn copy(node: u64, state: &str, dirty: Option<u64>, scan: Option<u64>) -> ComponentRecord {
+    fn copy(node: u64, state: CopyState, dirty: Option<u64>, scan: Option<u64>) -> ComponentRecord {
         ComponentRecord {
             node,
             id: node,
-            state: state.into(),
+            state,
             dirty_bytes: dirty,
             resynced_bytes: None,
             scan_left_bytes: scan,
@@ -316,13 +317,14 @@ mod tests {
     #[test]
     fn what_is_left_counts_the_copies_not_active_and_needs_the_owners_figures() {
         let copies = [
-            copy(1, "active", Some(0), Some(0)),
-            copy(2, "resyncing", Some(3 << 20), Some(1 << 20)),
-            copy(3, "stale", Some(1 << 20), None),
+            copy(1, CopyState::Active, Some(0), Some(0)),
+            copy(2, CopyState::Resyncing, Some(3 << 20), Some(1 << 20)),
+            copy(3, CopyState::Stale, Some(1 << 20), None),
         ];
         assert_eq!(resync_left(&copies), Some(5 << 20));
         assert!(!all_active(&copies));
-        let record = [copy(1, "active", None, None), copy(2, "stale", None, None)];
+        let record =
+            [copy(1, CopyState::Active, None, None), copy(2, CopyState::Stale, None, None)];
         assert_eq!(resync_left(&record), None, "a record without live figures");
         assert!(copy_line("r1", &copies[2]).contains("stale, 1M to copy: it resyncs when node 3"));
     }

@@ -24,6 +24,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use strata_io::{BlockVolume, Extent, IoFuture, IoOp, StoreError, WritesFuture, ZeroMode};
+use strata_replica::record::{ComponentRecord, CopyState};
 
 /// Upper bounds (seconds) of the request latency histogram's buckets.
 pub const LATENCY_BUCKETS: [f64; 16] = [
@@ -781,9 +782,9 @@ async fn meta_series(t: &mut Text, api: &Api) {
 fn replicated_series(t: &mut Text, volumes: &[crate::node::VolumeInfo]) {
     let replicated: Vec<_> = volumes.iter().filter(|v| !v.components.is_empty()).collect();
     let mut by_state: BTreeMap<&str, u64> =
-        ["active", "stale", "resyncing"].into_iter().map(|s| (s, 0)).collect();
+        CopyState::ALL.into_iter().map(|s| (s.name(), 0)).collect();
     for c in replicated.iter().flat_map(|v| &v.components) {
-        *by_state.entry(c.state.as_str()).or_default() += 1;
+        *by_state.entry(c.state.name()).or_default() += 1;
     }
     let name = "strata_components";
     t.family(name, "gauge", "Components of replicated volumes by state, in the cluster.");
@@ -795,13 +796,13 @@ fn replicated_series(t: &mut Text, volumes: &[crate::node::VolumeInfo]) {
     for v in &replicated {
         let mut states: BTreeMap<&str, u64> = BTreeMap::new();
         for c in &v.components {
-            *states.entry(c.state.as_str()).or_default() += 1;
+            *states.entry(c.state.name()).or_default() += 1;
         }
         for (state, n) in states {
             t.int(name, &[("volume", &v.name), ("state", state)], n);
         }
     }
-    type Pick = fn(&crate::replicated::ComponentRecord) -> Option<u64>;
+    type Pick = fn(&ComponentRecord) -> Option<u64>;
     let series: [(&str, &str, Pick); 3] = [
         (
             "strata_component_resync_left_bytes",

@@ -21,7 +21,7 @@
 //! - A data directory of format 1 (one file per volume, `DIR/volumes/`) is refused with
 //!   a message; it is never modified.
 
-use crate::access::AccessList;
+use crate::access;
 use crate::catalog::{Catalog, CatalogEntry, ComponentEntry, SnapshotEntry, CATALOG_FORMAT};
 use crate::error::{ApiError, ApiResult};
 use serde::{Deserialize, Serialize};
@@ -31,11 +31,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use strata_io::{BlockVolume, GroupSync, Store, VolumeId};
 use strata_nbd::{Client, Export, ExportProvider, ExportSummary, Refusal};
+use strata_replica::record::ComponentRecord;
 use strata_store::engine::{EngineError, ViewInfo};
 use strata_store::store::write_atomically;
 use strata_store::LogStore;
 use strata_types::limits::VOLUMES_MAX;
-use strata_types::{format_size, ErrorCode, VolumeName};
+use strata_types::{format_size, AccessList, ErrorCode, VolumeName};
 use tokio::sync::watch;
 
 const BLOCK: u64 = 4096;
@@ -156,7 +157,7 @@ pub struct VolumeInfo {
     /// Copies of its data (1: on `node` alone).
     pub replicas: u32,
     /// A replicated volume's components (empty for a volume of one node).
-    pub components: Vec<crate::replicated::ComponentRecord>,
+    pub components: Vec<ComponentRecord>,
     /// A replicated volume's owner epoch (0 for a volume of one node).
     #[serde(default)]
     pub epoch: u64,
@@ -524,7 +525,7 @@ impl Node {
     }
 
     /// The owner's live view of a replicated volume's copies, if this node owns it.
-    pub fn replicated_copies(&self, name: &str) -> Option<Vec<crate::replicated::ComponentRecord>> {
+    pub fn replicated_copies(&self, name: &str) -> Option<Vec<ComponentRecord>> {
         let router = self.lock().replicated.get(name).map(|(r, _, _)| r.clone())?;
         router.view().map(|v| v.live())
     }
@@ -1295,8 +1296,8 @@ impl ExportProvider for Exports {
         let admitted = |name: &str| {
             let volume = name.split_once('@').map_or(name, |(v, _)| v);
             match state.volumes.get(volume) {
-                Some(v) => v.access.admits(client),
-                None => self.0.replicated_access(volume).admits(client),
+                Some(v) => access::admits(&v.access, client),
+                None => access::admits(&self.0.replicated_access(volume), client),
             }
         };
         let mut all = self.summaries(&state);
@@ -1424,7 +1425,7 @@ impl Exports {
 
 /// Refuses `client` (NBD_REP_ERR_POLICY) unless `access` admits it; logs the refusal.
 fn refuse_unless_admitted(name: &str, access: &AccessList, client: &Client) -> Result<(), Refusal> {
-    if access.admits(client) {
+    if access::admits(access, client) {
         return Ok(());
     }
     let who = client.subject.as_deref().map_or_else(

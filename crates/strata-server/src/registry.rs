@@ -1,7 +1,9 @@
 //! The cluster's volume registry: one record per volume in the metadata service, under
-//! `/volumes/<name>`: its node, size, origin and snapshots. A volume's data lives on the
-//! node that created it (until replication, issue 5); that node's catalog is the truth
-//! for what it holds, and it keeps the records of its volumes in step with it.
+//! `/volumes/<name>`: its node, size, origin and snapshots (the record's type and JSON
+//! form, `VolumeRecord`, are `strata_replica::record`'s; this module reads and writes
+//! them). A volume of one node has its data on the node that created it; that node's
+//! catalog is the truth for what it holds, and it keeps the records of its volumes in step
+//! with it. A replicated volume's record is kept by `replicated.rs`.
 //!
 //! Invariants:
 //! 1. A name is taken cluster-wide by a compare-and-swap ("absent" → a `creating`
@@ -18,16 +20,15 @@
 //! Reads for listing use the member's applied state (no quorum needed): a list may lag
 //! a just-made change on another node by the replication delay.
 
-use crate::access::AccessList;
 use crate::error::{ApiError, ApiResult};
 use crate::node::{Node, SnapshotInfo, VolumeInfo};
-use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 use strata_meta::service::{ClientReply, ClientRequest, Member};
 use strata_meta::state::{Command, Compare, Entry, Op, Response};
-use strata_types::{format_size, ErrorCode};
+use strata_replica::record::{SnapshotRecord, VolumeRecord, VolumeState};
+use strata_types::{format_size, AccessList, ErrorCode};
 
 const PREFIX: &str = "/volumes/";
 /// A `creating` record older than this with no volume behind it was left by a crash.
@@ -35,137 +36,77 @@ const CREATING_GRACE_SECS: u64 = 60;
 /// How often the reconciler runs unkicked.
 const RECONCILE_EVERY: Duration = Duration::from_secs(10);
 
-/// A volume's record.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
-pub struct VolumeRecord {
-    /// The volume's name.
-    pub name: String,
-    /// The node holding its data.
-    pub node: u64,
-    /// `creating` (the name is taken, the volume is being made) or `ready`.
-    pub state: String,
-    /// The store id on its node (hex), once made.
-    pub id: String,
-    /// Size in bytes.
-    pub size_bytes: u64,
-    /// Creation time, seconds since the epoch.
-    pub created_unix: u64,
-    /// `VOL@SNAP` it was cloned from.
-    pub origin: Option<String>,
-    /// Its snapshots, oldest first.
-    pub snapshots: Vec<SnapshotRecord>,
-    /// Copies of its data (1: the volume lives on `node` alone).
-    #[serde(default = "one")]
-    pub replicas: u32,
-    /// Copies that must be ACTIVE for a write to be acknowledged.
-    #[serde(default = "one")]
-    pub min_replicas: u32,
-    /// A replicated volume's components (`node` is then its last owner).
-    #[serde(default)]
-    pub components: Vec<crate::replicated::ComponentRecord>,
-    /// A replicated volume's highest owner epoch so far.
-    #[serde(default)]
-    pub epoch: u64,
-    /// Set by an owner that handed the volume over cleanly (`replicated.rs`, invariant
-    /// 5); cleared by the next owner's take.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub released: Option<crate::replicated::Released>,
-    /// Who may open it over NBD, on every node that serves it (absent: anyone).
-    #[serde(default, skip_serializing_if = "AccessList::is_empty")]
-    pub access: AccessList,
+/// The record of `v`, a volume of this node's catalog (`node`).
+fn record_of(node: u64, v: &VolumeInfo) -> VolumeRecord {
+    VolumeRecord {
+        name: v.name.clone(),
+        node,
+        state: VolumeState::Ready,
+        id: v.id.clone(),
+        size_bytes: v.size_bytes,
+        created_unix: v.created_unix,
+        origin: v.origin.clone(),
+        snapshots: v
+            .snapshots
+            .iter()
+            .map(|s| SnapshotRecord {
+                snapshot: s.snapshot.clone(),
+                size_bytes: s.size_bytes,
+                created_unix: s.created_unix,
+            })
+            .collect(),
+        replicas: 1,
+        min_replicas: 1,
+        components: Vec::new(),
+        epoch: 0,
+        released: None,
+        access: v.access.clone(),
+    }
 }
 
-fn one() -> u32 {
-    1
-}
-
-/// A snapshot in a volume's record.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
-pub struct SnapshotRecord {
-    /// The snapshot's name.
-    pub snapshot: String,
-    /// Its size.
-    pub size_bytes: u64,
-    /// Creation time, seconds since the epoch.
-    pub created_unix: u64,
-}
-
-impl VolumeRecord {
-    fn of(node: u64, v: &VolumeInfo) -> VolumeRecord {
-        VolumeRecord {
-            name: v.name.clone(),
-            node,
-            state: "ready".into(),
-            id: v.id.clone(),
-            size_bytes: v.size_bytes,
-            created_unix: v.created_unix,
-            origin: v.origin.clone(),
-            snapshots: v
-                .snapshots
-                .iter()
-                .map(|s| SnapshotRecord {
+/// What the API shows of a volume held by another node, or replicated (its usage is known
+/// there), from its record.
+pub fn info(record: &VolumeRecord, nbd: &str) -> VolumeInfo {
+    let export = |name: &str| format!("nbd://{nbd}/{name}");
+    VolumeInfo {
+        name: record.name.clone(),
+        id: record.id.clone(),
+        node: record.node,
+        size_bytes: record.size_bytes,
+        size: format_size(record.size_bytes),
+        allocated_bytes: 0,
+        exclusive_bytes: 0,
+        shared_bytes: 0,
+        snapshot_exclusive_bytes: 0,
+        origin: record.origin.clone(),
+        snapshots: record
+            .snapshots
+            .iter()
+            .map(|s| {
+                let name = format!("{}@{}", record.name, s.snapshot);
+                SnapshotInfo {
                     snapshot: s.snapshot.clone(),
+                    volume: record.name.clone(),
+                    id: String::new(),
                     size_bytes: s.size_bytes,
+                    allocated_bytes: 0,
+                    exclusive_bytes: 0,
+                    shared_bytes: 0,
+                    clones: Vec::new(),
+                    connections: 0,
                     created_unix: s.created_unix,
-                })
-                .collect(),
-            replicas: 1,
-            min_replicas: 1,
-            components: Vec::new(),
-            epoch: 0,
-            released: None,
-            access: v.access.clone(),
-        }
-    }
-
-    /// Whether it is a replicated volume (managed by `replicated.rs`, not the catalog).
-    pub fn replicated(&self) -> bool {
-        !self.components.is_empty()
-    }
-
-    /// What the API shows of a volume held by another node (its usage is known there).
-    pub fn info(&self, nbd: &str) -> VolumeInfo {
-        let export = |name: &str| format!("nbd://{nbd}/{name}");
-        VolumeInfo {
-            name: self.name.clone(),
-            id: self.id.clone(),
-            node: self.node,
-            size_bytes: self.size_bytes,
-            size: format_size(self.size_bytes),
-            allocated_bytes: 0,
-            exclusive_bytes: 0,
-            shared_bytes: 0,
-            snapshot_exclusive_bytes: 0,
-            origin: self.origin.clone(),
-            snapshots: self
-                .snapshots
-                .iter()
-                .map(|s| {
-                    let name = format!("{}@{}", self.name, s.snapshot);
-                    SnapshotInfo {
-                        snapshot: s.snapshot.clone(),
-                        volume: self.name.clone(),
-                        id: String::new(),
-                        size_bytes: s.size_bytes,
-                        allocated_bytes: 0,
-                        exclusive_bytes: 0,
-                        shared_bytes: 0,
-                        clones: Vec::new(),
-                        connections: 0,
-                        created_unix: s.created_unix,
-                        export_uri: export(&name),
-                        name,
-                    }
-                })
-                .collect(),
-            connections: 0,
-            created_unix: self.created_unix,
-            export_uri: export(&self.name),
-            replicas: self.replicas,
-            components: self.components.clone(),
-            access: self.access.clone(),
-            epoch: self.epoch,
-        }
+                    export_uri: export(&name),
+                    name,
+                }
+            })
+            .collect(),
+        connections: 0,
+        created_unix: record.created_unix,
+        export_uri: export(&record.name),
+        replicas: record.replicas,
+        components: record.components.clone(),
+        access: record.access.clone(),
+        epoch: record.epoch,
     }
 }
 
@@ -227,7 +168,7 @@ impl Registry {
                     format!("no volume named {name:?}"),
                 ));
             };
-            if record.state != "ready" {
+            if record.state != VolumeState::Ready {
                 let state = &record.state;
                 return Err(ApiError::new(ErrorCode::Conflict, format!("{name} is {state}")));
             }
@@ -248,7 +189,7 @@ impl Registry {
         let record = VolumeRecord {
             name: name.to_owned(),
             node: self.me(),
-            state: "creating".into(),
+            state: VolumeState::Creating,
             id: String::new(),
             size_bytes,
             created_unix: now_unix(),
@@ -267,7 +208,7 @@ impl Registry {
             return Ok(());
         }
         let holder = self.get(name).await?.map_or("another node".to_owned(), |(r, _)| {
-            if r.state == "deleting" {
+            if r.state == VolumeState::Deleting {
                 return deleting(&r);
             }
             if r.node == self.me() {
@@ -320,14 +261,14 @@ impl Registry {
         let me = self.me();
         self.meta.read_local(|s| {
             records(s)
-                .filter(|r| (r.node != me || r.replicated()) && r.state == "ready")
+                .filter(|r| (r.node != me || r.replicated()) && r.state == VolumeState::Ready)
                 .map(|r| {
                     let nbd = s
                         .get(&format!("/nodes/{}", r.node))
                         .and_then(|e| serde_json::from_slice::<serde_json::Value>(&e.value).ok())
                         .and_then(|v| v["nbd"].as_str().map(str::to_owned))
                         .unwrap_or_else(|| "?".into());
-                    let mut info = r.info(&nbd);
+                    let mut info = info(&r, &nbd);
                     // A replicated volume's clients, on every node (each node publishes
                     // its own: `replicated.rs`).
                     let clients = format!("{PREFIX}{}/clients/", r.name);
@@ -353,7 +294,7 @@ impl Registry {
     pub fn elsewhere(&self, name: &str) -> Option<ApiError> {
         let me = self.me();
         let record = self.record(name)?;
-        if record.state == "deleting" {
+        if record.state == VolumeState::Deleting {
             return Some(ApiError::new(ErrorCode::NotFound, deleting(&record)));
         }
         // The name is right and the volume exists: it is its state (replicated, or held by
@@ -398,7 +339,7 @@ impl Registry {
         let local: BTreeMap<String, VolumeInfo> =
             self.node.list().into_iter().map(|v| (v.name.clone(), v)).collect();
         for (name, info) in &local {
-            let want = VolumeRecord::of(me, info);
+            let want = record_of(me, info);
             let key = format!("{PREFIX}{name}");
             let version = match stored.get(name) {
                 Some((have, _)) if have == &want => continue,
@@ -424,7 +365,7 @@ impl Registry {
             if record.node != me || record.replicated() || local.contains_key(name) {
                 continue;
             }
-            let fresh = record.state == "creating"
+            let fresh = record.state == VolumeState::Creating
                 && now_unix().saturating_sub(record.created_unix) < CREATING_GRACE_SECS;
             if fresh {
                 continue;

@@ -1,6 +1,7 @@
 //! Replicated volumes (`docs/design/replication.md`): placement of components on distinct
 //! nodes, ownership by CAS, the owner's write fan-out, STALE marking with synchronization
-//! bitmaps, resync, forwarding from every node, and ownership moves.
+//! bitmaps, resync, forwarding from every node, and ownership moves. The records it
+//! keeps and placement's choice are `strata_replica`'s (`record`, `placement`).
 //!
 //! Invariants:
 //! 1. A volume's components are on distinct nodes, spread over sites then racks first.
@@ -72,7 +73,7 @@
 use crate::error::{ApiError, ApiResult};
 use crate::fencing::{Fencing, Refused};
 use crate::node::{Component, Node};
-use crate::registry::{applied_record, records, VolumeRecord};
+use crate::registry::{applied_record, records};
 use bytes::{Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeSet, HashMap};
@@ -89,8 +90,11 @@ use strata_replica::frame::{
     DataKey, Header, Kind, Status, DIGEST_UNIT, FLAG_FUA, FLAG_VOLUME, FLAG_WHOLE,
     PAYLOAD_BYTES_MAX,
 };
-use strata_replica::owner::{
-    CopyState, Finished, Found, OwnerState, Reply, SaveBitmap, Time, Track,
+use strata_replica::owner::{Finished, Found, OwnerState, Reply, SaveBitmap, Time, Track};
+use strata_replica::placement::{place, place_one, Candidate};
+use strata_replica::record::{
+    regions_of, runs_of, ComponentRecord, CopyRef, CopyState, HandedBitmap, Owner, Released,
+    VolumeRecord, VolumeState, HANDED_RUNS_MAX,
 };
 use strata_replica::timing::Timing;
 use strata_types::ErrorCode;
@@ -132,25 +136,6 @@ const SCAN_BATCH: u64 = 16;
 /// The most writes of one client fanned out together (`ReplicatedVolume::run_writes`).
 const WRITE_BATCH_MAX: usize = 64;
 
-/// In a volume's record: the owner at `epoch` handed the volume over cleanly, with the
-/// copies `level` equal and synced (invariant 5). A copy is named by node and component
-/// id together: ids are unique only on their node (two nodes that made copies in the same
-/// second hand out the same ids).
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
-pub struct Released {
-    /// The epoch of the owner that let go.
-    pub epoch: u64,
-    /// The copies that were ACTIVE, equal and synced then. (Named `equal`, with ids
-    /// alone, before: such a record vouches for none, and the next owner compares them.)
-    #[serde(default)]
-    pub level: Vec<CopyRef>,
-    /// The synchronization bitmaps of the STALE copies then (those owing no digest scan,
-    /// of at most `HANDED_RUNS_MAX` runs): the next owner resyncs just those regions,
-    /// where without them it would compare the whole copy.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub stale: Vec<HandedBitmap>,
-}
-
 /// The last owner's clean hand-over (`record.released`), if its word counts for a new
 /// owner on node `me`: only if this node's copy was one of the level ones (the truth now
 /// is what the last owner's copy was then), its node and id both.
@@ -160,127 +145,6 @@ fn handed_word(record: &VolumeRecord, me: u64) -> Option<&Released> {
             x.node == me && record.components.iter().any(|c| c.node == x.node && c.id == x.id)
         })
     })
-}
-
-/// A copy in a volume's record: its node and its component id there.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
-pub struct CopyRef {
-    /// The node.
-    pub node: u64,
-    /// The component id on that node.
-    pub id: u64,
-}
-
-/// A STALE copy's bitmap, handed over in [`Released`].
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
-pub struct HandedBitmap {
-    /// The component's node (0 in records written before it was: matches no copy, which
-    /// the next owner then compares in full).
-    #[serde(default)]
-    pub node: u64,
-    /// The component.
-    pub id: u64,
-    /// Runs of regions it lacks, `[first, last]` (region = `REGION` bytes).
-    pub runs: Vec<[u64; 2]>,
-}
-
-/// The most runs of a STALE copy's bitmap a clean hand-over puts in the record (about
-/// 40 bytes each); a copy whose bitmap has more is compared in full by the next owner.
-const HANDED_RUNS_MAX: usize = 2048;
-
-/// `regions` as runs of consecutive ones.
-fn runs_of(regions: &BTreeSet<u64>) -> Vec<[u64; 2]> {
-    let mut runs: Vec<[u64; 2]> = Vec::new();
-    for &r in regions {
-        match runs.last_mut() {
-            Some(run) if run[1] + 1 == r => run[1] = r,
-            _ => runs.push([r, r]),
-        }
-    }
-    runs
-}
-
-/// The regions of `runs`, those past `regions_in_volume` left out (a record is input).
-fn regions_of(runs: &[[u64; 2]], regions_in_volume: u64) -> BTreeSet<u64> {
-    let Some(last) = regions_in_volume.checked_sub(1) else { return BTreeSet::new() };
-    runs.iter().filter(|[a, b]| a <= b && *a <= last).flat_map(|&[a, b]| a..=b.min(last)).collect()
-}
-
-/// One component in a volume's record.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
-pub struct ComponentRecord {
-    /// The node holding it.
-    pub node: u64,
-    /// Its id on that node.
-    pub id: u64,
-    /// `active`, `stale` or `resyncing`.
-    pub state: String,
-    /// Bytes its synchronization bitmap marks as missed (the owner's live view; not
-    /// stored in the record).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub dirty_bytes: Option<u64>,
-    /// Bytes copied to it by resyncs and scans since this owner took the volume (the
-    /// owner's live view).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub resynced_bytes: Option<u64>,
-    /// Bytes a digest scan still has to compare (after a change of owner, or for a
-    /// rebuild; the owner's live view).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub scan_left_bytes: Option<u64>,
-    /// The highest LSN it has acknowledged under the current owner (the owner's live
-    /// view).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub lsn: Option<u64>,
-    /// While STALE or RESYNCING: the LSN of the first write it missed (recorded with its
-    /// STALE mark).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub stale_lsn: Option<u64>,
-}
-
-/// `/volumes/<name>/owner`.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Owner {
-    /// The owning node.
-    pub node: u64,
-    /// Its epoch.
-    pub epoch: u64,
-}
-
-/// A node as placement sees it.
-#[derive(Clone, Debug)]
-pub struct Candidate {
-    /// Node id.
-    pub id: u64,
-    /// Its RPC address.
-    pub rpc: String,
-    /// Site.
-    pub site: String,
-    /// Rack.
-    pub rack: String,
-}
-
-/// Chooses `n` distinct nodes, `me` first, then the others preferring a site, then a rack,
-/// not yet used (invariant 1). `None` if there are fewer than `n` nodes.
-pub fn place(me: u64, candidates: &[Candidate], n: usize) -> Option<Vec<Candidate>> {
-    let mut chosen: Vec<Candidate> = candidates.iter().filter(|c| c.id == me).cloned().collect();
-    let mut rest: Vec<Candidate> = candidates.iter().filter(|c| c.id != me).cloned().collect();
-    while chosen.len() < n {
-        let best = place_one(&chosen, &rest)?;
-        rest.retain(|c| c.id != best.id);
-        chosen.push(best);
-    }
-    Some(chosen)
-}
-
-/// The one of `candidates` (none of them in `chosen`) that best adds to `chosen`: on a
-/// site, then a rack, that `chosen` does not use yet; the lowest id among equals.
-fn place_one(chosen: &[Candidate], candidates: &[Candidate]) -> Option<Candidate> {
-    let score = |c: &Candidate| {
-        let site = chosen.iter().any(|x| x.site == c.site) as u8;
-        let rack = chosen.iter().any(|x| x.site == c.site && x.rack == c.rack) as u8;
-        (site, rack, c.id)
-    };
-    candidates.iter().min_by_key(|c| score(c)).cloned()
 }
 
 /// Bytes per bit of a synchronization bitmap (and per digest).
@@ -323,15 +187,6 @@ fn instant(t: Time) -> Instant {
 fn origin() -> Instant {
     static ORIGIN: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
     *ORIGIN.get_or_init(Instant::now)
-}
-
-/// A copy's state as a record names it (until records hold the enum).
-fn parse_state(s: &str) -> CopyState {
-    match s {
-        "active" => CopyState::Active,
-        "resyncing" => CopyState::Resyncing,
-        _ => CopyState::Stale,
-    }
 }
 
 /// The regions of a volume with a request in flight.
@@ -751,7 +606,7 @@ impl ReplicatedVolume {
                 if record.components.iter().any(|c| {
                     c.node == node
                         && c.id == want
-                        && c.state == to.name()
+                        && c.state == to
                         && c.stale_lsn == stale_lsn
                         && new_id.is_none()
                 }) {
@@ -759,7 +614,7 @@ impl ReplicatedVolume {
                 }
                 for c in &mut record.components {
                     if c.node == node && c.id == id {
-                        c.state = to.name().into();
+                        c.state = to;
                         c.id = new_id.unwrap_or(id);
                         c.stale_lsn = stale_lsn;
                     }
@@ -1504,7 +1359,7 @@ impl ReplicatedVolume {
             .map(|t| ComponentRecord {
                 node: t.node,
                 id: t.id,
-                state: t.state.name().into(),
+                state: t.state,
                 dirty_bytes: Some(t.dirty.len() as u64 * REGION),
                 resynced_bytes: Some(t.resynced),
                 scan_left_bytes: Some(
@@ -1618,7 +1473,7 @@ impl ReplicatedVolume {
             *c = ComponentRecord {
                 node: to.id,
                 id,
-                state: CopyState::Stale.name().into(),
+                state: CopyState::Stale,
                 dirty_bytes: None,
                 resynced_bytes: None,
                 scan_left_bytes: None,
@@ -1734,7 +1589,7 @@ pub async fn take_ownership(meta: &Member, name: &str) -> ApiResult<Taken> {
         // Decided on this member's state, which may lag: the fresh record must still
         // show this node's copy active (else the key would name an owner that cannot
         // serve until its session ends).
-        if !record.components.iter().any(|c| c.node == meta.id() && c.state == "active") {
+        if !record.components.iter().any(|c| c.node == meta.id() && c.state == CopyState::Active) {
             return Err(unavailable(format!("this node's copy of {name} is not active")));
         }
         let moving = get(meta, &move_key).await?;
@@ -1804,7 +1659,7 @@ pub fn open(
     let handed = handed_word(record, meta.id());
     let regions = record.size_bytes.div_ceil(REGION);
     for c in &record.components {
-        let state = parse_state(&c.state);
+        let state = c.state;
         let file = bitmaps.join(format!("{}.{}.{}", record.name, c.node, c.id));
         let kept = std::fs::read_to_string(&file).ok().and_then(|text| {
             let mut lines = text.lines();
@@ -1903,7 +1758,7 @@ const MOVE_PATIENCE: Duration = Duration::from_secs(30);
 /// until `to` owns the volume. A move that does not happen in time is withdrawn.
 pub async fn attach(meta: &Member, name: &str, to: u64) -> ApiResult<VolumeRecord> {
     let (record, _) = read_record(meta, name).await?;
-    if record.state != "ready" {
+    if record.state != VolumeState::Ready {
         return Err(ApiError::invalid(format!("{name} is {}: it cannot move", record.state)));
     }
     if !record.replicated() {
@@ -1919,7 +1774,7 @@ pub async fn attach(meta: &Member, name: &str, to: u64) -> ApiResult<VolumeRecor
             holders.join(", ")
         )));
     };
-    if copy.state != "active" {
+    if copy.state != CopyState::Active {
         return Err(ApiError::invalid(format!(
             "node {to}'s copy of {name} is {}: only a node with an active copy can own it",
             copy.state
@@ -2035,7 +1890,7 @@ pub async fn resize(
 ) -> ApiResult<VolumeRecord> {
     let key = format!("/volumes/{name}");
     let (record, _) = read_record(meta, name).await?;
-    if record.state != "ready" {
+    if record.state != VolumeState::Ready {
         return Err(ApiError::new(ErrorCode::Conflict, format!("{name} is {}", record.state)));
     }
     if size_bytes < record.size_bytes {
@@ -2081,7 +1936,7 @@ pub async fn resize(
     for _ in 0..5 {
         let (mut now, version) = read_record(meta, name).await?;
         let ids = |r: &VolumeRecord| r.components.iter().map(|c| c.id).collect::<Vec<_>>();
-        if now.state != "ready" || ids(&now) != ids(&record) {
+        if now.state != VolumeState::Ready || ids(&now) != ids(&record) {
             return Err(unavailable(format!("{name}'s copies changed meanwhile; retry")));
         }
         now.size_bytes = now.size_bytes.max(size_bytes);
@@ -2142,7 +1997,7 @@ fn seen(meta: &Member) -> Vec<Seen> {
             s.get(&key).and_then(|e| serde_json::from_slice(&e.value).ok())
         }
         records(s)
-            .filter(|r| r.replicated() && r.state == "ready")
+            .filter(|r| r.replicated() && r.state == VolumeState::Ready)
             .map(|record| Seen {
                 owner: decode(s, format!("/volumes/{}/owner", record.name)),
                 moving: decode(s, format!("/volumes/{}/attach", record.name)),
@@ -2188,7 +2043,8 @@ async fn consider_move(
     if let Some(m) = v.moving {
         // A move no node can carry out (its copy is not active, or it is down) would take
         // effect whenever that changes: withdraw it.
-        let able = v.record.components.iter().any(|c| c.node == m.node && c.state == "active");
+        let able =
+            v.record.components.iter().any(|c| c.node == m.node && c.state == CopyState::Active);
         if !able || !v.up.contains(&m.node) {
             let key = format!("/volumes/{}/attach", v.record.name);
             let _ = write(meta, vec![], vec![Op::Delete { key }]).await;
@@ -2202,7 +2058,7 @@ async fn consider_move(
     }
     let local = *router.last_local.lock().unwrap_or_else(|e| e.into_inner());
     let Some(to) = view.sole_user(p.after, local) else { return };
-    let active = v.record.components.iter().any(|c| c.node == to && c.state == "active");
+    let active = v.record.components.iter().any(|c| c.node == to && c.state == CopyState::Active);
     if !active || !v.up.contains(&to) {
         return;
     }
@@ -2230,11 +2086,9 @@ async fn hand_over_by(node: &Node, meta: &Member, deadline: Instant) {
         let Some(v) = seen(meta).into_iter().find(|s| s.record.name == view.name) else {
             continue;
         };
-        let next = v
-            .record
-            .components
-            .iter()
-            .find(|c| c.node != meta.id() && c.state == "active" && v.up.contains(&c.node));
+        let next = v.record.components.iter().find(|c| {
+            c.node != meta.id() && c.state == CopyState::Active && v.up.contains(&c.node)
+        });
         let Some(to) = next.map(|c| c.node) else { continue };
         let key = format!("/volumes/{}/attach", view.name);
         let value = serde_json::to_vec(&Move { node: to }).expect("serializes");
@@ -2271,11 +2125,11 @@ pub async fn delete(meta: &Member, name: &str, force: bool) -> ApiResult<Vec<u64
     let mut marked = false;
     for _ in 0..5 {
         let (mut record, version) = read_record(meta, name).await?;
-        if record.state == "deleting" {
+        if record.state == VolumeState::Deleting {
             marked = true;
             break;
         }
-        if record.state != "ready" || !record.replicated() {
+        if record.state != VolumeState::Ready || !record.replicated() {
             return Err(ApiError::invalid(format!("{name} is not a replicated volume")));
         }
         if !force {
@@ -2291,7 +2145,7 @@ pub async fn delete(meta: &Member, name: &str, force: bool) -> ApiResult<Vec<u64
                 ));
             }
         }
-        record.state = "deleting".into();
+        record.state = VolumeState::Deleting;
         let value = serde_json::to_vec(&record).expect("serializes");
         let ops = vec![
             Op::Put { key: key.clone(), value, lease: None },
@@ -2311,8 +2165,10 @@ pub async fn delete(meta: &Member, name: &str, force: bool) -> ApiResult<Vec<u64
     // Linearizable reads: this member's applied state may not show the mark yet.
     let deadline = Instant::now() + DELETE_PATIENCE;
     loop {
-        let left =
-            fresh_record(meta, name).await?.map(|(r, _)| r).filter(|r| r.state == "deleting");
+        let left = fresh_record(meta, name)
+            .await?
+            .map(|(r, _)| r)
+            .filter(|r| r.state == VolumeState::Deleting);
         match left {
             // Gone (or a new volume has the name already).
             None => return Ok(Vec::new()),
@@ -2346,7 +2202,7 @@ pub fn discover(
     name: &str,
 ) -> bool {
     let record = applied_record(meta, name);
-    let Some(record) = record.filter(|r| r.replicated() && r.state == "ready") else {
+    let Some(record) = record.filter(|r| r.replicated() && r.state == VolumeState::Ready) else {
         return false;
     };
     let _runtime = runtime.enter();
@@ -2373,8 +2229,9 @@ async fn housekeeping(node: Arc<Node>, meta: Arc<Member>) {
 /// before its delete may have exported it again): confirmed by a linearizable read, as
 /// this member's state may not show a volume just made here yet.
 async fn unexport_unrecorded(node: &Node, meta: &Member) {
-    let recorded =
-        |r: Option<&VolumeRecord>| r.is_some_and(|r| r.replicated() && r.state == "ready");
+    let recorded = |r: Option<&VolumeRecord>| {
+        r.is_some_and(|r| r.replicated() && r.state == VolumeState::Ready)
+    };
     for name in node.replicated_names() {
         if surely_not(meta, &name, recorded).await {
             unexport(node, meta, &name, "the volume is deleted").await;
@@ -2438,8 +2295,9 @@ async fn publish_clients(node: &Node, meta: &Member) {
 /// out the copies of nodes no longer in the cluster.
 async fn retire_deleted(node: &Arc<Node>, meta: &Member) {
     let me = meta.id();
-    let deleting: Vec<VolumeRecord> = meta
-        .read_local(|s| records(s).filter(|r| r.replicated() && r.state == "deleting").collect());
+    let deleting: Vec<VolumeRecord> = meta.read_local(|s| {
+        records(s).filter(|r| r.replicated() && r.state == VolumeState::Deleting).collect()
+    });
     for record in deleting {
         let name = &record.name;
         unexport(node, meta, name, "the volume is being deleted").await;
@@ -2489,7 +2347,7 @@ async fn forget_copies(meta: &Member, name: &str, gone: impl Fn(u64) -> bool) {
     let key = format!("/volumes/{name}");
     for _ in 0..5 {
         let Ok((mut record, version)) = read_record(meta, name).await else { return };
-        if record.state != "deleting" {
+        if record.state != VolumeState::Deleting {
             return;
         }
         record.components.retain(|c| !gone(c.node));
@@ -2542,7 +2400,8 @@ async fn remove_orphans(node: &Arc<Node>, meta: &Member) {
         .map_or(0, |d| d.as_secs());
     let listed = |record: Option<&VolumeRecord>, id: u64| {
         record.is_some_and(|r| {
-            r.state == "creating" || r.components.iter().any(|c| c.node == me && c.id == id)
+            r.state == VolumeState::Creating
+                || r.components.iter().any(|c| c.node == me && c.id == id)
         })
     };
     for (id, volume, made) in node.components() {
@@ -2588,7 +2447,7 @@ enum Truth {
 async fn truth_for_suspect(meta: &Member, v: &Seen, me: u64) -> Truth {
     let Ok(members) = members(meta).await else { return Truth::Elsewhere };
     let mut others = v.record.components.iter().filter(|c| {
-        c.node != me && c.state == "active" && members.iter().any(|(m, _)| m.id == c.node)
+        c.node != me && c.state == CopyState::Active && members.iter().any(|(m, _)| m.id == c.node)
     });
     let mut any = false;
     let all_suspect = others.all(|c| {
@@ -2670,7 +2529,7 @@ pub async fn steward(node: Arc<Node>, meta: Arc<Member>, moves: MovePolicy) {
                 router.clear();
             }
             let active_here =
-                v.record.components.iter().any(|c| c.node == me && c.state == "active");
+                v.record.components.iter().any(|c| c.node == me && c.state == CopyState::Active);
             if !active_here {
                 continue;
             }
@@ -2710,7 +2569,7 @@ pub async fn steward(node: Arc<Node>, meta: Arc<Member>, moves: MovePolicy) {
                         v.record
                             .components
                             .iter()
-                            .filter(|c| c.state == "active" && c.node != v.record.node)
+                            .filter(|c| c.state == CopyState::Active && c.node != v.record.node)
                             .map(|c| c.node),
                     );
                     line.retain(|n| v.up.contains(n));
@@ -3422,7 +3281,7 @@ pub async fn create(
     size_bytes: u64,
     replicas: u32,
     min_replicas: u32,
-    access: crate::access::AccessList,
+    access: strata_types::AccessList,
 ) -> ApiResult<crate::node::VolumeInfo> {
     let up = candidates(meta).await?;
     let chosen = place(meta.id(), &up, replicas as usize).ok_or_else(|| {
@@ -3466,7 +3325,7 @@ pub async fn create(
         .map(|(c, id)| ComponentRecord {
             node: c.id,
             id: *id,
-            state: "active".into(),
+            state: CopyState::Active,
             dirty_bytes: None,
             resynced_bytes: None,
             scan_left_bytes: None,
@@ -3477,7 +3336,7 @@ pub async fn create(
     let mut record = VolumeRecord {
         name: name.to_owned(),
         node: meta.id(),
-        state: "ready".into(),
+        state: VolumeState::Ready,
         id: String::new(),
         size_bytes,
         created_unix: std::time::SystemTime::now()
@@ -3519,7 +3378,7 @@ pub async fn create(
         Ok(()) => {
             tracing::info!(volume = name, replicas, ?components, "replicated volume created");
             let nbd = node.nbd_addr();
-            Ok(record.info(&nbd))
+            Ok(crate::registry::info(&record, &nbd))
         }
         Err(e) => {
             // Undo: remove the components made, give the name back.
@@ -3544,22 +3403,6 @@ pub async fn create(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn c(id: u64, site: &str, rack: &str) -> Candidate {
-        Candidate { id, rpc: String::new(), site: site.into(), rack: rack.into() }
-    }
-
-    #[test]
-    fn a_handed_bitmap_is_runs_that_give_back_the_same_regions_within_the_volume() {
-        let regions: BTreeSet<u64> = [0, 1, 2, 5, 9, 10].into();
-        let runs = runs_of(&regions);
-        assert_eq!(runs, vec![[0, 2], [5, 5], [9, 10]]);
-        assert_eq!(regions_of(&runs, 16), regions);
-        assert!(runs_of(&BTreeSet::new()).is_empty());
-        // From a record, so input: runs past the end are cut, reversed ones ignored.
-        assert_eq!(regions_of(&[[14, u64::MAX], [7, 3]], 16), [14, 15].into());
-        assert!(regions_of(&[[0, 3]], 0).is_empty());
-    }
 
     /// Nodes 1 and 2 made their copies in the same second: both got component id 7. The
     /// last owner (node 2) vouched for its own copy only, and node 3's STALE one (id 9)
@@ -3592,16 +3435,5 @@ mod tests {
         let old =
             record(serde_json::json!({"epoch": 4, "equal": [7], "stale": [{"id": 9, "runs": []}]}));
         assert!(handed_word(&old, 1).is_none() && handed_word(&old, 2).is_none());
-    }
-
-    #[test]
-    fn placement_spreads_over_sites_then_racks_and_needs_enough_nodes() {
-        let nodes = [c(1, "a", "r1"), c(2, "a", "r1"), c(3, "a", "r2"), c(4, "b", "r1")];
-        let ids = |v: Vec<Candidate>| v.into_iter().map(|c| c.id).collect::<Vec<_>>();
-        assert_eq!(ids(place(1, &nodes, 1).unwrap()), vec![1]);
-        assert_eq!(ids(place(1, &nodes, 2).unwrap()), vec![1, 4], "another site first");
-        assert_eq!(ids(place(1, &nodes, 3).unwrap()), vec![1, 4, 3], "then another rack");
-        assert_eq!(ids(place(2, &nodes, 4).unwrap()), vec![2, 4, 3, 1]);
-        assert!(place(1, &nodes, 5).is_none());
     }
 }

@@ -1,15 +1,18 @@
-//! Strata's shared vocabulary: volume names, byte sizes, limits and stable error codes.
+//! Strata's shared vocabulary: volume names, byte sizes, limits, stable error codes, and
+//! the data of a volume's NBD access list (`AccessList`).
 //!
 //! Every other crate depends on this one; it depends on no other Strata crate and does no I/O.
 //! Limits live here as constants with compile-time checks so that every queue, buffer and
 //! payload in the system has a bound that can be read in one place.
 
+mod access;
 pub mod le;
 pub mod limits;
 mod name;
 mod reserve;
 mod size;
 
+pub use access::AccessList;
 pub use name::{NameError, VolumeName};
 pub use reserve::{Reserve, ReserveError, RESERVE_DEFAULT, RESERVE_FLOOR_BYTES};
 pub use size::{check_size, format_size, parse_size, SizeError};
