@@ -19,6 +19,7 @@ pub mod client;
 pub mod error;
 pub mod fence;
 pub mod frame;
+pub mod mutation;
 pub mod owner;
 pub mod placement;
 pub mod record;

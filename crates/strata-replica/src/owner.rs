@@ -34,6 +34,7 @@
 //!   bitmap before the write is sent (the commands of `begin` come first).
 
 use crate::error::ReplicaError;
+use crate::mutation::{reopened, Flaw};
 pub use crate::record::CopyState;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -347,6 +348,27 @@ impl OwnerState {
         }
     }
 
+    /// [`Self::levelled`], told which of the regions compared differed and were copied
+    /// (`copying`): the same unless the simulation re-opens flaw 7, when only those
+    /// count as unflushed.
+    pub fn levelled_copying(
+        &mut self,
+        i: usize,
+        regions: std::ops::Range<u64>,
+        copying: &[u64],
+        copied: u64,
+    ) {
+        if !reopened(Flaw::LevelKeepsEqual) {
+            return self.levelled(i, regions, copied);
+        }
+        self.tracks[i].resynced += copied;
+        for region in copying.iter().filter(|r| regions.contains(r)) {
+            self.completions += 1;
+            let done = self.completions;
+            self.tracks[i].unflushed.insert(*region, done);
+        }
+    }
+
     /// The volume grew to `regions` regions.
     pub fn grow(&mut self, regions: u64) {
         self.regions = self.regions.max(regions);
@@ -388,7 +410,7 @@ impl OwnerState {
                 saves.push(SaveBitmap {
                     copy: i,
                     regions: t.dirty.clone(),
-                    owes_scan: t.scan.is_some(),
+                    owes_scan: owes_scan(t),
                 });
             }
         }
@@ -445,7 +467,8 @@ impl OwnerState {
                     // Over a new connection: its node may have restarted after a power
                     // loss that took what it had not synced.
                     let seen = self.tracks[i].connection.replace(connection);
-                    if seen.is_some_and(|seen| seen != connection) {
+                    let new = seen.is_some_and(|seen| seen != connection);
+                    if new && !reopened(Flaw::PowerLoss) {
                         failed.push((
                             i,
                             "answered over a new connection: its node may have restarted".into(),
@@ -471,7 +494,11 @@ impl OwnerState {
             if write.flush {
                 // Not a write that completed after the flush was sent: the copy may have
                 // applied it after it synced.
-                self.tracks[i].unflushed.retain(|_, done| *done > write.flushed_after);
+                if reopened(Flaw::FlushClearsOlder) {
+                    self.tracks[i].unflushed.clear();
+                } else {
+                    self.tracks[i].unflushed.retain(|_, done| *done > write.flushed_after);
+                }
             }
             for region in &write.regions {
                 self.completions += 1;
@@ -481,8 +508,11 @@ impl OwnerState {
         }
         // Every write in flight now may be missing on a failed copy too (each would join
         // the bitmap when it fails in turn, unless this owner dies first).
-        let flying: Vec<u64> =
-            if failed.is_empty() { Vec::new() } else { self.in_flight.keys().copied().collect() };
+        let flying: Vec<u64> = if failed.is_empty() || reopened(Flaw::InFlightToBitmap) {
+            Vec::new()
+        } else {
+            self.in_flight.keys().copied().collect()
+        };
         let mut saves = Vec::new();
         for (i, _) in &failed {
             self.stale_from(*i, write.first);
@@ -491,11 +521,7 @@ impl OwnerState {
             t.dirty.extend(lost.into_keys());
             t.dirty.extend(flying.iter().copied());
             t.dirty.extend(write.regions.iter().copied());
-            saves.push(SaveBitmap {
-                copy: *i,
-                regions: t.dirty.clone(),
-                owes_scan: t.scan.is_some(),
-            });
+            saves.push(SaveBitmap { copy: *i, regions: t.dirty.clone(), owes_scan: owes_scan(t) });
         }
         self.leave(&write.regions);
         let record = (0..self.tracks.len()).filter(|&i| self.tracks[i].unrecorded).collect();
@@ -543,7 +569,22 @@ impl OwnerState {
         let t = &mut self.tracks[i];
         let lost = std::mem::take(&mut t.unflushed);
         t.dirty.extend(lost.into_keys());
-        SaveBitmap { copy: i, regions: t.dirty.clone(), owes_scan: t.scan.is_some() }
+        SaveBitmap { copy: i, regions: t.dirty.clone(), owes_scan: owes_scan(t) }
+    }
+
+    /// Copy `i`'s bitmap as it is now, to save.
+    pub fn bitmap(&self, i: usize) -> SaveBitmap {
+        let t = &self.tracks[i];
+        SaveBitmap { copy: i, regions: t.dirty.clone(), owes_scan: owes_scan(t) }
+    }
+
+    /// Regions `run` of copy `i` were brought level by a resync step: they leave its
+    /// bitmap, which is returned to save.
+    pub fn cleared(&mut self, i: usize, run: std::ops::Range<u64>) -> SaveBitmap {
+        for region in run {
+            self.tracks[i].dirty.remove(&region);
+        }
+        self.bitmap(i)
     }
 
     /// Copy `i`'s state `to` (and new id) is in the volume's record now.
@@ -602,6 +643,10 @@ impl OwnerState {
     pub fn answered(&mut self, i: usize, connection: u64) -> Option<SaveBitmap> {
         let seen = self.tracks[i].connection;
         if seen.is_none_or(|seen| seen == connection) || self.tracks[i].state != CopyState::Active {
+            return None;
+        }
+        if reopened(Flaw::PowerLoss) {
+            self.tracks[i].connection = Some(connection);
             return None;
         }
         self.stale(i);
@@ -711,6 +756,12 @@ impl OwnerState {
         self.acked_seen = self.tracks.iter().map(|t| t.acked).collect();
         Ok(())
     }
+}
+
+/// Whether a bitmap saved for `t` must say it owes a scan the bitmap does not cover
+/// (then no later owner trusts the file alone).
+fn owes_scan(t: &Track) -> bool {
+    t.scan.is_some() && !reopened(Flaw::BitmapKeepsScan)
 }
 
 impl std::ops::Index<usize> for OwnerState {

@@ -19,6 +19,7 @@
 //! - T4. A view is superseded when the owner key names a newer epoch, or names no owner
 //!   `ownerless_grace` after the take (the member's state may lag the take's CAS).
 
+use crate::mutation::{reopened, Flaw};
 use crate::owner::{CopyState, Time};
 use crate::timing::Timing;
 use std::collections::BTreeSet;
@@ -117,7 +118,10 @@ pub fn line(seen: &Seen) -> Vec<u64> {
             .map(|(n, _)| *n),
     );
     line.retain(|n| seen.up.contains(n));
-    let marked = |n: &u64| seen.suspect.contains(n) || (*n == seen.me && seen.me_suspect);
+    let marked = |n: &u64| {
+        !reopened(Flaw::PowerLoss)
+            && (seen.suspect.contains(n) || (*n == seen.me && seen.me_suspect))
+    };
     // A stable sort: the suspect keep their order.
     line.sort_by_key(marked);
     line
@@ -161,7 +165,7 @@ pub fn decide(
             _ => true,
         },
         Some(_) => seen.moving_to == Some(seen.me) && !seen.me_suspect,
-        None if truth == Some(Truth::Elsewhere) => {
+        None if truth == Some(Truth::Elsewhere) && !reopened(Flaw::PowerLoss) => {
             let first = !mem.waiting_for_truth;
             mem.waiting_for_truth = true;
             return Take::WaitForTruth { first };

@@ -296,3 +296,27 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn a_resync_step_clears_its_run_and_a_bitmap_owing_a_scan_says_so() {
+    let mut o = three();
+    o.stale(2);
+    let (w, _) = o.begin(1, &[3, 4, 5], false);
+    folded(o.finish(&w, vec![(1, took())], true));
+    o[2].scan = Some(8);
+    let save = o.cleared(2, 3..5);
+    assert_eq!(save, SaveBitmap { copy: 2, regions: [5].into(), owes_scan: true });
+    o[2].scan = None;
+    assert!(!o.bitmap(2).owes_scan);
+    o.validate().unwrap();
+}
+
+#[test]
+fn every_region_compared_counts_as_unflushed_not_only_those_copied() {
+    let mut o = three();
+    o.levelled_copying(1, 2..6, &[3], 4096);
+    let unflushed: Vec<u64> = o.track(1).unflushed.keys().copied().collect();
+    assert_eq!(unflushed, vec![2, 3, 4, 5], "flaw 7: a region found equal counts too");
+    assert_eq!(o.track(1).resynced, 4096);
+    o.validate().unwrap();
+}
