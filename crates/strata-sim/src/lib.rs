@@ -213,7 +213,8 @@ mod net;
 mod node;
 mod view;
 
-pub use model::{Fixes, Mutation};
+pub use model::Mutation;
+pub use strata_replica::mutation::Flaw;
 
 use model::{Shared, CLIENT, META, NODES};
 use rand::rngs::SmallRng;
@@ -283,27 +284,6 @@ fn name(host: usize) -> String {
     }
 }
 
-/// Which protocol runs: as built, or with proposed fixes (see "Flaws found").
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Protocol {
-    /// As `replicated.rs` builds it.
-    AsBuilt,
-    /// As built plus every proposed fix.
-    Fixed,
-    /// As built plus the fixes given.
-    With(Fixes),
-}
-
-impl Protocol {
-    fn fixes(self) -> Fixes {
-        match self {
-            Protocol::AsBuilt => Fixes::default(),
-            Protocol::Fixed => Fixes::ALL,
-            Protocol::With(f) => f,
-        }
-    }
-}
-
 /// What a run's workload is, apart from its seed and protocol. The default is what the
 /// seeds test runs; a flaw test may change it to make its flaw's interleaving common.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -323,9 +303,9 @@ impl Default for Scenario {
     }
 }
 
-/// Runs one seed.
-pub fn run_seed(seed: u64, protocol: Protocol) -> Report {
-    run(seed, protocol, None, Scenario::default())
+/// Runs one seed of the protocol as built (every flaw fixed, no mutation).
+pub fn run_seed(seed: u64) -> Report {
+    run(seed, None, None, Scenario::default())
 }
 
 /// The faults in force and to come.
@@ -522,10 +502,13 @@ impl Faults {
     }
 }
 
-fn run(seed: u64, protocol: Protocol, mutation: Option<Mutation>, scenario: Scenario) -> Report {
+/// Runs one seed, with `flaw` re-opened in the core (`strata_replica::mutation`) and the
+/// checker's `mutation`, if any.
+fn run(seed: u64, flaw: Option<Flaw>, mutation: Option<Mutation>, scenario: Scenario) -> Report {
+    // The knobs are per thread: this seed runs on this one.
+    strata_replica::mutation::set(flaw.as_slice());
     let mut rng = SmallRng::seed_from_u64(seed);
-    let sh =
-        Rc::new(Shared::new(SmallRng::seed_from_u64(rng.random()), mutation, protocol.fixes()));
+    let sh = Rc::new(Shared::new(SmallRng::seed_from_u64(rng.random()), mutation));
     let mut sim = turmoil::Builder::new()
         .rng_seed(rng.random())
         .tick_duration(TICK)
@@ -631,6 +614,7 @@ fn run(seed: u64, protocol: Protocol, mutation: Option<Mutation>, scenario: Scen
         converged_at.map_or("never".into(), |t| format!("at {}ms", t.as_millis())),
     );
     let trace = sh.trace.borrow().iter().cloned().collect();
+    strata_replica::mutation::set(&[]);
     let acked =
         count(&|e| matches!(e.op, model::Op::Write { .. }) && e.outcome == model::Outcome::Ok);
     Report {
@@ -692,6 +676,7 @@ fn check(sh: &Shared, end: Duration, converged: bool) -> Vec<String> {
         }
     }
     failures.extend(sh.violations.borrow().iter().map(|v| format!("check 3: {v}")));
+    failures.extend(sh.core_violations.borrow().iter().map(|v| format!("check 5: {v}")));
     let stats = sh.resync.borrow();
     let (resync, dirtied) =
         stats.iter().fold((0, 0), |(r, d), x| (r + x.resync_bytes, d + x.dirtied_bytes));

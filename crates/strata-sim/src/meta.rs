@@ -4,7 +4,7 @@
 //! `SESSION_TIMEOUT` dies, and the owner key tied to it dies with it; a node that
 //! registers again gets a new session (its old one dies: the incarnation bump).
 
-use crate::model::{CopyState, Owner, Record, Shared, META, NODES, SESSION_TIMEOUT};
+use crate::model::{CopyState, Owner, Record, Shared, META, NODES};
 use crate::net::{Msg, Rpc};
 use std::cell::RefCell;
 use std::collections::BTreeMap;
@@ -78,7 +78,7 @@ pub async fn run(sh: Rc<Shared>) -> turmoil::Result {
         let dead: Vec<u64> = st
             .sessions
             .iter()
-            .filter(|(_, (_, hb, _))| now.duration_since(*hb) > SESSION_TIMEOUT)
+            .filter(|(_, (_, hb, _))| now.duration_since(*hb) > sh.timing.session_timeout)
             .map(|(s, _)| *s)
             .collect();
         for s in dead {

@@ -6,6 +6,8 @@ use rand::Rng;
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::IpAddr;
+pub use strata_replica::record::CopyState;
+use strata_replica::timing::Timing;
 use tokio::time::Duration;
 
 /// 4 KiB blocks per volume.
@@ -25,39 +27,23 @@ pub const CLIENT: usize = NODES + 1;
 /// The volume's `min_replicas`.
 pub const MIN_REPLICAS: usize = 2;
 
-// The real constants (`replicated.rs`, `strata-meta`), divided by 10: only their ratios
-// matter to the protocol, and a shorter simulated second runs more seeds.
-/// A node's session dies when the metadata service has heard no heartbeat for this long.
-pub const SESSION_TIMEOUT: Duration = Duration::from_millis(1000);
-/// A node sends a heartbeat this often.
+/// The protocol's timeouts and periods: the server's ([`Timing::default`]) divided by
+/// 10 (only their ratios matter to the protocol, and a shorter simulated second runs
+/// more seeds).
+pub fn timing() -> Timing {
+    Timing::default().scaled(10)
+}
+
+// Constants of the simulation that `Timing` does not hold (the server's own are fixed
+// in its code or its metadata service).
+/// A node sends a heartbeat this often (the metadata service's client: 1 s, scaled).
 pub const HEARTBEAT_EVERY: Duration = Duration::from_millis(100);
-/// An owner serves only while its last confirmed heartbeat was sent less than this ago.
-pub const OWNER_LEASE: Duration = Duration::from_millis(600);
-/// How long a component may take to answer (the real one is 10 s).
-pub const IO_TIMEOUT: Duration = Duration::from_millis(1000);
-/// A probe's patience.
-pub const PROBE_TIMEOUT: Duration = Duration::from_millis(200);
 /// A metadata request's patience.
 pub const META_TIMEOUT: Duration = Duration::from_millis(300);
-/// How long an owner may take to answer a forwarded request.
-pub const FORWARD_TIMEOUT: Duration = Duration::from_millis(3000);
-/// How long a forwarded request keeps looking for an owner.
-pub const FORWARD_PATIENCE: Duration = Duration::from_millis(6000);
 /// A forwarded request retries this often.
 pub const FORWARD_RETRY: Duration = Duration::from_millis(20);
-/// Each node's steward runs this often.
-pub const STEWARD_EVERY: Duration = Duration::from_millis(100);
-/// The n-th node in line for an ownerless volume waits n times this.
-pub const TAKEOVER_STEP: Duration = Duration::from_millis(300);
-/// A new view survives its node not seeing its owner key this long.
-pub const OWNERLESS_GRACE: Duration = Duration::from_millis(500);
-/// The owner looks for copies to resync this often.
-pub const RESYNC_EVERY: Duration = Duration::from_millis(200);
-/// Regions compared per resync step.
+/// Regions compared per resync step (`replicated::SCAN_BATCH`).
 pub const SCAN_BATCH: u64 = 16;
-/// `replicated::READ_LEASE`: a node that is not the owner may read its own copy for
-/// this long from when it asked the owner (invariant 10).
-pub const READ_LEASE: Duration = Duration::from_millis(200);
 
 /// A protocol rule the simulation can break, to show its checks find the breach.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -79,65 +65,6 @@ pub enum Mutation {
     /// An unclean take with an unfenced copy acknowledges at once (invariant 10,
     /// `take_over`'s `2 * READ_LEASE`).
     NoTakeWait,
-}
-
-/// The proposed fix for each flaw the simulation found in the protocol as built
-/// (`lib.rs`, "Flaws found"); all off is the protocol as built.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Fixes {
-    /// 1. A copy that lost power says so (its boot in every reply, `suspect` until
-    ///    levelled); an owner treats a changed boot as a failure, and a suspect copy is
-    ///    not the truth while a copy that is not suspect may be.
-    pub power_loss: bool,
-    /// 2. Taking ownership checks the fresh record: this node's copy is ACTIVE.
-    pub take_checks_copy: bool,
-    /// 3. A bitmap file keeps the scan its owner still owed the copy.
-    pub bitmap_keeps_scan: bool,
-    /// 4. A flush's reply clears only the regions of writes sent before it.
-    pub flush_clears_older: bool,
-    /// 5. An owner view serves only under the session its owner key is tied to.
-    pub same_session: bool,
-    /// 6. A copy that fails gets the regions of every write in flight in its bitmap.
-    pub in_flight_to_bitmap: bool,
-    /// 7. A region a resync found equal counts as unflushed on the copy, as a copied one.
-    pub level_keeps_equal: bool,
-    /// 8. A new owner raises its own copy's fence before probing the others, and a
-    ///    write deposed while it waited for its region's turn sends nothing (as built,
-    ///    such a write of this node's older view lands on the new owner's own copy).
-    pub fence_own_copy: bool,
-}
-
-impl Fixes {
-    /// Every fix.
-    pub const ALL: Fixes = Fixes {
-        power_loss: true,
-        take_checks_copy: true,
-        bitmap_keeps_scan: true,
-        flush_clears_older: true,
-        same_session: true,
-        in_flight_to_bitmap: true,
-        level_keeps_equal: true,
-        fence_own_copy: true,
-    };
-}
-
-/// A copy's state.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum CopyState {
-    Active,
-    Stale,
-    Resyncing,
-}
-
-impl CopyState {
-    /// As the record spells it.
-    pub fn name(self) -> &'static str {
-        match self {
-            CopyState::Active => "active",
-            CopyState::Stale => "stale",
-            CopyState::Resyncing => "resyncing",
-        }
-    }
 }
 
 /// `/volumes/<name>/owner`.
@@ -167,8 +94,8 @@ pub struct Component {
     pub unsynced: Vec<(u64, u64)>,
     /// The epoch fence (durable: a raise is on disk before the request applies).
     pub fence: u64,
-    /// It may have lost unsynced writes in a power loss and no owner has levelled it
-    /// since (on disk; used only by the proposed fix).
+    /// It may have lost unsynced writes in a power loss and no owner has vouched for it
+    /// since (the server's power-loss mark, on disk; invariant 11).
     pub suspect: bool,
 }
 
@@ -209,13 +136,13 @@ impl Component {
 }
 
 /// A bitmap file the owner keeps for a STALE copy: replaced by a rename, not synced.
+/// As the server's, it names the epoch and boot it was kept at: epoch 0 when the copy
+/// owed a scan the bitmap does not cover, so that no later owner trusts it.
 #[derive(Clone, Debug)]
 pub struct Bitmap {
     pub epoch: u64,
     pub boot: u64,
     pub regions: BTreeSet<u64>,
-    /// The third fix: the region a digest scan of the copy was due from, if one was.
-    pub scan: Option<u64>,
 }
 
 /// One node's disk.
@@ -269,8 +196,13 @@ pub struct ResyncStats {
 
 /// State every host of one simulation shares.
 pub struct Shared {
-    /// The proposed fixes in force (`lib.rs`, "Flaws found").
-    pub fix: Fixes,
+    /// The protocol's timing ([`timing`]).
+    pub timing: Timing,
+    /// Per host: the instance of its current process (each start a new one; the
+    /// server's data plane sees a restart as a new connection).
+    pub instances: RefCell<Vec<u64>>,
+    /// Invariants of the core's owner state found broken (`OwnerState::validate`).
+    pub core_violations: RefCell<Vec<String>>,
     /// Addresses by host index (nodes, the metadata service, the clients).
     pub hosts: RefCell<Vec<IpAddr>>,
     /// The owner key and record as the metadata service holds them (for the driver).
@@ -323,9 +255,11 @@ pub struct Shared {
 const TRACE_KEPT: usize = 80;
 
 impl Shared {
-    pub fn new(rng: SmallRng, mutation: Option<Mutation>, fix: Fixes) -> Shared {
+    pub fn new(rng: SmallRng, mutation: Option<Mutation>) -> Shared {
         Shared {
-            fix,
+            timing: timing(),
+            instances: RefCell::new(vec![0; CLIENT + 1]),
+            core_violations: RefCell::default(),
             hosts: RefCell::default(),
             published: RefCell::default(),
             mutation,
@@ -402,6 +336,12 @@ impl Shared {
             self.violations.borrow_mut().push(v);
         }
         g[node] = g[node].max(epoch);
+    }
+
+    /// An invariant of the core's owner state found broken: the seed fails with it.
+    pub fn core_violation(&self, v: String) {
+        self.note(format!("VIOLATION {v}"));
+        self.core_violations.borrow_mut().push(v);
     }
 
     /// Now, in simulated time.

@@ -33,13 +33,14 @@ pub enum Op {
 /// A request on one component, stamped with the sender's epoch.
 #[derive(Clone, Debug)]
 pub enum CompReq {
-    /// Fences at the epoch, nothing else.
-    Probe,
+    /// Fences at the epoch, nothing else. `whole`: the owner holds the copy level and
+    /// heard its last answer from this process instance (the server's WHOLE flag): the
+    /// copy's power-loss mark comes off if that is the instance running now.
+    Probe { whole: Option<u64> },
     /// Blocks from `first` on.
     Write { first: u64, values: Vec<u64>, fua: bool },
-    /// Syncs the component; `settle`: it is level with the owner's now (the end of a
-    /// resync), so it is no longer suspect (the proposed fix).
-    Flush { settle: bool },
+    /// Syncs the component.
+    Flush,
     /// One digest per region, `count` regions from `first`.
     Digest { first: u64, count: u64 },
 }
@@ -88,11 +89,9 @@ pub enum Msg {
         epoch: u64,
         req: CompReq,
     },
-    /// `boot` and `suspect`: the proposed fix's report of a power loss.
+    /// Done (a digest request's digests).
     CompOk {
         digests: Vec<u64>,
-        boot: u64,
-        suspect: bool,
     },
     StaleEpoch(u64),
     Volume {
@@ -188,6 +187,7 @@ impl Rpc {
         let sock = UdpSocket::bind(("0.0.0.0", PORT)).await.expect("bind");
         let instance = sh.next_key.get();
         sh.next_key.set(instance + 1);
+        sh.instances.borrow_mut()[me] = instance;
         let rpc = Rc::new(Rpc {
             sh,
             me,
@@ -287,6 +287,12 @@ impl Rpc {
         self.sh.next_key.set(key + 1);
         self.sh.stash.borrow_mut().insert(key, EnvelopeBox(env));
         let _ = self.sock.try_send_to(&key.to_le_bytes(), (self.sh.hosts.borrow()[to], PORT));
+    }
+
+    /// The instance of host `to`'s process this endpoint last heard from (0: none yet):
+    /// the server's count of connections to a node, which grows when the node restarts.
+    pub fn connection(&self, to: usize) -> u64 {
+        self.inbound.borrow().get(&to).map_or(0, |i| i.instance)
     }
 
     /// Sends `msg` to host `to` now; the reply is the returned one's to await.

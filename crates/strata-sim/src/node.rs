@@ -7,15 +7,17 @@
 //! crash of either kind loses it.
 
 use crate::model::{
-    CopyState, Mutation, Owner, Record, Shared, FORWARD_PATIENCE, FORWARD_RETRY, FORWARD_TIMEOUT,
-    HEARTBEAT_EVERY, META, META_TIMEOUT, NODES, OWNERLESS_GRACE, OWNER_LEASE, READ_LEASE,
-    STEWARD_EVERY, TAKEOVER_STEP,
+    CopyState, Mutation, Owner, Record, Shared, FORWARD_RETRY, HEARTBEAT_EVERY, META, META_TIMEOUT,
+    NODES,
 };
 use crate::net::{CompReq, Msg, Op, Rpc};
 use crate::view::View;
 use std::cell::{Cell, RefCell};
+use std::collections::BTreeSet;
 use std::rc::{Rc, Weak};
-use tokio::time::Instant;
+use strata_replica::mutation::{reopened, Flaw};
+use strata_replica::takeover::{self, Memory, Take};
+use tokio::time::{Duration, Instant};
 
 /// A node's session with the metadata service.
 #[derive(Default)]
@@ -26,10 +28,10 @@ pub struct Lease {
 }
 
 impl Lease {
-    /// `session_fresh(OWNER_LEASE)`.
-    pub fn fresh(&self) -> bool {
+    /// `session_fresh(owner_lease)`.
+    pub fn fresh(&self, owner_lease: Duration) -> bool {
         self.session.get().is_some()
-            && self.confirmed.get().is_some_and(|t| t.elapsed() < OWNER_LEASE)
+            && self.confirmed.get().is_some_and(|t| t.elapsed() < owner_lease)
     }
 }
 
@@ -73,7 +75,8 @@ pub struct Node {
     seen: RefCell<Option<Seen>>,
     view: RefCell<Option<Rc<View>>>,
     taking: Cell<bool>,
-    ownerless_since: Cell<Option<Instant>>,
+    /// The steward's memory of the volume between passes (`takeover::Memory`).
+    memory: Cell<Memory>,
 }
 
 /// Applies one request to node `me`'s component, behind its fence: refused below the
@@ -89,30 +92,33 @@ pub fn component(sh: &Shared, me: usize, epoch: u64, req: &CompReq) -> Msg {
     sh.applied_at(me, epoch);
     let mut digests = Vec::new();
     match req {
-        CompReq::Probe => {}
+        CompReq::Probe { whole } => {
+            // Vouched for by its owner over this process's connection (the server's
+            // `dataplane.rs` invariant 6): the power-loss mark comes off.
+            if whole.is_some_and(|w| w == sh.instances.borrow()[me]) && c.suspect {
+                c.suspect = false;
+                sh.note(format!("n{me}: the owner vouched for this copy: no longer suspect"));
+            }
+        }
         CompReq::Write { first, values, fua } => {
             c.write(*first, values);
             if *fua {
                 c.sync();
             }
         }
-        CompReq::Flush { settle } => {
-            c.sync();
-            if *settle {
-                c.suspect = false;
-            }
-        }
+        CompReq::Flush => c.sync(),
         CompReq::Digest { first, count } => {
             digests = (*first..first + count).map(|r| c.digest(r)).collect()
         }
     }
-    Msg::CompOk { digests, boot: disks[me].boot, suspect: disks[me].component.suspect }
+    Msg::CompOk { digests }
 }
 
 impl Node {
-    /// Whether this node's copy is suspect (only ever with the proposed fix).
+    /// Whether this node's copy is suspect (back from a power loss, not vouched for
+    /// since: invariant 11).
     fn suspect(&self) -> bool {
-        self.sh.fix.power_loss && self.sh.disks.borrow()[self.me].component.suspect
+        self.sh.disks.borrow()[self.me].component.suspect
     }
 
     fn rpc(&self) -> Rc<Rpc> {
@@ -172,7 +178,7 @@ impl Node {
                 }
             }
         }
-        let deadline = Instant::now() + FORWARD_PATIENCE;
+        let deadline = Instant::now() + self.sh.timing.forward_patience;
         loop {
             match self.view() {
                 Some(v) if v.serving() => match v.run(op).await {
@@ -184,7 +190,7 @@ impl Node {
                     let target = self.seen.borrow().as_ref().and_then(|s| s.owner);
                     if let Some(o) = target.filter(|o| o.node != self.me) {
                         let msg = Msg::Volume { op: op.clone() };
-                        match self.rpc().call(o.node, msg, FORWARD_TIMEOUT).await {
+                        match self.rpc().call(o.node, msg, self.sh.timing.forward_timeout).await {
                             Some(Msg::Done(value)) => return Ok(value),
                             Some(Msg::Failed) => return Err(()),
                             _ => {}
@@ -206,7 +212,7 @@ impl Node {
     fn read_here(&self, block: u64) -> Option<u64> {
         let lease = self.read_lease.held.get();
         let now = Instant::now();
-        if lease.is_none_or(|(_, until)| until < now + READ_LEASE / 2) {
+        if lease.is_none_or(|(_, until)| until < now + self.sh.timing.read_lease / 2) {
             self.renew_lease();
         }
         let (epoch, until) = lease.filter(|(_, until)| now < *until)?;
@@ -242,10 +248,11 @@ impl Node {
         }
         let (rpc, leasing) = (self.rpc(), self.read_lease.clone());
         let asked = Instant::now();
+        let read_lease = self.sh.timing.read_lease;
         tokio::task::spawn_local(async move {
-            let reply = rpc.call(o.node, Msg::Lease { epoch: o.epoch }, READ_LEASE / 2).await;
+            let reply = rpc.call(o.node, Msg::Lease { epoch: o.epoch }, read_lease / 2).await;
             if matches!(reply, Some(Msg::Leased)) {
-                leasing.held.set(Some((o.epoch, asked + READ_LEASE)));
+                leasing.held.set(Some((o.epoch, asked + read_lease)));
             }
             leasing.asking.set(false);
         });
@@ -297,12 +304,15 @@ impl Node {
         }
     }
 
-    /// `replicated::steward`: reads the metadata, deposes a superseded view, and takes
-    /// an ownerless volume (the last owner first, then the other nodes with an ACTIVE
-    /// copy, each `TAKEOVER_STEP` later, in id order).
+    /// `replicated::steward`: reads the metadata, deposes a superseded view
+    /// (`takeover::superseded`), and takes the volume when the core's `takeover::decide`
+    /// says so (the last owner first, then each other up node with an ACTIVE copy a
+    /// `takeover_step` later; a suspect copy last, and never while another member's
+    /// ACTIVE copy may hold what it lost).
     async fn steward(self: Rc<Self>) {
+        let timing = self.sh.timing;
         loop {
-            tokio::time::sleep(STEWARD_EVERY).await;
+            tokio::time::sleep(timing.steward_every).await;
             if self.lease.session.get().is_none() {
                 continue;
             }
@@ -312,15 +322,15 @@ impl Node {
                 *self.seen.borrow_mut() = Some(seen);
             }
             let Some(v) = self.seen.borrow().clone() else { continue };
+            let mut memory = self.memory.get();
             if v.owner.is_some() {
-                self.ownerless_since.set(None);
+                memory.ownerless_since = None;
             }
+            self.memory.set(memory);
+            let now = self.sh.now();
             if let Some(view) = self.view() {
-                let superseded = match v.owner {
-                    Some(o) => o.epoch > view.owner.epoch,
-                    None => view.taken_at.elapsed() > OWNERLESS_GRACE,
-                };
-                if superseded {
+                let held = now.saturating_sub(view.taken_at);
+                if takeover::superseded(v.owner.map(|o| o.epoch), view.owner.epoch, held, &timing) {
                     view.depose("the owner key names a newer owner, or none");
                 }
                 if !view.deposed() {
@@ -328,46 +338,44 @@ impl Node {
                 }
                 *self.view.borrow_mut() = None;
             }
-            if v.record.states[self.me] != CopyState::Active {
-                continue;
-            }
-            let go = match v.owner {
-                Some(o) => o.node == self.me,
-                None => {
-                    let since = *self.ownerless_since.get().get_or_insert_with(Instant::now);
-                    self.ownerless_since.set(Some(since));
-                    let mut line = vec![v.record.node];
-                    line.extend((0..NODES).filter(|n| {
-                        v.record.states[*n] == CopyState::Active && *n != v.record.node
-                    }));
-                    line.retain(|n| v.up.contains(n));
-                    // As `replicated::steward`: suspect copies after the others, in order.
-                    line.sort_by_key(|n| {
-                        v.suspect.contains(n) || (*n == self.me && self.suspect())
-                    });
-                    let rank = line.iter().position(|n| *n == self.me).unwrap_or(line.len());
-                    since.elapsed() >= TAKEOVER_STEP * rank as u32
-                }
+            let seen = takeover::Seen {
+                me: self.me as u64,
+                last_owner: v.record.node as u64,
+                copies: (0..NODES).map(|n| (n as u64, v.record.states[n])).collect(),
+                owner: v.owner.map(|o| o.node as u64),
+                moving_to: None,
+                up: v.up.iter().map(|n| *n as u64).collect(),
+                suspect: v.suspect.iter().map(|n| *n as u64).collect(),
+                me_suspect: self.suspect(),
             };
-            // The proposed fix: a copy that may have lost unsynced writes is the truth
-            // only if every ACTIVE copy may have.
-            let blocked = self.suspect()
-                && !(0..NODES)
-                    .filter(|n| v.record.states[*n] == CopyState::Active)
-                    .all(|n| v.up.contains(&n) && v.suspect.contains(&n));
-            if go && !blocked && !self.taking.get() {
-                self.taking.set(true);
-                let took = self.take_over().await;
-                self.taking.set(false);
-                if let Err(e) = took {
-                    self.sh.note(format!("node {}: cannot take ownership: {e}", self.me));
+            let members: BTreeSet<u64> = (0..NODES as u64).collect();
+            let truth = (seen.me_suspect && seen.owner.is_none())
+                .then(|| takeover::truth_for_suspect(&seen, &members));
+            let mut memory = self.memory.get();
+            let take = takeover::decide(&mut memory, &seen, truth, now, &timing);
+            self.memory.set(memory);
+            match take {
+                Take::Now if !self.taking.get() => {
+                    self.taking.set(true);
+                    let took = self.take_over().await;
+                    self.taking.set(false);
+                    if let Err(e) = took {
+                        self.sh.note(format!("node {}: cannot take ownership: {e}", self.me));
+                    }
                 }
+                Take::WaitForTruth { first: true } => self.sh.note(format!(
+                    "node {}: not taking: its copy is suspect and another may hold more",
+                    self.me
+                )),
+                _ => {}
             }
         }
     }
 
     /// `take_ownership` + `take_over`: the owner key by CAS at one above the highest
-    /// epoch, tied to this node's session; then the view, which fences every copy.
+    /// epoch, tied to this node's session, if the fresh record still shows this node's
+    /// copy ACTIVE (flaw 2: as built, it did not look); then the view, which fences every
+    /// copy, and holds acknowledgments back if the last owner may still grant leases.
     async fn take_over(&self) -> Result<(), String> {
         let session = self.lease.session.get().ok_or("no session")?;
         let rpc = self.rpc();
@@ -376,10 +384,7 @@ impl Node {
             .await
             .and_then(Seen::from)
             .ok_or("no metadata")?;
-        if self.sh.fix.take_checks_copy && seen.record.states[self.me] != CopyState::Active {
-            // The second fix: as built, the CAS goes ahead on a record whose copy here
-            // is not ACTIVE any more (the steward decided on a lagging view), `open`
-            // then refuses, and the owner key names a node that never serves.
+        if !reopened(Flaw::TakeChecksCopy) && seen.record.states[self.me] != CopyState::Active {
             return Err("this node's copy is not active (fresh record)".into());
         }
         let epoch = seen.record.epoch.max(seen.owner.map_or(0, |o| o.epoch)) + 1;
@@ -397,9 +402,8 @@ impl Node {
         if !matches!(rpc.call(META, take, META_TIMEOUT).await, Some(Msg::Cas(true))) {
             return Err("the CAS failed".into());
         }
-        // The last owner's session was live and it did not let go cleanly (no hand-over
-        // is modeled): it may still be up, granting read leases until it sees this take.
-        let unclean = seen.owner.is_some();
+        let replaced = seen.owner.is_some();
+        let last_owner = seen.record.node;
         let view =
             Rc::new(View::open(self.sh.clone(), rpc, self.lease.clone(), self.me, &record, owner)?);
         match view.fence_copies().await {
@@ -407,14 +411,22 @@ impl Node {
                 view.depose(&e);
                 return Err(e);
             }
-            // A copy this owner could not fence would honour such leases.
-            Ok(true) if unclean => view.hold_acks_after_unclean_take(),
-            Ok(_) => {}
+            // A copy this owner could not fence would honour the leases the last owner
+            // granted, if its session may be live (no clean hand-over is modeled).
+            Ok(true) => {
+                let live = replaced || last_owner == self.me || seen.up.contains(&last_owner);
+                if live {
+                    view.hold_acks_after_unclean_take();
+                }
+            }
+            Ok(false) => {}
         }
-        if self.sh.fix.power_loss {
-            // Its copy is the truth now.
-            self.sh.disks.borrow_mut()[self.me].component.suspect = false;
+        // Its copy is the truth now: as good as any there is.
+        let mut disks = self.sh.disks.borrow_mut();
+        if std::mem::take(&mut disks[self.me].component.suspect) {
+            self.sh.note(format!("node {} took the volume with a suspect copy", self.me));
         }
+        drop(disks);
         self.sh.note(format!("node {} serves at epoch {epoch}", self.me));
         *self.view.borrow_mut() = Some(view.clone());
         tokio::task::spawn_local(view.run_resync());
@@ -434,7 +446,7 @@ pub async fn run(sh: Rc<Shared>, me: usize) -> turmoil::Result {
         seen: RefCell::new(None),
         view: RefCell::new(None),
         taking: Cell::new(false),
-        ownerless_since: Cell::new(None),
+        memory: Cell::new(Memory::default()),
     });
     let weak: Weak<Node> = Rc::downgrade(&node);
     let rpc = Rpc::start(sh, me, move |from, msg| {
