@@ -43,11 +43,17 @@ pub enum Flaw {
     ///    waited for its regions' turn is still sent (a driver's decision:
     ///    `fence_copies`, `fan_out_all`).
     FenceOwnCopy,
+    /// 9. A copy a resync levelled stays suspect (its power-loss mark on) until the
+    ///    owner's next periodic look vouches for it, instead of being vouched for as its
+    ///    resync ends: if the owner loses power meanwhile, both copies are suspect and
+    ///    the owner's, lacking what it had not synced, may be taken as the truth
+    ///    (`owner::OwnerState::settled`). Found by running the core: the server has it.
+    VouchAfterResync,
 }
 
 impl Flaw {
     /// Every flaw, in the order of their numbers.
-    pub const ALL: [Flaw; 8] = [
+    pub const ALL: [Flaw; 9] = [
         Flaw::PowerLoss,
         Flaw::TakeChecksCopy,
         Flaw::BitmapKeepsScan,
@@ -56,9 +62,10 @@ impl Flaw {
         Flaw::InFlightToBitmap,
         Flaw::LevelKeepsEqual,
         Flaw::FenceOwnCopy,
+        Flaw::VouchAfterResync,
     ];
 
-    /// Its number in the simulation's list of flaws (1–8).
+    /// Its number in the simulation's list of flaws (1–9).
     pub fn number(self) -> u32 {
         self as u32 + 1
     }

@@ -621,6 +621,22 @@ impl OwnerState {
         t.state == CopyState::Active && t.scan.is_none() && t.connection == Some(connection)
     }
 
+    /// Whether copy `i`, at the end of its resync, may be vouched for (its power-loss
+    /// mark taken off, the WHOLE flag) before it is recorded ACTIVE: RESYNCING, nothing
+    /// left in its bitmap or scan, flushed (the caller's), and its last answer over the
+    /// connection its resync started on (`connection`, its node's now). Left for the
+    /// next periodic look, an owner that lost power meanwhile would find every copy
+    /// suspect and might take its own, lacking what it had not synced, as the truth
+    /// (flaw 9 of the simulation).
+    pub fn settled(&self, i: usize, connection: u64) -> bool {
+        let t = &self.tracks[i];
+        !reopened(Flaw::VouchAfterResync)
+            && t.state == CopyState::Resyncing
+            && t.dirty.is_empty()
+            && t.scan.is_none()
+            && t.connection == Some(connection)
+    }
+
     /// Grants copy `i` a read lease until `until` if it is whole (invariant 10).
     pub fn grant(&mut self, i: usize, connection: u64, until: Time) -> bool {
         if !self.whole(i, connection) {

@@ -661,6 +661,13 @@ impl View {
             return Err(self.fail_copy(i, why).await);
         }
         self.st()[i].unflushed.clear();
+        // Level and synced over its resync's connection: vouched for now (flaw 9), before
+        // it counts as ACTIVE, not only at the next periodic look.
+        let connection = self.connection(i);
+        if self.st().settled(i, connection) {
+            let probe = Msg::Comp { epoch, req: CompReq::Probe { whole: Some(connection) } };
+            let _ = self.rpc.call(i, probe, timing.probe_timeout).await;
+        }
         self.record(i, CopyState::Active).await?;
         self.sh.disks.borrow_mut()[self.me].bitmaps.remove(&i);
         Ok(())

@@ -320,3 +320,20 @@ fn every_region_compared_counts_as_unflushed_not_only_those_copied() {
     assert_eq!(o.track(1).resynced, 4096);
     o.validate().unwrap();
 }
+
+#[test]
+fn a_copy_levelled_over_one_connection_may_be_vouched_for_before_it_is_active() {
+    let mut o = three();
+    o.stale(2);
+    let (w, _) = o.begin(1, &[3], false);
+    folded(o.finish(&w, vec![(1, took())], true));
+    o.recorded(2, CopyState::Stale, None);
+    o.recorded(2, CopyState::Resyncing, None);
+    o.fenced(2, 4);
+    assert!(!o.settled(2, 4), "its bitmap still has region 3");
+    o.cleared(2, 3..4);
+    assert!(o.settled(2, 4));
+    assert!(!o.settled(2, 5), "over another connection it may have restarted");
+    assert!(!o.settled(1, 1), "an ACTIVE copy is vouched for by the periodic look");
+    o.validate().unwrap();
+}
