@@ -321,6 +321,7 @@ impl View {
             };
             replies.push((i, reply));
         }
+        if std::env::var("SIMDBG").is_ok() { self.sh.note(format!("DBG {op:?} targets {:?} replies {replies:?} unflushed {:?}", write.targets, self.state.borrow().tracks().iter().map(|t| t.unflushed.clone()).collect::<Vec<_>>())); }
         // Folded in with no await until the failed copies are STALE and their bitmaps
         // saved (as the server does under its state lock).
         let (record, failed) = {
@@ -606,6 +607,9 @@ impl View {
         loop {
             let Some(from) = self.st()[i].scan else { break };
             let _exclusive = self.resync_lock.write().await;
+            if !self.st().may_level(i, was) {
+                return Ok(()); // It failed meanwhile: the next round resyncs it.
+            }
             let to = (from + SCAN_BATCH).min(REGIONS);
             if let Err(e) = self.level(i, from..to, Copying::Scan).await {
                 drop(_exclusive);
@@ -629,6 +633,9 @@ impl View {
             };
             let Some(run) = run else { break };
             let _exclusive = self.resync_lock.write().await;
+            if !self.st().may_level(i, was) {
+                return Ok(());
+            }
             if let Err(e) = self.level(i, run.clone(), Copying::Resync).await {
                 drop(_exclusive);
                 return Err(self.fail_copy(i, e).await);

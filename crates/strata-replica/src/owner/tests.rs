@@ -337,3 +337,17 @@ fn a_copy_levelled_over_one_connection_may_be_vouched_for_before_it_is_active() 
     assert!(!o.settled(1, 1), "an ACTIVE copy is vouched for by the periodic look");
     o.validate().unwrap();
 }
+
+#[test]
+fn a_resync_stops_levelling_a_copy_that_failed_between_two_steps() {
+    let mut o = three();
+    assert!(o.may_level(1, CopyState::Active), "a scan of an ACTIVE copy");
+    o.stale(1);
+    assert!(!o.may_level(1, CopyState::Active), "it failed mid-scan");
+    o.recorded(1, CopyState::Stale, None);
+    o.recorded(1, CopyState::Resyncing, None);
+    assert!(o.may_level(1, CopyState::Stale));
+    o.stale(1);
+    assert!(!o.may_level(1, CopyState::Stale), "it failed mid-resync");
+    o.validate().unwrap();
+}
