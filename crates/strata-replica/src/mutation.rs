@@ -55,11 +55,18 @@ pub enum Flaw {
     ///     in its bitmap; after a power loss of its node it differs for ever
     ///     (`owner::OwnerState::may_level`). Found by running the core: the server has it.
     LevelWhileStale,
+    /// 11. A copy that answers a new owner's fence with its power-loss mark on stays
+    ///     ACTIVE (owing only a digest scan) instead of STALE: writes acknowledged with it
+    ///     as a holder may then be lost when the new owner loses power too, as every copy
+    ///     is then suspect and either may be taken as the truth
+    ///     (`owner::OwnerState::lost_power`). Found by running the core: the server has it
+    ///     (its data plane's probe reply does not carry the mark).
+    SuspectStaysActive,
 }
 
 impl Flaw {
     /// Every flaw, in the order of their numbers.
-    pub const ALL: [Flaw; 10] = [
+    pub const ALL: [Flaw; 11] = [
         Flaw::PowerLoss,
         Flaw::TakeChecksCopy,
         Flaw::BitmapKeepsScan,
@@ -70,9 +77,10 @@ impl Flaw {
         Flaw::FenceOwnCopy,
         Flaw::VouchAfterResync,
         Flaw::LevelWhileStale,
+        Flaw::SuspectStaysActive,
     ];
 
-    /// Its number in the simulation's list of flaws (1–10).
+    /// Its number in the simulation's list of flaws (1–11).
     pub fn number(self) -> u32 {
         self as u32 + 1
     }

@@ -691,6 +691,21 @@ impl OwnerState {
         self.tracks[i].connection = Some(connection);
     }
 
+    /// Copy `i` answered a new owner's fencing probe with its power-loss mark on (its
+    /// node lost power and no owner has vouched for it since): it may lack writes it had
+    /// not synced, which no bitmap names, so an ACTIVE one is STALE now and owes a digest
+    /// scan in full. Kept ACTIVE, writes would count it as a holder, and if this owner
+    /// lost power too every copy would be suspect (flaw 11 of the simulation). Returns
+    /// whether it had been ACTIVE.
+    pub fn lost_power(&mut self, i: usize) -> bool {
+        if reopened(Flaw::SuspectStaysActive) || self.tracks[i].state != CopyState::Active {
+            return false;
+        }
+        self.stale(i);
+        self.tracks[i].scan = Some(0);
+        true
+    }
+
     /// Copy `i` did not answer a new owner's fencing probe: it is STALE. Returns whether
     /// it had been ACTIVE (then its lease, if an old owner granted one, may still run).
     pub fn silent(&mut self, i: usize) -> bool {

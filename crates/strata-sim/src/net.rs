@@ -89,9 +89,11 @@ pub enum Msg {
         epoch: u64,
         req: CompReq,
     },
-    /// Done (a digest request's digests).
+    /// Done (a digest request's digests); `suspect`: the copy's power-loss mark is on
+    /// (a flag the server's data plane would need to carry: flaw 11).
     CompOk {
         digests: Vec<u64>,
+        suspect: bool,
     },
     StaleEpoch(u64),
     Volume {

@@ -111,7 +111,7 @@ pub fn component(sh: &Shared, me: usize, epoch: u64, req: &CompReq) -> Msg {
             digests = (*first..first + count).map(|r| c.digest(r)).collect()
         }
     }
-    Msg::CompOk { digests }
+    Msg::CompOk { digests, suspect: disks[me].component.suspect }
 }
 
 impl Node {

@@ -321,7 +321,6 @@ impl View {
             };
             replies.push((i, reply));
         }
-        if std::env::var("SIMDBG").is_ok() { self.sh.note(format!("DBG {op:?} targets {:?} replies {replies:?} unflushed {:?}", write.targets, self.state.borrow().tracks().iter().map(|t| t.unflushed.clone()).collect::<Vec<_>>())); }
         // Folded in with no await until the failed copies are STALE and their bitmaps
         // saved (as the server does under its state lock).
         let (record, failed) = {
@@ -504,9 +503,16 @@ impl View {
                 && self.sh.cut.borrow().contains(&(self.me.min(i), self.me.max(i)));
             let reply = if refused { None } else { p.wait(deadline).await };
             match reply {
-                Some(Msg::CompOk { .. }) => {
+                Some(Msg::CompOk { suspect, .. }) => {
                     let connection = self.connection(i);
-                    self.st().fenced(i, connection);
+                    let mut st = self.st();
+                    st.fenced(i, connection);
+                    if suspect && st.lost_power(i) {
+                        drop(st);
+                        self.sh.note(format!(
+                            "epoch {epoch}: copy {i} is suspect (back from a power loss): stale"
+                        ));
+                    }
                 }
                 Some(Msg::StaleEpoch(e)) => return Err(format!("copy {i} has seen epoch {e}")),
                 _ => silent |= self.st().silent(i),
@@ -700,7 +706,7 @@ impl View {
         };
         let req = CompReq::Digest { first: regions.start, count: regions.end - regions.start };
         let theirs = match self.rpc.call(i, Msg::Comp { epoch, req }, io_timeout).await {
-            Some(Msg::CompOk { digests }) => digests,
+            Some(Msg::CompOk { digests, .. }) => digests,
             Some(Msg::StaleEpoch(e)) => return Err(format!("copy {i} has seen epoch {e}")),
             _ => return Err(format!("copy {i} did not answer")),
         };

@@ -351,3 +351,14 @@ fn a_resync_stops_levelling_a_copy_that_failed_between_two_steps() {
     assert!(!o.may_level(1, CopyState::Stale), "it failed mid-resync");
     o.validate().unwrap();
 }
+
+#[test]
+fn a_copy_that_answers_the_fence_with_its_power_loss_mark_is_stale_and_scanned() {
+    let mut o = three();
+    assert!(o.lost_power(1));
+    assert_eq!(o.track(1).state, CopyState::Stale);
+    assert_eq!(o.track(1).scan, Some(0));
+    assert!(o.track(1).unrecorded);
+    assert!(!o.lost_power(1), "already STALE");
+    o.validate().unwrap();
+}
