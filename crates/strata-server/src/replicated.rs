@@ -10,7 +10,7 @@
 //!    declared down or registers again). Every request it sends, and its own copy's
 //!    writes, pass the components' fences at that epoch (`fencing.rs`), so once a new
 //!    owner has touched a component nothing of an older owner applies there.
-//! 3. An owner serves I/O only while its session is confirmed fresh (`OWNER_LEASE`, well
+//! 3. An owner serves I/O only while its session is confirmed fresh (`T.owner_lease`, well
 //!    under the session timeout): a paused or cut-off owner stops before anyone may take
 //!    its place. A new owner fences every component (a probe at its epoch) before it
 //!    serves anything.
@@ -26,7 +26,7 @@
 //!    copy's bitmap from the record instead of comparing that copy in full.
 //! 6. Every node serves every replicated volume over NBD: the owner through its view,
 //!    any other node by forwarding each request to the owner (retrying, while a new owner
-//!    is chosen, for up to `FORWARD_PATIENCE`: block writes are idempotent).
+//!    is chosen, for up to `T.forward_patience`: block writes are idempotent).
 //! 7. Deleting a volume marks its record `deleting` by CAS, deleting its owner and move
 //!    keys in the same transaction: from then no node takes it, its owner's next record
 //!    change fails, and every node stops exporting it. Each node holding a copy removes
@@ -48,13 +48,13 @@
 //!    the copy stays STALE (the owner logs why, once) until one is.
 //! 10. A node that is not the owner serves a read from its own copy only under a read
 //!     lease: granted by the serving owner (whose member has not applied a newer take)
-//!     while the copy is ACTIVE and owes no scan, valid for `READ_LEASE` from when the
+//!     while the copy is ACTIVE and owes no scan, valid for `T.read_lease` from when the
 //!     node asked and only while the copy's fence is still at the granting epoch (held
 //!     for the read). When a copy stops being ACTIVE, no write is acknowledged until
 //!     its lease has run out; an owner letting go cleanly waits for every lease it
 //!     granted; a take while the last owner's session is live (it did not let go, or
 //!     it restarted and registered again), with a copy that could not be fenced,
-//!     acknowledges nothing for `2 * READ_LEASE`. So a copy serving a read holds every
+//!     acknowledges nothing for `2 * T.read_lease`. So a copy serving a read holds every
 //!     acknowledged write. Otherwise reads are forwarded to the owner.
 //! 11. A node back from a power loss (`lost_power`) marks every copy it holds suspect, on
 //!     file, and publishes the marks (`/suspect/NODE`): they may lack writes they had not
@@ -96,41 +96,16 @@ use strata_replica::record::{
     regions_of, runs_of, ComponentRecord, CopyRef, CopyState, HandedBitmap, Owner, Released,
     VolumeRecord, VolumeState, HANDED_RUNS_MAX,
 };
+use strata_replica::takeover::{self, Truth};
 use strata_replica::timing::Timing;
 use strata_types::ErrorCode;
 
-/// How long a component may take to answer one request.
-const IO_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long an owner may take to answer a forwarded request (its fan-out's timeouts and
-/// a CAS fit well inside).
-const FORWARD_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long a forwarded request keeps looking for an owner (a failover takes the
-/// session timeout and a few seconds).
-const FORWARD_PATIENCE: Duration = Duration::from_secs(60);
-/// An owner serves I/O only while its last confirmed heartbeat is younger than this
-/// (the session timeout is 10 s; invariant 3).
-const OWNER_LEASE: Duration = Duration::from_secs(6);
-/// How often each node looks after the replicated volumes (ownerless ones, moves).
-const STEWARD_EVERY: Duration = Duration::from_secs(1);
-/// A node that is n-th in line to take an ownerless volume waits n times this.
-const TAKEOVER_STEP: Duration = Duration::from_secs(3);
-/// How long a new owner's view survives its member not yet showing the owner key it
-/// took (the member's applied state lags the leader by a moment).
-const OWNERLESS_GRACE: Duration = Duration::from_secs(5);
-/// How long a node taking a volume by a planned move waits for the owner's clean
-/// hand-over (its copies sync within `IO_TIMEOUT`).
-const RELEASE_PATIENCE: Duration = Duration::from_secs(15);
-/// How long an owner that a move away from is pending (its view let go, or not yet)
-/// waits for the other node to take the volume before it takes it back.
-const MOVE_WAIT: Duration = Duration::from_secs(10);
-/// How long deleting a volume waits for every node to remove its copy before answering
-/// with the nodes still to do it.
-const DELETE_PATIENCE: Duration = Duration::from_secs(15);
+/// Every timeout and period of the protocol (`strata_replica::timing`): today's values.
+const T: Timing = Timing::DEFAULT;
+
 /// A copy held here that no volume's record lists is removed once this old (a copy being
 /// made is listed within seconds; invariant 7).
 const ORPHAN_GRACE_SECS: u64 = 300;
-/// A pause in a node's forwarded requests longer than this ends its streak.
-const STREAK_GAP: Duration = Duration::from_secs(5);
 /// Regions compared per step of a digest scan.
 const SCAN_BATCH: u64 = 16;
 /// The most writes of one client fanned out together (`ReplicatedVolume::run_writes`).
@@ -149,15 +124,6 @@ fn handed_word(record: &VolumeRecord, me: u64) -> Option<&Released> {
 
 /// Bytes per bit of a synchronization bitmap (and per digest).
 pub const REGION: u64 = DIGEST_UNIT;
-/// How often the owner looks for a stale copy that came back.
-const RESYNC_EVERY: Duration = Duration::from_secs(2);
-/// How long a node may serve reads from its own copy after it asked the owner
-/// (invariant 10). Well under the session timeout less `OWNER_LEASE`: an owner that can
-/// no longer grant is replaced only after every lease it granted has run out.
-pub const READ_LEASE: Duration = Duration::from_secs(2);
-/// How often the owner looks for a copy on a node removed from the cluster (a
-/// linearizable read of the membership).
-const REPLACE_EVERY: Duration = Duration::from_secs(10);
 
 /// One copy as the owner sees it.
 struct Copy {
@@ -242,7 +208,6 @@ pub struct ReplicatedVolume {
     epoch: u64,
     local: Component,
     copies: Vec<Copy>,
-    timing: Timing,
     /// The protocol core's state of the copies (`strata_replica::owner`).
     state: Mutex<OwnerState>,
     /// Client writes hold it shared; a resync copies a region holding it exclusively
@@ -397,7 +362,7 @@ impl ReplicatedVolume {
         }
         // Synced: nothing a copy acknowledged can be lost to a crash after the hand-over
         // (the next owner would not know to look for it).
-        let deadline = tokio::time::Instant::now() + IO_TIMEOUT;
+        let deadline = tokio::time::Instant::now() + T.io_timeout;
         let mut level = Vec::new();
         for (i, c) in self.copies.iter().enumerate() {
             // A copy still owed a digest scan may differ: not vouched for.
@@ -480,7 +445,7 @@ impl ReplicatedVolume {
     pub fn serving(&self) -> bool {
         !self.deposed()
             && self.meta.incarnation() == self.incarnation
-            && self.meta.session_fresh(OWNER_LEASE)
+            && self.meta.session_fresh(T.owner_lease)
     }
 
     /// Notes a request forwarded by node `from` (for automatic moves).
@@ -488,7 +453,7 @@ impl ReplicatedVolume {
         let now = Instant::now();
         let mut f = self.forwarders.lock().unwrap_or_else(|e| e.into_inner());
         let entry = f.entry(from).or_insert((now, now));
-        if now.duration_since(entry.1) > STREAK_GAP {
+        if now.duration_since(entry.1) > T.streak_gap {
             entry.0 = now; // A new streak.
         }
         entry.1 = now;
@@ -504,7 +469,9 @@ impl ReplicatedVolume {
         let recent: Vec<(&u64, &(Instant, Instant))> =
             f.iter().filter(|(_, (_, last))| last.elapsed() < after).collect();
         match recent.as_slice() {
-            [(node, (first, last))] if first.elapsed() >= after && last.elapsed() < STREAK_GAP => {
+            [(node, (first, last))]
+                if first.elapsed() >= after && last.elapsed() < T.streak_gap =>
+            {
                 Some(**node)
             }
             _ => None,
@@ -729,7 +696,7 @@ impl ReplicatedVolume {
         };
         // Sent to every remote copy first, then the own copy written, then the replies
         // awaited.
-        let deadline = tokio::time::Instant::now() + self.timing.io_timeout;
+        let deadline = tokio::time::Instant::now() + T.io_timeout;
         let mut sent = Vec::with_capacity(write.targets.len());
         for &i in &write.targets {
             let Some(peer) = &self.copies[i].peer else { continue };
@@ -873,7 +840,7 @@ impl ReplicatedVolume {
             return None;
         }
         let probe = request(Kind::Probe, self.copies[i].id(), self.epoch, 0, 0);
-        let answered = tokio::time::timeout(READ_LEASE / 4, peer.call(probe, &[])).await;
+        let answered = tokio::time::timeout(T.read_lease / 4, peer.call(probe, &[])).await;
         if !matches!(answered, Ok(Ok(_))) {
             return None;
         }
@@ -886,7 +853,7 @@ impl ReplicatedVolume {
             return None;
         }
         // Counted from now: the node counts from when it asked, which was earlier.
-        let granted = self.state().grant(i, peer.connections(), now() + READ_LEASE);
+        let granted = self.state().grant(i, peer.connections(), now() + T.read_lease);
         granted.then(|| self.copies[i].id())
     }
 
@@ -1012,7 +979,7 @@ impl ReplicatedVolume {
         h.count = ours.len() as u32;
         let theirs = self
             .runtime
-            .block_on(async { tokio::time::timeout(IO_TIMEOUT, peer.call(h, &[])).await });
+            .block_on(async { tokio::time::timeout(T.io_timeout, peer.call(h, &[])).await });
         let theirs = match theirs {
             Ok(Ok((_, digests))) => digests,
             Ok(Err(e)) => return Err(format!("copy {id}: {e}")),
@@ -1028,7 +995,7 @@ impl ReplicatedVolume {
             .map(|(k, piece)| (regions.start + k as u64, piece))
             .collect();
         let wrote = self.runtime.block_on(async {
-            let deadline = tokio::time::Instant::now() + IO_TIMEOUT;
+            let deadline = tokio::time::Instant::now() + T.io_timeout;
             let mut sent = Vec::new();
             for (region, piece) in &differ {
                 let lsn = self.state().next_lsn();
@@ -1090,7 +1057,7 @@ impl ReplicatedVolume {
         if was != CopyState::Active {
             let probe = runtime.block_on(async {
                 let h = request(Kind::Probe, id, epoch, 0, 0);
-                tokio::time::timeout(Duration::from_secs(2), peer.call(h, &[])).await
+                tokio::time::timeout(T.probe_timeout, peer.call(h, &[])).await
             });
             match probe {
                 Ok(Ok(_)) => {}
@@ -1177,7 +1144,7 @@ impl ReplicatedVolume {
         }
         let flushed = runtime.block_on(async {
             let h = request(Kind::Flush, id, epoch, 0, 0);
-            tokio::time::timeout(IO_TIMEOUT, peer.call(h, &[])).await
+            tokio::time::timeout(T.io_timeout, peer.call(h, &[])).await
         });
         if !matches!(flushed, Ok(Ok(_))) {
             drop(_exclusive);
@@ -1204,7 +1171,7 @@ impl ReplicatedVolume {
         let h = request(Kind::Create, 0, 0, 0, self.size());
         let name = self.name.clone();
         let made = self.runtime.block_on(async {
-            tokio::time::timeout(IO_TIMEOUT, peer.call(h, name.as_bytes())).await
+            tokio::time::timeout(T.io_timeout, peer.call(h, name.as_bytes())).await
         });
         let id = match made {
             Ok(Ok((reply, _))) => reply.component,
@@ -1245,7 +1212,7 @@ impl ReplicatedVolume {
             h.count = buf.len() as u32;
             let read = self
                 .runtime
-                .block_on(async { tokio::time::timeout(IO_TIMEOUT, peer.call(h, &[])).await });
+                .block_on(async { tokio::time::timeout(T.io_timeout, peer.call(h, &[])).await });
             let Ok(Ok((_, data))) = read else { continue };
             if data.len() != buf.len() {
                 continue;
@@ -1276,9 +1243,9 @@ impl ReplicatedVolume {
             if self.state().whole(i, peer.connections()) {
                 h.flags = FLAG_WHOLE;
             }
-            let probe = self.runtime.block_on(async {
-                tokio::time::timeout(Duration::from_secs(2), peer.call(h, &[])).await
-            });
+            let probe = self
+                .runtime
+                .block_on(async { tokio::time::timeout(T.probe_timeout, peer.call(h, &[])).await });
             if let Ok(Err(CallError::Status { status: Status::NotFound, .. })) = probe {
                 let _exclusive = self.resync_lock.blocking_write();
                 self.state().stale(i);
@@ -1325,7 +1292,7 @@ impl ReplicatedVolume {
             probes.push((
                 i,
                 tokio::spawn(async move {
-                    tokio::time::timeout(Duration::from_secs(2), peer.call(h, &[])).await
+                    tokio::time::timeout(T.probe_timeout, peer.call(h, &[])).await
                 }),
             ));
         }
@@ -1399,11 +1366,11 @@ pub async fn run_resync(volume: Arc<ReplicatedVolume>) {
     let mut scrubbed = Instant::now();
     let mut looked_for_removed = Instant::now();
     loop {
-        tokio::time::sleep(RESYNC_EVERY).await;
+        tokio::time::sleep(T.resync_every).await;
         if volume.deposed() {
             return;
         }
-        if looked_for_removed.elapsed() >= REPLACE_EVERY {
+        if looked_for_removed.elapsed() >= T.replace_every {
             looked_for_removed = Instant::now();
             match volume.replace_removed().await {
                 Ok(true) => return,
@@ -1456,7 +1423,8 @@ impl ReplicatedVolume {
         }
         let peer = DataPeer::new(DataKey::from_secret(self.meta.secret()), to.rpc.clone());
         let h = request(Kind::Create, 0, 0, 0, self.size());
-        let id = match tokio::time::timeout(IO_TIMEOUT, peer.call(h, self.name.as_bytes())).await {
+        let id = match tokio::time::timeout(T.io_timeout, peer.call(h, self.name.as_bytes())).await
+        {
             Ok(Ok((reply, _))) => reply.component,
             Ok(Err(e)) => return Err(format!("node {}: cannot make a copy: {e}", to.id)),
             Err(_) => return Err(format!("node {} did not answer", to.id)),
@@ -1711,7 +1679,6 @@ pub fn open(
         epoch: owner.epoch,
         local,
         copies,
-        timing: Timing::default(),
         state: Mutex::new(OwnerState::new(
             owner.epoch,
             record.min_replicas as usize,
@@ -1749,9 +1716,6 @@ pub fn open(
     }
     Ok(volume)
 }
-
-/// How long `attach` waits for the named node to take the volume.
-const MOVE_PATIENCE: Duration = Duration::from_secs(30);
 
 /// An operator's move of `name` to node `to` (`strata volume attach`): checked (the node
 /// holds an ACTIVE copy and is up), asked in `/volumes/<name>/attach`, and waited for
@@ -1795,7 +1759,7 @@ pub async fn attach(meta: &Member, name: &str, to: u64) -> ApiResult<VolumeRecor
         let move_key = format!("/volumes/{name}/attach");
         let value = serde_json::to_vec(&Move { node: to }).expect("serializes");
         write(meta, vec![], vec![Op::Put { key: move_key.clone(), value, lease: None }]).await?;
-        let deadline = Instant::now() + MOVE_PATIENCE;
+        let deadline = Instant::now() + T.move_patience;
         while !owns(meta) {
             if Instant::now() >= deadline {
                 if let Some((bytes, version)) = get(meta, &move_key).await? {
@@ -1807,7 +1771,8 @@ pub async fn attach(meta: &Member, name: &str, to: u64) -> ApiResult<VolumeRecor
                     }
                 }
                 return Err(unavailable(format!(
-                    "node {to} did not take {name} within {MOVE_PATIENCE:?}; the move is withdrawn"
+                    "node {to} did not take {name} within {:?}; the move is withdrawn",
+                    T.move_patience
                 )));
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -1870,7 +1835,7 @@ async fn take_over(
                     .await
                     .map_or(true, |m| m.iter().any(|(c, up)| c.id == last_owner && *up));
             if live {
-                view.state().hold_acks_until(now() + 2 * READ_LEASE);
+                view.state().hold_acks_until(now() + 2 * T.read_lease);
             }
         }
         Ok(_) => {}
@@ -1915,7 +1880,7 @@ pub async fn resize(
             .ok_or_else(|| unavailable(format!("node {} has no address", c.node)))?;
         let peer = DataPeer::new(dkey.clone(), rpc);
         let h = request(Kind::Resize, c.id, epoch, 0, size_bytes);
-        match tokio::time::timeout(IO_TIMEOUT, peer.call(h, &[])).await {
+        match tokio::time::timeout(T.io_timeout, peer.call(h, &[])).await {
             Ok(Ok(_)) => {}
             Ok(Err(e)) => {
                 return Err(unavailable(format!(
@@ -1970,7 +1935,7 @@ async fn ask_release(meta: &Member, record: &VolumeRecord, o: Owner) -> Result<(
     let rpc = rpc_of(meta, o.node).ok_or("the owner has no address")?;
     let peer = DataPeer::new(DataKey::from_secret(meta.secret()), rpc);
     let h = request(Kind::Release, component, o.epoch, 0, 0);
-    match tokio::time::timeout(RELEASE_PATIENCE, peer.call(h, &[])).await {
+    match tokio::time::timeout(T.release_patience, peer.call(h, &[])).await {
         Ok(Ok(_)) => Ok(()),
         Ok(Err(e)) => Err(e.to_string()),
         Err(_) => Err("no answer in time".into()),
@@ -2119,7 +2084,7 @@ fn clients_prefix(name: &str) -> String {
 
 /// Deletes replicated volume `name` (invariant 7): refused while nodes have NBD clients
 /// of it unless `force` (then they are disconnected). Returns the nodes that still hold
-/// a copy after `DELETE_PATIENCE` (down now: each removes its copy when it returns).
+/// a copy after `T.delete_patience` (down now: each removes its copy when it returns).
 pub async fn delete(meta: &Member, name: &str, force: bool) -> ApiResult<Vec<u64>> {
     let key = format!("/volumes/{name}");
     let mut marked = false;
@@ -2163,7 +2128,7 @@ pub async fn delete(meta: &Member, name: &str, force: bool) -> ApiResult<Vec<u64
         return Err(unavailable(format!("the record of {name} keeps changing; retry")));
     }
     // Linearizable reads: this member's applied state may not show the mark yet.
-    let deadline = Instant::now() + DELETE_PATIENCE;
+    let deadline = Instant::now() + T.delete_patience;
     loop {
         let left = fresh_record(meta, name)
             .await?
@@ -2210,11 +2175,11 @@ pub fn discover(
     true
 }
 
-/// Each node's bookkeeping of replicated volumes, every `STEWARD_EVERY` until the process
+/// Each node's bookkeeping of replicated volumes, every `T.steward_every` until the process
 /// ends: deletes (invariant 7), the `clients` keys, and copies no record lists.
 async fn housekeeping(node: Arc<Node>, meta: Arc<Member>) {
     loop {
-        tokio::time::sleep(STEWARD_EVERY).await;
+        tokio::time::sleep(T.steward_every).await;
         if !meta.registered() {
             continue;
         }
@@ -2430,35 +2395,25 @@ async fn remove_orphans(node: &Arc<Node>, meta: &Member) {
 /// `/suspect/NODE`, a JSON list of component ids, absent when there are none.
 const SUSPECT_PREFIX: &str = "/suspect/";
 
-/// Whom a suspect copy on `me` must leave the volume to (invariant 11).
-#[derive(Debug, PartialEq, Eq)]
-enum Truth {
-    /// A member other than `me` holds an ACTIVE copy not known to be suspect (its node
-    /// down, or up with no mark published): it may hold writes this copy lost.
-    Elsewhere,
-    /// Every other member's ACTIVE copy is suspect too, and up (every node lost power).
-    AllSuspect,
-    /// No other member holds an ACTIVE copy.
-    Nowhere,
+/// The core's view of volume `v` for this node's steward (`takeover::Seen`).
+fn core_seen(v: &Seen, me: u64, me_suspect: bool) -> takeover::Seen {
+    takeover::Seen {
+        me,
+        last_owner: v.record.node,
+        copies: v.record.components.iter().map(|c| (c.node, c.state)).collect(),
+        owner: v.owner.map(|o| o.node),
+        moving_to: v.moving.map(|m| m.node),
+        up: v.up.clone(),
+        suspect: v.suspect.clone(),
+        me_suspect,
+    }
 }
 
-/// Which [`Truth`] holds for the volume `v` and a suspect copy on `me`. If the membership
-/// cannot be read, `Elsewhere`.
-async fn truth_for_suspect(meta: &Member, v: &Seen, me: u64) -> Truth {
+/// Which [`Truth`] holds for a suspect copy on this node (invariant 11). If the
+/// membership cannot be read, `Elsewhere`.
+async fn truth_for_suspect(meta: &Member, seen: &takeover::Seen) -> Truth {
     let Ok(members) = members(meta).await else { return Truth::Elsewhere };
-    let mut others = v.record.components.iter().filter(|c| {
-        c.node != me && c.state == CopyState::Active && members.iter().any(|(m, _)| m.id == c.node)
-    });
-    let mut any = false;
-    let all_suspect = others.all(|c| {
-        any = true;
-        v.up.contains(&c.node) && v.suspect.contains(&c.node)
-    });
-    match (any, all_suspect) {
-        (false, _) => Truth::Nowhere,
-        (true, true) => Truth::AllSuspect,
-        (true, false) => Truth::Elsewhere,
-    }
+    takeover::truth_for_suspect(seen, &members.iter().map(|(m, _)| m.id).collect())
 }
 
 /// Publishes this node's suspect marks (`SUSPECT_PREFIX`) when what the metadata holds
@@ -2485,18 +2440,15 @@ async fn publish_suspect(node: &Node, meta: &Member) {
 /// Each node's steward of the replicated volumes, until the process ends: it exports
 /// every one (a router), notices when this node's view is no longer the owner's, and
 /// takes ownership of a volume that has no owner (the last owner first, then the other
-/// nodes with an ACTIVE copy, each a `TAKEOVER_STEP` later in id order) or that an
+/// nodes with an ACTIVE copy, each a `T.takeover_step` later in id order) or that an
 /// operator (or the owner, for its clients' sake: `MovePolicy`) moves to this node.
 pub async fn steward(node: Arc<Node>, meta: Arc<Member>, moves: MovePolicy) {
     // Apart, so a metadata write waiting for a quorum never holds up a takeover.
     tokio::spawn(housekeeping(node.clone(), meta.clone()));
-    let mut ownerless: HashMap<String, Instant> = HashMap::new();
-    // Volumes this node owns that a move away from has been pending for since.
-    let mut moving_away: HashMap<String, Instant> = HashMap::new();
-    // Volumes this node said it will not take until another copy's node is up.
-    let mut waiting_for_truth: BTreeSet<String> = BTreeSet::new();
+    // What the steward remembers of each volume between passes (`takeover::Memory`).
+    let mut memory: HashMap<String, takeover::Memory> = HashMap::new();
     loop {
-        tokio::time::sleep(STEWARD_EVERY).await;
+        tokio::time::sleep(T.steward_every).await;
         if !meta.registered() {
             continue;
         }
@@ -2509,17 +2461,16 @@ pub async fn steward(node: Arc<Node>, meta: Arc<Member>, moves: MovePolicy) {
             let here = v.record.components.iter().find(|c| c.node == me);
             let copy = here.and_then(|c| node.component(c.id));
             router.set_local(copy.map(|c| (c, node.fencing().clone())));
-            if v.owner.is_some() {
-                ownerless.remove(&name);
-            }
+            // Back from a power loss and not levelled since (invariant 11).
+            let suspect = here.filter(|c| node.suspect(c.id));
+            let seen = core_seen(&v, me, suspect.is_some());
+            let mem = memory.entry(name.clone()).or_default();
+            mem.observe(&seen);
             if let Some(view) = router.view() {
                 // This member's applied state may lag the CAS that made this view: only a
                 // newer owner, or no owner well after the take, deposes it.
-                let superseded = match v.owner {
-                    Some(o) => o.epoch > view.owner.epoch,
-                    None => view.taken_at.elapsed() > OWNERLESS_GRACE,
-                };
-                if superseded {
+                let held = view.taken_at.elapsed();
+                if takeover::superseded(v.owner.map(|o| o.epoch), view.owner.epoch, held, &T) {
                     view.depose("the owner key names a newer owner, or none");
                 }
                 if !view.deposed() {
@@ -2528,31 +2479,16 @@ pub async fn steward(node: Arc<Node>, meta: Arc<Member>, moves: MovePolicy) {
                 }
                 router.clear();
             }
-            let active_here =
-                v.record.components.iter().any(|c| c.node == me && c.state == CopyState::Active);
-            if !active_here {
-                continue;
-            }
-            // Back from a power loss and not levelled since (invariant 11).
-            let suspect = here.filter(|c| node.suspect(c.id));
             // Whom such a copy leaves an ownerless volume to (asked once a pass).
-            let truth = match (suspect, v.owner) {
-                (Some(_), None) => Some(truth_for_suspect(&meta, &v, me).await),
+            let truth = match (suspect, v.owner, seen.active_here()) {
+                (Some(_), None, true) => Some(truth_for_suspect(&meta, &seen).await),
                 _ => None,
             };
-            let go = match v.owner {
-                // Not while a move to another node that is up is pending (this node may
-                // have let go for it), unless that node has not taken it for a while.
-                Some(o) if o.node == me => match v.moving {
-                    Some(m) if m.node != me && v.up.contains(&m.node) => {
-                        let since = *moving_away.entry(name.clone()).or_insert_with(Instant::now);
-                        since.elapsed() >= MOVE_WAIT
-                    }
-                    _ => true,
-                },
-                Some(_) => v.moving.is_some_and(|m| m.node == me) && suspect.is_none(),
-                None if truth == Some(Truth::Elsewhere) => {
-                    if waiting_for_truth.insert(name.clone()) {
+            let go = match takeover::decide(mem, &seen, truth, now(), &T) {
+                takeover::Take::Now => true,
+                takeover::Take::NotYet => false,
+                takeover::Take::WaitForTruth { first } => {
+                    if first {
                         tracing::warn!(volume = %name,
                             "not taking ownership: this node's copy may lack writes it had \
                              not synced before a power loss, and another member holds an \
@@ -2562,30 +2498,7 @@ pub async fn steward(node: Arc<Node>, meta: Arc<Member>, moves: MovePolicy) {
                     }
                     false
                 }
-                None => {
-                    let since = *ownerless.entry(name.clone()).or_insert_with(Instant::now);
-                    let mut line = vec![v.record.node];
-                    line.extend(
-                        v.record
-                            .components
-                            .iter()
-                            .filter(|c| c.state == CopyState::Active && c.node != v.record.node)
-                            .map(|c| c.node),
-                    );
-                    line.retain(|n| v.up.contains(n));
-                    // Back from a power loss: after every other node with a copy not
-                    // suspect (whose takeover then compares this node's copy with its
-                    // own). The suspect keep their order, so that after a power loss of
-                    // every node they do not all wait for each other and then race.
-                    let marked = |n: &u64| v.suspect.contains(n) || (*n == me && suspect.is_some());
-                    line.sort_by_key(marked);
-                    let rank = line.iter().position(|n| *n == me).unwrap_or(line.len());
-                    since.elapsed() >= TAKEOVER_STEP * rank as u32
-                }
             };
-            if v.moving.is_none_or(|m| m.node == me) {
-                moving_away.remove(&name);
-            }
             // Moved here while its owner is up: that owner hands over first.
             let from = match v.owner {
                 Some(o) if o.node != me && v.up.contains(&o.node) => Some((o, &v.record)),
@@ -2600,7 +2513,7 @@ pub async fn steward(node: Arc<Node>, meta: Arc<Member>, moves: MovePolicy) {
                             // (Asked now if this node took it as the owner key's node.)
                             let truth = match truth {
                                 Some(t) => t,
-                                None => truth_for_suspect(&meta, &v, me).await,
+                                None => truth_for_suspect(&meta, &seen).await,
                             };
                             let why = match truth {
                                 Truth::Nowhere => "no other member holds an active copy",
@@ -2613,7 +2526,9 @@ pub async fn steward(node: Arc<Node>, meta: Arc<Member>, moves: MovePolicy) {
                                 "took ownership with a copy that may lack writes it had not \
                                  synced before a power loss: {why}");
                         }
-                        waiting_for_truth.remove(&name);
+                        if let Some(mem) = memory.get_mut(&name) {
+                            mem.waiting_for_truth = false;
+                        }
                     }
                     Err(e) => {
                         tracing::warn!(volume = %name, "cannot take ownership: {}", e.message)
@@ -2675,9 +2590,6 @@ struct Target {
     epoch: u64,
 }
 
-/// How often a forwarder waiting for the owner's answer looks whether the volume has
-/// another owner (`Router::owner_moved`).
-const OWNER_POLL: Duration = Duration::from_millis(250);
 /// Why a forwarded request is retried when the owner changed while it waited.
 const OWNER_MOVED: &str = "the volume has another owner now";
 
@@ -2758,7 +2670,7 @@ impl Router {
         let (copy, fencing) = self.local.lock().unwrap_or_else(|e| e.into_inner()).clone()?;
         let lease = *self.lease.held.lock().unwrap_or_else(|e| e.into_inner());
         let now = Instant::now();
-        if lease.is_none_or(|l| l.until < now + READ_LEASE / 2) {
+        if lease.is_none_or(|l| l.until < now + T.read_lease / 2) {
             self.renew_lease(copy.id());
         }
         let lease = lease.filter(|l| l.component == copy.id() && now < l.until)?;
@@ -2798,9 +2710,9 @@ impl Router {
         // Not awaited by the read: it is forwarded meanwhile.
         let leasing = self.lease.clone();
         tokio::spawn(async move {
-            let reply = tokio::time::timeout(READ_LEASE / 2, t.peer.call(h, &[])).await;
+            let reply = tokio::time::timeout(T.read_lease / 2, t.peer.call(h, &[])).await;
             if matches!(reply, Ok(Ok((r, _))) if r.component == component) {
-                let l = ReadLease { epoch: t.epoch, component, until: asked + READ_LEASE };
+                let l = ReadLease { epoch: t.epoch, component, until: asked + T.read_lease };
                 *leasing.held.lock().unwrap_or_else(|e| e.into_inner()) = Some(l);
             }
             leasing.asking.store(false, Ordering::Release);
@@ -2872,7 +2784,7 @@ impl Router {
     async fn forward(&self, t: &Target, op: &IoOp, number: u32) -> Result<Bytes, Forwarded> {
         let number = number.to_le_bytes();
         let (h, payload) = self.forwarded(t, op, &number);
-        let call = tokio::time::timeout(FORWARD_TIMEOUT, t.peer.call(h, payload));
+        let call = tokio::time::timeout(T.forward_timeout, t.peer.call(h, payload));
         tokio::select! {
             reply = call => self.outcome(&h, reply),
             () = self.owner_moved(t.epoch) => Err(Forwarded::Retry(OWNER_MOVED.into())),
@@ -2886,7 +2798,7 @@ impl Router {
     async fn owner_moved(&self, epoch: u64) {
         let key = format!("/volumes/{}/owner", self.name);
         loop {
-            tokio::time::sleep(OWNER_POLL).await;
+            tokio::time::sleep(T.owner_poll).await;
             let now = self.meta.read_local(|s| {
                 s.get(&key).and_then(|e| serde_json::from_slice::<Owner>(&e.value).ok())
             });
@@ -2946,7 +2858,7 @@ impl Router {
         let Ok(pending) = t.peer.send_many(&requests).await else {
             return ops.iter().map(|_| None).collect();
         };
-        let deadline = tokio::time::Instant::now() + FORWARD_TIMEOUT;
+        let deadline = tokio::time::Instant::now() + T.forward_timeout;
         let mut out = Vec::with_capacity(ops.len());
         // As `forward`: given up once the volume has another owner.
         let moved = self.owner_moved(t.epoch);
@@ -2969,7 +2881,7 @@ impl Router {
 
     /// Runs a request: through this node's view while it owns the volume and serves,
     /// else forwarded to the owner; retried while no owner can take it (for up to
-    /// `FORWARD_PATIENCE`). Large requests go in pieces a frame can carry.
+    /// `T.forward_patience`). Large requests go in pieces a frame can carry.
     pub async fn run(&self, op: IoOp) -> Result<Bytes, StoreError> {
         *self.last_local.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
         let pieces = split(op);
@@ -3002,7 +2914,7 @@ impl Router {
 
     /// [`Self::run_one`] of a request numbered `number`, which it keeps on every retry.
     async fn run_numbered(&self, op: IoOp, number: u32) -> Result<Bytes, StoreError> {
-        let deadline = Instant::now() + FORWARD_PATIENCE;
+        let deadline = Instant::now() + T.forward_patience;
         loop {
             let why = match self.view() {
                 Some(v) if v.serving() => match v.run(op.clone()).await {
@@ -3306,7 +3218,7 @@ pub async fn create(
         } else {
             let peer = DataPeer::new(key.clone(), c.rpc.clone());
             let h = request(Kind::Create, 0, 0, 0, size_bytes);
-            match tokio::time::timeout(IO_TIMEOUT, peer.call(h, name.as_bytes())).await {
+            match tokio::time::timeout(T.io_timeout, peer.call(h, name.as_bytes())).await {
                 Ok(Ok((reply, _))) => Ok(reply.component),
                 Ok(Err(e)) => Err(unavailable(format!("node {}: {e}", c.id))),
                 Err(_) => Err(unavailable(format!("node {} did not answer", c.id))),
@@ -3388,7 +3300,7 @@ pub async fn create(
                 } else {
                     let peer = DataPeer::new(key.clone(), c.rpc.clone());
                     let _ = tokio::time::timeout(
-                        IO_TIMEOUT,
+                        T.io_timeout,
                         peer.call(request(Kind::Remove, id, 0, 0, 0), &[]),
                     )
                     .await;
