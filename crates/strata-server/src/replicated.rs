@@ -83,8 +83,8 @@ use std::time::{Duration, Instant};
 use strata_io::{BlockVolume, Extent, IoOp, StoreError, ZeroMode};
 use strata_meta::service::{ClientReply, ClientRequest, Member};
 use strata_meta::state::{Command, Compare, Op, Response};
-use strata_replica::client::{request, CallError, DataPeer};
-use strata_replica::frame::{
+use strata_frame::client::{request, CallError, DataPeer};
+use strata_frame::frame::{
     DataKey, Header, Kind, Status, DIGEST_UNIT, FLAG_FUA, FLAG_VOLUME, FLAG_WHOLE,
     PAYLOAD_BYTES_MAX,
 };
