@@ -34,13 +34,13 @@ use crate::node::Node;
 use bytes::Bytes;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use strata_io::net::channel::{Channel, ChannelWriter};
-use strata_io::{BlockVolume, IoOp, StoreError};
 use strata_frame::client::DETAIL_CHARS;
 use strata_frame::frame::{
     encode, encode_into, read_frame, DataKey, Header, Kind, Status, DIGEST_UNIT, FLAG_FUA,
     FLAG_VOLUME, FLAG_WHOLE,
 };
+use strata_io::net::channel::{Channel, ChannelWriter};
+use strata_io::{BlockVolume, IoOp, StoreError};
 use tokio::io::AsyncWriteExt;
 
 /// The largest read served in one request.

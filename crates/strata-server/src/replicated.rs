@@ -80,14 +80,14 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
-use strata_io::{BlockVolume, Extent, IoOp, StoreError, ZeroMode};
-use strata_meta::service::{ClientReply, ClientRequest, Member};
-use strata_meta::state::{Command, Compare, Op, Response};
 use strata_frame::client::{request, CallError, DataPeer};
 use strata_frame::frame::{
     DataKey, Header, Kind, Status, DIGEST_UNIT, FLAG_FUA, FLAG_VOLUME, FLAG_WHOLE,
     PAYLOAD_BYTES_MAX,
 };
+use strata_io::{BlockVolume, Extent, IoOp, StoreError, ZeroMode};
+use strata_meta::service::{ClientReply, ClientRequest, Member};
+use strata_meta::state::{Command, Compare, Op, Response};
 use strata_types::ErrorCode;
 
 /// How long a component may take to answer one request.
