@@ -1,6 +1,6 @@
 //! The node's data plane: component I/O for replicated volumes' owners, on the RPC port
 //! (authenticated, encrypted connections — `strata_io::net::channel` — whose first bytes
-//! inside the channel are `SDP1`), in `strata-replica`'s frames.
+//! inside the channel are `SDP1`), in `strata-frame`'s frames.
 //!
 //! Invariants:
 //! 1. Every request on a component passes its epoch fence first and holds its pass while
@@ -34,13 +34,13 @@ use crate::node::Node;
 use bytes::Bytes;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use strata_io::net::channel::{Channel, ChannelWriter};
-use strata_io::{BlockVolume, IoOp, StoreError};
-use strata_replica::client::DETAIL_CHARS;
-use strata_replica::frame::{
+use strata_frame::client::DETAIL_CHARS;
+use strata_frame::frame::{
     encode, encode_into, read_frame, DataKey, Header, Kind, Status, DIGEST_UNIT, FLAG_FUA,
     FLAG_VOLUME, FLAG_WHOLE,
 };
+use strata_io::net::channel::{Channel, ChannelWriter};
+use strata_io::{BlockVolume, IoOp, StoreError};
 use tokio::io::AsyncWriteExt;
 
 /// The largest read served in one request.
@@ -528,7 +528,7 @@ impl DataService {
             }
             let (h, payload) = match read_frame(&mut reader, &self.key).await {
                 Ok(f) => f,
-                Err(strata_replica::frame::FrameError::Io(e)) => {
+                Err(strata_frame::frame::FrameError::Io(e)) => {
                     return strata_meta::rpc::closed(peer, &e)
                 }
                 Err(e) => {

@@ -5,6 +5,7 @@
 //! protocol logic of its own beyond the catalog. See ARCHITECTURE.md.
 
 mod api;
+mod apiclient;
 // Decoders of untrusted bytes, in the library so the fuzz targets run them.
 use strata_server::{access, catalog, error};
 mod cli;
@@ -194,7 +195,7 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let (token, token_file) = (cli.token.as_deref(), cli.token_file.as_deref());
-    let client = || cli::Client::new(&cli.api, token, token_file, cli.cacert.as_deref());
+    let client = || apiclient::Client::new(&cli.api, token, token_file, cli.cacert.as_deref());
     let result = match cli.command {
         Command::Up(args) => {
             up::init_logging(cli.log_format);

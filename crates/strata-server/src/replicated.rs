@@ -81,15 +81,15 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
-use strata_io::{BlockVolume, Extent, IoOp, StoreError, ZeroMode};
-use strata_meta::service::{ClientReply, ClientRequest, Member};
-use strata_meta::state::{Command, Compare, Op, Response};
-use strata_replica::client::{request, CallError, DataPeer};
-use strata_replica::error::ReplicaError;
-use strata_replica::frame::{
+use strata_frame::client::{request, CallError, DataPeer};
+use strata_frame::frame::{
     DataKey, Header, Kind, Status, DIGEST_UNIT, FLAG_FUA, FLAG_VOLUME, FLAG_WHOLE,
     PAYLOAD_BYTES_MAX,
 };
+use strata_io::{BlockVolume, Extent, IoOp, StoreError, ZeroMode};
+use strata_meta::service::{ClientReply, ClientRequest, Member};
+use strata_meta::state::{Command, Compare, Op, Response};
+use strata_replica::error::ReplicaError;
 use strata_replica::owner::{Finished, Found, OwnerState, Reply, SaveBitmap, Time, Track};
 use strata_replica::placement::{place, place_one, Candidate};
 use strata_replica::record::{

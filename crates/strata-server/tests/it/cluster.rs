@@ -12,12 +12,12 @@ use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use strata_frame::client::{request, CallError, DataPeer};
+use strata_frame::frame::{DataKey, Kind, Status, FLAG_VOLUME};
 use strata_meta::linearizability::{check, Call, Operation, Outcome};
 use strata_meta::rpc::{Key, Peer};
 use strata_meta::service::{ClientReply, ClientRequest};
 use strata_meta::state::{cas, Origin, Refusal, Response};
-use strata_replica::client::{request, CallError, DataPeer};
-use strata_replica::frame::{DataKey, Kind, Status, FLAG_VOLUME};
 
 mod faults;
 mod internode;

@@ -1,11 +1,11 @@
-//! The data plane of a real node, through `strata-replica`'s client on the RPC port:
+//! The data plane of a real node, through `strata-frame`'s client on the RPC port:
 //! components are created, written, read, flushed and removed; a request at an epoch
 //! older than one the component has seen is refused and changes nothing, also after a
 //! kill -9 and restart; bad requests get clear statuses; a wrong secret gets nothing.
 
 use crate::harness::Node;
-use strata_replica::client::{request, CallError, DataPeer};
-use strata_replica::frame::{DataKey, Kind, Status, FLAG_FUA};
+use strata_frame::client::{request, CallError, DataPeer};
+use strata_frame::frame::{DataKey, Kind, Status, FLAG_FUA};
 
 fn rpc_addr(node: &Node) -> String {
     // The node's own record has the address it listens on now (a port 0 changes at
