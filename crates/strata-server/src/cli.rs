@@ -1,9 +1,29 @@
 //! The operator's volume and snapshot commands, over the HTTP API.
+//!
+//! Every line for stdout goes through `outln!` ([`print_out`]): when the reader has gone
+//! (`strata cluster status | head -1`) the command ends quietly with success, as a
+//! filter's output cut short by the pipe is no error of the command (Rust ignores
+//! SIGPIPE, so a plain `println!` would panic on EPIPE).
 
 use crate::node::{SnapshotInfo, VolumeInfo};
 use anyhow::{bail, Context};
 use serde_json::{json, Value};
 use strata_types::{format_size, parse_size};
+
+/// Writes one line to stdout; when stdout is a pipe whose reader has gone, exits at once
+/// with success and without a word (the other lines would go nowhere either). Any other
+/// write error ends the process with a one-line message.
+pub fn print_out(line: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = writeln!(out, "{line}").and_then(|()| out.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("strata: writing the output: {e}");
+        std::process::exit(1);
+    }
+}
 
 /// `strata volume …`
 #[derive(clap::Subcommand, Debug)]
@@ -242,11 +262,11 @@ pub fn cluster(client: &Client, json_out: bool, cmd: ClusterCommand) -> anyhow::
         },
     };
     if json_out {
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        outln!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
     let c = &v["cluster"];
-    println!("leader: node {}   term: {}   revision: {}", c["leader"], c["term"], c["revision"]);
+    outln!("leader: node {}   term: {}   revision: {}", c["leader"], c["term"], c["revision"]);
     print_members(&c["members"]);
     Ok(())
 }
@@ -287,7 +307,7 @@ pub fn node(client: &Client, json_out: bool, cmd: NodeCommand) -> anyhow::Result
         NodeCommand::List => {
             let members = client.call("GET", "/v1/cluster/nodes", None)?;
             if json_out {
-                println!("{}", serde_json::to_string_pretty(&members)?);
+                outln!("{}", serde_json::to_string_pretty(&members)?);
             } else {
                 print_members(&members);
             }
@@ -301,7 +321,7 @@ pub fn node(client: &Client, json_out: bool, cmd: NodeCommand) -> anyhow::Result
         }
     };
     if json_out {
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        outln!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         print_members(&v["cluster"]["members"]);
     }
@@ -513,7 +533,7 @@ pub fn volume(client: &Client, json_out: bool, cmd: VolumeCommand) -> anyhow::Re
         VolumeCommand::List => {
             let v = client.call("GET", "/v1/volumes", None)?;
             if json_out {
-                println!("{}", serde_json::to_string_pretty(&v)?);
+                outln!("{}", serde_json::to_string_pretty(&v)?);
                 return Ok(());
             }
             let volumes: Vec<VolumeInfo> = serde_json::from_value(v)?;
@@ -546,9 +566,9 @@ pub fn volume(client: &Client, json_out: bool, cmd: VolumeCommand) -> anyhow::Re
             // A replicated volume whose copies are not all removed yet (nodes down).
             match answer["pending_nodes"].as_array() {
                 Some(pending) if json_out => {
-                    println!("{}", json!({"deleted": name, "pending_nodes": pending}))
+                    outln!("{}", json!({"deleted": name, "pending_nodes": pending}))
                 }
-                Some(_) => println!("{}", answer["message"].as_str().unwrap_or_default()),
+                Some(_) => outln!("{}", answer["message"].as_str().unwrap_or_default()),
                 None => print_deleted(json_out, &name),
             }
             Ok(())
@@ -573,11 +593,11 @@ pub fn volume(client: &Client, json_out: bool, cmd: VolumeCommand) -> anyhow::Re
                 client.call("GET", &format!("/v1/volumes/{}", encode(&name)), None)?
             };
             if json_out {
-                println!("{}", serde_json::to_string_pretty(&v["access"])?);
+                outln!("{}", serde_json::to_string_pretty(&v["access"])?);
                 return Ok(());
             }
             let info: VolumeInfo = serde_json::from_value(v)?;
-            println!("{}: {}", info.name, info.access.describe());
+            outln!("{}: {}", info.name, info.access.describe());
             Ok(())
         }
         VolumeCommand::Attach { name, node } => {
@@ -597,9 +617,9 @@ pub fn volume(client: &Client, json_out: bool, cmd: VolumeCommand) -> anyhow::Re
 
 fn print_deleted(json_out: bool, name: &str) {
     if json_out {
-        println!("{}", json!({"deleted": name}));
+        outln!("{}", json!({"deleted": name}));
     } else {
-        println!("deleted {name}");
+        outln!("deleted {name}");
     }
 }
 
@@ -612,10 +632,10 @@ pub fn snapshot(client: &Client, json_out: bool, cmd: SnapshotCommand) -> anyhow
             let path = format!("/v1/volumes/{v}/snapshots");
             let s = client.call("POST", &path, Some(json!({"name": name})))?;
             if json_out {
-                println!("{}", serde_json::to_string_pretty(&s)?);
+                outln!("{}", serde_json::to_string_pretty(&s)?);
             } else {
                 let info: SnapshotInfo = serde_json::from_value(s)?;
-                println!("created {} (read-only export {})", info.name, info.export_uri);
+                outln!("created {} (read-only export {})", info.name, info.export_uri);
             }
             Ok(())
         }
@@ -623,7 +643,7 @@ pub fn snapshot(client: &Client, json_out: bool, cmd: SnapshotCommand) -> anyhow
             let path = format!("/v1/volumes/{}/snapshots", encode(&volume));
             let s = client.call("GET", &path, None)?;
             if json_out {
-                println!("{}", serde_json::to_string_pretty(&s)?);
+                outln!("{}", serde_json::to_string_pretty(&s)?);
                 return Ok(());
             }
             let snapshots: Vec<SnapshotInfo> = serde_json::from_value(s)?;
@@ -642,7 +662,7 @@ pub fn snapshot(client: &Client, json_out: bool, cmd: SnapshotCommand) -> anyhow
                 .collect();
             table(&["SNAPSHOT", "SIZE", "REFERENCED", "EXCLUSIVE", "CLONES", "EXPORT"], &rows);
             if rows.is_empty() {
-                println!("(no snapshots; take one with `strata snapshot create {volume}@NAME`)");
+                outln!("(no snapshots; take one with `strata snapshot create {volume}@NAME`)");
             }
             Ok(())
         }
@@ -679,26 +699,26 @@ pub fn encode(s: &str) -> String {
 
 fn print_volume(json_out: bool, v: &Value, verb: &str) -> anyhow::Result<()> {
     if json_out {
-        println!("{}", serde_json::to_string_pretty(v)?);
+        outln!("{}", serde_json::to_string_pretty(v)?);
         return Ok(());
     }
     let info: VolumeInfo = serde_json::from_value(v.clone())?;
     if !verb.is_empty() {
-        println!("{verb} {} ({})", info.name, info.size);
+        outln!("{verb} {} ({})", info.name, info.size);
     }
-    println!("name:         {}", info.name);
-    println!("id:           {}", info.id);
-    println!("size:         {} ({} bytes)", info.size, info.size_bytes);
-    println!("allocated:    {}", format_size(info.allocated_bytes));
-    println!("  exclusive:  {}", format_size(info.exclusive_bytes));
-    println!("  shared:     {}", format_size(info.shared_bytes));
-    println!(
+    outln!("name:         {}", info.name);
+    outln!("id:           {}", info.id);
+    outln!("size:         {} ({} bytes)", info.size, info.size_bytes);
+    outln!("allocated:    {}", format_size(info.allocated_bytes));
+    outln!("  exclusive:  {}", format_size(info.exclusive_bytes));
+    outln!("  shared:     {}", format_size(info.shared_bytes));
+    outln!(
         "snapshots:    {} holding {} alone",
         info.snapshots.len(),
         format_size(info.snapshot_exclusive_bytes)
     );
     for s in &info.snapshots {
-        println!(
+        outln!(
             "  {:<24} exclusive {:>8}  shared {:>8}",
             s.name,
             format_size(s.exclusive_bytes),
@@ -706,16 +726,13 @@ fn print_volume(json_out: bool, v: &Value, verb: &str) -> anyhow::Result<()> {
         );
     }
     if let Some(origin) = &info.origin {
-        println!("cloned from:  {origin}");
+        outln!("cloned from:  {origin}");
     }
-    println!("connections:  {}", info.connections);
-    println!("export:       {}", info.export_uri);
-    println!("access:       {}", info.access.describe());
+    outln!("connections:  {}", info.connections);
+    outln!("export:       {}", info.export_uri);
+    outln!("access:       {}", info.access.describe());
     if !info.components.is_empty() {
-        println!(
-            "replicas:     {} (owner: node {}, epoch {})",
-            info.replicas, info.node, info.epoch
-        );
+        outln!("replicas:     {} (owner: node {}, epoch {})", info.replicas, info.node, info.epoch);
         for c in &info.components {
             let missed = c.dirty_bytes.map_or(String::new(), |d| {
                 if d == 0 {
@@ -737,7 +754,7 @@ fn print_volume(json_out: bool, v: &Value, verb: &str) -> anyhow::Result<()> {
                 None => missed,
             };
             let lsn = c.lsn.map_or(String::new(), |l| format!("  lsn {l}"));
-            println!("  node {:<4} component {:<6} {}{lsn}{missed}", c.node, c.id, c.state);
+            outln!("  node {:<4} component {:<6} {}{lsn}{missed}", c.node, c.id, c.state);
         }
     }
     Ok(())
@@ -760,7 +777,7 @@ fn print_table(volumes: &[VolumeInfo]) {
         .collect();
     table(&["NAME", "NODE", "SIZE", "ALLOCATED", "SNAPS", "CONNS", "EXPORT"], &rows);
     if rows.is_empty() {
-        println!("(no volumes; create one with `strata volume create NAME --size 10G`)");
+        outln!("(no volumes; create one with `strata volume create NAME --size 10G`)");
     }
 }
 
@@ -774,7 +791,7 @@ fn table(header: &[&str], rows: &[Vec<String>]) {
     let line = |cells: &[&str]| {
         let parts: Vec<String> =
             cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
-        println!("{}", parts.join("  ").trim_end());
+        outln!("{}", parts.join("  ").trim_end());
     };
     line(header);
     for row in rows {
@@ -791,6 +808,6 @@ fn warn_if_full(client: &Client) {
         return;
     };
     if let Some(warning) = crate::node::Node::space_warning(&space) {
-        println!("warning: {warning}");
+        outln!("warning: {warning}");
     }
 }

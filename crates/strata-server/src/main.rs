@@ -4,6 +4,12 @@
 //! This crate wires the cores to the OS (sockets, signals, files); it holds no storage or
 //! protocol logic of its own beyond the catalog. See ARCHITECTURE.md.
 
+/// `println!` for the CLI's output: a reader that went away (`strata volume list | head -1`)
+/// ends the process quietly instead of a panic (see `cli::print_out`).
+macro_rules! outln {
+    ($($arg:tt)*) => { $crate::cli::print_out(format_args!($($arg)*)) };
+}
+
 mod api;
 // Decoders of untrusted bytes, in the library so the fuzz targets run them.
 use strata_server::{access, catalog, error};
