@@ -141,7 +141,8 @@ pub enum VolumeCommand {
     },
     /// Move a replicated volume's ownership to a node holding an active copy: that node
     /// then orders its I/O (clients of every node keep their connections; their requests
-    /// are forwarded to the owner).
+    /// are forwarded to the owner). If that node owns it already, nothing moves (it says
+    /// so).
     #[command(after_help = "Example:\n  strata volume attach vm1 --node 2")]
     Attach {
         /// Volume name.
@@ -601,8 +602,18 @@ pub fn volume(client: &Client, json_out: bool, cmd: VolumeCommand) -> anyhow::Re
             Ok(())
         }
         VolumeCommand::Attach { name, node } => {
+            // Whether it is there already decides what to say (the API then moves
+            // nothing: it checks the node can own it and answers at once).
+            let before = client.call("GET", &format!("/v1/volumes/{}", encode(&name)), None)?;
             let path = format!("/v1/volumes/{}/attach", encode(&name));
             let v = client.call("POST", &path, Some(json!({"node": node})))?;
+            let there = before["node"].as_u64() == Some(node)
+                && before["epoch"].is_u64()
+                && before["epoch"] == v["epoch"];
+            if there && !json_out {
+                outln!("{name} is on node {node} already (it owns the volume): nothing moved");
+                return Ok(());
+            }
             print_volume(json_out, &v, "moved")
         }
         VolumeCommand::Rollback { snapshot, force } => {

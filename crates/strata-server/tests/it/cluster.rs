@@ -1256,6 +1256,12 @@ fn a_stale_copys_bitmap_goes_with_a_clean_hand_over() {
     let c = copy3(&members[1]);
     assert!(c["state"] == "stale" && c["dirty_bytes"] == 2 * 65536, "the bitmap came: {c}");
     assert_eq!(c["scan_left_bytes"], 0, "no digest scan owed: {c}");
+    // Asked again: node 2 owns it already, so nothing moves and the CLI says so.
+    let epoch = owner(&members).1;
+    let (ok, text) = cli(&members[0], &["volume", "attach", "r1", "--node", "2"]);
+    assert!(ok, "{text}");
+    assert!(text.contains("on node 2 already") && !text.contains("moved r1"), "{text}");
+    assert_eq!(owner(&members), (1, epoch), "no new epoch");
 
     // Back: node 2 copies it the two regions, not 16 MiB.
     members[2].start();
