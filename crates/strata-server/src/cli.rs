@@ -231,11 +231,18 @@ pub enum NodeCommand {
     },
     /// Remove a node from the cluster (a voter is replaced by a learner when one exists).
     /// Each replicated volume with a copy there gets a new copy on a member holding none,
-    /// once one is up.
-    #[command(after_help = "Example:\n  strata node remove 4")]
+    /// once one is up. A node that is up is refused, saying what its removal would cost
+    /// (the metadata service's voters left, the copies placed again), unless --force.
+    #[command(
+        after_help = "Examples:\n  strata node remove 4           # node 4 stopped (down)\n  \
+        strata node remove 4 --force   # even while it runs"
+    )]
     Remove {
         /// Its node_id.
         id: u64,
+        /// Remove it even while it is up.
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -317,8 +324,8 @@ pub fn node(client: &Client, json_out: bool, cmd: NodeCommand) -> anyhow::Result
         NodeCommand::Add { id, rpc } => {
             client.call("POST", "/v1/cluster/nodes", Some(json!({"id": id, "rpc": rpc})))?
         }
-        NodeCommand::Remove { id } => {
-            client.call("DELETE", &format!("/v1/cluster/nodes/{id}"), None)?
+        NodeCommand::Remove { id, force } => {
+            client.call("DELETE", &format!("/v1/cluster/nodes/{id}?force={force}"), None)?
         }
     };
     if json_out {

@@ -176,7 +176,7 @@ enum Command {
     #[command(
         subcommand,
         after_help = "Examples:\n  strata node list\n  \
-        strata node add 4 10.0.0.4:10810\n  strata node remove 4"
+        strata node add 4 10.0.0.4:10810\n  strata node remove 4   # once it is down (else --force)"
     )]
     Node(cli::NodeCommand),
     /// Create, list, inspect, resize, clone, roll back and delete volumes.

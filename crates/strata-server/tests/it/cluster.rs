@@ -1086,9 +1086,20 @@ fn a_copy_on_a_removed_node_is_placed_on_another_node() {
     let uri = members[0].node().uri("r1");
     crate::harness::qemu_io(&uri, &["write -P 0x6e 0 3M", "write -P 0x6f 5M 1M", "flush"]);
 
-    // Node 3 dies for good and is removed. No member without a copy is up: the copy
-    // stays stale, and the owner says why.
+    // Up, node 3 is not removed without --force: the refusal says what it would cost.
+    let (ok, text) = cli(&members[0], &["node", "remove", "3"]);
+    assert!(!ok && text.contains("(busy)"), "{text}");
+    assert!(text.contains("node 3 is up") && text.contains("--force"), "{text}");
+    assert!(text.contains("leaves 2 member(s), 1 of them voting"), "{text}");
+    assert!(text.contains("copies of 1 replicated volume(s) (r1)"), "{text}");
+    let count =
+        |m: &Member| cluster_view(m).unwrap()["cluster"]["members"].as_array().unwrap().len();
+    assert_eq!(count(&members[0]), 3, "nothing removed");
+
+    // Node 3 dies for good and, once declared down, is removed (no --force needed). No
+    // member without a copy is up: the copy stays stale, and the owner says why.
     members[2].node.take().unwrap().kill9();
+    wait_until(30, "node 3 declared down", || declared_down(&members, 3));
     let (ok, text) = cli(&members[0], &["node", "remove", "3"]);
     assert!(ok, "{text}");
     wait_until(40, "the owner to say the removed node's copy has nowhere to go", || {
@@ -1129,6 +1140,13 @@ fn a_copy_on_a_removed_node_is_placed_on_another_node() {
     let log = members[0].node().log_tail(5000);
     assert!(log.contains("placing the copy on another node"), "{log}");
     assert!(log.contains("taken over cleanly"), "{log}");
+
+    // --force removes a node that is up.
+    let (ok, text) = cli(&members[0], &["node", "remove", "4"]);
+    assert!(!ok && text.contains("node 4 is up"), "{text}");
+    let (ok, text) = cli(&members[0], &["node", "remove", "4", "--force"]);
+    assert!(ok, "{text}");
+    assert_eq!(count(&members[0]), 2, "node 4 removed");
 }
 
 /// This volume's reads `member` served from its own copy (its metrics).
