@@ -61,6 +61,7 @@ impl Api {
         if let Some(copies) = self.node.replicated_copies(&v.name) {
             v.components = copies;
         }
+        crate::replicated::mark_suspects(&self.node, &self.meta, &mut v.components);
         // A replicated volume's id and space are its copy's here (the owner's, when this
         // node owns it; copies hold the same blocks once level).
         let me = self.meta.id();

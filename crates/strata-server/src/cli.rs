@@ -771,6 +771,11 @@ fn print_volume(json_out: bool, v: &Value, verb: &str) -> anyhow::Result<()> {
                 Some(l) => format!("{missed}  missed from lsn {l}"),
                 None => missed,
             };
+            let missed = if c.suspect {
+                format!("{missed}  suspect: back from a power loss, may lack unsynced writes")
+            } else {
+                missed
+            };
             let lsn = c.lsn.map_or(String::new(), |l| format!("  lsn {l}"));
             outln!("  node {:<4} component {:<6} {}{lsn}{missed}", c.node, c.id, c.state);
         }

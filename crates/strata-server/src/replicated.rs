@@ -232,6 +232,11 @@ pub struct ComponentRecord {
     /// STALE mark).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stale_lsn: Option<u64>,
+    /// Its node came back from a power loss and marked it suspect (invariant 11): it may
+    /// lack writes that node had not synced, until an owner levels it. Shown from the
+    /// marks each node publishes ([`mark_suspects`]); never stored in the record.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub suspect: bool,
 }
 
 /// `/volumes/<name>/owner`.
@@ -1619,6 +1624,7 @@ impl ReplicatedVolume {
                 ),
                 lsn: Some(st.acked[i]),
                 stale_lsn: st.missed_from[i],
+                suspect: false,
             })
             .collect()
     }
@@ -1749,6 +1755,7 @@ impl ReplicatedVolume {
                 scan_left_bytes: None,
                 lsn: None,
                 stale_lsn: None,
+                suspect: false,
             };
             Ok(())
         })
@@ -2733,6 +2740,24 @@ async fn remove_orphans(node: &Arc<Node>, meta: &Member) {
 /// `/suspect/NODE`, a JSON list of component ids, absent when there are none.
 const SUSPECT_PREFIX: &str = "/suspect/";
 
+/// Sets each copy's `suspect` from the marks its node published (`SUSPECT_PREFIX`, in
+/// this member's applied state) and, for this node's copies, from its own marks (which
+/// reach the metadata a moment later).
+pub fn mark_suspects(node: &Node, meta: &Member, copies: &mut [ComponentRecord]) {
+    let me = meta.id();
+    let here = node.suspects();
+    meta.read_local(|s| {
+        for c in copies.iter_mut() {
+            let published = || {
+                s.get(&format!("{SUSPECT_PREFIX}{}", c.node))
+                    .and_then(|e| serde_json::from_slice::<Vec<u64>>(&e.value).ok())
+                    .is_some_and(|ids| ids.contains(&c.id))
+            };
+            c.suspect = if c.node == me { here.contains(&c.id) } else { published() };
+        }
+    });
+}
+
 /// Whom a suspect copy on `me` must leave the volume to (invariant 11).
 #[derive(Debug, PartialEq, Eq)]
 enum Truth {
@@ -3633,6 +3658,7 @@ pub async fn create(
             scan_left_bytes: None,
             lsn: None,
             stale_lsn: None,
+            suspect: false,
         })
         .collect();
     let mut record = VolumeRecord {

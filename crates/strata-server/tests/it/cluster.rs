@@ -764,6 +764,19 @@ fn a_copy_back_from_a_power_loss_waits_for_the_other_copy_until_levelled() {
     std::thread::sleep(Duration::from_secs(5));
     let v = members[0].get("/v1/volumes/p2").unwrap();
     assert_eq!(v["epoch"], epoch, "nobody took p2 while its other copy was away: {v}");
+    // `volume info` shows the mark, on node 1's copy only.
+    let marks = |v: &Value| -> Vec<(u64, bool)> {
+        let cs = v["components"].as_array().unwrap();
+        cs.iter().map(|c| (c["node"].as_u64().unwrap(), c["suspect"] == true)).collect()
+    };
+    let (ok, text) = cli(&members[0], &["volume", "info", "p2", "--json"]);
+    assert!(ok, "{text}");
+    let v: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(marks(&v), vec![(1, true), (other as u64 + 1, false)], "{v}");
+    let (ok, text) = cli(&members[0], &["volume", "info", "p2"]);
+    assert!(ok, "{text}");
+    let line = text.lines().find(|l| l.contains("node 1 ")).unwrap_or_default();
+    assert!(line.contains("suspect: back from a power loss"), "{text}");
 
     // The other copy's node takes it and levels node 1's copy, which then loses its mark.
     members[other].start();
@@ -773,6 +786,12 @@ fn a_copy_back_from_a_power_loss_waits_for_the_other_copy_until_levelled() {
         suspect().trim().is_empty()
     });
     assert_eq!(owner_of(&members, "p2").0, other, "the other copy's node owns p2");
+    // The mark off, everywhere (published within a steward round).
+    for m in [&members[0], &members[other]] {
+        wait_until(10, "the mark gone from volume info", || {
+            m.get("/v1/volumes/p2").is_some_and(|v| marks(&v).iter().all(|c| !c.1))
+        });
+    }
     crate::harness::qemu_io(&members[0].node().uri("p2"), &["read -P 0x61 0 64k"]);
 
     // No longer suspect: node 1 takes p2 when that node goes, as any node would.
