@@ -2395,33 +2395,111 @@ pub async fn hand_over(node: &Node, meta: &Member, patience: Duration) {
 }
 
 async fn hand_over_by(node: &Node, meta: &Member, deadline: Instant) {
+    let mut stopping = announce_stop(meta).await;
     for view in node.owned().into_iter().filter(|v| v.serving()) {
         let Some(v) = seen(meta).into_iter().find(|s| s.record.name == view.name) else {
             continue;
         };
-        let next = v
-            .record
-            .components
-            .iter()
-            .find(|c| c.node != meta.id() && c.state == "active" && v.up.contains(&c.node));
-        let Some(to) = next.map(|c| c.node) else { continue };
+        stopping.extend(meta.read_local(stopping_nodes));
+        // A node stopping too would not take it (and nobody waits for one that cannot).
+        let next = v.record.components.iter().find(|c| {
+            c.node != meta.id()
+                && c.state == "active"
+                && v.up.contains(&c.node)
+                && !stopping.contains(&c.node)
+        });
+        let Some(to) = next.map(|c| c.node) else {
+            tracing::info!(volume = %view.name,
+                "not handed over at stop: no other node with an active copy is up and staying");
+            continue;
+        };
         let key = format!("/volumes/{}/attach", view.name);
         let value = serde_json::to_vec(&Move { node: to }).expect("serializes");
-        if write(meta, vec![], vec![Op::Put { key, value, lease: None }]).await.is_err() {
+        if write(meta, vec![], vec![Op::Put { key: key.clone(), value, lease: None }])
+            .await
+            .is_err()
+        {
             continue;
         }
         let owner_key = format!("/volumes/{}/owner", view.name);
         while Instant::now() < deadline {
-            let moved = meta.read_local(|s| {
-                s.get(&owner_key)
+            let (moved, gone) = meta.read_local(|s| {
+                let moved = s
+                    .get(&owner_key)
                     .and_then(|e| serde_json::from_slice::<Owner>(&e.value).ok())
-                    .is_some_and(|o| o.node == to)
+                    .is_some_and(|o| o.node == to);
+                (moved, stopping_nodes(s).contains(&to))
             });
             if moved {
                 tracing::info!(volume = %view.name, to, "handed over at stop");
                 break;
             }
+            if gone {
+                // It began stopping after this node looked: it will not take the volume.
+                // The move is withdrawn unless it changed (that node's steward takes
+                // nothing while it stops, so no second owner can come of it).
+                tracing::info!(volume = %view.name, to,
+                    "not handed over at stop: that node is stopping too");
+                withdraw_move(meta, &key, to).await;
+                break;
+            }
             tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// `/stopping/NODE`: the node is stopping cleanly (it hands its volumes over, then
+/// leaves). Tied to the node's session lease, so it ends with that session (declared
+/// down, or registered again at the next start). Other stopping nodes hand nothing to
+/// it, and its own steward takes no volume meanwhile.
+const STOPPING_PREFIX: &str = "/stopping/";
+
+/// How long a stopping node tries to publish its mark (without a quorum, as when every
+/// node stops at once, the write would wait for ever).
+const STOPPING_PATIENCE: Duration = Duration::from_secs(2);
+
+/// Publishes this node's stopping mark, then reads the others' linearizably: of two nodes
+/// stopping at once, at least one sees the other's mark (and the other finds it while it
+/// waits for its hand-over). Returns the nodes stopping (this one's own mark included),
+/// as far as it could tell in `STOPPING_PATIENCE`.
+async fn announce_stop(meta: &Member) -> BTreeSet<u64> {
+    let announced = async {
+        let lease = meta.session_lease()?;
+        let key = format!("{STOPPING_PREFIX}{}", meta.id());
+        let value = b"stopping".to_vec();
+        write(meta, vec![], vec![Op::Put { key, value, lease: Some(lease) }]).await.ok()?;
+        let prefix = STOPPING_PREFIX.to_owned();
+        let range = meta.request(ClientRequest::Range { prefix, limit: usize::MAX }).await.ok()?;
+        let ClientReply::Range { entries, .. } = range else { return None };
+        Some(
+            entries
+                .iter()
+                .filter_map(|(k, _)| k.strip_prefix(STOPPING_PREFIX)?.parse().ok())
+                .collect(),
+        )
+    };
+    let stopping = tokio::time::timeout(STOPPING_PATIENCE, announced).await.ok().flatten();
+    stopping.unwrap_or_else(|| {
+        tracing::info!("could not publish this node's stopping mark in time");
+        BTreeSet::new()
+    })
+}
+
+/// The nodes with a stopping mark (`STOPPING_PREFIX`) in the applied state `s` (a mark
+/// ends with its session, so each is of a node stopping now).
+fn stopping_nodes(s: &strata_meta::state::State) -> BTreeSet<u64> {
+    s.range(STOPPING_PREFIX, usize::MAX)
+        .into_iter()
+        .filter_map(|(k, _)| k.strip_prefix(STOPPING_PREFIX)?.parse().ok())
+        .collect()
+}
+
+/// Withdraws the move of volume key `key` to node `to`, if it is still that move.
+async fn withdraw_move(meta: &Member, key: &str, to: u64) {
+    if let Ok(Some((bytes, version))) = get(meta, key).await {
+        if serde_json::from_slice::<Move>(&bytes).is_ok_and(|m| m.node == to) {
+            let compare = vec![Compare::Version(key.to_owned(), version)];
+            let _ = write(meta, compare, vec![Op::Delete { key: key.to_owned() }]).await;
         }
     }
 }
@@ -2919,6 +2997,8 @@ pub async fn steward(node: Arc<Node>, meta: Arc<Member>, moves: MovePolicy) {
                 Some(o) if o.node != me && v.up.contains(&o.node) => Some((o, &v.record)),
                 _ => None,
             };
+            // A node stopping cleanly takes nothing: it would leave at once.
+            let go = go && !meta.read_local(stopping_nodes).contains(&me);
             if go && router.taking.try_lock().is_ok() {
                 match take_over(&node, &meta, &router, false, from).await {
                     Ok(epoch) => {

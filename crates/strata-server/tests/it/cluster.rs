@@ -1743,3 +1743,40 @@ fn a_replicated_volumes_access_list_holds_on_every_node() {
         wait_until(10, "every node to refuse it again", || !served(m));
     }
 }
+
+/// Every node of the cluster gets SIGTERM at once (a rack's orderly shutdown): no node
+/// can take another's volumes, so none waits for a hand-over (each publishes that it is
+/// stopping, and a stopping node hands nothing to another stopping one). Each exits well
+/// within the 10 s a hand-over may take; started again, the cluster serves the data.
+#[test]
+fn a_whole_cluster_stopped_at_once_does_not_wait_for_hand_overs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut members = three_members(tmp.path());
+    // Volumes owned by each node, so each would have something to hand over.
+    for (i, m) in members.iter().enumerate() {
+        let name = format!("s{}", i + 1);
+        create_replicated(m, &name, "4M");
+        let pattern = format!("write -P 0x{:x} 0 1M", 0x41 + i);
+        crate::harness::qemu_io(&m.node().uri(&name), &[&pattern, "flush"]);
+        assert_eq!(owner_of(&members, &name).0, i, "node {} owns {name}", i + 1);
+    }
+    let pids: Vec<String> = members.iter().map(|m| m.node().pid().to_string()).collect();
+    let sent = Instant::now();
+    assert!(Command::new("kill").arg("-TERM").args(&pids).status().unwrap().success());
+    for m in &mut members {
+        let (status, log) = m.node.take().unwrap().stop_exited();
+        let took = sent.elapsed();
+        assert!(status.success(), "node {}: {status:?}\n{log}", m.id);
+        assert!(took < Duration::from_secs(8), "node {} took {took:?} to stop\n{log}", m.id);
+        assert!(!log.contains("could not hand every volume over"), "node {}: {log}", m.id);
+    }
+    for m in &mut members {
+        m.start();
+    }
+    for i in 0..3 {
+        let name = format!("s{}", i + 1);
+        let pattern = format!("read -P 0x{:x} 0 1M", 0x41 + i);
+        // Through another node than the one that owned it (qemu_io checks the pattern).
+        crate::harness::qemu_io(&members[(i + 1) % 3].node().uri(&name), &[&pattern]);
+    }
+}
