@@ -1734,7 +1734,9 @@ impl ReplicatedVolume {
         let h = request(Kind::Create, 0, 0, 0, self.size());
         let id = match tokio::time::timeout(IO_TIMEOUT, peer.call(h, self.name.as_bytes())).await {
             Ok(Ok((reply, _))) => reply.component,
-            Ok(Err(e)) => return Err(format!("node {}: cannot make a copy: {e}", to.id)),
+            Ok(Err(e)) => {
+                return Err(format!("node {}: cannot make a copy: {}", to.id, copy_failure(&e)))
+            }
             Err(_) => return Err(format!("node {} did not answer", to.id)),
         };
         tracing::info!(volume = %self.name, from = gone, to = to.id, component = id,
@@ -1781,6 +1783,17 @@ impl ReplicatedVolume {
     /// The owner's copy's allocation (see `BlockVolume::extents`).
     pub fn extents(&self, offset: u64, length: u64, max: usize) -> Result<Vec<Extent>, StoreError> {
         self.local.volume.extents(offset, length, max)
+    }
+}
+
+/// A copy's node's failure as the owner logs it (a `NoSpace` said plainly; any other
+/// status with the reason that node gave).
+fn copy_failure(e: &CallError) -> String {
+    match e {
+        CallError::Status { status: Status::NoSpace, .. } => {
+            format!("{e}: its node's disk is full")
+        }
+        _ => e.to_string(),
     }
 }
 
