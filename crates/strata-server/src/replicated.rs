@@ -293,8 +293,8 @@ const RESYNC_EVERY: Duration = Duration::from_secs(2);
 /// (invariant 10). Well under the session timeout less `OWNER_LEASE`: an owner that can
 /// no longer grant is replaced only after every lease it granted has run out.
 pub const READ_LEASE: Duration = Duration::from_secs(2);
-/// How often the owner looks for a copy on a node removed from the cluster (a
-/// linearizable read of the membership).
+/// How often each node looks for copies on nodes removed from the cluster among the
+/// volumes it owns (one linearizable read of the membership for all of them).
 const REPLACE_EVERY: Duration = Duration::from_secs(10);
 
 /// One copy as the owner sees it.
@@ -1673,19 +1673,10 @@ impl ReplicatedVolume {
 /// until the volume is deposed.
 pub async fn run_resync(volume: Arc<ReplicatedVolume>) {
     let mut scrubbed = Instant::now();
-    let mut looked_for_removed = Instant::now();
     loop {
         tokio::time::sleep(RESYNC_EVERY).await;
         if volume.deposed() {
             return;
-        }
-        if looked_for_removed.elapsed() >= REPLACE_EVERY {
-            looked_for_removed = Instant::now();
-            match volume.replace_removed().await {
-                Ok(true) => return,
-                Ok(false) => {}
-                Err(e) => tracing::warn!(volume = %volume.name, "placing a copy again: {e}"),
-            }
         }
         if !volume.scrub_every.is_zero() && scrubbed.elapsed() >= volume.scrub_every {
             scrubbed = Instant::now();
@@ -1707,8 +1698,9 @@ impl ReplicatedVolume {
     /// Places the copy of a node removed from the cluster on another member (invariant
     /// 9). Returns whether the volume was handed over for it: this view is then deposed,
     /// and the steward takes the volume again at the next epoch, with the new copy.
-    async fn replace_removed(&self) -> Result<bool, String> {
-        let members = members(&self.meta).await.map_err(|e| e.message)?;
+    /// `members`: the cluster's members and whether each is up (read once a round for
+    /// every volume this node owns: [`replace_removed_copies`]).
+    async fn replace_removed(&self, members: &[(Candidate, bool)]) -> Result<bool, String> {
         let member = |node: u64| members.iter().any(|(m, _)| m.id == node);
         let Some(i) = self.copies.iter().position(|c| !member(c.node)) else {
             return Ok(false);
@@ -2617,6 +2609,7 @@ pub fn discover(
 /// Each node's bookkeeping of replicated volumes, every `STEWARD_EVERY` until the process
 /// ends: deletes (invariant 7), the `clients` keys, and copies no record lists.
 async fn housekeeping(node: Arc<Node>, meta: Arc<Member>) {
+    let mut looked_for_removed = Instant::now();
     loop {
         tokio::time::sleep(STEWARD_EVERY).await;
         if !meta.registered() {
@@ -2626,6 +2619,34 @@ async fn housekeeping(node: Arc<Node>, meta: Arc<Member>) {
         unexport_unrecorded(&node, &meta).await;
         publish_clients(&node, &meta).await;
         remove_orphans(&node, &meta).await;
+        if looked_for_removed.elapsed() >= REPLACE_EVERY {
+            looked_for_removed = Instant::now();
+            replace_removed_copies(&node, &meta).await;
+        }
+    }
+}
+
+/// Places again the copies of removed nodes of every volume this node owns (invariant
+/// 9), with one linearizable read of the membership for all of them (none when it owns
+/// none).
+async fn replace_removed_copies(node: &Node, meta: &Member) {
+    let owned: Vec<_> = node.owned().into_iter().filter(|v| v.serving()).collect();
+    if owned.is_empty() {
+        return;
+    }
+    let members = match members(meta).await {
+        Ok(m) => m,
+        Err(e) => {
+            tracing::warn!("placing copies again: the membership: {}", e.message);
+            return;
+        }
+    };
+    for view in owned {
+        // Placed (and handed over): the view is deposed, its resync task ends, and the
+        // steward takes the volume again at the next epoch.
+        if let Err(e) = view.replace_removed(&members).await {
+            tracing::warn!(volume = %view.name, "placing a copy again: {e}");
+        }
     }
 }
 
@@ -3667,7 +3688,17 @@ async fn candidates(meta: &Member) -> ApiResult<Vec<Candidate>> {
 /// Every member of the cluster, and whether it is up and registered (a linearizable
 /// read of the cluster status; a member that never registered has no address, site or
 /// rack known, and is not up).
+/// Linearizable reads of the membership ([`members`]) this process made.
+static MEMBERSHIP_READS: AtomicU64 = AtomicU64::new(0);
+
+/// How many linearizable reads of the membership this node made for its replicated
+/// volumes (placement, takeovers, re-placing removed nodes' copies) since it started.
+pub fn membership_reads() -> u64 {
+    MEMBERSHIP_READS.load(Ordering::Relaxed)
+}
+
 async fn members(meta: &Member) -> ApiResult<Vec<(Candidate, bool)>> {
+    MEMBERSHIP_READS.fetch_add(1, Ordering::Relaxed);
     let ClientReply::Status(status) =
         meta.request(ClientRequest::Status).await.map_err(unavailable)?
     else {

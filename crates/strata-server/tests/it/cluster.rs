@@ -1780,3 +1780,36 @@ fn a_whole_cluster_stopped_at_once_does_not_wait_for_hand_overs() {
         crate::harness::qemu_io(&members[(i + 1) % 3].node().uri(&name), &[&pattern]);
     }
 }
+
+/// A node's metric without labels (`name value`), if it has one.
+fn node_metric(member: &Member, name: &str) -> Option<u64> {
+    let out = Command::new("curl")
+        .args(["-sf", "--max-time", "5", &format!("{}/metrics", member.node().api())])
+        .output()
+        .unwrap();
+    let want = format!("{name} ");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix(&want).and_then(|v| v.trim().parse().ok()))
+}
+
+/// The owner looks for copies on removed nodes with one read of the membership every
+/// 10 s for all the volumes it owns, not one per volume.
+#[test]
+fn an_owner_reads_the_membership_once_a_round_for_all_its_volumes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let members = three_members(tmp.path());
+    for i in 0..4 {
+        let name = format!("m{i}");
+        let (ok, text) =
+            cli(&members[0], &["volume", "create", &name, "--size", "1M", "--replicas", "2"]);
+        assert!(ok, "{text}");
+        assert_eq!(owner_of(&members, &name).0, 0, "node 1 owns {name}");
+    }
+    let reads = || node_metric(&members[0], "strata_meta_membership_reads_total").unwrap();
+    let before = reads();
+    std::thread::sleep(Duration::from_secs(21));
+    let during = reads() - before;
+    // Two or three rounds in 21 s (one per volume and round would be 8 or more).
+    assert!((1..=3).contains(&during), "{during} membership reads in 21 s for 4 volumes");
+}
