@@ -19,6 +19,7 @@ fn component(node: u64, id: u64, state: CopyState, stale_lsn: Option<u64>) -> Co
         scan_left_bytes: None,
         lsn: None,
         stale_lsn,
+        suspect: false,
     }
 }
 
@@ -138,6 +139,7 @@ fn live() -> ComponentRecord {
         scan_left_bytes: Some(65536),
         lsn: Some((7 << 40) + 40),
         stale_lsn: Some((6 << 40) + 3),
+        suspect: false,
     }
 }
 

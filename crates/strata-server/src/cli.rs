@@ -1,11 +1,31 @@
 //! The operator's volume, snapshot, cluster and node commands, over the HTTP API (the
 //! client in `apiclient`; following a long operation in `follow`).
+//!
+//! Every line for stdout goes through `outln!` ([`print_out`]): when the reader has gone
+//! (`strata cluster status | head -1`) the command ends quietly with success, as a
+//! filter's output cut short by the pipe is no error of the command (Rust ignores
+//! SIGPIPE, so a plain `println!` would panic on EPIPE).
 
 use crate::apiclient::{encode, Client};
 use crate::node::{SnapshotInfo, VolumeInfo};
 use anyhow::bail;
 use serde_json::{json, Value};
 use strata_types::{format_size, parse_size};
+
+/// Writes one line to stdout; when stdout is a pipe whose reader has gone, exits at once
+/// with success and without a word (the other lines would go nowhere either). Any other
+/// write error ends the process with a one-line message.
+pub fn print_out(line: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = writeln!(out, "{line}").and_then(|()| out.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("strata: writing the output: {e}");
+        std::process::exit(1);
+    }
+}
 
 /// `strata volume …`
 #[derive(clap::Subcommand, Debug)]
@@ -123,7 +143,8 @@ pub enum VolumeCommand {
     },
     /// Move a replicated volume's ownership to a node holding an active copy: that node
     /// then orders its I/O (clients of every node keep their connections; their requests
-    /// are forwarded to the owner).
+    /// are forwarded to the owner). If that node owns it already, nothing moves (it says
+    /// so).
     #[command(after_help = "Example:\n  strata volume attach vm1 --node 2")]
     Attach {
         /// Volume name.
@@ -212,11 +233,18 @@ pub enum NodeCommand {
     },
     /// Remove a node from the cluster (a voter is replaced by a learner when one exists).
     /// Each replicated volume with a copy there gets a new copy on a member holding none,
-    /// once one is up.
-    #[command(after_help = "Example:\n  strata node remove 4")]
+    /// once one is up. A node that is up is refused, saying what its removal would cost
+    /// (the metadata service's voters left, the copies placed again), unless --force.
+    #[command(
+        after_help = "Examples:\n  strata node remove 4           # node 4 stopped (down)\n  \
+        strata node remove 4 --force   # even while it runs"
+    )]
     Remove {
         /// Its node_id.
         id: u64,
+        /// Remove it even while it is up.
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -244,11 +272,11 @@ pub fn cluster(client: &Client, json_out: bool, cmd: ClusterCommand) -> anyhow::
         },
     };
     if json_out {
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        outln!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
     let c = &v["cluster"];
-    println!("leader: node {}   term: {}   revision: {}", c["leader"], c["term"], c["revision"]);
+    outln!("leader: node {}   term: {}   revision: {}", c["leader"], c["term"], c["revision"]);
     print_members(&c["members"]);
     Ok(())
 }
@@ -289,7 +317,7 @@ pub fn node(client: &Client, json_out: bool, cmd: NodeCommand) -> anyhow::Result
         NodeCommand::List => {
             let members = client.call("GET", "/v1/cluster/nodes", None)?;
             if json_out {
-                println!("{}", serde_json::to_string_pretty(&members)?);
+                outln!("{}", serde_json::to_string_pretty(&members)?);
             } else {
                 print_members(&members);
             }
@@ -298,12 +326,12 @@ pub fn node(client: &Client, json_out: bool, cmd: NodeCommand) -> anyhow::Result
         NodeCommand::Add { id, rpc } => {
             client.call("POST", "/v1/cluster/nodes", Some(json!({"id": id, "rpc": rpc})))?
         }
-        NodeCommand::Remove { id } => {
-            client.call("DELETE", &format!("/v1/cluster/nodes/{id}"), None)?
+        NodeCommand::Remove { id, force } => {
+            client.call("DELETE", &format!("/v1/cluster/nodes/{id}?force={force}"), None)?
         }
     };
     if json_out {
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        outln!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         print_members(&v["cluster"]["members"]);
     }
@@ -339,7 +367,7 @@ pub fn volume(client: &Client, json_out: bool, cmd: VolumeCommand) -> anyhow::Re
         VolumeCommand::List => {
             let v = client.call("GET", "/v1/volumes", None)?;
             if json_out {
-                println!("{}", serde_json::to_string_pretty(&v)?);
+                outln!("{}", serde_json::to_string_pretty(&v)?);
                 return Ok(());
             }
             let volumes: Vec<VolumeInfo> = serde_json::from_value(v)?;
@@ -372,9 +400,9 @@ pub fn volume(client: &Client, json_out: bool, cmd: VolumeCommand) -> anyhow::Re
             // A replicated volume whose copies are not all removed yet (nodes down).
             match answer["pending_nodes"].as_array() {
                 Some(pending) if json_out => {
-                    println!("{}", json!({"deleted": name, "pending_nodes": pending}))
+                    outln!("{}", json!({"deleted": name, "pending_nodes": pending}))
                 }
-                Some(_) => println!("{}", answer["message"].as_str().unwrap_or_default()),
+                Some(_) => outln!("{}", answer["message"].as_str().unwrap_or_default()),
                 None => print_deleted(json_out, &name),
             }
             Ok(())
@@ -399,16 +427,26 @@ pub fn volume(client: &Client, json_out: bool, cmd: VolumeCommand) -> anyhow::Re
                 client.call("GET", &format!("/v1/volumes/{}", encode(&name)), None)?
             };
             if json_out {
-                println!("{}", serde_json::to_string_pretty(&v["access"])?);
+                outln!("{}", serde_json::to_string_pretty(&v["access"])?);
                 return Ok(());
             }
             let info: VolumeInfo = serde_json::from_value(v)?;
-            println!("{}: {}", info.name, info.access.describe());
+            outln!("{}: {}", info.name, info.access.describe());
             Ok(())
         }
         VolumeCommand::Attach { name, node } => {
+            // Whether it is there already decides what to say (the API then moves
+            // nothing: it checks the node can own it and answers at once).
+            let before = client.call("GET", &format!("/v1/volumes/{}", encode(&name)), None)?;
             let path = format!("/v1/volumes/{}/attach", encode(&name));
             let v = client.call("POST", &path, Some(json!({"node": node})))?;
+            let there = before["node"].as_u64() == Some(node)
+                && before["epoch"].is_u64()
+                && before["epoch"] == v["epoch"];
+            if there && !json_out {
+                outln!("{name} is on node {node} already (it owns the volume): nothing moved");
+                return Ok(());
+            }
             print_volume(json_out, &v, "moved")
         }
         VolumeCommand::Rollback { snapshot, force } => {
@@ -423,9 +461,9 @@ pub fn volume(client: &Client, json_out: bool, cmd: VolumeCommand) -> anyhow::Re
 
 fn print_deleted(json_out: bool, name: &str) {
     if json_out {
-        println!("{}", json!({"deleted": name}));
+        outln!("{}", json!({"deleted": name}));
     } else {
-        println!("deleted {name}");
+        outln!("deleted {name}");
     }
 }
 
@@ -438,10 +476,10 @@ pub fn snapshot(client: &Client, json_out: bool, cmd: SnapshotCommand) -> anyhow
             let path = format!("/v1/volumes/{v}/snapshots");
             let s = client.call("POST", &path, Some(json!({"name": name})))?;
             if json_out {
-                println!("{}", serde_json::to_string_pretty(&s)?);
+                outln!("{}", serde_json::to_string_pretty(&s)?);
             } else {
                 let info: SnapshotInfo = serde_json::from_value(s)?;
-                println!("created {} (read-only export {})", info.name, info.export_uri);
+                outln!("created {} (read-only export {})", info.name, info.export_uri);
             }
             Ok(())
         }
@@ -449,7 +487,7 @@ pub fn snapshot(client: &Client, json_out: bool, cmd: SnapshotCommand) -> anyhow
             let path = format!("/v1/volumes/{}/snapshots", encode(&volume));
             let s = client.call("GET", &path, None)?;
             if json_out {
-                println!("{}", serde_json::to_string_pretty(&s)?);
+                outln!("{}", serde_json::to_string_pretty(&s)?);
                 return Ok(());
             }
             let snapshots: Vec<SnapshotInfo> = serde_json::from_value(s)?;
@@ -468,7 +506,7 @@ pub fn snapshot(client: &Client, json_out: bool, cmd: SnapshotCommand) -> anyhow
                 .collect();
             table(&["SNAPSHOT", "SIZE", "REFERENCED", "EXCLUSIVE", "CLONES", "EXPORT"], &rows);
             if rows.is_empty() {
-                println!("(no snapshots; take one with `strata snapshot create {volume}@NAME`)");
+                outln!("(no snapshots; take one with `strata snapshot create {volume}@NAME`)");
             }
             Ok(())
         }
@@ -494,26 +532,26 @@ pub fn snapshot(client: &Client, json_out: bool, cmd: SnapshotCommand) -> anyhow
 
 fn print_volume(json_out: bool, v: &Value, verb: &str) -> anyhow::Result<()> {
     if json_out {
-        println!("{}", serde_json::to_string_pretty(v)?);
+        outln!("{}", serde_json::to_string_pretty(v)?);
         return Ok(());
     }
     let info: VolumeInfo = serde_json::from_value(v.clone())?;
     if !verb.is_empty() {
-        println!("{verb} {} ({})", info.name, info.size);
+        outln!("{verb} {} ({})", info.name, info.size);
     }
-    println!("name:         {}", info.name);
-    println!("id:           {}", info.id);
-    println!("size:         {} ({} bytes)", info.size, info.size_bytes);
-    println!("allocated:    {}", format_size(info.allocated_bytes));
-    println!("  exclusive:  {}", format_size(info.exclusive_bytes));
-    println!("  shared:     {}", format_size(info.shared_bytes));
-    println!(
+    outln!("name:         {}", info.name);
+    outln!("id:           {}", info.id);
+    outln!("size:         {} ({} bytes)", info.size, info.size_bytes);
+    outln!("allocated:    {}", format_size(info.allocated_bytes));
+    outln!("  exclusive:  {}", format_size(info.exclusive_bytes));
+    outln!("  shared:     {}", format_size(info.shared_bytes));
+    outln!(
         "snapshots:    {} holding {} alone",
         info.snapshots.len(),
         format_size(info.snapshot_exclusive_bytes)
     );
     for s in &info.snapshots {
-        println!(
+        outln!(
             "  {:<24} exclusive {:>8}  shared {:>8}",
             s.name,
             format_size(s.exclusive_bytes),
@@ -521,16 +559,13 @@ fn print_volume(json_out: bool, v: &Value, verb: &str) -> anyhow::Result<()> {
         );
     }
     if let Some(origin) = &info.origin {
-        println!("cloned from:  {origin}");
+        outln!("cloned from:  {origin}");
     }
-    println!("connections:  {}", info.connections);
-    println!("export:       {}", info.export_uri);
-    println!("access:       {}", info.access.describe());
+    outln!("connections:  {}", info.connections);
+    outln!("export:       {}", info.export_uri);
+    outln!("access:       {}", info.access.describe());
     if !info.components.is_empty() {
-        println!(
-            "replicas:     {} (owner: node {}, epoch {})",
-            info.replicas, info.node, info.epoch
-        );
+        outln!("replicas:     {} (owner: node {}, epoch {})", info.replicas, info.node, info.epoch);
         for c in &info.components {
             let missed = c.dirty_bytes.map_or(String::new(), |d| {
                 if d == 0 {
@@ -551,8 +586,13 @@ fn print_volume(json_out: bool, v: &Value, verb: &str) -> anyhow::Result<()> {
                 Some(l) => format!("{missed}  missed from lsn {l}"),
                 None => missed,
             };
+            let missed = if c.suspect {
+                format!("{missed}  suspect: back from a power loss, may lack unsynced writes")
+            } else {
+                missed
+            };
             let lsn = c.lsn.map_or(String::new(), |l| format!("  lsn {l}"));
-            println!("  node {:<4} component {:<6} {}{lsn}{missed}", c.node, c.id, c.state);
+            outln!("  node {:<4} component {:<6} {}{lsn}{missed}", c.node, c.id, c.state);
         }
     }
     Ok(())
@@ -575,7 +615,7 @@ fn print_table(volumes: &[VolumeInfo]) {
         .collect();
     table(&["NAME", "NODE", "SIZE", "ALLOCATED", "SNAPS", "CONNS", "EXPORT"], &rows);
     if rows.is_empty() {
-        println!("(no volumes; create one with `strata volume create NAME --size 10G`)");
+        outln!("(no volumes; create one with `strata volume create NAME --size 10G`)");
     }
 }
 
@@ -589,7 +629,7 @@ fn table(header: &[&str], rows: &[Vec<String>]) {
     let line = |cells: &[&str]| {
         let parts: Vec<String> =
             cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
-        println!("{}", parts.join("  ").trim_end());
+        outln!("{}", parts.join("  ").trim_end());
     };
     line(header);
     for row in rows {
@@ -606,6 +646,6 @@ fn warn_if_full(client: &Client) {
         return;
     };
     if let Some(warning) = crate::node::Node::space_warning(&space) {
-        println!("warning: {warning}");
+        outln!("warning: {warning}");
     }
 }

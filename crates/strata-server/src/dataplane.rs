@@ -228,8 +228,7 @@ impl DataService {
                 // Logged once, where the client is answered (the forwarding node's NBD
                 // server), with this text.
                 tracing::debug!(offset = h.offset, "forwarded request failed: {e}");
-                let text: String = e.to_string().chars().take(DETAIL_CHARS).collect();
-                (Status::Io, *h, text.into_bytes())
+                (Status::Io, *h, detail(&e))
             }
         }
     }
@@ -252,7 +251,11 @@ impl DataService {
                 Ok(Err(e)) if e.code == strata_types::ErrorCode::InvalidArgument => {
                     (Status::Invalid, reply, Vec::new())
                 }
-                _ => (Status::Io, reply, Vec::new()),
+                Ok(Err(e)) if e.code == strata_types::ErrorCode::NoSpace => {
+                    (Status::NoSpace, reply, Vec::new())
+                }
+                Ok(Err(e)) => (Status::Io, reply, detail(&e.message)),
+                Err(e) => (Status::Io, reply, detail(&e)),
             };
         }
         if h.kind == Kind::Release {
@@ -410,7 +413,7 @@ impl DataService {
             Err(StoreError::NoSpace) => (Status::NoSpace, reply, Vec::new()),
             Err(e) => {
                 tracing::warn!(component = h.component, offset = h.offset, "data plane: {e}");
-                (Status::Io, reply, Vec::new())
+                (Status::Io, reply, detail(&e))
             }
         }
     }
@@ -428,6 +431,8 @@ impl DataService {
     /// connection overtakes them).
     async fn write_batch(&self, batch: Vec<(Header, Bytes)>, done: &mut Vec<u8>) {
         let mut status = vec![Status::Ok; batch.len()];
+        // Why a write failed, for its sender (a store error's text).
+        let mut why: Vec<Vec<u8>> = vec![Vec::new(); batch.len()];
         let mut replies: Vec<Header> = batch.iter().map(|(h, _)| *h).collect();
         let mut passes = Vec::with_capacity(batch.len());
         for (j, (h, _)) in batch.iter().enumerate() {
@@ -458,25 +463,28 @@ impl DataService {
             let writes = ours.iter().map(|j| (batch[*j].0.offset, batch[*j].1.clone())).collect();
             let failed = match component.write_together(writes).await {
                 Ok(()) => None,
-                Err(StoreError::OutOfRange { .. }) => Some(Status::OutOfRange),
-                Err(StoreError::NoSpace) => Some(Status::NoSpace),
+                Err(StoreError::OutOfRange { .. }) => Some((Status::OutOfRange, Vec::new())),
+                Err(StoreError::NoSpace) => Some((Status::NoSpace, Vec::new())),
                 Err(e) => {
                     tracing::warn!(component = id, writes = ours.len(), "data plane: {e}");
-                    Some(Status::Io)
+                    Some((Status::Io, detail(&e)))
                 }
             };
             for j in ours {
-                match failed {
+                match &failed {
                     None => self.applied(&batch[j].0),
-                    Some(s) => status[j] = s,
+                    Some((s, text)) => {
+                        status[j] = *s;
+                        why[j] = text.clone();
+                    }
                 }
             }
         }
         drop(passes);
-        for (mut reply, status) in replies.into_iter().zip(status) {
+        for ((mut reply, status), why) in replies.into_iter().zip(status).zip(why) {
             reply.reply = true;
             reply.status = status;
-            encode_into(&self.key, &reply, &[], done);
+            encode_into(&self.key, &reply, &why, done);
         }
     }
 
@@ -605,4 +613,10 @@ impl strata_meta::rpc::DataPlane for Plane {
     fn handle(&self, channel: Channel, peer: std::net::SocketAddr) {
         tokio::spawn(self.0.clone().serve(channel, peer));
     }
+}
+
+/// A failure's text as a reply's payload (its sender logs it: `CallError::Status`'s
+/// detail), cut to `DETAIL_CHARS`.
+fn detail(e: &impl std::fmt::Display) -> Vec<u8> {
+    e.to_string().chars().take(DETAIL_CHARS).collect::<String>().into_bytes()
 }

@@ -311,6 +311,7 @@ mod tests {
             scan_left_bytes: scan,
             lsn: None,
             stale_lsn: None,
+            suspect: false,
         }
     }
 

@@ -4,6 +4,12 @@
 //! This crate wires the cores to the OS (sockets, signals, files); it holds no storage or
 //! protocol logic of its own beyond the catalog. See ARCHITECTURE.md.
 
+/// `println!` for the CLI's output: a reader that went away (`strata volume list | head -1`)
+/// ends the process quietly instead of a panic (see `cli::print_out`).
+macro_rules! outln {
+    ($($arg:tt)*) => { $crate::cli::print_out(format_args!($($arg)*)) };
+}
+
 mod api;
 mod apiclient;
 // Decoders of untrusted bytes, in the library so the fuzz targets run them.
@@ -171,7 +177,7 @@ enum Command {
     #[command(
         subcommand,
         after_help = "Examples:\n  strata node list\n  \
-        strata node add 4 10.0.0.4:10810\n  strata node remove 4"
+        strata node add 4 10.0.0.4:10810\n  strata node remove 4   # once it is down (else --force)"
     )]
     Node(cli::NodeCommand),
     /// Create, list, inspect, resize, clone, roll back and delete volumes.

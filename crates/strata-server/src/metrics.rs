@@ -745,6 +745,13 @@ async fn meta_series(t: &mut Text, api: &Api) {
         "Requests of this node refused for a stale incarnation, since it started.",
         local.stale_refusals,
     );
+    t.single(
+        "strata_meta_membership_reads_total",
+        "counter",
+        "Linearizable reads of the membership this node made for replicated volumes \
+         (placement, takeovers, and one every 10 s for all the volumes it owns).",
+        crate::node::MEMBERSHIP_READS.load(std::sync::atomic::Ordering::Relaxed),
+    );
     let cluster =
         match tokio::time::timeout(CLUSTER_WAIT, api.meta.request(ClientRequest::Status)).await {
             Ok(Ok(ClientReply::Status(cluster))) => Some(cluster),

@@ -39,6 +39,10 @@ use strata_types::limits::VOLUMES_MAX;
 use strata_types::{format_size, AccessList, ErrorCode, VolumeName};
 use tokio::sync::watch;
 
+/// Linearizable reads of the cluster's membership this process made for its replicated
+/// volumes (placement, takeovers, re-placing removed nodes' copies), for `/metrics`.
+pub static MEMBERSHIP_READS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 const BLOCK: u64 = 4096;
 /// How long a forced rollback or shrink waits for the volume's clients to go.
 const DISCONNECT_WAIT: std::time::Duration = std::time::Duration::from_secs(10);

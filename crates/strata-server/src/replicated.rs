@@ -1334,6 +1334,7 @@ impl ReplicatedVolume {
                 ),
                 lsn: Some(t.acked),
                 stale_lsn: t.missed_from,
+                suspect: false,
             })
             .collect()
     }
@@ -1364,19 +1365,10 @@ impl ReplicatedVolume {
 /// until the volume is deposed.
 pub async fn run_resync(volume: Arc<ReplicatedVolume>) {
     let mut scrubbed = Instant::now();
-    let mut looked_for_removed = Instant::now();
     loop {
         tokio::time::sleep(T.resync_every).await;
         if volume.deposed() {
             return;
-        }
-        if looked_for_removed.elapsed() >= T.replace_every {
-            looked_for_removed = Instant::now();
-            match volume.replace_removed().await {
-                Ok(true) => return,
-                Ok(false) => {}
-                Err(e) => tracing::warn!(volume = %volume.name, "placing a copy again: {e}"),
-            }
         }
         if !volume.scrub_every.is_zero() && scrubbed.elapsed() >= volume.scrub_every {
             scrubbed = Instant::now();
@@ -1398,8 +1390,9 @@ impl ReplicatedVolume {
     /// Places the copy of a node removed from the cluster on another member (invariant
     /// 9). Returns whether the volume was handed over for it: this view is then deposed,
     /// and the steward takes the volume again at the next epoch, with the new copy.
-    async fn replace_removed(&self) -> Result<bool, String> {
-        let members = members(&self.meta).await.map_err(|e| e.message)?;
+    /// `members`: the cluster's members and whether each is up (read once a round for
+    /// every volume this node owns: [`replace_removed_copies`]).
+    async fn replace_removed(&self, members: &[(Candidate, bool)]) -> Result<bool, String> {
         let member = |node: u64| members.iter().any(|(m, _)| m.id == node);
         let Some(i) = self.copies.iter().position(|c| !member(c.node)) else {
             return Ok(false);
@@ -1426,7 +1419,9 @@ impl ReplicatedVolume {
         let id = match tokio::time::timeout(T.io_timeout, peer.call(h, self.name.as_bytes())).await
         {
             Ok(Ok((reply, _))) => reply.component,
-            Ok(Err(e)) => return Err(format!("node {}: cannot make a copy: {e}", to.id)),
+            Ok(Err(e)) => {
+                return Err(format!("node {}: cannot make a copy: {}", to.id, copy_failure(&e)))
+            }
             Err(_) => return Err(format!("node {} did not answer", to.id)),
         };
         tracing::info!(volume = %self.name, from = gone, to = to.id, component = id,
@@ -1447,6 +1442,7 @@ impl ReplicatedVolume {
                 scan_left_bytes: None,
                 lsn: None,
                 stale_lsn: None,
+                suspect: false,
             };
             Ok(())
         })
@@ -1472,6 +1468,17 @@ impl ReplicatedVolume {
     /// The owner's copy's allocation (see `BlockVolume::extents`).
     pub fn extents(&self, offset: u64, length: u64, max: usize) -> Result<Vec<Extent>, StoreError> {
         self.local.volume.extents(offset, length, max)
+    }
+}
+
+/// A copy's node's failure as the owner logs it (a `NoSpace` said plainly; any other
+/// status with the reason that node gave).
+fn copy_failure(e: &CallError) -> String {
+    match e {
+        CallError::Status { status: Status::NoSpace, .. } => {
+            format!("{e}: its node's disk is full")
+        }
+        _ => e.to_string(),
     }
 }
 
@@ -2047,31 +2054,111 @@ pub async fn hand_over(node: &Node, meta: &Member, patience: Duration) {
 }
 
 async fn hand_over_by(node: &Node, meta: &Member, deadline: Instant) {
+    let mut stopping = announce_stop(meta).await;
     for view in node.owned().into_iter().filter(|v| v.serving()) {
         let Some(v) = seen(meta).into_iter().find(|s| s.record.name == view.name) else {
             continue;
         };
+        stopping.extend(meta.read_local(stopping_nodes));
+        // A node stopping too would not take it (and nobody waits for one that cannot).
         let next = v.record.components.iter().find(|c| {
-            c.node != meta.id() && c.state == CopyState::Active && v.up.contains(&c.node)
+            c.node != meta.id()
+                && c.state == CopyState::Active
+                && v.up.contains(&c.node)
+                && !stopping.contains(&c.node)
         });
-        let Some(to) = next.map(|c| c.node) else { continue };
+        let Some(to) = next.map(|c| c.node) else {
+            tracing::info!(volume = %view.name,
+                "not handed over at stop: no other node with an active copy is up and staying");
+            continue;
+        };
         let key = format!("/volumes/{}/attach", view.name);
         let value = serde_json::to_vec(&Move { node: to }).expect("serializes");
-        if write(meta, vec![], vec![Op::Put { key, value, lease: None }]).await.is_err() {
+        if write(meta, vec![], vec![Op::Put { key: key.clone(), value, lease: None }])
+            .await
+            .is_err()
+        {
             continue;
         }
         let owner_key = format!("/volumes/{}/owner", view.name);
         while Instant::now() < deadline {
-            let moved = meta.read_local(|s| {
-                s.get(&owner_key)
+            let (moved, gone) = meta.read_local(|s| {
+                let moved = s
+                    .get(&owner_key)
                     .and_then(|e| serde_json::from_slice::<Owner>(&e.value).ok())
-                    .is_some_and(|o| o.node == to)
+                    .is_some_and(|o| o.node == to);
+                (moved, stopping_nodes(s).contains(&to))
             });
             if moved {
                 tracing::info!(volume = %view.name, to, "handed over at stop");
                 break;
             }
+            if gone {
+                // It began stopping after this node looked: it will not take the volume.
+                // The move is withdrawn unless it changed (that node's steward takes
+                // nothing while it stops, so no second owner can come of it).
+                tracing::info!(volume = %view.name, to,
+                    "not handed over at stop: that node is stopping too");
+                withdraw_move(meta, &key, to).await;
+                break;
+            }
             tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// `/stopping/NODE`: the node is stopping cleanly (it hands its volumes over, then
+/// leaves). Tied to the node's session lease, so it ends with that session (declared
+/// down, or registered again at the next start). Other stopping nodes hand nothing to
+/// it, and its own steward takes no volume meanwhile.
+const STOPPING_PREFIX: &str = "/stopping/";
+
+/// How long a stopping node tries to publish its mark (without a quorum, as when every
+/// node stops at once, the write would wait for ever).
+const STOPPING_PATIENCE: Duration = Duration::from_secs(2);
+
+/// Publishes this node's stopping mark, then reads the others' linearizably: of two nodes
+/// stopping at once, at least one sees the other's mark (and the other finds it while it
+/// waits for its hand-over). Returns the nodes stopping (this one's own mark included),
+/// as far as it could tell in `STOPPING_PATIENCE`.
+async fn announce_stop(meta: &Member) -> BTreeSet<u64> {
+    let announced = async {
+        let lease = meta.session_lease()?;
+        let key = format!("{STOPPING_PREFIX}{}", meta.id());
+        let value = b"stopping".to_vec();
+        write(meta, vec![], vec![Op::Put { key, value, lease: Some(lease) }]).await.ok()?;
+        let prefix = STOPPING_PREFIX.to_owned();
+        let range = meta.request(ClientRequest::Range { prefix, limit: usize::MAX }).await.ok()?;
+        let ClientReply::Range { entries, .. } = range else { return None };
+        Some(
+            entries
+                .iter()
+                .filter_map(|(k, _)| k.strip_prefix(STOPPING_PREFIX)?.parse().ok())
+                .collect(),
+        )
+    };
+    let stopping = tokio::time::timeout(STOPPING_PATIENCE, announced).await.ok().flatten();
+    stopping.unwrap_or_else(|| {
+        tracing::info!("could not publish this node's stopping mark in time");
+        BTreeSet::new()
+    })
+}
+
+/// The nodes with a stopping mark (`STOPPING_PREFIX`) in the applied state `s` (a mark
+/// ends with its session, so each is of a node stopping now).
+fn stopping_nodes(s: &strata_meta::state::State) -> BTreeSet<u64> {
+    s.range(STOPPING_PREFIX, usize::MAX)
+        .into_iter()
+        .filter_map(|(k, _)| k.strip_prefix(STOPPING_PREFIX)?.parse().ok())
+        .collect()
+}
+
+/// Withdraws the move of volume key `key` to node `to`, if it is still that move.
+async fn withdraw_move(meta: &Member, key: &str, to: u64) {
+    if let Ok(Some((bytes, version))) = get(meta, key).await {
+        if serde_json::from_slice::<Move>(&bytes).is_ok_and(|m| m.node == to) {
+            let compare = vec![Compare::Version(key.to_owned(), version)];
+            let _ = write(meta, compare, vec![Op::Delete { key: key.to_owned() }]).await;
         }
     }
 }
@@ -2178,6 +2265,7 @@ pub fn discover(
 /// Each node's bookkeeping of replicated volumes, every `T.steward_every` until the process
 /// ends: deletes (invariant 7), the `clients` keys, and copies no record lists.
 async fn housekeeping(node: Arc<Node>, meta: Arc<Member>) {
+    let mut looked_for_removed = Instant::now();
     loop {
         tokio::time::sleep(T.steward_every).await;
         if !meta.registered() {
@@ -2187,6 +2275,34 @@ async fn housekeeping(node: Arc<Node>, meta: Arc<Member>) {
         unexport_unrecorded(&node, &meta).await;
         publish_clients(&node, &meta).await;
         remove_orphans(&node, &meta).await;
+        if looked_for_removed.elapsed() >= T.replace_every {
+            looked_for_removed = Instant::now();
+            replace_removed_copies(&node, &meta).await;
+        }
+    }
+}
+
+/// Places again the copies of removed nodes of every volume this node owns (invariant
+/// 9), with one linearizable read of the membership for all of them (none when it owns
+/// none).
+async fn replace_removed_copies(node: &Node, meta: &Member) {
+    let owned: Vec<_> = node.owned().into_iter().filter(|v| v.serving()).collect();
+    if owned.is_empty() {
+        return;
+    }
+    let members = match members(meta).await {
+        Ok(m) => m,
+        Err(e) => {
+            tracing::warn!("placing copies again: the membership: {}", e.message);
+            return;
+        }
+    };
+    for view in owned {
+        // Placed (and handed over): the view is deposed, its resync task ends, and the
+        // steward takes the volume again at the next epoch.
+        if let Err(e) = view.replace_removed(&members).await {
+            tracing::warn!(volume = %view.name, "placing a copy again: {e}");
+        }
     }
 }
 
@@ -2395,6 +2511,24 @@ async fn remove_orphans(node: &Arc<Node>, meta: &Member) {
 /// `/suspect/NODE`, a JSON list of component ids, absent when there are none.
 const SUSPECT_PREFIX: &str = "/suspect/";
 
+/// Sets each copy's `suspect` from the marks its node published (`SUSPECT_PREFIX`, in
+/// this member's applied state) and, for this node's copies, from its own marks (which
+/// reach the metadata a moment later).
+pub fn mark_suspects(node: &Node, meta: &Member, copies: &mut [ComponentRecord]) {
+    let me = meta.id();
+    let here = node.suspects();
+    meta.read_local(|s| {
+        for c in copies.iter_mut() {
+            let published = || {
+                s.get(&format!("{SUSPECT_PREFIX}{}", c.node))
+                    .and_then(|e| serde_json::from_slice::<Vec<u64>>(&e.value).ok())
+                    .is_some_and(|ids| ids.contains(&c.id))
+            };
+            c.suspect = if c.node == me { here.contains(&c.id) } else { published() };
+        }
+    });
+}
+
 /// The core's view of volume `v` for this node's steward (`takeover::Seen`).
 fn core_seen(v: &Seen, me: u64, me_suspect: bool) -> takeover::Seen {
     takeover::Seen {
@@ -2504,6 +2638,8 @@ pub async fn steward(node: Arc<Node>, meta: Arc<Member>, moves: MovePolicy) {
                 Some(o) if o.node != me && v.up.contains(&o.node) => Some((o, &v.record)),
                 _ => None,
             };
+            // A node stopping cleanly takes nothing: it would leave at once.
+            let go = go && !meta.read_local(stopping_nodes).contains(&me);
             if go && router.taking.try_lock().is_ok() {
                 match take_over(&node, &meta, &router, false, from).await {
                     Ok(epoch) => {
@@ -3158,8 +3294,9 @@ async fn candidates(meta: &Member) -> ApiResult<Vec<Candidate>> {
 
 /// Every member of the cluster, and whether it is up and registered (a linearizable
 /// read of the cluster status; a member that never registered has no address, site or
-/// rack known, and is not up).
+/// rack known, and is not up). Counted in `node::MEMBERSHIP_READS`.
 async fn members(meta: &Member) -> ApiResult<Vec<(Candidate, bool)>> {
+    crate::node::MEMBERSHIP_READS.fetch_add(1, Ordering::Relaxed);
     let ClientReply::Status(status) =
         meta.request(ClientRequest::Status).await.map_err(unavailable)?
     else {
@@ -3243,6 +3380,7 @@ pub async fn create(
             scan_left_bytes: None,
             lsn: None,
             stale_lsn: None,
+            suspect: false,
         })
         .collect();
     let mut record = VolumeRecord {
