@@ -21,6 +21,7 @@ use strata_replica::frame::{DataKey, Kind, Status, FLAG_VOLUME};
 
 mod faults;
 mod internode;
+mod schedule;
 mod watch;
 
 struct Member {
