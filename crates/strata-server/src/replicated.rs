@@ -1333,6 +1333,7 @@ impl ReplicatedVolume {
         let level = self.scheduler.level(self.active_copies());
         let node = self.copies[i].node;
         let mut permit = self.scheduler.start(&self.name, node, level).await;
+        let mut told = false;
         loop {
             if self.deposed() {
                 return None;
@@ -1347,7 +1348,11 @@ impl ReplicatedVolume {
                     return Some(ResyncTurn { _permit: permit, slot });
                 }
                 Ok(Err(CallError::Status { status: Status::Busy, .. })) => {
-                    tracing::debug!(volume = %self.name, node, "resync: no slot there yet");
+                    if !told {
+                        told = true;
+                        tracing::info!(volume = %self.name, node, active = level.active,
+                            "resync: the copy's node has no slot free; the job waits its turn");
+                    }
                     permit = permit.refused().await;
                 }
                 // Its own requests find out whether the copy answers.
