@@ -13,6 +13,8 @@
 //!   hold acknowledgments); `validate()` checks its invariants.
 //! - [`takeover`]: who takes an ownerless or moved volume, and when.
 //! - [`timing`]: every timeout and period in one value.
+//! - [`schedule`]: the resync scheduler's decisions (which job starts next, how many
+//!   run, the slots a node grants).
 //! - [`fence`]: the epoch fence by which a component refuses anything stamped with an
 //!   epoch older than the newest it has seen.
 //! - [`error`]: the protocol's typed errors.
@@ -29,5 +31,6 @@ pub mod fence;
 pub mod owner;
 pub mod placement;
 pub mod record;
+pub mod schedule;
 pub mod takeover;
 pub mod timing;

@@ -277,7 +277,7 @@ pub struct NodeStatus {
     pub uptime_seconds: u64,
     /// This node's metadata member as it sees itself.
     pub meta: strata_meta::service::LocalStatus,
-    /// Resync jobs running on this node now (at most 2).
+    /// Resync jobs this node runs now (at most `resync_jobs`, 2 by default).
     pub resync_running: usize,
     /// Resync jobs waiting for their turn.
     pub resync_waiting: usize,
@@ -301,8 +301,8 @@ async fn node_status(State(api): State<Api>) -> Json<NodeStatus> {
         live_bytes: api.node.live_bytes(),
         uptime_seconds: api.started.elapsed().as_secs(),
         meta: api.meta.local_status(),
-        resync_running: api.node.resync_scheduler().load().0,
-        resync_waiting: api.node.resync_scheduler().load().1,
+        resync_running: api.node.resync_scheduler().load().running,
+        resync_waiting: api.node.resync_scheduler().load().waiting,
         reclaim: api.node.reclaim(),
         space: api.node.space(),
     })

@@ -289,6 +289,21 @@ impl DataService {
                 None => (Status::NotFound, reply, Vec::new()),
             };
         }
+        if h.kind == Kind::ResyncSlot {
+            // A slot for a resync job writing to a copy here (`resync.rs` invariant 3):
+            // node `lsn`'s job `offset`; `count` 1 takes or renews it, 0 gives it back.
+            let scheduler = self.node.resync_scheduler();
+            let status = match h.count {
+                0 => {
+                    scheduler.release_slot(h.lsn, h.offset);
+                    Status::Ok
+                }
+                1 if scheduler.acquire_slot(h.lsn, h.offset) => Status::Ok,
+                1 => Status::Busy,
+                _ => Status::Invalid,
+            };
+            return (status, reply, Vec::new());
+        }
         if h.flags & FLAG_VOLUME != 0 {
             if !matches!(h.kind, Kind::Write | Kind::Read | Kind::Flush | Kind::Trim)
                 || (h.kind == Kind::Read && h.count > READ_BYTES_MAX)
@@ -399,7 +414,9 @@ impl DataService {
                 .await
                 .unwrap_or_else(|e| Err(StoreError::io("resize")(std::io::Error::other(e))))
             }
-            Kind::Create | Kind::Release | Kind::Lease => unreachable!("handled above"),
+            Kind::Create | Kind::Release | Kind::Lease | Kind::ResyncSlot => {
+                unreachable!("handled above")
+            }
         };
         match result {
             Ok(data) => {

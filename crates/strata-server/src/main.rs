@@ -68,6 +68,7 @@ The config file (TOML):
   move_after_secs = 60            # a volume used only through one other node moves there
   move_hold_secs = 300            # ...but keeps an owner this long first (0 after: never)
   scrub_every_secs = 604800       # an owner compares its volumes' copies weekly (0: never)
+  resync_jobs = 2                 # resync jobs sent at once, and let in at once (1 or more)
   reserve = \"5%\"                 # client writes get ENOSPC below this much free (or \"10G\");
                                   # default 5%, at least 64M: room for deletes and the node
   tls_dir = \"/etc/strata/tls\"     # x509 in qemu's layout: NBD requires TLS, HTTP is HTTPS

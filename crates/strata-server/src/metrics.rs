@@ -725,9 +725,18 @@ fn store_series(t: &mut Text, api: &Api) {
         .collect();
     let sum = s.journal_synced_bytes as f64 / 4096.0;
     t.histogram(name, &[], &bounds, &cumulative, sum);
-    let (running, waiting) = api.node.resync_scheduler().load();
-    t.single("strata_resync_jobs_running", "gauge", "Resync jobs running here.", running as u64);
-    t.single("strata_resync_jobs_waiting", "gauge", "Resync jobs waiting here.", waiting as u64);
+    let load = api.node.resync_scheduler().load();
+    let running = load.running as u64;
+    t.single("strata_resync_jobs_running", "gauge", "Resync jobs this node runs.", running);
+    let waiting = load.waiting as u64;
+    t.single("strata_resync_jobs_waiting", "gauge", "Resync jobs waiting here.", waiting);
+    let held = api.node.resync_scheduler().slots_held() as u64;
+    t.single(
+        "strata_resync_slots_held",
+        "gauge",
+        "Resync jobs of other nodes writing to copies here now (slots granted).",
+        held,
+    );
 }
 
 async fn meta_series(t: &mut Text, api: &Api) {

@@ -466,7 +466,7 @@ impl Node {
             nbd_tls: std::sync::atomic::AtomicBool::new(false),
             node_id: std::sync::atomic::AtomicU64::new(0),
             fencing,
-            resync: Arc::new(crate::resync::Scheduler::new(crate::resync::JOBS_AT_ONCE)),
+            resync: Arc::new(crate::resync::Scheduler::new(crate::resync::JOBS_DEFAULT)),
             state: Mutex::new(State { next_id, volumes, components, replicated: BTreeMap::new() }),
             discover: std::sync::OnceLock::new(),
             access_of: std::sync::OnceLock::new(),

@@ -199,6 +199,27 @@ impl Drop for Turn<'_> {
     }
 }
 
+/// A resync job's turn: its permit among this node's jobs and, if the copy's node
+/// granted one, its slot there (the peer, the request that renews it, when it was last
+/// granted). Dropped, the job ends here and gives the slot back.
+struct ResyncTurn {
+    /// Held for its drop.
+    _permit: crate::resync::Permit,
+    slot: Option<(Arc<DataPeer>, Header, tokio::time::Instant)>,
+}
+
+impl Drop for ResyncTurn {
+    fn drop(&mut self) {
+        let Some((peer, mut h, _)) = self.slot.take() else { return };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+        // Given back in the background; if it does not arrive, the slot expires there.
+        h.count = 0;
+        runtime.spawn(async move {
+            let _ = tokio::time::timeout(T.probe_timeout, peer.call(h, &[])).await;
+        });
+    }
+}
+
 /// The owner's view of a replicated volume: a `BlockVolume` whose writes go to every
 /// ACTIVE (and RESYNCING) copy.
 pub struct ReplicatedVolume {
@@ -210,8 +231,8 @@ pub struct ReplicatedVolume {
     copies: Vec<Copy>,
     /// The protocol core's state of the copies (`strata_replica::owner`).
     state: Mutex<OwnerState>,
-    /// Client writes hold it shared; a resync copies a region holding it exclusively
-    /// (from a blocking thread: `blocking_write`).
+    /// Client writes hold it shared; a resync step, or a read repair, holds it
+    /// exclusively.
     resync_lock: tokio::sync::RwLock<()>,
     /// Held while a copy's state is recorded in the volume's record.
     recording: tokio::sync::Mutex<()>,
@@ -538,18 +559,8 @@ impl ReplicatedVolume {
         self.save_bitmaps(&st, &[save])
     }
 
-    /// Records copy `i`'s state in the volume's record, by CAS, only while this node is
-    /// still the owner at its epoch.
-    fn set_state(&self, i: usize, to: CopyState) -> Result<(), String> {
-        self.record_copy(i, to, None)
-    }
-
-    /// As [`ReplicatedVolume::set_state`], also giving the copy a new component id.
-    fn record_copy(&self, i: usize, to: CopyState, new_id: Option<u64>) -> Result<(), String> {
-        self.runtime.block_on(self.record(i, to, new_id))
-    }
-
-    /// [`ReplicatedVolume::record_copy`] on the runtime.
+    /// Records copy `i`'s state (and, with `new_id`, its new component id) in the
+    /// volume's record, by CAS, only while this node is still the owner at its epoch.
     async fn record(&self, i: usize, to: CopyState, new_id: Option<u64>) -> Result<(), String> {
         // One change of the record at a time: writes failing together on one copy all
         // want the same mark, and racing CASes made some give up (and fail their write).
@@ -968,19 +979,27 @@ impl ReplicatedVolume {
 
     /// Makes regions `regions` of copy `i` equal to the owner's copy: their digests are
     /// compared and the regions that differ copied. The caller holds the exclusive lock.
-    fn level(&self, i: usize, regions: std::ops::Range<u64>) -> Result<(), String> {
+    async fn level(
+        self: &Arc<Self>,
+        i: usize,
+        regions: std::ops::Range<u64>,
+    ) -> Result<(), String> {
         let peer = self.copies[i].peer.clone().ok_or("the owner's own copy")?;
         let id = self.copies[i].id();
         let offset = regions.start * REGION;
         let end = (regions.end * REGION).min(self.size());
-        let mut ours = vec![0u8; (end - offset) as usize];
-        self.read_local(&mut ours, offset, true).map_err(|e| e.to_string())?;
+        // The owner's copy is read on the blocking pool (a store read, with read repair).
+        let me = self.clone();
+        let ours = tokio::task::spawn_blocking(move || {
+            let mut ours = vec![0u8; (end - offset) as usize];
+            me.read_local(&mut ours, offset, true).map(|()| ours)
+        })
+        .await
+        .map_err(|e| format!("reading this node's copy: {e}"))?
+        .map_err(|e| e.to_string())?;
         let mut h = request(Kind::Digest, id, self.epoch, 0, offset);
         h.count = ours.len() as u32;
-        let theirs = self
-            .runtime
-            .block_on(async { tokio::time::timeout(T.io_timeout, peer.call(h, &[])).await });
-        let theirs = match theirs {
+        let theirs = match tokio::time::timeout(T.io_timeout, peer.call(h, &[])).await {
             Ok(Ok((_, digests))) => digests,
             Ok(Err(e)) => return Err(format!("copy {id}: {e}")),
             Err(_) => return Err(format!("copy {id} did not answer")),
@@ -994,7 +1013,7 @@ impl ReplicatedVolume {
             })
             .map(|(k, piece)| (regions.start + k as u64, piece))
             .collect();
-        let wrote = self.runtime.block_on(async {
+        let wrote = async {
             let deadline = tokio::time::Instant::now() + T.io_timeout;
             let mut sent = Vec::new();
             for (region, piece) in &differ {
@@ -1019,7 +1038,8 @@ impl ReplicatedVolume {
                 }
             }
             true
-        });
+        }
+        .await;
         if !wrote {
             return Err(format!("copy {id} failed during its resync"));
         }
@@ -1030,21 +1050,82 @@ impl ReplicatedVolume {
 
     /// Copy `i` failed while being levelled: STALE (recorded later if not now), and what
     /// it took since its last flush back in its bitmap.
-    fn fail_copy(&self, i: usize, why: String) -> String {
+    async fn fail_copy(&self, i: usize, why: String) -> String {
         self.state().stale(i);
         if let Err(e) = self.lose_unflushed(i) {
             return format!("{why}; its bitmap cannot be saved: {e}");
         }
         // Recorded now if it can be (else by the next write, or the next resync).
-        let _ = self.set_state(i, CopyState::Stale);
+        let _ = self.record(i, CopyState::Stale, None).await;
         why
     }
 
+    /// Waits for copy `i`'s resync job's turn among this node's jobs, then for a slot on
+    /// the copy's node (`resync.rs` invariants 2 and 3). `None`: deposed meanwhile.
+    async fn resync_turn(&self, i: usize, peer: &Arc<DataPeer>) -> Option<ResyncTurn> {
+        let level = self.scheduler.level(self.active_copies());
+        let node = self.copies[i].node;
+        let mut permit = self.scheduler.start(&self.name, node, level).await;
+        let mut told = false;
+        loop {
+            if self.deposed() {
+                return None;
+            }
+            let h = self.slot_request(i, permit.job(), true);
+            match tokio::time::timeout(T.probe_timeout, peer.call(h, &[])).await {
+                Ok(Ok(_)) => {
+                    let at = tokio::time::Instant::now();
+                    let slot = Some((peer.clone(), h, at));
+                    tracing::info!(volume = %self.name, node, active = level.active,
+                        "resync: a job starts copying to a copy");
+                    return Some(ResyncTurn { _permit: permit, slot });
+                }
+                Ok(Err(CallError::Status { status: Status::Busy, .. })) => {
+                    if !told {
+                        told = true;
+                        tracing::info!(volume = %self.name, node, active = level.active,
+                            "resync: the copy's node has no slot free; the job waits its turn");
+                    }
+                    permit = permit.refused().await;
+                }
+                // Its own requests find out whether the copy answers.
+                _ => return Some(ResyncTurn { _permit: permit, slot: None }),
+            }
+        }
+    }
+
+    /// A `ResyncSlot` request for job `job` writing to copy `i`: take (or renew) the
+    /// slot, or give it back.
+    fn slot_request(&self, i: usize, job: u64, take: bool) -> Header {
+        let mut h =
+            request(Kind::ResyncSlot, self.copies[i].id(), self.epoch, self.owner.node, job);
+        h.count = u32::from(take);
+        h
+    }
+
+    /// After a step of a resync job: its pause (`resync.rs` invariant 4), and its slot
+    /// renewed when it is due.
+    async fn pace(&self, pacer: &mut crate::resync::Pacer, turn: &mut ResyncTurn) {
+        tokio::time::sleep(pacer.after_step(self.client_ops.load(Ordering::Relaxed))).await;
+        let Some((peer, h, at)) = turn.slot.as_mut() else { return };
+        if at.elapsed() < crate::resync::SLOT_RENEW {
+            return;
+        }
+        let renewed = tokio::time::timeout(T.probe_timeout, peer.call(*h, &[])).await;
+        if matches!(renewed, Ok(Ok(_))) {
+            *at = tokio::time::Instant::now();
+        } else {
+            // The job goes on: stopping halfway would waste what it copied.
+            tracing::debug!(volume = %self.name, "resync: the slot was not renewed");
+        }
+    }
+
     /// Brings copy `i` level with the owner's: a STALE copy that answers again becomes
-    /// RESYNCING (new writes reach it); a digest scan, if one is due, compares every
+    /// RESYNCING (new writes reach it); then, in its turn among the node's resync jobs
+    /// and with a slot on the copy's node, a digest scan, if one is due, compares every
     /// region; the regions of its bitmap are copied (each compared first); then, flushed,
     /// it is ACTIVE. Each step holds the exclusive lock, so no client write interleaves.
-    fn resync(&self, i: usize) -> Result<(), String> {
+    async fn resync(self: &Arc<Self>, i: usize) -> Result<(), String> {
         let Some(peer) = self.copies[i].peer.clone() else {
             return Err("the owner's own copy is recorded as not active".into());
         };
@@ -1052,52 +1133,52 @@ impl ReplicatedVolume {
             return Ok(());
         }
         let id = self.copies[i].id();
-        let (epoch, runtime) = (self.epoch, self.runtime.clone());
+        let epoch = self.epoch;
         let was = self.state()[i].state;
         if was != CopyState::Active {
-            let probe = runtime.block_on(async {
-                let h = request(Kind::Probe, id, epoch, 0, 0);
-                tokio::time::timeout(T.probe_timeout, peer.call(h, &[])).await
-            });
+            let h = request(Kind::Probe, id, epoch, 0, 0);
+            let probe = tokio::time::timeout(T.probe_timeout, peer.call(h, &[])).await;
             match probe {
                 Ok(Ok(_)) => {}
                 Ok(Err(CallError::Status { status: Status::NotFound, .. })) => {
-                    return self.rebuild(i);
+                    return self.rebuild(i).await;
                 }
                 _ => return Ok(()), // Still away.
             }
             // Under the exclusive lock: no write is between reading the states and adding
             // its bits, so none can miss both this copy and its bitmap.
-            let _exclusive = self.resync_lock.blocking_write();
+            let _exclusive = self.resync_lock.write().await;
             let unrecorded = self.state()[i].unrecorded;
             if unrecorded {
                 // Its STALE mark first (it could not be recorded when the copy failed).
-                self.set_state(i, CopyState::Stale)?;
+                self.record(i, CopyState::Stale, None).await?;
             }
-            self.set_state(i, CopyState::Resyncing)?;
+            self.record(i, CopyState::Resyncing, None).await?;
             // Whole from this connection on; if it changes before the end, the resync fails.
             self.state()[i].connection = Some(peer.connections());
         }
         let regions = self.size().div_ceil(REGION);
         // The copying waits its turn among the node's resync jobs, and paces itself.
-        let _permit = self.scheduler.acquire(self.priority(i));
-        let mut pacer = crate::resync::Pacer::new(self.client_ops.load(Ordering::Relaxed));
-        let pace = |pacer: &mut crate::resync::Pacer| {
-            std::thread::sleep(pacer.after_step(self.client_ops.load(Ordering::Relaxed)));
+        let Some(mut turn) = self.resync_turn(i, &peer).await else {
+            return Ok(());
         };
+        let mut pacer = crate::resync::Pacer::new(self.client_ops.load(Ordering::Relaxed));
         loop {
             let Some(from) = self.state()[i].scan else {
                 break;
             };
-            let _exclusive = self.resync_lock.blocking_write();
+            if self.deposed() {
+                return Ok(());
+            }
+            let exclusive = self.resync_lock.write().await;
             let to = (from + SCAN_BATCH).min(regions);
-            if let Err(e) = self.level(i, from..to) {
-                drop(_exclusive);
-                return Err(self.fail_copy(i, e));
+            if let Err(e) = self.level(i, from..to).await {
+                drop(exclusive);
+                return Err(self.fail_copy(i, e).await);
             }
             self.state()[i].scan = (to < regions).then_some(to);
-            drop(_exclusive);
-            pace(&mut pacer);
+            drop(exclusive);
+            self.pace(&mut pacer, &mut turn).await;
         }
         loop {
             // A run of up to SCAN_BATCH consecutive bitmap regions per step.
@@ -1114,19 +1195,24 @@ impl ReplicatedVolume {
                 })
             };
             let Some(run) = run else { break };
-            let _exclusive = self.resync_lock.blocking_write();
-            if let Err(e) = self.level(i, run.clone()) {
-                drop(_exclusive);
-                return Err(self.fail_copy(i, e));
+            if self.deposed() {
+                return Ok(());
             }
-            let mut st = self.state();
-            for region in run {
-                st[i].dirty.remove(&region);
+            let exclusive = self.resync_lock.write().await;
+            if let Err(e) = self.level(i, run.clone()).await {
+                drop(exclusive);
+                return Err(self.fail_copy(i, e).await);
             }
-            self.save_bitmap(i, &st[i].dirty, st[i].scan.is_some()).map_err(|e| e.to_string())?;
-            drop(st);
-            drop(_exclusive);
-            pace(&mut pacer);
+            {
+                let mut st = self.state();
+                for region in run {
+                    st[i].dirty.remove(&region);
+                }
+                let owed_scan = st[i].scan.is_some();
+                self.save_bitmap(i, &st[i].dirty, owed_scan).map_err(|e| e.to_string())?;
+            }
+            drop(exclusive);
+            self.pace(&mut pacer, &mut turn).await;
         }
         if was == CopyState::Active {
             return Ok(()); // A scan of an active copy: nothing else changes.
@@ -1134,7 +1220,7 @@ impl ReplicatedVolume {
         // Everything it lacked is copied and new writes reach it: make it durable there,
         // then ACTIVE — all under the exclusive lock, so no write fails on it meanwhile
         // (a write that failed before left bits, and the loop goes round again).
-        let _exclusive = self.resync_lock.blocking_write();
+        let exclusive = self.resync_lock.write().await;
         {
             let st = self.state();
             let level = st[i].dirty.is_empty() && st[i].scan.is_none();
@@ -1142,22 +1228,23 @@ impl ReplicatedVolume {
                 return Ok(()); // Marked again meanwhile: the next round resyncs it.
             }
         }
-        let flushed = runtime.block_on(async {
-            let h = request(Kind::Flush, id, epoch, 0, 0);
-            tokio::time::timeout(T.io_timeout, peer.call(h, &[])).await
-        });
+        let h = request(Kind::Flush, id, epoch, 0, 0);
+        let flushed = tokio::time::timeout(T.io_timeout, peer.call(h, &[])).await;
         if !matches!(flushed, Ok(Ok(_))) {
-            drop(_exclusive);
-            return Err(self.fail_copy(i, format!("copy {id} failed to flush after its resync")));
+            drop(exclusive);
+            let why = format!("copy {id} failed to flush after its resync");
+            return Err(self.fail_copy(i, why).await);
         }
         let same = self.state()[i].connection == Some(peer.connections());
         if !same {
-            drop(_exclusive);
+            drop(exclusive);
             let why = format!("copy {id} was reached over a new connection during its resync");
-            return Err(self.fail_copy(i, why));
+            return Err(self.fail_copy(i, why).await);
         }
         self.state()[i].unflushed.clear();
-        self.set_state(i, CopyState::Active)?;
+        self.record(i, CopyState::Active, None).await?;
+        drop(exclusive);
+        drop(turn);
         let _ = std::fs::remove_file(self.bitmaps.join(self.bitmap_file(i)));
         Ok(())
     }
@@ -1165,14 +1252,11 @@ impl ReplicatedVolume {
     /// Copy `i`'s node answers but no longer has the component (it came back with an
     /// empty disk): a new component is made there, recorded in its place (RESYNCING),
     /// and filled by a full digest scan.
-    fn rebuild(&self, i: usize) -> Result<(), String> {
+    async fn rebuild(self: &Arc<Self>, i: usize) -> Result<(), String> {
         let peer = self.copies[i].peer.clone().ok_or("the owner's own copy")?;
         let node = self.copies[i].node;
         let h = request(Kind::Create, 0, 0, 0, self.size());
-        let name = self.name.clone();
-        let made = self.runtime.block_on(async {
-            tokio::time::timeout(T.io_timeout, peer.call(h, name.as_bytes())).await
-        });
+        let made = tokio::time::timeout(T.io_timeout, peer.call(h, self.name.as_bytes())).await;
         let id = match made {
             Ok(Ok((reply, _))) => reply.component,
             Ok(Err(e)) => return Err(format!("node {node}: cannot make a new copy: {e}")),
@@ -1181,16 +1265,16 @@ impl ReplicatedVolume {
         tracing::warn!(volume = %self.name, node, component = id,
             "a copy's node lost it (an emptied disk?): rebuilding it in full");
         {
-            let _exclusive = self.resync_lock.blocking_write();
+            let _exclusive = self.resync_lock.write().await;
             let _ = std::fs::remove_file(self.bitmaps.join(self.bitmap_file(i)));
-            self.record_copy(i, CopyState::Resyncing, Some(id))?;
+            self.record(i, CopyState::Resyncing, Some(id)).await?;
             let mut st = self.state();
             st[i].dirty.clear();
             st[i].unflushed.clear();
             st[i].unrecorded = false;
             st[i].scan = Some(0);
         }
-        self.resync(i)
+        Box::pin(self.resync(i)).await
     }
 
     /// Reads the owner's copy; a block that fails its checksum is read from another
@@ -1230,7 +1314,7 @@ impl ReplicatedVolume {
 
     /// Probes every ACTIVE copy: one whose node answers but no longer has it (an emptied
     /// disk) is STALE at once (its rebuild follows), even if no write has failed on it.
-    fn check_copies(&self) {
+    async fn check_copies(&self) {
         let states: Vec<CopyState> = self.state().tracks().iter().map(|t| t.state).collect();
         for (i, c) in self.copies.iter().enumerate() {
             let Some(peer) = c.peer.clone() else { continue };
@@ -1243,11 +1327,9 @@ impl ReplicatedVolume {
             if self.state().whole(i, peer.connections()) {
                 h.flags = FLAG_WHOLE;
             }
-            let probe = self
-                .runtime
-                .block_on(async { tokio::time::timeout(T.probe_timeout, peer.call(h, &[])).await });
+            let probe = tokio::time::timeout(T.probe_timeout, peer.call(h, &[])).await;
             if let Ok(Err(CallError::Status { status: Status::NotFound, .. })) = probe {
-                let _exclusive = self.resync_lock.blocking_write();
+                let _exclusive = self.resync_lock.write().await;
                 self.state().stale(i);
                 tracing::warn!(volume = %self.name, node = c.node, "a copy is gone from its node");
             }
@@ -1255,7 +1337,7 @@ impl ReplicatedVolume {
             // loss without what it had not synced. Failed now, not at the next write
             // (an idle volume has none): its unflushed regions join its bitmap.
             if matches!(probe, Ok(Ok(_))) {
-                let _exclusive = self.resync_lock.blocking_write();
+                let _exclusive = self.resync_lock.write().await;
                 let mut st = self.state();
                 if let Some(save) = st.answered(i, peer.connections()) {
                     tracing::warn!(volume = %self.name, node = c.node,
@@ -1339,9 +1421,9 @@ impl ReplicatedVolume {
             .collect()
     }
 
-    /// Copy `i`'s resync priority: the volume's ACTIVE copies, then the regions left.
-    fn priority(&self, i: usize) -> crate::resync::Priority {
-        self.state().priority(i)
+    /// The volume's ACTIVE copies now (its resync jobs' level, `resync.rs` invariant 2).
+    fn active_copies(&self) -> usize {
+        self.state().active()
     }
 
     /// Starts a digest scan of every ACTIVE copy not being scanned already: a block that
@@ -1374,12 +1456,18 @@ pub async fn run_resync(volume: Arc<ReplicatedVolume>) {
             scrubbed = Instant::now();
             volume.scrub();
         }
-        let v = volume.clone();
-        let _ = tokio::task::spawn_blocking(move || v.check_copies()).await;
-        for i in volume.stale() {
-            let v = volume.clone();
-            let done = tokio::task::spawn_blocking(move || v.resync(i)).await;
-            if let Ok(Err(e)) = done {
+        volume.check_copies().await;
+        // A task per copy to level: each waits for its turn among the node's jobs.
+        let jobs: Vec<_> = volume
+            .stale()
+            .into_iter()
+            .map(|i| {
+                let v = volume.clone();
+                tokio::spawn(async move { v.resync(i).await })
+            })
+            .collect();
+        for job in jobs {
+            if let Ok(Err(e)) = job.await {
                 tracing::warn!(volume = %volume.name, "resync: {e}");
             }
         }

@@ -21,6 +21,7 @@ use strata_meta::state::{cas, Origin, Refusal, Response};
 
 mod faults;
 mod internode;
+mod schedule;
 mod watch;
 
 struct Member {
