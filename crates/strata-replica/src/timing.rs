@@ -58,6 +58,9 @@ pub struct Timing {
     pub replace_every: Duration,
     /// Requests of one node further apart than this start a new streak (automatic moves).
     pub streak_gap: Duration,
+    /// An owner whose own store refused a write for want of room hands the volume over
+    /// if it still has none this much later.
+    pub full_grace: Duration,
 }
 
 impl Default for Timing {
@@ -96,6 +99,7 @@ impl Timing {
         resync_every: secs(2),
         replace_every: secs(10),
         streak_gap: secs(5),
+        full_grace: secs(5),
     };
 
     /// Every value divided by `by` (the simulation runs the protocol faster).
@@ -121,6 +125,7 @@ impl Timing {
             resync_every: d(self.resync_every),
             replace_every: d(self.replace_every),
             streak_gap: d(self.streak_gap),
+            full_grace: d(self.full_grace),
         }
     }
 
@@ -145,6 +150,7 @@ impl Timing {
             self.resync_every,
             self.replace_every,
             self.streak_gap,
+            self.full_grace,
         ];
         if all.iter().any(Duration::is_zero) {
             return Err(BadTiming("every timeout and period must be above zero"));

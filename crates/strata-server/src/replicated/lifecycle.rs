@@ -190,6 +190,9 @@ pub fn open(
         incarnation: meta.incarnation(),
         released: tokio::sync::Mutex::new(false),
         unplaced: AtomicBool::new(false),
+        full: AtomicBool::new(false),
+        full_watch: AtomicBool::new(false),
+        weak: std::sync::OnceLock::new(),
         bitmaps,
         runtime: tokio::runtime::Handle::current(),
     };
@@ -307,6 +310,7 @@ pub(super) async fn take_over(
         view.state().created();
     }
     let view = Arc::new(view);
+    let _ = view.weak.set(Arc::downgrade(&view));
     match view.fence_copies().await {
         Err(e) => {
             view.depose(&e);

@@ -143,6 +143,13 @@ pub struct ReplicatedVolume {
     pub(super) released: tokio::sync::Mutex<bool>,
     /// Set once it was logged that a removed node's copy has nowhere to go.
     pub(super) unplaced: AtomicBool,
+    /// Set once this node's store has stayed full (`hand_over_when_full`): a hand-over
+    /// then marks its copy STALE.
+    pub(super) full: AtomicBool,
+    /// A full store's watch is running.
+    pub(super) full_watch: AtomicBool,
+    /// This view itself, for tasks it starts (set by `lifecycle::take_over`).
+    pub(super) weak: std::sync::OnceLock<std::sync::Weak<ReplicatedVolume>>,
     pub(super) bitmaps: PathBuf,
     pub(super) runtime: tokio::runtime::Handle,
 }
@@ -292,14 +299,34 @@ impl ReplicatedVolume {
             }
         }
         let me = &self.copies[self.local_index()];
-        if !level.contains(&CopyRef { node: me.node, id: me.id() }) {
+        let mine = CopyRef { node: me.node, id: me.id() };
+        let mut stale = stale;
+        // This node's store is full (`hand_over_when_full`): its copy is handed over
+        // STALE, so that the next owner's writes skip it (and their regions go to its
+        // bitmap) until this node has room and a resync levels it. Synced, it lacks
+        // nothing yet: an empty bitmap; not synced, the next owner compares it in full.
+        let full = self.full.load(Ordering::Acquire);
+        let synced_here = level.contains(&mine);
+        if full {
+            level.retain(|c| *c != mine);
+            if synced_here {
+                stale.push(HandedBitmap { node: mine.node, id: mine.id, runs: Vec::new() });
+            }
+        } else if !synced_here {
             return Err("this node's copy did not sync".into());
         }
+        let stale_lsn = self.state().lsn() + 1;
         // If the owner key changed, the CAS keeps failing and the next owner compares
         // the copies.
         let mark = Released { epoch: self.epoch, level: level.clone(), stale };
         self.change_record(|record| {
             record.released = Some(mark.clone());
+            if full {
+                for c in record.components.iter_mut().filter(|c| c.node == mine.node) {
+                    c.state = CopyState::Stale;
+                    c.stale_lsn = Some(stale_lsn);
+                }
+            }
             Ok(())
         })
         .await?;
@@ -307,6 +334,61 @@ impl ReplicatedVolume {
         tracing::info!(volume = %self.name, epoch = self.epoch, copies = level.len(),
             "handed over cleanly: the copies are level and synced");
         Ok(())
+    }
+
+    /// This node's store refused a write (`bytes` in `count` requests) for want of room:
+    /// if that write still would not fit `Timing::full_grace` later (a cleaner or a trim
+    /// did not free enough), the volume is
+    /// moved to a node with an ACTIVE copy that is up (the core's `successors`), whose
+    /// take asks this owner to let go: `release` then hands this node's copy over STALE.
+    /// So clients get ENOSPC for a moment, not until an operator steps in; the copy is
+    /// levelled by a resync once this node has room. At most one such watch at a time.
+    pub(super) fn hand_over_when_full(&self, bytes: u64, count: usize) {
+        if self.full_watch.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let Some(me) = self.weak.get().and_then(std::sync::Weak::upgrade) else {
+            self.full_watch.store(false, Ordering::Release);
+            return;
+        };
+        tokio::spawn(async move {
+            tokio::time::sleep(T.full_grace).await;
+            let still = !me.local.volume.has_room(bytes, count);
+            if still && me.serving() {
+                me.full.store(true, Ordering::Release);
+                let up: BTreeSet<u64> = me.meta.read_local(|s| {
+                    me.copies
+                        .iter()
+                        .map(|c| c.node)
+                        .filter(|n| s.session(*n).is_some_and(|x| x.up))
+                        .collect()
+                });
+                let to = me
+                    .state()
+                    .successors()
+                    .into_iter()
+                    .map(|i| me.copies[i].node)
+                    .find(|n| up.contains(n));
+                match to {
+                    Some(to) => {
+                        tracing::warn!(volume = %me.name, to,
+                            "this node's disk is full: moving the volume to node {to}, \
+                             this copy stale until it has room again");
+                        let key = format!("/volumes/{}/attach", me.name);
+                        let value = serde_json::to_vec(&Move { node: to }).expect("serializes");
+                        if let Err(e) =
+                            write(&me.meta, vec![], vec![Op::Put { key, value, lease: None }]).await
+                        {
+                            tracing::warn!(volume = %me.name, "cannot ask for the move: {}", e.message);
+                        }
+                    }
+                    None => tracing::warn!(volume = %me.name,
+                        "this node's disk is full and no other node with an active copy is \
+                         up: writes get ENOSPC until there is room"),
+                }
+            }
+            me.full_watch.store(false, Ordering::Release);
+        });
     }
 
     /// Changes the volume's record by CAS compared with this owner's key (so only while
@@ -562,6 +644,7 @@ impl ReplicatedVolume {
         // bitmap to say so). A copy whose node is full is handled after (below).
         let bytes: u64 = payloads.iter().map(|(p, _)| p.len() as u64).sum();
         if bytes > 0 && !self.local.volume.has_room(bytes, ops.len()) {
+            self.hand_over_when_full(bytes, ops.len());
             return Err(StoreError::NoSpace);
         }
         let regions: Vec<u64> = {

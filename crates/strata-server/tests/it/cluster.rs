@@ -1063,6 +1063,44 @@ fn a_write_the_owners_full_disk_refuses_reaches_no_other_copy() {
     }
 }
 
+/// An owner whose own disk stays full does not keep the volume answering ENOSPC: after
+/// `full_grace` it moves the volume to a node with an active copy and room, its own copy
+/// handed over STALE; writes through it succeed again (forwarded), and once its disk has
+/// room the new owner levels its copy.
+#[test]
+fn an_owner_whose_disk_fills_up_hands_the_volume_over_and_is_levelled_once_there_is_room() {
+    let tmp = tempfile::tempdir().unwrap();
+    let Some(_unmount) = Tmpfs::mount(&tmp.path().join("n1"), "200m") else { return };
+    let members = three_members(tmp.path());
+    let key = DataKey::from_secret(&std::fs::read(members[0].dir.join("secret")).unwrap());
+    create_replicated(&members[0], "r1", "256M");
+    assert_eq!(owner(&members).0, 0, "the creating node owns the volume");
+    // Room taken by something else on node 1's disk, freed later.
+    let filler = members[0].dir.join("filler");
+    std::fs::write(&filler, vec![0x11u8; 48 << 20]).unwrap();
+    let uri = members[0].node().uri("r1");
+    let mut qemu = Command::new("qemu-io");
+    qemu.args(["-f", "raw"]);
+    for i in 0..24u64 {
+        qemu.arg("-c").arg(format!("write -P 0x5a {} 8M", i << 23));
+    }
+    let out = qemu.arg(&uri).output().expect("qemu-io is required by this test");
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(text.contains("No space left"), "node 1 never filled:\n{text}");
+    wait_logged(&members, 60, "another node to own r1", || owner(&members).0 != 0);
+    let v = members[1].get("/v1/volumes/r1").unwrap();
+    let mine = v["components"].as_array().unwrap().iter().find(|c| c["node"] == 1).cloned();
+    assert_eq!(mine.unwrap()["state"], "stale", "node 1's copy is handed over stale: {v}");
+    assert!(members[0].node().log_tail(400).contains("this node's disk is full: moving"));
+    // Writes through node 1 succeed again (forwarded to the new owner).
+    crate::harness::qemu_io(&uri, &["write -P 0x77 0 1M", "flush"]);
+    // Node 1 gets room: its copy is levelled and active again, equal to the others.
+    std::fs::remove_file(&filler).unwrap();
+    wait_copies_equal(&members, &key, "r1", 1);
+    crate::harness::qemu_io(&uri, &["read -P 0x77 0 1M"]);
+}
+
 /// A block that rots on a copy other than the owner's is found by the owner's periodic
 /// scrub (`scrub_every_secs`) and rewritten: with no change of owner, and no client
 /// reading it.
