@@ -376,10 +376,10 @@ impl ReplicatedVolume {
                              this copy stale until it has room again");
                         let key = format!("/volumes/{}/attach", me.name);
                         let value = serde_json::to_vec(&Move { node: to }).expect("serializes");
-                        if let Err(e) =
-                            write(&me.meta, vec![], vec![Op::Put { key, value, lease: None }]).await
-                        {
-                            tracing::warn!(volume = %me.name, "cannot ask for the move: {}", e.message);
+                        let put = Op::Put { key, value, lease: None };
+                        if let Err(e) = write(&me.meta, vec![], vec![put]).await {
+                            let why = e.message;
+                            tracing::warn!(volume = %me.name, "cannot ask for the move: {why}");
                         }
                     }
                     None => tracing::warn!(volume = %me.name,
