@@ -194,7 +194,6 @@ pub fn open(
         full_watch: AtomicBool::new(false),
         weak: std::sync::OnceLock::new(),
         bitmaps,
-        runtime: tokio::runtime::Handle::current(),
     };
     // A STALE copy's bitmap is durable again under this epoch.
     for i in 0..n {

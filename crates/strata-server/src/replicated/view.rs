@@ -151,7 +151,6 @@ pub struct ReplicatedVolume {
     /// This view itself, for tasks it starts (set by `lifecycle::take_over`).
     pub(super) weak: std::sync::OnceLock<std::sync::Weak<ReplicatedVolume>>,
     pub(super) bitmaps: PathBuf,
-    pub(super) runtime: tokio::runtime::Handle,
 }
 
 /// The owner's state, locked; in debug builds (every test) its invariants are checked
@@ -946,12 +945,7 @@ impl ReplicatedVolume {
             Ok(false) | Err(StoreError::Corrupt { .. }) => {}
             Err(e) => return Err(e),
         }
-        let me = self.clone();
-        tokio::task::spawn_blocking(move || {
-            me.read_local(&mut buf, offset, false).map(|()| Bytes::from(buf))
-        })
-        .await
-        .unwrap_or_else(|e| Err(StoreError::io("read")(std::io::Error::other(e))))
+        self.read_local(offset, length, false).await.map(Bytes::from)
     }
 
     /// Makes regions `regions` of copy `i` equal to the owner's copy: their digests are
@@ -965,15 +959,11 @@ impl ReplicatedVolume {
         let id = self.copies[i].id();
         let offset = regions.start * REGION;
         let end = (regions.end * REGION).min(self.size());
-        // The owner's copy is read on the blocking pool (a store read, with read repair).
-        let me = self.clone();
-        let ours = tokio::task::spawn_blocking(move || {
-            let mut ours = vec![0u8; (end - offset) as usize];
-            me.read_local(&mut ours, offset, true).map(|()| ours)
-        })
-        .await
-        .map_err(|e| format!("reading this node's copy: {e}"))?
-        .map_err(|e| e.to_string())?;
+        // The owner's copy, read on the blocking pool (with read repair).
+        let ours = self
+            .read_local(offset, (end - offset) as usize, true)
+            .await
+            .map_err(|e| format!("reading this node's copy: {e}"))?;
         let mut h = request(Kind::Digest, id, self.epoch, 0, offset);
         h.count = ours.len() as u32;
         let theirs = match tokio::time::timeout(T.io_timeout, peer.call(h, &[])).await {
@@ -1254,20 +1244,31 @@ impl ReplicatedVolume {
         Box::pin(self.resync(i)).await
     }
 
-    /// Reads the owner's copy; a block that fails its checksum is read from another
-    /// ACTIVE copy instead and rewritten here (read repair). `locked`: the caller holds
-    /// the exclusive lock (else the repair takes it, so no write interleaves).
-    pub(super) fn read_local(
+    /// Reads `length` bytes of the owner's copy at `offset` on the blocking pool; a block
+    /// that fails its checksum is read from another ACTIVE copy instead and rewritten here
+    /// (read repair). `locked`: the caller holds the exclusive lock (else the repair takes
+    /// it, so no write interleaves).
+    pub(super) async fn read_local(
         &self,
-        buf: &mut [u8],
         offset: u64,
+        length: usize,
         locked: bool,
-    ) -> Result<(), StoreError> {
-        let damage = match self.local.volume.read_at(buf, offset) {
+    ) -> Result<Vec<u8>, StoreError> {
+        let volume = self.local.volume.clone();
+        let read = tokio::task::spawn_blocking(move || {
+            let mut buf = vec![0u8; length];
+            volume.read_at(&mut buf, offset).map(|()| buf)
+        })
+        .await
+        .unwrap_or_else(|e| Err(StoreError::io("read")(std::io::Error::other(e))));
+        let damage = match read {
             Err(StoreError::Corrupt { message }) => message,
             other => return other,
         };
-        let _exclusive = (!locked).then(|| self.resync_lock.blocking_write());
+        let _exclusive = match locked {
+            true => None,
+            false => Some(self.resync_lock.write().await),
+        };
         let states: Vec<CopyState> = self.state().tracks().iter().map(|t| t.state).collect();
         for (i, c) in self.copies.iter().enumerate() {
             let Some(peer) = c.peer.clone() else { continue };
@@ -1275,21 +1276,23 @@ impl ReplicatedVolume {
                 continue;
             }
             let mut h = request(Kind::Read, c.id(), self.epoch, 0, offset);
-            h.count = buf.len() as u32;
-            let read = self
-                .runtime
-                .block_on(async { tokio::time::timeout(T.io_timeout, peer.call(h, &[])).await });
+            h.count = length as u32;
+            let read = tokio::time::timeout(T.io_timeout, peer.call(h, &[])).await;
             let Ok(Ok((_, data))) = read else { continue };
-            if data.len() != buf.len() {
+            if data.len() != length {
                 continue;
             }
-            buf.copy_from_slice(&data);
-            let pass = self.runtime.block_on(self.fencing.enter(self.local.id(), self.epoch));
-            if pass.is_ok() && self.local.volume.write_at(&data, offset).is_ok() {
-                tracing::warn!(volume = %self.name, offset, len = buf.len(), from = c.node,
-                    "repaired a damaged read from another copy ({damage})");
+            let data = data.to_vec();
+            if let Ok(_pass) = self.fencing.enter(self.local.id(), self.epoch).await {
+                let volume = self.local.volume.clone();
+                let copy = data.clone();
+                let wrote = tokio::task::spawn_blocking(move || volume.write_at(&copy, offset));
+                if matches!(wrote.await, Ok(Ok(()))) {
+                    tracing::warn!(volume = %self.name, offset, len = length, from = c.node,
+                        "repaired a damaged read from another copy ({damage})");
+                }
             }
-            return Ok(());
+            return Ok(data);
         }
         Err(StoreError::Corrupt { message: format!("{damage}; no other copy could be read") })
     }
