@@ -31,6 +31,7 @@
 
 use crate::fencing::Refused;
 use crate::node::Node;
+use crate::poison::Locked;
 use bytes::Bytes;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -83,7 +84,7 @@ struct InProgress<'a> {
 
 impl Drop for InProgress<'_> {
     fn drop(&mut self) {
-        self.of.forwarded.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.key);
+        self.of.forwarded.locked("the forwarded writes seen").remove(&self.key);
         self.outcome.send_if_modified(|o| {
             let unset = o.is_none();
             o.get_or_insert(Status::Io);
@@ -198,7 +199,7 @@ impl DataService {
             return Ok(None);
         }
         let key = (h.component, h.lsn, number);
-        let mut map = self.forwarded.lock().unwrap_or_else(|e| e.into_inner());
+        let mut map = self.forwarded.locked("the forwarded writes seen");
         if let Some(rx) = map.get(&key) {
             return Err(rx.clone());
         }
@@ -336,7 +337,7 @@ impl DataService {
                          power loss"
                     );
                 }
-                let lsns = self.lsns.lock().unwrap_or_else(|e| e.into_inner());
+                let lsns = self.lsns.locked("the LSNs applied");
                 reply.lsn = lsns.get(&h.component).copied().unwrap_or(0);
                 reply.count = 0;
                 Ok(Vec::new())
@@ -436,7 +437,7 @@ impl DataService {
     }
 
     fn applied(&self, h: &Header) {
-        let mut lsns = self.lsns.lock().unwrap_or_else(|e| e.into_inner());
+        let mut lsns = self.lsns.locked("the LSNs applied");
         let top = lsns.entry(h.component).or_insert(0);
         *top = (*top).max(h.lsn);
     }

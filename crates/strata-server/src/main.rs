@@ -25,6 +25,7 @@ mod guard;
 mod https;
 mod metrics;
 mod node;
+mod poison;
 mod progress;
 mod registry;
 mod replicated;

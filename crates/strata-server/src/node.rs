@@ -24,6 +24,7 @@
 use crate::access;
 use crate::catalog::{Catalog, CatalogEntry, ComponentEntry, SnapshotEntry, CATALOG_FORMAT};
 use crate::error::{ApiError, ApiResult};
+use crate::poison::Locked;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -1098,7 +1099,7 @@ impl Node {
         }
         self.store.delete_snapshot(id).map_err(engine_error("delete the snapshot"))?;
         {
-            let mut deleted = self.deleted.lock().unwrap_or_else(|e| e.into_inner());
+            let mut deleted = self.deleted.locked("the list of deleted volumes");
             deleted.insert(id, full.clone());
             while deleted.len() > strata_store::store::RECLAIMS_TRACKED {
                 deleted.pop_first();
@@ -1236,7 +1237,7 @@ impl Node {
 
     /// The space deleted snapshots held alone, and how much the log has reused.
     pub fn reclaim(&self) -> Reclaim {
-        let deleted = self.deleted.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let deleted = self.deleted.locked("the list of deleted volumes").clone();
         let snapshots: Vec<SnapshotReclaim> = self
             .store
             .reclaims()

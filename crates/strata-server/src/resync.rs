@@ -22,6 +22,7 @@
 //!    volume, it pauses as long as the step took, so under client load resync gets half
 //!    the time and clients the other half; on an idle volume it runs flat out.
 
+use crate::poison::Locked;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -133,7 +134,7 @@ impl Scheduler {
     /// the slots it grants.
     pub fn set_jobs(&self, jobs: usize) {
         self.lock().core.set_threshold(jobs);
-        self.receiving.lock().unwrap_or_else(|e| e.into_inner()).set_threshold(jobs);
+        self.receiving.locked("the resync slots granted").set_threshold(jobs);
         let mut s = self.lock();
         self.pump(&mut s);
     }
@@ -143,7 +144,7 @@ impl Scheduler {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Sending> {
-        self.sending.lock().unwrap_or_else(|e| e.into_inner())
+        self.sending.locked("the resync queue")
     }
 
     /// Wakes every job that may start now.
@@ -191,18 +192,18 @@ impl Scheduler {
     /// one); `false`: every slot is taken (invariant 3).
     pub fn acquire_slot(&self, node: u64, job: u64) -> bool {
         let now = self.tick();
-        let mut slots = self.receiving.lock().unwrap_or_else(|e| e.into_inner());
+        let mut slots = self.receiving.locked("the resync slots granted");
         slots.acquire((node, job), now, now + millis(SLOT_LEASE))
     }
 
     /// Job `job` of node `node` ended.
     pub fn release_slot(&self, node: u64, job: u64) {
-        self.receiving.lock().unwrap_or_else(|e| e.into_inner()).release(&(node, job));
+        self.receiving.locked("the resync slots granted").release(&(node, job));
     }
 
     /// Slots held here now (jobs writing to this node's copies).
     pub fn slots_held(&self) -> usize {
-        self.receiving.lock().unwrap_or_else(|e| e.into_inner()).held(self.tick())
+        self.receiving.locked("the resync slots granted").held(self.tick())
     }
 }
 

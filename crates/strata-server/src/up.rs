@@ -164,6 +164,8 @@ impl<S, F: tracing_subscriber::layer::Filter<S>> tracing_subscriber::layer::Filt
         if !Self::library(meta) {
             return true;
         }
+        // A rate limit's times, harmless if a panic left them half-changed (and a log
+        // filter must not log: `poison` would).
         let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
         let now = Instant::now();
         match last.get(&meta.callsite()) {

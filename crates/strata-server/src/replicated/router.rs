@@ -3,6 +3,7 @@
 //! chosen), and reads from its own copy under a read lease (invariant 10).
 
 use super::*;
+use crate::poison::{Locked, RwLocked};
 
 /// How one node serves one replicated volume (invariant 6): through its owner view
 /// while it owns the volume, else by forwarding each request to the owner.
@@ -115,9 +116,9 @@ impl Router {
 
     /// This node's copy of the volume (`None`: it holds none), for reads under a lease.
     pub fn set_local(&self, copy: Option<(Component, Arc<Fencing>)>) {
-        let mut local = self.local.lock().unwrap_or_else(|e| e.into_inner());
+        let mut local = self.local.locked("the node's own copy");
         if local.as_ref().map(|(c, _)| c.id()) != copy.as_ref().map(|(c, _)| c.id()) {
-            *self.lease.held.lock().unwrap_or_else(|e| e.into_inner()) = None;
+            *self.lease.held.locked("the read lease") = None;
         }
         *local = copy;
     }
@@ -132,8 +133,8 @@ impl Router {
     /// read so no newer owner's fence completes meanwhile. `None`: forward it. Asks for
     /// a lease (in the background) when there is none or it is half gone.
     pub(super) async fn read_here(&self, offset: u64, length: usize) -> Option<Bytes> {
-        let (copy, fencing) = self.local.lock().unwrap_or_else(|e| e.into_inner()).clone()?;
-        let lease = *self.lease.held.lock().unwrap_or_else(|e| e.into_inner());
+        let (copy, fencing) = self.local.locked("the node's own copy").clone()?;
+        let lease = *self.lease.held.locked("the read lease");
         let now = Instant::now();
         if lease.is_none_or(|l| l.until < now + T.read_lease / 2) {
             self.renew_lease(copy.id());
@@ -178,7 +179,7 @@ impl Router {
             let reply = tokio::time::timeout(T.read_lease / 2, t.peer.call(h, &[])).await;
             if matches!(reply, Ok(Ok((r, _))) if r.component == component) {
                 let l = ReadLease { epoch: t.epoch, component, until: asked + T.read_lease };
-                *leasing.held.lock().unwrap_or_else(|e| e.into_inner()) = Some(l);
+                *leasing.held.locked("the read lease") = Some(l);
             }
             leasing.asking.store(false, Ordering::Release);
         });
@@ -186,15 +187,15 @@ impl Router {
 
     /// This node's owner view, if it owns the volume.
     pub fn view(&self) -> Option<Arc<ReplicatedVolume>> {
-        self.view.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.view.read_locked("the owner view").clone()
     }
 
     pub(super) fn install(&self, view: Arc<ReplicatedVolume>) {
-        *self.view.write().unwrap_or_else(|e| e.into_inner()) = Some(view);
+        *self.view.write_locked("the owner view") = Some(view);
     }
 
     pub(super) fn clear(&self) {
-        *self.view.write().unwrap_or_else(|e| e.into_inner()) = None;
+        *self.view.write_locked("the owner view") = None;
     }
 
     /// The owner to forward to, from this member's applied state.
@@ -216,7 +217,7 @@ impl Router {
             .and_then(|r| r.components.iter().find(|c| c.node == owner.node).map(|c| c.id))
             .ok_or("the owner holds no copy")?;
         let rpc = rpc_of(&self.meta, owner.node).ok_or("the owner has no address")?;
-        let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+        let mut peers = self.peers.locked("the data-plane peers");
         let peer = peers
             .entry(rpc.clone())
             .or_insert_with(|| Arc::new(DataPeer::new(self.key.clone(), rpc)))
@@ -358,7 +359,7 @@ impl Router {
     /// else forwarded to the owner; retried while no owner can take it (for up to
     /// `T.forward_patience`). Large requests go in pieces a frame can carry.
     pub async fn run(&self, op: IoOp) -> Result<Bytes, StoreError> {
-        *self.last_local.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+        *self.last_local.locked("the time of the last local client") = Some(Instant::now());
         let pieces = split(op);
         if pieces.len() == 1 {
             return self.run_one(pieces.into_iter().next().expect("one piece")).await;
@@ -424,7 +425,7 @@ impl Router {
     pub async fn run_writes(self: Arc<Self>, ops: Vec<IoOp>) -> Vec<Result<Bytes, StoreError>> {
         let fits = ops.iter().all(|op| wire(op).2 <= PAYLOAD_BYTES_MAX as u64);
         let numbers: Vec<u32> = ops.iter().map(|_| self.number()).collect();
-        *self.last_local.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+        *self.last_local.locked("the time of the last local client") = Some(Instant::now());
         let view = self.view().filter(|v| v.serving());
         let mut out: Vec<Option<Result<Bytes, StoreError>>> = match view {
             Some(v) if fits => {

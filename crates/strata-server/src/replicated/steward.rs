@@ -4,6 +4,7 @@
 //! its clients use, publishes power-loss (suspect) and stopping marks.
 
 use super::*;
+use crate::poison::Locked;
 
 /// What a node knows of one replicated volume, from its applied state.
 pub(super) struct Seen {
@@ -84,7 +85,7 @@ pub(super) async fn consider_move(
     if p.after.is_zero() || view.taken_at.elapsed() < p.hold {
         return;
     }
-    let local = *router.last_local.lock().unwrap_or_else(|e| e.into_inner());
+    let local = *router.last_local.locked("the time of the last local client");
     let Some(to) = view.sole_user(p.after, local) else { return };
     let active = v.record.components.iter().any(|c| c.node == to && c.state == CopyState::Active);
     if !active || !v.up.contains(&to) {

@@ -5,6 +5,7 @@
 //! node's resync scheduler's order.
 
 use super::*;
+use crate::poison::Locked;
 
 /// One copy as the owner sees it.
 pub(super) struct Copy {
@@ -59,7 +60,7 @@ impl InFlight {
             tokio::pin!(freed);
             freed.as_mut().enable();
             {
-                let mut held = self.regions.lock().unwrap_or_else(|e| e.into_inner());
+                let mut held = self.regions.locked("the regions in flight");
                 if !regions.iter().any(|r| held.contains(r)) {
                     held.extend(regions.iter().copied());
                     return Turn { of: self, regions };
@@ -72,7 +73,7 @@ impl InFlight {
 
 impl Drop for Turn<'_> {
     fn drop(&mut self) {
-        let mut held = self.of.regions.lock().unwrap_or_else(|e| e.into_inner());
+        let mut held = self.of.regions.locked("the regions in flight");
         for r in &self.regions {
             held.remove(r);
         }
@@ -434,7 +435,7 @@ impl ReplicatedVolume {
     /// Notes a request forwarded by node `from` (for automatic moves).
     pub fn note_forwarded(&self, from: u64) {
         let now = Instant::now();
-        let mut f = self.forwarders.lock().unwrap_or_else(|e| e.into_inner());
+        let mut f = self.forwarders.locked("the forwarders seen");
         let entry = f.entry(from).or_insert((now, now));
         if now.duration_since(entry.1) > T.streak_gap {
             entry.0 = now; // A new streak.
@@ -448,7 +449,7 @@ impl ReplicatedVolume {
         if local.is_some_and(|t| t.elapsed() < after) {
             return None;
         }
-        let f = self.forwarders.lock().unwrap_or_else(|e| e.into_inner());
+        let f = self.forwarders.locked("the forwarders seen");
         let recent: Vec<(&u64, &(Instant, Instant))> =
             f.iter().filter(|(_, (_, last))| last.elapsed() < after).collect();
         match recent.as_slice() {
