@@ -28,6 +28,7 @@ mod node;
 mod progress;
 mod registry;
 mod replicated;
+mod report;
 mod resync;
 mod tls;
 mod up;

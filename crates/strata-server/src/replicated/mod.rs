@@ -22,7 +22,7 @@ pub use self::{housekeeping::*, lifecycle::*, router::*, steward::*, view::*};
 
 use crate::error::{ApiError, ApiResult};
 use crate::fencing::{Fencing, Refused};
-use crate::node::{Component, Node};
+use crate::node::{Component, Node, Routed};
 use crate::registry::{applied_record, records};
 use bytes::{Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
