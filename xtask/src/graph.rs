@@ -8,9 +8,8 @@
 //!   [`CORE_PURE_DEPS`] (no tokio, no sockets, no files; its clippy.toml bans the rest);
 //! - the server's module graph: `crate::X` references (use statements and paths, outside
 //!   comments, strings and `#[cfg(test)]` items) between the top-level modules of
-//!   `crates/strata-server/src`; an edge that closes a cycle fails unless it is in
-//!   [`MODULE_CYCLE_EDGES_ALLOWED`], and an allowed edge no longer in a cycle fails too (the
-//!   list only shrinks).
+//!   `crates/strata-server/src` must form no cycle: the modules depend one way (issue 16
+//!   emptied the list of the cycles once allowed), and every edge on a cycle fails.
 //!
 //! The parsers are pure functions of text, tested below; [`check`] reads the files.
 
@@ -32,24 +31,6 @@ pub const CORE_PURE_DEPS: &[&str] = &["strata-types", "serde", "serde_json", "th
 
 /// The heading of ARCHITECTURE.md's section whose fenced block lists the allowed edges.
 pub const CRATE_GRAPH_HEADING: &str = "## Crate graph";
-
-/// The edges of the server's module graph that lie on a cycle today (`from`, `to`): the
-/// circles api, metrics, node, registry, replicated. To be emptied by issue 16 (the
-/// server as a thin shell around the core, its modules depending one way). A new edge on a
-/// cycle fails; an edge here that is no longer on one fails until it is removed.
-pub const MODULE_CYCLE_EDGES_ALLOWED: &[(&str, &str)] = &[
-    ("api", "metrics"),
-    ("api", "node"),
-    ("api", "registry"),
-    ("api", "replicated"),
-    ("metrics", "api"),
-    ("metrics", "node"),
-    ("node", "metrics"),
-    ("node", "replicated"),
-    ("registry", "node"),
-    ("replicated", "node"),
-    ("replicated", "registry"),
-];
 
 /// Runs every graph check from the workspace `root`; returns the problems found (empty
 /// when all pass). Prints the module cycles it finds.
@@ -88,7 +69,7 @@ pub fn check(root: &Path) -> Result<Vec<String>, String> {
         sources.push((rel, text));
     }
     let graph = module_graph(&sources);
-    let (cycle_problems, cycles) = check_cycles(&graph, MODULE_CYCLE_EDGES_ALLOWED);
+    let (cycle_problems, cycles) = check_cycles(&graph);
     for cycle in &cycles {
         eprintln!("   strata-server module cycle: {}", cycle.join(", "));
     }
@@ -611,37 +592,26 @@ fn path(graph: &Graph, from: &str, to: &str) -> Option<Vec<String>> {
     None
 }
 
-/// Checks `graph`'s cycles against the edges `allowed` on them: every edge inside a cycle
-/// must be allowed (else a new cycle, shown), and every allowed edge must still be on one
-/// (else the list is stale). Returns the problems and the cycles found.
-pub fn check_cycles(graph: &Graph, allowed: &[(&str, &str)]) -> (Vec<String>, Vec<Vec<String>>) {
+/// Checks that `graph` has no cycle: every edge inside one is a problem (shown with the
+/// way back that closes it). Returns the problems and the cycles found.
+pub fn check_cycles(graph: &Graph) -> (Vec<String>, Vec<Vec<String>>) {
     let found = cycles(graph);
-    let mut on_cycle = BTreeSet::new();
+    let mut problems = Vec::new();
     for component in &found {
         for from in component {
-            for to in graph.get(from).into_iter().flatten() {
-                if component.contains(to) {
-                    on_cycle.insert((from.as_str(), to.as_str()));
-                }
+            for to in graph.get(from).into_iter().flatten().filter(|to| component.contains(to)) {
+                let back = path(graph, to, from).map(|p| p.join(" -> ")).unwrap_or_default();
+                let used = if to == "main" {
+                    "the crate root's items".to_owned()
+                } else {
+                    format!("crate::{to}")
+                };
+                problems.push(format!(
+                    "module graph: a cycle in strata-server: {from} -> {back} ({used} used in \
+                     {from}; make the modules depend one way)"
+                ));
             }
         }
-    }
-    let allowed: BTreeSet<(&str, &str)> = allowed.iter().copied().collect();
-    let mut problems = Vec::new();
-    for &(from, to) in on_cycle.difference(&allowed) {
-        let back = path(graph, to, from).map(|p| p.join(" -> ")).unwrap_or_default();
-        let used =
-            if to == "main" { "the crate root's items".to_owned() } else { format!("crate::{to}") };
-        problems.push(format!(
-            "module graph: a new cycle in strata-server: {from} -> {back} ({used} used in \
-             {from}; make the modules depend one way)"
-        ));
-    }
-    for &(from, to) in allowed.difference(&on_cycle) {
-        problems.push(format!(
-            "module graph: {from} -> {to} is no longer on a cycle: remove it from \
-             MODULE_CYCLE_EDGES_ALLOWED (xtask/src/graph.rs)"
-        ));
     }
     (problems, found)
 }
@@ -694,30 +664,29 @@ use crate::self_test::{self};
         assert!(graph["d"].is_empty(), "a test-only file adds no edge: {graph:?}");
         assert_eq!(cycles(&graph), [["a", "b", "c", "main"]]);
 
-        let (problems, _) = check_cycles(&graph, &[]);
-        assert_eq!(problems.len(), 5, "every edge on the cycle is new: {problems:?}");
+        let (problems, _) = check_cycles(&graph);
+        assert_eq!(problems.len(), 5, "every edge on the cycle fails: {problems:?}");
         assert!(problems[0].contains("a -> b -> c -> a"), "{problems:?}");
-
-        let all = [("a", "b"), ("b", "c"), ("c", "a"), ("c", "main"), ("main", "a")];
-        assert!(check_cycles(&graph, &all).0.is_empty());
-        // An allowed edge no longer on a cycle is reported, so the list only shrinks.
-        let stale = [("a", "b"), ("b", "c"), ("c", "a"), ("c", "main"), ("main", "a"), ("d", "a")];
-        let (problems, _) = check_cycles(&graph, &stale);
-        assert_eq!(problems.len(), 1);
-        assert!(problems[0].contains("d -> a is no longer on a cycle"));
+        assert!(problems.iter().any(|p| p.contains("(the crate root's items used in c;")));
     }
 
     #[test]
-    fn a_new_edge_inside_an_allowed_cycle_fails() {
+    fn a_graph_that_depends_one_way_passes_and_every_cycle_fails() {
         let mut graph = Graph::new();
         graph.entry("x".into()).or_default().insert("y".into());
-        graph.entry("y".into()).or_default().insert("x".into());
-        assert!(check_cycles(&graph, &[("x", "y"), ("y", "x")]).0.is_empty());
         graph.entry("y".into()).or_default().insert("z".into());
-        graph.entry("z".into()).or_default().insert("x".into());
-        let (problems, found) = check_cycles(&graph, &[("x", "y"), ("y", "x")]);
-        assert_eq!(found, [["x", "y", "z"]]);
-        assert_eq!(problems.len(), 2, "{problems:?}");
+        graph.entry("x".into()).or_default().insert("z".into());
+        let (problems, found) = check_cycles(&graph);
+        assert!(problems.is_empty() && found.is_empty(), "{problems:?}");
+        // Two cycles at once: x, y and z, w.
+        graph.entry("y".into()).or_default().insert("x".into());
+        graph.entry("z".into()).or_default().insert("w".into());
+        graph.entry("w".into()).or_default().insert("z".into());
+        let (problems, found) = check_cycles(&graph);
+        assert_eq!(found, [["w", "z"], ["x", "y"]]);
+        assert_eq!(problems.len(), 4, "{problems:?}");
+        assert!(problems.iter().any(|p| p.contains("y -> x -> y")), "{problems:?}");
+        assert!(!problems.iter().any(|p| p.contains("x -> z")), "not on a cycle: {problems:?}");
     }
 
     const DOC: &str = "# A\n\n## Crate graph\n\nText.\n\n```text\n# comment\nb -> a\n\nc -> a\n\

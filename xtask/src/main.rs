@@ -141,7 +141,7 @@ fn readme_start_command() -> Result<(), String> {
 /// Source hygiene the compiler does not check: every crate root opens with `//!`, no
 /// `todo!`/`dbg!`/`unimplemented!` in non-test code paths, lines of at most 100 columns;
 /// and the dependency graphs (`graph`): the crate graph as ARCHITECTURE.md draws it, the
-/// core's pure dependencies, no new cycle among the server's modules.
+/// core's pure dependencies, no cycle among the server's modules.
 fn tidy() -> Result<(), String> {
     eprintln!("== tidy");
     let mut problems = Vec::new();

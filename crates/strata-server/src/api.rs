@@ -59,7 +59,7 @@ pub struct Api {
 impl Api {
     /// A replicated volume this node owns, with its copies as the owner sees them now.
     fn live(&self, mut v: VolumeInfo) -> VolumeInfo {
-        if let Some(copies) = self.node.replicated_copies(&v.name) {
+        if let Some(copies) = crate::replicated::live_copies(&self.node, &v.name) {
             v.components = copies;
         }
         crate::replicated::mark_suspects(&self.node, &self.meta, &mut v.components);
@@ -242,12 +242,12 @@ async fn asset(content_type: &'static str, body: &'static str) -> Response {
 }
 
 async fn metrics(State(api): State<Api>) -> Response {
-    let text = crate::metrics::exposition(&api).await;
+    let text = crate::report::exposition(&api.node, &api.meta, || all_volumes(&api)).await;
     ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response()
 }
 
-async fn stats(State(api): State<Api>) -> Json<crate::metrics::Stats> {
-    Json(crate::metrics::stats(&api))
+async fn stats(State(api): State<Api>) -> Json<crate::report::Stats> {
+    Json(crate::report::stats(&api.node, api.started))
 }
 
 async fn openapi() -> Response {

@@ -32,6 +32,7 @@
 use crate::fencing::Refused;
 use crate::node::Node;
 use crate::poison::Locked;
+use crate::replicated::{owned_by_component, router_of};
 use bytes::Bytes;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -107,7 +108,7 @@ impl DataService {
     /// A VOLUME request (invariant 4).
     async fn for_volume(&self, h: &Header, payload: Vec<u8>) -> (Status, Header, Vec<u8>) {
         let reply = *h;
-        let Some(view) = self.node.owned_by_component(h.component).filter(|v| v.serving()) else {
+        let Some(view) = owned_by_component(&self.node, h.component).filter(|v| v.serving()) else {
             return (Status::NotOwner, reply, Vec::new());
         };
         view.note_forwarded(h.lsn);
@@ -146,7 +147,7 @@ impl DataService {
         batch: Vec<(Header, Vec<u8>)>,
     ) -> Vec<(Status, Header, Vec<u8>)> {
         let component = batch[0].0.component;
-        let view = self.node.owned_by_component(component).filter(|v| v.serving());
+        let view = owned_by_component(&self.node, component).filter(|v| v.serving());
         let Some(view) = view.filter(|_| batch.iter().all(|(h, _)| h.component == component))
         else {
             let mut out = Vec::with_capacity(batch.len());
@@ -170,7 +171,7 @@ impl DataService {
                 Err(rx) => earlier.push((j, h, rx)),
             }
         }
-        if let Some(router) = self.node.replicated_router(view.name()).filter(|_| ops.len() > 1) {
+        if let Some(router) = router_of(&self.node, view.name()).filter(|_| ops.len() > 1) {
             router.count_batch(ops.len());
         }
         let done = view.run_writes(ops).await;
@@ -262,7 +263,7 @@ impl DataService {
         if h.kind == Kind::Release {
             // Any view of this node's at that epoch, serving or not: asked again, one
             // that let go already answers as the first time.
-            let view = self.node.owned_by_component(h.component).filter(|v| v.epoch() == h.epoch);
+            let view = owned_by_component(&self.node, h.component).filter(|v| v.epoch() == h.epoch);
             let Some(view) = view else {
                 return (Status::NotOwner, reply, Vec::new());
             };
@@ -280,7 +281,7 @@ impl DataService {
         }
         if h.kind == Kind::Lease {
             // Only the serving owner at that epoch grants one.
-            let view = self.node.owned_by_component(h.component);
+            let view = owned_by_component(&self.node, h.component);
             let view = view.filter(|v| v.epoch() == h.epoch && v.serving());
             let Some(view) = view else {
                 return (Status::NotOwner, reply, Vec::new());

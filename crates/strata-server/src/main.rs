@@ -29,6 +29,7 @@ mod poison;
 mod progress;
 mod registry;
 mod replicated;
+mod report;
 mod resync;
 mod tls;
 mod up;

@@ -99,7 +99,7 @@ pub fn discover(
         return false;
     };
     let _runtime = runtime.enter();
-    node.router(name, || Arc::new(Router::new(meta.clone(), &record)));
+    export_router(node, name, || Arc::new(Router::new(meta.clone(), &record)));
     true
 }
 
@@ -127,7 +127,7 @@ pub(super) async fn housekeeping(node: Arc<Node>, meta: Arc<Member>) {
 /// 9), with one linearizable read of the membership for all of them (none when it owns
 /// none).
 pub(super) async fn replace_removed_copies(node: &Node, meta: &Member) {
-    let owned: Vec<_> = node.owned().into_iter().filter(|v| v.serving()).collect();
+    let owned: Vec<_> = owned(node).into_iter().filter(|v| v.serving()).collect();
     if owned.is_empty() {
         return;
     }
@@ -178,7 +178,7 @@ pub(super) async fn surely_not(
 /// Stops exporting `name` here (its clients are disconnected, this node's view of it
 /// deposed) and takes back this node's `clients` key for it.
 pub(super) async fn unexport(node: &Node, meta: &Member, name: &str, why: &str) {
-    if let Some(router) = node.unexport_replicated(name) {
+    if let Some(router) = unexport_router(node, name) {
         if let Some(view) = router.view() {
             view.depose(why);
         }

@@ -407,7 +407,7 @@ pub async fn resize(
                 to = size_bytes,
                 "volume grown"
             );
-            if let Some(router) = node.replicated_router(name) {
+            if let Some(router) = router_of(node, name) {
                 router.grow(now.size_bytes);
             }
             return Ok(now);
@@ -528,7 +528,8 @@ pub async fn create(
     let done = match failure {
         None => match registry.publish(&record).await {
             Ok(()) => {
-                let router = node.router(name, || Arc::new(Router::new(meta.clone(), &record)));
+                let router =
+                    export_router(node, name, || Arc::new(Router::new(meta.clone(), &record)));
                 match take_over(node, meta, &router, true, None).await {
                     Ok(epoch) => {
                         record.epoch = epoch;

@@ -7,7 +7,9 @@
 //!
 //! Modules, depending one way (each uses this module's shared helpers):
 //! - `view`: the owner's view (`ReplicatedVolume`), executing the core's commands;
-//! - `router`: how every node serves every volume (forwarding, leased local reads);
+//! - `router`: how every node serves every volume (forwarding, leased local reads), and
+//!   the node's routers as `Router`s (`node` keeps them as `node::Routed` exports, naming
+//!   no type of this module, which uses it: `export_router`, `router_of`, `owned`);
 //! - `lifecycle`: create, take ownership, open a view, attach, grow;
 //! - `steward`: each node's loop over the volumes (takeovers, moves, stop);
 //! - `housekeeping`: deletes, client counts, orphans, removed nodes' copies.
@@ -22,7 +24,7 @@ pub use self::{housekeeping::*, lifecycle::*, router::*, steward::*, view::*};
 
 use crate::error::{ApiError, ApiResult};
 use crate::fencing::{Fencing, Refused};
-use crate::node::{Component, Node};
+use crate::node::{Component, Node, Routed};
 use crate::registry::{applied_record, records};
 use bytes::{Bytes, BytesMut};
 use serde::{Deserialize, Serialize};

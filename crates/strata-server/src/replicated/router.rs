@@ -520,6 +520,48 @@ pub(super) fn split(op: IoOp) -> Vec<IoOp> {
     }
 }
 
+/// A node's export of a replicated volume as the router it is (the node knows it only as
+/// a [`Routed`] volume; only [`export_router`] exports one, always a [`Router`]).
+fn as_router(routed: Arc<dyn Routed>) -> Option<Arc<Router>> {
+    let any: Arc<dyn std::any::Any + Send + Sync> = routed;
+    any.downcast::<Router>().ok()
+}
+
+/// The router of replicated volume `name` on `node`, made by `make` and exported (over NBD,
+/// counted) if the node exports none yet.
+pub fn export_router(node: &Node, name: &str, make: impl FnOnce() -> Arc<Router>) -> Arc<Router> {
+    let routed = node.export_replicated(name, || make());
+    as_router(routed)
+        .expect("a node's replicated exports are routers: only this function makes one")
+}
+
+/// `node`'s router of replicated volume `name`, if it exports it.
+pub fn router_of(node: &Node, name: &str) -> Option<Arc<Router>> {
+    node.replicated_export(name).and_then(as_router)
+}
+
+/// Stops `node` exporting replicated volume `name` (its clients there are disconnected);
+/// returns its router, if there was one.
+pub fn unexport_router(node: &Node, name: &str) -> Option<Arc<Router>> {
+    node.unexport_replicated(name).and_then(as_router)
+}
+
+/// The owner views of the replicated volumes `node` owns.
+pub fn owned(node: &Node) -> Vec<Arc<ReplicatedVolume>> {
+    node.replicated_exports().into_iter().filter_map(as_router).filter_map(|r| r.view()).collect()
+}
+
+/// The owner view of the replicated volume whose component on `node` is `id`, if `node`
+/// owns that volume.
+pub fn owned_by_component(node: &Node, id: u64) -> Option<Arc<ReplicatedVolume>> {
+    owned(node).into_iter().find(|v| v.local_id() == id)
+}
+
+/// The owner's live view of replicated volume `name`'s copies, if `node` owns it.
+pub fn live_copies(node: &Node, name: &str) -> Option<Vec<ComponentRecord>> {
+    router_of(node, name)?.view().map(|v| v.live())
+}
+
 impl BlockVolume for Router {
     fn size_bytes(&self) -> u64 {
         self.size_bytes.load(Ordering::Acquire)

@@ -112,7 +112,7 @@ pub async fn hand_over(node: &Node, meta: &Member, patience: Duration) {
 
 pub(super) async fn hand_over_by(node: &Node, meta: &Member, deadline: Instant) {
     let mut stopping = announce_stop(meta).await;
-    for view in node.owned().into_iter().filter(|v| v.serving()) {
+    for view in owned(node).into_iter().filter(|v| v.serving()) {
         let Some(v) = seen(meta).into_iter().find(|s| s.record.name == view.name) else {
             continue;
         };
@@ -303,7 +303,8 @@ pub async fn steward(node: Arc<Node>, meta: Arc<Member>, moves: MovePolicy) {
         let me = meta.id();
         for v in seen(&meta) {
             let name = v.record.name.clone();
-            let router = node.router(&name, || Arc::new(Router::new(meta.clone(), &v.record)));
+            let router =
+                export_router(&node, &name, || Arc::new(Router::new(meta.clone(), &v.record)));
             router.grow(v.record.size_bytes);
             let here = v.record.components.iter().find(|c| c.node == me);
             let copy = here.and_then(|c| node.component(c.id));
