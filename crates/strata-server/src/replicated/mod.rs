@@ -7,6 +7,7 @@
 //!
 //! Modules, depending one way (each uses this module's shared helpers):
 //! - `view`: the owner's view (`ReplicatedVolume`), executing the core's commands;
+//! - `levelling`: resync, digest scans, rebuilds, read repair of the owner's view;
 //! - `router`: how every node serves every volume (forwarding, leased local reads), and
 //!   the node's routers as `Router`s (`node` keeps them as `node::Routed` exports, naming
 //!   no type of this module, which uses it: `export_router`, `router_of`, `owned`);
@@ -15,12 +16,13 @@
 //! - `housekeeping`: deletes, client counts, orphans, removed nodes' copies.
 
 mod housekeeping;
+mod levelling;
 mod lifecycle;
 mod router;
 mod steward;
 mod view;
 
-pub use self::{housekeeping::*, lifecycle::*, router::*, steward::*, view::*};
+pub use self::{housekeeping::*, levelling::*, lifecycle::*, router::*, steward::*, view::*};
 
 use crate::error::{ApiError, ApiResult};
 use crate::fencing::{Fencing, Refused};
