@@ -5,7 +5,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use strata_replica::frame::{self, DataKey, HEADER_BYTES};
+use strata_frame::frame::{self, DataKey, HEADER_BYTES};
 
 fuzz_target!(|data: &[u8]| {
     let Some(head) = data.get(..HEADER_BYTES) else { return };

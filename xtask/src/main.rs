@@ -1,6 +1,10 @@
 //! Project automation. `cargo xtask ci` is the one gate (the README's test command):
 //! format check, clippy with warnings denied, every test (nextest when installed), rustdoc
-//! with broken links denied, and tidy checks. Std only, so it builds in a second.
+//! with broken links denied, and tidy checks (source hygiene, and the crate and module
+//! graphs of `graph`). Std only, so it builds in a second (`json` reads `cargo metadata`).
+
+mod graph;
+mod json;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -135,7 +139,9 @@ fn readme_start_command() -> Result<(), String> {
 }
 
 /// Source hygiene the compiler does not check: every crate root opens with `//!`, no
-/// `todo!`/`dbg!`/`unimplemented!` in non-test code paths, lines of at most 100 columns.
+/// `todo!`/`dbg!`/`unimplemented!` in non-test code paths, lines of at most 100 columns;
+/// and the dependency graphs (`graph`): the crate graph as ARCHITECTURE.md draws it, the
+/// core's pure dependencies, no cycle among the server's modules.
 fn tidy() -> Result<(), String> {
     eprintln!("== tidy");
     let mut problems = Vec::new();
@@ -162,6 +168,7 @@ fn tidy() -> Result<(), String> {
             }
         }
     }
+    problems.extend(graph::check(&root())?);
     if problems.is_empty() {
         Ok(())
     } else {

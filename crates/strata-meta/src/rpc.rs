@@ -6,7 +6,7 @@
 //! a refusal that says so (`CallError::Refused`: "is this node's secret the cluster's?"),
 //! and a record replayed, reordered or taken from another connection is refused by the
 //! channel. Inside it, the connection's first bytes say which plane it is for: `SRP1`
-//! frames below, or `SDP1` (`strata-replica`'s data frames), handed to the member's
+//! frames below, or `SDP1` (`strata-frame`'s data frames), handed to the member's
 //! [`DataPlane`]. The port's listener (`strata_io::net::listener`) reads nothing but a
 //! small handshake before a peer is authenticated, and survives floods and descriptor
 //! exhaustion.
@@ -50,7 +50,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 
 const MAGIC: &[u8; 4] = b"SRP1";
-/// The first bytes of a data-plane connection (`strata-replica`'s frames), handed to the
+/// The first bytes of a data-plane connection (`strata-frame`'s frames), handed to the
 /// member's [`DataPlane`].
 pub const DATA_MAGIC: &[u8; 4] = b"SDP1";
 

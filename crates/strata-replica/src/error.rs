@@ -5,7 +5,7 @@
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum ReplicaError {
     /// Another owner took the volume (or may have): this one serves nothing more.
-    #[error("this node no longer owns the volume{}", newer.map(|e| format!(" (a copy has seen epoch {e})")).unwrap_or_default())]
+    #[error("this node no longer owns the volume{}", seen(*newer))]
     Deposed {
         /// The newer epoch a copy has seen, if one said so.
         newer: Option<u64>,
@@ -36,4 +36,9 @@ pub enum ReplicaError {
         /// What went wrong.
         why: String,
     },
+}
+
+/// " (a copy has seen epoch E)", or nothing.
+fn seen(newer: Option<u64>) -> String {
+    newer.map(|e| format!(" (a copy has seen epoch {e})")).unwrap_or_default()
 }

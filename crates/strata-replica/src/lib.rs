@@ -1,27 +1,39 @@
-//! Strata's replication (`docs/design/replication.md`), becoming the protocol's sans-I/O
-//! core. Built so far: [`record`], the records of replicated volumes as the metadata
-//! service stores them and the API returns them (volume, component with its [`CopyState`],
-//! owner, clean hand-over), and [`placement`], which nodes hold a volume's copies: both
-//! pure (data and decisions; no tokio, no clock, no files, no sockets). Then the data
-//! plane: [`frame`], the binary frames nodes exchange for component I/O (checksummed,
-//! authenticated with the cluster secret), [`fence`], the epoch fence by which a
-//! component refuses anything stamped with an epoch older than the newest it has seen,
-//! and [`client`], a connection to one node carrying many requests at once (on tokio).
-//! The owner's write fan-out, STALE marking, bitmaps and resync still live in
-//! `strata-server`'s `replicated.rs`.
+//! Strata's replication protocol core (`docs/design/replication.md`), sans-I/O: no tokio,
+//! no clock reads, no files, no sockets (`clippy.toml` bans the clock, `std::fs` and
+//! `std::net`; ARCHITECTURE.md's crate graph, checked by `cargo xtask tidy`, lets it
+//! depend only on pure crates). Time, randomness and replies come in as arguments;
+//! decisions go out as values, in the shape of openraft's Engine: the server executes
+//! them, and the deterministic simulation (`strata-sim`) runs the same code.
+//!
+//! - [`record`]: the records the metadata service stores for a replicated volume and the
+//!   API returns (volume, component with its [`CopyState`], owner, clean hand-over).
+//! - [`placement`]: which nodes hold a volume's copies.
+//! - [`owner`]: the owner's state, one track per copy, and its write path as
+//!   `begin`/`finish`/`conclude` returning commands (save a bitmap, record a STALE mark,
+//!   hold acknowledgments); `validate()` checks its invariants.
+//! - [`takeover`]: who takes an ownerless or moved volume, and when.
+//! - [`timing`]: every timeout and period in one value.
+//! - [`schedule`]: the resync scheduler's decisions (which job starts next, how many
+//!   run, the slots a node grants).
+//! - [`fence`]: the epoch fence by which a component refuses anything stamped with an
+//!   epoch older than the newest it has seen.
+//! - [`error`]: the protocol's typed errors.
+//! - [`mutation`]: with the `mutations` feature only (the simulation's), knobs that
+//!   re-open flaws the simulation found, each at its decision point.
+//!
+//! The data-plane frames and their connection are `strata-frame`'s.
 //!
 //! No store, no metadata service, no NBD; decoding untrusted bytes (frames, records)
 //! never panics.
 //!
 //! [`CopyState`]: record::CopyState
 
-pub mod client;
 pub mod error;
 pub mod fence;
-pub mod frame;
 pub mod mutation;
 pub mod owner;
 pub mod placement;
 pub mod record;
+pub mod schedule;
 pub mod takeover;
 pub mod timing;

@@ -736,6 +736,15 @@ impl OwnerState {
         started
     }
 
+    /// The copies the volume may be handed to when the owner's own store is full: ACTIVE
+    /// and owing no scan (the truth may move there), in the record's order.
+    pub fn successors(&self) -> Vec<usize> {
+        (0..self.tracks.len())
+            .filter(|&i| !self.tracks[i].local)
+            .filter(|&i| self.tracks[i].state == CopyState::Active && self.tracks[i].scan.is_none())
+            .collect()
+    }
+
     /// The copies that need a resync or a scan now.
     pub fn wanting(&self) -> Vec<usize> {
         (0..self.tracks.len())

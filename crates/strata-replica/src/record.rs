@@ -236,6 +236,12 @@ pub struct ComponentRecord {
     /// STALE mark).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stale_lsn: Option<u64>,
+    /// Its node came back from a power loss and marked it suspect (invariant 11): it may
+    /// lack writes that node had not synced, until an owner levels it. Shown from the
+    /// marks each node publishes (the server's `mark_suspects`); never stored in the
+    /// record.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub suspect: bool,
 }
 
 /// `/volumes/<name>/owner`: the node that owns a replicated volume, and at which epoch.

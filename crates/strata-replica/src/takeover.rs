@@ -75,6 +75,20 @@ pub struct Memory {
     pub waiting_for_truth: bool,
 }
 
+impl Memory {
+    /// Forgets what `seen` ends: an ownerless streak once there is an owner, a pending
+    /// move away once none is pending. Called on every pass, whether or not the node
+    /// decides anything (it may be serving the volume).
+    pub fn observe(&mut self, seen: &Seen) {
+        if seen.owner.is_some() {
+            self.ownerless_since = None;
+        }
+        if seen.moving_to.is_none_or(|m| m == seen.me) {
+            self.moving_away_since = None;
+        }
+    }
+}
+
 /// The steward's decision for one volume.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Take {
@@ -145,12 +159,7 @@ pub fn decide(
     now: Time,
     timing: &Timing,
 ) -> Take {
-    if seen.owner.is_some() {
-        mem.ownerless_since = None;
-    }
-    if seen.moving_to.is_none_or(|m| m == seen.me) {
-        mem.moving_away_since = None;
-    }
+    mem.observe(seen);
     if !seen.active_here() {
         return Take::NotYet;
     }

@@ -58,33 +58,19 @@ pub struct Timing {
     pub replace_every: Duration,
     /// Requests of one node further apart than this start a new streak (automatic moves).
     pub streak_gap: Duration,
+    /// An owner whose own store refused a write for want of room hands the volume over
+    /// if it still has none this much later.
+    pub full_grace: Duration,
 }
 
 impl Default for Timing {
-    /// Today's values.
     fn default() -> Timing {
-        let s = Duration::from_secs;
-        Timing {
-            session_timeout: s(10),
-            owner_lease: s(6),
-            read_lease: s(2),
-            io_timeout: s(10),
-            probe_timeout: s(2),
-            forward_timeout: s(30),
-            forward_patience: s(60),
-            owner_poll: Duration::from_millis(250),
-            steward_every: s(1),
-            takeover_step: s(3),
-            ownerless_grace: s(5),
-            release_patience: s(15),
-            move_wait: s(10),
-            move_patience: s(30),
-            delete_patience: s(15),
-            resync_every: s(2),
-            replace_every: s(10),
-            streak_gap: s(5),
-        }
+        Timing::DEFAULT
     }
+}
+
+const fn secs(s: u64) -> Duration {
+    Duration::from_secs(s)
 }
 
 /// A [`Timing`] that breaks one of the rules in the module's header.
@@ -93,6 +79,29 @@ impl Default for Timing {
 pub struct BadTiming(pub &'static str);
 
 impl Timing {
+    /// Today's values (the server's).
+    pub const DEFAULT: Timing = Timing {
+        session_timeout: secs(10),
+        owner_lease: secs(6),
+        read_lease: secs(2),
+        io_timeout: secs(10),
+        probe_timeout: secs(2),
+        forward_timeout: secs(30),
+        forward_patience: secs(60),
+        owner_poll: Duration::from_millis(250),
+        steward_every: secs(1),
+        takeover_step: secs(3),
+        ownerless_grace: secs(5),
+        release_patience: secs(15),
+        move_wait: secs(10),
+        move_patience: secs(30),
+        delete_patience: secs(15),
+        resync_every: secs(2),
+        replace_every: secs(10),
+        streak_gap: secs(5),
+        full_grace: secs(5),
+    };
+
     /// Every value divided by `by` (the simulation runs the protocol faster).
     pub fn scaled(self, by: u32) -> Timing {
         let by = by.max(1);
@@ -116,6 +125,7 @@ impl Timing {
             resync_every: d(self.resync_every),
             replace_every: d(self.replace_every),
             streak_gap: d(self.streak_gap),
+            full_grace: d(self.full_grace),
         }
     }
 
@@ -140,6 +150,7 @@ impl Timing {
             self.resync_every,
             self.replace_every,
             self.streak_gap,
+            self.full_grace,
         ];
         if all.iter().any(Duration::is_zero) {
             return Err(BadTiming("every timeout and period must be above zero"));

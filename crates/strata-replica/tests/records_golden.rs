@@ -19,6 +19,7 @@ fn component(node: u64, id: u64, state: CopyState, stale_lsn: Option<u64>) -> Co
         scan_left_bytes: None,
         lsn: None,
         stale_lsn,
+        suspect: false,
     }
 }
 
@@ -138,14 +139,15 @@ fn live() -> ComponentRecord {
         scan_left_bytes: Some(65536),
         lsn: Some((7 << 40) + 40),
         stale_lsn: Some((6 << 40) + 3),
+        suspect: false,
     }
 }
 
-const SINGLE: &str = r#"{"name":"vm1","node":2,"state":"ready","id":"00000000000000000000000000000a1f","size_bytes":10737418240,"created_unix":1765000000,"origin":"base@golden","snapshots":[{"snapshot":"before-upgrade","size_bytes":10737418240,"created_unix":1765000100},{"snapshot":"s2","size_bytes":10737418240,"created_unix":1765000200}],"replicas":1,"min_replicas":1,"components":[],"epoch":0}"#;
-const CREATING: &str = r#"{"name":"new","node":3,"state":"creating","id":"","size_bytes":1048576,"created_unix":1765000300,"origin":null,"snapshots":[],"replicas":1,"min_replicas":1,"components":[],"epoch":0}"#;
-const REPLICATED: &str = r#"{"name":"db1","node":1,"state":"ready","id":"","size_bytes":53687091200,"created_unix":1765000400,"origin":null,"snapshots":[],"replicas":3,"min_replicas":2,"components":[{"node":1,"id":7,"state":"active"},{"node":2,"id":7,"state":"stale","stale_lsn":7696581394444},{"node":3,"id":9,"state":"resyncing","stale_lsn":6597069766659}],"epoch":7,"released":{"epoch":7,"level":[{"node":1,"id":7},{"node":3,"id":9}],"stale":[{"node":2,"id":7,"runs":[[0,2],[5,5],[9,10]]}]},"access":{"allow":["client-a"],"allow_net":["10.0.0.0/8","fd00::/8"]}}"#;
-const DELETING: &str = r#"{"name":"gone","node":2,"state":"deleting","id":"","size_bytes":1073741824,"created_unix":1765000500,"origin":null,"snapshots":[],"replicas":3,"min_replicas":2,"components":[{"node":2,"id":4,"state":"active"},{"node":3,"id":5,"state":"stale","stale_lsn":99}],"epoch":3}"#;
-const LIVE: &str = r#"{"node":3,"id":9,"state":"resyncing","dirty_bytes":3145728,"resynced_bytes":1048576,"scan_left_bytes":65536,"lsn":7696581394472,"stale_lsn":6597069766659}"#;
+const SINGLE: &str = include_str!("golden/single.json");
+const CREATING: &str = include_str!("golden/creating.json");
+const REPLICATED: &str = include_str!("golden/replicated.json");
+const DELETING: &str = include_str!("golden/deleting.json");
+const LIVE: &str = include_str!("golden/live.json");
 const OWNER: &str = r#"{"node":2,"epoch":8}"#;
 
 #[test]
@@ -170,10 +172,10 @@ fn todays_records_serialize_byte_for_byte_as_before_and_read_back() {
 
 /// Written before replication: no `replicas`, `min_replicas`, `components`, `epoch`,
 /// `released` or `access`.
-const OLD_SINGLE: &str = r#"{"name":"vm0","node":1,"state":"ready","id":"0a","size_bytes":4096,"created_unix":1700000000,"origin":null,"snapshots":[{"snapshot":"s","size_bytes":4096,"created_unix":1700000001}]}"#;
+const OLD_SINGLE: &str = include_str!("golden/old_single.json");
 /// Written before a hand-over named copies by node: `released` with `equal` (ids alone,
 /// vouching for none) and a STALE bitmap without its node (matching no copy).
-const OLD_RELEASED: &str = r#"{"name":"r","node":2,"state":"ready","id":"","size_bytes":1048576,"created_unix":1700000002,"origin":null,"snapshots":[],"replicas":2,"min_replicas":1,"components":[{"node":1,"id":7,"state":"active"},{"node":2,"id":7,"state":"stale"}],"epoch":4,"released":{"epoch":4,"equal":[7],"stale":[{"id":7,"runs":[[1,3]]}]}}"#;
+const OLD_RELEASED: &str = include_str!("golden/old_released.json");
 
 #[test]
 fn records_older_versions_wrote_parse_as_they_did() {
@@ -217,6 +219,6 @@ fn records_older_versions_wrote_parse_as_they_did() {
     // Written back today, the old fields are gone and the new ones there.
     assert_eq!(
         serde_json::to_string(&old).unwrap(),
-        r#"{"name":"r","node":2,"state":"ready","id":"","size_bytes":1048576,"created_unix":1700000002,"origin":null,"snapshots":[],"replicas":2,"min_replicas":1,"components":[{"node":1,"id":7,"state":"active"},{"node":2,"id":7,"state":"stale"}],"epoch":4,"released":{"epoch":4,"level":[],"stale":[{"node":0,"id":7,"runs":[[1,3]]}]}}"#
+        include_str!("golden/old_released_rewritten.json")
     );
 }

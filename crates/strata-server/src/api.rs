@@ -59,9 +59,10 @@ pub struct Api {
 impl Api {
     /// A replicated volume this node owns, with its copies as the owner sees them now.
     fn live(&self, mut v: VolumeInfo) -> VolumeInfo {
-        if let Some(copies) = self.node.replicated_copies(&v.name) {
+        if let Some(copies) = crate::replicated::live_copies(&self.node, &v.name) {
             v.components = copies;
         }
+        crate::replicated::mark_suspects(&self.node, &self.meta, &mut v.components);
         // A replicated volume's id and space are its copy's here (the owner's, when this
         // node owns it; copies hold the same blocks once level).
         let me = self.meta.id();
@@ -241,12 +242,12 @@ async fn asset(content_type: &'static str, body: &'static str) -> Response {
 }
 
 async fn metrics(State(api): State<Api>) -> Response {
-    let text = crate::metrics::exposition(&api).await;
+    let text = crate::report::exposition(&api.node, &api.meta, || all_volumes(&api)).await;
     ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response()
 }
 
-async fn stats(State(api): State<Api>) -> Json<crate::metrics::Stats> {
-    Json(crate::metrics::stats(&api))
+async fn stats(State(api): State<Api>) -> Json<crate::report::Stats> {
+    Json(crate::report::stats(&api.node, api.started))
 }
 
 async fn openapi() -> Response {
@@ -276,7 +277,7 @@ pub struct NodeStatus {
     pub uptime_seconds: u64,
     /// This node's metadata member as it sees itself.
     pub meta: strata_meta::service::LocalStatus,
-    /// Resync jobs running on this node now (at most 2).
+    /// Resync jobs this node runs now (at most `resync_jobs`, 2 by default).
     pub resync_running: usize,
     /// Resync jobs waiting for their turn.
     pub resync_waiting: usize,
@@ -300,8 +301,8 @@ async fn node_status(State(api): State<Api>) -> Json<NodeStatus> {
         live_bytes: api.node.live_bytes(),
         uptime_seconds: api.started.elapsed().as_secs(),
         meta: api.meta.local_status(),
-        resync_running: api.node.resync_scheduler().load().0,
-        resync_waiting: api.node.resync_scheduler().load().1,
+        resync_running: api.node.resync_scheduler().load().running,
+        resync_waiting: api.node.resync_scheduler().load().waiting,
         reclaim: api.node.reclaim(),
         space: api.node.space(),
     })
@@ -756,14 +757,27 @@ async fn add_node(State(api): State<Api>, body: Bytes) -> ApiResult<Json<Cluster
 async fn remove_node(
     State(api): State<Api>,
     Path(id): Path<String>,
+    query: Result<Query<DeleteQuery>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<Json<ClusterView>> {
+    let Query(q) = query.map_err(|e| ApiError::invalid(format!("bad query: {e}")))?;
     let id: u64 = id.parse().map_err(|_| ApiError::invalid(format!("{id:?} is not a node id")))?;
     let members = cluster_status(State(api.clone())).await?.0.cluster.members;
-    if !members.iter().any(|m| m.id == id) {
+    let Some(member) = members.iter().find(|m| m.id == id) else {
         return Err(ApiError::new(ErrorCode::NotFound, format!("node {id} is not a member")));
-    }
+    };
     if members.len() == 1 {
         return Err(ApiError::new(ErrorCode::Conflict, "cannot remove the last member"));
+    }
+    // A live node is removed only when asked twice over: it costs redundancy.
+    if member.session.as_ref().is_some_and(|s| s.up) && !q.force {
+        let left: Vec<u64> = members.iter().map(|m| m.id).filter(|&m| m != id).collect();
+        let copies: Vec<String> = api.meta.read_local(|s| {
+            crate::registry::records(s)
+                .filter(|r| r.components.iter().any(|c| c.node == id))
+                .map(|r| r.name)
+                .collect()
+        });
+        return Err(ApiError::new(ErrorCode::Busy, removal_cost(id, &left, &copies)));
     }
     // The id is a member's: what is still refused is the membership's state.
     api.meta.request(ClientRequest::Remove { id }).await.map_err(|e| match e {
@@ -771,4 +785,61 @@ async fn remove_node(
         e => service_error(e),
     })?;
     cluster_status(State(api)).await
+}
+
+/// Why removing live node `id` is refused without `force`, and what it would cost: the
+/// metadata service's voters among the members `left` (the first 1, 3 or 5), and the
+/// replicated volumes (`copies`) whose copy there is placed again elsewhere.
+fn removal_cost(id: u64, left: &[u64], copies: &[String]) -> String {
+    let voters = strata_meta::service::voter_target(left.len());
+    let tolerated = (voters - 1) / 2;
+    let quorum = match voters {
+        1 => format!(
+            "1 of them voting: the metadata service stops whenever that voter (node {}) \
+             is down",
+            left.first().copied().unwrap_or_default()
+        ),
+        v => format!(
+            "{v} of them voting: the metadata service survives {tolerated} of them down, \
+             not {}",
+            tolerated + 1
+        ),
+    };
+    let copies = match copies.len() {
+        0 => "it holds no copy of a replicated volume".to_owned(),
+        n => {
+            let names: Vec<&str> = copies.iter().take(5).map(String::as_str).collect();
+            let more = if n > 5 { format!(" and {} more", n - 5) } else { String::new() };
+            format!(
+                "its copies of {n} replicated volume(s) ({}{more}) are placed again on \
+                 members holding none (a full copy each; until then they run one copy short)",
+                names.join(", ")
+            )
+        }
+    };
+    format!(
+        "node {id} is up: removing it leaves {} member(s), {quorum}; {copies}. Stop it \
+         first (a node down is removed as asked), or remove it anyway with --force \
+         (force=true)",
+        left.len()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::removal_cost;
+
+    #[test]
+    fn removing_a_live_node_says_what_the_quorum_and_the_copies_lose() {
+        let two = removal_cost(3, &[1, 2], &["r1".into()]);
+        assert!(two.contains("leaves 2 member(s), 1 of them voting"), "{two}");
+        assert!(two.contains("that voter (node 1) is down"), "{two}");
+        assert!(two.contains("copies of 1 replicated volume(s) (r1)"), "{two}");
+        assert!(two.contains("--force"), "{two}");
+        let three = removal_cost(4, &[1, 2, 3], &[]);
+        assert!(three.contains("3 of them voting") && three.contains("survives 1"), "{three}");
+        assert!(three.contains("no copy"), "{three}");
+        let many: Vec<String> = (0..7).map(|i| format!("v{i}")).collect();
+        assert!(removal_cost(2, &[1, 3], &many).contains("v4 and 2 more"));
+    }
 }

@@ -1,9 +1,31 @@
-//! The operator's volume and snapshot commands, over the HTTP API.
+//! The operator's volume, snapshot, cluster and node commands, over the HTTP API (the
+//! client in `apiclient`; following a long operation in `follow`).
+//!
+//! Every line for stdout goes through `outln!` ([`print_out`]): when the reader has gone
+//! (`strata cluster status | head -1`) the command ends quietly with success, as a
+//! filter's output cut short by the pipe is no error of the command (Rust ignores
+//! SIGPIPE, so a plain `println!` would panic on EPIPE).
 
+use crate::apiclient::{encode, Client};
 use crate::node::{SnapshotInfo, VolumeInfo};
-use anyhow::{bail, Context};
+use anyhow::bail;
 use serde_json::{json, Value};
 use strata_types::{format_size, parse_size};
+
+/// Writes one line to stdout; when stdout is a pipe whose reader has gone, exits at once
+/// with success and without a word (the other lines would go nowhere either). Any other
+/// write error ends the process with a one-line message.
+pub fn print_out(line: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = writeln!(out, "{line}").and_then(|()| out.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("strata: writing the output: {e}");
+        std::process::exit(1);
+    }
+}
 
 /// `strata volume …`
 #[derive(clap::Subcommand, Debug)]
@@ -121,7 +143,8 @@ pub enum VolumeCommand {
     },
     /// Move a replicated volume's ownership to a node holding an active copy: that node
     /// then orders its I/O (clients of every node keep their connections; their requests
-    /// are forwarded to the owner).
+    /// are forwarded to the owner). If that node owns it already, nothing moves (it says
+    /// so).
     #[command(after_help = "Example:\n  strata volume attach vm1 --node 2")]
     Attach {
         /// Volume name.
@@ -210,11 +233,18 @@ pub enum NodeCommand {
     },
     /// Remove a node from the cluster (a voter is replaced by a learner when one exists).
     /// Each replicated volume with a copy there gets a new copy on a member holding none,
-    /// once one is up.
-    #[command(after_help = "Example:\n  strata node remove 4")]
+    /// once one is up. A node that is up is refused, saying what its removal would cost
+    /// (the metadata service's voters left, the copies placed again), unless --force.
+    #[command(
+        after_help = "Examples:\n  strata node remove 4           # node 4 stopped (down)\n  \
+        strata node remove 4 --force   # even while it runs"
+    )]
     Remove {
         /// Its node_id.
         id: u64,
+        /// Remove it even while it is up.
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -242,11 +272,11 @@ pub fn cluster(client: &Client, json_out: bool, cmd: ClusterCommand) -> anyhow::
         },
     };
     if json_out {
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        outln!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
     let c = &v["cluster"];
-    println!("leader: node {}   term: {}   revision: {}", c["leader"], c["term"], c["revision"]);
+    outln!("leader: node {}   term: {}   revision: {}", c["leader"], c["term"], c["revision"]);
     print_members(&c["members"]);
     Ok(())
 }
@@ -287,7 +317,7 @@ pub fn node(client: &Client, json_out: bool, cmd: NodeCommand) -> anyhow::Result
         NodeCommand::List => {
             let members = client.call("GET", "/v1/cluster/nodes", None)?;
             if json_out {
-                println!("{}", serde_json::to_string_pretty(&members)?);
+                outln!("{}", serde_json::to_string_pretty(&members)?);
             } else {
                 print_members(&members);
             }
@@ -296,12 +326,12 @@ pub fn node(client: &Client, json_out: bool, cmd: NodeCommand) -> anyhow::Result
         NodeCommand::Add { id, rpc } => {
             client.call("POST", "/v1/cluster/nodes", Some(json!({"id": id, "rpc": rpc})))?
         }
-        NodeCommand::Remove { id } => {
-            client.call("DELETE", &format!("/v1/cluster/nodes/{id}"), None)?
+        NodeCommand::Remove { id, force } => {
+            client.call("DELETE", &format!("/v1/cluster/nodes/{id}?force={force}"), None)?
         }
     };
     if json_out {
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        outln!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         print_members(&v["cluster"]["members"]);
     }
@@ -314,182 +344,6 @@ fn split(full: &str) -> anyhow::Result<(String, String)> {
         Some((v, s)) if !v.is_empty() && !s.is_empty() => Ok((encode(v), encode(s))),
         _ => bail!("{full:?} is not VOL@SNAP (e.g. vm1@before-upgrade) (invalid_argument)"),
     }
-}
-
-/// The CLI's connection to a node's HTTP API.
-pub struct Client {
-    base: String,
-    agent: ureq::Agent,
-    token: Option<String>,
-}
-
-/// Where the system keeps its CA bundle (Debian's, then Red Hat's); `SSL_CERT_FILE`
-/// names another.
-const SYSTEM_CA_BUNDLES: [&str; 2] =
-    ["/etc/ssl/certs/ca-certificates.crt", "/etc/pki/tls/certs/ca-bundle.crt"];
-
-/// The CA certificates an https:// API is verified with: `cacert` (a file, or a
-/// credential directory holding `ca-cert.pem`), else the system's bundle.
-fn ca_certificates(
-    cacert: Option<&std::path::Path>,
-) -> anyhow::Result<Vec<rustls::pki_types::CertificateDer<'static>>> {
-    use rustls::pki_types::{pem::PemObject, CertificateDer};
-    let path = match cacert {
-        Some(p) if p.is_dir() => p.join(crate::tls::CA_CERT),
-        Some(p) => p.to_owned(),
-        None => {
-            let env = std::env::var_os("SSL_CERT_FILE").map(std::path::PathBuf::from);
-            let system = SYSTEM_CA_BUNDLES.iter().map(std::path::PathBuf::from);
-            env.into_iter().chain(system).find(|p| p.is_file()).with_context(|| {
-                "no CA certificates to verify the node's HTTPS with: give --cacert FILE \
-                 (the ca-cert.pem of the node's tls_dir)"
-            })?
-        }
-    };
-    let certs = CertificateDer::pem_file_iter(&path)
-        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| anyhow::anyhow!("read the CA certificates {}: {e}", path.display()))?;
-    if certs.is_empty() {
-        bail!("{}: no CA certificate in it", path.display());
-    }
-    Ok(certs)
-}
-
-impl Client {
-    /// A client of the API at `api`, sending a bearer token: `token`, else the one in
-    /// `token_file`. An https:// API is verified with the CA of `cacert` (a file, or a
-    /// directory holding `ca-cert.pem`), else with the system's CA bundle.
-    pub fn new(
-        api: &str,
-        token: Option<&str>,
-        token_file: Option<&std::path::Path>,
-        cacert: Option<&std::path::Path>,
-    ) -> anyhow::Result<Client> {
-        let token = match (token, token_file) {
-            (_, Some(file)) => Some(
-                std::fs::read_to_string(file)
-                    .with_context(|| format!("read the API token file {}", file.display()))?,
-            ),
-            (token, None) => token.map(str::to_owned),
-        };
-        let mut config = ureq::Agent::config_builder().http_status_as_error(false);
-        if api.starts_with("https://") {
-            let roots = ureq::tls::RootCerts::new_with_certs(
-                &ca_certificates(cacert)?
-                    .into_iter()
-                    .map(|c| ureq::tls::Certificate::from_der(&c).to_owned())
-                    .collect::<Vec<_>>(),
-            );
-            let tls = ureq::tls::TlsConfig::builder()
-                .provider(ureq::tls::TlsProvider::Rustls)
-                .unversioned_rustls_crypto_provider(crate::tls::provider())
-                .root_certs(roots)
-                .build();
-            config = config.tls_config(tls);
-        }
-        let agent: ureq::Agent = config.build().into();
-        let token = token.map(|t| format!("Bearer {}", t.trim()));
-        Ok(Client { base: api.trim_end_matches('/').to_owned(), agent, token })
-    }
-
-    fn auth<B>(&self, request: ureq::RequestBuilder<B>) -> ureq::RequestBuilder<B> {
-        match &self.token {
-            Some(t) => request.header("authorization", t),
-            None => request,
-        }
-    }
-
-    /// Calls the API; an error says what it answered, or that it did not.
-    pub fn call(&self, method: &str, path: &str, body: Option<Value>) -> anyhow::Result<Value> {
-        self.try_call(method, path, body).map_err(|f| match f {
-            Failure::Refused { code, message } => anyhow::anyhow!("{message} ({code})"),
-            Failure::Unreachable(e) => e,
-        })
-    }
-
-    /// Calls the API, telling a refusal (the API answered with an error code) from no
-    /// usable answer (the node down, unreachable, or answering garbage).
-    pub fn try_call(
-        &self,
-        method: &str,
-        path: &str,
-        body: Option<Value>,
-    ) -> Result<Value, Failure> {
-        let url = format!("{}{path}", self.base);
-        // Every request that changes anything says JSON, body or not (the API refuses
-        // others: a web page of another site could send them).
-        const JSON: &str = "application/json";
-        let response = match (method, body) {
-            ("GET", _) => self.auth(self.agent.get(&url)).call(),
-            ("DELETE", _) => self.auth(self.agent.delete(&url)).header("content-type", JSON).call(),
-            ("PUT", Some(body)) => self.auth(self.agent.put(&url)).send_json(body),
-            (_, Some(body)) => self.auth(self.agent.post(&url)).send_json(body),
-            (_, None) => self.auth(self.agent.post(&url)).header("content-type", JSON).send_empty(),
-        };
-        let mut response =
-            response.map_err(|e| self.unreachable(e)).map_err(Failure::Unreachable)?;
-        let status = response.status();
-        let text = response
-            .body_mut()
-            .read_to_string()
-            .context("read the API response")
-            .map_err(Failure::Unreachable)?;
-        let value: Value = if text.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_str(&text)
-                .with_context(|| format!("the API answered {status} with non-JSON"))
-                .map_err(Failure::Unreachable)?
-        };
-        if !status.is_success() {
-            let message = value["message"].as_str().unwrap_or("no message").to_owned();
-            let code = value["code"].as_str().unwrap_or("unknown").to_owned();
-            return Err(Failure::Refused { code, message });
-        }
-        Ok(value)
-    }
-
-    /// No answer from the API: why, with a hint when TLS failed.
-    fn unreachable(&self, e: ureq::Error) -> anyhow::Error {
-        let text = e.to_string();
-        let hint = if text.contains("InvalidContentType") || text.contains("corrupt message") {
-            format!(
-                " (the node seems to serve plain HTTP: use --api {})",
-                self.base.replacen("https://", "http://", 1)
-            )
-        } else if text.contains("certificate") || text.contains("UnknownIssuer") {
-            " (verify it with the CA that signed the node's certificate: --cacert FILE, \
-             the ca-cert.pem of its tls_dir)"
-                .to_owned()
-        } else {
-            String::new()
-        };
-        anyhow::Error::new(e).context(format!("cannot reach the Strata API at {}{hint}", self.base))
-    }
-
-    /// The API's address.
-    pub fn base(&self) -> &str {
-        &self.base
-    }
-
-    /// A client of another node's API at `api`, with this one's token.
-    pub fn other(&self, api: &str) -> Client {
-        let base = api.trim_end_matches('/').to_owned();
-        Client { base, agent: self.agent.clone(), token: self.token.clone() }
-    }
-}
-
-/// Why an API call failed.
-pub enum Failure {
-    /// The API answered with an error.
-    Refused {
-        /// The error's code (`not_found`, `busy`, …).
-        code: String,
-        /// Its message.
-        message: String,
-    },
-    /// No usable answer.
-    Unreachable(anyhow::Error),
 }
 
 /// Runs a volume command.
@@ -513,7 +367,7 @@ pub fn volume(client: &Client, json_out: bool, cmd: VolumeCommand) -> anyhow::Re
         VolumeCommand::List => {
             let v = client.call("GET", "/v1/volumes", None)?;
             if json_out {
-                println!("{}", serde_json::to_string_pretty(&v)?);
+                outln!("{}", serde_json::to_string_pretty(&v)?);
                 return Ok(());
             }
             let volumes: Vec<VolumeInfo> = serde_json::from_value(v)?;
@@ -546,9 +400,9 @@ pub fn volume(client: &Client, json_out: bool, cmd: VolumeCommand) -> anyhow::Re
             // A replicated volume whose copies are not all removed yet (nodes down).
             match answer["pending_nodes"].as_array() {
                 Some(pending) if json_out => {
-                    println!("{}", json!({"deleted": name, "pending_nodes": pending}))
+                    outln!("{}", json!({"deleted": name, "pending_nodes": pending}))
                 }
-                Some(_) => println!("{}", answer["message"].as_str().unwrap_or_default()),
+                Some(_) => outln!("{}", answer["message"].as_str().unwrap_or_default()),
                 None => print_deleted(json_out, &name),
             }
             Ok(())
@@ -573,16 +427,26 @@ pub fn volume(client: &Client, json_out: bool, cmd: VolumeCommand) -> anyhow::Re
                 client.call("GET", &format!("/v1/volumes/{}", encode(&name)), None)?
             };
             if json_out {
-                println!("{}", serde_json::to_string_pretty(&v["access"])?);
+                outln!("{}", serde_json::to_string_pretty(&v["access"])?);
                 return Ok(());
             }
             let info: VolumeInfo = serde_json::from_value(v)?;
-            println!("{}: {}", info.name, info.access.describe());
+            outln!("{}: {}", info.name, info.access.describe());
             Ok(())
         }
         VolumeCommand::Attach { name, node } => {
+            // Whether it is there already decides what to say (the API then moves
+            // nothing: it checks the node can own it and answers at once).
+            let before = client.call("GET", &format!("/v1/volumes/{}", encode(&name)), None)?;
             let path = format!("/v1/volumes/{}/attach", encode(&name));
             let v = client.call("POST", &path, Some(json!({"node": node})))?;
+            let there = before["node"].as_u64() == Some(node)
+                && before["epoch"].is_u64()
+                && before["epoch"] == v["epoch"];
+            if there && !json_out {
+                outln!("{name} is on node {node} already (it owns the volume): nothing moved");
+                return Ok(());
+            }
             print_volume(json_out, &v, "moved")
         }
         VolumeCommand::Rollback { snapshot, force } => {
@@ -597,9 +461,9 @@ pub fn volume(client: &Client, json_out: bool, cmd: VolumeCommand) -> anyhow::Re
 
 fn print_deleted(json_out: bool, name: &str) {
     if json_out {
-        println!("{}", json!({"deleted": name}));
+        outln!("{}", json!({"deleted": name}));
     } else {
-        println!("deleted {name}");
+        outln!("deleted {name}");
     }
 }
 
@@ -612,10 +476,10 @@ pub fn snapshot(client: &Client, json_out: bool, cmd: SnapshotCommand) -> anyhow
             let path = format!("/v1/volumes/{v}/snapshots");
             let s = client.call("POST", &path, Some(json!({"name": name})))?;
             if json_out {
-                println!("{}", serde_json::to_string_pretty(&s)?);
+                outln!("{}", serde_json::to_string_pretty(&s)?);
             } else {
                 let info: SnapshotInfo = serde_json::from_value(s)?;
-                println!("created {} (read-only export {})", info.name, info.export_uri);
+                outln!("created {} (read-only export {})", info.name, info.export_uri);
             }
             Ok(())
         }
@@ -623,7 +487,7 @@ pub fn snapshot(client: &Client, json_out: bool, cmd: SnapshotCommand) -> anyhow
             let path = format!("/v1/volumes/{}/snapshots", encode(&volume));
             let s = client.call("GET", &path, None)?;
             if json_out {
-                println!("{}", serde_json::to_string_pretty(&s)?);
+                outln!("{}", serde_json::to_string_pretty(&s)?);
                 return Ok(());
             }
             let snapshots: Vec<SnapshotInfo> = serde_json::from_value(s)?;
@@ -642,7 +506,7 @@ pub fn snapshot(client: &Client, json_out: bool, cmd: SnapshotCommand) -> anyhow
                 .collect();
             table(&["SNAPSHOT", "SIZE", "REFERENCED", "EXCLUSIVE", "CLONES", "EXPORT"], &rows);
             if rows.is_empty() {
-                println!("(no snapshots; take one with `strata snapshot create {volume}@NAME`)");
+                outln!("(no snapshots; take one with `strata snapshot create {volume}@NAME`)");
             }
             Ok(())
         }
@@ -666,39 +530,28 @@ pub fn snapshot(client: &Client, json_out: bool, cmd: SnapshotCommand) -> anyhow
     }
 }
 
-/// Percent-encodes a path segment (names are validated server-side; this keeps odd input
-/// from changing the URL's shape).
-pub fn encode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'.' | b'_' | b'-' => (b as char).to_string(),
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
 fn print_volume(json_out: bool, v: &Value, verb: &str) -> anyhow::Result<()> {
     if json_out {
-        println!("{}", serde_json::to_string_pretty(v)?);
+        outln!("{}", serde_json::to_string_pretty(v)?);
         return Ok(());
     }
     let info: VolumeInfo = serde_json::from_value(v.clone())?;
     if !verb.is_empty() {
-        println!("{verb} {} ({})", info.name, info.size);
+        outln!("{verb} {} ({})", info.name, info.size);
     }
-    println!("name:         {}", info.name);
-    println!("id:           {}", info.id);
-    println!("size:         {} ({} bytes)", info.size, info.size_bytes);
-    println!("allocated:    {}", format_size(info.allocated_bytes));
-    println!("  exclusive:  {}", format_size(info.exclusive_bytes));
-    println!("  shared:     {}", format_size(info.shared_bytes));
-    println!(
+    outln!("name:         {}", info.name);
+    outln!("id:           {}", info.id);
+    outln!("size:         {} ({} bytes)", info.size, info.size_bytes);
+    outln!("allocated:    {}", format_size(info.allocated_bytes));
+    outln!("  exclusive:  {}", format_size(info.exclusive_bytes));
+    outln!("  shared:     {}", format_size(info.shared_bytes));
+    outln!(
         "snapshots:    {} holding {} alone",
         info.snapshots.len(),
         format_size(info.snapshot_exclusive_bytes)
     );
     for s in &info.snapshots {
-        println!(
+        outln!(
             "  {:<24} exclusive {:>8}  shared {:>8}",
             s.name,
             format_size(s.exclusive_bytes),
@@ -706,16 +559,13 @@ fn print_volume(json_out: bool, v: &Value, verb: &str) -> anyhow::Result<()> {
         );
     }
     if let Some(origin) = &info.origin {
-        println!("cloned from:  {origin}");
+        outln!("cloned from:  {origin}");
     }
-    println!("connections:  {}", info.connections);
-    println!("export:       {}", info.export_uri);
-    println!("access:       {}", info.access.describe());
+    outln!("connections:  {}", info.connections);
+    outln!("export:       {}", info.export_uri);
+    outln!("access:       {}", info.access.describe());
     if !info.components.is_empty() {
-        println!(
-            "replicas:     {} (owner: node {}, epoch {})",
-            info.replicas, info.node, info.epoch
-        );
+        outln!("replicas:     {} (owner: node {}, epoch {})", info.replicas, info.node, info.epoch);
         for c in &info.components {
             let missed = c.dirty_bytes.map_or(String::new(), |d| {
                 if d == 0 {
@@ -736,8 +586,13 @@ fn print_volume(json_out: bool, v: &Value, verb: &str) -> anyhow::Result<()> {
                 Some(l) => format!("{missed}  missed from lsn {l}"),
                 None => missed,
             };
+            let missed = if c.suspect {
+                format!("{missed}  suspect: back from a power loss, may lack unsynced writes")
+            } else {
+                missed
+            };
             let lsn = c.lsn.map_or(String::new(), |l| format!("  lsn {l}"));
-            println!("  node {:<4} component {:<6} {}{lsn}{missed}", c.node, c.id, c.state);
+            outln!("  node {:<4} component {:<6} {}{lsn}{missed}", c.node, c.id, c.state);
         }
     }
     Ok(())
@@ -760,7 +615,7 @@ fn print_table(volumes: &[VolumeInfo]) {
         .collect();
     table(&["NAME", "NODE", "SIZE", "ALLOCATED", "SNAPS", "CONNS", "EXPORT"], &rows);
     if rows.is_empty() {
-        println!("(no volumes; create one with `strata volume create NAME --size 10G`)");
+        outln!("(no volumes; create one with `strata volume create NAME --size 10G`)");
     }
 }
 
@@ -774,7 +629,7 @@ fn table(header: &[&str], rows: &[Vec<String>]) {
     let line = |cells: &[&str]| {
         let parts: Vec<String> =
             cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
-        println!("{}", parts.join("  ").trim_end());
+        outln!("{}", parts.join("  ").trim_end());
     };
     line(header);
     for row in rows {
@@ -791,6 +646,6 @@ fn warn_if_full(client: &Client) {
         return;
     };
     if let Some(warning) = crate::node::Node::space_warning(&space) {
-        println!("warning: {warning}");
+        outln!("warning: {warning}");
     }
 }

@@ -15,6 +15,8 @@
 //! move_after_secs = 60          # optional: a volume used only through one other node
 //! move_hold_secs = 300          # moves there (0: never), once owned this long
 //! scrub_every_secs = 604800     # optional: an owner compares its copies this often (0: never)
+//! resync_jobs = 2               # optional: resync jobs this node sends at once, and jobs
+//!                               # writing to its copies it lets in at once (1 or more)
 //! tls_dir = "/etc/strata/tls"   # optional: x509 credentials in qemu's layout (ca-cert.pem,
 //!                               # server-cert.pem, server-key.pem): NBD over TLS, HTTPS
 //! nbd_tls = "require"           # "require" (the default with tls_dir) or "off"
@@ -78,6 +80,10 @@ pub struct Config {
     /// (a scrub: a block that rotted on a copy is found and rewritten); 0: never.
     #[serde(default = "default_scrub_every")]
     pub scrub_every_secs: u64,
+    /// Resync jobs this node runs at once (sending copies' data), and resync jobs of
+    /// other nodes writing to its copies at once (`resync.rs` invariant 1); 1 or more.
+    #[serde(default = "default_resync_jobs")]
+    pub resync_jobs: usize,
     /// x509 credentials in qemu's layout (`ca-cert.pem`, `server-cert.pem`,
     /// `server-key.pem`), relative to `data_dir` if relative: NBD serves TLS and HTTP
     /// serves HTTPS with them.
@@ -130,6 +136,10 @@ fn default_scrub_every() -> u64 {
     7 * 24 * 3600
 }
 
+fn default_resync_jobs() -> usize {
+    crate::resync::JOBS_DEFAULT
+}
+
 fn default_move_after() -> u64 {
     60
 }
@@ -174,6 +184,9 @@ impl Config {
         }
         if self.data_dir.as_os_str().is_empty() {
             bail!("data_dir must not be empty");
+        }
+        if self.resync_jobs == 0 {
+            bail!("resync_jobs must be 1 or more");
         }
         for addr in &self.join {
             if addr.parse::<SocketAddr>().is_err() && !addr.contains(':') {
@@ -299,10 +312,12 @@ mod tests {
             rack = "r1"
             secret_file = "secret"
             reserve = "10%"
+            resync_jobs = 3
             "#,
         )
         .unwrap();
         assert_eq!(c.node_id, 2);
+        assert_eq!(c.resync_jobs, 3);
         assert_eq!(c.reserve, Some(strata_types::Reserve::Percent(10)));
         assert_eq!(c.secret_path(), PathBuf::from("/var/lib/strata/secret"));
         assert_eq!(c.join, vec!["127.0.0.1:10810".to_owned()]);
@@ -314,6 +329,10 @@ mod tests {
             ("node_id = 1\ndata_dir = \"d\"\nrpc = \"127.0.0.1:1\"\njoin = [\"x\"]", "join"),
             ("node_id = 1\ndata_dir = \"d\"\nrpc = \"127.0.0.1:8080\"", "different"),
             ("node_id = \"one\"", "node_id"),
+            (
+                "node_id = 1\ndata_dir = \"d\"\nrpc = \"127.0.0.1:1\"\nresync_jobs = 0",
+                "resync_jobs",
+            ),
             ("node_id = 1\ndata_dir = \"d\"\nrpc = \"0.0.0.0:10810\"", "not 0.0.0.0"),
             (
                 "node_id = 1\ndata_dir = \"d\"\nrpc = \"127.0.0.1:1\"\nnbd = \"0.0.0.0:10809\"",

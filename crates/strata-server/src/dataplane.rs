@@ -1,6 +1,6 @@
 //! The node's data plane: component I/O for replicated volumes' owners, on the RPC port
 //! (authenticated, encrypted connections — `strata_io::net::channel` — whose first bytes
-//! inside the channel are `SDP1`), in `strata-replica`'s frames.
+//! inside the channel are `SDP1`), in `strata-frame`'s frames.
 //!
 //! Invariants:
 //! 1. Every request on a component passes its epoch fence first and holds its pass while
@@ -31,16 +31,18 @@
 
 use crate::fencing::Refused;
 use crate::node::Node;
+use crate::poison::Locked;
+use crate::replicated::{owned_by_component, router_of};
 use bytes::Bytes;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use strata_io::net::channel::{Channel, ChannelWriter};
-use strata_io::{BlockVolume, IoOp, StoreError};
-use strata_replica::client::DETAIL_CHARS;
-use strata_replica::frame::{
+use strata_frame::client::DETAIL_CHARS;
+use strata_frame::frame::{
     encode, encode_into, read_frame, DataKey, Header, Kind, Status, DIGEST_UNIT, FLAG_FUA,
     FLAG_VOLUME, FLAG_WHOLE,
 };
+use strata_io::net::channel::{Channel, ChannelWriter};
+use strata_io::{BlockVolume, IoOp, StoreError};
 use tokio::io::AsyncWriteExt;
 
 /// The largest read served in one request.
@@ -83,7 +85,7 @@ struct InProgress<'a> {
 
 impl Drop for InProgress<'_> {
     fn drop(&mut self) {
-        self.of.forwarded.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.key);
+        self.of.forwarded.locked("the forwarded writes seen").remove(&self.key);
         self.outcome.send_if_modified(|o| {
             let unset = o.is_none();
             o.get_or_insert(Status::Io);
@@ -106,7 +108,7 @@ impl DataService {
     /// A VOLUME request (invariant 4).
     async fn for_volume(&self, h: &Header, payload: Vec<u8>) -> (Status, Header, Vec<u8>) {
         let reply = *h;
-        let Some(view) = self.node.owned_by_component(h.component).filter(|v| v.serving()) else {
+        let Some(view) = owned_by_component(&self.node, h.component).filter(|v| v.serving()) else {
             return (Status::NotOwner, reply, Vec::new());
         };
         view.note_forwarded(h.lsn);
@@ -145,7 +147,7 @@ impl DataService {
         batch: Vec<(Header, Vec<u8>)>,
     ) -> Vec<(Status, Header, Vec<u8>)> {
         let component = batch[0].0.component;
-        let view = self.node.owned_by_component(component).filter(|v| v.serving());
+        let view = owned_by_component(&self.node, component).filter(|v| v.serving());
         let Some(view) = view.filter(|_| batch.iter().all(|(h, _)| h.component == component))
         else {
             let mut out = Vec::with_capacity(batch.len());
@@ -169,7 +171,7 @@ impl DataService {
                 Err(rx) => earlier.push((j, h, rx)),
             }
         }
-        if let Some(router) = self.node.replicated_router(view.name()).filter(|_| ops.len() > 1) {
+        if let Some(router) = router_of(&self.node, view.name()).filter(|_| ops.len() > 1) {
             router.count_batch(ops.len());
         }
         let done = view.run_writes(ops).await;
@@ -198,7 +200,7 @@ impl DataService {
             return Ok(None);
         }
         let key = (h.component, h.lsn, number);
-        let mut map = self.forwarded.lock().unwrap_or_else(|e| e.into_inner());
+        let mut map = self.forwarded.locked("the forwarded writes seen");
         if let Some(rx) = map.get(&key) {
             return Err(rx.clone());
         }
@@ -228,8 +230,7 @@ impl DataService {
                 // Logged once, where the client is answered (the forwarding node's NBD
                 // server), with this text.
                 tracing::debug!(offset = h.offset, "forwarded request failed: {e}");
-                let text: String = e.to_string().chars().take(DETAIL_CHARS).collect();
-                (Status::Io, *h, text.into_bytes())
+                (Status::Io, *h, detail(&e))
             }
         }
     }
@@ -252,13 +253,17 @@ impl DataService {
                 Ok(Err(e)) if e.code == strata_types::ErrorCode::InvalidArgument => {
                     (Status::Invalid, reply, Vec::new())
                 }
-                _ => (Status::Io, reply, Vec::new()),
+                Ok(Err(e)) if e.code == strata_types::ErrorCode::NoSpace => {
+                    (Status::NoSpace, reply, Vec::new())
+                }
+                Ok(Err(e)) => (Status::Io, reply, detail(&e.message)),
+                Err(e) => (Status::Io, reply, detail(&e)),
             };
         }
         if h.kind == Kind::Release {
             // Any view of this node's at that epoch, serving or not: asked again, one
             // that let go already answers as the first time.
-            let view = self.node.owned_by_component(h.component).filter(|v| v.epoch() == h.epoch);
+            let view = owned_by_component(&self.node, h.component).filter(|v| v.epoch() == h.epoch);
             let Some(view) = view else {
                 return (Status::NotOwner, reply, Vec::new());
             };
@@ -276,7 +281,7 @@ impl DataService {
         }
         if h.kind == Kind::Lease {
             // Only the serving owner at that epoch grants one.
-            let view = self.node.owned_by_component(h.component);
+            let view = owned_by_component(&self.node, h.component);
             let view = view.filter(|v| v.epoch() == h.epoch && v.serving());
             let Some(view) = view else {
                 return (Status::NotOwner, reply, Vec::new());
@@ -285,6 +290,21 @@ impl DataService {
                 Some(id) => (Status::Ok, Header { component: id, ..reply }, Vec::new()),
                 None => (Status::NotFound, reply, Vec::new()),
             };
+        }
+        if h.kind == Kind::ResyncSlot {
+            // A slot for a resync job writing to a copy here (`resync.rs` invariant 3):
+            // node `lsn`'s job `offset`; `count` 1 takes or renews it, 0 gives it back.
+            let scheduler = self.node.resync_scheduler();
+            let status = match h.count {
+                0 => {
+                    scheduler.release_slot(h.lsn, h.offset);
+                    Status::Ok
+                }
+                1 if scheduler.acquire_slot(h.lsn, h.offset) => Status::Ok,
+                1 => Status::Busy,
+                _ => Status::Invalid,
+            };
+            return (status, reply, Vec::new());
         }
         if h.flags & FLAG_VOLUME != 0 {
             if !matches!(h.kind, Kind::Write | Kind::Read | Kind::Flush | Kind::Trim)
@@ -318,7 +338,7 @@ impl DataService {
                          power loss"
                     );
                 }
-                let lsns = self.lsns.lock().unwrap_or_else(|e| e.into_inner());
+                let lsns = self.lsns.locked("the LSNs applied");
                 reply.lsn = lsns.get(&h.component).copied().unwrap_or(0);
                 reply.count = 0;
                 Ok(Vec::new())
@@ -396,7 +416,9 @@ impl DataService {
                 .await
                 .unwrap_or_else(|e| Err(StoreError::io("resize")(std::io::Error::other(e))))
             }
-            Kind::Create | Kind::Release | Kind::Lease => unreachable!("handled above"),
+            Kind::Create | Kind::Release | Kind::Lease | Kind::ResyncSlot => {
+                unreachable!("handled above")
+            }
         };
         match result {
             Ok(data) => {
@@ -410,13 +432,13 @@ impl DataService {
             Err(StoreError::NoSpace) => (Status::NoSpace, reply, Vec::new()),
             Err(e) => {
                 tracing::warn!(component = h.component, offset = h.offset, "data plane: {e}");
-                (Status::Io, reply, Vec::new())
+                (Status::Io, reply, detail(&e))
             }
         }
     }
 
     fn applied(&self, h: &Header) {
-        let mut lsns = self.lsns.lock().unwrap_or_else(|e| e.into_inner());
+        let mut lsns = self.lsns.locked("the LSNs applied");
         let top = lsns.entry(h.component).or_insert(0);
         *top = (*top).max(h.lsn);
     }
@@ -428,6 +450,8 @@ impl DataService {
     /// connection overtakes them).
     async fn write_batch(&self, batch: Vec<(Header, Bytes)>, done: &mut Vec<u8>) {
         let mut status = vec![Status::Ok; batch.len()];
+        // Why a write failed, for its sender (a store error's text).
+        let mut why: Vec<Vec<u8>> = vec![Vec::new(); batch.len()];
         let mut replies: Vec<Header> = batch.iter().map(|(h, _)| *h).collect();
         let mut passes = Vec::with_capacity(batch.len());
         for (j, (h, _)) in batch.iter().enumerate() {
@@ -458,25 +482,28 @@ impl DataService {
             let writes = ours.iter().map(|j| (batch[*j].0.offset, batch[*j].1.clone())).collect();
             let failed = match component.write_together(writes).await {
                 Ok(()) => None,
-                Err(StoreError::OutOfRange { .. }) => Some(Status::OutOfRange),
-                Err(StoreError::NoSpace) => Some(Status::NoSpace),
+                Err(StoreError::OutOfRange { .. }) => Some((Status::OutOfRange, Vec::new())),
+                Err(StoreError::NoSpace) => Some((Status::NoSpace, Vec::new())),
                 Err(e) => {
                     tracing::warn!(component = id, writes = ours.len(), "data plane: {e}");
-                    Some(Status::Io)
+                    Some((Status::Io, detail(&e)))
                 }
             };
             for j in ours {
-                match failed {
+                match &failed {
                     None => self.applied(&batch[j].0),
-                    Some(s) => status[j] = s,
+                    Some((s, text)) => {
+                        status[j] = *s;
+                        why[j] = text.clone();
+                    }
                 }
             }
         }
         drop(passes);
-        for (mut reply, status) in replies.into_iter().zip(status) {
+        for ((mut reply, status), why) in replies.into_iter().zip(status).zip(why) {
             reply.reply = true;
             reply.status = status;
-            encode_into(&self.key, &reply, &[], done);
+            encode_into(&self.key, &reply, &why, done);
         }
     }
 
@@ -528,7 +555,7 @@ impl DataService {
             }
             let (h, payload) = match read_frame(&mut reader, &self.key).await {
                 Ok(f) => f,
-                Err(strata_replica::frame::FrameError::Io(e)) => {
+                Err(strata_frame::frame::FrameError::Io(e)) => {
                     return strata_meta::rpc::closed(peer, &e)
                 }
                 Err(e) => {
@@ -605,4 +632,10 @@ impl strata_meta::rpc::DataPlane for Plane {
     fn handle(&self, channel: Channel, peer: std::net::SocketAddr) {
         tokio::spawn(self.0.clone().serve(channel, peer));
     }
+}
+
+/// A failure's text as a reply's payload (its sender logs it: `CallError::Status`'s
+/// detail), cut to `DETAIL_CHARS`.
+fn detail(e: &impl std::fmt::Display) -> Vec<u8> {
+    e.to_string().chars().take(DETAIL_CHARS).collect::<String>().into_bytes()
 }

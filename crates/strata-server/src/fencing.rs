@@ -15,6 +15,7 @@
 //!    (a new owner's first digest, say), no request below `e` applies afterwards — not
 //!    even one admitted before the raise and still in flight.
 
+use crate::poison::Locked;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -55,12 +56,12 @@ impl Fencing {
     }
 
     fn gate(&self, component: u64) -> Arc<RwLock<()>> {
-        let mut gates = self.gates.lock().unwrap_or_else(|e| e.into_inner());
+        let mut gates = self.gates.locked("the fence gates");
         gates.entry(component).or_default().clone()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Fences> {
-        self.fences.lock().unwrap_or_else(|e| e.into_inner())
+        self.fences.locked("the epoch fences")
     }
 
     /// The fence of `component`: the newest epoch it has seen (0: none yet).
@@ -106,7 +107,7 @@ impl Fencing {
         fences.remove(component);
         let text = fences.encode();
         let _ = strata_store::store::write_atomically(&self.dir, "fences", text.as_bytes());
-        self.gates.lock().unwrap_or_else(|e| e.into_inner()).remove(&component);
+        self.gates.locked("the fence gates").remove(&component);
     }
 }
 

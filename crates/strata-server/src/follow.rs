@@ -7,7 +7,7 @@
 //! answer it fails. The reclaim wait also ends when its figure has not moved for
 //! [`STALL_MAX`] (the cleaner may never take some of it), saying what remains and why.
 
-use crate::cli::{Client, Failure};
+use crate::apiclient::{Client, Failure};
 use crate::node::{Reclaim, VolumeInfo};
 use crate::progress::Progress;
 use anyhow::bail;
@@ -134,7 +134,7 @@ pub fn watch_volume(client: &Client, name: &str, first: &VolumeInfo) -> anyhow::
         eprintln!("every copy of {name} is active: nothing to resync");
         return Ok(());
     }
-    let path = format!("/v1/volumes/{}", crate::cli::encode(name));
+    let path = format!("/v1/volumes/{}", crate::apiclient::encode(name));
     let mut poller = Poller { client, down_since: None };
     let mut bar: Option<Progress> = None;
     let mut states: BTreeMap<u64, CopyState> = BTreeMap::new();
@@ -311,6 +311,7 @@ mod tests {
             scan_left_bytes: scan,
             lsn: None,
             stale_lsn: None,
+            suspect: false,
         }
     }
 

@@ -46,22 +46,22 @@ pub fn run(args: FsckArgs, json_out: bool) -> anyhow::Result<bool> {
     let _lock = lock_data_dir(dir)?;
     let report = check(&args)?;
     if json_out {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        outln!("{}", serde_json::to_string_pretty(&report)?);
     } else {
-        println!(
+        outln!(
             "checked {} volume(s), {} snapshot(s){}",
             report.volumes,
             report.snapshots,
             if report.data_checked { ", every live block's checksum" } else { "" }
         );
         for note in &report.notes {
-            println!("note: {note}");
+            outln!("note: {note}");
         }
         for finding in &report.findings {
-            println!("FINDING: {finding}");
+            outln!("FINDING: {finding}");
         }
         if report.findings.is_empty() {
-            println!("clean");
+            outln!("clean");
         }
     }
     Ok(report.findings.is_empty())

@@ -4,7 +4,14 @@
 //! This crate wires the cores to the OS (sockets, signals, files); it holds no storage or
 //! protocol logic of its own beyond the catalog. See ARCHITECTURE.md.
 
+/// `println!` for the CLI's output: a reader that went away (`strata volume list | head -1`)
+/// ends the process quietly instead of a panic (see `cli::print_out`).
+macro_rules! outln {
+    ($($arg:tt)*) => { $crate::cli::print_out(format_args!($($arg)*)) };
+}
+
 mod api;
+mod apiclient;
 // Decoders of untrusted bytes, in the library so the fuzz targets run them.
 use strata_server::{access, catalog, error};
 mod cli;
@@ -18,9 +25,11 @@ mod guard;
 mod https;
 mod metrics;
 mod node;
+mod poison;
 mod progress;
 mod registry;
 mod replicated;
+mod report;
 mod resync;
 mod tls;
 mod up;
@@ -61,6 +70,7 @@ The config file (TOML):
   move_after_secs = 60            # a volume used only through one other node moves there
   move_hold_secs = 300            # ...but keeps an owner this long first (0 after: never)
   scrub_every_secs = 604800       # an owner compares its volumes' copies weekly (0: never)
+  resync_jobs = 2                 # resync jobs sent at once, and let in at once (1 or more)
   reserve = \"5%\"                 # client writes get ENOSPC below this much free (or \"10G\");
                                   # default 5%, at least 64M: room for deletes and the node
   tls_dir = \"/etc/strata/tls\"     # x509 in qemu's layout: NBD requires TLS, HTTP is HTTPS
@@ -170,7 +180,7 @@ enum Command {
     #[command(
         subcommand,
         after_help = "Examples:\n  strata node list\n  \
-        strata node add 4 10.0.0.4:10810\n  strata node remove 4"
+        strata node add 4 10.0.0.4:10810\n  strata node remove 4   # once it is down (else --force)"
     )]
     Node(cli::NodeCommand),
     /// Create, list, inspect, resize, clone, roll back and delete volumes.
@@ -194,7 +204,7 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let (token, token_file) = (cli.token.as_deref(), cli.token_file.as_deref());
-    let client = || cli::Client::new(&cli.api, token, token_file, cli.cacert.as_deref());
+    let client = || apiclient::Client::new(&cli.api, token, token_file, cli.cacert.as_deref());
     let result = match cli.command {
         Command::Up(args) => {
             up::init_logging(cli.log_format);

@@ -20,10 +20,14 @@
 //! - Names are never paths: the store only sees ids.
 //! - A data directory of format 1 (one file per volume, `DIR/volumes/`) is refused with
 //!   a message; it is never modified.
+//! - The node knows replicated volumes only as [`Routed`] exports (it names no type of
+//!   `replicated`, which is above it): `replicated` makes each volume's router, exports it
+//!   here, and gets its own type back (`replicated::router_of`, `owned`).
 
 use crate::access;
 use crate::catalog::{Catalog, CatalogEntry, ComponentEntry, SnapshotEntry, CATALOG_FORMAT};
 use crate::error::{ApiError, ApiResult};
+use crate::poison::Locked;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -39,9 +43,21 @@ use strata_types::limits::VOLUMES_MAX;
 use strata_types::{format_size, AccessList, ErrorCode, VolumeName};
 use tokio::sync::watch;
 
+/// Linearizable reads of the cluster's membership this process made for its replicated
+/// volumes (placement, takeovers, re-placing removed nodes' copies), for `/metrics`.
+pub static MEMBERSHIP_READS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 const BLOCK: u64 = 4096;
 /// How long a forced rollback or shrink waits for the volume's clients to go.
 const DISCONNECT_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// A replicated volume as this node exports it: the volume every NBD client of the node
+/// reaches it through (its router, which `replicated` makes). `Any` lets `replicated` get
+/// its router back (the node names no type of `replicated`, which depends on it); a
+/// router is `Routed` by the blanket implementation.
+pub trait Routed: BlockVolume + std::any::Any {}
+
+impl<T: BlockVolume + std::any::Any> Routed for T {}
 
 /// A component of a replicated volume held here.
 #[derive(Clone)]
@@ -286,7 +302,7 @@ struct State {
     components: BTreeMap<u64, Component>,
     /// Replicated volumes (every node serves each: as its owner or forwarding to it),
     /// exported over NBD by name.
-    replicated: BTreeMap<String, (Arc<crate::replicated::Router>, GroupSync, Attach)>,
+    replicated: BTreeMap<String, (Arc<dyn Routed>, GroupSync, Attach)>,
 }
 
 impl State {
@@ -462,7 +478,7 @@ impl Node {
             nbd_tls: std::sync::atomic::AtomicBool::new(false),
             node_id: std::sync::atomic::AtomicU64::new(0),
             fencing,
-            resync: Arc::new(crate::resync::Scheduler::new(crate::resync::JOBS_AT_ONCE)),
+            resync: Arc::new(crate::resync::Scheduler::new(crate::resync::JOBS_DEFAULT)),
             state: Mutex::new(State { next_id, volumes, components, replicated: BTreeMap::new() }),
             discover: std::sync::OnceLock::new(),
             access_of: std::sync::OnceLock::new(),
@@ -507,39 +523,32 @@ impl Node {
         Ok(id)
     }
 
-    /// The router of replicated volume `name`, made by `make` (and exported) if this node
-    /// has none yet.
-    pub fn router(
+    /// The export of replicated volume `name` (its router), made by `make` (and exported)
+    /// if this node has none yet.
+    pub fn export_replicated(
         &self,
         name: &str,
-        make: impl FnOnce() -> Arc<crate::replicated::Router>,
-    ) -> Arc<crate::replicated::Router> {
+        make: impl FnOnce() -> Arc<dyn Routed>,
+    ) -> Arc<dyn Routed> {
         let mut state = self.lock();
         if let Some((router, _, _)) = state.replicated.get(name) {
             return router.clone();
         }
         let router = make();
-        let group_sync = GroupSync::spawn(self.metrics.wrap(name, router.clone()));
+        let volume: Arc<dyn BlockVolume> = router.clone();
+        let group_sync = GroupSync::spawn(self.metrics.wrap(name, volume));
         state.replicated.insert(name.to_owned(), (router.clone(), group_sync, Attach::new()));
         router
     }
 
-    /// The owner's live view of a replicated volume's copies, if this node owns it.
-    pub fn replicated_copies(&self, name: &str) -> Option<Vec<ComponentRecord>> {
-        let router = self.lock().replicated.get(name).map(|(r, _, _)| r.clone())?;
-        router.view().map(|v| v.live())
+    /// The export of replicated volume `name` (its router), if this node exports it.
+    pub fn replicated_export(&self, name: &str) -> Option<Arc<dyn Routed>> {
+        self.lock().replicated.get(name).map(|(r, _, _)| r.clone())
     }
 
-    /// The owner view of the replicated volume whose component here is `id`, if this node
-    /// owns that volume.
-    pub fn owned_by_component(&self, id: u64) -> Option<Arc<crate::replicated::ReplicatedVolume>> {
-        self.owned().into_iter().find(|v| v.local_id() == id)
-    }
-
-    /// The owner views of the replicated volumes this node owns.
-    pub fn owned(&self) -> Vec<Arc<crate::replicated::ReplicatedVolume>> {
-        let routers: Vec<_> = self.lock().replicated.values().map(|(r, _, _)| r.clone()).collect();
-        routers.into_iter().filter_map(|r| r.view()).collect()
+    /// The exports (routers) of the replicated volumes this node exports, by name.
+    pub fn replicated_exports(&self) -> Vec<Arc<dyn Routed>> {
+        self.lock().replicated.values().map(|(r, _, _)| r.clone()).collect()
     }
 
     /// The node's resync scheduler.
@@ -642,11 +651,6 @@ impl Node {
         self.lock().replicated.get(name).map_or(0, |(_, _, attach)| attach.connections())
     }
 
-    /// This node's router of replicated volume `name`, if it exports it.
-    pub fn replicated_router(&self, name: &str) -> Option<Arc<crate::replicated::Router>> {
-        self.lock().replicated.get(name).map(|(r, _, _)| r.clone())
-    }
-
     /// The replicated volumes this node exports.
     pub fn replicated_names(&self) -> Vec<String> {
         self.lock().replicated.keys().cloned().collect()
@@ -654,7 +658,7 @@ impl Node {
 
     /// Stops exporting replicated volume `name` (it is being deleted): its clients here
     /// are disconnected. Returns its router, if there was one.
-    pub fn unexport_replicated(&self, name: &str) -> Option<Arc<crate::replicated::Router>> {
+    pub fn unexport_replicated(&self, name: &str) -> Option<Arc<dyn Routed>> {
         let (router, _group_sync, attach) = self.lock().replicated.remove(name)?;
         attach.close.send_replace(true);
         Some(router)
@@ -1094,7 +1098,7 @@ impl Node {
         }
         self.store.delete_snapshot(id).map_err(engine_error("delete the snapshot"))?;
         {
-            let mut deleted = self.deleted.lock().unwrap_or_else(|e| e.into_inner());
+            let mut deleted = self.deleted.locked("the list of deleted volumes");
             deleted.insert(id, full.clone());
             while deleted.len() > strata_store::store::RECLAIMS_TRACKED {
                 deleted.pop_first();
@@ -1232,7 +1236,7 @@ impl Node {
 
     /// The space deleted snapshots held alone, and how much the log has reused.
     pub fn reclaim(&self) -> Reclaim {
-        let deleted = self.deleted.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let deleted = self.deleted.locked("the list of deleted volumes").clone();
         let snapshots: Vec<SnapshotReclaim> = self
             .store
             .reclaims()
@@ -1370,7 +1374,7 @@ impl Exports {
                     "Strata replicated volume, {}",
                     format_size(view.size_bytes())
                 ),
-                volume: self.0.metrics.wrap(name, view.clone()),
+                volume: self.0.metrics.wrap(name, view.clone() as Arc<dyn BlockVolume>),
                 group_sync: group_sync.clone(),
                 read_only: false,
                 closed: attach.close.subscribe(),

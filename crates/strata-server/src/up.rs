@@ -164,6 +164,8 @@ impl<S, F: tracing_subscriber::layer::Filter<S>> tracing_subscriber::layer::Filt
         if !Self::library(meta) {
             return true;
         }
+        // A rate limit's times, harmless if a panic left them half-changed (and a log
+        // filter must not log: `poison` would).
         let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
         let now = Instant::now();
         match last.get(&meta.callsite()) {
@@ -259,6 +261,7 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
         move_after_secs: 60,
         move_hold_secs: 300,
         scrub_every_secs: 7 * 24 * 3600,
+        resync_jobs: crate::resync::JOBS_DEFAULT,
         tls_dir,
         nbd_tls: args.nbd_tls,
         tls_verify_peer: args.tls_verify_peer,
@@ -423,6 +426,7 @@ async fn serve(config: Config, one_node: bool) -> anyhow::Result<()> {
     tokio::spawn(member.clone().run_session(record));
     node.set_node_id(config.node_id);
     node.set_scrub_every(Duration::from_secs(config.scrub_every_secs));
+    node.resync_scheduler().set_jobs(config.resync_jobs);
     let registry = crate::registry::Registry::new(node.clone(), member.clone());
     tokio::spawn(registry.clone().run());
     let moves = crate::replicated::MovePolicy {

@@ -179,6 +179,15 @@ fn a_release_vouches_for_active_copies_that_owe_no_scan() {
 }
 
 #[test]
+fn a_full_owner_hands_over_to_an_active_copy_that_owes_no_scan() {
+    let mut o = three();
+    assert_eq!(o.successors(), vec![1, 2]);
+    o.stale(1);
+    o.track_mut(2).scan = Some(3);
+    assert!(o.successors().is_empty(), "none may be the truth");
+}
+
+#[test]
 fn validate_finds_a_broken_state() {
     let mut o = three();
     o.track_mut(0).state = CopyState::Stale;

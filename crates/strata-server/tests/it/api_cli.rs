@@ -419,3 +419,36 @@ fn an_api_beyond_loopback_needs_the_bearer_token() {
     let out = node.cli(&["--token-file", file.to_str().unwrap(), "volume", "delete", "v"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+/// Runs `strata --api … ARGS` with a stdout whose reader is already gone (as after
+/// `| head -1` has read its line); returns the exit status and stderr.
+fn cli_into_closed_pipe(node: &Node, args: &[&str]) -> (std::process::ExitStatus, String) {
+    let (reader, writer) = std::io::pipe().expect("pipe");
+    drop(reader);
+    let out = std::process::Command::new(crate::harness::STRATA)
+        .arg("--api")
+        .arg(node.api())
+        .args(args)
+        .stdout(writer)
+        .output()
+        .expect("run strata");
+    (out.status, String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[test]
+fn cli_output_into_a_closed_pipe_ends_quietly() {
+    let node = Node::start();
+    node.create("piped", "4M");
+    for args in [
+        &["cluster", "status"][..],
+        &["volume", "list"],
+        &["volume", "list", "--json"],
+        &["volume", "info", "piped"],
+        &["node", "list"],
+    ] {
+        let (status, stderr) = cli_into_closed_pipe(&node, args);
+        assert!(!stderr.contains("panicked"), "{args:?} panicked: {stderr}");
+        assert!(stderr.is_empty(), "{args:?} said something: {stderr}");
+        assert!(status.success(), "{args:?}: {status:?} {stderr}");
+    }
+}

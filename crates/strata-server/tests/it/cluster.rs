@@ -12,15 +12,16 @@ use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use strata_frame::client::{request, CallError, DataPeer};
+use strata_frame::frame::{DataKey, Kind, Status, FLAG_VOLUME};
 use strata_meta::linearizability::{check, Call, Operation, Outcome};
 use strata_meta::rpc::{Key, Peer};
 use strata_meta::service::{ClientReply, ClientRequest};
 use strata_meta::state::{cas, Origin, Refusal, Response};
-use strata_replica::client::{request, CallError, DataPeer};
-use strata_replica::frame::{DataKey, Kind, Status, FLAG_VOLUME};
 
 mod faults;
 mod internode;
+mod schedule;
 mod watch;
 
 struct Member {
@@ -764,6 +765,19 @@ fn a_copy_back_from_a_power_loss_waits_for_the_other_copy_until_levelled() {
     std::thread::sleep(Duration::from_secs(5));
     let v = members[0].get("/v1/volumes/p2").unwrap();
     assert_eq!(v["epoch"], epoch, "nobody took p2 while its other copy was away: {v}");
+    // `volume info` shows the mark, on node 1's copy only.
+    let marks = |v: &Value| -> Vec<(u64, bool)> {
+        let cs = v["components"].as_array().unwrap();
+        cs.iter().map(|c| (c["node"].as_u64().unwrap(), c["suspect"] == true)).collect()
+    };
+    let (ok, text) = cli(&members[0], &["volume", "info", "p2", "--json"]);
+    assert!(ok, "{text}");
+    let v: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(marks(&v), vec![(1, true), (other as u64 + 1, false)], "{v}");
+    let (ok, text) = cli(&members[0], &["volume", "info", "p2"]);
+    assert!(ok, "{text}");
+    let line = text.lines().find(|l| l.contains("node 1 ")).unwrap_or_default();
+    assert!(line.contains("suspect: back from a power loss"), "{text}");
 
     // The other copy's node takes it and levels node 1's copy, which then loses its mark.
     members[other].start();
@@ -773,6 +787,12 @@ fn a_copy_back_from_a_power_loss_waits_for_the_other_copy_until_levelled() {
         suspect().trim().is_empty()
     });
     assert_eq!(owner_of(&members, "p2").0, other, "the other copy's node owns p2");
+    // The mark off, everywhere (published within a steward round).
+    for m in [&members[0], &members[other]] {
+        wait_until(10, "the mark gone from volume info", || {
+            m.get("/v1/volumes/p2").is_some_and(|v| marks(&v).iter().all(|c| !c.1))
+        });
+    }
     crate::harness::qemu_io(&members[0].node().uri("p2"), &["read -P 0x61 0 64k"]);
 
     // No longer suspect: node 1 takes p2 when that node goes, as any node would.
@@ -1043,6 +1063,44 @@ fn a_write_the_owners_full_disk_refuses_reaches_no_other_copy() {
     }
 }
 
+/// An owner whose own disk stays full does not keep the volume answering ENOSPC: after
+/// `full_grace` it moves the volume to a node with an active copy and room, its own copy
+/// handed over STALE; writes through it succeed again (forwarded), and once its disk has
+/// room the new owner levels its copy.
+#[test]
+fn an_owner_whose_disk_fills_up_hands_the_volume_over_and_is_levelled_once_there_is_room() {
+    let tmp = tempfile::tempdir().unwrap();
+    let Some(_unmount) = Tmpfs::mount(&tmp.path().join("n1"), "200m") else { return };
+    let members = three_members(tmp.path());
+    let key = DataKey::from_secret(&std::fs::read(members[0].dir.join("secret")).unwrap());
+    create_replicated(&members[0], "r1", "256M");
+    assert_eq!(owner(&members).0, 0, "the creating node owns the volume");
+    // Room taken by something else on node 1's disk, freed later.
+    let filler = members[0].dir.join("filler");
+    std::fs::write(&filler, vec![0x11u8; 48 << 20]).unwrap();
+    let uri = members[0].node().uri("r1");
+    let mut qemu = Command::new("qemu-io");
+    qemu.args(["-f", "raw"]);
+    for i in 0..24u64 {
+        qemu.arg("-c").arg(format!("write -P 0x5a {} 8M", i << 23));
+    }
+    let out = qemu.arg(&uri).output().expect("qemu-io is required by this test");
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(text.contains("No space left"), "node 1 never filled:\n{text}");
+    wait_logged(&members, 60, "another node to own r1", || owner(&members).0 != 0);
+    let v = members[1].get("/v1/volumes/r1").unwrap();
+    let mine = v["components"].as_array().unwrap().iter().find(|c| c["node"] == 1).cloned();
+    assert_eq!(mine.unwrap()["state"], "stale", "node 1's copy is handed over stale: {v}");
+    assert!(members[0].node().log_tail(400).contains("this node's disk is full: moving"));
+    // Writes through node 1 succeed again (forwarded to the new owner).
+    crate::harness::qemu_io(&uri, &["write -P 0x77 0 1M", "flush"]);
+    // Node 1 gets room: its copy is levelled and active again, equal to the others.
+    std::fs::remove_file(&filler).unwrap();
+    wait_copies_equal(&members, &key, "r1", 1);
+    crate::harness::qemu_io(&uri, &["read -P 0x77 0 1M"]);
+}
+
 /// A block that rots on a copy other than the owner's is found by the owner's periodic
 /// scrub (`scrub_every_secs`) and rewritten: with no change of owner, and no client
 /// reading it.
@@ -1086,9 +1144,20 @@ fn a_copy_on_a_removed_node_is_placed_on_another_node() {
     let uri = members[0].node().uri("r1");
     crate::harness::qemu_io(&uri, &["write -P 0x6e 0 3M", "write -P 0x6f 5M 1M", "flush"]);
 
-    // Node 3 dies for good and is removed. No member without a copy is up: the copy
-    // stays stale, and the owner says why.
+    // Up, node 3 is not removed without --force: the refusal says what it would cost.
+    let (ok, text) = cli(&members[0], &["node", "remove", "3"]);
+    assert!(!ok && text.contains("(busy)"), "{text}");
+    assert!(text.contains("node 3 is up") && text.contains("--force"), "{text}");
+    assert!(text.contains("leaves 2 member(s), 1 of them voting"), "{text}");
+    assert!(text.contains("copies of 1 replicated volume(s) (r1)"), "{text}");
+    let count =
+        |m: &Member| cluster_view(m).unwrap()["cluster"]["members"].as_array().unwrap().len();
+    assert_eq!(count(&members[0]), 3, "nothing removed");
+
+    // Node 3 dies for good and, once declared down, is removed (no --force needed). No
+    // member without a copy is up: the copy stays stale, and the owner says why.
     members[2].node.take().unwrap().kill9();
+    wait_until(30, "node 3 declared down", || declared_down(&members, 3));
     let (ok, text) = cli(&members[0], &["node", "remove", "3"]);
     assert!(ok, "{text}");
     wait_until(40, "the owner to say the removed node's copy has nowhere to go", || {
@@ -1129,6 +1198,13 @@ fn a_copy_on_a_removed_node_is_placed_on_another_node() {
     let log = members[0].node().log_tail(5000);
     assert!(log.contains("placing the copy on another node"), "{log}");
     assert!(log.contains("taken over cleanly"), "{log}");
+
+    // --force removes a node that is up.
+    let (ok, text) = cli(&members[0], &["node", "remove", "4"]);
+    assert!(!ok && text.contains("node 4 is up"), "{text}");
+    let (ok, text) = cli(&members[0], &["node", "remove", "4", "--force"]);
+    assert!(ok, "{text}");
+    assert_eq!(count(&members[0]), 2, "node 4 removed");
 }
 
 /// This volume's reads `member` served from its own copy (its metrics).
@@ -1256,6 +1332,12 @@ fn a_stale_copys_bitmap_goes_with_a_clean_hand_over() {
     let c = copy3(&members[1]);
     assert!(c["state"] == "stale" && c["dirty_bytes"] == 2 * 65536, "the bitmap came: {c}");
     assert_eq!(c["scan_left_bytes"], 0, "no digest scan owed: {c}");
+    // Asked again: node 2 owns it already, so nothing moves and the CLI says so.
+    let epoch = owner(&members).1;
+    let (ok, text) = cli(&members[0], &["volume", "attach", "r1", "--node", "2"]);
+    assert!(ok, "{text}");
+    assert!(text.contains("on node 2 already") && !text.contains("moved r1"), "{text}");
+    assert_eq!(owner(&members), (1, epoch), "no new epoch");
 
     // Back: node 2 copies it the two regions, not 16 MiB.
     members[2].start();
@@ -1699,4 +1781,74 @@ fn a_replicated_volumes_access_list_holds_on_every_node() {
     for m in &members {
         wait_until(10, "every node to refuse it again", || !served(m));
     }
+}
+
+/// Every node of the cluster gets SIGTERM at once (a rack's orderly shutdown): no node
+/// can take another's volumes, so none waits for a hand-over (each publishes that it is
+/// stopping, and a stopping node hands nothing to another stopping one). Each exits well
+/// within the 10 s a hand-over may take; started again, the cluster serves the data.
+#[test]
+fn a_whole_cluster_stopped_at_once_does_not_wait_for_hand_overs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut members = three_members(tmp.path());
+    // Volumes owned by each node, so each would have something to hand over.
+    for (i, m) in members.iter().enumerate() {
+        let name = format!("s{}", i + 1);
+        create_replicated(m, &name, "4M");
+        let pattern = format!("write -P 0x{:x} 0 1M", 0x41 + i);
+        crate::harness::qemu_io(&m.node().uri(&name), &[&pattern, "flush"]);
+        assert_eq!(owner_of(&members, &name).0, i, "node {} owns {name}", i + 1);
+    }
+    let pids: Vec<String> = members.iter().map(|m| m.node().pid().to_string()).collect();
+    let sent = Instant::now();
+    assert!(Command::new("kill").arg("-TERM").args(&pids).status().unwrap().success());
+    for m in &mut members {
+        let (status, log) = m.node.take().unwrap().stop_exited();
+        let took = sent.elapsed();
+        assert!(status.success(), "node {}: {status:?}\n{log}", m.id);
+        assert!(took < Duration::from_secs(8), "node {} took {took:?} to stop\n{log}", m.id);
+        assert!(!log.contains("could not hand every volume over"), "node {}: {log}", m.id);
+    }
+    for m in &mut members {
+        m.start();
+    }
+    for i in 0..3 {
+        let name = format!("s{}", i + 1);
+        let pattern = format!("read -P 0x{:x} 0 1M", 0x41 + i);
+        // Through another node than the one that owned it (qemu_io checks the pattern).
+        crate::harness::qemu_io(&members[(i + 1) % 3].node().uri(&name), &[&pattern]);
+    }
+}
+
+/// A node's metric without labels (`name value`), if it has one.
+fn node_metric(member: &Member, name: &str) -> Option<u64> {
+    let out = Command::new("curl")
+        .args(["-sf", "--max-time", "5", &format!("{}/metrics", member.node().api())])
+        .output()
+        .unwrap();
+    let want = format!("{name} ");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix(&want).and_then(|v| v.trim().parse().ok()))
+}
+
+/// The owner looks for copies on removed nodes with one read of the membership every
+/// 10 s for all the volumes it owns, not one per volume.
+#[test]
+fn an_owner_reads_the_membership_once_a_round_for_all_its_volumes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let members = three_members(tmp.path());
+    for i in 0..4 {
+        let name = format!("m{i}");
+        let (ok, text) =
+            cli(&members[0], &["volume", "create", &name, "--size", "1M", "--replicas", "2"]);
+        assert!(ok, "{text}");
+        assert_eq!(owner_of(&members, &name).0, 0, "node 1 owns {name}");
+    }
+    let reads = || node_metric(&members[0], "strata_meta_membership_reads_total").unwrap();
+    let before = reads();
+    std::thread::sleep(Duration::from_secs(21));
+    let during = reads() - before;
+    // Two or three rounds in 21 s (one per volume and round would be 8 or more).
+    assert!((1..=3).contains(&during), "{during} membership reads in 21 s for 4 volumes");
 }

@@ -1,11 +1,11 @@
-//! The data plane of a real node, through `strata-replica`'s client on the RPC port:
+//! The data plane of a real node, through `strata-frame`'s client on the RPC port:
 //! components are created, written, read, flushed and removed; a request at an epoch
 //! older than one the component has seen is refused and changes nothing, also after a
 //! kill -9 and restart; bad requests get clear statuses; a wrong secret gets nothing.
 
 use crate::harness::Node;
-use strata_replica::client::{request, CallError, DataPeer};
-use strata_replica::frame::{DataKey, Kind, Status, FLAG_FUA};
+use strata_frame::client::{request, CallError, DataPeer};
+use strata_frame::frame::{DataKey, Kind, Status, FLAG_FUA};
 
 fn rpc_addr(node: &Node) -> String {
     // The node's own record has the address it listens on now (a port 0 changes at
@@ -112,5 +112,46 @@ fn components_are_fenced_by_epoch_across_a_crash() {
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(out.status.success() && !text.contains("no catalog entry"), "{text}");
+    drop(keep);
+}
+
+/// A component's store failing a request (here a block that rotted on disk) answers Io
+/// with its reason, so the owner's log says why, not only `answered Io`.
+#[test]
+fn a_failed_component_request_says_why() {
+    let mut node = Node::start();
+    let keep = node.keep_dir();
+    let key = DataKey::from_secret(&std::fs::read(node.dir.join("secret")).unwrap());
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let peer = DataPeer::new(key.clone(), rpc_addr(&node));
+    let block = vec![0x6bu8; 4096];
+    let c = rt.block_on(async {
+        let (made, _) = peer.call(request(Kind::Create, 0, 0, 0, 1 << 20), b"rot").await.unwrap();
+        let c = made.component;
+        peer.call(request(Kind::Write, c, 1, 1, 0), &block).await.unwrap();
+        peer.call(request(Kind::Flush, c, 1, 0, 0), &[]).await.unwrap();
+        c
+    });
+    let dir = node.kill9();
+    let at = crate::snapshots::find_in_log(&dir, &block);
+    let mut log = std::fs::read(dir.join("store/log")).unwrap();
+    log[at as usize + 100] ^= 0x01;
+    std::fs::write(dir.join("store/log"), &log).unwrap();
+    let node = Node::start_in(&dir);
+    let peer = DataPeer::new(key, rpc_addr(&node));
+    let e = rt.block_on(async {
+        let mut read = request(Kind::Read, c, 1, 0, 0);
+        read.count = 4096;
+        peer.call(read, &[]).await.unwrap_err()
+    });
+    let text = e.to_string();
+    match e {
+        CallError::Status { status: Status::Io, detail, .. } => {
+            assert!(!detail.is_empty(), "no reason given: {text}")
+        }
+        other => panic!("expected Io, got {other}"),
+    }
+    assert!(text.contains("answered Io: "), "{text}");
+    drop(node);
     drop(keep);
 }

@@ -26,7 +26,7 @@ use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use strata_replica::frame::DataKey;
+use strata_frame::frame::DataKey;
 
 const VOLUME: &str = "f1";
 const TAG: u64 = 0x5354_5241_5441_4631;

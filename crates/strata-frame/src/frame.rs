@@ -7,7 +7,7 @@
 //! ```text
 //! off len field
 //!   0   4 magic "SDP1"
-//!   4   1 kind       (a request kind 1-8; a reply sets the high bit: 0x80 | kind)
+//!   4   1 kind       (a request kind 1-12; a reply sets the high bit: 0x80 | kind)
 //!   5   1 status     (replies: 0 ok, else a Status; requests: 0)
 //!   6   2 flags      (FUA = 1 on writes; VOLUME = 2: for the volume's owner, below;
 //!                     WHOLE = 4 on probes: the owner vouches for the copy)
@@ -113,6 +113,11 @@ pub enum Kind {
     /// the reply's `component` is that copy's id: the sender may, for its read lease
     /// from when it asked, while its fence for the copy is still at the epoch.
     Lease = 11,
+    /// From an owner about to resync a copy held here: a resync slot of this node's for
+    /// job `offset` of node `lsn` (`count` 1: take it or renew it, for a bounded time;
+    /// 0: give it back). Refused `Busy` while every slot is taken: the sender tries later.
+    /// Passes no fence (it touches no component).
+    ResyncSlot = 12,
 }
 
 /// The piece of a component each digest of a `Digest` reply covers.
@@ -132,6 +137,7 @@ impl Kind {
             9 => Kind::Release,
             10 => Kind::Resize,
             11 => Kind::Lease,
+            12 => Kind::ResyncSlot,
             _ => return None,
         })
     }
@@ -158,6 +164,8 @@ pub enum Status {
     /// The store refused a write for want of space (its reserve): nothing was written,
     /// and the store serves on (the node's disk is full).
     NoSpace = 7,
+    /// Not now: every resync slot here is taken (`ResyncSlot`); try later.
+    Busy = 8,
 }
 
 impl Status {
@@ -171,6 +179,7 @@ impl Status {
             5 => Status::Invalid,
             6 => Status::NotOwner,
             7 => Status::NoSpace,
+            8 => Status::Busy,
             _ => return None,
         })
     }
