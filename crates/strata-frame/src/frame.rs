@@ -193,6 +193,10 @@ pub const FLAG_VOLUME: u16 = 2;
 /// last answer over this very connection), so a mark the copy's node keeps after a power
 /// loss may come off.
 pub const FLAG_WHOLE: u16 = 4;
+/// On a Probe's reply: the copy's node marks it suspect (it came back from a power loss
+/// and no owner has vouched for it since), so it may lack writes it had not synced. A
+/// new owner fencing it takes it for STALE, owing a full digest scan.
+pub const FLAG_SUSPECT: u16 = 8;
 
 /// A frame's header fields.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -287,7 +291,7 @@ pub fn parse_header(b: &[u8; HEADER_BYTES]) -> Result<(Header, usize), FrameErro
     let kind = Kind::from_u8(b[4] & 0x7f).ok_or(FrameError::Malformed("unknown kind"))?;
     let status = Status::from_u8(b[5]).ok_or(FrameError::Malformed("unknown status"))?;
     let flags = u16::from_le_bytes([b[6], b[7]]);
-    if flags & !(FLAG_FUA | FLAG_VOLUME | FLAG_WHOLE) != 0 {
+    if flags & !(FLAG_FUA | FLAG_VOLUME | FLAG_WHOLE | FLAG_SUSPECT) != 0 {
         return Err(FrameError::Malformed("unknown flags"));
     }
     let length = u32_at(b, 52) as usize;

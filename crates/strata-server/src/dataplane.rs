@@ -39,7 +39,7 @@ use std::sync::{Arc, Mutex};
 use strata_frame::client::DETAIL_CHARS;
 use strata_frame::frame::{
     encode, encode_into, read_frame, DataKey, Header, Kind, Status, DIGEST_UNIT, FLAG_FUA,
-    FLAG_VOLUME, FLAG_WHOLE,
+    FLAG_SUSPECT, FLAG_VOLUME, FLAG_WHOLE,
 };
 use strata_io::net::channel::{Channel, ChannelWriter};
 use strata_io::{BlockVolume, IoOp, StoreError};
@@ -337,6 +337,11 @@ impl DataService {
                         "the owner levelled this node's copy: no longer suspect after the \
                          power loss"
                     );
+                }
+                // Still suspect: said in the reply, for a new owner's fence.
+                reply.flags &= !FLAG_SUSPECT;
+                if self.node.suspect(h.component) {
+                    reply.flags |= FLAG_SUSPECT;
                 }
                 let lsns = self.lsns.locked("the LSNs applied");
                 reply.lsn = lsns.get(&h.component).copied().unwrap_or(0);

@@ -37,7 +37,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 use strata_frame::client::{request, CallError, DataPeer};
 use strata_frame::frame::{
-    DataKey, Header, Kind, Status, DIGEST_UNIT, FLAG_FUA, FLAG_VOLUME, FLAG_WHOLE,
+    DataKey, Header, Kind, Status, DIGEST_UNIT, FLAG_FUA, FLAG_SUSPECT, FLAG_VOLUME, FLAG_WHOLE,
     PAYLOAD_BYTES_MAX,
 };
 use strata_io::{BlockVolume, Extent, IoOp, StoreError, ZeroMode};

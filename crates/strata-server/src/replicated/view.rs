@@ -978,9 +978,17 @@ impl ReplicatedVolume {
         }
         for (i, probe) in probes {
             match probe.await {
-                Ok(Ok(Ok(_))) => {
+                Ok(Ok(Ok((reply, _)))) => {
                     let now = self.copies[i].peer.as_ref().map_or(0, |p| p.connections());
-                    self.state().fenced(i, now);
+                    let mut st = self.state();
+                    st.fenced(i, now);
+                    // Back from a power loss and not vouched for since: it may lack what
+                    // it had not synced, which no bitmap names (flaw 11 of the simulation).
+                    if reply.flags & FLAG_SUSPECT != 0 && st.lost_power(i) {
+                        tracing::warn!(volume = %self.name, node = self.copies[i].node,
+                            "a copy came back from a power loss and no owner vouched for it \
+                             since: stale, compared in full");
+                    }
                 }
                 Ok(Ok(Err(CallError::Status { status: Status::StaleEpoch, epoch, .. }))) => {
                     return Err(format!("a copy has seen a newer owner (epoch {epoch})"));

@@ -847,6 +847,34 @@ fn after_every_node_lost_power_one_copy_takes_and_levels_the_others() {
     );
 }
 
+/// A copy's node loses power while the volume's owner goes down: the next owner's fence
+/// finds the copy's power-loss mark, so the copy is STALE and compared in full (kept
+/// ACTIVE, writes would count it as a holder of what it may have lost: flaw 11 of the
+/// simulation); levelled, it is vouched for and loses its mark, and reads back.
+#[test]
+fn a_copy_back_from_a_power_loss_is_stale_to_the_next_owner_until_levelled() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut members = three_members(tmp.path());
+    let (_, epoch) = create_replicated(&members[0], "p3", "4M");
+    assert_eq!(owner_of(&members, "p3"), (0, epoch), "node 1 owns it");
+    crate::harness::qemu_io(&members[0].node().uri("p3"), &["write -P 0x73 0 64k", "flush"]);
+    members[0].node.take().unwrap().kill9();
+    members[2].node.take().unwrap().kill9();
+    members[2].start_in_another_boot();
+    wait_logged(&members, 60, "node 2 to own p3", || {
+        members[1].get("/v1/volumes/p3").is_some_and(|v| v["node"] == 2)
+    });
+    let marked =
+        || !std::fs::read_to_string(members[2].dir.join("suspect")).unwrap().trim().is_empty();
+    wait_logged(&members, 60, "node 3's copy levelled (its mark off)", || !marked());
+    let log = members[1].node().log_tail(400);
+    assert!(log.contains("came back from a power loss and no owner vouched for it"), "{log}");
+    let v = members[1].get("/v1/volumes/p3").unwrap();
+    let c3 = v["components"].as_array().unwrap().iter().find(|c| c["node"] == 3).unwrap().clone();
+    assert_eq!(c3["state"], "active", "{v}");
+    crate::harness::qemu_io(&members[2].node().uri("p3"), &["read -P 0x73 0 64k"]);
+}
+
 /// The owner hangs (SIGSTOP) past its session timeout, then resumes. Clients writing
 /// through another node see no error, and wait for the failover, not for the hung owner:
 /// a forwarder gives up on the old owner once another node owns the volume, and the old
