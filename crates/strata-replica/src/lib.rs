@@ -11,6 +11,8 @@
 //! - [`owner`]: the owner's state, one track per copy, and its write path as
 //!   `begin`/`finish`/`conclude` returning commands (save a bitmap, record a STALE mark,
 //!   hold acknowledgments); `validate()` checks its invariants.
+//! - [`resync`]: the resync plan, a copy brought level step by step (scan, copy a run,
+//!   flush, activate).
 //! - [`takeover`]: who takes an ownerless or moved volume, and when.
 //! - [`timing`]: every timeout and period in one value.
 //! - [`schedule`]: the resync scheduler's decisions (which job starts next, how many
@@ -34,6 +36,7 @@ pub mod mutation;
 pub mod owner;
 pub mod placement;
 pub mod record;
+pub mod resync;
 pub mod schedule;
 pub mod takeover;
 pub mod timing;

@@ -621,22 +621,6 @@ impl OwnerState {
         t.state == CopyState::Active && t.scan.is_none() && t.connection == Some(connection)
     }
 
-    /// Whether a resync of copy `i` that started with the copy `was` may take its next
-    /// step (a scan's batch or a bitmap's run): only while the copy is still ACTIVE (a
-    /// scan of an ACTIVE copy) or RESYNCING. One that failed between two steps is STALE:
-    /// levelled on, its bitmap would be emptied while what the steps copied counts only
-    /// as unflushed, which a STALE copy's restart does not put back (flaw 10 of the
-    /// simulation); it waits for the next resync, which makes it RESYNCING first.
-    pub fn may_level(&self, i: usize, was: CopyState) -> bool {
-        if reopened(Flaw::LevelWhileStale) {
-            return true;
-        }
-        match was {
-            CopyState::Active => self.tracks[i].state == CopyState::Active,
-            _ => self.tracks[i].state == CopyState::Resyncing,
-        }
-    }
-
     /// Whether copy `i`, at the end of its resync, may be vouched for (its power-loss
     /// mark taken off, the WHOLE flag) before it is recorded ACTIVE: RESYNCING, nothing
     /// left in its bitmap or scan, flushed (the caller's), and its last answer over the

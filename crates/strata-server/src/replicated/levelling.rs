@@ -184,111 +184,80 @@ impl ReplicatedVolume {
             // Whole from this connection on; if it changes before the end, the resync fails.
             self.state()[i].connection = Some(peer.connections());
         }
-        let regions = self.size().div_ceil(REGION);
         // The copying waits its turn among the node's resync jobs, and paces itself.
         let Some(mut turn) = self.resync_turn(i, &peer).await else {
             return Ok(());
         };
         let mut pacer = crate::resync::Pacer::new(self.client_ops.load(Ordering::Relaxed));
+        // The core's plan, a step at a time, each under the exclusive lock
+        // (`strata_replica::resync`).
         loop {
-            let Some(from) = self.state()[i].scan else {
-                break;
-            };
             if self.deposed() {
                 return Ok(());
             }
             let exclusive = self.resync_lock.write().await;
-            if !self.state().may_level(i, was) {
-                return Ok(()); // It failed meanwhile: the next round resyncs it.
+            let step = self.state().resync_step(i, was, SCAN_BATCH);
+            match step {
+                // It failed (or was marked again) meanwhile: the next round resyncs it.
+                ResyncStep::Stop => return Ok(()),
+                // A scan of an active copy: nothing else changes.
+                ResyncStep::Done => return Ok(()),
+                ResyncStep::Scan(regions) => {
+                    let to = regions.end;
+                    if let Err(e) = self.level(i, regions).await {
+                        drop(exclusive);
+                        return Err(self.fail_copy(i, e).await);
+                    }
+                    self.state().scanned(i, to);
+                }
+                ResyncStep::Run(run) => {
+                    if let Err(e) = self.level(i, run.clone()).await {
+                        drop(exclusive);
+                        return Err(self.fail_copy(i, e).await);
+                    }
+                    let mut st = self.state();
+                    let save = st.cleared(i, run);
+                    self.save_bitmaps(&st, &[save]).map_err(|e| e.to_string())?;
+                }
+                ResyncStep::Flush => {
+                    // Everything it lacked is copied and new writes reach it: durable
+                    // there, then ACTIVE, under the exclusive lock, so no write fails on
+                    // it meanwhile.
+                    let h = request(Kind::Flush, id, epoch, 0, 0);
+                    let flushed = tokio::time::timeout(T.io_timeout, peer.call(h, &[])).await;
+                    if !matches!(flushed, Ok(Ok(_))) {
+                        drop(exclusive);
+                        let why = format!("copy {id} failed to flush after its resync");
+                        return Err(self.fail_copy(i, why).await);
+                    }
+                    let same = self.state()[i].connection == Some(peer.connections());
+                    if !same {
+                        drop(exclusive);
+                        let why = format!(
+                            "copy {id} was reached over a new connection during its resync"
+                        );
+                        return Err(self.fail_copy(i, why).await);
+                    }
+                    self.state()[i].unflushed.clear();
+                    // Vouched for now, before it counts as ACTIVE, so its node's power-loss
+                    // mark comes off (flaw 9 of the simulation: left for the next periodic
+                    // look, an owner that lost power meanwhile would find every copy
+                    // suspect and might take its own as the truth).
+                    if self.state().settled(i, peer.connections()) {
+                        let mut h = request(Kind::Probe, id, epoch, 0, 0);
+                        h.flags = FLAG_WHOLE;
+                        let _ = tokio::time::timeout(T.probe_timeout, peer.call(h, &[])).await;
+                    }
+                    self.record(i, CopyState::Active, None).await?;
+                    drop(exclusive);
+                    drop(turn);
+                    let _ = std::fs::remove_file(self.bitmaps.join(self.bitmap_file(i)));
+                    return Ok(());
+                }
             }
-            let to = (from + SCAN_BATCH).min(regions);
-            if let Err(e) = self.level(i, from..to).await {
-                drop(exclusive);
-                return Err(self.fail_copy(i, e).await);
-            }
-            self.state()[i].scan = (to < regions).then_some(to);
             drop(exclusive);
             self.pace(&mut pacer, &mut turn).await;
         }
-        loop {
-            // A run of up to SCAN_BATCH consecutive bitmap regions per step.
-            let run = {
-                let st = self.state();
-                let mut run = st[i].dirty.iter().copied();
-                run.next().map(|first| {
-                    let n = 1 + run
-                        .take(SCAN_BATCH as usize - 1)
-                        .enumerate()
-                        .take_while(|(k, r)| *r == first + 1 + *k as u64)
-                        .count() as u64;
-                    first..first + n
-                })
-            };
-            let Some(run) = run else { break };
-            if self.deposed() {
-                return Ok(());
-            }
-            let exclusive = self.resync_lock.write().await;
-            // A copy that failed between two steps is not levelled on as if it had not:
-            // its emptied bitmap would lose what a power loss of its node took
-            // (flaw 10 of the simulation).
-            if !self.state().may_level(i, was) {
-                return Ok(()); // It failed meanwhile: the next round resyncs it.
-            }
-            if let Err(e) = self.level(i, run.clone()).await {
-                drop(exclusive);
-                return Err(self.fail_copy(i, e).await);
-            }
-            {
-                let mut st = self.state();
-                let save = st.cleared(i, run);
-                self.save_bitmaps(&st, &[save]).map_err(|e| e.to_string())?;
-            }
-            drop(exclusive);
-            self.pace(&mut pacer, &mut turn).await;
-        }
-        if was == CopyState::Active {
-            return Ok(()); // A scan of an active copy: nothing else changes.
-        }
-        // Everything it lacked is copied and new writes reach it: make it durable there,
-        // then ACTIVE — all under the exclusive lock, so no write fails on it meanwhile
-        // (a write that failed before left bits, and the loop goes round again).
-        let exclusive = self.resync_lock.write().await;
-        {
-            let st = self.state();
-            let level = st[i].dirty.is_empty() && st[i].scan.is_none();
-            if !level || st[i].state != CopyState::Resyncing {
-                return Ok(()); // Marked again meanwhile: the next round resyncs it.
-            }
-        }
-        let h = request(Kind::Flush, id, epoch, 0, 0);
-        let flushed = tokio::time::timeout(T.io_timeout, peer.call(h, &[])).await;
-        if !matches!(flushed, Ok(Ok(_))) {
-            drop(exclusive);
-            let why = format!("copy {id} failed to flush after its resync");
-            return Err(self.fail_copy(i, why).await);
-        }
-        let same = self.state()[i].connection == Some(peer.connections());
-        if !same {
-            drop(exclusive);
-            let why = format!("copy {id} was reached over a new connection during its resync");
-            return Err(self.fail_copy(i, why).await);
-        }
-        self.state()[i].unflushed.clear();
-        // Level and synced over its resync's connection: vouched for now, before it
-        // counts as ACTIVE, so its node's power-loss mark comes off (flaw 9 of the
-        // simulation: left for the next periodic look, an owner that lost power meanwhile
-        // would find every copy suspect and might take its own as the truth).
-        if self.state().settled(i, peer.connections()) {
-            let mut h = request(Kind::Probe, id, epoch, 0, 0);
-            h.flags = FLAG_WHOLE;
-            let _ = tokio::time::timeout(T.probe_timeout, peer.call(h, &[])).await;
-        }
-        self.record(i, CopyState::Active, None).await?;
-        drop(exclusive);
-        drop(turn);
-        let _ = std::fs::remove_file(self.bitmaps.join(self.bitmap_file(i)));
-        Ok(())
     }
 
     /// Copy `i`'s node answers but no longer has the component (it came back with an

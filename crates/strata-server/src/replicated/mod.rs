@@ -50,6 +50,7 @@ use strata_replica::record::{
     regions_of, runs_of, ComponentRecord, CopyRef, CopyState, HandedBitmap, Owner, Released,
     VolumeRecord, VolumeState, HANDED_RUNS_MAX,
 };
+use strata_replica::resync::ResyncStep;
 use strata_replica::takeover::{self, Truth};
 use strata_replica::timing::Timing;
 use strata_types::ErrorCode;
