@@ -1,5 +1,5 @@
-//! The replication protocol's errors, typed: the server maps them to `ErrorCode` and
-//! `StoreError` once, at its edge.
+//! The replication protocol's errors, typed: the server maps them to `ErrorCode` (its
+//! API) and `StoreError` (its block interface) once, at its edges.
 
 /// Why the owner could not do what it was asked.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -35,6 +35,31 @@ pub enum ReplicaError {
         node: u64,
         /// What went wrong.
         why: String,
+    },
+    /// The volume's record could not be read or changed: the metadata service did not
+    /// answer, refused, or the record kept changing (another owner may hold it).
+    #[error("the volume's record: {why}")]
+    Record {
+        /// What the metadata service said, or what changed.
+        why: String,
+    },
+    /// Something the owner must keep on its own disk (a copy's bitmap, its copy's epoch
+    /// fence) could not be saved.
+    #[error("{what} cannot be saved: {why}")]
+    Persist {
+        /// What could not be saved.
+        what: &'static str,
+        /// The store's or file system's error.
+        why: String,
+    },
+    /// Asked of the owner's own copy what only another copy can do.
+    #[error("the owner's own copy is recorded as not active")]
+    OwnCopy,
+    /// A hand-over cannot be made now (a copy's failure is not in the record yet).
+    #[error("no clean hand-over now: {why}")]
+    NotNow {
+        /// Why not.
+        why: &'static str,
     },
 }
 

@@ -274,7 +274,7 @@ impl DataService {
                     (
                         Status::Io,
                         reply,
-                        e.chars().take(DETAIL_CHARS).collect::<String>().into_bytes(),
+                        e.to_string().chars().take(DETAIL_CHARS).collect::<String>().into_bytes(),
                     )
                 }
             };

@@ -14,22 +14,27 @@ impl ReplicatedVolume {
         self: &Arc<Self>,
         i: usize,
         regions: std::ops::Range<u64>,
-    ) -> Result<(), String> {
-        let peer = self.copies[i].peer.clone().ok_or("the owner's own copy")?;
+    ) -> Result<(), ReplicaError> {
+        let peer = self.copies[i].peer.clone().ok_or(ReplicaError::OwnCopy)?;
+        let node = self.copies[i].node;
         let id = self.copies[i].id();
         let offset = regions.start * REGION;
         let end = (regions.end * REGION).min(self.size());
         // The owner's copy, read on the blocking pool (with read repair).
-        let ours = self
-            .read_local(offset, (end - offset) as usize, true)
-            .await
-            .map_err(|e| format!("reading this node's copy: {e}"))?;
+        let ours = self.read_local(offset, (end - offset) as usize, true).await.map_err(|e| {
+            ReplicaError::CopyFailed {
+                node: self.owner.node,
+                why: format!("reading the owner's copy: {e}"),
+            }
+        })?;
         let mut h = request(Kind::Digest, id, self.epoch, 0, offset);
         h.count = ours.len() as u32;
         let theirs = match tokio::time::timeout(T.io_timeout, peer.call(h, &[])).await {
             Ok(Ok((_, digests))) => digests,
-            Ok(Err(e)) => return Err(format!("copy {id}: {e}")),
-            Err(_) => return Err(format!("copy {id} did not answer")),
+            Ok(Err(e)) => return Err(ReplicaError::CopyFailed { node, why: copy_failure(&e) }),
+            Err(_) => {
+                return Err(ReplicaError::CopyFailed { node, why: "no answer in time".into() })
+            }
         };
         // The regions that differ, all sent before any reply is awaited.
         let differ: Vec<(u64, &[u8])> = ours
@@ -68,7 +73,8 @@ impl ReplicatedVolume {
         }
         .await;
         if !wrote {
-            return Err(format!("copy {id} failed during its resync"));
+            let why = format!("copy {id} failed during its resync");
+            return Err(ReplicaError::CopyFailed { node, why });
         }
         let copied = differ.iter().map(|(_, piece)| piece.len() as u64).sum();
         self.state().levelled(i, regions, copied);
@@ -77,10 +83,11 @@ impl ReplicatedVolume {
 
     /// Copy `i` failed while being levelled: STALE (recorded later if not now), and what
     /// it took since its last flush back in its bitmap.
-    pub(super) async fn fail_copy(&self, i: usize, why: String) -> String {
+    pub(super) async fn fail_copy(&self, i: usize, why: ReplicaError) -> ReplicaError {
         self.state().stale(i);
         if let Err(e) = self.lose_unflushed(i) {
-            return format!("{why}; its bitmap cannot be saved: {e}");
+            let why = format!("{why}; its bitmap: {e}");
+            return ReplicaError::Persist { what: "a failed copy's bitmap", why };
         }
         // Recorded now if it can be (else by the next write, or the next resync).
         let _ = self.record(i, CopyState::Stale, None).await;
@@ -152,9 +159,9 @@ impl ReplicatedVolume {
     /// and with a slot on the copy's node, a digest scan, if one is due, compares every
     /// region; the regions of its bitmap are copied (each compared first); then, flushed,
     /// it is ACTIVE. Each step holds the exclusive lock, so no client write interleaves.
-    pub(super) async fn resync(self: &Arc<Self>, i: usize) -> Result<(), String> {
+    pub(super) async fn resync(self: &Arc<Self>, i: usize) -> Result<(), ReplicaError> {
         let Some(peer) = self.copies[i].peer.clone() else {
-            return Err("the owner's own copy is recorded as not active".into());
+            return Err(ReplicaError::OwnCopy);
         };
         if self.deposed() {
             return Ok(());
@@ -217,7 +224,10 @@ impl ReplicatedVolume {
                     }
                     let mut st = self.state();
                     let save = st.cleared(i, run);
-                    self.save_bitmaps(&st, &[save]).map_err(|e| e.to_string())?;
+                    self.save_bitmaps(&st, &[save]).map_err(|e| ReplicaError::Persist {
+                        what: "a copy's bitmap",
+                        why: e.to_string(),
+                    })?;
                 }
                 ResyncStep::Flush => {
                     // Everything it lacked is copied and new writes reach it: durable
@@ -228,6 +238,7 @@ impl ReplicatedVolume {
                     if !matches!(flushed, Ok(Ok(_))) {
                         drop(exclusive);
                         let why = format!("copy {id} failed to flush after its resync");
+                        let why = ReplicaError::CopyFailed { node: self.copies[i].node, why };
                         return Err(self.fail_copy(i, why).await);
                     }
                     let same = self.state()[i].connection == Some(peer.connections());
@@ -236,6 +247,7 @@ impl ReplicatedVolume {
                         let why = format!(
                             "copy {id} was reached over a new connection during its resync"
                         );
+                        let why = ReplicaError::CopyFailed { node: self.copies[i].node, why };
                         return Err(self.fail_copy(i, why).await);
                     }
                     self.state()[i].unflushed.clear();
@@ -263,15 +275,20 @@ impl ReplicatedVolume {
     /// Copy `i`'s node answers but no longer has the component (it came back with an
     /// empty disk): a new component is made there, recorded in its place (RESYNCING),
     /// and filled by a full digest scan.
-    pub(super) async fn rebuild(self: &Arc<Self>, i: usize) -> Result<(), String> {
-        let peer = self.copies[i].peer.clone().ok_or("the owner's own copy")?;
+    pub(super) async fn rebuild(self: &Arc<Self>, i: usize) -> Result<(), ReplicaError> {
+        let peer = self.copies[i].peer.clone().ok_or(ReplicaError::OwnCopy)?;
         let node = self.copies[i].node;
         let h = request(Kind::Create, 0, 0, 0, self.size());
         let made = tokio::time::timeout(T.io_timeout, peer.call(h, self.name.as_bytes())).await;
         let id = match made {
             Ok(Ok((reply, _))) => reply.component,
-            Ok(Err(e)) => return Err(format!("node {node}: cannot make a new copy: {e}")),
-            Err(_) => return Err(format!("node {node} did not answer")),
+            Ok(Err(e)) => {
+                let why = format!("cannot make a new copy: {}", copy_failure(&e));
+                return Err(ReplicaError::CopyFailed { node, why });
+            }
+            Err(_) => {
+                return Err(ReplicaError::CopyFailed { node, why: "no answer in time".into() })
+            }
         };
         tracing::warn!(volume = %self.name, node, component = id,
             "a copy's node lost it (an emptied disk?): rebuilding it in full");
@@ -422,7 +439,7 @@ impl ReplicatedVolume {
     pub(super) async fn replace_removed(
         &self,
         members: &[(Candidate, bool)],
-    ) -> Result<bool, String> {
+    ) -> Result<bool, ReplicaError> {
         let member = |node: u64| members.iter().any(|(m, _)| m.id == node);
         let Some(i) = self.copies.iter().position(|c| !member(c.node)) else {
             return Ok(false);
@@ -450,9 +467,15 @@ impl ReplicatedVolume {
         {
             Ok(Ok((reply, _))) => reply.component,
             Ok(Err(e)) => {
-                return Err(format!("node {}: cannot make a copy: {}", to.id, copy_failure(&e)))
+                let why = format!("cannot make a copy: {}", copy_failure(&e));
+                return Err(ReplicaError::CopyFailed { node: to.id, why });
             }
-            Err(_) => return Err(format!("node {} did not answer", to.id)),
+            Err(_) => {
+                return Err(ReplicaError::CopyFailed {
+                    node: to.id,
+                    why: "no answer in time".into(),
+                })
+            }
         };
         tracing::info!(volume = %self.name, from = gone, to = to.id, component = id,
             "a copy's node was removed from the cluster: placing the copy on another node");
@@ -462,7 +485,9 @@ impl ReplicatedVolume {
         // lists it leaves the component an orphan (removed as such).
         self.change_record(|record| {
             let c = record.components.iter_mut().find(|c| c.node == gone && c.id == gone_id);
-            let Some(c) = c else { return Err("the volume's copies changed meanwhile".into()) };
+            let Some(c) = c else {
+                return Err(record_error("the volume's copies changed meanwhile"));
+            };
             *c = ComponentRecord {
                 node: to.id,
                 id,

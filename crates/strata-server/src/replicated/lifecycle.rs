@@ -312,8 +312,8 @@ pub(super) async fn take_over(
     let _ = view.weak.set(Arc::downgrade(&view));
     match view.fence_copies().await {
         Err(e) => {
-            view.depose(&e);
-            return Err(unavailable(e));
+            view.depose(&e.to_string());
+            return Err(ApiError::from(e));
         }
         // A copy this owner could not fence would honour the read leases the last owner
         // granted (invariant 10). Unless it let go cleanly (then it waited for them),
@@ -422,20 +422,21 @@ pub(super) async fn ask_release(
     meta: &Member,
     record: &VolumeRecord,
     o: Owner,
-) -> Result<(), String> {
+) -> Result<(), ReplicaError> {
+    let failed = |why: &str| ReplicaError::CopyFailed { node: o.node, why: why.to_string() };
     let component = record
         .components
         .iter()
         .find(|c| c.node == o.node)
         .map(|c| c.id)
-        .ok_or("the owner holds no copy")?;
-    let rpc = rpc_of(meta, o.node).ok_or("the owner has no address")?;
+        .ok_or_else(|| record_error("the owner holds no copy"))?;
+    let rpc = rpc_of(meta, o.node).ok_or_else(|| failed("the owner has no address"))?;
     let peer = DataPeer::new(DataKey::from_secret(meta.secret()), rpc);
     let h = request(Kind::Release, component, o.epoch, 0, 0);
     match tokio::time::timeout(T.release_patience, peer.call(h, &[])).await {
         Ok(Ok(_)) => Ok(()),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err("no answer in time".into()),
+        Ok(Err(e)) => Err(failed(&e.to_string())),
+        Err(_) => Err(failed("no answer in time")),
     }
 }
 

@@ -84,6 +84,11 @@ fn unavailable(e: impl std::fmt::Display) -> ApiError {
     ApiError::new(ErrorCode::Unavailable, e.to_string())
 }
 
+/// The volume's record could not be read or changed: `why`.
+fn record_error(why: impl Into<String>) -> ReplicaError {
+    ReplicaError::Record { why: why.into() }
+}
+
 async fn write(meta: &Member, compares: Vec<Compare>, success: Vec<Op>) -> ApiResult<bool> {
     let txn = Command::Txn { origin: meta.origin(), compares, success, failure: vec![] };
     match meta.request(ClientRequest::Write(txn)).await.map_err(unavailable)? {

@@ -198,8 +198,9 @@ impl Router {
         *self.view.write_locked("the owner view") = None;
     }
 
-    /// The owner to forward to, from this member's applied state.
-    pub(super) fn target(&self) -> Result<Target, String> {
+    /// The owner to forward to, from this member's applied state; else why there is none
+    /// now (a reason to retry, not an error).
+    pub(super) fn target(&self) -> Result<Target, &'static str> {
         let (owner, record) = self.meta.read_local(|s| {
             let owner = s
                 .get(&format!("/volumes/{}/owner", self.name))
@@ -211,7 +212,7 @@ impl Router {
         });
         let owner = owner.ok_or("the volume has no owner now (a new one is being chosen)")?;
         if owner.node == self.meta.id() {
-            return Err("this node is taking ownership".into());
+            return Err("this node is taking ownership");
         }
         let component = record
             .and_then(|r| r.components.iter().find(|c| c.node == owner.node).map(|c| c.id))
@@ -399,7 +400,7 @@ impl Router {
                     Err(e) => format!("this node was deposed: {e}"),
                 },
                 _ => match self.target() {
-                    Err(why) => why,
+                    Err(why) => why.to_string(),
                     Ok(t) => match self.forward(&t, &op, number).await {
                         Ok(data) => return Ok(data),
                         Err(Forwarded::Failed(e)) => return Err(e),

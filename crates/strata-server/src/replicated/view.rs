@@ -238,13 +238,13 @@ impl ReplicatedVolume {
     /// record (compared with the owner key) that at this epoch those copies were equal.
     /// The next owner, taking the epoch right after, need not compare them. Asked again,
     /// it answers as the first time.
-    pub async fn release(&self) -> Result<(), String> {
+    pub async fn release(&self) -> Result<(), ReplicaError> {
         let mut released = self.released.lock().await;
         if *released {
             return Ok(());
         }
         if self.deposed() {
-            return Err("this node no longer owns the volume".into());
+            return Err(ReplicaError::Deposed { newer: None });
         }
         // New requests find it deposed (their clients retry at the next owner); those
         // in flight hold the lock shared.
@@ -252,7 +252,7 @@ impl ReplicatedVolume {
         let _exclusive = self.resync_lock.write().await;
         let plan = self.state().release();
         if plan.unrecorded {
-            return Err("a copy's failure is not recorded yet".into());
+            return Err(ReplicaError::NotNow { why: "a copy's failure is not recorded yet" });
         }
         // No write is in flight: a STALE copy's bitmap is all it lacks.
         let stale: Vec<HandedBitmap> = plan
@@ -313,7 +313,7 @@ impl ReplicatedVolume {
                 stale.push(HandedBitmap { node: mine.node, id: mine.id, runs: Vec::new() });
             }
         } else if !synced_here {
-            return Err("this node's copy did not sync".into());
+            return Err(ReplicaError::NotNow { why: "this node's copy did not sync" });
         }
         let stale_lsn = self.state().lsn() + 1;
         // If the owner key changed, the CAS keeps failing and the next owner compares
@@ -396,14 +396,14 @@ impl ReplicatedVolume {
     /// most. `change` may refuse, with the error returned.
     pub(super) async fn change_record(
         &self,
-        mut change: impl FnMut(&mut VolumeRecord) -> Result<(), String>,
-    ) -> Result<(), String> {
+        mut change: impl FnMut(&mut VolumeRecord) -> Result<(), ReplicaError>,
+    ) -> Result<(), ReplicaError> {
         let key = format!("/volumes/{}", self.name);
         let owner_key = format!("/volumes/{}/owner", self.name);
         let owner_value = serde_json::to_vec(&self.owner).expect("serializes");
         for _ in 0..5 {
             let (mut record, version) =
-                read_record(&self.meta, &self.name).await.map_err(|e| e.message)?;
+                read_record(&self.meta, &self.name).await.map_err(|e| record_error(e.message))?;
             change(&mut record)?;
             let value = serde_json::to_vec(&record).expect("serializes");
             let compares = vec![
@@ -414,10 +414,10 @@ impl ReplicatedVolume {
             match write(&self.meta, compares, vec![put]).await {
                 Ok(true) => return Ok(()),
                 Ok(false) => continue,
-                Err(e) => return Err(e.message),
+                Err(e) => return Err(record_error(e.message)),
             }
         }
-        Err("the volume's record keeps changing, or another node owns it".into())
+        Err(record_error("it keeps changing, or another node owns the volume"))
     }
 
     /// The index of the owner's own copy in `copies`.
@@ -529,7 +529,7 @@ impl ReplicatedVolume {
         i: usize,
         to: CopyState,
         new_id: Option<u64>,
-    ) -> Result<(), String> {
+    ) -> Result<(), ReplicaError> {
         // One change of the record at a time: writes failing together on one copy all
         // want the same mark, and racing CASes made some give up (and fail their write).
         let _recording = self.recording.lock().await;
@@ -594,8 +594,9 @@ impl ReplicatedVolume {
         let result = result.map_err(|(deposed, e)| {
             if deposed {
                 self.depose(&e);
+                return ReplicaError::Deposed { newer: None };
             }
-            e
+            record_error(e)
         });
         if result.is_ok() {
             if let Some(new_id) = new_id {
@@ -779,7 +780,7 @@ impl ReplicatedVolume {
                 // that the write is retried at the owner (whichever node that is), not
                 // failed to the client. The next owner, taking without a clean
                 // hand-over, compares the copies.
-                let why = ReplicaError::Unrecorded { why: e }.to_string();
+                let why = ReplicaError::Unrecorded { why: e.to_string() }.to_string();
                 self.depose(&why);
                 io_error("replicate", why)
             })?;
@@ -952,7 +953,7 @@ impl ReplicatedVolume {
     /// Fences this node's copy, then every other copy (a probe) at this owner's epoch:
     /// from then on no older owner's request applies there, nor its read lease. A copy
     /// that does not answer is marked STALE; returns whether one that was ACTIVE did not.
-    pub(super) async fn fence_copies(&self) -> Result<bool, String> {
+    pub(super) async fn fence_copies(&self) -> Result<bool, ReplicaError> {
         // This node's own copy first: a request of an older view of this node's, deposed
         // while it waited for its regions' turn, would else still pass its fence and land
         // on the copy that is now the truth, after the other copies were compared with it
@@ -960,9 +961,12 @@ impl ReplicatedVolume {
         match self.fencing.enter(self.local.id(), self.epoch).await {
             Ok(pass) => drop(pass),
             Err(Refused::Stale(newest)) => {
-                return Err(format!("this node's copy has seen a newer owner (epoch {newest})"))
+                return Err(ReplicaError::Deposed { newer: Some(newest) })
             }
-            Err(Refused::Io) => return Err("cannot persist this node's copy's fence".into()),
+            Err(Refused::Io) => {
+                let why = "its store refused".to_string();
+                return Err(ReplicaError::Persist { what: "this node's copy's epoch fence", why });
+            }
         }
         let mut silent = false;
         let mut probes = Vec::new();
@@ -991,7 +995,7 @@ impl ReplicatedVolume {
                     }
                 }
                 Ok(Ok(Err(CallError::Status { status: Status::StaleEpoch, epoch, .. }))) => {
-                    return Err(format!("a copy has seen a newer owner (epoch {epoch})"));
+                    return Err(ReplicaError::Deposed { newer: Some(epoch) });
                 }
                 _ => {
                     let mut st = self.state();
