@@ -43,7 +43,10 @@
 #              started with the bench-only STRATA_BENCH_INTERNODE_PLAINTEXT=1: the
 #              handshake authenticates, records go unencrypted; rows "rf3plain" and the
 #              "inter-node encryption" block: iops, p99 and CPU us per write on vs off)
-#   SKIP_RESYNC=1  no resync/failover measurements (below)
+#   SKIP_RESYNC=1  no resync/failover/pause measurements (below)
+#   SKIP_PAUSE=1   no paused-copy measurement (below)
+#   PAUSE_SECS     how long a copy's node is stopped, one run each      (default "3 15")
+#   PAUSE_AT, PAUSE_AFTER  seconds of writes before / after the pause   (default 3, 5)
 #   RESYNC_LOAD_SECS  seconds of random writes while node 3 is away      (default 20)
 #   RESYNC_TIMEOUT    longest wait for a returned copy to be active, s   (default 600)
 #   FAILOVER_KILL_AT  seconds into the failover writer when node 1 dies  (default 5)
@@ -92,6 +95,14 @@
 #              owner and epoch before and after.  Then node 1 is restarted and the run
 #              waits until all three copies are active (its copy's dirty/resynced bytes
 #              and time are printed too).
+#   pause      fio randwrite 4k QD1 through the owner's export; a member holding a copy
+#              (not the owner) is stopped with SIGSTOP for each of PAUSE_SECS, then
+#              continued.  Prints the longest gap between completed writes (the stall a
+#              client saw), the longest write, the copies' states as the pause ended and
+#              how long until the copy was ACTIVE again: the trade-off io_timeout (10 s,
+#              strata_replica::timing) sets between stalling writes and marking a copy
+#              STALE (a pause shorter than it: a stall that long, the copy stays ACTIVE;
+#              longer: a stall of io_timeout, the copy STALE, then resynced).
 # These print as a block after the table ("resync/failover") and as kv lines
 # bench=replicated-resync / bench=replicated-failover in OUT; a failed fault run (no
 # resync within RESYNC_TIMEOUT, a fio error, copies not all active at the end) makes
@@ -126,7 +137,10 @@ RESYNC_LOAD_SECS=${RESYNC_LOAD_SECS:-20}
 RESYNC_TIMEOUT=${RESYNC_TIMEOUT:-600}
 FAILOVER_KILL_AT=${FAILOVER_KILL_AT:-5}
 FAILOVER_AFTER=${FAILOVER_AFTER:-25}
-need_uint RUNTIME RAMP REPS RESYNC_LOAD_SECS RESYNC_TIMEOUT FAILOVER_KILL_AT FAILOVER_AFTER
+PAUSE_SECS=${PAUSE_SECS:-3 15}
+PAUSE_AT=${PAUSE_AT:-3}
+PAUSE_AFTER=${PAUSE_AFTER:-5}
+need_uint RUNTIME RAMP REPS RESYNC_LOAD_SECS RESYNC_TIMEOUT FAILOVER_KILL_AT FAILOVER_AFTER PAUSE_AT PAUSE_AFTER
 [ "$RUNTIME" -ge 1 ] && [ "$REPS" -ge 1 ] || die "RUNTIME and REPS must be >= 1"
 need_tools fio nbdinfo python3 curl
 need_fio_nbd
@@ -689,6 +703,68 @@ PY
   else
     FAULT_TROUBLE=1
     FAULTS+=$'\n'"failover: not run (copy 3 did not come back active: $(live_states "$A1"))"
+  fi
+  # ---- a paused copy: a copy's node stopped (SIGSTOP) under a QD1 writer -------------
+  # The trade-off Timing's io_timeout (10 s) sets: a copy silent for less than it stalls
+  # the owner's writes as long as it is silent and stays ACTIVE; one silent for longer
+  # stalls them io_timeout, then is STALE (resynced once it answers again).
+  if [ "${SKIP_PAUSE:-0}" != 1 ]; then
+    for ps in $PAUSE_SECS; do
+      o=$(owner_of 1 2 3); o=${o%% *}; o=${o:-1}
+      OA=${HTTPA[$((o - 1))]}
+      for n in 1 2 3; do wait_active "$OA" "$n" 120 || true; done
+      p=$((o % 3 + 1)) # a member holding a copy, not the owner
+      URI_O=nbd://${NBDA[$((o - 1))]}/bench
+      total=$((PAUSE_AT + ps + PAUSE_AFTER))
+      log "pause: fio randwrite 4k QD1 via the owner (node $o) for ${total}s; node $p stopped (SIGSTOP) ${ps}s from ${PAUSE_AT}s"
+      rm -f "$SCRATCH"/rf3/pause_*.log
+      timeout $((total + 300)) fio --name=pause --ioengine=nbd --uri="$URI_O" --rw=randwrite --bs=4k \
+        --iodepth=1 --size=1G --time_based --runtime="$total" --randrepeat=0 \
+        --write_lat_log="$SCRATCH/rf3/pause" --log_avg_msec=0 \
+        --output-format=json --output="$SCRATCH/rf3/pause.json" >"$SCRATCH/rf3/pause.err" 2>&1 &
+      FIO_PID=$!; PIDS+=("$FIO_PID")
+      sleep "$PAUSE_AT"
+      kill -STOP "${NPID[$p]}"
+      sleep "$ps"
+      during=$(live_states "$OA")
+      kill -CONT "${NPID[$p]}"
+      rc=0; wait "$FIO_PID" || rc=$?
+      drop_pid "$FIO_PID"
+      t0=$(now)
+      if wait_active "$OA" "$p" "$RESYNC_TIMEOUT"; then back=$(secs "$t0" "$(now)"); else back=NA; FAULT_TROUBLE=1; fi
+      latlog=$(ls "$SCRATCH"/rf3/pause_lat.*.log 2>/dev/null | head -1 || true)
+      PL=$(python3 - "$SCRATCH/rf3/pause.json" "$rc" "${latlog:-/nonexistent}" <<'PY'
+import json, sys
+js, rc, lat = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+err, ios, maxlat = rc, 0, None
+try:
+    raw = open(js).read(); j = json.loads(raw[raw.index('{'):])["jobs"][0]
+    err = j.get("error", 0) or rc; ios = j["write"]["total_ios"]; maxlat = j["write"]["lat_ns"]["max"] / 1e6
+except Exception:
+    err = err or 98
+ts = []
+try:
+    ts = [int(ln.split(",")[0]) for ln in open(lat) if ln.count(",") >= 1]
+except OSError:
+    pass
+gap = max((b - a for a, b in zip(ts, ts[1:])), default=None)
+print("err=%d writes=%d max_gap_ms=%s max_lat_ms=%s" % (err, ios, gap if gap is not None else "NA",
+      "%.0f" % maxlat if maxlat is not None else "NA"))
+PY
+)
+      line="pause_s=$ps paused_node=$p owner=$o $PL copies_at_pause_end=$during active_again_after_s=$back"
+      echo "bench=replicated-pause $line io_timeout_s=10" >>"$OUT"
+      log "pause: $line"
+      [[ $PL == err=0\ * ]] || { FAULT_TROUBLE=1; log "pause: fio failed:"; tail -5 "$SCRATCH/rf3/pause.err" >&2; }
+      FAULTS+=$'\n'$(python3 - "$line" <<'PY'
+import sys
+kv = dict(f.split("=", 1) for f in sys.argv[1].split())
+print("paused copy (node %s stopped %s s under fio randwrite 4k QD1 via owner node %s; io_timeout 10 s):" % (kv["paused_node"], kv["pause_s"], kv["owner"]))
+print("  longest gap between completed writes  %s ms; longest write %s ms; fio error %s (%s writes)" % (kv["max_gap_ms"], kv["max_lat_ms"], kv["err"], kv["writes"]))
+print("  copies (node 1/2/3) as the pause ended %s; the copy active again %s s after it resumed" % (kv["copies_at_pause_end"], kv["active_again_after_s"]))
+PY
+)
+    done
   fi
   faults_log_since | grep -iE 'warn|error|fail|panick' >"$SCRATCH/rf3/problems-faults.log" || true
   FAULTS+=$'\n'"members' warn/error log lines during the faults: $(wc -l <"$SCRATCH/rf3/problems-faults.log") (rf3/problems-faults.log)"
