@@ -13,6 +13,7 @@
 //!   hold acknowledgments); `validate()` checks its invariants.
 //! - [`resync`]: the resync plan, a copy brought level step by step (scan, copy a run,
 //!   flush, activate).
+//! - [`lease`]: the read-lease rules of a node that is not the owner.
 //! - [`takeover`]: who takes an ownerless or moved volume, and when.
 //! - [`timing`]: every timeout and period in one value.
 //! - [`schedule`]: the resync scheduler's decisions (which job starts next, how many
@@ -32,6 +33,7 @@
 
 pub mod error;
 pub mod fence;
+pub mod lease;
 pub mod mutation;
 pub mod owner;
 pub mod placement;

@@ -44,6 +44,7 @@ use strata_io::{BlockVolume, Extent, IoOp, StoreError, ZeroMode};
 use strata_meta::service::{ClientReply, ClientRequest, Member};
 use strata_meta::state::{Command, Compare, Op, Response};
 use strata_replica::error::ReplicaError;
+use strata_replica::lease::ReadLease;
 use strata_replica::owner::{Finished, Found, OwnerState, Reply, SaveBitmap, Time, Track};
 use strata_replica::placement::{place, place_one, Candidate};
 use strata_replica::record::{

@@ -40,15 +40,6 @@ pub(super) struct Leasing {
     pub(super) asking: AtomicBool,
 }
 
-/// A read lease this node holds: the owner's epoch, the copy, and until when (counted
-/// from when it was asked for).
-#[derive(Clone, Copy)]
-pub(super) struct ReadLease {
-    pub(super) epoch: u64,
-    pub(super) component: u64,
-    pub(super) until: Instant,
-}
-
 /// Where forwarded requests go.
 pub(super) struct Target {
     pub(super) peer: Arc<DataPeer>,
@@ -134,17 +125,15 @@ impl Router {
     /// a lease (in the background) when there is none or it is half gone.
     pub(super) async fn read_here(&self, offset: u64, length: usize) -> Option<Bytes> {
         let (copy, fencing) = self.local.locked("the node's own copy").clone()?;
+        // The core's rules (`strata_replica::lease`, L1-L3).
         let lease = *self.lease.held.locked("the read lease");
-        let now = Instant::now();
-        if lease.is_none_or(|l| l.until < now + T.read_lease / 2) {
+        if ReadLease::renew_due(lease.as_ref(), now(), &T) {
             self.renew_lease(copy.id());
         }
-        let lease = lease.filter(|l| l.component == copy.id() && now < l.until)?;
-        if fencing.newest(lease.component) != lease.epoch {
-            return None;
-        }
+        let fence = |l: &ReadLease| fencing.newest(l.component);
+        let lease = lease.filter(|l| l.admits(copy.id(), now(), fence(l)))?;
         let _pass = fencing.enter(lease.component, lease.epoch).await.ok()?;
-        if Instant::now() >= lease.until {
+        if !lease.admits(copy.id(), now(), fencing.newest(lease.component)) {
             return None;
         }
         // From the page cache on this task when it can (no hop to the blocking pool);
@@ -171,14 +160,14 @@ impl Router {
             return;
         };
         let me = self.meta.id();
-        let asked = Instant::now();
+        let asked = now();
         let h = request(Kind::Lease, t.component, t.epoch, me, 0);
         // Not awaited by the read: it is forwarded meanwhile.
         let leasing = self.lease.clone();
         tokio::spawn(async move {
             let reply = tokio::time::timeout(T.read_lease / 2, t.peer.call(h, &[])).await;
             if matches!(reply, Ok(Ok((r, _))) if r.component == component) {
-                let l = ReadLease { epoch: t.epoch, component, until: asked + T.read_lease };
+                let l = ReadLease::granted(t.epoch, component, asked, &T);
                 *leasing.held.locked("the read lease") = Some(l);
             }
             leasing.asking.store(false, Ordering::Release);
