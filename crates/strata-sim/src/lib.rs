@@ -104,7 +104,9 @@
 //!   the owner too, half of them machine crashes; partitions between any two of the
 //!   nodes and the metadata service; a node cut off from all (often the owner); message
 //!   loss (2–30 %) and delay (up to 100 ms); with `Scenario::crash_resyncing`, also a
-//!   machine crash, half the time, of a copy's node soon after its copy turns RESYNCING.
+//!   machine crash, half the time, of a copy's node soon after its copy turns RESYNCING;
+//!   with `Scenario::crash_owner_after_resync`, of the owner's soon after a copy is
+//!   ACTIVE again after its resync.
 //!   Then every fault stops and the cluster gets up to `HEAL_MAX` to converge (the owner
 //!   serving, every copy ACTIVE, no scan or forwarded request left, for `STABLE`); not
 //!   converging is a failure too.
@@ -165,7 +167,8 @@
 //! 4. `FlushClearsOlder`: **a flush's reply clears the regions of writes that completed
 //!    after it was sent**, though the copy may have applied them after it synced; if it
 //!    then loses power its bitmap lacks them. Fix: only regions of writes completed
-//!    before the flush was sent are cleared (`OwnerState::finish`). FLAW4
+//!    before the flush was sent are cleared (`OwnerState::finish`). Test: seed 2627 (1 of
+//!    the first 3000), check 2.
 //! 5. `SameSession`: **an old view serves again under a new session**: `serving`
 //!    checked the session was fresh, not that it was the one the owner key was tied to,
 //!    so a node that registers again makes its superseded view serve reads until its
@@ -192,7 +195,8 @@
 //!    look**; if the owner loses power meanwhile both copies are suspect, and the
 //!    owner's, lacking what it had not synced, may be taken as the truth. Fix: a copy
 //!    levelled and flushed over its resync's connection is vouched for before it is
-//!    ACTIVE (`OwnerState::settled`). FLAW9
+//!    ACTIVE (`OwnerState::settled`). Test (with `Scenario::crash_owner_after_resync`):
+//!    seed 2 (5 of the first 1500), check 1.
 //! 10. `LevelWhileStale`: **a resync goes on levelling a copy that failed mid-way**: its
 //!     bitmap is emptied while it is STALE, and after a power loss of its node it differs
 //!     for ever. Fix: the driver asks `OwnerState::may_level` before each step. Test
@@ -213,8 +217,8 @@
 //! for every lease (no clean hand-over is modelled). One volume of three components.
 //!
 //! # Running and reproducing
-//! `cargo test -p strata-sim` runs 100 seeds, the flaw and mutation tests (about two
-//! minutes on 2 cores in debug). More: `STRATA_SIM_SEEDS=10000 [STRATA_SIM_SEED_FROM=S]
+//! `cargo test -p strata-sim` runs 100 seeds, the flaw and mutation tests (about 100 s
+//! on 2 cores in debug). More: `STRATA_SIM_SEEDS=10000 [STRATA_SIM_SEED_FROM=S]
 //! cargo test -p strata-sim --release seeds_hold -- --nocapture` (about 30 ms a seed
 //! per core in release: 10,000 seeds in about 5 minutes on 2 cores). A failing seed
 //! prints itself, its counts and its trace's last lines; rerun it with
@@ -225,8 +229,10 @@
 //! seeds from S to below N that fail with it re-opened, which of them pass without it
 //! (a regression seed must), and the first such one's report. A run's [`Scenario`] (the
 //! default unless a test says otherwise) is set for these tests by
-//! `STRATA_SIM_READERS=N` (reading clients) and `STRATA_SIM_CRASH_RESYNCING=1` (a copy's
-//! machine crashes mid-resync; flaws 10 and 11's tests run so). `STRATA_SIM_MUTATION=M`
+//! `STRATA_SIM_READERS=N` (reading clients; flaw 8's test runs with none),
+//! `STRATA_SIM_CRASH_RESYNCING=1` (a copy's machine crashes mid-resync; flaws 10 and
+//! 11's tests run so) and `STRATA_SIM_CRASH_OWNER_AFTER_RESYNC=1` (the owner's machine
+//! crashes just after a resync; flaw 9's test runs so). `STRATA_SIM_MUTATION=M`
 //! breaks [`Mutation`] `M` (a rule of the driver or the store, not a flaw) in the seeds
 //! test; `STRATA_SIM_TRACE_LINES=N` keeps N trace lines (`one_seed` prints them). Two
 //! experiments for read leases, off by default: `STRATA_SIM_FAST_REFUSE=1` makes a new
@@ -337,11 +343,15 @@ pub struct Scenario {
     /// Besides the usual faults, a copy being resynced (RESYNCING in the record) has its
     /// node's machine crash mid-resync half the time (`Faults::crash_resyncing`).
     pub crash_resyncing: bool,
+    /// Besides the usual faults, when the record shows a copy ACTIVE again after its
+    /// resync, the owner's machine crashes soon after half the time
+    /// (`Faults::crash_owner_after_resync`).
+    pub crash_owner_after_resync: bool,
 }
 
 impl Default for Scenario {
     fn default() -> Scenario {
-        Scenario { readers: 6, crash_resyncing: false }
+        Scenario { readers: 6, crash_resyncing: false, crash_owner_after_resync: false }
     }
 }
 
@@ -366,6 +376,10 @@ struct Faults {
     /// Per node, with `Scenario::crash_resyncing`, while the record shows its copy
     /// RESYNCING: when its machine crashes (`None` inside: it does not).
     resyncing: [Option<Option<Duration>>; NODES],
+    /// With `Scenario::crash_owner_after_resync`: the copies' states last seen in the
+    /// record, and when the owner's machine crashes.
+    last_states: Option<[model::CopyState; NODES]>,
+    owner_crash_at: Option<Duration>,
 }
 
 impl Faults {
@@ -520,6 +534,37 @@ impl Faults {
         }
     }
 
+    /// `Scenario::crash_owner_after_resync`: each time the record shows a copy ACTIVE
+    /// that was RESYNCING, with probability ½ the owner's machine crashes 0–200 ms later
+    /// (within a periodic look of the owner's, `Timing::resync_every`).
+    fn crash_owner_after_resync(
+        &mut self,
+        sim: &mut turmoil::Sim<'_>,
+        sh: &Shared,
+        t: Duration,
+    ) {
+        let states = sh.published.borrow().1.as_ref().map(|r| r.states);
+        if let (Some(before), Some(now)) = (self.last_states, states) {
+            let resynced = (0..NODES).any(|n| {
+                before[n] == model::CopyState::Resyncing && now[n] == model::CopyState::Active
+            });
+            if resynced && self.owner_crash_at.is_none() && self.rng.random_bool(0.5) {
+                self.owner_crash_at =
+                    Some(t + Duration::from_millis(self.rng.random_range(0..200)));
+            }
+        }
+        if states.is_some() {
+            self.last_states = states;
+        }
+        if self.owner_crash_at.is_some_and(|at| t >= at) {
+            self.owner_crash_at = None;
+            let owner = sh.published.borrow().0.map(|o| o.node);
+            if let Some(o) = owner.filter(|o| self.down[*o].is_none()) {
+                self.crash(sim, sh, t, o, true);
+            }
+        }
+    }
+
     /// Restarts, repairs and calms what is due at `t` (everything once `all`).
     fn expire(&mut self, sim: &mut turmoil::Sim<'_>, sh: &Shared, t: Duration, all: bool) {
         for n in 0..NODES {
@@ -576,6 +621,8 @@ fn run(seed: u64, flaw: Option<Flaw>, mutation: Option<Mutation>, scenario: Scen
         lossy: 0,
         partitions: 0,
         resyncing: [None; NODES],
+        last_states: None,
+        owner_crash_at: None,
     };
     let mut failures = Vec::new();
     let mut clients_done = false;
@@ -596,6 +643,9 @@ fn run(seed: u64, flaw: Option<Flaw>, mutation: Option<Mutation>, scenario: Scen
             faults.expire(&mut sim, &sh, t, false);
             if scenario.crash_resyncing {
                 faults.crash_resyncing(&mut sim, &sh, t);
+            }
+            if scenario.crash_owner_after_resync {
+                faults.crash_owner_after_resync(&mut sim, &sh, t);
             }
             if t >= faults.next {
                 faults.inject(&mut sim, &sh, t);
