@@ -23,6 +23,9 @@
 //! applied before (`Shared::applied_at`, ghost state a crash does not reset).
 //! **Check 4**: bytes resync copied from bitmaps ≤ 1.25 × the region bytes the bitmaps
 //! marked (reported with the bytes digest scans copied).
+//! **Check 5**: the protocol core's own invariants (`OwnerState::validate`, O1–O4 of
+//! `docs/design/replication.md`) held after every step the owner views took
+//! (`view.rs`'s `Checked`).
 
 use crate::model::{Event, Op, Outcome, Shared};
 use std::collections::BTreeMap;

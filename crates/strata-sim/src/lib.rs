@@ -1,83 +1,115 @@
 //! A deterministic simulation of Strata's replication protocol
-//! (`docs/design/replication.md`, `strata-server/src/replicated.rs`), run over many seeds
-//! under crashes, partitions, message loss and delay, and lost unsynced writes, and
-//! checked for the durability contract, convergence and fencing (`check.rs`).
+//! (`docs/design/replication.md`), run over many seeds under crashes, partitions,
+//! message loss and delay, and lost unsynced writes, and checked for the durability
+//! contract, convergence, fencing and the protocol core's own invariants (`check.rs`).
 //!
-//! Dev-only (`publish = false`): nothing depends on this crate, and it depends on no
-//! other Strata crate. The real code cannot run under a simulator (real TCP, openraft,
-//! blocking threads, real files), so this is a model of the protocol *as built*, ported
-//! function by function from `replicated.rs` (each piece names what it ports), on
+//! Dev-only (`publish = false`): nothing depends on this crate. It drives the protocol
+//! core the server drives, `strata-replica` (with its `mutations` feature: below), on
 //! [turmoil](https://docs.rs/turmoil): every host is a turmoil host with its own tokio
 //! runtime in simulated time, and every message crosses turmoil's network (UDP
 //! datagrams kept in order per pair of hosts, as a TCP connection keeps them, `net.rs`).
-//! What is real: the protocol's rules and their order of steps. What is not: the code
-//! itself, the wire format and MAC, the store (a page-cache model), Raft (one host).
 //!
-//! # What is modeled
+//! **What runs real: the core's decisions**, the code the server runs. The owner view
+//! (`view.rs`) drives `owner::OwnerState` as the server's `replicated` module does: a
+//! new owner's start per copy (`Track::found`); every write and flush (`begin`,
+//! `finish`, `conclude`: the copies to send to, the bitmaps to save first, which copies
+//! failed and what goes into their bitmaps, the STALE marks to record, whether and when
+//! to acknowledge); the fence and the periodic probes (`fenced`, `silent`, `lost_power`,
+//! `answered`); read leases (`whole`, `grant`, `hold_acks_until`); each resync step
+//! (`may_level`, `levelled_copying`, `cleared`, `lose_unflushed`, `settled`); and
+//! `OwnerState::validate` after every step (check 5). The steward (`node.rs`) takes the
+//! volume when `takeover::decide` says so and deposes a view `takeover::superseded`
+//! names, with `takeover::truth_for_suspect` for a suspect copy. Every timeout and
+//! period is the server's, `Timing::DEFAULT.scaled(10)` (`model::timing`: only their
+//! ratios matter, and a shorter simulated second runs more seeds).
+//!
+//! **What is modelled**: the network (above); the store (one component per node behind
+//! its epoch fence, a page cache over a durable image, `model::Component`); Raft (the
+//! metadata service is one host, `meta.rs`); sessions, routing, forwarding and the read
+//! lease's router (`node.rs`); the clients; and the driver around the core: the I/O the
+//! core leaves to it (region turns, sends and their timeouts, the owner's own copy, the
+//! bitmap files, the record's compare-and-swap, digests and copies, the resync's locks),
+//! written after the server's driver, not its code. Not run at all: the wire format and
+//! MAC, real files, openraft, blocking threads.
+//!
+//! # What is modelled, precisely
 //! - **The metadata service** (`meta.rs`), one host: a linearizable key-value store (one
 //!   sequential state machine, as the Raft group is) with the volume's record
 //!   (`{epoch, last owner, each copy's state}`) and owner key, compare-and-swap, and node
-//!   sessions: one not heard from for `SESSION_TIMEOUT` dies, and the owner key tied to
-//!   it dies with it; registering again ends the old session. It never crashes (it
-//!   stands for a Raft group), but partitions cut it off like any host.
+//!   sessions: one not heard from for `Timing::session_timeout` dies, and the owner key
+//!   tied to it dies with it; registering again ends the old session. It never crashes
+//!   (it stands for a Raft group), but partitions cut it off like any host.
 //! - **Three storage nodes** (`node.rs`), each with one component of a 256-block
 //!   (1 MiB, 16 regions of 64 KiB) volume. A component admits a request only through its
 //!   epoch fence (below the fence: refused; a raise is on disk before the request
 //!   applies, and admit and apply are one step). Writes land in a page cache; FLUSH or
 //!   FUA syncs. **A machine crash keeps the synced image plus any subset of the unsynced
-//!   writes (each survives with probability ½, applied in order)**; a process crash
-//!   (kill -9) keeps the page cache. The owner's bitmap files are not synced: a machine
-//!   crash starts a new boot, and a bitmap of another boot is not trusted (`open`).
+//!   writes (each survives with probability ½, applied in order)** and sets the copy's
+//!   power-loss mark (suspect until an owner vouches for it); a process crash (kill -9)
+//!   keeps the page cache. The owner's bitmap files are not synced: a machine crash
+//!   starts a new boot, and a bitmap of another boot is not trusted (`View::open`).
 //! - **Sessions and the owner lease**: heartbeats every `HEARTBEAT_EVERY`; an owner
-//!   serves only while the last heartbeat the service accepted was *sent* less than
-//!   `OWNER_LEASE` ago (`session_fresh`). A node's view of the metadata is its last
+//!   serves only under the session its owner key is tied to, while the last heartbeat
+//!   the service accepted was *sent* less than `Timing::owner_lease` ago
+//!   (`View::serving`, `Lease::fresh`). A node's view of the metadata is its last
 //!   successful read (the member's applied state lags the same way when cut off).
 //! - **Ownership** (`Node::steward`, `take_over`, `View::open`, `fence_copies`): the
-//!   owner key by CAS at one above the highest epoch, tied to the session; the last
-//!   owner first, then each other node with an ACTIVE copy `TAKEOVER_STEP` later; a new
-//!   owner probes every other copy at its epoch (a silent one is STALE; with the eighth
-//!   fix, its own copy's fence is raised first), its copy is the truth,
-//!   every other ACTIVE copy gets a digest scan, a STALE copy keeps its bitmap only if
-//!   kept at the epoch just before in the same boot (else a full scan).
+//!   core's `takeover::decide` picks the moment (the last owner first, then each other
+//!   node with an ACTIVE copy `Timing::takeover_step` later, a suspect copy last); the
+//!   owner key by CAS at one above the highest epoch, tied to the session, if the fresh
+//!   record shows this node's copy ACTIVE; the new owner raises its own copy's fence,
+//!   then probes every other copy at its epoch (a silent one is STALE, a suspect one
+//!   STALE with a full scan); its copy is the truth, every other ACTIVE copy gets a
+//!   digest scan, a STALE copy keeps its bitmap only if kept at the epoch just before in
+//!   the same boot and owing no scan (else a full scan).
 //! - **The write path** (`View::fan_out`): region turns; the region into every STALE
 //!   copy's bitmap before sending; sent to every ACTIVE and RESYNCING copy, then the own
-//!   copy written; a copy that fails or times out is STALE, with its unflushed regions in
+//!   copy written; a copy that fails, times out or answers over a new connection (its
+//!   node restarted) is STALE, with its unflushed regions and every region in flight in
 //!   its bitmap, recorded by CAS (compared with the owner key) before the reply; fewer
-//!   than `MIN_REPLICAS` (2) ACTIVE copies: the write fails. FLUSH goes to every copy.
+//!   than `MIN_REPLICAS` (2) ACTIVE copies: the write fails. A FLUSH goes to every copy
+//!   that is not STALE, and clears only the regions of writes completed before it was
+//!   sent.
 //! - **Resync** (`View::resync`, `level`, `check_copies`): a STALE copy that answers is
 //!   RESYNCING (by CAS), scans and bitmap runs are compared by digest and differing
-//!   regions copied, each step under the exclusive lock; flushed, it is ACTIVE (by CAS).
-//!   ACTIVE copies are probed every `RESYNC_EVERY`.
+//!   regions copied, each step under the exclusive lock and only while the core says the
+//!   copy may still be levelled; every region compared counts as unflushed; flushed over
+//!   the same connection, it is vouched for and ACTIVE (by CAS). ACTIVE copies are
+//!   probed every `Timing::resync_every`, and vouched for when the core finds them
+//!   whole.
 //! - **Routing** (`Node::route`): a client's request through any node, served by its
-//!   view or forwarded to the owner, retried for `FORWARD_PATIENCE` while a new owner
-//!   is chosen (and still retried after the client gave up).
+//!   view or forwarded to the owner, retried for `Timing::forward_patience` while a new
+//!   owner is chosen (and still retried after the client gave up).
 //! - **Read leases** (invariant 10; `Node::read_here`, `renew_lease`,
-//!   `View::grant_lease`, `Copies::stale`, the end of `fan_out`, `take_over`): a node
-//!   that is not the owner serves a read from its own copy while it holds a lease (asked
-//!   of the owner its metadata view names, at that epoch; valid `READ_LEASE` from the
-//!   ask) and its copy's fence is still exactly the lease's epoch (checked and read in
-//!   one step); it asks again in the background once half is gone, and forwards
-//!   meanwhile. The owner grants while it serves at that epoch, its metadata view still
-//!   names it, and the copy is ACTIVE, owes no scan, and answers a probe from the boot
-//!   the owner knows (with the power-loss fix), recording `leased_until`. A copy marked
-//!   STALE (any path) moves its lease to `revoked_until`, and no write or flush is
-//!   acknowledged before that; a take that replaced a live owner key (never after a
-//!   clean hand-over: none is modeled) with an ACTIVE copy silent at the fence
-//!   acknowledges nothing for `2 * READ_LEASE`. A lease lives in the node's memory: a
-//!   crash loses it.
+//!   `View::grant_lease`, the end of `fan_out`, `take_over`): a node that is not the
+//!   owner serves a read from its own copy while it holds a lease (asked of the owner its
+//!   metadata view names, at that epoch; valid `Timing::read_lease` from the ask) and its
+//!   copy's fence is still exactly the lease's epoch (checked and read in one step); it
+//!   asks again in the background once half is gone, and forwards meanwhile. The owner
+//!   grants while it serves at that epoch, its metadata view still names it, and the
+//!   core finds the copy whole (ACTIVE, owing no scan, last heard over the connection
+//!   its node has now) and it answers a probe. A copy marked STALE (any path) has its
+//!   lease revoked in the core, and no write or flush is acknowledged before that lease
+//!   has run out; a take that replaced a live owner key (never after a clean hand-over:
+//!   none is modelled) with an ACTIVE copy silent at the fence acknowledges nothing for
+//!   `2 * Timing::read_lease`. A lease lives in the node's memory: a crash loses it.
 //! - **Clients** (`client.rs`): six, each one request at a time through a random node;
 //!   every write a unique id in one 4 KiB block (mostly 32 hot blocks); flushes, FUA
-//!   writes, and reads (mostly of a block written lately); and six more that only read,
-//!   mostly the block of the write acknowledged last, through a random node (so many
-//!   reads are served under read leases); each operation's start, end and outcome
-//!   recorded.
+//!   writes, and reads (mostly of a block written lately); and six more that only read
+//!   (`Scenario::readers`), mostly the block of the write acknowledged last, through a
+//!   random node (so many reads are served under read leases); each operation's start,
+//!   end and outcome recorded.
 //! - **Faults** (`Faults`), chosen by the seed, one every 0.3–1.5 s during the first
 //!   `FAULTS_END` of simulated time: crash and restart (50 ms–1.5 s later) of any node,
 //!   the owner too, half of them machine crashes; partitions between any two of the
 //!   nodes and the metadata service; a node cut off from all (often the owner); message
-//!   loss (2–30 %) and delay (up to 100 ms). Then every fault stops and the cluster gets
-//!   up to `HEAL_MAX` to converge (the owner serving, every copy ACTIVE, no scan or
-//!   forwarded request left, for `STABLE`); not converging is a failure too.
+//!   loss (2–30 %) and delay (up to 100 ms); with `Scenario::crash_resyncing`, also a
+//!   machine crash, half the time, of a copy's node soon after its copy turns RESYNCING;
+//!   with `Scenario::crash_owner_after_resync`, of the owner's soon after a copy is
+//!   ACTIVE again after its resync.
+//!   Then every fault stops and the cluster gets up to `HEAL_MAX` to converge (the owner
+//!   serving, every copy ACTIVE, no scan or forwarded request left, for `STABLE`); not
+//!   converging is a failure too.
 //!
 //! # Checks (`check.rs` says each precisely)
 //! 1. Every read, and every block at the end, shows the last write that must be visible
@@ -89,121 +121,137 @@
 //! 2. After healing, every ACTIVE component equals the owner's.
 //! 3. No component applied a request stamped with an epoch below one it had applied.
 //! 4. Resync copied ≤ 1.25 × the region bytes its bitmaps marked (the design's measure;
-//!    the seeds test prints it, about 0.2 over 100 seeds, and also the ratio to the bytes
-//!    of distinct 4 KiB blocks written while copies were STALE, about 2.9: a 64 KiB
-//!    region is copied for a 4 KiB write, and regions unflushed when a copy failed are
-//!    copied too; digest scans after a change of owner copy about twice as much again).
+//!    the seeds test prints it, about 0.16 over 10,000 seeds, and also the ratio to the
+//!    bytes of distinct 4 KiB blocks written while copies were STALE, about 2.4: a
+//!    64 KiB region is copied for a 4 KiB write, and regions unflushed when a copy
+//!    failed are copied too; digest scans after a change of owner copy about two and a
+//!    half times as much again).
+//! 5. The core's invariants (`OwnerState::validate`, O1–O4) held after every step.
 //!
-//! # Mapping to `replicated.rs`'s invariants
-//! 1 (placement): fixed, one component per node. 2 (owner by CAS, fences): modeled,
-//! check 3 watches the fences. 3 (lease, fence before serving): modeled, check 1 on
-//! reads. 4 (write reply, STALE before the reply, bitmaps, `min_replicas`): modeled,
-//! checks 1 and 2. 5 (new owner's copy is the truth, scans): modeled, check 2.
-//! 6 (every node serves, forwarding): modeled. 7 (delete): not modeled. 10 (read
-//! leases): modeled but for the clean hand-over's wait (no hand-over is modeled), check
-//! 1 on every read served under a lease.
+//! # Mapping to the design's invariants
+//! 1 (placement): fixed, one component per node. 2 (owner by CAS, fences): modelled,
+//! check 3 watches the fences. 3 (lease, fence before serving): modelled, check 1 on
+//! reads. 4 (write reply, STALE before the reply, bitmaps, `min_replicas`): the core's,
+//! checks 1 and 2. 5 (new owner's copy is the truth, scans): the core's, check 2.
+//! 6 (every node serves, forwarding): modelled. 7 (delete): not modelled. 10 (read
+//! leases): the core's, but for the clean hand-over's wait (no hand-over is modelled),
+//! check 1 on every read served under a lease. 11 (power-loss marks): the core's
+//! (`takeover`, `lost_power`, `settled`), checks 1 and 2.
 //!
-//! # Flaws found in the protocol as built
-//! Each has a proposed fix behind a switch ([`Fixes`]); [`Protocol::Fixed`] turns them
-//! all on, and the seeds test runs with them (as built, 52 of the first 300 seeds
-//! fail). Each flaw's test (`tests.rs`) runs a seed that fails without its fix and
-//! passes with every fix.
-//! 1. **A copy that lost power is not known to have lost anything.** Its node restarts
-//!    and the owner's next request to it simply succeeds (a new connection), so it stays
-//!    ACTIVE without the acknowledged writes it had not synced; a later FLUSH syncs it
-//!    as it is and is acknowledged; and if it is the last owner (first in line) or next
-//!    in line, its copy becomes the truth and the scans copy the loss to the others,
-//!    though they held those writes. Seen as writes acknowledged (and flushed) and
-//!    lost, and copies that differ. Fix: every reply carries the node's boot; an owner
-//!    treats a changed boot as a failed copy (STALE, its unflushed regions in its
-//!    bitmap, a full scan unless this owner has flushed it); a copy that lost power is
-//!    *suspect* until an owner has levelled it, and a suspect copy is not taken as the
-//!    truth while a copy that is not suspect may be.
-//! 2. **Taking ownership does not check the fresh record.** The steward decides on its
-//!    lagging view that its copy is ACTIVE, `take_ownership` CASes the owner key on the
-//!    fresh record where the copy is STALE, `open` then refuses, and the owner key names
-//!    a node that never serves: the volume has no owner until that node's session ends.
-//! 3. **A kept bitmap forgets a scan its owner owed.** A copy ACTIVE at a takeover gets
-//!    a scan due; if it does not answer it is STALE, and the bitmap file its owner keeps
-//!    for it holds only the regions written since. The next owner (same node, next
-//!    epoch, same boot) trusts the file and never compares the other regions: writes
-//!    in flight when the owner before died differ there for ever.
-//! 4. **A flush's reply clears regions of writes sent after it** (`unflushed.clear()`):
-//!    a write sent after the flush and answered before it leaves no trace, so if that
-//!    copy then fails having lost it (power), its bitmap lacks the region. Found under
-//!    reordering links while building the model; not hit again in 500 seeds with links
-//!    in order, so it has no test.
-//! 5. **An old view serves again under a new session.** `serving()` checks the session
-//!    is fresh, not that it is the one the owner key was tied to: a node declared down
-//!    that registers again makes its deposed-in-all-but-name view serve reads from its
-//!    own copy until its steward sees the new owner: stale reads of writes the new owner
-//!    acknowledged.
-//! 6. **A bitmap misses writes in flight when its copy failed.** They join the bitmap
-//!    when they fail in turn, which never happens if the owner dies first; the next
-//!    owner trusts the file, and the copy differs where those (unacknowledged, but maybe
-//!    already read) writes landed elsewhere.
-//! 7. **A region a resync finds equal is tracked nowhere.** It leaves the bitmap, and
-//!    only copied regions count as unflushed on the copy; but it may be equal only in
-//!    the copy's page cache (writes it took while RESYNCING, or before it failed). If
-//!    the copy then loses power before the resync's final flush, the loss is detected
-//!    (a timeout) but its bitmap lacks the region: the copy differs there for ever.
-//!    Fix: every region compared counts as unflushed until the copy's next flush.
-//! 8. **A deposed view's write lands on the next owner's own copy.** `fan_out` checks
-//!    that its view is not deposed only before waiting for its region's turn, and a new
-//!    owner's `fence_copies` probes only the other copies: its own copy's fence stays
-//!    at the epoch of this node's older view until the new view first writes to it. A
-//!    write of that older view, deposed while it waited its turn, then passes the fence
-//!    and lands on the copy that is now the truth, after the other copies were levelled
-//!    with it: the copies differ for ever. Fix: a new owner raises its own copy's fence
-//!    first (in the real code the raise waits for what the old epoch admitted; here
-//!    admitting and applying are one step), and `fan_out` checks again after its turn
-//!    and sends nothing if deposed (the fix `replicated.rs` takes). Found by the
-//!    simulation with no reading clients (1 of the first 8000 seeds); either part alone
-//!    fixes its seed.
+//! # Flaws found in the protocol
+//! Each flaw the simulation found is fixed in the core (or, for 2, 5 and 8, in its
+//! drivers), and each fix has a knob in `strata_replica::mutation` ([`Flaw`], numbered
+//! as here): `mutation::set` re-opens it on the thread a seed runs on, and the core (or
+//! this crate's driver) then takes the old, flawed branch. Each flaw's regression test in
+//! `tests.rs`, `flaw_N_<name>_is_found_again`, runs a seed that fails a check with the
+//! knob set and passes without it. Flaws 1–8 were found while the simulation was a
+//! hand-written port of the server's code; 9–11 once it drove the core.
+//! 1. `PowerLoss`: **a copy that lost power is not known to have lost anything.** Its
+//!    node restarts and the owner's next request to it succeeds over a new connection,
+//!    so it stays ACTIVE without the acknowledged writes it had not synced, and if it is
+//!    first in line its copy becomes the truth. Fix: an answer over a new connection
+//!    fails the copy (`OwnerState::finish`, `answered`); a copy that lost power is
+//!    suspect until an owner vouches for it, and a suspect copy is not taken as the
+//!    truth while one that is not may be (`takeover::line`, `decide`). Test: seed 10,
+//!    check 1.
+//! 2. `TakeChecksCopy`: **taking ownership does not check the fresh record.** The
+//!    steward decides on its lagging view, the owner key is CASed where the fresh record
+//!    shows this node's copy STALE, the view cannot open, and the owner key names a node
+//!    that never serves. Fix (the driver's, `Node::take_over`): take only if the fresh
+//!    record shows the copy ACTIVE. Test: seed 159, "did not converge".
+//! 3. `BitmapKeepsScan`: **a kept bitmap forgets a scan its owner owed.** A copy owing
+//!    a digest scan that turns STALE gets a bitmap of the regions written since; the next
+//!    owner (same node, next epoch, same boot) trusts the file and never compares the
+//!    others. Fix: such a bitmap is saved as owing a scan (`SaveBitmap::owes_scan`), and
+//!    no later owner trusts it. Test: seed 23, check 2.
+//! 4. `FlushClearsOlder`: **a flush's reply clears the regions of writes that completed
+//!    after it was sent**, though the copy may have applied them after it synced; if it
+//!    then loses power its bitmap lacks them. Fix: only regions of writes completed
+//!    before the flush was sent are cleared (`OwnerState::finish`). Test: seed 2627 (1 of
+//!    the first 3000), check 2.
+//! 5. `SameSession`: **an old view serves again under a new session**: `serving`
+//!    checked the session was fresh, not that it was the one the owner key was tied to,
+//!    so a node that registers again makes its superseded view serve reads until its
+//!    steward sees the new owner. Fix (the driver's, `View::serving`). Test: seed 143,
+//!    check 1.
+//! 6. `InFlightToBitmap`: **a failed copy's bitmap misses the writes still in flight.**
+//!    They join it when they fail in turn, which never happens if the owner dies first;
+//!    the next owner trusts the file. Fix: every region in flight joins the bitmap when
+//!    the copy fails (`OwnerState::finish`). Test: seed 4184 (1 of the first 5000),
+//!    check 2.
+//! 7. `LevelKeepsEqual`: **a region a resync finds equal is tracked nowhere**, though it
+//!    may be equal only in the copy's page cache; a power loss of the copy before the
+//!    resync's flush loses it unseen. Fix: every region compared counts as unflushed
+//!    until the copy's next flush (`OwnerState::levelled_copying`). Test: seed 385,
+//!    check 2.
+//! 8. `FenceOwnCopy`: **a deposed view's write lands on the next owner's own copy.** A
+//!    write of a node's older view, deposed while it waited for its region's turn, passed
+//!    the own copy's fence (still at that older epoch) after the node took the volume
+//!    again and levelled the others with it. Fix (the driver's, `View::fence_copies`,
+//!    `fan_out`): a new owner raises its own copy's fence first, and a write deposed
+//!    while it waited sends nothing. Test (with no reading clients): seed 2355 (1 of
+//!    the first 5000), check 2.
+//! 9. `VouchAfterResync`: **a resynced copy stays suspect until the next periodic
+//!    look**; if the owner loses power meanwhile both copies are suspect, and the
+//!    owner's, lacking what it had not synced, may be taken as the truth. Fix: a copy
+//!    levelled and flushed over its resync's connection is vouched for before it is
+//!    ACTIVE (`OwnerState::settled`). Test (with `Scenario::crash_owner_after_resync`):
+//!    seed 2 (5 of the first 1500), check 1.
+//! 10. `LevelWhileStale`: **a resync goes on levelling a copy that failed mid-way**: its
+//!     bitmap is emptied while it is STALE, and after a power loss of its node it differs
+//!     for ever. Fix: the driver asks `OwnerState::may_level` before each step. Test
+//!     (with `Scenario::crash_resyncing`): seed 403 (1 of the first 1000), check 2.
+//! 11. `SuspectStaysActive`: **a copy answering a new owner's fence with its power-loss
+//!     mark on stays ACTIVE** (owing only a scan); writes acknowledged with it as a
+//!     holder are lost if the new owner loses power too. Fix: it is STALE with a full
+//!     scan (`OwnerState::lost_power`). Test (with `Scenario::crash_resyncing`): seed 19
+//!     (3 of the first 1000), check 1.
 //!
 //! # Not covered
 //! The wire format and MAC, LSN bookkeeping (used only to order flushes and writes),
 //! trims and multi-block writes, read repair and corrupt blocks, rebuilds of an emptied
-//! disk, moves (`attach`, automatic moves, hand-over on SIGTERM), deletes, the retried
-//! forwarded write's de-duplication, the resync scheduler and pacing, torn writes,
-//! clock drift (all hosts share turmoil's clock), and a Raft group's own faults (the
-//! metadata service is one always-correct host). Of read leases: `release`'s wait for
-//! every lease (no clean hand-over is modeled); the real grant refuses a node that
-//! reconnected after any restart, the model only one whose boot changed (a machine
-//! crash: a process restart keeps the page cache, so its copy lacks only writes that
-//! failed there, which made it STALE). Time constants are the real ones
-//! divided by 10. One volume of three components.
+//! disk, full disks, moves (`attach`, automatic moves, hand-over on SIGTERM), deletes,
+//! the retried forwarded write's de-duplication, the resync scheduler and pacing, torn
+//! writes, clock drift (all hosts share turmoil's clock), and a Raft group's own faults
+//! (the metadata service is one always-correct host). Of read leases: `release`'s wait
+//! for every lease (no clean hand-over is modelled). One volume of three components.
 //!
 //! # Running and reproducing
-//! `cargo test -p strata-sim` runs 100 seeds (about 14 s on 2 busy cores in debug), the flaw
-//! and mutation tests. More: `STRATA_SIM_SEEDS=10000 [STRATA_SIM_SEED_FROM=S] cargo
-//! test -p strata-sim --release seeds -- --nocapture` (about 40 ms a seed per core in
-//! release); the protocol as built: `STRATA_SIM_AS_BUILT=1`. A failing seed prints
-//! itself, its counts and its trace's last lines; rerun it with `STRATA_SIM_SEED=S
-//! cargo test -p strata-sim one_seed -- --nocapture`. `STRATA_SIM_FIND_FLAWS=N
-//! [STRATA_SIM_SEED_FROM=S] [STRATA_SIM_FIX=name]` lists, for each fix, the seeds below
-//! N that fail without it, and which of them pass with every fix. A run's [`Scenario`]
-//! (the default unless a test says otherwise) is set for these tests by
-//! `STRATA_SIM_READERS=N` (reading clients) and `STRATA_SIM_CRASH_RESYNCING=1` (a copy's
-//! machine crashes mid-resync; flaw 7's test runs so). `STRATA_SIM_MUTATION=M`
-//! breaks [`Mutation`] `M` in the seeds test; `STRATA_SIM_TRACE_LINES=N` keeps N trace
-//! lines (`one_seed` prints them). Two experiments for read leases, off by default:
-//! `STRATA_SIM_FAST_REFUSE=1` makes a new owner's fence probe to a node cut off from it
-//! fail at once (the real code's refused or reset connection: the model's faults
-//! otherwise only ever time out, after `PROBE_TIMEOUT` = `READ_LEASE`, which alone
-//! outlasts any lease an owner that just went away had granted), and
-//! `STRATA_SIM_OWNER_BOUNCE=1` makes half the faults restart the owner at once, cut off
-//! from one other node (its leases from before the crash may still run when it takes the
-//! volume again: its old owner key died when it registered again, so the take is not
-//! "unclean"). No stale read in 2000 seeds with both.
+//! `cargo test -p strata-sim` runs 100 seeds, the flaw and mutation tests (about 100 s
+//! on 2 cores in debug). More: `STRATA_SIM_SEEDS=10000 [STRATA_SIM_SEED_FROM=S]
+//! cargo test -p strata-sim --release seeds_hold -- --nocapture` (about 30 ms a seed
+//! per core in release: 10,000 seeds in about 5 minutes on 2 cores). A failing seed
+//! prints itself, its counts and its trace's last lines; rerun it with
+//! `STRATA_SIM_SEED=S cargo test -p strata-sim one_seed -- --nocapture`.
+//! `STRATA_SIM_FLAW=N` (1–11, or a [`Flaw`] by name) re-opens a flaw in either.
+//! `STRATA_SIM_FIND_FLAWS=N [STRATA_SIM_SEED_FROM=S] [STRATA_SIM_FLAW=n] cargo test -p
+//! strata-sim --release find_flaws -- --nocapture` lists, for each flaw (or flaw n), the
+//! seeds from S to below N that fail with it re-opened, which of them pass without it
+//! (a regression seed must), and the first such one's report. A run's [`Scenario`] (the
+//! default unless a test says otherwise) is set for these tests by
+//! `STRATA_SIM_READERS=N` (reading clients; flaw 8's test runs with none),
+//! `STRATA_SIM_CRASH_RESYNCING=1` (a copy's machine crashes mid-resync; flaws 10 and
+//! 11's tests run so) and `STRATA_SIM_CRASH_OWNER_AFTER_RESYNC=1` (the owner's machine
+//! crashes just after a resync; flaw 9's test runs so). `STRATA_SIM_MUTATION=M`
+//! breaks [`Mutation`] `M` (a rule of the driver or the store, not a flaw) in the seeds
+//! test; `STRATA_SIM_TRACE_LINES=N` keeps N trace lines (`one_seed` prints them). Two
+//! experiments for read leases, off by default: `STRATA_SIM_FAST_REFUSE=1` makes a new
+//! owner's fence probe to a node cut off from it fail at once (the real code's refused
+//! or reset connection: the model's faults otherwise only ever time out, after
+//! `Timing::probe_timeout` = `Timing::read_lease`, which alone outlasts any lease an
+//! owner that just went away had granted), and `STRATA_SIM_OWNER_BOUNCE=1` makes half
+//! the faults restart the owner at once, cut off from one other node (its leases from
+//! before the crash may still run when it takes the volume again: its old owner key
+//! died when it registered again, so the take is not "unclean").
 //!
 //! A run is exactly reproducible, across processes too: every random choice comes from
 //! the seed (faults, clients and message loss from seeded `SmallRng`s, latencies from
 //! turmoil's seeded one), hosts run on one thread in a fixed order, every map iterated
 //! is ordered, and nothing draws from tokio's own RNG (no `select!`), so nothing needs
 //! `--cfg tokio_unstable`; `a_seed_replays_exactly` checks the trace hash. A change to
-//! the simulation moves every seed's course, so the flaw tests' seeds must then be found
-//! again (`STRATA_SIM_FIND_FLAWS=N`, in the test's scenario).
+//! the simulation or to the core moves every seed's course, so the flaw and mutation
+//! tests' seeds must then be found again (`STRATA_SIM_FIND_FLAWS=N`, in the test's
+//! scenario).
 
 mod check;
 mod client;
@@ -228,7 +276,7 @@ const FAULTS_END: Duration = Duration::from_millis(6000);
 /// After the faults, the longest the cluster may take to converge.
 const HEAL_MAX: Duration = Duration::from_millis(12000);
 /// How long the cluster must stay converged to count as such (the owner probes every
-/// copy `RESYNC_EVERY`).
+/// copy every `Timing::resync_every`).
 const STABLE: Duration = Duration::from_millis(1000);
 /// Simulated time per turmoil step.
 const TICK: Duration = Duration::from_millis(2);
@@ -295,11 +343,15 @@ pub struct Scenario {
     /// Besides the usual faults, a copy being resynced (RESYNCING in the record) has its
     /// node's machine crash mid-resync half the time (`Faults::crash_resyncing`).
     pub crash_resyncing: bool,
+    /// Besides the usual faults, when the record shows a copy ACTIVE again after its
+    /// resync, the owner's machine crashes soon after half the time
+    /// (`Faults::crash_owner_after_resync`).
+    pub crash_owner_after_resync: bool,
 }
 
 impl Default for Scenario {
     fn default() -> Scenario {
-        Scenario { readers: 6, crash_resyncing: false }
+        Scenario { readers: 6, crash_resyncing: false, crash_owner_after_resync: false }
     }
 }
 
@@ -324,6 +376,10 @@ struct Faults {
     /// Per node, with `Scenario::crash_resyncing`, while the record shows its copy
     /// RESYNCING: when its machine crashes (`None` inside: it does not).
     resyncing: [Option<Option<Duration>>; NODES],
+    /// With `Scenario::crash_owner_after_resync`: the copies' states last seen in the
+    /// record, and when the owner's machine crashes.
+    last_states: Option<[model::CopyState; NODES]>,
+    owner_crash_at: Option<Duration>,
 }
 
 impl Faults {
@@ -478,6 +534,37 @@ impl Faults {
         }
     }
 
+    /// `Scenario::crash_owner_after_resync`: each time the record shows a copy ACTIVE
+    /// that was RESYNCING, with probability ½ the owner's machine crashes 0–200 ms later
+    /// (within a periodic look of the owner's, `Timing::resync_every`).
+    fn crash_owner_after_resync(
+        &mut self,
+        sim: &mut turmoil::Sim<'_>,
+        sh: &Shared,
+        t: Duration,
+    ) {
+        let states = sh.published.borrow().1.as_ref().map(|r| r.states);
+        if let (Some(before), Some(now)) = (self.last_states, states) {
+            let resynced = (0..NODES).any(|n| {
+                before[n] == model::CopyState::Resyncing && now[n] == model::CopyState::Active
+            });
+            if resynced && self.owner_crash_at.is_none() && self.rng.random_bool(0.5) {
+                self.owner_crash_at =
+                    Some(t + Duration::from_millis(self.rng.random_range(0..200)));
+            }
+        }
+        if states.is_some() {
+            self.last_states = states;
+        }
+        if self.owner_crash_at.is_some_and(|at| t >= at) {
+            self.owner_crash_at = None;
+            let owner = sh.published.borrow().0.map(|o| o.node);
+            if let Some(o) = owner.filter(|o| self.down[*o].is_none()) {
+                self.crash(sim, sh, t, o, true);
+            }
+        }
+    }
+
     /// Restarts, repairs and calms what is due at `t` (everything once `all`).
     fn expire(&mut self, sim: &mut turmoil::Sim<'_>, sh: &Shared, t: Duration, all: bool) {
         for n in 0..NODES {
@@ -534,6 +621,8 @@ fn run(seed: u64, flaw: Option<Flaw>, mutation: Option<Mutation>, scenario: Scen
         lossy: 0,
         partitions: 0,
         resyncing: [None; NODES],
+        last_states: None,
+        owner_crash_at: None,
     };
     let mut failures = Vec::new();
     let mut clients_done = false;
@@ -554,6 +643,9 @@ fn run(seed: u64, flaw: Option<Flaw>, mutation: Option<Mutation>, scenario: Scen
             faults.expire(&mut sim, &sh, t, false);
             if scenario.crash_resyncing {
                 faults.crash_resyncing(&mut sim, &sh, t);
+            }
+            if scenario.crash_owner_after_resync {
+                faults.crash_owner_after_resync(&mut sim, &sh, t);
             }
             if t >= faults.next {
                 faults.inject(&mut sim, &sh, t);

@@ -1,7 +1,7 @@
 //! The metadata service as one host: a linearizable key-value store (it is one
 //! sequential state machine, as the real Raft group is) holding the volume's record and
 //! owner key, with compare-and-swap and node sessions. A session not heard from for
-//! `SESSION_TIMEOUT` dies, and the owner key tied to it dies with it; a node that
+//! `Timing::session_timeout` dies, and the owner key tied to it dies with it; a node that
 //! registers again gets a new session (its old one dies: the incarnation bump).
 
 use crate::model::{CopyState, Owner, Record, Shared, META, NODES};

@@ -27,11 +27,11 @@ pub const CLIENT: usize = NODES + 1;
 /// The volume's `min_replicas`.
 pub const MIN_REPLICAS: usize = 2;
 
-/// The protocol's timeouts and periods: the server's ([`Timing::default`]) divided by
+/// The protocol's timeouts and periods: the server's ([`Timing::DEFAULT`]) divided by
 /// 10 (only their ratios matter to the protocol, and a shorter simulated second runs
 /// more seeds).
 pub fn timing() -> Timing {
-    Timing::default().scaled(10)
+    Timing::DEFAULT.scaled(10)
 }
 
 // Constants of the simulation that `Timing` does not hold (the server's own are fixed
@@ -63,7 +63,7 @@ pub enum Mutation {
     /// `Router::read_here`).
     NoLeaseFence,
     /// An unclean take with an unfenced copy acknowledges at once (invariant 10,
-    /// `take_over`'s `2 * READ_LEASE`).
+    /// `take_over`'s `2 * read_lease`).
     NoTakeWait,
 }
 
@@ -238,7 +238,7 @@ pub struct Shared {
     pub cut: RefCell<BTreeSet<(usize, usize)>>,
     /// `STRATA_SIM_FAST_REFUSE=1`, an experiment: a new owner's fence probe to a host cut
     /// off from it fails at once (as a refused or reset connection does in the real
-    /// code) instead of after `PROBE_TIMEOUT`.
+    /// code) instead of after `Timing::probe_timeout`.
     pub fast_refuse: bool,
     /// `STRATA_SIM_OWNER_BOUNCE=1`, with it: half the faults restart the owner at once
     /// and cut it off from one other node.

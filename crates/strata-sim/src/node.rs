@@ -169,7 +169,7 @@ impl Node {
 
     /// A client's request through this node (`Router::run_one`): served by this node's
     /// view while it owns the volume and its lease is fresh, else forwarded to the owner;
-    /// retried while no owner takes it, for up to `FORWARD_PATIENCE`.
+    /// retried while no owner takes it, for up to `Timing::forward_patience`.
     async fn route(&self, op: &Op) -> Result<Option<u64>, ()> {
         if let Op::Read { block } = op {
             if !self.view().is_some_and(|v| v.serving()) {
@@ -233,7 +233,7 @@ impl Node {
     }
 
     /// `Router::renew_lease`: asks the owner this node's metadata view names for a read
-    /// lease (one request at a time); granted, it holds for `READ_LEASE` from the ask.
+    /// lease (one request at a time); granted, it holds for `Timing::read_lease` from the ask.
     fn renew_lease(&self) {
         if self.read_lease.asking.replace(true) {
             return;
