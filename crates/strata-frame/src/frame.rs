@@ -26,7 +26,9 @@
 //! A request with the VOLUME flag (Write, Read, Flush, Trim) is for a replicated volume as
 //! a whole, sent by a node serving it to the node it believes owns it; `component` is the
 //! owner's component of the volume, `lsn` the sending node's id, and the owner orders the
-//! request like one of its own clients' (or answers `NotOwner`). A VOLUME Write's `count`,
+//! request like one of its own clients' (or answers `NotOwner`). A VOLUME Flush's
+//! `offset` is the volume's epoch when the flush began (0: not said), so that an owner
+//! that took with a suspect copy as the truth since refuses it. A VOLUME Write's `count`,
 //! and a VOLUME Trim's payload (4 bytes), is the sender's number for it, the same when it
 //! retries it.
 //!

@@ -62,11 +62,18 @@ pub enum Flaw {
     ///     (`owner::OwnerState::lost_power`). Found by running the core: the server has it
     ///     (its data plane's probe reply does not carry the mark).
     SuspectStaysActive,
+    /// 12. A FLUSH that started before an owner took the volume with a suspect copy as
+    ///     the truth (every ACTIVE copy had lost power, taking writes acknowledged and
+    ///     not synced) is acknowledged by that owner when its forwarder retries it, as if
+    ///     those writes were durable (`takeover::flush_survives`). Found by running the
+    ///     core: the server has it (its router retries a forwarded flush at the next
+    ///     owner).
+    FlushAcrossLoss,
 }
 
 impl Flaw {
     /// Every flaw, in the order of their numbers.
-    pub const ALL: [Flaw; 11] = [
+    pub const ALL: [Flaw; 12] = [
         Flaw::PowerLoss,
         Flaw::TakeChecksCopy,
         Flaw::BitmapKeepsScan,
@@ -78,9 +85,10 @@ impl Flaw {
         Flaw::VouchAfterResync,
         Flaw::LevelWhileStale,
         Flaw::SuspectStaysActive,
+        Flaw::FlushAcrossLoss,
     ];
 
-    /// Its number in the simulation's list of flaws (1–11).
+    /// Its number in the simulation's list of flaws (1–12).
     pub fn number(self) -> u32 {
         self as u32 + 1
     }

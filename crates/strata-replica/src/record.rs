@@ -115,6 +115,12 @@ pub struct VolumeRecord {
     /// `replicated.rs`, invariant 5); cleared by the next owner's take.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub released: Option<Released>,
+    /// The latest epoch whose owner took the volume with its own copy suspect as the
+    /// truth (every ACTIVE copy had come back from a power loss, invariant 11): writes
+    /// acknowledged before it and not synced may be lost, so a FLUSH that started before
+    /// it is not acknowledged (`takeover::flush_survives`). Kept by later takes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lost_at: Option<u64>,
     /// Who may open it over NBD, on every node that serves it (absent: anyone).
     #[serde(default, skip_serializing_if = "AccessList::is_empty")]
     pub access: AccessList,

@@ -18,6 +18,11 @@
 //!   another node that is up is pending, for at most `move_wait`.
 //! - T4. A view is superseded when the owner key names a newer epoch, or names no owner
 //!   `ownerless_grace` after the take (the member's state may lag the take's CAS).
+//! - T5. A take whose own copy is suspect (T2 let it: every ACTIVE copy lost power) is
+//!   marked in the record (`VolumeRecord::lost_at`, its epoch): writes acknowledged
+//!   before it and not synced may be gone, so a FLUSH that started at an earlier epoch,
+//!   retried at this owner by a forwarder, fails instead of saying they are durable
+//!   ([`flush_survives`]; flaw 12 of the simulation).
 
 use crate::mutation::{reopened, Flaw};
 use crate::owner::{CopyState, Time};
@@ -148,6 +153,13 @@ pub fn superseded(owner_epoch: Option<u64>, epoch: u64, held: Time, timing: &Tim
         Some(e) => e > epoch,
         None => held > timing.ownerless_grace,
     }
+}
+
+/// Whether a FLUSH first tried when the volume's epoch was `since` may be acknowledged
+/// by an owner whose record says the latest take with a suspect truth was at `lost_at`
+/// (T5). `since` 0: a sender that did not say (it predates the rule): acknowledged.
+pub fn flush_survives(since: u64, lost_at: Option<u64>) -> bool {
+    reopened(Flaw::FlushAcrossLoss) || since == 0 || lost_at.is_none_or(|lost| lost <= since)
 }
 
 /// Whether this node takes the volume now (T1–T3), for a node that holds no serving view
@@ -317,5 +329,14 @@ mod tests {
         assert!(!superseded(Some(7), 7, at(100), &t));
         assert!(!superseded(None, 7, at(5), &t));
         assert!(superseded(None, 7, at(6), &t));
+    }
+
+    #[test]
+    fn a_flush_from_before_a_take_with_a_suspect_truth_fails() {
+        assert!(flush_survives(3, None), "no such take");
+        assert!(flush_survives(3, Some(3)), "the take was before the flush began");
+        assert!(flush_survives(4, Some(3)));
+        assert!(!flush_survives(3, Some(4)), "writes acked before it may be gone");
+        assert!(flush_survives(0, Some(4)), "a sender that did not say");
     }
 }

@@ -50,6 +50,7 @@ fn single() -> VolumeRecord {
         components: Vec::new(),
         epoch: 0,
         released: None,
+        lost_at: None,
         access: AccessList::default(),
     }
 }
@@ -70,6 +71,7 @@ fn creating() -> VolumeRecord {
         components: Vec::new(),
         epoch: 0,
         released: None,
+        lost_at: None,
         access: AccessList::default(),
     }
 }
@@ -98,6 +100,7 @@ fn replicated() -> VolumeRecord {
             level: vec![CopyRef { node: 1, id: 7 }, CopyRef { node: 3, id: 9 }],
             stale: vec![HandedBitmap { node: 2, id: 7, runs: vec![[0, 2], [5, 5], [9, 10]] }],
         }),
+        lost_at: None,
         access: AccessList {
             allow: vec!["client-a".into()],
             allow_net: vec!["10.0.0.0/8".into(), "fd00::/8".into()],
@@ -124,6 +127,7 @@ fn deleting() -> VolumeRecord {
         ],
         epoch: 3,
         released: None,
+        lost_at: None,
         access: AccessList::default(),
     }
 }
@@ -198,6 +202,7 @@ fn records_older_versions_wrote_parse_as_they_did() {
         components: Vec::new(),
         epoch: 0,
         released: None,
+        lost_at: None,
         access: AccessList::default(),
     };
     assert_eq!(old, want);

@@ -123,6 +123,17 @@ impl DataService {
             Ok(claimed) => claimed,
             Err(rx) => return (Self::earlier(rx).await, reply, Vec::new()),
         };
+        // A forwarded flush says the epoch it began at (in `offset`): not acknowledged if
+        // writes acknowledged before may have been lost since (takeover T5).
+        if h.kind == Kind::Flush && !view.flush_survives(h.offset) {
+            let why = "writes acknowledged before this flush began may have been lost: every \
+                       copy holding them lost power";
+            let answer = (Status::Io, reply, detail(&why));
+            if let Some(p) = &in_progress {
+                p.outcome.send_replace(Some(answer.0));
+            }
+            return answer;
+        }
         let (offset, count) = (h.offset, h.count);
         let op = match h.kind {
             Kind::Write => {

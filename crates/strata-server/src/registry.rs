@@ -60,6 +60,7 @@ fn record_of(node: u64, v: &VolumeInfo) -> VolumeRecord {
         components: Vec::new(),
         epoch: 0,
         released: None,
+        lost_at: None,
         access: v.access.clone(),
     }
 }
@@ -200,6 +201,7 @@ impl Registry {
             components: Vec::new(),
             epoch: 0,
             released: None,
+            lost_at: None,
             access: AccessList::default(),
         };
         let value = serde_json::to_vec(&record).expect("records serialize");

@@ -110,13 +110,16 @@ impl Register {
         let p = writes
             .iter()
             .find(|p| p.value != v && superseded_by(p) && self.must_be_visible(p, t, until))?;
-        let flush = self.flushes.iter().find(|(s, e)| *s > p.end && *e < t);
+        // The flush that bounds it (the earliest to start after its reply), as above.
+        let flush = self.flushes.iter().filter(|(s, e)| *s > p.end && *e < t).min();
+        let holders = self.holders.get(&p.value).cloned().unwrap_or_default();
         Some(format!(
-            "block {block} at {}ms holds {} but write {} (acked {}ms{}, flush {flush:?}) must be \
-             visible",
+            "block {block} at {}ms holds {} but write {} (started {}ms, acked {}ms{}, flush \
+             {flush:?}, held by nodes {holders:?}) must be visible",
             t.as_millis(),
             if v == 0 { "nothing".to_string() } else { format!("write {v}") },
             p.value,
+            p.start.as_millis(),
             p.end.as_millis(),
             if p.fua { ", FUA" } else { "" },
         ))

@@ -15,8 +15,10 @@
 //! `finish`, `conclude`: the copies to send to, the bitmaps to save first, which copies
 //! failed and what goes into their bitmaps, the STALE marks to record, whether and when
 //! to acknowledge); the fence and the periodic probes (`fenced`, `silent`, `lost_power`,
-//! `answered`); read leases (`whole`, `grant`, `hold_acks_until`); each resync step
-//! (`may_level`, `levelled_copying`, `cleared`, `lose_unflushed`, `settled`); and
+//! `answered`); read leases, the owner's side (`whole`, `grant`, `hold_acks_until`) and
+//! a reading node's (`lease::ReadLease`: `granted`, `admits`, `renew_due`); the resync
+//! plan, step by step (`resync_step`, `scanned`, `levelled_copying`, `cleared`,
+//! `lose_unflushed`, `settled`); and
 //! `OwnerState::validate` after every step (check 5). The steward (`node.rs`) takes the
 //! volume when `takeover::decide` says so and deposes a view `takeover::superseded`
 //! names, with `takeover::truth_for_suspect` for a suspect copy. Every timeout and
@@ -80,7 +82,8 @@
 //! - **Routing** (`Node::route`): a client's request through any node, served by its
 //!   view or forwarded to the owner, retried for `Timing::forward_patience` while a new
 //!   owner is chosen (and still retried after the client gave up).
-//! - **Read leases** (invariant 10; `Node::read_here`, `renew_lease`,
+//! - **Read leases** (invariant 10; `Node::read_here`, `renew_lease` by the core's
+//!   `lease::ReadLease` rules,
 //!   `View::grant_lease`, the end of `fan_out`, `take_over`): a node that is not the
 //!   owner serves a read from its own copy while it holds a lease (asked of the owner its
 //!   metadata view names, at that epoch; valid `Timing::read_lease` from the ask) and its
@@ -152,7 +155,7 @@
 //!    first in line its copy becomes the truth. Fix: an answer over a new connection
 //!    fails the copy (`OwnerState::finish`, `answered`); a copy that lost power is
 //!    suspect until an owner vouches for it, and a suspect copy is not taken as the
-//!    truth while one that is not may be (`takeover::line`, `decide`). Test: seed 10,
+//!    truth while one that is not may be (`takeover::line`, `decide`). Test: seed 26,
 //!    check 1.
 //! 2. `TakeChecksCopy`: **taking ownership does not check the fresh record.** The
 //!    steward decides on its lagging view, the owner key is CASed where the fresh record
@@ -167,8 +170,8 @@
 //! 4. `FlushClearsOlder`: **a flush's reply clears the regions of writes that completed
 //!    after it was sent**, though the copy may have applied them after it synced; if it
 //!    then loses power its bitmap lacks them. Fix: only regions of writes completed
-//!    before the flush was sent are cleared (`OwnerState::finish`). Test: seed 2627 (1 of
-//!    the first 3000), check 2.
+//!    before the flush was sent are cleared (`OwnerState::finish`). Test: seed 7190 (none
+//!    of the first 6000 fail, 5 of the next 8000), check 2.
 //! 5. `SameSession`: **an old view serves again under a new session**: `serving`
 //!    checked the session was fresh, not that it was the one the owner key was tied to,
 //!    so a node that registers again makes its superseded view serve reads until its
@@ -182,7 +185,7 @@
 //! 7. `LevelKeepsEqual`: **a region a resync finds equal is tracked nowhere**, though it
 //!    may be equal only in the copy's page cache; a power loss of the copy before the
 //!    resync's flush loses it unseen. Fix: every region compared counts as unflushed
-//!    until the copy's next flush (`OwnerState::levelled_copying`). Test: seed 385,
+//!    until the copy's next flush (`OwnerState::levelled_copying`). Test: seed 274,
 //!    check 2.
 //! 8. `FenceOwnCopy`: **a deposed view's write lands on the next owner's own copy.** A
 //!    write of a node's older view, deposed while it waited for its region's turn, passed
@@ -199,13 +202,23 @@
 //!    seed 2 (5 of the first 1500), check 1.
 //! 10. `LevelWhileStale`: **a resync goes on levelling a copy that failed mid-way**: its
 //!     bitmap is emptied while it is STALE, and after a power loss of its node it differs
-//!     for ever. Fix: the driver asks `OwnerState::may_level` before each step. Test
-//!     (with `Scenario::crash_resyncing`): seed 403 (1 of the first 1000), check 2.
+//!     for ever. Fix: no step levels a copy that failed since its resync began
+//!     (`OwnerState::resync_step`, `may_level`: R1). Test (with
+//!     `Scenario::crash_resyncing`): seed 698 (4 of the first 1500), check 2.
 //! 11. `SuspectStaysActive`: **a copy answering a new owner's fence with its power-loss
 //!     mark on stays ACTIVE** (owing only a scan); writes acknowledged with it as a
 //!     holder are lost if the new owner loses power too. Fix: it is STALE with a full
 //!     scan (`OwnerState::lost_power`). Test (with `Scenario::crash_resyncing`): seed 19
 //!     (3 of the first 1000), check 1.
+//! 12. `FlushAcrossLoss`: **a flush begun before every copy lost power is acknowledged
+//!     after it.** Writes acknowledged and held by two copies both lost with their
+//!     machines before any flush; a FLUSH begun meanwhile is retried by its forwarder
+//!     until the node back from its power loss takes the volume with its suspect copy as
+//!     the truth, and that owner acknowledged it as if they were durable. Fix: such a
+//!     take marks the record (`lost_at`, takeover T5), a route says the epoch a flush
+//!     began at, and an owner does not acknowledge one from before the mark
+//!     (`takeover::flush_survives`). Found as built by the 10,000 seeds once the
+//!     simulation took the core's resync steps and lease rules. Test: seed 8413, check 1.
 //!
 //! # Not covered
 //! The wire format and MAC, LSN bookkeeping (used only to order flushes and writes),
@@ -223,7 +236,7 @@
 //! per core in release: 10,000 seeds in about 5 minutes on 2 cores). A failing seed
 //! prints itself, its counts and its trace's last lines; rerun it with
 //! `STRATA_SIM_SEED=S cargo test -p strata-sim one_seed -- --nocapture`.
-//! `STRATA_SIM_FLAW=N` (1–11, or a [`Flaw`] by name) re-opens a flaw in either.
+//! `STRATA_SIM_FLAW=N` (1–12, or a [`Flaw`] by name) re-opens a flaw in either.
 //! `STRATA_SIM_FIND_FLAWS=N [STRATA_SIM_SEED_FROM=S] [STRATA_SIM_FLAW=n] cargo test -p
 //! strata-sim --release find_flaws -- --nocapture` lists, for each flaw (or flaw n), the
 //! seeds from S to below N that fail with it re-opened, which of them pass without it
@@ -537,12 +550,7 @@ impl Faults {
     /// `Scenario::crash_owner_after_resync`: each time the record shows a copy ACTIVE
     /// that was RESYNCING, with probability ½ the owner's machine crashes 0–200 ms later
     /// (within a periodic look of the owner's, `Timing::resync_every`).
-    fn crash_owner_after_resync(
-        &mut self,
-        sim: &mut turmoil::Sim<'_>,
-        sh: &Shared,
-        t: Duration,
-    ) {
+    fn crash_owner_after_resync(&mut self, sim: &mut turmoil::Sim<'_>, sh: &Shared, t: Duration) {
         let states = sh.published.borrow().1.as_ref().map(|r| r.states);
         if let (Some(before), Some(now)) = (self.last_states, states) {
             let resynced = (0..NODES).any(|n| {

@@ -81,6 +81,8 @@ pub struct Record {
     pub epoch: u64,
     pub node: usize,
     pub states: [CopyState; NODES],
+    /// `VolumeRecord::lost_at`: the latest epoch taken with a suspect copy as the truth.
+    pub lost_at: Option<u64>,
 }
 
 /// One component on one node's disk: a page cache over a durable image.

@@ -98,6 +98,8 @@ pub enum Msg {
     StaleEpoch(u64),
     Volume {
         op: Op,
+        /// For a flush: the epoch the forwarder saw when it began (`route`).
+        since: u64,
     },
     // Replies to a volume request (forwarded, or from a client).
     Done(Option<u64>),

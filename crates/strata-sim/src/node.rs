@@ -15,6 +15,7 @@ use crate::view::View;
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeSet;
 use std::rc::{Rc, Weak};
+use strata_replica::lease::ReadLease;
 use strata_replica::mutation::{reopened, Flaw};
 use strata_replica::takeover::{self, Memory, Take};
 use tokio::time::{Duration, Instant};
@@ -62,7 +63,7 @@ impl Seen {
 /// until when, counted from when it asked), and whether it is asking for one.
 #[derive(Default)]
 pub struct Leasing {
-    held: Cell<Option<(u64, Instant)>>,
+    held: Cell<Option<ReadLease>>,
     asking: Cell<bool>,
 }
 
@@ -146,8 +147,8 @@ impl Node {
                 _ => Msg::Retry,
             }),
             Msg::Comp { epoch, req } => Some(component(&self.sh, self.me, epoch, &req)),
-            Msg::Volume { op, .. } => Some(match self.view() {
-                Some(v) if v.serving() => match v.run(&op).await {
+            Msg::Volume { op, since } => Some(match self.view() {
+                Some(v) if v.serving() => match v.run(&op, since).await {
                     Ok(value) => Msg::Done(value),
                     Err(_) if v.deposed() => Msg::Retry,
                     Err(_) => Msg::Failed,
@@ -179,9 +180,17 @@ impl Node {
             }
         }
         let deadline = Instant::now() + self.sh.timing.forward_patience;
+        // The epoch when it began (this node's view of the record; the first epoch if it
+        // has none yet): a flush is not acknowledged by an owner that took with a suspect
+        // truth since (T5).
+        let since = self
+            .seen
+            .borrow()
+            .as_ref()
+            .map_or(1, |s| s.record.epoch.max(s.owner.map_or(0, |o| o.epoch)).max(1));
         loop {
             match self.view() {
-                Some(v) if v.serving() => match v.run(op).await {
+                Some(v) if v.serving() => match v.run(op, since).await {
                     Ok(value) => return Ok(value),
                     Err(_) if !v.deposed() => return Err(()),
                     Err(_) => {}
@@ -189,7 +198,7 @@ impl Node {
                 _ => {
                     let target = self.seen.borrow().as_ref().and_then(|s| s.owner);
                     if let Some(o) = target.filter(|o| o.node != self.me) {
-                        let msg = Msg::Volume { op: op.clone() };
+                        let msg = Msg::Volume { op: op.clone(), since };
                         match self.rpc().call(o.node, msg, self.sh.timing.forward_timeout).await {
                             Some(Msg::Done(value)) => return Ok(value),
                             Some(Msg::Failed) => return Err(()),
@@ -210,15 +219,19 @@ impl Node {
     /// the read are one step, as the real read holds a fence pass). `None`: forward it.
     /// Asks for a lease (in the background) when there is none or it is half gone.
     fn read_here(&self, block: u64) -> Option<u64> {
+        // The core's rules (`strata_replica::lease`, L1-L3).
         let lease = self.read_lease.held.get();
-        let now = Instant::now();
-        if lease.is_none_or(|(_, until)| until < now + self.sh.timing.read_lease / 2) {
+        let now = self.sh.now();
+        if ReadLease::renew_due(lease.as_ref(), now, &self.sh.timing) {
             self.renew_lease();
         }
-        let (epoch, until) = lease.filter(|(_, until)| now < *until)?;
+        let lease = lease?;
+        let (epoch, until) = (lease.epoch, lease.until);
         let disks = self.sh.disks.borrow();
         let c = &disks[self.me].component;
-        if c.fence != epoch && !self.sh.broken(Mutation::NoLeaseFence) {
+        // The mutation: the fence not looked at.
+        let fence = if self.sh.broken(Mutation::NoLeaseFence) { epoch } else { c.fence };
+        if !lease.admits(self.me as u64, now, fence) {
             return None;
         }
         let value = c.live[block as usize];
@@ -227,7 +240,7 @@ impl Node {
         self.sh.note(format!(
             "n{} reads block {block} under its lease at {epoch} (until {}ms): {value}",
             self.me,
-            self.sh.now().as_millis() + (until - now).as_millis()
+            until.as_millis()
         ));
         Some(value)
     }
@@ -247,12 +260,13 @@ impl Node {
             return;
         }
         let (rpc, leasing) = (self.rpc(), self.read_lease.clone());
-        let asked = Instant::now();
-        let read_lease = self.sh.timing.read_lease;
+        let asked = self.sh.now();
+        let timing = self.sh.timing;
+        let (read_lease, me) = (timing.read_lease, self.me as u64);
         tokio::task::spawn_local(async move {
             let reply = rpc.call(o.node, Msg::Lease { epoch: o.epoch }, read_lease / 2).await;
             if matches!(reply, Some(Msg::Leased)) {
-                leasing.held.set(Some((o.epoch, asked + read_lease)));
+                leasing.held.set(Some(ReadLease::granted(o.epoch, me, asked, &timing)));
             }
             leasing.asking.set(false);
         });
@@ -392,6 +406,11 @@ impl Node {
         let mut record = seen.record.clone();
         record.node = self.me;
         record.epoch = epoch;
+        // Its copy suspect, it is the truth only as every ACTIVE copy lost power: what was
+        // acknowledged and not synced may be gone (T5).
+        if self.suspect() {
+            record.lost_at = Some(epoch);
+        }
         let take = Msg::Take {
             session,
             owner_version: seen.owner_version,

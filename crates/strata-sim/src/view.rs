@@ -32,6 +32,8 @@ use std::collections::BTreeSet;
 use std::rc::Rc;
 use strata_replica::mutation::{reopened, Flaw};
 use strata_replica::owner::{Finished, Found, OwnerState, Reply, SaveBitmap, Time, Track};
+use strata_replica::resync::ResyncStep;
+use strata_replica::takeover;
 
 const REGION_BYTES: u64 = REGION_BLOCKS * BLOCK_BYTES;
 
@@ -75,6 +77,8 @@ pub struct View {
     lease: Rc<Lease>,
     me: usize,
     pub owner: Owner,
+    /// `Record::lost_at` when it took the volume.
+    lost_at: Option<u64>,
     /// The session the owner key is tied to.
     session: u64,
     state: RefCell<OwnerState>,
@@ -152,6 +156,7 @@ impl View {
             lease,
             me,
             owner,
+            lost_at: record.lost_at,
             session,
             state: RefCell::new(OwnerState::new(owner.epoch, MIN_REPLICAS, regions, tracks)),
             resync_lock: tokio::sync::RwLock::new(()),
@@ -239,8 +244,16 @@ impl View {
     }
 
     /// One client request.
-    pub async fn run(&self, op: &Op) -> Result<Option<u64>, String> {
+    pub async fn run(&self, op: &Op, since: u64) -> Result<Option<u64>, String> {
         match op {
+            Op::Flush if !takeover::flush_survives(since, self.lost_at) => {
+                self.sh.note(format!(
+                    "epoch {}: a flush from epoch {since} fails: writes acknowledged before \
+                     the take at {:?} may be lost",
+                    self.owner.epoch, self.lost_at
+                ));
+                Err("writes acknowledged before it may have been lost".into())
+            }
             Op::Read { block } => {
                 Ok(Some(self.sh.disks.borrow()[self.me].component.live[*block as usize]))
             }
@@ -610,56 +623,33 @@ impl View {
             let connection = self.connection(i);
             self.st()[i].connection = Some(connection);
         }
-        loop {
-            let Some(from) = self.st()[i].scan else { break };
-            let _exclusive = self.resync_lock.write().await;
-            if !self.st().may_level(i, was) {
-                return Ok(()); // It failed meanwhile: the next round resyncs it.
+        // The core's plan (`strata_replica::resync`), a step at a time, each under the
+        // exclusive lock.
+        let _exclusive = loop {
+            let exclusive = self.resync_lock.write().await;
+            let step = self.st().resync_step(i, was, SCAN_BATCH);
+            match step {
+                // It failed meanwhile (or a scan of an active copy is over).
+                ResyncStep::Stop | ResyncStep::Done => return Ok(()),
+                ResyncStep::Scan(regions) => {
+                    let to = regions.end;
+                    if let Err(e) = self.level(i, regions, Copying::Scan).await {
+                        drop(exclusive);
+                        return Err(self.fail_copy(i, e).await);
+                    }
+                    self.st().scanned(i, to);
+                }
+                ResyncStep::Run(run) => {
+                    if let Err(e) = self.level(i, run.clone(), Copying::Resync).await {
+                        drop(exclusive);
+                        return Err(self.fail_copy(i, e).await);
+                    }
+                    let save = self.st().cleared(i, run);
+                    self.save_bitmap(&save, false);
+                }
+                ResyncStep::Flush => break exclusive,
             }
-            let to = (from + SCAN_BATCH).min(REGIONS);
-            if let Err(e) = self.level(i, from..to, Copying::Scan).await {
-                drop(_exclusive);
-                return Err(self.fail_copy(i, e).await);
-            }
-            self.st()[i].scan = (to < REGIONS).then_some(to);
-        }
-        loop {
-            // A run of up to SCAN_BATCH consecutive bitmap regions per step.
-            let run = {
-                let st = self.st();
-                let mut run = st[i].dirty.iter().copied();
-                run.next().map(|first| {
-                    let n = 1 + run
-                        .take(SCAN_BATCH as usize - 1)
-                        .enumerate()
-                        .take_while(|(k, r)| *r == first + 1 + *k as u64)
-                        .count() as u64;
-                    first..first + n
-                })
-            };
-            let Some(run) = run else { break };
-            let _exclusive = self.resync_lock.write().await;
-            if !self.st().may_level(i, was) {
-                return Ok(());
-            }
-            if let Err(e) = self.level(i, run.clone(), Copying::Resync).await {
-                drop(_exclusive);
-                return Err(self.fail_copy(i, e).await);
-            }
-            let save = self.st().cleared(i, run);
-            self.save_bitmap(&save, false);
-        }
-        if was == CopyState::Active {
-            return Ok(()); // A scan of an active copy: nothing else changes.
-        }
-        let _exclusive = self.resync_lock.write().await;
-        {
-            let st = self.st();
-            let level = st[i].dirty.is_empty() && st[i].scan.is_none();
-            if !level || st[i].state != CopyState::Resyncing {
-                return Ok(()); // Marked again meanwhile: the next round resyncs it.
-            }
-        }
+        };
         let flush = Msg::Comp { epoch, req: CompReq::Flush };
         if !matches!(self.rpc.call(i, flush, timing.io_timeout).await, Some(Msg::CompOk { .. })) {
             drop(_exclusive);

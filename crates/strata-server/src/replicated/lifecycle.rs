@@ -28,7 +28,11 @@ pub struct Taken {
 /// node at one epoch above any before (the record keeps the highest epoch, as the key
 /// dies with its owner's session), tied to this node's session lease; the record names
 /// this node; a move asked to this node is done.
-pub async fn take_ownership(meta: &Member, name: &str) -> ApiResult<Taken> {
+pub async fn take_ownership(
+    meta: &Member,
+    name: &str,
+    suspect: impl Fn(u64) -> bool,
+) -> ApiResult<Taken> {
     let (lease, incarnation) = meta
         .session()
         .ok_or_else(|| unavailable("this node's session is not registered yet; retry"))?;
@@ -57,6 +61,13 @@ pub async fn take_ownership(meta: &Member, name: &str) -> ApiResult<Taken> {
         let last_owner = record.node;
         record.node = me.node;
         record.epoch = epoch;
+        // This node's copy suspect, it is the truth only as every ACTIVE copy lost power
+        // (takeover T2): what was acknowledged and not synced may be gone, and a flush
+        // begun before this epoch is not acknowledged (T5).
+        let mine = record.components.iter().find(|c| c.node == me.node);
+        if mine.is_some_and(|c| suspect(c.id)) {
+            record.lost_at = Some(epoch);
+        }
         // Only the owner of the epoch just before can vouch for the copies (any take
         // since would have raised the epoch and cleared this).
         record.released = record.released.take().filter(|r| r.epoch + 1 == epoch);
@@ -167,6 +178,7 @@ pub fn open(
         name: record.name.clone(),
         size_bytes: AtomicU64::new(record.size_bytes),
         epoch: owner.epoch,
+        lost_at: record.lost_at,
         local,
         copies,
         state: Mutex::new(OwnerState::new(
@@ -298,7 +310,7 @@ pub(super) async fn take_over(
         }
     }
     let Taken { owner, record, incarnation, replaced, last_owner } =
-        take_ownership(meta, &router.name).await?;
+        take_ownership(meta, &router.name, |id| node.suspect(id)).await?;
     if record.released.is_some() {
         tracing::info!(volume = %router.name, epoch = owner.epoch,
             "taken over cleanly: the copies the last owner vouched for are not compared");
@@ -522,6 +534,7 @@ pub async fn create(
         components: components.clone(),
         epoch: 0,
         released: None,
+        lost_at: None,
         access,
     };
     // The record replaces this node's `creating` one, then ownership is taken as any

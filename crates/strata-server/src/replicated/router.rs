@@ -187,6 +187,22 @@ impl Router {
         *self.view.write_locked("the owner view") = None;
     }
 
+    /// The volume's epoch as this member has applied it (the record's or the owner key's,
+    /// the higher; at least 1).
+    pub(super) fn epoch_now(&self) -> u64 {
+        self.meta.read_local(|s| {
+            let owner = s
+                .get(&format!("/volumes/{}/owner", self.name))
+                .and_then(|e| serde_json::from_slice::<Owner>(&e.value).ok())
+                .map_or(0, |o| o.epoch);
+            let record = s
+                .get(&format!("/volumes/{}", self.name))
+                .and_then(|e| serde_json::from_slice::<VolumeRecord>(&e.value).ok())
+                .map_or(0, |r| r.epoch);
+            owner.max(record).max(1)
+        })
+    }
+
     /// The owner to forward to, from this member's applied state; else why there is none
     /// now (a reason to retry, not an error).
     pub(super) fn target(&self) -> Result<Target, &'static str> {
@@ -216,12 +232,14 @@ impl Router {
     }
 
     /// One VOLUME request to the owner `t`: its header and payload. A write or trim
-    /// carries `number` (the same on every retry of it).
+    /// carries `number` (the same on every retry of it), a flush the epoch `since` it
+    /// began at (in `offset`; takeover T5).
     pub(super) fn forwarded<'a>(
         &self,
         t: &Target,
         op: &'a IoOp,
         number: &'a [u8; 4],
+        since: u64,
     ) -> (Header, &'a [u8]) {
         let (kind, offset, length) = wire(op);
         let (count, payload) = match op {
@@ -229,6 +247,7 @@ impl Router {
             IoOp::Trim { .. } | IoOp::Zero { .. } => (length as u32, &number[..]),
             _ => (length as u32, &[][..]),
         };
+        let offset = if matches!(op, IoOp::Flush) { since } else { offset };
         let mut h = request(kind, t.component, t.epoch, 0, offset);
         h.count = count;
         h.flags |= FLAG_VOLUME;
@@ -247,9 +266,10 @@ impl Router {
         t: &Target,
         op: &IoOp,
         number: u32,
+        since: u64,
     ) -> Result<Bytes, Forwarded> {
         let number = number.to_le_bytes();
-        let (h, payload) = self.forwarded(t, op, &number);
+        let (h, payload) = self.forwarded(t, op, &number, since);
         let call = tokio::time::timeout(T.forward_timeout, t.peer.call(h, payload));
         tokio::select! {
             reply = call => self.outcome(&h, reply),
@@ -320,7 +340,7 @@ impl Router {
         let Ok(t) = self.target() else { return ops.iter().map(|_| None).collect() };
         let numbers: Vec<[u8; 4]> = numbers.iter().map(|n| n.to_le_bytes()).collect();
         let requests: Vec<_> =
-            ops.iter().zip(&numbers).map(|(op, n)| self.forwarded(&t, op, n)).collect();
+            ops.iter().zip(&numbers).map(|(op, n)| self.forwarded(&t, op, n, 0)).collect();
         let Ok(pending) = t.peer.send_many(&requests).await else {
             return ops.iter().map(|_| None).collect();
         };
@@ -381,8 +401,22 @@ impl Router {
     /// [`Self::run_one`] of a request numbered `number`, which it keeps on every retry.
     pub(super) async fn run_numbered(&self, op: IoOp, number: u32) -> Result<Bytes, StoreError> {
         let deadline = Instant::now() + T.forward_patience;
+        // A flush is not acknowledged by an owner that took the volume with a suspect
+        // copy as the truth since it began (takeover T5): the epoch now, as this member
+        // has applied it.
+        let since = match op {
+            IoOp::Flush => self.epoch_now(),
+            _ => 0,
+        };
         loop {
             let why = match self.view() {
+                Some(v) if v.serving() && since != 0 && !v.flush_survives(since) => {
+                    return Err(io_error(
+                        "replicated volume",
+                        "writes acknowledged before this flush began may have been lost: \
+                         every copy holding them lost power",
+                    ));
+                }
                 Some(v) if v.serving() => match v.run(op.clone()).await {
                     Ok(data) => return Ok(data),
                     Err(e) if !v.deposed() => return Err(e),
@@ -390,7 +424,7 @@ impl Router {
                 },
                 _ => match self.target() {
                     Err(why) => why.to_string(),
-                    Ok(t) => match self.forward(&t, &op, number).await {
+                    Ok(t) => match self.forward(&t, &op, number, since).await {
                         Ok(data) => return Ok(data),
                         Err(Forwarded::Failed(e)) => return Err(e),
                         Err(Forwarded::Retry(why)) => why,

@@ -109,6 +109,8 @@ pub struct ReplicatedVolume {
     /// Grows when the volume does (`resize`).
     pub(super) size_bytes: AtomicU64,
     pub(super) epoch: u64,
+    /// The record's `lost_at` when this owner took the volume (takeover T5).
+    pub(super) lost_at: Option<u64>,
     pub(super) local: Component,
     pub(super) copies: Vec<Copy>,
     /// The protocol core's state of the copies (`strata_replica::owner`).
@@ -201,6 +203,13 @@ pub(super) fn io_error(what: &'static str, e: impl std::fmt::Display) -> StoreEr
 }
 
 impl ReplicatedVolume {
+    /// Whether a FLUSH that began when the volume's epoch was `since` may be
+    /// acknowledged by this owner (takeover T5: not if it took, or an owner since `since`
+    /// took, with a suspect copy as the truth).
+    pub fn flush_survives(&self, since: u64) -> bool {
+        takeover::flush_survives(since, self.lost_at)
+    }
+
     /// The volume's name.
     pub fn name(&self) -> &str {
         &self.name
