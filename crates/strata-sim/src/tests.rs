@@ -317,9 +317,10 @@ fn flaw_3_bitmap_keeps_scan_is_found_again() {
     flaw(Flaw::BitmapKeepsScan, 23, "check 2");
 }
 
-/// Seed 7190 (none of the first 6000 fail, 5 of the next 8000): a flush's reply clears a copy's unflushed regions
-/// of a write that completed after the flush was sent, which the copy may have taken
-/// after it synced; its machine crash then loses that write where no bitmap names it.
+/// Seed 7190 (none of the first 6000 fail, 5 of the next 8000): a flush's reply clears
+/// a copy's unflushed regions of a write that completed after the flush was sent, which
+/// the copy may have taken after it synced; its machine crash then loses that write
+/// where no bitmap names it.
 #[test]
 fn flaw_4_flush_clears_older_is_found_again() {
     flaw(Flaw::FlushClearsOlder, 7190, "check 2");
