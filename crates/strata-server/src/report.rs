@@ -377,16 +377,30 @@ async fn meta_series(t: &mut Text, meta: &Member) {
         cluster.applied,
     );
     t.single("strata_meta_revision", "gauge", "The state machine's revision.", cluster.revision);
-    let up = cluster.members.iter().filter(|m| m.session.as_ref().is_some_and(|s| s.up)).count();
+    // Up as placement counts it: a live session and the node's record (its address)
+    // published, which registering writes just after the session.
+    let is_up = |m: &strata_meta::service::MemberStatus| {
+        m.record.is_some() && m.session.as_ref().is_some_and(|s| s.up)
+    };
+    let up = cluster.members.iter().filter(|m| is_up(m)).count();
     let name = "strata_nodes";
-    t.family(name, "gauge", "Cluster members by state (down: declared down or not registered).");
+    t.family(
+        name,
+        "gauge",
+        "Cluster members by state (down: declared down, not registered, or its record not \
+         published yet).",
+    );
     t.int(name, &[("state", "up")], up as u64);
     t.int(name, &[("state", "down")], (cluster.members.len() - up) as u64);
     let name = "strata_node_up";
-    t.family(name, "gauge", "1 if the member's session is up, per node id and role.");
+    t.family(
+        name,
+        "gauge",
+        "1 if the member's session is up and its record published, per node id and role.",
+    );
     for m in &cluster.members {
         let id = m.id.to_string();
-        let up = m.session.as_ref().is_some_and(|s| s.up);
+        let up = is_up(m);
         t.int(name, &[("node", &id), ("role", &m.role)], u64::from(up));
     }
 }
