@@ -250,6 +250,23 @@ pub struct ComponentRecord {
     pub suspect: bool,
 }
 
+impl ComponentRecord {
+    /// Component `id` on `node` in `state`, as stored: none of the owner's live figures.
+    pub fn new(node: u64, id: u64, state: CopyState) -> ComponentRecord {
+        ComponentRecord {
+            node,
+            id,
+            state,
+            dirty_bytes: None,
+            resynced_bytes: None,
+            scan_left_bytes: None,
+            lsn: None,
+            stale_lsn: None,
+            suspect: false,
+        }
+    }
+}
+
 /// `/volumes/<name>/owner`: the node that owns a replicated volume, and at which epoch.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Owner {

@@ -488,17 +488,7 @@ impl ReplicatedVolume {
             let Some(c) = c else {
                 return Err(record_error("the volume's copies changed meanwhile"));
             };
-            *c = ComponentRecord {
-                node: to.id,
-                id,
-                state: CopyState::Stale,
-                dirty_bytes: None,
-                resynced_bytes: None,
-                scan_left_bytes: None,
-                lsn: None,
-                stale_lsn: None,
-                suspect: false,
-            };
+            *c = ComponentRecord::new(to.id, id, CopyState::Stale);
             Ok(())
         })
         .await?;

@@ -504,20 +504,8 @@ pub async fn create(
             }
         }
     }
-    let components: Vec<ComponentRecord> = made
-        .iter()
-        .map(|(c, id)| ComponentRecord {
-            node: c.id,
-            id: *id,
-            state: CopyState::Active,
-            dirty_bytes: None,
-            resynced_bytes: None,
-            scan_left_bytes: None,
-            lsn: None,
-            stale_lsn: None,
-            suspect: false,
-        })
-        .collect();
+    let components: Vec<ComponentRecord> =
+        made.iter().map(|(c, id)| ComponentRecord::new(c.id, *id, CopyState::Active)).collect();
     let mut record = VolumeRecord {
         name: name.to_owned(),
         node: meta.id(),
