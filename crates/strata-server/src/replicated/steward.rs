@@ -131,11 +131,18 @@ pub(super) async fn hand_over_by(node: &Node, meta: &Member, deadline: Instant) 
         };
         let key = format!("/volumes/{}/attach", view.name);
         let value = serde_json::to_vec(&Move { node: to }).expect("serializes");
-        if write(meta, vec![], vec![Op::Put { key: key.clone(), value, lease: None }])
-            .await
-            .is_err()
-        {
-            continue;
+        // Each write bounded on its own: the other nodes may stop (and the metadata lose
+        // its quorum) at any moment, and the rest of the volumes still get their turn.
+        let put = write(meta, vec![], vec![Op::Put { key: key.clone(), value, lease: None }]);
+        match tokio::time::timeout(STOPPING_PATIENCE, put).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) => continue,
+            Err(_) => {
+                // Whether it was applied is unknown: withdraw it if it was and still can be.
+                let _ = tokio::time::timeout(STOPPING_PATIENCE, withdraw_move(meta, &key, to))
+                    .await;
+                continue;
+            }
         }
         let owner_key = format!("/volumes/{}/owner", view.name);
         while Instant::now() < deadline {
@@ -156,7 +163,10 @@ pub(super) async fn hand_over_by(node: &Node, meta: &Member, deadline: Instant) 
                 // nothing while it stops, so no second owner can come of it).
                 tracing::info!(volume = %view.name, to,
                     "not handed over at stop: that node is stopping too");
-                withdraw_move(meta, &key, to).await;
+                // Without a quorum (the others stopped already) it cannot be withdrawn:
+                // left, it is withdrawn by whoever owns the volume next (`consider_move`).
+                let _ = tokio::time::timeout(STOPPING_PATIENCE, withdraw_move(meta, &key, to))
+                    .await;
                 break;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
