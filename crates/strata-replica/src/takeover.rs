@@ -22,7 +22,7 @@
 //!   marked in the record (`VolumeRecord::lost_at`, its epoch): writes acknowledged
 //!   before it and not synced may be gone, so a FLUSH that started at an earlier epoch,
 //!   retried at this owner by a forwarder, fails instead of saying they are durable
-//!   ([`flush_survives`]; flaw 12 of the simulation).
+//!   ([`lost_mark`], [`flush_survives`]; flaw 12 of the simulation).
 
 use crate::mutation::{reopened, Flaw};
 use crate::owner::{CopyState, Time};
@@ -152,6 +152,17 @@ pub fn superseded(owner_epoch: Option<u64>, epoch: u64, held: Time, timing: &Tim
     match owner_epoch {
         Some(e) => e > epoch,
         None => held > timing.ownerless_grace,
+    }
+}
+
+/// The record's `lost_at` after a take at `epoch` whose own copy is `own_suspect`, the
+/// record having said `lost_at` before (T5): such a take is the latest one with a suspect
+/// truth; any other keeps the earlier mark (a flush begun before it still fails).
+pub fn lost_mark(lost_at: Option<u64>, epoch: u64, own_suspect: bool) -> Option<u64> {
+    if own_suspect {
+        Some(epoch)
+    } else {
+        lost_at
     }
 }
 
@@ -338,5 +349,13 @@ mod tests {
         assert!(flush_survives(4, Some(3)));
         assert!(!flush_survives(3, Some(4)), "writes acked before it may be gone");
         assert!(flush_survives(0, Some(4)), "a sender that did not say");
+    }
+
+    #[test]
+    fn a_take_with_a_suspect_truth_is_marked_and_other_takes_keep_the_mark() {
+        assert_eq!(lost_mark(None, 5, true), Some(5));
+        assert_eq!(lost_mark(Some(3), 5, true), Some(5));
+        assert_eq!(lost_mark(Some(3), 5, false), Some(3), "a flush from before 3 still fails");
+        assert_eq!(lost_mark(None, 5, false), None);
     }
 }

@@ -408,9 +408,7 @@ impl Node {
         record.epoch = epoch;
         // Its copy suspect, it is the truth only as every ACTIVE copy lost power: what was
         // acknowledged and not synced may be gone (T5).
-        if self.suspect() {
-            record.lost_at = Some(epoch);
-        }
+        record.lost_at = takeover::lost_mark(record.lost_at, epoch, self.suspect());
         let take = Msg::Take {
             session,
             owner_version: seen.owner_version,

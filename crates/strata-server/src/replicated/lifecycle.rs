@@ -65,9 +65,8 @@ pub async fn take_ownership(
         // (takeover T2): what was acknowledged and not synced may be gone, and a flush
         // begun before this epoch is not acknowledged (T5).
         let mine = record.components.iter().find(|c| c.node == me.node);
-        if mine.is_some_and(|c| suspect(c.id)) {
-            record.lost_at = Some(epoch);
-        }
+        record.lost_at =
+            takeover::lost_mark(record.lost_at, epoch, mine.is_some_and(|c| suspect(c.id)));
         // Only the owner of the epoch just before can vouch for the copies (any take
         // since would have raised the epoch and cleared this).
         record.released = record.released.take().filter(|r| r.epoch + 1 == epoch);

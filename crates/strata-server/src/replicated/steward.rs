@@ -139,8 +139,8 @@ pub(super) async fn hand_over_by(node: &Node, meta: &Member, deadline: Instant) 
             Ok(Err(_)) => continue,
             Err(_) => {
                 // Whether it was applied is unknown: withdraw it if it was and still can be.
-                let _ = tokio::time::timeout(STOPPING_PATIENCE, withdraw_move(meta, &key, to))
-                    .await;
+                let _ =
+                    tokio::time::timeout(STOPPING_PATIENCE, withdraw_move(meta, &key, to)).await;
                 continue;
             }
         }
@@ -165,8 +165,8 @@ pub(super) async fn hand_over_by(node: &Node, meta: &Member, deadline: Instant) 
                     "not handed over at stop: that node is stopping too");
                 // Without a quorum (the others stopped already) it cannot be withdrawn:
                 // left, it is withdrawn by whoever owns the volume next (`consider_move`).
-                let _ = tokio::time::timeout(STOPPING_PATIENCE, withdraw_move(meta, &key, to))
-                    .await;
+                let _ =
+                    tokio::time::timeout(STOPPING_PATIENCE, withdraw_move(meta, &key, to)).await;
                 break;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
