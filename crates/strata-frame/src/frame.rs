@@ -10,7 +10,8 @@
 //!   4   1 kind       (a request kind 1-12; a reply sets the high bit: 0x80 | kind)
 //!   5   1 status     (replies: 0 ok, else a Status; requests: 0)
 //!   6   2 flags      (FUA = 1 on writes; VOLUME = 2: for the volume's owner, below;
-//!                     WHOLE = 4 on probes: the owner vouches for the copy)
+//!                     WHOLE = 4 on probes: the owner vouches for the copy;
+//!                     SUSPECT = 8 on probe replies: the copy lost power)
 //!   8   8 request id (chosen by the requester; a reply carries its request's)
 //!  16   8 component  (the component's store id on the receiving node)
 //!  24   8 epoch      (the owner's; a StaleEpoch reply carries the component's newest)
@@ -38,6 +39,11 @@
 //! frame of the other). The MAC predates the channel and stays as defense in depth: the
 //! channel's AEAD already authenticates every byte, so it costs ~1.3 us of BLAKE3 per
 //! 4 KiB frame at each end for no new property. Decoding never panics on any input.
+//!
+//! A flag, kind or status a node does not know makes the frame malformed: an older node
+//! fails a newer one's probe reply that says SUSPECT (its copy is taken for failed, and
+//! STALE, the safe side). There is no mixed-version cluster yet: every node runs one
+//! version.
 
 use tokio::io::{AsyncRead, AsyncReadExt};
 

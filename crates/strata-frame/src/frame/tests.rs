@@ -56,6 +56,18 @@ async fn a_frame_round_trips_and_damage_or_a_wrong_secret_is_refused() {
     assert!(matches!(decode(&frame[..50], &key).await, Err(FrameError::Io(_))));
 }
 
+#[tokio::test]
+async fn a_flag_that_means_nothing_is_refused() {
+    let key = DataKey::from_secret(b"secret");
+    let known = Header { flags: FLAG_FUA | FLAG_VOLUME | FLAG_WHOLE | FLAG_SUSPECT, ..header() };
+    assert_eq!(decode(&encode(&key, &known, b""), &key).await.unwrap().0, known);
+    for unknown in [16u16, 0x8000] {
+        let h = Header { flags: unknown, ..header() };
+        let refused = decode(&encode(&key, &h, b""), &key).await;
+        assert!(matches!(refused, Err(FrameError::Malformed(_))), "{unknown}: {refused:?}");
+    }
+}
+
 proptest! {
     #[test]
     fn garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
@@ -66,7 +78,7 @@ proptest! {
 
     #[test]
     fn any_header_round_trips(
-        kind in 1u8..=12, reply: bool, status in 0u8..=8, flags in 0u16..4, id: u64, component: u64,
+        kind in 1u8..=12, reply: bool, status in 0u8..=8, flags in 0u16..16, id: u64, component: u64,
         epoch: u64, lsn: u64, offset: u64, count: u32,
         payload in proptest::collection::vec(any::<u8>(), 0..64),
     ) {
