@@ -233,6 +233,36 @@ run_nbdbench() { # URI WORKLOAD LABEL OWNER_PID
   # nbdbench's own srv_cpu/bg_cpu count only the owner (-S) as the server: kept as nb_*
   echo "$(kv_pick "$line" iops p50_us p99_us p999_us mean_us ios err)nb_srv_cpu=$(kv_pick "$line" srv_cpu | cut -d= -f2 | tr -d ' ') nb_bg_cpu=$(kv_pick "$line" bg_cpu | cut -d= -f2 | tr -d ' ')"
 }
+gap_stats() { # FIO_JSON RC LAT_LOG -> kv: fio's error, writes, the longest gap between
+  # completed writes (from the latency log, ms on fio's clock) and the write rates around it
+  python3 - "$1" "$2" "$3" <<'PY'
+import json, sys
+js, rc, lat = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+err, ios, maxlat = rc, 0, None
+try:
+    raw = open(js).read(); j = json.loads(raw[raw.index('{'):])["jobs"][0]
+    err = j.get("error", 0) or rc; ios = j["write"]["total_ios"]; maxlat = j["write"]["lat_ns"]["max"] / 1e6
+except Exception:
+    err = err or 98
+ts = []
+try:
+    ts = [int(ln.split(",")[0]) for ln in open(lat) if ln.count(",") >= 1]
+except OSError:
+    pass
+gap, at = None, None
+for a, b in zip(ts, ts[1:]):
+    if gap is None or b - a > gap: gap, at = b - a, a
+nb = na = 0; rb = ra = "NA"
+if at is not None:
+    nb = sum(1 for t in ts if t <= at); na = len(ts) - nb
+    if at > 0: rb = "%.0f" % (nb / (at / 1000.0))
+    if na > 1 and ts[-1] > at + gap: ra = "%.0f" % ((na - 1) / ((ts[-1] - at - gap) / 1000.0))
+na_ = lambda v: "NA" if v is None else v
+print("err=%d writes=%d logged=%d max_gap_ms=%s gap_from_ms=%s max_lat_ms=%s writes_before_gap=%d writes_after_gap=%d iops_before_gap=%s iops_after_gap=%s" % (
+    err, ios, len(ts), na_(gap), na_(at), "%.0f" % maxlat if maxlat is not None else "NA", nb, na, rb, ra))
+PY
+}
+
 parse_fio_json() { # FILE -> kv (as nbdbench's parse: read+write summed, total latency)
   python3 - "$1" <<'PY'
 import json, sys
@@ -629,41 +659,16 @@ PY
     drop_pid "$FIO_PID"
     [ -n "$after" ] || after=$(owner_of 2 3)
     latlog=$(ls "$SCRATCH"/rf3/failover_lat.*.log 2>/dev/null | head -1 || true)
-    FO_LINE=$(python3 - "$SCRATCH/rf3/failover.json" "$rc" "${latlog:-/nonexistent}" "$t_fio" "$t_kill" "${t_owner:-}" "$before" "$after" <<'PY'
-import json, sys
-js, rc, lat = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-t_fio, t_kill = float(sys.argv[4]), float(sys.argv[5])
-t_owner = float(sys.argv[6]) if sys.argv[6] else None
-before, after = sys.argv[7].split() or ["?", "?"], sys.argv[8].split() or ["?", "?"]
-err, ios, maxlat = rc, 0, None
-try:
-    raw = open(js).read(); j = json.loads(raw[raw.index('{'):])["jobs"][0]
-    err = j.get("error", 0) or rc; ios = j["write"]["total_ios"]; maxlat = j["write"]["lat_ns"]["max"] / 1e6
-except Exception:
-    err = err or 98
-ts = []
-try:
-    for ln in open(lat):
-        f = ln.split(",")
-        if len(f) >= 2: ts.append(int(f[0]))
-except OSError:
-    pass
-gap, at, nb, na = None, None, 0, 0
-for k in range(1, len(ts)):
-    g = ts[k] - ts[k - 1]
-    if gap is None or g > gap: gap, at = g, ts[k - 1]
-rb = ra = "NA"
-if at is not None:
-    nb = sum(1 for t in ts if t <= at); na = len(ts) - nb
-    if at > 0: rb = "%.0f" % (nb / (at / 1000.0))
-    if na > 1 and ts[-1] > at + gap: ra = "%.0f" % ((na - 1) / ((ts[-1] - at - gap) / 1000.0))
-kill_ms = (t_kill - t_fio) * 1000
-print("err=%d writes=%d logged=%d max_gap_ms=%s gap_from_ms=%s kill_at_ms=%.0f max_lat_ms=%s writes_before_gap=%d writes_after_gap=%d iops_before_gap=%s iops_after_gap=%s owner_before=%s epoch_before=%s owner_after=%s epoch_after=%s owner_seen_after_kill_s=%s" % (
-    err, ios, len(ts), gap if gap is not None else "NA", at if at is not None else "NA", kill_ms,
-    "%.0f" % maxlat if maxlat is not None else "NA", nb, na, rb, ra, before[0], before[-1], after[0], after[-1],
+    FO_LINE="$(gap_stats "$SCRATCH/rf3/failover.json" "$rc" "${latlog:-/nonexistent}") $(python3 - "$t_fio" "$t_kill" "${t_owner:-}" "$before" "$after" <<'PY'
+import sys
+t_fio, t_kill = float(sys.argv[1]), float(sys.argv[2])
+t_owner = float(sys.argv[3]) if sys.argv[3] else None
+before, after = sys.argv[4].split() or ["?", "?"], sys.argv[5].split() or ["?", "?"]
+print("kill_at_ms=%.0f owner_before=%s epoch_before=%s owner_after=%s epoch_after=%s owner_seen_after_kill_s=%s" % (
+    (t_kill - t_fio) * 1000, before[0], before[-1], after[0], after[-1],
     "%.1f" % (t_owner - t_kill) if t_owner else "NA"))
 PY
-)
+)"
     echo "bench=replicated-failover $FO_LINE kill_at_s=$FAILOVER_KILL_AT after_s=$FAILOVER_AFTER" >>"$OUT"
     log "failover: $FO_LINE"
     [[ $FO_LINE == err=0\ * ]] || { FAULT_TROUBLE=1; log "failover: fio failed:"; tail -5 "$SCRATCH/rf3/failover.err" >&2; }
@@ -733,25 +738,7 @@ PY
       t0=$(now)
       if wait_active "$OA" "$p" "$RESYNC_TIMEOUT"; then back=$(secs "$t0" "$(now)"); else back=NA; FAULT_TROUBLE=1; fi
       latlog=$(ls "$SCRATCH"/rf3/pause_lat.*.log 2>/dev/null | head -1 || true)
-      PL=$(python3 - "$SCRATCH/rf3/pause.json" "$rc" "${latlog:-/nonexistent}" <<'PY'
-import json, sys
-js, rc, lat = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-err, ios, maxlat = rc, 0, None
-try:
-    raw = open(js).read(); j = json.loads(raw[raw.index('{'):])["jobs"][0]
-    err = j.get("error", 0) or rc; ios = j["write"]["total_ios"]; maxlat = j["write"]["lat_ns"]["max"] / 1e6
-except Exception:
-    err = err or 98
-ts = []
-try:
-    ts = [int(ln.split(",")[0]) for ln in open(lat) if ln.count(",") >= 1]
-except OSError:
-    pass
-gap = max((b - a for a, b in zip(ts, ts[1:])), default=None)
-print("err=%d writes=%d max_gap_ms=%s max_lat_ms=%s" % (err, ios, gap if gap is not None else "NA",
-      "%.0f" % maxlat if maxlat is not None else "NA"))
-PY
-)
+      PL=$(gap_stats "$SCRATCH/rf3/pause.json" "$rc" "${latlog:-/nonexistent}")
       line="pause_s=$ps paused_node=$p owner=$o $PL copies_at_pause_end=$during active_again_after_s=$back"
       echo "bench=replicated-pause $line io_timeout_s=10" >>"$OUT"
       log "pause: $line"
