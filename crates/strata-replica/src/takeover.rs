@@ -22,12 +22,16 @@
 //!   marked in the record (`VolumeRecord::lost_at`, its epoch): writes acknowledged
 //!   before it and not synced may be gone, so a FLUSH that started at an earlier epoch,
 //!   retried at this owner by a forwarder, fails instead of saying they are durable
-//!   ([`lost_mark`], [`flush_survives`]; flaw 12 of the simulation).
+//!   ([`lost_mark`], [`flush_survives`]; flaw 12 of the simulation). A flush began no
+//!   later than the oldest write it covers that a serving node acknowledged: its `since`
+//!   is that write's epoch (the epoch of the owner that acknowledged it) if older than
+//!   the epoch the node knows when the flush arrives ([`Unflushed`]). A flush failed for
+//!   that has said so, once: the next one is not failed for the same writes.
 
 use crate::mutation::{reopened, Flaw};
 use crate::owner::{CopyState, Time};
 use crate::timing::Timing;
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 /// Whom a suspect copy on this node must leave the volume to (T2).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -171,6 +175,59 @@ pub fn lost_mark(lost_at: Option<u64>, epoch: u64, own_suspect: bool) -> Option<
 /// (T5). `since` 0: a sender that did not say (it predates the rule): acknowledged.
 pub fn flush_survives(since: u64, lost_at: Option<u64>) -> bool {
     reopened(Flaw::FlushAcrossLoss) || since == 0 || lost_at.is_none_or(|lost| lost <= since)
+}
+
+/// A serving node's writes (and trims) acknowledged and not yet covered by a flush that
+/// succeeded, by the epoch of the owner that acknowledged them (T5). Without it, a write
+/// acknowledged at epoch 4, every copy holding it losing power, a take at 5 with a suspect
+/// truth, and then a flush arriving would say `since` 5 and be acknowledged.
+#[derive(Clone, Debug, Default)]
+pub struct Unflushed {
+    /// For each epoch with such writes, the number of the latest one acknowledged at it.
+    epochs: BTreeMap<u64, u64>,
+    /// Writes acknowledged so far, ever (each one's number).
+    acked: u64,
+}
+
+/// A flush begun ([`Unflushed::flush_begins`]): its `since`, and what it covers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlushBegun {
+    /// The epoch to send with it (`flush_survives`).
+    pub since: u64,
+    /// The number of the last write acknowledged before it began.
+    covers: u64,
+}
+
+impl Unflushed {
+    /// A write acknowledged by the owner at `epoch`.
+    pub fn acked(&mut self, epoch: u64) {
+        self.acked += 1;
+        self.epochs.insert(epoch, self.acked);
+    }
+
+    /// A flush arrives while the node knows the volume's epoch as `now`: it covers every
+    /// write acknowledged so far, so its `since` is the oldest of theirs and `now`.
+    pub fn flush_begins(&self, now: u64) -> FlushBegun {
+        let oldest = self.epochs.keys().next().copied().unwrap_or(now);
+        FlushBegun { since: oldest.min(now), covers: self.acked }
+    }
+
+    /// The flush `f` succeeded: the writes it covers are durable (those acknowledged while
+    /// it ran are not covered). A failed flush changes nothing.
+    pub fn flushed(&mut self, f: FlushBegun) {
+        self.epochs.retain(|_, last| *last > f.covers);
+    }
+
+    /// The flush `f` failed while the record said `lost_at`: if it failed because the
+    /// writes it covers may have been lost (`flush_survives`), that is said, once, as
+    /// Linux's fsync says a write-back error once; later flushes are not failed for
+    /// them (else a client's every flush would fail until this node restarts). A flush
+    /// that failed for another reason leaves them to the next one.
+    pub fn refused(&mut self, f: FlushBegun, lost_at: Option<u64>) {
+        if !flush_survives(f.since, lost_at) {
+            self.flushed(f);
+        }
+    }
 }
 
 /// Whether this node takes the volume now (T1–T3), for a node that holds no serving view
@@ -349,6 +406,44 @@ mod tests {
         assert!(flush_survives(4, Some(3)));
         assert!(!flush_survives(3, Some(4)), "writes acked before it may be gone");
         assert!(flush_survives(0, Some(4)), "a sender that did not say");
+    }
+
+    #[test]
+    fn a_flush_says_the_epoch_of_the_oldest_write_it_covers() {
+        let mut u = Unflushed::default();
+        assert_eq!(u.flush_begins(5).since, 5, "nothing to cover: the epoch now");
+        u.acked(4);
+        u.acked(4);
+        // Every copy holding them lost power; a take at 5 with a suspect truth.
+        let f = u.flush_begins(5);
+        assert_eq!(f.since, 4);
+        assert!(!flush_survives(f.since, lost_mark(None, 5, true)), "the writes at 4 may be gone");
+        // A flush failed for another reason leaves them unflushed.
+        u.refused(f, None);
+        assert_eq!(u.flush_begins(5).since, 4);
+        // One failed for their loss has said so: the next is not failed for them.
+        u.refused(f, Some(5));
+        assert_eq!(u.flush_begins(5).since, 5);
+        u.acked(4);
+        // A write acknowledged while a flush runs is not covered by it.
+        let f = u.flush_begins(5);
+        u.acked(5);
+        u.flushed(f);
+        assert_eq!(u.flush_begins(6).since, 5);
+        let f = u.flush_begins(6);
+        u.flushed(f);
+        assert_eq!(u.flush_begins(6).since, 6, "all covered");
+        // Flushes ending out of order: the earlier one's success clears only its writes.
+        u.acked(6);
+        let first = u.flush_begins(6);
+        u.acked(7);
+        let second = u.flush_begins(7);
+        u.flushed(second);
+        u.flushed(first);
+        assert_eq!(u.flush_begins(8).since, 8);
+        // A node whose view of the epoch lags says the older one.
+        u.acked(9);
+        assert_eq!(u.flush_begins(8).since, 8);
     }
 
     #[test]

@@ -17,7 +17,7 @@ use std::collections::BTreeSet;
 use std::rc::{Rc, Weak};
 use strata_replica::lease::ReadLease;
 use strata_replica::mutation::{reopened, Flaw};
-use strata_replica::takeover::{self, Memory, Take};
+use strata_replica::takeover::{self, Memory, Take, Unflushed};
 use tokio::time::{Duration, Instant};
 
 /// A node's session with the metadata service.
@@ -78,6 +78,9 @@ pub struct Node {
     taking: Cell<bool>,
     /// The steward's memory of the volume between passes (`takeover::Memory`).
     memory: Cell<Memory>,
+    /// The writes this node's clients had acknowledged that no flush covers yet
+    /// (`takeover::Unflushed`, the router's; lost with a crash, as its clients are).
+    unflushed: RefCell<Unflushed>,
 }
 
 /// Applies one request to node `me`'s component, behind its fence: refused below the
@@ -180,19 +183,39 @@ impl Node {
             }
         }
         let deadline = Instant::now() + self.sh.timing.forward_patience;
-        // The epoch when it began (this node's view of the record; the first epoch if it
-        // has none yet): a flush is not acknowledged by an owner that took with a suspect
-        // truth since (T5).
-        let since = self
+        // A flush is not acknowledged by an owner that took with a suspect truth since the
+        // oldest write it covers, or since it arrived (T5): this node's view of the
+        // record's epoch (the first epoch if it has none yet).
+        let now = self
             .seen
             .borrow()
             .as_ref()
             .map_or(1, |s| s.record.epoch.max(s.owner.map_or(0, |o| o.epoch)).max(1));
+        let begun = self.unflushed.borrow().flush_begins(now);
+        let since = begun.since;
+        // Done at the owner of `epoch`: what this node's flushes cover.
+        let done = |epoch: u64| match op {
+            Op::Write { .. } => self.unflushed.borrow_mut().acked(epoch),
+            Op::Flush => self.unflushed.borrow_mut().flushed(begun),
+            Op::Read { .. } => {}
+        };
+        // Failed while the record said `lost_at`: a flush failed for a loss said so.
+        let failed = |lost_at: Option<u64>| {
+            if matches!(op, Op::Flush) {
+                self.unflushed.borrow_mut().refused(begun, lost_at);
+            }
+        };
         loop {
             match self.view() {
                 Some(v) if v.serving() => match v.run(op, since).await {
-                    Ok(value) => return Ok(value),
-                    Err(_) if !v.deposed() => return Err(()),
+                    Ok(value) => {
+                        done(v.owner.epoch);
+                        return Ok(value);
+                    }
+                    Err(_) if !v.deposed() => {
+                        failed(v.lost_at);
+                        return Err(());
+                    }
                     Err(_) => {}
                 },
                 _ => {
@@ -200,8 +223,14 @@ impl Node {
                     if let Some(o) = target.filter(|o| o.node != self.me) {
                         let msg = Msg::Volume { op: op.clone(), since };
                         match self.rpc().call(o.node, msg, self.sh.timing.forward_timeout).await {
-                            Some(Msg::Done(value)) => return Ok(value),
-                            Some(Msg::Failed) => return Err(()),
+                            Some(Msg::Done(value)) => {
+                                done(o.epoch);
+                                return Ok(value);
+                            }
+                            Some(Msg::Failed) => {
+                                failed(self.seen.borrow().as_ref().and_then(|s| s.record.lost_at));
+                                return Err(());
+                            }
                             _ => {}
                         }
                     }
@@ -464,6 +493,7 @@ pub async fn run(sh: Rc<Shared>, me: usize) -> turmoil::Result {
         view: RefCell::new(None),
         taking: Cell::new(false),
         memory: Cell::new(Memory::default()),
+        unflushed: RefCell::default(),
     });
     let weak: Weak<Node> = Rc::downgrade(&node);
     let rpc = Rpc::start(sh, me, move |from, msg| {

@@ -78,7 +78,7 @@ pub struct View {
     me: usize,
     pub owner: Owner,
     /// `Record::lost_at` when it took the volume.
-    lost_at: Option<u64>,
+    pub lost_at: Option<u64>,
     /// The session the owner key is tied to.
     session: u64,
     state: RefCell<OwnerState>,

@@ -52,7 +52,7 @@ use strata_replica::record::{
     VolumeRecord, VolumeState, HANDED_RUNS_MAX,
 };
 use strata_replica::resync::ResyncStep;
-use strata_replica::takeover::{self, Truth};
+use strata_replica::takeover::{self, FlushBegun, Truth, Unflushed};
 use strata_replica::timing::Timing;
 use strata_types::ErrorCode;
 

@@ -31,6 +31,9 @@ pub struct Router {
     /// Batches of writes that came together, fanned out by this node's view, and the
     /// writes in them.
     pub(super) batches: [AtomicU64; 2],
+    /// This node's clients' writes that no flush of theirs covers yet, by the epoch of
+    /// the owner that acknowledged them (takeover T5: a flush says the oldest).
+    pub(super) unflushed: Mutex<Unflushed>,
 }
 
 /// A router's read lease, and whether it is asking for one.
@@ -76,6 +79,7 @@ impl Router {
             lease: Arc::default(),
             local_reads: AtomicU64::new(0),
             batches: Default::default(),
+            unflushed: Mutex::default(),
         }
     }
 
@@ -200,6 +204,15 @@ impl Router {
                 .and_then(|e| serde_json::from_slice::<VolumeRecord>(&e.value).ok())
                 .map_or(0, |r| r.epoch);
             owner.max(record).max(1)
+        })
+    }
+
+    /// The record's `lost_at` (takeover T5), as this member has applied it.
+    pub(super) fn lost_at_now(&self) -> Option<u64> {
+        self.meta.read_local(|s| {
+            s.get(&format!("/volumes/{}", self.name))
+                .and_then(|e| serde_json::from_slice::<VolumeRecord>(&e.value).ok())
+                .and_then(|r| r.lost_at)
         })
     }
 
@@ -360,6 +373,9 @@ impl Router {
                 Err(Forwarded::Retry(_)) => None,
             });
         }
+        if out.iter().any(|r| matches!(r, Some(Ok(_)))) {
+            self.unflushed.locked("the unflushed writes").acked(t.epoch);
+        }
         // Those left unanswered when the owner moved: retried.
         out.resize_with(ops.len(), || None);
         out
@@ -393,6 +409,19 @@ impl Router {
         self.run_numbered(op, self.number()).await
     }
 
+    /// `op` succeeded at the owner of `epoch`: a write is one a flush must cover, a flush
+    /// (begun as `begun` says) covered those before it (takeover T5, `Unflushed`).
+    pub(super) fn done(&self, op: &IoOp, begun: Option<FlushBegun>, epoch: u64) {
+        let mut unflushed = self.unflushed.locked("the unflushed writes");
+        match (op, begun) {
+            (IoOp::Flush, Some(begun)) => unflushed.flushed(begun),
+            (IoOp::Write { .. } | IoOp::Trim { .. } | IoOp::Zero { .. }, _) => {
+                unflushed.acked(epoch)
+            }
+            _ => {}
+        }
+    }
+
     /// A number for a forwarded write or trim (never 0: a write without one).
     pub(super) fn number(&self) -> u32 {
         self.forwarded.fetch_add(1, Ordering::Relaxed).max(1)
@@ -402,15 +431,22 @@ impl Router {
     pub(super) async fn run_numbered(&self, op: IoOp, number: u32) -> Result<Bytes, StoreError> {
         let deadline = Instant::now() + T.forward_patience;
         // A flush is not acknowledged by an owner that took the volume with a suspect
-        // copy as the truth since it began (takeover T5): the epoch now, as this member
-        // has applied it.
-        let since = match op {
-            IoOp::Flush => self.epoch_now(),
-            _ => 0,
+        // copy as the truth since it began (takeover T5): since the oldest write it covers
+        // was acknowledged, or the epoch now (as this member has applied it) if older.
+        let begun = match op {
+            IoOp::Flush => {
+                let now = self.epoch_now();
+                Some(self.unflushed.locked("the unflushed writes").flush_begins(now))
+            }
+            _ => None,
         };
+        let since = begun.map_or(0, |b| b.since);
         loop {
             let why = match self.view() {
                 Some(v) if v.serving() && since != 0 && !v.flush_survives(since) => {
+                    if let Some(b) = begun {
+                        self.unflushed.locked("the unflushed writes").refused(b, v.lost_at);
+                    }
                     return Err(io_error(
                         "replicated volume",
                         "writes acknowledged before this flush began may have been lost: \
@@ -418,15 +454,27 @@ impl Router {
                     ));
                 }
                 Some(v) if v.serving() => match v.run(op.clone()).await {
-                    Ok(data) => return Ok(data),
+                    Ok(data) => {
+                        self.done(&op, begun, v.epoch());
+                        return Ok(data);
+                    }
                     Err(e) if !v.deposed() => return Err(e),
                     Err(e) => format!("this node was deposed: {e}"),
                 },
                 _ => match self.target() {
                     Err(why) => why.to_string(),
                     Ok(t) => match self.forward(&t, &op, number, since).await {
-                        Ok(data) => return Ok(data),
-                        Err(Forwarded::Failed(e)) => return Err(e),
+                        Ok(data) => {
+                            self.done(&op, begun, t.epoch);
+                            return Ok(data);
+                        }
+                        Err(Forwarded::Failed(e)) => {
+                            if let Some(b) = begun {
+                                let lost_at = self.lost_at_now();
+                                self.unflushed.locked("the unflushed writes").refused(b, lost_at);
+                            }
+                            return Err(e);
+                        }
                         Err(Forwarded::Retry(why)) => why,
                     },
                 },
@@ -455,6 +503,9 @@ impl Router {
             Some(v) if fits => {
                 self.count_batch(ops.len());
                 let done = v.run_writes(ops.clone()).await;
+                if done.iter().any(|r| r.is_ok()) {
+                    self.unflushed.locked("the unflushed writes").acked(v.epoch());
+                }
                 let deposed = v.deposed();
                 done.into_iter()
                     .map(|r| match r {

@@ -37,7 +37,7 @@ const STRIDE: u64 = 16 << 10;
 const WORKERS: u64 = 4;
 
 /// A fallible NBD client (simple replies), enough for the workload.
-struct Client {
+pub(super) struct Client {
     s: TcpStream,
 }
 
@@ -46,7 +46,7 @@ fn io_err(what: &str) -> std::io::Error {
 }
 
 impl Client {
-    fn connect(addr: &str) -> std::io::Result<Client> {
+    pub(super) fn connect(addr: &str, volume: &str) -> std::io::Result<Client> {
         let s = TcpStream::connect(addr)?;
         // Longer than the forwarding patience (60 s): a stalled failover shows as a
         // failed request, not a hung test.
@@ -61,9 +61,9 @@ impl Client {
         let mut go = Vec::new();
         go.extend_from_slice(&0x4948_4156_454F_5054u64.to_be_bytes());
         go.extend_from_slice(&7u32.to_be_bytes());
-        go.extend_from_slice(&(4 + VOLUME.len() as u32 + 2).to_be_bytes());
-        go.extend_from_slice(&(VOLUME.len() as u32).to_be_bytes());
-        go.extend_from_slice(VOLUME.as_bytes());
+        go.extend_from_slice(&(4 + volume.len() as u32 + 2).to_be_bytes());
+        go.extend_from_slice(&(volume.len() as u32).to_be_bytes());
+        go.extend_from_slice(volume.as_bytes());
         go.extend_from_slice(&0u16.to_be_bytes());
         c.s.write_all(&go)?;
         loop {
@@ -87,7 +87,7 @@ impl Client {
     }
 
     /// One request; `Ok(None)` is an error reply, `Ok(Some(data))` success.
-    fn call(
+    pub(super) fn call(
         &mut self,
         kind: u16,
         offset: u64,
@@ -199,7 +199,7 @@ fn worker(w: u64, shared: Shared) {
     let mut count = 0u64;
     while !stop.load(Ordering::Relaxed) {
         let Some(c) = client.as_mut() else {
-            match Client::connect(&addrs[node]) {
+            match Client::connect(&addrs[node], VOLUME) {
                 Ok(c) => client = Some(c),
                 Err(_) => {
                     node = (node + 1) % addrs.len();
@@ -486,7 +486,7 @@ fn a_verifying_workload_survives_kills_pauses_restarts_and_an_emptied_disk() {
     wait_copies_equal(&members, &key, VOLUME, 16);
     let mut history = history.lock().unwrap().clone();
     let node = members.iter().find(|m| m.node.is_some()).unwrap();
-    let mut c = Client::connect(&node.node().nbd).unwrap();
+    let mut c = Client::connect(&node.node().nbd, VOLUME).unwrap();
     for (b, ops) in history.iter_mut().enumerate() {
         let data = c.call(0, b as u64 * STRIDE, &[], 4096).unwrap().expect("final read");
         let saw = decode(b as u64, &data).unwrap();
