@@ -304,7 +304,10 @@ impl<P: PageStore> Forest<P> {
     fn collect(&self, id: PageId, lba: u64, end: u64, out: &mut Vec<Extent>) {
         match self.pages.get(id) {
             Node::Leaf { entries, .. } => {
-                out.extend(entries.iter().filter(|e| e.lba < end && e.end() > lba).copied());
+                // Sorted and disjoint, so their ends are sorted too: a binary search to
+                // the first that reaches past `lba`, not a scan of the page.
+                let first = entries.partition_point(|e| e.end() <= lba);
+                out.extend(entries[first..].iter().take_while(|e| e.lba < end).copied());
             }
             Node::Interior { keys, children, .. } => {
                 // Child `first` holds the keys around `lba`; an extent starting in the child
