@@ -219,6 +219,10 @@
 //!     began at, and an owner does not acknowledge one from before the mark
 //!     (`takeover::flush_survives`). Found as built by the 10,000 seeds once the
 //!     simulation took the core's resync steps and lease rules. Test: seed 8413, check 1.
+//!     A route's flush says the epoch of the oldest write its node acknowledged that no
+//!     flush covers yet (`takeover::Unflushed`), so one arriving after the take fails
+//!     too; check 1 excuses a loss before a flush began, so no seed can show that part
+//!     (the server's cluster test does).
 //!
 //! # Not covered
 //! The wire format and MAC, LSN bookkeeping (used only to order flushes and writes),
