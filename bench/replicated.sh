@@ -43,6 +43,9 @@
 #              started with the bench-only STRATA_BENCH_INTERNODE_PLAINTEXT=1: the
 #              handshake authenticates, records go unencrypted; rows "rf3plain" and the
 #              "inter-node encryption" block: iops, p99 and CPU us per write on vs off)
+#   (every row's kv line has srv_cpu, % of one CPU used by all the target's processes,
+#   and srv_cpu_each, per process; the table's "write path's cost" block turns them
+#   into CPU us per write, RF3 summed and per member, against one node's)
 #   SKIP_RESYNC=1  no resync/failover/pause measurements (below)
 #   SKIP_PAUSE=1   no paused-copy measurement (below)
 #   PAUSE_SECS     how long a copy's node is stopped, one run each      (default "3 15")
@@ -207,17 +210,21 @@ pids_cpu() { # PID... -> utime+stime jiffies summed
 self_children_cpu() { sed 's/^.*) //' "/proc/$$/stat" | awk '{print $14+$15}'; }
 psi_us() { if [ -r /proc/pressure/cpu ]; then awk '/^some/{sub("total=","",$5); print $5}' /proc/pressure/cpu; else echo NA; fi; }
 SRV_PIDS=()
-meas_begin() { M0="$(host_busy) $(pids_cpu "${SRV_PIDS[@]}") $(self_children_cpu) $(psi_us) $(date +%s%N)"; }
-meas_end() { # -> MEAS="srv_cpu=.. cli_cpu=.. host_busy=.. bg_cpu=.. cpu_psi=.."
-  local b0 s0 c0 q0 t0 b1 s1 c1 q1 t1
-  read -r b0 s0 c0 q0 t0 <<<"$M0"
+each_cpu() { local p out=; for p in "${SRV_PIDS[@]}"; do out+="${out:+/}$(pids_cpu "$p")"; done; echo "${out:-0}"; }
+meas_begin() { M0="$(host_busy) $(pids_cpu "${SRV_PIDS[@]}") $(self_children_cpu) $(psi_us) $(date +%s%N) $(each_cpu)"; }
+meas_end() { # -> MEAS="srv_cpu=.. cli_cpu=.. host_busy=.. bg_cpu=.. cpu_psi=.. srv_cpu_each=a/b/c"
+  local b0 s0 c0 q0 t0 e0 b1 s1 c1 q1 t1 e1
+  read -r b0 s0 c0 q0 t0 e0 <<<"$M0"
   b1=$(host_busy); s1=$(pids_cpu "${SRV_PIDS[@]}"); c1=$(self_children_cpu); q1=$(psi_us); t1=$(date +%s%N)
+  e1=$(each_cpu)
   MEAS=$(awk -v b0="$b0" -v b1="$b1" -v s0="$s0" -v s1="$s1" -v c0="$c0" -v c1="$c1" \
-             -v q0="$q0" -v q1="$q1" -v t0="$t0" -v t1="$t1" -v hz="$HZ" 'BEGIN{
+             -v q0="$q0" -v q1="$q1" -v t0="$t0" -v t1="$t1" -v hz="$HZ" -v e0="$e0" -v e1="$e1" 'BEGIN{
     w=(t1-t0)/1e9; srv=(s1-s0)/hz/w*100; cli=(c1-c0)/hz/w*100; busy=(b1-b0)/hz/w*100;
     bg=busy-srv-cli; if (bg<0) bg=0;
     psi=(q0=="NA")?"NA":sprintf("%.1f",(q1-q0)/1e6/w*100);
-    printf "srv_cpu=%.1f cli_cpu=%.1f host_busy=%.1f bg_cpu=%.1f cpu_psi=%s", srv, cli, busy, bg, psi}')
+    n=split(e0, a, "/"); split(e1, b, "/"); each="";
+    for (i = 1; i <= n; i++) each = each (i > 1 ? "/" : "") sprintf("%.1f", (b[i]-a[i])/hz/w*100);
+    printf "srv_cpu=%.1f cli_cpu=%.1f host_busy=%.1f bg_cpu=%.1f cpu_psi=%s srv_cpu_each=%s", srv, cli, busy, bg, psi, each}')
 }
 
 # --- runners: each prints one line "iops=.. p50_us=.. p99_us=.. p999_us=.. mean_us=.. ios=.. err=.." -----
@@ -982,6 +989,27 @@ if reads:
         a, o, c = med("rf3n2", wl, "iops"), med("one", wl, "iops"), med("ceph", wl, "iops")
         print("  %-17s %7s iops  p99 %6s us   /1node %5s   /ceph %5s   (via the owner: %s iops)" % (
             wl, f(a), f(med("rf3n2", wl, "p99_us")), f(ratio(a, o), "%.2f"), f(ratio(a, c), "%.2f"), f(med("rf3", wl, "iops"))))
+cost = [wl for wl in wls if wl.startswith("randwrite_") and med("rf3", wl, "iops") and med("one", wl, "iops")]
+if cost:
+    # CPU us per write = srv_cpu% * 1e4 / iops (srv_cpu: % of one CPU, all the target's processes)
+    def each(lab, wl, iops):
+        v = [kv.get("srv_cpu_each", "") for kv in runs.get((lab, wl), []) if kv.get("err") == "0"]
+        if not v or not iops: return "-"
+        try: return "/".join("%.1f" % (float(x) * 1e4 / iops) for x in v[len(v) // 2].split("/"))
+        except ValueError: return "-"
+    print("the write path's cost (CPU us per write: the members' CPU time over the run / writes; p50 latency):")
+    print("  %-22s %10s %18s %10s %8s %6s %9s %9s %8s %6s" % ("workload", "RF3 cpu us", "per member", "1node cpu", "RF3/1n", "<=2.5", "RF3 p50", "1node p50", "RF3/1n", "<=2"))
+    for wl in cost:
+        a, o = med("rf3", wl, "iops"), med("one", wl, "iops")
+        ca, co = med("rf3", wl, "srv_cpu"), med("one", wl, "srv_cpu")
+        ua = ca * 1e4 / a if ca and a else None
+        uo = co * 1e4 / o if co and o else None
+        pa, po = med("rf3", wl, "p50_us"), med("one", wl, "p50_us")
+        rc, rp = ratio(ua, uo), ratio(pa, po)
+        qd32, qd1 = wl.endswith("_qd32"), wl.endswith("_qd1")
+        print("  %-22s %10s %18s %10s %8s %6s %9s %9s %8s %6s" % (wl, f(ua, "%.1f"), each("rf3", wl, a), f(uo, "%.1f"), f(rc, "%.2f"),
+              ("yes" if rc <= 2.5 else "NO") if qd32 and rc else "", f(pa), f(po), f(rp, "%.2f"),
+              ("yes" if rp <= 2 else "NO") if qd1 and rp else ""))
 plain = [wl for wl in wls if med("rf3plain", wl, "iops")]
 if plain:
     print("inter-node encryption, RF3 writes (on: Noise AES-GCM records; off: the bench-only plaintext switch;")
