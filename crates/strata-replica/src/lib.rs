@@ -13,6 +13,8 @@
 //!   hold acknowledgments); `validate()` checks its invariants.
 //! - [`resync`]: the resync plan, a copy brought level step by step (scan, copy a run,
 //!   flush, activate).
+//! - [`snapshot`]: a replicated volume's snapshots: the barrier, the record's changes,
+//!   undoing a half-made one, a pending copy's catch-up, what a copy removes.
 //! - [`lease`]: the read-lease rules of a node that is not the owner.
 //! - [`takeover`]: who takes an ownerless or moved volume, and when.
 //! - [`timing`]: every timeout and period in one value.
@@ -40,5 +42,6 @@ pub mod placement;
 pub mod record;
 pub mod resync;
 pub mod schedule;
+pub mod snapshot;
 pub mod takeover;
 pub mod timing;

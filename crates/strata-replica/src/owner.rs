@@ -431,6 +431,11 @@ impl OwnerState {
         (write, saves)
     }
 
+    /// Regions with writes planned and not yet finished.
+    pub fn in_flight_regions(&self) -> usize {
+        self.in_flight.len()
+    }
+
     /// Ends a planned write that was not sent (a bitmap could not be saved): its
     /// regions are no longer in flight.
     pub fn abandon(&mut self, write: &Write) {

@@ -138,8 +138,10 @@ impl VolumeRecord {
     }
 }
 
-/// A snapshot in a volume's record.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+/// A snapshot in a volume's record. A replicated volume's (`docs/design/
+/// replicated-snapshots.md`) has its id, state, barrier epoch and the copies holding it;
+/// a node's own volume's has none of them, and its JSON is as it always was.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
 pub struct SnapshotRecord {
     /// The snapshot's name.
     pub snapshot: String,
@@ -147,6 +149,47 @@ pub struct SnapshotRecord {
     pub size_bytes: u64,
     /// Creation time, seconds since the epoch.
     pub created_unix: u64,
+    /// A replicated volume's: its store id on every copy's node (unique in the cluster).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub id: u64,
+    /// A replicated volume's: being made, made, or being deleted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<SnapshotState>,
+    /// A replicated volume's: the owner's epoch at its barrier.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub epoch: u64,
+    /// A replicated volume's: the copies that hold it (the others are pending).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub copies: Vec<CopyRef>,
+}
+
+impl SnapshotRecord {
+    /// A node's own volume's snapshot (no replication fields).
+    pub fn plain(snapshot: impl Into<String>, size_bytes: u64, created_unix: u64) -> Self {
+        SnapshotRecord { snapshot: snapshot.into(), size_bytes, created_unix, ..Self::default() }
+    }
+
+    /// Whether the copy `node`/`id` holds it.
+    pub fn held_by(&self, node: u64, id: u64) -> bool {
+        self.copies.iter().any(|c| c.node == node && c.id == id)
+    }
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
+}
+
+/// A replicated volume's snapshot's state in the record.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum SnapshotState {
+    /// Its barrier may be under way: no node serves it; an owner that takes the volume
+    /// with it so undoes it (S2).
+    Creating,
+    /// Made: served, cloned, caught up by pending copies.
+    Ready,
+    /// Being deleted: no node serves it; copies remove it, then the record drops it.
+    Deleting,
 }
 
 /// In a volume's record: the owner at `epoch` handed the volume over cleanly, with the

@@ -34,16 +34,8 @@ fn single() -> VolumeRecord {
         created_unix: 1_765_000_000,
         origin: Some("base@golden".into()),
         snapshots: vec![
-            SnapshotRecord {
-                snapshot: "before-upgrade".into(),
-                size_bytes: 10 << 30,
-                created_unix: 1_765_000_100,
-            },
-            SnapshotRecord {
-                snapshot: "s2".into(),
-                size_bytes: 10 << 30,
-                created_unix: 1_765_000_200,
-            },
+            SnapshotRecord::plain("before-upgrade", 10 << 30, 1_765_000_100),
+            SnapshotRecord::plain("s2", 10 << 30, 1_765_000_200),
         ],
         replicas: 1,
         min_replicas: 1,
@@ -192,11 +184,7 @@ fn records_older_versions_wrote_parse_as_they_did() {
         size_bytes: 4096,
         created_unix: 1_700_000_000,
         origin: None,
-        snapshots: vec![SnapshotRecord {
-            snapshot: "s".into(),
-            size_bytes: 4096,
-            created_unix: 1_700_000_001,
-        }],
+        snapshots: vec![SnapshotRecord::plain("s", 4096, 1_700_000_001)],
         replicas: 1,
         min_replicas: 1,
         components: Vec::new(),

@@ -49,11 +49,7 @@ fn record_of(node: u64, v: &VolumeInfo) -> VolumeRecord {
         snapshots: v
             .snapshots
             .iter()
-            .map(|s| SnapshotRecord {
-                snapshot: s.snapshot.clone(),
-                size_bytes: s.size_bytes,
-                created_unix: s.created_unix,
-            })
+            .map(|s| SnapshotRecord::plain(s.snapshot.clone(), s.size_bytes, s.created_unix))
             .collect(),
         replicas: 1,
         min_replicas: 1,

@@ -1,0 +1,303 @@
+//! Snapshots of a replicated volume: the owner's decisions as pure functions of the
+//! record and the owner's state (`docs/design/replicated-snapshots.md`, S1–S7). The
+//! server and the simulation execute them: a barrier's requests to the copies, the
+//! record's compare-and-swaps, a pending copy's catch-up from the owner's snapshot.
+//!
+//! Rules, as the design numbers them:
+//! - S1. A snapshot is cut behind a barrier: no write in flight, none starts, until every
+//!   copy that is not STALE answered its `Snapshot` request ([`OwnerState::barrier`]),
+//!   its replies folded like a write's (a copy that failed is STALE, so pending).
+//! - S2. A `creating` snapshot an owner finds at its take is undone on every copy, then
+//!   dropped from the record ([`undo_on_take`]).
+//! - S3. One barrier at a time per volume; names unique ([`begin`]).
+//! - S4/S5. A pending copy catches up while STALE, oldest snapshot first, levelled from
+//!   the owner's snapshot over its bitmap (or a full compare if it owes a scan), then
+//!   takes it ([`catch_up_step`]); it never takes writes before it has every snapshot.
+//! - S6. Keys are never reused; a copy removes what the record does not list as served
+//!   ([`to_remove`]).
+//! - S7. A snapshot's reads come from a copy that holds it ([`readable_on`]).
+
+use crate::owner::{CopyState, OwnerState, Write};
+use crate::record::{CopyRef, SnapshotRecord, SnapshotState, VolumeRecord};
+use std::collections::BTreeSet;
+use std::ops::Range;
+
+/// Bits of a snapshot key below the epoch: keys made at one epoch (by one owner).
+pub const KEY_COUNTER_BITS: u32 = 24;
+
+/// The key of the `counter`th snapshot an owner at `epoch` makes: the same on every
+/// copy's node (each maps it to a store snapshot of its copy), never made twice (a later
+/// owner has a higher epoch) (S6).
+pub fn key(epoch: u64, counter: u64) -> u64 {
+    assert!(counter < 1 << KEY_COUNTER_BITS, "too many snapshots at one epoch");
+    epoch << KEY_COUNTER_BITS | counter
+}
+
+/// Why a snapshot command is refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SnapshotError {
+    /// The name is taken.
+    #[error("{volume} already has a snapshot named {name}")]
+    Exists {
+        /// The volume.
+        volume: String,
+        /// The snapshot.
+        name: String,
+    },
+    /// Another snapshot's barrier is under way (S3).
+    #[error("snapshot {name} of {volume} is being made; try again when it is done")]
+    Busy {
+        /// The volume.
+        volume: String,
+        /// The snapshot being made.
+        name: String,
+    },
+    /// No such snapshot (or one being made or deleted, which is not served).
+    #[error("{volume} has no snapshot named {name}")]
+    NotFound {
+        /// The volume.
+        volume: String,
+        /// The snapshot.
+        name: String,
+    },
+}
+
+/// The record with snapshot `name` added as `creating` at `epoch` under `key` (the
+/// barrier's first step, S2's mark), or why not (S3).
+pub fn begin(
+    record: &VolumeRecord,
+    name: &str,
+    key: u64,
+    epoch: u64,
+    created_unix: u64,
+) -> Result<VolumeRecord, SnapshotError> {
+    let volume = || record.name.clone();
+    if let Some(s) = record.snapshots.iter().find(|s| s.state == Some(SnapshotState::Creating)) {
+        return Err(SnapshotError::Busy { volume: volume(), name: s.snapshot.clone() });
+    }
+    if record.snapshots.iter().any(|s| s.snapshot == name) {
+        return Err(SnapshotError::Exists { volume: volume(), name: name.to_owned() });
+    }
+    let mut next = record.clone();
+    next.snapshots.push(SnapshotRecord {
+        snapshot: name.to_owned(),
+        size_bytes: record.size_bytes,
+        created_unix,
+        id: key,
+        state: Some(SnapshotState::Creating),
+        epoch,
+        copies: Vec::new(),
+    });
+    Ok(next)
+}
+
+/// The record with snapshot `key` made (`ready`), held by `copies` (the barrier's last
+/// step). `None` if the record no longer has it `creating` (another owner undid it).
+pub fn made(record: &VolumeRecord, key: u64, copies: &[CopyRef]) -> Option<VolumeRecord> {
+    let mut next = record.clone();
+    let s = next.snapshots.iter_mut().find(|s| s.id == key)?;
+    if s.state != Some(SnapshotState::Creating) {
+        return None;
+    }
+    s.state = Some(SnapshotState::Ready);
+    s.copies = copies.to_vec();
+    Some(next)
+}
+
+/// What a new owner does about a snapshot left `creating` (S2): remove it from every
+/// copy (idempotent; a copy without it answers as removed), then drop it from the record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Undo {
+    /// The snapshot's key.
+    pub key: u64,
+    /// Every copy of the volume (any may have taken it before its maker died).
+    pub copies: Vec<CopyRef>,
+}
+
+/// The snapshots an owner that just took the volume must undo (S2).
+pub fn undo_on_take(record: &VolumeRecord) -> Vec<Undo> {
+    let copies: Vec<CopyRef> =
+        record.components.iter().map(|c| CopyRef { node: c.node, id: c.id }).collect();
+    record
+        .snapshots
+        .iter()
+        .filter(|s| s.state == Some(SnapshotState::Creating))
+        .map(|s| Undo { key: s.id, copies: copies.clone() })
+        .collect()
+}
+
+/// The record without snapshot `key` (an undo or a delete finished).
+pub fn dropped(record: &VolumeRecord, key: u64) -> VolumeRecord {
+    let mut next = record.clone();
+    next.snapshots.retain(|s| s.id != key);
+    next
+}
+
+/// The snapshots copy `copy` lacks, oldest first: those `ready` it is not listed in.
+pub fn pending(record: &VolumeRecord, copy: CopyRef) -> Vec<&SnapshotRecord> {
+    record
+        .snapshots
+        .iter()
+        .filter(|s| s.state == Some(SnapshotState::Ready) && !s.held_by(copy.node, copy.id))
+        .collect()
+}
+
+/// The record with copy `copy` added to snapshot `key`'s holders (a catch-up took it),
+/// or `None` if the snapshot is no longer `ready` (deleted meanwhile: the copy removes it).
+pub fn caught_up(record: &VolumeRecord, key: u64, copy: CopyRef) -> Option<VolumeRecord> {
+    let mut next = record.clone();
+    let s = next.snapshots.iter_mut().find(|s| s.id == key)?;
+    if s.state != Some(SnapshotState::Ready) {
+        return None;
+    }
+    if !s.held_by(copy.node, copy.id) {
+        s.copies.push(copy);
+    }
+    Some(next)
+}
+
+/// The snapshot keys a copy holds that it must remove (S6): those the record does not
+/// list, or lists as `deleting`. A `creating` one is left to its barrier (or its undo).
+pub fn to_remove(record: &VolumeRecord, held: &[u64]) -> Vec<u64> {
+    held.iter()
+        .copied()
+        .filter(|k| {
+            record
+                .snapshots
+                .iter()
+                .find(|s| s.id == *k)
+                .is_none_or(|s| s.state == Some(SnapshotState::Deleting) || s.state.is_none())
+        })
+        .collect()
+}
+
+/// The record with snapshot `name` marked `deleting`, and its key.
+pub fn begin_delete(
+    record: &VolumeRecord,
+    name: &str,
+) -> Result<(VolumeRecord, u64), SnapshotError> {
+    let mut next = record.clone();
+    let found = next.snapshots.iter_mut().find(|s| s.snapshot == name);
+    let s = match found {
+        Some(s) if s.state == Some(SnapshotState::Ready) => s,
+        Some(s) if s.state == Some(SnapshotState::Creating) => {
+            return Err(SnapshotError::Busy { volume: record.name.clone(), name: name.into() })
+        }
+        _ => {
+            return Err(SnapshotError::NotFound {
+                volume: record.name.clone(),
+                name: name.to_owned(),
+            })
+        }
+    };
+    s.state = Some(SnapshotState::Deleting);
+    let key = s.id;
+    Ok((next, key))
+}
+
+/// The record once copy `copy` removed snapshot `key`: it leaves the holders; the record
+/// drops the snapshot once none holds it.
+pub fn removed_from(record: &VolumeRecord, key: u64, copy: CopyRef) -> VolumeRecord {
+    let mut next = record.clone();
+    if let Some(s) = next.snapshots.iter_mut().find(|s| s.id == key) {
+        s.copies.retain(|c| *c != copy);
+        if s.copies.is_empty() && s.state == Some(SnapshotState::Deleting) {
+            return dropped(&next, key);
+        }
+    }
+    next
+}
+
+/// Whether the copy `copy` may serve reads of snapshot `name` (S7): the snapshot is
+/// `ready` and the copy holds it.
+pub fn readable_on(record: &VolumeRecord, name: &str, copy: CopyRef) -> bool {
+    record.snapshots.iter().any(|s| {
+        s.snapshot == name && s.state == Some(SnapshotState::Ready) && s.held_by(copy.node, copy.id)
+    })
+}
+
+/// A barrier: the owner holds every region's turn; the copies to snapshot (every copy
+/// not STALE, the owner's own among them) and the write-like plan their replies fold
+/// into (`OwnerState::finish`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Barrier {
+    /// The plan: no regions, one LSN, the remote copies to send to.
+    pub write: Write,
+}
+
+impl OwnerState {
+    /// Plans a snapshot's barrier (S1). The caller holds every region's turn, so no write
+    /// is in flight; the remote copies to send `Snapshot` to are `write.targets`, and the
+    /// own copy takes it too. Replies go to [`OwnerState::finish`] as a write's do: a copy
+    /// that failed is STALE (pending), a newer epoch deposes.
+    pub fn barrier(&mut self) -> Barrier {
+        assert!(self.in_flight_regions() == 0, "a snapshot barrier with writes in flight");
+        let (write, saves) = self.begin(1, &[], false);
+        debug_assert!(saves.is_empty(), "no regions: no bitmap changes");
+        Barrier { write }
+    }
+}
+
+/// The next step of a pending copy's catch-up to snapshot `key` (S4, S5), while the copy
+/// is STALE: its bitmap `dirty` (every region written since it went STALE), whether it
+/// owes a full scan (`owes_scan`, of `regions` regions), and `from`, the first region not
+/// yet levelled; at most `batch` regions a step.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CatchUp {
+    /// Copy these regions of the owner's snapshot `key` to the copy where they differ
+    /// (compare digests first); then the next step from `range.end`.
+    Level {
+        /// The snapshot.
+        key: u64,
+        /// Regions.
+        range: Range<u64>,
+    },
+    /// Take snapshot `key` on the copy, then record it among the holders
+    /// ([`caught_up`]).
+    Take {
+        /// The snapshot.
+        key: u64,
+    },
+}
+
+/// The catch-up step for snapshot `key` from region `from` (see [`CatchUp`]).
+pub fn catch_up_step(
+    key: u64,
+    dirty: &BTreeSet<u64>,
+    owes_scan: bool,
+    regions: u64,
+    from: u64,
+    batch: u64,
+) -> CatchUp {
+    let batch = batch.max(1);
+    if owes_scan {
+        let to = from.saturating_add(batch).min(regions);
+        return match from < to {
+            true => CatchUp::Level { key, range: from..to },
+            false => CatchUp::Take { key },
+        };
+    }
+    let mut run = dirty.range(from..);
+    let Some(&first) = run.next() else { return CatchUp::Take { key } };
+    let more = run
+        .take(batch as usize - 1)
+        .enumerate()
+        .take_while(|(k, r)| **r == first + 1 + *k as u64)
+        .count() as u64;
+    CatchUp::Level { key, range: first..first + 1 + more }
+}
+
+/// Whether a copy with `pending` snapshots may go on from catching up to its resync
+/// (turn RESYNCING and take writes): only with none pending (S5).
+pub fn may_resync(pending: &[&SnapshotRecord]) -> bool {
+    pending.is_empty()
+}
+
+/// Whether a copy in state `state` can catch up now: only while STALE (it takes no
+/// writes, so levelling it from an immutable snapshot races with nothing).
+pub fn may_catch_up(state: CopyState) -> bool {
+    state == CopyState::Stale
+}
+
+#[cfg(test)]
+mod tests;
