@@ -181,10 +181,11 @@ fn a_replicated_snapshot_is_stored_as_the_design_shows_and_a_plain_one_as_before
         copies: vec![CopyRef { node: 1, id: 11 }, CopyRef { node: 2, id: 12 }],
     };
     let json = serde_json::to_string(&s).unwrap();
-    assert_eq!(
-        json,
-        r#"{"snapshot":"s1","size_bytes":4194304,"created_unix":1765000000,"id":77,"state":"ready","epoch":6,"copies":[{"node":1,"id":11},{"node":2,"id":12}]}"#
+    let expected = concat!(
+        r#"{"snapshot":"s1","size_bytes":4194304,"created_unix":1765000000,"#,
+        r#""id":77,"state":"ready","epoch":6,"copies":[{"node":1,"id":11},{"node":2,"id":12}]}"#
     );
+    assert_eq!(json, expected);
     assert_eq!(serde_json::from_str::<SnapshotRecord>(&json).unwrap(), s);
     let plain = SnapshotRecord::plain("s", 4096, 5);
     assert_eq!(
