@@ -62,26 +62,31 @@ pub enum SnapshotError {
     },
 }
 
-/// The record with snapshot `name` added as `creating` at `epoch` under `key` (the
-/// barrier's first step, S2's mark), or why not (S3).
+/// A volume's snapshots as its record lists them, oldest first (the functions below
+/// take and return the list, so that the simulation's smaller record uses them too).
+pub type Snapshots = Vec<SnapshotRecord>;
+
+/// The snapshots of volume `volume` (of `size_bytes`) with `name` added as `creating` at
+/// `epoch` under `key` (the barrier's first step, S2's mark), or why not (S3).
 pub fn begin(
-    record: &VolumeRecord,
+    snapshots: &[SnapshotRecord],
+    volume: &str,
+    size_bytes: u64,
     name: &str,
     key: u64,
     epoch: u64,
     created_unix: u64,
-) -> Result<VolumeRecord, SnapshotError> {
-    let volume = || record.name.clone();
-    if let Some(s) = record.snapshots.iter().find(|s| s.state == Some(SnapshotState::Creating)) {
-        return Err(SnapshotError::Busy { volume: volume(), name: s.snapshot.clone() });
+) -> Result<Snapshots, SnapshotError> {
+    if let Some(s) = snapshots.iter().find(|s| s.state == Some(SnapshotState::Creating)) {
+        return Err(SnapshotError::Busy { volume: volume.into(), name: s.snapshot.clone() });
     }
-    if record.snapshots.iter().any(|s| s.snapshot == name) {
-        return Err(SnapshotError::Exists { volume: volume(), name: name.to_owned() });
+    if snapshots.iter().any(|s| s.snapshot == name) {
+        return Err(SnapshotError::Exists { volume: volume.into(), name: name.into() });
     }
-    let mut next = record.clone();
-    next.snapshots.push(SnapshotRecord {
+    let mut next = snapshots.to_vec();
+    next.push(SnapshotRecord {
         snapshot: name.to_owned(),
-        size_bytes: record.size_bytes,
+        size_bytes,
         created_unix,
         id: key,
         state: Some(SnapshotState::Creating),
@@ -91,11 +96,11 @@ pub fn begin(
     Ok(next)
 }
 
-/// The record with snapshot `key` made (`ready`), held by `copies` (the barrier's last
-/// step). `None` if the record no longer has it `creating` (another owner undid it).
-pub fn made(record: &VolumeRecord, key: u64, copies: &[CopyRef]) -> Option<VolumeRecord> {
-    let mut next = record.clone();
-    let s = next.snapshots.iter_mut().find(|s| s.id == key)?;
+/// The snapshots with `key` made (`ready`), held by `copies` (the barrier's last step).
+/// `None` if they no longer have it `creating` (another owner undid it).
+pub fn made(snapshots: &[SnapshotRecord], key: u64, copies: &[CopyRef]) -> Option<Snapshots> {
+    let mut next = snapshots.to_vec();
+    let s = next.iter_mut().find(|s| s.id == key)?;
     if s.state != Some(SnapshotState::Creating) {
         return None;
     }
@@ -114,39 +119,39 @@ pub struct Undo {
     pub copies: Vec<CopyRef>,
 }
 
-/// The snapshots an owner that just took the volume must undo (S2).
-pub fn undo_on_take(record: &VolumeRecord) -> Vec<Undo> {
-    let copies: Vec<CopyRef> =
-        record.components.iter().map(|c| CopyRef { node: c.node, id: c.id }).collect();
-    record
-        .snapshots
+/// The snapshots an owner that just took the volume must undo (S2); `copies` are every
+/// copy of the volume ([`copies_of`]).
+pub fn undo_on_take(snapshots: &[SnapshotRecord], copies: &[CopyRef]) -> Vec<Undo> {
+    snapshots
         .iter()
         .filter(|s| s.state == Some(SnapshotState::Creating))
-        .map(|s| Undo { key: s.id, copies: copies.clone() })
+        .map(|s| Undo { key: s.id, copies: copies.to_vec() })
         .collect()
 }
 
-/// The record without snapshot `key` (an undo or a delete finished).
-pub fn dropped(record: &VolumeRecord, key: u64) -> VolumeRecord {
-    let mut next = record.clone();
-    next.snapshots.retain(|s| s.id != key);
-    next
+/// Every copy of a volume in its record.
+pub fn copies_of(record: &VolumeRecord) -> Vec<CopyRef> {
+    record.components.iter().map(|c| CopyRef { node: c.node, id: c.id }).collect()
+}
+
+/// The snapshots without `key` (an undo or a delete finished).
+pub fn dropped(snapshots: &[SnapshotRecord], key: u64) -> Snapshots {
+    snapshots.iter().filter(|s| s.id != key).cloned().collect()
 }
 
 /// The snapshots copy `copy` lacks, oldest first: those `ready` it is not listed in.
-pub fn pending(record: &VolumeRecord, copy: CopyRef) -> Vec<&SnapshotRecord> {
-    record
-        .snapshots
+pub fn pending(snapshots: &[SnapshotRecord], copy: CopyRef) -> Vec<&SnapshotRecord> {
+    snapshots
         .iter()
         .filter(|s| s.state == Some(SnapshotState::Ready) && !s.held_by(copy.node, copy.id))
         .collect()
 }
 
-/// The record with copy `copy` added to snapshot `key`'s holders (a catch-up took it),
-/// or `None` if the snapshot is no longer `ready` (deleted meanwhile: the copy removes it).
-pub fn caught_up(record: &VolumeRecord, key: u64, copy: CopyRef) -> Option<VolumeRecord> {
-    let mut next = record.clone();
-    let s = next.snapshots.iter_mut().find(|s| s.id == key)?;
+/// The snapshots with copy `copy` added to `key`'s holders (a catch-up took it), or
+/// `None` if it is no longer `ready` (deleted meanwhile: the copy removes it).
+pub fn caught_up(snapshots: &[SnapshotRecord], key: u64, copy: CopyRef) -> Option<Snapshots> {
+    let mut next = snapshots.to_vec();
+    let s = next.iter_mut().find(|s| s.id == key)?;
     if s.state != Some(SnapshotState::Ready) {
         return None;
     }
@@ -156,50 +161,41 @@ pub fn caught_up(record: &VolumeRecord, key: u64, copy: CopyRef) -> Option<Volum
     Some(next)
 }
 
-/// The snapshot keys a copy holds that it must remove (S6): those the record does not
-/// list, or lists as `deleting`. A `creating` one is left to its barrier (or its undo).
-pub fn to_remove(record: &VolumeRecord, held: &[u64]) -> Vec<u64> {
-    held.iter()
-        .copied()
-        .filter(|k| {
-            record
-                .snapshots
-                .iter()
-                .find(|s| s.id == *k)
-                .is_none_or(|s| s.state == Some(SnapshotState::Deleting) || s.state.is_none())
+/// The snapshot keys a copy holds that it must remove (S6): those the list does not
+/// have, or has as `deleting`. A `creating` one is left to its barrier (or its undo).
+pub fn to_remove(snapshots: &[SnapshotRecord], held: &[u64]) -> Vec<u64> {
+    let keep = |k: &u64| {
+        snapshots.iter().any(|s| {
+            s.id == *k && matches!(s.state, Some(SnapshotState::Creating | SnapshotState::Ready))
         })
-        .collect()
+    };
+    held.iter().copied().filter(|k| !keep(k)).collect()
 }
 
-/// The record with snapshot `name` marked `deleting`, and its key.
+/// The snapshots of `volume` with `name` marked `deleting`, and its key.
 pub fn begin_delete(
-    record: &VolumeRecord,
+    snapshots: &[SnapshotRecord],
+    volume: &str,
     name: &str,
-) -> Result<(VolumeRecord, u64), SnapshotError> {
-    let mut next = record.clone();
-    let found = next.snapshots.iter_mut().find(|s| s.snapshot == name);
-    let s = match found {
+) -> Result<(Snapshots, u64), SnapshotError> {
+    let mut next = snapshots.to_vec();
+    let s = match next.iter_mut().find(|s| s.snapshot == name) {
         Some(s) if s.state == Some(SnapshotState::Ready) => s,
         Some(s) if s.state == Some(SnapshotState::Creating) => {
-            return Err(SnapshotError::Busy { volume: record.name.clone(), name: name.into() })
+            return Err(SnapshotError::Busy { volume: volume.into(), name: name.into() })
         }
-        _ => {
-            return Err(SnapshotError::NotFound {
-                volume: record.name.clone(),
-                name: name.to_owned(),
-            })
-        }
+        _ => return Err(SnapshotError::NotFound { volume: volume.into(), name: name.into() }),
     };
     s.state = Some(SnapshotState::Deleting);
     let key = s.id;
     Ok((next, key))
 }
 
-/// The record once copy `copy` removed snapshot `key`: it leaves the holders; the record
-/// drops the snapshot once none holds it.
-pub fn removed_from(record: &VolumeRecord, key: u64, copy: CopyRef) -> VolumeRecord {
-    let mut next = record.clone();
-    if let Some(s) = next.snapshots.iter_mut().find(|s| s.id == key) {
+/// The snapshots once copy `copy` removed `key`: it leaves the holders; the list drops
+/// the snapshot once none holds it.
+pub fn removed_from(snapshots: &[SnapshotRecord], key: u64, copy: CopyRef) -> Snapshots {
+    let mut next = snapshots.to_vec();
+    if let Some(s) = next.iter_mut().find(|s| s.id == key) {
         s.copies.retain(|c| *c != copy);
         if s.copies.is_empty() && s.state == Some(SnapshotState::Deleting) {
             return dropped(&next, key);
@@ -210,8 +206,8 @@ pub fn removed_from(record: &VolumeRecord, key: u64, copy: CopyRef) -> VolumeRec
 
 /// Whether the copy `copy` may serve reads of snapshot `name` (S7): the snapshot is
 /// `ready` and the copy holds it.
-pub fn readable_on(record: &VolumeRecord, name: &str, copy: CopyRef) -> bool {
-    record.snapshots.iter().any(|s| {
+pub fn readable_on(snapshots: &[SnapshotRecord], name: &str, copy: CopyRef) -> bool {
+    snapshots.iter().any(|s| {
         s.snapshot == name && s.state == Some(SnapshotState::Ready) && s.held_by(copy.node, copy.id)
     })
 }

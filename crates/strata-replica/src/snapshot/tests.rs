@@ -1,4 +1,4 @@
-//! The snapshot rules (S1–S7) on small records and owner states.
+//! The snapshot rules (S1–S7) on small snapshot lists and owner states.
 
 use super::*;
 use crate::owner::{Finished, Reply, Track};
@@ -32,6 +32,16 @@ fn copy(node: u64) -> CopyRef {
     CopyRef { node, id: node * 10 }
 }
 
+/// `snapshots` with `name` begun under `k` at epoch 6.
+fn begun(snapshots: &[SnapshotRecord], name: &str, k: u64) -> Result<Snapshots, SnapshotError> {
+    begin(snapshots, "vm", 1 << 20, name, k, 6, 100)
+}
+
+/// `snapshots` with `name` made under `k`, held by copies 1 and 2.
+fn with_made(snapshots: &[SnapshotRecord], name: &str, k: u64) -> Snapshots {
+    made(&begun(snapshots, name, k).unwrap(), k, &[copy(1), copy(2)]).unwrap()
+}
+
 fn owner() -> OwnerState {
     let tracks = vec![
         Track::new(1, 10, true, CopyState::Active),
@@ -51,32 +61,32 @@ fn keys_grow_with_the_epoch_and_never_repeat_across_owners() {
 
 #[test]
 fn a_snapshot_is_marked_creating_first_and_one_barrier_runs_at_a_time() {
-    let r = record();
-    let r1 = begin(&r, "s1", key(6, 1), 6, 100).unwrap();
-    let s = &r1.snapshots[0];
+    let r1 = begun(&[], "s1", key(6, 1)).unwrap();
+    let s = &r1[0];
     assert_eq!((s.state, s.epoch, s.id), (Some(SnapshotState::Creating), 6, key(6, 1)));
     assert!(s.copies.is_empty());
     assert_eq!(
-        begin(&r1, "s2", key(6, 2), 6, 101),
+        begun(&r1, "s2", key(6, 2)),
         Err(SnapshotError::Busy { volume: "vm".into(), name: "s1".into() })
     );
     let r2 = made(&r1, key(6, 1), &[copy(1), copy(2)]).unwrap();
-    assert_eq!(r2.snapshots[0].state, Some(SnapshotState::Ready));
-    assert!(matches!(begin(&r2, "s1", key(6, 2), 6, 102), Err(SnapshotError::Exists { .. })));
-    assert!(begin(&r2, "s2", key(6, 2), 6, 102).is_ok());
+    assert_eq!(r2[0].state, Some(SnapshotState::Ready));
+    assert!(matches!(begun(&r2, "s1", key(6, 2)), Err(SnapshotError::Exists { .. })));
+    assert!(begun(&r2, "s2", key(6, 2)).is_ok());
 }
 
 #[test]
 fn a_half_made_snapshot_is_undone_by_the_next_owner_and_its_maker_cannot_finish_it() {
-    let r = begin(&record(), "s1", key(6, 1), 6, 100).unwrap();
-    let undo = undo_on_take(&r);
+    let r = begun(&[], "s1", key(6, 1)).unwrap();
+    let copies = copies_of(&record());
+    let undo = undo_on_take(&r, &copies);
     assert_eq!(undo, vec![Undo { key: key(6, 1), copies: vec![copy(1), copy(2), copy(3)] }]);
     let r = dropped(&r, key(6, 1));
-    assert!(r.snapshots.is_empty());
+    assert!(r.is_empty());
     assert_eq!(made(&r, key(6, 1), &[copy(1)]), None, "its maker's last step finds it gone");
     // A made one is not undone.
-    let r = made(&begin(&r, "s2", key(7, 1), 7, 100).unwrap(), key(7, 1), &[copy(1)]).unwrap();
-    assert!(undo_on_take(&r).is_empty());
+    let r = with_made(&r, "s2", key(7, 1));
+    assert!(undo_on_take(&r, &copies).is_empty());
 }
 
 #[test]
@@ -114,10 +124,7 @@ fn a_newer_epoch_at_the_barrier_deposes() {
 
 #[test]
 fn a_pending_copy_catches_up_oldest_first_from_its_bitmap_then_takes_it() {
-    let mut r = record();
-    for (n, k) in [("s1", key(6, 1)), ("s2", key(6, 2))] {
-        r = made(&begin(&r, n, k, 6, 1).unwrap(), k, &[copy(1), copy(2)]).unwrap();
-    }
+    let r = with_made(&with_made(&[], "s1", key(6, 1)), "s2", key(6, 2));
     let p = pending(&r, copy(3));
     assert_eq!(p.iter().map(|s| s.snapshot.as_str()).collect::<Vec<_>>(), ["s1", "s2"]);
     assert!(pending(&r, copy(1)).is_empty());
@@ -125,48 +132,45 @@ fn a_pending_copy_catches_up_oldest_first_from_its_bitmap_then_takes_it() {
     assert!(may_catch_up(CopyState::Stale) && !may_catch_up(CopyState::Resyncing));
     let dirty: BTreeSet<u64> = [2, 3, 4, 9].into();
     let k = p[0].id;
-    assert_eq!(catch_up_step(k, &dirty, false, 16, 0, 8), CatchUp::Level { key: k, range: 2..5 });
-    assert_eq!(catch_up_step(k, &dirty, false, 16, 5, 8), CatchUp::Level { key: k, range: 9..10 });
-    assert_eq!(catch_up_step(k, &dirty, false, 16, 10, 8), CatchUp::Take { key: k });
-    assert_eq!(catch_up_step(k, &dirty, false, 16, 0, 2), CatchUp::Level { key: k, range: 2..4 });
+    let step = |owes, from, batch| catch_up_step(k, &dirty, owes, 16, from, batch);
+    assert_eq!(step(false, 0, 8), CatchUp::Level { key: k, range: 2..5 });
+    assert_eq!(step(false, 5, 8), CatchUp::Level { key: k, range: 9..10 });
+    assert_eq!(step(false, 10, 8), CatchUp::Take { key: k });
+    assert_eq!(step(false, 0, 2), CatchUp::Level { key: k, range: 2..4 });
     // Owing a scan: every region, in batches.
-    assert_eq!(catch_up_step(k, &dirty, true, 16, 0, 10), CatchUp::Level { key: k, range: 0..10 });
-    assert_eq!(
-        catch_up_step(k, &dirty, true, 16, 10, 10),
-        CatchUp::Level { key: k, range: 10..16 }
-    );
-    assert_eq!(catch_up_step(k, &dirty, true, 16, 16, 10), CatchUp::Take { key: k });
+    assert_eq!(step(true, 0, 10), CatchUp::Level { key: k, range: 0..10 });
+    assert_eq!(step(true, 10, 10), CatchUp::Level { key: k, range: 10..16 });
+    assert_eq!(step(true, 16, 10), CatchUp::Take { key: k });
+    let second = p[1].id;
     let r = caught_up(&r, k, copy(3)).unwrap();
     assert_eq!(pending(&r, copy(3)).len(), 1);
-    let r = caught_up(&r, p[1].id, copy(3)).unwrap();
+    let r = caught_up(&r, second, copy(3)).unwrap();
     assert!(may_resync(&pending(&r, copy(3))));
 }
 
 #[test]
 fn a_deleted_snapshot_leaves_each_copy_and_then_the_record_and_is_never_served_again() {
     let k = key(6, 1);
-    let r = made(&begin(&record(), "s1", k, 6, 1).unwrap(), k, &[copy(1), copy(2)]).unwrap();
+    let r = with_made(&[], "s1", k);
     assert!(readable_on(&r, "s1", copy(2)) && !readable_on(&r, "s1", copy(3)));
-    let (r, got) = begin_delete(&r, "s1").unwrap();
+    let (r, got) = begin_delete(&r, "vm", "s1").unwrap();
     assert_eq!(got, k);
     assert!(!readable_on(&r, "s1", copy(1)), "S6: not served while deleting");
     assert_eq!(to_remove(&r, &[k, 99]), vec![k, 99], "deleting, and unknown to the record");
     assert_eq!(caught_up(&r, k, copy(3)), None, "a pending copy never takes it now");
     let r = removed_from(&r, k, copy(1));
-    assert_eq!(r.snapshots.len(), 1, "copy 2 still holds it");
+    assert_eq!(r.len(), 1, "copy 2 still holds it");
     let r = removed_from(&r, k, copy(2));
-    assert!(r.snapshots.is_empty());
-    assert!(matches!(begin_delete(&r, "s1"), Err(SnapshotError::NotFound { .. })));
+    assert!(r.is_empty());
+    assert!(matches!(begin_delete(&r, "vm", "s1"), Err(SnapshotError::NotFound { .. })));
 }
 
 #[test]
 fn a_copy_keeps_a_snapshot_being_made_and_a_made_one() {
-    let k1 = key(6, 1);
-    let r = made(&begin(&record(), "s1", k1, 6, 1).unwrap(), k1, &[copy(1)]).unwrap();
-    let k2 = key(6, 2);
-    let r = begin(&r, "s2", k2, 6, 2).unwrap();
+    let (k1, k2) = (key(6, 1), key(6, 2));
+    let r = begun(&with_made(&[], "s1", k1), "s2", k2).unwrap();
     assert!(to_remove(&r, &[k1, k2]).is_empty());
-    assert!(matches!(begin_delete(&r, "s2"), Err(SnapshotError::Busy { .. })));
+    assert!(matches!(begin_delete(&r, "vm", "s2"), Err(SnapshotError::Busy { .. })));
 }
 
 #[test]
