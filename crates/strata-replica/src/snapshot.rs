@@ -16,8 +16,11 @@
 //! - S6. Keys are never reused; a copy removes what the record does not list as served
 //!   ([`to_remove`]).
 //! - S7. A snapshot's reads come from a copy that holds it ([`readable_on`]).
+//! - S8. Every copy the record has ACTIVE holds every `ready` snapshot ([`unheld`]): a
+//!   copy becomes ACTIVE only after its catch-up, and one that misses a barrier is
+//!   STALE (recorded) before the snapshot is `ready`.
 
-use crate::owner::{CopyState, OwnerState, Write};
+use crate::owner::{CopyState, OwnerState, SaveBitmap, Write};
 use crate::record::{CopyRef, SnapshotRecord, SnapshotState, VolumeRecord};
 use std::collections::BTreeSet;
 use std::ops::Range;
@@ -212,13 +215,19 @@ pub fn readable_on(snapshots: &[SnapshotRecord], name: &str, copy: CopyRef) -> b
     })
 }
 
-/// A barrier: the owner holds every region's turn; the copies to snapshot (every copy
-/// not STALE, the owner's own among them) and the write-like plan their replies fold
-/// into (`OwnerState::finish`).
+/// A barrier: the owner holds every region's turn; the copies to snapshot (every ACTIVE
+/// copy, the owner's own among them) and the write-like plan their replies fold into
+/// (`OwnerState::finish`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Barrier {
     /// The plan: no regions, one LSN, the remote copies to send to.
     pub write: Write,
+    /// Bitmaps to save first: a RESYNCING copy is STALE from the barrier (it is not level
+    /// yet, so its snapshot would not be the volume's; its resync starts again with the
+    /// catch-up), with what it took since its last flush back in its bitmap.
+    pub saves: Vec<SaveBitmap>,
+    /// Copies whose STALE mark to record before the snapshot is `ready` (S8).
+    pub record: Vec<usize>,
 }
 
 impl OwnerState {
@@ -228,10 +237,32 @@ impl OwnerState {
     /// that failed is STALE (pending), a newer epoch deposes.
     pub fn barrier(&mut self) -> Barrier {
         assert!(self.in_flight_regions() == 0, "a snapshot barrier with writes in flight");
-        let (write, saves) = self.begin(1, &[], false);
-        debug_assert!(saves.is_empty(), "no regions: no bitmap changes");
-        Barrier { write }
+        let mut saves = Vec::new();
+        let resyncing: Vec<usize> = (0..self.tracks().len())
+            .filter(|&i| self.track(i).state == CopyState::Resyncing)
+            .collect();
+        for &i in &resyncing {
+            self.stale(i);
+            saves.push(self.lose_unflushed(i));
+        }
+        let (write, more) = self.begin(1, &[], false);
+        debug_assert!(more.is_empty(), "no regions: no bitmap changes");
+        Barrier { write, saves, record: resyncing }
     }
+}
+
+/// The `ready` snapshots some ACTIVE copy of `record` does not hold, with that copy: S8
+/// broken (empty when it holds).
+pub fn unheld(record: &VolumeRecord) -> Vec<(String, CopyRef)> {
+    let mut out = Vec::new();
+    for s in record.snapshots.iter().filter(|s| s.state == Some(SnapshotState::Ready)) {
+        for c in record.components.iter().filter(|c| c.state == CopyState::Active) {
+            if !s.held_by(c.node, c.id) {
+                out.push((s.snapshot.clone(), CopyRef { node: c.node, id: c.id }));
+            }
+        }
+    }
+    out
 }
 
 /// The next step of a pending copy's catch-up to snapshot `key` (S4, S5), while the copy

@@ -107,6 +107,29 @@ fn the_barrier_goes_to_every_copy_not_stale_and_a_failed_copy_turns_stale_and_pe
 }
 
 #[test]
+fn a_resyncing_copy_is_stale_from_the_barrier_with_its_unflushed_regions() {
+    let mut o = owner();
+    o.fenced(2, 1);
+    o.stale(2);
+    o.recorded(2, CopyState::Resyncing, None);
+    let b = o.barrier();
+    assert_eq!(b.write.targets, vec![1]);
+    assert_eq!(b.record, vec![2]);
+    assert_eq!(b.saves.len(), 1);
+    assert_eq!(o.track(2).state, CopyState::Stale);
+    o.validate().unwrap();
+}
+
+#[test]
+fn every_active_copy_holds_every_ready_snapshot() {
+    let mut r = record();
+    r.snapshots = with_made(&[], "s1", key(6, 1));
+    assert!(unheld(&r).is_empty(), "copy 3 is STALE: pending");
+    r.components[2].state = CopyState::Active;
+    assert_eq!(unheld(&r), vec![("s1".to_owned(), copy(3))]);
+}
+
+#[test]
 #[should_panic(expected = "writes in flight")]
 fn no_barrier_while_a_write_is_in_flight() {
     let mut o = owner();
