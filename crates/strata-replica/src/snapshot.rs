@@ -314,10 +314,13 @@ pub fn catch_up_step(
     CatchUp::Level { key, range: first..first + 1 + more }
 }
 
-/// Whether a copy with `pending` snapshots may go on from catching up to its resync
-/// (turn RESYNCING and take writes): only with none pending (S5).
-pub fn may_resync(pending: &[&SnapshotRecord]) -> bool {
-    pending.is_empty()
+/// Whether STALE copy `copy` may go on from catching up to its resync (turn RESYNCING and
+/// take writes) (S5): only if it lacks no `ready` snapshot, and no snapshot is being made
+/// (that barrier skips a STALE copy, and once made, lists only those that took it: the
+/// copy, ACTIVE by then, would lack it for ever; found by the simulation).
+pub fn may_resync(snapshots: &[SnapshotRecord], copy: CopyRef) -> bool {
+    pending(snapshots, copy).is_empty()
+        && !snapshots.iter().any(|s| s.state == Some(SnapshotState::Creating))
 }
 
 /// Whether a copy in state `state` can catch up now: only while STALE (it takes no

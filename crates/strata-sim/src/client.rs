@@ -18,8 +18,14 @@ const CLIENTS: usize = 6;
 const HOT_BLOCKS: u64 = 32;
 
 /// Runs the workload until `until` (simulated time), with `readers` clients that only
-/// read (`Scenario::readers`).
-pub async fn run(sh: Rc<Shared>, until: Duration, readers: usize) -> turmoil::Result {
+/// read (`Scenario::readers`), and, if `snapshots`, an operator taking a snapshot through
+/// a random node every 200–800 ms (`Scenario::snapshots`).
+pub async fn run(
+    sh: Rc<Shared>,
+    until: Duration,
+    readers: usize,
+    snapshots: bool,
+) -> turmoil::Result {
     let rpc = Rpc::start(sh.clone(), CLIENT, |_, _| Box::pin(async { None })).await;
     let mut clients = Vec::new();
     for _ in 0..CLIENTS {
@@ -82,6 +88,21 @@ pub async fn run(sh: Rc<Shared>, until: Duration, readers: usize) -> turmoil::Re
                 };
                 request(&sh, &rpc, node, op).await;
                 tokio::time::sleep(pause).await;
+            }
+        }));
+    }
+    if snapshots {
+        let (sh, rpc) = (sh.clone(), rpc.clone());
+        clients.push(tokio::task::spawn_local(async move {
+            while sh.now() < until {
+                let (node, pause) = {
+                    let mut rng = sh.rng.borrow_mut();
+                    (rng.random_range(0..NODES), Duration::from_millis(rng.random_range(200..800)))
+                };
+                tokio::time::sleep(pause).await;
+                let name = sh.next_snapshot.get();
+                sh.next_snapshot.set(name + 1);
+                request(&sh, &rpc, node, Op::Snapshot { name }).await;
             }
         }));
     }

@@ -130,6 +130,18 @@
 //!    failed are copied too; digest scans after a change of owner copy about two and a
 //!    half times as much again).
 //! 5. The core's invariants (`OwnerState::validate`, O1–O4) held after every step.
+//! 6. With `Scenario::snapshots` (an operator takes a snapshot through a random node
+//!    every 0.2–0.8 s; the owner runs `strata_replica::snapshot`'s barrier, undo of a
+//!    half-made one in its periodic round, and a pending copy's catch-up before its
+//!    resync): every snapshot the final record has `ready` holds, on every copy it
+//!    lists, in every block, what a read spanning its command could have returned (check
+//!    1's register: S1, and S4 as every copy the same); one acknowledged is `ready`.
+//! 7. With snapshots, once converged: no copy keeps a snapshot the record does not list
+//!    for it `ready` (S2), and every ACTIVE copy holds every `ready` one (S8). The first
+//!    seeds found S5 as first built broken (a STALE copy turned RESYNCING during a
+//!    barrier that skipped it, then ACTIVE without it): `snapshot::may_resync` now waits
+//!    for a `creating` one; mutations `ResyncWhileCreating` (check 7) and
+//!    `CatchUpFromLive` (check 6) are found by seeds 1 and 0 of that scenario.
 //!
 //! # Mapping to the design's invariants
 //! 1 (placement): fixed, one component per node. 2 (owner by CAS, fences): modelled,
@@ -227,7 +239,8 @@
 //! # Not covered
 //! The wire format and MAC, LSN bookkeeping (used only to order flushes and writes),
 //! trims and multi-block writes, read repair and corrupt blocks, rebuilds of an emptied
-//! disk, full disks, moves (`attach`, automatic moves, hand-over on SIGTERM), deletes,
+//! disk, full disks, moves (`attach`, automatic moves, hand-over on SIGTERM), deletes
+//! (of the volume, and of snapshots), rollbacks and clones,
 //! the retried forwarded write's de-duplication, the resync scheduler and pacing, torn
 //! writes, clock drift (all hosts share turmoil's clock), and a Raft group's own faults
 //! (the metadata service is one always-correct host). Of read leases: `release`'s wait
@@ -287,6 +300,7 @@ use rand::{Rng, SeedableRng};
 use std::collections::BTreeMap;
 use std::rc::Rc;
 use std::time::Duration;
+use strata_replica::record::SnapshotState;
 
 /// Faults happen until this (simulated time); the clients stop then too.
 const FAULTS_END: Duration = Duration::from_millis(6000);
@@ -318,6 +332,8 @@ pub struct Report {
     pub ops: (usize, usize),
     /// Reads served by a node other than the owner from its own copy, under a lease.
     pub local_reads: u64,
+    /// Snapshots acknowledged to the operator (`Scenario::snapshots`).
+    pub snapshots: usize,
 }
 
 impl std::fmt::Display for Report {
@@ -364,11 +380,19 @@ pub struct Scenario {
     /// resync, the owner's machine crashes soon after half the time
     /// (`Faults::crash_owner_after_resync`).
     pub crash_owner_after_resync: bool,
+    /// An operator takes snapshots (`strata_replica::snapshot`) through random nodes all
+    /// along; checks 6 and 7 hold them to S1, S2, S4 and S8.
+    pub snapshots: bool,
 }
 
 impl Default for Scenario {
     fn default() -> Scenario {
-        Scenario { readers: 6, crash_resyncing: false, crash_owner_after_resync: false }
+        Scenario {
+            readers: 6,
+            crash_resyncing: false,
+            crash_owner_after_resync: false,
+            snapshots: false,
+        }
     }
 }
 
@@ -607,7 +631,8 @@ fn run(seed: u64, flaw: Option<Flaw>, mutation: Option<Mutation>, scenario: Scen
     // The knobs are per thread: this seed runs on this one.
     strata_replica::mutation::set(flaw.as_slice());
     let mut rng = SmallRng::seed_from_u64(seed);
-    let sh = Rc::new(Shared::new(SmallRng::seed_from_u64(rng.random()), mutation));
+    let sh = Shared::new(SmallRng::seed_from_u64(rng.random()), mutation);
+    let sh = Rc::new(Shared { snapshots: scenario.snapshots, ..sh });
     let mut sim = turmoil::Builder::new()
         .rng_seed(rng.random())
         .tick_duration(TICK)
@@ -621,7 +646,8 @@ fn run(seed: u64, flaw: Option<Flaw>, mutation: Option<Mutation>, scenario: Scen
     }
     let s = sh.clone();
     sim.host(name(META), move || meta::run(s.clone()));
-    sim.client(name(CLIENT), client::run(sh.clone(), FAULTS_END, scenario.readers));
+    let workload = client::run(sh.clone(), FAULTS_END, scenario.readers, scenario.snapshots);
+    sim.client(name(CLIENT), workload);
     *sh.hosts.borrow_mut() = (0..=CLIENT).map(|h| sim.lookup(name(h))).collect();
     let mut faults = Faults {
         rng: SmallRng::seed_from_u64(rng.random()),
@@ -730,16 +756,96 @@ fn run(seed: u64, flaw: Option<Flaw>, mutation: Option<Mutation>, scenario: Scen
         resync: (resync, dirtied, scanned, stats.iter().map(|x| x.away_bytes).sum()),
         ops: (acked, history.len()),
         local_reads: sh.local_reads.get(),
+        snapshots: count(&|e| {
+            matches!(e.op, model::Op::Snapshot { .. }) && e.outcome == model::Outcome::Ok
+        }),
     }
 }
 
-/// Healed: the owner serves, every copy is ACTIVE, no scan is left.
+/// Healed: the owner serves, every copy is ACTIVE, no scan is left, no snapshot is left
+/// half-made.
 fn converged(sh: &Shared) -> bool {
     let (owner, record) = sh.published.borrow().clone();
     let (Some(owner), Some(record)) = (owner, record) else { return false };
-    record.states.iter().all(|s| *s == model::CopyState::Active)
+    let creating = record.snapshots.iter().any(|s| s.state == Some(SnapshotState::Creating));
+    !creating
+        && record.states.iter().all(|s| *s == model::CopyState::Active)
         && sh.busy.borrow()[owner.node] == Some(false)
         && sh.routing.borrow().iter().all(|n| *n == 0)
+}
+
+/// Checks 6 and 7, of snapshots (`Scenario::snapshots`). Check 6 (S1, S4): a snapshot
+/// the final record has `ready` holds, on every copy it lists, in every block, a value a
+/// read spanning its command could have returned (as check 1 has it: every write
+/// acknowledged before the command began, unless lost; nothing begun after it ended),
+/// the same on every copy; one acknowledged to its client is `ready`. Check 7 (S2, S8),
+/// once converged: no copy keeps a snapshot the record does not have `ready` with that
+/// copy among its holders, and every ACTIVE copy holds every `ready` one.
+fn check_snapshots(
+    sh: &Shared,
+    history: &[model::Event],
+    register: &check::Register,
+    end: Duration,
+    converged: bool,
+) -> Vec<String> {
+    let mut failures = Vec::new();
+    let Some(record) = sh.published.borrow().1.clone() else { return failures };
+    let disks = sh.disks.borrow();
+    for e in history {
+        let model::Op::Snapshot { name } = e.op else { continue };
+        let s = record.snapshots.iter().find(|s| s.snapshot == format!("s{name}"));
+        let ready = s.filter(|s| s.state == Some(SnapshotState::Ready));
+        if e.outcome == model::Outcome::Ok && ready.is_none() {
+            failures
+                .push(format!("check 6: snapshot s{name} was acknowledged, the record has {s:?}"));
+        }
+        let Some(s) = ready else { continue };
+        // One its client got no answer for (or a failure, after a forwarder's retry of
+        // it found it made) may have been made any time after it began.
+        let until = if e.outcome == model::Outcome::Ok { e.end } else { end };
+        let mut first: Option<(u64, &Vec<u64>)> = None;
+        for c in &s.copies {
+            let Some(blocks) = disks[c.node as usize].component.snapshots.get(&s.id) else {
+                failures
+                    .push(format!("check 6: s{name} is listed on copy {} which lacks it", c.node));
+                continue;
+            };
+            for (b, v) in blocks.iter().enumerate() {
+                if let Some(why) = register.check(b as u64, *v, e.start, until) {
+                    failures.push(format!("check 6 (s{name} on copy {}): {why}", c.node));
+                    break;
+                }
+            }
+            match first {
+                None => first = Some((c.node, blocks)),
+                Some((n, other)) if other != blocks => failures
+                    .push(format!("check 6: s{name} differs between copies {n} and {}", c.node)),
+                Some(_) => {}
+            }
+        }
+    }
+    if converged {
+        for (n, d) in disks.iter().enumerate() {
+            for key in d.component.snapshots.keys() {
+                let listed = record.snapshots.iter().any(|s| {
+                    s.id == *key
+                        && s.state == Some(SnapshotState::Ready)
+                        && s.held_by(n as u64, n as u64)
+                });
+                if !listed {
+                    failures.push(format!("check 7: copy {n} keeps snapshot {key} unlisted"));
+                }
+            }
+        }
+        for s in record.snapshots.iter().filter(|s| s.state == Some(SnapshotState::Ready)) {
+            for n in (0..NODES).filter(|n| record.states[*n] == model::CopyState::Active) {
+                if !s.held_by(n as u64, n as u64) {
+                    failures.push(format!("check 7: ACTIVE copy {n} lacks {}", s.snapshot));
+                }
+            }
+        }
+    }
+    failures
 }
 
 /// Checks 1-4 (`check.rs`).
@@ -779,6 +885,7 @@ fn check(sh: &Shared, end: Duration, converged: bool) -> Vec<String> {
             }
         }
     }
+    failures.extend(check_snapshots(sh, &history, &register, end, converged));
     failures.extend(sh.violations.borrow().iter().map(|v| format!("check 3: {v}")));
     failures.extend(sh.core_violations.borrow().iter().map(|v| format!("check 5: {v}")));
     let stats = sh.resync.borrow();

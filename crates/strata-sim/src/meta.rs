@@ -56,7 +56,13 @@ pub async fn run(sh: Rc<Shared>) -> turmoil::Result {
         owner: None,
         owner_version: 0,
         // Created by node 0, which took it at epoch 1 (its session comes next).
-        record: Record { epoch: 0, node: 0, states: [CopyState::Active; NODES], lost_at: None },
+        record: Record {
+            epoch: 0,
+            node: 0,
+            states: [CopyState::Active; NODES],
+            lost_at: None,
+            snapshots: Vec::new(),
+        },
         record_version: 1,
         version: 1,
     }));

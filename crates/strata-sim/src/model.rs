@@ -6,7 +6,7 @@ use rand::Rng;
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::IpAddr;
-pub use strata_replica::record::CopyState;
+pub use strata_replica::record::{CopyRef, CopyState, SnapshotRecord};
 use strata_replica::timing::Timing;
 use tokio::time::Duration;
 
@@ -65,6 +65,11 @@ pub enum Mutation {
     /// An unclean take with an unfenced copy acknowledges at once (invariant 10,
     /// `take_over`'s `2 * read_lease`).
     NoTakeWait,
+    /// A pending copy catches a snapshot up from the owner's live volume, not from the
+    /// snapshot (S4).
+    CatchUpFromLive,
+    /// A STALE copy turns RESYNCING while a snapshot is being made (S5, as first built).
+    ResyncWhileCreating,
 }
 
 /// `/volumes/<name>/owner`.
@@ -83,6 +88,9 @@ pub struct Record {
     pub states: [CopyState; NODES],
     /// `VolumeRecord::lost_at`: the latest epoch taken with a suspect copy as the truth.
     pub lost_at: Option<u64>,
+    /// `VolumeRecord::snapshots` (`strata_replica::snapshot`); a copy is named by its
+    /// node index, as node and id.
+    pub snapshots: Vec<SnapshotRecord>,
 }
 
 /// One component on one node's disk: a page cache over a durable image.
@@ -99,6 +107,9 @@ pub struct Component {
     /// It may have lost unsynced writes in a power loss and no owner has vouched for it
     /// since (the server's power-loss mark, on disk; invariant 11).
     pub suspect: bool,
+    /// Its snapshots by key: the blocks when each was taken (durable: a snapshot is
+    /// synced when it is taken).
+    pub snapshots: BTreeMap<u64, Vec<u64>>,
 }
 
 impl Component {
@@ -109,7 +120,15 @@ impl Component {
             unsynced: Vec::new(),
             fence: 0,
             suspect: false,
+            snapshots: BTreeMap::new(),
         }
+    }
+
+    /// Takes snapshot `key` of what a read sees now, synced first (replacing one of that
+    /// key: a catch-up takes again one the copy took at a barrier it was then failed at).
+    pub fn take_snapshot(&mut self, key: u64) {
+        self.sync();
+        self.snapshots.insert(key, self.live.clone());
     }
 
     /// Writes `values` from block `first` (to the page cache).
@@ -236,6 +255,8 @@ pub struct Shared {
     pub trace: RefCell<VecDeque<String>>,
     pub trace_hash: Cell<u64>,
     pub next_write: Cell<u64>,
+    /// The next snapshot's name (`s1`, `s2`, …; `Scenario::snapshots`).
+    pub next_snapshot: Cell<u64>,
     /// Partitioned pairs of hosts now (lower index first).
     pub cut: RefCell<BTreeSet<(usize, usize)>>,
     /// `STRATA_SIM_FAST_REFUSE=1`, an experiment: a new owner's fence probe to a host cut
@@ -245,6 +266,9 @@ pub struct Shared {
     /// `STRATA_SIM_OWNER_BOUNCE=1`, with it: half the faults restart the owner at once
     /// and cut it off from one other node.
     pub owner_bounce: bool,
+    /// `Scenario::snapshots`: owners look for snapshots to undo and catch up (without
+    /// any, the look would only add messages, and move every seed's course).
+    pub snapshots: bool,
     /// Reads a node served from its own copy under a read lease.
     pub local_reads: Cell<u64>,
     /// Trace lines kept for a failure's report.
@@ -290,10 +314,12 @@ impl Shared {
             trace: RefCell::default(),
             trace_hash: Cell::new(0),
             next_write: Cell::new(1),
+            next_snapshot: Cell::new(1),
             local_reads: Cell::new(0),
             cut: RefCell::default(),
             fast_refuse: std::env::var("STRATA_SIM_FAST_REFUSE").is_ok_and(|v| v == "1"),
             owner_bounce: std::env::var("STRATA_SIM_OWNER_BOUNCE").is_ok_and(|v| v == "1"),
+            snapshots: false,
             trace_kept: std::env::var("STRATA_SIM_TRACE_LINES")
                 .ok()
                 .and_then(|v| v.parse().ok())

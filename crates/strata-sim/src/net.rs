@@ -28,6 +28,9 @@ pub enum Op {
     Flush,
     /// One block.
     Read { block: u64 },
+    /// `strata snapshot create VOL@s<name>` (`Scenario::snapshots`): its reply's value is
+    /// the snapshot's key.
+    Snapshot { name: u64 },
 }
 
 /// A request on one component, stamped with the sender's epoch.
@@ -43,6 +46,10 @@ pub enum CompReq {
     Flush,
     /// One digest per region, `count` regions from `first`.
     Digest { first: u64, count: u64 },
+    /// Takes snapshot `key` of the component (synced; replaces one of that key).
+    Snapshot { key: u64 },
+    /// Removes snapshot `key` (done if there is none).
+    RemoveSnapshot { key: u64 },
 }
 
 /// Every message of the simulation.

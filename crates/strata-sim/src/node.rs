@@ -114,6 +114,15 @@ pub fn component(sh: &Shared, me: usize, epoch: u64, req: &CompReq) -> Msg {
         CompReq::Digest { first, count } => {
             digests = (*first..first + count).map(|r| c.digest(r)).collect()
         }
+        CompReq::Snapshot { key } => {
+            c.take_snapshot(*key);
+            sh.note(format!("n{me}: snapshot {key} taken at epoch {epoch}"));
+        }
+        CompReq::RemoveSnapshot { key } => {
+            if c.snapshots.remove(key).is_some() {
+                sh.note(format!("n{me}: snapshot {key} removed at epoch {epoch}"));
+            }
+        }
     }
     Msg::CompOk { digests, suspect: disks[me].component.suspect }
 }
@@ -197,7 +206,7 @@ impl Node {
         let done = |epoch: u64| match op {
             Op::Write { .. } => self.unflushed.borrow_mut().acked(epoch),
             Op::Flush => self.unflushed.borrow_mut().flushed(begun),
-            Op::Read { .. } => {}
+            Op::Read { .. } | Op::Snapshot { .. } => {}
         };
         // Failed while the record said `lost_at`: a flush failed for a loss said so.
         let failed = |lost_at: Option<u64>| {

@@ -21,6 +21,8 @@ fn mutation() -> Option<Mutation> {
         Mutation::NoRevocation,
         Mutation::NoLeaseFence,
         Mutation::NoTakeWait,
+        Mutation::CatchUpFromLive,
+        Mutation::ResyncWhileCreating,
     ];
     let m = all.into_iter().find(|m| format!("{m:?}") == name);
     Some(m.unwrap_or_else(|| panic!("no mutation named {name}")))
@@ -45,6 +47,7 @@ fn scenario() -> Scenario {
     }
     s.crash_resyncing = env("STRATA_SIM_CRASH_RESYNCING") == Some(1);
     s.crash_owner_after_resync = env("STRATA_SIM_CRASH_OWNER_AFTER_RESYNC") == Some(1);
+    s.snapshots = env("STRATA_SIM_SNAPSHOTS") == Some(1);
     s
 }
 
@@ -106,6 +109,24 @@ fn seeds_hold_the_properties() {
         copied as f64 / dirtied.max(1) as f64,
         copied as f64 / away.max(1) as f64,
     );
+    let failed = failed(reports);
+    for r in &failed {
+        println!("{r}");
+    }
+    assert!(failed.is_empty(), "{} of {n} seeds failed (first: {})", failed.len(), failed[0].seed);
+}
+
+/// Seeds with an operator taking snapshots all along (`Scenario::snapshots`; checks 6
+/// and 7): `STRATA_SIM_SNAPSHOT_SEEDS` of them (default 20).
+#[test]
+fn snapshot_seeds_hold_the_properties() {
+    let n = env("STRATA_SIM_SNAPSHOT_SEEDS").unwrap_or(20);
+    let from = env("STRATA_SIM_SEED_FROM").unwrap_or(0);
+    let scenario = Scenario { snapshots: true, ..scenario() };
+    let reports = run_many(from..from + n, flaw_named(), mutation(), scenario);
+    let made: usize = reports.iter().map(|r| r.snapshots).sum();
+    println!("{n} seeds from {from} with snapshots: {made} snapshots made");
+    assert!(made > 0, "no snapshot was made");
     let failed = failed(reports);
     for r in &failed {
         println!("{r}");
@@ -182,12 +203,35 @@ fn found(m: Mutation, within: u64, check: &str) {
 /// seeds_hold`; find it again when the simulation or the core changes). Every one of
 /// these seeds passes with nothing broken (the seeds test).
 fn found_at(m: Mutation, seed: u64, check: &str) {
-    let report = run(seed, None, Some(m), Scenario::default());
+    found_at_in(m, seed, check, Scenario::default());
+}
+
+/// [`found_at`] in `scenario`.
+fn found_at_in(m: Mutation, seed: u64, check: &str, scenario: Scenario) {
+    let report = run(seed, None, Some(m), scenario);
     assert!(
         report.failures.iter().any(|f| f.starts_with(check)),
         "with {m:?}, seed {seed} was expected to fail {check}:\n{report}"
     );
     println!("{m:?}:\n{report}");
+}
+
+/// With snapshots; seed 0 (the first): a pending copy caught up from the owner's live
+/// volume holds later writes in its snapshot, unlike the copies that took it at the
+/// barrier.
+#[test]
+fn mutation_catch_up_from_live_is_found() {
+    let scenario = Scenario { snapshots: true, ..Scenario::default() };
+    found_at_in(Mutation::CatchUpFromLive, 0, "check 6", scenario);
+}
+
+/// With snapshots; seed 1 (3 of the first 60 fail): a STALE copy turned RESYNCING while
+/// a barrier that skipped it was under way, and was ACTIVE without that snapshot (the
+/// rule as first built; the simulation's first seeds with snapshots found it).
+#[test]
+fn mutation_resync_while_creating_is_found() {
+    let scenario = Scenario { snapshots: true, ..Scenario::default() };
+    found_at_in(Mutation::ResyncWhileCreating, 1, "check 7", scenario);
 }
 
 /// Seed 22 (7 of the first 100 fail).

@@ -22,8 +22,8 @@
 //!    node restarts (after a machine crash, without what it had not synced).
 
 use crate::model::{
-    Bitmap, CopyState, Mutation, Owner, Record, Shared, BLOCK_BYTES, META, META_TIMEOUT,
-    MIN_REPLICAS, NODES, REGIONS, REGION_BLOCKS, SCAN_BATCH,
+    Bitmap, CopyRef, CopyState, Mutation, Owner, Record, Shared, SnapshotRecord, BLOCKS,
+    BLOCK_BYTES, META, META_TIMEOUT, MIN_REPLICAS, NODES, REGIONS, REGION_BLOCKS, SCAN_BATCH,
 };
 use crate::net::{CompReq, Msg, Op, Rpc};
 use crate::node::{component, Lease, Seen};
@@ -33,6 +33,7 @@ use std::rc::Rc;
 use strata_replica::mutation::{reopened, Flaw};
 use strata_replica::owner::{Finished, Found, OwnerState, Reply, SaveBitmap, Time, Track};
 use strata_replica::resync::ResyncStep;
+use strata_replica::snapshot::{self, CatchUp};
 use strata_replica::takeover;
 
 const REGION_BYTES: u64 = REGION_BLOCKS * BLOCK_BYTES;
@@ -92,6 +93,10 @@ pub struct View {
     deposed: Cell<bool>,
     /// When this node took the volume.
     pub taken_at: Time,
+    /// Snapshots this view made (the counter of their keys), and the one it is making
+    /// (its periodic round undoes any other left `creating`).
+    snapshots_made: Cell<u64>,
+    making: Cell<Option<u64>>,
 }
 
 /// A write's hold on its region.
@@ -165,6 +170,8 @@ impl View {
             freed: tokio::sync::Notify::new(),
             deposed: Cell::new(false),
             taken_at: sh.now(),
+            snapshots_made: Cell::new(0),
+            making: Cell::new(None),
             sh,
         };
         // A STALE copy's bitmap is on file again under this epoch.
@@ -257,6 +264,7 @@ impl View {
             Op::Read { block } => {
                 Ok(Some(self.sh.disks.borrow()[self.me].component.live[*block as usize]))
             }
+            Op::Snapshot { name } => self.snapshot(*name).await.map(Some),
             op => self.fan_out(op).await.map(|()| None),
         }
     }
@@ -324,16 +332,7 @@ impl View {
             }
             _ => Ok(()),
         };
-        let mut replies = Vec::new();
-        for (i, p) in sent {
-            let reply = match p.wait(deadline).await {
-                Some(Msg::CompOk { .. }) => Reply::Took { connection: self.connection(i) },
-                Some(Msg::StaleEpoch(newest)) => Reply::StaleEpoch { newest },
-                Some(other) => Reply::Failed { why: format!("answered {other:?}") },
-                None => Reply::Failed { why: "timed out".into() },
-            };
-            replies.push((i, reply));
-        }
+        let replies = self.replies(sent, deadline).await;
         // Folded in with no await until the failed copies are STALE and their bitmaps
         // saved (as the server does under its state lock).
         let (record, failed) = {
@@ -392,6 +391,298 @@ impl View {
             self.sh.holders.borrow_mut().entry(*value).or_default().extend(holders);
         }
         Ok(())
+    }
+
+    /// The copies' replies to requests `sent`, as the core takes them.
+    async fn replies(
+        &self,
+        sent: Vec<(usize, crate::net::Pending)>,
+        deadline: tokio::time::Instant,
+    ) -> Vec<(usize, Reply)> {
+        let mut replies = Vec::new();
+        for (i, p) in sent {
+            let reply = match p.wait(deadline).await {
+                Some(Msg::CompOk { .. }) => Reply::Took { connection: self.connection(i) },
+                Some(Msg::StaleEpoch(newest)) => Reply::StaleEpoch { newest },
+                Some(other) => Reply::Failed { why: format!("answered {other:?}") },
+                None => Reply::Failed { why: "timed out".into() },
+            };
+            replies.push((i, reply));
+        }
+        replies
+    }
+
+    /// Copy `i` as the record names it (here node and id are both its index).
+    fn copy_ref(i: usize) -> CopyRef {
+        CopyRef { node: i as u64, id: i as u64 }
+    }
+
+    /// `snapshot_create` (`strata_replica::snapshot`, S1–S3): marked `creating`, cut
+    /// behind a barrier on every ACTIVE copy, made `ready` with the copies that took it;
+    /// undone here if a step fails (by the next owner if this one is deposed). Returns
+    /// its key.
+    async fn snapshot(&self, name: u64) -> Result<u64, String> {
+        let epoch = self.owner.epoch;
+        let n = self.snapshots_made.get() + 1;
+        self.snapshots_made.set(n);
+        let key = snapshot::key(epoch, n);
+        let name = format!("s{name}");
+        let size = BLOCKS * BLOCK_BYTES;
+        self.change_snapshots(|s| {
+            snapshot::begin(s, "v", size, &name, key, epoch, 0).map_err(|e| e.to_string())
+        })
+        .await?;
+        self.making.set(Some(key));
+        let made = match self.barrier(key).await {
+            Ok(copies) => {
+                self.change_snapshots(|s| {
+                    snapshot::made(s, key, &copies).ok_or_else(|| "undone meanwhile".into())
+                })
+                .await
+            }
+            Err(e) => Err(e),
+        };
+        self.making.set(None);
+        match made {
+            Ok(()) => {
+                self.sh.note(format!("epoch {epoch}: snapshot {name} ({key}) made"));
+                Ok(key)
+            }
+            Err(e) => {
+                self.sh.note(format!("epoch {epoch}: snapshot {name} ({key}) failed: {e}"));
+                self.undo(key).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// The barrier (S1): every write held back, RESYNCING copies STALE (recorded), the
+    /// snapshot sent to every ACTIVE copy and taken on this one, the replies folded as a
+    /// write's. Returns the copies that took it.
+    async fn barrier(&self, key: u64) -> Result<Vec<CopyRef>, String> {
+        let _exclusive = self.resync_lock.write().await;
+        if self.deposed() {
+            return Err("deposed".into());
+        }
+        let epoch = self.owner.epoch;
+        let b = {
+            let mut st = self.st();
+            let b = st.barrier();
+            self.save_bitmaps(&b.saves);
+            b
+        };
+        for &i in &b.record {
+            if let Err(e) = self.record(i, CopyState::Stale).await {
+                self.depose(&format!("a copy cannot be marked stale: {e}"));
+                return Err(e);
+            }
+        }
+        let deadline = tokio::time::Instant::now() + self.sh.timing.io_timeout;
+        let req = CompReq::Snapshot { key };
+        let sent: Vec<_> = (b.write.targets.iter())
+            .map(|&i| (i, self.rpc.send(i, Msg::Comp { epoch, req: req.clone() })))
+            .collect();
+        let here = match component(&self.sh, self.me, epoch, &req) {
+            Msg::StaleEpoch(newest) => {
+                self.depose(&format!("this node's copy has seen epoch {newest}"));
+                Err("deposed".to_string())
+            }
+            _ => Ok(()),
+        };
+        let replies = self.replies(sent, deadline).await;
+        let (record, failed) = {
+            let mut st = self.st();
+            match st.finish(&b.write, replies, here.is_ok()) {
+                Finished::Deposed { newest } => {
+                    drop(st);
+                    self.depose(&format!("a copy has seen epoch {newest}"));
+                    return Err("deposed".into());
+                }
+                Finished::Folded { saves, failed, record, .. } => {
+                    self.save_bitmaps(&saves);
+                    (record, failed)
+                }
+            }
+        };
+        self.publish();
+        here?;
+        for i in record {
+            if let Err(e) = self.record(i, CopyState::Stale).await {
+                self.depose(&format!("a copy cannot be marked stale: {e}"));
+                return Err(e);
+            }
+        }
+        let mut copies = vec![Self::copy_ref(self.me)];
+        copies.extend(
+            (b.write.targets.iter())
+                .filter(|i| !failed.iter().any(|(f, _)| f == *i))
+                .map(|i| Self::copy_ref(*i)),
+        );
+        Ok(copies)
+    }
+
+    /// S2's undo of snapshot `key`: removed from every copy, then from the record; left
+    /// `creating` (for a later round) if a copy does not answer.
+    async fn undo(&self, key: u64) {
+        if self.deposed() {
+            return;
+        }
+        let epoch = self.owner.epoch;
+        let req = CompReq::RemoveSnapshot { key };
+        if let Msg::StaleEpoch(e) = component(&self.sh, self.me, epoch, &req) {
+            self.depose(&format!("this node's copy has seen epoch {e}"));
+            return;
+        }
+        for i in (0..NODES).filter(|i| *i != self.me) {
+            let msg = Msg::Comp { epoch, req: req.clone() };
+            match self.rpc.call(i, msg, self.sh.timing.io_timeout).await {
+                Some(Msg::CompOk { .. }) => {}
+                Some(Msg::StaleEpoch(e)) => {
+                    self.depose(&format!("copy {i} has seen epoch {e}"));
+                    return;
+                }
+                _ => return,
+            }
+        }
+        if self.change_snapshots(|s| Ok(snapshot::dropped(s, key))).await.is_ok() {
+            self.sh.note(format!("epoch {epoch}: snapshot {key} undone"));
+        }
+    }
+
+    /// A change of the record's snapshots by CAS, compared with the owner key (as
+    /// `record`): `change` gives the new list from the current one, or why not.
+    async fn change_snapshots(
+        &self,
+        change: impl Fn(&[SnapshotRecord]) -> Result<Vec<SnapshotRecord>, String>,
+    ) -> Result<(), String> {
+        let _recording = self.recording.lock().await;
+        for _ in 0..5 {
+            let Some(seen) = self.rpc.call(META, Msg::Get, META_TIMEOUT).await.and_then(Seen::from)
+            else {
+                return Err("cannot read the record".into());
+            };
+            if seen.owner != Some(self.owner) {
+                self.depose("no longer the owner");
+                return Err("no longer the owner".into());
+            }
+            let mut record = seen.record.clone();
+            record.snapshots = change(&seen.record.snapshots)?;
+            if record == seen.record {
+                return Ok(());
+            }
+            let set =
+                Msg::SetRecord { owner: self.owner, record_version: seen.record_version, record };
+            match self.rpc.call(META, set, META_TIMEOUT).await {
+                Some(Msg::Cas(true)) => return Ok(()),
+                Some(Msg::Cas(false)) => {}
+                _ => return Err("the metadata service did not answer".into()),
+            }
+        }
+        Err("the record keeps changing".into())
+    }
+
+    /// S2 in the periodic round: every snapshot left `creating` but the one this view is
+    /// making (a dead or deposed owner's, or one whose undo could not reach a copy) is
+    /// undone.
+    async fn undo_left(&self) {
+        let Some(seen) = self.rpc.call(META, Msg::Get, META_TIMEOUT).await.and_then(Seen::from)
+        else {
+            return;
+        };
+        let copies: Vec<CopyRef> = (0..NODES).map(Self::copy_ref).collect();
+        for u in snapshot::undo_on_take(&seen.record.snapshots, &copies) {
+            if self.making.get() != Some(u.key) {
+                self.undo(u.key).await;
+            }
+        }
+    }
+
+    /// S5: whether STALE copy `i` lacks no snapshot (so it may turn RESYNCING).
+    async fn none_pending(&self, i: usize) -> bool {
+        let seen = self.rpc.call(META, Msg::Get, META_TIMEOUT).await.and_then(Seen::from);
+        let Some(seen) = seen else { return false };
+        let may = match self.sh.broken(Mutation::ResyncWhileCreating) {
+            true => snapshot::pending(&seen.record.snapshots, Self::copy_ref(i)).is_empty(),
+            false => snapshot::may_resync(&seen.record.snapshots, Self::copy_ref(i)),
+        };
+        may && self.st()[i].state == CopyState::Stale
+    }
+
+    /// S4/S5: a STALE copy `i` brought to each snapshot it lacks, oldest first, levelled
+    /// from this node's own snapshot over its bitmap (or in full if it owes a scan), then
+    /// the snapshot taken on it and recorded among the holders. Returns once none is
+    /// pending (checked again under the exclusive lock before the copy is RESYNCING).
+    async fn catch_up(&self, i: usize) -> Result<(), String> {
+        let epoch = self.owner.epoch;
+        let io_timeout = self.sh.timing.io_timeout;
+        loop {
+            let Some(seen) = self.rpc.call(META, Msg::Get, META_TIMEOUT).await.and_then(Seen::from)
+            else {
+                return Err("cannot read the record".into());
+            };
+            let pending = snapshot::pending(&seen.record.snapshots, Self::copy_ref(i));
+            let Some(s) = pending.first() else { return Ok(()) };
+            let key = s.id;
+            let source = {
+                let disks = self.sh.disks.borrow();
+                let own = &disks[self.me].component;
+                match self.sh.broken(Mutation::CatchUpFromLive) {
+                    true => Some(own.live.clone()),
+                    false => own.snapshots.get(&key).cloned(),
+                }
+            };
+            let Some(source) = source else {
+                return Err(format!("this node's copy lacks snapshot {key} (S8)"));
+            };
+            let (dirty, owes_scan) = {
+                let st = self.st();
+                if st[i].state != CopyState::Stale {
+                    return Err("no longer STALE".into());
+                }
+                let b = st.bitmap(i);
+                (b.regions, b.owes_scan)
+            };
+            let mut from = 0;
+            loop {
+                match snapshot::catch_up_step(key, &dirty, owes_scan, REGIONS, from, SCAN_BATCH) {
+                    CatchUp::Level { range, .. } => {
+                        let deadline = tokio::time::Instant::now() + io_timeout;
+                        let sent: Vec<_> = range
+                            .clone()
+                            .map(|r| {
+                                let _lsn = self.st().next_lsn();
+                                let blocks = (r * REGION_BLOCKS) as usize
+                                    ..((r + 1) * REGION_BLOCKS) as usize;
+                                let values = source[blocks].to_vec();
+                                let req =
+                                    CompReq::Write { first: r * REGION_BLOCKS, values, fua: false };
+                                self.rpc.send(i, Msg::Comp { epoch, req })
+                            })
+                            .collect();
+                        for p in sent {
+                            if !matches!(p.wait(deadline).await, Some(Msg::CompOk { .. })) {
+                                return Err(format!("copy {i} failed its catch-up"));
+                            }
+                        }
+                        from = range.end;
+                    }
+                    CatchUp::Take { key } => {
+                        let req = CompReq::Snapshot { key };
+                        let taken = self.rpc.call(i, Msg::Comp { epoch, req }, io_timeout).await;
+                        if !matches!(taken, Some(Msg::CompOk { .. })) {
+                            return Err(format!("copy {i} did not take snapshot {key}"));
+                        }
+                        let copy = Self::copy_ref(i);
+                        self.change_snapshots(|s| {
+                            Ok(snapshot::caught_up(s, key, copy).unwrap_or_else(|| s.to_vec()))
+                        })
+                        .await?;
+                        self.sh.note(format!("epoch {epoch}: copy {i} caught up snapshot {key}"));
+                        break;
+                    }
+                }
+            }
+        }
     }
 
     /// `grant_lease`: a read lease for copy `i`, while this owner serves and the core
@@ -545,6 +836,9 @@ impl View {
                 return;
             }
             self.check_copies().await;
+            if self.sh.snapshots {
+                self.undo_left().await;
+            }
             let wanting = self.st().wanting();
             for i in wanting {
                 if let Err(e) = self.resync(i).await {
@@ -615,9 +909,15 @@ impl View {
             ) {
                 return Ok(()); // Still away.
             }
+            if self.sh.snapshots {
+                self.catch_up(i).await?;
+            }
             let _exclusive = self.resync_lock.write().await;
             if self.st()[i].unrecorded {
                 self.record(i, CopyState::Stale).await?;
+            }
+            if self.sh.snapshots && !self.none_pending(i).await {
+                return Ok(()); // A snapshot made since: the next round catches it up.
             }
             self.record(i, CopyState::Resyncing).await?;
             let connection = self.connection(i);

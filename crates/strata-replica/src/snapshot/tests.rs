@@ -151,7 +151,7 @@ fn a_pending_copy_catches_up_oldest_first_from_its_bitmap_then_takes_it() {
     let p = pending(&r, copy(3));
     assert_eq!(p.iter().map(|s| s.snapshot.as_str()).collect::<Vec<_>>(), ["s1", "s2"]);
     assert!(pending(&r, copy(1)).is_empty());
-    assert!(!may_resync(&p), "S5: no writes before every snapshot is taken");
+    assert!(!may_resync(&r, copy(3)), "S5: no writes before every snapshot is taken");
     assert!(may_catch_up(CopyState::Stale) && !may_catch_up(CopyState::Resyncing));
     let dirty: BTreeSet<u64> = [2, 3, 4, 9].into();
     let k = p[0].id;
@@ -168,7 +168,9 @@ fn a_pending_copy_catches_up_oldest_first_from_its_bitmap_then_takes_it() {
     let r = caught_up(&r, k, copy(3)).unwrap();
     assert_eq!(pending(&r, copy(3)).len(), 1);
     let r = caught_up(&r, second, copy(3)).unwrap();
-    assert!(may_resync(&pending(&r, copy(3))));
+    assert!(may_resync(&r, copy(3)));
+    let making = begun(&r, "s3", key(6, 3)).unwrap();
+    assert!(!may_resync(&making, copy(3)), "a barrier under way will not list it");
 }
 
 #[test]
