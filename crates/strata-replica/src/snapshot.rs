@@ -20,6 +20,7 @@
 //!   copy becomes ACTIVE only after its catch-up, and one that misses a barrier is
 //!   STALE (recorded) before the snapshot is `ready`.
 
+use crate::error::ReplicaError;
 use crate::owner::{CopyState, OwnerState, SaveBitmap, Write};
 use crate::record::{CopyRef, SnapshotRecord, SnapshotState, VolumeRecord};
 use std::collections::BTreeSet;
@@ -122,14 +123,34 @@ pub struct Undo {
     pub copies: Vec<CopyRef>,
 }
 
-/// The snapshots an owner that just took the volume must undo (S2); `copies` are every
-/// copy of the volume ([`copies_of`]).
+/// The snapshots an owner that just took the volume must undo (S2): those left
+/// `creating`, and those an undo marked `deleting` without holders and did not finish;
+/// `copies` are every copy of the volume ([`copies_of`]).
 pub fn undo_on_take(snapshots: &[SnapshotRecord], copies: &[CopyRef]) -> Vec<Undo> {
-    snapshots
-        .iter()
-        .filter(|s| s.state == Some(SnapshotState::Creating))
-        .map(|s| Undo { key: s.id, copies: copies.to_vec() })
-        .collect()
+    let left = |s: &&SnapshotRecord| match s.state {
+        Some(SnapshotState::Creating) => true,
+        Some(SnapshotState::Deleting) => s.copies.is_empty(),
+        _ => false,
+    };
+    snapshots.iter().filter(left).map(|s| Undo { key: s.id, copies: copies.to_vec() }).collect()
+}
+
+/// An undo's first step: the snapshots with `key` turned from `creating` to `deleting`
+/// (then no late `made` of its maker can make it `ready`: that compares the record's
+/// version), or `None` if it is not `creating` (made after all: not undone; or gone).
+/// Then the copies remove it, then [`dropped`].
+pub fn abandoned(snapshots: &[SnapshotRecord], key: u64) -> Option<Snapshots> {
+    let mut next = snapshots.to_vec();
+    let s = next.iter_mut().find(|s| s.id == key)?;
+    match s.state {
+        Some(SnapshotState::Creating) => {
+            s.state = Some(SnapshotState::Deleting);
+            s.copies.clear();
+            Some(next)
+        }
+        Some(SnapshotState::Deleting) if s.copies.is_empty() => Some(next),
+        _ => None,
+    }
 }
 
 /// Every copy of a volume in its record.
@@ -235,7 +256,14 @@ impl OwnerState {
     /// is in flight; the remote copies to send `Snapshot` to are `write.targets`, and the
     /// own copy takes it too. Replies go to [`OwnerState::finish`] as a write's do: a copy
     /// that failed is STALE (pending), a newer epoch deposes.
-    pub fn barrier(&mut self) -> Barrier {
+    ///
+    /// Not while an ACTIVE copy owes a digest scan (a new owner's, after a take without a
+    /// clean hand-over): it may still differ from the owner's where writes were in flight
+    /// at the change of owner, so its snapshot would not be the others' (S4; found by the
+    /// simulation). Made STALE it would count as a copy fewer until levelled: refused
+    /// instead, until the scans are done.
+    pub fn barrier(&mut self) -> Result<Barrier, ReplicaError> {
+        self.barrier_ready()?;
         assert!(self.in_flight_regions() == 0, "a snapshot barrier with writes in flight");
         let mut saves = Vec::new();
         let resyncing: Vec<usize> = (0..self.tracks().len())
@@ -247,7 +275,21 @@ impl OwnerState {
         }
         let (write, more) = self.begin(1, &[], false);
         debug_assert!(more.is_empty(), "no regions: no bitmap changes");
-        Barrier { write, saves, record: resyncing }
+        Ok(Barrier { write, saves, record: resyncing })
+    }
+
+    /// Whether a barrier may be cut now (see [`OwnerState::barrier`]).
+    pub fn barrier_ready(&self) -> Result<(), ReplicaError> {
+        let scanning = self
+            .tracks()
+            .iter()
+            .any(|t| !t.local && t.state == CopyState::Active && t.scan.is_some());
+        match scanning {
+            true => Err(ReplicaError::NotNow {
+                why: "a copy is being compared with the owner's after a change of owner",
+            }),
+            false => Ok(()),
+        }
     }
 }
 
@@ -280,7 +322,10 @@ pub enum CatchUp {
         range: Range<u64>,
     },
     /// Take snapshot `key` on the copy, then record it among the holders
-    /// ([`caught_up`]).
+    /// ([`caught_up`]): only if the copy answered every step of this catch-up, the take
+    /// too, over one connection (a node that restarted meanwhile may have lost what the
+    /// levelling wrote to its page cache, and its snapshot would keep the hole; the
+    /// catch-up starts again).
     Take {
         /// The snapshot.
         key: u64,

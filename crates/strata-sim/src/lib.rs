@@ -141,7 +141,7 @@
 //!    seeds found S5 as first built broken (a STALE copy turned RESYNCING during a
 //!    barrier that skipped it, then ACTIVE without it): `snapshot::may_resync` now waits
 //!    for a `creating` one; mutations `ResyncWhileCreating` (check 7) and
-//!    `CatchUpFromLive` (check 6) are found by seeds 1 and 0 of that scenario.
+//!    `CatchUpFromLive` (check 6) are found by seeds 11 and 0 of that scenario.
 //!
 //! # Mapping to the design's invariants
 //! 1 (placement): fixed, one component per node. 2 (owner by CAS, fences): modelled,
@@ -818,8 +818,14 @@ fn check_snapshots(
             }
             match first {
                 None => first = Some((c.node, blocks)),
-                Some((n, other)) if other != blocks => failures
-                    .push(format!("check 6: s{name} differs between copies {n} and {}", c.node)),
+                Some((n, other)) if other != blocks => {
+                    let b = (0..blocks.len()).find(|b| other[*b] != blocks[*b]).unwrap_or(0);
+                    failures.push(format!(
+                        "check 6: s{name} ({}) differs between copies {n} and {} (first at \
+                         block {b}: write {} and write {})",
+                        s.id, c.node, other[b], blocks[b]
+                    ))
+                }
                 Some(_) => {}
             }
         }

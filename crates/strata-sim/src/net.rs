@@ -133,6 +133,10 @@ struct Envelope {
     seq: u64,
     id: u64,
     reply: bool,
+    /// A reply's: the endpoint that sent the request. Ids start again at each start of a
+    /// host, so a reply to a request of an earlier start is dropped, never taken for the
+    /// answer to a new request of the same id (a TCP connection dies with its process).
+    to_instance: u64,
     from: usize,
     msg: Msg,
 }
@@ -270,6 +274,9 @@ impl Rpc {
 
     fn dispatch(self: &Rc<Self>, env: Envelope) {
         if env.reply {
+            if env.to_instance != self.instance {
+                return;
+            }
             if let Some(tx) = self.waiting.borrow_mut().remove(&env.id) {
                 let _ = tx.send(env.msg);
             }
@@ -279,7 +286,9 @@ impl Rpc {
         tokio::task::spawn_local(async move {
             if let Some(reply) = h(env.from, env.msg).await {
                 let (instance, seq, id, from) = (0, 0, env.id, r.me);
-                let reply = Envelope { instance, seq, id, reply: true, from, msg: reply };
+                let to_instance = env.instance;
+                let reply =
+                    Envelope { instance, seq, id, reply: true, to_instance, from, msg: reply };
                 r.post(env.from, reply);
             }
         });
@@ -312,7 +321,8 @@ impl Rpc {
         self.next.set(id + 1);
         let (tx, rx) = oneshot::channel();
         self.waiting.borrow_mut().insert(id, tx);
-        self.post(to, Envelope { instance: 0, seq: 0, id, reply: false, from: self.me, msg });
+        let (instance, seq, to_instance, from) = (0, 0, 0, self.me);
+        self.post(to, Envelope { instance, seq, id, reply: false, to_instance, from, msg });
         Pending { rx }
     }
 

@@ -38,6 +38,17 @@ use strata_replica::takeover;
 
 const REGION_BYTES: u64 = REGION_BLOCKS * BLOCK_BYTES;
 
+/// How an undo ended.
+#[derive(PartialEq)]
+enum Undone {
+    /// Removed from every copy and the record.
+    Done,
+    /// Not now (a copy or the metadata service did not answer): a later round finishes.
+    NotNow,
+    /// It is `ready`: made after all, kept.
+    MadeAfterAll,
+}
+
 /// Which accounting a copied region goes to.
 #[derive(Clone, Copy)]
 enum Copying {
@@ -428,6 +439,7 @@ impl View {
         let key = snapshot::key(epoch, n);
         let name = format!("s{name}");
         let size = BLOCKS * BLOCK_BYTES;
+        self.st().barrier_ready().map_err(|e| e.to_string())?;
         self.change_snapshots(|s| {
             snapshot::begin(s, "v", size, &name, key, epoch, 0).map_err(|e| e.to_string())
         })
@@ -450,8 +462,11 @@ impl View {
             }
             Err(e) => {
                 self.sh.note(format!("epoch {epoch}: snapshot {name} ({key}) failed: {e}"));
-                self.undo(key).await;
-                Err(e)
+                match self.undo(key).await {
+                    // Its `made` landed though its answer was lost.
+                    Undone::MadeAfterAll => Ok(key),
+                    _ => Err(e),
+                }
             }
         }
     }
@@ -467,7 +482,7 @@ impl View {
         let epoch = self.owner.epoch;
         let b = {
             let mut st = self.st();
-            let b = st.barrier();
+            let b = st.barrier().map_err(|e| e.to_string())?;
             self.save_bitmaps(&b.saves);
             b
         };
@@ -521,17 +536,30 @@ impl View {
         Ok(copies)
     }
 
-    /// S2's undo of snapshot `key`: removed from every copy, then from the record; left
-    /// `creating` (for a later round) if a copy does not answer.
-    async fn undo(&self, key: u64) {
+    /// S2's undo of snapshot `key`: marked `deleting` in the record first (so that no
+    /// late `made` makes it `ready`; not if it is `ready` already), removed from every
+    /// copy, then dropped from the record; left for a later round if a step fails.
+    async fn undo(&self, key: u64) -> Undone {
         if self.deposed() {
-            return;
+            return Undone::NotNow;
         }
         let epoch = self.owner.epoch;
+        let made = Cell::new(false);
+        let abandon = self
+            .change_snapshots(|s| {
+                snapshot::abandoned(s, key).ok_or_else(|| {
+                    made.set(s.iter().any(|s| s.id == key));
+                    "not being made".to_string()
+                })
+            })
+            .await;
+        if abandon.is_err() {
+            return if made.get() { Undone::MadeAfterAll } else { Undone::NotNow };
+        }
         let req = CompReq::RemoveSnapshot { key };
         if let Msg::StaleEpoch(e) = component(&self.sh, self.me, epoch, &req) {
             self.depose(&format!("this node's copy has seen epoch {e}"));
-            return;
+            return Undone::NotNow;
         }
         for i in (0..NODES).filter(|i| *i != self.me) {
             let msg = Msg::Comp { epoch, req: req.clone() };
@@ -539,14 +567,16 @@ impl View {
                 Some(Msg::CompOk { .. }) => {}
                 Some(Msg::StaleEpoch(e)) => {
                     self.depose(&format!("copy {i} has seen epoch {e}"));
-                    return;
+                    return Undone::NotNow;
                 }
-                _ => return,
+                _ => return Undone::NotNow,
             }
         }
-        if self.change_snapshots(|s| Ok(snapshot::dropped(s, key))).await.is_ok() {
-            self.sh.note(format!("epoch {epoch}: snapshot {key} undone"));
+        if self.change_snapshots(|s| Ok(snapshot::dropped(s, key))).await.is_err() {
+            return Undone::NotNow;
         }
+        self.sh.note(format!("epoch {epoch}: snapshot {key} undone"));
+        Undone::Done
     }
 
     /// A change of the record's snapshots by CAS, compared with the owner key (as
@@ -642,6 +672,9 @@ impl View {
                 let b = st.bitmap(i);
                 (b.regions, b.owes_scan)
             };
+            // Every step over one connection: a copy that restarted meanwhile may have
+            // lost what the levelling wrote, and its snapshot would keep the hole.
+            let connection = self.connection(i);
             let mut from = 0;
             loop {
                 match snapshot::catch_up_step(key, &dirty, owes_scan, REGIONS, from, SCAN_BATCH) {
@@ -671,6 +704,9 @@ impl View {
                         let taken = self.rpc.call(i, Msg::Comp { epoch, req }, io_timeout).await;
                         if !matches!(taken, Some(Msg::CompOk { .. })) {
                             return Err(format!("copy {i} did not take snapshot {key}"));
+                        }
+                        if self.connection(i) != connection {
+                            return Err(format!("copy {i} restarted during its catch-up"));
                         }
                         let copy = Self::copy_ref(i);
                         self.change_snapshots(|s| {
@@ -909,15 +945,21 @@ impl View {
             ) {
                 return Ok(()); // Still away.
             }
-            if self.sh.snapshots {
+            // A STALE copy catches up first (S5); a RESYNCING one (a resync resumed)
+            // holds every snapshot already (a barrier would have made it STALE).
+            let catching_up = self.sh.snapshots && self.st()[i].state == CopyState::Stale;
+            if catching_up {
                 self.catch_up(i).await?;
             }
             let _exclusive = self.resync_lock.write().await;
             if self.st()[i].unrecorded {
                 self.record(i, CopyState::Stale).await?;
             }
-            if self.sh.snapshots && !self.none_pending(i).await {
-                return Ok(()); // A snapshot made since: the next round catches it up.
+            // Checked under the lock, whatever the copy was when this began: a barrier
+            // may have made a RESYNCING copy STALE meanwhile (S5).
+            let stale = self.st()[i].state == CopyState::Stale;
+            if self.sh.snapshots && stale && !self.none_pending(i).await {
+                return Ok(()); // A snapshot it lacks, or one being made: the next round.
             }
             self.record(i, CopyState::Resyncing).await?;
             let connection = self.connection(i);

@@ -81,12 +81,17 @@ fn a_half_made_snapshot_is_undone_by_the_next_owner_and_its_maker_cannot_finish_
     let copies = copies_of(&record());
     let undo = undo_on_take(&r, &copies);
     assert_eq!(undo, vec![Undo { key: key(6, 1), copies: vec![copy(1), copy(2), copy(3)] }]);
+    let r = abandoned(&r, key(6, 1)).unwrap();
+    assert_eq!(r[0].state, Some(SnapshotState::Deleting));
+    assert_eq!(made(&r, key(6, 1), &[copy(1)]), None, "a late made finds it abandoned");
+    assert_eq!(undo_on_take(&r, &copies).len(), 1, "an undo not finished is finished");
     let r = dropped(&r, key(6, 1));
     assert!(r.is_empty());
     assert_eq!(made(&r, key(6, 1), &[copy(1)]), None, "its maker's last step finds it gone");
     // A made one is not undone.
     let r = with_made(&r, "s2", key(7, 1));
     assert!(undo_on_take(&r, &copies).is_empty());
+    assert_eq!(abandoned(&r, key(7, 1)), None, "made after all: kept");
 }
 
 #[test]
@@ -94,7 +99,7 @@ fn the_barrier_goes_to_every_copy_not_stale_and_a_failed_copy_turns_stale_and_pe
     let mut o = owner();
     let (w, _) = o.begin(1, &[3], false);
     folded(o.finish(&w, vec![(1, Reply::Took { connection: 1 })], true));
-    let b = o.barrier();
+    let b = o.barrier().unwrap();
     assert_eq!(b.write.targets, vec![1], "the STALE copy 3 is pending; the own copy takes it");
     let f = o.finish(&b.write, vec![(1, Reply::Failed { why: "gone".into() })], true);
     let Finished::Folded { saves, failed, record, .. } = f else { panic!("deposed") };
@@ -112,7 +117,7 @@ fn a_resyncing_copy_is_stale_from_the_barrier_with_its_unflushed_regions() {
     o.fenced(2, 1);
     o.stale(2);
     o.recorded(2, CopyState::Resyncing, None);
-    let b = o.barrier();
+    let b = o.barrier().unwrap();
     assert_eq!(b.write.targets, vec![1]);
     assert_eq!(b.record, vec![2]);
     assert_eq!(b.saves.len(), 1);
@@ -134,13 +139,27 @@ fn every_active_copy_holds_every_ready_snapshot() {
 fn no_barrier_while_a_write_is_in_flight() {
     let mut o = owner();
     let _ = o.begin(1, &[3], false);
-    o.barrier();
+    let _ = o.barrier();
+}
+
+#[test]
+fn no_barrier_while_an_active_copy_owes_a_scan() {
+    let tracks = vec![
+        Track::new(1, 10, true, CopyState::Active),
+        Track::new(2, 20, false, CopyState::Active),
+    ];
+    let mut o = OwnerState::new(6, 1, 16, tracks);
+    o.fenced(1, 1);
+    let mut scanning = o.clone();
+    scanning.track_mut(1).scan = Some(0);
+    assert!(matches!(scanning.barrier(), Err(ReplicaError::NotNow { .. })));
+    assert!(o.barrier().is_ok());
 }
 
 #[test]
 fn a_newer_epoch_at_the_barrier_deposes() {
     let mut o = owner();
-    let b = o.barrier();
+    let b = o.barrier().unwrap();
     let f = o.finish(&b.write, vec![(1, Reply::StaleEpoch { newest: 9 })], true);
     assert_eq!(f, Finished::Deposed { newest: 9 });
 }
