@@ -7,7 +7,7 @@
 //! ```text
 //! off len field
 //!   0   4 magic "SDP1"
-//!   4   1 kind       (a request kind 1-12; a reply sets the high bit: 0x80 | kind)
+//!   4   1 kind       (a request kind 1-14; a reply sets the high bit: 0x80 | kind)
 //!   5   1 status     (replies: 0 ok, else a Status; requests: 0)
 //!   6   2 flags      (FUA = 1 on writes; VOLUME = 2: for the volume's owner, below;
 //!                     WHOLE = 4 on probes: the owner vouches for the copy;
@@ -126,6 +126,11 @@ pub enum Kind {
     /// 0: give it back). Refused `Busy` while every slot is taken: the sender tries later.
     /// Passes no fence (it touches no component).
     ResyncSlot = 12,
+    /// Take the volume's snapshot `offset` (its key: `strata_replica::snapshot`) of the
+    /// component, synced first; one of that key there is replaced. Fenced like a write.
+    Snapshot = 13,
+    /// Remove the component's snapshot `offset` (done if it has none). Fenced.
+    RemoveSnapshot = 14,
 }
 
 /// The piece of a component each digest of a `Digest` reply covers.
@@ -146,6 +151,8 @@ impl Kind {
             10 => Kind::Resize,
             11 => Kind::Lease,
             12 => Kind::ResyncSlot,
+            13 => Kind::Snapshot,
+            14 => Kind::RemoveSnapshot,
             _ => return None,
         })
     }

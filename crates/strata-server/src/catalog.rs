@@ -38,6 +38,23 @@ pub struct ComponentEntry {
     pub volume: String,
     /// When it was made (Unix seconds).
     pub created_unix: u64,
+    /// Its snapshots (its volume's, by the cluster's key: `strata_replica::snapshot`),
+    /// oldest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub snapshots: Vec<ComponentSnapshot>,
+}
+
+/// A snapshot of a component: the store snapshot that holds a replicated volume's
+/// snapshot `key` on this node.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ComponentSnapshot {
+    /// The volume's snapshot key (the same on every copy's node).
+    pub key: u64,
+    /// Its store id here.
+    pub id: u64,
+    /// When it was taken here (Unix seconds).
+    pub created_unix: u64,
 }
 
 /// A volume of this node.

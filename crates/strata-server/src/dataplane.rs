@@ -432,6 +432,29 @@ impl DataService {
                 .await
                 .unwrap_or_else(|e| Err(StoreError::io("resize")(std::io::Error::other(e))))
             }
+            Kind::Snapshot | Kind::RemoveSnapshot => {
+                // The volume's snapshot `offset` (its key): what the component holds,
+                // synced first (`strata_replica::snapshot`; the owner sends it behind a
+                // barrier, or to a STALE copy it levelled from its own snapshot).
+                let take = h.kind == Kind::Snapshot;
+                let synced = match take {
+                    true => component.sync().await,
+                    false => Ok(()),
+                };
+                let (node, id, key) = (self.node.clone(), h.component, h.offset);
+                let done = match synced {
+                    Ok(()) => tokio::task::spawn_blocking(move || match take {
+                        true => node.component_snapshot(id, key),
+                        false => node.component_snapshot_remove(id, key),
+                    })
+                    .await
+                    .map_err(|e| e.to_string())
+                    .and_then(|r| r.map_err(|e| e.message)),
+                    Err(e) => Err(e.to_string()),
+                };
+                done.map(|()| Vec::new())
+                    .map_err(|e| StoreError::io("snapshot")(std::io::Error::other(e)))
+            }
             Kind::Create | Kind::Release | Kind::Lease | Kind::ResyncSlot => {
                 unreachable!("handled above")
             }

@@ -132,6 +132,23 @@ fn check(args: &FsckArgs) -> anyhow::Result<Report> {
                     )),
                     None => report.findings.push("a component entry has no id".into()),
                 }
+                // A replicated volume's snapshots on this copy (by the cluster's key).
+                for snap in c["snapshots"].as_array().into_iter().flatten() {
+                    let key = snap["key"].as_u64().unwrap_or(0);
+                    match snap["id"].as_u64() {
+                        Some(id) if ids.contains(&id) => {
+                            named.insert(id);
+                        }
+                        Some(_) => report.notes.push(format!(
+                            "snapshot {key} of component {} is in the catalog but not in the \
+                             store (an interrupted removal; the node drops it at start)",
+                            c["id"].as_u64().unwrap_or(0)
+                        )),
+                        None => report.findings.push(format!(
+                            "snapshot {key} of a component: catalog entry has no id"
+                        )),
+                    }
+                }
             }
             for id in ids.iter().filter(|id| !named.contains(id)) {
                 report.notes.push(format!(

@@ -25,7 +25,9 @@
 //!   here, and gets its own type back (`replicated::router_of`, `owned`).
 
 use crate::access;
-use crate::catalog::{Catalog, CatalogEntry, ComponentEntry, SnapshotEntry, CATALOG_FORMAT};
+use crate::catalog::{
+    Catalog, CatalogEntry, ComponentEntry, ComponentSnapshot, SnapshotEntry, CATALOG_FORMAT,
+};
 use crate::error::{ApiError, ApiResult};
 use crate::poison::Locked;
 use serde::{Deserialize, Serialize};
@@ -437,7 +439,7 @@ impl Node {
             );
         }
         let mut components = BTreeMap::new();
-        for entry in catalog.components {
+        for mut entry in catalog.components {
             next_id = next_id.max(entry.id + 1);
             if !in_store.contains(&entry.id) {
                 tracing::warn!(id = entry.id, "dropping a component a crash left half-removed");
@@ -445,6 +447,16 @@ impl Node {
                 continue;
             }
             named.insert(entry.id);
+            let before = entry.snapshots.len();
+            entry.snapshots.retain(|s| in_store.contains(&s.id));
+            if entry.snapshots.len() != before {
+                tracing::warn!(id = entry.id, "dropping component snapshots a crash left removed");
+                dropped = true;
+            }
+            for s in &entry.snapshots {
+                next_id = next_id.max(s.id + 1);
+                named.insert(s.id);
+            }
             let volume = store
                 .open_volume(VolumeId(entry.id))
                 .with_context(|| format!("open component {}", entry.id))?;
@@ -511,7 +523,12 @@ impl Node {
             }
         };
         state.next_id = id + 1;
-        let entry = ComponentEntry { id, volume: of.to_owned(), created_unix: now_unix() };
+        let entry = ComponentEntry {
+            id,
+            volume: of.to_owned(),
+            created_unix: now_unix(),
+            snapshots: Vec::new(),
+        };
         let group_sync = GroupSync::spawn(volume.clone());
         state.components.insert(id, Component { volume, group_sync, entry });
         if let Err(e) = self.persist(&state) {
@@ -668,12 +685,64 @@ impl Node {
     pub fn component_remove(&self, id: u64) -> ApiResult<()> {
         let mut state = self.lock();
         if !state.components.contains_key(&id) {
-            return Err(ApiError::new(ErrorCode::NotFound, format!("no component {id} here")));
+            return Err(no_component(id));
         }
         self.store.remove(id).map_err(engine_error("remove the component"))?;
         state.components.remove(&id);
         // The store no longer has it; a failed catalog write is repaired at the next open.
         self.persist(&state)
+    }
+
+    /// Takes snapshot `key` of component `id` (a replicated volume's snapshot: its
+    /// barrier's, or a copy's catch-up): a store snapshot of what the component holds now
+    /// (the caller synced it first), named by `key` in the catalog. One of that key
+    /// already here is replaced (a catch-up takes again one its copy took at a barrier it
+    /// was then failed at). Durable on return.
+    pub fn component_snapshot(&self, id: u64, key: u64) -> ApiResult<()> {
+        let mut state = self.lock();
+        let sid = state.next_id;
+        let c = state.components.get(&id).ok_or_else(|| no_component(id))?;
+        let before = c.entry.snapshots.clone();
+        self.store.snapshot(id, sid).map_err(engine_error("take the component's snapshot"))?;
+        state.next_id = sid + 1;
+        let c = state.components.get_mut(&id).expect("checked above");
+        c.entry.snapshots.retain(|s| s.key != key);
+        c.entry.snapshots.push(ComponentSnapshot { key, id: sid, created_unix: now_unix() });
+        if let Err(e) = self.persist(&state) {
+            state.components.get_mut(&id).expect("checked above").entry.snapshots = before;
+            let _ = self.store.delete_snapshot(sid);
+            return Err(e);
+        }
+        // No longer named: removed now (else at the next open, as an orphan).
+        if let Some(old) = before.iter().find(|s| s.key == key) {
+            if let Err(e) = self.store.delete_snapshot(old.id) {
+                tracing::warn!(
+                    component = id,
+                    key,
+                    "the replaced snapshot stays until restart: {e}"
+                );
+            }
+        }
+        tracing::info!(component = id, key, "component snapshot taken");
+        Ok(())
+    }
+
+    /// Removes snapshot `key` of component `id` (done if it has none). Durable on return.
+    pub fn component_snapshot_remove(&self, id: u64, key: u64) -> ApiResult<()> {
+        let mut state = self.lock();
+        let c = state.components.get_mut(&id).ok_or_else(|| no_component(id))?;
+        let Some(at) = c.entry.snapshots.iter().position(|s| s.key == key) else { return Ok(()) };
+        let gone = c.entry.snapshots.remove(at);
+        if let Err(e) = self.persist(&state) {
+            state.components.get_mut(&id).expect("checked above").entry.snapshots.insert(at, gone);
+            return Err(e);
+        }
+        // The catalog no longer names it: a failed delete is repaired at the next open.
+        if let Err(e) = self.store.delete_snapshot(gone.id) {
+            tracing::warn!(component = id, key, "the removed snapshot stays until restart: {e}");
+        }
+        tracing::info!(component = id, key, "component snapshot removed");
+        Ok(())
     }
 
     /// Records the cluster's id for this node (shown with its volumes).
@@ -1276,6 +1345,10 @@ impl Node {
         let replicated = state.replicated.iter().map(|(name, r)| (name.clone(), r.1.counts()));
         volumes.chain(replicated).collect()
     }
+}
+
+fn no_component(id: u64) -> ApiError {
+    ApiError::new(ErrorCode::NotFound, format!("no component {id} here"))
 }
 
 fn not_found(name: &str) -> ApiError {

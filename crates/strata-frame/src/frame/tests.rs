@@ -78,7 +78,7 @@ proptest! {
 
     #[test]
     fn any_header_round_trips(
-        kind in 1u8..=12, reply: bool, status in 0u8..=8, flags in 0u16..16,
+        kind in 1u8..=14, reply: bool, status in 0u8..=8, flags in 0u16..16,
         id: u64, component: u64, epoch: u64, lsn: u64, offset: u64, count: u32,
         payload in proptest::collection::vec(any::<u8>(), 0..64),
     ) {
