@@ -164,7 +164,8 @@ pub(super) async fn hand_over_by(node: &Node, meta: &Member, deadline: Instant) 
                 tracing::info!(volume = %view.name, to,
                     "not handed over at stop: that node is stopping too");
                 // Without a quorum (the others stopped already) it cannot be withdrawn:
-                // left, it is withdrawn by whoever owns the volume next (`consider_move`).
+                // left, it takes effect once that node is back with its copy active, or
+                // the volume's next owner withdraws it (`consider_move`).
                 let _ =
                     tokio::time::timeout(STOPPING_PATIENCE, withdraw_move(meta, &key, to)).await;
                 break;
