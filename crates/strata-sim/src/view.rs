@@ -31,7 +31,7 @@ use std::cell::{Cell, RefCell, RefMut};
 use std::collections::BTreeSet;
 use std::rc::Rc;
 use strata_replica::mutation::{reopened, Flaw};
-use strata_replica::owner::{Finished, Found, OwnerState, Reply, SaveBitmap, Time, Track};
+use strata_replica::owner::{Finished, Found, OwnerState, Reply, SaveBitmap, Time, Track, Write};
 use strata_replica::resync::ResyncStep;
 use strata_replica::snapshot::{self, CatchUp};
 use strata_replica::takeover;
@@ -331,54 +331,7 @@ impl View {
             }
         }
         let epoch = self.owner.epoch;
-        let deadline = tokio::time::Instant::now() + self.sh.timing.io_timeout;
-        let mut sent = Vec::new();
-        for &i in &write.targets {
-            sent.push((i, self.rpc.send(i, Msg::Comp { epoch, req: req.clone() })));
-        }
-        let here = match component(&self.sh, self.me, epoch, &req) {
-            Msg::StaleEpoch(newest) => {
-                self.depose(&format!("this node's copy has seen epoch {newest}"));
-                Err("deposed".to_string())
-            }
-            _ => Ok(()),
-        };
-        let replies = self.replies(sent, deadline).await;
-        // Folded in with no await until the failed copies are STALE and their bitmaps
-        // saved (as the server does under its state lock).
-        let (record, failed) = {
-            let mut st = self.st();
-            match st.finish(&write, replies, here.is_ok()) {
-                Finished::Deposed { newest } => {
-                    drop(st);
-                    self.depose(&format!("a copy has seen epoch {newest}"));
-                    return Err("deposed".into());
-                }
-                Finished::Folded { saves, failed, record, .. } => {
-                    self.save_bitmaps(&saves);
-                    (record, failed)
-                }
-            }
-        };
-        for (i, why) in &failed {
-            self.sh.note(format!("epoch {epoch}: copy {i} failed a {op:?}: {why}"));
-        }
-        self.publish();
-        if self.deposed() {
-            return Err("deposed".into());
-        }
-        here?;
-        // Every STALE mark is recorded before the reply; if one cannot be, this node may
-        // no longer own the volume: deposed (the client retries at the owner).
-        if !self.sh.broken(Mutation::AckBeforeStale) {
-            for i in record {
-                if let Err(e) = self.record(i, CopyState::Stale).await {
-                    let why = format!("a copy failed and cannot be marked stale: {e}");
-                    self.depose(&why);
-                    return Err(why);
-                }
-            }
-        }
+        let failed = self.send_and_fold(&write, &req, &format!("{op:?}")).await?;
         let now = self.now();
         let hold = self.st().conclude(false, now).map_err(|e| e.to_string())?;
         // A copy that missed this write (or an earlier one) may still serve reads under
@@ -400,6 +353,74 @@ impl View {
                         && !failed.iter().any(|(f, _)| f == i))
             });
             self.sh.holders.borrow_mut().entry(*value).or_default().extend(holders);
+        }
+        Ok(())
+    }
+
+    /// The request `req` of `write` (a write, a flush or a snapshot barrier, planned by
+    /// the core): sent to its targets and applied to the owner's own copy, the replies
+    /// folded in (`finish`), the STALE marks recorded. Returns the copies that failed it.
+    async fn send_and_fold(
+        &self,
+        write: &Write,
+        req: &CompReq,
+        what: &str,
+    ) -> Result<Vec<(usize, String)>, String> {
+        let epoch = self.owner.epoch;
+        let deadline = tokio::time::Instant::now() + self.sh.timing.io_timeout;
+        let mut sent = Vec::new();
+        for &i in &write.targets {
+            sent.push((i, self.rpc.send(i, Msg::Comp { epoch, req: req.clone() })));
+        }
+        let here = match component(&self.sh, self.me, epoch, req) {
+            Msg::StaleEpoch(newest) => {
+                self.depose(&format!("this node's copy has seen epoch {newest}"));
+                Err("deposed".to_string())
+            }
+            _ => Ok(()),
+        };
+        let replies = self.replies(sent, deadline).await;
+        // Folded in with no await until the failed copies are STALE and their bitmaps
+        // saved (as the server does under its state lock).
+        let (record, failed) = {
+            let mut st = self.st();
+            match st.finish(write, replies, here.is_ok()) {
+                Finished::Deposed { newest } => {
+                    drop(st);
+                    self.depose(&format!("a copy has seen epoch {newest}"));
+                    return Err("deposed".into());
+                }
+                Finished::Folded { saves, failed, record, .. } => {
+                    self.save_bitmaps(&saves);
+                    (record, failed)
+                }
+            }
+        };
+        for (i, why) in &failed {
+            self.sh.note(format!("epoch {epoch}: copy {i} failed a {what}: {why}"));
+        }
+        self.publish();
+        if self.deposed() {
+            return Err("deposed".into());
+        }
+        here?;
+        // Every STALE mark is recorded before the reply; if one cannot be, this node may
+        // no longer own the volume: deposed (the client retries at the owner).
+        if !self.sh.broken(Mutation::AckBeforeStale) {
+            self.record_stale(&record).await?;
+        }
+        Ok(failed)
+    }
+
+    /// Records copies `copies` STALE; if one cannot be, this node may no longer own the
+    /// volume: deposed.
+    async fn record_stale(&self, copies: &[usize]) -> Result<(), String> {
+        for &i in copies {
+            if let Err(e) = self.record(i, CopyState::Stale).await {
+                let why = format!("a copy failed and cannot be marked stale: {e}");
+                self.depose(&why);
+                return Err(why);
+            }
         }
         Ok(())
     }
@@ -479,54 +500,14 @@ impl View {
         if self.deposed() {
             return Err("deposed".into());
         }
-        let epoch = self.owner.epoch;
         let b = {
             let mut st = self.st();
             let b = st.barrier().map_err(|e| e.to_string())?;
             self.save_bitmaps(&b.saves);
             b
         };
-        for &i in &b.record {
-            if let Err(e) = self.record(i, CopyState::Stale).await {
-                self.depose(&format!("a copy cannot be marked stale: {e}"));
-                return Err(e);
-            }
-        }
-        let deadline = tokio::time::Instant::now() + self.sh.timing.io_timeout;
-        let req = CompReq::Snapshot { key };
-        let sent: Vec<_> = (b.write.targets.iter())
-            .map(|&i| (i, self.rpc.send(i, Msg::Comp { epoch, req: req.clone() })))
-            .collect();
-        let here = match component(&self.sh, self.me, epoch, &req) {
-            Msg::StaleEpoch(newest) => {
-                self.depose(&format!("this node's copy has seen epoch {newest}"));
-                Err("deposed".to_string())
-            }
-            _ => Ok(()),
-        };
-        let replies = self.replies(sent, deadline).await;
-        let (record, failed) = {
-            let mut st = self.st();
-            match st.finish(&b.write, replies, here.is_ok()) {
-                Finished::Deposed { newest } => {
-                    drop(st);
-                    self.depose(&format!("a copy has seen epoch {newest}"));
-                    return Err("deposed".into());
-                }
-                Finished::Folded { saves, failed, record, .. } => {
-                    self.save_bitmaps(&saves);
-                    (record, failed)
-                }
-            }
-        };
-        self.publish();
-        here?;
-        for i in record {
-            if let Err(e) = self.record(i, CopyState::Stale).await {
-                self.depose(&format!("a copy cannot be marked stale: {e}"));
-                return Err(e);
-            }
-        }
+        self.record_stale(&b.record).await?;
+        let failed = self.send_and_fold(&b.write, &CompReq::Snapshot { key }, "snapshot").await?;
         let mut copies = vec![Self::copy_ref(self.me)];
         copies.extend(
             (b.write.targets.iter())
