@@ -10,17 +10,7 @@ use strata_replica::record::{
 use strata_types::AccessList;
 
 fn component(node: u64, id: u64, state: CopyState, stale_lsn: Option<u64>) -> ComponentRecord {
-    ComponentRecord {
-        node,
-        id,
-        state,
-        dirty_bytes: None,
-        resynced_bytes: None,
-        scan_left_bytes: None,
-        lsn: None,
-        stale_lsn,
-        suspect: false,
-    }
+    ComponentRecord { stale_lsn, ..ComponentRecord::new(node, id, state) }
 }
 
 /// A volume of one node, ready, cloned from a snapshot and with two of its own.

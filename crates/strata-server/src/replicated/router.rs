@@ -191,35 +191,9 @@ impl Router {
         *self.view.write_locked("the owner view") = None;
     }
 
-    /// The volume's epoch as this member has applied it (the record's or the owner key's,
-    /// the higher; at least 1).
-    pub(super) fn epoch_now(&self) -> u64 {
+    /// The volume's owner key and record as this member has applied them (read together).
+    pub(super) fn applied(&self) -> (Option<Owner>, Option<VolumeRecord>) {
         self.meta.read_local(|s| {
-            let owner = s
-                .get(&format!("/volumes/{}/owner", self.name))
-                .and_then(|e| serde_json::from_slice::<Owner>(&e.value).ok())
-                .map_or(0, |o| o.epoch);
-            let record = s
-                .get(&format!("/volumes/{}", self.name))
-                .and_then(|e| serde_json::from_slice::<VolumeRecord>(&e.value).ok())
-                .map_or(0, |r| r.epoch);
-            owner.max(record).max(1)
-        })
-    }
-
-    /// The record's `lost_at` (takeover T5), as this member has applied it.
-    pub(super) fn lost_at_now(&self) -> Option<u64> {
-        self.meta.read_local(|s| {
-            s.get(&format!("/volumes/{}", self.name))
-                .and_then(|e| serde_json::from_slice::<VolumeRecord>(&e.value).ok())
-                .and_then(|r| r.lost_at)
-        })
-    }
-
-    /// The owner to forward to, from this member's applied state; else why there is none
-    /// now (a reason to retry, not an error).
-    pub(super) fn target(&self) -> Result<Target, &'static str> {
-        let (owner, record) = self.meta.read_local(|s| {
             let owner = s
                 .get(&format!("/volumes/{}/owner", self.name))
                 .and_then(|e| serde_json::from_slice::<Owner>(&e.value).ok());
@@ -227,7 +201,25 @@ impl Router {
                 .get(&format!("/volumes/{}", self.name))
                 .and_then(|e| serde_json::from_slice::<VolumeRecord>(&e.value).ok());
             (owner, record)
-        });
+        })
+    }
+
+    /// The volume's epoch as this member has applied it (the record's or the owner key's,
+    /// the higher; at least 1).
+    pub(super) fn epoch_now(&self) -> u64 {
+        let (owner, record) = self.applied();
+        owner.map_or(0, |o| o.epoch).max(record.map_or(0, |r| r.epoch)).max(1)
+    }
+
+    /// The record's `lost_at` (takeover T5), as this member has applied it.
+    pub(super) fn lost_at_now(&self) -> Option<u64> {
+        self.applied().1.and_then(|r| r.lost_at)
+    }
+
+    /// The owner to forward to, from this member's applied state; else why there is none
+    /// now (a reason to retry, not an error).
+    pub(super) fn target(&self) -> Result<Target, &'static str> {
+        let (owner, record) = self.applied();
         let owner = owner.ok_or("the volume has no owner now (a new one is being chosen)")?;
         if owner.node == self.meta.id() {
             return Err("this node is taking ownership");

@@ -26,6 +26,18 @@ fn rpc_addr(node: &Node) -> String {
     panic!("no RPC address for the node");
 }
 
+/// `strata fsck --data` of a stopped node's directory finds the store clean, with no
+/// store view left without a catalog entry.
+fn fsck_clean(dir: &std::path::Path) {
+    let out = std::process::Command::new(crate::harness::STRATA)
+        .args(["fsck", "--data", "--data-dir"])
+        .arg(dir)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success() && !text.contains("no catalog entry"), "{text}");
+}
+
 fn status(e: CallError) -> (Status, u64) {
     match e {
         CallError::Status { status, epoch, .. } => (status, epoch),
@@ -105,13 +117,7 @@ fn components_are_fenced_by_epoch_across_a_crash() {
     });
     let dir = node.kill9();
     // fsck knows components: a clean store with no finding and no orphan note.
-    let out = std::process::Command::new(crate::harness::STRATA)
-        .args(["fsck", "--data", "--data-dir"])
-        .arg(&dir)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(out.status.success() && !text.contains("no catalog entry"), "{text}");
+    fsck_clean(&dir);
     drop(keep);
 }
 
@@ -210,12 +216,6 @@ fn a_component_snapshot_is_kept_by_key_replaced_removed_and_fenced() {
     });
     assert_eq!(snapshots(&node.dir), [SNAP + 2]);
     let dir = node.kill9();
-    let out = std::process::Command::new(crate::harness::STRATA)
-        .args(["fsck", "--data", "--data-dir"])
-        .arg(&dir)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(out.status.success() && !text.contains("no catalog entry"), "{text}");
+    fsck_clean(&dir);
     drop(keep);
 }
